@@ -1,0 +1,1 @@
+"""Environments and data sources: CLEVR-like scenes (and later Crafter, NetHack)."""

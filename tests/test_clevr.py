@@ -1,0 +1,276 @@
+"""Tests for envs.clevr: the CLEVR-like generator (layout rules, look, camera) and the CLEVR loader."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import envs.clevr as clevr
+from envs.clevr import (
+    CAMERA_LOCATION, COLOR_RGB, COLORS, DIRECTIONS, MATERIALS, MAX_OBJECTS, PROPERTY_DIM, SHAPES, SIZE_RADIUS,
+    SIZES, ClevrDataset, DataError, SceneGenerator, dataset_batch_seed, project_to_frame, scenes_to_targets,
+    write_dataset,
+)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """A 48x48 batch shared by the layout and look tests."""
+    return SceneGenerator(resolution=(48, 48)).generate(24, seed=7)
+
+
+def test_determinism():
+    gen = SceneGenerator(resolution=(32, 32))
+    a, b, c = gen.generate(4, seed=3), gen.generate(4, seed=3), gen.generate(4, seed=4)
+    assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks) and torch.equal(a.targets, b.targets)
+    assert a.scenes == b.scenes
+    assert not torch.equal(a.images, c.images) and not torch.equal(a.targets, c.targets)
+
+
+def test_output_format(batch):
+    b = len(batch.scenes)
+    assert batch.images.shape == (b, 3, 48, 48) and batch.images.dtype == torch.float32
+    assert batch.images.min() >= 0 and batch.images.max() <= 1
+    assert batch.masks.shape == (b, 48, 48) and batch.masks.dtype == torch.int64
+    assert batch.targets.shape == (b, MAX_OBJECTS, PROPERTY_DIM) and batch.targets.dtype == torch.float32
+    torch.testing.assert_close(batch.targets, scenes_to_targets(batch.scenes), rtol=0, atol=0)
+
+
+def test_layout_rules(batch):
+    gen_min_pixels = SceneGenerator(resolution=(48, 48)).min_pixels
+    for i, scene in enumerate(batch.scenes):
+        objects = scene["objects"]
+        assert 3 <= len(objects) <= 10
+        assert scene["image_filename"].startswith("CLEVR_") and scene["image_index"] == i
+        for obj in objects:
+            assert obj["shape"] in SHAPES and obj["size"] in SIZES and obj["material"] in MATERIALS
+            assert obj["color"] in COLORS and 0 <= obj["rotation"] < 360
+            x, y, z = obj["3d_coords"]
+            r = SIZE_RADIUS[obj["size"]]
+            assert -3 <= x <= 3 and -3 <= y <= 3
+            assert z == pytest.approx(r / math.sqrt(2) if obj["shape"] == "cube" else r)  # resting on the floor
+        for j, a in enumerate(objects):
+            for b in objects[j + 1:]:
+                (xa, ya, _), (xb, yb, _) = a["3d_coords"], b["3d_coords"]
+                gap = math.hypot(xa - xb, ya - yb) - SIZE_RADIUS[a["size"]] - SIZE_RADIUS[b["size"]]
+                assert gap >= 0.25
+                for axis in ("left", "behind"):  # CLEVR's margin rule
+                    d = DIRECTIONS[axis]
+                    assert abs((xa - xb) * d[0] + (ya - yb) * d[1]) >= 0.4
+        # mask ids: exactly the objects of the scene, each visible, consistent with the targets
+        ids, counts = batch.masks[i].unique(return_counts=True)
+        visible = dict(zip(ids.tolist(), counts.tolist()))
+        assert set(visible) - {0} == set(range(1, len(objects) + 1))
+        assert all(visible[k] >= gen_min_pixels for k in range(1, len(objects) + 1))
+        assert batch.targets[i, :, -1].sum() == len(objects)
+        assert torch.all(batch.targets[i, len(objects):] == 0)
+
+
+def test_scene_json_fields(batch):
+    scene = batch.scenes[0]
+    json.dumps(scene)  # serializable
+    assert set(scene["directions"]) == {"behind", "front", "left", "right", "above", "below"}
+    for v in scene["directions"].values():
+        assert np.linalg.norm(v) == pytest.approx(1.0)
+    assert abs(np.dot(DIRECTIONS["left"], DIRECTIONS["behind"])) < 0.01  # not exact: the camera rolls 0.6 deg
+    assert DIRECTIONS["above"] == [0.0, 0.0, 1.0]
+    for obj in scene["objects"]:
+        px, py, depth = obj["pixel_coords"]
+        assert isinstance(px, int) and isinstance(py, int) and depth > 0
+    assert set(scene["relationships"]) == {"left", "right", "front", "behind"}
+
+
+def _chromaticity(rgb):
+    rgb = np.asarray(rgb, dtype=np.float64)
+    return rgb / rgb.sum()
+
+
+def test_rubber_colors_match_clevr_palette(batch):
+    palette = {c: _chromaticity(COLOR_RGB[c]) for c in COLORS}
+    checked = 0
+    for i, scene in enumerate(batch.scenes):
+        for j, obj in enumerate(scene["objects"]):
+            mask = batch.masks[i] == j + 1
+            if obj["material"] != "rubber" or mask.sum() < 10:
+                continue
+            mean = batch.images[i][:, mask].mean(1).numpy()
+            nearest = min(palette, key=lambda c: np.abs(_chromaticity(mean) - palette[c]).sum())
+            assert nearest == obj["color"], (obj, mean)
+            checked += 1
+    assert checked >= 20
+
+
+def test_metal_looks_different_from_rubber(batch):
+    """Metal shows highlights and reflections: higher intensity spread inside its mask."""
+    spread = {"metal": [], "rubber": []}
+    for i, scene in enumerate(batch.scenes):
+        intensity = batch.images[i].mean(0)
+        for j, obj in enumerate(scene["objects"]):
+            values = intensity[batch.masks[i] == j + 1]
+            if values.numel() >= 20:
+                spread[obj["material"]].append(float(values.std() / values.mean()))
+    assert len(spread["metal"]) >= 10 and len(spread["rubber"]) >= 10
+    assert np.median(spread["metal"]) > 1.2 * np.median(spread["rubber"])
+
+
+def test_camera_projection_and_pixel_coords():
+    center = project_to_frame(np.zeros((1, 3)), np.array(CAMERA_LOCATION))[0]
+    assert abs(center[0] - 240) < 40 and abs(center[1] - 160) < 40 and center[2] > 0
+    gen = SceneGenerator(resolution=(64, 96), min_objects=1, max_objects=1, camera_jitter=0, light_jitter=0)
+    out = gen.generate(6, seed=1)
+    for i, scene in enumerate(out.scenes):
+        px, py, _ = scene["objects"][0]["pixel_coords"]
+        row, col = min(int(py * 64 / 320), 63), min(int(px * 96 / 480), 95)
+        assert out.masks[i, row, col] == 1  # the object's center projects onto its own mask
+        rows, cols = (out.masks[i] == 1).nonzero(as_tuple=True)
+        centroid = ((cols.double().mean() + 0.5) * 480 / 96, (rows.double().mean() + 0.5) * 320 / 64)
+        assert math.hypot(centroid[0] - px, centroid[1] - py) < 25
+
+
+def test_crop_is_the_discovery_window_of_the_frame():
+    """Same layout (visibility check off): the 192x192 crop render equals rows 29:221, cols 64:256
+    of the full frame rendered at 240x320."""
+    kw = dict(min_visible_pixels=0, min_objects=4, max_objects=6)
+    full = SceneGenerator(resolution=(240, 320), **kw).generate(1, seed=5)
+    crop = SceneGenerator(resolution=(192, 192), crop=True, **kw).generate(1, seed=5)
+    assert full.scenes == crop.scenes
+    window = full.images[:, :, 29:221, 64:256]
+    assert (window - crop.images).abs().max() < 1e-3
+    assert (full.masks[:, 29:221, 64:256] == crop.masks).float().mean() > 0.999
+
+
+def test_supersampling_keeps_center_masks():
+    plain = SceneGenerator(resolution=(32, 32)).generate(3, seed=2)
+    smooth = SceneGenerator(resolution=(32, 32), supersample=2).generate(3, seed=2)
+    assert torch.equal(plain.masks, smooth.masks)
+    assert (plain.images - smooth.images).abs().mean() < 0.02
+
+
+def test_culled_shadows_match_brute_force(monkeypatch):
+    """Shadow tiles are conservative: evaluating every occluder on every pixel changes nothing."""
+    gen = SceneGenerator(resolution=(40, 60))
+    culled = gen.generate(4, seed=11).images
+    everywhere = torch.tensor([-1.0, 1e4, -1.0, 1e4])
+    monkeypatch.setattr(clevr, "_shadow_boxes", lambda scene, grid, light: everywhere.expand(*scene.size, 4))
+    assert torch.equal(culled, gen.generate(4, seed=11).images)
+
+
+def test_write_dataset_round_trip(tmp_path):
+    path = write_dataset(tmp_path, 4, split="val", seed=0, batch_size=4, supersample=1)
+    assert path == tmp_path / "scenes" / "CLEVR_val_scenes.json"
+    png = Image.open(tmp_path / "images" / "val" / "CLEVR_val_000003.png")
+    assert png.size == (480, 320)
+    expected = SceneGenerator(resolution=(320, 480)).generate(4, dataset_batch_seed(0, "val", 0))
+    ds = ClevrDataset(tmp_path, split="val", resolution=(32, 32))
+    assert len(ds) == 4
+    item = ds[2]
+    assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
+    assert item["mask"].shape == (32, 32) and item["mask"].dtype == torch.int64
+    assert int(item["mask"].max()) <= int(item["target"][:, -1].sum())
+    torch.testing.assert_close(torch.stack([ds[i]["target"] for i in range(4)]), expected.targets)
+    # the written PNG is the generator's image (8-bit quantized)
+    written = torch.from_numpy(np.asarray(png, dtype=np.float32) / 255).permute(2, 0, 1)
+    assert (written - expected.images[3]).abs().max() <= 0.5 / 255 + 1e-6
+    crop = ClevrDataset(tmp_path, split="val", resolution=(16, 16), crop=True, max_images=2)
+    assert len(crop) == 2 and crop[1]["image"].shape == (3, 16, 16) and crop[1]["mask"].shape == (16, 16)
+
+
+# ------------------------------------------------------------------------------------------------
+# DataError cases: one line, naming the fix
+
+
+def _fake_clevr(root, scenes=None, size=(480, 320)):
+    """A minimal CLEVR v1.0 tree with one image."""
+    (root / "images" / "val").mkdir(parents=True)
+    (root / "scenes").mkdir()
+    Image.new("RGBA", size, (128, 128, 128, 255)).save(root / "images" / "val" / "CLEVR_val_000000.png")
+    obj = {"3d_coords": [0.5, -1.0, 0.35], "pixel_coords": [240, 160, 10.0], "rotation": 12.0,
+           "size": "small", "material": "metal", "shape": "sphere", "color": "red"}
+    scenes = scenes if scenes is not None else [{"image_index": 0, "image_filename": "CLEVR_val_000000.png",
+                                                  "split": "val", "objects": [obj]}]
+    (root / "scenes" / "CLEVR_val_scenes.json").write_text(json.dumps({"info": {}, "scenes": scenes}))
+    return obj
+
+
+def _error(root, **kwargs):
+    with pytest.raises(DataError) as info:
+        ds = ClevrDataset(root, split="val", **kwargs)
+        ds[0]
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_loader_reads_real_layout(tmp_path):
+    obj = _fake_clevr(tmp_path)
+    ds = ClevrDataset(tmp_path, split="val", resolution=(20, 30))
+    item = ds[0]
+    assert set(item) == {"image", "target"}  # no masks dir: no mask
+    assert item["image"].shape == (3, 20, 30) and torch.allclose(item["image"], torch.tensor(128 / 255))
+    row = item["target"][0]
+    assert row[:3].tolist() == pytest.approx([(v + 3) / 6 for v in obj["3d_coords"]])
+    assert row[-1] == 1 and item["target"][1:].abs().sum() == 0
+    onehots = row[3:-1]
+    assert onehots.sum() == 4 and onehots[SIZES.index("small")] == 1
+    assert onehots[2 + MATERIALS.index("metal")] == 1 and onehots[4 + SHAPES.index("sphere")] == 1
+    assert onehots[7 + COLORS.index("red")] == 1
+
+
+def test_loader_filters_crowded_scenes(tmp_path):
+    obj = _fake_clevr(tmp_path)
+    scenes = [{"image_filename": "CLEVR_val_000000.png", "objects": [obj] * 11},
+              {"image_filename": "CLEVR_val_000000.png", "objects": [obj] * 10}]
+    (tmp_path / "scenes" / "CLEVR_val_scenes.json").write_text(json.dumps({"scenes": scenes}))
+    ds = ClevrDataset(tmp_path, split="val")
+    assert len(ds) == 1 and ds.targets[0, :, -1].sum() == 10
+    with pytest.raises(DataError, match="max_objects"):
+        scenes_to_targets(scenes)
+
+
+def test_missing_paths(tmp_path):
+    hint = "root/images/<split>/*.png and root/scenes/CLEVR_<split>_scenes.json"
+    message = _error(tmp_path / "nope")
+    assert "not found" in message and hint in message and "python run.py generate --out DIR" in message
+    (tmp_path / "scenes").mkdir()
+    assert "images dir" in _error(tmp_path) and hint in _error(tmp_path)
+    (tmp_path / "images" / "val").mkdir(parents=True)
+    assert "scenes file" in _error(tmp_path) and hint in _error(tmp_path)
+
+
+def test_malformed_json(tmp_path):
+    _fake_clevr(tmp_path)
+    (tmp_path / "scenes" / "CLEVR_val_scenes.json").write_text('{"scenes": [\n  {"objects": [}\n]}')
+    message = _error(tmp_path)
+    assert "malformed JSON" in message and "CLEVR_val_scenes.json" in message and "line 2" in message
+    assert "col" in message
+
+
+@pytest.mark.parametrize("drop", ["objects", "image_filename"])
+def test_scene_missing_key(tmp_path, drop):
+    obj = _fake_clevr(tmp_path)
+    scene = {"image_filename": "CLEVR_val_000000.png", "objects": [obj]}
+    del scene[drop]
+    (tmp_path / "scenes" / "CLEVR_val_scenes.json").write_text(json.dumps({"scenes": [scene]}))
+    assert f"lacks required key '{drop}'" in _error(tmp_path)
+
+
+def test_object_missing_key_and_unknown_value(tmp_path):
+    obj = _fake_clevr(tmp_path)
+    path = tmp_path / "scenes" / "CLEVR_val_scenes.json"
+    del obj["3d_coords"]
+    path.write_text(json.dumps({"scenes": [{"image_filename": "CLEVR_val_000000.png", "objects": [obj]}]}))
+    assert "lacks required key '3d_coords'" in _error(tmp_path)
+    obj.update({"3d_coords": [0, 0, 0.35], "color": "pink"})
+    path.write_text(json.dumps({"scenes": [{"image_filename": "CLEVR_val_000000.png", "objects": [obj]}]}))
+    message = _error(tmp_path)
+    assert "unknown color 'pink'" in message and "cyan" in message
+
+
+def test_wrong_image_size(tmp_path):
+    _fake_clevr(tmp_path, size=(320, 240))
+    message = _error(tmp_path)
+    assert "CLEVR_val_000000.png" in message and "320x240" in message and "480x320" in message

@@ -1,0 +1,51 @@
+"""Presets, overrides and their one-line errors."""
+from pathlib import Path
+
+import pytest
+
+from world_model.config import ConfigError, PretrainConfig, load_config
+
+PRESETS = sorted(str(p) for p in Path(__file__).resolve().parent.parent.glob("configs/clevr_*.yaml"))
+
+
+def test_presets_exist():
+    names = {Path(p).stem for p in PRESETS}
+    assert {"clevr_setpred", "clevr_discovery", "clevr_tiny"} <= names
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_loads(preset):
+    cfg = load_config(PretrainConfig, preset)
+    assert cfg.task in ("setpred", "discovery")
+
+
+def test_overrides_are_typed():
+    cfg = load_config(PretrainConfig, None, ["model.slots=slot_attention", "train.steps=7", "model.vq.enabled=true",
+                                             "model.cnn_channels=[8,8]"])
+    assert cfg.model.slots == "slot_attention" and cfg.train.steps == 7 and cfg.model.vq.enabled
+    assert cfg.model.cnn_channels == [8, 8]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.slotz=gmm"], "unknown config key 'model.slotz'.*did you mean 'model.slots'"),
+    (["train.steps=many"], "bad config value for 'train.steps'"),
+    (["model.slots=kmeans"], "model.slots='kmeans' is not one of gmm, slot_attention"),
+    (["train.steps"], "not of the form key=value"),
+])
+def test_bad_overrides_give_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(PretrainConfig, None, overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_preset_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(PretrainConfig, tmp_path / "nope.yaml")
+    bad_key = tmp_path / "bad.yaml"
+    bad_key.write_text("model:\n  num_slotss: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.num_slotss' in .*bad.yaml.*model.num_slots"):
+        load_config(PretrainConfig, bad_key)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_config(PretrainConfig, broken)

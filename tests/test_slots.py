@@ -1,0 +1,154 @@
+"""Slot modules: the GMM's EM algebra, gradients, numerical stability, carry-over; Slot Attention; VQ-SA."""
+import math
+
+import pytest
+import torch
+
+from world_model.slots import SlotAttention, SlotMixture, make_slot_module
+from world_model.slots.gmm import gaussian_log_likelihood
+from world_model.slots.vq import SlotQuantizer, temperature
+
+
+def naive_log_likelihood(x, mu, logsigma):
+    """Direct diagonal-Gaussian log density (minus the 2*pi constant), materializing b n k d."""
+    diff = x[:, :, None, :] - mu[:, None, :, :]
+    return (-0.5 * diff ** 2 / torch.exp(2 * logsigma[:, None]) - logsigma[:, None]).sum(-1)
+
+
+def test_expanded_mahalanobis_matches_direct():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 50, 8, generator=g, dtype=torch.float64)
+    mu = torch.randn(3, 5, 8, generator=g, dtype=torch.float64)
+    logsigma = 0.3 * torch.randn(3, 5, 8, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(gaussian_log_likelihood(x, mu, logsigma), naive_log_likelihood(x, mu, logsigma))
+
+
+def test_e_step_assigns_separated_clusters():
+    gmm = SlotMixture(in_dim=2, num_slots=2, dim=2, iters=1)
+    x = torch.tensor([[[-5.0, 0.0], [-5.1, 0.1], [5.0, 0.0], [5.2, -0.1]]])
+    mu = torch.tensor([[[-5.0, 0.0], [5.0, 0.0]]])
+    xx = torch.cat([x * x, x], -1)
+    probs = gmm.e_step(xx, mu, torch.zeros(1, 2, 2), torch.log(torch.full((1, 2), 0.5)))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1, 4))
+    assert (probs.argmax(-1) == torch.tensor([[0, 0, 1, 1]])).all()
+    assert probs.max(-1).values.min() > 0.999
+
+
+def test_e_step_uses_pi_and_log_determinant():
+    gmm = SlotMixture(in_dim=1, num_slots=2, dim=1, iters=1)
+    xx = torch.zeros(1, 1, 2)  # x = 0
+    mu = torch.zeros(1, 2, 1)
+    # Same mean and sigma: responsibilities equal pi.
+    probs = gmm.e_step(xx, mu, torch.zeros(1, 2, 1), torch.log(torch.tensor([[0.8, 0.2]])))
+    torch.testing.assert_close(probs, torch.tensor([[[0.8, 0.2]]]))
+    # Same mean, equal pi, sigma 1 vs e: at x = mu the density ratio is exp(1) (log-det term).
+    probs = gmm.e_step(xx, mu, torch.tensor([[[0.0], [1.0]]]), torch.log(torch.tensor([[0.5, 0.5]])))
+    torch.testing.assert_close(probs[0, 0, 0] / probs[0, 0, 1], torch.tensor(math.e))
+
+
+def test_m_step_reestimates_sigma_and_pi():
+    torch.manual_seed(0)
+    gmm = SlotMixture(in_dim=4, num_slots=3, dim=4, iters=1).double()
+    x = torch.randn(2, 30, 4, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+    mu0 = torch.randn(2, 3, 4, dtype=torch.float64)
+    ls0 = torch.zeros(2, 3, 4, dtype=torch.float64)
+    log_pi0 = torch.full((2, 3), -math.log(3), dtype=torch.float64)
+    mu, logsigma, log_pi, probs = gmm.step(torch.cat([x * x, x], -1), mu0, ls0, log_pi0)
+    w = probs / probs.sum(1, keepdim=True)  # b n k
+    var = torch.einsum("bnk,bnkd->bkd", w, (x[:, :, None] - mu[:, None]) ** 2)  # around the updated mean
+    torch.testing.assert_close(logsigma, 0.5 * torch.log(var))
+    torch.testing.assert_close(log_pi.exp(), probs.mean(1))
+    assert not torch.allclose(log_pi.exp(), torch.full_like(log_pi, 1 / 3))  # pi really moves
+
+
+@pytest.mark.parametrize("kind", ["gmm", "slot_attention"])
+def test_shapes_and_init_gradients(kind):
+    torch.manual_seed(0)
+    m = make_slot_module(kind, in_dim=16, num_slots=5, dim=8, iters=3, mlp_hidden=32)
+    slots, attn = m(torch.randn(2, 20, 16))
+    assert slots.shape == (2, 5, 16 if kind == "gmm" else 8) and m.out_dim == slots.shape[-1]
+    assert attn.shape == (2, 5, 20)
+    torch.testing.assert_close(attn.sum(1), torch.ones(2, 20), atol=1e-5, rtol=0)
+    slots.square().sum().backward()
+    init_params = ["mu_mean", "mu_logstd", "logsigma_mean", "logsigma_logstd"] if kind == "gmm" else ["init_mu", "init_logsigma"]
+    for name in init_params:
+        grad = getattr(m, name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("kind", ["gmm", "slot_attention"])
+def test_implicit_grad_detaches_all_but_last_iteration(kind):
+    torch.manual_seed(0)
+    m = make_slot_module(kind, in_dim=8, num_slots=3, dim=8, iters=3, mlp_hidden=16, implicit_grad=True)
+    slots, _ = m(torch.randn(2, 10, 8))
+    slots.sum().backward()
+    init = m.mu_mean if kind == "gmm" else m.init_mu
+    assert init.grad is None
+    assert m.gru.weight_ih.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["gmm", "slot_attention"])
+def test_carry_over_init_is_deterministic(kind):
+    m = make_slot_module(kind, in_dim=8, num_slots=3, dim=8, iters=2, mlp_hidden=16)
+    x = torch.randn(2, 10, 8)
+    init = torch.randn(2, 3, m.out_dim)
+    torch.manual_seed(1)
+    a, _ = m(x, init)
+    torch.manual_seed(2)
+    b, _ = m(x, init)
+    torch.testing.assert_close(a, b)
+    c, _ = m(x)
+    assert not torch.allclose(a, c)
+
+
+def test_gmm_stable_under_bf16_and_extreme_inputs():
+    torch.manual_seed(0)
+    m = SlotMixture(in_dim=16, num_slots=6, dim=16, iters=5)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    for scale in (1e-4, 1.0, 1e4):
+        for _ in range(3):
+            x = torch.randn(4, 64, 16) * scale
+            x[:, :32] = 0.0  # many identical inputs: zero variance components
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                slots, attn = m(x)
+            assert torch.isfinite(slots).all() and torch.isfinite(attn).all()
+            opt.zero_grad()
+            slots.float().square().mean().backward()
+            assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+            opt.step()
+
+
+def test_vq_codes_kl_and_decode():
+    torch.manual_seed(0)
+    q = SlotQuantizer(slot_dim=12, num_vars=4, num_codes=8, code_dim=6)
+    slots = torch.randn(2, 5, 12)
+    q.eval()
+    out = q(slots)
+    assert out.codes.shape == (2, 5, 4) and out.codes.dtype == torch.int64
+    assert out.slots.shape == (2, 5, 12) and out.kl >= 0
+    torch.testing.assert_close(q.decode_codes(out.codes), out.slots)
+    q.train()
+    q.set_temperature(0.5)
+    soft = q(slots)
+    assert not torch.allclose(soft.slots, out.slots)
+    soft.slots.sum().backward()
+    assert q.bilinear.grad is not None and q.codebooks.grad is not None
+    # KL to uniform is zero for uniform posteriors (zero bilinear form) and log(C) per variable for one-hots.
+    with torch.no_grad():
+        q.bilinear.zero_()
+    assert abs(q(slots).kl.item()) < 1e-6
+
+
+def test_vq_kl_matches_definition():
+    q = SlotQuantizer(slot_dim=4, num_vars=2, num_codes=3, code_dim=2).eval()
+    out = q(torch.randn(1, 2, 4))
+    p = out.logits.softmax(-1)
+    expected = (p * torch.log(p * 3)).sum(-1).sum(-1).mean()
+    torch.testing.assert_close(out.kl, expected)
+
+
+def test_temperature_schedule():
+    assert temperature(0, 1.0, 0.1, 100) == pytest.approx(1.0)
+    assert temperature(50, 1.0, 0.1, 100) == pytest.approx(math.sqrt(0.1))
+    assert temperature(100, 1.0, 0.1, 100) == pytest.approx(0.1)
+    assert temperature(10_000, 1.0, 0.1, 100) == pytest.approx(0.1)

@@ -1,0 +1,1 @@
+"""Perception (slot encoders, quantizer, decoders), metrics and pretraining."""

@@ -1,0 +1,135 @@
+"""`run.py bench`: throughput of pretraining steps, the GMM E-step and the scene generator.
+
+Every figure is measured in one process, side by side, so ratios (GMM vs Slot Attention, optimized vs
+eager, expanded vs materialized E-step) are meaningful on any machine; absolute img/s only mean
+something on the GPU. Defaults shrink on the CPU (64x64, batch 64) so a run takes a minute or two.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+
+from .config import PretrainConfig, load_config
+from .pretrain import GeneratedScenes, autocast, build_model, compute_loss
+from .rundir import resolve_device
+from .slots.gmm import gaussian_log_likelihood
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timeit(fn, device: torch.device, steps: int, warmup: int = 2) -> tuple[float, float]:
+    """Seconds per call after warmup, and seconds the first call took."""
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / steps, first
+
+
+def _peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+def bench_config(task: str, slots: str, resolution: int) -> PretrainConfig:
+    """The Slot Attention architecture for the task (preset), at the requested resolution."""
+    preset = "configs/clevr_setpred.yaml" if task == "setpred" else "configs/clevr_discovery.yaml"
+    return load_config(PretrainConfig, preset, [f"model.slots={slots}", f"data.resolution={resolution}"])
+
+
+def bench_pretrain(args, device: torch.device) -> None:
+    res = args.resolution or (128 if device.type == "cuda" else 64)
+    batch_size = args.batch_size or (512 if device.type == "cuda" else 64)
+    modes = [("eager-fp32", False, False)]
+    if device.type == "cuda":
+        modes += [("bf16", True, False), ("bf16+compile", True, True)]
+    print(f"# pretrain step ({args.task}), {res}x{res}, batch {batch_size}, device {device}")
+    print(f"{'model':<16}{'mode':<14}{'img/s':>10}{'first step s':>14}{'peak GiB':>10}")
+    data = None
+    results = {}
+    for slots in ("gmm", "slot_attention"):
+        cfg = bench_config(args.task, slots, res)
+        if data is None:
+            data = GeneratedScenes(cfg, device).batch(batch_size, seed=0)
+        for name, amp, compiled in modes:
+            torch.manual_seed(0)
+            model = build_model(cfg).to(device)
+            if device.type == "cuda":
+                model = model.to(memory_format=torch.channels_last)
+                torch.cuda.reset_peak_memory_stats(device)
+            step_model = torch.compile(model) if compiled else model
+            opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+            def step():
+                with autocast(device, amp):
+                    loss, _, _ = compute_loss(step_model, cfg.task, data, cfg.model.vq.beta)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            per_step, first = _timeit(step, device, args.steps)
+            results[(slots, name)] = batch_size / per_step
+            print(f"{slots:<16}{name:<14}{batch_size / per_step:>10.1f}{first:>14.2f}{_peak_gib(device):>10.2f}")
+    for name, _, _ in modes:
+        print(f"ratio gmm/slot_attention ({name}): {results[('gmm', name)] / results[('slot_attention', name)]:.2f}")
+    if len(modes) > 1:
+        for slots in ("gmm", "slot_attention"):
+            print(f"ratio {modes[-1][0]}/eager-fp32 ({slots}): "
+                  f"{results[(slots, modes[-1][0])] / results[(slots, 'eager-fp32')]:.2f}")
+
+
+def materialized_log_likelihood(x: torch.Tensor, mu: torch.Tensor, logsigma: torch.Tensor) -> torch.Tensor:
+    """The direct E-step that builds the `b n k d` difference tensor: the baseline the expansion replaces."""
+    diff = x.unsqueeze(2) - mu.unsqueeze(1)
+    return (-0.5 * diff.square() * torch.exp(-2.0 * logsigma).unsqueeze(1) - logsigma.unsqueeze(1)).sum(-1)
+
+
+def bench_estep(args, device: torch.device) -> None:
+    """Forward + backward of the E-step log-likelihood at the set-prediction feature size (32x32, 10 slots)."""
+    batch_size = args.batch_size or (512 if device.type == "cuda" else 64)
+    n, k, d = 32 * 32, 10, 64
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(batch_size, n, d, generator=g).to(device).requires_grad_()
+    mu = torch.randn(batch_size, k, d, generator=g).to(device).requires_grad_()
+    logsigma = (0.1 * torch.randn(batch_size, k, d, generator=g)).to(device).requires_grad_()
+    print(f"# GMM E-step log-likelihood fwd+bwd, batch {batch_size}, n={n} k={k} d={d}, device {device}")
+    rates = {}
+    for name, fn in (("materialized b n k d", materialized_log_likelihood), ("expanded matmuls", gaussian_log_likelihood)):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def step():
+            fn(x, mu, logsigma).logsumexp(-1).sum().backward()
+
+        per, _ = _timeit(step, device, args.steps)
+        rates[name] = batch_size / per
+        print(f"{name:<24}{rates[name]:>12.1f} img/s   peak {_peak_gib(device):.2f} GiB")
+    print(f"ratio expanded/materialized: {rates['expanded matmuls'] / rates['materialized b n k d']:.2f}")
+
+
+def bench_generator(args, device: torch.device) -> None:
+    res = args.resolution or (128 if device.type == "cuda" else 64)
+    batch_size = args.batch_size or (512 if device.type == "cuda" else 64)
+    cfg = replace(PretrainConfig(), data=replace(PretrainConfig().data, resolution=res))
+    source = GeneratedScenes(cfg, device)
+    counter = iter(range(10**9))
+    per, first = _timeit(lambda: source.batch(batch_size, seed=next(counter)), device, args.steps, warmup=1)
+    print(f"# CLEVR-like generator, {res}x{res}, batch {batch_size}, device {device}")
+    print(f"scenes/s {batch_size / per:.1f}   (first batch {first:.2f} s)")
+
+
+def main(args) -> None:
+    device = resolve_device(args.device)
+    {"pretrain": bench_pretrain, "estep": bench_estep, "generator": bench_generator}[args.what](args, device)
+

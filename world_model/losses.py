@@ -1,0 +1,40 @@
+"""Training losses: Hungarian-matched set-prediction loss and reconstruction."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+
+def hungarian_match(cost: torch.Tensor) -> torch.Tensor:
+    """Optimal assignment per image. cost `b k n` (k >= n) -> for each image and target, its slot: `b n`."""
+    c = cost.detach().float().cpu().numpy()
+    out = np.empty((c.shape[0], c.shape[2]), dtype=np.int64)
+    for i in range(c.shape[0]):
+        rows, cols = linear_sum_assignment(c[i])
+        out[i, cols] = rows
+    return torch.from_numpy(out).to(cost.device)
+
+
+def hungarian_huber_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot Attention's set loss: Huber cost (mean over the 19 entries) between every slot and every target
+    row (padding rows included), Hungarian-matched, summed over targets, averaged over the batch.
+
+    pred `b k 19`, target `b n 19` (zero-padded to k rows, or trimmed to k where the extra rows are padding)
+    -> (loss, for each target row its slot `b k`).
+    """
+    b, k, _ = pred.shape
+    n = target.shape[1]
+    if n > k:  # more rows than slots is fine while the extra rows are padding
+        if bool(target[:, k:, -1].any()):
+            raise ValueError(f"images with more than {k} objects but only {k} slots: "
+                             "set model.num_slots >= data.max_objects")
+        target = target[:, :k]
+    elif n < k:
+        target = F.pad(target, (0, 0, 0, k - n))
+    diff = (pred.unsqueeze(2) - target.unsqueeze(1).to(pred.dtype)).abs()  # b k n 19
+    cost = torch.where(diff < 1.0, 0.5 * diff * diff, diff - 0.5).mean(-1)  # Huber, delta 1
+    match = hungarian_match(cost)  # b k: target j <- slot match[:, j]
+    matched = cost.gather(1, match.unsqueeze(1)).squeeze(1)  # b k(targets)
+    return matched.sum(1).mean(), match

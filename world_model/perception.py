@@ -1,0 +1,86 @@
+"""The slot encoder (backbone + slot module + optional VQ) and the two pretraining models built on it.
+
+`SlotEncoder` is what every later stage reuses: images (and optionally the previous frame's slots, so
+slot k stays the same object over a video) -> slots, assignment weights and, with VQ, integer codes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import CNNBackbone
+from .config import ModelConfig
+from .decoders import Decoded, SetPredictionHead, SpatialBroadcastDecoder
+from .slots import make_slot_module
+from .slots.vq import SlotQuantizer
+
+
+@dataclass
+class SlotOutput:
+    slots: torch.Tensor  # b k d: what decoders consume (quantized when VQ is on)
+    raw_slots: torch.Tensor  # b k d: the slot module's output, to carry over to the next frame
+    attn: torch.Tensor  # b k n: assignment weights over feature positions
+    grid: tuple[int, int]  # feature map (h', w'), n = h' * w'
+    codes: Optional[torch.Tensor] = None  # b k v int64 (VQ only)
+    kl: Optional[torch.Tensor] = None  # scalar (VQ only)
+
+    def attn_maps(self, size: tuple[int, int]) -> torch.Tensor:
+        """Assignment weights as images `b k h w`, bilinearly resized to `size`."""
+        b, k, _ = self.attn.shape
+        maps = self.attn.reshape(b, k, *self.grid).float()
+        return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+
+
+class SlotEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = CNNBackbone(cfg.cnn_channels, cfg.cnn_strides, cfg.cnn_kernel, cfg.feature_dim)
+        self.slot_module = make_slot_module(cfg.slots, cfg.feature_dim, cfg.num_slots, cfg.slot_dim, cfg.iters,
+                                            cfg.mlp_hidden, cfg.implicit_grad)
+        self.slot_dim = self.slot_module.out_dim
+        self.vq = None
+        if cfg.vq.enabled:
+            self.vq = SlotQuantizer(self.slot_dim, cfg.vq.num_vars, cfg.vq.num_codes, cfg.vq.code_dim, cfg.vq.hard)
+
+    def forward(self, images: torch.Tensor, prev_slots: Optional[torch.Tensor] = None) -> SlotOutput:
+        """images `b 3 h w` in [0, 1]; prev_slots `b k d` = a previous SlotOutput.raw_slots."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"SlotEncoder expects images of shape (batch, 3, h, w), got {tuple(images.shape)}")
+        feats, grid = self.backbone(images)
+        raw, attn = self.slot_module(feats, prev_slots)
+        out = SlotOutput(slots=raw, raw_slots=raw, attn=attn, grid=grid)
+        if self.vq is not None:
+            q = self.vq(raw)
+            out.slots, out.codes, out.kl = q.slots, q.codes, q.kl
+        return out
+
+
+class SlotAutoencoder(nn.Module):
+    """Object discovery: reconstruct the image as a mask-weighted mixture of per-slot decodings."""
+
+    def __init__(self, cfg: ModelConfig, resolution: int):
+        super().__init__()
+        self.encoder = SlotEncoder(cfg)
+        self.decoder = SpatialBroadcastDecoder(self.encoder.slot_dim, resolution, cfg.decoder_channels, cfg.decoder_init)
+
+    def forward(self, images: torch.Tensor, prev_slots: Optional[torch.Tensor] = None) -> tuple[SlotOutput, Decoded]:
+        enc = self.encoder(images, prev_slots)
+        return enc, self.decoder(enc.slots)
+
+
+class SetPredictor(nn.Module):
+    """Set-property prediction: one 19-entry CLEVR property row per slot."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.encoder = SlotEncoder(cfg)
+        self.head = SetPredictionHead(self.encoder.slot_dim, cfg.head_hidden)
+
+    def forward(self, images: torch.Tensor) -> tuple[SlotOutput, torch.Tensor]:
+        enc = self.encoder(images)
+        return enc, self.head(enc.slots)

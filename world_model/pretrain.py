@@ -1,0 +1,290 @@
+"""Slot-encoder pretraining on CLEVR-style scenes: object discovery or set-property prediction.
+
+A run is fully determined by its config: training batch i is scene seed f(seed, i) (generated data) or
+index draw f(seed, i) (CLEVR on disk), and the model's own randomness (slot init noise, Gumbel noise)
+comes from the torch RNG saved in every checkpoint, so `--resume` continues bit-exactly on the CPU.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, replace
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from envs.clevr import ClevrDataset, SceneGenerator
+
+from .config import PretrainConfig, load_config, save_config
+from .losses import hungarian_huber_loss
+from .metrics import clevr_ap_table, fg_ari
+from .perception import SetPredictor, SlotAutoencoder
+from .rundir import MetricLogger, RunDir, resolve_device, rng_state, seed_everything, set_rng_state
+from .slots.vq import temperature
+from .visualize import decomposition_grid
+
+TRAIN_STREAM, EVAL_STREAM, POOL_STREAM = 0, 1, 2
+EVAL_SEED = 2024  # held-out generated scenes are the same for every run, whatever its training seed
+
+
+def stream_seed(seed: int, stream: int, index: int) -> int:
+    """A well-mixed 31-bit seed for item `index` of a named random stream."""
+    return int(np.random.SeedSequence([seed, stream, index]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def build_model(cfg: PretrainConfig) -> nn.Module:
+    if cfg.task == "setpred":
+        return SetPredictor(cfg.model)
+    return SlotAutoencoder(cfg.model, cfg.data.resolution)
+
+
+class GeneratedScenes:
+    """Procedural CLEVR-like scenes rendered on the training device, batch i from seed f(seed, i).
+
+    With `data.pool=N` the N scenes of a fixed pool (pool stream of `train.seed`) are rendered once and
+    batches are drawn from them, like a finite dataset; images are kept as uint8 to save memory.
+    """
+
+    POOL_CHUNK = 256
+
+    def __init__(self, cfg: PretrainConfig, device: torch.device):
+        d = cfg.data
+        self.gen = SceneGenerator(resolution=(d.resolution, d.resolution), min_objects=d.min_objects,
+                                  max_objects=d.max_objects, crop=d.crop, supersample=d.supersample, device=device)
+        self.pool = None
+        if d.pool > 0:
+            chunks = [self.gen.generate(min(self.POOL_CHUNK, d.pool - s), stream_seed(cfg.train.seed, POOL_STREAM, i))
+                      for i, s in enumerate(range(0, d.pool, self.POOL_CHUNK))]
+            self.pool = {"images": torch.cat([(c.images * 255).round().to(torch.uint8) for c in chunks]),
+                         "targets": torch.cat([c.targets for c in chunks]),
+                         "masks": torch.cat([c.masks.to(torch.uint8) for c in chunks])}
+
+    def batch(self, size: int, seed: int) -> dict:
+        if self.pool is not None:
+            n = self.pool["images"].shape[0]
+            idx = torch.from_numpy(np.random.default_rng(seed).choice(n, size=min(size, n), replace=False))
+            idx = idx.to(self.pool["images"].device)
+            return {"images": self.pool["images"][idx].float() / 255, "targets": self.pool["targets"][idx],
+                    "masks": self.pool["masks"][idx].long()}
+        sb = self.gen.generate(size, seed=seed)
+        return {"images": sb.images, "targets": sb.targets, "masks": sb.masks}
+
+
+class ClevrScenes:
+    """A CLEVR v1.0 directory; training batch i draws indices from seed f(seed, i)."""
+
+    def __init__(self, cfg: PretrainConfig, split: str, device: torch.device, max_images: Optional[int] = None):
+        d = cfg.data
+        if not d.root:
+            raise ValueError("data.source=clevr needs data.root=DIR (or --clevr-root DIR) pointing at CLEVR v1.0")
+        self.dataset = ClevrDataset(d.root, split=split, resolution=(d.resolution, d.resolution), crop=d.crop,
+                                    max_images=max_images)
+        self.device = device
+        self.num_workers = d.num_workers
+
+    def _load(self, indices) -> dict:
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.dataset, list(indices)),
+                                             batch_size=len(indices), num_workers=self.num_workers)
+        items = next(iter(loader))
+        out = {"images": items["image"], "targets": items["target"], "masks": items.get("mask")}
+        return {k: (v.to(self.device) if v is not None else None) for k, v in out.items()}
+
+    def batch(self, size: int, seed: int) -> dict:
+        rng = np.random.default_rng(seed)
+        return self._load(rng.choice(len(self.dataset), size=min(size, len(self.dataset)), replace=False))
+
+    def sequential(self, batch_size: int) -> Iterator[dict]:
+        for start in range(0, len(self.dataset), batch_size):
+            yield self._load(range(start, min(start + batch_size, len(self.dataset))))
+
+
+def make_source(cfg: PretrainConfig, device: torch.device, split: Optional[str] = None, max_images=None):
+    if cfg.data.source == "clevr":
+        return ClevrScenes(cfg, split or cfg.data.split, device, max_images)
+    return GeneratedScenes(cfg, device)
+
+
+def eval_batches(cfg: PretrainConfig, device: torch.device, n_images: int, batch_size: int) -> Iterator[dict]:
+    """Held-out data: generated scenes from the eval stream, or the CLEVR eval split."""
+    if cfg.data.source == "clevr":
+        yield from ClevrScenes(cfg, cfg.data.eval_split, device, max_images=n_images).sequential(batch_size)
+        return
+    source = GeneratedScenes(replace(cfg, data=replace(cfg.data, pool=0)), device)
+    for i, start in enumerate(range(0, n_images, batch_size)):
+        yield source.batch(min(batch_size, n_images - start), stream_seed(EVAL_SEED, EVAL_STREAM, i))
+
+
+def compute_loss(model: nn.Module, task: str, batch: dict, beta: float) -> tuple[torch.Tensor, dict, tuple]:
+    images = batch["images"]
+    if task == "setpred":
+        enc, pred = model(images)
+        loss, _ = hungarian_huber_loss(pred, batch["targets"])
+        stats = {"set_loss": loss.detach()}
+        outputs = (enc, pred)
+    else:
+        enc, dec = model(images)
+        loss = F.mse_loss(dec.recon, images.float())
+        stats = {"mse": loss.detach()}
+        outputs = (enc, dec)
+    if enc.kl is not None:
+        stats["kl"] = enc.kl.detach()
+        loss = loss + beta * enc.kl
+    stats["loss"] = loss.detach()
+    return loss, stats, outputs
+
+
+def autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, cfg: PretrainConfig, device: torch.device, n_images: int,
+             batch_size: Optional[int] = None, batches: Optional[Iterator[dict]] = None) -> dict:
+    """AP table (set prediction) or FG-ARI + MSE (discovery) on held-out scenes; RNG-neutral for training."""
+    batch_size = batch_size or min(cfg.train.batch_size, 256)
+    batches = batches if batches is not None else eval_batches(cfg, device, n_images, batch_size)
+    was_training = model.training
+    model.eval()
+    preds, targets, aris, sq_err, pixels, count = [], [], [], 0.0, 0, 0
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(EVAL_SEED)
+        for batch in batches:
+            with autocast(device, cfg.train.amp):
+                enc, out = model(batch["images"])
+            count += batch["images"].shape[0]
+            if cfg.task == "setpred":
+                preds.append(out.float().cpu().numpy())
+                targets.append(batch["targets"].float().cpu().numpy())
+            else:
+                sq_err += F.mse_loss(out.recon.float(), batch["images"].float(), reduction="sum").item()
+                pixels += batch["images"].numel()
+                if batch.get("masks") is not None:
+                    aris.append(fg_ari(batch["masks"].cpu(), out.masks.squeeze(2).argmax(1).cpu()))
+    model.train(was_training)
+    result: dict = {"images": count}
+    if cfg.task == "setpred":
+        result.update(clevr_ap_table(np.concatenate(preds), np.concatenate(targets)))
+    else:
+        result["mse"] = sq_err / max(pixels, 1)
+        if aris:
+            result["fg_ari"] = float(np.nanmean(np.concatenate(aris)) * 100)
+    return result
+
+
+def lr_factor(step: int, cfg: PretrainConfig) -> float:
+    """Linear warmup, then exponential decay (Slot Attention's schedule)."""
+    t = cfg.train
+    warm = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0
+    return warm * t.decay_rate ** (step / t.decay_steps)
+
+
+def log_images(logger: MetricLogger, step: int, cfg: PretrainConfig, batch: dict, outputs: tuple) -> None:
+    enc, out = outputs
+    images = batch["images"]
+    if cfg.task == "discovery":
+        grid = decomposition_grid(images, out.masks.squeeze(2), out.recon, out.rgb)
+    else:
+        grid = decomposition_grid(images, enc.attn_maps(images.shape[-2:]))
+    logger.image(step, "slots/decomposition", grid)
+
+
+def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: bool = True) -> dict:
+    """Train (or continue) a run; returns the last evaluation."""
+    from tqdm import tqdm
+
+    run = RunDir.open(run_dir, resume)
+    device = resolve_device(cfg.train.device)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    step, skipped = 0, 0
+    if resume:
+        state = run.load_checkpoint(map_location=device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, skipped = state["step"], state["skipped"]
+        set_rng_state(state["rng"])
+    save_config(cfg, run.config_path)
+
+    step_model = torch.compile(model) if cfg.train.compile and device.type == "cuda" else model
+    source = make_source(cfg, device)
+    logger = MetricLogger(run, start_step=step)
+    last_eval: dict = {}
+
+    def checkpoint() -> None:
+        run.save_checkpoint({"step": step, "skipped": skipped, "model": model.state_dict(),
+                             "optimizer": opt.state_dict(), "rng": rng_state(), "config": asdict(cfg)})
+
+    bar = tqdm(total=cfg.train.steps, initial=step, desc=f"pretrain {cfg.task}/{cfg.model.slots}",
+               disable=not progress, dynamic_ncols=True)
+    t_last, n_last = time.perf_counter(), step
+    while step < cfg.train.steps:
+        batch = source.batch(cfg.train.batch_size, stream_seed(cfg.train.seed, TRAIN_STREAM, step))
+        if not torch.isfinite(batch["images"]).all():
+            raise ValueError(f"non-finite pixel values in training batch {step}: check the data source")
+        for group in opt.param_groups:
+            group["lr"] = cfg.train.lr * lr_factor(step, cfg)
+        vq = model.encoder.vq
+        if vq is not None:
+            v = cfg.model.vq
+            vq.set_temperature(temperature(step, v.tau_start, v.tau_end, v.anneal_steps))
+        with autocast(device, cfg.train.amp):
+            loss, stats, outputs = compute_loss(step_model, cfg.task, batch, cfg.model.vq.beta)
+        opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            skipped += 1
+            logger.scalars(step, {"skipped_updates": skipped}, prefix="train/")
+            bar.write(f"step {step}: non-finite loss, update skipped ({skipped} so far)")
+        else:
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            if torch.isfinite(grad_norm):
+                opt.step()
+                stats["grad_norm"] = grad_norm
+            else:
+                skipped += 1
+                opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            now = time.perf_counter()
+            stats = {k: float(v) for k, v in stats.items()}
+            stats.update(lr=opt.param_groups[0]["lr"], images_per_s=(step - n_last) * cfg.train.batch_size / (now - t_last))
+            if vq is not None:
+                stats["tau"] = float(vq.tau)
+            t_last, n_last = now, step
+            logger.scalars(step, stats, prefix="train/")
+            bar.set_postfix(loss=f"{stats['loss']:.4f}")
+        if step % cfg.train.image_every == 0:
+            log_images(logger, step, cfg, batch, outputs)
+        if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+            last_eval = evaluate(model, cfg, device, cfg.data.eval_images)
+            logger.scalars(step, last_eval, prefix="eval/")
+            bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
+        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
+            checkpoint()
+            logger.flush()
+    bar.close()
+    logger.close()
+    return last_eval
+
+
+def load_run(run_dir: str, device: torch.device) -> tuple[PretrainConfig, nn.Module, dict]:
+    """Model and config of a pretraining run directory (for evaluation and visualization)."""
+    run = RunDir(run_dir)
+    if not run.config_path.is_file():
+        raise FileNotFoundError(f"{run.config_path} not found: --checkpoint must be a run directory made by "
+                                "`run.py pretrain --run-dir DIR`")
+    cfg = load_config(PretrainConfig, run.config_path)
+    state = run.load_checkpoint(map_location=device)
+    model = build_model(cfg).to(device)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return cfg, model, state

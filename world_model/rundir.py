@@ -1,0 +1,139 @@
+"""One directory per run: resolved config, atomic checkpoints, JSONL metrics beside tensorboard.
+
+Layout: `config.yaml`, `checkpoints/latest.pt`, `metrics.jsonl`, `tb/` (tensorboard events).
+Checkpoints are written to a temporary file and renamed over the old one, so killing the process at
+any moment leaves either the previous or the new checkpoint, never a torn one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be used as asked (exists without --resume, or missing on resume)."""
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.ckpt_path = self.path / "checkpoints" / "latest.pt"
+        self.config_path = self.path / "config.yaml"
+
+    @classmethod
+    def open(cls, path: str | Path, resume: bool) -> "RunDir":
+        """New run: the directory must not hold a checkpoint. Resume: it must."""
+        run = cls(path)
+        if resume and not run.ckpt_path.is_file():
+            raise RunDirError(f"cannot resume: no checkpoint at {run.ckpt_path}; start a new run without --resume")
+        if not resume and run.ckpt_path.is_file():
+            raise RunDirError(f"run directory {run.path} already holds a checkpoint; pass --resume to continue it "
+                              "or choose another --run-dir")
+        run.path.mkdir(parents=True, exist_ok=True)
+        return run
+
+    def save_checkpoint(self, state: dict) -> None:
+        atomic_torch_save(state, self.ckpt_path)
+
+    def load_checkpoint(self, map_location: Any = "cpu") -> dict:
+        if not self.ckpt_path.is_file():
+            raise RunDirError(f"no checkpoint at {self.ckpt_path}: is {self.path} a run directory?")
+        return torch.load(self.ckpt_path, map_location=map_location, weights_only=False)
+
+
+class MetricLogger:
+    """Scalars to `metrics.jsonl` and tensorboard; images to tensorboard. Only finite scalars are logged."""
+
+    def __init__(self, run: RunDir, start_step: int = 0, enabled: bool = True):
+        self.enabled = enabled
+        self.jsonl_path = run.path / "metrics.jsonl"
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run.path / "tb"), purge_step=start_step if start_step > 0 else None)
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time": time.time()}
+        for k, v in values.items():
+            v = float(v)
+            if math.isfinite(v):
+                row[prefix + k] = v
+                self.writer.add_scalar(prefix + k, v, step)
+        with self.jsonl_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def image(self, step: int, tag: str, image: torch.Tensor) -> None:
+        """image `3 h w` in [0, 1]."""
+        if self.enabled:
+            self.writer.add_image(tag, image.clamp(0, 1).float().cpu(), step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
+    return device

@@ -1,0 +1,23 @@
+"""Slot modules: the Slot Mixture Module (GMM) and the Slot Attention baseline.
+
+Both map features `b n d_in` (and optionally the previous frame's slots) to slots `b k d_out`
+and per-slot assignment weights `b k n`, so they are interchangeable behind `make_slot_module`.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .gmm import SlotMixture
+from .slot_attention import SlotAttention
+
+
+def make_slot_module(kind: str, in_dim: int, num_slots: int, dim: int, iters: int, mlp_hidden: int,
+                     implicit_grad: bool = False) -> nn.Module:
+    classes = {"gmm": SlotMixture, "slot_attention": SlotAttention}
+    if kind not in classes:
+        raise ValueError(f"unknown slot module {kind!r}: use one of {', '.join(classes)}")
+    return classes[kind](in_dim=in_dim, num_slots=num_slots, dim=dim, iters=iters, mlp_hidden=mlp_hidden,
+                         implicit_grad=implicit_grad)
+
+
+__all__ = ["SlotMixture", "SlotAttention", "make_slot_module"]

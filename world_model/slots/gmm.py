@@ -1,0 +1,106 @@
+"""Slot Mixture Module (Kirilenko et al.): slots as the components of a Gaussian mixture over features.
+
+Each iteration is one EM step: the E-step computes responsibilities from the diagonal-Gaussian
+log-likelihood plus log pi; the M-step updates the means through a GRU + residual MLP (the neural
+bridge of the seed's pseudocode) and re-estimates log-sigma and pi in closed form from the weights.
+Slots are concat(mu, logsigma). The E- and M-step statistics run in fp32 even under bf16 autocast,
+and the Mahalanobis distance is expanded into matrix products so no `b n k d` tensor is built.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+LOG_VAR_MIN = math.log(1e-4)  # clamp on the re-estimated variance; keeps 1/sigma^2 finite
+LOG_PI_MIN = math.log(1e-6)
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """Upcast half-precision tensors; leave fp32/fp64 as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def gaussian_log_likelihood(x: torch.Tensor, mu: torch.Tensor, logsigma: torch.Tensor,
+                            xx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """log N(x | mu, diag(sigma^2)) up to the constant -d/2 log(2 pi).  x `b n d`, mu/logsigma `b k d` -> `b n k`.
+
+    sum_d (x - mu)^2 / s^2 = [x^2, x] @ [1/s^2, -2 mu/s^2]^T + sum_d mu^2/s^2: one matmul, no `b n k d` tensor.
+    `xx` = cat([x^2, x], -1) may be passed in when it is reused across iterations.
+    """
+    if xx is None:
+        xx = torch.cat([x * x, x], dim=-1)
+    inv_var = torch.exp(-2.0 * logsigma)  # b k d
+    coef = torch.cat([inv_var, -2.0 * mu * inv_var], dim=-1)  # b k 2d
+    maha = torch.einsum("bne,bke->bnk", xx, coef) + (mu * mu * inv_var).sum(-1).unsqueeze(1)
+    return -0.5 * maha.clamp_min(0.0) - logsigma.sum(-1).unsqueeze(1)
+
+
+class SlotMixture(nn.Module):
+    """GMM slot module; slots are `b k 2*dim` = concat(mu, logsigma), mixture weights `b k n`."""
+
+    def __init__(self, in_dim: int, num_slots: int, dim: int = 64, iters: int = 3, mlp_hidden: int = 128,
+                 implicit_grad: bool = False, eps: float = 1e-8):
+        super().__init__()
+        self.num_slots, self.dim, self.iters, self.eps = num_slots, dim, iters, eps
+        self.out_dim = 2 * dim
+        self.implicit_grad = implicit_grad
+        # Learned Gaussian priors over the initial mu and logsigma (reparameterized samples).
+        self.mu_mean = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, 1, dim)))
+        self.mu_logstd = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, 1, dim)))
+        self.logsigma_mean = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, 1, dim)))
+        self.logsigma_logstd = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, 1, dim)))
+        self.norm_input = nn.LayerNorm(in_dim)
+        self.project = nn.Linear(in_dim, dim) if in_dim != dim else nn.Identity()
+        self.gru = nn.GRUCell(dim, dim)
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_hidden), nn.ReLU(inplace=True), nn.Linear(mlp_hidden, dim))
+
+    def initial_slots(self, batch: int, device, dtype=torch.float32) -> torch.Tensor:
+        shape = (batch, self.num_slots, self.dim)
+        mu = self.mu_mean + self.mu_logstd.exp() * torch.randn(shape, device=device, dtype=dtype)
+        logsigma = self.logsigma_mean + self.logsigma_logstd.exp() * torch.randn(shape, device=device, dtype=dtype)
+        return torch.cat([mu, logsigma], dim=-1)
+
+    def e_step(self, xx: torch.Tensor, mu: torch.Tensor, logsigma: torch.Tensor, log_pi: torch.Tensor):
+        """Responsibilities p(c=j | x_i), normalized over slots, `b n k` (fp32). xx = cat([x^2, x], -1)."""
+        logits = gaussian_log_likelihood(None, mu, logsigma, xx=xx) + log_pi.unsqueeze(1)
+        return torch.softmax(logits, dim=-1)
+
+    def step(self, xx, mu, logsigma, log_pi):
+        """One EM iteration on xx = cat([x^2, x], -1) `b n 2d` (fp32): returns mu, logsigma, log_pi, probs."""
+        b, k, d = mu.shape
+        with torch.autocast(xx.device.type, enabled=False):
+            probs = self.e_step(xx, _fp32(mu), logsigma, log_pi)  # b n k
+            mass = probs.sum(dim=1)  # b k
+            weights = probs / (mass.unsqueeze(1) + self.eps)  # normalized over inputs
+            mean_x2, mean_x = torch.einsum("bnk,bne->bke", weights, xx).split(d, dim=-1)
+        mu = self.gru(mean_x.to(mu.dtype).reshape(-1, d), mu.reshape(-1, d)).reshape(b, k, d)
+        mu = mu + self.mlp(self.norm_mlp(mu))
+        with torch.autocast(xx.device.type, enabled=False):
+            mu32 = _fp32(mu)
+            # Weighted variance around the *updated* mean, as in the seed: E_w[x^2] - 2 mu E_w[x] + mu^2.
+            var = mean_x2 - 2.0 * mu32 * mean_x + mu32 * mu32 * (mass / (mass + self.eps)).unsqueeze(-1)
+            logsigma = 0.5 * torch.log(var.clamp_min(math.exp(LOG_VAR_MIN)))
+            log_pi = torch.log((mass / xx.shape[1]).clamp_min(math.exp(LOG_PI_MIN)))
+        return mu, logsigma, log_pi, probs
+
+    def forward(self, inputs: torch.Tensor, init: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """inputs `b n in_dim`, init `b k 2*dim` (e.g. the previous frame's slots) -> slots `b k 2*dim`, weights `b k n`."""
+        x = self.project(self.norm_input(inputs))
+        b = x.shape[0]
+        slots = self.initial_slots(b, x.device, x.dtype) if init is None else init
+        mu, logsigma = slots.split(self.dim, dim=-1)
+        with torch.autocast(x.device.type, enabled=False):
+            x, logsigma = _fp32(x), _fp32(logsigma)
+            xx = torch.cat([x * x, x], dim=-1)  # b n 2d, shared by every iteration
+        log_pi = torch.full((b, self.num_slots), -math.log(self.num_slots), device=x.device, dtype=x.dtype)
+        probs = None
+        for i in range(self.iters):
+            if self.implicit_grad and i == self.iters - 1:
+                mu, logsigma, log_pi = mu.detach(), logsigma.detach(), log_pi.detach()
+            mu, logsigma, log_pi, probs = self.step(xx, mu, logsigma, log_pi)
+        slots = torch.cat([mu, logsigma.to(mu.dtype)], dim=-1)
+        return slots, probs.transpose(1, 2)

@@ -1,0 +1,65 @@
+"""VQ-SA slot quantizer: each slot becomes a few categorical latents over learned code embeddings.
+
+For latent variable i the logits over its codes are bilinear forms slot^T W_i e_{i,c}; training samples
+relaxed one-hots with Gumbel-softmax at an annealed temperature, evaluation takes the argmax. The
+quantized slot (what decoders and heads consume) is a linear map of the chosen code embeddings, and
+KL(q(z|x) || uniform) regularizes the posteriors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Quantized:
+    slots: torch.Tensor  # b k d, quantized
+    codes: torch.Tensor  # b k v, int64 code indices
+    logits: torch.Tensor  # b k v c
+    kl: torch.Tensor  # scalar: KL to the uniform prior, summed over variables, mean over slots
+
+
+def temperature(step: int, tau_start: float, tau_end: float, anneal_steps: int) -> float:
+    """Exponential anneal from tau_start to tau_end over anneal_steps, then constant."""
+    frac = min(max(step, 0) / max(anneal_steps, 1), 1.0)
+    return tau_start * (tau_end / tau_start) ** frac
+
+
+class SlotQuantizer(nn.Module):
+    def __init__(self, slot_dim: int, num_vars: int = 4, num_codes: int = 16, code_dim: int = 32, hard: bool = False):
+        super().__init__()
+        self.num_vars, self.num_codes, self.code_dim, self.hard = num_vars, num_codes, code_dim, hard
+        self.codebooks = nn.Parameter(torch.randn(num_vars, num_codes, code_dim))  # v c e
+        self.bilinear = nn.Parameter(torch.randn(num_vars, slot_dim, code_dim) / math.sqrt(slot_dim))  # v d e
+        self.norm = nn.LayerNorm(slot_dim)
+        self.out = nn.Linear(num_vars * code_dim, slot_dim)
+        self.register_buffer("tau", torch.tensor(1.0), persistent=False)
+
+    def set_temperature(self, tau: float) -> None:
+        self.tau.fill_(tau)
+
+    def embed(self, onehots: torch.Tensor) -> torch.Tensor:
+        """(relaxed) one-hots `b k v c` -> quantized slots `b k d`."""
+        emb = torch.einsum("bkvc,vce->bkve", onehots.to(self.codebooks.dtype), self.codebooks)
+        return self.out(emb.flatten(-2))
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Integer codes `b k v` -> quantized slots `b k d` (used for editing and by the dynamics model)."""
+        return self.embed(F.one_hot(codes, self.num_codes).float())
+
+    def forward(self, slots: torch.Tensor) -> Quantized:
+        proj = torch.einsum("bkd,vde->bkve", self.norm(slots), self.bilinear)
+        logits = torch.einsum("bkve,vce->bkvc", proj, self.codebooks) / math.sqrt(self.code_dim)
+        logits = logits.float()
+        codes = logits.argmax(-1)
+        if self.training:
+            onehots = F.gumbel_softmax(logits, tau=self.tau, hard=self.hard, dim=-1)
+        else:
+            onehots = F.one_hot(codes, self.num_codes).float()
+        log_q = logits.log_softmax(-1)
+        kl = (log_q.exp() * (log_q + math.log(self.num_codes))).sum(-1).sum(-1).mean()
+        return Quantized(slots=self.embed(onehots).to(slots.dtype), codes=codes, logits=logits, kl=kl)

@@ -1,0 +1,60 @@
+"""Pictures of slot decompositions: colored segmentations and per-slot grids for tensorboard and PNGs."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+# A fixed qualitative palette: slot i (or instance id i) is always drawn in the same color.
+PALETTE = torch.tensor([
+    [0.90, 0.10, 0.29], [0.24, 0.71, 0.29], [1.00, 0.88, 0.10], [0.00, 0.51, 0.78], [0.96, 0.51, 0.19],
+    [0.57, 0.12, 0.71], [0.27, 0.94, 0.94], [0.94, 0.20, 0.90], [0.82, 0.96, 0.24], [0.98, 0.75, 0.83],
+    [0.00, 0.50, 0.50], [0.86, 0.75, 1.00], [0.67, 0.43, 0.16], [1.00, 0.98, 0.78], [0.50, 0.00, 0.00],
+    [0.67, 1.00, 0.76], [0.50, 0.50, 0.00], [1.00, 0.84, 0.71], [0.00, 0.00, 0.50], [0.50, 0.50, 0.50],
+])
+
+
+def colorize(ids: torch.Tensor) -> torch.Tensor:
+    """Integer maps `b h w` -> RGB `b 3 h w` in [0, 1] (ids wrap around the palette)."""
+    return PALETTE.to(ids.device)[ids.long() % len(PALETTE)].permute(0, 3, 1, 2)
+
+
+def tile(images: torch.Tensor, nrow: int, pad: int = 2) -> torch.Tensor:
+    """`n 3 h w` -> one `3 H W` grid image with `nrow` images per row and white padding."""
+    n, c, h, w = images.shape
+    ncol = (n + nrow - 1) // nrow
+    grid = torch.ones(c, ncol * (h + pad) + pad, nrow * (w + pad) + pad, dtype=images.dtype, device=images.device)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
+    return grid
+
+
+def decomposition_grid(images: torch.Tensor, masks: torch.Tensor, recon: Optional[torch.Tensor] = None,
+                       rgb: Optional[torch.Tensor] = None, max_images: int = 4) -> torch.Tensor:
+    """One row per image: input, reconstruction, colored segmentation, then each slot's masked RGB
+    (or the input under the slot's mask when there is no decoder).
+
+    images `b 3 h w` in [0, 1], masks `b k h w` (soft, summing to 1 over k), recon `b 3 h w`, rgb `b k 3 h w`.
+    """
+    images, masks = images[:max_images].float().cpu(), masks[:max_images].float().cpu()
+    b, k, h, w = masks.shape
+    if masks.shape[-2:] != images.shape[-2:]:
+        masks = F.interpolate(masks, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        h, w = images.shape[-2:]
+    seg = colorize(masks.argmax(1))
+    cols = [images, recon[:max_images].float().cpu().clamp(0, 1) if recon is not None else images, seg]
+    per_slot = masks.unsqueeze(2) * (rgb[:max_images].float().cpu().clamp(0, 1) if rgb is not None
+                                     else images.unsqueeze(1))
+    per_slot = per_slot + (1 - masks.unsqueeze(2))  # white where the slot is absent
+    rows = torch.cat([torch.stack(cols, 1), per_slot], dim=1)  # b (3+k) 3 h w
+    return tile(rows.flatten(0, 1), nrow=3 + k)
+
+
+def save_png(image: torch.Tensor, path) -> None:
+    """`3 h w` in [0, 1] -> PNG file."""
+    from PIL import Image
+
+    arr = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(arr).save(path)
