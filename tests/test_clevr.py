@@ -12,9 +12,18 @@ from PIL import Image
 import envs.clevr as clevr
 from envs.clevr import (
     CAMERA_LOCATION, COLOR_RGB, COLORS, DIRECTIONS, MATERIALS, MAX_OBJECTS, PROPERTY_DIM, SHAPES, SIZE_RADIUS,
-    SIZES, ClevrDataset, DataError, SceneGenerator, dataset_batch_seed, project_to_frame, scenes_to_targets,
-    write_dataset,
+    SIZES, ClevrDataset, DataError, SceneGenerator, project_to_frame, scenes_to_targets, write_dataset,
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Render single-threaded: the renderer issues many mid-sized ops, and intra-op threads turn
+    those into scheduler waits when the CPU is shared with other jobs (seconds -> minutes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +133,8 @@ def test_camera_projection_and_pixel_coords():
     out = gen.generate(6, seed=1)
     for i, scene in enumerate(out.scenes):
         px, py, _ = scene["objects"][0]["pixel_coords"]
+        unjittered = project_to_frame(np.array([scene["objects"][0]["3d_coords"]]), np.array(CAMERA_LOCATION))[0]
+        assert (px, py) == (round(unjittered[0]), round(unjittered[1]))
         row, col = min(int(py * 64 / 320), 63), min(int(px * 96 / 480), 95)
         assert out.masks[i, row, col] == 1  # the object's center projects onto its own mask
         rows, cols = (out.masks[i] == 1).nonzero(as_tuple=True)
@@ -159,22 +170,28 @@ def test_culled_shadows_match_brute_force(monkeypatch):
     assert torch.equal(culled, gen.generate(4, seed=11).images)
 
 
-def test_write_dataset_round_trip(tmp_path):
-    path = write_dataset(tmp_path, 4, split="val", seed=0, batch_size=4, supersample=1)
+def test_write_dataset_round_trip(tmp_path, monkeypatch):
+    generated = []  # the batches write_dataset renders
+    original = SceneGenerator.generate
+    monkeypatch.setattr(SceneGenerator, "generate", lambda self, *a: generated.append(original(self, *a)) or
+                        generated[-1])
+    path = write_dataset(tmp_path, 4, split="val", seed=0, batch_size=4)
     assert path == tmp_path / "scenes" / "CLEVR_val_scenes.json"
+    assert len(generated) == 1 and generated[0].images.shape == (4, 3, 320, 480)
     png = Image.open(tmp_path / "images" / "val" / "CLEVR_val_000003.png")
     assert png.size == (480, 320)
-    expected = SceneGenerator(resolution=(320, 480)).generate(4, dataset_batch_seed(0, "val", 0))
+    written = torch.from_numpy(np.asarray(png, dtype=np.float32) / 255).permute(2, 0, 1)
+    assert (written - generated[0].images[3]).abs().max() <= 0.5 / 255 + 1e-6  # 8-bit quantized
+    scenes = json.loads(path.read_text())["scenes"]
+    assert [s["image_filename"] for s in scenes] == [f"CLEVR_val_{i:06d}.png" for i in range(4)]
+
     ds = ClevrDataset(tmp_path, split="val", resolution=(32, 32))
     assert len(ds) == 4
+    torch.testing.assert_close(torch.stack([ds[i]["target"] for i in range(4)]), generated[0].targets)
     item = ds[2]
     assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
     assert item["mask"].shape == (32, 32) and item["mask"].dtype == torch.int64
     assert int(item["mask"].max()) <= int(item["target"][:, -1].sum())
-    torch.testing.assert_close(torch.stack([ds[i]["target"] for i in range(4)]), expected.targets)
-    # the written PNG is the generator's image (8-bit quantized)
-    written = torch.from_numpy(np.asarray(png, dtype=np.float32) / 255).permute(2, 0, 1)
-    assert (written - expected.images[3]).abs().max() <= 0.5 / 255 + 1e-6
     crop = ClevrDataset(tmp_path, split="val", resolution=(16, 16), crop=True, max_images=2)
     assert len(crop) == 2 and crop[1]["image"].shape == (3, 16, 16) and crop[1]["mask"].shape == (16, 16)
 

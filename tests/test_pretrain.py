@@ -1,5 +1,6 @@
 """End-to-end pretraining: the CLI smoke run, exact resume, eval-ap output, NaN handling, run-dir errors."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from world_model.config import PretrainConfig, load_config
 from world_model.pretrain import build_model, compute_loss, load_run, pretrain
 from world_model.rundir import RunDir, RunDirError, read_jsonl
 
+PRESETS = sorted(str(p) for p in Path(__file__).resolve().parent.parent.glob("configs/clevr_*.yaml"))
 TINY = [
     "model.num_slots=4", "model.slot_dim=8", "model.mlp_hidden=16", "model.cnn_channels=[8,8]",
     "model.cnn_strides=[2,2]", "model.feature_dim=8", "model.head_hidden=16", "model.decoder_channels=8",
@@ -90,11 +92,10 @@ def test_run_dir_rules(tmp_path, capsys):
     assert "run directory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("preset", ["configs/clevr_setpred.yaml", "configs/clevr_discovery.yaml",
-                                    "configs/clevr_tiny.yaml"])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_trains_one_step(preset):
     """Each preset's architecture, at batch 2 and 32x32 so it fits the CI budget."""
-    cfg = load_config(PretrainConfig, preset, ["data.resolution=32", "train.batch_size=2"])
+    cfg = load_config(PretrainConfig, preset, ["data.resolution=32", "train.batch_size=2", "data.pool=0"])
     torch.manual_seed(0)
     model = build_model(cfg)
     from world_model.pretrain import GeneratedScenes
@@ -117,3 +118,23 @@ def test_scene_pool_is_a_fixed_deterministic_dataset():
         assert (pool - img).abs().flatten(1).amax(1).min() == 0  # every image is one of the pool's
     again = GeneratedScenes(cfg, torch.device("cpu"))
     torch.testing.assert_close(again.pool["targets"], source.pool["targets"])
+
+
+def test_eval_ap_on_missing_clevr_root_is_one_line(tmp_path, capsys):
+    rd = tmp_path / "r"
+    pretrain(tiny_cfg("train.steps=1"), str(rd), progress=False)
+    capsys.readouterr()
+    assert run.main(["eval-ap", "--checkpoint", str(rd), "--clevr-root", str(tmp_path / "no_clevr")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CLEVR" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "pretrain", "--batch-size", "2", "--resolution", "32", "--steps", "1"],
+    ["bench", "estep", "--batch-size", "2", "--steps", "1"],
+    ["bench", "generator", "--batch-size", "2", "--resolution", "32", "--steps", "1"],
+])
+def test_bench_smoke(argv, capsys):
+    assert run.main(argv) == 0
+    out = capsys.readouterr().out
+    assert ("ratio" in out) or ("scenes/s" in out)

@@ -24,7 +24,7 @@ def test_expanded_mahalanobis_matches_direct():
 
 
 def test_e_step_assigns_separated_clusters():
-    gmm = SlotMixture(in_dim=2, num_slots=2, dim=2, iters=1)
+    gmm = SlotMixture(in_dim=2, num_slots=2, dim=2, iters=1, temperature=1.0)
     x = torch.tensor([[[-5.0, 0.0], [-5.1, 0.1], [5.0, 0.0], [5.2, -0.1]]])
     mu = torch.tensor([[[-5.0, 0.0], [5.0, 0.0]]])
     xx = torch.cat([x * x, x], -1)
@@ -35,7 +35,7 @@ def test_e_step_assigns_separated_clusters():
 
 
 def test_e_step_uses_pi_and_log_determinant():
-    gmm = SlotMixture(in_dim=1, num_slots=2, dim=1, iters=1)
+    gmm = SlotMixture(in_dim=1, num_slots=2, dim=1, iters=1, temperature=1.0)
     xx = torch.zeros(1, 1, 2)  # x = 0
     mu = torch.zeros(1, 2, 1)
     # Same mean and sigma: responsibilities equal pi.
@@ -44,6 +44,19 @@ def test_e_step_uses_pi_and_log_determinant():
     # Same mean, equal pi, sigma 1 vs e: at x = mu the density ratio is exp(1) (log-det term).
     probs = gmm.e_step(xx, mu, torch.tensor([[[0.0], [1.0]]]), torch.log(torch.tensor([[0.5, 0.5]])))
     torch.testing.assert_close(probs[0, 0, 0] / probs[0, 0, 1], torch.tensor(math.e))
+
+
+def test_tempered_e_step():
+    torch.manual_seed(0)
+    x, mu, logsigma = torch.randn(2, 7, 4), torch.randn(2, 3, 4), 0.2 * torch.randn(2, 3, 4)
+    log_pi = torch.log_softmax(torch.randn(2, 3), -1)
+    xx = torch.cat([x * x, x], -1)
+    exact = SlotMixture(in_dim=4, num_slots=3, dim=4, temperature=1.0).e_step(xx, mu, logsigma, log_pi)
+    default = SlotMixture(in_dim=4, num_slots=3, dim=4)
+    assert default.temperature == 2.0  # sqrt(dim)
+    tempered = default.e_step(xx, mu, logsigma, log_pi)
+    torch.testing.assert_close(tempered, torch.softmax(exact.log() / 2.0, -1))  # (pi N)^(1/T), renormalized
+    assert tempered.max() < exact.max()
 
 
 def test_m_step_reestimates_sigma_and_pi():

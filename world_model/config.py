@@ -43,6 +43,7 @@ class ModelConfig:
     iters: int = 3
     mlp_hidden: int = 128
     implicit_grad: bool = False  # last iteration on detached slots (fixed-point gradient)
+    gmm_temperature: float = 0.0  # GMM E-step temperature; 0 = sqrt(slot_dim), 1 = exact posterior
     cnn_channels: list[int] = field(default_factory=lambda: [64, 64, 64, 64])
     cnn_strides: list[int] = field(default_factory=lambda: [1, 2, 2, 1])
     cnn_kernel: int = 5
@@ -87,7 +88,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
-    compile: bool = False  # torch.compile the training step's model
+    compile: bool = False  # torch.compile the model (CUDA; on CPU it needs a C++ compiler and minutes)
     threads: int = 0  # torch CPU threads, 0 = torch's default
 
 

@@ -213,7 +213,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
         set_rng_state(state["rng"])
     save_config(cfg, run.config_path)
 
-    step_model = torch.compile(model) if cfg.train.compile and device.type == "cuda" else model
+    step_model = torch.compile(model) if cfg.train.compile else model
     source = make_source(cfg, device)
     logger = MetricLogger(run, start_step=step)
     last_eval: dict = {}

@@ -12,12 +12,15 @@ from .slot_attention import SlotAttention
 
 
 def make_slot_module(kind: str, in_dim: int, num_slots: int, dim: int, iters: int, mlp_hidden: int,
-                     implicit_grad: bool = False) -> nn.Module:
-    classes = {"gmm": SlotMixture, "slot_attention": SlotAttention}
-    if kind not in classes:
-        raise ValueError(f"unknown slot module {kind!r}: use one of {', '.join(classes)}")
-    return classes[kind](in_dim=in_dim, num_slots=num_slots, dim=dim, iters=iters, mlp_hidden=mlp_hidden,
-                         implicit_grad=implicit_grad)
+                     implicit_grad: bool = False, gmm_temperature: float = 0.0) -> nn.Module:
+    """gmm_temperature: the GMM's E-step temperature, 0 = sqrt(dim) (ignored by Slot Attention)."""
+    common = dict(in_dim=in_dim, num_slots=num_slots, dim=dim, iters=iters, mlp_hidden=mlp_hidden,
+                  implicit_grad=implicit_grad)
+    if kind == "gmm":
+        return SlotMixture(**common, temperature=gmm_temperature or None)
+    if kind == "slot_attention":
+        return SlotAttention(**common)
+    raise ValueError(f"unknown slot module {kind!r}: use one of gmm, slot_attention")
 
 
 __all__ = ["SlotMixture", "SlotAttention", "make_slot_module"]

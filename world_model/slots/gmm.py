@@ -5,6 +5,13 @@ log-likelihood plus log pi; the M-step updates the means through a GRU + residua
 bridge of the seed's pseudocode) and re-estimates log-sigma and pi in closed form from the weights.
 Slots are concat(mu, logsigma). The E- and M-step statistics run in fp32 even under bf16 autocast,
 and the Mahalanobis distance is expanded into matrix products so no `b n k d` tensor is built.
+
+The E-step can be tempered (deterministic-annealing EM: responsibilities ∝ (pi_j N(x | mu_j, sigma_j))^(1/T)).
+With T = 1 (the exact posterior) over d = 64 learned feature dimensions the log-likelihood gaps between
+components are tens of nats, assignments are hard from the first iteration, and together with the
+re-estimated pi a few components absorb every input (measured: 5 of 10 slots with < 1% mass after 1.5k
+set-prediction steps). The default T = sqrt(d) keeps the responsibilities soft, as Slot Attention's
+1/sqrt(d) logit scale does; `temperature=1.0` gives the textbook E-step.
 """
 from __future__ import annotations
 
@@ -42,9 +49,10 @@ class SlotMixture(nn.Module):
     """GMM slot module; slots are `b k 2*dim` = concat(mu, logsigma), mixture weights `b k n`."""
 
     def __init__(self, in_dim: int, num_slots: int, dim: int = 64, iters: int = 3, mlp_hidden: int = 128,
-                 implicit_grad: bool = False, eps: float = 1e-8):
+                 implicit_grad: bool = False, temperature: Optional[float] = None, eps: float = 1e-8):
         super().__init__()
         self.num_slots, self.dim, self.iters, self.eps = num_slots, dim, iters, eps
+        self.temperature = math.sqrt(dim) if temperature is None else float(temperature)
         self.out_dim = 2 * dim
         self.implicit_grad = implicit_grad
         # Learned Gaussian priors over the initial mu and logsigma (reparameterized samples).
@@ -65,9 +73,10 @@ class SlotMixture(nn.Module):
         return torch.cat([mu, logsigma], dim=-1)
 
     def e_step(self, xx: torch.Tensor, mu: torch.Tensor, logsigma: torch.Tensor, log_pi: torch.Tensor):
-        """Responsibilities p(c=j | x_i), normalized over slots, `b n k` (fp32). xx = cat([x^2, x], -1)."""
+        """Responsibilities p(c=j | x_i) at the E-step temperature, normalized over slots, `b n k` (fp32).
+        xx = cat([x^2, x], -1)."""
         logits = gaussian_log_likelihood(None, mu, logsigma, xx=xx) + log_pi.unsqueeze(1)
-        return torch.softmax(logits, dim=-1)
+        return torch.softmax(logits / self.temperature, dim=-1)
 
     def step(self, xx, mu, logsigma, log_pi):
         """One EM iteration on xx = cat([x^2, x], -1) `b n 2d` (fp32): returns mu, logsigma, log_pi, probs."""
