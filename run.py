@@ -64,11 +64,14 @@ def cmd_eval_ap(args) -> None:
                   vq=cfg.model.vq.enabled)
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval_ap.json"
     out.write_text(json.dumps(result, indent=2))
-    keys = [k for k in result if k.startswith("AP_")] or [k for k in ("fg_ari", "mse") if k in result]
     print(f"{cfg.task} {cfg.model.slots}{'+vq' if cfg.model.vq.enabled else ''} step {state['step']} "
           f"on {result['images']} images ({result['data']}):")
-    print("  ".join(f"{k:>9}" for k in keys))
-    print("  ".join(f"{result[k]:9.2f}" if k != "mse" else f"{result[k]:9.5f}" for k in keys))
+    rows = [[k for k in result if k.startswith("AP_")], [k for k in result if k.startswith("acc_")] +
+            [k for k in ("coord_err", "objectness", "fg_ari", "mse") if k in result]]
+    for keys in filter(None, rows):
+        widths = [max(10, len(k)) for k in keys]
+        print("  ".join(f"{k:>{w}}" for k, w in zip(keys, widths)))
+        print("  ".join(f"{result[k]:{w}.{5 if k == 'mse' else 2}f}" for k, w in zip(keys, widths)))
     print(f"written to {out}")
 
 

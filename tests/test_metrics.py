@@ -360,3 +360,31 @@ def test_ari_validation():
         fg_ari(np.zeros((2, 4)), np.zeros((2, 4), dtype=int))  # float ids
     with pytest.raises(ValueError):
         ari(np.zeros((2, 4), dtype=int), -np.ones((2, 4), dtype=int))
+
+
+def _row(xyz, size, material, shape, color, last):
+    r = np.zeros(19)
+    r[:3] = xyz
+    r[3 + size] = r[5 + material] = r[7 + shape] = r[10 + color] = 1
+    r[18] = last
+    return r
+
+
+def test_setpred_accuracy_hand_computed():
+    from world_model.metrics import setpred_accuracy
+
+    t1 = _row([0.5, 0.5, 0.5], 0, 0, 0, 0, 1)
+    t2 = _row([0.1, 0.1, 0.1], 1, 1, 2, 7, 1)
+    pad = np.zeros(19)
+    target = np.stack([t1, t2, pad])[None]
+    # Slots in another order: t2 exact; t1 with the wrong color and 0.05 off in x (0.3 on the [-3,3] scale);
+    # one empty slot with low confidence.
+    p1 = _row([0.55, 0.5, 0.5], 0, 0, 0, 3, 0.9)
+    p2 = t2.copy()
+    p3 = np.zeros(19)
+    p3[18] = 0.1
+    out = setpred_accuracy(np.stack([p3, p2, p1])[None], target)
+    assert out["acc_size"] == out["acc_material"] == out["acc_shape"] == 100.0
+    assert out["acc_color"] == 50.0 and out["acc_all"] == 50.0
+    assert out["coord_err"] == pytest.approx((0.3 + 0.0) / 2)
+    assert out["objectness"] == 100.0

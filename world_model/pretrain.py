@@ -19,7 +19,7 @@ from envs.clevr import ClevrDataset, SceneGenerator
 
 from .config import PretrainConfig, load_config, save_config
 from .losses import hungarian_huber_loss
-from .metrics import clevr_ap_table, fg_ari
+from .metrics import clevr_ap_table, fg_ari, setpred_accuracy
 from .perception import SetPredictor, SlotAutoencoder
 from .rundir import MetricLogger, RunDir, resolve_device, rng_state, seed_everything, set_rng_state
 from .slots.vq import temperature
@@ -166,7 +166,9 @@ def evaluate(model: nn.Module, cfg: PretrainConfig, device: torch.device, n_imag
     model.train(was_training)
     result: dict = {"images": count}
     if cfg.task == "setpred":
-        result.update(clevr_ap_table(np.concatenate(preds), np.concatenate(targets)))
+        preds, targets = np.concatenate(preds), np.concatenate(targets)
+        result.update(clevr_ap_table(preds, targets))
+        result.update(setpred_accuracy(preds, targets))
     else:
         result["mse"] = sq_err / max(pixels, 1)
         if aris:
