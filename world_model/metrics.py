@@ -314,15 +314,17 @@ def setpred_accuracy(pred: Any, target: Any) -> dict[str, float]:
     difference of all 19 entries; over the REAL targets, the percentage whose matched slot has the
     right argmax size / material / shape / color / all four, and the mean coordinate error on the
     [-3, 3] scale ("coord_err"). "objectness" is the percentage of all matched rows whose confidence
-    is on the right side of 0.5. pred `b k 19`, target `b n 19` with n <= k.
+    is on the right side of 0.5. pred `b k 19`, target `b n 19` (rows beyond k must be padding).
     """
     from scipy.optimize import linear_sum_assignment
 
     pred, target = _validate_clevr_inputs(pred, target)
     b, k, _ = pred.shape
     n = target.shape[1]
-    if n > k:
-        raise ValueError(f"setpred_accuracy needs at least as many predictions ({k}) as target rows ({n})")
+    if n > k:  # extra rows are fine while they are padding
+        if (target[:, k:, -1] > 0.5).any():
+            raise ValueError(f"setpred_accuracy: images with more real objects than the {k} predictions")
+        target = target[:, :k]
     cost = ((pred[:, :, None, :] - target[:, None, :, :]) ** 2).sum(-1)  # b k n
     matched = np.empty_like(target)
     for i in range(b):
