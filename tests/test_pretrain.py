@@ -138,3 +138,17 @@ def test_bench_smoke(argv, capsys):
     assert run.main(argv) == 0
     out = capsys.readouterr().out
     assert ("ratio" in out) or ("scenes/s" in out)
+
+
+def test_pretrain_and_eval_on_a_clevr_directory(tmp_path, capsys):
+    from envs.clevr import write_dataset
+
+    write_dataset(tmp_path / "clevr", 4, split="val", seed=3, batch_size=4)
+    rd = tmp_path / "r"
+    cfg = tiny_cfg("data.source=clevr", f"data.root={tmp_path / 'clevr'}", "data.split=val", "train.steps=2",
+                   "data.max_objects=10", "model.num_slots=10")
+    result = pretrain(cfg, str(rd), progress=False)
+    assert result["images"] == 4  # eval_split=val holds 4 images
+    capsys.readouterr()
+    assert run.main(["eval-ap", "--checkpoint", str(rd), "--clevr-root", str(tmp_path / "clevr")]) == 0
+    assert "on 4 images" in capsys.readouterr().out
