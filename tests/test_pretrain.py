@@ -152,3 +152,13 @@ def test_pretrain_and_eval_on_a_clevr_directory(tmp_path, capsys):
     capsys.readouterr()
     assert run.main(["eval-ap", "--checkpoint", str(rd), "--clevr-root", str(tmp_path / "clevr")]) == 0
     assert "on 4 images" in capsys.readouterr().out
+
+
+def test_held_out_scenes_do_not_depend_on_batch_size():
+    from world_model.pretrain import eval_batches
+
+    cfg = tiny_cfg()
+    a = torch.cat([b["targets"] for b in eval_batches(cfg, torch.device("cpu"), 70, batch_size=8)])
+    b = torch.cat([b["targets"] for b in eval_batches(cfg, torch.device("cpu"), 66, batch_size=128)])
+    assert a.shape[0] == 70 and b.shape[0] == 66
+    torch.testing.assert_close(a[:66], b)

@@ -27,6 +27,7 @@ from .visualize import decomposition_grid
 
 TRAIN_STREAM, EVAL_STREAM, POOL_STREAM = 0, 1, 2
 EVAL_SEED = 2024  # held-out generated scenes are the same for every run, whatever its training seed
+EVAL_CHUNK = 64
 
 
 def stream_seed(seed: int, stream: int, index: int) -> int:
@@ -107,13 +108,17 @@ def make_source(cfg: PretrainConfig, device: torch.device, split: Optional[str] 
 
 
 def eval_batches(cfg: PretrainConfig, device: torch.device, n_images: int, batch_size: int) -> Iterator[dict]:
-    """Held-out data: generated scenes from the eval stream, or the CLEVR eval split."""
+    """Held-out data: generated scenes from the eval stream (in chunks of EVAL_CHUNK), or the CLEVR eval
+    split (in batches of batch_size)."""
     if cfg.data.source == "clevr":
         yield from ClevrScenes(cfg, cfg.data.eval_split, device, max_images=n_images).sequential(batch_size)
         return
+    # Fixed chunks, so the held-out scenes do not depend on the evaluation batch size and the first N
+    # scenes are the same for every N.
     source = GeneratedScenes(replace(cfg, data=replace(cfg.data, pool=0)), device)
-    for i, start in enumerate(range(0, n_images, batch_size)):
-        yield source.batch(min(batch_size, n_images - start), stream_seed(EVAL_SEED, EVAL_STREAM, i))
+    for i, start in enumerate(range(0, n_images, EVAL_CHUNK)):
+        batch = source.batch(EVAL_CHUNK, stream_seed(EVAL_SEED, EVAL_STREAM, i))
+        yield {k: v[:n_images - start] for k, v in batch.items()}
 
 
 def compute_loss(model: nn.Module, task: str, batch: dict, beta: float) -> tuple[torch.Tensor, dict, tuple]:
