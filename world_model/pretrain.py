@@ -245,19 +245,19 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
         with autocast(device, cfg.train.amp):
             loss, stats, outputs = compute_loss(step_model, cfg.task, batch, cfg.model.vq.beta)
         opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            skipped += 1
-            logger.scalars(step, {"skipped_updates": skipped}, prefix="train/")
-            bar.write(f"step {step}: non-finite loss, update skipped ({skipped} so far)")
-        else:
+        grad_norm = None
+        if torch.isfinite(loss):
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            if torch.isfinite(grad_norm):
-                opt.step()
-                stats["grad_norm"] = grad_norm
-            else:
-                skipped += 1
-                opt.zero_grad(set_to_none=True)
+        if grad_norm is not None and torch.isfinite(grad_norm):
+            opt.step()
+            stats["grad_norm"] = grad_norm
+        else:  # a non-finite loss or gradient never reaches the weights (or a checkpoint)
+            skipped += 1
+            opt.zero_grad(set_to_none=True)
+            logger.scalars(step, {"skipped_updates": skipped}, prefix="train/")
+            bar.write(f"step {step}: non-finite {'loss' if grad_norm is None else 'gradient'}, update skipped "
+                      f"({skipped} so far)")
         step += 1
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
