@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("bench", help="throughput benchmarks (prints img/s, ratios measured side by side)")
-    s.add_argument("what", choices=["pretrain", "estep", "generator"], help="what to measure")
+    s.add_argument("what", choices=["pretrain", "estep", "generator", "metrics"], help="what to measure")
     s.add_argument("--device", default="auto")
     s.add_argument("--batch-size", type=int, help="default: 64 on CPU, 512 on CUDA")
     s.add_argument("--resolution", type=int, help="default: 64 on CPU, 128 on CUDA")
