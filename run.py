@@ -67,7 +67,7 @@ def cmd_eval_ap(args) -> None:
     print(f"{cfg.task} {cfg.model.slots}{'+vq' if cfg.model.vq.enabled else ''} step {state['step']} "
           f"on {result['images']} images ({result['data']}):")
     rows = [[k for k in result if k.startswith("AP_")], [k for k in result if k.startswith("acc_")] +
-            [k for k in ("coord_err", "objectness", "fg_ari", "mse") if k in result]]
+            [k for k in ("coord_err", "objectness", "fg_ari", "mse", "empty_slots") if k in result]]
     for keys in filter(None, rows):
         widths = [max(10, len(k)) for k in keys]
         print("  ".join(f"{k:>{w}}" for k, w in zip(keys, widths)))

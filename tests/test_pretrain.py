@@ -37,6 +37,7 @@ def test_cli_pretrain_and_eval_ap(tmp_path, capsys):
     assert "AP_inf" in out and "AP_0.0625" in out and "on 6 images" in out
     result = json.loads((rd / "eval_ap.json").read_text())
     assert result["images"] == 6 and set(result) >= {"AP_inf", "AP_1", "AP_0.5", "AP_0.25", "AP_0.125", "AP_0.0625"}
+    assert 0 <= result["empty_slots"] <= 4  # near-empty slots per image, out of model.num_slots=4
 
 
 def test_resume_is_exact(tmp_path):

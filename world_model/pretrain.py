@@ -147,12 +147,13 @@ def autocast(device: torch.device, enabled: bool):
 @torch.no_grad()
 def evaluate(model: nn.Module, cfg: PretrainConfig, device: torch.device, n_images: int,
              batch_size: Optional[int] = None, batches: Optional[Iterator[dict]] = None) -> dict:
-    """AP table (set prediction) or FG-ARI + MSE (discovery) on held-out scenes; RNG-neutral for training."""
+    """AP table (set prediction) or FG-ARI + MSE (discovery) on held-out scenes, plus the mean number of
+    near-empty slots per image; RNG-neutral for training."""
     batch_size = batch_size or min(cfg.train.batch_size, 256)
     batches = batches if batches is not None else eval_batches(cfg, device, n_images, batch_size)
     was_training = model.training
     model.eval()
-    preds, targets, aris, sq_err, pixels, count = [], [], [], 0.0, 0, 0
+    preds, targets, aris, sq_err, pixels, count, empty = [], [], [], 0.0, 0, 0, 0.0
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(EVAL_SEED)
@@ -160,6 +161,8 @@ def evaluate(model: nn.Module, cfg: PretrainConfig, device: torch.device, n_imag
             with autocast(device, cfg.train.amp):
                 enc, out = model(batch["images"])
             count += batch["images"].shape[0]
+            # Slot collapse detector: slots holding < 1% of the assignment mass of their image.
+            empty += (enc.attn.float().mean(-1) < 0.01).sum().item()
             if cfg.task == "setpred":
                 preds.append(out.float().cpu().numpy())
                 targets.append(batch["targets"].float().cpu().numpy())
@@ -169,7 +172,7 @@ def evaluate(model: nn.Module, cfg: PretrainConfig, device: torch.device, n_imag
                 if batch.get("masks") is not None:
                     aris.append(fg_ari(batch["masks"].cpu(), out.masks.squeeze(2).argmax(1).cpu()))
     model.train(was_training)
-    result: dict = {"images": count}
+    result: dict = {"images": count, "empty_slots": empty / max(count, 1)}
     if cfg.task == "setpred":
         preds, targets = np.concatenate(preds), np.concatenate(targets)
         result.update(clevr_ap_table(preds, targets))
