@@ -1,20 +1,15 @@
 """Training losses: Hungarian-matched set-prediction loss and reconstruction."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
+
+from .metrics import hungarian_assign, trim_padding
 
 
 def hungarian_match(cost: torch.Tensor) -> torch.Tensor:
     """Optimal assignment per image. cost `b k n` (k >= n) -> for each image and target, its slot: `b n`."""
-    c = cost.detach().float().cpu().numpy()
-    out = np.empty((c.shape[0], c.shape[2]), dtype=np.int64)
-    for i in range(c.shape[0]):
-        rows, cols = linear_sum_assignment(c[i])
-        out[i, cols] = rows
-    return torch.from_numpy(out).to(cost.device)
+    return torch.from_numpy(hungarian_assign(cost.detach().float().cpu().numpy())).to(cost.device)
 
 
 def hungarian_huber_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,14 +19,10 @@ def hungarian_huber_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torc
     pred `b k 19`, target `b n 19` (zero-padded to k rows, or trimmed to k where the extra rows are padding)
     -> (loss, for each target row its slot `b k`).
     """
-    b, k, _ = pred.shape
+    k = pred.shape[1]
+    target = trim_padding(target, k)
     n = target.shape[1]
-    if n > k:  # more rows than slots is fine while the extra rows are padding
-        if bool(target[:, k:, -1].any()):
-            raise ValueError(f"images with more than {k} objects but only {k} slots: "
-                             "set model.num_slots >= data.max_objects")
-        target = target[:, :k]
-    elif n < k:
+    if n < k:
         target = F.pad(target, (0, 0, 0, k - n))
     diff = (pred.unsqueeze(2) - target.unsqueeze(1).to(pred.dtype)).abs()  # b k n 19
     cost = torch.where(diff < 1.0, 0.5 * diff * diff, diff - 0.5).mean(-1)  # Huber, delta 1

@@ -307,6 +307,26 @@ def ari(true_ids: Any, pred_ids: Any) -> np.ndarray:
 # --------------------------------------------------------------------------
 
 
+def hungarian_assign(cost: np.ndarray) -> np.ndarray:
+    """Optimal assignment per image: cost `b k n` (k >= n) -> the slot matched to each target, `b n`."""
+    from scipy.optimize import linear_sum_assignment
+
+    out = np.empty((cost.shape[0], cost.shape[2]), dtype=np.int64)
+    for i in range(cost.shape[0]):
+        rows, cols = linear_sum_assignment(cost[i])
+        out[i, cols] = rows
+    return out
+
+
+def trim_padding(target, k: int):
+    """Drop target rows beyond k, which must be padding (real flag 0); numpy arrays or torch tensors."""
+    if target.shape[1] <= k:
+        return target
+    if bool((target[:, k:, -1] > 0.5).any()):
+        raise ValueError(f"images with more real objects than the {k} slots: set model.num_slots >= data.max_objects")
+    return target[:, :k]
+
+
 def setpred_accuracy(pred: Any, target: Any) -> dict[str, float]:
     """Per-attribute accuracy after optimal matching: a finer signal than AP early in training.
 
@@ -316,20 +336,11 @@ def setpred_accuracy(pred: Any, target: Any) -> dict[str, float]:
     [-3, 3] scale ("coord_err"). "objectness" is the percentage of all matched rows whose confidence
     is on the right side of 0.5. pred `b k 19`, target `b n 19` (rows beyond k must be padding).
     """
-    from scipy.optimize import linear_sum_assignment
-
     pred, target = _validate_clevr_inputs(pred, target)
-    b, k, _ = pred.shape
-    n = target.shape[1]
-    if n > k:  # extra rows are fine while they are padding
-        if (target[:, k:, -1] > 0.5).any():
-            raise ValueError(f"setpred_accuracy: images with more real objects than the {k} predictions")
-        target = target[:, :k]
+    target = trim_padding(target, pred.shape[1])
     cost = ((pred[:, :, None, :] - target[:, None, :, :]) ** 2).sum(-1)  # b k n
-    matched = np.empty_like(target)
-    for i in range(b):
-        rows, cols = linear_sum_assignment(cost[i])
-        matched[i, cols] = pred[i, rows]
+    slot = hungarian_assign(cost)  # b n
+    matched = np.take_along_axis(pred, slot[..., None], axis=1)  # b n 19
     real = target[..., -1] > 0.5
     out = {}
     correct = np.ones(real.shape, dtype=bool)
