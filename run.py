@@ -14,7 +14,12 @@ EPILOG = """examples:
   python run.py pretrain --run-dir runs/tiny --resume train.steps=400
   python run.py eval-ap --checkpoint runs/tiny --images 2000
   python run.py generate --out data/clevr_like --images 1000
+  python run.py collect --env crafter --frames 20000 --out data/crafter --workers 2
+  python run.py pretrain --data data/crafter --run-dir runs/crafter_slots
+  python run.py visualize --checkpoint runs/crafter_slots --env crafter --frames 16 --out viz/crafter
+  python run.py visualize --checkpoint runs/vq_setpred --codes --out viz/codes
   python run.py bench pretrain
+  python run.py bench envs
 Overrides are dotted `key=value` pairs after the options; `python run.py config` lists every key."""
 
 
@@ -34,6 +39,8 @@ def cmd_pretrain(args) -> None:
     from world_model.rundir import RunDir
 
     config_path = args.config
+    if args.data:
+        args.overrides = ["data.source=frames", f"data.root={args.data}", "task=discovery"] + list(args.overrides)
     if args.resume:
         if args.run_dir is None:
             raise ValueError("--resume needs --run-dir DIR of the run to continue")
@@ -41,7 +48,7 @@ def cmd_pretrain(args) -> None:
         if args.config:
             print(f"note: --resume uses {config_path}; --config {args.config} is ignored", file=sys.stderr)
     elif config_path is None:
-        config_path = "configs/clevr_tiny.yaml"
+        config_path = "configs/frames_discovery_cpu.yaml" if args.data else "configs/clevr_tiny.yaml"
     cfg = load_config(PretrainConfig, config_path, args.overrides)
     run_dir = args.run_dir or f"runs/pretrain-{cfg.task}-{cfg.model.slots}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"# run directory: {run_dir}\n{to_yaml(cfg)}", end="")
@@ -82,6 +89,33 @@ def cmd_generate(args) -> None:
     print(f"wrote {args.images} scenes to {args.out} (CLEVR v1.0 layout, split {args.split})")
 
 
+def cmd_collect(args) -> None:
+    from envs.collect import collect
+
+    kwargs = {}
+    if args.size:
+        kwargs["size" if args.env == "crafter" else "resolution"] = args.size
+    result = collect(args.env, args.frames, args.out, num_envs=args.workers * args.envs_per_worker,
+                     envs_per_worker=args.envs_per_worker, seed=args.seed, env_kwargs=kwargs,
+                     asynchronous=args.workers > 1 or args.envs_per_worker > 1, progress=not args.no_progress)
+    print(json.dumps(result))
+
+
+def cmd_visualize(args) -> None:
+    if args.codes:
+        from world_model.disentangle import disentanglement
+
+        summary = disentanglement(args.checkpoint, args.out, n_images=args.images, device=args.device)
+    else:
+        from world_model.decompose import visualize
+
+        if args.env is None:
+            raise ValueError("visualize needs --env crafter|nethack|clevr (or --codes)")
+        summary = visualize(args.checkpoint, args.env, args.out, frames=args.frames, seed=args.seed,
+                            device=args.device, edit=tuple(args.edit) if args.edit else None)
+    print(json.dumps(summary, indent=2))
+
+
 def cmd_bench(args) -> None:
     from world_model import bench
 
@@ -101,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="YAML preset (configs/*.yaml); default configs/clevr_tiny.yaml")
     s.add_argument("--run-dir", help="run directory (default runs/pretrain-<task>-<slots>-<time>)")
     s.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    s.add_argument("--data", help="train on env frames: an episode dataset made by `run.py collect` (sets "
+                   "data.source=frames, task=discovery; default preset configs/frames_discovery_cpu.yaml)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     s.add_argument("overrides", nargs="*", help=_overrides_help())
     s.set_defaults(func=cmd_pretrain)
@@ -126,13 +162,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32)
     s.set_defaults(func=cmd_generate)
 
+    s = sub.add_parser("collect", help="record random-policy episodes of crafter or nethack to an episode dataset",
+                       description="Run a uniform random policy in vectorized env workers (a crashed worker is "
+                       "restarted and its episode marked truncated) until --frames observations are stored. "
+                       "Writes DIR/meta.json, DIR/episodes/*.npz (frames, actions, rewards, flags) and the "
+                       "episode statistics DIR/stats.jsonl; `run.py pretrain --data DIR` trains on the frames.")
+    s.add_argument("--env", required=True, choices=["crafter", "nethack"])
+    s.add_argument("--frames", type=int, required=True, help="observations to store")
+    s.add_argument("--out", required=True, help="dataset directory (appends episodes if it exists)")
+    s.add_argument("--workers", type=int, default=1, help="worker processes (1 = in-process, no workers)")
+    s.add_argument("--envs-per-worker", type=int, default=1, help="envs stepped in turn by each worker")
+    s.add_argument("--size", type=int, help="image side in pixels (default 64)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_collect)
+
+    s = sub.add_parser("visualize", help="slot decompositions of env frames / scenes; VQ code edits; code figures",
+                       description="Decompose frames with a pretrained slot encoder: per frame a PNG grid (input, "
+                       "reconstruction, colored segmentation, each slot's masked reconstruction), a video of the "
+                       "sequence with its slot masks, and the same images in OUT/tb for tensorboard. --edit decodes "
+                       "frames with one slot's VQ code changed; --codes draws the disentanglement figure "
+                       "(p(property | code) heatmaps and NMI per latent variable) on CLEVR-like scenes.")
+    s.add_argument("--checkpoint", required=True, help="run directory made by `run.py pretrain`")
+    s.add_argument("--env", choices=["crafter", "nethack", "clevr"], help="where the frames come from")
+    s.add_argument("--frames", type=int, default=8, help="frames (one random-policy episode) or scenes")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--edit", nargs=3, metavar=("SLOT", "VAR", "VALUE"),
+                   help="VQ only: set latent VAR of slot SLOT to code VALUE (or 'all' for every code) and decode")
+    s.add_argument("--codes", action="store_true", help="disentanglement figure of a VQ run on CLEVR-like scenes")
+    s.add_argument("--images", type=int, default=1000, help="scenes for --codes")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_visualize)
+
     s = sub.add_parser("bench", help="throughput benchmarks (prints img/s, ratios measured side by side)")
-    s.add_argument("what", choices=["pretrain", "estep", "generator", "metrics"], help="what to measure")
+    s.add_argument("what", choices=["pretrain", "estep", "generator", "metrics", "envs"], help="what to measure")
     s.add_argument("--device", default="auto")
     s.add_argument("--batch-size", type=int, help="default: 64 on CPU, 512 on CUDA")
     s.add_argument("--resolution", type=int, help="default: 64 on CPU, 128 on CUDA")
     s.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     s.add_argument("--task", default="setpred", choices=["setpred", "discovery"])
+    s.add_argument("--envs", default="crafter,nethack", help="bench envs: games to measure (comma-separated)")
+    s.add_argument("--workers", type=int, help="bench envs: worker processes (default: all CPU cores)")
+    s.add_argument("--env-steps", type=int, default=500, help="bench envs: vector steps per measurement")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("config", help="print a resolved config (preset + overrides) and exit")

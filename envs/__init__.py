@@ -1,1 +1,9 @@
-"""Environments and data sources: CLEVR-like scenes (and later Crafter, NetHack)."""
+"""Environments and data sources: Crafter and NetHack as image environments, CLEVR-like scenes, vectorized
+collection and episode files. Importing `envs` registers `slotworld/Crafter-v0` and `slotworld/NetHack-v0`
+with gymnasium (the games themselves are imported only when an env is made)."""
+import gymnasium as gym
+
+if "slotworld/Crafter-v0" not in gym.registry:
+    gym.register(id="slotworld/Crafter-v0", entry_point="envs.crafter:CrafterEnv")
+if "slotworld/NetHack-v0" not in gym.registry:
+    gym.register(id="slotworld/NetHack-v0", entry_point="envs.nethack:NetHackEnv")

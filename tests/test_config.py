@@ -5,7 +5,8 @@ import pytest
 
 from world_model.config import ConfigError, PretrainConfig, load_config
 
-PRESETS = sorted(str(p) for p in Path(__file__).resolve().parent.parent.glob("configs/clevr_*.yaml"))
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PRESETS = sorted(str(p) for pattern in ("clevr_*.yaml", "frames_*.yaml") for p in CONFIGS.glob(pattern))
 
 
 def test_presets_exist():

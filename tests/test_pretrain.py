@@ -10,7 +10,8 @@ from world_model.config import PretrainConfig, load_config
 from world_model.pretrain import build_model, compute_loss, load_run, pretrain
 from world_model.rundir import RunDir, RunDirError, read_jsonl
 
-PRESETS = sorted(str(p) for p in Path(__file__).resolve().parent.parent.glob("configs/clevr_*.yaml"))
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PRESETS = sorted(str(p) for pattern in ("clevr_*.yaml", "frames_*.yaml") for p in CONFIGS.glob(pattern))
 TINY = [
     "model.num_slots=4", "model.slot_dim=8", "model.mlp_hidden=16", "model.cnn_channels=[8,8]",
     "model.cnn_strides=[2,2]", "model.feature_dim=8", "model.head_hidden=16", "model.decoder_channels=8",

@@ -142,8 +142,33 @@ def bench_metrics(args, device: torch.device) -> None:
     print(f"# clevr_ap_table, 5000 images x 10 slots x 10 targets, 6 thresholds\nseconds {per:.3f}")
 
 
+def bench_envs(args, device: torch.device) -> None:
+    """Env steps/s of one in-process env vs vectorized workers (random actions), per game, side by side."""
+    import os
+
+    from envs.collect import env_fn
+    from envs.vector import make_vector_env, measure_steps_per_second
+
+    workers = args.workers or os.cpu_count() or 1
+    steps = args.env_steps
+    print(f"# env steps/s, random actions, {steps} vector steps each; efficiency = vectorized / (workers x single)")
+    print(f"{'env':>8} {'setup':>22} {'steps/s':>9} {'efficiency':>10}")
+    for name in args.envs.split(","):
+        fn = env_fn(name, stats_path=None)
+        venv = make_vector_env(fn, 1, asynchronous=False)
+        single = measure_steps_per_second(venv, steps)
+        venv.close()
+        print(f"{name:>8} {'single env, in-process':>22} {single:9.0f} {'':>10}")
+        for per_worker in (1, 4):
+            venv = make_vector_env(fn, workers * per_worker, envs_per_worker=per_worker)
+            rate = measure_steps_per_second(venv, max(steps // per_worker, 1))
+            venv.close()
+            print(f"{name:>8} {f'{workers} workers x {per_worker} envs':>22} {rate:9.0f} {rate / (workers * single):10.2f}")
+
+
 def main(args) -> None:
     device = resolve_device(args.device)
-    benches = {"pretrain": bench_pretrain, "estep": bench_estep, "generator": bench_generator, "metrics": bench_metrics}
+    benches = {"pretrain": bench_pretrain, "estep": bench_estep, "generator": bench_generator, "metrics": bench_metrics,
+               "envs": bench_envs}
     benches[args.what](args, device)
 

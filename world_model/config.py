@@ -58,8 +58,8 @@ class ModelConfig:
 class DataConfig:
     """Where images come from: procedurally generated scenes or a CLEVR v1.0 directory."""
 
-    source: str = "generated"  # generated | clevr
-    root: Optional[str] = None  # CLEVR root for source=clevr
+    source: str = "generated"  # generated | clevr | frames (episodes from `run.py collect`)
+    root: Optional[str] = None  # CLEVR root (source=clevr) or episode dataset (source=frames)
     split: str = "train"
     eval_split: str = "val"
     resolution: int = 128
@@ -105,7 +105,7 @@ class PretrainConfig:
 CHOICES = {
     "task": ("setpred", "discovery"),
     "model.slots": ("gmm", "slot_attention"),
-    "data.source": ("generated", "clevr"),
+    "data.source": ("generated", "clevr", "frames"),
 }
 
 

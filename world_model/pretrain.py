@@ -6,8 +6,10 @@ comes from the torch RNG saved in every checkpoint, so `--resume` continues bit-
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
@@ -15,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from envs.clevr import ClevrDataset, SceneGenerator
+from envs.clevr import ClevrDataset, DataError, SceneGenerator
+from envs.episodes import load_frames
 
 from .config import PretrainConfig, load_config, save_config
 from .losses import hungarian_huber_loss
@@ -101,9 +104,50 @@ class ClevrScenes:
             yield self._load(range(start, min(start + batch_size, len(self.dataset))))
 
 
+@functools.lru_cache(maxsize=2)
+def _dataset_frames(root: str) -> torch.Tensor:
+    return torch.from_numpy(load_frames(root)).permute(0, 3, 1, 2).contiguous()  # n 3 h w uint8
+
+
+class EpisodeFrames:
+    """Frames of an episode dataset (`run.py collect`): the last 10% (at most data.eval_images) are held
+    out for evaluation, training batch i draws frames from seed f(seed, i); frames are resized to
+    data.resolution with area averaging when their size differs."""
+
+    def __init__(self, cfg: PretrainConfig, split: str, device: torch.device):
+        d = cfg.data
+        if not d.root:
+            raise ValueError("data.source=frames needs data.root=DIR (or --data DIR) made by `run.py collect`")
+        if cfg.task != "discovery":
+            raise ValueError("env frames have no object labels: pretrain on them with task=discovery")
+        frames = _dataset_frames(str(Path(d.root).resolve()))
+        n_eval = min(d.eval_images, len(frames) // 10)
+        if len(frames) - n_eval < 1:
+            raise DataError(f"{d.root} holds {len(frames)} frames: too few to train on")
+        self.frames = frames[len(frames) - n_eval:] if split == "eval" else frames[:len(frames) - n_eval]
+        self.resolution, self.device = d.resolution, device
+
+    def _load(self, indices) -> dict:
+        images = self.frames[torch.as_tensor(indices)].to(self.device).float() / 255
+        if images.shape[-1] != self.resolution or images.shape[-2] != self.resolution:
+            images = F.interpolate(images, size=(self.resolution, self.resolution), mode="area")
+        return {"images": images}
+
+    def batch(self, size: int, seed: int) -> dict:
+        rng = np.random.default_rng(seed)
+        return self._load(rng.choice(len(self.frames), size=min(size, len(self.frames)), replace=False))
+
+    def sequential(self, batch_size: int, max_images: Optional[int] = None) -> Iterator[dict]:
+        n = len(self.frames) if max_images is None else min(max_images, len(self.frames))
+        for start in range(0, n, batch_size):
+            yield self._load(range(start, min(start + batch_size, n)))
+
+
 def make_source(cfg: PretrainConfig, device: torch.device, split: Optional[str] = None, max_images=None):
     if cfg.data.source == "clevr":
         return ClevrScenes(cfg, split or cfg.data.split, device, max_images)
+    if cfg.data.source == "frames":
+        return EpisodeFrames(cfg, split or "train", device)
     return GeneratedScenes(cfg, device)
 
 
@@ -112,6 +156,9 @@ def eval_batches(cfg: PretrainConfig, device: torch.device, n_images: int, batch
     split (in batches of batch_size)."""
     if cfg.data.source == "clevr":
         yield from ClevrScenes(cfg, cfg.data.eval_split, device, max_images=n_images).sequential(batch_size)
+        return
+    if cfg.data.source == "frames":
+        yield from EpisodeFrames(cfg, "eval", device).sequential(batch_size, n_images)
         return
     # Fixed chunks, so the held-out scenes do not depend on the evaluation batch size and the first N
     # scenes are the same for every N.

@@ -1,0 +1,90 @@
+"""Collect episodes from Crafter or NetHack with vectorized workers and write them as an episode dataset.
+
+The policy here is uniform random (the data for pretraining slot encoders and world models before any
+agent exists); the agent's own collector reuses `make_env` and `EpisodeWriter`.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+from tqdm import tqdm
+
+from .episodes import EpisodeWriter
+from .vector import make_vector_env
+
+ENV_IDS = {"crafter": "slotworld/Crafter-v0", "nethack": "slotworld/NetHack-v0"}
+
+
+def make_env(name: str, **kwargs) -> gym.Env:
+    """`crafter` or `nethack` (kwargs go to the env class); module-level, so worker processes can pickle it."""
+    import envs  # noqa: F401  (registers the ids inside a spawned worker)
+
+    if name not in ENV_IDS:
+        raise ValueError(f"unknown env {name!r}; choose one of {sorted(ENV_IDS)}")
+    return gym.make(ENV_IDS[name], disable_env_checker=True, **kwargs).unwrapped
+
+
+def env_fn(name: str, **kwargs):
+    """A picklable zero-argument constructor for vector-env workers."""
+    if name not in ENV_IDS:
+        raise ValueError(f"unknown env {name!r}; choose one of {sorted(ENV_IDS)}")
+    return functools.partial(make_env, name, **kwargs)
+
+
+def collect(env: str, frames: int, out: str, num_envs: int = 1, envs_per_worker: int = 1, seed: int = 0,
+            env_kwargs: Optional[dict] = None, asynchronous: bool = True, progress: bool = True) -> dict:
+    """Run a uniform random policy until `frames` observations are stored in `out`; returns counts and speed.
+
+    Episodes end as the env ends them (terminated/truncated, or truncated by a crashed worker); episodes
+    still running when the budget is reached are written as truncated pieces.
+    """
+    if frames < 1:
+        raise ValueError(f"--frames must be positive, got {frames}")
+    out_path = Path(out)
+    env_kwargs = dict(env_kwargs or {})
+    env_kwargs.setdefault("stats_path", str(out_path / "stats.jsonl"))
+    venv = make_vector_env(env_fn(env, **env_kwargs), num_envs, envs_per_worker=envs_per_worker,
+                           asynchronous=asynchronous)
+    try:
+        space = venv.single_observation_space
+        keys = list(space.spaces) if isinstance(space, gym.spaces.Dict) else ["image"]
+        meta = {"env": env, "env_kwargs": {k: v for k, v in env_kwargs.items() if k != "stats_path"},
+                "num_actions": int(venv.single_action_space.n), "obs_keys": keys, "seed": seed,
+                "image_shape": list((space["image"] if isinstance(space, gym.spaces.Dict) else space).shape)}
+        writer = EpisodeWriter(out_path, meta)
+        rng = np.random.default_rng(seed)
+        obs, _ = venv.reset(seed=seed)
+        for i in range(num_envs):
+            writer.begin(i, _index(obs, i))
+        stored, needs_reset = num_envs, np.zeros(num_envs, bool)
+        start = time.perf_counter()
+        bar = tqdm(total=frames, desc=f"collect {env}", unit="frame", disable=not progress)
+        bar.update(min(stored, frames))
+        while stored < frames:
+            actions = rng.integers(venv.single_action_space.n, size=num_envs)
+            obs, rewards, terms, truncs, _ = venv.step(actions)
+            for i in range(num_envs):
+                if needs_reset[i]:  # NEXT_STEP autoreset: this is the first observation of a new episode
+                    writer.begin(i, _index(obs, i))
+                else:
+                    writer.step(i, _index(obs, i), actions[i], rewards[i], terms[i], truncs[i])
+            needs_reset = np.logical_or(terms, truncs)
+            bar.update(min(num_envs, frames - stored))
+            stored += num_envs
+        writer.flush()
+        bar.close()
+        seconds = time.perf_counter() - start
+        return {"frames": writer.frames, "episodes": writer.count, "seconds": round(seconds, 2),
+                "env_steps_per_s": round((stored - num_envs) / max(seconds, 1e-9), 1),
+                "restarts": getattr(venv, "restarts", 0), "out": str(out_path)}
+    finally:
+        venv.close()
+
+
+def _index(obs, i: int):
+    return {k: v[i] for k, v in obs.items()} if isinstance(obs, dict) else obs[i]

@@ -1,0 +1,123 @@
+"""Crafter as a gymnasium environment, its episode statistics file, and the benchmark score.
+
+Crafter (Hafner 2021) speaks the old gym API (`reset() -> obs`, `step -> obs, r, done, info`); this wrapper
+gives the gymnasium API, seeds the world exactly as `crafter.Env(seed=s)` does, splits `done` into
+terminated (the player died) and truncated (the episode length ran out), and appends one line per finished
+episode to a `stats.jsonl` in crafter's own schema, so crafter's analysis scripts read our runs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import crafter
+import gymnasium as gym
+import numpy as np
+from crafter import constants
+
+ACHIEVEMENTS: tuple[str, ...] = tuple(sorted(constants.achievements))  # the 22 of the benchmark
+ACTIONS: tuple[str, ...] = tuple(constants.actions)  # the 17 actions
+
+
+class CrafterEnv(gym.Env):
+    """`crafter.Env` with the gymnasium API: image observation `(size, size, 3)` uint8, 17 discrete actions.
+
+    `reset(seed=s)` builds the same world and first frames as a fresh `crafter.Env(seed=s)`; later resets
+    without a seed continue that env's episode sequence (as crafter does). `info` carries `achievements`,
+    `inventory` and crafter's unscaled per-step `reward`; `semantic=True` adds crafter's semantic map.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+
+    def __init__(self, size: int = 64, area: int = 64, view: int = 9, length: int = 10_000, reward: bool = True,
+                 stats_path: Optional[Union[str, Path]] = None, semantic: bool = False,
+                 render_mode: Optional[str] = None):
+        if size < 9:
+            raise ValueError(f"crafter size must be >= 9 pixels (one per view cell), got {size}")
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        self._kwargs = dict(area=(area, area), view=(view, view), size=(size, size), reward=reward, length=length)
+        self.observation_space = gym.spaces.Box(0, 255, (size, size, 3), np.uint8)
+        self.action_space = gym.spaces.Discrete(len(ACTIONS))
+        self.render_mode = render_mode
+        self.stats_path = Path(stats_path) if stats_path else None
+        self.semantic = semantic
+        self._env: Optional[crafter.Env] = None
+        self._obs: Optional[np.ndarray] = None
+        self._length = 0
+        self._return = 0.0
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
+        super().reset(seed=seed)
+        if seed is not None or self._env is None:
+            # A fresh crafter.Env: its world seeds are hash((seed, episode)), so this matches raw crafter.
+            world_seed = seed if seed is not None else int(self.np_random.integers(2**31 - 1))
+            self._env = crafter.Env(seed=world_seed, **self._kwargs)
+        self._obs = self._env.reset()
+        self._length, self._return = 0, 0.0
+        return self._obs, {}
+
+    def step(self, action):
+        if self._env is None:
+            raise RuntimeError("call reset() before step()")
+        obs, reward, done, info = self._env.step(int(action))
+        self._obs = obs
+        self._length += 1
+        self._return += info["reward"]
+        terminated = bool(done and info["discount"] == 0)
+        truncated = bool(done and not terminated)
+        out = {"achievements": info["achievements"], "inventory": info["inventory"], "reward": info["reward"]}
+        if self.semantic:
+            out["semantic"] = info["semantic"]
+        if done and self.stats_path is not None:
+            self._write_stats(info["achievements"])
+        return obs, float(reward), terminated, truncated, out
+
+    def _write_stats(self, achievements: dict) -> None:
+        record = {"length": self._length, "reward": round(self._return, 1)}
+        record.update({f"achievement_{k}": int(v) for k, v in achievements.items()})
+        self.stats_path.parent.mkdir(parents=True, exist_ok=True)
+        # One write of one line in append mode: several worker processes can share the file.
+        with open(self.stats_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def render(self):
+        return None if self._obs is None else self._obs.copy()
+
+
+def read_stats(path: Union[str, Path]) -> list[dict]:
+    """The records of a crafter `stats.jsonl` (a torn last line from a killed writer is skipped)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "stats.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no crafter episode statistics at {path}")
+    records = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def crafter_score(records_or_path: Union[str, Path, Iterable[dict]]) -> dict[str, Any]:
+    """Crafter's benchmark numbers over all episodes: success rate (%) of each achievement, and
+    score = exp(mean(ln(1 + rate))) - 1 over the 22 achievements (Hafner 2021)."""
+    if isinstance(records_or_path, (str, Path)):
+        records = read_stats(records_or_path)
+    else:
+        records = list(records_or_path)
+    if not records:
+        raise ValueError("crafter_score needs at least one finished episode")
+    unknown = {k[len("achievement_"):] for r in records for k in r if k.startswith("achievement_")} - set(ACHIEVEMENTS)
+    if unknown:
+        raise ValueError(f"unknown achievements in episode records: {sorted(unknown)}")
+    unlocked = np.array([[r.get(f"achievement_{a}", 0) > 0 for a in ACHIEVEMENTS] for r in records], np.float64)
+    rates = unlocked.mean(0) * 100  # per achievement, percent of episodes
+    score = float(np.exp(np.mean(np.log(1 + rates))) - 1)
+    return {"score": score, "success_rates": dict(zip(ACHIEVEMENTS, rates.tolist())), "episodes": len(records),
+            "mean_return": float(np.mean([r.get("reward", 0.0) for r in records])),
+            "mean_length": float(np.mean([r.get("length", 0) for r in records]))}

@@ -1,0 +1,134 @@
+"""Episode files: what `run.py collect` writes and what pretraining and the world model read.
+
+A dataset directory holds `meta.json` (env, observation keys, action count) and `episodes/*.npz`, one file
+per episode (or per piece of an episode cut by the end of collection), in DreamerV3's step layout: entry t
+holds observation t, the action that led to it, the reward received with it, and flags. So `action[0]` and
+`reward[0]` are 0, `is_first[0]` is set, and `is_last`/`is_terminal` mark the final entry.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import numpy as np
+
+from .clevr import DataError
+
+STEP_KEYS = ("action", "reward", "is_first", "is_last", "is_terminal")
+STEP_DTYPES = {"action": np.int64, "reward": np.float32, "is_first": bool, "is_last": bool, "is_terminal": bool}
+
+
+def obs_dict(obs: Any) -> dict[str, np.ndarray]:
+    """A single observation as named arrays: an image-only env becomes {"image": obs}."""
+    return dict(obs) if isinstance(obs, dict) else {"image": obs}
+
+
+def _atomic_savez(path: Path, arrays: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    os.replace(tmp, path)
+
+
+class EpisodeWriter:
+    """Accumulates the step streams of several envs and writes each finished episode as one `.npz`.
+
+    Feed it per env: `begin(i, obs)` for a first observation, `step(i, obs, action, reward, terminated,
+    truncated)` for the rest; `flush()` writes unfinished episodes as truncated pieces.
+    """
+
+    def __init__(self, root: Union[str, Path], meta: dict):
+        self.root = Path(root)
+        self.dir = self.root / "episodes"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.root / "meta.json").write_text(json.dumps(meta, indent=2))
+        self.buffers: dict[int, dict[str, list]] = {}
+        self.count = len(list(self.dir.glob("*.npz")))
+        self.frames = 0
+
+    def begin(self, env: int, obs: Any) -> None:
+        if env in self.buffers and len(self.buffers[env]["action"]) > 1:
+            self._write(env, cut=True)
+        buf = {k: [v] for k, v in obs_dict(obs).items()}
+        buf.update(action=[0], reward=[0.0], is_first=[True], is_last=[False], is_terminal=[False])
+        self.buffers[env] = buf
+
+    def step(self, env: int, obs: Any, action: int, reward: float, terminated: bool, truncated: bool) -> None:
+        buf = self.buffers.get(env)
+        if not buf:
+            raise RuntimeError(f"env {env}: step() before begin()")
+        for k, v in obs_dict(obs).items():
+            buf[k].append(v)
+        buf["action"].append(int(action))
+        buf["reward"].append(float(reward))
+        buf["is_first"].append(False)
+        buf["is_last"].append(bool(terminated or truncated))
+        buf["is_terminal"].append(bool(terminated))
+        if terminated or truncated:
+            self._write(env)
+
+    def _write(self, env: int, cut: bool = False) -> None:
+        buf = self.buffers.pop(env)
+        if cut:
+            buf["is_last"][-1] = True
+        arrays = {k: np.asarray(v, dtype=STEP_DTYPES.get(k)) for k, v in buf.items()}
+        length = len(arrays["action"])
+        _atomic_savez(self.dir / f"{self.count:06d}-{length}.npz", arrays)
+        self.count += 1
+        self.frames += length
+
+    def flush(self) -> None:
+        """Write every unfinished episode (ending it as truncated: `is_last` without `is_terminal`)."""
+        for env in [e for e, b in self.buffers.items() if b and len(b["action"]) > 1]:
+            self._write(env, cut=True)
+        self.buffers.clear()
+
+
+def read_meta(root: Union[str, Path]) -> dict:
+    root = Path(root)
+    path = root / "meta.json"
+    if not path.is_file():
+        raise DataError(f"{root} is not an episode dataset (no meta.json); make one with `run.py collect`")
+    return json.loads(path.read_text())
+
+
+def episode_paths(root: Union[str, Path]) -> list[Path]:
+    read_meta(root)
+    paths = sorted((Path(root) / "episodes").glob("*.npz"))
+    if not paths:
+        raise DataError(f"{root}/episodes holds no .npz episodes; collect some with `run.py collect`")
+    return paths
+
+
+def load_episode(path: Union[str, Path]) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path) as f:
+            ep = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"unreadable episode file {path}: {e}") from None
+    missing = [k for k in ("image", *STEP_KEYS) if k not in ep]
+    if missing:
+        raise DataError(f"episode file {path} lacks {missing}")
+    return ep
+
+
+def iter_episodes(root: Union[str, Path], keys: Optional[tuple[str, ...]] = None) -> Iterator[dict]:
+    for path in episode_paths(root):
+        ep = load_episode(path)
+        yield {k: ep[k] for k in keys} if keys else ep
+
+
+def load_frames(root: Union[str, Path], max_frames: Optional[int] = None) -> np.ndarray:
+    """All frames of a dataset, in episode-file order: `n h w 3` uint8."""
+    frames, total = [], 0
+    for ep in iter_episodes(root, keys=("image",)):
+        frames.append(ep["image"])
+        total += len(ep["image"])
+        if max_frames is not None and total >= max_frames:
+            break
+    out = np.concatenate(frames)
+    if out.ndim != 4 or out.shape[-1] != 3 or out.dtype != np.uint8:
+        raise DataError(f"{root}: frames must be uint8 (n, h, w, 3), got {out.dtype} {out.shape}")
+    return out[:max_frames] if max_frames is not None else out

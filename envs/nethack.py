@@ -1,0 +1,183 @@
+"""NetHack (NLE) as pixels: the real 16x16 NetHack tileset cropped around the player, plus bottom-line stats.
+
+Why: the object-centric world models take images; NLE gives symbolic glyphs.  Each step turns the
+(21, 79) glyph map into a crop x crop window of tiles centred on the player with one gather over a
+precomputed glyph -> tile table (no per-cell drawing), then resizes it to ``resolution``.
+
+NLE 1.3.0 details this module relies on:
+
+* Tiles: there is no module-level ``get_tileset``.  ``nle.nethack.Nethack.setup_tiles()`` loads the
+  tileset and ``get_tileset(buf)`` fills a uint8 sheet ``(rows*16, cols*16, 3)`` with tiles in row-major
+  order (1082 tiles); ``glyph2tile`` (int16, length MAX_GLYPH) maps a glyph to its tile.  NLE's own
+  ``render_mode="pixel"`` draws with exactly these (a test checks that against ``draw_frame``).
+* Padding: cells outside the map use the "stone" glyph (GLYPH_CMAP_OFF + S_stone), the all-black tile
+  NetHack shows for unexplored rock.  NO_GLYPH (= MAX_GLYPH) gets a black tile too.
+* Seeding: NLE's ``reset(seed=...)`` does not seed NetHack.  Every reset here draws (core, disp) from
+  ``self.np_random`` and sets them with reseed=False, so reset(seed=s) repeats a game exactly and
+  unseeded resets stay random.  NetHackChallenge blocks seeding (a competition rule) by replacing the
+  instance's seed methods; we call the class method directly so its seeded resets are reproducible too.
+  ``fix_moon_phase=True`` keeps the date (full moon, Friday 13th, night) out of the game.
+* Episode end: NLE reports its step limit as done (end_status ABORTED) and after the game is over its
+  glyphs and blstats are zero.  Here an ABORTED end is ``truncated`` (not terminated), and the final
+  observation and info repeat the last in-game glyphs and blstats.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import gymnasium
+import numpy as np
+from nle import nethack
+from nle.env import tasks
+
+TASKS = {"score": tasks.NetHackScore, "challenge": tasks.NetHackChallenge}
+TILE = nethack.TILE_SHAPE[0]  # 16 px
+MAP_SHAPE = nethack.DUNGEON_SHAPE  # (21, 79)
+PAD_GLYPH = nethack.GLYPH_CMAP_OFF  # S_stone: black tile
+N_STATS = nethack.NLE_BLSTATS_SIZE  # 27
+
+
+@functools.cache
+def glyph_tiles(factor: int = 1) -> np.ndarray:
+    """The NetHack tileset indexed by glyph, box-averaged by ``factor`` (a divisor of 16).  Cached and
+    read-only, so all envs of a process share one table (factor 1: (MAX_GLYPH+1) x 16 x 16 x 3 = 4.6 MB)."""
+    if factor != 1:
+        t = TILE // factor
+        full = glyph_tiles(1).reshape(-1, t, factor, t, factor, 3).astype(np.uint16)
+        tiles = ((full.sum((2, 4)) + factor * factor // 2) // (factor * factor)).astype(np.uint8)  # glyph t t 3
+    else:
+        glyph2tile = np.asarray(nethack.glyph2tile)
+        game = nethack.Nethack(observation_keys=("glyphs",), ttyrec=None)  # default would write a ttyrec to cwd
+        try:
+            if not game.setup_tiles():
+                raise RuntimeError("NLE failed to load its tileset")
+            sheet = np.zeros(((int(glyph2tile.max()) + 1) * TILE, TILE, 3), np.uint8)  # (tiles*16) 16 3
+            game.get_tileset(sheet)
+        finally:
+            game.close()
+        tiles = np.zeros((nethack.MAX_GLYPH + 1, TILE, TILE, 3), np.uint8)  # glyph 16 16 3; NO_GLYPH black
+        tiles[: nethack.MAX_GLYPH] = sheet.reshape(-1, TILE, TILE, 3)[glyph2tile]
+    tiles.flags.writeable = False
+    return tiles
+
+
+def assemble(tiles: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """Draw a glyph window with one gather: (n, n) glyphs -> (n*t, n*t, 3) image for t x t tiles."""
+    n, t = window.shape[0], tiles.shape[1]
+    return tiles[window].transpose(0, 2, 1, 3, 4).reshape(n * t, n * t, 3)  # n n t t 3 -> n t n t 3
+
+
+class NetHackEnv(gymnasium.Env):
+    """NLE task with observation {"image": tiles around the player (res res 3 uint8), "stats": blstats (27,)}.
+
+    Resize: the tile table is box-averaged by the largest factor f | 16 that keeps crop*16/f >= resolution
+    (exact area downsampling, done once per process), then a precomputed nearest-neighbour index map covers
+    the remaining ratio (< 2 for resolution >= crop; none when crop*16/f == resolution, e.g. crop 9 at 144,
+    72 or 48 px; crop 9 at 64 px: 2x2 box, then 72 -> 64 nearest).  render() gives the crop at crop*16 px.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+
+    def __init__(self, task: str = "score", crop: int = 9, resolution: int = 64, max_episode_steps: int = 10000,
+                 stats_path: str | None = None, render_mode: str | None = None):
+        if task not in TASKS:
+            raise ValueError(f"unknown NetHack task {task!r}; valid: {sorted(TASKS)}")
+        if crop < 1 or crop % 2 == 0:
+            raise ValueError(f"crop must be an odd number >= 1 of map cells, got {crop}")
+        if resolution < 1:
+            raise ValueError(f"resolution must be >= 1, got {resolution}")
+        if max_episode_steps < 1:
+            raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        self.task, self.crop, self.resolution, self.render_mode = task, crop, resolution, render_mode
+        self.stats_path = stats_path
+        self.nle = TASKS[task](observation_keys=("glyphs", "blstats"), max_episode_steps=max_episode_steps,
+                               fix_moon_phase=True)  # the wrapped NLE task env
+        self.factor = max(f for f in (1, 2, 4, 8, 16) if crop * TILE // f >= resolution)
+        self.tiles = glyph_tiles(self.factor)  # glyph 16/f 16/f 3
+        side = crop * TILE // self.factor  # px a side after the box filter
+        self._index = None if side == resolution else (  # res: source pixel nearest each output pixel centre
+            (np.arange(resolution) + 0.5) * side / resolution).astype(int)
+        h = crop // 2
+        self._padded = np.full((MAP_SHAPE[0] + 2 * h, MAP_SHAPE[1] + 2 * h), PAD_GLYPH, np.int16)
+        self._map = self._padded[h: h + MAP_SHAPE[0], h: h + MAP_SHAPE[1]]  # view: glyphs are copied in here
+        self.window = self._padded[:crop, :crop]  # crop crop: glyphs of the current crop (a view)
+        self._blstats = np.zeros(N_STATS, np.int64)
+        self.observation_space = gymnasium.spaces.Dict({
+            "image": gymnasium.spaces.Box(0, 255, (resolution, resolution, 3), np.uint8),
+            "stats": gymnasium.spaces.Box(-np.inf, np.inf, (N_STATS,), np.float32),
+        })
+        self.action_space = gymnasium.spaces.Discrete(len(self.nle.actions))
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        core, disp = (int(s) for s in self.np_random.integers(0, 2**63 - 1, size=2))
+        nethack.Nethack.set_initial_seeds(self.nle.nethack, core, disp, False)  # class method: see module doc
+        obs, info = self.nle.reset()
+        self._episode = {"length": 0, "reward": 0.0, "max_depth": 0}
+        return self._observe(obs), self._info(info)
+
+    def step(self, action):
+        obs, reward, done, _, info = self.nle.step(int(action))
+        truncated = bool(done and info["end_status"] == self.nle.StepStatus.ABORTED)
+        observation = self._observe(obs)
+        self._episode["length"] += 1
+        self._episode["reward"] += float(reward)
+        info = self._info(info)
+        if done and self.stats_path is not None:
+            self._write_summary(info)
+        return observation, float(reward), bool(done and not truncated), truncated, info
+
+    def render(self):
+        return assemble(glyph_tiles(), self.window) if self.render_mode == "rgb_array" else None
+
+    def close(self):
+        self.nle.close()
+        super().close()
+
+    def _observe(self, obs: dict) -> dict:
+        """Crop the glyph map around the player and draw it; keeps the last in-game state after game over."""
+        if obs["blstats"].any():  # all zero once the game is over
+            self._map[:] = obs["glyphs"]
+            self._blstats[:] = obs["blstats"]
+        x, y = self._blstats[nethack.NLE_BL_X], self._blstats[nethack.NLE_BL_Y]
+        self.window = self._padded[y: y + self.crop, x: x + self.crop]
+        image = assemble(self.tiles, self.window)  # side side 3
+        if self._index is not None:
+            image = image.take(self._index, 0).take(self._index, 1)  # res res 3
+        return {"image": image, "stats": self._blstats.astype(np.float32)}
+
+    def _info(self, nle_info: dict) -> dict:
+        depth = int(self._blstats[nethack.NLE_BL_DEPTH])
+        self._episode["max_depth"] = max(self._episode["max_depth"], depth)
+        return {**nle_info, "score": int(self._blstats[nethack.NLE_BL_SCORE]), "depth": depth}
+
+    def _write_summary(self, info: dict) -> None:
+        record = {**self._episode, "score": info["score"], "depth": info["depth"],
+                  "experience_level": int(self._blstats[nethack.NLE_BL_XP]),
+                  "end_status": self.nle.StepStatus(info["end_status"]).name}
+        path = Path(self.stats_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def nethack_summary(records_or_path) -> dict:
+    """Aggregate episode summaries: a list of dicts, or the path of a JSONL file written by NetHackEnv."""
+    records = records_or_path
+    if isinstance(records_or_path, (str, Path)):
+        path = Path(records_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no NetHack episode stats file at {path}")
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        raise ValueError("no NetHack episodes to summarise")
+    n = len(records)
+    return {"episodes": n,
+            "mean_score": sum(r["score"] for r in records) / n,
+            "mean_depth": sum(r["depth"] for r in records) / n,
+            "max_depth": max(int(r["max_depth"]) for r in records),
+            "mean_length": sum(r["length"] for r in records) / n}

@@ -1,0 +1,357 @@
+"""Vectorized environments whose worker processes may crash without ending data collection.
+
+``ResilientVectorEnv`` runs ``envs_per_worker`` env copies per process (one IPC round-trip per
+worker per step) and follows gymnasium 1.x ``VectorEnv`` conventions with NEXT_STEP autoreset.
+When a worker dies, hangs past ``step_timeout`` or an env raises, the worker is replaced by a
+fresh one and its envs' episodes end as truncated (see ``ResilientVectorEnv.step``).
+
+Start method: forkserver by default (spawn where unavailable).  Workers then start from a clean
+server process, never forking a parent that holds torch/OpenMP threads or CUDA state (fork can
+deadlock there), and the server preloads this module so a (re)start costs milliseconds, not a
+fresh interpreter.  Env functions are therefore pickled: use module-level callables or
+``functools.partial`` of them, not lambdas or closures, and guard the main script with
+``if __name__ == "__main__":``.  ``context="fork"`` accepts closures at fork's risks.
+"""
+from __future__ import annotations
+
+import copy
+import multiprocessing as mp
+import signal
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+from multiprocessing.connection import wait
+from typing import Any
+
+import gymnasium
+import numpy as np
+from gymnasium.vector import AutoresetMode, SyncVectorEnv
+from gymnasium.vector.utils import (
+    batch_space,
+    concatenate,
+    create_empty_array,
+    create_shared_memory,
+    iterate,
+    read_from_shared_memory,
+    write_to_shared_memory,
+)
+
+_CLOSE_TIMEOUT = 2.0  # seconds a worker gets to close its envs before it is killed
+
+
+def _worker(env_fns, offset, conn, obs_space, shm):
+    """Worker loop: build envs, then run one list of per-env ops per message until None arrives.
+
+    Each op is ("step", action) or ("reset", (seed, options)); the reply is ("ok", (obs, rewards,
+    terminations, truncations, infos)) with obs None when written to shared memory at
+    ``offset + j``, or ("error", traceback text) after which the worker exits.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    envs = []
+    try:
+        envs = [fn() for fn in env_fns]
+        while (ops := conn.recv()) is not None:
+            obs, rewards, terms, truncs, infos = [], [], [], [], []
+            for env, (kind, arg) in zip(envs, ops):
+                if kind == "reset":
+                    seed, options = arg
+                    o, info = env.reset(seed=seed, options=options)
+                    r, te, tr = 0.0, False, False
+                else:
+                    o, r, te, tr, info = env.step(arg)
+                obs.append(o)
+                rewards.append(float(r))
+                terms.append(bool(te))
+                truncs.append(bool(tr))
+                infos.append(info)
+            if shm is None:
+                batch = concatenate(obs_space, obs, create_empty_array(obs_space, len(obs)))
+            else:
+                for j, o in enumerate(obs):
+                    write_to_shared_memory(obs_space, offset + j, o, shm)
+                batch = None
+            conn.send(("ok", (batch, rewards, terms, truncs, infos)))
+    except EOFError:  # parent went away
+        pass
+    except Exception:
+        with suppress(OSError):
+            conn.send(("error", traceback.format_exc()))
+    finally:
+        for env in envs:
+            with suppress(Exception):
+                env.close()
+        conn.close()
+
+
+def _copy_into(dst, dst_idx, src, src_idx):
+    """``dst[dst_idx] = src[src_idx]`` on every array of a (nested dict/tuple) batched observation."""
+    if isinstance(dst, dict):
+        for key in dst:
+            _copy_into(dst[key], dst_idx, src[key], src_idx)
+    elif isinstance(dst, tuple):
+        for d, s in zip(dst, src):
+            _copy_into(d, dst_idx, s, src_idx)
+    else:
+        dst[dst_idx] = src[src_idx]
+
+
+def default_context() -> str:
+    """forkserver where available (workers never inherit torch threads or CUDA state), else spawn."""
+    return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+
+
+class ResilientVectorEnv(gymnasium.vector.VectorEnv):
+    """Env copies in worker processes; a crashed, hung or raising worker is restarted, not fatal.
+
+    One env is built in the parent to read the spaces and metadata, then closed.  Observations go
+    through shared memory when ``shared_memory`` is true (Box/Discrete/Multi*/Dict/Tuple spaces),
+    else they are pickled through the pipes.
+    """
+
+    def __init__(
+        self,
+        env_fns: Sequence[Callable[[], gymnasium.Env]],
+        envs_per_worker: int = 1,
+        context: str | None = None,
+        step_timeout: float | None = 60.0,
+        max_restarts: int = 100,
+        shared_memory: bool = True,
+    ):
+        self._procs: list = []  # set first so close() works on a half-built instance
+        self._conns: list = []
+        env_fns = list(env_fns)
+        if not env_fns or envs_per_worker < 1 or len(env_fns) % envs_per_worker:
+            raise ValueError(
+                f"num_envs={len(env_fns)} must be a positive multiple of envs_per_worker={envs_per_worker}"
+            )
+        self.env_fns = env_fns
+        self.num_envs = len(env_fns)
+        self.envs_per_worker = envs_per_worker
+        self.num_workers = self.num_envs // envs_per_worker
+        self.step_timeout = step_timeout
+        self.max_restarts = max_restarts
+        self.restarts = 0
+
+        probe = env_fns[0]()
+        self.single_observation_space = probe.observation_space
+        self.single_action_space = probe.action_space
+        self.metadata = dict(probe.metadata, autoreset_mode=AutoresetMode.NEXT_STEP)
+        self.render_mode = probe.render_mode
+        probe.close()
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+
+        context = context or default_context()
+        self._ctx = mp.get_context(context)
+        if context == "forkserver":  # the server imports these once, so each worker starts in ms
+            self._ctx.set_forkserver_preload(["__main__", __name__])
+        self._shm = (
+            create_shared_memory(self.single_observation_space, self.num_envs, ctx=self._ctx)
+            if shared_memory
+            else None
+        )
+        self._shm_view = (
+            read_from_shared_memory(self.single_observation_space, self._shm, self.num_envs)
+            if shared_memory
+            else None
+        )
+        self._obs = create_empty_array(self.single_observation_space, self.num_envs)  # last obs per env
+        self._autoreset = np.zeros(self.num_envs, dtype=np.bool_)  # (num_envs,) reset on next step
+        self._seeds: list[int | None] = [None] * self.num_envs  # seeds of the last reset()
+        self._next_reset_seed: list[int | None] = [None] * self.num_envs  # for the next autoreset
+        self._procs = [None] * self.num_workers
+        self._conns = [None] * self.num_workers
+        for w in range(self.num_workers):
+            self._start(w)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process id of each worker, in worker order (worker w holds envs w*k .. w*k+k-1)."""
+        return [p.pid for p in self._procs]
+
+    def _slice(self, w: int) -> slice:
+        return slice(w * self.envs_per_worker, (w + 1) * self.envs_per_worker)
+
+    def _start(self, w: int):
+        sl = self._slice(w)
+        parent_conn, child_conn = self._ctx.Pipe()
+        proc = self._ctx.Process(
+            target=_worker,
+            args=(self.env_fns[sl], sl.start, child_conn, self.single_observation_space, self._shm),
+            name=f"ResilientVectorEnv-worker-{w}",
+            daemon=True,
+        )
+        proc.start()
+        child_conn.close()  # so the parent sees EOF when the worker dies
+        self._procs[w], self._conns[w] = proc, parent_conn
+
+    def _stop(self, w: int):
+        """Kill worker w unless it already exited, and close its pipe."""
+        proc = self._procs[w]
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+        self._conns[w].close()
+
+    def _restart(self, w: int, reason: str):
+        """Replace worker w by a fresh one; raise once more than max_restarts were needed."""
+        self._stop(w)
+        self.restarts += 1
+        sl = self._slice(w)
+        if self.restarts > self.max_restarts:
+            raise RuntimeError(
+                f"ResilientVectorEnv: worker {w} (envs {sl.start}..{sl.stop - 1}) failed after "
+                f"{self.max_restarts} restarts already; giving up. Last failure: {reason}"
+            )
+        warnings.warn(
+            f"ResilientVectorEnv: worker {w} (envs {sl.start}..{sl.stop - 1}) failed, restarting it "
+            f"(restart {self.restarts}/{self.max_restarts}): {reason}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self._start(w)
+
+    def _exchange(self, ops: list, workers: Sequence[int]) -> dict[int, tuple[bool, Any]]:
+        """Send each worker its per-env ops and gather replies: {w: (True, data) or (False, reason)}."""
+        results: dict[int, tuple[bool, Any]] = {}
+        pending = {}
+        for w in workers:
+            try:
+                self._conns[w].send(ops[self._slice(w)])
+                pending[self._conns[w]] = w
+            except OSError as e:  # BrokenPipeError, ConnectionResetError
+                results[w] = (False, f"worker process died (send failed: {e!r})")
+        deadline = None if self.step_timeout is None else time.monotonic() + self.step_timeout
+        while pending:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = wait(list(pending), timeout)
+            if not ready:
+                for w in pending.values():
+                    results[w] = (False, f"no reply within step_timeout={self.step_timeout}s")
+                break
+            for conn in ready:
+                w = pending.pop(conn)
+                try:
+                    status, data = conn.recv()
+                except (EOFError, OSError) as e:
+                    self._procs[w].join(0.1)
+                    results[w] = (False, f"worker process died (exit code {self._procs[w].exitcode}, {e!r})")
+                    continue
+                if status == "ok":
+                    results[w] = (True, data)
+                else:
+                    results[w] = (False, f"env raised an exception:\n{data}")
+        return results
+
+    def _store(self, w: int, data, rewards, terms, truncs, infos: dict) -> dict:
+        """Copy one worker's reply into the batch buffers; returns the updated vector infos."""
+        sl = self._slice(w)
+        batch, r, te, tr, env_infos = data
+        if batch is None:
+            _copy_into(self._obs, sl, self._shm_view, sl)
+        else:
+            _copy_into(self._obs, sl, batch, slice(None))
+        rewards[sl], terms[sl], truncs[sl] = r, te, tr
+        for i, info in enumerate(env_infos, start=sl.start):
+            infos = self._add_info(infos, info, i)
+        return infos
+
+    def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
+        """Reset every env: seed int s gives env i seed s + i; a failed worker is restarted and retried once."""
+        if seed is None:
+            seed = [None] * self.num_envs
+        elif isinstance(seed, int):
+            seed = [seed + i for i in range(self.num_envs)]
+        if len(seed) != self.num_envs:
+            raise ValueError(f"got {len(seed)} seeds for num_envs={self.num_envs}")
+        self._seeds = list(seed)
+        self._next_reset_seed = [None] * self.num_envs
+        self._autoreset[:] = False
+        ops = [("reset", (s, options)) for s in seed]
+        rewards, terms, truncs = np.zeros(self.num_envs), np.zeros(self.num_envs, bool), np.zeros(self.num_envs, bool)
+        infos: dict = {}
+        results = self._exchange(ops, range(self.num_workers))
+        failed = [w for w, (ok, _) in results.items() if not ok]
+        for w in failed:
+            self._restart(w, results[w][1])
+        results.update(self._exchange(ops, failed))
+        for w in range(self.num_workers):
+            ok, data = results[w]
+            if not ok:
+                raise RuntimeError(f"ResilientVectorEnv: worker {w} failed reset twice: {data}")
+            infos = self._store(w, data, rewards, terms, truncs, infos)
+        return copy.deepcopy(self._obs), infos
+
+    def step(self, actions):
+        """Step every env (NEXT_STEP autoreset); a failed worker's envs return this step truncated.
+
+        For each env of a worker that died, hung or raised: its last observation, reward 0,
+        terminated False, truncated True, info "worker_restarted" True.  The fresh worker's envs are
+        reset on the next step (reward 0, no done flags) with seed None, or, if the last reset()
+        gave the env seed s, a seed derived from (s, restart count), so seeded runs stay reproducible.
+        """
+        ops = []
+        for i, action in enumerate(iterate(self.action_space, actions)):
+            if self._autoreset[i]:
+                ops.append(("reset", (self._next_reset_seed[i], None)))
+                self._next_reset_seed[i] = None
+            else:
+                ops.append(("step", action))
+        rewards = np.zeros(self.num_envs)  # (num_envs,) float64
+        terms = np.zeros(self.num_envs, dtype=np.bool_)  # (num_envs,)
+        truncs = np.zeros(self.num_envs, dtype=np.bool_)  # (num_envs,)
+        infos: dict = {}
+        results = self._exchange(ops, range(self.num_workers))
+        for w in range(self.num_workers):
+            ok, data = results[w]
+            if ok:
+                infos = self._store(w, data, rewards, terms, truncs, infos)
+                continue
+            self._restart(w, data)
+            sl = self._slice(w)
+            truncs[sl] = True
+            for i in range(sl.start, sl.stop):
+                if self._seeds[i] is not None:
+                    entropy = [self._seeds[i], self.restarts]
+                    self._next_reset_seed[i] = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+                infos = self._add_info(infos, {"worker_restarted": True}, i)
+        self._autoreset = terms | truncs
+        return copy.deepcopy(self._obs), rewards, terms, truncs, infos
+
+    def close_extras(self, **kwargs):
+        """Ask every worker to close its envs, then kill those that have not exited in time."""
+        started = [w for w, proc in enumerate(self._procs) if proc is not None]
+        for w in started:
+            with suppress(OSError):
+                self._conns[w].send(None)
+        deadline = time.monotonic() + _CLOSE_TIMEOUT
+        for w in started:
+            self._procs[w].join(max(0.0, deadline - time.monotonic()))
+            self._stop(w)
+
+
+def make_vector_env(
+    env_fn: Callable[[], gymnasium.Env],
+    num_envs: int,
+    envs_per_worker: int = 1,
+    asynchronous: bool = True,
+    **kw,
+) -> gymnasium.vector.VectorEnv:
+    """``num_envs`` copies of ``env_fn``: a ResilientVectorEnv (``kw`` passed on), or, for
+    ``asynchronous=False``, an in-process SyncVectorEnv with the same autoreset mode (``envs_per_worker``
+    and ``kw`` unused)."""
+    if not asynchronous:
+        return SyncVectorEnv([env_fn] * num_envs, autoreset_mode=AutoresetMode.NEXT_STEP)
+    return ResilientVectorEnv([env_fn] * num_envs, envs_per_worker=envs_per_worker, **kw)
+
+
+def measure_steps_per_second(venv: gymnasium.vector.VectorEnv, steps: int) -> float:
+    """Env steps per second (``steps`` vector steps x num_envs) with random actions, after a reset."""
+    venv.reset(seed=0)
+    venv.action_space.seed(0)
+    start = time.perf_counter()
+    for _ in range(steps):
+        venv.step(venv.action_space.sample())
+    return steps * venv.num_envs / (time.perf_counter() - start)

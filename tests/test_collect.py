@@ -1,0 +1,96 @@
+"""Collection into episode datasets, a killed crafter worker, and the visualize command end to end."""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+import run
+from envs.collect import collect, env_fn
+from envs.crafter import CrafterEnv
+from envs.episodes import iter_episodes, read_meta
+from envs.vector import ResilientVectorEnv
+
+
+def test_collect_crafter_with_workers(tmp_path):
+    out = collect("crafter", 40, str(tmp_path / "d"), num_envs=2, envs_per_worker=2, seed=5, progress=False,
+                  env_kwargs={"length": 12})
+    assert out["frames"] == 40 and out["restarts"] == 0
+    meta = read_meta(tmp_path / "d")
+    assert meta["env"] == "crafter" and meta["num_actions"] == 17 and meta["image_shape"] == [64, 64, 3]
+    eps = list(iter_episodes(tmp_path / "d"))
+    assert sum(len(e["image"]) for e in eps) == 40
+    for e in eps:
+        assert e["is_first"][0] and e["is_first"].sum() == 1 and e["is_last"][-1] and e["is_last"].sum() == 1
+    # Length-12 episodes end truncated (13 observations) and each appends a crafter stats line.
+    full = [e for e in eps if len(e["image"]) == 13]
+    assert full and all(not e["is_terminal"].any() for e in full)
+    assert len((tmp_path / "d" / "stats.jsonl").read_text().splitlines()) >= len(full)
+    # Env i was reset with seed + i: its first frame is that of a fresh crafter world with that seed.
+    firsts = {e["image"][0].tobytes() for e in eps if e["is_first"][0]}
+    assert CrafterEnv().reset(seed=5)[0].tobytes() in firsts and CrafterEnv().reset(seed=6)[0].tobytes() in firsts
+
+
+def test_killed_crafter_worker_truncates_episode(tmp_path):
+    venv = ResilientVectorEnv([env_fn("crafter", stats_path=None)] * 2, envs_per_worker=1)
+    try:
+        venv.reset(seed=0)
+        for _ in range(3):
+            venv.step(np.zeros(2, np.int64))
+        os.kill(venv.worker_pids[1], signal.SIGKILL)
+        with pytest.warns(Warning):
+            _, _, terms, truncs, _ = venv.step(np.zeros(2, np.int64))
+        assert list(truncs) == [False, True] and not terms.any() and venv.restarts == 1
+        for _ in range(3):
+            obs, _, _, truncs, _ = venv.step(np.zeros(2, np.int64))
+        assert obs.shape == (2, 64, 64, 3) and not truncs.any()
+    finally:
+        venv.close()
+
+
+def test_cli_collect_nethack_in_process(tmp_path, capsys):
+    assert run.main(["collect", "--env", "nethack", "--frames", "30", "--out", str(tmp_path / "n"), "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["frames"] == 30
+    (ep,) = list(iter_episodes(tmp_path / "n"))
+    assert ep["image"].shape == (30, 64, 64, 3) and ep["image"].dtype == np.uint8 and ep["stats"].shape == (30, 27)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert run.main(["collect", "--env", "crafter", "--frames", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "frames must be positive" in capsys.readouterr().err
+    assert run.main(["pretrain", "--data", str(tmp_path / "nothing"), "--run-dir", str(tmp_path / "r")]) == 2
+    assert "no meta.json" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def vq_run(tmp_path_factory):
+    from test_pretrain import TINY
+
+    d = tmp_path_factory.mktemp("vq")
+    argv = ["pretrain", "--config", "configs/clevr_tiny.yaml", "--run-dir", str(d / "run"), "--no-progress",
+            "task=discovery", "model.vq.enabled=true", "train.steps=2", *TINY]
+    assert run.main(argv) == 0
+    return d / "run"
+
+
+def test_visualize_crafter_frames_and_edit(vq_run, tmp_path, capsys):
+    out = tmp_path / "viz"
+    assert run.main(["visualize", "--checkpoint", str(vq_run), "--env", "crafter", "--frames", "3", "--out", str(out),
+                     "--edit", "1", "0", "all"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pngs"] == 3 and sorted(p.name for p in out.glob("frame_*.png")) == [
+        "frame_0000.png", "frame_0001.png", "frame_0002.png"]
+    assert os.path.getsize(summary["video"]) > 0 and list((out / "tb").glob("events.*"))
+    assert (out / "edit_slot1_var0_all.png").is_file()
+    assert np.load(out / "codes.npy").shape == (3, 4, 4)  # t k v
+    assert run.main(["visualize", "--checkpoint", str(vq_run), "--env", "crafter", "--frames", "1",
+                     "--out", str(out), "--edit", "9", "0", "1"]) == 2
+    assert "out of range" in capsys.readouterr().err
+
+
+def test_visualize_clevr_scenes(vq_run, tmp_path):
+    assert run.main(["visualize", "--checkpoint", str(vq_run), "--env", "clevr", "--frames", "2",
+                     "--out", str(tmp_path / "c")]) == 0
+    assert len(list((tmp_path / "c").glob("frame_*.png"))) == 2

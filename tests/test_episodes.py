@@ -1,0 +1,92 @@
+"""Episode files: the step layout, cut and flushed episodes, bad datasets, and pretraining on env frames."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from envs.clevr import DataError
+from envs.episodes import EpisodeWriter, episode_paths, iter_episodes, load_frames, read_meta
+from world_model.pretrain import EpisodeFrames, pretrain
+
+from test_pretrain import tiny_cfg
+
+
+def _frame(value, size=8):
+    return np.full((size, size, 3), value, np.uint8)
+
+
+def test_writer_layout_two_envs(tmp_path):
+    w = EpisodeWriter(tmp_path, {"env": "toy"})
+    w.begin(0, _frame(0))
+    w.begin(1, _frame(100))
+    w.step(0, _frame(1), action=3, reward=0.5, terminated=False, truncated=False)
+    w.step(1, _frame(101), action=1, reward=1.0, terminated=True, truncated=False)  # env 1 ends: written
+    w.step(0, _frame(2), action=4, reward=0.0, terminated=False, truncated=True)  # env 0 truncated
+    eps = list(iter_episodes(tmp_path))
+    assert len(eps) == 2 and w.frames == 5
+    first = eps[0]  # env 1 finished first
+    np.testing.assert_array_equal(first["image"][:, 0, 0, 0], [100, 101])
+    np.testing.assert_array_equal(first["action"], [0, 1])
+    np.testing.assert_array_equal(first["reward"], [0.0, 1.0])
+    np.testing.assert_array_equal(first["is_first"], [True, False])
+    np.testing.assert_array_equal(first["is_last"], [False, True])
+    np.testing.assert_array_equal(first["is_terminal"], [False, True])
+    second = eps[1]
+    np.testing.assert_array_equal(second["action"], [0, 3, 4])
+    np.testing.assert_array_equal(second["is_terminal"], [False, False, False])
+    assert second["is_last"][-1]
+    assert read_meta(tmp_path)["env"] == "toy"
+
+
+def test_flush_cuts_running_episodes_and_dict_obs(tmp_path):
+    w = EpisodeWriter(tmp_path, {"env": "toy"})
+    obs = lambda v: {"image": _frame(v), "stats": np.arange(3, dtype=np.float32) + v}  # noqa: E731
+    w.begin(0, obs(0))
+    w.step(0, obs(1), 2, 0.0, False, False)
+    w.begin(1, obs(5))  # only a first observation: nothing to write
+    w.flush()
+    (ep,) = iter_episodes(tmp_path)
+    assert ep["stats"].shape == (2, 3) and ep["is_last"][-1] and not ep["is_terminal"].any()
+    assert load_frames(tmp_path).shape == (2, 8, 8, 3)
+
+
+def test_bad_datasets_are_one_line_errors(tmp_path):
+    with pytest.raises(DataError, match="no meta.json"):
+        episode_paths(tmp_path)
+    (tmp_path / "meta.json").write_text(json.dumps({"env": "toy"}))
+    with pytest.raises(DataError, match="no .npz"):
+        episode_paths(tmp_path)
+    (tmp_path / "episodes").mkdir(exist_ok=True)
+    (tmp_path / "episodes" / "000000-3.npz").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="unreadable"):
+        load_frames(tmp_path)
+
+
+def _toy_dataset(root, episodes=4, length=12, size=16):
+    rng = np.random.default_rng(0)
+    w = EpisodeWriter(root, {"env": "toy"})
+    for e in range(episodes):
+        w.begin(0, rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+        for t in range(length - 1):
+            w.step(0, rng.integers(0, 255, (size, size, 3), dtype=np.uint8), 0, 0.0, False, t == length - 2)
+    return root
+
+
+def test_frames_source_split_and_resize(tmp_path):
+    root = _toy_dataset(tmp_path / "data")
+    cfg = tiny_cfg("task=discovery", "data.source=frames", f"data.root={root}", "data.eval_images=4")
+    train, held = EpisodeFrames(cfg, "train", torch.device("cpu")), EpisodeFrames(cfg, "eval", torch.device("cpu"))
+    assert len(train.frames) == 44 and len(held.frames) == 4
+    batch = train.batch(5, seed=1)
+    assert batch["images"].shape == (5, 3, 32, 32) and 0 <= batch["images"].min() and batch["images"].max() <= 1
+    torch.testing.assert_close(batch["images"], train.batch(5, seed=1)["images"])
+    with pytest.raises(ValueError, match="task=discovery"):
+        EpisodeFrames(tiny_cfg("data.source=frames", f"data.root={root}"), "train", torch.device("cpu"))
+
+
+def test_pretrain_on_env_frames(tmp_path):
+    root = _toy_dataset(tmp_path / "data")
+    cfg = tiny_cfg("task=discovery", "data.source=frames", f"data.root={root}", "train.steps=4")
+    result = pretrain(cfg, str(tmp_path / "run"), progress=False)
+    assert result["images"] == 4 and np.isfinite(result["mse"]) and "fg_ari" not in result

@@ -1,0 +1,192 @@
+"""Tests for envs.nethack: NLE glyphs drawn with the NetHack tileset around the player, seeding, episode stats."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+from nle import nethack
+
+from envs.nethack import PAD_GLYPH, TILE, NetHackEnv, glyph_tiles, nethack_summary
+
+ACTIONS = [1, 2, 3, 4, 5, 6, 7, 8, 1, 3, 5, 7, 2, 4, 6, 8, 18, 1, 2, 3]  # compass moves and search
+
+
+def raw(env):
+    """The wrapped NLE env's last glyphs (21, 79) and blstats (27,): its keys are (glyphs, blstats, ...)."""
+    return env.nle.last_observation[0], env.nle.last_observation[1]
+
+
+def nle_frame(env):
+    """The whole map drawn by NLE's own pixel renderer: (21*16, 79*16, 3)."""
+    assert env.nle.nethack.setup_tiles()
+    frame = np.zeros(nethack.TILE_RENDER_SHAPE, np.uint8)
+    env.nle.nethack.draw_frame(frame)
+    return frame
+
+
+@pytest.mark.parametrize("task", ["score", "challenge"])
+def test_check_env(task):
+    env = NetHackEnv(task=task)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unbounded stats Box warns
+        check_env(env, skip_render_check=True)
+    env.close()
+
+
+def test_spaces():
+    env = NetHackEnv(crop=5, resolution=32)
+    assert env.observation_space["image"].shape == (32, 32, 3)
+    assert env.observation_space["stats"].shape == (nethack.NLE_BLSTATS_SIZE,) == (27,)
+    assert env.action_space.n == len(env.nle.actions)
+    obs, info = env.reset(seed=0)
+    assert obs in env.observation_space and obs["image"].dtype == np.uint8
+    assert env.render() is None
+    env.close()
+
+
+def test_crop_matches_nle_renderer():
+    """Unresized image == the window of NLE's own pixel render around the player (black outside the map)."""
+    crop = 7
+    env = NetHackEnv(crop=crop, resolution=crop * TILE, render_mode="rgb_array")
+    obs, _ = env.reset(seed=1)
+    for a in ACTIONS[:6]:
+        obs, *_ = env.step(a)
+    glyphs, blstats = raw(env)
+    x, y = blstats[nethack.NLE_BL_X], blstats[nethack.NLE_BL_Y]
+    h = crop // 2
+    frame = np.pad(nle_frame(env), ((h * TILE, h * TILE), (h * TILE, h * TILE), (0, 0)))
+    expected = frame[y * TILE: (y + crop) * TILE, x * TILE: (x + crop) * TILE]
+    np.testing.assert_array_equal(obs["image"], expected)
+    np.testing.assert_array_equal(env.render(), obs["image"])
+    # the centre cell is the player: its glyph, a monster glyph, drawn with the tileset's tile for it
+    assert env.window[h, h] == glyphs[y, x] and nethack.glyph_is_monster(int(glyphs[y, x]))
+    centre = obs["image"][h * TILE: (h + 1) * TILE, h * TILE: (h + 1) * TILE]
+    np.testing.assert_array_equal(centre, glyph_tiles()[glyphs[y, x]])
+    # one more cell, against a tile sheet read straight from NLE (get_tileset + glyph2tile)
+    sheet = np.zeros(((max(nethack.glyph2tile) + 1) * TILE, TILE, 3), np.uint8)
+    env.nle.nethack.get_tileset(sheet)
+    glyph = env.window[h, h + 1]
+    tile = sheet.reshape(-1, TILE, TILE, 3)[nethack.glyph2tile[glyph]]
+    np.testing.assert_array_equal(obs["image"][h * TILE: (h + 1) * TILE, (h + 1) * TILE: (h + 2) * TILE], tile)
+    env.close()
+
+
+def test_padding_is_black_stone():
+    crop = 31  # taller than the 21-row map: the window always reaches past it
+    env = NetHackEnv(crop=crop, resolution=crop * TILE)
+    obs, _ = env.reset(seed=2)
+    glyphs, blstats = raw(env)
+    x, y = blstats[nethack.NLE_BL_X], blstats[nethack.NLE_BL_Y]
+    padded = np.pad(glyphs, crop // 2, constant_values=PAD_GLYPH)
+    np.testing.assert_array_equal(env.window, padded[y: y + crop, x: x + crop])
+    outside = env.window == PAD_GLYPH
+    assert outside.any() and not glyph_tiles()[PAD_GLYPH].any()
+    cells = obs["image"].reshape(crop, TILE, crop, TILE, 3).transpose(0, 2, 1, 3, 4)
+    assert not cells[outside].any()
+    env.close()
+
+
+def test_resize():
+    """72 px = exact 2x2 box average of the 144 px crop; 64 px = nearest samples of the 72 px image."""
+    env72, env64 = NetHackEnv(resolution=72, render_mode="rgb_array"), NetHackEnv(resolution=64)
+    obs72, _ = env72.reset(seed=5)
+    obs64, _ = env64.reset(seed=5)
+    full = env72.render().astype(np.float64)  # 144 144 3
+    assert full.shape == (144, 144, 3)
+    box = full.reshape(72, 2, 72, 2, 3).mean((1, 3))
+    assert np.abs(obs72["image"] - box).max() <= 0.5
+    idx = np.floor((np.arange(64) + 0.5) * 72 / 64).astype(int)
+    np.testing.assert_array_equal(obs64["image"], obs72["image"][idx][:, idx])
+    env72.close(), env64.close()
+
+
+@pytest.mark.parametrize("task", ["score", "challenge"])
+def test_seeding(task):
+    a, b = NetHackEnv(task=task), NetHackEnv(task=task)
+    obs_a, _ = a.reset(seed=3)
+    obs_b, _ = b.reset(seed=3)
+    np.testing.assert_array_equal(obs_a["image"], obs_b["image"])
+    for action in ACTIONS:
+        obs_a, rew_a, *_ = a.step(action)
+        obs_b, rew_b, *_ = b.step(action)
+        np.testing.assert_array_equal(obs_a["image"], obs_b["image"])
+        np.testing.assert_array_equal(obs_a["stats"], obs_b["stats"])
+        assert rew_a == rew_b
+    again, _ = a.reset(seed=3)
+    first, _ = b.reset(seed=3)
+    np.testing.assert_array_equal(again["image"], first["image"])
+    other, _ = b.reset(seed=4)
+    assert not np.array_equal(raw(a)[0], raw(b)[0])  # a different dungeon level
+    assert not (np.array_equal(other["image"], first["image"]) and np.array_equal(other["stats"], first["stats"]))
+    a.close(), b.close()
+
+
+def test_stats_and_info():
+    env = NetHackEnv()
+    obs, info = env.reset(seed=6)
+    for action in ACTIONS[:5]:
+        obs, _, _, _, info = env.step(action)
+        blstats = raw(env)[1]
+        assert obs["stats"].dtype == np.float32
+        np.testing.assert_array_equal(obs["stats"], blstats.astype(np.float32))
+        assert info["score"] == blstats[nethack.NLE_BL_SCORE]
+        assert info["depth"] == blstats[nethack.NLE_BL_DEPTH] == 1
+        assert info["end_status"] == env.nle.StepStatus.RUNNING
+    env.close()
+
+
+def test_episode_jsonl(tmp_path):
+    path = tmp_path / "runs" / "nethack.jsonl"
+    env = NetHackEnv(max_episode_steps=5, stats_path=str(path))
+    rewards = []
+    for episode in range(2):
+        env.reset(seed=episode)
+        total = 0.0
+        for t in range(5):
+            obs, reward, terminated, truncated, info = env.step(ACTIONS[t])
+            total += reward
+            assert terminated is False and truncated is (t == 4)
+        rewards.append(total)
+        assert obs["stats"].any() and obs["image"].any()  # the last in-game state, not NLE's zeroed one
+        assert info["end_status"] == env.nle.StepStatus.ABORTED and info["depth"] == 1
+    env.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == 2
+    for record, total in zip(records, rewards):
+        assert set(record) == {"length", "reward", "score", "depth", "max_depth", "experience_level", "end_status"}
+        assert record["length"] == 5 and record["end_status"] == "ABORTED"
+        assert record["depth"] == record["max_depth"] == 1 and record["experience_level"] >= 1
+        assert record["reward"] == pytest.approx(total)
+    summary = nethack_summary(path)
+    assert summary["episodes"] == 2 and summary["mean_length"] == 5.0 and summary["max_depth"] == 1
+
+
+def test_summary():
+    common = {"reward": 1.0, "experience_level": 1, "end_status": "DEATH"}
+    records = [{"length": 100, "score": 10, "depth": 1, "max_depth": 2, **common},
+               {"length": 50, "score": 30, "depth": 3, "max_depth": 3, **common}]
+    assert nethack_summary(records) == {"episodes": 2, "mean_score": 20.0, "mean_depth": 2.0, "max_depth": 3,
+                                        "mean_length": 75.0}
+
+
+def test_summary_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        nethack_summary(tmp_path / "missing.jsonl")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError):
+        nethack_summary(tmp_path / "empty.jsonl")
+    with pytest.raises(ValueError):
+        nethack_summary([])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"task": "oracle"}, "challenge"), ({"crop": 8}, "odd"), ({"crop": 0}, "odd"), ({"crop": -3}, "odd"),
+    ({"resolution": 0}, "resolution"), ({"max_episode_steps": 0}, "max_episode_steps"),
+    ({"render_mode": "human"}, "render_mode"),
+])
+def test_bad_args(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NetHackEnv(**kwargs)

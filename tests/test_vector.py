@@ -1,0 +1,229 @@
+"""ResilientVectorEnv: same results as SyncVectorEnv, and worker crashes end episodes, not runs."""
+import multiprocessing as mp
+import os
+import signal
+import time
+import warnings
+from functools import partial
+
+import gymnasium
+import numpy as np
+import pytest
+from gymnasium.spaces import Box, Dict, Discrete
+from gymnasium.vector import AutoresetMode, SyncVectorEnv
+
+from envs.vector import ResilientVectorEnv, make_vector_env, measure_steps_per_second
+
+
+class CounterEnv(gymnasium.Env):
+    """Toy env whose (4, 4, 3) uint8 obs encodes (episode base, step, last action); random lengths.
+
+    ``fail_at`` ("reset" or a step count over the env's life) makes it fail with ``fail_mode``
+    ("raise", "exit" the process, or "hang"); only once per test when ``fail_once`` names a file.
+    """
+
+    action_space = Discrete(3)
+
+    def __init__(self, dict_obs=False, fail_at=None, fail_mode="raise", fail_once=None):
+        image = Box(0, 255, (4, 4, 3), np.uint8)
+        self.observation_space = Dict(image=image, stats=Box(-10, 10, (2,), np.float32)) if dict_obs else image
+        self.dict_obs = dict_obs
+        self.fail_at, self.fail_mode, self.fail_once = fail_at, fail_mode, fail_once
+        self.total = 0
+
+    def _maybe_fail(self, when):
+        if when != self.fail_at or (self.fail_once and os.path.exists(self.fail_once)):
+            return
+        if self.fail_once:
+            open(self.fail_once, "w").close()
+        if self.fail_mode == "exit":
+            os._exit(3)
+        if self.fail_mode == "hang":
+            time.sleep(600)
+        raise ValueError("boom: injected env failure")
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self._maybe_fail("reset")
+        self.length = int(self.np_random.integers(2, 9))
+        self.base = int(self.np_random.integers(0, 200))
+        self.t = 0
+        return self._obs(0), {"base": self.base}
+
+    def step(self, action):
+        self.t += 1
+        self.total += 1
+        self._maybe_fail(self.total)
+        done = self.t >= self.length
+        term, trunc = done and self.length % 2 == 0, done and self.length % 2 == 1
+        return self._obs(int(action) + 1), float(self.t + int(action)), term, trunc, {"t": self.t}
+
+    def _obs(self, last_action):
+        image = np.zeros((4, 4, 3), np.uint8)
+        image[..., 0], image[..., 1], image[..., 2] = self.base, self.t, last_action
+        if self.dict_obs:
+            return {"image": image, "stats": np.array([self.t, last_action], np.float32)}
+        return image
+
+
+ACTIONS = np.random.default_rng(0).integers(0, 3, (50, 4))  # (steps, num_envs)
+
+
+def run(venv, actions=ACTIONS, seed=0):
+    """Reset with ``seed``, then step with ``actions``: list of (obs, r, term, trunc, info) per call."""
+    return [venv.reset(seed=seed)] + [venv.step(a) for a in actions]
+
+
+def sync_run(env_fn, actions=ACTIONS):
+    venv = SyncVectorEnv([env_fn] * actions.shape[1], autoreset_mode=AutoresetMode.NEXT_STEP)
+    out = run(venv, actions)
+    venv.close()
+    return out
+
+
+def assert_obs_equal(a, b, idx=slice(None)):
+    if isinstance(a, dict):
+        for key in a:
+            np.testing.assert_array_equal(a[key][idx], b[key][idx])
+    else:
+        np.testing.assert_array_equal(a[idx], b[idx])
+
+
+def assert_same_step(got, ref, idx=None):
+    """Same reset/step results; with env mask ``idx``, only obs, rewards, terminations, truncations there."""
+    if idx is not None:
+        assert_obs_equal(got[0], ref[0], idx)
+        for x, y in zip(got[1:4], ref[1:4], strict=True):
+            np.testing.assert_array_equal(x[idx], y[idx])
+        return
+    assert_obs_equal(got[0], ref[0])
+    for x, y in zip(got[1:-1], ref[1:-1], strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert got[-1].keys() == ref[-1].keys()
+    for key in got[-1]:
+        np.testing.assert_array_equal(got[-1][key], ref[-1][key])
+
+
+@pytest.mark.parametrize("envs_per_worker,shared_memory", [(1, True), (2, True), (2, False)])
+def test_matches_sync_vector_env(envs_per_worker, shared_memory):
+    venv = ResilientVectorEnv([CounterEnv] * 4, envs_per_worker=envs_per_worker, shared_memory=shared_memory)
+    assert venv.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
+    assert venv.observation_space.shape == (4, 4, 4, 3) and venv.action_space.shape == (4,)
+    got = run(venv)
+    venv.close()
+    ref = sync_run(CounterEnv)
+    for g, r in zip(got, ref, strict=True):
+        assert_same_step(g, r)
+    assert any(r[2].any() for r in ref[1:]) and any(r[3].any() for r in ref[1:])  # autoresets covered
+
+
+def test_dict_observations():
+    env_fn = partial(CounterEnv, dict_obs=True)
+    venv = ResilientVectorEnv([env_fn] * 4, envs_per_worker=2)
+    got = run(venv, ACTIONS[:20])
+    venv.close()
+    assert got[-1][0]["image"].shape == (4, 4, 4, 3) and got[-1][0]["stats"].shape == (4, 2)
+    for g, r in zip(got, sync_run(env_fn, ACTIONS[:20]), strict=True):
+        assert_same_step(g, r)
+
+
+def check_recovery(venv, ref, crash_at, failed, match, timeout=60.0):
+    """Step ``venv`` (reset, ``crash_at`` steps done) through ACTIONS[crash_at:] expecting worker
+    ``failed``'s envs to be truncated at the first of them and fresh at the next; others match ``ref``.
+    ``timeout`` is the step_timeout of the failing step only (later ones start a worker)."""
+    sl = slice(failed * venv.envs_per_worker, (failed + 1) * venv.envs_per_worker)
+    ok = np.ones(venv.num_envs, bool)
+    ok[sl] = False
+    venv.step_timeout, default_timeout = timeout, venv.step_timeout
+    with pytest.warns(RuntimeWarning, match=match):
+        obs, rew, term, trunc, info = venv.step(ACTIONS[crash_at])
+    venv.step_timeout = default_timeout
+    assert venv.restarts == 1
+    assert_same_step((obs, rew, term, trunc, info), ref[crash_at + 1], ok)
+    assert_obs_equal(obs, ref[crash_at][0], sl)  # last observation (still as in ref) repeated
+    assert trunc[sl].all() and not term[sl].any() and not rew[sl].any()
+    np.testing.assert_array_equal(info["worker_restarted"], ~ok)
+    np.testing.assert_array_equal(info["_worker_restarted"], ~ok)
+    obs, rew, term, trunc, info = venv.step(ACTIONS[crash_at + 1])  # fresh episodes
+    image = obs["image"] if isinstance(obs, dict) else obs
+    assert not image[sl][..., 1:].any()  # step counter and last action 0: a first observation
+    assert not rew[sl].any() and not term[sl].any() and not trunc[sl].any()
+    assert_same_step((obs, rew, term, trunc, info), ref[crash_at + 2], ok)
+    for t in range(crash_at + 2, crash_at + 22):
+        assert_same_step(venv.step(ACTIONS[t]), ref[t + 1], ok)
+    assert venv.restarts == 1
+
+
+def test_killed_worker_is_restarted():
+    venv = ResilientVectorEnv([CounterEnv] * 4, envs_per_worker=2)  # worker 1 holds envs 2, 3
+    ref = sync_run(CounterEnv)
+    for g, r in zip(run(venv, ACTIONS[:5]), ref):
+        assert_same_step(g, r)
+    old_pid = venv.worker_pids[1]
+    os.kill(old_pid, signal.SIGKILL)
+    check_recovery(venv, ref, crash_at=5, failed=1, match="died")
+    assert venv.worker_pids[1] != old_pid
+    venv.close()
+
+
+@pytest.mark.parametrize(
+    "mode,match", [("raise", "boom: injected env failure"), ("exit", "died"), ("hang", "step_timeout")]
+)
+def test_failing_env_is_restarted(tmp_path, mode, match):
+    fns = [CounterEnv] * 4
+    fns[2] = partial(CounterEnv, fail_at=6, fail_mode=mode, fail_once=str(tmp_path / "failed"))
+    venv = ResilientVectorEnv(fns)
+    ref = sync_run(CounterEnv)
+    for g, r in zip(run(venv, ACTIONS[:5]), ref):
+        assert_same_step(g, r)
+    check_recovery(venv, ref, crash_at=5, failed=2, match=match, timeout=1.0)
+    venv.close()
+
+
+def test_failed_reset_is_retried(tmp_path):
+    fns = [CounterEnv] * 4
+    fns[1] = partial(CounterEnv, fail_at="reset", fail_once=str(tmp_path / "failed"))
+    venv = ResilientVectorEnv(fns, envs_per_worker=2)
+    with pytest.warns(RuntimeWarning, match="boom"):
+        got = run(venv, ACTIONS[:10])
+    venv.close()
+    assert venv.restarts == 1
+    for g, r in zip(got, sync_run(CounterEnv, ACTIONS[:10]), strict=True):
+        assert_same_step(g, r)
+
+
+def test_crash_loop_raises():
+    venv = ResilientVectorEnv([partial(CounterEnv, fail_at=1)] * 2, max_restarts=2)
+    venv.reset(seed=0)
+    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="giving up"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(10):
+            venv.step(np.zeros(2, dtype=np.int64))
+    venv.close()
+
+
+def test_close_is_idempotent_and_reaps_workers():
+    venv = make_vector_env(CounterEnv, 4, envs_per_worker=2)
+    assert isinstance(venv, ResilientVectorEnv)
+    print(f"\ntoy env throughput: {measure_steps_per_second(venv, 200):.0f} env steps/s")
+    pids = venv.worker_pids
+    venv.close()
+    venv.close()
+    assert venv.closed and not mp.active_children()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    venv = make_vector_env(CounterEnv, 2)
+    del venv  # __del__ closes
+    assert not mp.active_children()
+
+
+def test_make_vector_env_sync():
+    venv = make_vector_env(CounterEnv, 3, asynchronous=False)
+    assert isinstance(venv, SyncVectorEnv) and venv.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
+    venv.close()
+
+
+def test_bad_args():
+    with pytest.raises(ValueError, match="multiple of envs_per_worker"):
+        ResilientVectorEnv([CounterEnv] * 3, envs_per_worker=2)

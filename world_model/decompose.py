@@ -1,0 +1,182 @@
+"""`run.py visualize`: slot decompositions of env frames or CLEVR-like scenes as PNGs, a video and tensorboard
+images, and VQ code edits (decode a frame with one slot's code changed).
+
+Env frames come from one seeded random-policy episode and are encoded in order, each frame's slots
+initialized from the previous frame's, so slot k keeps its color while it follows the same object.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .perception import SlotAutoencoder
+from .pretrain import eval_batches, load_run
+from .rundir import resolve_device
+from .visualize import colorize, decomposition_grid, save_png, tile
+
+VIDEO_SCALE = 4  # frames are upscaled (nearest) so 64x64 games stay legible in the video
+
+
+def episode_frames(env: str, frames: int, seed: int = 0) -> np.ndarray:
+    """`frames` observations (`t h w 3` uint8) of a uniform random policy in crafter or nethack."""
+    from envs.collect import make_env
+
+    e = make_env(env)
+    rng = np.random.default_rng(seed)
+    try:
+        obs, _ = e.reset(seed=seed)
+        out = [obs]
+        while len(out) < frames:
+            obs, _, terminated, truncated, _ = e.step(int(rng.integers(e.action_space.n)))
+            if terminated or truncated:
+                obs, _ = e.reset()
+            out.append(obs)
+    finally:
+        e.close()
+    return np.stack([o["image"] if isinstance(o, dict) else o for o in out])
+
+
+def to_model_input(frames: np.ndarray, resolution: int) -> torch.Tensor:
+    """uint8 `t h w 3` -> float `t 3 r r` in [0, 1] (area resize when the sizes differ)."""
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
+    if x.shape[-1] != resolution or x.shape[-2] != resolution:
+        x = F.interpolate(x, size=(resolution, resolution), mode="area")
+    return x
+
+
+@torch.no_grad()
+def decompose(model, images: torch.Tensor, carry: bool) -> dict:
+    """Encode `t 3 h w` one frame at a time (carrying slots over when `carry`) -> masks `t k h w`,
+    recon `t 3 h w` and rgb `t k 3 h w` (decoder models), codes `t k v` (VQ)."""
+    prev, masks, recons, rgbs, codes = None, [], [], [], []
+    for x in images.split(1):
+        enc = model.encoder(x, prev if carry else None)
+        prev = enc.raw_slots
+        if isinstance(model, SlotAutoencoder):
+            dec = model.decoder(enc.slots)
+            masks.append(dec.masks.squeeze(2))
+            recons.append(dec.recon)
+            rgbs.append(dec.rgb)
+        else:
+            masks.append(enc.attn_maps(x.shape[-2:]))
+        if enc.codes is not None:
+            codes.append(enc.codes)
+    cat = lambda xs: torch.cat(xs) if xs else None  # noqa: E731
+    return {"masks": cat(masks), "recon": cat(recons), "rgb": cat(rgbs), "codes": cat(codes)}
+
+
+def overlay(images: torch.Tensor, masks: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """Input blended with the colored argmax segmentation: `t 3 h w`."""
+    return (1 - alpha) * images + alpha * colorize(masks.argmax(1))
+
+
+def video_frames(images: torch.Tensor, out: dict) -> np.ndarray:
+    """One video frame per time step: input | reconstruction | segmentation overlay, upscaled: `t H W 3` uint8."""
+    cols = [images, out["recon"].clamp(0, 1) if out["recon"] is not None else images, overlay(images, out["masks"])]
+    frames = []
+    for t in range(images.shape[0]):
+        grid = tile(torch.stack([c[t] for c in cols]), nrow=len(cols))
+        grid = F.interpolate(grid[None], scale_factor=VIDEO_SCALE, mode="nearest")[0]
+        frames.append((grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+    return np.stack(frames)
+
+
+def write_video(frames: np.ndarray, path: Path, fps: int = 8) -> Path:
+    """MP4 through imageio-ffmpeg; a GIF (Pillow) when ffmpeg is unavailable. Returns the written path."""
+    try:
+        import imageio.v2 as imageio
+
+        h, w = frames.shape[1:3]
+        pad = ((0, 0), (0, (-h) % 16), (0, (-w) % 16), (0, 0))  # codecs want sizes divisible by 16
+        imageio.mimwrite(path.with_suffix(".mp4"), np.pad(frames, pad), fps=fps, macro_block_size=1)
+        return path.with_suffix(".mp4")
+    except (ImportError, OSError, RuntimeError, ValueError):
+        from PIL import Image
+
+        gif = path.with_suffix(".gif")
+        images = [Image.fromarray(f) for f in frames]
+        images[0].save(gif, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+        return gif
+
+
+@torch.no_grad()
+def edit_codes(model, images: torch.Tensor, slot: int, var: int, values: list[int]) -> torch.Tensor:
+    """VQ editing: decode each image with code `var` of slot `slot` set to each of `values`.
+    Returns a grid: per image a row of input, reconstruction, then one decoding per value."""
+    vq = model.encoder.vq
+    if vq is None or not isinstance(model, SlotAutoencoder):
+        raise ValueError("--edit needs a discovery run with a VQ encoder (task=discovery model.vq.enabled=true)")
+    k, v, c = model.encoder.cfg.num_slots, vq.num_vars, vq.num_codes
+    if not (0 <= slot < k and 0 <= var < v) or any(not 0 <= x < c for x in values):
+        raise ValueError(f"--edit SLOT VAR VALUE out of range: slots 0..{k - 1}, vars 0..{v - 1}, values 0..{c - 1}")
+    rows = []
+    for x in images.split(1):
+        enc = model.encoder(x)
+        cols = [x[0], model.decoder(enc.slots).recon[0].clamp(0, 1)]
+        for value in values:
+            codes = enc.codes.clone()
+            codes[:, slot, var] = value
+            cols.append(model.decoder(vq.decode_codes(codes)).recon[0].clamp(0, 1))
+        rows.append(torch.stack(cols))
+    return tile(torch.cat(rows), nrow=len(values) + 2)
+
+
+def visualize(checkpoint: str, env: str, out_dir: str, frames: int = 8, seed: int = 0, device: str = "cpu",
+              edit: Optional[tuple[int, int, str]] = None, tensorboard: bool = True) -> dict:
+    """Write per-frame decomposition PNGs, a video of the sequence and tensorboard images to `out_dir`."""
+    if frames < 1:
+        raise ValueError(f"--frames must be positive, got {frames}")
+    dev = resolve_device(device)
+    cfg, model, state = load_run(checkpoint, dev)
+    model.cpu()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if env == "clevr":
+        cfg.data.source = "generated" if cfg.data.source == "frames" else cfg.data.source
+        images = torch.cat([b["images"].cpu() for b in eval_batches(cfg, torch.device("cpu"), frames, frames)])
+        carry = False  # independent scenes
+    elif env in ("crafter", "nethack"):
+        images = to_model_input(episode_frames(env, frames, seed), cfg.data.resolution)
+        carry = True
+    else:
+        raise ValueError(f"unknown --env {env!r}; choose crafter, nethack or clevr")
+    result = decompose(model, images, carry)
+    writer = None
+    if tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"))
+    written = []
+    for t in range(images.shape[0]):
+        grid = decomposition_grid(images[t:t + 1], result["masks"][t:t + 1],
+                                  None if result["recon"] is None else result["recon"][t:t + 1],
+                                  None if result["rgb"] is None else result["rgb"][t:t + 1], max_images=1)
+        path = out / f"frame_{t:04d}.png"
+        save_png(grid, path)
+        written.append(path)
+        if writer is not None:
+            writer.add_image("slots/decomposition", grid, global_step=t)
+    video = write_video(video_frames(images, result), out / f"{env}_slots")
+    summary = {"checkpoint": checkpoint, "step": state["step"], "env": env, "frames": images.shape[0],
+               "pngs": len(written), "video": str(video), "slots": cfg.model.slots, "num_slots": cfg.model.num_slots}
+    if result["codes"] is not None:
+        np.save(out / "codes.npy", result["codes"].numpy())  # t k v
+    if edit is not None:
+        slot, var, value = edit
+        c = model.encoder.vq.num_codes if model.encoder.vq is not None else 0
+        values = list(range(c)) if value == "all" else [int(value)]
+        grid = edit_codes(model, images[: min(4, len(images))], int(slot), int(var), values)
+        path = out / f"edit_slot{slot}_var{var}_{value}.png"
+        save_png(grid, path)
+        summary["edit"] = str(path)
+        if writer is not None:
+            writer.add_image("slots/edit", grid, global_step=0)
+    if writer is not None:
+        writer.close()
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
