@@ -116,6 +116,40 @@ def cmd_visualize(args) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def cmd_train_wm(args) -> None:
+    from world_model.config import WorldModelConfig, load_config, to_yaml
+    from world_model.rundir import RunDir
+    from world_model.train_wm import train_wm
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.insert(0, f"data.root={args.data}")
+    config_path = args.config or "configs/wm_crafter_cpu.yaml"
+    if args.resume:
+        if args.run_dir is None:
+            raise ValueError("--resume needs --run-dir DIR of the run to continue")
+        config_path = RunDir(args.run_dir).config_path
+    cfg = load_config(WorldModelConfig, config_path, overrides)
+    run_dir = args.run_dir or f"runs/wm-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"# run directory: {run_dir}\n{to_yaml(cfg)}", end="")
+    result = train_wm(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+    print(json.dumps({"run_dir": run_dir, **result}))
+
+
+def cmd_eval_wm(args) -> None:
+    from world_model.train_wm import eval_wm
+
+    result = eval_wm(args.checkpoint, out=args.out, segments=args.segments, device=args.device, data=args.data)
+    horizons = sorted({int(k.split("/")[0][1:]) for k in result if k.startswith("h")})
+    cols = ["code_acc", "code_acc_copy", "frame_mse", "frame_mse_copy", "frame_mse_decoder_floor", "reward_mae",
+            "reward_mae_zero"]
+    print(f"open-loop prediction, step {result['step']}, {result['segments']} held-out segments")
+    print(f"{'horizon':>7} " + " ".join(f"{c:>23}" for c in cols))
+    for h in horizons:
+        print(f"{h:>7} " + " ".join(f"{result[f'h{h}/{c}']:>23.4f}" for c in cols))
+    print(f"video: {result['video']}")
+
+
 def cmd_bench(args) -> None:
     from world_model import bench
 
@@ -194,6 +228,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_visualize)
+
+    s = sub.add_parser("train-wm", help="train the slot-token world model on collected episodes",
+                       description="Train the world model (VQ slot encoder + frame tokenizer + transformer "
+                       "dynamics over slot, frame and action tokens) on an episode dataset from `run.py collect`. "
+                       "encoder.checkpoint=RUN uses a pretrained VQ encoder (encoder.mode=frozen|joint); without "
+                       "it a fresh encoder is trained jointly. Writes config, checkpoints, tensorboard, metrics.jsonl.")
+    s.add_argument("--data", help="episode dataset directory (sets data.root)")
+    s.add_argument("--config", help="YAML preset (default configs/wm_crafter_cpu.yaml)")
+    s.add_argument("--run-dir", help="run directory (default runs/wm-<time>)")
+    s.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("overrides", nargs="*", help=_overrides_help())
+    s.set_defaults(func=cmd_train_wm)
+
+    s = sub.add_parser("eval-wm", help="open-loop prediction table (horizons) and real-vs-imagined video",
+                       description="From a context of real frames, predict open loop under the real actions: "
+                       "slot-code accuracy, decoded-frame MSE and reward error at each horizon (eval.horizons), "
+                       "beside copying the last context frame; writes RUN/eval_wm/eval_wm.json and a video.")
+    s.add_argument("--checkpoint", required=True, help="run directory made by `run.py train-wm`")
+    s.add_argument("--data", help="episode dataset (default: the run's data.root); its held-out episodes are used")
+    s.add_argument("--segments", type=int, help="held-out segments (default eval.segments)")
+    s.add_argument("--out", help="output directory (default RUN/eval_wm)")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_eval_wm)
 
     s = sub.add_parser("bench", help="throughput benchmarks (prints img/s, ratios measured side by side)")
     s.add_argument("what", choices=["pretrain", "estep", "generator", "metrics", "envs"], help="what to measure")

@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from omegaconf import OmegaConf
+
+from .dynamics import DynamicsConfig
+from .frame_tokenizer import FrameTokenizerConfig
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -102,10 +105,67 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+@dataclass
+class WMEncoderConfig:
+    """The slot encoder under the world model: a pretrained VQ run (frozen, or fine-tuned jointly with its
+    reconstruction loss), or a fresh VQ encoder trained jointly from scratch."""
+
+    checkpoint: Optional[str] = None  # run dir of `run.py pretrain --data ...` with model.vq.enabled=true
+    mode: str = "frozen"  # frozen | joint (a fresh encoder is always joint)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(num_slots=8, vq=VQConfig(enabled=True)))
+    resolution: int = 64  # model input side (fresh encoder; a checkpoint brings its own)
+
+
+@dataclass
+class WMDataConfig:
+    root: Optional[str] = None  # episode dataset from `run.py collect`
+    seq_len: int = 32  # training segment length (time steps)
+    capacity: int = 1_000_000  # replay capacity in steps
+    eval_fraction: float = 0.1  # the last episodes holding this fraction of steps are held out
+
+
+@dataclass
+class WMTrainConfig:
+    steps: int = 50_000
+    batch_size: int = 16
+    lr: float = 1e-4
+    warmup_steps: int = 1000
+    grad_clip: float = 1.0
+    log_every: int = 50
+    eval_every: int = 2000
+    ckpt_every: int = 500
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    threads: int = 0
+
+
+@dataclass
+class WMEvalConfig:
+    context: int = 8  # real frames before open-loop prediction
+    horizons: list[int] = field(default_factory=lambda: [1, 5, 15])
+    segments: int = 128  # held-out segments per evaluation
+
+
+@dataclass
+class WorldModelConfig:
+    """`run.py train-wm`: the slot-token dynamics model trained on collected episodes. dynamics.num_slots,
+    num_vars, num_codes, frame_vars, frame_codes and num_actions are set from the encoder, frame tokenizer
+    and dataset."""
+
+    encoder: WMEncoderConfig = field(default_factory=WMEncoderConfig)
+    frame: FrameTokenizerConfig = field(default_factory=FrameTokenizerConfig)
+    dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
+    data: WMDataConfig = field(default_factory=WMDataConfig)
+    train: WMTrainConfig = field(default_factory=WMTrainConfig)
+    eval: WMEvalConfig = field(default_factory=WMEvalConfig)
+
+
 CHOICES = {
     "task": ("setpred", "discovery"),
     "model.slots": ("gmm", "slot_attention"),
     "data.source": ("generated", "clevr", "frames"),
+    "encoder.mode": ("frozen", "joint"),
 }
 
 

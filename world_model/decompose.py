@@ -20,6 +20,7 @@ from .rundir import resolve_device
 from .visualize import colorize, decomposition_grid, save_png, tile
 
 VIDEO_SCALE = 4  # frames are upscaled (nearest) so 64x64 games stay legible in the video
+PNG_MIN_SIDE = 128  # PNG grids are upscaled (nearest) until each picture is at least this many pixels wide
 
 
 def episode_frames(env: str, frames: int, seed: int = 0) -> np.ndarray:
@@ -68,6 +69,12 @@ def decompose(model, images: torch.Tensor, carry: bool) -> dict:
             codes.append(enc.codes)
     cat = lambda xs: torch.cat(xs) if xs else None  # noqa: E731
     return {"masks": cat(masks), "recon": cat(recons), "rgb": cat(rgbs), "codes": cat(codes)}
+
+
+def upscale(grid: torch.Tensor, side: int) -> torch.Tensor:
+    """Nearest-neighbour upscaling of a `3 H W` grid of `side`-pixel pictures to at least PNG_MIN_SIDE each."""
+    factor = -(-PNG_MIN_SIDE // side)
+    return grid if factor <= 1 else F.interpolate(grid[None], scale_factor=factor, mode="nearest")[0]
 
 
 def overlay(images: torch.Tensor, masks: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
@@ -157,7 +164,7 @@ def visualize(checkpoint: str, env: str, out_dir: str, frames: int = 8, seed: in
                                   None if result["recon"] is None else result["recon"][t:t + 1],
                                   None if result["rgb"] is None else result["rgb"][t:t + 1], max_images=1)
         path = out / f"frame_{t:04d}.png"
-        save_png(grid, path)
+        save_png(upscale(grid, images.shape[-1]), path)
         written.append(path)
         if writer is not None:
             writer.add_image("slots/decomposition", grid, global_step=t)
@@ -172,7 +179,7 @@ def visualize(checkpoint: str, env: str, out_dir: str, frames: int = 8, seed: in
         values = list(range(c)) if value == "all" else [int(value)]
         grid = edit_codes(model, images[: min(4, len(images))], int(slot), int(var), values)
         path = out / f"edit_slot{slot}_var{var}_{value}.png"
-        save_png(grid, path)
+        save_png(upscale(grid, images.shape[-1]), path)
         summary["edit"] = str(path)
         if writer is not None:
             writer.add_image("slots/edit", grid, global_step=0)

@@ -191,6 +191,23 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
+def guarded_update(loss: torch.Tensor, params: list, opt: torch.optim.Optimizer, grad_clip: float,
+                   stats: dict) -> Optional[str]:
+    """Backward, clip and step unless the loss or the gradient is non-finite: such an update never reaches the
+    weights (or a checkpoint). Returns None, or what was non-finite ("loss" / "gradient")."""
+    opt.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return "loss"
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(params, grad_clip)
+    if not torch.isfinite(grad_norm):
+        opt.zero_grad(set_to_none=True)
+        return "gradient"
+    opt.step()
+    stats["grad_norm"] = grad_norm
+    return None
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, cfg: PretrainConfig, device: torch.device, n_images: int,
              batch_size: Optional[int] = None, batches: Optional[Iterator[dict]] = None) -> dict:
@@ -294,20 +311,11 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
             vq.set_temperature(temperature(step, v.tau_start, v.tau_end, v.anneal_steps))
         with autocast(device, cfg.train.amp):
             loss, stats, outputs = compute_loss(step_model, cfg.task, batch, cfg.model.vq.beta)
-        opt.zero_grad(set_to_none=True)
-        grad_norm = None
-        if torch.isfinite(loss):
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        if grad_norm is not None and torch.isfinite(grad_norm):
-            opt.step()
-            stats["grad_norm"] = grad_norm
-        else:  # a non-finite loss or gradient never reaches the weights (or a checkpoint)
+        problem = guarded_update(loss, list(model.parameters()), opt, cfg.train.grad_clip, stats)
+        if problem:
             skipped += 1
-            opt.zero_grad(set_to_none=True)
             logger.scalars(step, {"skipped_updates": skipped}, prefix="train/")
-            bar.write(f"step {step}: non-finite {'loss' if grad_norm is None else 'gradient'}, update skipped "
-                      f"({skipped} so far)")
+            bar.write(f"step {step}: non-finite {problem}, update skipped ({skipped} so far)")
         step += 1
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:

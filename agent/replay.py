@@ -1,0 +1,267 @@
+"""Sequence replay buffer: env steps in DreamerV3's step layout (see `envs/episodes.py`), sampled as
+fixed-length segments inside episodes for world-model and actor-critic training.
+
+Storage: one preallocated ring array of `capacity` steps per key, written in arrival order, so the steps
+of several online workers interleave in the ring. Each stored episode owns a slot that lists the ring
+indices of its steps in order (`_index[slot][lo:hi]`); a segment is a window of that list, gathered for a
+whole batch with one fancy index per key. When the ring is full the oldest step is overwritten; it is
+always the oldest stored step of its episode, so eviction only advances that episode's `lo`, and no
+segment can reach an overwritten step or run into another episode.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from envs.clevr import DataError
+from envs.episodes import STEP_DTYPES, STEP_KEYS, episode_paths, iter_episodes, read_meta
+
+Spec = dict[str, tuple[tuple[int, ...], np.dtype]]
+STEP_SPEC: Spec = {k: ((), np.dtype(STEP_DTYPES[k])) for k in STEP_KEYS}
+
+
+def _full_spec(spec: dict) -> Spec:
+    """The observation spec normalized to (shape tuple, np.dtype), plus the step keys every buffer stores."""
+    out = {k: (tuple(int(d) for d in shape), np.dtype(dtype)) for k, (shape, dtype) in spec.items()}
+    for k, v in STEP_SPEC.items():
+        if out.setdefault(k, v) != v:
+            raise ValueError(f"spec[{k!r}] = {out[k]} conflicts with the step layout's {v}")
+    return out
+
+
+class ReplayBuffer:
+    """Ring buffer of `capacity` steps that samples `b t ...` segments uniformly over valid segment starts."""
+
+    def __init__(self, capacity: int, spec: dict, seed: int = 0):
+        if int(capacity) < 1:
+            raise ValueError(f"replay capacity must be at least 1 step, got {capacity}")
+        self.capacity = int(capacity)
+        self.spec = _full_spec(spec)
+        self.rng = np.random.default_rng(seed)
+        self.data = {k: np.zeros((self.capacity, *shape), dtype) for k, (shape, dtype) in self.spec.items()}
+        self.steps_added = 0
+        self._pos = 0  # next ring index to write
+        self._size = 0
+        self._slot_of = np.full(self.capacity, -1, np.int64)  # episode slot of each ring step
+        self._index: list[np.ndarray] = []  # per slot: ring indices of its steps, stored ones in [lo, hi)
+        self._lo = np.zeros(0, np.int64)
+        self._hi = np.zeros(0, np.int64)
+        self._open = np.zeros(0, bool)  # slot is some worker's episode in progress
+        self._nslots = 0
+        self._free: list[int] = []  # slots of fully evicted, finished episodes, reused last-in first-out
+        self._workers: dict[int, int] = {}  # worker -> slot of its episode in progress
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def num_episodes(self) -> int:
+        """Episodes (finished or in progress) with at least one stored step."""
+        n = self._nslots
+        return int(np.count_nonzero(self._hi[:n] > self._lo[:n]))
+
+    # ---- adding -------------------------------------------------------------------------------------
+
+    def add(self, step: dict, worker: int = 0) -> None:
+        """Append one step of `worker`'s stream; `is_first` (or no episode open) starts a new episode."""
+        arrays = self._check(step, batched=False)
+        slot = self._workers.get(worker)
+        if slot is None or arrays["is_first"][0]:
+            if slot is not None:
+                self._close(worker)
+            slot = self._workers[worker] = self._new_slot(open_=True)
+        self._write(arrays, slot)
+        if arrays["is_last"][0]:
+            self._close(worker)
+
+    def add_episode(self, episode: dict) -> None:
+        """Store a whole episode (arrays `t ...`); an `is_first` inside it starts a separate episode."""
+        arrays = self._check(episode, batched=True)
+        cuts = [0, *(np.flatnonzero(arrays["is_first"][1:]) + 1).tolist(), len(arrays["action"])]
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            keep = max(a, b - self.capacity)  # a piece longer than the ring stores only its newest steps
+            self.steps_added += keep - a
+            self._write({k: v[keep:b] for k, v in arrays.items()}, self._new_slot(open_=False))
+
+    @classmethod
+    def from_dataset(cls, root: Union[str, Path], capacity: Optional[int] = None,
+                     seed: int = 0) -> "ReplayBuffer":
+        """A buffer holding a `run.py collect` dataset (file order; capacity defaults to its step count)."""
+        keys = (*read_meta(root).get("obs_keys", ["image"]), *STEP_KEYS)
+        if capacity is None:
+            capacity = sum(_episode_length(p) for p in episode_paths(root))
+        buf = None
+        for ep in iter_episodes(root, keys=keys):
+            if buf is None:
+                spec = {k: (ep[k].shape[1:], ep[k].dtype) for k in keys if k not in STEP_KEYS}
+                buf = cls(capacity, spec, seed=seed)
+            buf.add_episode(ep)
+        return buf
+
+    def _check(self, arrays: dict, batched: bool) -> dict[str, np.ndarray]:
+        """Validated arrays with a leading time axis (added for a single step); errors name key and shape."""
+        missing = [k for k in self.spec if k not in arrays]
+        extra = [k for k in arrays if k not in self.spec]
+        if missing or extra:
+            raise ValueError(f"replay step keys: missing {missing}, unexpected {extra}; "
+                             f"expected {sorted(self.spec)}")
+        out, length = {}, None
+        for k, (shape, dtype) in self.spec.items():
+            v = np.asarray(arrays[k])
+            if not batched:
+                v = v[None]
+            if v.shape[1:] != shape or v.ndim == 0:
+                want = f"(t, {', '.join(map(str, shape))})" if batched else str(shape)
+                got = v.shape if batched else v.shape[1:]
+                raise ValueError(f"replay key {k!r}: expected shape {want}, got {got}")
+            if v.dtype.kind in "fc" and dtype.kind in "biu":
+                raise ValueError(f"replay key {k!r}: expected {dtype} values, got {v.dtype}")
+            if length is not None and len(v) != length:
+                raise ValueError(f"replay key {k!r}: {len(v)} steps, but other keys have {length}")
+            length = len(v)
+            out[k] = v
+        if length == 0:
+            raise ValueError("replay: cannot add an empty episode")
+        return out
+
+    def _new_slot(self, open_: bool) -> int:
+        if self._free:
+            slot = self._free.pop()
+        else:
+            if self._nslots == len(self._lo):
+                grow = max(16, len(self._lo))
+                self._lo = np.concatenate([self._lo, np.zeros(grow, np.int64)])
+                self._hi = np.concatenate([self._hi, np.zeros(grow, np.int64)])
+                self._open = np.concatenate([self._open, np.zeros(grow, bool)])
+                self._index.extend(np.zeros(0, np.int64) for _ in range(grow))
+            slot, self._nslots = self._nslots, self._nslots + 1
+        self._lo[slot] = self._hi[slot] = 0
+        self._open[slot] = open_
+        return slot
+
+    def _free_slot(self, slot: int) -> None:
+        self._lo[slot] = self._hi[slot] = 0
+        self._open[slot] = False
+        self._index[slot] = np.zeros(0, np.int64)
+        self._free.append(slot)
+
+    def _close(self, worker: int) -> None:
+        slot = self._workers.pop(worker)
+        self._open[slot] = False
+        if self._lo[slot] == self._hi[slot]:
+            self._free_slot(slot)
+
+    def _write(self, arrays: dict[str, np.ndarray], slot: int) -> None:
+        """Write `n <= capacity` steps of one episode at the ring head, evicting the oldest steps first."""
+        n, pos = len(arrays["action"]), self._pos
+        ring = (pos + np.arange(n)) % self.capacity
+        old = self._slot_of[ring]
+        old = old[old >= 0]
+        if len(old):
+            slots, counts = (old, 1) if len(old) == 1 else np.unique(old, return_counts=True)
+            self._lo[slots] += counts
+            for s in slots[(self._lo[slots] == self._hi[slots]) & ~self._open[slots]].tolist():
+                self._free_slot(s)
+        head = min(n, self.capacity - pos)  # steps before the ring wraps; slices copy faster than indices
+        for k, v in arrays.items():
+            self.data[k][pos:pos + head] = v[:head]
+            self.data[k][:n - head] = v[head:]
+        self._slot_of[ring] = slot
+        self._append_index(slot, ring)
+        self._pos = (self._pos + n) % self.capacity
+        self._size = min(self._size + n, self.capacity)
+        self.steps_added += n
+
+    def _append_index(self, slot: int, ring: np.ndarray) -> None:
+        """Append ring indices to a slot's list, reallocating (and dropping evicted entries) when full."""
+        lo, hi, buf = int(self._lo[slot]), int(self._hi[slot]), self._index[slot]
+        if hi + len(ring) > len(buf):
+            live = buf[lo:hi]
+            buf = np.empty(2 * (len(live) + len(ring)), np.int64)
+            buf[:len(live)] = live
+            self._index[slot], lo, hi = buf, 0, len(live)
+        buf[hi:hi + len(ring)] = ring
+        self._lo[slot], self._hi[slot] = lo, hi + len(ring)
+
+    # ---- sampling -----------------------------------------------------------------------------------
+
+    def sample(self, batch: int, length: int) -> dict[str, np.ndarray]:
+        """`batch` segments of `length` steps, uniform over every start that keeps one within one episode."""
+        if batch < 1 or length < 1:
+            raise ValueError(f"replay sample needs batch >= 1 and length >= 1, got {batch} and {length}")
+        stored = self._hi[:self._nslots] - self._lo[:self._nslots]  # per slot
+        starts = np.maximum(stored - length + 1, 0)
+        cum = np.cumsum(starts)
+        if not len(cum) or cum[-1] == 0:
+            longest = int(stored.max()) if len(stored) else 0
+            raise ValueError(f"replay holds no segment of {length} steps: {self._size} steps stored, "
+                             f"longest stored episode has {longest}")
+        r = self.rng.integers(cum[-1], size=batch)
+        slots = np.searchsorted(cum, r, side="right")
+        first = r - (cum[slots] - starts[slots]) + self._lo[slots]
+        idx = np.stack([self._index[s][o:o + length] for s, o in zip(slots.tolist(), first.tolist())])  # b t
+        return {k: v[idx] for k, v in self.data.items()}
+
+    # ---- persistence --------------------------------------------------------------------------------
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write the stored steps, episode bookkeeping and RNG state to one `.npz` (atomic replace)."""
+        path, n = Path(path), self._nslots
+        meta = {"version": 1, "capacity": self.capacity, "pos": self._pos, "size": self._size,
+                "steps_added": self.steps_added, "nslots": n, "free": self._free,
+                "workers": [[int(w), s] for w, s in self._workers.items()],
+                "spec": {k: [list(shape), dtype.str] for k, (shape, dtype) in self.spec.items()},
+                "rng": self.rng.bit_generator.state}
+        arrays = {f"data/{k}": v[:self._size] for k, v in self.data.items()}
+        index = [self._index[s][self._lo[s]:self._hi[s]] for s in range(n)]
+        arrays.update(meta=np.array(json.dumps(meta)), slot_of=self._slot_of[:self._size],
+                      ep_len=self._hi[:n] - self._lo[:n], ep_open=self._open[:n],
+                      ep_index=np.concatenate([np.zeros(0, np.int64), *index]))
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "ReplayBuffer":
+        """The buffer `save` wrote, down to the sampling RNG and the workers' episodes in progress."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no replay buffer file at {path}")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+            meta = json.loads(str(arrays["meta"]))
+            spec = {k: (tuple(shape), np.dtype(dtype)) for k, (shape, dtype) in meta["spec"].items()}
+            buf = cls(meta["capacity"], spec)
+            size, n = meta["size"], meta["nslots"]
+            for k in spec:
+                buf.data[k][:size] = arrays[f"data/{k}"]
+            buf._slot_of[:size] = arrays["slot_of"]
+            buf._pos, buf._size, buf.steps_added = meta["pos"], size, meta["steps_added"]
+            buf._lo, buf._hi = np.zeros(n, np.int64), arrays["ep_len"].astype(np.int64)
+            buf._open, buf._nslots = arrays["ep_open"].astype(bool), n
+            buf._index = np.split(arrays["ep_index"].astype(np.int64), np.cumsum(buf._hi)[:-1]) if n else []
+            buf._free = [int(s) for s in meta["free"]]
+            buf._workers = {w: int(s) for w, s in meta["workers"]}
+            state = meta["rng"]
+            buf.rng = np.random.Generator(getattr(np.random, state["bit_generator"])())
+            buf.rng.bit_generator.state = state
+        except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as e:
+            raise DataError(f"{path} is not a readable replay buffer ({type(e).__name__}: {e}); "
+                            f"delete it or save a new one") from None
+        return buf
+
+
+def _episode_length(path: Path) -> int:
+    """Steps in one episode file, reading only its `action` array."""
+    try:
+        with np.load(path) as f:
+            return len(f["action"])
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise DataError(f"unreadable episode file {path}: {e}") from None

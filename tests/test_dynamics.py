@@ -1,0 +1,241 @@
+"""Dynamics transformer: block causality, KV-cache equivalence, slot permutation equivariance, learning a
+toy task, input errors; the symlog two-hot distribution."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from world_model import twohot
+from world_model.dynamics import (DynamicsConfig, SlotDynamics, dynamics_loss, imagination_speed,
+                                  sample_step)
+
+CFG = DynamicsConfig(num_slots=3, num_vars=2, num_codes=5, frame_vars=2, frame_codes=4, num_actions=4,
+                     embed_dim=32, layers=2, heads=2, mlp_ratio=2, max_steps=8, reward_bins=31)
+T = 6
+
+
+def make_model(cfg=CFG, seed=0):
+    torch.manual_seed(seed)
+    model = SlotDynamics(cfg).eval()
+    torch.nn.init.normal_(model.reward_head.weight, std=0.5)  # zero at init: make reward sensitive to inputs
+    return model
+
+
+def random_inputs(cfg=CFG, b=2, t=T, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    slots = torch.randint(cfg.num_codes, (b, t, cfg.num_slots, cfg.num_vars), generator=g)
+    frames = torch.randint(cfg.frame_codes, (b, t, cfg.frame_vars), generator=g) if cfg.frame_vars else None
+    actions = torch.randint(cfg.num_actions, (b, t), generator=g)
+    return slots, frames, actions
+
+
+def fields(pred):
+    return {"slots": pred.slot_logits, "frame": pred.frame_logits, "reward": pred.reward_logits,
+            "cont": pred.cont_logits}
+
+
+def changed(a, b, upto):
+    """Per field: whether predictions at steps < upto differ."""
+    return {k: not torch.allclose(a[k][:, :upto], b[k][:, :upto], atol=1e-6) for k in a}
+
+
+def test_block_causality():
+    model = make_model()
+    slots, frames, actions = random_inputs()
+    with torch.no_grad():
+        base = fields(model(slots, frames, actions))
+        for t in range(T - 1):
+            for which in ("slots", "frames", "actions"):
+                s, f, a = slots.clone(), frames.clone(), actions.clone()
+                x = {"slots": s, "frames": f, "actions": a}[which]
+                x[:, t + 1] = (x[:, t + 1] + 1) % 4  # a change at step t+1 ...
+                out = fields(model(s, f, a))
+                assert not any(changed(base, out, t + 1).values()), (which, t)  # ... leaves steps <= t alone
+                assert any(changed(base, out, t + 2).values()), (which, t)  # ... and reaches step t+1
+            a = actions.clone()
+            a[:, t] = (a[:, t] + 1) % CFG.num_actions  # step t's own action is seen by all of step t's outputs
+            out = fields(model(slots, frames, a))
+            for k in out:
+                assert not torch.allclose(base[k][:, t], out[k][:, t], atol=1e-6), (k, t)
+
+
+@pytest.mark.parametrize("frame_vars", [2, 0])
+def test_kv_cache_matches_full_forward(frame_vars):
+    cfg = DynamicsConfig(**{**CFG.__dict__, "frame_vars": frame_vars})
+    model = make_model(cfg)
+    slots, frames, actions = random_inputs(cfg)
+    with torch.no_grad():
+        full = fields(model(slots, frames, actions))
+        for chunks in ([1] * T, [2, 1, 3]):
+            cache = model.init_cache(2, T, "cpu", torch.float32)
+            outs, t0 = [], 0
+            for n in chunks:
+                sl = slice(t0, t0 + n)
+                outs.append(fields(model(slots[:, sl], frames[:, sl] if frames is not None else None,
+                                         actions[:, sl], cache)))
+                t0 += n
+            assert cache.steps == T
+            for k, v in full.items():
+                if v is None:
+                    assert all(o[k] is None for o in outs)
+                    continue
+                torch.testing.assert_close(torch.cat([o[k] for o in outs], 1), v, atol=1e-5, rtol=1e-5)
+
+
+def test_slot_permutation_equivariance():
+    model = make_model()
+    slots, frames, actions = random_inputs()
+    perm = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        a, b = model(slots, frames, actions), model(slots[:, :, perm], frames, actions)
+    torch.testing.assert_close(b.slot_logits, a.slot_logits[:, :, perm], atol=1e-5, rtol=1e-5)
+    for k in ("frame_logits", "reward_logits", "cont_logits"):
+        torch.testing.assert_close(getattr(b, k), getattr(a, k), atol=1e-5, rtol=1e-5)
+
+
+def toy_batch(cfg, b, g):
+    """Deterministic dynamics: codes(t+1) = codes(t) + action mod c; reward(t+1) = action odd;
+    continue(t+1) = action != 3."""
+    slots, frames, actions = random_inputs(cfg, b, T, seed=int(torch.randint(1 << 30, (1,), generator=g)))
+    for t in range(1, T):
+        slots[:, t] = (slots[:, t - 1] + actions[:, t - 1, None, None]) % cfg.num_codes
+        frames[:, t] = (frames[:, t - 1] + actions[:, t - 1, None]) % cfg.frame_codes
+    rewards = torch.zeros(b, T)
+    rewards[:, 1:] = (actions[:, :-1] % 2).float()
+    continues = torch.ones(b, T)
+    continues[:, 1:] = (actions[:, :-1] != 3).float()
+    return slots, frames, actions, rewards, continues
+
+
+def test_dynamics_loss_learns_toy_task():
+    torch.manual_seed(0)
+    model = SlotDynamics(CFG).train()
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    g = torch.Generator().manual_seed(0)
+    for step in range(200):
+        slots, frames, actions, rewards, continues = toy_batch(CFG, 8, g)
+        loss, stats = dynamics_loss(model(slots, frames, actions), slots, frames, rewards, continues)
+        if step == 0:
+            first = loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        slots, frames, actions, rewards, continues = toy_batch(CFG, 64, g)
+        loss, stats = dynamics_loss(model.eval()(slots, frames, actions), slots, frames, rewards, continues)
+    # ~7.7 -> ~0.37, of which ~0.34 is the entropy of reward 1's two-hot target (the loss's floor)
+    assert loss.item() < first / 8, (first, stats)
+    assert stats["acc_slots"] > 0.95 and stats["acc_frame"] > 0.9, stats
+
+
+def test_loss_mask_excludes_targets():
+    model = make_model()
+    slots, frames, actions = random_inputs()
+    rewards, continues = torch.randn(2, T), torch.ones(2, T)
+    pred = model(slots, frames, actions)
+    mask = torch.ones(2, T, dtype=torch.bool)
+    mask[:, -2:] = False
+    ref, _ = dynamics_loss(pred, slots, frames, rewards, continues, mask)
+    s, f, r, c = slots.clone(), frames.clone(), rewards.clone(), continues.clone()
+    s[:, -2:], f[:, -2:], r[:, -2:], c[:, -2:] = 0, 0, 1e3, 0  # garbage in the masked steps
+    masked, _ = dynamics_loss(pred, s, f, r, c, mask)
+    unmasked, _ = dynamics_loss(pred, s, f, r, c)
+    torch.testing.assert_close(masked, ref)
+    assert not torch.allclose(unmasked, ref)
+
+
+def test_sample_step():
+    model = make_model()
+    slots, frames, actions = random_inputs()
+    with torch.no_grad():
+        pred = model(slots, frames, actions)
+    s, f, r, c = sample_step(pred, temperature=0)
+    assert s.shape == (2, 3, 2) and f.shape == (2, 2) and r.shape == (2,) and c.shape == (2,)
+    assert torch.equal(s, pred.slot_logits[:, -1].argmax(-1)) and torch.equal(f, pred.frame_logits[:, -1].argmax(-1))
+    assert ((c > 0) & (c < 1)).all()
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(sample_step(pred, 1.0, g1)[0], sample_step(pred, 1.0, g2)[0])
+    # sampling frequencies follow the softmax
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0, 0.5])
+    big = type(pred)(logits.expand(20000, 1, 1, 1, 5), None, torch.zeros(20000, 1, 31), torch.zeros(20000, 1))
+    freq = torch.bincount(sample_step(big, 1.0, g1)[0].flatten(), minlength=5) / 20000
+    torch.testing.assert_close(freq, logits.softmax(-1), atol=0.02, rtol=0)
+
+
+def test_cache_overflow_and_shape_errors():
+    model = make_model()
+    slots, frames, actions = random_inputs()
+    cache = model.init_cache(2, 4, "cpu", torch.float32)
+    model(slots[:, :3], frames[:, :3], actions[:, :3], cache)
+    with pytest.raises(RuntimeError, match="KV cache overflow"):
+        model(slots[:, 3:5], frames[:, 3:5], actions[:, 3:5], cache)
+    with pytest.raises(ValueError, match="max_steps"):
+        model.init_cache(2, CFG.max_steps + 1, "cpu", torch.float32)
+    with pytest.raises(ValueError, match=r"slot_codes must have shape \(batch=2, time=6, num_slots=3, num_vars=2\)"):
+        model(slots[:, :, :2], frames, actions)
+    with pytest.raises(ValueError, match=r"frame_codes must have shape \(batch=2, time=6, frame_vars=2\)"):
+        model(slots, frames[:, :, :1], actions)
+    with pytest.raises(ValueError, match="frame_codes must have shape"):
+        model(slots, None, actions)
+    with pytest.raises(ValueError, match=r"actions must have shape \(batch, time\)"):
+        model(slots, frames, actions[:, :, None])
+    with pytest.raises(ValueError, match="slot_codes must have shape"):
+        model(slots, frames, actions[:, :4])
+    long = random_inputs(t=CFG.max_steps + 1)
+    with pytest.raises(ValueError, match="exceeds max_steps=8"):
+        model(*long)
+    with pytest.raises(ValueError, match="cache was made for batch"):
+        model(slots[:1, :2], frames[:1, :2], actions[:1, :2], model.init_cache(2, 4, "cpu", torch.float32))
+
+
+def test_imagination_speed_runs():
+    model = make_model()
+    for use_cache in (True, False):
+        assert imagination_speed(model, batch=4, steps=5, use_cache=use_cache, device="cpu") > 0
+
+
+# --- two-hot -------------------------------------------------------------------------------------
+
+def test_symlog_symexp_inverse():
+    x = torch.tensor([-1e4, -3.5, -1.0, 0.0, 0.3, 1.0, 1e4])
+    torch.testing.assert_close(twohot.symexp(twohot.symlog(x)), x)
+    assert twohot.symlog(torch.tensor(math.e - 1)).item() == pytest.approx(1.0)
+
+
+def test_twohot_encode_weights():
+    x = torch.tensor([0.0, 1.0, -3.5, 1e4, 1e10, -1e10])
+    target = twohot.encode(x)
+    bins = twohot.bin_values()
+    assert target.shape == (6, 255) and (target >= 0).all()
+    torch.testing.assert_close(target.sum(-1), torch.ones(6))
+    assert ((target > 0).sum(-1) <= 2).all()
+    # the expectation reproduces symlog(x), clipped to [-20, 20]
+    torch.testing.assert_close((target * bins).sum(-1), twohot.symlog(x).clamp(-20, 20), atol=1e-5, rtol=1e-6)
+    assert target[0, 127] == 1.0 and bins[127] == 0.0  # exact at a bin
+    assert target[4, -1] == 1.0 and target[5, 0] == 1.0  # clipped outside
+    hit = twohot.encode(twohot.symexp(bins[[3, 200]]))  # values at bins put all weight on that bin
+    assert hit[0, 3] > 0.999 and hit[1, 200] > 0.999
+
+
+def test_twohot_mean_round_trip():
+    x = torch.tensor([0.0, 1.0, -3.5, 1e4, 1e10])
+    logits = torch.log(twohot.encode(x).clamp_min(1e-12))
+    expected = torch.tensor([0.0, 1.0, -3.5, 1e4, twohot.symexp(torch.tensor(20.0)).item()])  # 1e10 is clipped
+    torch.testing.assert_close(twohot.mean(logits), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_twohot_loss_minimized_by_target():
+    x = torch.tensor([1.0, -3.5, 250.0])
+    target = twohot.encode(x)
+    best = torch.log(target.clamp_min(1e-12)).requires_grad_()
+    loss = twohot.loss(best, x)
+    entropy = -(target * torch.log(target.clamp_min(1e-12))).sum(-1)
+    torch.testing.assert_close(loss.detach(), entropy, atol=1e-5, rtol=1e-5)  # CE at its minimum = H(target)
+    loss.sum().backward()
+    assert best.grad.abs().max() < 1e-5  # a stationary point
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        other = best.detach() + torch.randn(best.shape, generator=g)
+        assert (twohot.loss(other, x) > loss.detach()).all()
+    torch.testing.assert_close(loss.detach(), F.cross_entropy(best.detach(), target, reduction="none"))

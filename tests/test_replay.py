@@ -1,0 +1,207 @@
+"""Replay buffer: segments stay inside one episode, uniform starts, eviction, interleaved workers, datasets,
+exact save/load resume, and errors. Every step's "tag" is its (episode id, t), so segments check themselves."""
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from agent.replay import ReplayBuffer
+from envs.clevr import DataError
+from envs.episodes import EpisodeWriter
+
+SPEC = {"image": ((2, 2, 3), np.uint8), "tag": ((2,), np.int64)}
+
+
+def _step(ep: int, t: int, last: bool = False) -> dict:
+    return {"image": np.full((2, 2, 3), (ep * 7 + t) % 256, np.uint8), "tag": np.array([ep, t]),
+            "action": t % 3, "reward": float(t), "is_first": t == 0, "is_last": last, "is_terminal": last}
+
+
+def _episode(ep: int, length: int, first_t: int = 0) -> dict:
+    steps = [_step(ep, t, last=t == first_t + length - 1) for t in range(first_t, first_t + length)]
+    return {k: np.stack([np.asarray(s[k]) for s in steps]) for k in steps[0]}
+
+
+def _starts(seg: dict) -> set[tuple[int, int]]:
+    """Checks every segment is consecutive steps of one episode; returns their (episode, first t)."""
+    tag = seg["tag"]  # b t 2
+    assert (tag[:, :, 0] == tag[:, :1, 0]).all(), "segment crosses episodes"
+    assert (np.diff(tag[:, :, 1], axis=1) == 1).all(), "segment steps not consecutive"
+    assert not seg["is_first"][:, 1:].any()
+    np.testing.assert_array_equal(seg["is_first"][:, 0], tag[:, 0, 1] == 0)
+    np.testing.assert_array_equal(seg["image"][:, :, 0, 0, 0], (tag[..., 0] * 7 + tag[..., 1]) % 256)
+    np.testing.assert_array_equal(seg["reward"], tag[..., 1])
+    return {(int(e), int(t)) for e, t in tag[:, 0]}
+
+
+def _valid_starts(stored: dict[int, list[int]], length: int) -> set[tuple[int, int]]:
+    """Reference: every start whose `length` steps are stored steps of one episode."""
+    return {(e, t) for e, ts in stored.items() for t in ts if all(t + i in ts for i in range(length))}
+
+
+def test_segments_stay_inside_episodes_and_sampling_is_seeded():
+    bufs = [ReplayBuffer(1000, SPEC, seed=s) for s in (3, 3, 4)]
+    for buf in bufs:
+        for ep, length in enumerate([5, 9, 1, 30, 12]):
+            buf.add_episode(_episode(ep, length))
+    assert len(bufs[0]) == 57 and bufs[0].num_episodes == 5 and bufs[0].steps_added == 57
+    segs = [buf.sample(64, 6) for buf in bufs]
+    _starts(segs[0])
+    assert segs[0]["image"].dtype == np.uint8 and segs[0]["image"].shape == (64, 6, 2, 2, 3)
+    assert segs[0]["action"].dtype == np.int64 and segs[0]["is_first"].dtype == bool
+    np.testing.assert_array_equal(segs[0]["tag"], segs[1]["tag"])
+    assert not np.array_equal(segs[0]["tag"], segs[2]["tag"])
+
+
+def test_starts_are_uniform_over_valid_positions():
+    buf = ReplayBuffer(100, SPEC, seed=0)
+    for ep, length in enumerate([5, 8, 3, 2]):  # starts for length 3: 3 + 6 + 1 + 0
+        buf.add_episode(_episode(ep, length))
+    seg = buf.sample(10_000, 3)
+    counts = Counter(map(tuple, seg["tag"][:, 0].tolist()))
+    assert set(counts) == _valid_starts({0: list(range(5)), 1: list(range(8)), 2: [0, 1, 2]}, 3)
+    assert len(counts) == 10 and all(850 < c < 1150 for c in counts.values())  # 1000 expected, sd ~30
+
+
+def test_eviction_keeps_only_stored_tails():
+    buf = ReplayBuffer(20, SPEC, seed=1)
+    for ep in range(5):  # 40 steps into 20: episodes 0, 1 and the head of 2 are overwritten
+        buf.add_episode(_episode(ep, 8))
+    assert len(buf) == 20 and buf.steps_added == 40 and buf.num_episodes == 3
+    stored = {2: list(range(4, 8)), 3: list(range(8)), 4: list(range(8))}
+    assert _starts(buf.sample(4000, 4)) == _valid_starts(stored, 4)  # includes episode 2's tail (2, 4)
+    assert _starts(buf.sample(4000, 5)) == _valid_starts(stored, 5)  # its tail is too short now
+    buf.add_episode(_episode(5, 50))  # longer than the ring: only its newest 20 steps stay
+    assert len(buf) == 20 and buf.num_episodes == 1 and buf.steps_added == 90
+    assert _starts(buf.sample(2000, 20)) == {(5, 30)}
+
+
+@pytest.mark.parametrize("capacity", [7, 40, 1000])
+def test_interleaved_workers_with_eviction(capacity):
+    """Three workers' steps arrive interleaved; worker 0 runs long episodes, the others short ones."""
+    rng = np.random.default_rng(capacity)
+    buf = ReplayBuffer(capacity, SPEC, seed=2)
+    arrivals = []  # (episode, t) in ring order
+    running = {}  # worker -> [episode, t, length]
+    next_ep = 0
+    for i in range(600):
+        w = int(rng.integers(3))
+        if w not in running:
+            running[w] = [next_ep, 0, int(rng.integers(60, 150) if w == 0 else rng.integers(1, 12))]
+            next_ep += 1
+        ep, t, length = running[w]
+        buf.add(_step(ep, t, last=t == length - 1), worker=w)
+        arrivals.append((ep, t))
+        running[w][1] += 1
+        if t == length - 1:
+            del running[w]
+        if i % 100 == 99:
+            stored = {}
+            for e, s in arrivals[-capacity:]:
+                stored.setdefault(e, []).append(s)
+            assert len(buf) == min(i + 1, capacity) and buf.steps_added == i + 1
+            assert buf.num_episodes == len(stored)
+            for length in (1, 3):
+                valid = _valid_starts(stored, length)
+                if not valid:
+                    with pytest.raises(ValueError, match="no segment"):
+                        buf.sample(1, length)
+                    continue
+                assert _starts(buf.sample(20 * len(valid), length)) == valid  # misses one w.p. ~e^-20
+
+
+def test_short_episodes_are_skipped_and_nothing_long_enough_is_an_error():
+    buf = ReplayBuffer(50, SPEC)
+    with pytest.raises(ValueError, match="0 steps stored"):
+        buf.sample(1, 1)
+    buf.add_episode(_episode(0, 2))
+    buf.add_episode(_episode(1, 3))
+    assert _starts(buf.sample(200, 3)) == {(1, 0)}
+    with pytest.raises(ValueError, match=r"no segment of 4 steps: 5 steps stored, longest stored episode has 3"):
+        buf.sample(8, 4)
+
+
+def test_from_dataset(tmp_path):
+    w = EpisodeWriter(tmp_path, {"env": "toy", "obs_keys": ["image", "stats"], "num_actions": 3})
+    obs = lambda env, t: {"image": np.full((4, 4, 3), t, np.uint8),  # noqa: E731
+                          "stats": np.array([env, t, 0.5], np.float32)}
+    w.begin(0, obs(0, 0))
+    w.begin(1, obs(1, 0))
+    for t in range(1, 9):  # env 0: an episode of 5, then a cut piece of 4; env 1: a cut piece of 9
+        if t < 5:
+            w.step(0, obs(0, t), 1, 0.0, t == 4, False)
+        elif t == 5:
+            w.begin(0, obs(2, 0))
+        else:
+            w.step(0, obs(2, t - 5), 1, 0.0, False, False)
+        w.step(1, obs(1, t), 2, 1.0, False, False)
+    w.flush()
+    buf = ReplayBuffer.from_dataset(tmp_path, seed=0)
+    assert len(buf) == w.frames == 5 + 4 + 9 and buf.num_episodes == 3
+    assert buf.spec["stats"] == ((3,), np.float32) and buf.spec["image"] == ((4, 4, 3), np.uint8)
+    seg = buf.sample(500, 4)
+    stats = seg["stats"]  # b t 3
+    assert (stats[:, :, 0] == stats[:, :1, 0]).all() and (np.diff(stats[:, :, 1], axis=1) == 1).all()
+    np.testing.assert_array_equal(seg["image"][:, :, 0, 0, 0], stats[:, :, 1])
+    assert {(int(e), int(t)) for e, t in stats[:, 0, :2]} == {(0, 0), (0, 1), (2, 0)} | {(1, t) for t in range(6)}
+    small = ReplayBuffer.from_dataset(tmp_path, capacity=6)
+    assert len(small) == 6 and small.steps_added == 18
+
+
+def _online(buf: ReplayBuffer, steps: range) -> None:
+    """Two workers: worker 0 runs episodes of 13 steps, worker 1 one long episode (in progress at the end)."""
+    for i in steps:
+        buf.add(_step(i // 13, i % 13, last=i % 13 == 12), worker=0)
+        buf.add(_step(1000, i), worker=1)
+
+
+def test_save_load_resumes_exactly(tmp_path):
+    buf = ReplayBuffer(100, SPEC, seed=5)
+    buf.add_episode(_episode(500, 40))
+    _online(buf, range(70))  # 180 steps into 100: evicted heads, both workers mid-episode
+    buf.sample(4, 5)
+    path = tmp_path / "replay.npz"
+    buf.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["replay.npz"]
+    back = ReplayBuffer.load(path)
+    assert (len(back), back.num_episodes, back.steps_added, back.capacity) == (100, 6, 180, 100)
+    assert back.spec == buf.spec
+    for k in buf.data:
+        np.testing.assert_array_equal(back.data[k], buf.data[k])
+    for a, b in [(buf, back)] * 3:
+        sa, sb = a.sample(16, 5), b.sample(16, 5)
+        for k in sa:
+            np.testing.assert_array_equal(sa[k], sb[k])
+    _online(buf, range(70, 90))  # the workers' episodes continue across the save
+    _online(back, range(70, 90))
+    sa, sb = buf.sample(64, 12), back.sample(64, 12)
+    _starts(sb)
+    np.testing.assert_array_equal(sa["tag"], sb["tag"])
+    assert _starts(back.sample(500, 30)) == {(1000, t) for t in range(40, 61)}  # stored: 40..89
+
+
+def test_errors(tmp_path):
+    with pytest.raises(ValueError, match="capacity"):
+        ReplayBuffer(0, SPEC)
+    buf = ReplayBuffer(10, SPEC)
+    step = _step(0, 0)
+    with pytest.raises(ValueError, match=r"missing \['tag'\]"):
+        buf.add({k: v for k, v in step.items() if k != "tag"})
+    with pytest.raises(ValueError, match=r"'image': expected shape \(2, 2, 3\), got \(2, 2\)"):
+        buf.add({**step, "image": np.zeros((2, 2), np.uint8)})
+    with pytest.raises(ValueError, match="'image': expected uint8 values, got float32"):
+        buf.add({**step, "image": np.zeros((2, 2, 3), np.float32)})
+    with pytest.raises(ValueError, match=r"'image': expected shape \(t, 2, 2, 3\)"):
+        buf.add_episode({**_episode(0, 3), "image": np.zeros((3, 4, 4, 3), np.uint8)})
+    assert len(buf) == 0 and buf.steps_added == 0
+    with pytest.raises(FileNotFoundError, match="no replay buffer file"):
+        ReplayBuffer.load(tmp_path / "missing.npz")
+    (tmp_path / "bad.npz").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="not a readable replay buffer"):
+        ReplayBuffer.load(tmp_path / "bad.npz")
+    buf.add(step)
+    buf.save(tmp_path / "ok.npz")
+    raw = (tmp_path / "ok.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match="not a readable replay buffer"):
+        ReplayBuffer.load(tmp_path / "cut.npz")

@@ -1,0 +1,306 @@
+"""World-model dynamics: a block-causal transformer over slot, frame and action tokens.
+
+Each time step contributes K slot tokens, one frame token (optional) and one action token. A token at
+step t attends to every token of steps <= t, so the outputs of step t (which has seen step t's action)
+predict step t+1: each slot token its slot's next codes, the frame token the next frame codes, the action
+token the next reward (symlog two-hot) and continuation. There is no slot-index embedding, so the model
+is equivariant to permuting slots. A preallocated KV cache makes imagination cost one step per step.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import twohot
+
+SLOT, FRAME, ACTION = 0, 1, 2  # token types
+
+
+@dataclass
+class DynamicsConfig:
+    num_slots: int = 8
+    num_vars: int = 4  # VQ latent variables per slot (slot codes are b t k v ints in [0, num_codes))
+    num_codes: int = 16
+    frame_vars: int = 8  # frame-token codes b t g ints in [0, frame_codes); 0 = no frame token
+    frame_codes: int = 16
+    num_actions: int = 17
+    embed_dim: int = 256
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: int = 4
+    max_steps: int = 64  # longest context in time steps (size of the learned time embedding)
+    dropout: float = 0.0
+    reward_bins: int = 255
+
+
+@dataclass
+class Predictions:
+    """Read from step t's outputs, about step t+1."""
+
+    slot_logits: torch.Tensor  # b t k v c
+    frame_logits: Optional[torch.Tensor]  # b t g c_g (None without a frame token)
+    reward_logits: torch.Tensor  # b t bins (symlog two-hot)
+    cont_logits: torch.Tensor  # b t (Bernoulli, 1 = the episode continues)
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values of every layer for `max_steps` steps; `steps` of them are filled.
+
+    Meant for imagination under torch.no_grad(): steps are written in place.
+    """
+
+    keys: list[torch.Tensor]  # per layer: b heads (max_steps*S) head_dim
+    values: list[torch.Tensor]  # per layer: b heads (max_steps*S) head_dim
+    max_steps: int
+    steps: int = 0
+
+
+def block_causal_mask(start: int, new_steps: int, tokens_per_step: int, device=None) -> Optional[torch.Tensor]:
+    """Boolean mask `(new*S) ((start+new)*S)`: queries of steps start.. see keys of steps <= theirs.
+
+    None when every query may see every key (a single new step)."""
+    if new_steps == 1:
+        return None
+    q_step = start + torch.arange(new_steps * tokens_per_step, device=device) // tokens_per_step
+    k_step = torch.arange((start + new_steps) * tokens_per_step, device=device) // tokens_per_step
+    return k_step[None, :] <= q_step[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"embed_dim={dim} must be divisible by heads={heads}")
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor],
+                cache: Optional[tuple[torch.Tensor, torch.Tensor]], start: int) -> torch.Tensor:
+        """x `b n d`; with a cache (keys, values) the n new tokens are written from token `start` on."""
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # b h n e each
+        dtype = q.dtype
+        if cache is not None:
+            keys, values = cache
+            keys[:, :, start:start + n] = k
+            values[:, :, start:start + n] = v
+            k, v = keys[:, :, :start + n], values[:, :, :start + n]
+            q = q.to(k.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.to(dtype).transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, dropout: float):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, mask, cache, start):
+        x = x + self.drop(self.attn(self.norm1(x), mask, cache, start))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+def _check_shape(name: str, x: torch.Tensor, expected: tuple, labels: str) -> None:
+    """Raise ValueError unless x has the expected shape (None entries match anything)."""
+    if x.ndim != len(expected) or any(e is not None and s != e for s, e in zip(x.shape, expected)):
+        raise ValueError(f"{name} must have shape ({labels}), got {tuple(x.shape)}")
+
+
+class SlotDynamics(nn.Module):
+    def __init__(self, cfg: DynamicsConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.embed_dim
+        self.tokens_per_step = cfg.num_slots + (1 if cfg.frame_vars else 0) + 1
+        # Summing one embedding per variable = a linear map of the concatenated one-hots.
+        self.slot_embed = nn.Embedding(cfg.num_vars * cfg.num_codes, d)
+        self.register_buffer("slot_offsets", torch.arange(cfg.num_vars) * cfg.num_codes, persistent=False)
+        if cfg.frame_vars:
+            self.frame_embed = nn.Embedding(cfg.frame_vars * cfg.frame_codes, d)
+            self.register_buffer("frame_offsets", torch.arange(cfg.frame_vars) * cfg.frame_codes, persistent=False)
+        self.action_embed = nn.Embedding(cfg.num_actions, d)
+        self.time_embed = nn.Embedding(cfg.max_steps, d)
+        self.type_embed = nn.Embedding(3, d)
+        types = [SLOT] * cfg.num_slots + ([FRAME] if cfg.frame_vars else []) + [ACTION]
+        self.register_buffer("token_types", torch.tensor(types), persistent=False)  # S
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(d)
+        self.slot_head = nn.Linear(d, cfg.num_vars * cfg.num_codes)
+        if cfg.frame_vars:
+            self.frame_head = nn.Linear(d, cfg.frame_vars * cfg.frame_codes)
+        self.reward_head = nn.Linear(d, cfg.reward_bins)
+        self.cont_head = nn.Linear(d, 1)
+        # DreamerV3: a zero reward head starts imagination at reward 0 instead of a random large value.
+        nn.init.zeros_(self.reward_head.weight)
+        nn.init.zeros_(self.reward_head.bias)
+
+    def init_cache(self, batch: int, max_steps: int, device, dtype=torch.float32) -> KVCache:
+        """An empty KV cache for up to `max_steps` steps; dtype should match the attention's (e.g. bf16 autocast)."""
+        if max_steps > self.cfg.max_steps:
+            raise ValueError(f"cache max_steps={max_steps} exceeds the model's max_steps={self.cfg.max_steps}")
+        c = self.cfg
+        shape = (batch, c.heads, max_steps * self.tokens_per_step, c.embed_dim // c.heads)
+        return KVCache(keys=[torch.empty(shape, device=device, dtype=dtype) for _ in self.blocks],
+                       values=[torch.empty(shape, device=device, dtype=dtype) for _ in self.blocks],
+                       max_steps=max_steps)
+
+    def _validate(self, slot_codes, frame_codes, actions, cache) -> None:
+        c = self.cfg
+        b, t = actions.shape[:2] if actions.ndim >= 2 else (None, None)
+        _check_shape("actions", actions, (b, t), "batch, time")
+        _check_shape("slot_codes", slot_codes, (b, t, c.num_slots, c.num_vars),
+                     f"batch={b}, time={t}, num_slots={c.num_slots}, num_vars={c.num_vars}")
+        if c.frame_vars:
+            if frame_codes is None:
+                raise ValueError(f"frame_codes must have shape (batch={b}, time={t}, frame_vars={c.frame_vars}), got None")
+            _check_shape("frame_codes", frame_codes, (b, t, c.frame_vars), f"batch={b}, time={t}, frame_vars={c.frame_vars}")
+        elif frame_codes is not None:
+            raise ValueError("frame_codes must be None when frame_vars=0 (no frame token)")
+        start = cache.steps if cache is not None else 0
+        limit = cache.max_steps if cache is not None else c.max_steps
+        if cache is not None and start + t > limit:
+            raise RuntimeError(f"KV cache overflow: it holds {start} of {limit} steps and cannot take {t} more "
+                               f"(init_cache with a larger max_steps, up to {c.max_steps})")
+        if cache is not None and cache.keys[0].shape[0] != b:
+            raise ValueError(f"inputs have batch {b} but the cache was made for batch {cache.keys[0].shape[0]}")
+        if t > limit:
+            raise ValueError(f"sequence of {t} steps exceeds max_steps={limit}")
+
+    def forward(self, slot_codes: torch.Tensor, frame_codes: Optional[torch.Tensor], actions: torch.Tensor,
+                cache: Optional[KVCache] = None) -> Predictions:
+        """slot_codes `b t k v`, frame_codes `b t g` (None without frame token), actions `b t` (ints).
+
+        With a cache, the t steps follow the cached ones; predictions cover the new steps only."""
+        self._validate(slot_codes, frame_codes, actions, cache)
+        c, s_per = self.cfg, self.tokens_per_step
+        b, t = actions.shape
+        start = cache.steps if cache is not None else 0
+        tokens = [self.slot_embed(slot_codes + self.slot_offsets).sum(-2)]  # b t k d
+        if c.frame_vars:
+            tokens.append(self.frame_embed(frame_codes + self.frame_offsets).sum(-2, keepdim=True))  # b t 1 d
+        tokens.append(self.action_embed(actions)[:, :, None])  # b t 1 d
+        x = torch.cat(tokens, 2) + self.type_embed(self.token_types)  # b t S d
+        x = x + self.time_embed(torch.arange(start, start + t, device=x.device))[:, None]
+        x = self.drop(x.flatten(1, 2))  # b (t S) d
+        mask = block_causal_mask(start, t, s_per, x.device)
+        for i, block in enumerate(self.blocks):
+            layer_cache = (cache.keys[i], cache.values[i]) if cache is not None else None
+            x = block(x, mask, layer_cache, start * s_per)
+        if cache is not None:
+            cache.steps += t
+        x = self.norm(x).view(b, t, s_per, -1)  # b t S d
+        k = c.num_slots
+        slot_logits = self.slot_head(x[:, :, :k]).view(b, t, k, c.num_vars, c.num_codes)
+        frame_logits = self.frame_head(x[:, :, k]).view(b, t, c.frame_vars, c.frame_codes) if c.frame_vars else None
+        act = x[:, :, -1]  # b t d
+        return Predictions(slot_logits, frame_logits, self.reward_head(act), self.cont_head(act).squeeze(-1))
+
+
+def _masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of x `b t`, over the entries where mask `b t` is True (all without a mask)."""
+    if mask is None:
+        return x.mean()
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp_min(1.0)
+
+
+def dynamics_loss(pred: Predictions, slot_codes: torch.Tensor, frame_codes: Optional[torch.Tensor],
+                  rewards: torch.Tensor, continues: torch.Tensor,
+                  mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+    """Next-step losses over a whole sequence: predictions at t against targets at t+1.
+
+    slot_codes `b t k v`, frame_codes `b t g` or None, rewards `b t`, continues `b t` (1 = continues),
+    mask `b t` bool (False excludes that step as a target). Returns (loss, detached stats)."""
+    target_mask = mask[:, 1:] if mask is not None else None
+
+    def codes_ce(logits, target):  # logits b t n c, target b t n -> (ce b t, accuracy b t)
+        logits = logits[:, :-1].float()
+        target = target[:, 1:]
+        ce = F.cross_entropy(logits.flatten(0, -2), target.flatten(), reduction="none").view(target.shape)
+        acc = (logits.argmax(-1) == target).float()
+        return ce.flatten(2).mean(-1), acc.flatten(2).mean(-1)
+
+    slot_ce, slot_acc = codes_ce(pred.slot_logits, slot_codes)
+    stats = {"loss_slots": _masked_mean(slot_ce, target_mask), "acc_slots": _masked_mean(slot_acc, target_mask)}
+    if pred.frame_logits is not None:
+        frame_ce, frame_acc = codes_ce(pred.frame_logits, frame_codes)
+        stats["loss_frame"] = _masked_mean(frame_ce, target_mask)
+        stats["acc_frame"] = _masked_mean(frame_acc, target_mask)
+    stats["loss_reward"] = _masked_mean(twohot.loss(pred.reward_logits[:, :-1], rewards[:, 1:]), target_mask)
+    cont = F.binary_cross_entropy_with_logits(pred.cont_logits[:, :-1].float(), continues[:, 1:].float(),
+                                              reduction="none")
+    stats["loss_cont"] = _masked_mean(cont, target_mask)
+    loss = sum(v for name, v in stats.items() if name.startswith("loss_"))
+    stats = {name: v.detach() for name, v in stats.items()}
+    stats["loss"] = loss.detach()
+    return loss, stats
+
+
+def _sample(logits: torch.Tensor, temperature: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Categorical samples over the last dim (Gumbel-max); temperature 0 = argmax."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    u = torch.rand(logits.shape, device=logits.device, generator=generator)
+    gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))
+    return (logits.float() / temperature + gumbel).argmax(-1)
+
+
+def sample_step(pred: Predictions, temperature: float = 1.0, generator: Optional[torch.Generator] = None
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The next step from pred's last step: slot codes `b k v`, frame codes `b g` (or None),
+    reward `b` (two-hot mean) and continuation probability `b`."""
+    slots = _sample(pred.slot_logits[:, -1], temperature, generator)
+    frame = _sample(pred.frame_logits[:, -1], temperature, generator) if pred.frame_logits is not None else None
+    return slots, frame, twohot.mean(pred.reward_logits[:, -1]), torch.sigmoid(pred.cont_logits[:, -1].float())
+
+
+@torch.no_grad()
+def imagination_speed(model: SlotDynamics, batch: int, steps: int, use_cache: bool, device) -> float:
+    """Imagined trajectory-steps per second (steps x batch / s) of a rollout with random actions from
+    a 1-step context: one T=1 forward per step with the cache, the whole growing sequence without."""
+    c = model.cfg
+    model.eval()
+    gen = torch.Generator(device).manual_seed(0)
+    slots = torch.randint(c.num_codes, (batch, steps, c.num_slots, c.num_vars), device=device, generator=gen)
+    frames = (torch.randint(c.frame_codes, (batch, steps, c.frame_vars), device=device, generator=gen)
+              if c.frame_vars else None)
+    actions = torch.randint(c.num_actions, (batch, steps), device=device, generator=gen)
+    dtype = next(model.parameters()).dtype
+
+    def frames_at(sl):
+        return frames[:, sl] if frames is not None else None
+
+    def rollout():
+        cache = model.init_cache(batch, steps, device, dtype) if use_cache else None
+        for i in range(steps):
+            sl = slice(i, i + 1) if use_cache else slice(0, i + 1)
+            pred = model(slots[:, sl], frames_at(sl), actions[:, sl], cache)
+            next_slots, next_frame, _, _ = sample_step(pred, generator=gen)
+            if i + 1 < steps:
+                slots[:, i + 1] = next_slots
+                if frames is not None:
+                    frames[:, i + 1] = next_frame
+
+    def sync():
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+
+    rollout()  # warmup (allocator, kernels)
+    sync()
+    t0 = time.perf_counter()
+    rollout()
+    sync()
+    return steps * batch / (time.perf_counter() - t0)

@@ -1,0 +1,241 @@
+"""`run.py train-wm` / `eval-wm`: train the slot-token world model on collected episodes, and evaluate
+its open-loop predictions against a copy-the-last-frame baseline.
+
+Training batch i is drawn with seed f(seed, i) from a replay buffer of the dataset's training episodes,
+so `--resume` continues exactly; the last episodes (data.eval_fraction of the steps) are held out.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from agent.replay import ReplayBuffer
+from envs.episodes import episode_paths, load_episode, read_meta
+
+from .config import WorldModelConfig, load_config, save_config
+from .pretrain import TRAIN_STREAM, autocast, guarded_update, load_run, stream_seed
+from .perception import SlotAutoencoder
+from .rundir import MetricLogger, RunDir, resolve_device, rng_state, seed_everything, set_rng_state
+from .wm import Encoded, WorldModel, frames_to_input
+
+EVAL_SEED = 2025
+
+
+def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, ReplayBuffer, dict]:
+    """Replay buffers of the training and held-out episodes of an episode dataset, and its meta."""
+    root = cfg.data.root
+    if not root:
+        raise ValueError("train-wm needs data.root=DIR (or --data DIR): an episode dataset from `run.py collect`")
+    meta = read_meta(root)
+    paths = episode_paths(root)
+    lengths = [int(p.stem.split("-")[-1]) for p in paths]
+    held, n_eval = 0, 0
+    while n_eval < len(paths) - 1 and held < cfg.data.eval_fraction * sum(lengths):
+        n_eval += 1
+        held += lengths[-n_eval]
+    first = load_episode(paths[0])
+    spec = {"image": (first["image"].shape[1:], np.uint8)}
+    train = ReplayBuffer(cfg.data.capacity, spec, seed=seed)
+    held_out = ReplayBuffer(max(held, 1), spec, seed=seed)
+    for i, path in enumerate(paths):
+        ep = load_episode(path)
+        ep = {k: ep[k] for k in ("image", "action", "reward", "is_first", "is_last", "is_terminal")}
+        (held_out if i >= len(paths) - n_eval else train).add_episode(ep)
+    return train, held_out, meta
+
+
+def build_world_model(cfg: WorldModelConfig, num_actions: int, device: torch.device) -> WorldModel:
+    """Encoder from a pretrained run (or fresh), frame tokenizer and dynamics sized to match."""
+    e = cfg.encoder
+    if e.checkpoint:
+        pre_cfg, autoencoder, _ = load_run(e.checkpoint, device)
+        if not isinstance(autoencoder, SlotAutoencoder):
+            raise ValueError(f"encoder.checkpoint={e.checkpoint} is a {pre_cfg.task} run; the world model needs a "
+                             "discovery run (run.py pretrain --data DIR model.vq.enabled=true)")
+        model_cfg, resolution, joint = pre_cfg.model, pre_cfg.data.resolution, e.mode == "joint"
+        cfg.encoder.model, cfg.encoder.resolution = model_cfg, resolution
+    else:
+        model_cfg, resolution, joint = e.model, e.resolution, True
+        autoencoder = SlotAutoencoder(model_cfg, resolution)
+    if not model_cfg.vq.enabled:
+        raise ValueError("the world model needs a VQ slot encoder: pretrain with model.vq.enabled=true")
+    cfg.dynamics = replace(cfg.dynamics, num_slots=model_cfg.num_slots, num_vars=model_cfg.vq.num_vars,
+                           num_codes=model_cfg.vq.num_codes, frame_vars=cfg.frame.vars, frame_codes=cfg.frame.codes,
+                           num_actions=num_actions)
+    needed = max(cfg.data.seq_len, cfg.eval.context + max(cfg.eval.horizons))
+    if cfg.dynamics.max_steps < needed:
+        raise ValueError(f"dynamics.max_steps={cfg.dynamics.max_steps} is shorter than the longest sequence "
+                         f"({needed} steps: data.seq_len or eval.context + the longest horizon)")
+    return WorldModel(autoencoder, resolution, cfg.frame, cfg.dynamics, joint).to(device)
+
+
+def to_batch(sample: dict, resolution: int, device: torch.device) -> dict:
+    """Replay segments (numpy `b t ...`) -> model inputs on `device`."""
+    out = {k: torch.as_tensor(v, device=device) for k, v in sample.items() if k != "image"}
+    out["images"] = frames_to_input(torch.as_tensor(sample["image"], device=device), resolution)
+    return out
+
+
+def lr_factor(step: int, warmup: int) -> float:
+    return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+@torch.no_grad()
+def evaluate_wm(wm: WorldModel, held_out: ReplayBuffer, cfg: WorldModelConfig, device: torch.device,
+                segments: Optional[int] = None, video: bool = False) -> dict:
+    """Open-loop prediction on held-out segments: slot-code accuracy, decoded-frame MSE and reward error at
+    each horizon, beside copying the last context frame (its codes, its picture; reward 0)."""
+    c = cfg.eval
+    horizon = max(c.horizons)
+    held_out.rng = np.random.default_rng(EVAL_SEED)
+    batch = to_batch(held_out.sample(segments or c.segments, c.context + horizon), wm.resolution, device)
+    was_training = wm.training
+    wm.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(EVAL_SEED)
+        enc: Encoded = wm.encode(batch["images"])
+        imag = wm.open_loop(enc, batch["action"], c.context, horizon)
+    wm.train(was_training)
+    real_codes = enc.slot_codes[:, c.context:]  # b h k v
+    last_codes = enc.slot_codes[:, c.context - 1:c.context]
+    images = batch["images"][:, c.context:]  # b h 3 r r
+    b, h = real_codes.shape[:2]
+    imagined = wm.decode_codes(imag["slot_codes"].flatten(0, 1)).unflatten(0, (b, h))
+    floor = wm.decode_codes(real_codes.flatten(0, 1)).unflatten(0, (b, h))  # the decoder's own error
+    last_frame = batch["images"][:, c.context - 1:c.context]
+    reward = batch["reward"][:, c.context:].float()
+    result: dict = {"segments": b}
+    for hz in c.horizons:
+        i = hz - 1
+        mse = lambda x: float(((x[:, i] - images[:, i]) ** 2).mean())  # noqa: E731
+        result[f"h{hz}/code_acc"] = float((imag["slot_codes"][:, i] == real_codes[:, i]).float().mean() * 100)
+        result[f"h{hz}/code_acc_copy"] = float((last_codes[:, 0] == real_codes[:, i]).float().mean() * 100)
+        result[f"h{hz}/frame_mse"] = mse(imagined)
+        result[f"h{hz}/frame_mse_copy"] = mse(last_frame.expand_as(images))
+        result[f"h{hz}/frame_mse_decoder_floor"] = mse(floor)
+        result[f"h{hz}/reward_mae"] = float((imag["reward"][:, i] - reward[:, i]).abs().mean())
+        result[f"h{hz}/reward_mae_zero"] = float(reward[:, i].abs().mean())
+    if video:
+        result["_video"] = side_by_side(batch["images"][0], floor[0], imagined[0], c.context)
+    return result
+
+
+def side_by_side(real: torch.Tensor, floor: torch.Tensor, imagined: torch.Tensor, context: int) -> np.ndarray:
+    """Video frames (uint8 `t H W 3`): real | decoded real codes | imagined, imagined blank in the context."""
+    from .decompose import VIDEO_SCALE
+    from .visualize import tile
+
+    blank = torch.ones_like(real[0])
+    frames = []
+    for t in range(real.shape[0]):
+        j = t - context
+        row = torch.stack([real[t], floor[j] if j >= 0 else blank, imagined[j] if j >= 0 else blank])
+        grid = torch.nn.functional.interpolate(tile(row, nrow=3)[None], scale_factor=VIDEO_SCALE, mode="nearest")[0]
+        frames.append((grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
+    return np.stack(frames)
+
+
+def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress: bool = True) -> dict:
+    """Train (or continue) a world-model run; returns the last evaluation."""
+    from tqdm import tqdm
+
+    run = RunDir.open(run_dir, resume)
+    device = resolve_device(cfg.train.device)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    train_buf, held_out, meta = split_dataset(cfg, cfg.train.seed)
+    wm = build_world_model(cfg, int(meta["num_actions"]), device)
+    params = [p for p in wm.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.train.lr)
+    step = skipped = 0
+    if resume:
+        state = run.load_checkpoint(map_location=device)
+        wm.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, skipped = state["step"], state["skipped"]
+        set_rng_state(state["rng"])
+    save_config(cfg, run.config_path)
+    logger = MetricLogger(run, start_step=step)
+    vq = cfg.encoder.model.vq
+    last_eval: dict = {}
+
+    def checkpoint() -> None:
+        run.save_checkpoint({"step": step, "skipped": skipped, "model": wm.state_dict(), "optimizer": opt.state_dict(),
+                             "rng": rng_state(), "config": asdict(cfg), "num_actions": int(meta["num_actions"])})
+
+    bar = tqdm(total=cfg.train.steps, initial=step, desc="train-wm", disable=not progress, dynamic_ncols=True)
+    wm.train()
+    t_last, n_last = time.perf_counter(), step
+    while step < cfg.train.steps:
+        train_buf.rng = np.random.default_rng(stream_seed(cfg.train.seed, TRAIN_STREAM, step))
+        batch = to_batch(train_buf.sample(cfg.train.batch_size, cfg.data.seq_len), wm.resolution, device)
+        for group in opt.param_groups:
+            group["lr"] = cfg.train.lr * lr_factor(step, cfg.train.warmup_steps)
+        wm.set_vq_temperature(step, vq.tau_start, vq.tau_end, vq.anneal_steps)
+        with autocast(device, cfg.train.amp):
+            loss, stats = wm.loss(batch, vq.beta)
+        problem = guarded_update(loss, params, opt, cfg.train.grad_clip, stats)
+        if problem:
+            skipped += 1
+            logger.scalars(step, {"skipped_updates": skipped}, prefix="train/")
+            bar.write(f"step {step}: non-finite {problem}, update skipped ({skipped} so far)")
+        step += 1
+        bar.update(1)
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            now = time.perf_counter()
+            stats = {k: float(v) for k, v in stats.items()}
+            stats.update(lr=opt.param_groups[0]["lr"],
+                         steps_per_s=(step - n_last) * cfg.train.batch_size * cfg.data.seq_len / (now - t_last))
+            t_last, n_last = now, step
+            logger.scalars(step, stats, prefix="train/")
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['acc_slots']:.2f}")
+        if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+            last_eval = evaluate_wm(wm, held_out, cfg, device)
+            logger.scalars(step, last_eval, prefix="eval/")
+            bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
+        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
+            checkpoint()
+            logger.flush()
+    bar.close()
+    logger.close()
+    return last_eval
+
+
+def load_wm_run(run_dir: str, device: torch.device) -> tuple[WorldModelConfig, WorldModel, dict]:
+    run = RunDir(run_dir)
+    if not run.config_path.is_file():
+        raise FileNotFoundError(f"{run.config_path} not found: --checkpoint must be a run made by `run.py train-wm`")
+    cfg = load_config(WorldModelConfig, run.config_path)
+    state = run.load_checkpoint(map_location=device)
+    cfg.encoder.checkpoint = None  # the weights below include the encoder
+    wm = build_world_model(cfg, state["num_actions"], device)
+    wm.load_state_dict(state["model"])
+    wm.eval()
+    return cfg, wm, state
+
+
+def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] = None, device: str = "cpu",
+            data: Optional[str] = None) -> dict:
+    """`run.py eval-wm`: the horizon table on held-out episodes and a real-vs-imagined video."""
+    from .decompose import write_video
+
+    dev = resolve_device(device)
+    cfg, wm, state = load_wm_run(checkpoint, dev)
+    if data:
+        cfg.data.root = data
+    _, held_out, _ = split_dataset(cfg, cfg.train.seed)
+    result = evaluate_wm(wm, held_out, cfg, dev, segments=segments, video=True)
+    out_dir = Path(out) if out else Path(checkpoint) / "eval_wm"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result["video"] = str(write_video(result.pop("_video"), out_dir / "real_vs_imagined"))
+    result["step"] = state["step"]
+    (out_dir / "eval_wm.json").write_text(json.dumps(result, indent=2))
+    return result
+

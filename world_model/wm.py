@@ -1,0 +1,130 @@
+"""The world model: slot encoder (VQ codes) + frame tokenizer + slot-token dynamics, and what it does
+with a sequence of frames: encode it with slots carried over time, compute its losses, and predict
+open-loop from a context of real frames (decoding imagined codes back to pictures).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dynamics import DynamicsConfig, SlotDynamics, dynamics_loss, sample_step
+from .frame_tokenizer import FrameTokenizer, FrameTokenizerConfig
+from .perception import SlotAutoencoder
+from .slots.vq import temperature
+
+
+@dataclass
+class Encoded:
+    slot_codes: torch.Tensor  # b t k v
+    frame_codes: Optional[torch.Tensor]  # b t g
+    recon_loss: Optional[torch.Tensor]  # slot autoencoder MSE (joint training only)
+    kl: Optional[torch.Tensor]  # VQ KL (joint training only)
+    frame_loss: torch.Tensor  # frame tokenizer reconstruction loss
+
+
+def frames_to_input(frames: torch.Tensor, resolution: int) -> torch.Tensor:
+    """uint8 `b t h w 3` -> float `b t 3 r r` in [0, 1] (area resize when sizes differ)."""
+    b, t = frames.shape[:2]
+    x = frames.flatten(0, 1).permute(0, 3, 1, 2).float() / 255
+    if x.shape[-1] != resolution or x.shape[-2] != resolution:
+        x = F.interpolate(x, size=(resolution, resolution), mode="area")
+    return x.unflatten(0, (b, t))
+
+
+class WorldModel(nn.Module):
+    def __init__(self, autoencoder: SlotAutoencoder, resolution: int, frame_cfg: FrameTokenizerConfig,
+                 dyn_cfg: DynamicsConfig, joint: bool):
+        super().__init__()
+        vq = autoencoder.encoder.vq
+        if vq is None:
+            raise ValueError("the world model needs a VQ slot encoder (model.vq.enabled=true): it predicts slot codes")
+        self.autoencoder, self.resolution, self.joint = autoencoder, resolution, joint
+        self.frame_tokenizer = FrameTokenizer(frame_cfg, resolution) if frame_cfg.vars else None
+        self.dynamics = SlotDynamics(dyn_cfg)
+        if not joint:
+            self.autoencoder.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.joint:
+            self.autoencoder.eval()  # a frozen encoder quantizes with argmax, not Gumbel samples
+        return self
+
+    def encode(self, images: torch.Tensor) -> Encoded:
+        """images `b t 3 h w` -> codes, encoding frame t's slots from frame t-1's (slot k follows one object)."""
+        b, t = images.shape[:2]
+        enc_model = self.autoencoder
+        codes, recon, kl, prev = [], [], [], None
+        with torch.set_grad_enabled(self.joint and torch.is_grad_enabled()):
+            for i in range(t):
+                out = enc_model.encoder(images[:, i], prev)
+                prev = out.raw_slots
+                codes.append(out.codes)
+                if self.joint:
+                    recon.append(F.mse_loss(enc_model.decoder(out.slots).recon, images[:, i]))
+                    kl.append(out.kl)
+        frame_codes, frame_loss = None, images.new_zeros(())
+        if self.frame_tokenizer is not None:
+            frame_codes, frame_loss = self.frame_tokenizer(images.flatten(0, 1))
+            frame_codes = frame_codes.unflatten(0, (b, t))
+        mean = lambda xs: torch.stack(xs).mean() if xs else None  # noqa: E731
+        return Encoded(torch.stack(codes, 1), frame_codes, mean(recon), mean(kl), frame_loss)
+
+    def loss(self, batch: dict, vq_beta: float) -> tuple[torch.Tensor, dict]:
+        """batch: images `b t 3 h w` float, action/reward/is_terminal `b t` in the episode step layout
+        (action t led to frame t). The dynamics input at step t is frame t with the action taken after it."""
+        enc = self.encode(batch["images"])
+        actions = torch.cat([batch["action"][:, 1:], torch.zeros_like(batch["action"][:, :1])], 1)
+        pred = self.dynamics(enc.slot_codes, enc.frame_codes, actions)
+        continues = 1.0 - batch["is_terminal"].float()
+        loss, stats = dynamics_loss(pred, enc.slot_codes, enc.frame_codes, batch["reward"].float(), continues)
+        if self.frame_tokenizer is not None:
+            loss = loss + enc.frame_loss
+            stats["loss_frame_recon"] = enc.frame_loss.detach()
+        if enc.recon_loss is not None:
+            loss = loss + enc.recon_loss + vq_beta * enc.kl
+            stats.update(loss_slot_recon=enc.recon_loss.detach(), kl=enc.kl.detach())
+        stats["loss"] = loss.detach()
+        return loss, stats
+
+    def set_vq_temperature(self, step: int, tau_start: float, tau_end: float, anneal_steps: int) -> None:
+        if self.joint:
+            self.autoencoder.encoder.vq.set_temperature(temperature(step, tau_start, tau_end, anneal_steps))
+
+    @torch.no_grad()
+    def decode_codes(self, slot_codes: torch.Tensor) -> torch.Tensor:
+        """`n k v` codes -> decoded frames `n 3 h w`."""
+        slots = self.autoencoder.encoder.vq.decode_codes(slot_codes)
+        return self.autoencoder.decoder(slots).recon.clamp(0, 1)
+
+    @torch.no_grad()
+    def open_loop(self, enc: Encoded, actions: torch.Tensor, context: int, horizon: int,
+                  temperature: float = 0.0) -> dict:
+        """Predict steps context..context+horizon-1 from the first `context` encoded steps and the real actions.
+
+        enc: codes of `b T` real frames (T >= context + horizon); actions `b T` in the episode layout.
+        Returns imagined slot codes `b h k v`, frame codes `b h g`, rewards `b h` and continuation probs `b h`."""
+        b = actions.shape[0]
+        act_after = torch.cat([actions[:, 1:], torch.zeros_like(actions[:, :1])], 1)  # action taken after frame t
+        dyn = self.dynamics
+        cache = dyn.init_cache(b, context + horizon, actions.device, next(dyn.parameters()).dtype)
+        frames = enc.frame_codes
+        pred = dyn(enc.slot_codes[:, :context], frames[:, :context] if frames is not None else None,
+                   act_after[:, :context], cache)
+        slots_out, frames_out, rewards, conts = [], [], [], []
+        for h in range(horizon):
+            s, f, r, c = sample_step(pred, temperature)
+            slots_out.append(s)
+            frames_out.append(f)
+            rewards.append(r)
+            conts.append(c)
+            if h + 1 < horizon:
+                t = context + h
+                pred = dyn(s[:, None], f[:, None] if f is not None else None, act_after[:, t:t + 1], cache)
+        return {"slot_codes": torch.stack(slots_out, 1),
+                "frame_codes": torch.stack(frames_out, 1) if frames is not None else None,
+                "reward": torch.stack(rewards, 1), "cont": torch.stack(conts, 1)}
