@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_eval_wm)
 
     s = sub.add_parser("bench", help="throughput benchmarks (prints img/s, ratios measured side by side)")
-    s.add_argument("what", choices=["pretrain", "estep", "generator", "metrics", "envs"], help="what to measure")
+    s.add_argument("what", choices=["pretrain", "estep", "generator", "metrics", "envs", "imagination"], help="what to measure")
     s.add_argument("--device", default="auto")
     s.add_argument("--batch-size", type=int, help="default: 64 on CPU, 512 on CUDA")
     s.add_argument("--resolution", type=int, help="default: 64 on CPU, 128 on CUDA")
@@ -263,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--envs", default="crafter,nethack", help="bench envs: games to measure (comma-separated)")
     s.add_argument("--workers", type=int, help="bench envs: worker processes (default: all CPU cores)")
     s.add_argument("--env-steps", type=int, default=500, help="bench envs: vector steps per measurement")
+    s.add_argument("--wm-config", default="configs/wm_crafter.yaml", help="bench imagination: world-model preset")
+    s.add_argument("--horizon", type=int, default=32, help="bench imagination: imagined steps per trajectory")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("config", help="print a resolved config (preset + overrides) and exit")

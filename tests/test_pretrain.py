@@ -136,11 +136,13 @@ def test_eval_ap_on_missing_clevr_root_is_one_line(tmp_path, capsys):
     ["bench", "estep", "--batch-size", "2", "--steps", "1"],
     ["bench", "generator", "--batch-size", "2", "--resolution", "32", "--steps", "1"],
     ["bench", "metrics", "--steps", "1"],
+    ["bench", "imagination", "--wm-config", "configs/wm_crafter_cpu.yaml", "--batch-size", "2", "--horizon", "3"],
+    ["bench", "envs", "--envs", "nethack", "--workers", "1", "--env-steps", "5"],
 ])
 def test_bench_smoke(argv, capsys):
     assert run.main(argv) == 0
     out = capsys.readouterr().out
-    assert any(word in out for word in ("ratio", "scenes/s", "seconds"))
+    assert any(word in out for word in ("ratio", "scenes/s", "seconds", "efficiency"))
 
 
 def test_pretrain_and_eval_on_a_clevr_directory(tmp_path, capsys):

@@ -166,9 +166,28 @@ def bench_envs(args, device: torch.device) -> None:
             print(f"{name:>8} {f'{workers} workers x {per_worker} envs':>22} {rate:9.0f} {rate / (workers * single):10.2f}")
 
 
+def bench_imagination(args, device: torch.device) -> None:
+    """Imagined trajectory-steps/s of the dynamics transformer with and without the KV cache, side by side."""
+    from .config import WorldModelConfig
+    from .dynamics import SlotDynamics, imagination_speed
+
+    cfg = load_config(WorldModelConfig, args.wm_config)
+    dyn = replace(cfg.dynamics, num_slots=cfg.encoder.model.num_slots, num_vars=cfg.encoder.model.vq.num_vars,
+                  num_codes=cfg.encoder.model.vq.num_codes, frame_vars=cfg.frame.vars, frame_codes=cfg.frame.codes)
+    batch = args.batch_size or (1024 if device.type == "cuda" else 16)
+    steps = min(args.horizon, dyn.max_steps)
+    torch.manual_seed(0)
+    model = SlotDynamics(dyn).to(device)
+    print(f"# {args.wm_config}: {dyn.layers} layers x {dyn.embed_dim}, {dyn.num_slots} slots + frame + action tokens, "
+          f"batch {batch}, {steps} imagined steps from a 1-step context, {device.type}")
+    cached = imagination_speed(model, batch, steps, True, device)
+    full = imagination_speed(model, batch, steps, False, device)
+    print(f"with KV cache {cached:10.0f} steps/s\nwithout       {full:10.0f} steps/s\nratio {cached / full:.1f}x")
+
+
 def main(args) -> None:
     device = resolve_device(args.device)
     benches = {"pretrain": bench_pretrain, "estep": bench_estep, "generator": bench_generator, "metrics": bench_metrics,
-               "envs": bench_envs}
+               "envs": bench_envs, "imagination": bench_imagination}
     benches[args.what](args, device)
 
