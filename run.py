@@ -28,9 +28,10 @@ def _overrides_help() -> str:
 
 
 def cmd_config(args) -> None:
-    from world_model.config import PretrainConfig, load_config, to_yaml
+    from world_model.config import PretrainConfig, WorldModelConfig, load_config, to_yaml
 
-    print(to_yaml(load_config(PretrainConfig, args.config, args.overrides)), end="")
+    schema = {"pretrain": PretrainConfig, "train-wm": WorldModelConfig}[args.command_schema]
+    print(to_yaml(load_config(schema, args.config, args.overrides)), end="")
 
 
 def cmd_pretrain(args) -> None:
@@ -162,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
 
-    s = sub.add_parser("pretrain", help="train a slot encoder on CLEVR-style scenes (discovery or set prediction)",
+    s = sub.add_parser("pretrain", help="train a slot encoder on CLEVR-style scenes or env frames (discovery or set prediction)",
                        description="Train a slot encoder: task=discovery reconstructs images through a mask decoder "
                        "(FG-ARI); task=setpred predicts CLEVR object properties with a Hungarian loss (AP). "
                        "Writes config, checkpoints, tensorboard and metrics.jsonl to --run-dir.")
@@ -268,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("config", help="print a resolved config (preset + overrides) and exit")
+    s.add_argument("--for", dest="command_schema", choices=["pretrain", "train-wm"], default="pretrain",
+                   help="which command's config schema (default pretrain)")
     s.add_argument("--config", help="YAML preset")
     s.add_argument("overrides", nargs="*", help=_overrides_help())
     s.set_defaults(func=cmd_config)

@@ -98,3 +98,16 @@ def test_train_resume_exact_and_eval_cli(tmp_path, capsys):
     result = json.loads((tmp_path / "e" / "eval_wm.json").read_text())
     assert result["step"] == 4 and (tmp_path / "e").glob("real_vs_imagined.*")
     assert "h3/frame_mse_copy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("preset", ["configs/wm_crafter.yaml", "configs/wm_crafter_cpu.yaml"])
+def test_every_wm_preset_trains_one_step(preset, tmp_path):
+    """Each world-model preset's architecture (fresh encoder), one update at batch 2 on 4-step segments."""
+    root = toy_dataset(tmp_path / "d", size=64)
+    cfg = load_config(WorldModelConfig, preset, [f"data.root={root}", "data.seq_len=4"])
+    torch.manual_seed(0)
+    train, _, _ = split_dataset(cfg)
+    wm = build_world_model(cfg, 3, torch.device("cpu"))
+    loss, _ = wm.loss(to_batch(train.sample(2, 4), cfg.encoder.resolution, torch.device("cpu")), 0.01)
+    loss.backward()
+    assert torch.isfinite(loss)
