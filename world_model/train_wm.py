@@ -197,7 +197,10 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
             logger.scalars(step, stats, prefix="train/")
             bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['acc_slots']:.2f}")
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-            last_eval = evaluate_wm(wm, held_out, cfg, device)
+            last_eval = evaluate_wm(wm, held_out, cfg, device, video=True)
+            frames = last_eval.pop("_video")[cfg.eval.context - 1::4]  # every 4th step from the last context frame
+            strip = torch.from_numpy(np.concatenate(frames, 0)).permute(2, 0, 1) / 255  # 3 H W
+            logger.image(step, "wm/real_decoded_imagined", strip)
             logger.scalars(step, last_eval, prefix="eval/")
             bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
