@@ -142,12 +142,12 @@ def cmd_eval_wm(args) -> None:
 
     result = eval_wm(args.checkpoint, out=args.out, segments=args.segments, device=args.device, data=args.data)
     horizons = sorted({int(k.split("/")[0][1:]) for k in result if k.startswith("h")})
-    cols = ["code_acc", "code_acc_copy", "frame_mse", "frame_mse_copy", "frame_mse_decoder_floor", "reward_mae",
-            "reward_mae_zero"]
+    cols = ["code_acc", "code_acc_copy", "frame_mse", "frame_mse_copy_decoded", "frame_mse_copy",
+            "frame_mse_decoder_floor", "reward_mae", "reward_mae_zero"]
     print(f"open-loop prediction, step {result['step']}, {result['segments']} held-out segments")
-    print(f"{'horizon':>7} " + " ".join(f"{c:>23}" for c in cols))
+    print(f"{'horizon':>7} " + " ".join(f"{c:>{max(10, len(c))}}" for c in cols))
     for h in horizons:
-        print(f"{h:>7} " + " ".join(f"{result[f'h{h}/{c}']:>23.4f}" for c in cols))
+        print(f"{h:>7} " + " ".join(f"{result[f'h{h}/{c}']:>{max(10, len(c))}.4f}" for c in cols))
     print(f"video: {result['video']}")
 
 

@@ -21,7 +21,7 @@ TINY_WM = [
 ]
 
 
-def toy_dataset(root, episodes=6, length=10, size=16, seed=0):
+def toy_dataset(root, episodes=6, length=10, size=16, seed=0, moves=3):
     """Episodes of a moving square: frames depend on actions, reward 1 at the last step of terminated ones."""
     rng = np.random.default_rng(seed)
     w = EpisodeWriter(root, {"env": "toy", "num_actions": 3})
@@ -35,7 +35,7 @@ def toy_dataset(root, episodes=6, length=10, size=16, seed=0):
 
         w.begin(0, frame(pos))
         for t in range(length - 1):
-            a = int(rng.integers(3))
+            a = int(rng.integers(moves)) if moves > 1 else 1  # action 1 keeps the square still
             pos = int(np.clip(pos + a - 1, 0, size - 4))
             last = t == length - 2
             w.step(0, frame(pos), a, float(last), terminated=last and e % 2 == 0, truncated=last and e % 2 == 1)
@@ -96,8 +96,9 @@ def test_train_resume_exact_and_eval_cli(tmp_path, capsys):
         assert np.isfinite(a[key])
     assert run.main(["eval-wm", "--checkpoint", str(tmp_path / "a"), "--out", str(tmp_path / "e")]) == 0
     result = json.loads((tmp_path / "e" / "eval_wm.json").read_text())
-    assert result["step"] == 4 and (tmp_path / "e").glob("real_vs_imagined.*")
-    assert "h3/frame_mse_copy" in capsys.readouterr().out
+    assert result["step"] == 4 and len(list((tmp_path / "e").glob("real_vs_imagined.*"))) == 1
+    out = capsys.readouterr().out
+    assert "frame_mse_copy_decoded" in out and "real_vs_imagined" in out
 
 
 @pytest.mark.parametrize("preset", ["configs/wm_crafter.yaml", "configs/wm_crafter_cpu.yaml"])
@@ -111,3 +112,17 @@ def test_every_wm_preset_trains_one_step(preset, tmp_path):
     loss, _ = wm.loss(to_batch(train.sample(2, 4), cfg.encoder.resolution, torch.device("cpu")), 0.01)
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_copy_baselines_on_still_frames(tmp_path):
+    """Frames that never change: copying the last frame is exact, and the reward baseline is mean |reward|."""
+    from world_model.train_wm import evaluate_wm
+
+    cfg = wm_cfg(toy_dataset(tmp_path / "d", moves=1), "eval.segments=8")
+    _, held, _ = split_dataset(cfg)
+    wm = build_world_model(cfg, 3, torch.device("cpu"))
+    result = evaluate_wm(wm, held, cfg, torch.device("cpu"))
+    assert result["h1/frame_mse_copy"] == 0.0 and result["h3/frame_mse_copy"] == 0.0
+    held.rng = np.random.default_rng(2025)  # evaluate_wm's segment draw, repeated
+    rewards = held.sample(8, 5)["reward"][:, 2:]
+    assert result["h3/reward_mae_zero"] == pytest.approx(float(np.abs(rewards[:, 2]).mean()))

@@ -90,7 +90,8 @@ def lr_factor(step: int, warmup: int) -> float:
 def evaluate_wm(wm: WorldModel, held_out: ReplayBuffer, cfg: WorldModelConfig, device: torch.device,
                 segments: Optional[int] = None, video: bool = False) -> dict:
     """Open-loop prediction on held-out segments: slot-code accuracy, decoded-frame MSE and reward error at
-    each horizon, beside copying the last context frame (its codes, its picture; reward 0)."""
+    each horizon, beside copying the last context frame (its codes; its picture, raw and through the same
+    decoder; reward 0) and the decoder's own error on the real codes."""
     c = cfg.eval
     horizon = max(c.horizons)
     held_out.rng = np.random.default_rng(EVAL_SEED)
@@ -109,6 +110,7 @@ def evaluate_wm(wm: WorldModel, held_out: ReplayBuffer, cfg: WorldModelConfig, d
     imagined = wm.decode_codes(imag["slot_codes"].flatten(0, 1)).unflatten(0, (b, h))
     floor = wm.decode_codes(real_codes.flatten(0, 1)).unflatten(0, (b, h))  # the decoder's own error
     last_frame = batch["images"][:, c.context - 1:c.context]
+    last_decoded = wm.decode_codes(last_codes[:, 0])[:, None]  # the copy baseline through the same decoder
     reward = batch["reward"][:, c.context:].float()
     result: dict = {"segments": b}
     for hz in c.horizons:
@@ -118,6 +120,7 @@ def evaluate_wm(wm: WorldModel, held_out: ReplayBuffer, cfg: WorldModelConfig, d
         result[f"h{hz}/code_acc_copy"] = float((last_codes[:, 0] == real_codes[:, i]).float().mean() * 100)
         result[f"h{hz}/frame_mse"] = mse(imagined)
         result[f"h{hz}/frame_mse_copy"] = mse(last_frame.expand_as(images))
+        result[f"h{hz}/frame_mse_copy_decoded"] = mse(last_decoded.expand_as(images))
         result[f"h{hz}/frame_mse_decoder_floor"] = mse(floor)
         result[f"h{hz}/reward_mae"] = float((imag["reward"][:, i] - reward[:, i]).abs().mean())
         result[f"h{hz}/reward_mae_zero"] = float(reward[:, i].abs().mean())

@@ -1,0 +1,183 @@
+"""Actor-critic in imagination: λ-returns, return normalizer, slot permutation invariance, imagined rollouts
+through the KV cache, learning a rewarding action and a constant-reward value, skipping non-finite updates."""
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from agent.actor_critic import ActorCritic, ActorCriticConfig, ReturnNormalizer, discount_weights, lambda_returns
+from agent.imagination import Trajectory, imagine
+from world_model import twohot
+from world_model.dynamics import DynamicsConfig, SlotDynamics
+
+DYN = DynamicsConfig(num_slots=3, num_vars=2, num_codes=5, frame_vars=2, frame_codes=4, num_actions=4,
+                     embed_dim=16, layers=1, heads=2, mlp_ratio=2, max_steps=8, reward_bins=31)
+AC = ActorCriticConfig(embed_dim=16, layers=1, heads=2, mlp_ratio=2, reward_bins=31)
+
+
+def states(dyn, b, t, gen):
+    slots = torch.randint(dyn.num_codes, (b, t, dyn.num_slots, dyn.num_vars), generator=gen)
+    frames = torch.randint(dyn.frame_codes, (b, t, dyn.frame_vars), generator=gen) if dyn.frame_vars else None
+    return slots, frames
+
+
+def make_dynamics(dyn=DYN, seed=0):
+    torch.manual_seed(seed)
+    model = SlotDynamics(dyn).eval()
+    torch.nn.init.normal_(model.reward_head.weight, std=0.5)  # zero at init: make rewards vary
+    return model
+
+
+def test_lambda_returns_by_hand():
+    r = torch.tensor([[1.0, 2.0, 3.0]])
+    v = torch.tensor([[0.5, 1.0, 1.5, 2.0]])
+    c = torch.tensor([[1.0, 0.5, 1.0]])
+    # R3 = v3 = 2; R2 = 3 + .9*1*(.2*2 + .8*2) = 4.8; R1 = 2 + .9*.5*(.2*1.5 + .8*4.8) = 3.863;
+    # R0 = 1 + .9*1*(.2*1 + .8*3.863) = 3.96136
+    expected = torch.tensor([[3.96136, 3.863, 4.8]])
+    torch.testing.assert_close(lambda_returns(r, v, c, 0.9, 0.8), expected)
+    torch.testing.assert_close(lambda_returns(r, v, c, 0.9, 0.0), r + 0.9 * c * v[:, 1:])  # one-step TD
+    ones = torch.ones_like(c)
+    # discounted reward sum + discounted bootstrap v3 = 2
+    mc = torch.tensor([[1 + .9 * 2 + .81 * 3 + .729 * 2, 2 + .9 * 3 + .81 * 2, 3 + .9 * 2]])
+    torch.testing.assert_close(lambda_returns(r, v, ones, 0.9, 1.0), mc)
+    torch.testing.assert_close(discount_weights(c, 0.9), torch.tensor([[1.0, 0.9, 0.405]]))
+
+
+def test_return_normalizer():
+    norm = ReturnNormalizer(decay=0.5)
+    x = torch.arange(101.0)  # percentiles 5 and 95
+    norm.update(x)
+    assert (float(norm.low), float(norm.high), float(norm.scale())) == pytest.approx((5.0, 95.0, 90.0))
+    norm.update(x + 10)  # EMA: halfway to 15 / 105
+    assert (float(norm.low), float(norm.high)) == pytest.approx((10.0, 100.0))
+    norm.update(torch.tensor([1.0, float("nan")]))  # ignored
+    assert int(norm.count) == 2 and float(norm.low) == pytest.approx(10.0)
+    small = ReturnNormalizer()
+    small.update(torch.linspace(0, 0.5, 50))
+    assert float(small.scale()) == 1.0  # floor: small returns are not blown up
+    restored = ReturnNormalizer()
+    restored.load_state_dict(norm.state_dict())
+    assert float(restored.high) == pytest.approx(100.0) and int(restored.count) == 2
+
+
+@pytest.mark.parametrize("frame_vars", [2, 0])
+def test_slot_permutation_invariance(frame_vars):
+    dyn = DynamicsConfig(**{**DYN.__dict__, "frame_vars": frame_vars})
+    torch.manual_seed(0)
+    ac = ActorCritic(dyn, AC)
+    torch.nn.init.normal_(ac.critic.head.weight, std=0.5)  # zero at init
+    slots, frames = states(dyn, 5, 1, torch.Generator().manual_seed(1))
+    slots, frames = slots[:, 0], frames[:, 0] if frames is not None else None
+    perm = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        for f in (ac.actor, ac.critic.value):
+            torch.testing.assert_close(f(slots[:, perm], frames), f(slots, frames), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(ac.actor(slots, frames), ac.actor(slots.roll(1, 0), frames))  # not constant
+
+
+@pytest.mark.parametrize("context", [1, 3])
+def test_imagine_shapes_and_cache_consistency(context):
+    dyn_model = make_dynamics()
+    ac = ActorCritic(DYN, AC)
+    b, h = 4, DYN.max_steps - context + 1  # fills the cache exactly: c-1 context steps + h imagined ones
+    slots, frames = states(DYN, b, context, torch.Generator().manual_seed(2))
+    acts = torch.randint(DYN.num_actions, (b, context))
+    ctx = SimpleNamespace(slot_codes=slots, frame_codes=frames)
+    traj = imagine(dyn_model, ac.actor, ctx, acts, h, temperature=0.0)
+    assert traj.slot_codes.shape == (b, h + 1, 3, 2) and traj.frame_codes.shape == (b, h + 1, 2)
+    assert traj.actions.shape == traj.rewards.shape == traj.continues.shape == (b, h)
+    assert traj.actions.min() >= 0 and traj.actions.max() < DYN.num_actions
+    assert ((traj.continues >= 0) & (traj.continues <= 1)).all()
+    assert torch.equal(traj.slot_codes[:, 0], slots[:, -1])
+    # Re-run context + imagined steps in one uncached forward: same rewards, continues and (argmax) codes.
+    full_slots = torch.cat([slots[:, :-1], traj.slot_codes[:, :-1]], 1)
+    full_frames = torch.cat([frames[:, :-1], traj.frame_codes[:, :-1]], 1)
+    full_actions = torch.cat([acts[:, :-1], traj.actions], 1)
+    with torch.no_grad():
+        pred = dyn_model(full_slots, full_frames, full_actions)
+    tail = slice(context - 1, None)
+    torch.testing.assert_close(twohot.mean(pred.reward_logits[:, tail]), traj.rewards, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.sigmoid(pred.cont_logits[:, tail]), traj.continues, atol=1e-5, rtol=1e-5)
+    assert torch.equal(pred.slot_logits[:, tail].argmax(-1), traj.slot_codes[:, 1:])
+    with pytest.raises(ValueError, match="max_steps"):  # one step more than the dynamics' time embedding
+        imagine(dyn_model, ac.actor, ctx, acts, h + 1)
+
+
+def test_imagine_determinism_no_frames():
+    dyn = DynamicsConfig(**{**DYN.__dict__, "frame_vars": 0})
+    dyn_model = make_dynamics(dyn)
+    ac = ActorCritic(dyn, AC)
+    slots, _ = states(dyn, 3, 2, torch.Generator().manual_seed(3))
+    ctx = SimpleNamespace(slot_codes=slots, frame_codes=None)
+    acts = torch.zeros(3, 2, dtype=torch.long)
+    runs = [imagine(dyn_model, ac.actor, ctx, acts, 5, generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
+    assert runs[0].frame_codes is None
+    assert torch.equal(runs[0].slot_codes, runs[1].slot_codes) and torch.equal(runs[0].actions, runs[1].actions)
+    assert not (torch.equal(runs[0].slot_codes, runs[2].slot_codes) and torch.equal(runs[0].actions, runs[2].actions))
+    seeded = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        seeded.append(imagine(dyn_model, ac.actor, ctx, acts, 5))
+    assert torch.equal(seeded[0].slot_codes, seeded[1].slot_codes) and torch.equal(seeded[0].rewards, seeded[1].rewards)
+
+
+def bandit_trajectory(ac, gen, b=32, h=4, reward=None):
+    """Random states, actions from the current policy; reward 1 for action 1 (or a constant), never ending."""
+    slots, frames = states(DYN, b, h + 1, gen)
+    actions = ac.act(slots[:, :-1].flatten(0, 1), frames[:, :-1].flatten(0, 1), generator=gen).view(b, h)
+    rewards = (actions == 1).float() if reward is None else torch.full((b, h), reward)
+    return Trajectory(slots, frames, actions, rewards, torch.ones(b, h))
+
+
+def test_update_learns_rewarding_action():
+    torch.manual_seed(0)
+    ac = ActorCritic(DYN, ActorCriticConfig(**{**AC.__dict__, "gamma": 0.5, "actor_lr": 3e-3, "critic_lr": 3e-3}))
+    gen = torch.Generator().manual_seed(0)
+    probe, probe_frames = states(DYN, 64, 1, gen)
+
+    def p_reward():
+        with torch.no_grad():
+            return float(ac.actor.dist(probe[:, 0], probe_frames[:, 0]).probs[:, 1].mean())
+
+    before = p_reward()
+    for _ in range(60):
+        stats = ac.update(bandit_trajectory(ac, gen))
+        assert stats["skipped"] == 0.0
+    assert before < 0.4 and p_reward() > 0.9
+    assert float(ac.act(probe[:, 0], probe_frames[:, 0], sample=False).eq(1).float().mean()) == 1.0
+
+
+def test_critic_learns_constant_reward_value():
+    torch.manual_seed(0)
+    cfg = ActorCriticConfig(**{**AC.__dict__, "gamma": 0.5, "critic_lr": 3e-3, "ema_decay": 0.9})
+    ac = ActorCritic(DYN, cfg)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(150):
+        ac.update(bandit_trajectory(ac, gen, reward=1.0))
+    slots, frames = states(DYN, 64, 1, gen)
+    with torch.no_grad():
+        value = ac.critic.value(slots[:, 0], frames[:, 0])
+    assert value.mean().item() == pytest.approx(1 / (1 - 0.5), abs=0.1)  # r / (1 - gamma * c)
+
+
+def test_nonfinite_loss_skips_update_and_checkpoint_roundtrip():
+    torch.manual_seed(0)
+    ac = ActorCritic(DYN, AC)
+    gen = torch.Generator().manual_seed(2)
+    ac.update(bandit_trajectory(ac, gen))
+    before = {k: v.clone() for k, v in ac.state_dict().items()}
+    traj = bandit_trajectory(ac, gen)
+    traj.rewards[0, 1] = float("nan")
+    stats = ac.update(traj)
+    assert stats["skipped"] == stats["skipped_actor"] == stats["skipped_critic"] == 1.0
+    after = ac.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights, slow critic and normalizer untouched
+    other = ActorCritic(DYN, AC)
+    other.load_state_dict(after)
+    other.load_optimizer_state(copy.deepcopy(ac.optimizer_state()))  # as through a checkpoint file
+    traj = bandit_trajectory(ac, torch.Generator().manual_seed(3))
+    a, b = ac.update(traj), other.update(traj)
+    assert float(a["loss_critic"]) == float(b["loss_critic"])
+    assert all(torch.equal(x, y) for x, y in zip(ac.parameters(), other.parameters()))  # same step after restore
