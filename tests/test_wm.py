@@ -8,7 +8,7 @@ import torch
 import run
 from envs.episodes import EpisodeWriter
 from world_model.config import WorldModelConfig, load_config
-from world_model.train_wm import build_world_model, split_dataset, to_batch, train_wm
+from world_model.train_wm import build_wm_for, split_dataset, to_batch, train_wm
 
 TINY_WM = [
     "encoder.resolution=16", "encoder.model.num_slots=3", "encoder.model.slot_dim=8", "encoder.model.mlp_hidden=16",
@@ -55,7 +55,7 @@ def test_split_holds_out_last_episodes(tmp_path):
 def test_loss_and_gradients_fresh_encoder(tmp_path):
     cfg = wm_cfg(toy_dataset(tmp_path / "d"))
     train, _, meta = split_dataset(cfg)
-    wm = build_world_model(cfg, 3, torch.device("cpu"))
+    wm = build_wm_for(cfg, 3, torch.device("cpu"))
     batch = to_batch(train.sample(2, 4), 16, torch.device("cpu"))
     loss, stats = wm.loss(batch, 0.01)
     loss.backward()
@@ -71,7 +71,7 @@ def test_frozen_pretrained_encoder_and_errors(tmp_path):
     assert run.main(["pretrain", "--data", str(root), "--run-dir", str(pre), "--no-progress", *TINY,
                      "data.resolution=16", "train.steps=1", "model.vq.enabled=true", "model.vq.num_vars=2"]) == 0
     cfg = wm_cfg(root, f"encoder.checkpoint={pre}")
-    wm = build_world_model(cfg, 3, torch.device("cpu"))
+    wm = build_wm_for(cfg, 3, torch.device("cpu"))
     assert not any(p.requires_grad for p in wm.autoencoder.parameters())
     assert cfg.dynamics.num_slots == 4 and cfg.dynamics.num_vars == 2  # taken from the pretrained encoder
     train, _, _ = split_dataset(cfg)
@@ -81,9 +81,9 @@ def test_frozen_pretrained_encoder_and_errors(tmp_path):
     assert run.main(["pretrain", "--data", str(root), "--run-dir", str(novq), "--no-progress", *TINY,
                      "data.resolution=16", "train.steps=1"]) == 0
     with pytest.raises(ValueError, match="VQ"):
-        build_world_model(wm_cfg(root, f"encoder.checkpoint={novq}"), 3, torch.device("cpu"))
+        build_wm_for(wm_cfg(root, f"encoder.checkpoint={novq}"), 3, torch.device("cpu"))
     with pytest.raises(ValueError, match="max_steps"):
-        build_world_model(wm_cfg(root, "dynamics.max_steps=3"), 3, torch.device("cpu"))
+        build_wm_for(wm_cfg(root, "dynamics.max_steps=3"), 3, torch.device("cpu"))
 
 
 def test_train_resume_exact_and_eval_cli(tmp_path, capsys):
@@ -108,7 +108,7 @@ def test_every_wm_preset_trains_one_step(preset, tmp_path):
     cfg = load_config(WorldModelConfig, preset, [f"data.root={root}", "data.seq_len=4"])
     torch.manual_seed(0)
     train, _, _ = split_dataset(cfg)
-    wm = build_world_model(cfg, 3, torch.device("cpu"))
+    wm = build_wm_for(cfg, 3, torch.device("cpu"))
     loss, _ = wm.loss(to_batch(train.sample(2, 4), cfg.encoder.resolution, torch.device("cpu")), 0.01)
     loss.backward()
     assert torch.isfinite(loss)
@@ -120,7 +120,7 @@ def test_copy_baselines_on_still_frames(tmp_path):
 
     cfg = wm_cfg(toy_dataset(tmp_path / "d", moves=1), "eval.segments=8")
     _, held, _ = split_dataset(cfg)
-    wm = build_world_model(cfg, 3, torch.device("cpu"))
+    wm = build_wm_for(cfg, 3, torch.device("cpu"))
     result = evaluate_wm(wm, held, cfg, torch.device("cpu"))
     assert result["h1/frame_mse_copy"] == 0.0 and result["h3/frame_mse_copy"] == 0.0
     held.rng = np.random.default_rng(2025)  # evaluate_wm's segment draw, repeated

@@ -18,7 +18,9 @@ import torch
 from agent.replay import ReplayBuffer
 from envs.episodes import episode_paths, load_episode, read_meta
 
-from .config import WorldModelConfig, load_config, save_config
+from .config import WMEncoderConfig, WorldModelConfig, load_config, save_config
+from .dynamics import DynamicsConfig
+from .frame_tokenizer import FrameTokenizerConfig
 from .pretrain import TRAIN_STREAM, autocast, guarded_update, load_run, stream_seed
 from .perception import SlotAutoencoder
 from .rundir import MetricLogger, RunDir, resolve_device, rng_state, seed_everything, set_rng_state
@@ -50,29 +52,35 @@ def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, R
     return train, held_out, meta
 
 
-def build_world_model(cfg: WorldModelConfig, num_actions: int, device: torch.device) -> WorldModel:
-    """Encoder from a pretrained run (or fresh), frame tokenizer and dynamics sized to match."""
-    e = cfg.encoder
-    if e.checkpoint:
-        pre_cfg, autoencoder, _ = load_run(e.checkpoint, device)
+def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: DynamicsConfig, num_actions: int,
+                      device: torch.device, longest: int) -> WorldModel:
+    """Encoder from a pretrained run (or fresh), frame tokenizer and dynamics sized to match; `enc` takes the
+    pretrained run's model config, and the returned model's `dynamics.cfg` is the completed dynamics config.
+    `longest`: the longest sequence (in steps) the dynamics must hold."""
+    if enc.checkpoint:
+        pre_cfg, autoencoder, _ = load_run(enc.checkpoint, device)
         if not isinstance(autoencoder, SlotAutoencoder):
-            raise ValueError(f"encoder.checkpoint={e.checkpoint} is a {pre_cfg.task} run; the world model needs a "
+            raise ValueError(f"encoder.checkpoint={enc.checkpoint} is a {pre_cfg.task} run; the world model needs a "
                              "discovery run (run.py pretrain --data DIR model.vq.enabled=true)")
-        model_cfg, resolution, joint = pre_cfg.model, pre_cfg.data.resolution, e.mode == "joint"
-        cfg.encoder.model, cfg.encoder.resolution = model_cfg, resolution
+        enc.model, enc.resolution, joint = pre_cfg.model, pre_cfg.data.resolution, enc.mode == "joint"
     else:
-        model_cfg, resolution, joint = e.model, e.resolution, True
-        autoencoder = SlotAutoencoder(model_cfg, resolution)
-    if not model_cfg.vq.enabled:
+        autoencoder, joint = SlotAutoencoder(enc.model, enc.resolution), True
+    if not enc.model.vq.enabled:
         raise ValueError("the world model needs a VQ slot encoder: pretrain with model.vq.enabled=true")
-    cfg.dynamics = replace(cfg.dynamics, num_slots=model_cfg.num_slots, num_vars=model_cfg.vq.num_vars,
-                           num_codes=model_cfg.vq.num_codes, frame_vars=cfg.frame.vars, frame_codes=cfg.frame.codes,
-                           num_actions=num_actions)
-    needed = max(cfg.data.seq_len, cfg.eval.context + max(cfg.eval.horizons))
-    if cfg.dynamics.max_steps < needed:
-        raise ValueError(f"dynamics.max_steps={cfg.dynamics.max_steps} is shorter than the longest sequence "
-                         f"({needed} steps: data.seq_len or eval.context + the longest horizon)")
-    return WorldModel(autoencoder, resolution, cfg.frame, cfg.dynamics, joint).to(device)
+    dyn = replace(dyn, num_slots=enc.model.num_slots, num_vars=enc.model.vq.num_vars, num_codes=enc.model.vq.num_codes,
+                  frame_vars=frame.vars, frame_codes=frame.codes, num_actions=num_actions)
+    if dyn.max_steps < longest:
+        raise ValueError(f"dynamics.max_steps={dyn.max_steps} is shorter than the longest sequence ({longest} steps: "
+                         "the training segment, or the evaluation context plus its longest horizon)")
+    return WorldModel(autoencoder, enc.resolution, frame, dyn, joint).to(device)
+
+
+def build_wm_for(cfg: WorldModelConfig, num_actions: int, device: torch.device) -> WorldModel:
+    """`build_world_model` for a train-wm config (which then records the completed dynamics config)."""
+    longest = max(cfg.data.seq_len, cfg.eval.context + max(cfg.eval.horizons))
+    wm = build_world_model(cfg.encoder, cfg.frame, cfg.dynamics, num_actions, device, longest)
+    cfg.dynamics = wm.dynamics.cfg
+    return wm
 
 
 def to_batch(sample: dict, resolution: int, device: torch.device) -> dict:
@@ -154,7 +162,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     train_buf, held_out, meta = split_dataset(cfg, cfg.train.seed)
-    wm = build_world_model(cfg, int(meta["num_actions"]), device)
+    wm = build_wm_for(cfg, int(meta["num_actions"]), device)
     params = [p for p in wm.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.train.lr)
     step = skipped = 0
@@ -221,7 +229,7 @@ def load_wm_run(run_dir: str, device: torch.device) -> tuple[WorldModelConfig, W
     cfg = load_config(WorldModelConfig, run.config_path)
     state = run.load_checkpoint(map_location=device)
     cfg.encoder.checkpoint = None  # the weights below include the encoder
-    wm = build_world_model(cfg, state["num_actions"], device)
+    wm = build_wm_for(cfg, state["num_actions"], device)
     wm.load_state_dict(state["model"])
     wm.eval()
     return cfg, wm, state

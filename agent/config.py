@@ -1,0 +1,59 @@
+"""Typed configuration of `run.py train`: environment, world model, actor-critic, replay and the loop."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from world_model.config import ModelConfig, VQConfig, WMEncoderConfig
+from world_model.dynamics import DynamicsConfig
+from world_model.frame_tokenizer import FrameTokenizerConfig
+
+from .actor_critic import ActorCriticConfig
+
+
+@dataclass
+class EnvConfig:
+    name: str = "crafter"  # crafter | nethack
+    num_envs: int = 4
+    envs_per_worker: int = 1
+    asynchronous: bool = True  # worker processes (crash-resilient); false = in-process
+    size: int = 64  # image side in pixels
+    max_episode_steps: int = 0  # 0 = the game's own limit (Crafter 10000, NetHack 10000)
+
+
+@dataclass
+class ReplayConfig:
+    capacity: int = 1_000_000  # steps
+
+
+@dataclass
+class LoopConfig:
+    env_steps: int = 1_000_000  # total env steps (all envs together)
+    prefill: int = 5000  # uniform-random env steps before the first update
+    train_ratio: float = 32.0  # replayed steps per env step: updates x batch_size x seq_len / env steps
+    batch_size: int = 16
+    seq_len: int = 64
+    imag_starts: int = 256  # imagined trajectories per update, starting from replayed states
+    wm_lr: float = 1e-4
+    wm_grad_clip: float = 100.0
+    log_every: int = 1000  # env steps
+    eval_every: int = 50_000  # env steps; 0 = only at the end
+    eval_episodes: int = 4
+    ckpt_every: int = 10_000  # env steps
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on CUDA
+    threads: int = 0
+
+
+@dataclass
+class AgentConfig:
+    """`run.py train`: an object-centric world-model agent trained end to end on Crafter or NetHack."""
+
+    env: EnvConfig = field(default_factory=EnvConfig)
+    encoder: WMEncoderConfig = field(default_factory=lambda: WMEncoderConfig(
+        mode="joint", model=ModelConfig(num_slots=8, vq=VQConfig(enabled=True))))
+    frame: FrameTokenizerConfig = field(default_factory=FrameTokenizerConfig)
+    dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
+    actor_critic: ActorCriticConfig = field(default_factory=ActorCriticConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)

@@ -1,0 +1,39 @@
+"""Acting in real environments: each env's frames are encoded with its slots carried over from its previous
+frame (reset to the learned initialization at the start of an episode), then the actor picks an action."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from world_model.wm import WorldModel, frames_to_input
+
+from .actor_critic import ActorCritic
+
+
+class SlotPolicy:
+    """Batched policy over `num_envs` real envs; call `act` once per vector step."""
+
+    def __init__(self, wm: WorldModel, ac: ActorCritic, num_envs: int, device: torch.device):
+        self.wm, self.ac, self.device = wm, ac, device
+        self.prev: Optional[torch.Tensor] = None  # b k d raw slots of each env's previous frame
+
+    @torch.no_grad()
+    def act(self, images: np.ndarray, is_first: np.ndarray, sample: bool = True,
+            generator: Optional[torch.Generator] = None) -> np.ndarray:
+        """images `b h w 3` uint8, is_first `b` bool (a new episode starts at this frame) -> actions `b`."""
+        x = frames_to_input(torch.as_tensor(images, device=self.device)[:, None], self.wm.resolution)[:, 0]
+        encoder = self.wm.autoencoder.encoder
+        init = encoder.slot_module.initial_slots(x.shape[0], x.device)
+        if self.prev is None:
+            prev = init
+        else:
+            prev = torch.where(torch.as_tensor(is_first, device=x.device)[:, None, None], init, self.prev)
+        out = encoder(x, prev)
+        self.prev = out.raw_slots
+        frame_codes = None
+        if self.wm.frame_tokenizer is not None:
+            tok = self.wm.frame_tokenizer
+            frame_codes = tok.logits(x).argmax(-1)
+        return self.ac.act(out.codes, frame_codes, sample=sample, generator=generator).cpu().numpy()

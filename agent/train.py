@@ -1,0 +1,257 @@
+"""`run.py train`: the whole agent loop — vectorized env workers collect with the current policy into a
+replay buffer; the world model and the actor-critic (in imagination) train at a fixed train ratio; periodic
+evaluation episodes; everything in one run directory, resumable at the same env step.
+
+Run directory: config.yaml, checkpoints/latest.pt (models, optimizers, counters, RNG), replay/<step>.npz
+(the buffer that checkpoint belongs to, written first), stats.jsonl (every training episode, crafter's
+schema for Crafter), eval_stats.jsonl, metrics.jsonl and tb/.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from envs.collect import env_fn
+from envs.episodes import obs_dict
+from envs.vector import make_vector_env
+from world_model.config import save_config
+from world_model.pretrain import autocast, guarded_update
+from world_model.rundir import MetricLogger, RunDir, resolve_device, rng_state, seed_everything, set_rng_state
+from world_model.train_wm import build_world_model, to_batch
+from world_model.wm import WorldModel
+
+from .actor_critic import ActorCritic
+from .config import AgentConfig
+from .imagination import imagine
+from .policy import SlotPolicy
+from .replay import ReplayBuffer
+
+IMAG_CONTEXT = 1  # imagination starts from single replayed states (the slots carry what the agent needs)
+
+
+def env_kwargs(cfg: AgentConfig, stats_path: Optional[Path]) -> dict:
+    crafter = cfg.env.name == "crafter"
+    kwargs = {"size" if crafter else "resolution": cfg.env.size, "stats_path": str(stats_path) if stats_path else None}
+    if cfg.env.max_episode_steps:
+        kwargs["length" if crafter else "max_episode_steps"] = cfg.env.max_episode_steps
+    return kwargs
+
+
+def build_agent(cfg: AgentConfig, num_actions: int, device: torch.device) -> tuple[WorldModel, ActorCritic]:
+    longest = max(cfg.train.seq_len, IMAG_CONTEXT + cfg.actor_critic.horizon)
+    wm = build_world_model(cfg.encoder, cfg.frame, cfg.dynamics, num_actions, device, longest)
+    cfg.dynamics = wm.dynamics.cfg
+    return wm, ActorCritic(cfg.dynamics, cfg.actor_critic).to(device)
+
+
+def updates_due(env_steps: int, cfg: AgentConfig) -> int:
+    """Updates owed after `env_steps` so that replayed steps / env steps = train_ratio (after prefill)."""
+    t = cfg.train
+    if env_steps < t.prefill:
+        return 0
+    return int(env_steps * t.train_ratio / (t.batch_size * t.seq_len))
+
+
+def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, replay: ReplayBuffer,
+               cfg: AgentConfig, device: torch.device) -> dict:
+    """One world-model update on a replayed batch, then one actor-critic update in imagination from its states."""
+    t = cfg.train
+    batch = to_batch(replay.sample(t.batch_size, t.seq_len), wm.resolution, device)
+    wm.train()
+    with autocast(device, t.amp):
+        loss, stats = wm.loss(batch, cfg.encoder.model.vq.beta)
+    problem = guarded_update(loss, [p for p in wm.parameters() if p.requires_grad], wm_opt, t.wm_grad_clip, stats)
+    stats = {f"wm/{k}": float(v) for k, v in stats.items()}
+    stats["wm/skipped"] = float(problem is not None)
+    wm.eval()
+    with torch.no_grad():
+        enc = wm.encode(batch["images"])
+    starts = torch.randperm(t.batch_size * t.seq_len, device=device)[:t.imag_starts]
+    context = _Context(enc.slot_codes.flatten(0, 1)[starts, None],
+                       enc.frame_codes.flatten(0, 1)[starts, None] if enc.frame_codes is not None else None)
+    with autocast(device, t.amp):
+        traj = imagine(wm.dynamics, ac.actor, context, None, cfg.actor_critic.horizon)
+        stats.update({f"ac/{k}": float(v) for k, v in ac.update(traj).items()})
+    stats["ac/imagined_reward"] = float(traj.rewards.mean())
+    return stats
+
+
+class _Context:
+    """Start states for imagination: slot codes `b 1 k v`, frame codes `b 1 g`."""
+
+    def __init__(self, slot_codes: torch.Tensor, frame_codes: Optional[torch.Tensor]):
+        self.slot_codes, self.frame_codes = slot_codes, frame_codes
+
+
+def replay_spec(venv) -> dict:
+    import gymnasium as gym
+
+    space = venv.single_observation_space
+    spaces = space.spaces if isinstance(space, gym.spaces.Dict) else {"image": space}
+    return {k: (s.shape, s.dtype) for k, s in spaces.items()}
+
+
+def _step_record(obs: dict, i: int, action: int, reward: float, term: bool, trunc: bool, first: bool) -> dict:
+    rec = {k: v[i] for k, v in obs.items()}
+    rec.update(action=int(action) if not first else 0, reward=float(reward) if not first else 0.0,
+               is_first=first, is_last=bool(term or trunc) and not first, is_terminal=bool(term) and not first)
+    return rec
+
+
+def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool = True) -> dict:
+    """Train (or continue) an agent run; returns the last evaluation."""
+    from tqdm import tqdm
+
+    run = RunDir.open(run_dir, resume)
+    device = resolve_device(cfg.train.device)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    t = cfg.train
+    venv = make_vector_env(env_fn(cfg.env.name, **env_kwargs(cfg, run.path / "stats.jsonl")), cfg.env.num_envs,
+                           envs_per_worker=cfg.env.envs_per_worker, asynchronous=cfg.env.asynchronous)
+    try:
+        num_actions = int(venv.single_action_space.n)
+        wm, ac = build_agent(cfg, num_actions, device)
+        wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=t.wm_lr, eps=1e-8)
+        counters = {"env_steps": 0, "updates": 0, "episodes": 0, "vector_steps": 0}
+        replay = ReplayBuffer(cfg.replay.capacity, replay_spec(venv), seed=t.seed)
+        if resume:
+            state = run.load_checkpoint(map_location=device)
+            wm.load_state_dict(state["wm"])
+            ac.load_state_dict(state["ac"])
+            wm_opt.load_state_dict(state["wm_opt"])
+            ac.load_optimizer_state(state["ac_opt"])
+            counters = state["counters"]
+            set_rng_state(state["rng"])
+            replay = ReplayBuffer.load(run.path / state["replay"])
+        save_config(cfg, run.config_path)
+        logger = MetricLogger(run, start_step=counters["env_steps"])
+        policy = SlotPolicy(wm, ac, cfg.env.num_envs, device)
+        rng = np.random.default_rng([t.seed, counters["vector_steps"]])
+        last_eval: dict = {}
+
+        def checkpoint() -> None:
+            name = f"replay/{counters['env_steps']:012d}.npz"
+            (run.path / "replay").mkdir(exist_ok=True)
+            replay.save(run.path / name)  # the replay first: the checkpoint never names a missing file
+            run.save_checkpoint({"wm": wm.state_dict(), "ac": ac.state_dict(), "wm_opt": wm_opt.state_dict(),
+                                 "ac_opt": ac.optimizer_state(), "counters": dict(counters), "rng": rng_state(),
+                                 "replay": name, "config": asdict(cfg), "num_actions": num_actions})
+            for old in (run.path / "replay").glob("*.npz"):
+                if old.name != Path(name).name:
+                    old.unlink()
+
+        obs, _ = venv.reset(seed=t.seed + counters["vector_steps"])
+        obs = obs_dict(obs)
+        for i in range(cfg.env.num_envs):
+            replay.add(_step_record(obs, i, 0, 0.0, False, False, True), worker=i)
+        obs_first = np.ones(cfg.env.num_envs, bool)  # the current observation starts an episode
+        ended = np.zeros(cfg.env.num_envs, bool)  # the last step ended the episode (the next one resets it)
+        bar = tqdm(total=t.env_steps, initial=counters["env_steps"], desc=f"train {cfg.env.name}",
+                   disable=not progress, dynamic_ncols=True, unit="step")
+        next_log = (counters["env_steps"] // t.log_every + 1) * t.log_every
+        next_ckpt = (counters["env_steps"] // t.ckpt_every + 1) * t.ckpt_every
+        next_eval = (counters["env_steps"] // t.eval_every + 1) * t.eval_every if t.eval_every else None
+        t_last, steps_last, stats = time.perf_counter(), counters["env_steps"], {}
+        while counters["env_steps"] < t.env_steps:
+            if counters["env_steps"] < t.prefill:
+                actions = rng.integers(num_actions, size=cfg.env.num_envs)
+            else:
+                wm.eval()
+                actions = policy.act(obs["image"], obs_first)
+            raw, rewards, terms, truncs, _ = venv.step(actions)
+            obs = obs_dict(raw)
+            for i in range(cfg.env.num_envs):  # NEXT_STEP autoreset: after an end comes a first observation
+                replay.add(_step_record(obs, i, actions[i], rewards[i], terms[i], truncs[i], bool(ended[i])), worker=i)
+            obs_first, ended = ended, np.logical_or(terms, truncs) & ~ended
+            counters["episodes"] += int(ended.sum())
+            counters["vector_steps"] += 1
+            counters["env_steps"] += cfg.env.num_envs
+            bar.update(cfg.env.num_envs)
+            while counters["updates"] < updates_due(counters["env_steps"], cfg):
+                stats = train_step(wm, ac, wm_opt, replay, cfg, device)
+                counters["updates"] += 1
+            if counters["env_steps"] >= next_log:
+                next_log += t.log_every
+                now = time.perf_counter()
+                row = dict(stats, env_steps_per_s=(counters["env_steps"] - steps_last) / (now - t_last),
+                           replay_steps=len(replay), updates=counters["updates"], episodes=counters["episodes"],
+                           replay_ratio=counters["updates"] * t.batch_size * t.seq_len / counters["env_steps"])
+                t_last, steps_last = now, counters["env_steps"]
+                row.update(_score(run.path / "stats.jsonl", cfg.env.name, "train/"))
+                logger.scalars(counters["env_steps"], row)
+                bar.set_postfix(episodes=counters["episodes"], updates=counters["updates"])
+            if next_eval is not None and counters["env_steps"] >= next_eval:
+                next_eval += t.eval_every
+                last_eval = evaluate_agent(wm, ac, cfg, device, t.eval_episodes, run.path / "eval_stats.jsonl")
+                logger.scalars(counters["env_steps"], last_eval, prefix="eval/")
+            if counters["env_steps"] >= next_ckpt or counters["env_steps"] >= t.env_steps:
+                next_ckpt += t.ckpt_every
+                checkpoint()
+                logger.flush()
+        bar.close()
+        if not last_eval or next_eval is None:
+            last_eval = evaluate_agent(wm, ac, cfg, device, t.eval_episodes, run.path / "eval_stats.jsonl")
+            logger.scalars(counters["env_steps"], last_eval, prefix="eval/")
+        last_eval.update(_score(run.path / "stats.jsonl", cfg.env.name, "train_"))
+        logger.close()
+        return last_eval
+    finally:
+        venv.close()
+
+
+def _score(path: Path, env: str, prefix: str) -> dict:
+    """The benchmark numbers of the episodes in a stats file: Crafter score and return, or NetHack score/depth."""
+    if not path.is_file() or not path.read_text().strip():
+        return {}
+    if env == "crafter":
+        from envs.crafter import crafter_score
+
+        s = crafter_score(path)
+        return {f"{prefix}crafter_score": s["score"], f"{prefix}return": s["mean_return"],
+                f"{prefix}episodes": s["episodes"], f"{prefix}length": s["mean_length"]}
+    from envs.nethack import nethack_summary
+
+    s = nethack_summary(path)
+    return {f"{prefix}score": s["mean_score"], f"{prefix}depth": s["mean_depth"], f"{prefix}episodes": s["episodes"],
+            f"{prefix}length": s["mean_length"]}
+
+
+@torch.no_grad()
+def evaluate_agent(wm: Optional[WorldModel], ac: Optional[ActorCritic], cfg: AgentConfig, device: torch.device,
+                   episodes: int, stats_path: Path, seed: int = 10_000) -> dict:
+    """`episodes` full episodes in one in-process env with the policy (or uniform random actions when `ac` is
+    None); their records are appended to `stats_path`. Returns the benchmark numbers of those episodes."""
+    from envs.collect import make_env
+
+    stats_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = stats_path.with_name(stats_path.stem + ".last.jsonl")
+    tmp.unlink(missing_ok=True)
+    env = make_env(cfg.env.name, **env_kwargs(cfg, tmp))
+    rng = np.random.default_rng(seed)
+    policy = SlotPolicy(wm, ac, 1, device) if ac is not None else None
+    try:
+        for e in range(episodes):
+            obs, _ = env.reset(seed=seed + e)
+            first, done = True, False
+            while not done:
+                if policy is None:
+                    action = int(rng.integers(env.action_space.n))
+                else:
+                    image = obs_dict(obs)["image"][None]
+                    action = int(policy.act(image, np.array([first]))[0])
+                obs, _, term, trunc, _ = env.step(action)
+                first, done = False, term or trunc
+    finally:
+        env.close()
+    result = _score(tmp, cfg.env.name, "")
+    with open(stats_path, "a") as f:
+        f.write(tmp.read_text())
+    tmp.unlink()
+    return result

@@ -1,0 +1,75 @@
+"""The agent loop: the tiny preset end to end, the replay-ratio invariant, resume after SIGKILL, eval."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import run
+from agent.config import AgentConfig
+from agent.replay import ReplayBuffer
+from agent.train import train, updates_due
+from world_model.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["env.asynchronous=false", "train.env_steps=240", "train.prefill=120", "train.log_every=40",
+        "train.ckpt_every=120", "train.eval_episodes=1", "env.max_episode_steps=60", "train.train_ratio=2"]
+
+
+def tiny(*extra):
+    return load_config(AgentConfig, ROOT / "configs/tiny.yaml", [*FAST, *extra])
+
+
+def test_replay_ratio_invariant():
+    cfg = tiny()
+    t = cfg.train
+    assert updates_due(t.prefill - 1, cfg) == 0
+    for steps in (t.prefill, 1000, 12_345):
+        replayed = updates_due(steps, cfg) * t.batch_size * t.seq_len
+        assert steps * t.train_ratio - t.batch_size * t.seq_len < replayed <= steps * t.train_ratio
+
+
+def test_tiny_preset_end_to_end(tmp_path):
+    result = train(tiny(), str(tmp_path / "run"), progress=False)
+    assert {"crafter_score", "return", "train_crafter_score", "train_episodes"} <= set(result)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "replay_ratio" in r][-1]
+    assert last["step"] == 240 and last["updates"] == updates_due(240, tiny())
+    assert abs(last["replay_ratio"] - 2.0) < 32 / 240 + 1e-9  # within one update of the train ratio
+    assert len(list((tmp_path / "run" / "replay").glob("*.npz"))) == 1
+    assert (tmp_path / "run" / "stats.jsonl").read_text().strip()  # training episodes, crafter schema
+    assert run.main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", "1"]) == 0
+    assert run.main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", "1", "--policy", "random"]) == 0
+    assert (tmp_path / "run" / "random_stats.jsonl").is_file()
+
+
+def test_resume_after_sigkill(tmp_path):
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "run.py", "train", "--run-dir", str(run_dir), "--no-progress", *FAST,
+            "train.env_steps=100000", "train.ckpt_every=60", "train.prefill=100000"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = run_dir / "checkpoints" / "latest.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if ckpt.is_file() and torch.load(ckpt, weights_only=False)["counters"]["env_steps"] >= 120:
+            break
+        time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = torch.load(ckpt, weights_only=False)  # never torn: written to a temp file and renamed
+    steps = state["counters"]["env_steps"]
+    saved = ReplayBuffer.load(run_dir / state["replay"])
+    assert steps >= 120 and len(saved) == saved.steps_added == steps + 2  # 2 first frames, then one per env step
+    cfg = load_config(AgentConfig, run_dir / "config.yaml", [f"train.env_steps={steps + 20}"])
+    train(cfg, str(run_dir), resume=True, progress=False)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    after = torch.load(ckpt, weights_only=False)
+    assert after["counters"]["env_steps"] == steps + 20
+    resumed = ReplayBuffer.load(run_dir / after["replay"])
+    assert len(resumed) == len(saved) + 2 + 20  # the saved replay, the new first frames, the new steps
+    assert rows[-1]["step"] == steps + 20
