@@ -172,7 +172,18 @@ def cmd_eval(args) -> None:
     from agent.evaluate import evaluate_run
 
     result = evaluate_run(args.checkpoint, args.episodes, policy=args.policy, device=args.device)
-    print(json.dumps(result, indent=2))
+    out = Path(args.checkpoint) / f"eval_{args.policy}.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"{result['env']} {args.policy} policy at env step {result['env_steps']}: {result['episodes']} episodes")
+    if "success_rates" in result:
+        print(f"  Crafter score {result['score']:.2f}, mean return {result['mean_return']:.2f}, "
+              f"mean length {result['mean_length']:.0f}")
+        for name, rate in sorted(result["success_rates"].items(), key=lambda kv: -kv[1]):
+            print(f"  {name:<20} {rate:6.1f} %")
+    else:
+        print(f"  mean score {result['mean_score']:.1f}, mean depth {result['mean_depth']:.2f}, "
+              f"max depth {result['max_depth']}, mean length {result['mean_length']:.0f}")
+    print(f"written to {out}")
 
 
 def cmd_bench(args) -> None:
