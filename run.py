@@ -30,7 +30,9 @@ def _overrides_help() -> str:
 def cmd_config(args) -> None:
     from world_model.config import PretrainConfig, WorldModelConfig, load_config, to_yaml
 
-    schema = {"pretrain": PretrainConfig, "train-wm": WorldModelConfig}[args.command_schema]
+    from agent.config import AgentConfig
+
+    schema = {"pretrain": PretrainConfig, "train-wm": WorldModelConfig, "train": AgentConfig}[args.command_schema]
     print(to_yaml(load_config(schema, args.config, args.overrides)), end="")
 
 
@@ -294,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "replay buffer; the VQ slot encoder + world model and the actor-critic (in imagination) train "
                        "at train.train_ratio replayed steps per env step; periodic evaluation episodes. Everything "
                        "goes to the run directory (config, checkpoints with the replay, stats.jsonl of every "
-                       "training episode, tensorboard, metrics.jsonl). Presets: configs/tiny.yaml (default, ~1 min "
-                       "on CPU), configs/crafter.yaml, configs/nethack.yaml.")
+                       "training episode, tensorboard, metrics.jsonl). Presets: configs/tiny.yaml (default, ~1.5 "
+                       "min on CPU), configs/crafter.yaml, configs/nethack.yaml (GPU-sized).")
     s.add_argument("--config", help="YAML preset (default configs/tiny.yaml)")
     s.add_argument("--run-dir", help="run directory (default runs/agent-<env>-<time>)")
     s.add_argument("--resume", metavar="RUN", help="continue the run in RUN at its last checkpoint")
@@ -328,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("config", help="print a resolved config (preset + overrides) and exit")
-    s.add_argument("--for", dest="command_schema", choices=["pretrain", "train-wm"], default="pretrain",
+    s.add_argument("--for", dest="command_schema", choices=["pretrain", "train-wm", "train"], default="pretrain",
                    help="which command's config schema (default pretrain)")
     s.add_argument("--config", help="YAML preset")
     s.add_argument("overrides", nargs="*", help=_overrides_help())

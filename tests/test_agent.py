@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 import run
@@ -72,3 +73,24 @@ def test_resume_after_sigkill(tmp_path):
     resumed = ReplayBuffer.load(run_dir / after["replay"])
     assert len(resumed) == len(saved) + 2 + 20  # the saved replay, the new first frames, the new steps
     assert rows[-1]["step"] == steps + 20
+
+
+@pytest.mark.parametrize("preset,num_actions", [("tiny", 17), ("crafter", 17), ("nethack", 23)])
+def test_every_agent_preset_trains_one_step(preset, num_actions):
+    """Each agent preset's architecture: one world-model + actor-critic update at batch 2 on 4-step segments."""
+    import numpy as np
+
+    from agent.train import build_agent, train_step
+
+    cfg = load_config(AgentConfig, ROOT / f"configs/{preset}.yaml",
+                      ["train.batch_size=2", "train.seq_len=4", "train.imag_starts=4", "actor_critic.horizon=3"])
+    torch.manual_seed(0)
+    wm, ac = build_agent(cfg, num_actions, torch.device("cpu"))
+    opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=1e-4)
+    replay = ReplayBuffer(64, {"image": ((cfg.env.size, cfg.env.size, 3), np.uint8)})
+    rng = np.random.default_rng(0)
+    replay.add_episode({"image": rng.integers(0, 255, (8, cfg.env.size, cfg.env.size, 3), dtype=np.uint8),
+                        "action": rng.integers(num_actions, size=8), "reward": np.zeros(8, np.float32),
+                        "is_first": np.arange(8) == 0, "is_last": np.arange(8) == 7, "is_terminal": np.zeros(8, bool)})
+    stats = train_step(wm, ac, opt, replay, cfg, torch.device("cpu"))
+    assert np.isfinite(stats["wm/loss"]) and stats["wm/skipped"] == 0 and np.isfinite(stats["ac/loss_critic"])

@@ -166,6 +166,7 @@ CHOICES = {
     "model.slots": ("gmm", "slot_attention"),
     "data.source": ("generated", "clevr", "frames"),
     "encoder.mode": ("frozen", "joint"),
+    "env.name": ("crafter", "nethack"),
 }
 
 
@@ -185,7 +186,7 @@ def _explain(err: OmegaConfBaseException, schema: Any, where: str) -> ConfigErro
     if "not in struct" in msg or "Key '" in msg and "not in" in msg:
         close = difflib.get_close_matches(key, _keys(schema), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return ConfigError(f"unknown config key '{key}' in {where}{hint}; run `python run.py config [--for train-wm]` to list keys")
+        return ConfigError(f"unknown config key '{key}' in {where}{hint}; run `python run.py config [--for train-wm|train]` to list keys")
     return ConfigError(f"bad config value for '{key}' in {where}: {msg}")
 
 
