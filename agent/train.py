@@ -177,10 +177,14 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             while counters["updates"] < updates_due(counters["env_steps"], cfg):
                 stats = train_step(wm, ac, wm_opt, replay, cfg, device)
                 counters["updates"] += 1
+                # A non-finite loss or gradient skipped that update (it never reaches weights or checkpoints).
+                counters["skipped_wm"] = counters.get("skipped_wm", 0) + int(stats["wm/skipped"])
+                counters["skipped_ac"] = counters.get("skipped_ac", 0) + int(stats.get("ac/skipped", 0))
             if counters["env_steps"] >= next_log:
                 next_log += t.log_every
                 now = time.perf_counter()
                 row = dict(stats, env_steps_per_s=(counters["env_steps"] - steps_last) / (now - t_last),
+                           skipped_wm=counters.get("skipped_wm", 0), skipped_ac=counters.get("skipped_ac", 0),
                            replay_steps=len(replay), updates=counters["updates"], episodes=counters["episodes"],
                            replay_ratio=counters["updates"] * t.batch_size * t.seq_len / counters["env_steps"])
                 t_last, steps_last = now, counters["env_steps"]

@@ -75,7 +75,7 @@ def test_resume_after_sigkill(tmp_path):
     assert rows[-1]["step"] == steps + 20
 
 
-@pytest.mark.parametrize("preset,num_actions", [("tiny", 17), ("crafter", 17), ("nethack", 23)])
+@pytest.mark.parametrize("preset,num_actions", [("tiny", 17), ("crafter_cpu", 17), ("crafter", 17), ("nethack", 23)])
 def test_every_agent_preset_trains_one_step(preset, num_actions):
     """Each agent preset's architecture: one world-model + actor-critic update at batch 2 on 4-step segments."""
     import numpy as np
@@ -94,3 +94,21 @@ def test_every_agent_preset_trains_one_step(preset, num_actions):
                         "is_first": np.arange(8) == 0, "is_last": np.arange(8) == 7, "is_terminal": np.zeros(8, bool)})
     stats = train_step(wm, ac, opt, replay, cfg, torch.device("cpu"))
     assert np.isfinite(stats["wm/loss"]) and stats["wm/skipped"] == 0 and np.isfinite(stats["ac/loss_critic"])
+
+
+def test_nan_loss_is_skipped_and_logged(tmp_path, monkeypatch):
+    from world_model.wm import WorldModel
+
+    real_loss = WorldModel.loss
+
+    def nan_loss(self, batch, beta):
+        loss, stats = real_loss(self, batch, beta)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(WorldModel, "loss", nan_loss)
+    train(tiny("train.env_steps=160", "train.ckpt_every=160"), str(tmp_path / "run"), progress=False)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=False)
+    assert state["counters"]["skipped_wm"] == state["counters"]["updates"] > 0
+    assert all(torch.isfinite(v).all() for v in state["wm"].values() if v.is_floating_point())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("skipped_wm", 0) > 0 for r in rows)
