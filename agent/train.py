@@ -64,16 +64,14 @@ def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, r
     batch = to_batch(replay.sample(t.batch_size, t.seq_len), wm.resolution, device)
     wm.train()
     with autocast(device, t.amp):
-        loss, stats = wm.loss(batch, cfg.encoder.model.vq.beta)
+        loss, stats, enc = wm.loss(batch, cfg.encoder.model.vq.beta)
     problem = guarded_update(loss, [p for p in wm.parameters() if p.requires_grad], wm_opt, t.wm_grad_clip, stats)
     stats = {f"wm/{k}": float(v) for k, v in stats.items()}
     stats["wm/skipped"] = float(problem is not None)
     wm.eval()
-    with torch.no_grad():
-        enc = wm.encode(batch["images"])
     starts = torch.randperm(t.batch_size * t.seq_len, device=device)[:t.imag_starts]
-    context = _Context(enc.slot_codes.flatten(0, 1)[starts, None],
-                       enc.frame_codes.flatten(0, 1)[starts, None] if enc.frame_codes is not None else None)
+    frames = enc.frame_codes.flatten(0, 1)[starts, None] if enc.frame_codes is not None else None  # n 1 g
+    context = _Context(enc.slot_codes.flatten(0, 1)[starts, None], frames)  # the replayed states' codes
     with autocast(device, t.amp):
         traj = imagine(wm.dynamics, ac.actor, context, None, cfg.actor_critic.horizon)
         stats.update({f"ac/{k}": float(v) for k, v in ac.update(traj).items()})

@@ -57,7 +57,7 @@ def test_loss_and_gradients_fresh_encoder(tmp_path):
     train, _, meta = split_dataset(cfg)
     wm = build_wm_for(cfg, 3, torch.device("cpu"))
     batch = to_batch(train.sample(2, 4), 16, torch.device("cpu"))
-    loss, stats = wm.loss(batch, 0.01)
+    loss, stats, _ = wm.loss(batch, 0.01)
     loss.backward()
     assert torch.isfinite(loss) and {"loss_slots", "loss_reward", "loss_cont", "loss_slot_recon"} <= set(stats)
     assert all(p.grad is not None for p in wm.autoencoder.encoder.backbone.parameters())  # joint: it learns
@@ -75,7 +75,7 @@ def test_frozen_pretrained_encoder_and_errors(tmp_path):
     assert not any(p.requires_grad for p in wm.autoencoder.parameters())
     assert cfg.dynamics.num_slots == 4 and cfg.dynamics.num_vars == 2  # taken from the pretrained encoder
     train, _, _ = split_dataset(cfg)
-    loss, stats = wm.loss(to_batch(train.sample(2, 4), 16, torch.device("cpu")), 0.01)
+    loss, stats, _ = wm.loss(to_batch(train.sample(2, 4), 16, torch.device("cpu")), 0.01)
     assert "loss_slot_recon" not in stats
     novq = tmp_path / "novq"
     assert run.main(["pretrain", "--data", str(root), "--run-dir", str(novq), "--no-progress", *TINY,
@@ -109,7 +109,7 @@ def test_every_wm_preset_trains_one_step(preset, tmp_path):
     torch.manual_seed(0)
     train, _, _ = split_dataset(cfg)
     wm = build_wm_for(cfg, 3, torch.device("cpu"))
-    loss, _ = wm.loss(to_batch(train.sample(2, 4), cfg.encoder.resolution, torch.device("cpu")), 0.01)
+    loss, _, _ = wm.loss(to_batch(train.sample(2, 4), cfg.encoder.resolution, torch.device("cpu")), 0.01)
     loss.backward()
     assert torch.isfinite(loss)
 

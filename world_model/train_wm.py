@@ -191,7 +191,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
             group["lr"] = cfg.train.lr * lr_factor(step, cfg.train.warmup_steps)
         wm.set_vq_temperature(step, vq.tau_start, vq.tau_end, vq.anneal_steps)
         with autocast(device, cfg.train.amp):
-            loss, stats = wm.loss(batch, vq.beta)
+            loss, stats, _ = wm.loss(batch, vq.beta)
         problem = guarded_update(loss, params, opt, cfg.train.grad_clip, stats)
         if problem:
             skipped += 1

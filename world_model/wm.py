@@ -74,9 +74,10 @@ class WorldModel(nn.Module):
         mean = lambda xs: torch.stack(xs).mean() if xs else None  # noqa: E731
         return Encoded(torch.stack(codes, 1), frame_codes, mean(recon), mean(kl), frame_loss)
 
-    def loss(self, batch: dict, vq_beta: float) -> tuple[torch.Tensor, dict]:
+    def loss(self, batch: dict, vq_beta: float) -> tuple[torch.Tensor, dict, Encoded]:
         """batch: images `b t 3 h w` float, action/reward/is_terminal `b t` in the episode step layout
-        (action t led to frame t). The dynamics input at step t is frame t with the action taken after it."""
+        (action t led to frame t). The dynamics input at step t is frame t with the action taken after it.
+        Also returns the batch's codes (imagination starts from them)."""
         enc = self.encode(batch["images"])
         actions = torch.cat([batch["action"][:, 1:], torch.zeros_like(batch["action"][:, :1])], 1)
         pred = self.dynamics(enc.slot_codes, enc.frame_codes, actions)
@@ -89,7 +90,7 @@ class WorldModel(nn.Module):
             loss = loss + enc.recon_loss + vq_beta * enc.kl
             stats.update(loss_slot_recon=enc.recon_loss.detach(), kl=enc.kl.detach())
         stats["loss"] = loss.detach()
-        return loss, stats
+        return loss, stats, enc
 
     def set_vq_temperature(self, step: int, tau_start: float, tau_end: float, anneal_steps: int) -> None:
         if self.joint:
