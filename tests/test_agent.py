@@ -102,8 +102,8 @@ def test_nan_loss_is_skipped_and_logged(tmp_path, monkeypatch):
     real_loss = WorldModel.loss
 
     def nan_loss(self, batch, beta):
-        loss, stats = real_loss(self, batch, beta)
-        return loss * float("nan"), stats
+        loss, stats, enc = real_loss(self, batch, beta)
+        return loss * float("nan"), stats, enc
 
     monkeypatch.setattr(WorldModel, "loss", nan_loss)
     train(tiny("train.env_steps=160", "train.ckpt_every=160"), str(tmp_path / "run"), progress=False)
