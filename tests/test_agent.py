@@ -112,3 +112,26 @@ def test_nan_loss_is_skipped_and_logged(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in state["wm"].values() if v.is_floating_point())
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("skipped_wm", 0) > 0 for r in rows)
+
+
+def test_killed_env_worker_during_training(tmp_path, monkeypatch):
+    """A worker killed mid-run is restarted; its episode ends truncated in the replay and training goes on."""
+    from envs.vector import ResilientVectorEnv
+
+    real_step, calls = ResilientVectorEnv.step, []
+
+    def step(self, actions):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(self.worker_pids[0], signal.SIGKILL)
+        return real_step(self, actions)
+
+    monkeypatch.setattr(ResilientVectorEnv, "step", step)
+    with pytest.warns(RuntimeWarning, match="died"):
+        train(tiny("env.asynchronous=true", "train.env_steps=160", "train.ckpt_every=160"), str(tmp_path / "run"),
+              progress=False)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=False)
+    assert state["counters"]["env_steps"] == 160 and state["counters"]["episodes"] >= 1
+    replay = ReplayBuffer.load(tmp_path / "run" / state["replay"])
+    firsts = replay.data["is_first"][:len(replay)].sum()
+    assert firsts >= 3  # the 2 initial episodes and the one started after the crash
