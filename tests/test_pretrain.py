@@ -167,3 +167,20 @@ def test_held_out_scenes_do_not_depend_on_batch_size():
     b = torch.cat([b["targets"] for b in eval_batches(cfg, torch.device("cpu"), 66, batch_size=128)])
     assert a.shape[0] == 70 and b.shape[0] == 66
     torch.testing.assert_close(a[:66], b)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_clevr_training_stream_equals_indexed_batches(tmp_path, workers):
+    """One persistent DataLoader for the whole run yields exactly batch(size, seed_i) for each step i."""
+    from envs.clevr import write_dataset
+    from world_model.pretrain import ClevrScenes
+
+    write_dataset(tmp_path / "clevr", 6, split="train", seed=1, batch_size=6)
+    cfg = tiny_cfg("data.source=clevr", f"data.root={tmp_path / 'clevr'}", f"data.num_workers={workers}",
+                   "data.max_objects=10")
+    source = ClevrScenes(cfg, "train", torch.device("cpu"))
+    stream = source.batches(3, iter([11, 12, 13]))
+    for seed in (11, 12, 13):
+        got, want = next(stream), source.batch(3, seed)
+        torch.testing.assert_close(got["images"], want["images"])
+        torch.testing.assert_close(got["targets"], want["targets"])

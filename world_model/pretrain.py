@@ -7,6 +7,7 @@ comes from the torch RNG saved in every checkpoint, so `--resume` continues bit-
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -95,9 +96,22 @@ class ClevrScenes:
         out = {"images": items["image"], "targets": items["target"], "masks": items.get("mask")}
         return {k: (v.to(self.device) if v is not None else None) for k, v in out.items()}
 
-    def batch(self, size: int, seed: int) -> dict:
+    def _indices(self, size: int, seed: int) -> np.ndarray:
         rng = np.random.default_rng(seed)
-        return self._load(rng.choice(len(self.dataset), size=min(size, len(self.dataset)), replace=False))
+        return rng.choice(len(self.dataset), size=min(size, len(self.dataset)), replace=False)
+
+    def batch(self, size: int, seed: int) -> dict:
+        return self._load(self._indices(size, seed))
+
+    def batches(self, size: int, seeds: Iterator[int]) -> Iterator[dict]:
+        """Training batches for a stream of seeds through ONE DataLoader (its workers live for the whole run
+        and decode ahead), batch i being exactly `batch(size, seeds[i])`."""
+        sampler = (self._indices(size, seed).tolist() for seed in seeds)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                                             prefetch_factor=2 if self.num_workers else None)
+        for items in loader:
+            out = {"images": items["image"], "targets": items["target"], "masks": items.get("mask")}
+            yield {k: (v.to(self.device) if v is not None else None) for k, v in out.items()}
 
     def sequential(self, batch_size: int) -> Iterator[dict]:
         for start in range(0, len(self.dataset), batch_size):
@@ -299,8 +313,13 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
     bar = tqdm(total=cfg.train.steps, initial=step, desc=f"pretrain {cfg.task}/{cfg.model.slots}",
                disable=not progress, dynamic_ncols=True)
     t_last, n_last = time.perf_counter(), step
+    seeds = (stream_seed(cfg.train.seed, TRAIN_STREAM, i) for i in itertools.count(step))
+    if hasattr(source, "batches"):
+        stream = source.batches(cfg.train.batch_size, seeds)
+    else:
+        stream = (source.batch(cfg.train.batch_size, seed) for seed in seeds)
     while step < cfg.train.steps:
-        batch = source.batch(cfg.train.batch_size, stream_seed(cfg.train.seed, TRAIN_STREAM, step))
+        batch = next(stream)
         if not torch.isfinite(batch["images"]).all():
             raise ValueError(f"non-finite pixel values in training batch {step}: check the data source")
         for group in opt.param_groups:
