@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 import gymnasium as gym
+from gymnasium.envs.registration import load_env_creator
 import numpy as np
 from tqdm import tqdm
 
@@ -26,7 +27,9 @@ def make_env(name: str, **kwargs) -> gym.Env:
 
     if name not in ENV_IDS:
         raise ValueError(f"unknown env {name!r}; choose one of {sorted(ENV_IDS)}")
-    return gym.make(ENV_IDS[name], disable_env_checker=True, **kwargs).unwrapped
+    # The registered entry point, called directly: gym.make would take `max_episode_steps` for its own
+    # TimeLimit wrapper instead of passing it to the env.
+    return load_env_creator(gym.spec(ENV_IDS[name]).entry_point)(**kwargs)
 
 
 def env_fn(name: str, **kwargs):

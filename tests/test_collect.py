@@ -94,3 +94,14 @@ def test_visualize_clevr_scenes(vq_run, tmp_path):
     assert run.main(["visualize", "--checkpoint", str(vq_run), "--env", "clevr", "--frames", "2",
                      "--out", str(tmp_path / "c")]) == 0
     assert len(list((tmp_path / "c").glob("frame_*.png"))) == 2
+
+
+def test_make_env_passes_episode_limits_to_the_game():
+    """`max_episode_steps` reaches NetHack itself (gym.make would keep it for a TimeLimit wrapper)."""
+    from envs.collect import make_env
+
+    env = make_env("nethack", max_episode_steps=7, stats_path=None)
+    env.reset(seed=0)
+    ends = [env.step(0)[3] for _ in range(7)]
+    assert ends == [False] * 6 + [True]
+    assert make_env("crafter", length=3, stats_path=None)._kwargs["length"] == 3
