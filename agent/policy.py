@@ -15,7 +15,7 @@ from .actor_critic import ActorCritic
 class SlotPolicy:
     """Batched policy over `num_envs` real envs; call `act` once per vector step."""
 
-    def __init__(self, wm: WorldModel, ac: ActorCritic, num_envs: int, device: torch.device):
+    def __init__(self, wm: WorldModel, ac: ActorCritic, device: torch.device):
         self.wm, self.ac, self.device = wm, ac, device
         self.prev: Optional[torch.Tensor] = None  # b k d raw slots of each env's previous frame
 
@@ -25,15 +25,13 @@ class SlotPolicy:
         """images `b h w 3` uint8, is_first `b` bool (a new episode starts at this frame) -> actions `b`."""
         x = frames_to_input(torch.as_tensor(images, device=self.device)[:, None], self.wm.resolution)[:, 0]
         encoder = self.wm.autoencoder.encoder
-        init = encoder.slot_module.initial_slots(x.shape[0], x.device)
-        if self.prev is None:
-            prev = init
-        else:
-            prev = torch.where(torch.as_tensor(is_first, device=x.device)[:, None, None], init, self.prev)
-        out = encoder(x, prev)
+        prev = self.prev
+        if prev is not None and is_first.any():  # new episodes start from the learned initialization
+            init = encoder.slot_module.initial_slots(x.shape[0], x.device)
+            prev = torch.where(torch.as_tensor(is_first, device=x.device)[:, None, None], init, prev)
+        out = encoder(x, prev)  # prev None: every env from the learned initialization
         self.prev = out.raw_slots
         frame_codes = None
         if self.wm.frame_tokenizer is not None:
-            tok = self.wm.frame_tokenizer
-            frame_codes = tok.logits(x).argmax(-1)
+            frame_codes = self.wm.frame_tokenizer.logits(x).argmax(-1)
         return self.ac.act(out.codes, frame_codes, sample=sample, generator=generator).cpu().numpy()

@@ -21,7 +21,7 @@ from envs.episodes import obs_dict
 from envs.vector import make_vector_env
 from world_model.config import save_config
 from world_model.pretrain import autocast, guarded_update
-from world_model.rundir import MetricLogger, RunDir, resolve_device, rng_state, seed_everything, set_rng_state
+from world_model.rundir import MetricLogger, rng_state, set_rng_state, start_run
 from world_model.train_wm import build_world_model, to_batch
 from world_model.wm import WorldModel
 
@@ -65,7 +65,7 @@ def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, r
     wm.train()
     with autocast(device, t.amp):
         loss, stats, enc = wm.loss(batch, cfg.encoder.model.vq.beta)
-    problem = guarded_update(loss, [p for p in wm.parameters() if p.requires_grad], wm_opt, t.wm_grad_clip, stats)
+    problem = guarded_update(loss, wm_opt.param_groups[0]["params"], wm_opt, t.wm_grad_clip, stats)
     stats = {f"wm/{k}": float(v) for k, v in stats.items()}
     stats["wm/skipped"] = float(problem is not None)
     wm.eval()
@@ -105,12 +105,8 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
     """Train (or continue) an agent run; returns the last evaluation."""
     from tqdm import tqdm
 
-    run = RunDir.open(run_dir, resume)
-    device = resolve_device(cfg.train.device)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    seed_everything(cfg.train.seed)
     t = cfg.train
+    run, device = start_run(run_dir, resume, t.device, t.threads, t.seed)
     venv = make_vector_env(env_fn(cfg.env.name, **env_kwargs(cfg, run.path / "stats.jsonl")), cfg.env.num_envs,
                            envs_per_worker=cfg.env.envs_per_worker, asynchronous=cfg.env.asynchronous)
     try:
@@ -130,7 +126,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             replay = ReplayBuffer.load(run.path / state["replay"])
         save_config(cfg, run.config_path)
         logger = MetricLogger(run, start_step=counters["env_steps"])
-        policy = SlotPolicy(wm, ac, cfg.env.num_envs, device)
+        policy = SlotPolicy(wm, ac, device)
         rng = np.random.default_rng([t.seed, counters["vector_steps"]])
         last_eval: dict = {}
 
@@ -237,7 +233,7 @@ def evaluate_agent(wm: Optional[WorldModel], ac: Optional[ActorCritic], cfg: Age
     tmp.unlink(missing_ok=True)
     env = make_env(cfg.env.name, **env_kwargs(cfg, tmp))
     rng = np.random.default_rng(seed)
-    policy = SlotPolicy(wm, ac, 1, device) if ac is not None else None
+    policy = SlotPolicy(wm, ac, device) if ac is not None else None
     try:
         for e in range(episodes):
             obs, _ = env.reset(seed=seed + e)

@@ -18,6 +18,7 @@ from .perception import SlotAutoencoder
 from .pretrain import eval_batches, load_run
 from .rundir import resolve_device
 from .visualize import colorize, decomposition_grid, save_png, tile
+from .wm import frames_to_input
 
 VIDEO_SCALE = 4  # frames are upscaled (nearest) so 64x64 games stay legible in the video
 PNG_MIN_SIDE = 128  # PNG grids are upscaled (nearest) until each picture is at least this many pixels wide
@@ -40,14 +41,6 @@ def episode_frames(env: str, frames: int, seed: int = 0) -> np.ndarray:
     finally:
         e.close()
     return np.stack([o["image"] if isinstance(o, dict) else o for o in out])
-
-
-def to_model_input(frames: np.ndarray, resolution: int) -> torch.Tensor:
-    """uint8 `t h w 3` -> float `t 3 r r` in [0, 1] (area resize when the sizes differ)."""
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
-    if x.shape[-1] != resolution or x.shape[-2] != resolution:
-        x = F.interpolate(x, size=(resolution, resolution), mode="area")
-    return x
 
 
 @torch.no_grad()
@@ -148,7 +141,7 @@ def visualize(checkpoint: str, env: str, out_dir: str, frames: int = 8, seed: in
         images = torch.cat([b["images"].cpu() for b in eval_batches(cfg, torch.device("cpu"), frames, frames)])
         carry = False  # independent scenes
     elif env in ("crafter", "nethack"):
-        images = to_model_input(episode_frames(env, frames, seed), cfg.data.resolution)
+        images = frames_to_input(torch.from_numpy(episode_frames(env, frames, seed))[None], cfg.data.resolution)[0]
         carry = True
     else:
         raise ValueError(f"unknown --env {env!r}; choose crafter, nethack or clevr")

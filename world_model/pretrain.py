@@ -25,7 +25,7 @@ from .config import PretrainConfig, load_config, save_config
 from .losses import hungarian_huber_loss
 from .metrics import clevr_ap_table, fg_ari, setpred_accuracy
 from .perception import SetPredictor, SlotAutoencoder
-from .rundir import MetricLogger, RunDir, resolve_device, rng_state, seed_everything, set_rng_state
+from .rundir import MetricLogger, RunDir, rng_state, set_rng_state, start_run
 from .slots.vq import temperature
 from .visualize import decomposition_grid
 
@@ -283,11 +283,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
     """Train (or continue) a run; returns the last evaluation."""
     from tqdm import tqdm
 
-    run = RunDir.open(run_dir, resume)
-    device = resolve_device(cfg.train.device)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    seed_everything(cfg.train.seed)
+    t = cfg.train
+    run, device = start_run(run_dir, resume, t.device, t.threads, t.seed)
     model = build_model(cfg).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

@@ -130,6 +130,16 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def start_run(run_dir: str | Path, resume: bool, device: str, threads: int, seed: int) -> tuple["RunDir", torch.device]:
+    """What every training command does first: open the run directory, pick the device, set CPU threads, seed."""
+    run = RunDir.open(run_dir, resume)
+    dev = resolve_device(device)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    seed_everything(seed)
+    return run, dev
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

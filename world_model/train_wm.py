@@ -23,7 +23,7 @@ from .dynamics import DynamicsConfig
 from .frame_tokenizer import FrameTokenizerConfig
 from .pretrain import TRAIN_STREAM, autocast, guarded_update, load_run, stream_seed
 from .perception import SlotAutoencoder
-from .rundir import MetricLogger, RunDir, resolve_device, rng_state, seed_everything, set_rng_state
+from .rundir import MetricLogger, RunDir, resolve_device, rng_state, set_rng_state, start_run
 from .wm import Encoded, WorldModel, frames_to_input
 
 EVAL_SEED = 2025
@@ -156,11 +156,8 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
     """Train (or continue) a world-model run; returns the last evaluation."""
     from tqdm import tqdm
 
-    run = RunDir.open(run_dir, resume)
-    device = resolve_device(cfg.train.device)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    seed_everything(cfg.train.seed)
+    t = cfg.train
+    run, device = start_run(run_dir, resume, t.device, t.threads, t.seed)
     train_buf, held_out, meta = split_dataset(cfg, cfg.train.seed)
     wm = build_wm_for(cfg, int(meta["num_actions"]), device)
     params = [p for p in wm.parameters() if p.requires_grad]
