@@ -97,7 +97,7 @@ def cmd_collect(args) -> None:
 
     kwargs = {}
     if args.size:
-        kwargs["size" if args.env == "crafter" else "resolution"] = args.size
+        kwargs["size"] = args.size
     result = collect(args.env, args.frames, args.out, num_envs=args.workers * args.envs_per_worker,
                      envs_per_worker=args.envs_per_worker, seed=args.seed, env_kwargs=kwargs,
                      asynchronous=args.workers > 1 or args.envs_per_worker > 1, progress=not args.no_progress)

@@ -35,10 +35,9 @@ IMAG_CONTEXT = 1  # imagination starts from single replayed states (the slots ca
 
 
 def env_kwargs(cfg: AgentConfig, stats_path: Optional[Path]) -> dict:
-    crafter = cfg.env.name == "crafter"
-    kwargs = {"size" if crafter else "resolution": cfg.env.size, "stats_path": str(stats_path) if stats_path else None}
+    kwargs = {"size": cfg.env.size, "stats_path": str(stats_path) if stats_path else None}
     if cfg.env.max_episode_steps:
-        kwargs["length" if crafter else "max_episode_steps"] = cfg.env.max_episode_steps
+        kwargs["max_episode_steps"] = cfg.env.max_episode_steps
     return kwargs
 
 

@@ -30,14 +30,15 @@ class CrafterEnv(gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
-    def __init__(self, size: int = 64, area: int = 64, view: int = 9, length: int = 10_000, reward: bool = True,
-                 stats_path: Optional[Union[str, Path]] = None, semantic: bool = False,
+    def __init__(self, size: int = 64, area: int = 64, view: int = 9, max_episode_steps: int = 10_000,
+                 reward: bool = True, stats_path: Optional[Union[str, Path]] = None, semantic: bool = False,
                  render_mode: Optional[str] = None):
         if size < 9:
             raise ValueError(f"crafter size must be >= 9 pixels (one per view cell), got {size}")
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
-        self._kwargs = dict(area=(area, area), view=(view, view), size=(size, size), reward=reward, length=length)
+        self._kwargs = dict(area=(area, area), view=(view, view), size=(size, size), reward=reward,
+                            length=max_episode_steps)
         self.observation_space = gym.spaces.Box(0, 255, (size, size, 3), np.uint8)
         self.action_space = gym.spaces.Discrete(len(ACTIONS))
         self.render_mode = render_mode

@@ -2,7 +2,7 @@
 
 Why: the object-centric world models take images; NLE gives symbolic glyphs.  Each step turns the
 (21, 79) glyph map into a crop x crop window of tiles centred on the player with one gather over a
-precomputed glyph -> tile table (no per-cell drawing), then resizes it to ``resolution``.
+precomputed glyph -> tile table (no per-cell drawing), then resizes it to ``size``.
 
 NLE 1.3.0 details this module relies on:
 
@@ -70,44 +70,44 @@ def assemble(tiles: np.ndarray, window: np.ndarray) -> np.ndarray:
 
 
 class NetHackEnv(gymnasium.Env):
-    """NLE task with observation {"image": tiles around the player (res res 3 uint8), "stats": blstats (27,)}.
+    """NLE task with observation {"image": tiles around the player (size size 3 uint8), "stats": blstats (27,)}.
 
-    Resize: the tile table is box-averaged by the largest factor f | 16 that keeps crop*16/f >= resolution
+    Resize: the tile table is box-averaged by the largest factor f | 16 that keeps crop*16/f >= size
     (exact area downsampling, done once per process), then a precomputed nearest-neighbour index map covers
-    the remaining ratio (< 2 for resolution >= crop; none when crop*16/f == resolution, e.g. crop 9 at 144,
+    the remaining ratio (< 2 for size >= crop; none when crop*16/f == size, e.g. crop 9 at 144,
     72 or 48 px; crop 9 at 64 px: 2x2 box, then 72 -> 64 nearest).  render() gives the crop at crop*16 px.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
-    def __init__(self, task: str = "score", crop: int = 9, resolution: int = 64, max_episode_steps: int = 10000,
+    def __init__(self, task: str = "score", crop: int = 9, size: int = 64, max_episode_steps: int = 10000,
                  stats_path: str | None = None, render_mode: str | None = None):
         if task not in TASKS:
             raise ValueError(f"unknown NetHack task {task!r}; valid: {sorted(TASKS)}")
         if crop < 1 or crop % 2 == 0:
             raise ValueError(f"crop must be an odd number >= 1 of map cells, got {crop}")
-        if resolution < 1:
-            raise ValueError(f"resolution must be >= 1, got {resolution}")
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
         if max_episode_steps < 1:
             raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
-        self.task, self.crop, self.resolution, self.render_mode = task, crop, resolution, render_mode
+        self.task, self.crop, self.size, self.render_mode = task, crop, size, render_mode
         self.stats_path = stats_path
         self.nle = TASKS[task](observation_keys=("glyphs", "blstats"), max_episode_steps=max_episode_steps,
                                fix_moon_phase=True)  # the wrapped NLE task env
-        self.factor = max(f for f in (1, 2, 4, 8, 16) if crop * TILE // f >= resolution)
+        self.factor = max(f for f in (1, 2, 4, 8, 16) if crop * TILE // f >= size)
         self.tiles = glyph_tiles(self.factor)  # glyph 16/f 16/f 3
         side = crop * TILE // self.factor  # px a side after the box filter
-        self._index = None if side == resolution else (  # res: source pixel nearest each output pixel centre
-            (np.arange(resolution) + 0.5) * side / resolution).astype(int)
+        self._index = None if side == size else (  # res: source pixel nearest each output pixel centre
+            (np.arange(size) + 0.5) * side / size).astype(int)
         h = crop // 2
         self._padded = np.full((MAP_SHAPE[0] + 2 * h, MAP_SHAPE[1] + 2 * h), PAD_GLYPH, np.int16)
         self._map = self._padded[h: h + MAP_SHAPE[0], h: h + MAP_SHAPE[1]]  # view: glyphs are copied in here
         self.window = self._padded[:crop, :crop]  # crop crop: glyphs of the current crop (a view)
         self._blstats = np.zeros(N_STATS, np.int64)
         self.observation_space = gymnasium.spaces.Dict({
-            "image": gymnasium.spaces.Box(0, 255, (resolution, resolution, 3), np.uint8),
+            "image": gymnasium.spaces.Box(0, 255, (size, size, 3), np.uint8),
             "stats": gymnasium.spaces.Box(-np.inf, np.inf, (N_STATS,), np.float32),
         })
         self.action_space = gymnasium.spaces.Discrete(len(self.nle.actions))

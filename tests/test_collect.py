@@ -15,7 +15,7 @@ from envs.vector import ResilientVectorEnv
 
 def test_collect_crafter_with_workers(tmp_path):
     out = collect("crafter", 40, str(tmp_path / "d"), num_envs=2, envs_per_worker=2, seed=5, progress=False,
-                  env_kwargs={"length": 12})
+                  env_kwargs={"max_episode_steps": 12})
     assert out["frames"] == 40 and out["restarts"] == 0
     meta = read_meta(tmp_path / "d")
     assert meta["env"] == "crafter" and meta["num_actions"] == 17 and meta["image_shape"] == [64, 64, 3]
@@ -104,4 +104,4 @@ def test_make_env_passes_episode_limits_to_the_game():
     env.reset(seed=0)
     ends = [env.step(0)[3] for _ in range(7)]
     assert ends == [False] * 6 + [True]
-    assert make_env("crafter", length=3, stats_path=None)._kwargs["length"] == 3
+    assert make_env("crafter", max_episode_steps=3, stats_path=None)._kwargs["length"] == 3

@@ -46,7 +46,7 @@ def test_seeds_differ_and_repeat():
 
 def test_truncation_and_stats_file(tmp_path):
     path = tmp_path / "run" / "stats.jsonl"
-    env = CrafterEnv(length=5, stats_path=path)
+    env = CrafterEnv(max_episode_steps=5, stats_path=path)
     for episode in range(2):
         env.reset(seed=episode)
         for t in range(5):

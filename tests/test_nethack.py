@@ -37,7 +37,7 @@ def test_check_env(task):
 
 
 def test_spaces():
-    env = NetHackEnv(crop=5, resolution=32)
+    env = NetHackEnv(crop=5, size=32)
     assert env.observation_space["image"].shape == (32, 32, 3)
     assert env.observation_space["stats"].shape == (nethack.NLE_BLSTATS_SIZE,) == (27,)
     assert env.action_space.n == len(env.nle.actions)
@@ -50,7 +50,7 @@ def test_spaces():
 def test_crop_matches_nle_renderer():
     """Unresized image == the window of NLE's own pixel render around the player (black outside the map)."""
     crop = 7
-    env = NetHackEnv(crop=crop, resolution=crop * TILE, render_mode="rgb_array")
+    env = NetHackEnv(crop=crop, size=crop * TILE, render_mode="rgb_array")
     obs, _ = env.reset(seed=1)
     for a in ACTIONS[:6]:
         obs, *_ = env.step(a)
@@ -76,7 +76,7 @@ def test_crop_matches_nle_renderer():
 
 def test_padding_is_black_stone():
     crop = 31  # taller than the 21-row map: the window always reaches past it
-    env = NetHackEnv(crop=crop, resolution=crop * TILE)
+    env = NetHackEnv(crop=crop, size=crop * TILE)
     obs, _ = env.reset(seed=2)
     glyphs, blstats = raw(env)
     x, y = blstats[nethack.NLE_BL_X], blstats[nethack.NLE_BL_Y]
@@ -91,7 +91,7 @@ def test_padding_is_black_stone():
 
 def test_resize():
     """72 px = exact 2x2 box average of the 144 px crop; 64 px = nearest samples of the 72 px image."""
-    env72, env64 = NetHackEnv(resolution=72, render_mode="rgb_array"), NetHackEnv(resolution=64)
+    env72, env64 = NetHackEnv(size=72, render_mode="rgb_array"), NetHackEnv(size=64)
     obs72, _ = env72.reset(seed=5)
     obs64, _ = env64.reset(seed=5)
     full = env72.render().astype(np.float64)  # 144 144 3
@@ -184,7 +184,7 @@ def test_summary_errors(tmp_path):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"task": "oracle"}, "challenge"), ({"crop": 8}, "odd"), ({"crop": 0}, "odd"), ({"crop": -3}, "odd"),
-    ({"resolution": 0}, "resolution"), ({"max_episode_steps": 0}, "max_episode_steps"),
+    ({"size": 0}, "size"), ({"max_episode_steps": 0}, "max_episode_steps"),
     ({"render_mode": "human"}, "render_mode"),
 ])
 def test_bad_args(kwargs, match):
