@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,7 +37,14 @@ def cmd_config(args) -> None:
     print(to_yaml(load_config(schema, args.config, args.overrides)), end="")
 
 
+def _check_torchrun_run_dir(args) -> None:
+    """Under torchrun every rank must name the same run directory (a timestamped default could differ)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.run_dir:
+        raise ValueError("under torchrun pass --run-dir DIR (every process must use the same run directory)")
+
+
 def cmd_pretrain(args) -> None:
+    from world_model import distributed
     from world_model.config import PretrainConfig, load_config, to_yaml
     from world_model.pretrain import pretrain
     from world_model.rundir import RunDir
@@ -53,10 +61,14 @@ def cmd_pretrain(args) -> None:
     elif config_path is None:
         config_path = "configs/frames_discovery_cpu.yaml" if args.data else "configs/clevr_tiny.yaml"
     cfg = load_config(PretrainConfig, config_path, args.overrides)
+    _check_torchrun_run_dir(args)
     run_dir = args.run_dir or f"runs/pretrain-{cfg.task}-{cfg.model.slots}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"# run directory: {run_dir}\n{to_yaml(cfg)}", end="")
+    main_rank = distributed.is_main()
+    if main_rank:
+        print(f"# run directory: {run_dir}\n{to_yaml(cfg)}", end="")
     result = pretrain(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
-    print(json.dumps({"run_dir": run_dir, **result}))
+    if main_rank:
+        print(json.dumps({"run_dir": run_dir, **result}))
 
 
 def cmd_eval_ap(args) -> None:
@@ -345,6 +357,10 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:  # ConfigError, DataError, RunDirError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        from world_model import distributed
+
+        distributed.shutdown()  # leave the torchrun process group, if this process joined one
     return 0
 
 

@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import OmegaConf
 
+from . import distributed
 from .dynamics import DynamicsConfig
 from .frame_tokenizer import FrameTokenizerConfig
 from omegaconf.errors import OmegaConfBaseException
@@ -225,4 +226,6 @@ def to_yaml(cfg: Any) -> str:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(to_yaml(cfg))
+    """Write the resolved config (under torchrun, rank 0 only)."""
+    if distributed.is_main():
+        Path(path).write_text(to_yaml(cfg))

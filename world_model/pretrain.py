@@ -21,15 +21,16 @@ from torch import nn
 from envs.clevr import ClevrDataset, DataError, SceneGenerator
 from envs.episodes import load_frames
 
+from . import distributed
 from .config import PretrainConfig, load_config, save_config
 from .losses import hungarian_huber_loss
 from .metrics import clevr_ap_table, fg_ari, setpred_accuracy
 from .perception import SetPredictor, SlotAutoencoder
-from .rundir import MetricLogger, RunDir, rng_state, set_rng_state, start_run
+from .rundir import MetricLogger, RunDir, restore_rng, rng_states, start_run
 from .slots.vq import temperature
 from .visualize import decomposition_grid
 
-TRAIN_STREAM, EVAL_STREAM, POOL_STREAM = 0, 1, 2
+TRAIN_STREAM, EVAL_STREAM, POOL_STREAM, SHARD_STREAM = 0, 1, 2, 3
 EVAL_SEED = 2024  # held-out generated scenes are the same for every run, whatever its training seed
 EVAL_CHUNK = 64
 
@@ -54,8 +55,9 @@ class GeneratedScenes:
 
     POOL_CHUNK = 256
 
-    def __init__(self, cfg: PretrainConfig, device: torch.device):
+    def __init__(self, cfg: PretrainConfig, device: torch.device, sharded: bool = False):
         d = cfg.data
+        self.sharded = sharded
         self.gen = SceneGenerator(resolution=(d.resolution, d.resolution), min_objects=d.min_objects,
                                   max_objects=d.max_objects, crop=d.crop, supersample=d.supersample, device=device)
         self.pool = None
@@ -67,21 +69,37 @@ class GeneratedScenes:
                          "masks": torch.cat([c.masks.to(torch.uint8) for c in chunks])}
 
     def batch(self, size: int, seed: int) -> dict:
+        """Batch `size` from `seed`; sharded under torchrun, this rank's share of it. A pool's batch is the
+        same global batch at any world size; generated scenes are rendered per rank (from a per-rank seed),
+        so no rank renders the others' share."""
         if self.pool is not None:
             n = self.pool["images"].shape[0]
-            idx = torch.from_numpy(np.random.default_rng(seed).choice(n, size=min(size, n), replace=False))
-            idx = idx.to(self.pool["images"].device)
+            idx = np.random.default_rng(seed).choice(n, size=min(size, n), replace=False)
+            idx = torch.from_numpy(_share(idx, self.sharded)).to(self.pool["images"].device)
             return {"images": self.pool["images"][idx].float() / 255, "targets": self.pool["targets"][idx],
                     "masks": self.pool["masks"][idx].long()}
+        if self.sharded and distributed.world_size() > 1:
+            lo, hi = distributed.shard_bounds(size)
+            size, seed = hi - lo, stream_seed(seed, SHARD_STREAM, distributed.rank())
         sb = self.gen.generate(size, seed=seed)
         return {"images": sb.images, "targets": sb.targets, "masks": sb.masks}
+
+
+def _share(indices: np.ndarray, sharded: bool) -> np.ndarray:
+    """This rank's slice of a global batch's indices when `sharded` (all of them otherwise)."""
+    if not sharded:
+        return indices
+    lo, hi = distributed.shard_bounds(len(indices))
+    return indices[lo:hi]
 
 
 class ClevrScenes:
     """A CLEVR v1.0 directory; training batch i draws indices from seed f(seed, i)."""
 
-    def __init__(self, cfg: PretrainConfig, split: str, device: torch.device, max_images: Optional[int] = None):
+    def __init__(self, cfg: PretrainConfig, split: str, device: torch.device, max_images: Optional[int] = None,
+                 sharded: bool = False):
         d = cfg.data
+        self.sharded = sharded
         if not d.root:
             raise ValueError("data.source=clevr needs data.root=DIR (or --clevr-root DIR) pointing at CLEVR v1.0")
         self.dataset = ClevrDataset(d.root, split=split, resolution=(d.resolution, d.resolution), crop=d.crop,
@@ -98,7 +116,7 @@ class ClevrScenes:
 
     def _indices(self, size: int, seed: int) -> np.ndarray:
         rng = np.random.default_rng(seed)
-        return rng.choice(len(self.dataset), size=min(size, len(self.dataset)), replace=False)
+        return _share(rng.choice(len(self.dataset), size=min(size, len(self.dataset)), replace=False), self.sharded)
 
     def batch(self, size: int, seed: int) -> dict:
         return self._load(self._indices(size, seed))
@@ -128,8 +146,9 @@ class EpisodeFrames:
     out for evaluation, training batch i draws frames from seed f(seed, i); frames are resized to
     data.resolution with area averaging when their size differs."""
 
-    def __init__(self, cfg: PretrainConfig, split: str, device: torch.device):
+    def __init__(self, cfg: PretrainConfig, split: str, device: torch.device, sharded: bool = False):
         d = cfg.data
+        self.sharded = sharded
         if not d.root:
             raise ValueError("data.source=frames needs data.root=DIR (or --data DIR) made by `run.py collect`")
         if cfg.task != "discovery":
@@ -149,7 +168,8 @@ class EpisodeFrames:
 
     def batch(self, size: int, seed: int) -> dict:
         rng = np.random.default_rng(seed)
-        return self._load(rng.choice(len(self.frames), size=min(size, len(self.frames)), replace=False))
+        return self._load(_share(rng.choice(len(self.frames), size=min(size, len(self.frames)), replace=False),
+                                 self.sharded))
 
     def sequential(self, batch_size: int, max_images: Optional[int] = None) -> Iterator[dict]:
         n = len(self.frames) if max_images is None else min(max_images, len(self.frames))
@@ -157,12 +177,14 @@ class EpisodeFrames:
             yield self._load(range(start, min(start + batch_size, n)))
 
 
-def make_source(cfg: PretrainConfig, device: torch.device, split: Optional[str] = None, max_images=None):
+def make_source(cfg: PretrainConfig, device: torch.device, split: Optional[str] = None, max_images=None,
+                sharded: bool = False):
+    """The training data; `sharded`: each batch is this rank's share of the global batch (under torchrun)."""
     if cfg.data.source == "clevr":
-        return ClevrScenes(cfg, split or cfg.data.split, device, max_images)
+        return ClevrScenes(cfg, split or cfg.data.split, device, max_images, sharded)
     if cfg.data.source == "frames":
-        return EpisodeFrames(cfg, split or "train", device)
-    return GeneratedScenes(cfg, device)
+        return EpisodeFrames(cfg, split or "train", device, sharded)
+    return GeneratedScenes(cfg, device, sharded)
 
 
 def eval_batches(cfg: PretrainConfig, device: torch.device, n_images: int, batch_size: int) -> Iterator[dict]:
@@ -208,9 +230,11 @@ def autocast(device: torch.device, enabled: bool):
 def guarded_update(loss: torch.Tensor, params: list, opt: torch.optim.Optimizer, grad_clip: float,
                    stats: dict) -> Optional[str]:
     """Backward, clip and step unless the loss or the gradient is non-finite: such an update never reaches the
-    weights (or a checkpoint). Returns None, or what was non-finite ("loss" / "gradient")."""
+    weights (or a checkpoint). Returns None, or what was non-finite ("loss" / "gradient"). Under DDP the
+    gradient (all-reduced in backward) and hence the decision are the same on every rank."""
     opt.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
+    # Under torchrun every rank must take the same branch (backward all-reduces gradients), so ask all of them.
+    if not distributed.all_true(bool(torch.isfinite(loss)), loss.device):
         return "loss"
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(params, grad_clip)
@@ -280,7 +304,11 @@ def log_images(logger: MetricLogger, step: int, cfg: PretrainConfig, batch: dict
 
 
 def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: bool = True) -> dict:
-    """Train (or continue) a run; returns the last evaluation."""
+    """Train (or continue) a run; returns the last evaluation (rank 0's, under torchrun).
+
+    Under torchrun the model is wrapped in DistributedDataParallel and train.batch_size is the global batch,
+    split evenly over the ranks; rank 0 evaluates, logs and writes checkpoints, which hold every rank's RNG
+    state, so a run resumes at any world size (exactly when the world size is unchanged)."""
     from tqdm import tqdm
 
     t = cfg.train
@@ -295,20 +323,22 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, skipped = state["step"], state["skipped"]
-        set_rng_state(state["rng"])
+        restore_rng(state["rng"], t.seed, step)
     save_config(cfg, run.config_path)
 
-    step_model = torch.compile(model) if cfg.train.compile else model
-    source = make_source(cfg, device)
+    parallel = distributed.wrap(model, device)
+    step_model = torch.compile(parallel) if cfg.train.compile else parallel
+    source = make_source(cfg, device, sharded=True)
     logger = MetricLogger(run, start_step=step)
     last_eval: dict = {}
 
     def checkpoint() -> None:
         run.save_checkpoint({"step": step, "skipped": skipped, "model": model.state_dict(),
-                             "optimizer": opt.state_dict(), "rng": rng_state(), "config": asdict(cfg)})
+                             "optimizer": opt.state_dict(), "rng": rng_states(), "config": asdict(cfg),
+                             "world_size": distributed.world_size()})
 
     bar = tqdm(total=cfg.train.steps, initial=step, desc=f"pretrain {cfg.task}/{cfg.model.slots}",
-               disable=not progress, dynamic_ncols=True)
+               disable=not progress or not distributed.is_main(), dynamic_ncols=True)
     t_last, n_last = time.perf_counter(), step
     seeds = (stream_seed(cfg.train.seed, TRAIN_STREAM, i) for i in itertools.count(step))
     if hasattr(source, "batches"):
@@ -331,21 +361,22 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
         if problem:
             skipped += 1
             logger.scalars(step, {"skipped_updates": skipped}, prefix="train/")
-            bar.write(f"step {step}: non-finite {problem}, update skipped ({skipped} so far)")
+            if distributed.is_main():
+                bar.write(f"step {step}: non-finite {problem}, update skipped ({skipped} so far)")
         step += 1
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             now = time.perf_counter()
-            stats = {k: float(v) for k, v in stats.items()}
+            stats = distributed.mean_scalars({k: float(v) for k, v in stats.items()}, device)
             stats.update(lr=opt.param_groups[0]["lr"], images_per_s=(step - n_last) * cfg.train.batch_size / (now - t_last))
             if vq is not None:
                 stats["tau"] = float(vq.tau)
             t_last, n_last = now, step
             logger.scalars(step, stats, prefix="train/")
             bar.set_postfix(loss=f"{stats['loss']:.4f}")
-        if step % cfg.train.image_every == 0:
+        if step % cfg.train.image_every == 0 and distributed.is_main():
             log_images(logger, step, cfg, batch, outputs)
-        if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+        if (step % cfg.train.eval_every == 0 or step == cfg.train.steps) and distributed.is_main():
             last_eval = evaluate(model, cfg, device, cfg.data.eval_images)
             logger.scalars(step, last_eval, prefix="eval/")
             bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))

@@ -13,10 +13,12 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
+
+from . import distributed
 
 
 class RunDirError(ValueError):
@@ -52,6 +54,28 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def rng_states() -> list[dict]:
+    """Every rank's RNG state, in rank order (a collective under torchrun; one entry in a single process)."""
+    return distributed.gather_objects(rng_state())
+
+
+def restore_rng(states, seed: int, step: int) -> None:
+    """This rank's RNG state from a checkpoint's per-rank list (or the single state older checkpoints hold).
+    When the world size changed, every rank gets a fresh seed from (seed, rank, step) instead."""
+    states = [states] if isinstance(states, dict) else states
+    if len(states) == distributed.world_size():
+        set_rng_state(states[distributed.rank()])
+    else:
+        seed_everything(rank_seed(seed, step))
+
+
+def rank_seed(seed: int, salt: int = 0) -> int:
+    """`seed` itself in a single process (so single-process runs do not change), a per-rank seed under torchrun."""
+    if distributed.world_size() == 1 and salt == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, distributed.rank(), salt]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -77,7 +101,9 @@ class RunDir:
         return run
 
     def save_checkpoint(self, state: dict) -> None:
-        atomic_torch_save(state, self.ckpt_path)
+        """Atomic write; under torchrun only rank 0 writes (the others' state is the same after each step)."""
+        if distributed.is_main():
+            atomic_torch_save(state, self.ckpt_path)
 
     def load_checkpoint(self, map_location: Any = "cpu") -> dict:
         if not self.ckpt_path.is_file():
@@ -86,10 +112,11 @@ class RunDir:
 
 
 class MetricLogger:
-    """Scalars to `metrics.jsonl` and tensorboard; images to tensorboard. Only finite scalars are logged."""
+    """Scalars to `metrics.jsonl` and tensorboard; images to tensorboard. Only finite scalars are logged.
+    Under torchrun only rank 0 logs unless `enabled` says otherwise."""
 
-    def __init__(self, run: RunDir, start_step: int = 0, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, run: RunDir, start_step: int = 0, enabled: Optional[bool] = None):
+        self.enabled = enabled = distributed.is_main() if enabled is None else enabled
         self.jsonl_path = run.path / "metrics.jsonl"
         self.writer = None
         if enabled:
@@ -131,12 +158,16 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def start_run(run_dir: str | Path, resume: bool, device: str, threads: int, seed: int) -> tuple["RunDir", torch.device]:
-    """What every training command does first: open the run directory, pick the device, set CPU threads, seed."""
+    """What every training command does first: join the process group under torchrun, open the run directory,
+    pick the device (each rank's own GPU), set CPU threads, seed (per rank)."""
+    local = distributed.setup(device)
     run = RunDir.open(run_dir, resume)
     dev = resolve_device(device)
+    if dev.type == "cuda" and local is not None:
+        dev = torch.device("cuda", local)
     if threads > 0:
         torch.set_num_threads(threads)
-    seed_everything(seed)
+    seed_everything(rank_seed(seed))
     return run, dev
 
 

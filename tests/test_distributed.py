@@ -1,0 +1,73 @@
+"""Data parallelism under torchrun (2 gloo processes on CPU): one DDP step equals one single-process step on
+the concatenated batch; `run.py pretrain` and `run.py train` run under torchrun, only rank 0 writes, and a
+run resumes at another world size."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import ddp_worker
+import run
+from world_model import distributed
+from world_model.rundir import RunDir, read_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def torchrun(args: list, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_ddp_step_equals_single_process_step_on_concatenated_batch(tmp_path):
+    torchrun([str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path)])
+    for task in ddp_worker.TASKS:
+        cfg = ddp_worker.tiny_config(task)
+        model = ddp_worker.init_model(cfg)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        ddp_worker.train_step(model, model, cfg, ddp_worker.global_batch(cfg))
+        ddp = torch.load(tmp_path / f"{task}.pt")
+        changed = 0
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6, msg=f"{task}: {k}")
+            changed += not torch.equal(v, before[k])
+        assert changed > 10, f"{task}: the step should have moved the weights"
+
+
+def test_single_process_helpers_answer_for_one_process():
+    assert not distributed.active() and distributed.world_size() == 1 and distributed.rank() == 0
+    assert distributed.is_main() and distributed.all_true(True, torch.device("cpu"))
+    assert not distributed.all_true(False, torch.device("cpu"))
+    assert distributed.gather_objects({"a": 1}) == [{"a": 1}]
+    assert distributed.shard_bounds(6) == (0, 6)
+    module = torch.nn.Linear(2, 2)
+    assert distributed.wrap(module, torch.device("cpu")) is module
+
+
+def test_torchrun_pretrain_writes_once_and_resumes_at_world_size_one(tmp_path):
+    rd = tmp_path / "run"
+    tiny = ["model.num_slots=3", "model.slot_dim=8", "model.mlp_hidden=16", "model.cnn_channels=[8,8]",
+            "model.cnn_strides=[2,2]", "model.feature_dim=8", "model.head_hidden=16", "data.resolution=16",
+            "data.max_objects=3", "data.eval_images=4", "train.batch_size=4", "train.log_every=2",
+            "train.image_every=2", "train.eval_every=4", "train.ckpt_every=2", "train.threads=1"]
+    out = torchrun(["run.py", "pretrain", "--run-dir", str(rd), "--no-progress", *tiny, "train.steps=4"]).stdout
+    assert out.count("# run directory") == 1  # rank 0 prints, rank 1 stays quiet
+    state = RunDir(rd).load_checkpoint()
+    assert state["step"] == 4 and state["world_size"] == 2 and len(state["rng"]) == 2
+    rows = read_jsonl(rd / "metrics.jsonl")
+    assert [r["step"] for r in rows if "train/loss" in r] == [2, 4]  # one logger: rank 0's
+    assert len(list((rd / "tb").glob("events.*"))) == 1
+    assert run.main(["pretrain", "--resume", "--run-dir", str(rd), "--no-progress", "train.steps=6"]) == 0
+    state = RunDir(rd).load_checkpoint()
+    assert state["step"] == 6 and state["world_size"] == 1 and len(state["rng"]) == 1
+
+
+def test_torchrun_needs_a_run_dir(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert run.main(["pretrain", "--no-progress"]) == 2
+    assert "--run-dir" in capsys.readouterr().err

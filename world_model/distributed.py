@@ -1,0 +1,115 @@
+"""Data-parallel training under `torchrun`: process-group setup, rank queries and the collectives the loops need.
+
+`torchrun --nproc_per_node N run.py pretrain|train ...` sets RANK / WORLD_SIZE / LOCAL_RANK; `setup()` then joins
+the process group (NCCL on CUDA, gloo on CPU) and pins each rank to its GPU. Without torchrun every helper
+answers for a single process, so the training loops need no separate code path.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank (torchrun's RANK before the process group is joined, so start-up prints can ask)."""
+    return dist.get_rank() if active() else int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def setup(device: str) -> Optional[int]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); returns the local rank or None.
+
+    device "cpu" forces gloo; otherwise NCCL when CUDA is available, each rank on GPU LOCAL_RANK."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if active():
+        return local
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs are visible: "
+                               "--nproc_per_node must not exceed the GPUs per node")
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return local
+
+
+def shutdown() -> None:
+    if active():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def all_true(flag: bool, device: torch.device) -> bool:
+    """True on every rank iff `flag` holds on every rank (a collective: all ranks must call it)."""
+    if not active():
+        return bool(flag)
+    t = torch.tensor([0 if flag else 1], device=device, dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() == 0
+
+
+def gather_objects(obj: Any) -> list:
+    """Every rank's `obj`, in rank order, on every rank (a single process gets `[obj]`)."""
+    if not active():
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean_scalars(values: dict, device: torch.device) -> dict:
+    """Float scalars averaged over ranks (for logging what every rank measured); same keys on all ranks."""
+    if not active() or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(keys, (t / world_size()).tolist()))
+
+
+def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around `module` under torchrun, else `module` itself."""
+    if not active():
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+
+
+def shard_bounds(size: int) -> tuple[int, int]:
+    """This rank's [lo, hi) share of a global batch of `size` (sizes must divide evenly)."""
+    w, r = world_size(), rank()
+    if size % w:
+        raise ValueError(f"global batch size {size} does not divide over {w} processes; pick a multiple of {w}")
+    per = size // w
+    return r * per, (r + 1) * per
