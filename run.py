@@ -168,6 +168,7 @@ def cmd_eval_wm(args) -> None:
 def cmd_train(args) -> None:
     from agent.config import AgentConfig
     from agent.train import train
+    from world_model import distributed
     from world_model.config import load_config, to_yaml
     from world_model.rundir import RunDir
 
@@ -176,10 +177,14 @@ def cmd_train(args) -> None:
         config_path = RunDir(args.resume).config_path
         args.run_dir = args.resume
     cfg = load_config(AgentConfig, config_path, args.overrides)
+    _check_torchrun_run_dir(args)
     run_dir = args.run_dir or f"runs/agent-{cfg.env.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"# run directory: {run_dir}\n{to_yaml(cfg)}", end="")
+    main_rank = distributed.is_main()
+    if main_rank:
+        print(f"# run directory: {run_dir}\n{to_yaml(cfg)}", end="")
     result = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
-    print(json.dumps({"run_dir": run_dir, **result}))
+    if main_rank:
+        print(json.dumps({"run_dir": run_dir, **result}))
 
 
 def cmd_eval(args) -> None:

@@ -14,9 +14,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from world_model import twohot
+from world_model import distributed, twohot
 from world_model.dynamics import Block, DynamicsConfig
-from world_model.pretrain import guarded_update
 
 from .imagination import Trajectory
 
@@ -199,12 +198,9 @@ class ActorCritic(nn.Module):
             return self.actor.sample(slot_codes, frame_codes, generator)
         return self.actor(slot_codes, frame_codes).argmax(-1)
 
-    def update(self, traj: Trajectory) -> dict:
-        """One actor and one critic step on an imagined trajectory, then the slow-critic EMA step.
-
-        A non-finite loss skips both steps (the weights stay as they were), a non-finite gradient skips its
-        part's; stats report it (skipped_actor, skipped_critic, skipped in {0, 1}). Safe under autocast: the
-        losses are computed in float32."""
+    def forward(self, traj: Trajectory) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Actor and critic losses on an imagined trajectory (float32), and their stats. A module forward, so
+        `update` can run it through DistributedDataParallel."""
         c = self.cfg
         b, h = traj.actions.shape
         frames = traj.frame_codes
@@ -230,16 +226,34 @@ class ActorCritic(nn.Module):
                  "entropy": entropy.detach().mean(), "return": returns.mean(), "value": values[:, :-1].mean(),
                  "advantage": adv.mean(), "return_scale": self.normalizer.scale(),
                  "return_low": self.normalizer.low.clone(), "return_high": self.normalizer.high.clone()}
-        if not (torch.isfinite(actor_loss) and torch.isfinite(critic_loss)):
+        return actor_loss, critic_loss, stats
+
+    def update(self, traj: Trajectory, parallel: Optional[nn.Module] = None) -> dict:
+        """One actor and one critic step on an imagined trajectory, then the slow-critic EMA step.
+
+        One backward through the sum of both losses (their parameters are disjoint, so each part gets its own
+        gradient), then each part is clipped and stepped on its own. A non-finite loss skips both steps (the
+        weights stay as they were), a non-finite gradient skips its part's; stats report it (skipped_actor,
+        skipped_critic, skipped in {0, 1}). `parallel`: this module wrapped in DistributedDataParallel, whose
+        backward averages the gradients over ranks (every rank then takes the same branches). Safe under
+        autocast: the losses are computed in float32."""
+        c = self.cfg
+        actor_loss, critic_loss, stats = (parallel or self)(traj)
+        self.actor_opt.zero_grad(set_to_none=True)
+        self.critic_opt.zero_grad(set_to_none=True)
+        finite = bool(torch.isfinite(actor_loss) & torch.isfinite(critic_loss))
+        if not distributed.all_true(finite, actor_loss.device):
             stats.update(skipped=1.0, skipped_actor=1.0, skipped_critic=1.0)
             return stats
-        for name, loss, module, opt in (("actor", actor_loss, self.actor, self.actor_opt),
-                                        ("critic", critic_loss, self.critic, self.critic_opt)):
-            part: dict = {}
-            problem = guarded_update(loss, list(module.parameters()), opt, c.grad_clip, part)
-            stats[f"skipped_{name}"] = float(problem is not None)
-            if problem is None:
-                stats[f"grad_norm_{name}"] = part["grad_norm"]
+        (actor_loss + critic_loss).backward()
+        for name, module, opt in (("actor", self.actor, self.actor_opt), ("critic", self.critic, self.critic_opt)):
+            grad_norm = nn.utils.clip_grad_norm_(module.parameters(), c.grad_clip)
+            ok = bool(torch.isfinite(grad_norm))
+            stats[f"skipped_{name}"] = float(not ok)
+            if ok:
+                opt.step()
+                stats[f"grad_norm_{name}"] = grad_norm
+            opt.zero_grad(set_to_none=True)
         stats["skipped"] = max(stats["skipped_actor"], stats["skipped_critic"])
         if not stats["skipped_critic"]:
             with torch.no_grad():

@@ -13,7 +13,7 @@ from .actor_critic import ActorCriticConfig
 @dataclass
 class EnvConfig:
     name: str = "crafter"  # crafter | nethack
-    num_envs: int = 4
+    num_envs: int = 4  # all processes together under torchrun (split evenly over the ranks)
     envs_per_worker: int = 1
     asynchronous: bool = True  # worker processes (crash-resilient); false = in-process
     size: int = 64  # image side in pixels
@@ -22,7 +22,7 @@ class EnvConfig:
 
 @dataclass
 class ReplayConfig:
-    capacity: int = 1_000_000  # steps
+    capacity: int = 1_000_000  # steps (all ranks together under torchrun; each rank keeps its own share)
 
 
 @dataclass
@@ -30,9 +30,9 @@ class LoopConfig:
     env_steps: int = 1_000_000  # total env steps (all envs together)
     prefill: int = 5000  # uniform-random env steps before the first update
     train_ratio: float = 32.0  # replayed steps per env step: updates x batch_size x seq_len / env steps
-    batch_size: int = 16
+    batch_size: int = 16  # replayed segments per update, all ranks together (split evenly under torchrun)
     seq_len: int = 64
-    imag_starts: int = 256  # imagined trajectories per update, starting from replayed states
+    imag_starts: int = 256  # imagined trajectories per update from replayed states, all ranks together
     wm_lr: float = 1e-4
     wm_grad_clip: float = 100.0
     log_every: int = 1000  # env steps

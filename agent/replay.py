@@ -88,6 +88,25 @@ class ReplayBuffer:
             self.steps_added += keep - a
             self._write({k: v[keep:b] for k, v in arrays.items()}, self._new_slot(open_=False))
 
+    def episodes(self):
+        """The stored episodes (finished or in progress, evicted steps left out) as arrays `t ...`, oldest first."""
+        n = self._nslots
+        slots = [s for s in range(n) if self._hi[s] > self._lo[s]]
+        slots.sort(key=lambda s: (self._index[s][self._lo[s]] - self._pos) % self.capacity)
+        for s in slots:
+            idx = self._index[s][self._lo[s]:self._hi[s]]
+            yield {k: v[idx] for k, v in self.data.items()}
+
+    @classmethod
+    def merged(cls, buffers: list["ReplayBuffer"], capacity: int, seed: int = 0) -> "ReplayBuffer":
+        """One buffer holding every episode of `buffers` (episodes in progress stored as finished pieces), e.g.
+        the shards of a data-parallel run resumed at another world size."""
+        buf = cls(capacity, {k: v for k, v in buffers[0].spec.items() if k not in STEP_KEYS}, seed=seed)
+        for other in buffers:
+            for episode in other.episodes():
+                buf.add_episode(episode)
+        return buf
+
     @classmethod
     def from_dataset(cls, root: Union[str, Path], capacity: Optional[int] = None,
                      seed: int = 0) -> "ReplayBuffer":

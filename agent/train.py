@@ -2,9 +2,14 @@
 replay buffer; the world model and the actor-critic (in imagination) train at a fixed train ratio; periodic
 evaluation episodes; everything in one run directory, resumable at the same env step.
 
-Run directory: config.yaml, checkpoints/latest.pt (models, optimizers, counters, RNG), replay/<step>.npz
-(the buffer that checkpoint belongs to, written first), stats.jsonl (every training episode, crafter's
+Run directory: config.yaml, checkpoints/latest.pt (models, optimizers, counters, RNG), replay/<step>-rank<r>.npz
+(each rank's buffer that checkpoint belongs to, written first), stats.jsonl (every training episode, crafter's
 schema for Crafter), eval_stats.jsonl, metrics.jsonl and tb/.
+
+Under torchrun each rank runs its share of the env workers into its own replay buffer; the world model and the
+actor-critic are wrapped in DistributedDataParallel, so every update averages the ranks' gradients and the
+weights stay identical. Sizes in the config (env.num_envs, replay.capacity, train.batch_size, train.imag_starts)
+are totals over all ranks; counters (env steps, updates) are global. Rank 0 logs, evaluates and checkpoints.
 """
 from __future__ import annotations
 
@@ -19,11 +24,12 @@ import torch
 from envs.collect import env_fn
 from envs.episodes import obs_dict
 from envs.vector import make_vector_env
+from world_model import distributed
 from world_model.config import save_config
 from world_model.pretrain import autocast, guarded_update
-from world_model.rundir import MetricLogger, rng_state, set_rng_state, start_run
+from world_model.rundir import MetricLogger, rank_seed, restore_rng, rng_states, start_run
 from world_model.train_wm import build_world_model, to_batch
-from world_model.wm import WorldModel
+from world_model.wm import WorldModel, WorldModelLoss
 
 from .actor_critic import ActorCritic
 from .config import AgentConfig
@@ -56,24 +62,35 @@ def updates_due(env_steps: int, cfg: AgentConfig) -> int:
     return int(env_steps * t.train_ratio / (t.batch_size * t.seq_len))
 
 
+def local_share(total: int, what: str) -> int:
+    """This rank's share of a size the config gives for all ranks together."""
+    if total % distributed.world_size():
+        raise ValueError(f"{what}={total} does not divide over {distributed.world_size()} processes; "
+                         f"pick a multiple of {distributed.world_size()}")
+    return total // distributed.world_size()
+
+
 def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, replay: ReplayBuffer,
-               cfg: AgentConfig, device: torch.device) -> dict:
-    """One world-model update on a replayed batch, then one actor-critic update in imagination from its states."""
+               cfg: AgentConfig, device: torch.device, wm_parallel: Optional[torch.nn.Module] = None,
+               ac_parallel: Optional[torch.nn.Module] = None) -> dict:
+    """One world-model update on a replayed batch, then one actor-critic update in imagination from its states.
+    `wm_parallel` / `ac_parallel`: the DistributedDataParallel wrappers under torchrun (gradients averaged)."""
     t = cfg.train
-    batch = to_batch(replay.sample(t.batch_size, t.seq_len), wm.resolution, device)
+    batch_size, starts_n = t.batch_size // distributed.world_size(), t.imag_starts // distributed.world_size()
+    batch = to_batch(replay.sample(batch_size, t.seq_len), wm.resolution, device)
     wm.train()
     with autocast(device, t.amp):
-        loss, stats, enc = wm.loss(batch, cfg.encoder.model.vq.beta)
+        loss, stats, enc = (wm_parallel or WorldModelLoss(wm))(batch, cfg.encoder.model.vq.beta)
     problem = guarded_update(loss, wm_opt.param_groups[0]["params"], wm_opt, t.wm_grad_clip, stats)
     stats = {f"wm/{k}": float(v) for k, v in stats.items()}
     stats["wm/skipped"] = float(problem is not None)
     wm.eval()
-    starts = torch.randperm(t.batch_size * t.seq_len, device=device)[:t.imag_starts]
+    starts = torch.randperm(batch_size * t.seq_len, device=device)[:starts_n]
     frames = enc.frame_codes.flatten(0, 1)[starts, None] if enc.frame_codes is not None else None  # n 1 g
     context = _Context(enc.slot_codes.flatten(0, 1)[starts, None], frames)  # the replayed states' codes
     with autocast(device, t.amp):
         traj = imagine(wm.dynamics, ac.actor, context, None, cfg.actor_critic.horizon)
-        stats.update({f"ac/{k}": float(v) for k, v in ac.update(traj).items()})
+        stats.update({f"ac/{k}": float(v) for k, v in ac.update(traj, ac_parallel).items()})
     stats["ac/imagined_reward"] = float(traj.rewards.mean())
     return stats
 
@@ -101,19 +118,24 @@ def _step_record(obs: dict, i: int, action: int, reward: float, term: bool, trun
 
 
 def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool = True) -> dict:
-    """Train (or continue) an agent run; returns the last evaluation."""
+    """Train (or continue) an agent run; returns the last evaluation (rank 0's under torchrun)."""
     from tqdm import tqdm
 
     t = cfg.train
     run, device = start_run(run_dir, resume, t.device, t.threads, t.seed)
-    venv = make_vector_env(env_fn(cfg.env.name, **env_kwargs(cfg, run.path / "stats.jsonl")), cfg.env.num_envs,
+    main = distributed.is_main()
+    num_envs = local_share(cfg.env.num_envs, "env.num_envs")
+    local_share(t.batch_size, "train.batch_size")
+    local_share(t.imag_starts, "train.imag_starts")
+    venv = make_vector_env(env_fn(cfg.env.name, **env_kwargs(cfg, run.path / "stats.jsonl")), num_envs,
                            envs_per_worker=cfg.env.envs_per_worker, asynchronous=cfg.env.asynchronous)
     try:
         num_actions = int(venv.single_action_space.n)
         wm, ac = build_agent(cfg, num_actions, device)
         wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=t.wm_lr, eps=1e-8)
         counters = {"env_steps": 0, "updates": 0, "episodes": 0, "vector_steps": 0}
-        replay = ReplayBuffer(cfg.replay.capacity, replay_spec(venv), seed=t.seed)
+        capacity = local_share(cfg.replay.capacity, "replay.capacity")
+        replay = ReplayBuffer(capacity, replay_spec(venv), seed=rank_seed(t.seed))
         if resume:
             state = run.load_checkpoint(map_location=device)
             wm.load_state_dict(state["wm"])
@@ -121,54 +143,63 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             wm_opt.load_state_dict(state["wm_opt"])
             ac.load_optimizer_state(state["ac_opt"])
             counters = state["counters"]
-            set_rng_state(state["rng"])
-            replay = ReplayBuffer.load(run.path / state["replay"])
+            restore_rng(state["rng"], t.seed, counters["vector_steps"])
+            replay = load_replay_shards(run.path, state, capacity, rank_seed(t.seed, counters["vector_steps"]))
         save_config(cfg, run.config_path)
+        wm_parallel = distributed.wrap(WorldModelLoss(wm), device) if distributed.active() else None
+        ac_parallel = distributed.wrap(ac, device) if distributed.active() else None
         logger = MetricLogger(run, start_step=counters["env_steps"])
         policy = SlotPolicy(wm, ac, device)
-        rng = np.random.default_rng([t.seed, counters["vector_steps"]])
+        rng = np.random.default_rng([rank_seed(t.seed), counters["vector_steps"]])
+        episodes_base, local_episodes = counters["episodes"], 0
         last_eval: dict = {}
 
-        def checkpoint() -> None:
-            name = f"replay/{counters['env_steps']:012d}.npz"
-            (run.path / "replay").mkdir(exist_ok=True)
-            replay.save(run.path / name)  # the replay first: the checkpoint never names a missing file
-            run.save_checkpoint({"wm": wm.state_dict(), "ac": ac.state_dict(), "wm_opt": wm_opt.state_dict(),
-                                 "ac_opt": ac.optimizer_state(), "counters": dict(counters), "rng": rng_state(),
-                                 "replay": name, "config": asdict(cfg), "num_actions": num_actions})
-            for old in (run.path / "replay").glob("*.npz"):
-                if old.name != Path(name).name:
-                    old.unlink()
+        def global_episodes() -> int:  # a collective: every rank's finished episodes since the start/resume
+            return episodes_base + sum(distributed.gather_objects(local_episodes))
 
-        obs, _ = venv.reset(seed=t.seed + counters["vector_steps"])
+        def checkpoint() -> None:
+            name = f"replay/{counters['env_steps']:012d}-rank{distributed.rank()}.npz"
+            (run.path / "replay").mkdir(exist_ok=True)
+            replay.save(run.path / name)  # the replays first: the checkpoint never names a missing file
+            names = distributed.gather_objects(name)  # also waits until every rank's replay is written
+            counters["episodes"] = global_episodes()
+            run.save_checkpoint({"wm": wm.state_dict(), "ac": ac.state_dict(), "wm_opt": wm_opt.state_dict(),
+                                 "ac_opt": ac.optimizer_state(), "counters": dict(counters), "rng": rng_states(),
+                                 "replays": names, "config": asdict(cfg), "num_actions": num_actions})
+            if main:
+                for old in (run.path / "replay").glob("*.npz"):
+                    if f"replay/{old.name}" not in names:
+                        old.unlink()
+
+        obs, _ = venv.reset(seed=rank_seed(t.seed) + counters["vector_steps"])
         obs = obs_dict(obs)
-        for i in range(cfg.env.num_envs):
+        for i in range(num_envs):
             replay.add(_step_record(obs, i, 0, 0.0, False, False, True), worker=i)
-        obs_first = np.ones(cfg.env.num_envs, bool)  # the current observation starts an episode
-        ended = np.zeros(cfg.env.num_envs, bool)  # the last step ended the episode (the next one resets it)
+        obs_first = np.ones(num_envs, bool)  # the current observation starts an episode
+        ended = np.zeros(num_envs, bool)  # the last step ended the episode (the next one resets it)
         bar = tqdm(total=t.env_steps, initial=counters["env_steps"], desc=f"train {cfg.env.name}",
-                   disable=not progress, dynamic_ncols=True, unit="step")
+                   disable=not progress or not main, dynamic_ncols=True, unit="step")
         next_log = (counters["env_steps"] // t.log_every + 1) * t.log_every
         next_ckpt = (counters["env_steps"] // t.ckpt_every + 1) * t.ckpt_every
         next_eval = (counters["env_steps"] // t.eval_every + 1) * t.eval_every if t.eval_every else None
         t_last, steps_last, stats = time.perf_counter(), counters["env_steps"], {}
         while counters["env_steps"] < t.env_steps:
             if counters["env_steps"] < t.prefill:
-                actions = rng.integers(num_actions, size=cfg.env.num_envs)
+                actions = rng.integers(num_actions, size=num_envs)
             else:
                 wm.eval()
                 actions = policy.act(obs["image"], obs_first)
             raw, rewards, terms, truncs, _ = venv.step(actions)
             obs = obs_dict(raw)
-            for i in range(cfg.env.num_envs):  # NEXT_STEP autoreset: after an end comes a first observation
+            for i in range(num_envs):  # NEXT_STEP autoreset: after an end comes a first observation
                 replay.add(_step_record(obs, i, actions[i], rewards[i], terms[i], truncs[i], bool(ended[i])), worker=i)
             obs_first, ended = ended, np.logical_or(terms, truncs) & ~ended
-            counters["episodes"] += int(ended.sum())
+            local_episodes += int(ended.sum())
             counters["vector_steps"] += 1
             counters["env_steps"] += cfg.env.num_envs
             bar.update(cfg.env.num_envs)
             while counters["updates"] < updates_due(counters["env_steps"], cfg):
-                stats = train_step(wm, ac, wm_opt, replay, cfg, device)
+                stats = train_step(wm, ac, wm_opt, replay, cfg, device, wm_parallel, ac_parallel)
                 counters["updates"] += 1
                 # A non-finite loss or gradient skipped that update (it never reaches weights or checkpoints).
                 counters["skipped_wm"] = counters.get("skipped_wm", 0) + int(stats["wm/skipped"])
@@ -176,31 +207,48 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             if counters["env_steps"] >= next_log:
                 next_log += t.log_every
                 now = time.perf_counter()
-                row = dict(stats, env_steps_per_s=(counters["env_steps"] - steps_last) / (now - t_last),
+                episodes = global_episodes()
+                row = dict(distributed.mean_scalars(stats, device),
+                           env_steps_per_s=(counters["env_steps"] - steps_last) / (now - t_last),
                            skipped_wm=counters.get("skipped_wm", 0), skipped_ac=counters.get("skipped_ac", 0),
-                           replay_steps=len(replay), updates=counters["updates"], episodes=counters["episodes"],
+                           replay_steps=len(replay) * distributed.world_size(), updates=counters["updates"],
+                           episodes=episodes,
                            replay_ratio=counters["updates"] * t.batch_size * t.seq_len / counters["env_steps"])
                 t_last, steps_last = now, counters["env_steps"]
-                row.update(_score(run.path / "stats.jsonl", cfg.env.name, "train/"))
+                if main:
+                    row.update(_score(run.path / "stats.jsonl", cfg.env.name, "train/"))
                 logger.scalars(counters["env_steps"], row)
-                bar.set_postfix(episodes=counters["episodes"], updates=counters["updates"])
+                bar.set_postfix(episodes=episodes, updates=counters["updates"])
             if next_eval is not None and counters["env_steps"] >= next_eval:
                 next_eval += t.eval_every
-                last_eval = evaluate_agent(wm, ac, cfg, device, t.eval_episodes, run.path / "eval_stats.jsonl")
-                logger.scalars(counters["env_steps"], last_eval, prefix="eval/")
+                if main:
+                    last_eval = evaluate_agent(wm, ac, cfg, device, t.eval_episodes, run.path / "eval_stats.jsonl")
+                    logger.scalars(counters["env_steps"], last_eval, prefix="eval/")
             if counters["env_steps"] >= next_ckpt or counters["env_steps"] >= t.env_steps:
                 next_ckpt += t.ckpt_every
                 checkpoint()
                 logger.flush()
         bar.close()
-        if not last_eval or next_eval is None:
-            last_eval = evaluate_agent(wm, ac, cfg, device, t.eval_episodes, run.path / "eval_stats.jsonl")
-            logger.scalars(counters["env_steps"], last_eval, prefix="eval/")
-        last_eval.update(_score(run.path / "stats.jsonl", cfg.env.name, "train_"))
+        if main:
+            if not last_eval or next_eval is None:
+                last_eval = evaluate_agent(wm, ac, cfg, device, t.eval_episodes, run.path / "eval_stats.jsonl")
+                logger.scalars(counters["env_steps"], last_eval, prefix="eval/")
+            last_eval.update(_score(run.path / "stats.jsonl", cfg.env.name, "train_"))
         logger.close()
         return last_eval
     finally:
         venv.close()
+
+
+def load_replay_shards(run_path: Path, state: dict, capacity: int, seed: int) -> ReplayBuffer:
+    """This rank's replay on resume. Same world size: its own shard, exactly. Another world size: rank r merges
+    the saved shards j with j % world == r (a rank left without one starts from a copy of shard r % saved)."""
+    names = state.get("replays") or [state["replay"]]  # older checkpoints name one buffer
+    w, r = distributed.world_size(), distributed.rank()
+    if len(names) == w:
+        return ReplayBuffer.load(run_path / names[r])
+    mine = names[r::w] or [names[r % len(names)]]
+    return ReplayBuffer.merged([ReplayBuffer.load(run_path / n) for n in mine], capacity, seed)
 
 
 def _score(path: Path, env: str, prefix: str) -> dict:

@@ -63,14 +63,14 @@ def test_resume_after_sigkill(tmp_path):
     proc.wait()
     state = torch.load(ckpt, weights_only=False)  # never torn: written to a temp file and renamed
     steps = state["counters"]["env_steps"]
-    saved = ReplayBuffer.load(run_dir / state["replay"])
+    saved = ReplayBuffer.load(run_dir / state["replays"][0])
     assert steps >= 120 and len(saved) == saved.steps_added == steps + 2  # 2 first frames, then one per env step
     cfg = load_config(AgentConfig, run_dir / "config.yaml", [f"train.env_steps={steps + 20}"])
     train(cfg, str(run_dir), resume=True, progress=False)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     after = torch.load(ckpt, weights_only=False)
     assert after["counters"]["env_steps"] == steps + 20
-    resumed = ReplayBuffer.load(run_dir / after["replay"])
+    resumed = ReplayBuffer.load(run_dir / after["replays"][0])
     assert len(resumed) == len(saved) + 2 + 20  # the saved replay, the new first frames, the new steps
     assert rows[-1]["step"] == steps + 20
 
@@ -132,6 +132,6 @@ def test_killed_env_worker_during_training(tmp_path, monkeypatch):
               progress=False)
     state = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=False)
     assert state["counters"]["env_steps"] == 160 and state["counters"]["episodes"] >= 1
-    replay = ReplayBuffer.load(tmp_path / "run" / state["replay"])
+    replay = ReplayBuffer.load(tmp_path / "run" / state["replays"][0])
     firsts = replay.data["is_first"][:len(replay)].sum()
     assert firsts >= 3  # the 2 initial episodes and the one started after the crash

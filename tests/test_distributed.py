@@ -6,11 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import ddp_worker
 import run
+from agent.config import AgentConfig
+from agent.replay import ReplayBuffer
+from agent.train import updates_due
 from world_model import distributed
+from world_model.config import load_config
 from world_model.rundir import RunDir, read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,3 +76,30 @@ def test_torchrun_needs_a_run_dir(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert run.main(["pretrain", "--no-progress"]) == 2
     assert "--run-dir" in capsys.readouterr().err
+
+
+AGENT = ["--config", "configs/tiny.yaml", "--no-progress", "env.asynchronous=false", "train.prefill=120",
+         "train.log_every=40", "train.ckpt_every=120", "train.eval_episodes=1", "env.max_episode_steps=60",
+         "train.train_ratio=2"]
+
+
+def test_torchrun_agent_shards_envs_and_replay_and_resumes_at_world_size_one(tmp_path):
+    rd = tmp_path / "run"
+    out = torchrun(["run.py", "train", "--run-dir", str(rd), *AGENT, "train.env_steps=240"]).stdout
+    assert out.count("# run directory") == 1
+    state = RunDir(rd).load_checkpoint()
+    assert state["counters"]["env_steps"] == 240 and len(state["rng"]) == 2
+    assert state["replays"] == [f"replay/{240:012d}-rank{r}.npz" for r in (0, 1)]
+    shards = [ReplayBuffer.load(rd / name) for name in state["replays"]]
+    assert [len(s) for s in shards] == [121, 121]  # one env per rank: its first frame + 120 steps each
+    assert not np.array_equal(shards[0].data["image"][:121], shards[1].data["image"][:121])  # own envs
+    assert sorted(p.name for p in (rd / "replay").iterdir()) == [Path(n).name for n in state["replays"]]
+    last = [r for r in read_jsonl(rd / "metrics.jsonl") if "replay_ratio" in r]
+    assert [r["step"] for r in last] == [40 * i for i in range(1, 7)]  # rank 0 logs, once per step
+    assert last[-1]["updates"] == updates_due(240, load_config(AgentConfig, ROOT / "configs/tiny.yaml",
+                                                                AGENT[3:] + ["train.env_steps=240"]))
+    assert run.main(["train", "--resume", str(rd), "--no-progress", "train.env_steps=280"]) == 0
+    state = RunDir(rd).load_checkpoint()
+    assert state["counters"]["env_steps"] == 280 and len(state["replays"]) == 1
+    merged = ReplayBuffer.load(rd / state["replays"][0])
+    assert len(merged) == 242 + 2 + 40  # both shards merged, then 2 envs: a reset frame each and 40 steps

@@ -205,3 +205,18 @@ def test_errors(tmp_path):
     (tmp_path / "cut.npz").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(DataError, match="not a readable replay buffer"):
         ReplayBuffer.load(tmp_path / "cut.npz")
+
+
+def test_merged_holds_every_episode_of_its_shards():
+    spec = {"image": ((2,), np.uint8)}
+    a, b = ReplayBuffer(50, spec, seed=0), ReplayBuffer(50, spec, seed=1)
+    for buf, base, n in ((a, 0, 7), (b, 100, 5)):
+        for i in range(n):  # one finished 4-step episode, then one in progress
+            buf.add({"image": np.full(2, base + i, np.uint8), "action": i, "reward": 1.0, "is_first": i in (0, 4),
+                     "is_last": i == 3, "is_terminal": i == 3})
+    merged = ReplayBuffer.merged([a, b], capacity=100, seed=3)
+    assert len(merged) == 12 and merged.num_episodes == 4
+    episodes = [ep["image"][:, 0].tolist() for ep in merged.episodes()]
+    assert episodes == [[0, 1, 2, 3], [4, 5, 6], [100, 101, 102, 103], [104]]
+    segments = merged.sample(8, 3)["image"][..., 0]
+    assert all(list(s) in ([0, 1, 2], [1, 2, 3], [4, 5, 6], [100, 101, 102], [101, 102, 103]) for s in segments)

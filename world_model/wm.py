@@ -129,3 +129,14 @@ class WorldModel(nn.Module):
         return {"slot_codes": torch.stack(slots_out, 1),
                 "frame_codes": torch.stack(frames_out, 1) if frames is not None else None,
                 "reward": torch.stack(rewards, 1), "cont": torch.stack(conts, 1)}
+
+
+class WorldModelLoss(nn.Module):
+    """`WorldModel.loss` as a module forward, so DistributedDataParallel can wrap the world model's update."""
+
+    def __init__(self, wm: WorldModel):
+        super().__init__()
+        self.wm = wm
+
+    def forward(self, batch: dict, vq_beta: float) -> tuple[torch.Tensor, dict, Encoded]:
+        return self.wm.loss(batch, vq_beta)
