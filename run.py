@@ -333,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("bench", help="throughput benchmarks (prints img/s, ratios measured side by side)")
-    s.add_argument("what", choices=["pretrain", "estep", "generator", "metrics", "envs", "imagination"], help="what to measure")
+    s.add_argument("what", choices=["pretrain", "estep", "generator", "metrics", "envs", "imagination", "agent"],
+                   help="what to measure")
     s.add_argument("--device", default="auto")
     s.add_argument("--batch-size", type=int, help="default: 64 on CPU, 512 on CUDA")
     s.add_argument("--resolution", type=int, help="default: 64 on CPU, 128 on CUDA")
@@ -341,8 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task", default="setpred", choices=["setpred", "discovery"])
     s.add_argument("--envs", default="crafter,nethack", help="bench envs: games to measure (comma-separated)")
     s.add_argument("--workers", type=int, help="bench envs: worker processes (default: all CPU cores)")
-    s.add_argument("--env-steps", type=int, default=500, help="bench envs: vector steps per measurement")
+    s.add_argument("--env-steps", type=int, help="bench envs: vector steps per measurement (default 500); bench agent: "
+                   "env steps timed (default 16 updates' worth)")
     s.add_argument("--wm-config", default="configs/wm_crafter.yaml", help="bench imagination: world-model preset")
+    s.add_argument("--agent-config", help="bench agent: agent preset (default crafter.yaml on CUDA, crafter_cpu.yaml "
+                   "on CPU)")
+    s.add_argument("--prefill", type=int, default=256, help="bench agent: random env steps before timing")
+    s.add_argument("--profile", action="store_true", help="bench pretrain/agent: also print a torch.profiler table")
+    s.add_argument("--profile-rows", type=int, default=15, help="rows of the profiler table")
+    s.add_argument("--compile", action="store_true", help="bench pretrain on CPU: also time torch.compile "
+                   "(inductor needs a C++ compiler and minutes on CPU; on CUDA it is always timed)")
     s.add_argument("--horizon", type=int, default=32, help="bench imagination: imagined steps per trajectory")
     s.set_defaults(func=cmd_bench)
 

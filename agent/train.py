@@ -20,6 +20,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from envs.collect import env_fn
 from envs.episodes import obs_dict
@@ -77,20 +78,23 @@ def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, r
     `wm_parallel` / `ac_parallel`: the DistributedDataParallel wrappers under torchrun (gradients averaged)."""
     t = cfg.train
     batch_size, starts_n = t.batch_size // distributed.world_size(), t.imag_starts // distributed.world_size()
-    batch = to_batch(replay.sample(batch_size, t.seq_len), wm.resolution, device)
-    wm.train()
-    with autocast(device, t.amp):
-        loss, stats, enc = (wm_parallel or WorldModelLoss(wm))(batch, cfg.encoder.model.vq.beta)
-    problem = guarded_update(loss, wm_opt.param_groups[0]["params"], wm_opt, t.wm_grad_clip, stats)
-    stats = {f"wm/{k}": float(v) for k, v in stats.items()}
+    with record_function("wm_update"):  # profiler labels (agent/bench.py); free when no profiler runs
+        batch = to_batch(replay.sample(batch_size, t.seq_len), wm.resolution, device)
+        wm.train()
+        with autocast(device, t.amp):
+            loss, stats, enc = (wm_parallel or WorldModelLoss(wm))(batch, cfg.encoder.model.vq.beta)
+        problem = guarded_update(loss, wm_opt.param_groups[0]["params"], wm_opt, t.wm_grad_clip, stats)
+        stats = {f"wm/{k}": float(v) for k, v in stats.items()}
     stats["wm/skipped"] = float(problem is not None)
     wm.eval()
     starts = torch.randperm(batch_size * t.seq_len, device=device)[:starts_n]
     frames = enc.frame_codes.flatten(0, 1)[starts, None] if enc.frame_codes is not None else None  # n 1 g
     context = _Context(enc.slot_codes.flatten(0, 1)[starts, None], frames)  # the replayed states' codes
     with autocast(device, t.amp):
-        traj = imagine(wm.dynamics, ac.actor, context, None, cfg.actor_critic.horizon)
-        stats.update({f"ac/{k}": float(v) for k, v in ac.update(traj, ac_parallel).items()})
+        with record_function("imagination"):
+            traj = imagine(wm.dynamics, ac.actor, context, None, cfg.actor_critic.horizon)
+        with record_function("ac_update"):
+            stats.update({f"ac/{k}": float(v) for k, v in ac.update(traj, ac_parallel).items()})
     stats["ac/imagined_reward"] = float(traj.rewards.mean())
     return stats
 

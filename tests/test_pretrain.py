@@ -132,17 +132,20 @@ def test_eval_ap_on_missing_clevr_root_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [
-    ["bench", "pretrain", "--batch-size", "2", "--resolution", "32", "--steps", "1"],
+    ["bench", "pretrain", "--batch-size", "2", "--resolution", "32", "--steps", "1", "--profile"],
     ["bench", "estep", "--batch-size", "2", "--steps", "1"],
     ["bench", "generator", "--batch-size", "2", "--resolution", "32", "--steps", "1"],
     ["bench", "metrics", "--steps", "1"],
     ["bench", "imagination", "--wm-config", "configs/wm_crafter_cpu.yaml", "--batch-size", "2", "--horizon", "3"],
     ["bench", "envs", "--envs", "nethack", "--workers", "1", "--env-steps", "5"],
+    ["bench", "agent", "--agent-config", "configs/tiny.yaml", "--env-steps", "16", "--prefill", "16", "--profile"],
 ])
 def test_bench_smoke(argv, capsys):
     assert run.main(argv) == 0
     out = capsys.readouterr().out
-    assert any(word in out for word in ("ratio", "scenes/s", "seconds", "efficiency"))
+    assert any(word in out for word in ("ratio", "scenes/s", "seconds", "efficiency", "env steps/s"))
+    if "--profile" in argv:
+        assert "Self CPU" in out  # the profiler table
 
 
 def test_pretrain_and_eval_on_a_clevr_directory(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""`run.py bench`: throughput of pretraining steps, the GMM E-step and the scene generator.
+"""`run.py bench`: throughput of pretraining steps, the GMM E-step, the scene generator, envs, imagination and
+the agent loop (`agent/bench.py`).
 
 Every figure is measured in one process, side by side, so ratios (GMM vs Slot Attention, optimized vs
 eager, expanded vs materialized E-step) are meaningful on any machine; absolute img/s only mean
@@ -12,7 +13,7 @@ from dataclasses import replace
 import torch
 
 from .config import PretrainConfig, load_config
-from .pretrain import GeneratedScenes, autocast, build_model, compute_loss
+from .pretrain import GeneratedScenes, build_model, compute_loss
 from .rundir import resolve_device
 from .slots.gmm import gaussian_log_likelihood
 
@@ -48,45 +49,72 @@ def bench_config(task: str, slots: str, resolution: int) -> PretrainConfig:
     return load_config(PretrainConfig, preset, [f"model.slots={slots}", f"data.resolution={resolution}"])
 
 
+def pretrain_modes(device: torch.device, compile_on_cpu: bool) -> list[tuple[str, bool, bool, str]]:
+    """(name, bf16 autocast, channels_last, torch.compile mode or "") per measured configuration, each adding one
+    optimization to the previous, so the table says what each gave."""
+    if device.type == "cuda":
+        return [("eager-fp32", False, False, ""), ("channels_last", False, True, ""), ("+bf16", True, True, ""),
+                ("+compile", True, True, "default"), ("+cudagraphs", True, True, "reduce-overhead")]
+    modes = [("eager-fp32", False, False, ""), ("channels_last", False, True, "")]
+    return modes + [("+compile", False, True, "default")] if compile_on_cpu else modes
+
+
 def bench_pretrain(args, device: torch.device) -> None:
     res = args.resolution or (128 if device.type == "cuda" else 64)
     batch_size = args.batch_size or (512 if device.type == "cuda" else 64)
-    modes = [("eager-fp32", False, False)]
-    if device.type == "cuda":
-        modes += [("bf16", True, False), ("bf16+compile", True, True)]
+    modes = pretrain_modes(device, args.compile)
     print(f"# pretrain step ({args.task}), {res}x{res}, batch {batch_size}, device {device}")
-    print(f"{'model':<16}{'mode':<14}{'img/s':>10}{'first step s':>14}{'peak GiB':>10}")
+    print(f"{'model':<16}{'mode':<15}{'img/s':>10}{'first step s':>14}{'peak GiB':>10}")
     data = None
     results = {}
     for slots in ("gmm", "slot_attention"):
         cfg = bench_config(args.task, slots, res)
         if data is None:
             data = GeneratedScenes(cfg, device).batch(batch_size, seed=0)
-        for name, amp, compiled in modes:
+        for name, amp, channels_last, compile_mode in modes:
             torch.manual_seed(0)
-            model = build_model(cfg).to(device)
             if device.type == "cuda":
-                model = model.to(memory_format=torch.channels_last)
+                torch.compiler.reset()
+                torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            step_model = torch.compile(model) if compiled else model
+            model = build_model(cfg).to(device)
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            step_model = torch.compile(model, mode=compile_mode) if compile_mode else model
             opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+            images = data["images"].contiguous(memory_format=torch.channels_last) if channels_last else data["images"]
+            batch = dict(data, images=images)
 
             def step():
-                with autocast(device, amp):
-                    loss, _, _ = compute_loss(step_model, cfg.task, data, cfg.model.vq.beta)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss, _, _ = compute_loss(step_model, cfg.task, batch, cfg.model.vq.beta)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
 
-            per_step, first = _timeit(step, device, args.steps)
+            per_step, first = _timeit(step, device, args.steps, warmup=3 if compile_mode else 2)
             results[(slots, name)] = batch_size / per_step
-            print(f"{slots:<16}{name:<14}{batch_size / per_step:>10.1f}{first:>14.2f}{_peak_gib(device):>10.2f}")
-    for name, _, _ in modes:
+            print(f"{slots:<16}{name:<15}{batch_size / per_step:>10.1f}{first:>14.2f}{_peak_gib(device):>10.2f}")
+            if args.profile and slots == "gmm" and name == modes[-1][0]:
+                _profile_table(step, device, args.profile_rows)
+    for name, *_ in modes:
         print(f"ratio gmm/slot_attention ({name}): {results[('gmm', name)] / results[('slot_attention', name)]:.2f}")
-    if len(modes) > 1:
-        for slots in ("gmm", "slot_attention"):
-            print(f"ratio {modes[-1][0]}/eager-fp32 ({slots}): "
-                  f"{results[(slots, modes[-1][0])] / results[(slots, 'eager-fp32')]:.2f}")
+    for slots in ("gmm", "slot_attention"):
+        for name, *_ in modes[1:]:
+            print(f"ratio {name}/eager-fp32 ({slots}): {results[(slots, name)] / results[(slots, 'eager-fp32')]:.2f}")
+
+
+def _profile_table(step, device: torch.device, rows: int) -> None:
+    """Operator table of three steps of `step` (self device time on CUDA, self CPU time otherwise)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        _sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=rows))
 
 
 def materialized_log_likelihood(x: torch.Tensor, mu: torch.Tensor, logsigma: torch.Tensor) -> torch.Tensor:
@@ -150,7 +178,7 @@ def bench_envs(args, device: torch.device) -> None:
     from envs.vector import make_vector_env, measure_steps_per_second
 
     workers = args.workers or os.cpu_count() or 1
-    steps = args.env_steps
+    steps = args.env_steps or 500
     print(f"# env steps/s, random actions, {steps} vector steps each; efficiency = vectorized / (workers x single)")
     print(f"{'env':>8} {'setup':>22} {'steps/s':>9} {'efficiency':>10}")
     for name in args.envs.split(","):
@@ -187,7 +215,9 @@ def bench_imagination(args, device: torch.device) -> None:
 
 def main(args) -> None:
     device = resolve_device(args.device)
+    from agent.bench import bench_agent
+
     benches = {"pretrain": bench_pretrain, "estep": bench_estep, "generator": bench_generator, "metrics": bench_metrics,
-               "envs": bench_envs, "imagination": bench_imagination}
+               "envs": bench_envs, "imagination": bench_imagination, "agent": bench_agent}
     benches[args.what](args, device)
 

@@ -1,0 +1,143 @@
+"""`run.py bench agent`: env steps/s of the whole agent loop at a preset's train ratio, and where the time goes.
+
+The same parts `agent.train` runs — vectorized env workers, the slot policy, the replay buffer and `train_step`
+(world-model update, imagination, actor-critic update) — driven the way the loop drives them: after a random
+prefill, every vector step is followed by the updates it owes at the train ratio. Each part is timed with
+`torch.profiler.record_function` labels, so `--profile` also prints the operator table beneath them. On CUDA
+it runs fp32 and bf16 autocast side by side.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from envs.collect import env_fn
+from envs.episodes import obs_dict
+from envs.vector import make_vector_env
+from world_model.config import load_config
+
+from .config import AgentConfig
+from .policy import SlotPolicy
+from .replay import ReplayBuffer
+from .train import _step_record, build_agent, env_kwargs, replay_spec, train_step
+
+PARTS = ("policy", "env_step", "wm_update", "imagination", "ac_update")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill: int, profiler=None) -> dict:
+    """Seconds per part over `env_steps` loop env steps after `prefill` random ones; updates follow the train
+    ratio counted from the end of the prefill (no catch-up burst)."""
+    t = cfg.train
+    with tempfile.TemporaryDirectory() as tmp:
+        venv = make_vector_env(env_fn(cfg.env.name, **env_kwargs(cfg, Path(tmp) / "stats.jsonl")), cfg.env.num_envs,
+                               envs_per_worker=cfg.env.envs_per_worker, asynchronous=cfg.env.asynchronous)
+        try:
+            n = cfg.env.num_envs
+            num_actions = int(venv.single_action_space.n)
+            torch.manual_seed(t.seed)
+            wm, ac = build_agent(cfg, num_actions, device)
+            wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=t.wm_lr)
+            replay = ReplayBuffer(max(cfg.replay.capacity, prefill + env_steps + n), replay_spec(venv), seed=t.seed)
+            policy = SlotPolicy(wm, ac, device)
+            rng = np.random.default_rng(t.seed)
+            obs = obs_dict(venv.reset(seed=t.seed)[0])
+            for i in range(n):
+                replay.add(_step_record(obs, i, 0, 0.0, False, False, True), worker=i)
+            first, ended = np.ones(n, bool), np.zeros(n, bool)
+
+            def vector_step(actions):
+                nonlocal obs, first, ended
+                raw, rewards, terms, truncs, _ = venv.step(actions)
+                obs = obs_dict(raw)
+                for i in range(n):
+                    replay.add(_step_record(obs, i, actions[i], rewards[i], terms[i], truncs[i], bool(ended[i])),
+                               worker=i)
+                first, ended = ended, np.logical_or(terms, truncs) & ~ended
+
+            for _ in range(max(prefill // n, (t.seq_len + 1))):
+                vector_step(rng.integers(num_actions, size=n))
+            seconds = dict.fromkeys(("policy", "env_step", "update"), 0.0)
+            done, updates = 0, 0
+            _sync(device)
+            start = time.perf_counter()
+            while done < env_steps:
+                t0 = time.perf_counter()
+                with record_function("policy"):
+                    wm.eval()
+                    actions = policy.act(obs["image"], first)
+                t1 = time.perf_counter()
+                with record_function("env_step"):
+                    vector_step(actions)
+                t2 = time.perf_counter()
+                seconds["policy"] += t1 - t0
+                seconds["env_step"] += t2 - t1
+                done += n
+                while updates < int(done * t.train_ratio / (t.batch_size * t.seq_len)):
+                    train_step(wm, ac, wm_opt, replay, cfg, device)
+                    updates += 1
+                _sync(device)
+                seconds["update"] += time.perf_counter() - t2
+                if profiler is not None:
+                    profiler.step()
+            total = time.perf_counter() - start
+        finally:
+            venv.close()
+    return {"seconds": seconds, "total": total, "env_steps": done, "updates": updates}
+
+
+def _part_times(prof, device: torch.device) -> dict:
+    """Total time under each record_function label (device time on CUDA, CPU time otherwise), in seconds."""
+    out = {}
+    for e in prof.key_averages():
+        if e.key in PARTS:
+            us = getattr(e, "device_time_total", 0) if device.type == "cuda" else e.cpu_time_total
+            out[e.key] = us / 1e6
+    return out
+
+
+def bench_agent(args, device: torch.device) -> None:
+    preset = args.agent_config or ("configs/crafter.yaml" if device.type == "cuda" else "configs/crafter_cpu.yaml")
+    base = load_config(AgentConfig, preset, [f"train.device={device}"])
+    env_steps = args.env_steps if args.env_steps else 16 * base.train.batch_size * base.train.seq_len // max(
+        int(base.train.train_ratio), 1)
+    modes = [("fp32", False)] + ([("bf16-autocast", True)] if device.type == "cuda" else [])
+    print(f"# agent loop, {preset}: {base.env.num_envs} {base.env.name} envs, train ratio {base.train.train_ratio:g} "
+          f"(batch {base.train.batch_size} x {base.train.seq_len}), {env_steps} env steps after the prefill, {device}")
+    print(f"{'mode':<14}{'env steps/s':>12}{'updates':>9}{'policy ms':>11}{'env ms':>9}{'update ms':>11}"
+          f"{'h per 1M':>10}")
+    rates = {}
+    for name, amp in modes:
+        cfg = replace(base, train=replace(base.train, amp=amp))
+        r = measure_loop(cfg, device, env_steps, args.prefill)
+        s, steps = r["seconds"], r["env_steps"]
+        rates[name] = steps / r["total"]
+        per = {k: 1e3 * v / steps for k, v in s.items()}  # ms per env step
+        print(f"{name:<14}{rates[name]:>12.1f}{r['updates']:>9}{per['policy']:>11.2f}{per['env_step']:>9.2f}"
+              f"{per['update']:>11.2f}{1e6 / rates[name] / 3600:>10.1f}")
+    if len(modes) > 1:
+        print(f"ratio bf16-autocast/fp32: {rates['bf16-autocast'] / rates['fp32']:.2f}")
+    if args.profile:
+        cfg = replace(base, train=replace(base.train, amp=modes[-1][1]))
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            measure_loop(cfg, device, env_steps, args.prefill)
+        parts = _part_times(prof, device)
+        total = sum(parts.values()) or 1.0
+        print(f"# where the time goes ({modes[-1][0]}, profiled run; "
+              f"{'device' if device.type == 'cuda' else 'CPU'} time under each label)")
+        for k in PARTS:
+            if k in parts:
+                print(f"{k:<14}{parts[k]:>9.2f} s {100 * parts[k] / total:>6.1f} %")
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.profile_rows))
