@@ -136,6 +136,9 @@ def cmd_train_wm(args) -> None:
     from world_model.rundir import RunDir
     from world_model.train_wm import train_wm
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("train-wm runs in one process; under torchrun run `pretrain` or `train` (the agent loop, "
+                         "which trains the world model data-parallel)")
     overrides = list(args.overrides)
     if args.data:
         overrides.insert(0, f"data.root={args.data}")

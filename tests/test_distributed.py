@@ -72,10 +72,14 @@ def test_torchrun_pretrain_writes_once_and_resumes_at_world_size_one(tmp_path):
     assert state["step"] == 6 and state["world_size"] == 1 and len(state["rng"]) == 1
 
 
-def test_torchrun_needs_a_run_dir(monkeypatch, capsys):
+def test_torchrun_needs_a_run_dir_and_a_parallel_command(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert run.main(["pretrain", "--no-progress"]) == 2
     assert "--run-dir" in capsys.readouterr().err
+    assert run.main(["train", "--no-progress"]) == 2
+    assert "--run-dir" in capsys.readouterr().err
+    assert run.main(["train-wm", "--data", "nowhere"]) == 2
+    assert "one process" in capsys.readouterr().err
 
 
 AGENT = ["--config", "configs/tiny.yaml", "--no-progress", "env.asynchronous=false", "train.prefill=120",
