@@ -368,15 +368,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from world_model import distributed
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+        distributed.barrier()  # under torchrun: the others wait for rank 0's final evaluation before leaving
     except (ValueError, FileNotFoundError) as e:  # ConfigError, DataError, RunDirError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        from world_model import distributed
-
         distributed.shutdown()  # leave the torchrun process group, if this process joined one
     return 0
 

@@ -6,6 +6,7 @@ answers for a single process, so the training loops need no separate code path.
 """
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Any, Optional
 
@@ -45,7 +46,8 @@ def setup(device: str) -> Optional[int]:
             raise RuntimeError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs are visible: "
                                "--nproc_per_node must not exceed the GPUs per node")
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    # Rank 0 evaluates while the others wait in their next collective: allow longer than NCCL's 10 min default.
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=2))
     return local
 
 
@@ -84,6 +86,14 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def mean_(t: torch.Tensor) -> torch.Tensor:
+    """`t` replaced in place by its mean over ranks (a collective); returned for chaining."""
+    if active():
+        dist.all_reduce(t)
+        t /= world_size()
+    return t
 
 
 def mean_scalars(values: dict, device: torch.device) -> dict:
