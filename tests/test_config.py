@@ -31,6 +31,7 @@ def test_overrides_are_typed():
     (["model.slotz=gmm"], "unknown config key 'model.slotz'.*did you mean 'model.slots'"),
     (["train.steps=many"], "bad config value for 'train.steps'"),
     (["model.slots=kmeans"], "model.slots='kmeans' is not one of gmm, slot_attention"),
+    (["train.compile_mode=fast"], "train.compile_mode='fast' is not one of default, reduce-overhead"),
     (["train.steps"], "not of the form key=value"),
 ])
 def test_bad_overrides_give_one_line_errors(overrides, message):

@@ -93,6 +93,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     compile: bool = False  # torch.compile the model (CUDA; on CPU it needs a C++ compiler and minutes)
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune; see `run.py bench pretrain`
     threads: int = 0  # torch CPU threads, 0 = torch's default
 
 
@@ -166,6 +167,7 @@ CHOICES = {
     "task": ("setpred", "discovery"),
     "model.slots": ("gmm", "slot_attention"),
     "data.source": ("generated", "clevr", "frames"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune"),
     "encoder.mode": ("frozen", "joint"),
     "env.name": ("crafter", "nethack"),
 }

@@ -327,7 +327,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
     save_config(cfg, run.config_path)
 
     parallel = distributed.wrap(model, device)
-    step_model = torch.compile(parallel) if cfg.train.compile else parallel
+    step_model = torch.compile(parallel, mode=cfg.train.compile_mode) if cfg.train.compile else parallel
     source = make_source(cfg, device, sharded=True)
     logger = MetricLogger(run, start_step=step)
     last_eval: dict = {}
