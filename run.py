@@ -353,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill", type=int, default=256, help="bench agent: random env steps before timing")
     s.add_argument("--profile", action="store_true", help="bench pretrain/agent: also print a torch.profiler table")
     s.add_argument("--profile-rows", type=int, default=15, help="rows of the profiler table")
+    s.add_argument("overrides", nargs="*", help="bench agent: dotted key=value overrides of the agent preset, right "
+                   "after `agent` (run.py bench agent encoder.mode=frozen --profile)")
     s.add_argument("--compile", action="store_true", help="bench pretrain on CPU: also time torch.compile "
                    "(inductor needs a C++ compiler and minutes on CPU; on CUDA it is always timed)")
     s.add_argument("--horizon", type=int, default=32, help="bench imagination: imagined steps per trajectory")

@@ -116,11 +116,11 @@ def bench_agent(args, device: torch.device) -> None:
     preset = args.agent_config or ("configs/crafter.yaml" if device.type == "cuda" else "configs/crafter_cpu.yaml")
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # as the training commands run (TF32 for fp32 matmuls)
-    base = load_config(AgentConfig, preset, [f"train.device={device}"])
+    base = load_config(AgentConfig, preset, [*args.overrides, f"train.device={device}"])
     env_steps = args.env_steps if args.env_steps else 16 * base.train.batch_size * base.train.seq_len // max(
         int(base.train.train_ratio), 1)
     modes = [("fp32", False)] + ([("bf16-autocast", True)] if device.type == "cuda" else [])
-    print(f"# agent loop, {preset}: {base.env.num_envs} {base.env.name} envs, train ratio {base.train.train_ratio:g} "
+    print(f"# agent loop, {preset} {' '.join(args.overrides)}: {base.env.num_envs} {base.env.name} envs, train ratio {base.train.train_ratio:g} "
           f"(batch {base.train.batch_size} x {base.train.seq_len}), {env_steps} env steps after the prefill, {device}")
     print(f"{'mode':<14}{'env steps/s':>12}{'updates':>9}{'policy ms':>11}{'env ms':>9}{'update ms':>11}"
           f"{'h per 1M':>10}")

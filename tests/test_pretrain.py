@@ -138,7 +138,8 @@ def test_eval_ap_on_missing_clevr_root_is_one_line(tmp_path, capsys):
     ["bench", "metrics", "--steps", "1"],
     ["bench", "imagination", "--wm-config", "configs/wm_crafter_cpu.yaml", "--batch-size", "2", "--horizon", "3"],
     ["bench", "envs", "--envs", "nethack", "--workers", "1", "--env-steps", "5"],
-    ["bench", "agent", "--agent-config", "configs/tiny.yaml", "--env-steps", "16", "--prefill", "16", "--profile"],
+    ["bench", "agent", "train.batch_size=2", "--agent-config", "configs/tiny.yaml", "--env-steps", "16", "--prefill",
+     "16", "--profile"],
 ])
 def test_bench_smoke(argv, capsys):
     assert run.main(argv) == 0
@@ -146,6 +147,8 @@ def test_bench_smoke(argv, capsys):
     assert any(word in out for word in ("ratio", "scenes/s", "seconds", "efficiency", "env steps/s"))
     if "--profile" in argv:
         assert "Self CPU" in out  # the profiler table
+    if "agent" in argv:
+        assert "train.batch_size=2" in out and "(batch 2 x 8)" in out  # the override reached the preset
 
 
 def test_pretrain_and_eval_on_a_clevr_directory(tmp_path, capsys):
