@@ -19,14 +19,13 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from envs.collect import env_fn
-from envs.episodes import obs_dict
 from envs.vector import make_vector_env
 from world_model.config import load_config
 
 from .config import AgentConfig
 from .policy import SlotPolicy
 from .replay import ReplayBuffer
-from .train import _step_record, build_agent, env_kwargs, replay_spec, train_step
+from .train import Collector, build_agent, env_kwargs, replay_spec, train_step
 
 PARTS = ("policy", "env_step", "wm_update", "imagination", "ac_update")
 WARMUP_UPDATES = 2
@@ -37,7 +36,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill: int, profiler=None) -> dict:
+def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill: int) -> dict:
     """Seconds per part over `env_steps` loop env steps after `prefill` random ones; updates follow the train
     ratio counted from the end of the prefill (no catch-up burst)."""
     t = cfg.train
@@ -52,25 +51,14 @@ def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill
             wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=t.wm_lr)
             replay = ReplayBuffer(max(cfg.replay.capacity, prefill + env_steps + n), replay_spec(venv), seed=t.seed)
             policy = SlotPolicy(wm, ac, device)
+            wm.eval()
             rng = np.random.default_rng(t.seed)
-            obs = obs_dict(venv.reset(seed=t.seed)[0])
-            for i in range(n):
-                replay.add(_step_record(obs, i, 0, 0.0, False, False, True), worker=i)
-            first, ended = np.ones(n, bool), np.zeros(n, bool)
-
-            def vector_step(actions):
-                nonlocal obs, first, ended
-                raw, rewards, terms, truncs, _ = venv.step(actions)
-                obs = obs_dict(raw)
-                for i in range(n):
-                    replay.add(_step_record(obs, i, actions[i], rewards[i], terms[i], truncs[i], bool(ended[i])),
-                               worker=i)
-                first, ended = ended, np.logical_or(terms, truncs) & ~ended
-
+            collector = Collector(venv, replay)
+            collector.reset(t.seed)
             for _ in range(max(prefill // n, (t.seq_len + 1))):
-                vector_step(rng.integers(num_actions, size=n))
+                collector.step(rng.integers(num_actions, size=n))
             for _ in range(WARMUP_UPDATES):  # allocator growth, cuBLAS/cuDNN set-up: not part of the loop's rate
-                policy.act(obs["image"], first)
+                policy.act(collector.obs["image"], collector.first)
                 train_step(wm, ac, wm_opt, replay, cfg, device)
             seconds = dict.fromkeys(("policy", "env_step", "update"), 0.0)
             done, updates = 0, 0
@@ -79,11 +67,10 @@ def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill
             while done < env_steps:
                 t0 = time.perf_counter()
                 with record_function("policy"):
-                    wm.eval()
-                    actions = policy.act(obs["image"], first)
+                    actions = policy.act(collector.obs["image"], collector.first)
                 t1 = time.perf_counter()
                 with record_function("env_step"):
-                    vector_step(actions)
+                    collector.step(actions)
                 t2 = time.perf_counter()
                 seconds["policy"] += t1 - t0
                 seconds["env_step"] += t2 - t1
@@ -93,8 +80,6 @@ def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill
                     updates += 1
                 _sync(device)
                 seconds["update"] += time.perf_counter() - t2
-                if profiler is not None:
-                    profiler.step()
             total = time.perf_counter() - start
         finally:
             venv.close()

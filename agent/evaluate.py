@@ -1,9 +1,6 @@
 """`run.py eval`: evaluation episodes of a trained agent, or of a uniform random policy in the same format."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
 from world_model.config import load_config
@@ -35,21 +32,6 @@ def evaluate_run(checkpoint: str, episodes: int, policy: str = "agent", device: 
         ac.eval()
         step = state["counters"]["env_steps"]
     stats_path = run.path / ("eval_stats.jsonl" if policy == "agent" else "random_stats.jsonl")
-    before = _lines(stats_path)
     with torch.no_grad():
-        evaluate_agent(wm, ac, cfg, dev, episodes, stats_path)
-    records = [json.loads(line) for line in _lines(stats_path)[len(before):]]
-    result = {"policy": policy, "env": cfg.env.name, "env_steps": step, "episodes": len(records)}
-    if cfg.env.name == "crafter":
-        from envs.crafter import crafter_score
-
-        result.update(crafter_score(records))
-    else:
-        from envs.nethack import nethack_summary
-
-        result.update(nethack_summary(records))
-    return result
-
-
-def _lines(path: Path) -> list[str]:
-    return [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        summary = evaluate_agent(wm, ac, cfg, dev, episodes, stats_path)
+    return {"policy": policy, "env": cfg.env.name, "env_steps": step, **summary}

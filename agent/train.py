@@ -13,6 +13,7 @@ are totals over all ranks; counters (env steps, updates) are global. Rank 0 logs
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -121,6 +122,32 @@ def _step_record(obs: dict, i: int, action: int, reward: float, term: bool, trun
     return rec
 
 
+class Collector:
+    """Vector env -> replay buffer: steps the envs and appends every env's step in the episode layout, keeping
+    the NEXT_STEP autoreset bookkeeping (after an end comes a first observation). `obs` is the current
+    observation, `first[i]` says it starts an episode, `episodes` counts the episodes finished here."""
+
+    def __init__(self, venv, replay: ReplayBuffer):
+        self.venv, self.replay, self.n = venv, replay, venv.num_envs
+        self.episodes = 0
+
+    def reset(self, seed: int) -> None:
+        self.obs = obs_dict(self.venv.reset(seed=seed)[0])
+        for i in range(self.n):
+            self.replay.add(_step_record(self.obs, i, 0, 0.0, False, False, True), worker=i)
+        self.first = np.ones(self.n, bool)
+        self.ended = np.zeros(self.n, bool)  # the last step ended the episode (the next one resets it)
+
+    def step(self, actions: np.ndarray) -> None:
+        raw, rewards, terms, truncs, _ = self.venv.step(actions)
+        self.obs = obs_dict(raw)
+        for i in range(self.n):
+            self.replay.add(_step_record(self.obs, i, actions[i], rewards[i], terms[i], truncs[i], bool(self.ended[i])),
+                            worker=i)
+        self.first, self.ended = self.ended, np.logical_or(terms, truncs) & ~self.ended
+        self.episodes += int(self.ended.sum())
+
+
 def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool = True) -> dict:
     """Train (or continue) an agent run; returns the last evaluation (rank 0's under torchrun)."""
     from tqdm import tqdm
@@ -154,12 +181,14 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         ac_parallel = distributed.wrap(ac, device) if distributed.active() else None
         logger = MetricLogger(run, start_step=counters["env_steps"])
         policy = SlotPolicy(wm, ac, device)
+        wm.eval()  # train_step switches to train mode for its update and back
         rng = np.random.default_rng([rank_seed(t.seed), counters["vector_steps"]])
-        episodes_base, local_episodes = counters["episodes"], 0
+        collector = Collector(venv, replay)
+        episodes_base = counters["episodes"]
         last_eval: dict = {}
 
         def global_episodes() -> int:  # a collective: every rank's finished episodes since the start/resume
-            return episodes_base + sum(distributed.gather_objects(local_episodes))
+            return episodes_base + sum(distributed.gather_objects(collector.episodes))
 
         def checkpoint() -> None:
             name = f"replay/{counters['env_steps']:012d}-rank{distributed.rank()}.npz"
@@ -175,12 +204,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                     if f"replay/{old.name}" not in names:
                         old.unlink()
 
-        obs, _ = venv.reset(seed=rank_seed(t.seed) + counters["vector_steps"])
-        obs = obs_dict(obs)
-        for i in range(num_envs):
-            replay.add(_step_record(obs, i, 0, 0.0, False, False, True), worker=i)
-        obs_first = np.ones(num_envs, bool)  # the current observation starts an episode
-        ended = np.zeros(num_envs, bool)  # the last step ended the episode (the next one resets it)
+        collector.reset(rank_seed(t.seed) + counters["vector_steps"])
         bar = tqdm(total=t.env_steps, initial=counters["env_steps"], desc=f"train {cfg.env.name}",
                    disable=not progress or not main, dynamic_ncols=True, unit="step")
         next_log = (counters["env_steps"] // t.log_every + 1) * t.log_every
@@ -191,14 +215,8 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             if counters["env_steps"] < t.prefill:
                 actions = rng.integers(num_actions, size=num_envs)
             else:
-                wm.eval()
-                actions = policy.act(obs["image"], obs_first)
-            raw, rewards, terms, truncs, _ = venv.step(actions)
-            obs = obs_dict(raw)
-            for i in range(num_envs):  # NEXT_STEP autoreset: after an end comes a first observation
-                replay.add(_step_record(obs, i, actions[i], rewards[i], terms[i], truncs[i], bool(ended[i])), worker=i)
-            obs_first, ended = ended, np.logical_or(terms, truncs) & ~ended
-            local_episodes += int(ended.sum())
+                actions = policy.act(collector.obs["image"], collector.first)
+            collector.step(actions)
             counters["vector_steps"] += 1
             counters["env_steps"] += cfg.env.num_envs
             bar.update(cfg.env.num_envs)
@@ -226,7 +244,8 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             if next_eval is not None and counters["env_steps"] >= next_eval:
                 next_eval += t.eval_every
                 if main:
-                    last_eval = evaluate_agent(wm, ac, cfg, device, t.eval_episodes, run.path / "eval_stats.jsonl")
+                    last_eval = _log_keys(evaluate_agent(wm, ac, cfg, device, t.eval_episodes,
+                                                         run.path / "eval_stats.jsonl"), cfg.env.name, "")
                     logger.scalars(counters["env_steps"], last_eval, prefix="eval/")
             if counters["env_steps"] >= next_ckpt or counters["env_steps"] >= t.env_steps:
                 next_ckpt += t.ckpt_every
@@ -235,7 +254,8 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         bar.close()
         if main:
             if not last_eval or next_eval is None:
-                last_eval = evaluate_agent(wm, ac, cfg, device, t.eval_episodes, run.path / "eval_stats.jsonl")
+                last_eval = _log_keys(evaluate_agent(wm, ac, cfg, device, t.eval_episodes,
+                                                     run.path / "eval_stats.jsonl"), cfg.env.name, "")
                 logger.scalars(counters["env_steps"], last_eval, prefix="eval/")
             last_eval.update(_score(run.path / "stats.jsonl", cfg.env.name, "train_"))
         logger.close()
@@ -255,28 +275,37 @@ def load_replay_shards(run_path: Path, state: dict, capacity: int, seed: int) ->
     return ReplayBuffer.merged([ReplayBuffer.load(run_path / n) for n in mine], capacity, seed)
 
 
-def _score(path: Path, env: str, prefix: str) -> dict:
-    """The benchmark numbers of the episodes in a stats file: Crafter score and return, or NetHack score/depth."""
-    if not path.is_file() or not path.read_text().strip():
-        return {}
+def summarize(env: str, records) -> dict:
+    """The benchmark summary of episode records (or a stats file): `crafter_score` or `nethack_summary`."""
     if env == "crafter":
         from envs.crafter import crafter_score
 
-        s = crafter_score(path)
-        return {f"{prefix}crafter_score": s["score"], f"{prefix}return": s["mean_return"],
-                f"{prefix}episodes": s["episodes"], f"{prefix}length": s["mean_length"]}
+        return crafter_score(records)
     from envs.nethack import nethack_summary
 
-    s = nethack_summary(path)
-    return {f"{prefix}score": s["mean_score"], f"{prefix}depth": s["mean_depth"], f"{prefix}episodes": s["episodes"],
-            f"{prefix}length": s["mean_length"]}
+    return nethack_summary(records)
+
+
+def _log_keys(summary: dict, env: str, prefix: str) -> dict:
+    """The scalars of a summary that go to the logs: Crafter score and return, or NetHack score and depth."""
+    main = {"crafter_score": summary["score"]} if env == "crafter" else {"score": summary["mean_score"],
+                                                                          "depth": summary["mean_depth"]}
+    return {f"{prefix}{k}": v for k, v in {**main, "return": summary.get("mean_return"), "episodes": summary["episodes"],
+                                           "length": summary["mean_length"]}.items() if v is not None}
+
+
+def _score(path: Path, env: str, prefix: str) -> dict:
+    """The logged benchmark numbers of the episodes in a stats file ({} while it holds none)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return {}
+    return _log_keys(summarize(env, path), env, prefix)
 
 
 @torch.no_grad()
 def evaluate_agent(wm: Optional[WorldModel], ac: Optional[ActorCritic], cfg: AgentConfig, device: torch.device,
                    episodes: int, stats_path: Path, seed: int = 10_000) -> dict:
     """`episodes` full episodes in one in-process env with the policy (or uniform random actions when `ac` is
-    None); their records are appended to `stats_path`. Returns the benchmark numbers of those episodes."""
+    None); their records are appended to `stats_path`. Returns their summary (`summarize`)."""
     from envs.collect import make_env
 
     stats_path.parent.mkdir(parents=True, exist_ok=True)
@@ -299,8 +328,8 @@ def evaluate_agent(wm: Optional[WorldModel], ac: Optional[ActorCritic], cfg: Age
                 first, done = False, term or trunc
     finally:
         env.close()
-    result = _score(tmp, cfg.env.name, "")
-    with open(stats_path, "a") as f:
-        f.write(tmp.read_text())
+    text = tmp.read_text()
     tmp.unlink()
-    return result
+    with open(stats_path, "a") as f:
+        f.write(text)
+    return summarize(cfg.env.name, [json.loads(line) for line in text.splitlines() if line.strip()])
