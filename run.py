@@ -37,38 +37,43 @@ def cmd_config(args) -> None:
     print(to_yaml(load_config(schema, args.config, args.overrides)), end="")
 
 
-def _check_torchrun_run_dir(args) -> None:
-    """Under torchrun every rank must name the same run directory (a timestamped default could differ)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.run_dir:
-        raise ValueError("under torchrun pass --run-dir DIR (every process must use the same run directory)")
-
-
-def cmd_pretrain(args) -> None:
+def _run_training(args, schema, default_preset: str, overrides: list, run_name, train_fn, resume: bool) -> None:
+    """What pretrain, train-wm and train share: the config (the run's own when resuming, plus overrides), the run
+    directory (named explicitly under torchrun, where a timestamped default could differ between processes), the
+    resolved config and the result printed once."""
     from world_model import distributed
-    from world_model.config import PretrainConfig, load_config, to_yaml
-    from world_model.pretrain import pretrain
+    from world_model.config import load_config, to_yaml
     from world_model.rundir import RunDir
 
-    config_path = args.config
-    if args.data:
-        args.overrides = ["data.source=frames", f"data.root={args.data}", "task=discovery"] + list(args.overrides)
-    if args.resume:
+    config_path = args.config or default_preset
+    if resume:
         if args.run_dir is None:
             raise ValueError("--resume needs --run-dir DIR of the run to continue")
         config_path = RunDir(args.run_dir).config_path
         if args.config:
             print(f"note: --resume uses {config_path}; --config {args.config} is ignored", file=sys.stderr)
-    elif config_path is None:
-        config_path = "configs/frames_discovery_cpu.yaml" if args.data else "configs/clevr_tiny.yaml"
-    cfg = load_config(PretrainConfig, config_path, args.overrides)
-    _check_torchrun_run_dir(args)
-    run_dir = args.run_dir or f"runs/pretrain-{cfg.task}-{cfg.model.slots}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = load_config(schema, config_path, overrides)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.run_dir:
+        raise ValueError("under torchrun pass --run-dir DIR (every process must use the same run directory)")
+    run_dir = args.run_dir or f"runs/{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
     main_rank = distributed.is_main()
     if main_rank:
         print(f"# run directory: {run_dir}\n{to_yaml(cfg)}", end="")
-    result = pretrain(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+    result = train_fn(cfg, run_dir, resume=resume, progress=not args.no_progress)
     if main_rank:
         print(json.dumps({"run_dir": run_dir, **result}))
+
+
+def cmd_pretrain(args) -> None:
+    from world_model.config import PretrainConfig
+    from world_model.pretrain import pretrain
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides = ["data.source=frames", f"data.root={args.data}", "task=discovery"] + overrides
+    preset = "configs/frames_discovery_cpu.yaml" if args.data else "configs/clevr_tiny.yaml"
+    _run_training(args, PretrainConfig, preset, overrides, lambda c: f"pretrain-{c.task}-{c.model.slots}", pretrain,
+                  args.resume)
 
 
 def cmd_eval_ap(args) -> None:
@@ -132,26 +137,15 @@ def cmd_visualize(args) -> None:
 
 
 def cmd_train_wm(args) -> None:
-    from world_model.config import WorldModelConfig, load_config, to_yaml
-    from world_model.rundir import RunDir
+    from world_model.config import WorldModelConfig
     from world_model.train_wm import train_wm
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("train-wm runs in one process; under torchrun run `pretrain` or `train` (the agent loop, "
                          "which trains the world model data-parallel)")
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.insert(0, f"data.root={args.data}")
-    config_path = args.config or "configs/wm_crafter_cpu.yaml"
-    if args.resume:
-        if args.run_dir is None:
-            raise ValueError("--resume needs --run-dir DIR of the run to continue")
-        config_path = RunDir(args.run_dir).config_path
-    cfg = load_config(WorldModelConfig, config_path, overrides)
-    run_dir = args.run_dir or f"runs/wm-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"# run directory: {run_dir}\n{to_yaml(cfg)}", end="")
-    result = train_wm(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
-    print(json.dumps({"run_dir": run_dir, **result}))
+    overrides = ([f"data.root={args.data}"] if args.data else []) + list(args.overrides)
+    _run_training(args, WorldModelConfig, "configs/wm_crafter_cpu.yaml", overrides, lambda c: "wm", train_wm,
+                  args.resume)
 
 
 def cmd_eval_wm(args) -> None:
@@ -171,23 +165,11 @@ def cmd_eval_wm(args) -> None:
 def cmd_train(args) -> None:
     from agent.config import AgentConfig
     from agent.train import train
-    from world_model import distributed
-    from world_model.config import load_config, to_yaml
-    from world_model.rundir import RunDir
 
-    config_path = args.config or "configs/tiny.yaml"
     if args.resume:
-        config_path = RunDir(args.resume).config_path
         args.run_dir = args.resume
-    cfg = load_config(AgentConfig, config_path, args.overrides)
-    _check_torchrun_run_dir(args)
-    run_dir = args.run_dir or f"runs/agent-{cfg.env.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    main_rank = distributed.is_main()
-    if main_rank:
-        print(f"# run directory: {run_dir}\n{to_yaml(cfg)}", end="")
-    result = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
-    if main_rank:
-        print(json.dumps({"run_dir": run_dir, **result}))
+    _run_training(args, AgentConfig, "configs/tiny.yaml", args.overrides, lambda c: f"agent-{c.env.name}", train,
+                  bool(args.resume))
 
 
 def cmd_eval(args) -> None:
