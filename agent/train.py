@@ -66,10 +66,8 @@ def updates_due(env_steps: int, cfg: AgentConfig) -> int:
 
 def local_share(total: int, what: str) -> int:
     """This rank's share of a size the config gives for all ranks together."""
-    if total % distributed.world_size():
-        raise ValueError(f"{what}={total} does not divide over {distributed.world_size()} processes; "
-                         f"pick a multiple of {distributed.world_size()}")
-    return total // distributed.world_size()
+    lo, hi = distributed.shard_bounds(total, what)
+    return hi - lo
 
 
 def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, replay: ReplayBuffer,

@@ -116,10 +116,11 @@ def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
 
-def shard_bounds(size: int) -> tuple[int, int]:
-    """This rank's [lo, hi) share of a global batch of `size` (sizes must divide evenly)."""
+def shard_bounds(size: int, what: str = "global batch size") -> tuple[int, int]:
+    """This rank's [lo, hi) share of `size` items counted over all ranks (sizes must divide evenly; `what`
+    names the size in the error)."""
     w, r = world_size(), rank()
     if size % w:
-        raise ValueError(f"global batch size {size} does not divide over {w} processes; pick a multiple of {w}")
+        raise ValueError(f"{what}={size} does not divide over {w} processes; pick a multiple of {w}")
     per = size // w
     return r * per, (r + 1) * per
