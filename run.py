@@ -325,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resolution", type=int, help="default: 64 on CPU, 128 on CUDA")
     s.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     s.add_argument("--task", default="setpred", choices=["setpred", "discovery"])
+    s.add_argument("--slots", default="gmm,slot_attention", help="bench pretrain: slot modules to time "
+                   "(comma-separated)")
     s.add_argument("--envs", default="crafter,nethack", help="bench envs: games to measure (comma-separated)")
     s.add_argument("--workers", type=int, help="bench envs: worker processes (default: all CPU cores)")
     s.add_argument("--env-steps", type=int, help="bench envs: vector steps per measurement (default 500); bench agent: "
@@ -337,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--profile-rows", type=int, default=15, help="rows of the profiler table")
     s.add_argument("overrides", nargs="*", help="bench agent: dotted key=value overrides of the agent preset, right "
                    "after `agent` (run.py bench agent encoder.mode=frozen --profile)")
-    s.add_argument("--compile", action="store_true", help="bench pretrain on CPU: also time torch.compile "
+    s.add_argument("--compile", action="store_true", help="bench pretrain/agent on CPU: also time torch.compile "
                    "(inductor needs a C++ compiler and minutes on CPU; on CUDA it is always timed)")
     s.add_argument("--horizon", type=int, default=32, help="bench imagination: imagined steps per trajectory")
     s.set_defaults(func=cmd_bench)

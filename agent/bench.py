@@ -3,8 +3,9 @@
 The same parts `agent.train` runs — vectorized env workers, the slot policy, the replay buffer and `train_step`
 (world-model update, imagination, actor-critic update) — driven the way the loop drives them: after a random
 prefill, every vector step is followed by the updates it owes at the train ratio. Each part is timed with
-`torch.profiler.record_function` labels, so `--profile` also prints the operator table beneath them. On CUDA
-it runs fp32 and bf16 autocast side by side.
+`torch.profiler.record_function` labels, so `--profile` also prints the operator table beneath them. Each row
+adds one optimization to the one above (CUDA: bf16 autocast, the replay kept in GPU memory, torch.compile of
+the per-frame parts, CUDA graphs; CPU: torch.compile with `--compile`), so the table says what each gave.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from .policy import SlotPolicy
 from .replay import ReplayBuffer
 from .train import Collector, build_agent, env_kwargs, replay_spec, train_step
 
-PARTS = ("policy", "env_step", "wm_update", "imagination", "ac_update")
+PARTS = ("policy", "env_step", "replay_sample", "wm_update", "imagination", "ac_update")
 WARMUP_UPDATES = 2
 
 
@@ -36,9 +37,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill: int) -> dict:
+def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill: int, profiler=None) -> dict:
     """Seconds per part over `env_steps` loop env steps after `prefill` random ones; updates follow the train
-    ratio counted from the end of the prefill (no catch-up burst)."""
+    ratio counted from the end of the prefill (no catch-up burst). `profiler` (a torch.profiler.profile) records
+    the timed loop only, not the prefill or the warm-up updates (where compilation happens)."""
     t = cfg.train
     with tempfile.TemporaryDirectory() as tmp:
         venv = make_vector_env(env_fn(cfg.env.name, **env_kwargs(cfg, Path(tmp) / "stats.jsonl")), cfg.env.num_envs,
@@ -49,7 +51,8 @@ def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill
             torch.manual_seed(t.seed)
             wm, ac = build_agent(cfg, num_actions, device)
             wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=t.wm_lr)
-            replay = ReplayBuffer(max(cfg.replay.capacity, prefill + env_steps + n), replay_spec(venv), seed=t.seed)
+            replay = ReplayBuffer(max(cfg.replay.capacity, prefill + env_steps + n), replay_spec(venv), seed=t.seed,
+                                  device=device if cfg.replay.on_device else None)
             policy = SlotPolicy(wm, ac, device)
             wm.eval()
             rng = np.random.default_rng(t.seed)
@@ -57,12 +60,18 @@ def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill
             collector.reset(t.seed)
             for _ in range(max(prefill // n, (t.seq_len + 1))):
                 collector.step(rng.integers(num_actions, size=n))
-            for _ in range(WARMUP_UPDATES):  # allocator growth, cuBLAS/cuDNN set-up: not part of the loop's rate
+            _sync(device)
+            warm = time.perf_counter()
+            for _ in range(WARMUP_UPDATES):  # allocator growth, cuBLAS/cuDNN set-up, compilation: not the loop's rate
                 policy.act(collector.obs["image"], collector.first)
                 train_step(wm, ac, wm_opt, replay, cfg, device)
+            _sync(device)
+            warm = time.perf_counter() - warm
             seconds = dict.fromkeys(("policy", "env_step", "update"), 0.0)
             done, updates = 0, 0
             _sync(device)
+            if profiler is not None:
+                profiler.start()
             start = time.perf_counter()
             while done < env_steps:
                 t0 = time.perf_counter()
@@ -81,9 +90,11 @@ def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill
                 _sync(device)
                 seconds["update"] += time.perf_counter() - t2
             total = time.perf_counter() - start
+            if profiler is not None:
+                profiler.stop()
         finally:
             venv.close()
-    return {"seconds": seconds, "total": total, "env_steps": done, "updates": updates}
+    return {"seconds": seconds, "total": total, "env_steps": done, "updates": updates, "warmup": warm}
 
 
 def _part_times(prof, device: torch.device) -> dict:
@@ -97,6 +108,25 @@ def _part_times(prof, device: torch.device) -> dict:
     return out
 
 
+def agent_modes(device: torch.device, compile_on_cpu: bool) -> list[tuple[str, dict]]:
+    """(name, train/replay settings) per measured row, each adding one optimization to the row above."""
+    if device.type == "cuda":
+        rows = [("fp32", {}), ("+bf16", {"amp": True}), ("+replay-on-gpu", {"on_device": True}),
+                ("+compile", {"compile": True}), ("+cudagraphs", {"compile_mode": "reduce-overhead"})]
+    else:
+        rows = [("fp32", {})] + ([("+compile", {"compile": True})] if compile_on_cpu else [])
+    modes, settings = [], {"amp": False, "on_device": False, "compile": False, "compile_mode": "default"}
+    for name, change in rows:
+        settings = {**settings, **change}
+        modes.append((name, settings))
+    return modes
+
+
+def _with(base: AgentConfig, settings: dict) -> AgentConfig:
+    train = replace(base.train, amp=settings["amp"], compile=settings["compile"], compile_mode=settings["compile_mode"])
+    return replace(base, train=train, replay=replace(base.replay, on_device=settings["on_device"]))
+
+
 def bench_agent(args, device: torch.device) -> None:
     preset = args.agent_config or ("configs/crafter.yaml" if device.type == "cuda" else "configs/crafter_cpu.yaml")
     if device.type == "cuda":
@@ -104,30 +134,37 @@ def bench_agent(args, device: torch.device) -> None:
     base = load_config(AgentConfig, preset, [*args.overrides, f"train.device={device}"])
     env_steps = args.env_steps if args.env_steps else 16 * base.train.batch_size * base.train.seq_len // max(
         int(base.train.train_ratio), 1)
-    modes = [("fp32", False)] + ([("bf16-autocast", True)] if device.type == "cuda" else [])
-    print(f"# agent loop, {preset} {' '.join(args.overrides)}: {base.env.num_envs} {base.env.name} envs, train ratio {base.train.train_ratio:g} "
-          f"(batch {base.train.batch_size} x {base.train.seq_len}), {env_steps} env steps after the prefill, {device}")
-    print(f"{'mode':<14}{'env steps/s':>12}{'updates':>9}{'policy ms':>11}{'env ms':>9}{'update ms':>11}"
-          f"{'h per 1M':>10}")
+    modes = agent_modes(device, args.compile)
+    print(f"# agent loop, {preset} {' '.join(args.overrides)}: {base.env.num_envs} {base.env.name} envs, train ratio "
+          f"{base.train.train_ratio:g} (batch {base.train.batch_size} x {base.train.seq_len}), {env_steps} env steps "
+          f"after the prefill, {device}")
+    print(f"{'mode':<16}{'env steps/s':>12}{'updates':>9}{'policy ms':>11}{'env ms':>9}{'update ms':>11}"
+          f"{'h per 1M':>10}{'warm-up s':>11}")
     rates = {}
-    for name, amp in modes:
-        cfg = replace(base, train=replace(base.train, amp=amp))
-        r = measure_loop(cfg, device, env_steps, args.prefill)
+    for name, settings in modes:
+        torch.compiler.reset()
+        try:
+            r = measure_loop(_with(base, settings), device, env_steps, args.prefill)
+        except Exception as e:  # noqa: BLE001 - a failing optimization is a result too; the other rows still run
+            print(f"{name:<16}failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            continue
         s, steps = r["seconds"], r["env_steps"]
         rates[name] = steps / r["total"]
         per = {k: 1e3 * v / steps for k, v in s.items()}  # ms per env step
-        print(f"{name:<14}{rates[name]:>12.1f}{r['updates']:>9}{per['policy']:>11.2f}{per['env_step']:>9.2f}"
-              f"{per['update']:>11.2f}{1e6 / rates[name] / 3600:>10.1f}")
-    if len(modes) > 1:
-        print(f"ratio bf16-autocast/fp32: {rates['bf16-autocast'] / rates['fp32']:.2f}")
+        print(f"{name:<16}{rates[name]:>12.1f}{r['updates']:>9}{per['policy']:>11.2f}{per['env_step']:>9.2f}"
+              f"{per['update']:>11.2f}{1e6 / rates[name] / 3600:>10.1f}{r['warmup']:>11.1f}")
+    for (prev, _), (name, _) in zip(modes, modes[1:]):
+        if prev in rates and name in rates:
+            print(f"ratio {name}/{prev}: {rates[name] / rates[prev]:.2f}")
     if args.profile:
-        cfg = replace(base, train=replace(base.train, amp=modes[-1][1]))
+        name, settings = next(((n, s) for n, s in reversed(modes) if n in rates), modes[0])
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=activities) as prof:
-            measure_loop(cfg, device, env_steps, args.prefill)
+        torch.compiler.reset()
+        prof = profile(activities=activities)
+        measure_loop(_with(base, settings), device, env_steps, args.prefill, profiler=prof)
         parts = _part_times(prof, device)
         total = sum(parts.values()) or 1.0
-        print(f"# where the time goes ({modes[-1][0]}, profiled run; "
+        print(f"# where the time goes ({name}, profiled run; "
               f"{'kernel time (env_step has none: see env ms above)' if device.type == 'cuda' else 'CPU time'} "
               "under each label)")
         for k in PARTS:

@@ -23,6 +23,8 @@ class EnvConfig:
 @dataclass
 class ReplayConfig:
     capacity: int = 1_000_000  # steps (all ranks together under torchrun; each rank keeps its own share)
+    on_device: bool = False  # keep the steps in the training device's memory (GPU): batches are gathered there
+    # instead of on the host and copied over every update; 1M 64x64 RGB frames take 12 GiB
 
 
 @dataclass
@@ -42,6 +44,8 @@ class LoopConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA
+    compile: bool = False  # torch.compile the per-frame parts (slot encoder/decoder, frame tokenizer); see bench agent
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune
     threads: int = 0
 
 

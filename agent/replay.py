@@ -7,6 +7,10 @@ indices of its steps in order (`_index[slot][lo:hi]`); a segment is a window of 
 whole batch with one fancy index per key. When the ring is full the oldest step is overwritten; it is
 always the oldest stored step of its episode, so eviction only advances that episode's `lo`, and no
 segment can reach an overwritten step or run into another episode.
+
+The ring arrays live in host memory (numpy) by default, or as torch tensors on a device (`device=`): on a GPU
+the batch is then gathered where it is trained on instead of being gathered on the host and copied over for
+every update. The bookkeeping and the sampling RNG are the same either way, so both draw the same segments.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+import torch
 
 from envs.clevr import DataError
 from envs.episodes import STEP_DTYPES, STEP_KEYS, episode_paths, iter_episodes, read_meta
@@ -35,15 +40,22 @@ def _full_spec(spec: dict) -> Spec:
 
 
 class ReplayBuffer:
-    """Ring buffer of `capacity` steps that samples `b t ...` segments uniformly over valid segment starts."""
+    """Ring buffer of `capacity` steps that samples `b t ...` segments uniformly over valid segment starts.
+    `device`: None keeps the steps in numpy arrays (samples are numpy); a torch device keeps them in tensors
+    there (samples are tensors on it)."""
 
-    def __init__(self, capacity: int, spec: dict, seed: int = 0):
+    def __init__(self, capacity: int, spec: dict, seed: int = 0, device: Union[str, torch.device, None] = None):
         if int(capacity) < 1:
             raise ValueError(f"replay capacity must be at least 1 step, got {capacity}")
         self.capacity = int(capacity)
         self.spec = _full_spec(spec)
         self.rng = np.random.default_rng(seed)
-        self.data = {k: np.zeros((self.capacity, *shape), dtype) for k, (shape, dtype) in self.spec.items()}
+        self.device = None if device is None else torch.device(device)
+        if self.device is None:
+            self.data = {k: np.zeros((self.capacity, *shape), dtype) for k, (shape, dtype) in self.spec.items()}
+        else:
+            self.data = {k: torch.zeros((self.capacity, *shape), dtype=_torch_dtype(dtype), device=self.device)
+                         for k, (shape, dtype) in self.spec.items()}
         self.steps_added = 0
         self._pos = 0  # next ring index to write
         self._size = 0
@@ -69,15 +81,30 @@ class ReplayBuffer:
 
     def add(self, step: dict, worker: int = 0) -> None:
         """Append one step of `worker`'s stream; `is_first` (or no episode open) starts a new episode."""
-        arrays = self._check(step, batched=False)
-        slot = self._workers.get(worker)
-        if slot is None or arrays["is_first"][0]:
-            if slot is not None:
+        self._add_rows(self._check(step, batched=False), [worker])
+
+    def add_steps(self, steps: dict, workers) -> None:
+        """Append one step for each of `workers` (arrays `n ...`, row i is worker i's next step), exactly as n
+        calls of `add` in row order would, with one copy per key into the ring."""
+        self._add_rows(self._check(steps, batched=True), list(workers))
+
+    def _add_rows(self, arrays: dict[str, np.ndarray], workers: list) -> None:
+        n = len(arrays["action"])
+        if len(workers) != n:
+            raise ValueError(f"replay add_steps: {n} steps for {len(workers)} workers")
+        if n > self.capacity:
+            raise ValueError(f"replay add_steps: {n} steps at once exceed the capacity of {self.capacity}")
+        pos = self._pos
+        for i, worker in enumerate(workers):
+            slot = self._workers.get(worker)
+            if slot is None or arrays["is_first"][i]:
+                if slot is not None:
+                    self._close(worker)
+                slot = self._workers[worker] = self._new_slot(open_=True)
+            self._reserve(1, slot)
+            if arrays["is_last"][i]:
                 self._close(worker)
-            slot = self._workers[worker] = self._new_slot(open_=True)
-        self._write(arrays, slot)
-        if arrays["is_last"][0]:
-            self._close(worker)
+        self._copy_in(arrays, pos)
 
     def add_episode(self, episode: dict) -> None:
         """Store a whole episode (arrays `t ...`); an `is_first` inside it starts a separate episode."""
@@ -95,13 +122,15 @@ class ReplayBuffer:
         slots.sort(key=lambda s: (self._index[s][self._lo[s]] - self._pos) % self.capacity)
         for s in slots:
             idx = self._index[s][self._lo[s]:self._hi[s]]
-            yield {k: v[idx] for k, v in self.data.items()}
+            yield {k: _numpy(v[self._ring_index(idx)]) for k, v in self.data.items()}
 
     @classmethod
-    def merged(cls, buffers: list["ReplayBuffer"], capacity: int, seed: int = 0) -> "ReplayBuffer":
+    def merged(cls, buffers: list["ReplayBuffer"], capacity: int, seed: int = 0,
+               device: Union[str, torch.device, None] = None) -> "ReplayBuffer":
         """One buffer holding every episode of `buffers` (episodes in progress stored as finished pieces), e.g.
         the shards of a data-parallel run resumed at another world size."""
-        buf = cls(capacity, {k: v for k, v in buffers[0].spec.items() if k not in STEP_KEYS}, seed=seed)
+        buf = cls(capacity, {k: v for k, v in buffers[0].spec.items() if k not in STEP_KEYS}, seed=seed,
+                  device=device)
         for other in buffers:
             for episode in other.episodes():
                 buf.add_episode(episode)
@@ -177,7 +206,14 @@ class ReplayBuffer:
 
     def _write(self, arrays: dict[str, np.ndarray], slot: int) -> None:
         """Write `n <= capacity` steps of one episode at the ring head, evicting the oldest steps first."""
-        n, pos = len(arrays["action"]), self._pos
+        pos = self._pos
+        self._reserve(len(arrays["action"]), slot)
+        self._copy_in(arrays, pos)
+
+    def _reserve(self, n: int, slot: int) -> None:
+        """The bookkeeping of writing `n <= capacity` steps of `slot`'s episode at the ring head: evict the
+        steps there, give the ring indices to the slot and advance the head. The data is copied by `_copy_in`."""
+        pos = self._pos
         ring = (pos + np.arange(n)) % self.capacity
         old = self._slot_of[ring]
         old = old[old >= 0]
@@ -186,15 +222,27 @@ class ReplayBuffer:
             self._lo[slots] += counts
             for s in slots[(self._lo[slots] == self._hi[slots]) & ~self._open[slots]].tolist():
                 self._free_slot(s)
-        head = min(n, self.capacity - pos)  # steps before the ring wraps; slices copy faster than indices
-        for k, v in arrays.items():
-            self.data[k][pos:pos + head] = v[:head]
-            self.data[k][:n - head] = v[head:]
         self._slot_of[ring] = slot
         self._append_index(slot, ring)
         self._pos = (self._pos + n) % self.capacity
         self._size = min(self._size + n, self.capacity)
         self.steps_added += n
+
+    def _copy_in(self, arrays: dict[str, np.ndarray], pos: int) -> None:
+        """Copy `n <= capacity` steps into the ring from index `pos` on (wrapping); slices copy faster than
+        indices."""
+        n = len(arrays["action"])
+        head = min(n, self.capacity - pos)  # steps before the ring wraps
+        for k, v in arrays.items():
+            store = self.data[k]
+            if self.device is not None:
+                v = torch.from_numpy(np.ascontiguousarray(v, self.spec[k][1])).to(self.device)
+            store[pos:pos + head] = v[:head]
+            store[:n - head] = v[head:]
+
+    def _ring_index(self, idx: np.ndarray):
+        """Ring indices in the storage's kind: numpy as is, a tensor on the storage's device."""
+        return idx if self.device is None else torch.from_numpy(idx).to(self.device)
 
     def _append_index(self, slot: int, ring: np.ndarray) -> None:
         """Append ring indices to a slot's list, reallocating (and dropping evicted entries) when full."""
@@ -209,8 +257,9 @@ class ReplayBuffer:
 
     # ---- sampling -----------------------------------------------------------------------------------
 
-    def sample(self, batch: int, length: int) -> dict[str, np.ndarray]:
-        """`batch` segments of `length` steps, uniform over every start that keeps one within one episode."""
+    def sample(self, batch: int, length: int) -> dict:
+        """`batch` segments of `length` steps, uniform over every start that keeps one within one episode:
+        numpy arrays `b t ...`, or tensors on the buffer's device."""
         if batch < 1 or length < 1:
             raise ValueError(f"replay sample needs batch >= 1 and length >= 1, got {batch} and {length}")
         stored = self._hi[:self._nslots] - self._lo[:self._nslots]  # per slot
@@ -224,6 +273,7 @@ class ReplayBuffer:
         slots = np.searchsorted(cum, r, side="right")
         first = r - (cum[slots] - starts[slots]) + self._lo[slots]
         idx = np.stack([self._index[s][o:o + length] for s, o in zip(slots.tolist(), first.tolist())])  # b t
+        idx = self._ring_index(idx)
         return {k: v[idx] for k, v in self.data.items()}
 
     # ---- persistence --------------------------------------------------------------------------------
@@ -236,7 +286,7 @@ class ReplayBuffer:
                 "workers": [[int(w), s] for w, s in self._workers.items()],
                 "spec": {k: [list(shape), dtype.str] for k, (shape, dtype) in self.spec.items()},
                 "rng": self.rng.bit_generator.state}
-        arrays = {f"data/{k}": v[:self._size] for k, v in self.data.items()}
+        arrays = {f"data/{k}": _numpy(v[:self._size]) for k, v in self.data.items()}
         index = [self._index[s][self._lo[s]:self._hi[s]] for s in range(n)]
         arrays.update(meta=np.array(json.dumps(meta)), slot_of=self._slot_of[:self._size],
                       ep_len=self._hi[:n] - self._lo[:n], ep_open=self._open[:n],
@@ -247,8 +297,9 @@ class ReplayBuffer:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: Union[str, Path]) -> "ReplayBuffer":
-        """The buffer `save` wrote, down to the sampling RNG and the workers' episodes in progress."""
+    def load(cls, path: Union[str, Path], device: Union[str, torch.device, None] = None) -> "ReplayBuffer":
+        """The buffer `save` wrote, down to the sampling RNG and the workers' episodes in progress (stored on
+        `device` as in `__init__`, whichever storage wrote it)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no replay buffer file at {path}")
@@ -257,10 +308,11 @@ class ReplayBuffer:
                 arrays = {k: f[k] for k in f.files}
             meta = json.loads(str(arrays["meta"]))
             spec = {k: (tuple(shape), np.dtype(dtype)) for k, (shape, dtype) in meta["spec"].items()}
-            buf = cls(meta["capacity"], spec)
+            buf = cls(meta["capacity"], spec, device=device)
             size, n = meta["size"], meta["nslots"]
             for k in spec:
-                buf.data[k][:size] = arrays[f"data/{k}"]
+                data = arrays[f"data/{k}"]
+                buf.data[k][:size] = data if device is None else torch.from_numpy(data)
             buf._slot_of[:size] = arrays["slot_of"]
             buf._pos, buf._size, buf.steps_added = meta["pos"], size, meta["steps_added"]
             buf._lo, buf._hi = np.zeros(n, np.int64), arrays["ep_len"].astype(np.int64)
@@ -275,6 +327,14 @@ class ReplayBuffer:
             raise DataError(f"{path} is not a readable replay buffer ({type(e).__name__}: {e}); "
                             f"delete it or save a new one") from None
         return buf
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.zeros(0, dtype)).dtype
+
+
+def _numpy(v) -> np.ndarray:
+    return v.cpu().numpy() if isinstance(v, torch.Tensor) else v
 
 
 def _episode_length(path: Path) -> int:

@@ -17,6 +17,7 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -53,6 +54,8 @@ def build_agent(cfg: AgentConfig, num_actions: int, device: torch.device) -> tup
     longest = max(cfg.train.seq_len, IMAG_CONTEXT + cfg.actor_critic.horizon)
     wm = build_world_model(cfg.encoder, cfg.frame, cfg.dynamics, num_actions, device, longest)
     cfg.dynamics = wm.dynamics.cfg
+    if cfg.train.compile:
+        wm.compile_frame_parts(cfg.train.compile_mode)
     return wm, ActorCritic(cfg.dynamics, cfg.actor_critic).to(device)
 
 
@@ -77,8 +80,11 @@ def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, r
     `wm_parallel` / `ac_parallel`: the DistributedDataParallel wrappers under torchrun (gradients averaged)."""
     t = cfg.train
     batch_size, starts_n = t.batch_size // distributed.world_size(), t.imag_starts // distributed.world_size()
-    with record_function("wm_update"):  # profiler labels (agent/bench.py); free when no profiler runs
+    if t.compile and t.compile_mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()  # the last update's CUDA-graph outputs are no longer read
+    with record_function("replay_sample"):  # profiler labels (agent/bench.py); free when no profiler runs
         batch = to_batch(replay.sample(batch_size, t.seq_len), wm.resolution, device)
+    with record_function("wm_update"):
         wm.train()
         with autocast(device, t.amp):
             loss, stats, enc = (wm_parallel or WorldModelLoss(wm))(batch, cfg.encoder.model.vq.beta)
@@ -88,7 +94,7 @@ def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, r
     wm.eval()
     starts = torch.randperm(batch_size * t.seq_len, device=device)[:starts_n]
     frames = enc.frame_codes.flatten(0, 1)[starts, None] if enc.frame_codes is not None else None  # n 1 g
-    context = _Context(enc.slot_codes.flatten(0, 1)[starts, None], frames)  # the replayed states' codes
+    context = SimpleNamespace(slot_codes=enc.slot_codes.flatten(0, 1)[starts, None], frame_codes=frames)  # b 1 k v
     with autocast(device, t.amp):
         with record_function("imagination"):
             traj = imagine(wm.dynamics, ac.actor, context, None, cfg.actor_critic.horizon)
@@ -96,13 +102,6 @@ def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, r
             stats.update({f"ac/{k}": float(v) for k, v in ac.update(traj, ac_parallel).items()})
     stats["ac/imagined_reward"] = float(traj.rewards.mean())
     return stats
-
-
-class _Context:
-    """Start states for imagination: slot codes `b 1 k v`, frame codes `b 1 g`."""
-
-    def __init__(self, slot_codes: torch.Tensor, frame_codes: Optional[torch.Tensor]):
-        self.slot_codes, self.frame_codes = slot_codes, frame_codes
 
 
 def replay_spec(venv) -> dict:
@@ -113,11 +112,13 @@ def replay_spec(venv) -> dict:
     return {k: (s.shape, s.dtype) for k, s in spaces.items()}
 
 
-def _step_record(obs: dict, i: int, action: int, reward: float, term: bool, trunc: bool, first: bool) -> dict:
-    rec = {k: v[i] for k, v in obs.items()}
-    rec.update(action=int(action) if not first else 0, reward=float(reward) if not first else 0.0,
-               is_first=first, is_last=bool(term or trunc) and not first, is_terminal=bool(term) and not first)
-    return rec
+def _step_records(obs: dict, actions, rewards, terms, truncs, first: np.ndarray) -> dict:
+    """Every env's step (arrays `n ...`) in the episode layout; a first step has no action, reward or end."""
+    later = ~first
+    ended = np.logical_or(terms, truncs)
+    return {**obs, "action": np.where(later, actions, 0).astype(np.int64),
+            "reward": np.where(later, rewards, 0.0).astype(np.float32), "is_first": first.copy(),
+            "is_last": ended & later, "is_terminal": np.asarray(terms, bool) & later}
 
 
 class Collector:
@@ -131,17 +132,15 @@ class Collector:
 
     def reset(self, seed: int) -> None:
         self.obs = obs_dict(self.venv.reset(seed=seed)[0])
-        for i in range(self.n):
-            self.replay.add(_step_record(self.obs, i, 0, 0.0, False, False, True), worker=i)
         self.first = np.ones(self.n, bool)
+        none = np.zeros(self.n)
+        self.replay.add_steps(_step_records(self.obs, none, none, none, none, self.first), range(self.n))
         self.ended = np.zeros(self.n, bool)  # the last step ended the episode (the next one resets it)
 
     def step(self, actions: np.ndarray) -> None:
         raw, rewards, terms, truncs, _ = self.venv.step(actions)
         self.obs = obs_dict(raw)
-        for i in range(self.n):
-            self.replay.add(_step_record(self.obs, i, actions[i], rewards[i], terms[i], truncs[i], bool(self.ended[i])),
-                            worker=i)
+        self.replay.add_steps(_step_records(self.obs, actions, rewards, terms, truncs, self.ended), range(self.n))
         self.first, self.ended = self.ended, np.logical_or(terms, truncs) & ~self.ended
         self.episodes += int(self.ended.sum())
 
@@ -164,7 +163,8 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=t.wm_lr, eps=1e-8)
         counters = {"env_steps": 0, "updates": 0, "episodes": 0, "vector_steps": 0}
         capacity = local_share(cfg.replay.capacity, "replay.capacity")
-        replay = ReplayBuffer(capacity, replay_spec(venv), seed=rank_seed(t.seed))
+        replay_device = device if cfg.replay.on_device else None
+        replay = ReplayBuffer(capacity, replay_spec(venv), seed=rank_seed(t.seed), device=replay_device)
         if resume:
             state = run.load_checkpoint(map_location=device)
             wm.load_state_dict(state["wm"])
@@ -173,7 +173,8 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             ac.load_optimizer_state(state["ac_opt"])
             counters = state["counters"]
             restore_rng(state["rng"], t.seed, counters["vector_steps"])
-            replay = load_replay_shards(run.path, state, capacity, rank_seed(t.seed, counters["vector_steps"]))
+            replay = load_replay_shards(run.path, state, capacity, rank_seed(t.seed, counters["vector_steps"]),
+                                        replay_device)
         save_config(cfg, run.config_path)
         wm_parallel = distributed.wrap(WorldModelLoss(wm), device) if distributed.active() else None
         ac_parallel = distributed.wrap(ac, device) if distributed.active() else None
@@ -262,15 +263,17 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         venv.close()
 
 
-def load_replay_shards(run_path: Path, state: dict, capacity: int, seed: int) -> ReplayBuffer:
-    """This rank's replay on resume. Same world size: its own shard, exactly. Another world size: rank r merges
-    the saved shards j with j % world == r (a rank left without one starts from a copy of shard r % saved)."""
+def load_replay_shards(run_path: Path, state: dict, capacity: int, seed: int,
+                       device: Optional[torch.device] = None) -> ReplayBuffer:
+    """This rank's replay on resume (stored on `device`, None = host). Same world size: its own shard, exactly.
+    Another world size: rank r merges the saved shards j with j % world == r (a rank left without one starts
+    from a copy of shard r % saved)."""
     names = state.get("replays") or [state["replay"]]  # older checkpoints name one buffer
     w, r = distributed.world_size(), distributed.rank()
     if len(names) == w:
-        return ReplayBuffer.load(run_path / names[r])
+        return ReplayBuffer.load(run_path / names[r], device)
     mine = names[r::w] or [names[r % len(names)]]
-    return ReplayBuffer.merged([ReplayBuffer.load(run_path / n) for n in mine], capacity, seed)
+    return ReplayBuffer.merged([ReplayBuffer.load(run_path / n) for n in mine], capacity, seed, device)
 
 
 def summarize(env: str, records) -> dict:

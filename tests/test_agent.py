@@ -65,7 +65,8 @@ def test_resume_after_sigkill(tmp_path):
     steps = state["counters"]["env_steps"]
     saved = ReplayBuffer.load(run_dir / state["replays"][0])
     assert steps >= 120 and len(saved) == saved.steps_added == steps + 2  # 2 first frames, then one per env step
-    cfg = load_config(AgentConfig, run_dir / "config.yaml", [f"train.env_steps={steps + 20}"])
+    # resumed with the replay kept as tensors on the training device: the saved buffer loads into that storage
+    cfg = load_config(AgentConfig, run_dir / "config.yaml", [f"train.env_steps={steps + 20}", "replay.on_device=true"])
     train(cfg, str(run_dir), resume=True, progress=False)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     after = torch.load(ckpt, weights_only=False)
@@ -75,15 +76,12 @@ def test_resume_after_sigkill(tmp_path):
     assert rows[-1]["step"] == steps + 20
 
 
-@pytest.mark.parametrize("preset,num_actions", [("tiny", 17), ("crafter_cpu", 17), ("crafter", 17), ("nethack", 23)])
-def test_every_agent_preset_trains_one_step(preset, num_actions):
-    """Each agent preset's architecture: one world-model + actor-critic update at batch 2 on 4-step segments."""
+def _one_update_setup(cfg: AgentConfig, num_actions: int):
+    """A fresh agent, its optimizer and a replay holding one random 8-step episode."""
     import numpy as np
 
-    from agent.train import build_agent, train_step
+    from agent.train import build_agent
 
-    cfg = load_config(AgentConfig, ROOT / f"configs/{preset}.yaml",
-                      ["train.batch_size=2", "train.seq_len=4", "train.imag_starts=4", "actor_critic.horizon=3"])
     torch.manual_seed(0)
     wm, ac = build_agent(cfg, num_actions, torch.device("cpu"))
     opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=1e-4)
@@ -92,8 +90,64 @@ def test_every_agent_preset_trains_one_step(preset, num_actions):
     replay.add_episode({"image": rng.integers(0, 255, (8, cfg.env.size, cfg.env.size, 3), dtype=np.uint8),
                         "action": rng.integers(num_actions, size=8), "reward": np.zeros(8, np.float32),
                         "is_first": np.arange(8) == 0, "is_last": np.arange(8) == 7, "is_terminal": np.zeros(8, bool)})
+    return wm, ac, opt, replay
+
+
+ONE_UPDATE = ["train.batch_size=2", "train.seq_len=4", "train.imag_starts=4", "actor_critic.horizon=3"]
+
+
+@pytest.mark.parametrize("preset,num_actions", [("tiny", 17), ("crafter_cpu", 17), ("crafter", 17), ("nethack", 23)])
+def test_every_agent_preset_trains_one_step(preset, num_actions):
+    """Each agent preset's architecture: one world-model + actor-critic update at batch 2 on 4-step segments."""
+    import numpy as np
+
+    from agent.train import train_step
+
+    cfg = load_config(AgentConfig, ROOT / f"configs/{preset}.yaml", ONE_UPDATE)
+    wm, ac, opt, replay = _one_update_setup(cfg, num_actions)
     stats = train_step(wm, ac, opt, replay, cfg, torch.device("cpu"))
     assert np.isfinite(stats["wm/loss"]) and stats["wm/skipped"] == 0 and np.isfinite(stats["ac/loss_critic"])
+
+
+def _compiled_vs_eager(backend: str) -> None:
+    """Two updates of the tiny agent, eager and with `compile_frame_parts(backend)`, from the same weights, batch
+    and random numbers: the same losses and weights (to float tolerance), the same state-dict keys."""
+    from agent.train import train_step
+
+    results = []
+    for compiled in (False, True):
+        cfg = load_config(AgentConfig, ROOT / "configs/tiny.yaml", [*ONE_UPDATE, f"train.compile={compiled}"])
+        cfg.train.compile = False  # build eager; compiled below with the backend under test
+        wm, ac, opt, replay = _one_update_setup(cfg, 17)
+        if compiled:
+            wm.compile_frame_parts(backend=backend)
+            assert wm.autoencoder.encoder._compiled_call_impl is not None
+        torch.manual_seed(1)
+        losses = [train_step(wm, ac, opt, replay, cfg, torch.device("cpu"))["wm/loss"] for _ in range(2)]
+        results.append((losses, wm.state_dict()))
+    (eager_losses, eager_state), (comp_losses, comp_state) = results
+    assert list(eager_state) == list(comp_state)
+    assert comp_losses == pytest.approx(eager_losses, rel=1e-4)
+    for k, v in eager_state.items():
+        torch.testing.assert_close(comp_state[k], v, rtol=1e-3, atol=1e-5, msg=k)
+
+
+def test_compiled_frame_parts_match_eager():
+    """`train.compile`'s tracing (dynamo graphs, AOT autograd, the slot carry-over recompiling for the first frame
+    and a new batch size) checked on the aot_eager backend, which builds no C++ kernels: fast enough for CI."""
+    torch._dynamo.reset()
+    _compiled_vs_eager("aot_eager")
+
+
+@pytest.mark.slow
+def test_inductor_compiled_frame_parts_match_eager(monkeypatch):
+    """The same with inductor's kernels (~2.5 min of C++ compilation on 2 cores; `run.py bench agent --compile`
+    runs this path too). fallback_random makes inductor draw the eager random numbers."""
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    torch._dynamo.reset()
+    _compiled_vs_eager("inductor")
 
 
 def test_nan_loss_is_skipped_and_logged(tmp_path, monkeypatch):
@@ -135,3 +189,34 @@ def test_killed_env_worker_during_training(tmp_path, monkeypatch):
     replay = ReplayBuffer.load(tmp_path / "run" / state["replays"][0])
     firsts = replay.data["is_first"][:len(replay)].sum()
     assert firsts >= 3  # the 2 initial episodes and the one started after the crash
+
+
+def test_bench_agent_rows_add_one_optimization_each_and_a_failed_row_is_reported(monkeypatch, capsys):
+    """Each row of `bench agent` changes one setting of the row above; a row whose optimization fails prints its
+    error and the others still run (the CUDA rows are first run on a GPU no test has)."""
+    import argparse
+
+    from agent import bench
+
+    rows = bench.agent_modes(torch.device("cuda"), compile_on_cpu=False)
+    assert [n for n, _ in rows] == ["fp32", "+bf16", "+replay-on-gpu", "+compile", "+cudagraphs"]
+    for (_, before), (_, after) in zip(rows, rows[1:]):
+        assert sum(before[k] != after[k] for k in before) == 1
+    cfg = bench._with(tiny(), rows[-1][1])
+    assert (cfg.train.amp, cfg.replay.on_device, cfg.train.compile, cfg.train.compile_mode) == (
+        True, True, True, "reduce-overhead")
+    assert [n for n, _ in bench.agent_modes(torch.device("cpu"), compile_on_cpu=True)] == ["fp32", "+compile"]
+
+    def fake_loop(cfg, device, env_steps, prefill):
+        if cfg.train.compile:
+            raise RuntimeError("no C++ compiler\nmore lines")
+        return {"seconds": {"policy": 1.0, "env_step": 1.0, "update": 2.0}, "total": 4.0, "env_steps": env_steps,
+                "updates": 3, "warmup": 0.5}
+
+    monkeypatch.setattr(bench, "measure_loop", fake_loop)
+    args = argparse.Namespace(agent_config=str(ROOT / "configs/tiny.yaml"), overrides=[], env_steps=40, prefill=8,
+                              compile=True, profile=False, profile_rows=5)
+    bench.bench_agent(args, torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert "fp32" in out and "10.0" in out  # 40 env steps in 4 s
+    assert "+compile        failed: RuntimeError: no C++ compiler\n" in out and "ratio +compile" not in out

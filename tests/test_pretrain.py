@@ -133,6 +133,7 @@ def test_eval_ap_on_missing_clevr_root_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv", [
     ["bench", "pretrain", "--batch-size", "2", "--resolution", "32", "--steps", "1", "--profile"],
+    ["bench", "pretrain", "--batch-size", "2", "--resolution", "32", "--steps", "1", "--slots", "gmm"],
     ["bench", "estep", "--batch-size", "2", "--steps", "1"],
     ["bench", "generator", "--batch-size", "2", "--resolution", "32", "--steps", "1"],
     ["bench", "metrics", "--steps", "1"],
@@ -149,6 +150,13 @@ def test_bench_smoke(argv, capsys):
         assert "Self CPU" in out  # the profiler table
     if "agent" in argv:
         assert "train.batch_size=2" in out and "(batch 2 x 8)" in out  # the override reached the preset
+    if "--slots" in argv:
+        assert "slot_attention" not in out
+
+
+def test_bench_pretrain_rejects_unknown_slots(capsys):
+    assert run.main(["bench", "pretrain", "--slots", "gmm,sa"]) == 2
+    assert "--slots takes gmm and/or slot_attention" in capsys.readouterr().err
 
 
 def test_pretrain_and_eval_on_a_clevr_directory(tmp_path, capsys):

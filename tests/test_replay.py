@@ -4,6 +4,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from agent.replay import ReplayBuffer
 from envs.clevr import DataError
@@ -220,3 +221,66 @@ def test_merged_holds_every_episode_of_its_shards():
     assert episodes == [[0, 1, 2, 3], [4, 5, 6], [100, 101, 102, 103], [104]]
     segments = merged.sample(8, 3)["image"][..., 0]
     assert all(list(s) in ([0, 1, 2], [1, 2, 3], [4, 5, 6], [100, 101, 102], [101, 102, 103]) for s in segments)
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        va = a[k].cpu().numpy() if isinstance(a[k], torch.Tensor) else a[k]
+        vb = b[k].cpu().numpy() if isinstance(b[k], torch.Tensor) else b[k]
+        assert va.dtype == vb.dtype, k
+        np.testing.assert_array_equal(va, vb)
+
+
+def _rows(steps: list[dict]) -> dict:
+    return {k: np.stack([np.asarray(s[k]) for s in steps]) for k in steps[0]}
+
+
+def test_add_steps_is_sequential_add_in_row_order(tmp_path):
+    """Three workers' steps added one call per env step equal the same steps added one by one: the same stored
+    steps, episodes and bookkeeping, so the same samples; through eviction (capacity 23) and a repeated worker."""
+    one, many = ReplayBuffer(23, SPEC, seed=9), ReplayBuffer(23, SPEC, seed=9)
+    lengths = {0: 5, 1: 11, 2: 3}
+    for i in range(40):
+        rows = [(w, _step(100 * w + i // lengths[w], i % lengths[w], last=i % lengths[w] == lengths[w] - 1))
+                for w in (2, 0, 1)]
+        if i == 20:
+            rows.append((5, _step(999, 0)))  # a one-step worker
+        for w, step in rows:
+            one.add(step, worker=w)
+        many.add_steps(_rows([s for _, s in rows]), [w for w, _ in rows])
+        if i % 13 == 12:
+            _same(one.sample(32, 2), many.sample(32, 2))
+    one.save(tmp_path / "one.npz")
+    many.save(tmp_path / "many.npz")
+    with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "many.npz") as b:
+        _same(dict(a), dict(b))
+    with pytest.raises(ValueError, match="2 steps for 1 workers"):
+        many.add_steps(_rows([_step(0, 0), _step(1, 0)]), [0])
+    with pytest.raises(ValueError, match="exceed the capacity of 23"):
+        many.add_steps(_rows([_step(0, 0)] * 24), range(24))
+
+
+def test_device_storage_draws_the_same_segments_as_host_storage(tmp_path):
+    """Steps kept as torch tensors (here on the CPU device; on a GPU the same code keeps them in its memory)
+    store, evict, sample, merge and save exactly like the numpy ring, and each storage loads the other's file."""
+    host, dev = ReplayBuffer(60, SPEC, seed=4), ReplayBuffer(60, SPEC, seed=4, device="cpu")
+    for buf in (host, dev):
+        buf.add_episode(_episode(500, 25))
+        _online(buf, range(50))  # 125 steps into 60: evictions, two workers mid-episode
+    assert isinstance(dev.data["image"], torch.Tensor) and dev.data["image"].dtype == torch.uint8
+    sample = dev.sample(16, 5)
+    assert isinstance(sample["tag"], torch.Tensor) and sample["is_first"].dtype == torch.bool
+    _same(host.sample(16, 5), sample)
+    _starts({k: v.numpy() for k, v in dev.sample(64, 7).items()})
+    host.sample(64, 7)
+    for a, b in zip(host.episodes(), dev.episodes()):
+        _same(a, b)
+    _same(ReplayBuffer.merged([host], 100, seed=1).sample(8, 4),
+          ReplayBuffer.merged([dev], 100, seed=1, device="cpu").sample(8, 4))
+    dev.save(tmp_path / "dev.npz")
+    host.save(tmp_path / "host.npz")
+    back_host, back_dev = ReplayBuffer.load(tmp_path / "dev.npz"), ReplayBuffer.load(tmp_path / "host.npz", "cpu")
+    assert back_host.device is None and back_dev.device == torch.device("cpu")
+    for a, b in ((host, back_dev), (dev, back_host), (back_host, back_dev)):
+        _same(a.sample(16, 6), b.sample(16, 6))

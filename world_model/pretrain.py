@@ -26,7 +26,7 @@ from .config import PretrainConfig, load_config, save_config
 from .losses import hungarian_huber_loss
 from .metrics import clevr_ap_table, fg_ari, setpred_accuracy
 from .perception import SetPredictor, SlotAutoencoder
-from .rundir import MetricLogger, RunDir, restore_rng, rng_states, start_run
+from .rundir import MetricLogger, RunDir, mixed_seed, restore_rng, rng_states, start_run
 from .slots.vq import temperature
 from .visualize import decomposition_grid
 
@@ -36,8 +36,8 @@ EVAL_CHUNK = 64
 
 
 def stream_seed(seed: int, stream: int, index: int) -> int:
-    """A well-mixed 31-bit seed for item `index` of a named random stream."""
-    return int(np.random.SeedSequence([seed, stream, index]).generate_state(1)[0] & 0x7FFFFFFF)
+    """The seed of item `index` of a named random stream."""
+    return mixed_seed(seed, stream, index)
 
 
 def build_model(cfg: PretrainConfig) -> nn.Module:

@@ -69,11 +69,16 @@ def restore_rng(states, seed: int, step: int) -> None:
         seed_everything(rank_seed(seed, step))
 
 
+def mixed_seed(*parts: int) -> int:
+    """A well-mixed 31-bit seed from integers (e.g. run seed, stream, index): nearby inputs, unrelated streams."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0] & 0x7FFFFFFF)
+
+
 def rank_seed(seed: int, salt: int = 0) -> int:
     """`seed` itself in a single process (so single-process runs do not change), a per-rank seed under torchrun."""
     if distributed.world_size() == 1 and salt == 0:
         return seed
-    return int(np.random.SeedSequence([seed, distributed.rank(), salt]).generate_state(1)[0] & 0x7FFFFFFF)
+    return mixed_seed(seed, distributed.rank(), salt)
 
 
 def seed_everything(seed: int) -> None:

@@ -92,6 +92,17 @@ class WorldModel(nn.Module):
         stats["loss"] = loss.detach()
         return loss, stats, enc
 
+    def compile_frame_parts(self, mode: str = "default", backend: str = "inductor") -> None:
+        """torch.compile, in place (state-dict keys unchanged), the parts that run once per frame: the slot encoder
+        step (seq_len times per update, slots carried from frame to frame, and once per env step when acting),
+        the slot decoder and the frame tokenizer. The dynamics stays eager: imagination calls it with a KV cache
+        that grows every step, a new shape each time. `backend="aot_eager"` traces without generating kernels
+        (to tell a tracing problem from a code-generation one)."""
+        kwargs = {"mode": mode} if backend == "inductor" else {}  # modes are inductor's
+        for part in (self.autoencoder.encoder, self.autoencoder.decoder if self.joint else None, self.frame_tokenizer):
+            if part is not None:
+                part.compile(backend=backend, **kwargs)
+
     def set_vq_temperature(self, step: int, tau_start: float, tau_end: float, anneal_steps: int) -> None:
         if self.joint:
             self.autoencoder.encoder.vq.set_temperature(temperature(step, tau_start, tau_end, anneal_steps))
