@@ -4,19 +4,22 @@ The same parts `agent.train` runs — vectorized env workers, the slot policy, t
 (world-model update, imagination, actor-critic update) — driven the way the loop drives them: after a random
 prefill, every vector step is followed by the updates it owes at the train ratio. Each part is timed with
 `torch.profiler.record_function` labels, so `--profile` also prints the operator table beneath them. Each row
-adds one optimization to the one above (CUDA: bf16 autocast, the replay kept in GPU memory, torch.compile of
-the per-frame parts, CUDA graphs; CPU: torch.compile with `--compile`), so the table says what each gave.
+adds one optimization to the one above (the fused attention kernels of scaled_dot_product_attention over its
+math form; CUDA: bf16 autocast, the replay kept in GPU memory, torch.compile of the per-frame parts, CUDA
+graphs; CPU: torch.compile with `--compile`), so the table says what each gave.
 """
 from __future__ import annotations
 
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.autograd import DeviceType
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from envs.collect import env_fn
@@ -37,12 +40,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill: int, profiler=None) -> dict:
+def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill: int, profiler=None,
+                 fused_attention: bool = True) -> dict:
     """Seconds per part over `env_steps` loop env steps after `prefill` random ones; updates follow the train
     ratio counted from the end of the prefill (no catch-up burst). `profiler` (a torch.profiler.profile) records
-    the timed loop only, not the prefill or the warm-up updates (where compilation happens)."""
+    the timed loop only, not the prefill or the warm-up updates (where compilation happens).
+    `fused_attention=False` restricts scaled_dot_product_attention to its math form."""
     t = cfg.train
-    with tempfile.TemporaryDirectory() as tmp:
+    attention = nullcontext() if fused_attention else sdpa_kernel(SDPBackend.MATH)
+    with attention, tempfile.TemporaryDirectory() as tmp:
         venv = make_vector_env(env_fn(cfg.env.name, **env_kwargs(cfg, Path(tmp) / "stats.jsonl")), cfg.env.num_envs,
                                envs_per_worker=cfg.env.envs_per_worker, asynchronous=cfg.env.asynchronous)
         try:
@@ -110,12 +116,14 @@ def _part_times(prof, device: torch.device) -> dict:
 
 def agent_modes(device: torch.device, compile_on_cpu: bool) -> list[tuple[str, dict]]:
     """(name, train/replay settings) per measured row, each adding one optimization to the row above."""
+    rows = [("fp32,math-attn", {}), ("+fused-attn", {"fused_attention": True})]
     if device.type == "cuda":
-        rows = [("fp32", {}), ("+bf16", {"amp": True}), ("+replay-on-gpu", {"on_device": True}),
-                ("+compile", {"compile": True}), ("+cudagraphs", {"compile_mode": "reduce-overhead"})]
-    else:
-        rows = [("fp32", {})] + ([("+compile", {"compile": True})] if compile_on_cpu else [])
-    modes, settings = [], {"amp": False, "on_device": False, "compile": False, "compile_mode": "default"}
+        rows += [("+bf16", {"amp": True}), ("+replay-on-gpu", {"on_device": True}), ("+compile", {"compile": True}),
+                 ("+cudagraphs", {"compile_mode": "reduce-overhead"})]
+    elif compile_on_cpu:
+        rows += [("+compile", {"compile": True})]
+    modes, settings = [], {"fused_attention": False, "amp": False, "on_device": False, "compile": False,
+                           "compile_mode": "default"}
     for name, change in rows:
         settings = {**settings, **change}
         modes.append((name, settings))
@@ -144,7 +152,8 @@ def bench_agent(args, device: torch.device) -> None:
     for name, settings in modes:
         torch.compiler.reset()
         try:
-            r = measure_loop(_with(base, settings), device, env_steps, args.prefill)
+            r = measure_loop(_with(base, settings), device, env_steps, args.prefill,
+                             fused_attention=settings["fused_attention"])
         except Exception as e:  # noqa: BLE001 - a failing optimization is a result too; the other rows still run
             print(f"{name:<16}failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             continue
@@ -161,7 +170,8 @@ def bench_agent(args, device: torch.device) -> None:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         torch.compiler.reset()
         prof = profile(activities=activities)
-        measure_loop(_with(base, settings), device, env_steps, args.prefill, profiler=prof)
+        measure_loop(_with(base, settings), device, env_steps, args.prefill, profiler=prof,
+                     fused_attention=settings["fused_attention"])
         parts = _part_times(prof, device)
         total = sum(parts.values()) or 1.0
         print(f"# where the time goes ({name}, profiled run; "

@@ -199,15 +199,17 @@ def test_bench_agent_rows_add_one_optimization_each_and_a_failed_row_is_reported
     from agent import bench
 
     rows = bench.agent_modes(torch.device("cuda"), compile_on_cpu=False)
-    assert [n for n, _ in rows] == ["fp32", "+bf16", "+replay-on-gpu", "+compile", "+cudagraphs"]
+    assert [n for n, _ in rows] == ["fp32,math-attn", "+fused-attn", "+bf16", "+replay-on-gpu", "+compile",
+                                    "+cudagraphs"]
     for (_, before), (_, after) in zip(rows, rows[1:]):
         assert sum(before[k] != after[k] for k in before) == 1
     cfg = bench._with(tiny(), rows[-1][1])
     assert (cfg.train.amp, cfg.replay.on_device, cfg.train.compile, cfg.train.compile_mode) == (
         True, True, True, "reduce-overhead")
-    assert [n for n, _ in bench.agent_modes(torch.device("cpu"), compile_on_cpu=True)] == ["fp32", "+compile"]
+    assert [n for n, _ in bench.agent_modes(torch.device("cpu"), compile_on_cpu=True)] == [
+        "fp32,math-attn", "+fused-attn", "+compile"]
 
-    def fake_loop(cfg, device, env_steps, prefill):
+    def fake_loop(cfg, device, env_steps, prefill, fused_attention):
         if cfg.train.compile:
             raise RuntimeError("no C++ compiler\nmore lines")
         return {"seconds": {"policy": 1.0, "env_step": 1.0, "update": 2.0}, "total": 4.0, "env_steps": env_steps,
@@ -218,5 +220,6 @@ def test_bench_agent_rows_add_one_optimization_each_and_a_failed_row_is_reported
                               compile=True, profile=False, profile_rows=5)
     bench.bench_agent(args, torch.device("cpu"))
     out = capsys.readouterr().out
-    assert "fp32" in out and "10.0" in out  # 40 env steps in 4 s
+    assert "fp32,math-attn" in out and "+fused-attn" in out and "10.0" in out  # 40 env steps in 4 s
+    assert "ratio +fused-attn/fp32,math-attn: 1.00" in out
     assert "+compile        failed: RuntimeError: no C++ compiler\n" in out and "ratio +compile" not in out
