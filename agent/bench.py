@@ -76,28 +76,25 @@ def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill
             seconds = dict.fromkeys(("policy", "env_step", "update"), 0.0)
             done, updates = 0, 0
             _sync(device)
-            if profiler is not None:
-                profiler.start()
-            start = time.perf_counter()
-            while done < env_steps:
-                t0 = time.perf_counter()
-                with record_function("policy"):
-                    actions = policy.act(collector.obs["image"], collector.first)
-                t1 = time.perf_counter()
-                with record_function("env_step"):
-                    collector.step(actions)
-                t2 = time.perf_counter()
-                seconds["policy"] += t1 - t0
-                seconds["env_step"] += t2 - t1
-                done += n
-                while updates < int(done * t.train_ratio / (t.batch_size * t.seq_len)):
-                    train_step(wm, ac, wm_opt, replay, cfg, device)
-                    updates += 1
-                _sync(device)
-                seconds["update"] += time.perf_counter() - t2
-            total = time.perf_counter() - start
-            if profiler is not None:
-                profiler.stop()
+            with profiler if profiler is not None else nullcontext():  # the profile starts and stops here
+                start = time.perf_counter()
+                while done < env_steps:
+                    t0 = time.perf_counter()
+                    with record_function("policy"):
+                        actions = policy.act(collector.obs["image"], collector.first)
+                    t1 = time.perf_counter()
+                    with record_function("env_step"):
+                        collector.step(actions)
+                    t2 = time.perf_counter()
+                    seconds["policy"] += t1 - t0
+                    seconds["env_step"] += t2 - t1
+                    done += n
+                    while updates < int(done * t.train_ratio / (t.batch_size * t.seq_len)):
+                        train_step(wm, ac, wm_opt, replay, cfg, device)
+                        updates += 1
+                    _sync(device)
+                    seconds["update"] += time.perf_counter() - t2
+                total = time.perf_counter() - start
         finally:
             venv.close()
     return {"seconds": seconds, "total": total, "env_steps": done, "updates": updates, "warmup": warm}

@@ -25,12 +25,13 @@ class SlotPolicy:
         """images `b h w 3` uint8, is_first `b` bool (a new episode starts at this frame) -> actions `b`."""
         x = frames_to_input(torch.as_tensor(images, device=self.device)[:, None], self.wm.resolution)[:, 0]
         encoder = self.wm.autoencoder.encoder
+        self.wm.step_begin()
         prev = self.prev
         if prev is not None and is_first.any():  # new episodes start from the learned initialization
             init = encoder.slot_module.initial_slots(x.shape[0], x.device)
             prev = torch.where(torch.as_tensor(is_first, device=x.device)[:, None, None], init, prev)
         out = encoder(x, prev)  # prev None: every env from the learned initialization
-        self.prev = out.raw_slots
+        self.prev = self.wm.kept(out.raw_slots)  # read at the next step, after the encoder's next call
         frame_codes = None
         if self.wm.frame_tokenizer is not None:
             frame_codes = self.wm.frame_tokenizer.logits(x).argmax(-1)

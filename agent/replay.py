@@ -94,7 +94,7 @@ class ReplayBuffer:
             raise ValueError(f"replay add_steps: {n} steps for {len(workers)} workers")
         if n > self.capacity:
             raise ValueError(f"replay add_steps: {n} steps at once exceed the capacity of {self.capacity}")
-        pos = self._pos
+        data, pos = self._staged(arrays), self._pos
         for i, worker in enumerate(workers):
             slot = self._workers.get(worker)
             if slot is None or arrays["is_first"][i]:
@@ -104,7 +104,7 @@ class ReplayBuffer:
             self._reserve(1, slot)
             if arrays["is_last"][i]:
                 self._close(worker)
-        self._copy_in(arrays, pos)
+        self._copy_in(data, pos)
 
     def add_episode(self, episode: dict) -> None:
         """Store a whole episode (arrays `t ...`); an `is_first` inside it starts a separate episode."""
@@ -206,9 +206,9 @@ class ReplayBuffer:
 
     def _write(self, arrays: dict[str, np.ndarray], slot: int) -> None:
         """Write `n <= capacity` steps of one episode at the ring head, evicting the oldest steps first."""
-        pos = self._pos
+        data, pos = self._staged(arrays), self._pos
         self._reserve(len(arrays["action"]), slot)
-        self._copy_in(arrays, pos)
+        self._copy_in(data, pos)
 
     def _reserve(self, n: int, slot: int) -> None:
         """The bookkeeping of writing `n <= capacity` steps of `slot`'s episode at the ring head: evict the
@@ -228,17 +228,21 @@ class ReplayBuffer:
         self._size = min(self._size + n, self.capacity)
         self.steps_added += n
 
-    def _copy_in(self, arrays: dict[str, np.ndarray], pos: int) -> None:
-        """Copy `n <= capacity` steps into the ring from index `pos` on (wrapping); slices copy faster than
-        indices."""
-        n = len(arrays["action"])
+    def _staged(self, arrays: dict[str, np.ndarray]) -> dict:
+        """The arrays in the storage's kind (tensors on its device), made before any bookkeeping changes, so a
+        failed copy (out of device memory) leaves the buffer as it was."""
+        if self.device is None:
+            return arrays
+        return {k: torch.from_numpy(np.ascontiguousarray(v, self.spec[k][1])).to(self.device) for k, v in arrays.items()}
+
+    def _copy_in(self, data: dict, pos: int) -> None:
+        """Copy `n <= capacity` staged steps into the ring from index `pos` on (wrapping); slices copy faster
+        than indices."""
+        n = len(data["action"])
         head = min(n, self.capacity - pos)  # steps before the ring wraps
-        for k, v in arrays.items():
-            store = self.data[k]
-            if self.device is not None:
-                v = torch.from_numpy(np.ascontiguousarray(v, self.spec[k][1])).to(self.device)
-            store[pos:pos + head] = v[:head]
-            store[:n - head] = v[head:]
+        for k, v in data.items():
+            self.data[k][pos:pos + head] = v[:head]
+            self.data[k][:n - head] = v[head:]
 
     def _ring_index(self, idx: np.ndarray):
         """Ring indices in the storage's kind: numpy as is, a tensor on the storage's device."""

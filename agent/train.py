@@ -80,8 +80,7 @@ def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, r
     `wm_parallel` / `ac_parallel`: the DistributedDataParallel wrappers under torchrun (gradients averaged)."""
     t = cfg.train
     batch_size, starts_n = t.batch_size // distributed.world_size(), t.imag_starts // distributed.world_size()
-    if t.compile and t.compile_mode == "reduce-overhead":
-        torch.compiler.cudagraph_mark_step_begin()  # the last update's CUDA-graph outputs are no longer read
+    wm.step_begin()
     with record_function("replay_sample"):  # profiler labels (agent/bench.py); free when no profiler runs
         batch = to_batch(replay.sample(batch_size, t.seq_len), wm.resolution, device)
     with record_function("wm_update"):

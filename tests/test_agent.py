@@ -109,9 +109,10 @@ def test_every_agent_preset_trains_one_step(preset, num_actions):
     assert np.isfinite(stats["wm/loss"]) and stats["wm/skipped"] == 0 and np.isfinite(stats["ac/loss_critic"])
 
 
-def _compiled_vs_eager(backend: str) -> None:
+def _compiled_vs_eager(backend: str, cudagraph_steps: bool = False) -> None:
     """Two updates of the tiny agent, eager and with `compile_frame_parts(backend)`, from the same weights, batch
-    and random numbers: the same losses and weights (to float tolerance), the same state-dict keys."""
+    and random numbers: the same losses and weights (to float tolerance), the same state-dict keys.
+    `cudagraph_steps`: also take the CUDA-graph path's step marks and output copies (no graphs on CPU)."""
     from agent.train import train_step
 
     results = []
@@ -122,6 +123,7 @@ def _compiled_vs_eager(backend: str) -> None:
         if compiled:
             wm.compile_frame_parts(backend=backend)
             assert wm.autoencoder.encoder._compiled_call_impl is not None
+            wm.cudagraphs = cudagraph_steps
         torch.manual_seed(1)
         losses = [train_step(wm, ac, opt, replay, cfg, torch.device("cpu"))["wm/loss"] for _ in range(2)]
         results.append((losses, wm.state_dict()))
@@ -132,11 +134,27 @@ def _compiled_vs_eager(backend: str) -> None:
         torch.testing.assert_close(comp_state[k], v, rtol=1e-3, atol=1e-5, msg=k)
 
 
+def test_cudagraph_modes_copy_carried_outputs():
+    """Compile modes that replay CUDA graphs (reduce-overhead, and max-autotune, which turns them on too) make the
+    world model copy outputs read after the next call; the copy keeps the gradient. Compilation itself is lazy
+    (first call), so nothing is compiled here."""
+    cfg = load_config(AgentConfig, ROOT / "configs/tiny.yaml", ONE_UPDATE)
+    x = torch.ones(2, requires_grad=True)
+    for mode, graphs in (("default", False), ("reduce-overhead", True), ("max-autotune", True)):
+        wm, *_ = _one_update_setup(cfg, 17)
+        wm.compile_frame_parts(mode)
+        assert wm.cudagraphs == graphs
+        kept = wm.kept(x)
+        assert (kept is not x) == graphs
+        assert kept.grad_fn is not None if graphs else kept is x
+
+
 def test_compiled_frame_parts_match_eager():
     """`train.compile`'s tracing (dynamo graphs, AOT autograd, the slot carry-over recompiling for the first frame
-    and a new batch size) checked on the aot_eager backend, which builds no C++ kernels: fast enough for CI."""
+    and a new batch size) checked on the aot_eager backend, which builds no C++ kernels: fast enough for CI.
+    The CUDA-graph bookkeeping (step marks, copies of carried outputs) runs too and changes no number."""
     torch._dynamo.reset()
-    _compiled_vs_eager("aot_eager")
+    _compiled_vs_eager("aot_eager", cudagraph_steps=True)
 
 
 @pytest.mark.slow

@@ -16,6 +16,8 @@ from .frame_tokenizer import FrameTokenizer, FrameTokenizerConfig
 from .perception import SlotAutoencoder
 from .slots.vq import temperature
 
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes whose kernels replay as CUDA graphs
+
 
 @dataclass
 class Encoded:
@@ -45,6 +47,7 @@ class WorldModel(nn.Module):
         self.autoencoder, self.resolution, self.joint = autoencoder, resolution, joint
         self.frame_tokenizer = FrameTokenizer(frame_cfg, resolution) if frame_cfg.vars else None
         self.dynamics = SlotDynamics(dyn_cfg)
+        self.cudagraphs = False  # compiled parts replay CUDA graphs (compile_frame_parts)
         if not joint:
             self.autoencoder.requires_grad_(False)
 
@@ -62,15 +65,15 @@ class WorldModel(nn.Module):
         with torch.set_grad_enabled(self.joint and torch.is_grad_enabled()):
             for i in range(t):
                 out = enc_model.encoder(images[:, i], prev)
-                prev = out.raw_slots
-                codes.append(out.codes)
+                prev = self.kept(out.raw_slots)
+                codes.append(self.kept(out.codes))
                 if self.joint:
                     recon.append(F.mse_loss(enc_model.decoder(out.slots).recon, images[:, i]))
-                    kl.append(out.kl)
+                    kl.append(self.kept(out.kl))
         frame_codes, frame_loss = None, images.new_zeros(())
         if self.frame_tokenizer is not None:
             frame_codes, frame_loss = self.frame_tokenizer(images.flatten(0, 1))
-            frame_codes = frame_codes.unflatten(0, (b, t))
+            frame_codes = self.kept(frame_codes).unflatten(0, (b, t))
         mean = lambda xs: torch.stack(xs).mean() if xs else None  # noqa: E731
         return Encoded(torch.stack(codes, 1), frame_codes, mean(recon), mean(kl), frame_loss)
 
@@ -102,6 +105,18 @@ class WorldModel(nn.Module):
         for part in (self.autoencoder.encoder, self.autoencoder.decoder if self.joint else None, self.frame_tokenizer):
             if part is not None:
                 part.compile(backend=backend, **kwargs)
+        self.cudagraphs = backend == "inductor" and mode in CUDAGRAPH_MODES
+
+    def step_begin(self) -> None:
+        """Call before each update and each acting step: under CUDA graphs, the outputs of earlier replays are not
+        read again, so their memory may be reused."""
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def kept(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """A compiled part's output that is read after the part's next call: a copy under CUDA graphs, where the
+        next replay overwrites it (the slots carried to the next frame, codes stacked after the sequence)."""
+        return x.clone() if self.cudagraphs and x is not None else x
 
     def set_vq_temperature(self, step: int, tau_start: float, tau_end: float, anneal_steps: int) -> None:
         if self.joint:
