@@ -313,9 +313,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
 
     t = cfg.train
     run, device = start_run(run_dir, resume, t.device, t.threads, t.seed)
-    model = build_model(cfg).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(cfg).to(device, memory_format=torch.channels_last)  # `bench pretrain`: faster on CPU and GPU
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     step, skipped = 0, 0
     if resume:
@@ -349,6 +347,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
         batch = next(stream)
         if not torch.isfinite(batch["images"]).all():
             raise ValueError(f"non-finite pixel values in training batch {step}: check the data source")
+        batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)  # as the model's weights
         for group in opt.param_groups:
             group["lr"] = cfg.train.lr * lr_factor(step, cfg)
         vq = model.encoder.vq
