@@ -290,14 +290,14 @@ class ReplayBuffer:
                 "workers": [[int(w), s] for w, s in self._workers.items()],
                 "spec": {k: [list(shape), dtype.str] for k, (shape, dtype) in self.spec.items()},
                 "rng": self.rng.bit_generator.state}
-        arrays = {f"data/{k}": _numpy(v[:self._size]) for k, v in self.data.items()}
+        arrays = {f"data/{k}": v[:self._size] for k, v in self.data.items()}  # tensors on a device stay there
         index = [self._index[s][self._lo[s]:self._hi[s]] for s in range(n)]
         arrays.update(meta=np.array(json.dumps(meta)), slot_of=self._slot_of[:self._size],
                       ep_len=self._hi[:n] - self._lo[:n], ep_open=self._open[:n],
                       ep_index=np.concatenate([np.zeros(0, np.int64), *index]))
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            _write_npz(f, arrays)
         os.replace(tmp, path)
 
     @classmethod
@@ -309,14 +309,15 @@ class ReplayBuffer:
             raise FileNotFoundError(f"no replay buffer file at {path}")
         try:
             with np.load(path, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
-            meta = json.loads(str(arrays["meta"]))
-            spec = {k: (tuple(shape), np.dtype(dtype)) for k, (shape, dtype) in meta["spec"].items()}
-            buf = cls(meta["capacity"], spec, device=device)
-            size, n = meta["size"], meta["nslots"]
-            for k in spec:
-                data = arrays[f"data/{k}"]
-                buf.data[k][:size] = data if device is None else torch.from_numpy(data)
+                meta = json.loads(str(f["meta"]))
+                spec = {k: (tuple(shape), np.dtype(dtype)) for k, (shape, dtype) in meta["spec"].items()}
+                buf = cls(meta["capacity"], spec, device=device)
+                size, n = meta["size"], meta["nslots"]
+                for k in spec:  # one key in host memory at a time, beside the ring
+                    data = f[f"data/{k}"]
+                    buf.data[k][:size] = data if device is None else torch.from_numpy(data)
+                    del data
+                arrays = {k: f[k] for k in ("slot_of", "ep_len", "ep_open", "ep_index")}
             buf._slot_of[:size] = arrays["slot_of"]
             buf._pos, buf._size, buf.steps_added = meta["pos"], size, meta["steps_added"]
             buf._lo, buf._hi = np.zeros(n, np.int64), arrays["ep_len"].astype(np.int64)
@@ -339,6 +340,26 @@ def _torch_dtype(dtype: np.dtype) -> torch.dtype:
 
 def _numpy(v) -> np.ndarray:
     return v.cpu().numpy() if isinstance(v, torch.Tensor) else v
+
+
+SAVE_CHUNK_BYTES = 256 * 2**20  # a device-stored key is copied to the host this much at a time when saved
+
+
+def _write_npz(f, arrays: dict) -> None:
+    """What `np.savez(f, **arrays)` writes (uncompressed `.npy` members), except that a tensor is copied to the
+    host in chunks of about SAVE_CHUNK_BYTES, so saving a GPU-resident ring never holds a host copy of it."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, v in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                if not isinstance(v, torch.Tensor):
+                    np.lib.format.write_array(member, np.asarray(v), allow_pickle=False)
+                    continue
+                dtype = np.dtype(_numpy(v[:0]).dtype)
+                np.lib.format.write_array_header_2_0(
+                    member, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(v.shape)})
+                rows = max(1, SAVE_CHUNK_BYTES // max(1, v[:1].numel() * dtype.itemsize))
+                for chunk in v.split(rows):
+                    member.write(_numpy(chunk.contiguous()).tobytes())
 
 
 def _episode_length(path: Path) -> int:

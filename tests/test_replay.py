@@ -261,7 +261,7 @@ def test_add_steps_is_sequential_add_in_row_order(tmp_path):
         many.add_steps(_rows([_step(0, 0)] * 24), range(24))
 
 
-def test_device_storage_draws_the_same_segments_as_host_storage(tmp_path):
+def test_device_storage_draws_the_same_segments_as_host_storage(tmp_path, monkeypatch):
     """Steps kept as torch tensors (here on the CPU device; on a GPU the same code keeps them in its memory)
     store, evict, sample, merge and save exactly like the numpy ring, and each storage loads the other's file."""
     host, dev = ReplayBuffer(60, SPEC, seed=4), ReplayBuffer(60, SPEC, seed=4, device="cpu")
@@ -278,8 +278,14 @@ def test_device_storage_draws_the_same_segments_as_host_storage(tmp_path):
         _same(a, b)
     _same(ReplayBuffer.merged([host], 100, seed=1).sample(8, 4),
           ReplayBuffer.merged([dev], 100, seed=1, device="cpu").sample(8, 4))
+    import agent.replay
+
+    monkeypatch.setattr(agent.replay, "SAVE_CHUNK_BYTES", 100)  # the 12-byte images go to the file 8 rows at a time
     dev.save(tmp_path / "dev.npz")
     host.save(tmp_path / "host.npz")
+    with np.load(tmp_path / "dev.npz") as a, np.load(tmp_path / "host.npz") as b:
+        assert a.files == b.files
+        _same({k: a[k] for k in a.files if k != "meta"}, {k: b[k] for k in b.files if k != "meta"})
     back_host, back_dev = ReplayBuffer.load(tmp_path / "dev.npz"), ReplayBuffer.load(tmp_path / "host.npz", "cpu")
     assert back_host.device is None and back_dev.device == torch.device("cpu")
     for a, b in ((host, back_dev), (dev, back_host), (back_host, back_dev)):
