@@ -138,11 +138,12 @@ def test_cudagraph_modes_copy_carried_outputs():
     """Compile modes that replay CUDA graphs (reduce-overhead, and max-autotune, which turns them on too) make the
     world model copy outputs read after the next call; the copy keeps the gradient. Compilation itself is lazy
     (first call), so nothing is compiled here."""
-    cfg = load_config(AgentConfig, ROOT / "configs/tiny.yaml", ONE_UPDATE)
     x = torch.ones(2, requires_grad=True)
     for mode, graphs in (("default", False), ("reduce-overhead", True), ("max-autotune", True)):
-        wm, *_ = _one_update_setup(cfg, 17)
-        wm.compile_frame_parts(mode)
+        cfg = load_config(AgentConfig, ROOT / "configs/tiny.yaml", [*ONE_UPDATE, "train.compile=true",
+                                                                    f"train.compile_mode={mode}"])
+        wm, *_ = _one_update_setup(cfg, 17)  # build_agent compiles as the config says
+        assert wm.autoencoder.encoder._compiled_call_impl is not None and wm.dynamics._compiled_call_impl is None
         assert wm.cudagraphs == graphs
         kept = wm.kept(x)
         assert (kept is not x) == graphs
