@@ -113,7 +113,7 @@ def _part_times(prof, device: torch.device) -> dict:
 
 def agent_modes(device: torch.device, compile_on_cpu: bool) -> list[tuple[str, dict]]:
     """(name, train/replay settings) per measured row, each adding one optimization to the row above."""
-    rows = [("fp32,math-attn", {}), ("+fused-attn", {"fused_attention": True})]
+    rows = [("fp32-math-attn", {}), ("+fused-attn", {"fused_attention": True})]
     if device.type == "cuda":
         rows += [("+bf16", {"amp": True}), ("+replay-on-gpu", {"on_device": True}), ("+compile", {"compile": True}),
                  ("+cudagraphs", {"compile_mode": "reduce-overhead"})]
@@ -145,6 +145,9 @@ def bench_agent(args, device: torch.device) -> None:
           f"after the prefill, {device}")
     print(f"{'mode':<16}{'env steps/s':>12}{'updates':>9}{'policy ms':>11}{'env ms':>9}{'update ms':>11}"
           f"{'h per 1M':>10}{'warm-up s':>11}")
+    names = [n for n, _ in modes]
+    if args.profile_row and args.profile_row not in names:
+        raise ValueError(f"--profile-row {args.profile_row!r} is not one of this device's rows: {', '.join(names)}")
     rates = {}
     for name, settings in modes:
         torch.compiler.reset()
@@ -159,23 +162,30 @@ def bench_agent(args, device: torch.device) -> None:
         per = {k: 1e3 * v / steps for k, v in s.items()}  # ms per env step
         print(f"{name:<16}{rates[name]:>12.1f}{r['updates']:>9}{per['policy']:>11.2f}{per['env_step']:>9.2f}"
               f"{per['update']:>11.2f}{1e6 / rates[name] / 3600:>10.1f}{r['warmup']:>11.1f}")
+        if args.profile and name == args.profile_row:  # now, before slower rows (compilation) can run out of time
+            _profile_row(name, settings, base, device, env_steps, args)
     for (prev, _), (name, _) in zip(modes, modes[1:]):
         if prev in rates and name in rates:
             print(f"ratio {name}/{prev}: {rates[name] / rates[prev]:.2f}")
-    if args.profile:
+    if args.profile and not args.profile_row:
         name, settings = next(((n, s) for n, s in reversed(modes) if n in rates), modes[0])
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        torch.compiler.reset()
-        prof = profile(activities=activities)
-        measure_loop(_with(base, settings), device, env_steps, args.prefill, profiler=prof,
-                     fused_attention=settings["fused_attention"])
-        parts = _part_times(prof, device)
-        total = sum(parts.values()) or 1.0
-        print(f"# where the time goes ({name}, profiled run; "
-              f"{'kernel time (env_step has none: see env ms above)' if device.type == 'cuda' else 'CPU time'} "
-              "under each label)")
-        for k in PARTS:
-            if k in parts:
-                print(f"{k:<14}{parts[k]:>9.2f} s {100 * parts[k] / total:>6.1f} %")
-        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(prof.key_averages().table(sort_by=sort, row_limit=args.profile_rows))
+        _profile_row(name, settings, base, device, env_steps, args)
+
+
+def _profile_row(name: str, settings: dict, base: AgentConfig, device: torch.device, env_steps: int, args) -> None:
+    """A profiled rerun of one row: the time under each part's label and the operator table."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    torch.compiler.reset()
+    prof = profile(activities=activities)
+    measure_loop(_with(base, settings), device, env_steps, args.prefill, profiler=prof,
+                 fused_attention=settings["fused_attention"])
+    parts = _part_times(prof, device)
+    total = sum(parts.values()) or 1.0
+    print(f"# where the time goes ({name}, profiled run; "
+          f"{'kernel time (env_step has none: see env ms above)' if device.type == 'cuda' else 'CPU time'} "
+          "under each label)")
+    for k in PARTS:
+        if k in parts:
+            print(f"{k:<14}{parts[k]:>9.2f} s {100 * parts[k] / total:>6.1f} %")
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=args.profile_rows))

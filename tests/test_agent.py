@@ -218,7 +218,7 @@ def test_bench_agent_rows_add_one_optimization_each_and_a_failed_row_is_reported
     from agent import bench
 
     rows = bench.agent_modes(torch.device("cuda"), compile_on_cpu=False)
-    assert [n for n, _ in rows] == ["fp32,math-attn", "+fused-attn", "+bf16", "+replay-on-gpu", "+compile",
+    assert [n for n, _ in rows] == ["fp32-math-attn", "+fused-attn", "+bf16", "+replay-on-gpu", "+compile",
                                     "+cudagraphs"]
     for (_, before), (_, after) in zip(rows, rows[1:]):
         assert sum(before[k] != after[k] for k in before) == 1
@@ -226,7 +226,7 @@ def test_bench_agent_rows_add_one_optimization_each_and_a_failed_row_is_reported
     assert (cfg.train.amp, cfg.replay.on_device, cfg.train.compile, cfg.train.compile_mode) == (
         True, True, True, "reduce-overhead")
     assert [n for n, _ in bench.agent_modes(torch.device("cpu"), compile_on_cpu=True)] == [
-        "fp32,math-attn", "+fused-attn", "+compile"]
+        "fp32-math-attn", "+fused-attn", "+compile"]
 
     def fake_loop(cfg, device, env_steps, prefill, fused_attention):
         if cfg.train.compile:
@@ -236,9 +236,12 @@ def test_bench_agent_rows_add_one_optimization_each_and_a_failed_row_is_reported
 
     monkeypatch.setattr(bench, "measure_loop", fake_loop)
     args = argparse.Namespace(agent_config=str(ROOT / "configs/tiny.yaml"), overrides=[], env_steps=40, prefill=8,
-                              compile=True, profile=False, profile_rows=5)
+                              compile=True, profile=False, profile_rows=5, profile_row=None)
     bench.bench_agent(args, torch.device("cpu"))
     out = capsys.readouterr().out
-    assert "fp32,math-attn" in out and "+fused-attn" in out and "10.0" in out  # 40 env steps in 4 s
-    assert "ratio +fused-attn/fp32,math-attn: 1.00" in out
+    assert "fp32-math-attn" in out and "+fused-attn" in out and "10.0" in out  # 40 env steps in 4 s
+    assert "ratio +fused-attn/fp32-math-attn: 1.00" in out
     assert "+compile        failed: RuntimeError: no C++ compiler\n" in out and "ratio +compile" not in out
+    with pytest.raises(ValueError, match=r"--profile-row '\+bf16' is not one of this device's rows: fp32-math-attn"):
+        bench.bench_agent(argparse.Namespace(**{**vars(args), "profile": True, "profile_row": "+bf16"}),
+                          torch.device("cpu"))

@@ -140,7 +140,7 @@ def test_eval_ap_on_missing_clevr_root_is_one_line(tmp_path, capsys):
     ["bench", "imagination", "--wm-config", "configs/wm_crafter_cpu.yaml", "--batch-size", "2", "--horizon", "3"],
     ["bench", "envs", "--envs", "nethack", "--workers", "1", "--env-steps", "5"],
     ["bench", "agent", "train.batch_size=2", "--agent-config", "configs/tiny.yaml", "--env-steps", "16", "--prefill",
-     "16", "--profile"],
+     "16", "--profile", "--profile-row", "fp32-math-attn"],
 ])
 def test_bench_smoke(argv, capsys):
     assert run.main(argv) == 0
@@ -150,6 +150,8 @@ def test_bench_smoke(argv, capsys):
         assert "Self CPU" in out  # the profiler table
     if "agent" in argv:
         assert "train.batch_size=2" in out and "(batch 2 x 8)" in out  # the override reached the preset
+        # the profile of the first row comes right after it, before the next row
+        assert out.index("# where the time goes (fp32-math-attn") < out.index("+fused-attn ")
     if "--slots" in argv:
         assert "slot_attention" not in out
 
