@@ -132,7 +132,8 @@ def test_eval_ap_on_missing_clevr_root_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [
-    ["bench", "pretrain", "--batch-size", "2", "--resolution", "32", "--steps", "1", "--profile"],
+    ["bench", "pretrain", "--batch-size", "2", "--resolution", "32", "--steps", "1", "--profile", "--profile-row",
+     "eager-fp32"],
     ["bench", "pretrain", "--batch-size", "2", "--resolution", "32", "--steps", "1", "--slots", "gmm"],
     ["bench", "estep", "--batch-size", "2", "--steps", "1"],
     ["bench", "generator", "--batch-size", "2", "--resolution", "32", "--steps", "1"],
@@ -154,11 +155,15 @@ def test_bench_smoke(argv, capsys):
         assert out.index("# where the time goes (fp32-math-attn") < out.index("+fused-attn ")
     if "--slots" in argv:
         assert "slot_attention" not in out
+    if "pretrain" in argv and "--profile-row" in argv:  # the profile of gmm's first row comes before its next row
+        assert out.index("Self CPU") < out.index("channels_last")
 
 
-def test_bench_pretrain_rejects_unknown_slots(capsys):
+def test_bench_pretrain_rejects_unknown_slots_and_rows(capsys):
     assert run.main(["bench", "pretrain", "--slots", "gmm,sa"]) == 2
     assert "--slots takes gmm and/or slot_attention" in capsys.readouterr().err
+    assert run.main(["bench", "pretrain", "--profile", "--profile-row", "+cudagraphs"]) == 2  # a CUDA-only row
+    assert "--profile-row '+cudagraphs' is not one of this device's rows: eager-fp32" in capsys.readouterr().err
 
 
 def test_pretrain_and_eval_on_a_clevr_directory(tmp_path, capsys):

@@ -63,14 +63,17 @@ def bench_pretrain(args, device: torch.device) -> None:
     res = args.resolution or (128 if device.type == "cuda" else 64)
     batch_size = args.batch_size or (512 if device.type == "cuda" else 64)
     modes = pretrain_modes(device, args.compile)
-    print(f"# pretrain step ({args.task}), {res}x{res}, batch {batch_size}, device {device}")
-    print(f"{'model':<16}{'mode':<15}{'img/s':>10}{'first step s':>14}{'peak GiB':>10}")
-    data = None
-    results = {}
     models = [m.strip() for m in args.slots.split(",") if m.strip()]
     unknown = sorted(set(models) - {"gmm", "slot_attention"})
     if unknown or not models:
         raise ValueError(f"--slots takes gmm and/or slot_attention (comma-separated), got {args.slots!r}")
+    if args.profile_row and args.profile_row not in [m[0] for m in modes]:
+        raise ValueError(f"--profile-row {args.profile_row!r} is not one of this device's rows: "
+                         f"{', '.join(m[0] for m in modes)}")
+    print(f"# pretrain step ({args.task}), {res}x{res}, batch {batch_size}, device {device}")
+    print(f"{'model':<16}{'mode':<15}{'img/s':>10}{'first step s':>14}{'peak GiB':>10}")
+    data = None
+    results = {}
     for slots in models:
         cfg = bench_config(args.task, slots, res)
         if data is None:
@@ -103,7 +106,7 @@ def bench_pretrain(args, device: torch.device) -> None:
                 continue
             results[(slots, name)] = batch_size / per_step
             print(f"{slots:<16}{name:<15}{batch_size / per_step:>10.1f}{first:>14.2f}{_peak_gib(device):>10.2f}")
-            if args.profile and slots == "gmm" and name == modes[-1][0]:
+            if args.profile and slots == models[0] and name == (args.profile_row or modes[-1][0]):
                 _profile_table(step, device, args.profile_rows)
     for name, *_ in modes:
         if ("gmm", name) in results and ("slot_attention", name) in results:
