@@ -139,7 +139,7 @@ def test_eval_ap_on_missing_clevr_root_is_one_line(tmp_path, capsys):
     ["bench", "generator", "--batch-size", "2", "--resolution", "32", "--steps", "1"],
     ["bench", "metrics", "--steps", "1"],
     ["bench", "imagination", "--wm-config", "configs/wm_crafter_cpu.yaml", "--batch-size", "2", "--horizon", "3"],
-    ["bench", "envs", "--envs", "nethack", "--workers", "1", "--env-steps", "5"],
+    ["bench", "envs", "--envs", "nethack", "--workers", "1", "--env-steps", "5", "--envs-per-worker", "1,2"],
     ["bench", "agent", "train.batch_size=2", "--agent-config", "configs/tiny.yaml", "--env-steps", "16", "--prefill",
      "16", "--profile", "--profile-row", "fp32-math-attn"],
 ])
@@ -153,6 +153,8 @@ def test_bench_smoke(argv, capsys):
         assert "train.batch_size=2" in out and "(batch 2 x 8)" in out  # the override reached the preset
         # the profile of the first row comes right after it, before the next row
         assert out.index("# where the time goes (fp32-math-attn") < out.index("+fused-attn ")
+    if "envs" in argv:
+        assert "1 workers x 1 envs" in out and "1 workers x 2 envs" in out
     if "--slots" in argv:
         assert "slot_attention" not in out
     if "pretrain" in argv and "--profile-row" in argv:  # the profile of gmm's first row comes before its next row

@@ -193,6 +193,12 @@ def bench_envs(args, device: torch.device) -> None:
 
     workers = args.workers or os.cpu_count() or 1
     steps = args.env_steps or 500
+    try:
+        per_worker_list = [int(v) for v in args.envs_per_worker.split(",")]
+    except ValueError:
+        per_worker_list = []
+    if not per_worker_list or min(per_worker_list) < 1:
+        raise ValueError(f"--envs-per-worker takes positive integers (comma-separated), got {args.envs_per_worker!r}")
     print(f"# env steps/s, random actions, {steps} vector steps each; efficiency = vectorized / (workers x single)")
     print(f"{'env':>8} {'setup':>22} {'steps/s':>9} {'efficiency':>10}")
     for name in args.envs.split(","):
@@ -201,7 +207,7 @@ def bench_envs(args, device: torch.device) -> None:
         single = measure_steps_per_second(venv, steps)
         venv.close()
         print(f"{name:>8} {'single env, in-process':>22} {single:9.0f} {'':>10}")
-        for per_worker in (1, 4):
+        for per_worker in per_worker_list:
             venv = make_vector_env(fn, workers * per_worker, envs_per_worker=per_worker)
             rate = measure_steps_per_second(venv, max(steps // per_worker, 1))
             venv.close()
