@@ -146,6 +146,7 @@ def bench_agent(args, device: torch.device) -> None:
     print(f"{'mode':<16}{'env steps/s':>12}{'updates':>9}{'policy ms':>11}{'env ms':>9}{'update ms':>11}"
           f"{'h per 1M':>10}{'warm-up s':>11}")
     names = [n for n, _ in modes]
+    args.profile = args.profile or bool(args.profile_row)  # naming a row to profile asks for the profile
     if args.profile_row and args.profile_row not in names:
         raise ValueError(f"--profile-row {args.profile_row!r} is not one of this device's rows: {', '.join(names)}")
     rates = {}
@@ -156,6 +157,8 @@ def bench_agent(args, device: torch.device) -> None:
                              fused_attention=settings["fused_attention"])
         except Exception as e:  # noqa: BLE001 - a failing optimization is a result too; the other rows still run
             print(f"{name:<16}failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            if args.profile and name == args.profile_row:
+                print(f"# no profile: the {name} row failed")
             continue
         s, steps = r["seconds"], r["env_steps"]
         rates[name] = steps / r["total"]

@@ -359,7 +359,7 @@ def _write_npz(f, arrays: dict) -> None:
                     member, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(v.shape)})
                 rows = max(1, SAVE_CHUNK_BYTES // max(1, v[:1].numel() * dtype.itemsize))
                 for chunk in v.split(rows):
-                    member.write(_numpy(chunk.contiguous()).tobytes())
+                    member.write(_numpy(chunk.contiguous()))  # the host copy's buffer, not a second copy
 
 
 def _episode_length(path: Path) -> int:

@@ -242,6 +242,8 @@ def test_bench_agent_rows_add_one_optimization_each_and_a_failed_row_is_reported
     assert "fp32-math-attn" in out and "+fused-attn" in out and "10.0" in out  # 40 env steps in 4 s
     assert "ratio +fused-attn/fp32-math-attn: 1.00" in out
     assert "+compile        failed: RuntimeError: no C++ compiler\n" in out and "ratio +compile" not in out
+    bench.bench_agent(argparse.Namespace(**{**vars(args), "profile_row": "+compile"}), torch.device("cpu"))
+    assert "# no profile: the +compile row failed" in capsys.readouterr().out  # --profile-row implies --profile
     with pytest.raises(ValueError, match=r"--profile-row '\+bf16' is not one of this device's rows: fp32-math-attn"):
         bench.bench_agent(argparse.Namespace(**{**vars(args), "profile": True, "profile_row": "+bf16"}),
                           torch.device("cpu"))

@@ -67,6 +67,7 @@ def bench_pretrain(args, device: torch.device) -> None:
     unknown = sorted(set(models) - {"gmm", "slot_attention"})
     if unknown or not models:
         raise ValueError(f"--slots takes gmm and/or slot_attention (comma-separated), got {args.slots!r}")
+    args.profile = args.profile or bool(args.profile_row)  # naming a row to profile asks for the profile
     if args.profile_row and args.profile_row not in [m[0] for m in modes]:
         raise ValueError(f"--profile-row {args.profile_row!r} is not one of this device's rows: "
                          f"{', '.join(m[0] for m in modes)}")

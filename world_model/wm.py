@@ -114,8 +114,10 @@ class WorldModel(nn.Module):
             torch.compiler.cudagraph_mark_step_begin()
 
     def kept(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """A compiled part's output that is read after the part's next call: a copy under CUDA graphs, where the
-        next replay overwrites it (the slots carried to the next frame, codes stacked after the sequence)."""
+        """A compiled part's output that is read after the part's next call: a copy under CUDA graphs (the slots
+        carried to the next frame, codes stacked after the sequence). Needed where a step mark falls between the
+        two calls (acting); inside one update it guards callers that never mark a step, for whom every call
+        without a pending backward starts a new graph generation that may overwrite earlier outputs."""
         return x.clone() if self.cudagraphs and x is not None else x
 
     def set_vq_temperature(self, step: int, tau_start: float, tau_end: float, anneal_steps: int) -> None:
