@@ -59,6 +59,9 @@ def _run_training(args, schema, default_preset: str, overrides: list, run_name, 
     main_rank = distributed.is_main()
     if main_rank:
         print(f"# run directory: {run_dir}\n{to_yaml(cfg)}", end="")
+        if getattr(cfg.train, "compile", False):
+            print(f"# train.compile: the first steps compile ({cfg.train.compile_mode}); that takes minutes on a CPU "
+                  "and is cached on disk for later runs")
     result = train_fn(cfg, run_dir, resume=resume, progress=not args.no_progress)
     if main_rank:
         print(json.dumps({"run_dir": run_dir, **result}))

@@ -247,3 +247,18 @@ def test_bench_agent_rows_add_one_optimization_each_and_a_failed_row_is_reported
     with pytest.raises(ValueError, match=r"--profile-row '\+bf16' is not one of this device's rows: fp32-math-attn"):
         bench.bench_agent(argparse.Namespace(**{**vars(args), "profile": True, "profile_row": "+bf16"}),
                           torch.device("cpu"))
+
+
+def test_compile_is_announced_before_the_run(tmp_path, capsys):
+    """With train.compile the run says up front that its first steps compile (minutes on CPU), so a quiet
+    progress bar is not mistaken for a hang; without it, nothing is said."""
+    import argparse
+
+    calls = []
+    args = argparse.Namespace(config=str(ROOT / "configs/tiny.yaml"), run_dir=str(tmp_path / "r"), no_progress=True)
+    for compile_ in ("true", "false"):
+        run._run_training(args, AgentConfig, "configs/tiny.yaml", [f"train.compile={compile_}"], lambda c: "x",
+                          lambda cfg, run_dir, resume, progress: calls.append(cfg.train.compile) or {}, False)
+        out = capsys.readouterr().out
+        assert ("# train.compile: the first steps compile (default)" in out) == (compile_ == "true")
+    assert calls == [True, False]
