@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -53,7 +52,7 @@ def _run_training(args, schema, default_preset: str, overrides: list, run_name, 
         if args.config:
             print(f"note: --resume uses {config_path}; --config {args.config} is ignored", file=sys.stderr)
     cfg = load_config(schema, config_path, overrides)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.run_dir:
+    if distributed.launched() and not args.run_dir:
         raise ValueError("under torchrun pass --run-dir DIR (every process must use the same run directory)")
     run_dir = args.run_dir or f"runs/{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
     main_rank = distributed.is_main()
@@ -143,7 +142,9 @@ def cmd_train_wm(args) -> None:
     from world_model.config import WorldModelConfig
     from world_model.train_wm import train_wm
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    from world_model import distributed
+
+    if distributed.launched():
         raise ValueError("train-wm runs in one process; under torchrun run `pretrain` or `train` (the agent loop, "
                          "which trains the world model data-parallel)")
     overrides = ([f"data.root={args.data}"] if args.data else []) + list(args.overrides)

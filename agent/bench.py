@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from envs.collect import env_fn
 from envs.vector import make_vector_env
 from world_model.config import load_config
+from world_model.rundir import use_tf32
 
 from .config import AgentConfig
 from .policy import SlotPolicy
@@ -134,8 +135,7 @@ def _with(base: AgentConfig, settings: dict) -> AgentConfig:
 
 def bench_agent(args, device: torch.device) -> None:
     preset = args.agent_config or ("configs/crafter.yaml" if device.type == "cuda" else "configs/crafter_cpu.yaml")
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # as the training commands run (TF32 for fp32 matmuls)
+    use_tf32(device)
     base = load_config(AgentConfig, preset, [*args.overrides, f"train.device={device}"])
     env_steps = args.env_steps if args.env_steps else 16 * base.train.batch_size * base.train.seq_len // max(
         int(base.train.train_ratio), 1)

@@ -14,7 +14,7 @@ import torch
 
 from .config import PretrainConfig, load_config
 from .pretrain import GeneratedScenes, build_model, compute_loss
-from .rundir import resolve_device
+from .rundir import resolve_device, use_tf32
 from .slots.gmm import gaussian_log_likelihood
 
 
@@ -71,7 +71,9 @@ def bench_pretrain(args, device: torch.device) -> None:
     if args.profile_row and args.profile_row not in [m[0] for m in modes]:
         raise ValueError(f"--profile-row {args.profile_row!r} is not one of this device's rows: "
                          f"{', '.join(m[0] for m in modes)}")
-    print(f"# pretrain step ({args.task}), {res}x{res}, batch {batch_size}, device {device}")
+    use_tf32(device)  # fp32 rows as training runs them
+    print(f"# pretrain step ({args.task}), {res}x{res}, batch {batch_size}, device {device}"
+          f"{' (fp32 matmuls in TF32, as in training)' if device.type == 'cuda' else ''}")
     print(f"{'model':<16}{'mode':<15}{'img/s':>10}{'first step s':>14}{'peak GiB':>10}")
     data = None
     results = {}

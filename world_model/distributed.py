@@ -31,11 +31,16 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def launched() -> bool:
+    """Started by torchrun with more than one process (true before `setup` too, from its environment)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def setup(device: str) -> Optional[int]:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); returns the local rank or None.
 
     device "cpu" forces gloo; otherwise NCCL when CUDA is available, each rank on GPU LOCAL_RANK."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not launched():
         return None
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if active():

@@ -170,14 +170,18 @@ def start_run(run_dir: str | Path, resume: bool, device: str, threads: int, seed
     dev = resolve_device(device)
     if dev.type == "cuda" and local is not None:
         dev = torch.device("cuda", local)
-    if dev.type == "cuda":
-        # TF32 for fp32 matmuls (what autocast leaves in fp32); cudnn.benchmark stays off: its autotuning made a
-        # first step take minutes at the pretraining architecture.
-        torch.set_float32_matmul_precision("high")
+    use_tf32(dev)
     if threads > 0:
         torch.set_num_threads(threads)
     seed_everything(rank_seed(seed))
     return run, dev
+
+
+def use_tf32(device: torch.device) -> None:
+    """On CUDA, TF32 for fp32 matmuls (what autocast leaves in fp32), as every training command and benchmark runs.
+    cudnn.benchmark stays off: its autotuning made a first step take minutes at the pretraining architecture."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
 
 
 def resolve_device(name: str) -> torch.device:
