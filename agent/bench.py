@@ -24,13 +24,14 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from envs.collect import env_fn
 from envs.vector import make_vector_env
+from world_model.bench import check_profile_row, failed_row
 from world_model.config import load_config
 from world_model.rundir import use_tf32
 
 from .config import AgentConfig
 from .policy import SlotPolicy
 from .replay import ReplayBuffer
-from .train import Collector, build_agent, env_kwargs, replay_spec, train_step
+from .train import Collector, build_agent, env_kwargs, replay_spec, train_step, updates_due
 
 PARTS = ("policy", "env_step", "replay_sample", "wm_update", "imagination", "ac_update")
 WARMUP_UPDATES = 2
@@ -48,6 +49,7 @@ def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill
     the timed loop only, not the prefill or the warm-up updates (where compilation happens).
     `fused_attention=False` restricts scaled_dot_product_attention to its math form."""
     t = cfg.train
+    owed = replace(cfg, train=replace(t, prefill=0))  # the loop's train-ratio rule, counted from the prefill's end
     attention = nullcontext() if fused_attention else sdpa_kernel(SDPBackend.MATH)
     with attention, tempfile.TemporaryDirectory() as tmp:
         venv = make_vector_env(env_fn(cfg.env.name, **env_kwargs(cfg, Path(tmp) / "stats.jsonl")), cfg.env.num_envs,
@@ -76,7 +78,6 @@ def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill
             warm = time.perf_counter() - warm
             seconds = dict.fromkeys(("policy", "env_step", "update"), 0.0)
             done, updates = 0, 0
-            _sync(device)
             with profiler if profiler is not None else nullcontext():  # the profile starts and stops here
                 start = time.perf_counter()
                 while done < env_steps:
@@ -90,7 +91,7 @@ def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill
                     seconds["policy"] += t1 - t0
                     seconds["env_step"] += t2 - t1
                     done += n
-                    while updates < int(done * t.train_ratio / (t.batch_size * t.seq_len)):
+                    while updates < updates_due(done, owed):
                         train_step(wm, ac, wm_opt, replay, cfg, device)
                         updates += 1
                     _sync(device)
@@ -133,6 +134,12 @@ def _with(base: AgentConfig, settings: dict) -> AgentConfig:
     return replace(base, train=train, replay=replace(base.replay, on_device=settings["on_device"]))
 
 
+def _measure_row(base: AgentConfig, settings: dict, device: torch.device, env_steps: int, prefill: int,
+                 profiler=None) -> dict:
+    return measure_loop(_with(base, settings), device, env_steps, prefill, profiler=profiler,
+                        fused_attention=settings["fused_attention"])
+
+
 def bench_agent(args, device: torch.device) -> None:
     preset = args.agent_config or ("configs/crafter.yaml" if device.type == "cuda" else "configs/crafter_cpu.yaml")
     use_tf32(device)
@@ -145,18 +152,14 @@ def bench_agent(args, device: torch.device) -> None:
           f"after the prefill, {device}")
     print(f"{'mode':<16}{'env steps/s':>12}{'updates':>9}{'policy ms':>11}{'env ms':>9}{'update ms':>11}"
           f"{'h per 1M':>10}{'warm-up s':>11}")
-    names = [n for n, _ in modes]
-    args.profile = args.profile or bool(args.profile_row)  # naming a row to profile asks for the profile
-    if args.profile_row and args.profile_row not in names:
-        raise ValueError(f"--profile-row {args.profile_row!r} is not one of this device's rows: {', '.join(names)}")
+    check_profile_row(args, [n for n, _ in modes])
     rates = {}
     for name, settings in modes:
         torch.compiler.reset()
         try:
-            r = measure_loop(_with(base, settings), device, env_steps, args.prefill,
-                             fused_attention=settings["fused_attention"])
+            r = _measure_row(base, settings, device, env_steps, args.prefill)
         except Exception as e:  # noqa: BLE001 - a failing optimization is a result too; the other rows still run
-            print(f"{name:<16}failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            print(failed_row(f"{name:<16}", e))
             if args.profile and name == args.profile_row:
                 print(f"# no profile: the {name} row failed")
             continue
@@ -180,8 +183,7 @@ def _profile_row(name: str, settings: dict, base: AgentConfig, device: torch.dev
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     torch.compiler.reset()
     prof = profile(activities=activities)
-    measure_loop(_with(base, settings), device, env_steps, args.prefill, profiler=prof,
-                 fused_attention=settings["fused_attention"])
+    _measure_row(base, settings, device, env_steps, args.prefill, profiler=prof)
     parts = _part_times(prof, device)
     total = sum(parts.values()) or 1.0
     print(f"# where the time goes ({name}, profiled run; "

@@ -228,7 +228,7 @@ def test_bench_agent_rows_add_one_optimization_each_and_a_failed_row_is_reported
     assert [n for n, _ in bench.agent_modes(torch.device("cpu"), compile_on_cpu=True)] == [
         "fp32-math-attn", "+fused-attn", "+compile"]
 
-    def fake_loop(cfg, device, env_steps, prefill, fused_attention):
+    def fake_loop(cfg, device, env_steps, prefill, profiler, fused_attention):
         if cfg.train.compile:
             raise RuntimeError("no C++ compiler\nmore lines")
         return {"seconds": {"policy": 1.0, "env_step": 1.0, "update": 2.0}, "total": 4.0, "env_steps": env_steps,

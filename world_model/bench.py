@@ -59,6 +59,18 @@ def pretrain_modes(device: torch.device, compile_on_cpu: bool) -> list[tuple[str
     return modes + [("+compile", False, True, "default")] if compile_on_cpu else modes
 
 
+def failed_row(label: str, e: Exception) -> str:
+    """A table row for an optimization that failed: a result too, so the bench prints it and goes on."""
+    return f"{label}failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def check_profile_row(args, rows: list[str]) -> None:
+    """`--profile-row` names one of this device's rows (before anything runs) and implies `--profile`."""
+    if args.profile_row and args.profile_row not in rows:
+        raise ValueError(f"--profile-row {args.profile_row!r} is not one of this device's rows: {', '.join(rows)}")
+    args.profile = args.profile or bool(args.profile_row)
+
+
 def bench_pretrain(args, device: torch.device) -> None:
     res = args.resolution or (128 if device.type == "cuda" else 64)
     batch_size = args.batch_size or (512 if device.type == "cuda" else 64)
@@ -67,10 +79,7 @@ def bench_pretrain(args, device: torch.device) -> None:
     unknown = sorted(set(models) - {"gmm", "slot_attention"})
     if unknown or not models:
         raise ValueError(f"--slots takes gmm and/or slot_attention (comma-separated), got {args.slots!r}")
-    args.profile = args.profile or bool(args.profile_row)  # naming a row to profile asks for the profile
-    if args.profile_row and args.profile_row not in [m[0] for m in modes]:
-        raise ValueError(f"--profile-row {args.profile_row!r} is not one of this device's rows: "
-                         f"{', '.join(m[0] for m in modes)}")
+    check_profile_row(args, [m[0] for m in modes])
     use_tf32(device)  # fp32 rows as training runs them
     print(f"# pretrain step ({args.task}), {res}x{res}, batch {batch_size}, device {device}"
           f"{' (fp32 matmuls in TF32, as in training)' if device.type == 'cuda' else ''}")
@@ -105,7 +114,7 @@ def bench_pretrain(args, device: torch.device) -> None:
             try:
                 per_step, first = _timeit(step, device, args.steps, warmup=3 if compile_mode else 2)
             except Exception as e:  # noqa: BLE001 - a failing optimization is a result too; the other rows still run
-                print(f"{slots:<16}{name:<15}failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                print(failed_row(f"{slots:<16}{name:<15}", e))
                 continue
             results[(slots, name)] = batch_size / per_step
             print(f"{slots:<16}{name:<15}{batch_size / per_step:>10.1f}{first:>14.2f}{_peak_gib(device):>10.2f}")
