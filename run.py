@@ -345,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--profile-rows", type=int, default=15, help="rows of the profiler table")
     s.add_argument("--profile-row", help="bench pretrain/agent: the row to profile, right after it is measured "
                    "(default: the last row), e.g. +bf16 or +replay-on-gpu, so the profile is taken before slower rows")
+    s.add_argument("--rows", help="bench pretrain/agent: only these rows (comma-separated, e.g. +bf16,+compile); "
+                   "each still has every optimization of the rows above it")
     s.add_argument("overrides", nargs="*", help="bench agent: dotted key=value overrides of the agent preset, right "
                    "after `agent` (run.py bench agent encoder.mode=frozen --profile)")
     s.add_argument("--compile", action="store_true", help="bench pretrain/agent on CPU: also time torch.compile "

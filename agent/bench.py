@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from envs.collect import env_fn
 from envs.vector import make_vector_env
-from world_model.bench import check_profile_row, failed_row
+from world_model.bench import check_profile_row, failed_row, select_rows
 from world_model.config import load_config
 from world_model.rundir import use_tf32
 
@@ -102,12 +102,12 @@ def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill
     return {"seconds": seconds, "total": total, "env_steps": done, "updates": updates, "warmup": warm}
 
 
-def _part_times(prof, device: torch.device) -> dict:
+def _part_times(averages, device: torch.device) -> dict:
     """Total time under each record_function label, in seconds: on CUDA the summed kernel time launched under it
     (the CPU-side label's device time; the GPU-side annotation row, a first-to-last-kernel span, is skipped),
     on CPU its CPU time."""
     out = {}
-    for e in prof.key_averages():
+    for e in averages:
         if e.key in PARTS and e.device_type == DeviceType.CPU:
             out[e.key] = (e.device_time_total if device.type == "cuda" else e.cpu_time_total) / 1e6
     return out
@@ -146,7 +146,7 @@ def bench_agent(args, device: torch.device) -> None:
     base = load_config(AgentConfig, preset, [*args.overrides, f"train.device={device}"])
     env_steps = args.env_steps if args.env_steps else 16 * base.train.batch_size * base.train.seq_len // max(
         int(base.train.train_ratio), 1)
-    modes = agent_modes(device, args.compile)
+    modes = select_rows(args, agent_modes(device, args.compile), device)
     print(f"# agent loop, {preset} {' '.join(args.overrides)}: {base.env.num_envs} {base.env.name} envs, train ratio "
           f"{base.train.train_ratio:g} (batch {base.train.batch_size} x {base.train.seq_len}), {env_steps} env steps "
           f"after the prefill, {device}")
@@ -184,7 +184,8 @@ def _profile_row(name: str, settings: dict, base: AgentConfig, device: torch.dev
     torch.compiler.reset()
     prof = profile(activities=activities)
     _measure_row(base, settings, device, env_steps, args.prefill, profiler=prof)
-    parts = _part_times(prof, device)
+    averages = prof.key_averages()  # once: with CUDA events of a few updates it takes minutes
+    parts = _part_times(averages, device)
     total = sum(parts.values()) or 1.0
     print(f"# where the time goes ({name}, profiled run; "
           f"{'kernel time (env_step has none: see env ms above)' if device.type == 'cuda' else 'CPU time'} "
@@ -193,4 +194,4 @@ def _profile_row(name: str, settings: dict, base: AgentConfig, device: torch.dev
         if k in parts:
             print(f"{k:<14}{parts[k]:>9.2f} s {100 * parts[k] / total:>6.1f} %")
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=args.profile_rows))
+    print(averages.table(sort_by=sort, row_limit=args.profile_rows))

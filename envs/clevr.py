@@ -52,7 +52,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,7 @@ _ENV_BOUNCE = 0.2  # radiance a metal surface reflects when its reflection is no
 _RUBBER_SHEEN, _RUBBER_SHININESS = 0.06, 12.0
 _METAL_DIFFUSE, _METAL_REFLECT, _METAL_GLOSS, _METAL_HIGHLIGHT = 0.08, 1.0, 0.015, 2.5
 _CHUNK = 1 << 18  # elements per (rays x objects) tensor: keeps working sets cache-sized on CPU
+_CHUNK_GPU = 1 << 24  # the same on GPUs, where per-chunk launches and syncs, not caches, bound the speed
 _GROUP_RAYS = 1 << 22  # camera rays per render group (bounds the per-pixel buffers)
 
 _FIX = "download CLEVR or generate scenes with `python run.py generate --out DIR`"
@@ -104,19 +106,26 @@ class DataError(ValueError):
     """Bad dataset on disk: message is ONE line that names the fix."""
 
 
-@dataclass
+@dataclass(eq=False)
 class SceneBatch:
     """A batch of rendered scenes.
 
     images: b 3 h w float32 in [0, 1]; masks: b h w int64 (0 = background, i+1 = object i);
     targets: b MAX_OBJECTS PROPERTY_DIM float32 (zero rows for absent objects);
-    scenes: CLEVR scene dicts, objects in the same order as targets and mask ids.
+    scenes: CLEVR scene dicts, objects in the same order as targets and mask ids (built from the
+    compacted `layout` on first access: training batches never need them, and they cost Python
+    time per object).
     """
 
     images: torch.Tensor
     masks: torch.Tensor
     targets: torch.Tensor
-    scenes: list[dict]
+    layout: _Layout = field(repr=False)
+
+    @cached_property
+    def scenes(self) -> list[dict]:
+        """CLEVR scene dicts of the batch (built once, on first access)."""
+        return _scene_dicts(self.layout)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,26 +216,31 @@ class _Layout:
 def _place(layout: _Layout, slots: torch.Tensor, candidates: torch.Tensor) -> None:
     """Place the objects marked in `slots` (b n) in slot order, each at its first candidate position
     (`candidates`: b n k 2) that keeps CLEVR's spacing and margin rules against all other present
-    objects; objects without such a candidate are marked absent.  Updates `layout` in place."""
-    radius = layout.radius()
+    objects; objects without such a candidate are marked absent.  Updates `layout` in place.
+
+    Runs in NumPy on views of the layout's CPU tensors, only on the scenes placing each object and
+    the slots occupied there: the slot loop runs ~30 times per batch (scene restarts), mostly on a
+    few scenes, where torch's per-op overhead dominated.  Same float32 arithmetic as torch's."""
+    radius = layout.radius().numpy()  # b n
+    xy, present = layout.xy.numpy(), layout.present.numpy()  # views: writes update the layout
+    candidates, slots = candidates.numpy(), slots.numpy()
     left, behind = DIRECTIONS["left"], DIRECTIONS["behind"]
-    for i in range(slots.shape[1]):
-        todo = slots[:, i]
-        if not todo.any():
-            continue
-        others = layout.present.clone()
+    for i in np.flatnonzero(slots.any(0)):
+        rows = np.flatnonzero(slots[:, i])  # m: scenes placing object i
+        others = present[rows]  # m n
         others[:, i] = False
-        dx = candidates[:, i, :, None, 0] - layout.xy[:, None, :, 0]  # b k n
-        dy = candidates[:, i, :, None, 1] - layout.xy[:, None, :, 1]
-        gap = torch.sqrt(dx * dx + dy * dy) - radius[:, i, None, None] - radius[:, None, :]
-        ok = ((gap >= MIN_DIST) & ((dx * left[0] + dy * left[1]).abs() >= MARGIN)
-              & ((dx * behind[0] + dy * behind[1]).abs() >= MARGIN))
-        ok = ~(~ok & others[:, None, :]).any(-1)  # b k
-        found = ok.any(-1) & todo
-        first = ok.to(torch.int8).argmax(-1)  # first valid candidate
-        chosen = candidates[torch.arange(len(first)), i, first]  # b 2
-        layout.xy[:, i] = torch.where(found[:, None], chosen, layout.xy[:, i])
-        layout.present[:, i] = torch.where(todo, found, layout.present[:, i])
+        cols = np.flatnonzero(others.any(0))  # c: slots holding an object in any of these scenes
+        cand = candidates[rows, i]  # m k 2
+        near = xy[rows][:, cols]  # m c 2
+        dx = cand[:, :, None, 0] - near[:, None, :, 0]  # m k c
+        dy = cand[:, :, None, 1] - near[:, None, :, 1]
+        gap = np.sqrt(dx * dx + dy * dy) - radius[rows, i, None, None] - radius[rows][:, None, cols]
+        ok = ((gap >= MIN_DIST) & (np.abs(dx * left[0] + dy * left[1]) >= MARGIN)
+              & (np.abs(dx * behind[0] + dy * behind[1]) >= MARGIN))
+        ok = ~(~ok & others[:, None, cols]).any(-1)  # m k
+        placed = ok.any(-1)  # m
+        xy[rows[placed], i] = cand[placed, ok[placed].argmax(-1)]  # first valid candidate
+        present[rows, i] = placed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -570,12 +584,17 @@ def _shade(scene: _Scene, sidx, p, n, view, slot, vis, bounce: bool) -> torch.Te
     return rgb.index_add(0, obj, extra)
 
 
+def _chunk(device: torch.device) -> int:
+    """Elements per (rays x objects) working tensor on `device` (results do not depend on it)."""
+    return _CHUNK if device.type == "cpu" else _CHUNK_GPU
+
+
 def _trace(scene: _Scene, sidx, o, d, exclude) -> torch.Tensor:
     """Radiance `m 3` arriving along secondary rays (o, d: 3 x `m`) that leave object `exclude`:
     all objects are tested (no culling, these rays are few), shading has no further bounce."""
     n_slots = scene.size[1]
     slots = torch.arange(n_slots, device=sidx.device)
-    chunk = max(1, _CHUNK // n_slots)
+    chunk = max(1, _chunk(sidx.device) // n_slots)
     out = []
     for c in range(0, sidx.shape[0], chunk):
         s, ex = sidx[c:c + chunk], exclude[c:c + chunk]
@@ -612,7 +631,7 @@ def _render(scene: _Scene, grid: _Grid, shade: bool) -> tuple[torch.Tensor | Non
     n_pix, flat_slot = dirs.shape[0], slot.flatten()
     flat_p = [v.flatten() for v in p]
     out = []
-    chunk = _CHUNK // 4
+    chunk = _chunk(dirs.device) // 4
     for c in range(0, flat_slot.shape[0], chunk):
         idx = torch.arange(c, min(c + chunk, flat_slot.shape[0]), device=dirs.device)
         sidx = idx // n_pix
@@ -687,9 +706,8 @@ class SceneGenerator:
             if s > 1:
                 _, slots = _render(scene, self._center_grid, shade=False)
             masks.append((slots + 1).view(-1, h, w))
-        scenes = _scene_dicts(layout)
         return SceneBatch(images=torch.cat(images).contiguous(), masks=torch.cat(masks),
-                          targets=scenes_to_targets(scenes).to(self.device), scenes=scenes)
+                          targets=_targets(layout).to(self.device), layout=layout)
 
     def _sample(self, b: int, gen: torch.Generator) -> tuple[_Layout, torch.Tensor]:
         """Random attributes, jittered camera/lights and placement (whole-scene restarts for scenes
@@ -699,7 +717,7 @@ class SceneGenerator:
         n, k = self.max_objects, self.placement_candidates
 
         def uniform(*shape, scale=1.0):  # uniform in [-scale, scale]
-            return (torch.rand(*shape, generator=gen) * 2 - 1) * scale
+            return torch.rand(*shape, generator=gen).mul_(2).sub_(1).mul_(scale)
 
         count = torch.randint(self.min_objects, self.max_objects + 1, (b,), generator=gen)
         layout = _Layout(
@@ -756,23 +774,24 @@ class SceneGenerator:
 def _scene_dicts(layout: _Layout) -> list[dict]:
     """CLEVR scene-JSON dicts (objects, pixel_coords at 480x320, directions, relationships); the
     split is "new" (write_dataset renames images into its split)."""
-    z = layout.height()
+    coords = torch.cat([layout.xy, layout.height()[..., None]], -1).double().numpy()  # b n 3
+    fields = {k: getattr(layout, k).tolist() for k in ("present", "rotation", "size", "material", "shape", "color")}
+    cameras = layout.camera.double().numpy()  # b 3
     scenes = []
-    for b in range(layout.present.shape[0]):
-        idx = layout.present[b].nonzero().squeeze(1).tolist()
-        coords = np.array([[float(layout.xy[b, i, 0]), float(layout.xy[b, i, 1]), float(z[b, i])] for i in idx],
-                          dtype=np.float64).reshape(-1, 3)
-        pix = project_to_frame(coords, layout.camera[b].double().numpy())
+    for b, present in enumerate(fields["present"]):
+        idx = [i for i, p in enumerate(present) if p]
+        xyz = coords[b, idx]  # m 3
+        pix = project_to_frame(xyz, cameras[b])
         objects = [{
-            "3d_coords": coords[j].tolist(),
+            "3d_coords": xyz[j].tolist(),
             "pixel_coords": [int(round(pix[j, 0])), int(round(pix[j, 1])), float(pix[j, 2])],
-            "rotation": float(layout.rotation[b, i]),
-            "size": SIZES[layout.size[b, i]], "material": MATERIALS[layout.material[b, i]],
-            "shape": SHAPES[layout.shape[b, i]], "color": COLORS[layout.color[b, i]],
+            "rotation": fields["rotation"][b][i],
+            "size": SIZES[fields["size"][b][i]], "material": MATERIALS[fields["material"][b][i]],
+            "shape": SHAPES[fields["shape"][b][i]], "color": COLORS[fields["color"][b][i]],
         } for j, i in enumerate(idx)]
         scenes.append({
             "image_index": b, "image_filename": f"CLEVR_new_{b:06d}.png", "split": "new", "objects": objects,
-            "directions": {k: list(v) for k, v in DIRECTIONS.items()}, "relationships": _relationships(coords),
+            "directions": {k: list(v) for k, v in DIRECTIONS.items()}, "relationships": _relationships(xyz),
         })
     return scenes
 
@@ -837,6 +856,20 @@ def scenes_to_targets(scenes: list[dict], max_objects: int = MAX_OBJECTS, source
             row[color_at + COLORS.index(obj["color"])] = 1
             row[-1] = 1
     return torch.from_numpy(out).float()
+
+
+def _targets(layout: _Layout) -> torch.Tensor:
+    """scenes_to_targets(_scene_dicts(layout)) of a compacted layout (`b MAX_OBJECTS 19`), straight
+    from its tensors: same float64 arithmetic, no per-object Python."""
+    b, n = layout.present.shape
+    xyz = torch.cat([layout.xy, layout.height()[..., None]], -1).double()  # b n 3
+    onehots = [torch.nn.functional.one_hot(v, len(names)).double()
+               for v, names in ((layout.size, SIZES), (layout.material, MATERIALS), (layout.shape, SHAPES),
+                                (layout.color, COLORS))]
+    rows = torch.cat([(xyz + 3.0) / 6.0, *onehots, torch.ones(b, n, 1, dtype=torch.float64)], -1)  # b n 19
+    out = torch.zeros(b, MAX_OBJECTS, PROPERTY_DIM, dtype=torch.float64)
+    out[:, :n] = torch.where(layout.present[..., None], rows, 0.0)
+    return out.float()
 
 
 def dataset_batch_seed(seed: int, split: str, batch: int) -> int:

@@ -122,7 +122,7 @@ def _compiled_vs_eager(backend: str, cudagraph_steps: bool = False) -> None:
         wm, ac, opt, replay = _one_update_setup(cfg, 17)
         if compiled:
             wm.compile_frame_parts(backend=backend)
-            assert wm.autoencoder.encoder._compiled_call_impl is not None
+            assert wm.autoencoder.encoder.backbone._compiled_call_impl is not None
             wm.cudagraphs = cudagraph_steps
         torch.manual_seed(1)
         losses = [train_step(wm, ac, opt, replay, cfg, torch.device("cpu"))["wm/loss"] for _ in range(2)]
@@ -143,7 +143,9 @@ def test_cudagraph_modes_copy_carried_outputs():
         cfg = load_config(AgentConfig, ROOT / "configs/tiny.yaml", [*ONE_UPDATE, "train.compile=true",
                                                                     f"train.compile_mode={mode}"])
         wm, *_ = _one_update_setup(cfg, 17)  # build_agent compiles as the config says
-        assert wm.autoencoder.encoder._compiled_call_impl is not None and wm.dynamics._compiled_call_impl is None
+        encoder = wm.autoencoder.encoder
+        assert encoder.backbone._compiled_call_impl is not None and encoder.slot_module._compiled_call_impl is not None
+        assert wm.dynamics._compiled_call_impl is None
         assert wm.cudagraphs == graphs
         kept = wm.kept(x)
         assert (kept is not x) == graphs
@@ -236,7 +238,7 @@ def test_bench_agent_rows_add_one_optimization_each_and_a_failed_row_is_reported
 
     monkeypatch.setattr(bench, "measure_loop", fake_loop)
     args = argparse.Namespace(agent_config=str(ROOT / "configs/tiny.yaml"), overrides=[], env_steps=40, prefill=8,
-                              compile=True, profile=False, profile_rows=5, profile_row=None)
+                              compile=True, profile=False, profile_rows=5, profile_row=None, rows=None)
     bench.bench_agent(args, torch.device("cpu"))
     out = capsys.readouterr().out
     assert "fp32-math-attn" in out and "+fused-attn" in out and "10.0" in out  # 40 env steps in 4 s
@@ -247,6 +249,13 @@ def test_bench_agent_rows_add_one_optimization_each_and_a_failed_row_is_reported
     with pytest.raises(ValueError, match=r"--profile-row '\+bf16' is not one of this device's rows: fp32-math-attn"):
         bench.bench_agent(argparse.Namespace(**{**vars(args), "profile": True, "profile_row": "+bf16"}),
                           torch.device("cpu"))
+    seen = []
+    monkeypatch.setattr(bench, "measure_loop", lambda *a, **kw: seen.append(kw["fused_attention"]) or fake_loop(*a, **kw))
+    bench.bench_agent(argparse.Namespace(**{**vars(args), "compile": False, "rows": "+fused-attn"}), torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert "+fused-attn" in out and "fp32-math-attn" not in out and seen == [True]  # the rows above still apply
+    with pytest.raises(ValueError, match=r"--rows \+bf16: not rows on cpu"):
+        bench.bench_agent(argparse.Namespace(**{**vars(args), "rows": "+fused-attn,+bf16"}), torch.device("cpu"))
 
 
 def test_compile_is_announced_before_the_run(tmp_path, capsys):

@@ -49,6 +49,15 @@ def test_output_format(batch):
     torch.testing.assert_close(batch.targets, scenes_to_targets(batch.scenes), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("seed, objects", [(0, (3, 10)), (1, (1, 4)), (2, (8, 10)), (3, (5, 5))])
+def test_targets_equal_scene_dict_targets(seed, objects):
+    """Targets are built from the layout tensors, scene dicts only on first access; both agree exactly."""
+    out = SceneGenerator(resolution=(16, 16), min_objects=objects[0], max_objects=objects[1]).generate(12, seed=seed)
+    assert "scenes" not in vars(out)  # not built by generate
+    assert torch.equal(out.targets, scenes_to_targets(out.scenes))
+    assert out.scenes is out.scenes  # built once
+
+
 def test_layout_rules(batch):
     gen_min_pixels = SceneGenerator(resolution=(48, 48)).min_pixels
     for i, scene in enumerate(batch.scenes):

@@ -133,7 +133,8 @@ def test_eval_ap_on_missing_clevr_root_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv", [
     ["bench", "pretrain", "--batch-size", "2", "--resolution", "32", "--steps", "1", "--profile-row", "eager-fp32"],
-    ["bench", "pretrain", "--batch-size", "2", "--resolution", "32", "--steps", "1", "--slots", "gmm"],
+    ["bench", "pretrain", "--batch-size", "2", "--resolution", "32", "--steps", "1", "--slots", "gmm", "--rows",
+     "channels_last"],
     ["bench", "estep", "--batch-size", "2", "--steps", "1"],
     ["bench", "generator", "--batch-size", "2", "--resolution", "32", "--steps", "1"],
     ["bench", "metrics", "--steps", "1"],
@@ -145,7 +146,7 @@ def test_eval_ap_on_missing_clevr_root_is_one_line(tmp_path, capsys):
 def test_bench_smoke(argv, capsys):
     assert run.main(argv) == 0
     out = capsys.readouterr().out
-    assert any(word in out for word in ("ratio", "scenes/s", "seconds", "efficiency", "env steps/s"))
+    assert any(word in out for word in ("ratio", "img/s", "scenes/s", "seconds", "efficiency", "env steps/s"))
     if "--profile" in argv or "--profile-row" in argv:
         assert "Self CPU" in out  # the profiler table
     if "agent" in argv:
@@ -156,6 +157,7 @@ def test_bench_smoke(argv, capsys):
         assert "1 workers x 1 envs" in out and "1 workers x 2 envs" in out
     if "--slots" in argv:
         assert "slot_attention" not in out
+        assert "eager-fp32 " not in out and "gmm             channels_last" in out  # --rows: that row only
     if "pretrain" in argv and "--profile-row" in argv:  # the profile of gmm's first row comes before its next row
         assert out.index("Self CPU") < out.index("channels_last")
 
@@ -165,6 +167,8 @@ def test_bench_pretrain_rejects_unknown_slots_and_rows(capsys):
     assert "--slots takes gmm and/or slot_attention" in capsys.readouterr().err
     assert run.main(["bench", "pretrain", "--profile", "--profile-row", "+cudagraphs"]) == 2  # a CUDA-only row
     assert "--profile-row '+cudagraphs' is not one of this device's rows: eager-fp32" in capsys.readouterr().err
+    assert run.main(["bench", "pretrain", "--rows", "channels_last,+bf16"]) == 2
+    assert "--rows +bf16: not rows on cpu: eager-fp32, channels_last" in capsys.readouterr().err
 
 
 def test_pretrain_and_eval_on_a_clevr_directory(tmp_path, capsys):

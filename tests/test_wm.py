@@ -63,6 +63,37 @@ def test_loss_and_gradients_fresh_encoder(tmp_path):
     assert all(p.grad is not None for p in wm.autoencoder.encoder.backbone.parameters())  # joint: it learns
 
 
+def test_batched_encode_matches_frame_by_frame(tmp_path):
+    """encode runs the backbone, decoder and frame tokenizer once over all frames; the codes, losses and gradients
+    are those of the autoencoder run frame by frame with slots carried over (the same Gumbel draws, frame by frame)."""
+    import torch.nn.functional as F
+
+    cfg = wm_cfg(toy_dataset(tmp_path / "d"))
+    train, _, _ = split_dataset(cfg)
+    images = to_batch(train.sample(2, 4), 16, torch.device("cpu"))["images"]
+    wm = build_wm_for(cfg, 3, torch.device("cpu"))
+    torch.manual_seed(0)
+    enc = wm.encode(images)
+    (enc.recon_loss + enc.kl).backward()
+    batched = [p.grad.clone() for p in wm.autoencoder.parameters()]
+    wm.zero_grad()
+    torch.manual_seed(0)
+    codes, recon, kl, prev = [], [], [], None
+    for i in range(images.shape[1]):
+        out, dec = wm.autoencoder(images[:, i], prev)
+        prev = out.raw_slots
+        codes.append(out.codes)
+        recon.append(F.mse_loss(dec.recon, images[:, i]))
+        kl.append(out.kl)
+    recon_loss, kl = torch.stack(recon).mean(), torch.stack(kl).mean()
+    (recon_loss + kl).backward()
+    assert torch.equal(enc.slot_codes, torch.stack(codes, 1))
+    torch.testing.assert_close(enc.recon_loss, recon_loss)
+    torch.testing.assert_close(enc.kl, kl)
+    for p, g in zip(wm.autoencoder.parameters(), batched):
+        torch.testing.assert_close(g, p.grad)
+
+
 def test_frozen_pretrained_encoder_and_errors(tmp_path):
     from test_pretrain import TINY
 

@@ -64,6 +64,17 @@ def failed_row(label: str, e: Exception) -> str:
     return f"{label}failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
+def select_rows(args, modes: list[tuple], device: torch.device) -> list[tuple]:
+    """The rows `--rows` names (all without it), in table order; each keeps the optimizations of the rows above."""
+    if not args.rows:
+        return modes
+    names = [m[0] for m in modes]
+    unknown = sorted(set(args.rows.split(",")) - set(names))
+    if unknown:
+        raise ValueError(f"--rows {', '.join(unknown)}: not rows on {device}: {', '.join(names)}")
+    return [m for m in modes if m[0] in args.rows.split(",")]
+
+
 def check_profile_row(args, rows: list[str]) -> None:
     """`--profile-row` names one of this device's rows (before anything runs) and implies `--profile`."""
     if args.profile_row and args.profile_row not in rows:
@@ -74,7 +85,7 @@ def check_profile_row(args, rows: list[str]) -> None:
 def bench_pretrain(args, device: torch.device) -> None:
     res = args.resolution or (128 if device.type == "cuda" else 64)
     batch_size = args.batch_size or (512 if device.type == "cuda" else 64)
-    modes = pretrain_modes(device, args.compile)
+    modes = select_rows(args, pretrain_modes(device, args.compile), device)
     models = [m.strip() for m in args.slots.split(",") if m.strip()]
     unknown = sorted(set(models) - {"gmm", "slot_attention"})
     if unknown or not models:

@@ -53,17 +53,21 @@ class GeneratedScenes:
     batches are drawn from them, like a finite dataset; images are kept as uint8 to save memory.
     """
 
-    POOL_CHUNK = 256
+    POOL_CHUNK = 512  # scenes rendered together (the renderer's throughput levels off there on a GPU)
 
-    def __init__(self, cfg: PretrainConfig, device: torch.device, sharded: bool = False):
+    def __init__(self, cfg: PretrainConfig, device: torch.device, sharded: bool = False, progress: bool = False):
+        from tqdm import tqdm
+
         d = cfg.data
         self.sharded = sharded
         self.gen = SceneGenerator(resolution=(d.resolution, d.resolution), min_objects=d.min_objects,
                                   max_objects=d.max_objects, crop=d.crop, supersample=d.supersample, device=device)
         self.pool = None
         if d.pool > 0:
+            starts = tqdm(range(0, d.pool, self.POOL_CHUNK), desc=f"rendering a pool of {d.pool} scenes",
+                          unit="chunk", disable=not progress, dynamic_ncols=True)
             chunks = [self.gen.generate(min(self.POOL_CHUNK, d.pool - s), stream_seed(cfg.train.seed, POOL_STREAM, i))
-                      for i, s in enumerate(range(0, d.pool, self.POOL_CHUNK))]
+                      for i, s in enumerate(starts)]
             self.pool = {"images": torch.cat([(c.images * 255).round().to(torch.uint8) for c in chunks]),
                          "targets": torch.cat([c.targets for c in chunks]),
                          "masks": torch.cat([c.masks.to(torch.uint8) for c in chunks])}
@@ -178,13 +182,14 @@ class EpisodeFrames:
 
 
 def make_source(cfg: PretrainConfig, device: torch.device, split: Optional[str] = None, max_images=None,
-                sharded: bool = False):
-    """The training data; `sharded`: each batch is this rank's share of the global batch (under torchrun)."""
+                sharded: bool = False, progress: bool = False):
+    """The training data; `sharded`: each batch is this rank's share of the global batch (under torchrun);
+    `progress`: a progress bar while a scene pool renders."""
     if cfg.data.source == "clevr":
         return ClevrScenes(cfg, split or cfg.data.split, device, max_images, sharded)
     if cfg.data.source == "frames":
         return EpisodeFrames(cfg, split or "train", device, sharded)
-    return GeneratedScenes(cfg, device, sharded)
+    return GeneratedScenes(cfg, device, sharded, progress)
 
 
 def eval_batches(cfg: PretrainConfig, device: torch.device, n_images: int, batch_size: int) -> Iterator[dict]:
@@ -326,7 +331,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
 
     parallel = distributed.wrap(model, device)
     step_model = torch.compile(parallel, mode=cfg.train.compile_mode) if cfg.train.compile else parallel
-    source = make_source(cfg, device, sharded=True)
+    source = make_source(cfg, device, sharded=True, progress=progress and distributed.is_main())
     logger = MetricLogger(run, start_step=step)
     last_eval: dict = {}
 

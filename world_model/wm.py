@@ -58,24 +58,32 @@ class WorldModel(nn.Module):
         return self
 
     def encode(self, images: torch.Tensor) -> Encoded:
-        """images `b t 3 h w` -> codes, encoding frame t's slots from frame t-1's (slot k follows one object)."""
+        """images `b t 3 h w` -> codes, encoding frame t's slots from frame t-1's (slot k follows one object).
+
+        Only the slot module runs frame by frame: the backbone, the slot decoder and the frame tokenizer each take
+        all b*t frames in one batch (on a GPU, 64 small launches of a conv stack cost far more than one big one)."""
         b, t = images.shape[:2]
-        enc_model = self.autoencoder
-        codes, recon, kl, prev = [], [], [], None
+        encoder, frames = self.autoencoder.encoder, images.flatten(0, 1)
+        codes, slots, kl, prev = [], [], [], None
         with torch.set_grad_enabled(self.joint and torch.is_grad_enabled()):
+            feats, grid = encoder.features(frames)
+            feats = self.kept(feats).unflatten(0, (b, t))  # b t n d
             for i in range(t):
-                out = enc_model.encoder(images[:, i], prev)
+                out = encoder.from_features(feats[:, i], grid, prev)
                 prev = self.kept(out.raw_slots)
                 codes.append(self.kept(out.codes))
                 if self.joint:
-                    recon.append(F.mse_loss(enc_model.decoder(out.slots).recon, images[:, i]))
+                    slots.append(self.kept(out.slots))
                     kl.append(self.kept(out.kl))
+            recon_loss = kl_mean = None
+            if self.joint:  # the mean over frames of each frame's MSE: all frames have the same size
+                recon = self.autoencoder.decoder(torch.stack(slots, 1).flatten(0, 1)).recon
+                recon_loss, kl_mean = F.mse_loss(recon, frames), torch.stack(kl).mean()
         frame_codes, frame_loss = None, images.new_zeros(())
         if self.frame_tokenizer is not None:
-            frame_codes, frame_loss = self.frame_tokenizer(images.flatten(0, 1))
+            frame_codes, frame_loss = self.frame_tokenizer(frames)
             frame_codes = self.kept(frame_codes).unflatten(0, (b, t))
-        mean = lambda xs: torch.stack(xs).mean() if xs else None  # noqa: E731
-        return Encoded(torch.stack(codes, 1), frame_codes, mean(recon), mean(kl), frame_loss)
+        return Encoded(torch.stack(codes, 1), frame_codes, recon_loss, kl_mean, frame_loss)
 
     def loss(self, batch: dict, vq_beta: float) -> tuple[torch.Tensor, dict, Encoded]:
         """batch: images `b t 3 h w` float, action/reward/is_terminal `b t` in the episode step layout
@@ -96,13 +104,18 @@ class WorldModel(nn.Module):
         return loss, stats, enc
 
     def compile_frame_parts(self, mode: str = "default", backend: str = "inductor") -> None:
-        """torch.compile, in place (state-dict keys unchanged), the parts that run once per frame: the slot encoder
-        step (seq_len times per update, slots carried from frame to frame, and once per env step when acting),
-        the slot decoder and the frame tokenizer. The dynamics stays eager: imagination calls it with a KV cache
-        that grows every step, a new shape each time. `backend="aot_eager"` traces without generating kernels
-        (to tell a tracing problem from a code-generation one)."""
+        """torch.compile, in place (state-dict keys unchanged), the parts that run once per frame: the slot encoder's
+        backbone (all frames of an update in one batch; the acting envs' frames each step), its slot module and
+        quantizer (seq_len times per update, slots carried from frame to frame, and once per acting step), the slot
+        decoder and the frame tokenizer. Shapes are static (a kernel set per batch size: training, acting, eval).
+        The dynamics stays eager: imagination calls it with a KV cache that grows every step, a new shape each time.
+        `backend="aot_eager"` traces without generating kernels (to tell a tracing problem from a code-generation
+        one)."""
         kwargs = {"mode": mode} if backend == "inductor" else {}  # modes are inductor's
-        for part in (self.autoencoder.encoder, self.autoencoder.decoder if self.joint else None, self.frame_tokenizer):
+        kwargs["dynamic"] = False
+        encoder = self.autoencoder.encoder
+        for part in (encoder.backbone, encoder.slot_module, encoder.vq, self.autoencoder.decoder if self.joint else None,
+                     self.frame_tokenizer):
             if part is not None:
                 part.compile(backend=backend, **kwargs)
         self.cudagraphs = backend == "inductor" and mode in CUDAGRAPH_MODES
