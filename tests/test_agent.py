@@ -153,8 +153,8 @@ def test_cudagraph_modes_copy_carried_outputs():
 
 
 def test_compiled_frame_parts_match_eager():
-    """`train.compile`'s tracing (dynamo graphs, AOT autograd, the slot carry-over recompiling for the first frame
-    and a new batch size) checked on the aot_eager backend, which builds no C++ kernels: fast enough for CI.
+    """`train.compile`'s tracing (dynamo graphs, AOT autograd, the slot module recompiling for the carried slots
+    after the first frame) checked on the aot_eager backend, which builds no C++ kernels: fast enough for CI.
     The CUDA-graph bookkeeping (step marks, copies of carried outputs) runs too and changes no number."""
     torch._dynamo.reset()
     _compiled_vs_eager("aot_eager", cudagraph_steps=True)
@@ -246,12 +246,14 @@ def test_bench_agent_rows_add_one_optimization_each_and_a_failed_row_is_reported
     assert "+compile        failed: RuntimeError: no C++ compiler\n" in out and "ratio +compile" not in out
     bench.bench_agent(argparse.Namespace(**{**vars(args), "profile_row": "+compile"}), torch.device("cpu"))
     assert "# no profile: the +compile row failed" in capsys.readouterr().out  # --profile-row implies --profile
-    with pytest.raises(ValueError, match=r"--profile-row '\+bf16' is not one of this device's rows: fp32-math-attn"):
+    with pytest.raises(ValueError, match=r"--profile-row '\+bf16' is not one of the rows measured here: fp32-math"):
         bench.bench_agent(argparse.Namespace(**{**vars(args), "profile": True, "profile_row": "+bf16"}),
                           torch.device("cpu"))
     seen = []
-    monkeypatch.setattr(bench, "measure_loop", lambda *a, **kw: seen.append(kw["fused_attention"]) or fake_loop(*a, **kw))
-    bench.bench_agent(argparse.Namespace(**{**vars(args), "compile": False, "rows": "+fused-attn"}), torch.device("cpu"))
+    monkeypatch.setattr(bench, "measure_loop",
+                        lambda *a, **kw: seen.append(kw["fused_attention"]) or fake_loop(*a, **kw))
+    bench.bench_agent(argparse.Namespace(**{**vars(args), "compile": False, "rows": " +fused-attn,"}),
+                      torch.device("cpu"))
     out = capsys.readouterr().out
     assert "+fused-attn" in out and "fp32-math-attn" not in out and seen == [True]  # the rows above still apply
     with pytest.raises(ValueError, match=r"--rows \+bf16: not rows on cpu"):

@@ -166,9 +166,19 @@ def test_bench_pretrain_rejects_unknown_slots_and_rows(capsys):
     assert run.main(["bench", "pretrain", "--slots", "gmm,sa"]) == 2
     assert "--slots takes gmm and/or slot_attention" in capsys.readouterr().err
     assert run.main(["bench", "pretrain", "--profile", "--profile-row", "+cudagraphs"]) == 2  # a CUDA-only row
-    assert "--profile-row '+cudagraphs' is not one of this device's rows: eager-fp32" in capsys.readouterr().err
+    assert "--profile-row '+cudagraphs' is not one of the rows measured here: eager-fp32" in capsys.readouterr().err
     assert run.main(["bench", "pretrain", "--rows", "channels_last,+bf16"]) == 2
     assert "--rows +bf16: not rows on cpu: eager-fp32, channels_last" in capsys.readouterr().err
+    assert run.main(["bench", "pretrain", "--rows", "channels_last", "--profile-row", "eager-fp32"]) == 2
+    assert "--profile-row 'eager-fp32' is not one of the rows measured here: channels_last" in capsys.readouterr().err
+
+
+def test_bench_pretrain_times_one_batch_not_the_presets_pool():
+    from world_model.bench import bench_config
+
+    for task in ("setpred", "discovery"):
+        assert load_config(PretrainConfig, CONFIGS / f"clevr_{task}.yaml", []).data.pool > 0
+        assert bench_config(task, "gmm", 32).data.pool == 0
 
 
 def test_pretrain_and_eval_on_a_clevr_directory(tmp_path, capsys):

@@ -44,9 +44,10 @@ def _peak_gib(device: torch.device) -> float:
 
 
 def bench_config(task: str, slots: str, resolution: int) -> PretrainConfig:
-    """The Slot Attention architecture for the task (preset), at the requested resolution."""
+    """The Slot Attention architecture for the task (preset), at the requested resolution; no scene pool (the
+    bench times steps on one rendered batch)."""
     preset = "configs/clevr_setpred.yaml" if task == "setpred" else "configs/clevr_discovery.yaml"
-    return load_config(PretrainConfig, preset, [f"model.slots={slots}", f"data.resolution={resolution}"])
+    return load_config(PretrainConfig, preset, [f"model.slots={slots}", f"data.resolution={resolution}", "data.pool=0"])
 
 
 def pretrain_modes(device: torch.device, compile_on_cpu: bool) -> list[tuple[str, bool, bool, str]]:
@@ -68,17 +69,17 @@ def select_rows(args, modes: list[tuple], device: torch.device) -> list[tuple]:
     """The rows `--rows` names (all without it), in table order; each keeps the optimizations of the rows above."""
     if not args.rows:
         return modes
-    names = [m[0] for m in modes]
-    unknown = sorted(set(args.rows.split(",")) - set(names))
+    names, wanted = [m[0] for m in modes], {r.strip() for r in args.rows.split(",") if r.strip()}
+    unknown = sorted(wanted - set(names))
     if unknown:
         raise ValueError(f"--rows {', '.join(unknown)}: not rows on {device}: {', '.join(names)}")
-    return [m for m in modes if m[0] in args.rows.split(",")]
+    return [m for m in modes if m[0] in wanted]
 
 
 def check_profile_row(args, rows: list[str]) -> None:
     """`--profile-row` names one of this device's rows (before anything runs) and implies `--profile`."""
     if args.profile_row and args.profile_row not in rows:
-        raise ValueError(f"--profile-row {args.profile_row!r} is not one of this device's rows: {', '.join(rows)}")
+        raise ValueError(f"--profile-row {args.profile_row!r} is not one of the rows measured here: {', '.join(rows)}")
     args.profile = args.profile or bool(args.profile_row)
 
 

@@ -53,7 +53,7 @@ class GeneratedScenes:
     batches are drawn from them, like a finite dataset; images are kept as uint8 to save memory.
     """
 
-    POOL_CHUNK = 512  # scenes rendered together (the renderer's throughput levels off there on a GPU)
+    POOL_CHUNK = 256  # scenes rendered together; chunk i comes from seed i, so changing it changes the pool
 
     def __init__(self, cfg: PretrainConfig, device: torch.device, sharded: bool = False, progress: bool = False):
         from tqdm import tqdm
@@ -66,11 +66,17 @@ class GeneratedScenes:
         if d.pool > 0:
             starts = tqdm(range(0, d.pool, self.POOL_CHUNK), desc=f"rendering a pool of {d.pool} scenes",
                           unit="chunk", disable=not progress, dynamic_ncols=True)
-            chunks = [self.gen.generate(min(self.POOL_CHUNK, d.pool - s), stream_seed(cfg.train.seed, POOL_STREAM, i))
+            chunks = [self._compact(self.gen.generate(min(self.POOL_CHUNK, d.pool - s),
+                                                      stream_seed(cfg.train.seed, POOL_STREAM, i)))
                       for i, s in enumerate(starts)]
-            self.pool = {"images": torch.cat([(c.images * 255).round().to(torch.uint8) for c in chunks]),
-                         "targets": torch.cat([c.targets for c in chunks]),
-                         "masks": torch.cat([c.masks.to(torch.uint8) for c in chunks])}
+            self.pool = {k: torch.cat([c[k] for c in chunks]) for k in ("images", "targets", "masks")}
+
+    @staticmethod
+    def _compact(sb) -> dict:
+        """A rendered chunk as the pool stores it (uint8 images and masks), so that only one chunk is ever held at
+        full precision (float images and int64 masks of a 70k pool would take ~21 GiB)."""
+        return {"images": (sb.images * 255).round().to(torch.uint8), "targets": sb.targets,
+                "masks": sb.masks.to(torch.uint8)}
 
     def batch(self, size: int, seed: int) -> dict:
         """Batch `size` from `seed`; sharded under torchrun, this rank's share of it. A pool's batch is the

@@ -104,10 +104,12 @@ class WorldModel(nn.Module):
         return loss, stats, enc
 
     def compile_frame_parts(self, mode: str = "default", backend: str = "inductor") -> None:
-        """torch.compile, in place (state-dict keys unchanged), the parts that run once per frame: the slot encoder's
+        """torch.compile, in place (state-dict keys unchanged), the parts that see every frame: the slot encoder's
         backbone (all frames of an update in one batch; the acting envs' frames each step), its slot module and
         quantizer (seq_len times per update, slots carried from frame to frame, and once per acting step), the slot
-        decoder and the frame tokenizer. Shapes are static (a kernel set per batch size: training, acting, eval).
+        decoder and the frame tokenizer. Shapes are static: a kernel set per batch size (training, acting, eval),
+        grad mode and first-frame-or-carried slot module call, about 6 compilations per part, within dynamo's
+        recompile limit of 8.
         The dynamics stays eager: imagination calls it with a KV cache that grows every step, a new shape each time.
         `backend="aot_eager"` traces without generating kernels (to tell a tracing problem from a code-generation
         one)."""
@@ -127,8 +129,9 @@ class WorldModel(nn.Module):
             torch.compiler.cudagraph_mark_step_begin()
 
     def kept(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """A compiled part's output that is read after the part's next call: a copy under CUDA graphs (the slots
-        carried to the next frame, codes stacked after the sequence). Needed where a step mark falls between the
+        """A compiled part's output that is read after the part's next call: a copy under CUDA graphs (the backbone's
+        features of every frame, the slots carried to the next frame, the codes, slots and KL terms gathered over
+        the sequence). Needed where a step mark falls between the
         two calls (acting); inside one update it guards callers that never mark a step, for whom every call
         without a pending backward starts a new graph generation that may overwrite earlier outputs."""
         return x.clone() if self.cudagraphs and x is not None else x
