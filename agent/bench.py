@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from envs.collect import env_fn
 from envs.vector import make_vector_env
-from world_model.bench import check_profile_row, failed_row, select_rows
+from world_model.bench import check_profile_row, failed_row, peak_gib, select_rows
 from world_model.config import load_config
 from world_model.rundir import use_tf32
 
@@ -58,6 +58,9 @@ def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill
             n = cfg.env.num_envs
             num_actions = int(venv.single_action_space.n)
             torch.manual_seed(t.seed)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
             wm, ac = build_agent(cfg, num_actions, device)
             wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=t.wm_lr)
             replay = ReplayBuffer(max(cfg.replay.capacity, prefill + env_steps + n), replay_spec(venv), seed=t.seed,
@@ -99,7 +102,8 @@ def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill
                 total = time.perf_counter() - start
         finally:
             venv.close()
-    return {"seconds": seconds, "total": total, "env_steps": done, "updates": updates, "warmup": warm}
+    return {"seconds": seconds, "total": total, "env_steps": done, "updates": updates, "warmup": warm,
+            "peak_gib": peak_gib(device)}
 
 
 def _part_times(averages, device: torch.device) -> dict:
@@ -151,7 +155,7 @@ def bench_agent(args, device: torch.device) -> None:
           f"{base.train.train_ratio:g} (batch {base.train.batch_size} x {base.train.seq_len}), {env_steps} env steps "
           f"after the prefill, {device}")
     print(f"{'mode':<16}{'env steps/s':>12}{'updates':>9}{'policy ms':>11}{'env ms':>9}{'update ms':>11}"
-          f"{'h per 1M':>10}{'warm-up s':>11}")
+          f"{'h per 1M':>10}{'warm-up s':>11}{'peak GiB':>10}")
     check_profile_row(args, [n for n, _ in modes])
     rates = {}
     for name, settings in modes:
@@ -167,7 +171,7 @@ def bench_agent(args, device: torch.device) -> None:
         rates[name] = steps / r["total"]
         per = {k: 1e3 * v / steps for k, v in s.items()}  # ms per env step
         print(f"{name:<16}{rates[name]:>12.1f}{r['updates']:>9}{per['policy']:>11.2f}{per['env_step']:>9.2f}"
-              f"{per['update']:>11.2f}{1e6 / rates[name] / 3600:>10.1f}{r['warmup']:>11.1f}")
+              f"{per['update']:>11.2f}{1e6 / rates[name] / 3600:>10.1f}{r['warmup']:>11.1f}{r['peak_gib']:>10.2f}")
         if args.profile and name == args.profile_row:  # now, before slower rows (compilation) can run out of time
             _profile_row(name, settings, base, device, env_steps, args)
     for (prev, _), (name, _) in zip(modes, modes[1:]):

@@ -234,7 +234,7 @@ def test_bench_agent_rows_add_one_optimization_each_and_a_failed_row_is_reported
         if cfg.train.compile:
             raise RuntimeError("no C++ compiler\nmore lines")
         return {"seconds": {"policy": 1.0, "env_step": 1.0, "update": 2.0}, "total": 4.0, "env_steps": env_steps,
-                "updates": 3, "warmup": 0.5}
+                "updates": 3, "warmup": 0.5, "peak_gib": float("nan")}
 
     monkeypatch.setattr(bench, "measure_loop", fake_loop)
     args = argparse.Namespace(agent_config=str(ROOT / "configs/tiny.yaml"), overrides=[], env_steps=40, prefill=8,
@@ -242,6 +242,7 @@ def test_bench_agent_rows_add_one_optimization_each_and_a_failed_row_is_reported
     bench.bench_agent(args, torch.device("cpu"))
     out = capsys.readouterr().out
     assert "fp32-math-attn" in out and "+fused-attn" in out and "10.0" in out  # 40 env steps in 4 s
+    assert out.splitlines()[1].endswith("peak GiB") and out.splitlines()[2].endswith("nan")  # no GPU memory on CPU
     assert "ratio +fused-attn/fp32-math-attn: 1.00" in out
     assert "+compile        failed: RuntimeError: no C++ compiler\n" in out and "ratio +compile" not in out
     bench.bench_agent(argparse.Namespace(**{**vars(args), "profile_row": "+compile"}), torch.device("cpu"))

@@ -39,7 +39,7 @@ def _timeit(fn, device: torch.device, steps: int, warmup: int = 2) -> tuple[floa
     return (time.perf_counter() - t0) / steps, first
 
 
-def _peak_gib(device: torch.device) -> float:
+def peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
@@ -129,7 +129,7 @@ def bench_pretrain(args, device: torch.device) -> None:
                 print(failed_row(f"{slots:<16}{name:<15}", e))
                 continue
             results[(slots, name)] = batch_size / per_step
-            print(f"{slots:<16}{name:<15}{batch_size / per_step:>10.1f}{first:>14.2f}{_peak_gib(device):>10.2f}")
+            print(f"{slots:<16}{name:<15}{batch_size / per_step:>10.1f}{first:>14.2f}{peak_gib(device):>10.2f}")
             if args.profile and slots == models[0] and name == (args.profile_row or modes[-1][0]):
                 _profile_table(step, device, args.profile_rows)
     for name, *_ in modes:
@@ -180,7 +180,7 @@ def bench_estep(args, device: torch.device) -> None:
 
         per, _ = _timeit(step, device, args.steps)
         rates[name] = batch_size / per
-        print(f"{name:<24}{rates[name]:>12.1f} img/s   peak {_peak_gib(device):.2f} GiB")
+        print(f"{name:<24}{rates[name]:>12.1f} img/s   peak {peak_gib(device):.2f} GiB")
     print(f"ratio expanded/materialized: {rates['expanded matmuls'] / rates['materialized b n k d']:.2f}")
 
 
