@@ -46,14 +46,17 @@ def _worker(env_fns, offset, conn, obs_space, shm):
 
     Each op is ("step", action) or ("reset", (seed, options)); the reply is ("ok", (obs, rewards,
     terminations, truncations, infos)) with obs None when written to shared memory at
-    ``offset + j``, or ("error", traceback text) after which the worker exits.
+    ``offset + j`` and infos already in the vector layout over this worker's envs (so the parent
+    merges one dict per worker, not one per env), or ("error", traceback text) after which the
+    worker exits.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     envs = []
     try:
         envs = [fn() for fn in env_fns]
+        batcher = _InfoBatcher(len(envs))
         while (ops := conn.recv()) is not None:
-            obs, rewards, terms, truncs, infos = [], [], [], [], []
+            obs, rewards, terms, truncs, infos = [], [], [], [], {}
             for env, (kind, arg) in zip(envs, ops):
                 if kind == "reset":
                     seed, options = arg
@@ -65,7 +68,7 @@ def _worker(env_fns, offset, conn, obs_space, shm):
                 rewards.append(float(r))
                 terms.append(bool(te))
                 truncs.append(bool(tr))
-                infos.append(info)
+                infos = batcher._add_info(infos, info, len(obs) - 1)
             if shm is None:
                 batch = concatenate(obs_space, obs, create_empty_array(obs_space, len(obs)))
             else:
@@ -83,6 +86,33 @@ def _worker(env_fns, offset, conn, obs_space, shm):
             with suppress(Exception):
                 env.close()
         conn.close()
+
+
+class _InfoBatcher:
+    """gymnasium's per-env info batching (``VectorEnv._add_info``) over a worker's ``num_envs`` envs."""
+
+    _add_info = gymnasium.vector.VectorEnv._add_info
+
+    def __init__(self, num_envs: int):
+        self.num_envs = num_envs
+
+
+def _merge_infos(infos: dict, part: dict, sl: slice, num_envs: int) -> dict:
+    """Place a worker's vector infos (its envs' slice `sl`) into the vector infos of all `num_envs` envs: what
+    ``VectorEnv._add_info`` would give for each of those envs in turn (arrays typed by the first env that has
+    the key, a ``_key`` mask beside each key, nested dicts merged the same way)."""
+    for key, value in part.items():
+        if key.startswith("_") and key[1:] in part:
+            continue  # a mask, merged with its key
+        if isinstance(value, dict):
+            infos[key] = _merge_infos(infos.get(key, {}), value, sl, num_envs)
+        else:
+            if key not in infos:
+                infos[key] = (np.full(num_envs, None, dtype=object) if value.dtype == object
+                              else np.zeros((num_envs, *value.shape[1:]), dtype=value.dtype))
+            infos[key][sl] = value
+        infos.setdefault(f"_{key}", np.zeros(num_envs, dtype=np.bool_))[sl] = part[f"_{key}"]
+    return infos
 
 
 def _copy_into(dst, dst_idx, src, src_idx):
@@ -248,15 +278,13 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
     def _store(self, w: int, data, rewards, terms, truncs, infos: dict) -> dict:
         """Copy one worker's reply into the batch buffers; returns the updated vector infos."""
         sl = self._slice(w)
-        batch, r, te, tr, env_infos = data
+        batch, r, te, tr, worker_infos = data
         if batch is None:
             _copy_into(self._obs, sl, self._shm_view, sl)
         else:
             _copy_into(self._obs, sl, batch, slice(None))
         rewards[sl], terms[sl], truncs[sl] = r, te, tr
-        for i, info in enumerate(env_infos, start=sl.start):
-            infos = self._add_info(infos, info, i)
-        return infos
+        return _merge_infos(infos, worker_infos, sl, self.num_envs)
 
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
         """Reset every env: seed int s gives env i seed s + i; a failed worker is restarted and retried once."""

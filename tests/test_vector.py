@@ -227,3 +227,46 @@ def test_make_vector_env_sync():
 def test_bad_args():
     with pytest.raises(ValueError, match="multiple of envs_per_worker"):
         ResilientVectorEnv([CounterEnv] * 3, envs_per_worker=2)
+
+
+def _assert_infos_equal(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for key, value in want.items():
+        if isinstance(value, dict):
+            _assert_infos_equal(got[key], value)
+        else:
+            assert got[key].dtype == value.dtype, key
+            if value.dtype == object:  # e.g. final_obs: arrays or None per env
+                assert [None if v is None else np.asarray(v).tolist() for v in got[key]] == [
+                    None if v is None else np.asarray(v).tolist() for v in value], key
+            else:
+                np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def test_worker_side_info_batching_matches_per_env_batching():
+    """Workers batch their envs' infos and the parent merges one dict per worker: the same vector infos as
+    gymnasium's per-env _add_info over all envs (keys some envs lack, nested dicts, arrays, objects, a key first
+    seen in a later worker, an int key that a later env gives as a float)."""
+    from envs.vector import _InfoBatcher, _merge_infos
+
+    env_infos = [
+        {"score": 1, "episode": {"r": 1.5, "l": 10}, "final_obs": np.ones(2)},
+        {},
+        {"score": 2, "flags": np.array([1, 0], np.int8)},
+        {"late": "x", "score": 3.7},
+        {"episode": {"r": -1.0}},
+        {"late": "y", "flags": np.array([0, 1], np.int8)},
+    ]
+    want: dict = {}
+    everything = _InfoBatcher(6)
+    for i, info in enumerate(env_infos):
+        want = everything._add_info(want, info, i)
+    got: dict = {}
+    for w in range(3):  # 3 workers x 2 envs
+        part, batcher = {}, _InfoBatcher(2)
+        for j, info in enumerate(env_infos[2 * w:2 * w + 2]):
+            part = batcher._add_info(part, info, j)
+        got = _merge_infos(got, part, slice(2 * w, 2 * w + 2), 6)
+    _assert_infos_equal(got, want)
+    assert got["score"].dtype == np.int64 and got["score"][3] == 3  # typed by the first env, as gymnasium
+    assert got["final_obs"][0] is not None and got["final_obs"][1] is None
