@@ -63,16 +63,20 @@ def test_loss_and_gradients_fresh_encoder(tmp_path):
     assert all(p.grad is not None for p in wm.autoencoder.encoder.backbone.parameters())  # joint: it learns
 
 
-def test_batched_encode_matches_frame_by_frame(tmp_path):
-    """encode runs the backbone, decoder and frame tokenizer once over all frames; the codes, losses and gradients
-    are those of the autoencoder run frame by frame with slots carried over (the same Gumbel draws, frame by frame)."""
+def test_batched_encode_matches_frame_by_frame(tmp_path, monkeypatch):
+    """encode runs the backbone, quantizer, decoder and frame tokenizer once over all frames; the codes, losses
+    and gradients are those of the autoencoder run frame by frame with slots carried over. The Gumbel noise is
+    taken out (relaxed one-hots = softmax(logits / tau)), since batching draws it in another order."""
     import torch.nn.functional as F
 
+    from world_model.slots import vq
+
+    monkeypatch.setattr(vq.F, "gumbel_softmax", lambda logits, tau, hard, dim: (logits / tau).softmax(dim))
     cfg = wm_cfg(toy_dataset(tmp_path / "d"))
     train, _, _ = split_dataset(cfg)
     images = to_batch(train.sample(2, 4), 16, torch.device("cpu"))["images"]
     wm = build_wm_for(cfg, 3, torch.device("cpu"))
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the first frame's slot initialization
     enc = wm.encode(images)
     (enc.recon_loss + enc.kl).backward()
     batched = [p.grad.clone() for p in wm.autoencoder.parameters()]

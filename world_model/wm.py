@@ -60,30 +60,27 @@ class WorldModel(nn.Module):
     def encode(self, images: torch.Tensor) -> Encoded:
         """images `b t 3 h w` -> codes, encoding frame t's slots from frame t-1's (slot k follows one object).
 
-        Only the slot module runs frame by frame: the backbone, the slot decoder and the frame tokenizer each take
-        all b*t frames in one batch (on a GPU, 64 small launches of a conv stack cost far more than one big one)."""
+        Only the slot module runs frame by frame: the backbone, the quantizer, the slot decoder and the frame
+        tokenizer each take all b*t frames in one batch (on a GPU, 64 small launches of a part cost far more than
+        one big one)."""
         b, t = images.shape[:2]
         encoder, frames = self.autoencoder.encoder, images.flatten(0, 1)
-        codes, slots, kl, prev = [], [], [], None
+        raws, prev = [], None
         with torch.set_grad_enabled(self.joint and torch.is_grad_enabled()):
-            feats, grid = encoder.features(frames)
+            feats, _ = encoder.features(frames)
             feats = self.kept(feats).unflatten(0, (b, t))  # b t n d
             for i in range(t):
-                out = encoder.from_features(feats[:, i], grid, prev)
-                prev = self.kept(out.raw_slots)
-                codes.append(self.kept(out.codes))
-                if self.joint:
-                    slots.append(self.kept(out.slots))
-                    kl.append(self.kept(out.kl))
-            recon_loss = kl_mean = None
-            if self.joint:  # the mean over frames of each frame's MSE: all frames have the same size
-                recon = self.autoencoder.decoder(torch.stack(slots, 1).flatten(0, 1)).recon
-                recon_loss, kl_mean = F.mse_loss(recon, frames), torch.stack(kl).mean()
+                prev = self.kept(encoder.slot_module(feats[:, i], prev)[0])  # b k d, carried to frame i+1
+                raws.append(prev)
+            q = encoder.vq(torch.stack(raws, 1).flatten(0, 1))  # (b t) k d: the same codes as frame by frame
+            codes, kl, recon_loss = self.kept(q.codes).unflatten(0, (b, t)), self.kept(q.kl), None
+            if self.joint:  # the MSE over all frames: the mean of each frame's MSE, the frames being equal in size
+                recon_loss = F.mse_loss(self.autoencoder.decoder(q.slots).recon, frames)
         frame_codes, frame_loss = None, images.new_zeros(())
         if self.frame_tokenizer is not None:
             frame_codes, frame_loss = self.frame_tokenizer(frames)
             frame_codes = self.kept(frame_codes).unflatten(0, (b, t))
-        return Encoded(torch.stack(codes, 1), frame_codes, recon_loss, kl_mean, frame_loss)
+        return Encoded(codes, frame_codes, recon_loss, kl if self.joint else None, frame_loss)
 
     def loss(self, batch: dict, vq_beta: float) -> tuple[torch.Tensor, dict, Encoded]:
         """batch: images `b t 3 h w` float, action/reward/is_terminal `b t` in the episode step layout
@@ -105,8 +102,8 @@ class WorldModel(nn.Module):
 
     def compile_frame_parts(self, mode: str = "default", backend: str = "inductor") -> None:
         """torch.compile, in place (state-dict keys unchanged), the parts that see every frame: the slot encoder's
-        backbone (all frames of an update in one batch; the acting envs' frames each step), its slot module and
-        quantizer (seq_len times per update, slots carried from frame to frame, and once per acting step), the slot
+        backbone and quantizer (all frames of an update in one batch; the acting envs' frames each step), its slot
+        module (seq_len times per update, slots carried from frame to frame, and once per acting step), the slot
         decoder and the frame tokenizer. Shapes are static: a kernel set per batch size (training, acting, eval),
         grad mode and first-frame-or-carried slot module call, about 6 compilations per part, within dynamo's
         recompile limit of 8.
@@ -130,8 +127,8 @@ class WorldModel(nn.Module):
 
     def kept(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """A compiled part's output that is read after the part's next call: a copy under CUDA graphs (the backbone's
-        features of every frame, the slots carried to the next frame, the codes, slots and KL terms gathered over
-        the sequence). Needed where a step mark falls between the
+        features of every frame, the slots carried to the next frame and gathered over the sequence, the codes and
+        the KL term). Needed where a step mark falls between the
         two calls (acting); inside one update it guards callers that never mark a step, for whom every call
         without a pending backward starts a new graph generation that may overwrite earlier outputs."""
         return x.clone() if self.cudagraphs and x is not None else x
