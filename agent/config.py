@@ -44,7 +44,7 @@ class LoopConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA
-    compile: bool = False  # torch.compile the per-frame parts (slot encoder/decoder, frame tokenizer); see bench agent
+    compile: bool = False  # torch.compile the parts that see every frame (WorldModel.compile_frame_parts)
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune
     threads: int = 0
 

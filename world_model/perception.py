@@ -49,7 +49,13 @@ class SlotEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor, prev_slots: Optional[torch.Tensor] = None) -> SlotOutput:
         """images `b 3 h w` in [0, 1]; prev_slots `b k d` = a previous SlotOutput.raw_slots."""
-        return self.from_features(*self.features(images), prev_slots)
+        feats, grid = self.features(images)
+        raw, attn = self.slot_module(feats, prev_slots)
+        out = SlotOutput(slots=raw, raw_slots=raw, attn=attn, grid=grid)
+        if self.vq is not None:
+            q = self.vq(raw)
+            out.slots, out.codes, out.kl = q.slots, q.codes, q.kl
+        return out
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """images `b 3 h w` -> backbone features `b n d` and their grid; frames of a video can go through in one
@@ -57,16 +63,6 @@ class SlotEncoder(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"SlotEncoder expects images of shape (batch, 3, h, w), got {tuple(images.shape)}")
         return self.backbone(images)
-
-    def from_features(self, feats: torch.Tensor, grid: tuple[int, int],
-                      prev_slots: Optional[torch.Tensor] = None) -> SlotOutput:
-        """Backbone features `b n d` (on a `grid`) -> slots, codes; prev_slots as in forward."""
-        raw, attn = self.slot_module(feats, prev_slots)
-        out = SlotOutput(slots=raw, raw_slots=raw, attn=attn, grid=grid)
-        if self.vq is not None:
-            q = self.vq(raw)
-            out.slots, out.codes, out.kl = q.slots, q.codes, q.kl
-        return out
 
 
 class SlotAutoencoder(nn.Module):

@@ -128,9 +128,9 @@ class WorldModel(nn.Module):
     def kept(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """A compiled part's output that is read after the part's next call: a copy under CUDA graphs (the backbone's
         features of every frame, the slots carried to the next frame and gathered over the sequence, the codes and
-        the KL term). Needed where a step mark falls between the
-        two calls (acting); inside one update it guards callers that never mark a step, for whom every call
-        without a pending backward starts a new graph generation that may overwrite earlier outputs."""
+        the KL term). Needed where a step mark falls between the two calls (acting); inside one update it guards
+        callers that never mark a step, for whom every call without a pending backward starts a new graph
+        generation that may overwrite earlier outputs."""
         return x.clone() if self.cudagraphs and x is not None else x
 
     def set_vq_temperature(self, step: int, tau_start: float, tau_end: float, anneal_steps: int) -> None:
