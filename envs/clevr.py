@@ -828,47 +828,47 @@ def _check_object(obj, where: str) -> None:
 
 
 def scenes_to_targets(scenes: list[dict], max_objects: int = MAX_OBJECTS, source: str = "scenes") -> torch.Tensor:
-    """Slot Attention set-prediction targets `b max_objects 19` from CLEVR scene dicts.
-
-    Row = [(3d_coords + 3) / 6 (x, y, z), size, material, shape, color one-hots, 1]; absent objects
-    are zero rows.  Scenes with more than max_objects objects raise DataError (filter them first).
-    """
-    out = np.zeros((len(scenes), max_objects, PROPERTY_DIM), dtype=np.float64)
-    size_at = 3  # one-hot offsets in the row
-    material_at = size_at + len(SIZES)
-    shape_at = material_at + len(MATERIALS)
-    color_at = shape_at + len(SHAPES)
-    for b, scene in enumerate(scenes):
+    """Slot Attention set-prediction targets `b max_objects 19` from CLEVR scene dicts (rows as `_target_rows`).
+    Scenes with more than max_objects objects raise DataError (filter them first)."""
+    b = len(scenes)
+    xyz = np.zeros((b, max_objects, 3), dtype=np.float64)
+    attrs = {k: np.zeros((b, max_objects), dtype=np.int64) for k in ("size", "material", "shape", "color")}
+    present = np.zeros((b, max_objects), dtype=bool)
+    names = {"size": SIZES, "material": MATERIALS, "shape": SHAPES, "color": COLORS}
+    for i, scene in enumerate(scenes):
         objects = scene.get("objects") if isinstance(scene, dict) else None
         if not isinstance(objects, list):
-            raise DataError(f"{source}: scene {b} lacks an 'objects' list; fix the scene file to the CLEVR "
+            raise DataError(f"{source}: scene {i} lacks an 'objects' list; fix the scene file to the CLEVR "
                             f"v1.0 scene schema or regenerate it with `python run.py generate --out DIR`")
         if len(objects) > max_objects:
-            raise DataError(f"{source}: scene {b} has {len(objects)} objects > max_objects={max_objects}; "
+            raise DataError(f"{source}: scene {i} has {len(objects)} objects > max_objects={max_objects}; "
                             f"filter such scenes out first (ClevrDataset keeps scenes with <= {MAX_OBJECTS})")
-        for i, obj in enumerate(objects):
-            _check_object(obj, f"{source}: scene {b} object {i}")
-            row = out[b, i]
-            row[:3] = (np.asarray(obj["3d_coords"], dtype=np.float64) + 3.0) / 6.0
-            row[size_at + SIZES.index(obj["size"])] = 1
-            row[material_at + MATERIALS.index(obj["material"])] = 1
-            row[shape_at + SHAPES.index(obj["shape"])] = 1
-            row[color_at + COLORS.index(obj["color"])] = 1
-            row[-1] = 1
-    return torch.from_numpy(out).float()
+        for j, obj in enumerate(objects):
+            _check_object(obj, f"{source}: scene {i} object {j}")
+            xyz[i, j] = obj["3d_coords"]
+            for k, values in names.items():
+                attrs[k][i, j] = values.index(obj[k])
+            present[i, j] = True
+    return _target_rows(torch.from_numpy(xyz), *(torch.from_numpy(attrs[k]) for k in names),
+                        torch.from_numpy(present)).float()
+
+
+def _target_rows(xyz, size, material, shape, color, present) -> torch.Tensor:
+    """Property rows `b n 19` in float64: [(3d coords + 3) / 6 (x, y, z), size, material, shape, color one-hots,
+    1], zero rows where not `present`. xyz `b n 3` float64; attribute indices and present `b n`."""
+    onehots = [torch.nn.functional.one_hot(v, len(values)).double()
+               for v, values in ((size, SIZES), (material, MATERIALS), (shape, SHAPES), (color, COLORS))]
+    rows = torch.cat([(xyz + 3.0) / 6.0, *onehots, torch.ones(*present.shape, 1, dtype=torch.float64)], -1)
+    return torch.where(present[..., None], rows, 0.0)
 
 
 def _targets(layout: _Layout) -> torch.Tensor:
-    """scenes_to_targets(_scene_dicts(layout)) of a compacted layout (`b MAX_OBJECTS 19`), straight
-    from its tensors: same float64 arithmetic, no per-object Python."""
+    """scenes_to_targets(_scene_dicts(layout)) of a compacted layout (`b MAX_OBJECTS 19`), straight from its
+    tensors, without per-object Python."""
     b, n = layout.present.shape
     xyz = torch.cat([layout.xy, layout.height()[..., None]], -1).double()  # b n 3
-    onehots = [torch.nn.functional.one_hot(v, len(names)).double()
-               for v, names in ((layout.size, SIZES), (layout.material, MATERIALS), (layout.shape, SHAPES),
-                                (layout.color, COLORS))]
-    rows = torch.cat([(xyz + 3.0) / 6.0, *onehots, torch.ones(b, n, 1, dtype=torch.float64)], -1)  # b n 19
     out = torch.zeros(b, MAX_OBJECTS, PROPERTY_DIM, dtype=torch.float64)
-    out[:, :n] = torch.where(layout.present[..., None], rows, 0.0)
+    out[:, :n] = _target_rows(xyz, layout.size, layout.material, layout.shape, layout.color, layout.present)
     return out.float()
 
 
