@@ -57,6 +57,7 @@ def main(out: Path) -> None:
         train_step(distributed.wrap(model, torch.device("cpu")), model, cfg, mine)
         if distributed.is_main():
             torch.save(model.state_dict(), out / f"{task}.pt")
+    distributed.barrier()  # as run.py does: no rank tears down its gloo connections while a peer still uses them
     distributed.shutdown()
 
 

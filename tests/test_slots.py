@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from world_model.slots import SlotAttention, SlotMixture, make_slot_module
-from world_model.slots.gmm import gaussian_log_likelihood
+from world_model.slots import SlotMixture, make_slot_module
+from world_model.slots.gmm import component_coefs, gaussian_log_likelihood, mixture_features
 from world_model.slots.vq import SlotQuantizer, temperature
 
 
@@ -21,14 +21,16 @@ def test_expanded_mahalanobis_matches_direct():
     mu = torch.randn(3, 5, 8, generator=g, dtype=torch.float64)
     logsigma = 0.3 * torch.randn(3, 5, 8, generator=g, dtype=torch.float64)
     torch.testing.assert_close(gaussian_log_likelihood(x, mu, logsigma), naive_log_likelihood(x, mu, logsigma))
+    log_pi = torch.log_softmax(torch.randn(3, 5, generator=g, dtype=torch.float64), -1)
+    joint = mixture_features(x) @ component_coefs(mu, logsigma, log_pi).transpose(1, 2)  # log pi_k N(x_n | k)
+    torch.testing.assert_close(joint, naive_log_likelihood(x, mu, logsigma) + log_pi.unsqueeze(1))
 
 
 def test_e_step_assigns_separated_clusters():
     gmm = SlotMixture(in_dim=2, num_slots=2, dim=2, iters=1, temperature=1.0)
     x = torch.tensor([[[-5.0, 0.0], [-5.1, 0.1], [5.0, 0.0], [5.2, -0.1]]])
     mu = torch.tensor([[[-5.0, 0.0], [5.0, 0.0]]])
-    xx = torch.cat([x * x, x], -1)
-    probs = gmm.e_step(xx, mu, torch.zeros(1, 2, 2), torch.log(torch.full((1, 2), 0.5)))
+    probs = gmm.e_step(mixture_features(x), mu, torch.zeros(1, 2, 2), torch.log(torch.full((1, 2), 0.5)))
     torch.testing.assert_close(probs.sum(-1), torch.ones(1, 4))
     assert (probs.argmax(-1) == torch.tensor([[0, 0, 1, 1]])).all()
     assert probs.max(-1).values.min() > 0.999
@@ -36,13 +38,13 @@ def test_e_step_assigns_separated_clusters():
 
 def test_e_step_uses_pi_and_log_determinant():
     gmm = SlotMixture(in_dim=1, num_slots=2, dim=1, iters=1, temperature=1.0)
-    xx = torch.zeros(1, 1, 2)  # x = 0
+    h = mixture_features(torch.zeros(1, 1, 1))  # x = 0
     mu = torch.zeros(1, 2, 1)
     # Same mean and sigma: responsibilities equal pi.
-    probs = gmm.e_step(xx, mu, torch.zeros(1, 2, 1), torch.log(torch.tensor([[0.8, 0.2]])))
+    probs = gmm.e_step(h, mu, torch.zeros(1, 2, 1), torch.log(torch.tensor([[0.8, 0.2]])))
     torch.testing.assert_close(probs, torch.tensor([[[0.8, 0.2]]]))
     # Same mean, equal pi, sigma 1 vs e: at x = mu the density ratio is exp(1) (log-det term).
-    probs = gmm.e_step(xx, mu, torch.tensor([[[0.0], [1.0]]]), torch.log(torch.tensor([[0.5, 0.5]])))
+    probs = gmm.e_step(h, mu, torch.tensor([[[0.0], [1.0]]]), torch.log(torch.tensor([[0.5, 0.5]])))
     torch.testing.assert_close(probs[0, 0, 0] / probs[0, 0, 1], torch.tensor(math.e))
 
 
@@ -50,11 +52,11 @@ def test_tempered_e_step():
     torch.manual_seed(0)
     x, mu, logsigma = torch.randn(2, 7, 4), torch.randn(2, 3, 4), 0.2 * torch.randn(2, 3, 4)
     log_pi = torch.log_softmax(torch.randn(2, 3), -1)
-    xx = torch.cat([x * x, x], -1)
-    exact = SlotMixture(in_dim=4, num_slots=3, dim=4, temperature=1.0).e_step(xx, mu, logsigma, log_pi)
+    h = mixture_features(x)
+    exact = SlotMixture(in_dim=4, num_slots=3, dim=4, temperature=1.0).e_step(h, mu, logsigma, log_pi)
     default = SlotMixture(in_dim=4, num_slots=3, dim=4)
     assert default.temperature == 2.0  # sqrt(dim)
-    tempered = default.e_step(xx, mu, logsigma, log_pi)
+    tempered = default.e_step(h, mu, logsigma, log_pi)
     torch.testing.assert_close(tempered, torch.softmax(exact.log() / 2.0, -1))  # (pi N)^(1/T), renormalized
     assert tempered.max() < exact.max()
 
@@ -66,7 +68,7 @@ def test_m_step_reestimates_sigma_and_pi():
     mu0 = torch.randn(2, 3, 4, dtype=torch.float64)
     ls0 = torch.zeros(2, 3, 4, dtype=torch.float64)
     log_pi0 = torch.full((2, 3), -math.log(3), dtype=torch.float64)
-    mu, logsigma, log_pi, probs = gmm.step(torch.cat([x * x, x], -1), mu0, ls0, log_pi0)
+    mu, logsigma, log_pi, probs = gmm.step(mixture_features(x), mu0, ls0, log_pi0)
     w = probs / probs.sum(1, keepdim=True)  # b n k
     var = torch.einsum("bnk,bnkd->bkd", w, (x[:, :, None] - mu[:, None]) ** 2)  # around the updated mean
     torch.testing.assert_close(logsigma, 0.5 * torch.log(var))

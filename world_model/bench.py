@@ -180,7 +180,8 @@ def bench_estep(args, device: torch.device) -> None:
 
         per, _ = _timeit(step, device, args.steps)
         rates[name] = batch_size / per
-        print(f"{name:<24}{rates[name]:>12.1f} img/s   peak {peak_gib(device):.2f} GiB")
+        peak = f"   peak {peak_gib(device):.2f} GiB" if device.type == "cuda" else ""
+        print(f"{name:<24}{rates[name]:>12.1f} img/s{peak}")
     print(f"ratio expanded/materialized: {rates['expanded matmuls'] / rates['materialized b n k d']:.2f}")
 
 

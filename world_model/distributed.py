@@ -7,6 +7,7 @@ answers for a single process, so the training loops need no separate code path.
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from typing import Any, Optional
 
@@ -118,7 +119,10 @@ def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    # No buffer broadcast before each forward (the ranks' weights already start equal); newer torch renames the flag.
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+               else {"broadcast_buffers": False})
+    return DistributedDataParallel(module, device_ids=ids, **no_sync)
 
 
 def shard_bounds(size: int, what: str = "global batch size") -> tuple[int, int]:

@@ -4,7 +4,7 @@ Each iteration is one EM step: the E-step computes responsibilities from the dia
 log-likelihood plus log pi; the M-step updates the means through a GRU + residual MLP (the neural
 bridge of the seed's pseudocode) and re-estimates log-sigma and pi in closed form from the weights.
 Slots are concat(mu, logsigma). The E- and M-step statistics run in fp32 even under bf16 autocast,
-and the Mahalanobis distance is expanded into matrix products so no `b n k d` tensor is built.
+and both steps are one matmul each against the features [x, -x^2/2, 1], so no `b n k d` tensor is built.
 
 The E-step can be tempered (deterministic-annealing EM: responsibilities ∝ (pi_j N(x | mu_j, sigma_j))^(1/T)).
 With T = 1 (the exact posterior) over d = 64 learned feature dimensions the log-likelihood gaps between
@@ -30,19 +30,27 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def gaussian_log_likelihood(x: torch.Tensor, mu: torch.Tensor, logsigma: torch.Tensor,
-                            xx: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """log N(x | mu, diag(sigma^2)) up to the constant -d/2 log(2 pi).  x `b n d`, mu/logsigma `b k d` -> `b n k`.
+def mixture_features(x: torch.Tensor) -> torch.Tensor:
+    """x `b n d` -> h = [x, -x^2/2, 1] `b n 2d+1`: the sufficient statistics of a diagonal Gaussian, plus a one."""
+    return torch.cat([x, -0.5 * x * x, x.new_ones(x.shape[:-1]).unsqueeze(-1)], dim=-1)
 
-    sum_d (x - mu)^2 / s^2 = [x^2, x] @ [1/s^2, -2 mu/s^2]^T + sum_d mu^2/s^2: one matmul, no `b n k d` tensor.
-    `xx` = cat([x^2, x], -1) may be passed in when it is reused across iterations.
+
+def component_coefs(mu: torch.Tensor, logsigma: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
+    """mu/logsigma `b k d`, log_pi `b k` -> c `b k 2d+1` with h @ c^T = log(pi N(x | mu, diag(sigma^2))) + d/2 log(2 pi).
+
+    log N = sum_d [x mu/s^2 - x^2/(2 s^2)] - sum_d [mu^2/(2 s^2) + log s]: one matmul against mixture_features(x),
+    with no `b n k d` tensor.
     """
-    if xx is None:
-        xx = torch.cat([x * x, x], dim=-1)
     inv_var = torch.exp(-2.0 * logsigma)  # b k d
-    coef = torch.cat([inv_var, -2.0 * mu * inv_var], dim=-1)  # b k 2d
-    maha = torch.einsum("bne,bke->bnk", xx, coef) + (mu * mu * inv_var).sum(-1).unsqueeze(1)
-    return -0.5 * maha.clamp_min(0.0) - logsigma.sum(-1).unsqueeze(1)
+    mu_inv_var = mu * inv_var
+    const = torch.sub(log_pi, (mu * mu_inv_var).sum(-1), alpha=0.5) - logsigma.sum(-1)  # b k
+    return torch.cat([mu_inv_var, inv_var, const.unsqueeze(-1)], dim=-1)
+
+
+def gaussian_log_likelihood(x: torch.Tensor, mu: torch.Tensor, logsigma: torch.Tensor) -> torch.Tensor:
+    """log N(x | mu, diag(sigma^2)) up to the constant -d/2 log(2 pi).  x `b n d`, mu/logsigma `b k d` -> `b n k`."""
+    coefs = component_coefs(mu, logsigma, logsigma.new_zeros(logsigma.shape[:-1]))
+    return torch.bmm(mixture_features(x), coefs.transpose(1, 2))
 
 
 class SlotMixture(nn.Module):
@@ -72,28 +80,31 @@ class SlotMixture(nn.Module):
         logsigma = self.logsigma_mean + self.logsigma_logstd.exp() * torch.randn(shape, device=device, dtype=dtype)
         return torch.cat([mu, logsigma], dim=-1)
 
-    def e_step(self, xx: torch.Tensor, mu: torch.Tensor, logsigma: torch.Tensor, log_pi: torch.Tensor):
+    def e_step(self, h: torch.Tensor, mu: torch.Tensor, logsigma: torch.Tensor, log_pi: torch.Tensor):
         """Responsibilities p(c=j | x_i) at the E-step temperature, normalized over slots, `b n k` (fp32).
-        xx = cat([x^2, x], -1)."""
-        logits = gaussian_log_likelihood(None, mu, logsigma, xx=xx) + log_pi.unsqueeze(1)
-        return torch.softmax(logits / self.temperature, dim=-1)
+        h = mixture_features(x)."""
+        logits = torch.bmm(h, component_coefs(mu, logsigma, log_pi).transpose(1, 2))  # b n k
+        return torch.softmax(logits * (1.0 / self.temperature), dim=-1)
 
-    def step(self, xx, mu, logsigma, log_pi):
-        """One EM iteration on xx = cat([x^2, x], -1) `b n 2d` (fp32): returns mu, logsigma, log_pi, probs."""
+    def step(self, h, mu, logsigma, log_pi):
+        """One EM iteration on h = mixture_features(x) `b n 2d+1` (fp32): returns mu, logsigma, log_pi, probs."""
         b, k, d = mu.shape
-        with torch.autocast(xx.device.type, enabled=False):
-            probs = self.e_step(xx, _fp32(mu), logsigma, log_pi)  # b n k
-            mass = probs.sum(dim=1)  # b k
-            weights = probs / (mass.unsqueeze(1) + self.eps)  # normalized over inputs
-            mean_x2, mean_x = torch.einsum("bnk,bne->bke", weights, xx).split(d, dim=-1)
+        with torch.autocast(h.device.type, enabled=False):
+            probs = self.e_step(h, _fp32(mu), logsigma, log_pi)  # b n k
+            stats = torch.bmm(probs.transpose(1, 2), h)  # b k 2d+1: sum_n p x, -sum_n p x^2/2, mass
+            mass = stats[..., -1:]  # b k 1
+            inv_mass = torch.reciprocal(mass + self.eps)
+            mean_x, neg_half_mean_x2 = (stats[..., :-1] * inv_mass).split(d, dim=-1)  # weighted means over inputs
         mu = self.gru(mean_x.to(mu.dtype).reshape(-1, d), mu.reshape(-1, d)).reshape(b, k, d)
         mu = mu + self.mlp(self.norm_mlp(mu))
-        with torch.autocast(xx.device.type, enabled=False):
+        with torch.autocast(h.device.type, enabled=False):
             mu32 = _fp32(mu)
-            # Weighted variance around the *updated* mean, as in the seed: E_w[x^2] - 2 mu E_w[x] + mu^2.
-            var = mean_x2 - 2.0 * mu32 * mean_x + mu32 * mu32 * (mass / (mass + self.eps)).unsqueeze(-1)
-            logsigma = 0.5 * torch.log(var.clamp_min(math.exp(LOG_VAR_MIN)))
-            log_pi = torch.log((mass / xx.shape[1]).clamp_min(math.exp(LOG_PI_MIN)))
+            # Weighted variance around the *updated* mean, as in the seed: E_w[x^2] - 2 mu E_w[x] + mu^2
+            # (mu^2 scaled by mass/(mass+eps), so an empty slot gets the clamp): -2 (-E_w[x^2]/2 + mu (E_w[x] - mu/2)).
+            mu_r = torch.mul(mu32, mass * inv_mass)  # mu mass/(mass+eps)
+            neg_half_var = torch.addcmul(neg_half_mean_x2, mu32, torch.sub(mean_x, mu_r, alpha=0.5))
+            logsigma = 0.5 * torch.log((-2.0 * neg_half_var).clamp_min(math.exp(LOG_VAR_MIN)))
+            log_pi = torch.log((mass.squeeze(-1) * (1.0 / h.shape[1])).clamp_min(math.exp(LOG_PI_MIN)))
         return mu, logsigma, log_pi, probs
 
     def forward(self, inputs: torch.Tensor, init: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,13 +114,13 @@ class SlotMixture(nn.Module):
         slots = self.initial_slots(b, x.device, x.dtype) if init is None else init
         mu, logsigma = slots.split(self.dim, dim=-1)
         with torch.autocast(x.device.type, enabled=False):
-            x, logsigma = _fp32(x), _fp32(logsigma)
-            xx = torch.cat([x * x, x], dim=-1)  # b n 2d, shared by every iteration
+            logsigma = _fp32(logsigma)
+            h = mixture_features(_fp32(x))  # b n 2d+1, shared by every iteration
         log_pi = torch.full((b, self.num_slots), -math.log(self.num_slots), device=x.device, dtype=x.dtype)
         probs = None
         for i in range(self.iters):
             if self.implicit_grad and i == self.iters - 1:
                 mu, logsigma, log_pi = mu.detach(), logsigma.detach(), log_pi.detach()
-            mu, logsigma, log_pi, probs = self.step(xx, mu, logsigma, log_pi)
+            mu, logsigma, log_pi, probs = self.step(h, mu, logsigma, log_pi)
         slots = torch.cat([mu, logsigma.to(mu.dtype)], dim=-1)
         return slots, probs.transpose(1, 2)
