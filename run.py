@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, help="bench envs: worker processes (default: all CPU cores)")
     s.add_argument("--envs-per-worker", default="1,4,16", help="bench envs: envs per worker process to measure "
                    "(comma-separated; more envs per worker amortize the per-step round-trip)")
-    s.add_argument("--env-steps", type=int, help="bench envs: vector steps per measurement (default 500); bench agent: "
+    s.add_argument("--env-steps", type=int, help="bench envs: steps of every env in each row (default 500); bench agent: "
                    "env steps timed (default 16 updates' worth)")
     s.add_argument("--wm-config", default="configs/wm_crafter.yaml", help="bench imagination: world-model preset")
     s.add_argument("--agent-config", help="bench agent: agent preset (default crafter.yaml on CUDA, crafter_cpu.yaml "

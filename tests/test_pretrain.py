@@ -155,7 +155,7 @@ def test_bench_smoke(argv, capsys):
         # the profile of the first row comes right after it, before the next row
         assert out.index("# where the time goes (fp32-math-attn") < out.index("+fused-attn ")
     if "envs" in argv:
-        assert "1 workers x 1 envs" in out and "1 workers x 2 envs" in out
+        assert "1 workers x 1 envs" in out and "1 workers x 2 envs" in out and "1 processes x 1 env, no IPC" in out
     if "--slots" in argv:
         assert "slot_attention" not in out
         assert "eager-fp32 " not in out and "gmm             channels_last" in out  # --rows: that row only

@@ -12,7 +12,8 @@ import pytest
 from gymnasium.spaces import Box, Dict, Discrete
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
-from envs.vector import ResilientVectorEnv, make_vector_env, measure_steps_per_second
+from envs.vector import (ResilientVectorEnv, make_vector_env, measure_independent_steps_per_second,
+                         measure_steps_per_second)
 
 
 class CounterEnv(gymnasium.Env):
@@ -222,6 +223,17 @@ def test_make_vector_env_sync():
     venv = make_vector_env(CounterEnv, 3, asynchronous=False)
     assert isinstance(venv, SyncVectorEnv) and venv.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
     venv.close()
+
+
+def test_independent_processes_rate(tmp_path):
+    """The no-IPC ceiling of bench envs: a finite rate from processes that each step their own envs; a process
+    whose env fails gives an error, not a hang."""
+    rate = measure_independent_steps_per_second(CounterEnv, 2, 50, envs_per_process=2)
+    assert 0 < rate < float("inf")
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="measuring process failed"):
+        measure_independent_steps_per_second(partial(CounterEnv, fail_at="reset"), 2, 50)
+    assert time.monotonic() - start < 30
 
 
 def test_bad_args():

@@ -214,7 +214,7 @@ def bench_envs(args, device: torch.device) -> None:
     import os
 
     from envs.collect import env_fn
-    from envs.vector import make_vector_env, measure_steps_per_second
+    from envs.vector import make_vector_env, measure_independent_steps_per_second, measure_steps_per_second
 
     workers = args.workers or os.cpu_count() or 1
     steps = args.env_steps or 500
@@ -224,19 +224,27 @@ def bench_envs(args, device: torch.device) -> None:
         per_worker_list = []
     if not per_worker_list or min(per_worker_list) < 1:
         raise ValueError(f"--envs-per-worker takes positive integers (comma-separated), got {args.envs_per_worker!r}")
-    print(f"# env steps/s, random actions, {steps} vector steps each; efficiency = vectorized / (workers x single)")
-    print(f"{'env':>8} {'setup':>22} {'steps/s':>9} {'efficiency':>10}")
+    # Every env runs the same `steps` steps in every row: a game's cost per step changes along an episode (Crafter's
+    # night frames render darkness), so rows that stepped each env fewer times would compare different phases.
+    print(f"# env steps/s, random actions, {steps} steps of every env in each row; efficiency = rate / (workers x one core); "
+          f"of no-IPC = rate / the no-IPC row (the machine's own scaling left out)")
+    print(f"{'env':>8} {'setup':>30} {'steps/s':>9} {'efficiency':>10} {'of no-IPC':>10}")
     for name in args.envs.split(","):
         fn = env_fn(name, stats_path=None)
-        venv = make_vector_env(fn, 1, asynchronous=False)
+        # One core stepping the no-IPC row's envs (seeds 0..workers-1) in turn: a game's step and reset costs vary
+        # with the seed (a Crafter world is regenerated when the player dies), so one env's rate is a noisy baseline.
+        venv = make_vector_env(fn, workers, asynchronous=False)
         single = measure_steps_per_second(venv, steps)
         venv.close()
-        print(f"{name:>8} {'single env, in-process':>22} {single:9.0f} {'':>10}")
+        print(f"{name:>8} {f'one core, {workers} envs in turn':>30} {single:9.0f}")
+        alone = measure_independent_steps_per_second(fn, workers, steps)
+        print(f"{name:>8} {f'{workers} processes x 1 env, no IPC':>30} {alone:9.0f} {alone / (workers * single):10.2f}")
         for per_worker in per_worker_list:
             venv = make_vector_env(fn, workers * per_worker, envs_per_worker=per_worker)
-            rate = measure_steps_per_second(venv, max(steps // per_worker, 1))
+            rate = measure_steps_per_second(venv, steps)
             venv.close()
-            print(f"{name:>8} {f'{workers} workers x {per_worker} envs':>22} {rate:9.0f} {rate / (workers * single):10.2f}")
+            print(f"{name:>8} {f'{workers} workers x {per_worker} envs':>30} {rate:9.0f} {rate / (workers * single):10.2f}"
+                  f" {rate / alone:10.2f}")
 
 
 def bench_imagination(args, device: torch.device) -> None:
