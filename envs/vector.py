@@ -43,12 +43,12 @@ _CLOSE_TIMEOUT = 2.0  # seconds a worker gets to close its envs before it is kil
 
 
 def _worker(env_fns, offset, conn, obs_space, shm):
-    """Worker loop: build envs, then run one list of per-env ops per message until None arrives.
+    """Worker loop: build envs, then run one message per vector step until None arrives.
 
-    Each op is ("step", action) or ("reset", (seed, options)); the reply is ("ok", (obs, rewards,
-    terminations, truncations, infos)) with obs None when written to shared memory at
-    ``offset + j`` and infos already in the vector layout over this worker's envs (so the parent
-    merges one dict per worker, not one per env), or ("error", traceback text) after which the
+    A message is (actions, resets): env j resets with ``resets[j] = (seed, options)`` when j is in ``resets``, else
+    steps with ``actions[j]``. The reply is ("ok", (obs, rewards, terminations, truncations, infos)) with obs None
+    when written to shared memory at ``offset + j`` and infos already in the vector layout over this worker's envs
+    (so the parent merges one dict per worker, not one per env), or ("error", traceback text) after which the
     worker exits.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
@@ -56,20 +56,21 @@ def _worker(env_fns, offset, conn, obs_space, shm):
     try:
         envs = [fn() for fn in env_fns]
         batcher = _InfoBatcher(len(envs))
-        while (ops := conn.recv()) is not None:
+        while (msg := conn.recv()) is not None:
+            actions, resets = msg
             obs, rewards, terms, truncs, infos = [], [], [], [], {}
-            for env, (kind, arg) in zip(envs, ops):
-                if kind == "reset":
-                    seed, options = arg
+            for j, env in enumerate(envs):
+                if j in resets:
+                    seed, options = resets[j]
                     o, info = env.reset(seed=seed, options=options)
                     r, te, tr = 0.0, False, False
                 else:
-                    o, r, te, tr, info = env.step(arg)
+                    o, r, te, tr, info = env.step(actions[j])
                 obs.append(o)
                 rewards.append(float(r))
                 terms.append(bool(te))
                 truncs.append(bool(tr))
-                infos = batcher._add_info(infos, info, len(obs) - 1)
+                infos = batcher._add_info(infos, info, j)
             if shm is None:
                 batch = concatenate(obs_space, obs, create_empty_array(obs_space, len(obs)))
             else:
@@ -244,13 +245,13 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         )
         self._start(w)
 
-    def _exchange(self, ops: list, workers: Sequence[int]) -> dict[int, tuple[bool, Any]]:
-        """Send each worker its per-env ops and gather replies: {w: (True, data) or (False, reason)}."""
+    def _exchange(self, messages: dict[int, tuple], workers: Sequence[int]) -> dict[int, tuple[bool, Any]]:
+        """Send each worker its (actions, resets) message and gather replies: {w: (True, data) or (False, reason)}."""
         results: dict[int, tuple[bool, Any]] = {}
         pending = {}
         for w in workers:
             try:
-                self._conns[w].send(ops[self._slice(w)])
+                self._conns[w].send(messages[w])
                 pending[self._conns[w]] = w
             except OSError as e:  # BrokenPipeError, ConnectionResetError
                 results[w] = (False, f"worker process died (send failed: {e!r})")
@@ -276,14 +277,14 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
                     results[w] = (False, f"env raised an exception:\n{data}")
         return results
 
-    def _store(self, w: int, data, rewards, terms, truncs, infos: dict) -> dict:
+    def _store(self, w: int, data, obs, rewards, terms, truncs, infos: dict) -> dict:
         """Copy one worker's reply into the batch buffers; returns the updated vector infos."""
         sl = self._slice(w)
         batch, r, te, tr, worker_infos = data
         if batch is None:
-            _copy_into(self._obs, sl, self._shm_view, sl)
+            _copy_into(obs, sl, self._shm_view, sl)
         else:
-            _copy_into(self._obs, sl, batch, slice(None))
+            _copy_into(obs, sl, batch, slice(None))
         rewards[sl], terms[sl], truncs[sl] = r, te, tr
         return _merge_infos(infos, worker_infos, sl, self.num_envs)
 
@@ -298,20 +299,23 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         self._seeds = list(seed)
         self._next_reset_seed = [None] * self.num_envs
         self._autoreset[:] = False
-        ops = [("reset", (s, options)) for s in seed]
+        messages = {w: (None, {j: (seed[i], options) for j, i in enumerate(range(sl.start, sl.stop))})
+                    for w, sl in ((w, self._slice(w)) for w in range(self.num_workers))}
+        obs = create_empty_array(self.single_observation_space, self.num_envs, fn=np.empty)
         rewards, terms, truncs = np.zeros(self.num_envs), np.zeros(self.num_envs, bool), np.zeros(self.num_envs, bool)
         infos: dict = {}
-        results = self._exchange(ops, range(self.num_workers))
+        results = self._exchange(messages, range(self.num_workers))
         failed = [w for w, (ok, _) in results.items() if not ok]
         for w in failed:
             self._restart(w, results[w][1])
-        results.update(self._exchange(ops, failed))
+        results.update(self._exchange(messages, failed))
         for w in range(self.num_workers):
             ok, data = results[w]
             if not ok:
                 raise RuntimeError(f"ResilientVectorEnv: worker {w} failed reset twice: {data}")
-            infos = self._store(w, data, rewards, terms, truncs, infos)
-        return copy.deepcopy(self._obs), infos
+            infos = self._store(w, data, obs, rewards, terms, truncs, infos)
+        self._obs = obs
+        return copy.deepcopy(obs), infos
 
     def step(self, actions):
         """Step every env (NEXT_STEP autoreset); a failed worker's envs return this step truncated.
@@ -321,33 +325,41 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         reset on the next step (reward 0, no done flags) with seed None, or, if the last reset()
         gave the env seed s, a seed derived from (s, restart count), so seeded runs stay reproducible.
         """
-        ops = []
-        for i, action in enumerate(iterate(self.action_space, actions)):
-            if self._autoreset[i]:
-                ops.append(("reset", (self._next_reset_seed[i], None)))
+        if not isinstance(actions, np.ndarray):  # nested action spaces: one entry per env
+            actions = list(iterate(self.action_space, actions))
+        messages = {}
+        for w in range(self.num_workers):
+            sl = self._slice(w)
+            resets = {}
+            for i in np.flatnonzero(self._autoreset[sl]) + sl.start:
+                resets[int(i) - sl.start] = (self._next_reset_seed[i], None)
                 self._next_reset_seed[i] = None
-            else:
-                ops.append(("step", action))
+            messages[w] = (actions[sl], resets)
+        # A fresh array per step, written once from shared memory, returned as is and kept as the last observation
+        # (a restarted worker's envs report theirs).
+        obs = create_empty_array(self.single_observation_space, self.num_envs, fn=np.empty)
         rewards = np.zeros(self.num_envs)  # (num_envs,) float64
         terms = np.zeros(self.num_envs, dtype=np.bool_)  # (num_envs,)
         truncs = np.zeros(self.num_envs, dtype=np.bool_)  # (num_envs,)
         infos: dict = {}
-        results = self._exchange(ops, range(self.num_workers))
+        results = self._exchange(messages, range(self.num_workers))
         for w in range(self.num_workers):
             ok, data = results[w]
             if ok:
-                infos = self._store(w, data, rewards, terms, truncs, infos)
+                infos = self._store(w, data, obs, rewards, terms, truncs, infos)
                 continue
             self._restart(w, data)
             sl = self._slice(w)
+            _copy_into(obs, sl, self._obs, sl)
             truncs[sl] = True
             for i in range(sl.start, sl.stop):
                 if self._seeds[i] is not None:
                     entropy = [self._seeds[i], self.restarts]
                     self._next_reset_seed[i] = int(np.random.SeedSequence(entropy).generate_state(1)[0])
                 infos = self._add_info(infos, {"worker_restarted": True}, i)
+        self._obs = obs
         self._autoreset = terms | truncs
-        return copy.deepcopy(self._obs), rewards, terms, truncs, infos
+        return obs, rewards, terms, truncs, infos
 
     def close_extras(self, **kwargs):
         """Ask every worker to close its envs, then kill those that have not exited in time."""
