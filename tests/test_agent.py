@@ -109,7 +109,7 @@ def test_every_agent_preset_trains_one_step(preset, num_actions):
     assert np.isfinite(stats["wm/loss"]) and stats["wm/skipped"] == 0 and np.isfinite(stats["ac/loss_critic"])
 
 
-def _compiled_vs_eager(backend: str, cudagraph_steps: bool = False) -> None:
+def _compiled_vs_eager(backend: str, cudagraph_steps: bool = False, *overrides: str) -> None:
     """Two updates of the tiny agent, eager and with `compile_frame_parts(backend)`, from the same weights, batch
     and random numbers: the same losses and weights (to float tolerance), the same state-dict keys.
     `cudagraph_steps`: also take the CUDA-graph path's step marks and output copies (no graphs on CPU)."""
@@ -117,7 +117,7 @@ def _compiled_vs_eager(backend: str, cudagraph_steps: bool = False) -> None:
 
     results = []
     for compiled in (False, True):
-        cfg = load_config(AgentConfig, ROOT / "configs/tiny.yaml", [*ONE_UPDATE, f"train.compile={compiled}"])
+        cfg = load_config(AgentConfig, ROOT / "configs/tiny.yaml", [*ONE_UPDATE, f"train.compile={compiled}", *overrides])
         cfg.train.compile = False  # build eager; compiled below with the backend under test
         wm, ac, opt, replay = _one_update_setup(cfg, 17)
         if compiled:
@@ -152,12 +152,14 @@ def test_cudagraph_modes_copy_carried_outputs():
         assert kept.grad_fn is not None if graphs else kept is x
 
 
-def test_compiled_frame_parts_match_eager():
+@pytest.mark.parametrize("carry_grad", [True, False])
+def test_compiled_frame_parts_match_eager(carry_grad):
     """`train.compile`'s tracing (dynamo graphs, AOT autograd, the slot module recompiling for the carried slots
-    after the first frame) checked on the aot_eager backend, which builds no C++ kernels: fast enough for CI.
-    The CUDA-graph bookkeeping (step marks, copies of carried outputs) runs too and changes no number."""
+    after the first frame; with encoder.carry_grad=false, for the chain without autograd and the one batched call)
+    checked on the aot_eager backend, which builds no C++ kernels: fast enough for CI. The CUDA-graph bookkeeping
+    (step marks, copies of carried outputs) runs too and changes no number."""
     torch._dynamo.reset()
-    _compiled_vs_eager("aot_eager", cudagraph_steps=True)
+    _compiled_vs_eager("aot_eager", True, f"encoder.carry_grad={carry_grad}")
 
 
 @pytest.mark.slow

@@ -63,19 +63,22 @@ def test_loss_and_gradients_fresh_encoder(tmp_path):
     assert all(p.grad is not None for p in wm.autoencoder.encoder.backbone.parameters())  # joint: it learns
 
 
-def test_batched_encode_matches_frame_by_frame(tmp_path, monkeypatch):
+@pytest.mark.parametrize("carry_grad", [True, False])
+def test_batched_encode_matches_frame_by_frame(tmp_path, monkeypatch, carry_grad):
     """encode runs the backbone, quantizer, decoder and frame tokenizer once over all frames; the codes, losses
-    and gradients are those of the autoencoder run frame by frame with slots carried over. The Gumbel noise is
-    taken out (relaxed one-hots = softmax(logits / tau)), since batching draws it in another order."""
+    and gradients are those of the autoencoder run frame by frame with slots carried over (as constants, for
+    encoder.carry_grad=false, whose slot module also runs once over all frames). The Gumbel noise is taken out
+    (relaxed one-hots = softmax(logits / tau)), since batching draws it in another order."""
     import torch.nn.functional as F
 
     from world_model.slots import vq
 
     monkeypatch.setattr(vq.F, "gumbel_softmax", lambda logits, tau, hard, dim: (logits / tau).softmax(dim))
-    cfg = wm_cfg(toy_dataset(tmp_path / "d"))
+    cfg = wm_cfg(toy_dataset(tmp_path / "d"), f"encoder.carry_grad={carry_grad}")
     train, _, _ = split_dataset(cfg)
     images = to_batch(train.sample(2, 4), 16, torch.device("cpu"))["images"]
     wm = build_wm_for(cfg, 3, torch.device("cpu"))
+    assert wm.carry_grad == carry_grad
     torch.manual_seed(0)  # the first frame's slot initialization
     enc = wm.encode(images)
     (enc.recon_loss + enc.kl).backward()
@@ -85,7 +88,7 @@ def test_batched_encode_matches_frame_by_frame(tmp_path, monkeypatch):
     codes, recon, kl, prev = [], [], [], None
     for i in range(images.shape[1]):
         out, dec = wm.autoencoder(images[:, i], prev)
-        prev = out.raw_slots
+        prev = out.raw_slots if carry_grad else out.raw_slots.detach()
         codes.append(out.codes)
         recon.append(F.mse_loss(dec.recon, images[:, i]))
         kl.append(out.kl)

@@ -116,6 +116,9 @@ class WMEncoderConfig:
     mode: str = "frozen"  # frozen | joint (a fresh encoder is always joint)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(num_slots=8, vq=VQConfig(enabled=True)))
     resolution: int = 64  # model input side (fresh encoder; a checkpoint brings its own)
+    # Gradients through the slots carried from frame to frame (full backpropagation through the sequence); false
+    # truncates it to one frame, and the slot module then trains on all frames of an update in one batch.
+    carry_grad: bool = True
 
 
 @dataclass

@@ -72,7 +72,7 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
     if dyn.max_steps < longest:
         raise ValueError(f"dynamics.max_steps={dyn.max_steps} is shorter than the longest sequence ({longest} steps: "
                          "the training segment, or the evaluation context plus its longest horizon)")
-    return WorldModel(autoencoder, enc.resolution, frame, dyn, joint).to(device)
+    return WorldModel(autoencoder, enc.resolution, frame, dyn, joint, enc.carry_grad).to(device)
 
 
 def build_wm_for(cfg: WorldModelConfig, num_actions: int, device: torch.device) -> WorldModel:

@@ -39,8 +39,9 @@ def frames_to_input(frames: torch.Tensor, resolution: int) -> torch.Tensor:
 
 class WorldModel(nn.Module):
     def __init__(self, autoencoder: SlotAutoencoder, resolution: int, frame_cfg: FrameTokenizerConfig,
-                 dyn_cfg: DynamicsConfig, joint: bool):
+                 dyn_cfg: DynamicsConfig, joint: bool, carry_grad: bool = True):
         super().__init__()
+        self.carry_grad = carry_grad  # gradients through the slots carried from frame to frame (see carried_slots)
         vq = autoencoder.encoder.vq
         if vq is None:
             raise ValueError("the world model needs a VQ slot encoder (model.vq.enabled=true): it predicts slot codes")
@@ -65,14 +66,10 @@ class WorldModel(nn.Module):
         one big one)."""
         b, t = images.shape[:2]
         encoder, frames = self.autoencoder.encoder, images.flatten(0, 1)
-        raws, prev = [], None
         with torch.set_grad_enabled(self.joint and torch.is_grad_enabled()):
             feats, _ = encoder.features(frames)
-            feats = self.kept(feats).unflatten(0, (b, t))  # b t n d
-            for i in range(t):
-                prev = self.kept(encoder.slot_module(feats[:, i], prev)[0])  # b k d, carried to frame i+1
-                raws.append(prev)
-            q = encoder.vq(torch.stack(raws, 1).flatten(0, 1))  # (b t) k d: the same codes as frame by frame
+            raws = self.carried_slots(self.kept(feats).unflatten(0, (b, t)))  # b t k d
+            q = encoder.vq(raws.flatten(0, 1))  # (b t) k d: the same codes as frame by frame
             codes, kl, recon_loss = self.kept(q.codes).unflatten(0, (b, t)), self.kept(q.kl), None
             if self.joint:  # the MSE over all frames: the mean of each frame's MSE, the frames being equal in size
                 recon_loss = F.mse_loss(self.autoencoder.decoder(q.slots).recon, frames)
@@ -81,6 +78,32 @@ class WorldModel(nn.Module):
             frame_codes, frame_loss = self.frame_tokenizer(frames)
             frame_codes = self.kept(frame_codes).unflatten(0, (b, t))
         return Encoded(codes, frame_codes, recon_loss, kl if self.joint else None, frame_loss)
+
+    def carried_slots(self, feats: torch.Tensor) -> torch.Tensor:
+        """Backbone features `b t n d` -> raw slots `b t k d`, frame t's slots initialized from frame t-1's.
+
+        With `carry_grad` (the default) gradients flow back through the carried slots over the whole sequence, so the
+        slot module runs frame by frame with autograd. Without it the carried slots are constants (backpropagation
+        truncated to one frame): the chain runs frame by frame without autograd, then the slot module runs once
+        over all b*t frames from those initial slots, with the same values and, on a GPU, about a third of the
+        kernel launches of an update (`python .ci/count-ops.py encoder.carry_grad=false`)."""
+        slot_module = self.autoencoder.encoder.slot_module
+        b, t = feats.shape[:2]
+        if self.carry_grad or not torch.is_grad_enabled():
+            raws, prev = [], None
+            for i in range(t):
+                prev = self.kept(slot_module(feats[:, i], prev)[0])  # b k d, carried to frame i+1
+                raws.append(prev)
+            return torch.stack(raws, 1)
+        first = slot_module.initial_slots(b, feats.device, feats.dtype)  # b k d, sampled once, with its gradient
+        inits = [first]
+        with torch.no_grad():
+            prev = first.detach()
+            for i in range(t - 1):
+                prev = self.kept(slot_module(feats[:, i], prev)[0])
+                inits.append(prev)
+        raws = slot_module(feats.flatten(0, 1), torch.stack(inits, 1).flatten(0, 1))[0]  # (b t) k d
+        return self.kept(raws).unflatten(0, (b, t))
 
     def loss(self, batch: dict, vq_beta: float) -> tuple[torch.Tensor, dict, Encoded]:
         """batch: images `b t 3 h w` float, action/reward/is_terminal `b t` in the episode step layout
