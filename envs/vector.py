@@ -39,6 +39,8 @@ from gymnasium.vector.utils import (
     write_to_shared_memory,
 )
 
+from .infos import InfoBatcher, InfoPacker, merge_packed
+
 _CLOSE_TIMEOUT = 2.0  # seconds a worker gets to close its envs before it is killed
 
 
@@ -47,15 +49,14 @@ def _worker(env_fns, offset, conn, obs_space, shm):
 
     A message is (actions, resets): env j resets with ``resets[j] = (seed, options)`` when j is in ``resets``, else
     steps with ``actions[j]``. The reply is ("ok", (obs, rewards, terminations, truncations, infos)) with obs None
-    when written to shared memory at ``offset + j`` and infos already in the vector layout over this worker's envs
-    (so the parent merges one dict per worker, not one per env), or ("error", traceback text) after which the
-    worker exits.
+    when written to shared memory at ``offset + j`` and infos already in the vector layout over this worker's envs,
+    packed (``envs.infos``), or ("error", traceback text) after which the worker exits.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     envs = []
     try:
         envs = [fn() for fn in env_fns]
-        batcher = _InfoBatcher(len(envs))
+        batcher, packer = InfoBatcher(len(envs)), InfoPacker()
         while (msg := conn.recv()) is not None:
             actions, resets = msg
             obs, rewards, terms, truncs, infos = [], [], [], [], {}
@@ -77,7 +78,7 @@ def _worker(env_fns, offset, conn, obs_space, shm):
                 for j, o in enumerate(obs):
                     write_to_shared_memory(obs_space, offset + j, o, shm)
                 batch = None
-            conn.send(("ok", (batch, rewards, terms, truncs, infos)))
+            conn.send(("ok", (batch, rewards, terms, truncs, packer.pack(infos))))
     except EOFError:  # parent went away
         pass
     except Exception:
@@ -88,33 +89,6 @@ def _worker(env_fns, offset, conn, obs_space, shm):
             with suppress(Exception):
                 env.close()
         conn.close()
-
-
-class _InfoBatcher:
-    """gymnasium's per-env info batching (``VectorEnv._add_info``) over a worker's ``num_envs`` envs."""
-
-    _add_info = gymnasium.vector.VectorEnv._add_info
-
-    def __init__(self, num_envs: int):
-        self.num_envs = num_envs
-
-
-def _merge_infos(infos: dict, part: dict, sl: slice, num_envs: int) -> dict:
-    """Place a worker's vector infos (its envs' slice `sl`) into the vector infos of all `num_envs` envs: what
-    ``VectorEnv._add_info`` would give for each of those envs in turn (arrays typed by the first env that has
-    the key, a ``_key`` mask beside each key, nested dicts merged the same way)."""
-    for key, value in part.items():
-        if key.startswith("_") and key[1:] in part:
-            continue  # a mask, merged with its key
-        if isinstance(value, dict):
-            infos[key] = _merge_infos(infos.get(key, {}), value, sl, num_envs)
-        else:
-            if key not in infos:
-                infos[key] = (np.full(num_envs, None, dtype=object) if value.dtype == object
-                              else np.zeros((num_envs, *value.shape[1:]), dtype=value.dtype))
-            infos[key][sl] = value
-        infos.setdefault(f"_{key}", np.zeros(num_envs, dtype=np.bool_))[sl] = part[f"_{key}"]
-    return infos
 
 
 def _copy_into(dst, dst_idx, src, src_idx):
@@ -193,6 +167,7 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         self._autoreset = np.zeros(self.num_envs, dtype=np.bool_)  # (num_envs,) reset on next step
         self._seeds: list[int | None] = [None] * self.num_envs  # seeds of the last reset()
         self._next_reset_seed: list[int | None] = [None] * self.num_envs  # for the next autoreset
+        self._layouts: dict = {}  # worker -> the info layout it last sent (envs.infos)
         self._procs = [None] * self.num_workers
         self._conns = [None] * self.num_workers
         for w in range(self.num_workers):
@@ -243,6 +218,7 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
             RuntimeWarning,
             stacklevel=3,
         )
+        self._layouts.pop(w, None)  # the fresh worker sends its info layout with its first reply
         self._start(w)
 
     def _exchange(self, messages: dict[int, tuple], workers: Sequence[int]) -> dict[int, tuple[bool, Any]]:
@@ -277,16 +253,19 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
                     results[w] = (False, f"env raised an exception:\n{data}")
         return results
 
-    def _store(self, w: int, data, obs, rewards, terms, truncs, infos: dict) -> dict:
-        """Copy one worker's reply into the batch buffers; returns the updated vector infos."""
+    def _store(self, w: int, data, obs, rewards, terms, truncs, parts: dict) -> None:
+        """Copy one worker's reply into the batch buffers; its packed infos go to `parts` (worker -> message)."""
         sl = self._slice(w)
-        batch, r, te, tr, worker_infos = data
+        batch, r, te, tr, parts[w] = data
         if batch is None:
             _copy_into(obs, sl, self._shm_view, sl)
         else:
             _copy_into(obs, sl, batch, slice(None))
         rewards[sl], terms[sl], truncs[sl] = r, te, tr
-        return _merge_infos(infos, worker_infos, sl, self.num_envs)
+
+    def _merge(self, parts: dict) -> dict:
+        """The vector infos from the replying workers' packed infos."""
+        return merge_packed(parts, self._layouts, {w: self._slice(w) for w in parts}, self.num_envs)
 
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
         """Reset every env: seed int s gives env i seed s + i; a failed worker is restarted and retried once."""
@@ -303,7 +282,7 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
                     for w, sl in ((w, self._slice(w)) for w in range(self.num_workers))}
         obs = create_empty_array(self.single_observation_space, self.num_envs, fn=np.empty)
         rewards, terms, truncs = np.zeros(self.num_envs), np.zeros(self.num_envs, bool), np.zeros(self.num_envs, bool)
-        infos: dict = {}
+        parts: dict = {}
         results = self._exchange(messages, range(self.num_workers))
         failed = [w for w, (ok, _) in results.items() if not ok]
         for w in failed:
@@ -313,9 +292,9 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
             ok, data = results[w]
             if not ok:
                 raise RuntimeError(f"ResilientVectorEnv: worker {w} failed reset twice: {data}")
-            infos = self._store(w, data, obs, rewards, terms, truncs, infos)
+            self._store(w, data, obs, rewards, terms, truncs, parts)
         self._obs = obs
-        return copy.deepcopy(obs), infos
+        return copy.deepcopy(obs), self._merge(parts)
 
     def step(self, actions):
         """Step every env (NEXT_STEP autoreset); a failed worker's envs return this step truncated.
@@ -341,14 +320,18 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         rewards = np.zeros(self.num_envs)  # (num_envs,) float64
         terms = np.zeros(self.num_envs, dtype=np.bool_)  # (num_envs,)
         truncs = np.zeros(self.num_envs, dtype=np.bool_)  # (num_envs,)
-        infos: dict = {}
+        parts: dict = {}
         results = self._exchange(messages, range(self.num_workers))
+        failed = []
         for w in range(self.num_workers):
             ok, data = results[w]
             if ok:
-                infos = self._store(w, data, obs, rewards, terms, truncs, infos)
-                continue
-            self._restart(w, data)
+                self._store(w, data, obs, rewards, terms, truncs, parts)
+            else:
+                self._restart(w, data)
+                failed.append(w)
+        infos = self._merge(parts)
+        for w in failed:
             sl = self._slice(w)
             _copy_into(obs, sl, self._obs, sl)
             truncs[sl] = True

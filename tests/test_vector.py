@@ -259,7 +259,7 @@ def test_worker_side_info_batching_matches_per_env_batching():
     """Workers batch their envs' infos and the parent merges one dict per worker: the same vector infos as
     gymnasium's per-env _add_info over all envs (keys some envs lack, nested dicts, arrays, objects, a key first
     seen in a later worker, an int key that a later env gives as a float)."""
-    from envs.vector import _InfoBatcher, _merge_infos
+    from envs.infos import InfoBatcher, merge_infos
 
     env_infos = [
         {"score": 1, "episode": {"r": 1.5, "l": 10}, "final_obs": np.ones(2)},
@@ -270,15 +270,63 @@ def test_worker_side_info_batching_matches_per_env_batching():
         {"late": "y", "flags": np.array([0, 1], np.int8)},
     ]
     want: dict = {}
-    everything = _InfoBatcher(6)
+    everything = InfoBatcher(6)
     for i, info in enumerate(env_infos):
         want = everything._add_info(want, info, i)
     got: dict = {}
     for w in range(3):  # 3 workers x 2 envs
-        part, batcher = {}, _InfoBatcher(2)
+        part, batcher = {}, InfoBatcher(2)
         for j, info in enumerate(env_infos[2 * w:2 * w + 2]):
             part = batcher._add_info(part, info, j)
-        got = _merge_infos(got, part, slice(2 * w, 2 * w + 2), 6)
+        got = merge_infos(got, part, slice(2 * w, 2 * w + 2), 6)
     _assert_infos_equal(got, want)
     assert got["score"].dtype == np.int64 and got["score"][3] == 3  # typed by the first env, as gymnasium
     assert got["final_obs"][0] is not None and got["final_obs"][1] is None
+
+
+def _worker_parts(env_infos: list, per_worker: int) -> list:
+    from envs.infos import InfoBatcher
+
+    parts = []
+    for start in range(0, len(env_infos), per_worker):
+        part, batcher = {}, InfoBatcher(per_worker)
+        for j, info in enumerate(env_infos[start:start + per_worker]):
+            part = batcher._add_info(part, info, j)
+        parts.append(part)
+    return parts
+
+
+@pytest.mark.parametrize("case", ["same layout", "layouts differ", "object leaf", "worker missing"])
+def test_packed_infos_merge_like_dicts(case):
+    """Workers send packed infos (numeric leaves stacked by dtype, the layout only when it changed); the parent's
+    merge equals merging the workers' dicts, over two steps (the second with cached layouts), in every case:
+    all workers with one layout (the fast path), layouts that differ, an object leaf (sent as a dict), and a
+    worker that did not reply (its envs get zeros and False masks)."""
+    from envs.infos import InfoPacker, merge_infos, merge_packed
+
+    crafterish = {"achievements": {"collect_wood": 1, "eat_cow": 0}, "inventory": {"health": 9}, "reward": 0.1,
+                  "flags": np.array([1, 0], np.int8)}
+    if case == "layouts differ":
+        env_infos = [crafterish, crafterish, crafterish, {"reward": 1.0, "episode": {"r": 2.5}}]
+    elif case == "object leaf":
+        env_infos = [crafterish, crafterish, {"late": "x", **crafterish}, crafterish]
+    else:
+        env_infos = [crafterish, {**crafterish, "reward": -1.0}, crafterish, {**crafterish, "flags": np.ones(2, np.int8)}]
+    packers, layouts = [InfoPacker(), InfoPacker()], {}
+    slices = {0: slice(0, 2), 1: slice(2, 4)}
+    for step in range(2):
+        parts = _worker_parts(env_infos, 2)
+        replying = [0] if case == "worker missing" else [0, 1]
+        want: dict = {}
+        for w in replying:
+            want = merge_infos(want, parts[w], slices[w], 4)
+        messages = {w: packers[w].pack(parts[w]) for w in replying}
+        if case == "object leaf":
+            assert messages[1][0] == "dict"
+        else:
+            assert messages[0][0] == "packed" and (messages[0][1] is None) == (step == 1)  # layout sent once
+        got = merge_packed(messages, layouts, {w: slices[w] for w in replying}, 4)
+        _assert_infos_equal(got, want)
+        if case == "same layout":
+            assert got["achievements"]["collect_wood"].dtype == np.int64 and got["flags"].shape == (4, 2)
+            assert got["reward"].tolist() == [0.1, -1.0, 0.1, 0.1]
