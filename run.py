@@ -321,7 +321,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("bench", help="throughput benchmarks (prints img/s, ratios measured side by side)")
+    s = sub.add_parser("bench", help="throughput benchmarks (prints img/s, ratios measured side by side)",
+                       description="what each benchmark prints:\n"
+                       "  pretrain     slot pretraining img/s per optimization row (eager fp32, channels_last, bf16,\n"
+                       "               torch.compile, CUDA graphs), GMM and Slot Attention\n"
+                       "  estep        the GMM E-step: expanded matmuls vs the materialized b n k d tensor\n"
+                       "  generator    CLEVR-like scenes/s of the renderer\n"
+                       "  metrics      seconds of clevr_ap_table on 5000 images\n"
+                       "  envs         env steps/s: one core, independent processes without IPC (the machine's\n"
+                       "               ceiling), the vector env at each --envs-per-worker\n"
+                       "  imagination  imagined steps/s of the dynamics with vs without its KV cache\n"
+                       "  agent        env steps/s of the whole training loop per optimization row and the time per\n"
+                       "               part (key=value overrides apply to the agent preset)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("what", choices=["pretrain", "estep", "generator", "metrics", "envs", "imagination", "agent"],
                    help="what to measure")
     s.add_argument("--device", default="auto")

@@ -51,3 +51,19 @@ def test_bad_preset_files(tmp_path):
     broken.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="cannot parse"):
         load_config(PretrainConfig, broken)
+
+
+@pytest.mark.parametrize("command", ["pretrain", "eval-ap", "generate", "collect", "visualize", "train-wm", "eval-wm",
+                                     "train", "eval", "bench", "config"])
+def test_every_command_explains_itself(command, capsys):
+    """`run.py COMMAND --help` exits cleanly with a usage line; bench names what each of its benchmarks prints."""
+    import run
+
+    with pytest.raises(SystemExit) as exit_info:
+        run.main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: run.py {command}")
+    if command == "bench":
+        for what in ("pretrain", "estep", "generator", "metrics", "envs", "imagination", "agent"):
+            assert f"\n  {what} " in out, what
