@@ -31,8 +31,9 @@ def merge_infos(infos: dict, part: dict, sl: slice, num_envs: int) -> dict:
     """Place a worker's vector infos (its envs' slice `sl`) into the vector infos of all `num_envs` envs: what
     ``VectorEnv._add_info`` would give for each of those envs in turn (arrays typed by the first env that has
     the key, a ``_key`` mask beside each key, nested dicts merged the same way)."""
+    masks = _mask_keys(part)
     for key, value in part.items():
-        if key.startswith("_") and key[1:] in part:
+        if key in masks:
             continue  # a mask, merged with its key
         if isinstance(value, dict):
             infos[key] = merge_infos(infos.get(key, {}), value, sl, num_envs)
@@ -45,10 +46,16 @@ def merge_infos(infos: dict, part: dict, sl: slice, num_envs: int) -> dict:
     return infos
 
 
+def _mask_keys(part: dict) -> set:
+    """The `_key` masks among the keys of batched infos (keys may be any hashable, as in gymnasium)."""
+    return {f"_{key}" for key in part} & set(part)
+
+
 def _leaves(part: dict, path: tuple, out: list) -> bool:
     """Append (path, value or None for a nested dict, mask) for every key of `part`; False at an object array."""
+    masks = _mask_keys(part)
     for key, value in part.items():
-        if key.startswith("_") and key[1:] in part:
+        if key in masks:
             continue
         if isinstance(value, dict):
             if not _leaves(value, (*path, key), out):
@@ -103,16 +110,19 @@ def unpack(layout: Layout, groups: list, masks: np.ndarray) -> dict:
     return out
 
 
+def record_layout(layouts: dict[int, Layout], w: int, msg: tuple) -> None:
+    """The parent's side of InfoPacker.sent: call on every reply as it arrives (before anything may raise), so
+    that the worker's and the parent's ideas of its last layout never part."""
+    if msg[0] == "packed" and msg[1] is not None:
+        layouts[w] = msg[1]
+
+
 def merge_packed(parts: dict[int, tuple], layouts: dict[int, Layout], slices: dict[int, slice],
                  num_envs: int) -> dict:
     """The vector infos of all envs from each replying worker's packed message (`parts`: worker -> message;
-    `layouts`: each worker's last layout, updated here; `slices`: its envs). Envs of workers absent from `parts`
-    get zeros and False masks, as with `merge_infos`."""
-    resolved = {}
-    for w, msg in parts.items():
-        if msg[0] == "packed" and msg[1] is not None:
-            layouts[w] = msg[1]
-        resolved[w] = layouts[w] if msg[0] == "packed" else None
+    `layouts`: each worker's last layout, kept by record_layout; `slices`: its envs). Envs of workers absent from
+    `parts` get zeros and False masks, as with `merge_infos`."""
+    resolved = {w: layouts[w] if msg[0] == "packed" else None for w, msg in parts.items()}
     first = next(iter(resolved.values()), None)
     if first is None or any(layout != first for layout in resolved.values()):
         infos: dict = {}

@@ -39,7 +39,7 @@ from gymnasium.vector.utils import (
     write_to_shared_memory,
 )
 
-from .infos import InfoBatcher, InfoPacker, merge_packed
+from .infos import InfoBatcher, InfoPacker, merge_packed, record_layout
 
 _CLOSE_TIMEOUT = 2.0  # seconds a worker gets to close its envs before it is killed
 
@@ -257,6 +257,7 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         """Copy one worker's reply into the batch buffers; its packed infos go to `parts` (worker -> message)."""
         sl = self._slice(w)
         batch, r, te, tr, parts[w] = data
+        record_layout(self._layouts, w, parts[w])  # now: the worker counts it as sent
         if batch is None:
             _copy_into(obs, sl, self._shm_view, sl)
         else:
@@ -288,11 +289,13 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         for w in failed:
             self._restart(w, results[w][1])
         results.update(self._exchange(messages, failed))
+        for w in range(self.num_workers):  # every reply first: each worker's info layout is recorded before a raise
+            if results[w][0]:
+                self._store(w, results[w][1], obs, rewards, terms, truncs, parts)
         for w in range(self.num_workers):
             ok, data = results[w]
             if not ok:
                 raise RuntimeError(f"ResilientVectorEnv: worker {w} failed reset twice: {data}")
-            self._store(w, data, obs, rewards, terms, truncs, parts)
         self._obs = obs
         return copy.deepcopy(obs), self._merge(parts)
 
@@ -322,14 +325,12 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         truncs = np.zeros(self.num_envs, dtype=np.bool_)  # (num_envs,)
         parts: dict = {}
         results = self._exchange(messages, range(self.num_workers))
-        failed = []
-        for w in range(self.num_workers):
-            ok, data = results[w]
-            if ok:
-                self._store(w, data, obs, rewards, terms, truncs, parts)
-            else:
-                self._restart(w, data)
-                failed.append(w)
+        failed = [w for w in range(self.num_workers) if not results[w][0]]
+        for w in range(self.num_workers):  # every reply before any restart, which may raise (max_restarts)
+            if results[w][0]:
+                self._store(w, results[w][1], obs, rewards, terms, truncs, parts)
+        for w in failed:
+            self._restart(w, results[w][1])
         infos = self._merge(parts)
         for w in failed:
             sl = self._slice(w)

@@ -302,10 +302,10 @@ def test_packed_infos_merge_like_dicts(case):
     merge equals merging the workers' dicts, over two steps (the second with cached layouts), in every case:
     all workers with one layout (the fast path), layouts that differ, an object leaf (sent as a dict), and a
     worker that did not reply (its envs get zeros and False masks)."""
-    from envs.infos import InfoPacker, merge_infos, merge_packed
+    from envs.infos import InfoPacker, merge_infos, merge_packed, record_layout
 
     crafterish = {"achievements": {"collect_wood": 1, "eat_cow": 0}, "inventory": {"health": 9}, "reward": 0.1,
-                  "flags": np.array([1, 0], np.int8)}
+                  "flags": np.array([1, 0], np.int8), 7: 3}  # keys may be any hashable, as in gymnasium
     if case == "layouts differ":
         env_infos = [crafterish, crafterish, crafterish, {"reward": 1.0, "episode": {"r": 2.5}}]
     elif case == "object leaf":
@@ -325,8 +325,52 @@ def test_packed_infos_merge_like_dicts(case):
             assert messages[1][0] == "dict"
         else:
             assert messages[0][0] == "packed" and (messages[0][1] is None) == (step == 1)  # layout sent once
+        for w, msg in messages.items():
+            record_layout(layouts, w, msg)
         got = merge_packed(messages, layouts, {w: slices[w] for w in replying}, 4)
         _assert_infos_equal(got, want)
         if case == "same layout":
             assert got["achievements"]["collect_wood"].dtype == np.int64 and got["flags"].shape == (4, 2)
             assert got["reward"].tolist() == [0.1, -1.0, 0.1, 0.1]
+
+
+class LayoutEnv(gymnasium.Env):
+    """Reset and step infos with different keys (so a worker's packed layout changes); reset raises while
+    `fail_flag` exists, for envs with index >= 2 (the second worker)."""
+
+    observation_space = Box(-1.0, 1.0, (1,), np.float64)
+    action_space = Discrete(2)
+
+    def __init__(self, index, fail_flag):
+        self.index, self.fail_flag = index, fail_flag
+
+    def reset(self, *, seed=None, options=None):
+        if self.index >= 2 and os.path.exists(self.fail_flag):
+            raise ValueError("boom: injected reset failure")
+        return np.zeros(1), {"r": 0.5, "q": 1.5}
+
+    def step(self, action):
+        return np.ones(1), 0.0, False, False, {"t": 7.0, "u": 3.0}
+
+
+def test_info_layouts_stay_in_step_after_a_failed_reset(tmp_path):
+    """A reset() that raises (a worker failed it twice) after other workers replied with a new info layout: the
+    parent has recorded their layouts anyway, so the next reset's infos are labelled right."""
+    flag = tmp_path / "fail"
+    venv = ResilientVectorEnv([partial(LayoutEnv, i, str(flag)) for i in range(4)], envs_per_worker=2)
+    try:
+        venv.reset(seed=0)
+        venv.step(np.zeros(4, dtype=np.int64))
+        flag.touch()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            with pytest.raises(RuntimeError, match="failed reset twice"):
+                venv.reset(seed=0)
+        flag.unlink()
+        with pytest.warns(RuntimeWarning, match="restarting it"):  # the worker that failed is gone
+            _, infos = venv.reset(seed=0)
+        assert set(infos) == {"r", "_r", "q", "_q"}
+        np.testing.assert_array_equal(infos["r"], [0.5] * 4)
+        np.testing.assert_array_equal(infos["q"], [1.5] * 4)
+    finally:
+        venv.close()
