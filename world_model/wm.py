@@ -95,7 +95,9 @@ class WorldModel(nn.Module):
                 prev = self.kept(slot_module(feats[:, i], prev)[0])  # b k d, carried to frame i+1
                 raws.append(prev)
             return torch.stack(raws, 1)
-        first = slot_module.initial_slots(b, feats.device, feats.dtype)  # b k d, sampled once, with its gradient
+        # b k d, sampled once, with its gradient; at least fp32, as the slot module samples it from its normalized
+        # inputs (a bf16 backbone output under autocast would round it)
+        first = slot_module.initial_slots(b, feats.device, torch.promote_types(feats.dtype, torch.float32))
         inits = [first]
         with torch.no_grad():
             prev = first.detach()
