@@ -1,21 +1,43 @@
-"""The parent process's share of vectorized env stepping: cProfile around random-action vector steps.
+"""The parent process's share of vectorized env stepping: cProfile around random-action vector steps, after the
+cost of one worker reply's infos as a nested dict of arrays and packed (envs/infos.py).
 
 Past a few workers the parent (sending actions, gathering replies, merging infos) bounds a vector env's rate, so
 its own time per step is the figure to lower (issue 6). From the project root:
     python .ci/profile-vector-env.py [GAME] [WORKERS] [ENVS_PER_WORKER] [VECTOR_STEPS]   # nethack 2 16 60
 """
 import cProfile
+import pickle
 import pstats
 import sys
+import timeit
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from envs.collect import env_fn  # noqa: E402
+from envs.infos import InfoBatcher, InfoPacker  # noqa: E402
 from envs.vector import make_vector_env, measure_steps_per_second  # noqa: E402
+
+
+def reply_costs(game: str, per_worker: int) -> None:
+    """Bytes and pickle/unpickle µs of one worker's batched infos after a step of its envs, as a dict and packed."""
+    envs = [env_fn(game, stats_path=None)() for _ in range(per_worker)]
+    infos, batcher = {}, InfoBatcher(per_worker)
+    for j, env in enumerate(envs):
+        env.reset(seed=j)
+        infos = batcher._add_info(infos, env.step(env.action_space.sample())[4], j)
+        env.close()
+    for name, msg in (("dict", ("dict", infos)), ("packed", InfoPacker().pack(infos))):
+        blob = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        dumps = timeit.timeit(lambda: pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL), number=2000) / 2000
+        loads = timeit.timeit(lambda: pickle.loads(blob), number=2000) / 2000
+        print(f"# one reply's infos, {per_worker} {game} envs, {name}: {len(blob)} bytes, pickle {1e6 * dumps:.0f} µs, "
+              f"unpickle {1e6 * loads:.0f} µs")
+
 
 if __name__ == "__main__":
     game, workers, per_worker, steps = (sys.argv[1:] + ["nethack", "2", "16", "60"][len(sys.argv) - 1:])[:4]
+    reply_costs(game, int(per_worker))
     venv = make_vector_env(env_fn(game, stats_path=None), int(workers) * int(per_worker),
                            envs_per_worker=int(per_worker))
     measure_steps_per_second(venv, 5)  # workers started, envs warm

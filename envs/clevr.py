@@ -212,6 +212,10 @@ class _Layout:
         r = self.radius()
         return torch.where(self.shape == SHAPES.index("cube"), r / math.sqrt(2.0), r)
 
+    def coords(self) -> torch.Tensor:
+        """CLEVR 3d_coords `b n 3` in float64: ground position and center height."""
+        return torch.cat([self.xy, self.height()[..., None]], -1).double()
+
 
 def _place(layout: _Layout, slots: torch.Tensor, candidates: torch.Tensor) -> None:
     """Place the objects marked in `slots` (b n) in slot order, each at its first candidate position
@@ -774,7 +778,7 @@ class SceneGenerator:
 def _scene_dicts(layout: _Layout) -> list[dict]:
     """CLEVR scene-JSON dicts (objects, pixel_coords at 480x320, directions, relationships); the
     split is "new" (write_dataset renames images into its split)."""
-    coords = torch.cat([layout.xy, layout.height()[..., None]], -1).double().numpy()  # b n 3
+    coords = layout.coords().numpy()  # b n 3
     fields = {k: getattr(layout, k).tolist() for k in ("present", "rotation", "size", "material", "shape", "color")}
     cameras = layout.camera.double().numpy()  # b 3
     scenes = []
@@ -866,9 +870,8 @@ def _targets(layout: _Layout) -> torch.Tensor:
     """scenes_to_targets(_scene_dicts(layout)) of a compacted layout (`b MAX_OBJECTS 19`), straight from its
     tensors, without per-object Python."""
     b, n = layout.present.shape
-    xyz = torch.cat([layout.xy, layout.height()[..., None]], -1).double()  # b n 3
     out = torch.zeros(b, MAX_OBJECTS, PROPERTY_DIM, dtype=torch.float64)
-    out[:, :n] = _target_rows(xyz, layout.size, layout.material, layout.shape, layout.color, layout.present)
+    out[:, :n] = _target_rows(layout.coords(), layout.size, layout.material, layout.shape, layout.color, layout.present)
     return out.float()
 
 

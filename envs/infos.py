@@ -130,9 +130,9 @@ def merge_packed(parts: dict[int, tuple], layouts: dict[int, Layout], slices: di
             part = msg[1] if msg[0] == "dict" else unpack(resolved[w], msg[2], msg[3])
             infos = merge_infos(infos, part, slices[w], num_envs)
         return infos
-    groups = [np.zeros((sum(1 for _, g, _ in first[0] if g == k), num_envs, *shape), dtype=np.dtype(dtype))
-              for k, (dtype, shape) in enumerate(first[1])]
-    masks = np.zeros((len(first[0]), num_envs), dtype=np.bool_)
+    _, _, some_groups, some_masks = next(iter(parts.values()))  # every worker's arrays have these shapes but envs
+    groups = [np.zeros((g.shape[0], num_envs, *g.shape[2:]), dtype=g.dtype) for g in some_groups]
+    masks = np.zeros((some_masks.shape[0], num_envs), dtype=np.bool_)
     for w, (_, _, part_groups, part_masks) in parts.items():
         sl = slices[w]
         for full, part in zip(groups, part_groups):

@@ -14,7 +14,6 @@ fresh interpreter.  Env functions are therefore pickled: use module-level callab
 """
 from __future__ import annotations
 
-import copy
 import multiprocessing as mp
 import queue
 import signal
@@ -296,8 +295,8 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
             ok, data = results[w]
             if not ok:
                 raise RuntimeError(f"ResilientVectorEnv: worker {w} failed reset twice: {data}")
-        self._obs = obs
-        return copy.deepcopy(obs), self._merge(parts)
+        self._obs = obs  # a fresh array, as step's
+        return obs, self._merge(parts)
 
     def step(self, actions):
         """Step every env (NEXT_STEP autoreset); a failed worker's envs return this step truncated.
@@ -309,14 +308,12 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         """
         if not isinstance(actions, np.ndarray):  # nested action spaces: one entry per env
             actions = list(iterate(self.action_space, actions))
-        messages = {}
-        for w in range(self.num_workers):
-            sl = self._slice(w)
-            resets = {}
-            for i in np.flatnonzero(self._autoreset[sl]) + sl.start:
-                resets[int(i) - sl.start] = (self._next_reset_seed[i], None)
-                self._next_reset_seed[i] = None
-            messages[w] = (actions[sl], resets)
+        resets: dict = {w: {} for w in range(self.num_workers)}
+        for i in np.flatnonzero(self._autoreset).tolist():
+            w, j = divmod(i, self.envs_per_worker)
+            resets[w][j] = (self._next_reset_seed[i], None)
+            self._next_reset_seed[i] = None
+        messages = {w: (actions[self._slice(w)], resets[w]) for w in range(self.num_workers)}
         # A fresh array per step, written once from shared memory, returned as is and kept as the last observation
         # (a restarted worker's envs report theirs).
         obs = create_empty_array(self.single_observation_space, self.num_envs, fn=np.empty)
