@@ -41,12 +41,18 @@ def test_cli_pretrain_and_eval_ap(tmp_path, capsys):
     assert 0 <= result["empty_slots"] <= 4  # near-empty slots per image, out of model.num_slots=4
 
 
-def test_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("pool", [0, 7])
+def test_resume_is_exact(tmp_path, monkeypatch, pool):
+    """Also with a scene pool that is still filling when the run stops (4 steps of 2 scenes, a pool of 7)."""
+    from world_model.pretrain import ScenePool
+
+    monkeypatch.setattr(ScenePool, "CHUNK", 1)
+    over = ["model.vq.enabled=true", f"data.pool={pool}"]
     straight = tmp_path / "straight"
-    pretrain(tiny_cfg("train.steps=4", "model.vq.enabled=true"), str(straight), progress=False)
+    pretrain(tiny_cfg("train.steps=4", *over), str(straight), progress=False)
     halves = tmp_path / "halves"
-    pretrain(tiny_cfg("train.steps=2", "model.vq.enabled=true"), str(halves), progress=False)
-    pretrain(tiny_cfg("train.steps=4", "model.vq.enabled=true"), str(halves), resume=True, progress=False)
+    pretrain(tiny_cfg("train.steps=2", *over), str(halves), progress=False)
+    pretrain(tiny_cfg("train.steps=4", *over), str(halves), resume=True, progress=False)
     a = RunDir(straight).load_checkpoint()
     b = RunDir(halves).load_checkpoint()
     assert a["step"] == b["step"] == 4
@@ -115,11 +121,43 @@ def test_scene_pool_is_a_fixed_deterministic_dataset():
     source = GeneratedScenes(cfg, torch.device("cpu"))
     a, b = source.batch(4, seed=1), source.batch(4, seed=1)
     torch.testing.assert_close(a["images"], b["images"])
-    pool = source.pool["images"].float() / 255
+    pool = source.pool.data["images"].float() / 255
     for img in a["images"]:
         assert (pool - img).abs().flatten(1).amax(1).min() == 0  # every image is one of the pool's
     again = GeneratedScenes(cfg, torch.device("cpu"))
-    torch.testing.assert_close(again.pool["targets"], source.pool["targets"])
+    again.pool.fill(6)
+    torch.testing.assert_close(again.pool.data["targets"], source.pool.data["targets"])
+
+
+def _is_in(images, pool_images):
+    """Whether every image is one of the pool's (uint8 n 3 h w)."""
+    pool = pool_images.float() / 255
+    return all((pool - img).abs().flatten(1).amax(1).min() == 0 for img in images)
+
+
+def test_scene_pool_grows_one_batch_per_step_into_the_same_pool(monkeypatch):
+    """The first step waits for one batch of scenes, not the whole pool; a progressively filled pool holds the
+    same scenes as one rendered whole, and a source started at step s (a resumed run) gives step s's batch."""
+    from world_model.pretrain import GeneratedScenes, ScenePool
+
+    monkeypatch.setattr(ScenePool, "CHUNK", 2)
+    cfg = tiny_cfg("data.pool=9", "train.batch_size=2")
+    whole = GeneratedScenes(cfg, torch.device("cpu"))
+    whole.pool.fill(9)
+    grown = GeneratedScenes(cfg, torch.device("cpu"))
+    assert grown.pool.filled == 0
+    first = grown.batch(2, seed=7, step=0)
+    assert grown.pool.filled == 2 and _is_in(first["images"], whole.pool.data["images"][:2])
+    batches = [first] + [grown.batch(2, seed=7 + s, step=s) for s in range(1, 6)]
+    assert grown.pool.filled == 9  # one more batch per step, clamped to the pool
+    for k in ("images", "targets", "masks"):
+        torch.testing.assert_close(grown.pool.data[k], whole.pool.data[k], rtol=0, atol=0)
+    resumed = GeneratedScenes(cfg, torch.device("cpu"), first_step=3)
+    assert resumed.pool.filled == 8
+    again = resumed.batch(2, seed=7 + 3, step=3)
+    for k in ("images", "targets", "masks"):
+        torch.testing.assert_close(again[k], batches[3][k], rtol=0, atol=0)
+    assert _is_in(batches[1]["images"], whole.pool.data["images"][:4])  # step 1 drew from the first 4 scenes
 
 
 def test_eval_ap_on_missing_clevr_root_is_one_line(tmp_path, capsys):

@@ -46,48 +46,79 @@ def build_model(cfg: PretrainConfig) -> nn.Module:
     return SlotAutoencoder(cfg.model, cfg.data.resolution)
 
 
+class ScenePool:
+    """A fixed set of generated scenes, rendered chunk by chunk as training reaches them and kept as uint8.
+
+    Chunk i always comes from pool-stream seed i, so the pool's scenes do not depend on when they were
+    rendered: a run that fills the pool progressively draws the same scenes as one that rendered it whole."""
+
+    CHUNK = 256  # scenes rendered together; changing it changes the pool
+
+    def __init__(self, gen: SceneGenerator, size: int, seed: int):
+        self.gen, self.size, self.seed = gen, size, seed
+        self.filled = 0
+        self.data: dict = {}  # images (n 3 h w), targets (n k d), masks (n h w), allocated at the first chunk
+
+    def fill(self, n: int, progress: bool = False) -> None:
+        """Render chunks until the pool holds min(n, size) scenes (rounded up to whole chunks)."""
+        from tqdm import tqdm
+
+        n = min(n, self.size)
+        starts = range(self.filled, n, self.CHUNK)
+        for start in tqdm(starts, desc=f"rendering {n - self.filled} of a pool of {self.size} scenes", unit="chunk",
+                          disable=not progress or len(starts) == 0, dynamic_ncols=True):
+            count = min(self.CHUNK, self.size - start)
+            sb = self.gen.generate(count, stream_seed(self.seed, POOL_STREAM, start // self.CHUNK))
+            # uint8 as stored, so only one chunk is ever held at full precision (float images and int64 masks
+            # of a 70k pool would take ~21 GiB)
+            chunk = {"images": (sb.images * 255).round().to(torch.uint8), "targets": sb.targets,
+                     "masks": sb.masks.to(torch.uint8)}
+            if not self.data:
+                self.data = {k: v.new_empty((self.size, *v.shape[1:])) for k, v in chunk.items()}
+            for k, v in chunk.items():
+                self.data[k][start:start + count] = v
+            self.filled = start + count
+
+    def draw(self, size: int, seed: int, sharded: bool) -> dict:
+        """`size` distinct scenes of those rendered so far, drawn from `seed` (this rank's share when sharded)."""
+        idx = np.random.default_rng(seed).choice(self.filled, size=min(size, self.filled), replace=False)
+        idx = torch.from_numpy(_share(idx, sharded)).to(self.data["images"].device)
+        return {"images": self.data["images"][idx].float() / 255, "targets": self.data["targets"][idx],
+                "masks": self.data["masks"][idx].long()}
+
+
 class GeneratedScenes:
     """Procedural CLEVR-like scenes rendered on the training device, batch i from seed f(seed, i).
 
-    With `data.pool=N` the N scenes of a fixed pool (pool stream of `train.seed`) are rendered once and
-    batches are drawn from them, like a finite dataset; images are kept as uint8 to save memory.
+    With `data.pool=N`, batches are drawn from a fixed pool of N scenes (pool stream of `train.seed`), like a
+    finite dataset. The pool grows by one training batch of fresh scenes per step until it is full, so the first
+    step waits for one batch, not for the whole pool, and a step's batch depends only on its index (a resumed
+    run first renders what its first step needs).
     """
 
-    POOL_CHUNK = 256  # scenes rendered together; chunk i comes from seed i, so changing it changes the pool
-
-    def __init__(self, cfg: PretrainConfig, device: torch.device, sharded: bool = False, progress: bool = False):
-        from tqdm import tqdm
-
+    def __init__(self, cfg: PretrainConfig, device: torch.device, sharded: bool = False, progress: bool = False,
+                 first_step: int = 0):
         d = cfg.data
         self.sharded = sharded
         self.gen = SceneGenerator(resolution=(d.resolution, d.resolution), min_objects=d.min_objects,
                                   max_objects=d.max_objects, crop=d.crop, supersample=d.supersample, device=device)
-        self.pool = None
-        if d.pool > 0:
-            starts = tqdm(range(0, d.pool, self.POOL_CHUNK), desc=f"rendering a pool of {d.pool} scenes",
-                          unit="chunk", disable=not progress, dynamic_ncols=True)
-            chunks = [self._compact(self.gen.generate(min(self.POOL_CHUNK, d.pool - s),
-                                                      stream_seed(cfg.train.seed, POOL_STREAM, i)))
-                      for i, s in enumerate(starts)]
-            self.pool = {k: torch.cat([c[k] for c in chunks]) for k in ("images", "targets", "masks")}
+        self.pool = ScenePool(self.gen, d.pool, cfg.train.seed) if d.pool > 0 else None
+        if self.pool is not None and first_step > 0:
+            self.pool.fill(self.pool_needs(first_step, cfg.train.batch_size), progress)
 
     @staticmethod
-    def _compact(sb) -> dict:
-        """A rendered chunk as the pool stores it (uint8 images and masks), so that only one chunk is ever held at
-        full precision (float images and int64 masks of a 70k pool would take ~21 GiB)."""
-        return {"images": (sb.images * 255).round().to(torch.uint8), "targets": sb.targets,
-                "masks": sb.masks.to(torch.uint8)}
+    def pool_needs(step: int, size: int) -> int:
+        """How many pool scenes training step `step` draws from: one more batch per step, until the pool is full."""
+        return (step + 1) * size
 
-    def batch(self, size: int, seed: int) -> dict:
-        """Batch `size` from `seed`; sharded under torchrun, this rank's share of it. A pool's batch is the
-        same global batch at any world size; generated scenes are rendered per rank (from a per-rank seed),
-        so no rank renders the others' share."""
+    def batch(self, size: int, seed: int, step: Optional[int] = None) -> dict:
+        """Batch `size` from `seed`; sharded under torchrun, this rank's share of it. A pool's batch is drawn
+        from the scenes rendered by training step `step` (the whole pool when None), the same global batch at
+        any world size; generated scenes are rendered per rank (from a per-rank seed), so no rank renders the
+        others' share."""
         if self.pool is not None:
-            n = self.pool["images"].shape[0]
-            idx = np.random.default_rng(seed).choice(n, size=min(size, n), replace=False)
-            idx = torch.from_numpy(_share(idx, self.sharded)).to(self.pool["images"].device)
-            return {"images": self.pool["images"][idx].float() / 255, "targets": self.pool["targets"][idx],
-                    "masks": self.pool["masks"][idx].long()}
+            self.pool.fill(self.pool.size if step is None else self.pool_needs(step, size))
+            return self.pool.draw(size, seed, self.sharded)
         if self.sharded and distributed.world_size() > 1:
             lo, hi = distributed.shard_bounds(size)
             size, seed = hi - lo, stream_seed(seed, SHARD_STREAM, distributed.rank())
@@ -188,14 +219,30 @@ class EpisodeFrames:
 
 
 def make_source(cfg: PretrainConfig, device: torch.device, split: Optional[str] = None, max_images=None,
-                sharded: bool = False, progress: bool = False):
+                sharded: bool = False, progress: bool = False, first_step: int = 0):
     """The training data; `sharded`: each batch is this rank's share of the global batch (under torchrun);
-    `progress`: a progress bar while a scene pool renders."""
+    `first_step`: where training starts (a scene pool renders what that step needs first, with a progress bar
+    when `progress`)."""
     if cfg.data.source == "clevr":
         return ClevrScenes(cfg, split or cfg.data.split, device, max_images, sharded)
     if cfg.data.source == "frames":
         return EpisodeFrames(cfg, split or "train", device, sharded)
-    return GeneratedScenes(cfg, device, sharded, progress)
+    return GeneratedScenes(cfg, device, sharded, progress, first_step)
+
+
+def train_batches(source, cfg: PretrainConfig, first_step: int) -> Iterator[dict]:
+    """Training batches i = first_step, first_step + 1, ...: batch i from seed f(train.seed, i), and from the
+    scenes a growing pool holds at step i."""
+    size = cfg.train.batch_size
+    seeds = (stream_seed(cfg.train.seed, TRAIN_STREAM, i) for i in itertools.count(first_step))
+    if isinstance(source, ClevrScenes):
+        yield from source.batches(size, seeds)
+    elif isinstance(source, GeneratedScenes):
+        for step, seed in enumerate(seeds, first_step):
+            yield source.batch(size, seed, step)
+    else:
+        for seed in seeds:
+            yield source.batch(size, seed)
 
 
 def eval_batches(cfg: PretrainConfig, device: torch.device, n_images: int, batch_size: int) -> Iterator[dict]:
@@ -337,7 +384,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
 
     parallel = distributed.wrap(model, device)
     step_model = torch.compile(parallel, mode=cfg.train.compile_mode) if cfg.train.compile else parallel
-    source = make_source(cfg, device, sharded=True, progress=progress and distributed.is_main())
+    source = make_source(cfg, device, sharded=True, progress=progress and distributed.is_main(), first_step=step)
     logger = MetricLogger(run, start_step=step)
     last_eval: dict = {}
 
@@ -349,11 +396,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
     bar = tqdm(total=cfg.train.steps, initial=step, desc=f"pretrain {cfg.task}/{cfg.model.slots}",
                disable=not progress or not distributed.is_main(), dynamic_ncols=True)
     t_last, n_last = time.perf_counter(), step
-    seeds = (stream_seed(cfg.train.seed, TRAIN_STREAM, i) for i in itertools.count(step))
-    if hasattr(source, "batches"):
-        stream = source.batches(cfg.train.batch_size, seeds)
-    else:
-        stream = (source.batch(cfg.train.batch_size, seed) for seed in seeds)
+    stream = train_batches(source, cfg, step)
+    pool = getattr(source, "pool", None)
     while step < cfg.train.steps:
         batch = next(stream)
         if not torch.isfinite(batch["images"]).all():
@@ -381,6 +425,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
             stats.update(lr=opt.param_groups[0]["lr"], images_per_s=(step - n_last) * cfg.train.batch_size / (now - t_last))
             if vq is not None:
                 stats["tau"] = float(vq.tau)
+            if pool is not None:
+                stats["pool_scenes"] = pool.filled
             t_last, n_last = now, step
             logger.scalars(step, stats, prefix="train/")
             bar.set_postfix(loss=f"{stats['loss']:.4f}")
