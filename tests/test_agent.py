@@ -162,6 +162,35 @@ def test_compiled_frame_parts_match_eager(carry_grad):
     _compiled_vs_eager("aot_eager", True, f"encoder.carry_grad={carry_grad}")
 
 
+@pytest.mark.parametrize("carry_grad", [True, False])
+def test_compiled_run_stays_within_the_recompile_limit(tmp_path, monkeypatch, carry_grad):
+    """A whole compiled run (acting at 3 envs, updates at batch 4, evaluation at 1 env) under bf16 autocast, as on
+    CUDA: every compiled part stays within dynamo's recompile limit (8), past which it would silently run eager.
+    The slot module compiles 6 graphs in either gradient mode (first frame or carried slots, at each batch size
+    and grad mode); the limit is made an error here. Traced with aot_eager, which builds no kernels."""
+    import agent.train as agent_train
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from world_model.backbone import CNNBackbone
+    from world_model.slots.gmm import SlotMixture
+    from world_model.slots.vq import SlotQuantizer
+    from world_model.wm import WorldModel
+
+    compile_parts = WorldModel.compile_frame_parts
+    monkeypatch.setattr(WorldModel, "compile_frame_parts",
+                        lambda self, mode="default", backend="inductor": compile_parts(self, mode, "aot_eager"))
+    monkeypatch.setattr(agent_train, "autocast", lambda device, enabled: torch.autocast("cpu", torch.bfloat16))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        train(tiny("train.env_steps=40", "train.prefill=20", "env.max_episode_steps=10", "train.ckpt_every=40",
+                   "train.log_every=20", "env.num_envs=3", "train.compile=true", f"encoder.carry_grad={carry_grad}"),
+              str(tmp_path / "run"), progress=False)
+    graphs = {cls.__name__: len(_debug_get_cache_entry_list(cls.forward.__code__))
+              for cls in (SlotMixture, SlotQuantizer, CNNBackbone)}
+    assert graphs == {"SlotMixture": 6, "SlotQuantizer": 3, "CNNBackbone": 3}
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_inductor_compiled_frame_parts_match_eager(monkeypatch):
     """The same with inductor's kernels (~2.5 min of C++ compilation on 2 cores; `run.py bench agent --compile`
