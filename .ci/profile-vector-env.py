@@ -1,22 +1,25 @@
 """The parent process's share of vectorized env stepping: cProfile around random-action vector steps, after the
-cost of one worker reply's infos as a nested dict of arrays and packed (envs/infos.py).
+cost of one worker reply's infos as a nested dict of arrays and packed (envs/infos.py), and of gathering the
+replies of WORKERS and of 16 workers (envs.vector._Readiness against multiprocessing's wait).
 
 Past a few workers the parent (sending actions, gathering replies, merging infos) bounds a vector env's rate, so
 its own time per step is the figure to lower (issue 6). From the project root:
     python .ci/profile-vector-env.py [GAME] [WORKERS] [ENVS_PER_WORKER] [VECTOR_STEPS]   # nethack 2 16 60
 """
 import cProfile
+import multiprocessing as mp
 import pickle
 import pstats
 import sys
 import timeit
+from multiprocessing.connection import wait
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from envs.collect import env_fn  # noqa: E402
 from envs.infos import InfoBatcher, InfoPacker  # noqa: E402
-from envs.vector import make_vector_env, measure_steps_per_second  # noqa: E402
+from envs.vector import _Readiness, make_vector_env, measure_steps_per_second  # noqa: E402
 
 
 def reply_costs(game: str, per_worker: int) -> None:
@@ -35,9 +38,36 @@ def reply_costs(game: str, per_worker: int) -> None:
               f"unpickle {1e6 * loads:.0f} µs")
 
 
+def gather_costs(workers: int, repeats: int = 200) -> None:
+    """µs per vector step of gathering one reply from each of `workers` pipes when the replies arrive one by one
+    (each wake-up finds one): multiprocessing's wait over the pending set, as the vector env did, against the env's
+    `_Readiness` (select.poll, each pipe registered once per exchange). Both include the same pipe writes and reads."""
+    pairs = [mp.Pipe() for _ in range(workers)]
+
+    def with_wait():
+        pending = [parent for parent, _ in pairs]
+        for _, child in pairs:
+            child.send_bytes(b"x")
+            ready = wait(pending, 10.0)[0]
+            ready.recv_bytes()
+            pending.remove(ready)
+
+    def with_readiness():
+        ready = _Readiness([parent for parent, _ in pairs])
+        for _, child in pairs:
+            child.send_bytes(b"x")
+            ready.wait(10.0)[0].recv_bytes()
+
+    for name, fn in (("multiprocessing wait", with_wait), ("_Readiness", with_readiness)):
+        print(f"# gathering {workers} replies arriving one by one, {name}: "
+              f"{1e6 * timeit.timeit(fn, number=repeats) / repeats:.0f} µs per step")
+
+
 if __name__ == "__main__":
     game, workers, per_worker, steps = (sys.argv[1:] + ["nethack", "2", "16", "60"][len(sys.argv) - 1:])[:4]
     reply_costs(game, int(per_worker))
+    gather_costs(int(workers))
+    gather_costs(16)
     venv = make_vector_env(env_fn(game, stats_path=None), int(workers) * int(per_worker),
                            envs_per_worker=int(per_worker))
     measure_steps_per_second(venv, 5)  # workers started, envs warm

@@ -162,6 +162,8 @@ def test_compiled_frame_parts_match_eager(carry_grad):
     _compiled_vs_eager("aot_eager", True, f"encoder.carry_grad={carry_grad}")
 
 
+@pytest.mark.skipif(not hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"),
+                    reason="this torch cannot make the recompile limit an error")
 @pytest.mark.parametrize("carry_grad", [True, False])
 def test_compiled_run_stays_within_the_recompile_limit(tmp_path, monkeypatch, carry_grad):
     """A whole compiled run (acting at 3 envs, updates at batch 4, evaluation at 1 env) under bf16 autocast, as on
@@ -181,14 +183,17 @@ def test_compiled_run_stays_within_the_recompile_limit(tmp_path, monkeypatch, ca
                         lambda self, mode="default", backend="inductor": compile_parts(self, mode, "aot_eager"))
     monkeypatch.setattr(agent_train, "autocast", lambda device, enabled: torch.autocast("cpu", torch.bfloat16))
     torch._dynamo.reset()
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        train(tiny("train.env_steps=40", "train.prefill=20", "env.max_episode_steps=10", "train.ckpt_every=40",
-                   "train.log_every=20", "env.num_envs=3", "train.compile=true", f"encoder.carry_grad={carry_grad}"),
-              str(tmp_path / "run"), progress=False)
-    graphs = {cls.__name__: len(_debug_get_cache_entry_list(cls.forward.__code__))
-              for cls in (SlotMixture, SlotQuantizer, CNNBackbone)}
-    assert graphs == {"SlotMixture": 6, "SlotQuantizer": 3, "CNNBackbone": 3}
-    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            train(tiny("train.env_steps=40", "train.prefill=20", "env.max_episode_steps=10", "train.ckpt_every=40",
+                       "train.log_every=20", "env.num_envs=3", "train.compile=true", f"encoder.carry_grad={carry_grad}"),
+                  str(tmp_path / "run"), progress=False)
+        graphs = {cls: len(_debug_get_cache_entry_list(cls.forward.__code__))
+                  for cls in (SlotMixture, SlotQuantizer, CNNBackbone)}
+    finally:
+        torch._dynamo.reset()
+    # what torch 2.13 compiles (README); another torch may merge graphs, and the limit itself is enforced above
+    assert 0 < graphs[SlotMixture] <= 6 and 0 < graphs[SlotQuantizer] <= 3 and 0 < graphs[CNNBackbone] <= 3
 
 
 @pytest.mark.slow

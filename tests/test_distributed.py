@@ -59,7 +59,8 @@ def test_torchrun_pretrain_writes_once_and_resumes_at_world_size_one(tmp_path):
     tiny = ["model.num_slots=3", "model.slot_dim=8", "model.mlp_hidden=16", "model.cnn_channels=[8,8]",
             "model.cnn_strides=[2,2]", "model.feature_dim=8", "model.head_hidden=16", "data.resolution=16",
             "data.max_objects=3", "data.eval_images=4", "train.batch_size=4", "train.log_every=2",
-            "train.image_every=2", "train.eval_every=4", "train.ckpt_every=2", "train.threads=1"]
+            "train.image_every=2", "train.eval_every=4", "train.ckpt_every=2", "train.threads=1",
+            "data.pool=12"]  # steps 0-2 read the pool in order, sharded; later steps draw from all of it
     out = torchrun(["run.py", "pretrain", "--run-dir", str(rd), "--no-progress", *tiny, "train.steps=4"]).stdout
     assert out.count("# run directory") == 1  # rank 0 prints, rank 1 stays quiet
     state = RunDir(rd).load_checkpoint()

@@ -129,35 +129,36 @@ def test_scene_pool_is_a_fixed_deterministic_dataset():
     torch.testing.assert_close(again.pool.data["targets"], source.pool.data["targets"])
 
 
-def _is_in(images, pool_images):
-    """Whether every image is one of the pool's (uint8 n 3 h w)."""
-    pool = pool_images.float() / 255
-    return all((pool - img).abs().flatten(1).amax(1).min() == 0 for img in images)
-
-
-def test_scene_pool_grows_one_batch_per_step_into_the_same_pool(monkeypatch):
-    """The first step waits for one batch of scenes, not the whole pool; a progressively filled pool holds the
-    same scenes as one rendered whole, and a source started at step s (a resumed run) gives step s's batch."""
+def test_scene_pool_fills_as_training_reaches_it(monkeypatch):
+    """The first step waits for one chunk, not the whole pool; while the pool fills, step i trains on its scenes
+    i*b .. (i+1)*b - 1 in order, then on uniform draws from the full pool; the pool holds the same scenes as one
+    rendered whole (a chunk of 3 against batches of 2 and a pool of 8, so neither divides the other), and a source
+    started at step s (a resumed run) gives step s's batch."""
     from world_model.pretrain import GeneratedScenes, ScenePool
 
-    monkeypatch.setattr(ScenePool, "CHUNK", 2)
-    cfg = tiny_cfg("data.pool=9", "train.batch_size=2")
+    monkeypatch.setattr(ScenePool, "CHUNK", 3)
+    cfg = tiny_cfg("data.pool=8", "train.batch_size=2")
     whole = GeneratedScenes(cfg, torch.device("cpu"))
-    whole.pool.fill(9)
+    whole.pool.fill(8)
     grown = GeneratedScenes(cfg, torch.device("cpu"))
     assert grown.pool.filled == 0
-    first = grown.batch(2, seed=7, step=0)
-    assert grown.pool.filled == 2 and _is_in(first["images"], whole.pool.data["images"][:2])
-    batches = [first] + [grown.batch(2, seed=7 + s, step=s) for s in range(1, 6)]
-    assert grown.pool.filled == 9  # one more batch per step, clamped to the pool
+    batches, filled = [], []
+    for step in range(6):
+        batches.append(grown.batch(2, seed=7 + step, step=step))
+        filled.append(grown.pool.filled)
+    assert filled == [3, 6, 6, 8, 8, 8]
     for k in ("images", "targets", "masks"):
         torch.testing.assert_close(grown.pool.data[k], whole.pool.data[k], rtol=0, atol=0)
-    resumed = GeneratedScenes(cfg, torch.device("cpu"), first_step=3)
-    assert resumed.pool.filled == 8
-    again = resumed.batch(2, seed=7 + 3, step=3)
-    for k in ("images", "targets", "masks"):
-        torch.testing.assert_close(again[k], batches[3][k], rtol=0, atol=0)
-    assert _is_in(batches[1]["images"], whole.pool.data["images"][:4])  # step 1 drew from the first 4 scenes
+    seen = torch.cat([b["images"] for b in batches[:4]])
+    torch.testing.assert_close(seen, whole.pool.data["images"].float() / 255, rtol=0, atol=0)  # each once, in order
+    for step in (4, 5):  # the pool is full: uniform draws from `seed`
+        torch.testing.assert_close(batches[step]["images"], whole.batch(2, seed=7 + step)["images"], rtol=0, atol=0)
+    for first_step, holds in ((2, 6), (4, 8)):
+        resumed = GeneratedScenes(cfg, torch.device("cpu"), first_step=first_step)
+        assert resumed.pool.filled == holds
+        again = resumed.batch(2, seed=7 + first_step, step=first_step)
+        for k in ("images", "targets", "masks"):
+            torch.testing.assert_close(again[k], batches[first_step][k], rtol=0, atol=0)
 
 
 def test_eval_ap_on_missing_clevr_root_is_one_line(tmp_path, capsys):

@@ -12,7 +12,7 @@ import pytest
 from gymnasium.spaces import Box, Dict, Discrete
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
-from envs.vector import (ResilientVectorEnv, make_vector_env, measure_independent_steps_per_second,
+from envs.vector import (ResilientVectorEnv, _Readiness, make_vector_env, measure_independent_steps_per_second,
                          measure_steps_per_second)
 
 
@@ -234,6 +234,30 @@ def test_independent_processes_rate(tmp_path):
     with pytest.raises(RuntimeError, match="measuring process failed"):
         measure_independent_steps_per_second(partial(CounterEnv, fail_at="reset"), 2, 50)
     assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize("poll", [True, False], ids=["select.poll", "wait"])
+def test_replies_are_returned_once_each_as_they_arrive(monkeypatch, poll):
+    """The exchange's readiness: readable connections come back once each, a hung-up worker's too, [] on timeout;
+    with select.poll and with multiprocessing's wait where poll is missing."""
+    import select
+
+    if not poll:
+        monkeypatch.delattr(select, "poll")
+    pairs = [mp.Pipe() for _ in range(3)]
+    ready = _Readiness([parent for parent, _ in pairs])
+    assert ready.wait(0) == []
+    pairs[2][1].send("reply")
+    pairs[0][1].send("reply")
+    got = ready.wait(1.0)
+    assert {id(c) for c in got} <= {id(pairs[0][0]), id(pairs[2][0])} and got
+    got += ready.wait(1.0) if len(got) < 2 else []
+    assert sorted(id(c) for c in got) == sorted([id(pairs[0][0]), id(pairs[2][0])])
+    assert ready.wait(0) == []  # replies are not read here, yet each connection comes back once
+    pairs[1][1].close()  # the last worker hangs up
+    assert ready.wait(1.0) == [pairs[1][0]]
+    with pytest.raises(EOFError):
+        pairs[1][0].recv()
 
 
 def test_bad_args():

@@ -71,7 +71,7 @@ class DataConfig:
     min_objects: int = 3
     max_objects: int = 10
     supersample: int = 1
-    pool: int = 0  # >0: train on a fixed set of this many scenes (a finite dataset), rendered a batch per step until full
+    pool: int = 0  # >0: train on a fixed set of this many scenes (a finite dataset), rendered as training reaches them
     eval_images: int = 2000
     num_workers: int = 0
 

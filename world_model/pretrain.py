@@ -49,8 +49,8 @@ def build_model(cfg: PretrainConfig) -> nn.Module:
 class ScenePool:
     """A fixed set of generated scenes, rendered chunk by chunk as training reaches them and kept as uint8.
 
-    Chunk i always comes from pool-stream seed i, so the pool's scenes do not depend on when they were
-    rendered: a run that fills the pool progressively draws the same scenes as one that rendered it whole."""
+    Chunk c always comes from pool-stream seed c, so the pool's scenes do not depend on when they were rendered:
+    a run that fills the pool as it trains holds the same scenes as one that rendered it whole."""
 
     CHUNK = 256  # scenes rendered together; changing it changes the pool
 
@@ -60,13 +60,14 @@ class ScenePool:
         self.data: dict = {}  # images (n 3 h w), targets (n k d), masks (n h w), allocated at the first chunk
 
     def fill(self, n: int, progress: bool = False) -> None:
-        """Render chunks until the pool holds min(n, size) scenes (rounded up to whole chunks)."""
+        """Render chunks until the pool holds its first min(n, size) scenes (whole chunks, so possibly more)."""
         from tqdm import tqdm
 
-        n = min(n, self.size)
-        starts = range(self.filled, n, self.CHUNK)
-        for start in tqdm(starts, desc=f"rendering {n - self.filled} of a pool of {self.size} scenes", unit="chunk",
-                          disable=not progress or len(starts) == 0, dynamic_ncols=True):
+        starts = range(self.filled, min(n, self.size), self.CHUNK)
+        if not starts:
+            return
+        for start in tqdm(starts, desc=f"rendering scenes {self.filled}..{min(starts[-1] + self.CHUNK, self.size)} "
+                          f"of a pool of {self.size}", unit="chunk", disable=not progress, dynamic_ncols=True):
             count = min(self.CHUNK, self.size - start)
             sb = self.gen.generate(count, stream_seed(self.seed, POOL_STREAM, start // self.CHUNK))
             # uint8 as stored, so only one chunk is ever held at full precision (float images and int64 masks
@@ -79,9 +80,20 @@ class ScenePool:
                 self.data[k][start:start + count] = v
             self.filled = start + count
 
-    def draw(self, size: int, seed: int, sharded: bool) -> dict:
-        """`size` distinct scenes of those rendered so far, drawn from `seed` (this rank's share when sharded)."""
-        idx = np.random.default_rng(seed).choice(self.filled, size=min(size, self.filled), replace=False)
+    def needs(self, step: int, size: int) -> int:
+        """How many of the pool's first scenes training step `step` (batches of `size`) reads."""
+        return min(self.size, (step + 1) * size)
+
+    def batch(self, size: int, seed: int, step: Optional[int], sharded: bool) -> dict:
+        """Training step `step`'s batch (this rank's share when sharded). While the pool fills, scenes
+        step*size .. (step+1)*size - 1 in order, so each is seen once, as fresh scenes would be; once it is full
+        (or for step None), `size` distinct scenes drawn uniformly from `seed`."""
+        if step is not None and (step + 1) * size <= self.size:
+            self.fill(self.needs(step, size))
+            idx = np.arange(step * size, (step + 1) * size)
+        else:
+            self.fill(self.size)
+            idx = np.random.default_rng(seed).choice(self.size, size=min(size, self.size), replace=False)
         idx = torch.from_numpy(_share(idx, sharded)).to(self.data["images"].device)
         return {"images": self.data["images"][idx].float() / 255, "targets": self.data["targets"][idx],
                 "masks": self.data["masks"][idx].long()}
@@ -90,10 +102,11 @@ class ScenePool:
 class GeneratedScenes:
     """Procedural CLEVR-like scenes rendered on the training device, batch i from seed f(seed, i).
 
-    With `data.pool=N`, batches are drawn from a fixed pool of N scenes (pool stream of `train.seed`), like a
-    finite dataset. The pool grows by one training batch of fresh scenes per step until it is full, so the first
-    step waits for one batch, not for the whole pool, and a step's batch depends only on its index (a resumed
-    run first renders what its first step needs).
+    With `data.pool=N`, training uses a fixed pool of N scenes (pool stream of `train.seed`), like a finite
+    dataset. The pool is rendered as training reaches it: the first N / batch steps train on its scenes in order,
+    each once (as with fresh scenes), and later steps draw their batches uniformly from the full pool. So the first
+    step waits for one chunk of scenes, not for the whole pool, and a step's batch depends only on its index (a
+    resumed run first renders what its first step needs).
     """
 
     def __init__(self, cfg: PretrainConfig, device: torch.device, sharded: bool = False, progress: bool = False,
@@ -104,21 +117,14 @@ class GeneratedScenes:
                                   max_objects=d.max_objects, crop=d.crop, supersample=d.supersample, device=device)
         self.pool = ScenePool(self.gen, d.pool, cfg.train.seed) if d.pool > 0 else None
         if self.pool is not None and first_step > 0:
-            self.pool.fill(self.pool_needs(first_step, cfg.train.batch_size), progress)
-
-    @staticmethod
-    def pool_needs(step: int, size: int) -> int:
-        """How many pool scenes training step `step` draws from: one more batch per step, until the pool is full."""
-        return (step + 1) * size
+            self.pool.fill(self.pool.needs(first_step, cfg.train.batch_size), progress)
 
     def batch(self, size: int, seed: int, step: Optional[int] = None) -> dict:
-        """Batch `size` from `seed`; sharded under torchrun, this rank's share of it. A pool's batch is drawn
-        from the scenes rendered by training step `step` (the whole pool when None), the same global batch at
-        any world size; generated scenes are rendered per rank (from a per-rank seed), so no rank renders the
-        others' share."""
+        """Batch `size` from `seed`; sharded under torchrun, this rank's share of it. A pool's batch is training
+        step `step`'s (uniform over the whole pool when None), the same global batch at any world size; generated
+        scenes are rendered per rank (from a per-rank seed), so no rank renders the others' share."""
         if self.pool is not None:
-            self.pool.fill(self.pool.size if step is None else self.pool_needs(step, size))
-            return self.pool.draw(size, seed, self.sharded)
+            return self.pool.batch(size, seed, step, self.sharded)
         if self.sharded and distributed.world_size() > 1:
             lo, hi = distributed.shard_bounds(size)
             size, seed = hi - lo, stream_seed(seed, SHARD_STREAM, distributed.rank())
@@ -231,8 +237,8 @@ def make_source(cfg: PretrainConfig, device: torch.device, split: Optional[str] 
 
 
 def train_batches(source, cfg: PretrainConfig, first_step: int) -> Iterator[dict]:
-    """Training batches i = first_step, first_step + 1, ...: batch i from seed f(train.seed, i), and from the
-    scenes a growing pool holds at step i."""
+    """Training batches i = first_step, first_step + 1, ...: batch i from seed f(train.seed, i) (a scene pool's
+    batch i from its step index while it fills)."""
     size = cfg.train.batch_size
     seeds = (stream_seed(cfg.train.seed, TRAIN_STREAM, i) for i in itertools.count(first_step))
     if isinstance(source, ClevrScenes):
