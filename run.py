@@ -23,17 +23,15 @@ EPILOG = """examples:
 Overrides are dotted `key=value` pairs after the options; `python run.py config` lists every key."""
 
 
-def _overrides_help() -> str:
-    return "dotted config overrides, e.g. model.slots=gmm train.steps=100 (see `run.py config`)"
+def _overrides_help(example: str, command: str) -> str:
+    return f"dotted config overrides, e.g. {example} (`run.py config --for {command}` lists the keys)"
 
 
 def cmd_config(args) -> None:
-    from world_model.config import PretrainConfig, WorldModelConfig, load_config, to_yaml
+    from world_model.config import load_config, run_schemas, schema_command, to_yaml
 
-    from agent.config import AgentConfig
-
-    schema = {"pretrain": PretrainConfig, "train-wm": WorldModelConfig, "train": AgentConfig}[args.command_schema]
-    print(to_yaml(load_config(schema, args.config, args.overrides)), end="")
+    command = args.command_schema or (args.config and schema_command(args.config)) or "pretrain"
+    print(to_yaml(load_config(run_schemas()[command], args.config, args.overrides)), end="")
 
 
 def _run_training(args, schema, default_preset: str, overrides: list, run_name, train_fn, resume: bool) -> None:
@@ -41,17 +39,17 @@ def _run_training(args, schema, default_preset: str, overrides: list, run_name, 
     directory (named explicitly under torchrun, where a timestamped default could differ between processes), the
     resolved config and the result printed once."""
     from world_model import distributed
-    from world_model.config import load_config, to_yaml
-    from world_model.rundir import RunDir
+    from world_model.config import load_config, load_run_config, run_schemas, to_yaml
 
-    config_path = args.config or default_preset
     if resume:
         if args.run_dir is None:
             raise ValueError("--resume needs --run-dir DIR of the run to continue")
-        config_path = RunDir(args.run_dir).config_path
+        command = next(c for c, s in run_schemas().items() if s is schema)
+        cfg = load_run_config(command, args.run_dir, overrides)
         if args.config:
-            print(f"note: --resume uses {config_path}; --config {args.config} is ignored", file=sys.stderr)
-    cfg = load_config(schema, config_path, overrides)
+            print(f"note: --resume uses {args.run_dir}/config.yaml; --config {args.config} is ignored", file=sys.stderr)
+    else:
+        cfg = load_config(schema, args.config or default_preset, overrides)
     if distributed.launched() and not args.run_dir:
         raise ValueError("under torchrun pass --run-dir DIR (every process must use the same run directory)")
     run_dir = args.run_dir or f"runs/{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -107,7 +105,10 @@ def cmd_eval_ap(args) -> None:
 def cmd_generate(args) -> None:
     from envs.clevr import write_dataset
 
-    write_dataset(args.out, args.images, split=args.split, seed=args.seed, batch_size=args.batch_size)
+    from world_model.rundir import resolve_device
+
+    write_dataset(args.out, args.images, split=args.split, seed=args.seed, batch_size=args.batch_size,
+                  device=resolve_device(args.device))
     print(f"wrote {args.images} scenes to {args.out} (CLEVR v1.0 layout, split {args.split})")
 
 
@@ -171,6 +172,8 @@ def cmd_train(args) -> None:
     from agent.train import train
 
     if args.resume:
+        if args.run_dir and args.run_dir != args.resume:
+            raise ValueError(f"--resume {args.resume} names the run to continue; --run-dir {args.run_dir} contradicts it")
         args.run_dir = args.resume
     _run_training(args, AgentConfig, "configs/tiny.yaml", args.overrides, lambda c: f"agent-{c.env.name}", train,
                   bool(args.resume))
@@ -216,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="train on env frames: an episode dataset made by `run.py collect` (sets "
                    "data.source=frames, task=discovery; default preset configs/frames_discovery_cpu.yaml)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
-    s.add_argument("overrides", nargs="*", help=_overrides_help())
+    s.add_argument("overrides", nargs="*", help=_overrides_help("model.slots=gmm train.steps=100", "pretrain"))
     s.set_defaults(func=cmd_pretrain)
 
     s = sub.add_parser("eval-ap", help="AP table (and FG-ARI) of a pretrained run on held-out scenes",
@@ -232,12 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="JSON file for the results (default RUN/eval_ap.json)")
     s.set_defaults(func=cmd_eval_ap)
 
-    s = sub.add_parser("generate", help="write procedurally generated CLEVR-like scenes to disk (CLEVR layout)")
-    s.add_argument("--out", required=True, help="dataset root to create")
-    s.add_argument("--images", type=int, default=1000)
-    s.add_argument("--split", default="train")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch-size", type=int, default=32)
+    s = sub.add_parser("generate", help="write procedurally generated CLEVR-like scenes to disk (CLEVR layout)",
+                       description="Render scenes at CLEVR's 480x320 into the CLEVR v1.0 layout (images/<split>, "
+                       "scenes/CLEVR_<split>_scenes.json, plus instance masks), readable wherever a CLEVR root is "
+                       "(data.source=clevr, eval-ap --clevr-root). Seconds per scene on a CPU; "
+                       "--device cuda renders on a GPU.")
+    s.add_argument("--out", required=True, help="dataset root to create (or add a split to)")
+    s.add_argument("--images", type=int, default=1000, help="scenes to render (default 1000)")
+    s.add_argument("--split", default="train", help="split name (default train; eval-ap --clevr-root reads val)")
+    s.add_argument("--seed", type=int, default=0, help="batch k of a split comes from (seed, split, k) (default 0)")
+    s.add_argument("--batch-size", type=int, default=32, help="scenes rendered together (default 32)")
+    s.add_argument("--device", default="cpu", help="where to render: cpu, cuda, auto (default cpu)")
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("collect", help="record random-policy episodes of crafter or nethack to an episode dataset",
@@ -283,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-dir", help="run directory (default runs/wm-<time>)")
     s.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     s.add_argument("--no-progress", action="store_true")
-    s.add_argument("overrides", nargs="*", help=_overrides_help())
+    s.add_argument("overrides", nargs="*", help=_overrides_help("train.steps=100 encoder.mode=joint", "train-wm"))
     s.set_defaults(func=cmd_train_wm)
 
     s = sub.add_parser("eval-wm", help="open-loop prediction table (horizons) and real-vs-imagined video",
@@ -308,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-dir", help="run directory (default runs/agent-<env>-<time>)")
     s.add_argument("--resume", metavar="RUN", help="continue the run in RUN at its last checkpoint")
     s.add_argument("--no-progress", action="store_true")
-    s.add_argument("overrides", nargs="*", help=_overrides_help())
+    s.add_argument("overrides", nargs="*", help=_overrides_help("train.env_steps=5000 env.num_envs=4", "train"))
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="evaluation episodes of a trained agent (or a random policy)",
@@ -367,10 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("config", help="print a resolved config (preset + overrides) and exit")
-    s.add_argument("--for", dest="command_schema", choices=["pretrain", "train-wm", "train"], default="pretrain",
-                   help="which command's config schema (default pretrain)")
+    s.add_argument("--for", dest="command_schema", choices=["pretrain", "train-wm", "train"],
+                   help="which command's config schema (default: the one that reads --config, else pretrain)")
     s.add_argument("--config", help="YAML preset")
-    s.add_argument("overrides", nargs="*", help=_overrides_help())
+    s.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.batch_size=8")
     s.set_defaults(func=cmd_config)
     return p
 

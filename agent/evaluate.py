@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from world_model.config import load_config
+from world_model.config import load_run_config
 from world_model.rundir import RunDir, resolve_device
 
-from .config import AgentConfig
 from .train import build_agent, evaluate_agent
 
 
@@ -16,9 +15,7 @@ def evaluate_run(checkpoint: str, episodes: int, policy: str = "agent", device: 
     if episodes < 1:
         raise ValueError(f"--episodes must be positive, got {episodes}")
     run = RunDir(checkpoint)
-    if not run.config_path.is_file():
-        raise FileNotFoundError(f"{run.config_path} not found: --checkpoint must be a run made by `run.py train`")
-    cfg = load_config(AgentConfig, run.config_path)
+    cfg = load_run_config("train", checkpoint)
     dev = resolve_device(device)
     wm = ac = None
     step = 0

@@ -97,7 +97,7 @@ _CHUNK = 1 << 18  # elements per (rays x objects) tensor: keeps working sets cac
 _CHUNK_GPU = 1 << 24  # the same on GPUs, where per-chunk launches and syncs, not caches, bound the speed
 _GROUP_RAYS = 1 << 22  # camera rays per render group (bounds the per-pixel buffers)
 
-_FIX = "download CLEVR or generate scenes with `python run.py generate --out DIR`"
+_FIX = "download CLEVR or generate scenes with `python run.py generate --out DIR --split SPLIT`"
 _LAYOUT_HINT = ("expected CLEVR v1.0 layout root/images/<split>/*.png and "
                 "root/scenes/CLEVR_<split>_scenes.json; " + _FIX)
 

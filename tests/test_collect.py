@@ -85,9 +85,11 @@ def test_visualize_crafter_frames_and_edit(vq_run, tmp_path, capsys):
     assert os.path.getsize(summary["video"]) > 0 and list((out / "tb").glob("events.*"))
     assert (out / "edit_slot1_var0_all.png").is_file()
     assert np.load(out / "codes.npy").shape == (3, 4, 4)  # t k v
-    assert run.main(["visualize", "--checkpoint", str(vq_run), "--env", "crafter", "--frames", "1",
-                     "--out", str(out), "--edit", "9", "0", "1"]) == 2
-    assert "out of range" in capsys.readouterr().err
+    capsys.readouterr()
+    for edit in (["9", "0", "1"], ["1", "0", "x"]):  # refused before anything is written
+        assert run.main(["visualize", "--checkpoint", str(vq_run), "--env", "crafter", "--frames", "1",
+                         "--out", str(tmp_path / "refused"), "--edit", *edit]) == 2
+        assert "out of range" in capsys.readouterr().err and not (tmp_path / "refused").exists()
 
 
 def test_visualize_clevr_scenes(vq_run, tmp_path):

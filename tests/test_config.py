@@ -67,3 +67,31 @@ def test_every_command_explains_itself(command, capsys):
     if command == "bench":
         for what in ("pretrain", "estep", "generator", "metrics", "envs", "imagination", "agent"):
             assert f"\n  {what} " in out, what
+
+
+def test_run_directories_of_another_command_are_named_as_such(tmp_path, capsys):
+    """A command given a run directory made by another command, or no run at all, says which in one line; `config`
+    reads a preset with the schema that fits it."""
+    import run
+    from agent.config import AgentConfig
+    from world_model.config import WorldModelConfig, save_config
+
+    for name, schema in (("p", PretrainConfig), ("w", WorldModelConfig), ("a", AgentConfig)):
+        (tmp_path / name).mkdir()
+        save_config(load_config(schema), tmp_path / name / "config.yaml")
+    cases = [(["eval", "--checkpoint", str(tmp_path / "p")], "is a run of `run.py pretrain`; this needs a run of `run.py train`"),
+             (["eval-ap", "--checkpoint", str(tmp_path / "a")], "is a run of `run.py train`; this needs a run of `run.py pretrain`"),
+             (["eval-wm", "--checkpoint", str(tmp_path / "p")], "is a run of `run.py pretrain`; this needs a run of `run.py train-wm`"),
+             (["visualize", "--checkpoint", str(tmp_path / "w"), "--env", "crafter", "--out", str(tmp_path / "v")],
+              "is a run of `run.py train-wm`"),
+             (["train", "--resume", str(tmp_path / "w")], "is a run of `run.py train-wm`; this needs a run of `run.py train`"),
+             (["pretrain", "--resume", "--run-dir", str(tmp_path / "none")], "no run at"),
+             (["train", "--resume", str(tmp_path / "a"), "--run-dir", str(tmp_path / "p")], "contradicts it")]
+    for argv, message in cases:
+        assert run.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (argv, err)
+    assert run.main(["config", "--config", str(CONFIGS / "tiny.yaml")]) == 0
+    assert capsys.readouterr().out.startswith("env:\n")
+    assert run.main(["config", "--config", str(CONFIGS / "wm_crafter_cpu.yaml"), "train.steps=7"]) == 0
+    assert "  steps: 7\n" in capsys.readouterr().out

@@ -226,6 +226,40 @@ def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: 
     return OmegaConf.to_object(cfg)
 
 
+def run_schemas() -> dict[str, type]:
+    """The config schema of each command that makes a run directory."""
+    from agent.config import AgentConfig
+
+    return {"pretrain": PretrainConfig, "train-wm": WorldModelConfig, "train": AgentConfig}
+
+
+def schema_command(path: str | Path) -> Optional[str]:
+    """The command whose schema reads the config file at `path` (a preset or a run's), or None."""
+    for command, schema in run_schemas().items():
+        try:
+            load_config(schema, path)
+            return command
+        except ConfigError:
+            continue
+    return None
+
+
+def load_run_config(command: str, run_dir: str | Path, overrides: Sequence[str] = ()) -> Any:
+    """The config of a run directory made by `run.py <command>` (plus overrides), with an error that says so when the
+    directory holds no run or another command's run."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no run at {run_dir} ({path} not found): expected a run directory made by "
+                          f"`run.py {command} --run-dir DIR`")
+    try:
+        return load_config(run_schemas()[command], path, overrides)
+    except ConfigError:
+        made_by = schema_command(path)
+        if made_by is None or made_by == command:
+            raise
+        raise ConfigError(f"{run_dir} is a run of `run.py {made_by}`; this needs a run of `run.py {command}`") from None
+
+
 def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 

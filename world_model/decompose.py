@@ -104,16 +104,24 @@ def write_video(frames: np.ndarray, path: Path, fps: int = 8) -> Path:
         return gif
 
 
-@torch.no_grad()
-def edit_codes(model, images: torch.Tensor, slot: int, var: int, values: list[int]) -> torch.Tensor:
-    """VQ editing: decode each image with code `var` of slot `slot` set to each of `values`.
-    Returns a grid: per image a row of input, reconstruction, then one decoding per value."""
+def edit_values(model, slot: int, var: int, value: str) -> list[int]:
+    """The code values an edit decodes (VALUE "all": every code), after checking that `model` can be edited there."""
     vq = model.encoder.vq
     if vq is None or not isinstance(model, SlotAutoencoder):
         raise ValueError("--edit needs a discovery run with a VQ encoder (task=discovery model.vq.enabled=true)")
     k, v, c = model.encoder.cfg.num_slots, vq.num_vars, vq.num_codes
+    values = list(range(c)) if value == "all" else [int(value)] if str(value).isdigit() else [-1]
     if not (0 <= slot < k and 0 <= var < v) or any(not 0 <= x < c for x in values):
-        raise ValueError(f"--edit SLOT VAR VALUE out of range: slots 0..{k - 1}, vars 0..{v - 1}, values 0..{c - 1}")
+        raise ValueError(f"--edit SLOT VAR VALUE out of range: slots 0..{k - 1}, vars 0..{v - 1}, values 0..{c - 1} "
+                         "or all")
+    return values
+
+
+@torch.no_grad()
+def edit_codes(model, images: torch.Tensor, slot: int, var: int, values: list[int]) -> torch.Tensor:
+    """VQ editing: decode each image with code `var` of slot `slot` set to each of `values` (see `edit_values`).
+    Returns a grid: per image a row of input, reconstruction, then one decoding per value."""
+    vq = model.encoder.vq
     rows = []
     for x in images.split(1):
         enc = model.encoder(x)
@@ -134,6 +142,7 @@ def visualize(checkpoint: str, env: str, out_dir: str, frames: int = 8, seed: in
     dev = resolve_device(device)
     cfg, model, state = load_run(checkpoint, dev)
     model.cpu()
+    values = None if edit is None else edit_values(model, int(edit[0]), int(edit[1]), edit[2])  # before any output
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if env == "clevr":
@@ -166,10 +175,8 @@ def visualize(checkpoint: str, env: str, out_dir: str, frames: int = 8, seed: in
                "pngs": len(written), "video": str(video), "slots": cfg.model.slots, "num_slots": cfg.model.num_slots}
     if result["codes"] is not None:
         np.save(out / "codes.npy", result["codes"].numpy())  # t k v
-    if edit is not None:
+    if values is not None:
         slot, var, value = edit
-        c = model.encoder.vq.num_codes if model.encoder.vq is not None else 0
-        values = list(range(c)) if value == "all" else [int(value)]
         grid = edit_codes(model, images[: min(4, len(images))], int(slot), int(var), values)
         path = out / f"edit_slot{slot}_var{var}_{value}.png"
         save_png(upscale(grid, images.shape[-1]), path)

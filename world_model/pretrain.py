@@ -22,7 +22,7 @@ from envs.clevr import ClevrDataset, DataError, SceneGenerator
 from envs.episodes import load_frames
 
 from . import distributed
-from .config import PretrainConfig, load_config, save_config
+from .config import PretrainConfig, load_run_config, save_config
 from .losses import hungarian_huber_loss
 from .metrics import clevr_ap_table, fg_ari, setpred_accuracy
 from .perception import SetPredictor, SlotAutoencoder
@@ -386,11 +386,12 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
         opt.load_state_dict(state["optimizer"])
         step, skipped = state["step"], state["skipped"]
         restore_rng(state["rng"], t.seed, step)
+    # the data first: a bad data path fails before the run directory gets a config
+    source = make_source(cfg, device, sharded=True, progress=progress and distributed.is_main(), first_step=step)
     save_config(cfg, run.config_path)
 
     parallel = distributed.wrap(model, device)
     step_model = torch.compile(parallel, mode=cfg.train.compile_mode) if cfg.train.compile else parallel
-    source = make_source(cfg, device, sharded=True, progress=progress and distributed.is_main(), first_step=step)
     logger = MetricLogger(run, start_step=step)
     last_eval: dict = {}
 
@@ -453,10 +454,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
 def load_run(run_dir: str, device: torch.device) -> tuple[PretrainConfig, nn.Module, dict]:
     """Model and config of a pretraining run directory (for evaluation and visualization)."""
     run = RunDir(run_dir)
-    if not run.config_path.is_file():
-        raise FileNotFoundError(f"{run.config_path} not found: --checkpoint must be a run directory made by "
-                                "`run.py pretrain --run-dir DIR`")
-    cfg = load_config(PretrainConfig, run.config_path)
+    cfg = load_run_config("pretrain", run_dir)
     state = run.load_checkpoint(map_location=device)
     model = build_model(cfg).to(device)
     model.load_state_dict(state["model"])

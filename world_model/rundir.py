@@ -13,7 +13,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Callable, Optional
 
 import numpy as np
 import torch
@@ -25,18 +25,24 @@ class RunDirError(ValueError):
     """A run directory that cannot be used as asked (exists without --resume, or missing on resume)."""
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """`write(file)` into a temporary file beside `path`, synced, then renamed over it: readers see the old
+    file or the new one, never a half-written one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def rng_state() -> dict:
@@ -118,7 +124,10 @@ class RunDir:
 
 class MetricLogger:
     """Scalars to `metrics.jsonl` and tensorboard; images to tensorboard. Only finite scalars are logged.
-    Under torchrun only rank 0 logs unless `enabled` says otherwise."""
+    Under torchrun only rank 0 logs unless `enabled` says otherwise.
+
+    A run resumed from its checkpoint at `start_step` drops what was logged after that step (by the run that went on
+    past its last checkpoint and stopped), in both logs; what was logged at the step itself stays."""
 
     def __init__(self, run: RunDir, start_step: int = 0, enabled: Optional[bool] = None):
         self.enabled = enabled = distributed.is_main() if enabled is None else enabled
@@ -127,7 +136,11 @@ class MetricLogger:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run.path / "tb"), purge_step=start_step if start_step > 0 else None)
+            if start_step > 0 and self.jsonl_path.is_file():
+                kept = [line for line in self.jsonl_path.read_text().splitlines(keepends=True)
+                        if line.strip() and json.loads(line)["step"] <= start_step]
+                atomic_write(self.jsonl_path, lambda f: f.write("".join(kept).encode()))
+            self.writer = SummaryWriter(str(run.path / "tb"), purge_step=start_step + 1 if start_step > 0 else None)
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
         if not self.enabled:

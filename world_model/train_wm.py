@@ -18,7 +18,7 @@ import torch
 from agent.replay import ReplayBuffer
 from envs.episodes import episode_paths, load_episode, read_meta
 
-from .config import WMEncoderConfig, WorldModelConfig, load_config, save_config
+from .config import WMEncoderConfig, WorldModelConfig, load_run_config, save_config
 from .dynamics import DynamicsConfig
 from .frame_tokenizer import FrameTokenizerConfig
 from .pretrain import TRAIN_STREAM, autocast, guarded_update, load_run, stream_seed
@@ -221,9 +221,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
 
 def load_wm_run(run_dir: str, device: torch.device) -> tuple[WorldModelConfig, WorldModel, dict]:
     run = RunDir(run_dir)
-    if not run.config_path.is_file():
-        raise FileNotFoundError(f"{run.config_path} not found: --checkpoint must be a run made by `run.py train-wm`")
-    cfg = load_config(WorldModelConfig, run.config_path)
+    cfg = load_run_config("train-wm", run_dir)
     state = run.load_checkpoint(map_location=device)
     cfg.encoder.checkpoint = None  # the weights below include the encoder
     wm = build_wm_for(cfg, state["num_actions"], device)

@@ -1,0 +1,52 @@
+"""Run directories: atomic writes, and logs that a resumed run continues without duplicates or holes."""
+import json
+
+import pytest
+import torch
+
+from world_model.rundir import MetricLogger, RunDir, atomic_torch_save, atomic_write, read_jsonl
+
+
+def _tensorboard_steps(path, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(path))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def test_resumed_logger_keeps_the_checkpoint_step_and_drops_what_came_after(tmp_path):
+    """The checkpoint is at step 4; the first run logged up to step 6 before it stopped. The resumed run logs from
+    step 5: both logs then hold 1..4 once, then its own steps (tensorboard used to lose step 4 as well)."""
+    run = RunDir(tmp_path)
+    first = MetricLogger(run, enabled=True)
+    for step in range(1, 7):
+        first.scalars(step, {"loss": float(step)}, prefix="train/")
+    first.close()
+    resumed = MetricLogger(run, start_step=4, enabled=True)
+    for step in (5, 6):
+        resumed.scalars(step, {"loss": 10.0 + step}, prefix="train/")
+    resumed.close()
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 1), (2, 2), (3, 3), (4, 4), (5, 15), (6, 16)]
+    assert _tensorboard_steps(tmp_path / "tb", "train/loss") == [1, 2, 3, 4, 5, 6]
+    again = MetricLogger(run, start_step=6, enabled=True)  # a resume with nothing left to do loses nothing
+    again.close()
+    assert read_jsonl(tmp_path / "metrics.jsonl") == rows
+    assert _tensorboard_steps(tmp_path / "tb", "train/loss") == [1, 2, 3, 4, 5, 6]
+
+
+def test_atomic_writes_leave_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    atomic_torch_save({"step": 1}, path)
+
+    def fail(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, fail)
+    assert torch.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
+    atomic_write(tmp_path / "a.json", lambda f: f.write(json.dumps({"x": 1}).encode()))
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
