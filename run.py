@@ -321,12 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="evaluation episodes of a trained agent (or a random policy)",
                        description="Run N full episodes and report Crafter's success rates and score "
-                       "(crafter_score) or NetHack's score and depth; --policy random gives the baseline in the "
-                       "same format. Episode records are appended to RUN/eval_stats.jsonl (random: RUN/random_stats.jsonl).")
+                       "(crafter_score while training, `score` in RUN/eval_<policy>.json) or NetHack's score and depth; "
+                       "--policy random gives the baseline in the same format. Episode records are appended to RUN/eval_stats.jsonl (random: RUN/random_stats.jsonl).")
     s.add_argument("--checkpoint", required=True, help="run directory made by `run.py train`")
-    s.add_argument("--episodes", type=int, default=10)
-    s.add_argument("--policy", choices=["agent", "random"], default="agent")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--episodes", type=int, default=10, help="episodes to play (default 10)")
+    s.add_argument("--policy", choices=["agent", "random"], default="agent",
+                   help="the run's agent, or uniform random actions in its env (default agent)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("bench", help="throughput benchmarks (prints img/s, ratios measured side by side)",

@@ -30,7 +30,7 @@ from envs.vector import make_vector_env
 from world_model import distributed
 from world_model.config import save_config
 from world_model.pretrain import autocast, guarded_update
-from world_model.rundir import MetricLogger, rank_seed, restore_rng, rng_states, start_run
+from world_model.rundir import MetricLogger, note_if_finished, rank_seed, restore_rng, rng_states, start_run
 from world_model.train_wm import build_world_model, to_batch
 from world_model.wm import WorldModel, WorldModelLoss
 
@@ -172,6 +172,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             ac.load_optimizer_state(state["ac_opt"])
             counters = state["counters"]
             restore_rng(state["rng"], t.seed, counters["vector_steps"])
+            note_if_finished(counters["env_steps"], t.env_steps, "train.env_steps")
             replay = load_replay_shards(run.path, state, capacity, rank_seed(t.seed, counters["vector_steps"]),
                                         replay_device)
         save_config(cfg, run.config_path)

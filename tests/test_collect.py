@@ -62,6 +62,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "frames must be positive" in capsys.readouterr().err
     assert run.main(["pretrain", "--data", str(tmp_path / "nothing"), "--run-dir", str(tmp_path / "r")]) == 2
     assert "no meta.json" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "config.yaml").exists()  # the data is checked before the run gets a config
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +97,17 @@ def test_visualize_clevr_scenes(vq_run, tmp_path):
     assert run.main(["visualize", "--checkpoint", str(vq_run), "--env", "clevr", "--frames", "2",
                      "--out", str(tmp_path / "c")]) == 0
     assert len(list((tmp_path / "c").glob("frame_*.png"))) == 2
+    assert "note" not in json.loads((tmp_path / "c" / "summary.json").read_text())
+
+
+def test_visualize_says_a_set_prediction_run_has_no_reconstruction(tmp_path):
+    from test_pretrain import TINY
+
+    assert run.main(["pretrain", "--config", "configs/clevr_tiny.yaml", "--run-dir", str(tmp_path / "run"),
+                     "--no-progress", "train.steps=1", *TINY]) == 0
+    assert run.main(["visualize", "--checkpoint", str(tmp_path / "run"), "--env", "crafter", "--frames", "1",
+                     "--out", str(tmp_path / "v")]) == 0
+    assert "no reconstruction" in json.loads((tmp_path / "v" / "summary.json").read_text())["note"]
 
 
 def test_make_env_passes_episode_limits_to_the_game():

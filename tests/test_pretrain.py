@@ -93,6 +93,9 @@ def test_run_dir_rules(tmp_path, capsys):
     pretrain(tiny_cfg("train.steps=2"), str(tmp_path / "r"), progress=False)
     with pytest.raises(RunDirError, match="--resume"):
         pretrain(tiny_cfg("train.steps=2"), str(tmp_path / "r"), progress=False)
+    capsys.readouterr()
+    pretrain(tiny_cfg("train.steps=2"), str(tmp_path / "r"), resume=True, progress=False)  # nothing left to train
+    assert "already at step 2 of train.steps=2; pass train.steps=N with N > 2" in capsys.readouterr().err
     assert run.main(["pretrain", "--config", "configs/clevr_tiny.yaml", "model.slotz=gmm"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "did you mean 'model.slots'" in err

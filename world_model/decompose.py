@@ -173,6 +173,9 @@ def visualize(checkpoint: str, env: str, out_dir: str, frames: int = 8, seed: in
     video = write_video(video_frames(images, result), out / f"{env}_slots")
     summary = {"checkpoint": checkpoint, "step": state["step"], "env": env, "frames": images.shape[0],
                "pngs": len(written), "video": str(video), "slots": cfg.model.slots, "num_slots": cfg.model.num_slots}
+    if result["recon"] is None:
+        summary["note"] = ("a set-prediction run has no decoder: the masks are the slots' attention maps and there is "
+                           "no reconstruction")
     if result["codes"] is not None:
         np.save(out / "codes.npy", result["codes"].numpy())  # t k v
     if values is not None:

@@ -26,7 +26,7 @@ from .config import PretrainConfig, load_run_config, save_config
 from .losses import hungarian_huber_loss
 from .metrics import clevr_ap_table, fg_ari, setpred_accuracy
 from .perception import SetPredictor, SlotAutoencoder
-from .rundir import MetricLogger, RunDir, mixed_seed, restore_rng, rng_states, start_run
+from .rundir import MetricLogger, RunDir, mixed_seed, note_if_finished, restore_rng, rng_states, start_run
 from .slots.vq import temperature
 from .visualize import decomposition_grid
 
@@ -386,6 +386,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
         opt.load_state_dict(state["optimizer"])
         step, skipped = state["step"], state["skipped"]
         restore_rng(state["rng"], t.seed, step)
+        note_if_finished(step, t.steps, "train.steps")
     # the data first: a bad data path fails before the run directory gets a config
     source = make_source(cfg, device, sharded=True, progress=progress and distributed.is_main(), first_step=step)
     save_config(cfg, run.config_path)

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -166,6 +167,13 @@ class MetricLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def note_if_finished(step: int, total: int, key: str) -> None:
+    """On resume: say so when the run already reached its length (it would only evaluate again)."""
+    if step >= total and distributed.is_main():
+        print(f"note: this run is already at step {step} of {key}={total}; pass {key}=N with N > {step} to train "
+              "further", file=sys.stderr)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -23,7 +23,7 @@ from .dynamics import DynamicsConfig
 from .frame_tokenizer import FrameTokenizerConfig
 from .pretrain import TRAIN_STREAM, autocast, guarded_update, load_run, stream_seed
 from .perception import SlotAutoencoder
-from .rundir import MetricLogger, RunDir, resolve_device, rng_state, set_rng_state, start_run
+from .rundir import MetricLogger, RunDir, note_if_finished, resolve_device, rng_state, set_rng_state, start_run
 from .wm import Encoded, WorldModel, frames_to_input
 
 EVAL_SEED = 2025
@@ -169,6 +169,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
         opt.load_state_dict(state["optimizer"])
         step, skipped = state["step"], state["skipped"]
         set_rng_state(state["rng"])
+        note_if_finished(step, t.steps, "train.steps")
     save_config(cfg, run.config_path)
     logger = MetricLogger(run, start_step=step)
     vq = cfg.encoder.model.vq
