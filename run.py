@@ -255,11 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "episode statistics DIR/stats.jsonl; `run.py pretrain --data DIR` trains on the frames.")
     s.add_argument("--env", required=True, choices=["crafter", "nethack"])
     s.add_argument("--frames", type=int, required=True, help="observations to store")
-    s.add_argument("--out", required=True, help="dataset directory (appends episodes if it exists)")
+    s.add_argument("--out", required=True, help="dataset directory; an existing one of the same env and settings "
+                   "gets more episodes, from a --seed it does not hold yet")
     s.add_argument("--workers", type=int, default=1, help="worker processes (1 = in-process, no workers)")
     s.add_argument("--envs-per-worker", type=int, default=1, help="envs stepped in turn by each worker")
     s.add_argument("--size", type=int, help="image side in pixels (default 64)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="env seeds and actions (default 0)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_collect)
 

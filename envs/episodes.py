@@ -32,6 +32,28 @@ def _atomic_savez(path: Path, arrays: dict) -> None:
     os.replace(tmp, path)
 
 
+def _joined_meta(root: Path, meta: dict) -> dict:
+    """The meta.json of a dataset that `meta`'s episodes join: a new dataset's, or an existing one's of the same
+    env and layout collected from another seed (its seeds listed). A run directory or another env's dataset is
+    refused, as is a seed already collected (it would record the same episodes again)."""
+    if (root / "config.yaml").is_file():
+        raise DataError(f"{root} is a run directory; write episodes to a dataset directory of their own")
+    layout = {k: v for k, v in meta.items() if k != "seed"}
+    new_seeds = [meta["seed"]] if "seed" in meta else []
+    path = root / "meta.json"
+    if not path.is_file():
+        return {**layout, "seeds": new_seeds} if new_seeds else layout
+    old = json.loads(path.read_text())
+    seeds = old.get("seeds", [old["seed"]] if "seed" in old else [])
+    for key in sorted((set(old) | set(layout)) - {"seed", "seeds"}):
+        if old.get(key) != layout.get(key):
+            raise DataError(f"{root} holds episodes with {key}={old.get(key)!r}, not {layout.get(key)!r}: write these "
+                            "to another directory")
+    if set(new_seeds) & set(seeds):
+        raise DataError(f"{root} already holds the episodes of seed {meta['seed']}: pass another --seed to add more")
+    return {**layout, "seeds": seeds + new_seeds}
+
+
 class EpisodeWriter:
     """Accumulates the step streams of several envs and writes each finished episode as one `.npz`.
 
@@ -42,6 +64,7 @@ class EpisodeWriter:
     def __init__(self, root: Union[str, Path], meta: dict):
         self.root = Path(root)
         self.dir = self.root / "episodes"
+        meta = _joined_meta(self.root, meta)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.root / "meta.json").write_text(json.dumps(meta, indent=2))
         self.buffers: dict[int, dict[str, list]] = {}

@@ -63,6 +63,28 @@ def test_bad_datasets_are_one_line_errors(tmp_path):
         load_frames(tmp_path)
 
 
+def test_episodes_join_only_a_dataset_of_the_same_env_and_layout(tmp_path):
+    """More episodes may be added to a dataset from another seed; another env's dataset, a seed already collected
+    and a run directory are refused before anything is written."""
+    meta = {"env": "crafter", "num_actions": 17, "obs_keys": ["image"], "image_shape": [64, 64, 3]}
+    EpisodeWriter(tmp_path / "d", {**meta, "seed": 0})
+    EpisodeWriter(tmp_path / "d", {**meta, "seed": 1})
+    assert json.loads((tmp_path / "d" / "meta.json").read_text()) == {**meta, "seeds": [0, 1]}
+    with pytest.raises(DataError, match="already holds the episodes of seed 1"):
+        EpisodeWriter(tmp_path / "d", {**meta, "seed": 1})
+    with pytest.raises(DataError, match="env='crafter', not 'nethack'"):
+        EpisodeWriter(tmp_path / "d", {**meta, "env": "nethack", "seed": 2})
+    (tmp_path / "old").mkdir()  # a dataset written before seeds were listed
+    (tmp_path / "old" / "meta.json").write_text(json.dumps({**meta, "seed": 0}))
+    with pytest.raises(DataError, match="seed 0"):
+        EpisodeWriter(tmp_path / "old", {**meta, "seed": 0})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("task: setpred\n")
+    with pytest.raises(DataError, match="is a run directory"):
+        EpisodeWriter(tmp_path / "run", {**meta, "seed": 0})
+    assert not (tmp_path / "run" / "episodes").exists()
+
+
 def _toy_dataset(root, episodes=4, length=12, size=16):
     rng = np.random.default_rng(0)
     w = EpisodeWriter(root, {"env": "toy"})
