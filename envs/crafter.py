@@ -16,6 +16,8 @@ import gymnasium as gym
 import numpy as np
 from crafter import constants
 
+from .jsonl import read_records
+
 ACHIEVEMENTS: tuple[str, ...] = tuple(sorted(constants.achievements))  # the 22 of the benchmark
 ACTIONS: tuple[str, ...] = tuple(constants.actions)  # the 17 actions
 
@@ -94,14 +96,7 @@ def read_stats(path: Union[str, Path]) -> list[dict]:
         path = path / "stats.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no crafter episode statistics at {path}")
-    records = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
+    return read_records(path)
 
 
 def crafter_score(records_or_path: Union[str, Path, Iterable[dict]]) -> dict[str, Any]:

@@ -32,6 +32,8 @@ import numpy as np
 from nle import nethack
 from nle.env import tasks
 
+from .jsonl import read_records
+
 TASKS = {"score": tasks.NetHackScore, "challenge": tasks.NetHackChallenge}
 TILE = nethack.TILE_SHAPE[0]  # 16 px
 MAP_SHAPE = nethack.DUNGEON_SHAPE  # (21, 79)
@@ -175,7 +177,7 @@ def nethack_summary(records_or_path) -> dict:
         path = Path(records_or_path)
         if not path.is_file():
             raise FileNotFoundError(f"no NetHack episode stats file at {path}")
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = read_records(path)
     if not records:
         raise ValueError("no NetHack episodes to summarise")
     n = len(records)

@@ -16,13 +16,16 @@ def _tensorboard_steps(path, tag):
 
 
 def test_resumed_logger_keeps_the_checkpoint_step_and_drops_what_came_after(tmp_path):
-    """The checkpoint is at step 4; the first run logged up to step 6 before it stopped. The resumed run logs from
-    step 5: both logs then hold 1..4 once, then its own steps (tensorboard used to lose step 4 as well)."""
+    """The checkpoint is at step 4; the first run logged up to step 6 and was killed while writing step 7's row. The
+    resumed run logs from step 5: both logs then hold 1..4 once, then its own steps (tensorboard used to lose step 4
+    as well)."""
     run = RunDir(tmp_path)
     first = MetricLogger(run, enabled=True)
     for step in range(1, 7):
         first.scalars(step, {"loss": float(step)}, prefix="train/")
     first.close()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 7, "train/lo')  # the first run was killed while writing a row
     resumed = MetricLogger(run, start_step=4, enabled=True)
     for step in (5, 6):
         resumed.scalars(step, {"loss": 10.0 + step}, prefix="train/")
@@ -50,3 +53,20 @@ def test_atomic_writes_leave_the_old_file_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
     atomic_write(tmp_path / "a.json", lambda f: f.write(json.dumps({"x": 1}).encode()))
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
+
+
+def test_jsonl_files_skip_a_torn_last_line_only(tmp_path):
+    """What a writer killed mid-row leaves (the episode statistics of both games, metrics) reads without that row;
+    damage before the last line is an error that names the line."""
+    from envs.clevr import DataError
+    from envs.jsonl import read_records
+    from envs.nethack import nethack_summary
+
+    path = tmp_path / "stats.jsonl"
+    path.write_text('{"score": 1, "depth": 1, "max_depth": 1, "length": 5}\n\n'
+                    '{"score": 3, "depth": 2, "max_depth": 2, "length": 7}\n{"score": 9, "de')
+    assert [r["score"] for r in read_records(path)] == [1, 3]
+    assert nethack_summary(path)["episodes"] == 2
+    path.write_text('{"score": 1}\n{"sco\n{"score": 3}\n')
+    with pytest.raises(DataError, match="line 2 is not JSON"):
+        read_records(path)

@@ -19,6 +19,8 @@ from typing import Any, BinaryIO, Callable, Optional
 import numpy as np
 import torch
 
+from envs.jsonl import read_records
+
 from . import distributed
 
 
@@ -138,9 +140,8 @@ class MetricLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             if start_step > 0 and self.jsonl_path.is_file():
-                kept = [line for line in self.jsonl_path.read_text().splitlines(keepends=True)
-                        if line.strip() and json.loads(line)["step"] <= start_step]
-                atomic_write(self.jsonl_path, lambda f: f.write("".join(kept).encode()))
+                kept = "".join(json.dumps(row) + "\n" for row in read_records(self.jsonl_path) if row["step"] <= start_step)
+                atomic_write(self.jsonl_path, lambda f: f.write(kept.encode()))
             self.writer = SummaryWriter(str(run.path / "tb"), purge_step=start_step + 1 if start_step > 0 else None)
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
@@ -178,9 +179,7 @@ def note_if_finished(step: int, total: int, key: str) -> None:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_records(path) if path.is_file() else []
 
 
 def start_run(run_dir: str | Path, resume: bool, device: str, threads: int, seed: int) -> tuple["RunDir", torch.device]:
