@@ -115,6 +115,10 @@ def cmd_generate(args) -> None:
 def cmd_collect(args) -> None:
     from envs.collect import collect
 
+    for name in ("workers", "envs_per_worker", "size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     kwargs = {}
     if args.size:
         kwargs["size"] = args.size
@@ -395,6 +399,12 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:  # ConfigError, DataError, RunDirError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        run_dir = getattr(args, "run_dir", None) or getattr(args, "resume", None)
+        hint = f"; `--resume` continues {run_dir} from its last checkpoint" if run_dir and args.command in (
+            "pretrain", "train", "train-wm") else ""
+        print(f"\ninterrupted{hint}", file=sys.stderr)
+        return 130
     finally:
         distributed.shutdown()  # leave the torchrun process group, if this process joined one
     return 0

@@ -23,8 +23,8 @@ def evaluate_run(checkpoint: str, episodes: int, policy: str = "agent", device: 
         state = run.load_checkpoint(map_location=dev)
         cfg.encoder.checkpoint = None  # the agent checkpoint holds the encoder's weights
         wm, ac = build_agent(cfg, state["num_actions"], dev)
-        wm.load_state_dict(state["wm"])
-        ac.load_state_dict(state["ac"])
+        run.restore(wm, state, "wm")
+        run.restore(ac, state, "ac")
         wm.eval()
         ac.eval()
         step = state["counters"]["env_steps"]

@@ -15,7 +15,6 @@ every update. The bookkeeping and the sampling RNG are the same either way, so b
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from pathlib import Path
 from typing import Optional, Union
@@ -25,6 +24,7 @@ import torch
 
 from envs.clevr import DataError
 from envs.episodes import STEP_DTYPES, STEP_KEYS, episode_paths, iter_episodes, read_meta
+from world_model.rundir import atomic_write
 
 Spec = dict[str, tuple[tuple[int, ...], np.dtype]]
 STEP_SPEC: Spec = {k: ((), np.dtype(STEP_DTYPES[k])) for k in STEP_KEYS}
@@ -283,7 +283,8 @@ class ReplayBuffer:
     # ---- persistence --------------------------------------------------------------------------------
 
     def save(self, path: Union[str, Path]) -> None:
-        """Write the stored steps, episode bookkeeping and RNG state to one `.npz` (atomic replace)."""
+        """Write the stored steps, episode bookkeeping and RNG state to one `.npz` (atomic: synced, then renamed;
+        a failed write, e.g. a full disk, leaves no temporary file)."""
         path, n = Path(path), self._nslots
         meta = {"version": 1, "capacity": self.capacity, "pos": self._pos, "size": self._size,
                 "steps_added": self.steps_added, "nslots": n, "free": self._free,
@@ -295,10 +296,7 @@ class ReplayBuffer:
         arrays.update(meta=np.array(json.dumps(meta)), slot_of=self._slot_of[:self._size],
                       ep_len=self._hi[:n] - self._lo[:n], ep_open=self._open[:n],
                       ep_index=np.concatenate([np.zeros(0, np.int64), *index]))
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            _write_npz(f, arrays)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: _write_npz(f, arrays))
 
     @classmethod
     def load(cls, path: Union[str, Path], device: Union[str, torch.device, None] = None) -> "ReplayBuffer":

@@ -30,7 +30,8 @@ from envs.vector import make_vector_env
 from world_model import distributed
 from world_model.config import save_config
 from world_model.pretrain import autocast, guarded_update
-from world_model.rundir import MetricLogger, note_if_finished, rank_seed, restore_rng, rng_states, start_run
+from world_model.rundir import (MetricLogger, note_if_finished, rank_seed, restore_rng, rng_states, rollback_appended,
+                                start_run)
 from world_model.train_wm import build_world_model, to_batch
 from world_model.wm import WorldModel, WorldModelLoss
 
@@ -166,8 +167,8 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         replay = ReplayBuffer(capacity, replay_spec(venv), seed=rank_seed(t.seed), device=replay_device)
         if resume:
             state = run.load_checkpoint(map_location=device)
-            wm.load_state_dict(state["wm"])
-            ac.load_state_dict(state["ac"])
+            run.restore(wm, state, "wm")
+            run.restore(ac, state, "ac")
             wm_opt.load_state_dict(state["wm_opt"])
             ac.load_optimizer_state(state["ac_opt"])
             counters = state["counters"]
@@ -175,6 +176,8 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             note_if_finished(counters["env_steps"], t.env_steps, "train.env_steps")
             replay = load_replay_shards(run.path, state, capacity, rank_seed(t.seed, counters["vector_steps"]),
                                         replay_device)
+            if main and "stats_bytes" in state:  # the stopped run's episodes after its checkpoint are not counted
+                rollback_appended(run.path / "stats.jsonl", state["stats_bytes"])
         save_config(cfg, run.config_path)
         wm_parallel = distributed.wrap(WorldModelLoss(wm), device) if distributed.active() else None
         ac_parallel = distributed.wrap(ac, device) if distributed.active() else None
@@ -195,9 +198,11 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             replay.save(run.path / name)  # the replays first: the checkpoint never names a missing file
             names = distributed.gather_objects(name)  # also waits until every rank's replay is written
             counters["episodes"] = global_episodes()
+            stats = run.path / "stats.jsonl"  # every rank's episodes up to this step are in it (gathered above)
             run.save_checkpoint({"wm": wm.state_dict(), "ac": ac.state_dict(), "wm_opt": wm_opt.state_dict(),
                                  "ac_opt": ac.optimizer_state(), "counters": dict(counters), "rng": rng_states(),
-                                 "replays": names, "config": asdict(cfg), "num_actions": num_actions})
+                                 "replays": names, "config": asdict(cfg), "num_actions": num_actions,
+                                 "stats_bytes": stats.stat().st_size if stats.is_file() else 0})
             if main:
                 for old in (run.path / "replay").glob("*.npz"):
                     if f"replay/{old.name}" not in names:

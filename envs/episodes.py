@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -114,7 +115,13 @@ def read_meta(root: Union[str, Path]) -> dict:
     path = root / "meta.json"
     if not path.is_file():
         raise DataError(f"{root} is not an episode dataset (no meta.json); make one with `run.py collect`")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is damaged ({e}); collect the dataset again") from None
+    if not isinstance(meta, dict) or "env" not in meta:
+        raise DataError(f"{path} does not describe an episode dataset (no 'env'); collect the dataset again")
+    return meta
 
 
 def episode_paths(root: Union[str, Path]) -> list[Path]:
@@ -129,7 +136,7 @@ def load_episode(path: Union[str, Path]) -> dict[str, np.ndarray]:
     try:
         with np.load(path) as f:
             ep = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"unreadable episode file {path}: {e}") from None
     missing = [k for k in ("image", *STEP_KEYS) if k not in ep]
     if missing:

@@ -74,6 +74,10 @@ def test_resume_after_sigkill(tmp_path):
     resumed = ReplayBuffer.load(run_dir / after["replays"][0])
     assert len(resumed) == len(saved) + 2 + 20  # the saved replay, the new first frames, the new steps
     assert rows[-1]["step"] == steps + 20
+    # what the killed run logged after its checkpoint is gone: steps never go back, every episode is counted once
+    assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
+    episodes = (run_dir / "stats.jsonl").read_text().splitlines()
+    assert len(episodes) == after["counters"]["episodes"] >= state["counters"]["episodes"]
 
 
 def _one_update_setup(cfg: AgentConfig, num_actions: int):

@@ -60,6 +60,9 @@ def test_cli_collect_nethack_in_process(tmp_path, capsys):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert run.main(["collect", "--env", "crafter", "--frames", "0", "--out", str(tmp_path / "x")]) == 2
     assert "frames must be positive" in capsys.readouterr().err
+    for option in ("--workers", "--envs-per-worker", "--size"):
+        assert run.main(["collect", "--env", "crafter", "--frames", "5", "--out", str(tmp_path / "x"), option, "0"]) == 2
+        assert f"{option} must be positive, got 0" in capsys.readouterr().err
     assert run.main(["pretrain", "--data", str(tmp_path / "nothing"), "--run-dir", str(tmp_path / "r")]) == 2
     assert "no meta.json" in capsys.readouterr().err
     assert not (tmp_path / "r" / "config.yaml").exists()  # the data is checked before the run gets a config

@@ -33,6 +33,10 @@ def test_overrides_are_typed():
     (["model.slots=kmeans"], "model.slots='kmeans' is not one of gmm, slot_attention"),
     (["train.compile_mode=fast"], "train.compile_mode='fast' is not one of default, reduce-overhead"),
     (["train.steps"], "not of the form key=value"),
+    (["train.log_every=0"], "train.log_every=0 must be positive"),
+    (["train.batch_size=-2"], "train.batch_size=-2 must be positive"),
+    (["data.resolution=0"], "data.resolution=0 must be positive"),
+    (["train.eval_every=-1"], "train.eval_every=-1 must be 0 or more"),
 ])
 def test_bad_overrides_give_one_line_errors(overrides, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -95,3 +99,15 @@ def test_run_directories_of_another_command_are_named_as_such(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("env:\n")
     assert run.main(["config", "--config", str(CONFIGS / "wm_crafter_cpu.yaml"), "train.steps=7"]) == 0
     assert "  steps: 7\n" in capsys.readouterr().out
+
+
+def test_value_ranges_hold_for_every_command():
+    """The same range checks reach the agent's and the world model's keys; eval_every=0 means at the end only."""
+    from agent.config import AgentConfig
+    from world_model.config import WorldModelConfig
+
+    assert load_config(PretrainConfig, None, ["train.eval_every=0"]).train.eval_every == 0
+    for schema, override in ((AgentConfig, "env.num_envs=0"), (AgentConfig, "train.ckpt_every=0"),
+                             (WorldModelConfig, "train.steps=0"), (AgentConfig, "train.train_ratio=-1")):
+        with pytest.raises(ConfigError, match=override.split("=")[0]):
+            load_config(schema, None, [override])

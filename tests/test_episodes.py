@@ -1,5 +1,6 @@
 """Episode files: the step layout, cut and flushed episodes, bad datasets, and pretraining on env frames."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -61,6 +62,15 @@ def test_bad_datasets_are_one_line_errors(tmp_path):
     (tmp_path / "episodes" / "000000-3.npz").write_bytes(b"garbage")
     with pytest.raises(DataError, match="unreadable"):
         load_frames(tmp_path)
+    _toy_dataset(tmp_path / "cut", episodes=1)
+    (npz,) = (tmp_path / "cut" / "episodes").glob("*.npz")
+    os.truncate(npz, npz.stat().st_size // 2)  # a zip without its directory
+    with pytest.raises(DataError, match="unreadable episode file"):
+        load_frames(tmp_path / "cut")
+    for text, message in (("{bad json", "meta.json is damaged"), ("{}", "does not describe an episode dataset")):
+        (tmp_path / "meta.json").write_text(text)
+        with pytest.raises(DataError, match=message):
+            episode_paths(tmp_path)
 
 
 def test_episodes_join_only_a_dataset_of_the_same_env_and_layout(tmp_path):

@@ -60,6 +60,12 @@ def test_resume_is_exact(tmp_path, monkeypatch, pool):
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
 
 
+def test_eval_every_zero_evaluates_at_the_end_only(tmp_path):
+    result = pretrain(tiny_cfg("train.steps=3", "train.eval_every=0"), str(tmp_path / "e"), progress=False)
+    assert "AP_inf" in result
+    assert [r["step"] for r in read_jsonl(tmp_path / "e" / "metrics.jsonl") if "eval/AP_inf" in r] == [3]
+
+
 def test_discovery_task_reports_fg_ari(tmp_path):
     result = pretrain(tiny_cfg("task=discovery", "model.slots=slot_attention", "train.steps=4"), str(tmp_path / "d"),
                       progress=False)
@@ -96,6 +102,8 @@ def test_run_dir_rules(tmp_path, capsys):
     capsys.readouterr()
     pretrain(tiny_cfg("train.steps=2"), str(tmp_path / "r"), resume=True, progress=False)  # nothing left to train
     assert "already at step 2 of train.steps=2; pass train.steps=N with N > 2" in capsys.readouterr().err
+    with pytest.raises(RunDirError, match="its 'model' weights do not fit the model this config builds"):
+        pretrain(tiny_cfg("train.steps=3", "model.slot_dim=16"), str(tmp_path / "r"), resume=True, progress=False)
     assert run.main(["pretrain", "--config", "configs/clevr_tiny.yaml", "model.slotz=gmm"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "did you mean 'model.slots'" in err
@@ -263,3 +271,15 @@ def test_clevr_training_stream_equals_indexed_batches(tmp_path, workers):
         got, want = next(stream), source.batch(3, seed)
         torch.testing.assert_close(got["images"], want["images"])
         torch.testing.assert_close(got["targets"], want["targets"])
+
+
+def test_ctrl_c_is_one_line_with_the_way_back(tmp_path, monkeypatch, capsys):
+    import world_model.pretrain as pt
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pt, "pretrain", interrupted)
+    assert run.main(["pretrain", "--run-dir", str(tmp_path / "r"), "--no-progress", *TINY]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"interrupted; `--resume` continues {tmp_path / 'r'} from its last checkpoint"

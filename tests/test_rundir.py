@@ -1,5 +1,6 @@
 """Run directories: atomic writes, and logs that a resumed run continues without duplicates or holes."""
 import json
+import os
 
 import pytest
 import torch
@@ -70,3 +71,53 @@ def test_jsonl_files_skip_a_torn_last_line_only(tmp_path):
     path.write_text('{"score": 1}\n{"sco\n{"score": 3}\n')
     with pytest.raises(DataError, match="line 2 is not JSON"):
         read_records(path)
+
+
+def test_run_directory_guards(tmp_path):
+    """A new run refuses a directory with an earlier run's logs but no checkpoint, and one that a live process is
+    training in; a damaged checkpoint is a one-line error that names it."""
+    import subprocess
+    import sys
+
+    from world_model.rundir import RunDirError
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "metrics.jsonl").write_text('{"step": 2}\n')
+    with pytest.raises(RunDirError, match="metrics.jsonl of a run that stopped before its first checkpoint"):
+        RunDir.open(tmp_path / "a", resume=False)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "b").mkdir()
+        (tmp_path / "b" / "train.pid").write_text(str(live.pid))
+        with pytest.raises(RunDirError, match=f"process {live.pid} is training in"):
+            RunDir.open(tmp_path / "b", resume=False)
+    finally:
+        live.kill()
+        live.wait()
+    run = RunDir.open(tmp_path / "b", resume=False)  # that process is gone: this one takes over
+    assert int((tmp_path / "b" / "train.pid").read_text()) == os.getpid()
+    assert RunDir.open(tmp_path / "b", resume=False).path == run.path  # the same process may open it again
+    run.ckpt_path.parent.mkdir()
+    for damage in (b"", b"\x80garbage", None):
+        if damage is None:  # a checkpoint cut short
+            atomic_torch_save({"step": 1, "w": torch.zeros(1000)}, run.ckpt_path)
+            os.truncate(run.ckpt_path, 2000)
+        else:
+            run.ckpt_path.write_bytes(damage)
+        with pytest.raises(RunDirError, match="latest.pt is damaged and cannot be read"):
+            run.load_checkpoint()
+
+
+def test_rollback_cuts_appended_lines_back_to_the_checkpoint(tmp_path):
+    from world_model.rundir import rollback_appended
+
+    path = tmp_path / "stats.jsonl"
+    path.write_text('{"e": 1}\n{"e": 2}\n')
+    size = path.stat().st_size
+    with path.open("a") as f:
+        f.write('{"e": 3}\n{"e": 4}\n')
+    rollback_appended(path, size)
+    assert path.read_text() == '{"e": 1}\n{"e": 2}\n'
+    rollback_appended(path, size - 3)  # a size inside a line keeps whole lines only
+    assert path.read_text() == '{"e": 1}\n'
+    rollback_appended(tmp_path / "missing.jsonl", 0)

@@ -87,7 +87,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     log_every: int = 100
     image_every: int = 1000
-    eval_every: int = 10_000
+    eval_every: int = 10_000  # 0 = only at the end
     ckpt_every: int = 1000
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -137,7 +137,7 @@ class WMTrainConfig:
     warmup_steps: int = 1000
     grad_clip: float = 1.0
     log_every: int = 50
-    eval_every: int = 2000
+    eval_every: int = 2000  # 0 = only at the end
     ckpt_every: int = 500
     seed: int = 0
     device: str = "auto"
@@ -174,6 +174,12 @@ CHOICES = {
     "encoder.mode": ("frozen", "joint"),
     "env.name": ("crafter", "nethack"),
 }
+# keys that must be positive (whichever schema has them), and those that may also be 0
+POSITIVE = ("train.steps", "train.env_steps", "train.batch_size", "train.seq_len", "train.log_every",
+            "train.image_every", "train.ckpt_every", "train.imag_starts", "model.num_slots", "model.iters",
+            "encoder.model.num_slots", "data.resolution", "encoder.resolution", "env.num_envs", "env.envs_per_worker",
+            "env.size", "actor_critic.horizon")
+NON_NEGATIVE = ("train.eval_every", "train.prefill", "train.train_ratio", "train.warmup_steps", "data.pool")
 
 
 def _keys(node: Any, prefix: str = "") -> list[str]:
@@ -223,6 +229,11 @@ def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: 
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    for keys, low, what in ((POSITIVE, 1, "positive"), (NON_NEGATIVE, 0, "0 or more")):
+        for key in keys:
+            value = OmegaConf.select(cfg, key, default=None)
+            if value is not None and value < low:
+                raise ConfigError(f"{key}={value!r} must be {what}")
     return OmegaConf.to_object(cfg)
 
 
@@ -265,6 +276,8 @@ def to_yaml(cfg: Any) -> str:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config (under torchrun, rank 0 only)."""
+    """Write the resolved config, atomically (under torchrun, rank 0 only)."""
+    from .rundir import atomic_write
+
     if distributed.is_main():
-        Path(path).write_text(to_yaml(cfg))
+        atomic_write(Path(path), lambda f: f.write(to_yaml(cfg).encode()))

@@ -382,7 +382,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
     step, skipped = 0, 0
     if resume:
         state = run.load_checkpoint(map_location=device)
-        model.load_state_dict(state["model"])
+        run.restore(model, state, "model")
         opt.load_state_dict(state["optimizer"])
         step, skipped = state["step"], state["skipped"]
         restore_rng(state["rng"], t.seed, step)
@@ -440,7 +440,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
             bar.set_postfix(loss=f"{stats['loss']:.4f}")
         if step % cfg.train.image_every == 0 and distributed.is_main():
             log_images(logger, step, cfg, batch, outputs)
-        if (step % cfg.train.eval_every == 0 or step == cfg.train.steps) and distributed.is_main():
+        if (cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.steps) and distributed.is_main():
             last_eval = evaluate(model, cfg, device, cfg.data.eval_images)
             logger.scalars(step, last_eval, prefix="eval/")
             bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
@@ -458,6 +458,6 @@ def load_run(run_dir: str, device: torch.device) -> tuple[PretrainConfig, nn.Mod
     cfg = load_run_config("pretrain", run_dir)
     state = run.load_checkpoint(map_location=device)
     model = build_model(cfg).to(device)
-    model.load_state_dict(state["model"])
+    run.restore(model, state, "model")
     model.eval()
     return cfg, model, state

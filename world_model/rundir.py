@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import tempfile
@@ -38,10 +39,17 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600, widened to what a plain open would give
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -102,17 +110,38 @@ class RunDir:
         self.ckpt_path = self.path / "checkpoints" / "latest.pt"
         self.config_path = self.path / "config.yaml"
 
+    LOGS = ("metrics.jsonl", "tb", "stats.jsonl", "replay")  # what a run writes before its first checkpoint
+
     @classmethod
     def open(cls, path: str | Path, resume: bool) -> "RunDir":
-        """New run: the directory must not hold a checkpoint. Resume: it must."""
+        """New run: the directory must hold no checkpoint and no logs of an earlier run. Resume: it must hold a
+        checkpoint. Either way no other live process may be training in it (`train.pid`)."""
         run = cls(path)
         if resume and not run.ckpt_path.is_file():
             raise RunDirError(f"cannot resume: no checkpoint at {run.ckpt_path}; start a new run without --resume")
         if not resume and run.ckpt_path.is_file():
             raise RunDirError(f"run directory {run.path} already holds a checkpoint; pass --resume to continue it "
                               "or choose another --run-dir")
+        stale = [name for name in cls.LOGS if (run.path / name).exists()]
+        if not resume and stale:
+            raise RunDirError(f"{run.path} holds {', '.join(stale)} of a run that stopped before its first checkpoint; "
+                              "remove them or choose another --run-dir")
         run.path.mkdir(parents=True, exist_ok=True)
+        if distributed.is_main():
+            run._claim()
         return run
+
+    def _claim(self) -> None:
+        """Record this process as the one training here, unless another live process already is."""
+        pid_path = self.path / "train.pid"
+        try:
+            other = int(pid_path.read_text())
+        except (OSError, ValueError):
+            other = None
+        if other is not None and other != os.getpid() and _alive(other):
+            raise RunDirError(f"process {other} is training in {self.path} (train.pid); wait for it, stop it, or "
+                              "choose another --run-dir")
+        atomic_write(pid_path, lambda f: f.write(str(os.getpid()).encode()))
 
     def save_checkpoint(self, state: dict) -> None:
         """Atomic write; under torchrun only rank 0 writes (the others' state is the same after each step)."""
@@ -122,7 +151,32 @@ class RunDir:
     def load_checkpoint(self, map_location: Any = "cpu") -> dict:
         if not self.ckpt_path.is_file():
             raise RunDirError(f"no checkpoint at {self.ckpt_path}: is {self.path} a run directory?")
-        return torch.load(self.ckpt_path, map_location=map_location, weights_only=False)
+        try:
+            return torch.load(self.ckpt_path, map_location=map_location, weights_only=False)
+        except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
+            raise RunDirError(f"{self.ckpt_path} is damaged and cannot be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'empty'})") from None
+
+    def restore(self, module: torch.nn.Module, state: dict, key: str) -> None:
+        """`module.load_state_dict(state[key])`, with a one-line error when the checkpoint does not fit the model
+        the config builds (an override given on resume that changes the architecture)."""
+        try:
+            module.load_state_dict(state[key])
+        except RuntimeError as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            raise RunDirError(f"{self.ckpt_path}: its '{key}' weights do not fit the model this config builds "
+                              f"({lines[1] if len(lines) > 1 else lines[0]}); did an override change the architecture?"
+                              ) from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 class MetricLogger:
@@ -168,6 +222,17 @@ class MetricLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def rollback_appended(path: Path, size: int) -> None:
+    """Cut a file that workers append lines to back to its `size` bytes at a checkpoint (whole lines only), so a
+    resumed run does not count what the stopped run appended after that checkpoint."""
+    if not path.is_file() or path.stat().st_size <= size:
+        return
+    with open(path, "r+b") as f:
+        f.seek(0)
+        keep = f.read(size)
+        f.truncate(keep.rfind(b"\n") + 1)
 
 
 def note_if_finished(step: int, total: int, key: str) -> None:

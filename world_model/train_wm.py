@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from agent.replay import ReplayBuffer
+from envs.clevr import DataError
 from envs.episodes import episode_paths, load_episode, read_meta
 
 from .config import WMEncoderConfig, WorldModelConfig, load_run_config, save_config
@@ -35,6 +36,9 @@ def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, R
     if not root:
         raise ValueError("train-wm needs data.root=DIR (or --data DIR): an episode dataset from `run.py collect`")
     meta = read_meta(root)
+    if not isinstance(meta.get("num_actions"), int) or meta["num_actions"] < 1:
+        raise DataError(f"{root}/meta.json gives no action count (num_actions): collect the dataset again with "
+                        "`run.py collect`")
     paths = episode_paths(root)
     lengths = [int(p.stem.split("-")[-1]) for p in paths]
     held, n_eval = 0, 0
@@ -165,7 +169,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
     step = skipped = 0
     if resume:
         state = run.load_checkpoint(map_location=device)
-        wm.load_state_dict(state["model"])
+        run.restore(wm, state, "model")
         opt.load_state_dict(state["optimizer"])
         step, skipped = state["step"], state["skipped"]
         set_rng_state(state["rng"])
@@ -205,7 +209,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
             t_last, n_last = now, step
             logger.scalars(step, stats, prefix="train/")
             bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['acc_slots']:.2f}")
-        if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.steps:
             last_eval = evaluate_wm(wm, held_out, cfg, device, video=True)
             frames = last_eval.pop("_video")[cfg.eval.context - 1::4]  # every 4th step from the last context frame
             strip = torch.from_numpy(np.concatenate(frames, 0)).permute(2, 0, 1) / 255  # 3 H W
@@ -226,7 +230,7 @@ def load_wm_run(run_dir: str, device: torch.device) -> tuple[WorldModelConfig, W
     state = run.load_checkpoint(map_location=device)
     cfg.encoder.checkpoint = None  # the weights below include the encoder
     wm = build_wm_for(cfg, state["num_actions"], device)
-    wm.load_state_dict(state["model"])
+    run.restore(wm, state, "model")
     wm.eval()
     return cfg, wm, state
 
