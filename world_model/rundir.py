@@ -122,10 +122,11 @@ class RunDir:
         if not resume and run.ckpt_path.is_file():
             raise RunDirError(f"run directory {run.path} already holds a checkpoint; pass --resume to continue it "
                               "or choose another --run-dir")
-        stale = [name for name in cls.LOGS if (run.path / name).exists()]
-        if not resume and stale:
-            raise RunDirError(f"{run.path} holds {', '.join(stale)} of a run that stopped before its first checkpoint; "
-                              "remove them or choose another --run-dir")
+        if distributed.is_main():  # rank 0 only: under torchrun, the others could see its fresh logs
+            stale = [name for name in cls.LOGS if (run.path / name).exists()]
+            if not resume and stale:
+                raise RunDirError(f"{run.path} holds {', '.join(stale)} of a run that stopped before its first "
+                                  "checkpoint; remove them or choose another --run-dir")
         run.path.mkdir(parents=True, exist_ok=True)
         if distributed.is_main():
             run._claim()
