@@ -948,6 +948,8 @@ class ClevrDataset(torch.utils.data.Dataset):
                                     f"fix the scene file to the CLEVR v1.0 scene schema or regenerate it with "
                                     f"`python run.py generate --out DIR`")
         scenes = [s for s in scenes if len(s["objects"]) <= MAX_OBJECTS][:max_images]
+        if not scenes:
+            raise DataError(f"{scenes_path} holds no scenes with at most {MAX_OBJECTS} objects; {_FIX}")
         self.targets = scenes_to_targets(scenes, source=str(scenes_path))
         self.filenames = [s["image_filename"] for s in scenes]
         mask_dir = root / "masks" / split
@@ -963,12 +965,15 @@ class ClevrDataset(torch.utils.data.Dataset):
         """Open a 480x320 PNG or raise DataError naming the file."""
         if not path.is_file():
             raise DataError(f"CLEVR {what} {path} not found: {_LAYOUT_HINT}")
-        with Image.open(path) as img:
-            if img.size != (FRAME_W, FRAME_H):
-                raise DataError(f"{path} is {img.size[0]}x{img.size[1]} but CLEVR v1.0 {what}s are "
-                                f"{FRAME_W}x{FRAME_H}; use the original files or regenerate them with "
-                                f"`python run.py generate --out DIR`")
-            img.load()
+        try:
+            with Image.open(path) as img:
+                if img.size != (FRAME_W, FRAME_H):
+                    raise DataError(f"{path} is {img.size[0]}x{img.size[1]} but CLEVR v1.0 {what}s are "
+                                    f"{FRAME_W}x{FRAME_H}; use the original files or regenerate them with "
+                                    f"`python run.py generate --out DIR`")
+                img.load()
+        except (OSError, SyntaxError) as e:  # PIL: truncated or unidentifiable image data
+            raise DataError(f"CLEVR {what} {path} is damaged ({str(e).splitlines()[0]}); {_FIX}") from None
         return img
 
     def __getitem__(self, i: int) -> dict:

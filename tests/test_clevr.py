@@ -300,3 +300,15 @@ def test_wrong_image_size(tmp_path):
     _fake_clevr(tmp_path, size=(320, 240))
     message = _error(tmp_path)
     assert "CLEVR_val_000000.png" in message and "320x240" in message and "480x320" in message
+
+
+def test_damaged_image_and_empty_scene_list(tmp_path):
+    _fake_clevr(tmp_path)
+    png = tmp_path / "images" / "val" / "CLEVR_val_000000.png"
+    data = png.read_bytes()
+    for damaged in (data[:len(data) // 2], b"not a png at all"):
+        png.write_bytes(damaged)
+        message = _error(tmp_path)
+        assert "CLEVR image" in message and "CLEVR_val_000000.png is damaged" in message
+    (tmp_path / "scenes" / "CLEVR_val_scenes.json").write_text(json.dumps({"scenes": []}))
+    assert "holds no scenes" in _error(tmp_path)
