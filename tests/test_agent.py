@@ -247,6 +247,9 @@ def test_killed_env_worker_during_training(tmp_path, monkeypatch):
               progress=False)
     state = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=False)
     assert state["counters"]["env_steps"] == 160 and state["counters"]["episodes"] >= 1
+    assert state["counters"]["env_restarts"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["env_restarts"] for r in rows if "env_restarts" in r][-1] == 1  # logged beside the losses
     replay = ReplayBuffer.load(tmp_path / "run" / state["replays"][0])
     firsts = replay.data["is_first"][:len(replay)].sum()
     assert firsts >= 3  # the 2 initial episodes and the one started after the crash
