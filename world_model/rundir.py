@@ -1,6 +1,7 @@
 """One directory per run: resolved config, atomic checkpoints, JSONL metrics beside tensorboard.
 
-Layout: `config.yaml`, `checkpoints/latest.pt`, `metrics.jsonl`, `tb/` (tensorboard events).
+Layout: `config.yaml`, `checkpoints/latest.pt`, `metrics.jsonl`, `tb/` (tensorboard events), `train.pid` (the
+process training in it).
 Checkpoints are written to a temporary file and renamed over the old one, so killing the process at
 any moment leaves either the previous or the new checkpoint, never a torn one.
 """
