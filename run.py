@@ -115,10 +115,6 @@ def cmd_generate(args) -> None:
 def cmd_collect(args) -> None:
     from envs.collect import collect
 
-    for name in ("workers", "envs_per_worker", "size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     kwargs = {}
     if args.size:
         kwargs["size"] = args.size
@@ -389,11 +385,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# integer options that count something: 0 or less is a mistake, not "the default"
+COUNTS = ("images", "batch_size", "segments", "episodes", "frames", "workers", "envs_per_worker", "size", "steps",
+          "env_steps", "horizon", "resolution", "profile_rows")
+
+
+def _check_counts(args) -> None:
+    for name in COUNTS:
+        value = getattr(args, name, None)
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
 def main(argv=None) -> int:
     from world_model import distributed
 
     args = build_parser().parse_args(argv)
     try:
+        _check_counts(args)
         args.func(args)
         distributed.barrier()  # under torchrun: the others wait for rank 0's final evaluation before leaving
     except (ValueError, FileNotFoundError) as e:  # ConfigError, DataError, RunDirError are ValueErrors

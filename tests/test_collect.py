@@ -63,6 +63,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     for option in ("--workers", "--envs-per-worker", "--size"):
         assert run.main(["collect", "--env", "crafter", "--frames", "5", "--out", str(tmp_path / "x"), option, "0"]) == 2
         assert f"{option} must be positive, got 0" in capsys.readouterr().err
+    for argv in (["eval-ap", "--checkpoint", "R", "--images", "0"], ["eval-wm", "--checkpoint", "R", "--segments", "-1"],
+                 ["eval", "--checkpoint", "R", "--episodes", "0"], ["generate", "--out", "D", "--batch-size", "0"]):
+        assert run.main(argv) == 2  # refused before the (missing) run or directory is looked at
+        assert f"{argv[-2]} must be positive, got {argv[-1]}" in capsys.readouterr().err
     assert run.main(["pretrain", "--data", str(tmp_path / "nothing"), "--run-dir", str(tmp_path / "r")]) == 2
     assert "no meta.json" in capsys.readouterr().err
     assert not (tmp_path / "r" / "config.yaml").exists()  # the data is checked before the run gets a config
