@@ -34,7 +34,7 @@ def cmd_config(args) -> None:
     print(to_yaml(load_config(run_schemas()[command], args.config, args.overrides)), end="")
 
 
-def _run_training(args, schema, default_preset: str, overrides: list, run_name, train_fn, resume: bool) -> None:
+def _run_training(args, default_preset: str, overrides: list, run_name, train_fn, resume: bool) -> None:
     """What pretrain, train-wm and train share: the config (the run's own when resuming, plus overrides), the run
     directory (named explicitly under torchrun, where a timestamped default could differ between processes), the
     resolved config and the result printed once."""
@@ -44,12 +44,11 @@ def _run_training(args, schema, default_preset: str, overrides: list, run_name, 
     if resume:
         if args.run_dir is None:
             raise ValueError("--resume needs --run-dir DIR of the run to continue")
-        command = next(c for c, s in run_schemas().items() if s is schema)
-        cfg = load_run_config(command, args.run_dir, overrides)
+        cfg = load_run_config(args.command, args.run_dir, overrides)
         if args.config:
             print(f"note: --resume uses {args.run_dir}/config.yaml; --config {args.config} is ignored", file=sys.stderr)
     else:
-        cfg = load_config(schema, args.config or default_preset, overrides)
+        cfg = load_config(run_schemas()[args.command], args.config or default_preset, overrides)
     if distributed.launched() and not args.run_dir:
         raise ValueError("under torchrun pass --run-dir DIR (every process must use the same run directory)")
     run_dir = args.run_dir or f"runs/{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -65,14 +64,13 @@ def _run_training(args, schema, default_preset: str, overrides: list, run_name, 
 
 
 def cmd_pretrain(args) -> None:
-    from world_model.config import PretrainConfig
     from world_model.pretrain import pretrain
 
     overrides = list(args.overrides)
     if args.data:
         overrides = ["data.source=frames", f"data.root={args.data}", "task=discovery"] + overrides
     preset = "configs/frames_discovery_cpu.yaml" if args.data else "configs/clevr_tiny.yaml"
-    _run_training(args, PretrainConfig, preset, overrides, lambda c: f"pretrain-{c.task}-{c.model.slots}", pretrain,
+    _run_training(args, preset, overrides, lambda c: f"pretrain-{c.task}-{c.model.slots}", pretrain,
                   args.resume)
 
 
@@ -140,7 +138,6 @@ def cmd_visualize(args) -> None:
 
 
 def cmd_train_wm(args) -> None:
-    from world_model.config import WorldModelConfig
     from world_model.train_wm import train_wm
 
     from world_model import distributed
@@ -149,7 +146,7 @@ def cmd_train_wm(args) -> None:
         raise ValueError("train-wm runs in one process; under torchrun run `pretrain` or `train` (the agent loop, "
                          "which trains the world model data-parallel)")
     overrides = ([f"data.root={args.data}"] if args.data else []) + list(args.overrides)
-    _run_training(args, WorldModelConfig, "configs/wm_crafter_cpu.yaml", overrides, lambda c: "wm", train_wm,
+    _run_training(args, "configs/wm_crafter_cpu.yaml", overrides, lambda c: "wm", train_wm,
                   args.resume)
 
 
@@ -168,14 +165,13 @@ def cmd_eval_wm(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from agent.config import AgentConfig
     from agent.train import train
 
     if args.resume:
         if args.run_dir and args.run_dir != args.resume:
             raise ValueError(f"--resume {args.resume} names the run to continue; --run-dir {args.run_dir} contradicts it")
         args.run_dir = args.resume
-    _run_training(args, AgentConfig, "configs/tiny.yaml", args.overrides, lambda c: f"agent-{c.env.name}", train,
+    _run_training(args, "configs/tiny.yaml", args.overrides, lambda c: f"agent-{c.env.name}", train,
                   bool(args.resume))
 
 

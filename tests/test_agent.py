@@ -310,9 +310,10 @@ def test_compile_is_announced_before_the_run(tmp_path, capsys):
     import argparse
 
     calls = []
-    args = argparse.Namespace(config=str(ROOT / "configs/tiny.yaml"), run_dir=str(tmp_path / "r"), no_progress=True)
+    args = argparse.Namespace(command="train", config=str(ROOT / "configs/tiny.yaml"), run_dir=str(tmp_path / "r"),
+                              no_progress=True)
     for compile_ in ("true", "false"):
-        run._run_training(args, AgentConfig, "configs/tiny.yaml", [f"train.compile={compile_}"], lambda c: "x",
+        run._run_training(args, "configs/tiny.yaml", [f"train.compile={compile_}"], lambda c: "x",
                           lambda cfg, run_dir, resume, progress: calls.append(cfg.train.compile) or {}, False)
         out = capsys.readouterr().out
         assert ("# train.compile: the first steps compile (default)" in out) == (compile_ == "true")
