@@ -189,18 +189,18 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         episodes_base, restarts_base = counters["episodes"], counters.get("env_restarts", 0)
         last_eval: dict = {}
 
-        def global_episodes() -> int:  # a collective: every rank's finished episodes since the start/resume
-            return episodes_base + sum(distributed.gather_objects(collector.episodes))
-
-        def global_restarts() -> int:  # a collective: env workers restarted after a crash or hang, all ranks
-            return restarts_base + sum(distributed.gather_objects(getattr(venv, "restarts", 0)))
+        def global_counts() -> tuple[int, int]:
+            """A collective: every rank's finished episodes and env workers restarted (after a crash or hang)."""
+            mine = (collector.episodes, getattr(venv, "restarts", 0))  # SyncVectorEnv never restarts
+            gathered = distributed.gather_objects(mine)
+            return episodes_base + sum(g[0] for g in gathered), restarts_base + sum(g[1] for g in gathered)
 
         def checkpoint() -> None:
             name = f"replay/{counters['env_steps']:012d}-rank{distributed.rank()}.npz"
             (run.path / "replay").mkdir(exist_ok=True)
             replay.save(run.path / name)  # the replays first: the checkpoint never names a missing file
             names = distributed.gather_objects(name)  # also waits until every rank's replay is written
-            counters["episodes"], counters["env_restarts"] = global_episodes(), global_restarts()
+            counters["episodes"], counters["env_restarts"] = global_counts()
             stats = run.path / "stats.jsonl"  # every rank's episodes up to this step are in it (gathered above)
             run.save_checkpoint({"wm": wm.state_dict(), "ac": ac.state_dict(), "wm_opt": wm_opt.state_dict(),
                                  "ac_opt": ac.optimizer_state(), "counters": dict(counters), "rng": rng_states(),
@@ -236,12 +236,12 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             if counters["env_steps"] >= next_log:
                 next_log += t.log_every
                 now = time.perf_counter()
-                episodes = global_episodes()
+                episodes, restarts = global_counts()
                 row = dict(distributed.mean_scalars(stats, device),
                            env_steps_per_s=(counters["env_steps"] - steps_last) / (now - t_last),
                            skipped_wm=counters.get("skipped_wm", 0), skipped_ac=counters.get("skipped_ac", 0),
                            replay_steps=len(replay) * distributed.world_size(), updates=counters["updates"],
-                           episodes=episodes, env_restarts=global_restarts(),
+                           episodes=episodes, env_restarts=restarts,
                            replay_ratio=counters["updates"] * t.batch_size * t.seq_len / counters["env_steps"])
                 t_last, steps_last = now, counters["env_steps"]
                 if main:
