@@ -63,10 +63,10 @@ def main(overrides: list[str]) -> None:
     replay.add_steps({"image": rng.integers(0, 255, (n, 64, 64, 3), dtype=np.uint8), "action": rng.integers(0, 17, n),
                       "reward": np.zeros(n, np.float32), "is_first": np.arange(n) == 0, "is_last": np.zeros(n, bool),
                       "is_terminal": np.zeros(n, bool)}, [0] * n)
-    train.train_step(wm, ac, opt, replay, cfg, torch.device("cpu"))  # first update: lazy state out of the way
+    train.train_step(wm, ac, opt, replay, cfg, torch.device("cpu"), 0)  # first update: lazy state out of the way
     counter = Count(label)
     with counter:
-        train.train_step(wm, ac, opt, replay, cfg, torch.device("cpu"))
+        train.train_step(wm, ac, opt, replay, cfg, torch.device("cpu"), 1)
     total = sum(sum(c.values()) for c in counter.ops.values())
     print(f"# one agent update, configs/crafter.yaml {' '.join(overrides)} (seq_len {cfg.train.seq_len}, "
           f"horizon {cfg.actor_critic.horizon}): {total} aten ops")

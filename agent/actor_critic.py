@@ -134,9 +134,12 @@ def lambda_returns(rewards: torch.Tensor, values: torch.Tensor, continues: torch
     return torch.stack(out[::-1], 1)
 
 
-def discount_weights(continues: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Weight `b h` of step t: prod_{i<t} gamma * c_i (1 at the real start), the discounted chance to reach s_t."""
-    disc = torch.cat([torch.ones_like(continues[:, :1]), gamma * continues[:, :-1]], 1)
+def discount_weights(continues: torch.Tensor, gamma: float, start: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Weight `b h` of step t: c_start prod_{i<t} gamma * c_i, the discounted chance to reach s_t. `start` `b`: 1 - is_terminal
+    of the real start s_0 (None: 1), so a rollout from a terminal frame, where the episode has ended, counts for
+    nothing (as in DreamerV3)."""
+    first = torch.ones_like(continues[:, :1]) if start is None else start.to(continues.dtype)[:, None]
+    disc = torch.cat([first, gamma * continues[:, :-1]], 1)
     return torch.cumprod(disc, 1)
 
 
@@ -214,7 +217,7 @@ class ActorCritic(nn.Module):
             values = twohot.mean(logits)  # b h+1
             slow = self.slow_critic.value(start_slots, start_frames).view(b, h)
             returns = lambda_returns(traj.rewards.float(), values, traj.continues.float(), c.gamma, c.lam)  # b h
-            weights = discount_weights(traj.continues.float(), c.gamma)  # b h
+            weights = discount_weights(traj.continues.float(), c.gamma, traj.start_continues)  # b h
             self.normalizer.update(returns)
             adv = (returns - values[:, :-1]) / self.normalizer.scale()  # b h
         dist = self.actor.dist(start_slots, start_frames)

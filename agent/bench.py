@@ -26,7 +26,7 @@ from envs.collect import env_fn
 from envs.vector import make_vector_env
 from world_model.bench import check_profile_row, failed_row, peak_gib, select_rows
 from world_model.config import load_config
-from world_model.rundir import use_tf32
+from world_model.rundir import set_precision
 
 from .config import AgentConfig
 from .policy import SlotPolicy
@@ -74,9 +74,9 @@ def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill
                 collector.step(rng.integers(num_actions, size=n))
             _sync(device)
             warm = time.perf_counter()
-            for _ in range(WARMUP_UPDATES):  # allocator growth, cuBLAS/cuDNN set-up, compilation: not the loop's rate
+            for i in range(WARMUP_UPDATES):  # allocator growth, cuBLAS/cuDNN set-up, compilation: not the loop's rate
                 policy.act(collector.obs["image"], collector.first)
-                train_step(wm, ac, wm_opt, replay, cfg, device)
+                train_step(wm, ac, wm_opt, replay, cfg, device, i)
             _sync(device)
             warm = time.perf_counter() - warm
             seconds = dict.fromkeys(("policy", "env_step", "update"), 0.0)
@@ -95,7 +95,7 @@ def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill
                     seconds["env_step"] += t2 - t1
                     done += n
                     while updates < updates_due(done, owed):
-                        train_step(wm, ac, wm_opt, replay, cfg, device)
+                        train_step(wm, ac, wm_opt, replay, cfg, device, WARMUP_UPDATES + updates)
                         updates += 1
                     _sync(device)
                     seconds["update"] += time.perf_counter() - t2
@@ -146,7 +146,7 @@ def _measure_row(base: AgentConfig, settings: dict, device: torch.device, env_st
 
 def bench_agent(args, device: torch.device) -> None:
     preset = args.agent_config or ("configs/crafter.yaml" if device.type == "cuda" else "configs/crafter_cpu.yaml")
-    use_tf32(device)
+    set_precision(device)
     base = load_config(AgentConfig, preset, [*args.overrides, f"train.device={device}"])
     env_steps = args.env_steps if args.env_steps else 16 * base.train.batch_size * base.train.seq_len // max(
         int(base.train.train_ratio), 1)

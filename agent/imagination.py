@@ -23,6 +23,7 @@ class Trajectory:
     actions: torch.Tensor  # b h (a_t taken in s_t)
     rewards: torch.Tensor  # b h (r_t for s_t -> s_{t+1})
     continues: torch.Tensor  # b h (probability that s_{t+1} is not terminal)
+    start_continues: Optional[torch.Tensor] = None  # b: 0 where the real s_0 is terminal (None: none is)
 
 
 def _cache_dtype(dynamics: SlotDynamics, device: torch.device) -> torch.dtype:

@@ -75,11 +75,14 @@ def local_share(total: int, what: str) -> int:
 
 
 def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, replay: ReplayBuffer,
-               cfg: AgentConfig, device: torch.device, wm_parallel: Optional[torch.nn.Module] = None,
+               cfg: AgentConfig, device: torch.device, update: int, wm_parallel: Optional[torch.nn.Module] = None,
                ac_parallel: Optional[torch.nn.Module] = None) -> dict:
-    """One world-model update on a replayed batch, then one actor-critic update in imagination from its states.
-    `wm_parallel` / `ac_parallel`: the DistributedDataParallel wrappers under torchrun (gradients averaged)."""
-    t = cfg.train
+    """Update number `update` (global, from 0): one world-model update on a replayed batch, then one actor-critic
+    update in imagination from its states. A jointly trained VQ encoder's Gumbel temperature follows
+    `encoder.model.vq`'s anneal over updates. `wm_parallel` / `ac_parallel`: the DistributedDataParallel wrappers
+    under torchrun (gradients averaged)."""
+    t, vq = cfg.train, cfg.encoder.model.vq
+    tau = wm.set_vq_temperature(update, vq.tau_start, vq.tau_end, vq.anneal_steps)
     batch_size, starts_n = t.batch_size // distributed.world_size(), t.imag_starts // distributed.world_size()
     wm.step_begin()
     with record_function("replay_sample"):  # profiler labels (agent/bench.py); free when no profiler runs
@@ -91,6 +94,8 @@ def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, r
         problem = guarded_update(loss, wm_opt.param_groups[0]["params"], wm_opt, t.wm_grad_clip, stats)
         stats = {f"wm/{k}": float(v) for k, v in stats.items()}
     stats["wm/skipped"] = float(problem is not None)
+    if tau is not None:
+        stats["wm/vq_tau"] = tau
     wm.eval()
     starts = torch.randperm(batch_size * t.seq_len, device=device)[:starts_n]
     frames = enc.frame_codes.flatten(0, 1)[starts, None] if enc.frame_codes is not None else None  # n 1 g
@@ -98,6 +103,7 @@ def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, r
     with autocast(device, t.amp):
         with record_function("imagination"):
             traj = imagine(wm.dynamics, ac.actor, context, None, cfg.actor_critic.horizon)
+            traj.start_continues = 1.0 - batch["is_terminal"].flatten(0, 1)[starts].float()
         with record_function("ac_update"):
             stats.update({f"ac/{k}": float(v) for k, v in ac.update(traj, ac_parallel).items()})
     stats["ac/imagined_reward"] = float(traj.rewards.mean())
@@ -228,7 +234,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             counters["env_steps"] += cfg.env.num_envs
             bar.update(cfg.env.num_envs)
             while counters["updates"] < updates_due(counters["env_steps"], cfg):
-                stats = train_step(wm, ac, wm_opt, replay, cfg, device, wm_parallel, ac_parallel)
+                stats = train_step(wm, ac, wm_opt, replay, cfg, device, counters["updates"], wm_parallel, ac_parallel)
                 counters["updates"] += 1
                 # A non-finite loss or gradient skipped that update (it never reaches weights or checkpoints).
                 counters["skipped_wm"] = counters.get("skipped_wm", 0) + int(stats["wm/skipped"])

@@ -43,6 +43,10 @@ def test_lambda_returns_by_hand():
     mc = torch.tensor([[1 + .9 * 2 + .81 * 3 + .729 * 2, 2 + .9 * 3 + .81 * 2, 3 + .9 * 2]])
     torch.testing.assert_close(lambda_returns(r, v, ones, 0.9, 1.0), mc)
     torch.testing.assert_close(discount_weights(c, 0.9), torch.tensor([[1.0, 0.9, 0.405]]))
+    # a terminal start (1 - is_terminal = 0) weighs nothing; a live one as before
+    starts = torch.tensor([0.0, 1.0])
+    torch.testing.assert_close(discount_weights(c.repeat(2, 1), 0.9, starts),
+                               torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.9, 0.405]]))
 
 
 def test_return_normalizer():
@@ -147,6 +151,30 @@ def test_update_learns_rewarding_action():
         assert stats["skipped"] == 0.0
     assert before < 0.4 and p_reward() > 0.9
     assert float(ac.act(probe[:, 0], probe_frames[:, 0], sample=False).eq(1).float().mean()) == 1.0
+
+
+def test_rollouts_from_terminal_frames_teach_nothing():
+    """Imagination starts on every replayed frame; one where the real episode had ended (is_terminal) gets weight
+    0, so its rows add nothing to either loss or gradient."""
+    torch.manual_seed(0)
+    ac = ActorCritic(DYN, AC)
+    traj = bandit_trajectory(ac, torch.Generator().manual_seed(3), b=6)
+
+    def losses_and_grads(t):
+        ac.normalizer.count.zero_()  # the normalizer starts afresh for each call (its first batch sets it)
+        ac.zero_grad(set_to_none=True)
+        actor_loss, critic_loss, _ = ac(t)
+        (actor_loss + critic_loss).backward()
+        return actor_loss.detach(), critic_loss.detach(), [p.grad.clone() for p in ac.parameters() if p.grad is not None]
+
+    traj.start_continues = torch.zeros(6)
+    actor_loss, critic_loss, grads = losses_and_grads(traj)
+    assert float(actor_loss) == 0.0 and float(critic_loss) == 0.0 and all(not g.any() for g in grads)
+    traj.start_continues = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
+    mixed = losses_and_grads(traj)
+    traj.start_continues = None
+    live = losses_and_grads(traj)
+    assert float(mixed[0]) != pytest.approx(float(live[0]))  # the two terminal rows' shares are gone
 
 
 def test_critic_learns_constant_reward_value():

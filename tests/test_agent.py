@@ -109,8 +109,25 @@ def test_every_agent_preset_trains_one_step(preset, num_actions):
 
     cfg = load_config(AgentConfig, ROOT / f"configs/{preset}.yaml", ONE_UPDATE)
     wm, ac, opt, replay = _one_update_setup(cfg, num_actions)
-    stats = train_step(wm, ac, opt, replay, cfg, torch.device("cpu"))
+    stats = train_step(wm, ac, opt, replay, cfg, torch.device("cpu"), 0)
     assert np.isfinite(stats["wm/loss"]) and stats["wm/skipped"] == 0 and np.isfinite(stats["ac/loss_critic"])
+
+
+def test_joint_encoder_temperature_anneals_over_updates():
+    """The agent anneals a jointly trained VQ encoder's Gumbel temperature over its updates, as pretraining and
+    train-wm do over steps: from tau_start at update 0 to tau_end at anneal_steps."""
+    from agent.train import train_step
+
+    cfg = load_config(AgentConfig, ROOT / "configs/tiny.yaml", ONE_UPDATE)
+    vq = cfg.encoder.model.vq
+    assert cfg.encoder.mode == "joint" and vq.tau_end < vq.tau_start
+    wm, ac, opt, replay = _one_update_setup(cfg, 17)
+    taus = []
+    for update in (0, vq.anneal_steps // 2, vq.anneal_steps, 10 * vq.anneal_steps):
+        stats = train_step(wm, ac, opt, replay, cfg, torch.device("cpu"), update)
+        taus.append(stats["wm/vq_tau"])
+        assert float(wm.autoencoder.encoder.vq.tau) == pytest.approx(stats["wm/vq_tau"])
+    assert taus == pytest.approx([vq.tau_start, (vq.tau_start * vq.tau_end) ** 0.5, vq.tau_end, vq.tau_end])
 
 
 def _compiled_vs_eager(backend: str, cudagraph_steps: bool = False, *overrides: str) -> None:
@@ -129,7 +146,7 @@ def _compiled_vs_eager(backend: str, cudagraph_steps: bool = False, *overrides: 
             assert wm.autoencoder.encoder.backbone._compiled_call_impl is not None
             wm.cudagraphs = cudagraph_steps
         torch.manual_seed(1)
-        losses = [train_step(wm, ac, opt, replay, cfg, torch.device("cpu"))["wm/loss"] for _ in range(2)]
+        losses = [train_step(wm, ac, opt, replay, cfg, torch.device("cpu"), u)["wm/loss"] for u in range(2)]
         results.append((losses, wm.state_dict()))
     (eager_losses, eager_state), (comp_losses, comp_state) = results
     assert list(eager_state) == list(comp_state)

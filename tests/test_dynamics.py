@@ -238,4 +238,9 @@ def test_twohot_loss_minimized_by_target():
     for _ in range(5):
         other = best.detach() + torch.randn(best.shape, generator=g)
         assert (twohot.loss(other, x) > loss.detach()).all()
+    # the value is a target: the loss's gradient reaches the logits only, never a value that carries a graph
+    value = torch.tensor([0.5, 2.0], requires_grad=True)
+    logits = torch.zeros(2, twohot.DEFAULT_BINS, requires_grad=True)
+    twohot.loss(logits, value * 3).sum().backward()
+    assert value.grad is None and logits.grad is not None
     torch.testing.assert_close(loss.detach(), F.cross_entropy(best.detach(), target, reduction="none"))

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from world_model.rundir import MetricLogger, RunDir, atomic_torch_save, atomic_write, read_jsonl
+from world_model.rundir import MetricLogger, RunDir, atomic_torch_save, atomic_write, read_jsonl, set_precision
 
 
 def _tensorboard_steps(path, tag):
@@ -121,3 +121,19 @@ def test_rollback_cuts_appended_lines_back_to_the_checkpoint(tmp_path):
     rollback_appended(path, size - 3)  # a size inside a line keeps whole lines only
     assert path.read_text() == '{"e": 1}\n'
     rollback_appended(tmp_path / "missing.jsonl", 0)
+
+
+def test_cuda_runs_keep_fp32_matmuls_at_full_precision():
+    """CUDA runs take TF32 for convolutions only: the GMM E-step's fp32 matmul cancels large terms (see
+    tests/test_slots.py), so "high" (TF32) matmul precision is not set; CPU runs leave the flags alone."""
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = False
+        set_precision(torch.device("cpu"))
+        assert torch.get_float32_matmul_precision() == "high" and not torch.backends.cudnn.allow_tf32
+        set_precision(torch.device("cuda"))  # sets flags only; needs no GPU
+        assert torch.get_float32_matmul_precision() == "highest" and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]

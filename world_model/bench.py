@@ -14,7 +14,7 @@ import torch
 
 from .config import PretrainConfig, load_config
 from .pretrain import GeneratedScenes, build_model, compute_loss
-from .rundir import resolve_device, use_tf32
+from .rundir import resolve_device, set_precision
 from .slots.gmm import gaussian_log_likelihood
 
 
@@ -92,9 +92,9 @@ def bench_pretrain(args, device: torch.device) -> None:
     if unknown or not models:
         raise ValueError(f"--slots takes gmm and/or slot_attention (comma-separated), got {args.slots!r}")
     check_profile_row(args, [m[0] for m in modes])
-    use_tf32(device)  # fp32 rows as training runs them
+    set_precision(device)  # fp32 rows as training runs them
     print(f"# pretrain step ({args.task}), {res}x{res}, batch {batch_size}, device {device}"
-          f"{' (fp32 matmuls in TF32, as in training)' if device.type == 'cuda' else ''}")
+          f"{' (convolutions in TF32, fp32 matmuls in full fp32, as in training)' if device.type == 'cuda' else ''}")
     print(f"{'model':<16}{'mode':<15}{'img/s':>10}{'first step s':>14}{'peak GiB':>10}")
     data = None
     results = {}

@@ -191,7 +191,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
         batch = to_batch(train_buf.sample(cfg.train.batch_size, cfg.data.seq_len), wm.resolution, device)
         for group in opt.param_groups:
             group["lr"] = cfg.train.lr * lr_factor(step, cfg.train.warmup_steps)
-        wm.set_vq_temperature(step, vq.tau_start, vq.tau_end, vq.anneal_steps)
+        tau = wm.set_vq_temperature(step, vq.tau_start, vq.tau_end, vq.anneal_steps)
         with autocast(device, cfg.train.amp):
             loss, stats, _ = wm.loss(batch, vq.beta)
         problem = guarded_update(loss, params, opt, cfg.train.grad_clip, stats)
@@ -204,6 +204,8 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             now = time.perf_counter()
             stats = {k: float(v) for k, v in stats.items()}
+            if tau is not None:
+                stats["vq_tau"] = tau
             stats.update(lr=opt.param_groups[0]["lr"],
                          steps_per_s=(step - n_last) * cfg.train.batch_size * cfg.data.seq_len / (now - t_last))
             t_last, n_last = now, step

@@ -29,9 +29,9 @@ def bin_values(num_bins: int = DEFAULT_BINS, device=None) -> torch.Tensor:
 
 
 def encode(x: torch.Tensor, num_bins: int = DEFAULT_BINS) -> torch.Tensor:
-    """Values `...` -> two-hot targets `... num_bins` (float32, rows sum to 1)."""
+    """Values `...` -> two-hot targets `... num_bins` (float32, rows sum to 1). A target: no gradient reaches x."""
     bins = bin_values(num_bins, x.device)
-    y = symlog(x.float()).clamp(LOW, HIGH)
+    y = symlog(x.detach().float()).clamp(LOW, HIGH)
     lo = (torch.bucketize(y, bins, right=True) - 1).clamp(0, num_bins - 2)  # bins[lo] <= y < bins[lo + 1]
     w_hi = ((y - bins[lo]) / (bins[lo + 1] - bins[lo])).clamp(0.0, 1.0)
     target = torch.zeros(*x.shape, num_bins, device=x.device)

@@ -158,9 +158,13 @@ class WorldModel(nn.Module):
         generation that may overwrite earlier outputs."""
         return x.clone() if self.cudagraphs and x is not None else x
 
-    def set_vq_temperature(self, step: int, tau_start: float, tau_end: float, anneal_steps: int) -> None:
-        if self.joint:
-            self.autoencoder.encoder.vq.set_temperature(temperature(step, tau_start, tau_end, anneal_steps))
+    def set_vq_temperature(self, step: int, tau_start: float, tau_end: float, anneal_steps: int) -> Optional[float]:
+        """A jointly trained encoder's Gumbel temperature at `step` of its anneal (returned); None when frozen."""
+        if not self.joint:
+            return None
+        tau = temperature(step, tau_start, tau_end, anneal_steps)
+        self.autoencoder.encoder.vq.set_temperature(tau)
+        return tau
 
     @torch.no_grad()
     def decode_codes(self, slot_codes: torch.Tensor) -> torch.Tensor:
