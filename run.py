@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
 EPILOG = """examples:
   python run.py pretrain --config configs/clevr_tiny.yaml --run-dir runs/tiny
-  python run.py pretrain --config configs/clevr_setpred.yaml model.slots=slot_attention train.steps=1000
+  python run.py pretrain --config clevr_setpred_cpu model.slots=slot_attention train.steps=1000   # 10-15 min on a CPU
+  python run.py pretrain --config clevr_setpred --run-dir runs/setpred     # the paper's setup: a GPU run
   python run.py pretrain --run-dir runs/tiny --resume train.steps=400
   python run.py eval-ap --checkpoint runs/tiny --images 2000
-  python run.py generate --out data/clevr_like --images 1000
+  python run.py generate --out data/clevr_like --images 100                # 480x320 scenes: seconds each on a CPU
   python run.py collect --env crafter --frames 20000 --out data/crafter --workers 2
   python run.py pretrain --data data/crafter --run-dir runs/crafter_slots
   python run.py visualize --checkpoint runs/crafter_slots --env crafter --frames 16 --out viz/crafter
   python run.py visualize --checkpoint runs/vq_setpred --codes --out viz/codes
   python run.py bench pretrain
   python run.py bench envs
-Overrides are dotted `key=value` pairs after the options; `python run.py config` lists every key."""
+Overrides are dotted `key=value` pairs, before or after the options; `python run.py config` lists every key."""
+
+
+DEFAULT_PRESETS = {"pretrain": "configs/clevr_tiny.yaml", "train-wm": "configs/wm_crafter_cpu.yaml",
+                   "train": "configs/tiny.yaml"}  # what each training command runs without --config
 
 
 def _overrides_help(example: str, command: str) -> str:
@@ -31,7 +37,9 @@ def cmd_config(args) -> None:
     from world_model.config import load_config, run_schemas, schema_command, to_yaml
 
     command = args.command_schema or (args.config and schema_command(args.config)) or "pretrain"
-    print(to_yaml(load_config(run_schemas()[command], args.config, args.overrides)), end="")
+    preset = args.config or DEFAULT_PRESETS[command]
+    print(f"# run.py {command}, preset {preset}")
+    print(to_yaml(load_config(run_schemas()[command], preset, args.overrides)), end="")
 
 
 def _run_training(args, default_preset: str, overrides: list, run_name, train_fn, resume: bool) -> None:
@@ -39,12 +47,13 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
     directory (named explicitly under torchrun, where a timestamped default could differ between processes), the
     resolved config and the result printed once."""
     from world_model import distributed
-    from world_model.config import load_config, load_run_config, run_schemas, to_yaml
+    from world_model.config import check_resume_overrides, load_config, load_run_config, run_schemas, to_yaml
 
     if resume:
         if args.run_dir is None:
             raise ValueError("--resume needs --run-dir DIR of the run to continue")
         cfg = load_run_config(args.command, args.run_dir, overrides)
+        check_resume_overrides(load_run_config(args.command, args.run_dir), cfg, args.run_dir)
         if args.config:
             print(f"note: --resume uses {args.run_dir}/config.yaml; --config {args.config} is ignored", file=sys.stderr)
     else:
@@ -69,7 +78,7 @@ def cmd_pretrain(args) -> None:
     overrides = list(args.overrides)
     if args.data:
         overrides = ["data.source=frames", f"data.root={args.data}", "task=discovery"] + overrides
-    preset = "configs/frames_discovery_cpu.yaml" if args.data else "configs/clevr_tiny.yaml"
+    preset = "configs/frames_discovery_cpu.yaml" if args.data else DEFAULT_PRESETS["pretrain"]
     _run_training(args, preset, overrides, lambda c: f"pretrain-{c.task}-{c.model.slots}", pretrain,
                   args.resume)
 
@@ -85,7 +94,9 @@ def cmd_eval_ap(args) -> None:
     n = args.images or cfg.data.eval_images
     batches = eval_batches(cfg, device, n, args.batch_size)
     result = evaluate(model, cfg, device, n, args.batch_size, batches=batches)
-    result.update(step=state["step"], data=args.clevr_root or "generated", task=cfg.task, slots=cfg.model.slots,
+    source = {"generated": "generated scenes", "clevr": f"CLEVR {cfg.data.root} split {cfg.data.eval_split}",
+              "frames": f"held-out frames of {cfg.data.root}"}.get(cfg.data.source, cfg.data.source)
+    result.update(step=state["step"], data=source, task=cfg.task, slots=cfg.model.slots,
                   vq=cfg.model.vq.enabled)
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval_ap.json"
     out.write_text(json.dumps(result, indent=2))
@@ -146,7 +157,7 @@ def cmd_train_wm(args) -> None:
         raise ValueError("train-wm runs in one process; under torchrun run `pretrain` or `train` (the agent loop, "
                          "which trains the world model data-parallel)")
     overrides = ([f"data.root={args.data}"] if args.data else []) + list(args.overrides)
-    _run_training(args, "configs/wm_crafter_cpu.yaml", overrides, lambda c: "wm", train_wm,
+    _run_training(args, DEFAULT_PRESETS["train-wm"], overrides, lambda c: "wm", train_wm,
                   args.resume)
 
 
@@ -171,17 +182,20 @@ def cmd_train(args) -> None:
         if args.run_dir and args.run_dir != args.resume:
             raise ValueError(f"--resume {args.resume} names the run to continue; --run-dir {args.run_dir} contradicts it")
         args.run_dir = args.resume
-    _run_training(args, "configs/tiny.yaml", args.overrides, lambda c: f"agent-{c.env.name}", train,
+    _run_training(args, DEFAULT_PRESETS["train"], args.overrides, lambda c: f"agent-{c.env.name}", train,
                   bool(args.resume))
 
 
 def cmd_eval(args) -> None:
     from agent.evaluate import evaluate_run
 
-    result = evaluate_run(args.checkpoint, args.episodes, policy=args.policy, device=args.device)
+    result = evaluate_run(args.checkpoint, args.episodes, policy=args.policy, device=args.device, seed=args.seed,
+                          progress=not args.no_progress)
     out = Path(args.checkpoint) / f"eval_{args.policy}.json"
     out.write_text(json.dumps(result, indent=2))
-    print(f"{result['env']} {args.policy} policy at env step {result['env_steps']}: {result['episodes']} episodes")
+    n = result["episodes"]
+    who = f"agent at env step {result['env_steps']}" if args.policy == "agent" else "random policy"
+    print(f"{result['env']} {who}: {n} episode{'s' if n != 1 else ''} (seed {args.seed})")
     if "success_rates" in result:
         print(f"  Crafter score {result['score']:.2f}, mean return {result['mean_return']:.2f}, "
               f"mean length {result['mean_length']:.0f}")
@@ -209,14 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a slot encoder: task=discovery reconstructs images through a mask decoder "
                        "(FG-ARI); task=setpred predicts CLEVR object properties with a Hungarian loss (AP). "
                        "Writes config, checkpoints, tensorboard and metrics.jsonl to --run-dir.")
-    s.add_argument("--config", help="YAML preset (configs/*.yaml); default configs/clevr_tiny.yaml")
+    s.add_argument("--config", help="YAML preset, a path or a name in configs/ (clevr_tiny, clevr_setpred_cpu, "
+                   "clevr_discovery_cpu, clevr_setpred, clevr_discovery, ...); default configs/clevr_tiny.yaml")
     s.add_argument("--run-dir", help="run directory (default runs/pretrain-<task>-<slots>-<time>)")
     s.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     s.add_argument("--data", help="train on env frames: an episode dataset made by `run.py collect` (sets "
                    "data.source=frames, task=discovery; default preset configs/frames_discovery_cpu.yaml)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     s.add_argument("overrides", nargs="*", help=_overrides_help("model.slots=gmm train.steps=100", "pretrain"))
-    s.set_defaults(func=cmd_pretrain)
+    s.set_defaults(func=cmd_pretrain, parser=s)
 
     s = sub.add_parser("eval-ap", help="AP table (and FG-ARI) of a pretrained run on held-out scenes",
                        description="Evaluate a pretraining run: set prediction prints CLEVR AP at distance "
@@ -229,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=128)
     s.add_argument("--device", default="auto")
     s.add_argument("--out", help="JSON file for the results (default RUN/eval_ap.json)")
-    s.set_defaults(func=cmd_eval_ap)
+    s.set_defaults(func=cmd_eval_ap, parser=s)
 
     s = sub.add_parser("generate", help="write procedurally generated CLEVR-like scenes to disk (CLEVR layout)",
                        description="Render scenes at CLEVR's 480x320 into the CLEVR v1.0 layout (images/<split>, "
@@ -242,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="batch k of a split comes from (seed, split, k) (default 0)")
     s.add_argument("--batch-size", type=int, default=32, help="scenes rendered together (default 32)")
     s.add_argument("--device", default="cpu", help="where to render: cpu, cuda, auto (default cpu)")
-    s.set_defaults(func=cmd_generate)
+    s.set_defaults(func=cmd_generate, parser=s)
 
     s = sub.add_parser("collect", help="record random-policy episodes of crafter or nethack to an episode dataset",
                        description="Run a uniform random policy in vectorized env workers (a crashed worker is "
@@ -258,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, help="image side in pixels (default 64)")
     s.add_argument("--seed", type=int, default=0, help="env seeds and actions (default 0)")
     s.add_argument("--no-progress", action="store_true")
-    s.set_defaults(func=cmd_collect)
+    s.set_defaults(func=cmd_collect, parser=s)
 
     s = sub.add_parser("visualize", help="slot decompositions of env frames / scenes; VQ code edits; code figures",
                        description="Decompose frames with a pretrained slot encoder: per frame a PNG grid (input, "
@@ -266,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "sequence with its slot masks, and the same images in OUT/tb for tensorboard. --edit decodes "
                        "frames with one slot's VQ code changed; --codes draws the disentanglement figure "
                        "(p(property | code) heatmaps and NMI per latent variable) on CLEVR-like scenes.")
-    s.add_argument("--checkpoint", required=True, help="run directory made by `run.py pretrain`")
+    s.add_argument("--checkpoint", required=True, help="run directory made by `run.py pretrain`, or by `train-wm` / "
+                   "`train` (their slot encoder and decoder; --env crafter or nethack)")
     s.add_argument("--env", choices=["crafter", "nethack", "clevr"], help="where the frames come from")
     s.add_argument("--frames", type=int, default=8, help="frames (one random-policy episode) or scenes")
     s.add_argument("--out", required=True, help="output directory")
@@ -276,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", type=int, default=1000, help="scenes for --codes")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")
-    s.set_defaults(func=cmd_visualize)
+    s.set_defaults(func=cmd_visualize, parser=s)
 
     s = sub.add_parser("train-wm", help="train the slot-token world model on collected episodes",
                        description="Train the world model (VQ slot encoder + frame tokenizer + transformer "
@@ -284,12 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "encoder.checkpoint=RUN uses a pretrained VQ encoder (encoder.mode=frozen|joint); without "
                        "it a fresh encoder is trained jointly. Writes config, checkpoints, tensorboard, metrics.jsonl.")
     s.add_argument("--data", help="episode dataset directory (sets data.root)")
-    s.add_argument("--config", help="YAML preset (default configs/wm_crafter_cpu.yaml)")
+    s.add_argument("--config", help="YAML preset, a path or a name in configs/ (wm_crafter_cpu, wm_crafter); default "
+                   "configs/wm_crafter_cpu.yaml")
     s.add_argument("--run-dir", help="run directory (default runs/wm-<time>)")
     s.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("overrides", nargs="*", help=_overrides_help("train.steps=100 encoder.mode=joint", "train-wm"))
-    s.set_defaults(func=cmd_train_wm)
+    s.set_defaults(func=cmd_train_wm, parser=s)
 
     s = sub.add_parser("eval-wm", help="open-loop prediction table (horizons) and real-vs-imagined video",
                        description="From a context of real frames, predict open loop under the real actions: "
@@ -300,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--segments", type=int, help="held-out segments (default eval.segments)")
     s.add_argument("--out", help="output directory (default RUN/eval_wm)")
     s.add_argument("--device", default="cpu")
-    s.set_defaults(func=cmd_eval_wm)
+    s.set_defaults(func=cmd_eval_wm, parser=s)
 
     s = sub.add_parser("train", help="train an object-centric world-model agent on crafter or nethack",
                        description="The whole loop: vectorized env workers collect with the current policy into a "
@@ -309,12 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "goes to the run directory (config, checkpoints with the replay, stats.jsonl of every "
                        "training episode, tensorboard, metrics.jsonl). Presets: configs/tiny.yaml (default, ~1.5 "
                        "min on CPU), configs/crafter.yaml, configs/nethack.yaml (GPU-sized).")
-    s.add_argument("--config", help="YAML preset (default configs/tiny.yaml)")
+    s.add_argument("--config", help="YAML preset, a path or a name in configs/ (tiny, crafter_cpu, crafter, nethack); "
+                   "default configs/tiny.yaml")
     s.add_argument("--run-dir", help="run directory (default runs/agent-<env>-<time>)")
     s.add_argument("--resume", metavar="RUN", help="continue the run in RUN at its last checkpoint")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("overrides", nargs="*", help=_overrides_help("train.env_steps=5000 env.num_envs=4", "train"))
-    s.set_defaults(func=cmd_train)
+    s.set_defaults(func=cmd_train, parser=s)
 
     s = sub.add_parser("eval", help="evaluation episodes of a trained agent (or a random policy)",
                        description="Run N full episodes and report Crafter's success rates and score "
@@ -325,7 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--policy", choices=["agent", "random"], default="agent",
                    help="the run's agent, or uniform random actions in its env (default agent)")
     s.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
-    s.set_defaults(func=cmd_eval)
+    s.add_argument("--seed", type=int, default=10_000, help="episode i runs env seed SEED + i and the policy samples "
+                   "from SEED, so a repeat gives the same episodes (default 10000, the seeds of a training run's "
+                   "evaluations)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    s.set_defaults(func=cmd_eval, parser=s)
 
     s = sub.add_parser("bench", help="throughput benchmarks (prints img/s, ratios measured side by side)",
                        description="what each benchmark prints:\n"
@@ -370,14 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compile", action="store_true", help="bench pretrain/agent on CPU: also time torch.compile "
                    "(inductor needs a C++ compiler and minutes on CPU; on CUDA it is always timed)")
     s.add_argument("--horizon", type=int, default=32, help="bench imagination: imagined steps per trajectory")
-    s.set_defaults(func=cmd_bench)
+    s.set_defaults(func=cmd_bench, parser=s)
 
     s = sub.add_parser("config", help="print a resolved config (preset + overrides) and exit")
     s.add_argument("--for", dest="command_schema", choices=["pretrain", "train-wm", "train"],
                    help="which command's config schema (default: the one that reads --config, else pretrain)")
-    s.add_argument("--config", help="YAML preset")
+    s.add_argument("--config", help="YAML preset, a path or a name in configs/ (default: the preset the command "
+                   "runs without --config: " + ", ".join(f"{c} {p}" for c, p in DEFAULT_PRESETS.items()) + ")")
     s.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.batch_size=8")
-    s.set_defaults(func=cmd_config)
+    s.set_defaults(func=cmd_config, parser=s)
     return p
 
 
@@ -393,10 +416,39 @@ def _check_counts(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
+OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse the command line, taking `key=value` overrides wherever they stand: argparse gives a subcommand's
+    positional overrides only their first run of tokens, so overrides typed after an option come back unparsed."""
+    args, extra = build_parser().parse_known_args(argv)
+    overrides = [a for a in extra if OVERRIDE.match(a)]
+    rest = [a for a in extra if not OVERRIDE.match(a)]
+    if rest or (overrides and not hasattr(args, "overrides")):
+        args.parser.error(f"unrecognized arguments: {' '.join(rest or overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
+def _way_back(args) -> str:
+    """After Ctrl-C: the command that continues a training run, or why there is none."""
+    run_dir = getattr(args, "run_dir", None) or getattr(args, "resume", None)
+    if not run_dir or args.command not in ("pretrain", "train", "train-wm"):
+        return ""
+    if not (Path(run_dir) / "checkpoints" / "latest.pt").is_file():
+        return (f"; {run_dir} has no checkpoint yet (train.ckpt_every), so there is nothing to resume: remove it to "
+                "start again")
+    again = f"run.py train --resume {run_dir}" if args.command == "train" else \
+        f"run.py {args.command} --run-dir {run_dir} --resume"
+    return f"; `python {again}` continues from its last checkpoint"
+
+
 def main(argv=None) -> int:
     from world_model import distributed
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         _check_counts(args)
         args.func(args)
@@ -405,10 +457,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        run_dir = getattr(args, "run_dir", None) or getattr(args, "resume", None)
-        hint = f"; `--resume` continues {run_dir} from its last checkpoint" if run_dir and args.command in (
-            "pretrain", "train", "train-wm") else ""
-        print(f"\ninterrupted{hint}", file=sys.stderr)
+        print(f"\ninterrupted{_way_back(args)}", file=sys.stderr)
         return 130
     finally:
         distributed.shutdown()  # leave the torchrun process group, if this process joined one

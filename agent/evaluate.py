@@ -5,30 +5,43 @@ import torch
 
 from world_model.config import load_run_config
 from world_model.rundir import RunDir, resolve_device
+from world_model.wm import WorldModel
 
-from .train import build_agent, evaluate_agent
+from .actor_critic import ActorCritic
+from .config import AgentConfig
+from .train import EVAL_SEED, build_agent, evaluate_agent
 
 
-def evaluate_run(checkpoint: str, episodes: int, policy: str = "agent", device: str = "cpu") -> dict:
+def load_agent_run(checkpoint: str, device: torch.device) -> tuple[AgentConfig, WorldModel, ActorCritic, dict]:
+    """Config, world model, actor-critic (in eval mode) and checkpoint state of an agent run directory."""
+    run = RunDir(checkpoint)
+    cfg = load_run_config("train", checkpoint)
+    state = run.load_checkpoint(map_location=device)
+    cfg.encoder.checkpoint = None  # the agent checkpoint holds the encoder's weights
+    wm, ac = build_agent(cfg, state["num_actions"], device)
+    run.restore(wm, state, "wm")
+    run.restore(ac, state, "ac")
+    return cfg, wm.eval(), ac.eval(), state
+
+
+def evaluate_run(checkpoint: str, episodes: int, policy: str = "agent", device: str = "cpu", seed: int = EVAL_SEED,
+                 progress: bool = False) -> dict:
     """Crafter: success rates and score (crafter_score) of `episodes` new episodes; NetHack: mean score and
-    depth. policy="random" plays uniform random actions in the run's env."""
+    depth. policy="random" plays uniform random actions in the run's env. Seeded (`evaluate_agent`), on the run's
+    `train.threads` CPU threads."""
     if episodes < 1:
         raise ValueError(f"--episodes must be positive, got {episodes}")
     run = RunDir(checkpoint)
     cfg = load_run_config("train", checkpoint)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
     dev = resolve_device(device)
     wm = ac = None
     step = 0
     if policy == "agent":
-        state = run.load_checkpoint(map_location=dev)
-        cfg.encoder.checkpoint = None  # the agent checkpoint holds the encoder's weights
-        wm, ac = build_agent(cfg, state["num_actions"], dev)
-        run.restore(wm, state, "wm")
-        run.restore(ac, state, "ac")
-        wm.eval()
-        ac.eval()
+        cfg, wm, ac, state = load_agent_run(checkpoint, dev)
         step = state["counters"]["env_steps"]
     stats_path = run.path / ("eval_stats.jsonl" if policy == "agent" else "random_stats.jsonl")
     with torch.no_grad():
-        summary = evaluate_agent(wm, ac, cfg, dev, episodes, stats_path)
-    return {"policy": policy, "env": cfg.env.name, "env_steps": step, **summary}
+        summary = evaluate_agent(wm, ac, cfg, dev, episodes, stats_path, seed, progress)
+    return {"policy": policy, "env": cfg.env.name, "env_steps": step, "seed": seed, **summary}

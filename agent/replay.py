@@ -261,6 +261,11 @@ class ReplayBuffer:
 
     # ---- sampling -----------------------------------------------------------------------------------
 
+    def longest_episode(self) -> int:
+        """Steps held of the longest stored episode: `sample` needs a length up to this."""
+        stored = self._hi[:self._nslots] - self._lo[:self._nslots]
+        return int(stored.max()) if len(stored) else 0
+
     def sample(self, batch: int, length: int) -> dict:
         """`batch` segments of `length` steps, uniform over every start that keeps one within one episode:
         numpy arrays `b t ...`, or tensors on the buffer's device."""

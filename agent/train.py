@@ -14,6 +14,7 @@ are totals over all ranks; counters (env steps, updates) are global. Rank 0 logs
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -185,6 +186,10 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             if main and "stats_bytes" in state:  # the stopped run's episodes after its checkpoint are not counted
                 rollback_appended(run.path / "stats.jsonl", state["stats_bytes"])
         save_config(cfg, run.config_path)
+        if main and updates_due(t.env_steps, cfg) == 0:
+            print(f"note: train.env_steps={t.env_steps} gives no update (updates start after train.prefill={t.prefill} "
+                  "random steps, one per train.batch_size x train.seq_len / train.train_ratio env steps): this run "
+                  "only collects", file=sys.stderr)
         wm_parallel = distributed.wrap(WorldModelLoss(wm), device) if distributed.active() else None
         ac_parallel = distributed.wrap(ac, device) if distributed.active() else None
         logger = MetricLogger(run, start_step=counters["env_steps"])
@@ -253,13 +258,19 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                 if main:
                     row.update(_score(run.path / "stats.jsonl", cfg.env.name, "train/"))
                 logger.scalars(counters["env_steps"], row)
-                bar.set_postfix(episodes=episodes, updates=counters["updates"])
+                score = {k.split("/")[-1]: f"{v:.2f}" for k, v in row.items() if k in ("train/crafter_score", "train/score")}
+                bar.set_postfix(episodes=episodes, updates=counters["updates"], **score)
+                if main and not progress:  # a log file still shows the run moving
+                    print(f"env step {counters['env_steps']}/{t.env_steps}: {counters['updates']} updates, {episodes} "
+                          f"episodes, {row['env_steps_per_s']:.1f} env steps/s"
+                          + "".join(f", {k}={v}" for k, v in score.items()), flush=True)
             if next_eval is not None and counters["env_steps"] >= next_eval:
                 next_eval += t.eval_every
                 if main:
                     last_eval = _log_keys(evaluate_agent(wm, ac, cfg, device, t.eval_episodes,
                                                          run.path / "eval_stats.jsonl"), cfg.env.name, "")
                     logger.scalars(counters["env_steps"], last_eval, prefix="eval/")
+                    log_pictures(logger, counters["env_steps"], wm, replay, device)
             if counters["env_steps"] >= next_ckpt or counters["env_steps"] >= t.env_steps:
                 next_ckpt += t.ckpt_every
                 checkpoint()
@@ -270,6 +281,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                 last_eval = _log_keys(evaluate_agent(wm, ac, cfg, device, t.eval_episodes,
                                                      run.path / "eval_stats.jsonl"), cfg.env.name, "")
                 logger.scalars(counters["env_steps"], last_eval, prefix="eval/")
+                log_pictures(logger, counters["env_steps"], wm, replay, device)
             last_eval.update(_score(run.path / "stats.jsonl", cfg.env.name, "train_"))
         logger.close()
         return last_eval
@@ -316,12 +328,55 @@ def _score(path: Path, env: str, prefix: str) -> dict:
     return _log_keys(summarize(env, path), env, prefix)
 
 
+PICTURE_STEPS = 8  # frames of the replayed segment the logged pictures show
+
+
+@torch.no_grad()
+def log_pictures(logger: MetricLogger, step: int, wm: WorldModel, replay: ReplayBuffer, device: torch.device) -> None:
+    """Tensorboard pictures of a replayed segment (drawn from a fixed seed, not the replay's own stream):
+    `slots/decomposition` (input | reconstruction | segmentation | each slot, a row per frame, slots carried
+    over) and `wm/real_decoded_imagined` (rows: real frames; their codes decoded; the dynamics' open-loop
+    prediction from the first frame under the real actions, decoded). Eager even under `train.compile`: these
+    calls' shapes would otherwise add graphs to the compiled parts, which dynamo caps at 8 each."""
+    from world_model.decompose import decompose
+    from world_model.visualize import decomposition_grid, tile, upscale
+
+    length = min(PICTURE_STEPS, replay.longest_episode())
+    if length < 2:
+        return
+    own_rng, replay.rng = replay.rng, np.random.default_rng(step)
+    try:
+        batch = to_batch(replay.sample(1, length), wm.resolution, device)
+    finally:
+        replay.rng = own_rng
+    images = batch["images"][0]  # t 3 r r
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            torch.compiler.set_stance("force_eager"):
+        torch.manual_seed(step)
+        parts = decompose(wm.autoencoder, images, carry=True)
+        enc = wm.encode(batch["images"])
+        imag = wm.open_loop(enc, batch["action"], 1, length - 1)
+        decoded = wm.decode_codes(enc.slot_codes[0])  # t 3 r r
+        imagined = torch.cat([decoded[:1], wm.decode_codes(imag["slot_codes"][0])])  # the first frame: the context
+    side = images.shape[-1]
+    grid = decomposition_grid(images, parts["masks"], parts["recon"], parts["rgb"])
+    logger.image(step, "slots/decomposition", upscale(grid, side))
+    rows = torch.cat([images.cpu(), decoded.cpu(), imagined.cpu()])
+    logger.image(step, "wm/real_decoded_imagined", upscale(tile(rows, nrow=length), side))
+
+
+EVAL_SEED = 10_000  # evaluation episodes use env seeds EVAL_SEED, EVAL_SEED + 1, ...
+
+
 @torch.no_grad()
 def evaluate_agent(wm: Optional[WorldModel], ac: Optional[ActorCritic], cfg: AgentConfig, device: torch.device,
-                   episodes: int, stats_path: Path, seed: int = 10_000) -> dict:
+                   episodes: int, stats_path: Path, seed: int = EVAL_SEED, progress: bool = False) -> dict:
     """`episodes` full episodes in one in-process env with the policy (or uniform random actions when `ac` is
-    None); their records are appended to `stats_path`. Returns their summary (`summarize`)."""
+    None); their records are appended to `stats_path`. Returns their summary (`summarize`). Reproducible: env
+    seeds seed, seed+1, ... and the policy's sampling from `seed`, on an RNG forked from the caller's (a training
+    run's random stream is left as it was)."""
     from envs.collect import make_env
+    from tqdm import tqdm
 
     stats_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = stats_path.with_name(stats_path.stem + ".last.jsonl")
@@ -330,17 +385,19 @@ def evaluate_agent(wm: Optional[WorldModel], ac: Optional[ActorCritic], cfg: Age
     rng = np.random.default_rng(seed)
     policy = SlotPolicy(wm, ac, device) if ac is not None else None
     try:
-        for e in range(episodes):
-            obs, _ = env.reset(seed=seed + e)
-            first, done = True, False
-            while not done:
-                if policy is None:
-                    action = int(rng.integers(env.action_space.n))
-                else:
-                    image = obs_dict(obs)["image"][None]
-                    action = int(policy.act(image, np.array([first]))[0])
-                obs, _, term, trunc, _ = env.step(action)
-                first, done = False, term or trunc
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for e in tqdm(range(episodes), desc="eval episodes", disable=not progress, unit="episode"):
+                obs, _ = env.reset(seed=seed + e)
+                first, done = True, False
+                while not done:
+                    if policy is None:
+                        action = int(rng.integers(env.action_space.n))
+                    else:
+                        image = obs_dict(obs)["image"][None]
+                        action = int(policy.act(image, np.array([first]))[0])
+                    obs, _, term, trunc, _ = env.step(action)
+                    first, done = False, term or trunc
     finally:
         env.close()
     text = tmp.read_text()

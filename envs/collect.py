@@ -60,6 +60,7 @@ def collect(env: str, frames: int, out: str, num_envs: int = 1, envs_per_worker:
                 "num_actions": int(venv.single_action_space.n), "obs_keys": keys, "seed": seed,
                 "image_shape": list((space["image"] if isinstance(space, gym.spaces.Dict) else space).shape)}
         writer = EpisodeWriter(out_path, meta)
+        held_before = writer.count  # episodes the dataset held before this call
         rng = np.random.default_rng(seed)
         obs, _ = venv.reset(seed=seed)
         for i in range(num_envs):
@@ -82,7 +83,8 @@ def collect(env: str, frames: int, out: str, num_envs: int = 1, envs_per_worker:
         writer.flush()
         bar.close()
         seconds = time.perf_counter() - start
-        return {"frames": writer.frames, "episodes": writer.count, "seconds": round(seconds, 2),
+        return {"frames": writer.frames, "episodes": writer.count - held_before, "dataset_episodes": writer.count,
+                "seconds": round(seconds, 2),
                 "env_steps_per_s": round((stored - num_envs) / max(seconds, 1e-9), 1),
                 "restarts": getattr(venv, "restarts", 0), "out": str(out_path)}
     finally:

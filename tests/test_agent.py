@@ -43,9 +43,28 @@ def test_tiny_preset_end_to_end(tmp_path):
     assert abs(last["replay_ratio"] - 2.0) < 32 / 240 + 1e-9  # within one update of the train ratio
     assert len(list((tmp_path / "run" / "replay").glob("*.npz"))) == 1
     assert (tmp_path / "run" / "stats.jsonl").read_text().strip()  # training episodes, crafter schema
-    assert run.main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", "1"]) == 0
-    assert run.main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", "1", "--policy", "random"]) == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()  # the final evaluation's pictures: slots of replayed frames, real vs decoded vs imagined
+    for tag in ("slots/decomposition", "wm/real_decoded_imagined"):
+        (picture,) = events.Images(tag)
+        assert picture.step == 240 and picture.width > picture.height > 0
+    evals = []
+    for _ in range(2):  # the agent's sampling and the env are seeded: a repeat plays the same episode
+        assert run.main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", "1", "--no-progress"]) == 0
+        evals.append(json.loads((tmp_path / "run" / "eval_agent.json").read_text()))
+    assert evals[0] == evals[1] and evals[0]["seed"] == 10_000
+    assert run.main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", "1", "--policy", "random",
+                     "--no-progress"]) == 0
     assert (tmp_path / "run" / "random_stats.jsonl").is_file()
+    # the agent's slot encoder and decoder, shown on game frames like a pretraining run's
+    viz = tmp_path / "viz"
+    assert run.main(["visualize", "--checkpoint", str(tmp_path / "run"), "--env", "crafter", "--frames", "2",
+                     "--out", str(viz)]) == 0
+    summary = json.loads((viz / "summary.json").read_text())
+    assert summary["step"] == 240 and summary["pngs"] == 2 and "note" not in summary  # it has a decoder
+    assert run.main(["visualize", "--checkpoint", str(tmp_path / "run"), "--env", "clevr", "--out", str(viz)]) == 2
 
 
 def test_resume_after_sigkill(tmp_path):

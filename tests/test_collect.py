@@ -5,6 +5,7 @@ import signal
 
 import numpy as np
 import pytest
+import torch
 
 import run
 from envs.collect import collect, env_fn
@@ -30,6 +31,10 @@ def test_collect_crafter_with_workers(tmp_path):
     # Env i was reset with seed + i: its first frame is that of a fresh crafter world with that seed.
     firsts = {e["image"][0].tobytes() for e in eps if e["is_first"][0]}
     assert CrafterEnv().reset(seed=5)[0].tobytes() in firsts and CrafterEnv().reset(seed=6)[0].tobytes() in firsts
+    assert out["episodes"] == out["dataset_episodes"] == len(eps)
+    more = collect("crafter", 20, str(tmp_path / "d"), num_envs=2, envs_per_worker=2, seed=7, progress=False,
+                   env_kwargs={"max_episode_steps": 12})  # a second call reports its own episodes, and the total
+    assert more["dataset_episodes"] == len(list(iter_episodes(tmp_path / "d"))) == len(eps) + more["episodes"]
 
 
 def test_killed_crafter_worker_truncates_episode(tmp_path):
@@ -126,3 +131,18 @@ def test_make_env_passes_episode_limits_to_the_game():
     ends = [env.step(0)[3] for _ in range(7)]
     assert ends == [False] * 6 + [True]
     assert make_env("crafter", max_episode_steps=3, stats_path=None)._kwargs["length"] == 3
+
+
+def test_decomposition_grid_shows_a_reconstruction_only_when_there_is_one():
+    """Discovery runs: input | reconstruction | segmentation | one column per slot; set-prediction runs have no
+    decoder, so their rows leave the reconstruction out instead of repeating the input."""
+    from world_model.visualize import decomposition_grid
+
+    images = torch.rand(2, 3, 8, 8)
+    masks = torch.softmax(torch.randn(2, 3, 8, 8), 1)
+    pad, side = 2, 8 + 2
+    with_recon = decomposition_grid(images, masks, torch.rand(2, 3, 8, 8), torch.rand(2, 3, 3, 8, 8))
+    without = decomposition_grid(images, masks)
+    assert with_recon.shape[-1] == pad + (3 + 3) * side and without.shape[-1] == pad + (2 + 3) * side
+    torch.testing.assert_close(without[:, pad:pad + 8, pad:pad + 8], images[0])  # first column: the input
+    assert not torch.equal(without[:, pad:pad + 8, pad + side:pad + side + 8], images[0])  # then the segmentation

@@ -37,6 +37,8 @@ def test_overrides_are_typed():
     (["train.batch_size=-2"], "train.batch_size=-2 must be positive"),
     (["data.resolution=0"], "data.resolution=0 must be positive"),
     (["train.eval_every=-1"], "train.eval_every=-1 must be 0 or more"),
+    (["train.lr=-1"], r"train.lr=-1.0 must be above 0"),
+    (["model.slot"], "not of the form key=value"),
 ])
 def test_bad_overrides_give_one_line_errors(overrides, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -87,7 +89,7 @@ def test_run_directories_of_another_command_are_named_as_such(tmp_path, capsys):
              (["eval-ap", "--checkpoint", str(tmp_path / "a")], "is a run of `run.py train`; this needs a run of `run.py pretrain`"),
              (["eval-wm", "--checkpoint", str(tmp_path / "p")], "is a run of `run.py pretrain`; this needs a run of `run.py train-wm`"),
              (["visualize", "--checkpoint", str(tmp_path / "w"), "--env", "crafter", "--out", str(tmp_path / "v")],
-              "is a run of `run.py train-wm`"),
+              "no checkpoint at"),  # a world-model run is visualized from its checkpoint, which this one lacks
              (["train", "--resume", str(tmp_path / "w")], "is a run of `run.py train-wm`; this needs a run of `run.py train`"),
              (["pretrain", "--resume", "--run-dir", str(tmp_path / "none")], "no run at"),
              (["train", "--resume", str(tmp_path / "a"), "--run-dir", str(tmp_path / "p")], "contradicts it")]
@@ -96,7 +98,9 @@ def test_run_directories_of_another_command_are_named_as_such(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, (argv, err)
     assert run.main(["config", "--config", str(CONFIGS / "tiny.yaml")]) == 0
-    assert capsys.readouterr().out.startswith("env:\n")
+    assert capsys.readouterr().out.startswith(f"# run.py train, preset {CONFIGS / 'tiny.yaml'}\nenv:\n")
+    assert run.main(["config", "--for", "train"]) == 0  # without --config: the preset `train` runs by default
+    assert "  env_steps: 1200\n" in capsys.readouterr().out
     assert run.main(["config", "--config", str(CONFIGS / "wm_crafter_cpu.yaml"), "train.steps=7"]) == 0
     assert "  steps: 7\n" in capsys.readouterr().out
 
@@ -111,3 +115,34 @@ def test_value_ranges_hold_for_every_command():
                              (WorldModelConfig, "train.steps=0"), (AgentConfig, "train.train_ratio=-1")):
         with pytest.raises(ConfigError, match=override.split("=")[0]):
             load_config(schema, None, [override])
+
+
+def test_presets_by_name_and_for_the_wrong_command():
+    """`--config tiny` finds configs/tiny.yaml; a missing preset lists the real ones; a preset of another command
+    says whose it is; an unknown key suggests the keys beside it that hold its name."""
+    from agent.config import AgentConfig
+
+    assert load_config(AgentConfig, "tiny").train.env_steps == load_config(AgentConfig, CONFIGS / "tiny.yaml").train.env_steps
+    assert load_config(PretrainConfig, "clevr_tiny.yaml").task == load_config(PretrainConfig, CONFIGS / "clevr_tiny.yaml").task
+    with pytest.raises(ConfigError, match="the presets in configs/ are .*clevr_tiny.*tiny"):
+        load_config(PretrainConfig, "clevr_tinyy")
+    with pytest.raises(ConfigError, match=r"clevr_tiny.yaml is a preset of `run.py pretrain`, not of `run.py train`"):
+        load_config(AgentConfig, CONFIGS / "clevr_tiny.yaml")
+    with pytest.raises(ConfigError, match=r"did you mean 'actor_critic.actor_lr' or 'actor_critic.critic_lr'\?\); "
+                       r"run `python run.py config --for train`"):
+        load_config(AgentConfig, None, ["actor_critic.lr=1e-4"])
+
+
+def test_overrides_may_follow_options():
+    """`key=value` overrides are taken before and after a subcommand's options, in the order typed; any other
+    leftover is refused with that subcommand's usage."""
+    import run
+
+    args = run.parse_args(["pretrain", "train.steps=2", "--run-dir", "X", "data.eval_images=8", "--no-progress",
+                           "train.steps=3"])
+    assert args.run_dir == "X" and args.no_progress
+    assert args.overrides == ["train.steps=2", "data.eval_images=8", "train.steps=3"]
+    with pytest.raises(SystemExit):
+        run.parse_args(["pretrain", "--run-dir", "X", "--bogus"])
+    with pytest.raises(SystemExit):
+        run.parse_args(["eval", "--checkpoint", "X", "train.steps=2"])  # eval takes no overrides

@@ -35,7 +35,7 @@ def test_cli_pretrain_and_eval_ap(tmp_path, capsys):
     capsys.readouterr()
     assert run.main(["eval-ap", "--checkpoint", str(rd), "--images", "6", "--batch-size", "3"]) == 0
     out = capsys.readouterr().out
-    assert "AP_inf" in out and "AP_0.0625" in out and "on 6 images" in out
+    assert "AP_inf" in out and "AP_0.0625" in out and "on 6 images (generated scenes)" in out
     result = json.loads((rd / "eval_ap.json").read_text())
     assert result["images"] == 6 and set(result) >= {"AP_inf", "AP_1", "AP_0.5", "AP_0.25", "AP_0.125", "AP_0.0625"}
     assert 0 <= result["empty_slots"] <= 4  # near-empty slots per image, out of model.num_slots=4
@@ -243,7 +243,7 @@ def test_pretrain_and_eval_on_a_clevr_directory(tmp_path, capsys):
     assert result["images"] == 4  # eval_split=val holds 4 images
     capsys.readouterr()
     assert run.main(["eval-ap", "--checkpoint", str(rd), "--clevr-root", str(tmp_path / "clevr")]) == 0
-    assert "on 4 images" in capsys.readouterr().out
+    assert f"on 4 images (CLEVR {tmp_path / 'clevr'} split val)" in capsys.readouterr().out
 
 
 def test_held_out_scenes_do_not_depend_on_batch_size():
@@ -279,7 +279,29 @@ def test_ctrl_c_is_one_line_with_the_way_back(tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
+    assert run.main(["pretrain", "--run-dir", str(tmp_path / "r"), "--no-progress", *TINY, "train.steps=1"]) == 0
+    capsys.readouterr()
     monkeypatch.setattr(pt, "pretrain", interrupted)
-    assert run.main(["pretrain", "--run-dir", str(tmp_path / "r"), "--no-progress", *TINY]) == 130
+    assert run.main(["pretrain", "--run-dir", str(tmp_path / "r"), "--no-progress", "--resume", "train.steps=2"]) == 130
     err = capsys.readouterr().err.strip()
-    assert err == f"interrupted; `--resume` continues {tmp_path / 'r'} from its last checkpoint"
+    assert err == f"interrupted; `python run.py pretrain --run-dir {tmp_path / 'r'} --resume` continues from its last checkpoint"
+    assert run.main(["pretrain", "--run-dir", str(tmp_path / "new"), "--no-progress", *TINY]) == 130
+    err = capsys.readouterr().err.strip()  # stopped before its first checkpoint: no resume to offer
+    assert err == (f"interrupted; {tmp_path / 'new'} has no checkpoint yet (train.ckpt_every), so there is nothing to "
+                   "resume: remove it to start again")
+
+
+def test_a_resume_continues_what_the_run_trained_as(tmp_path, capsys):
+    """Resume overrides may lengthen or re-schedule a run (train.*), not change its model or data: refused in one
+    line before anything is written, so config.yaml keeps describing the checkpoint."""
+    rd = tmp_path / "r"
+    assert run.main(["pretrain", "--run-dir", str(rd), "--no-progress", *TINY, "train.steps=1"]) == 0
+    saved = (rd / "config.yaml").read_text()
+    capsys.readouterr()
+    for change in ("model.num_slots=5", "model.cnn_channels=[4,4]", "data.resolution=8"):
+        assert run.main(["pretrain", "--run-dir", str(rd), "--resume", "--no-progress", change, "train.steps=2"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{change.split('=')[0]}=" in err and "start a new run" in err, err
+        assert (rd / "config.yaml").read_text() == saved
+    assert run.main(["pretrain", "--run-dir", str(rd), "--resume", "--no-progress", "train.steps=2",
+                     "train.eval_every=0"]) == 0

@@ -88,6 +88,21 @@ def test_m_step_reestimates_sigma_and_pi():
     torch.testing.assert_close(logsigma, 0.5 * torch.log(var))
     torch.testing.assert_close(log_pi.exp(), probs.mean(1))
     assert not torch.allclose(log_pi.exp(), torch.full_like(log_pi, 1 / 3))  # pi really moves
+    fixed = SlotMixture(in_dim=4, num_slots=3, dim=4, iters=1, update_pi=False).double()
+    fixed.load_state_dict(gmm.state_dict())
+    _, logsigma_f, log_pi_f, probs_f = fixed.step(mixture_features(x), mu0, ls0, log_pi0)
+    assert torch.equal(log_pi_f, log_pi0) and torch.equal(probs_f, probs)  # update_pi=False: pi stays 1/K
+
+
+def test_e_step_without_log_determinant_scores_the_seed_pseudocode():
+    """log_det=False: responsibilities ∝ pi exp(-0.5 sum_d (x - mu)^2 / sigma^2), the seed's scores, with no
+    -sum log sigma (so a broad component is not penalized for its width)."""
+    torch.manual_seed(0)
+    x, mu, logsigma = torch.randn(2, 7, 4), torch.randn(2, 3, 4), 0.5 * torch.randn(2, 3, 4)
+    log_pi = torch.log_softmax(torch.randn(2, 3), -1)
+    gmm = SlotMixture(in_dim=4, num_slots=3, dim=4, temperature=1.0, log_det=False)
+    scores = -0.5 * (((x[:, :, None] - mu[:, None]) / logsigma.exp()[:, None]) ** 2).sum(-1) + log_pi[:, None]
+    torch.testing.assert_close(gmm.e_step(mixture_features(x), mu, logsigma, log_pi), torch.softmax(scores, -1))
 
 
 @pytest.mark.parametrize("kind", ["gmm", "slot_attention"])

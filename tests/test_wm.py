@@ -137,12 +137,42 @@ def test_train_resume_exact_and_eval_cli(tmp_path, capsys):
     assert result["step"] == 4 and len(list((tmp_path / "e").glob("real_vs_imagined.*"))) == 1
     out = capsys.readouterr().out
     assert "frame_mse_copy_decoded" in out and "real_vs_imagined" in out
+    # its slot encoder and decoder pictured on game frames, with a note that it learned on other frames
+    assert run.main(["visualize", "--checkpoint", str(tmp_path / "a"), "--env", "crafter", "--frames", "1",
+                     "--out", str(tmp_path / "v")]) == 0
+    assert json.loads((tmp_path / "v" / "summary.json").read_text())["step"] == 4
+    assert "was trained on toy frames, shown crafter frames" in capsys.readouterr().err
+    # another game's dataset (other env, other action count) is refused in one line, not an embedding IndexError
+    other = tmp_path / "o"
+    w = EpisodeWriter(other, {"env": "other", "num_actions": 5})
+    for _ in range(2):
+        w.begin(0, np.zeros((16, 16, 3), np.uint8))
+        for t in range(9):
+            w.step(0, np.zeros((16, 16, 3), np.uint8), 4, 0.0, terminated=False, truncated=t == 8)
+    assert run.main(["eval-wm", "--checkpoint", str(tmp_path / "a"), "--data", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds other episodes with 5 actions; this world model was trained on toy with 3" in err
+
+
+def test_datasets_too_small_to_train_and_evaluate_are_refused_before_training(tmp_path):
+    """One episode leaves nothing to hold out; episodes shorter than a training segment or than the evaluation's
+    context + horizon leave nothing to sample: each is a one-line DataError before any training step."""
+    from envs.clevr import DataError
+
+    with pytest.raises(DataError, match="holds 1 episode.*at least 2"):
+        split_dataset(wm_cfg(toy_dataset(tmp_path / "one", episodes=1)))
+    with pytest.raises(DataError, match="training episodes are at most 10 steps long, shorter than the 12 steps of "
+                       "data.seq_len; collect longer episodes or lower data.seq_len"):
+        split_dataset(wm_cfg(toy_dataset(tmp_path / "d"), "data.seq_len=12"))
+    with pytest.raises(DataError, match=r"held-out \(the last 1\) episodes are at most 10 steps long, shorter than "
+                       r"the 11 steps of eval.context \+ max\(eval.horizons\)"):
+        split_dataset(wm_cfg(tmp_path / "d", "eval.horizons=[1,9]"))
 
 
 @pytest.mark.parametrize("preset", ["configs/wm_crafter.yaml", "configs/wm_crafter_cpu.yaml"])
 def test_every_wm_preset_trains_one_step(preset, tmp_path):
     """Each world-model preset's architecture (fresh encoder), one update at batch 2 on 4-step segments."""
-    root = toy_dataset(tmp_path / "d", size=64)
+    root = toy_dataset(tmp_path / "d", size=64, length=24)  # held-out episodes as long as the eval segments
     cfg = load_config(WorldModelConfig, preset, [f"data.root={root}", "data.seq_len=4"])
     torch.manual_seed(0)
     train, _, _ = split_dataset(cfg)

@@ -48,6 +48,8 @@ class ModelConfig:
     mlp_hidden: int = 128
     implicit_grad: bool = False  # last iteration on detached slots (fixed-point gradient)
     gmm_temperature: float = 0.0  # GMM E-step temperature; 0 = sqrt(slot_dim), 1 = exact posterior
+    gmm_log_det: bool = True  # GMM E-step: -sum log sigma in the log-likelihood (false: the seed's pseudocode)
+    gmm_update_pi: bool = True  # GMM: re-estimate pi every iteration (false: pi stays 1/K)
     cnn_channels: list[int] = field(default_factory=lambda: [64, 64, 64, 64])
     cnn_strides: list[int] = field(default_factory=lambda: [1, 2, 2, 1])
     cnn_kernel: int = 5
@@ -175,10 +177,12 @@ CHOICES = {
     "env.name": ("crafter", "nethack"),
 }
 # keys that must be positive (whichever schema has them), and those that may also be 0
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 POSITIVE = ("train.steps", "train.env_steps", "train.batch_size", "train.seq_len", "train.log_every",
             "train.image_every", "train.ckpt_every", "train.imag_starts", "model.num_slots", "model.iters",
             "encoder.model.num_slots", "data.resolution", "encoder.resolution", "env.num_envs", "env.envs_per_worker",
             "env.size", "actor_critic.horizon")
+POSITIVE_RATES = ("train.lr", "train.wm_lr", "actor_critic.actor_lr", "actor_critic.critic_lr")
 NON_NEGATIVE = ("train.eval_every", "train.prefill", "train.train_ratio", "train.warmup_steps", "data.pool")
 
 
@@ -192,24 +196,55 @@ def _keys(node: Any, prefix: str = "") -> list[str]:
     return out
 
 
-def _explain(err: OmegaConfBaseException, schema: Any, where: str) -> ConfigError:
+def _suggest(key: str, schema: Any) -> str:
+    """' (did you mean ...?)' for an unknown key: keys beside it whose name holds its name (lr -> actor_lr,
+    critic_lr), else the closest spelling."""
+    keys = _keys(schema)
+    parent, _, leaf = key.rpartition(".")
+    near = [k for k in keys if k.rpartition(".")[0] == parent and leaf and leaf in k.rpartition(".")[2] and k != key]
+    close = near[:3] or difflib.get_close_matches(key, keys, n=1)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _explain(err: OmegaConfBaseException, schema: Any, where: str, command: Optional[str]) -> ConfigError:
     key = getattr(err, "full_key", None) or ""
     msg = str(err).splitlines()[0]
     if "not in struct" in msg or "Key '" in msg and "not in" in msg:
-        close = difflib.get_close_matches(key, _keys(schema), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return ConfigError(f"unknown config key '{key}' in {where}{hint}; run `python run.py config [--for train-wm|train]` to list keys")
+        listing = f"python run.py config --for {command}" if command else "python run.py config"
+        return ConfigError(f"unknown config key '{key}' in {where}{_suggest(key, schema)}; run `{listing}` to list keys")
     return ConfigError(f"bad config value for '{key}' in {where}: {msg}")
+
+
+def _fitting_command(loaded: Any) -> Optional[str]:
+    """The command whose schema takes a loaded YAML file as it is, or None."""
+    for command, schema_cls in run_schemas().items():
+        try:
+            OmegaConf.merge(OmegaConf.structured(schema_cls), loaded)
+            return command
+        except OmegaConfBaseException:
+            continue
+    return None
+
+
+def preset_path(path: str | Path) -> Path:
+    """A preset given as a path, or by name (`tiny`, `crafter.yaml`: the file in configs/)."""
+    path = Path(path)
+    if path.is_file() or path.parent != Path("."):
+        return path
+    named = PRESET_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    return named if named.is_file() else path
 
 
 def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Any:
     """Schema defaults <- YAML preset <- `a.b=value` overrides; returns the typed dataclass."""
     schema = OmegaConf.structured(schema_cls)
+    command = {s: c for c, s in run_schemas().items()}.get(schema_cls)
     cfg = schema
     if path is not None:
-        path = Path(path)
+        path = preset_path(path)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}; presets live in configs/*.yaml")
+            names = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+            raise ConfigError(f"config file not found: {path}; the presets in configs/ are {names}")
         try:
             loaded = OmegaConf.load(path)
         except Exception as e:  # yaml errors are verbose and multi-line
@@ -217,14 +252,17 @@ def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: 
         try:
             cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as e:
-            raise _explain(e, schema, str(path)) from None
+            owner = _fitting_command(loaded)
+            if owner and command and owner != command:
+                raise ConfigError(f"{path} is a preset of `run.py {owner}`, not of `run.py {command}`") from None
+            raise _explain(e, schema, str(path), command) from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.steps=100)")
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
-            raise _explain(e, schema, f"override '{item}'") from None
+            raise _explain(e, schema, f"override '{item}'", command) from None
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value not in allowed:
@@ -234,6 +272,10 @@ def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: 
             value = OmegaConf.select(cfg, key, default=None)
             if value is not None and value < low:
                 raise ConfigError(f"{key}={value!r} must be {what}")
+    for key in POSITIVE_RATES:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not value > 0:
+            raise ConfigError(f"{key}={value!r} must be above 0")
     return OmegaConf.to_object(cfg)
 
 
@@ -242,6 +284,21 @@ def run_schemas() -> dict[str, type]:
     from agent.config import AgentConfig
 
     return {"pretrain": PretrainConfig, "train-wm": WorldModelConfig, "train": AgentConfig}
+
+
+RESUMABLE = ("train.", "eval.", "data.root", "data.eval_images")  # what a resume may change: length, schedule, speed
+
+
+def check_resume_overrides(saved: Any, cfg: Any, run_dir: str | Path) -> None:
+    """A resumed run continues what its checkpoint was trained as: overrides may change how long and how it trains
+    (`train.*`, `eval.*`) and where its data lives, never the model, the env or the data it learns from."""
+    old, new = OmegaConf.structured(saved), OmegaConf.structured(cfg)
+    for key in _keys(old):
+        before, after = OmegaConf.select(old, key), OmegaConf.select(new, key)
+        if OmegaConf.is_dict(before) or key.startswith(RESUMABLE) or before == after:
+            continue
+        raise ConfigError(f"{key}={after!r} differs from what {run_dir} trained with ({before!r}); a resume may change "
+                          "train.* and eval.* keys only: start a new run (--run-dir NEW) to change it")
 
 
 def schema_command(path: str | Path) -> Optional[str]:

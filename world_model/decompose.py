@@ -7,7 +7,9 @@ initialized from the previous frame's, so slot k keeps its color while it follow
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -17,11 +19,10 @@ import torch.nn.functional as F
 from .perception import SlotAutoencoder
 from .pretrain import eval_batches, load_run
 from .rundir import resolve_device
-from .visualize import colorize, decomposition_grid, save_png, tile
+from .visualize import colorize, decomposition_grid, save_png, tile, upscale
 from .wm import frames_to_input
 
 VIDEO_SCALE = 4  # frames are upscaled (nearest) so 64x64 games stay legible in the video
-PNG_MIN_SIDE = 128  # PNG grids are upscaled (nearest) until each picture is at least this many pixels wide
 
 
 def episode_frames(env: str, frames: int, seed: int = 0) -> np.ndarray:
@@ -64,20 +65,16 @@ def decompose(model, images: torch.Tensor, carry: bool) -> dict:
     return {"masks": cat(masks), "recon": cat(recons), "rgb": cat(rgbs), "codes": cat(codes)}
 
 
-def upscale(grid: torch.Tensor, side: int) -> torch.Tensor:
-    """Nearest-neighbour upscaling of a `3 H W` grid of `side`-pixel pictures to at least PNG_MIN_SIDE each."""
-    factor = -(-PNG_MIN_SIDE // side)
-    return grid if factor <= 1 else F.interpolate(grid[None], scale_factor=factor, mode="nearest")[0]
-
-
 def overlay(images: torch.Tensor, masks: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     """Input blended with the colored argmax segmentation: `t 3 h w`."""
     return (1 - alpha) * images + alpha * colorize(masks.argmax(1))
 
 
 def video_frames(images: torch.Tensor, out: dict) -> np.ndarray:
-    """One video frame per time step: input | reconstruction | segmentation overlay, upscaled: `t H W 3` uint8."""
-    cols = [images, out["recon"].clamp(0, 1) if out["recon"] is not None else images, overlay(images, out["masks"])]
+    """One video frame per time step: input | reconstruction (when the model has a decoder) | segmentation overlay,
+    upscaled: `t H W 3` uint8."""
+    recon = [out["recon"].clamp(0, 1)] if out["recon"] is not None else []
+    cols = [images, *recon, overlay(images, out["masks"])]
     frames = []
     for t in range(images.shape[0]):
         grid = tile(torch.stack([c[t] for c in cols]), nrow=len(cols))
@@ -134,26 +131,63 @@ def edit_codes(model, images: torch.Tensor, slot: int, var: int, values: list[in
     return tile(torch.cat(rows), nrow=len(values) + 2)
 
 
+def load_slot_model(checkpoint: str, device: torch.device) -> SimpleNamespace:
+    """The slot model of any run: a pretraining run's model, or the slot autoencoder inside a world-model or agent
+    run. Fields: model, resolution, model_cfg (its SlotModelConfig), step, trained_env (None for pretraining),
+    pretrain_cfg (None for the others)."""
+    from .config import ConfigError, load_run_config
+
+    try:
+        load_run_config("pretrain", checkpoint)
+        command = "pretrain"
+    except ConfigError as err:
+        command = next((c for c in ("train-wm", "train") if f"is a run of `run.py {c}`" in str(err)), None)
+        if command is None:
+            raise
+    if command == "pretrain":
+        cfg, model, state = load_run(checkpoint, device)
+        return SimpleNamespace(model=model, resolution=cfg.data.resolution, model_cfg=cfg.model, step=state["step"],
+                               trained_env=None, pretrain_cfg=cfg)
+    if command == "train-wm":
+        from .train_wm import load_wm_run
+
+        cfg, wm, state = load_wm_run(checkpoint, device)
+        step, trained_env = state["step"], state.get("env")
+    else:
+        from agent.evaluate import load_agent_run
+
+        cfg, wm, _, state = load_agent_run(checkpoint, device)
+        step, trained_env = state["counters"]["env_steps"], cfg.env.name
+    return SimpleNamespace(model=wm.autoencoder.eval(), resolution=cfg.encoder.resolution,
+                           model_cfg=cfg.encoder.model, step=step, trained_env=trained_env, pretrain_cfg=None)
+
+
 def visualize(checkpoint: str, env: str, out_dir: str, frames: int = 8, seed: int = 0, device: str = "cpu",
               edit: Optional[tuple[int, int, str]] = None, tensorboard: bool = True) -> dict:
-    """Write per-frame decomposition PNGs, a video of the sequence and tensorboard images to `out_dir`."""
+    """Write per-frame decomposition PNGs, a video of the sequence and tensorboard images to `out_dir`. The run
+    may be a pretraining run, or a world-model or agent run (their slot encoder and decoder)."""
     if frames < 1:
         raise ValueError(f"--frames must be positive, got {frames}")
+    if env not in ("crafter", "nethack", "clevr"):
+        raise ValueError(f"unknown --env {env!r}; choose crafter, nethack or clevr")
     dev = resolve_device(device)
-    cfg, model, state = load_run(checkpoint, dev)
-    model.cpu()
+    run = load_slot_model(checkpoint, dev)
+    model, cfg = run.model.cpu(), run.pretrain_cfg
+    if env == "clevr" and cfg is None:
+        raise ValueError(f"{checkpoint} is a world-model or agent run, trained on {run.trained_env or 'game'} frames: "
+                         "show it --env crafter or nethack (--env clevr takes a pretraining run)")
     values = None if edit is None else edit_values(model, int(edit[0]), int(edit[1]), edit[2])  # before any output
+    if run.trained_env and run.trained_env != env:
+        print(f"note: {checkpoint} was trained on {run.trained_env} frames, shown {env} frames here", file=sys.stderr)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if env == "clevr":
         cfg.data.source = "generated" if cfg.data.source == "frames" else cfg.data.source
         images = torch.cat([b["images"].cpu() for b in eval_batches(cfg, torch.device("cpu"), frames, frames)])
         carry = False  # independent scenes
-    elif env in ("crafter", "nethack"):
-        images = frames_to_input(torch.from_numpy(episode_frames(env, frames, seed))[None], cfg.data.resolution)[0]
-        carry = True
     else:
-        raise ValueError(f"unknown --env {env!r}; choose crafter, nethack or clevr")
+        images = frames_to_input(torch.from_numpy(episode_frames(env, frames, seed))[None], run.resolution)[0]
+        carry = True
     result = decompose(model, images, carry)
     writer = None
     if tensorboard:
@@ -171,8 +205,9 @@ def visualize(checkpoint: str, env: str, out_dir: str, frames: int = 8, seed: in
         if writer is not None:
             writer.add_image("slots/decomposition", grid, global_step=t)
     video = write_video(video_frames(images, result), out / f"{env}_slots")
-    summary = {"checkpoint": checkpoint, "step": state["step"], "env": env, "frames": images.shape[0],
-               "pngs": len(written), "video": str(video), "slots": cfg.model.slots, "num_slots": cfg.model.num_slots}
+    summary = {"checkpoint": checkpoint, "step": run.step, "env": env, "frames": images.shape[0],
+               "pngs": len(written), "video": str(video), "slots": run.model_cfg.slots,
+               "num_slots": run.model_cfg.num_slots}
     if result["recon"] is None:
         summary["note"] = ("a set-prediction run has no decoder: the masks are the slots' attention maps and there is "
                            "no reconstruction")

@@ -41,7 +41,8 @@ class SlotEncoder(nn.Module):
         self.cfg = cfg
         self.backbone = CNNBackbone(cfg.cnn_channels, cfg.cnn_strides, cfg.cnn_kernel, cfg.feature_dim)
         self.slot_module = make_slot_module(cfg.slots, cfg.feature_dim, cfg.num_slots, cfg.slot_dim, cfg.iters,
-                                            cfg.mlp_hidden, cfg.implicit_grad, cfg.gmm_temperature)
+                                            cfg.mlp_hidden, cfg.implicit_grad, cfg.gmm_temperature, cfg.gmm_log_det,
+                                            cfg.gmm_update_pi)
         self.slot_dim = self.slot_module.out_dim
         self.vq = None
         if cfg.vq.enabled:

@@ -28,7 +28,7 @@ from .metrics import clevr_ap_table, fg_ari, setpred_accuracy
 from .perception import SetPredictor, SlotAutoencoder
 from .rundir import MetricLogger, RunDir, mixed_seed, note_if_finished, restore_rng, rng_states, start_run
 from .slots.vq import temperature
-from .visualize import decomposition_grid
+from .visualize import decomposition_grid, upscale
 
 TRAIN_STREAM, EVAL_STREAM, POOL_STREAM, SHARD_STREAM = 0, 1, 2, 3
 EVAL_SEED = 2024  # held-out generated scenes are the same for every run, whatever its training seed
@@ -364,7 +364,7 @@ def log_images(logger: MetricLogger, step: int, cfg: PretrainConfig, batch: dict
         grid = decomposition_grid(images, out.masks.squeeze(2), out.recon, out.rgb)
     else:
         grid = decomposition_grid(images, enc.attn_maps(images.shape[-2:]))
-    logger.image(step, "slots/decomposition", grid)
+    logger.image(step, "slots/decomposition", upscale(grid, images.shape[-1]))
 
 
 def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: bool = True) -> dict:
@@ -438,6 +438,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
             t_last, n_last = now, step
             logger.scalars(step, stats, prefix="train/")
             bar.set_postfix(loss=f"{stats['loss']:.4f}")
+            if not progress and distributed.is_main():  # a log file still shows the run moving
+                print(f"step {step}/{cfg.train.steps}: loss={stats['loss']:.4f}, images/s={stats['images_per_s']:.1f}",
+                      flush=True)
         if step % cfg.train.image_every == 0 and distributed.is_main():
             log_images(logger, step, cfg, batch, outputs)
         if (cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.steps) and distributed.is_main():

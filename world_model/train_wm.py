@@ -53,6 +53,16 @@ def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, R
         ep = load_episode(path)
         ep = {k: ep[k] for k in ("image", "action", "reward", "is_first", "is_last", "is_terminal")}
         (held_out if i >= len(paths) - n_eval else train).add_episode(ep)
+    if n_eval == 0:
+        raise DataError(f"{root} holds {len(paths)} episode(s): train-wm needs at least 2, the last ones held out for "
+                        "evaluation; collect more frames with `run.py collect --out` into it")
+    needs = ((train, cfg.data.seq_len, "training", "data.seq_len"),
+             (held_out, cfg.eval.context + max(cfg.eval.horizons), f"held-out (the last {n_eval})",
+              "eval.context + max(eval.horizons)"))
+    for buf, length, which, keys in needs:
+        if buf.longest_episode() < length:
+            raise DataError(f"{root}: the {which} episodes are at most {buf.longest_episode()} steps long, shorter than "
+                            f"the {length} steps of {keys}; collect longer episodes or lower {keys.split(' ')[0]}")
     return train, held_out, meta
 
 
@@ -181,7 +191,8 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
 
     def checkpoint() -> None:
         run.save_checkpoint({"step": step, "skipped": skipped, "model": wm.state_dict(), "optimizer": opt.state_dict(),
-                             "rng": rng_state(), "config": asdict(cfg), "num_actions": int(meta["num_actions"])})
+                             "rng": rng_state(), "config": asdict(cfg), "num_actions": int(meta["num_actions"]),
+                             "env": meta["env"]})
 
     bar = tqdm(total=cfg.train.steps, initial=step, desc="train-wm", disable=not progress, dynamic_ncols=True)
     wm.train()
@@ -210,7 +221,10 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
                          steps_per_s=(step - n_last) * cfg.train.batch_size * cfg.data.seq_len / (now - t_last))
             t_last, n_last = now, step
             logger.scalars(step, stats, prefix="train/")
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['acc_slots']:.2f}")
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", code_acc=f"{100 * stats['acc_slots']:.1f}%")
+            if not progress:  # a log file still shows the run moving
+                print(f"step {step}/{cfg.train.steps}: loss={stats['loss']:.4f}, slot-code accuracy "
+                      f"{100 * stats['acc_slots']:.1f}%", flush=True)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.steps:
             last_eval = evaluate_wm(wm, held_out, cfg, device, video=True)
             frames = last_eval.pop("_video")[cfg.eval.context - 1::4]  # every 4th step from the last context frame
@@ -246,7 +260,11 @@ def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] 
     cfg, wm, state = load_wm_run(checkpoint, dev)
     if data:
         cfg.data.root = data
-    _, held_out, _ = split_dataset(cfg, cfg.train.seed)
+    _, held_out, meta = split_dataset(cfg, cfg.train.seed)
+    trained_on = state.get("env", meta["env"])  # runs from before the env was recorded: the action count only
+    if (meta["env"], meta["num_actions"]) != (trained_on, state["num_actions"]):
+        raise DataError(f"{cfg.data.root} holds {meta['env']} episodes with {meta['num_actions']} actions; this world "
+                        f"model was trained on {trained_on} with {state['num_actions']}")
     result = evaluate_wm(wm, held_out, cfg, dev, segments=segments, video=True)
     out_dir = Path(out) if out else Path(checkpoint) / "eval_wm"
     out_dir.mkdir(parents=True, exist_ok=True)

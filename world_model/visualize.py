@@ -33,8 +33,8 @@ def tile(images: torch.Tensor, nrow: int, pad: int = 2) -> torch.Tensor:
 
 def decomposition_grid(images: torch.Tensor, masks: torch.Tensor, recon: Optional[torch.Tensor] = None,
                        rgb: Optional[torch.Tensor] = None, max_images: int = 4) -> torch.Tensor:
-    """One row per image: input, reconstruction, colored segmentation, then each slot's masked RGB
-    (or the input under the slot's mask when there is no decoder).
+    """One row per image: input, reconstruction (left out when there is none: set-prediction models have no
+    decoder), colored segmentation, then each slot's masked RGB (or the input under the slot's mask).
 
     images `b 3 h w` in [0, 1], masks `b k h w` (soft, summing to 1 over k), recon `b 3 h w`, rgb `b k 3 h w`.
     """
@@ -44,12 +44,22 @@ def decomposition_grid(images: torch.Tensor, masks: torch.Tensor, recon: Optiona
         masks = F.interpolate(masks, size=images.shape[-2:], mode="bilinear", align_corners=False)
         h, w = images.shape[-2:]
     seg = colorize(masks.argmax(1))
-    cols = [images, recon[:max_images].float().cpu().clamp(0, 1) if recon is not None else images, seg]
+    cols = [images, *([recon[:max_images].float().cpu().clamp(0, 1)] if recon is not None else []), seg]
     per_slot = masks.unsqueeze(2) * (rgb[:max_images].float().cpu().clamp(0, 1) if rgb is not None
                                      else images.unsqueeze(1))
     per_slot = per_slot + (1 - masks.unsqueeze(2))  # white where the slot is absent
-    rows = torch.cat([torch.stack(cols, 1), per_slot], dim=1)  # b (3+k) 3 h w
-    return tile(rows.flatten(0, 1), nrow=3 + k)
+    rows = torch.cat([torch.stack(cols, 1), per_slot], dim=1)  # b (cols+k) 3 h w
+    return tile(rows.flatten(0, 1), nrow=len(cols) + k)
+
+
+PNG_MIN_SIDE = 128  # grids are upscaled (nearest) until each picture is at least this many pixels wide
+
+
+def upscale(grid: torch.Tensor, side: int) -> torch.Tensor:
+    """Nearest-neighbour upscaling of a `3 H W` grid of `side`-pixel pictures to at least PNG_MIN_SIDE each (PNGs
+    and tensorboard pictures of 32-pixel frames stay legible)."""
+    factor = -(-PNG_MIN_SIDE // side)
+    return grid if factor <= 1 else F.interpolate(grid[None], scale_factor=factor, mode="nearest")[0]
 
 
 def save_png(image: torch.Tensor, path) -> None:

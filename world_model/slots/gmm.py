@@ -35,15 +35,17 @@ def mixture_features(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, -0.5 * x * x, x.new_ones(x.shape[:-1]).unsqueeze(-1)], dim=-1)
 
 
-def component_coefs(mu: torch.Tensor, logsigma: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
+def component_coefs(mu: torch.Tensor, logsigma: torch.Tensor, log_pi: torch.Tensor, log_det: bool = True) -> torch.Tensor:
     """mu/logsigma `b k d`, log_pi `b k` -> c `b k 2d+1` with h @ c^T = log(pi N(x | mu, diag(sigma^2))) + d/2 log(2 pi).
 
     log N = sum_d [x mu/s^2 - x^2/(2 s^2)] - sum_d [mu^2/(2 s^2) + log s]: one matmul against mixture_features(x),
-    with no `b n k d` tensor.
+    with no `b n k d` tensor. log_det=False leaves out -sum_d log s (the scores of the seed's pseudocode).
     """
     inv_var = torch.exp(-2.0 * logsigma)  # b k d
     mu_inv_var = mu * inv_var
-    const = torch.sub(log_pi, (mu * mu_inv_var).sum(-1), alpha=0.5) - logsigma.sum(-1)  # b k
+    const = torch.sub(log_pi, (mu * mu_inv_var).sum(-1), alpha=0.5)  # b k
+    if log_det:
+        const = const - logsigma.sum(-1)
     return torch.cat([mu_inv_var, inv_var, const.unsqueeze(-1)], dim=-1)
 
 
@@ -57,8 +59,10 @@ class SlotMixture(nn.Module):
     """GMM slot module; slots are `b k 2*dim` = concat(mu, logsigma), mixture weights `b k n`."""
 
     def __init__(self, in_dim: int, num_slots: int, dim: int = 64, iters: int = 3, mlp_hidden: int = 128,
-                 implicit_grad: bool = False, temperature: Optional[float] = None, eps: float = 1e-8):
+                 implicit_grad: bool = False, temperature: Optional[float] = None, log_det: bool = True,
+                 update_pi: bool = True, eps: float = 1e-8):
         super().__init__()
+        self.log_det, self.update_pi = log_det, update_pi
         self.num_slots, self.dim, self.iters, self.eps = num_slots, dim, iters, eps
         self.temperature = math.sqrt(dim) if temperature is None else float(temperature)
         self.out_dim = 2 * dim
@@ -83,7 +87,7 @@ class SlotMixture(nn.Module):
     def e_step(self, h: torch.Tensor, mu: torch.Tensor, logsigma: torch.Tensor, log_pi: torch.Tensor):
         """Responsibilities p(c=j | x_i) at the E-step temperature, normalized over slots, `b n k` (fp32).
         h = mixture_features(x)."""
-        logits = torch.bmm(h, component_coefs(mu, logsigma, log_pi).transpose(1, 2))  # b n k
+        logits = torch.bmm(h, component_coefs(mu, logsigma, log_pi, self.log_det).transpose(1, 2))  # b n k
         return torch.softmax(logits * (1.0 / self.temperature), dim=-1)
 
     def step(self, h, mu, logsigma, log_pi):
@@ -104,7 +108,8 @@ class SlotMixture(nn.Module):
             mu_r = torch.mul(mu32, mass * inv_mass)  # mu mass/(mass+eps)
             neg_half_var = torch.addcmul(neg_half_mean_x2, mu32, torch.sub(mean_x, mu_r, alpha=0.5))
             logsigma = 0.5 * torch.log((-2.0 * neg_half_var).clamp_min(math.exp(LOG_VAR_MIN)))
-            log_pi = torch.log((mass.squeeze(-1) * (1.0 / h.shape[1])).clamp_min(math.exp(LOG_PI_MIN)))
+            if self.update_pi:
+                log_pi = torch.log((mass.squeeze(-1) * (1.0 / h.shape[1])).clamp_min(math.exp(LOG_PI_MIN)))
         return mu, logsigma, log_pi, probs
 
     def forward(self, inputs: torch.Tensor, init: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
