@@ -42,16 +42,21 @@ def cmd_config(args) -> None:
     print(to_yaml(load_config(run_schemas()[command], preset, args.overrides)), end="")
 
 
-def _run_training(args, default_preset: str, overrides: list, run_name, train_fn, resume: bool) -> None:
+def _run_training(args, default_preset: str, overrides: list, run_name, train_fn, resume) -> None:
     """What pretrain, train-wm and train share: the config (the run's own when resuming, plus overrides), the run
     directory (named explicitly under torchrun, where a timestamped default could differ between processes), the
-    resolved config and the result printed once."""
+    resolved config and the result printed once. `resume`: False, True (the run in --run-dir) or the run's path."""
     from world_model import distributed
     from world_model.config import check_resume_overrides, load_config, load_run_config, run_schemas, to_yaml
 
+    if isinstance(resume, str):
+        if args.run_dir and args.run_dir != resume:
+            raise ValueError(f"--resume {resume} names the run to continue; --run-dir {args.run_dir} contradicts it")
+        args.run_dir = resume
+    resume = bool(resume)
     if resume:
         if args.run_dir is None:
-            raise ValueError("--resume needs --run-dir DIR of the run to continue")
+            raise ValueError("--resume needs the run to continue: --resume RUN, or --run-dir RUN --resume")
         cfg = load_run_config(args.command, args.run_dir, overrides)
         check_resume_overrides(load_run_config(args.command, args.run_dir), cfg, args.run_dir)
         if args.config:
@@ -178,12 +183,8 @@ def cmd_eval_wm(args) -> None:
 def cmd_train(args) -> None:
     from agent.train import train
 
-    if args.resume:
-        if args.run_dir and args.run_dir != args.resume:
-            raise ValueError(f"--resume {args.resume} names the run to continue; --run-dir {args.run_dir} contradicts it")
-        args.run_dir = args.resume
     _run_training(args, DEFAULT_PRESETS["train"], args.overrides, lambda c: f"agent-{c.env.name}", train,
-                  bool(args.resume))
+                  args.resume)
 
 
 def cmd_eval(args) -> None:
@@ -226,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="YAML preset, a path or a name in configs/ (clevr_tiny, clevr_setpred_cpu, "
                    "clevr_discovery_cpu, clevr_setpred, clevr_discovery, ...); default configs/clevr_tiny.yaml")
     s.add_argument("--run-dir", help="run directory (default runs/pretrain-<task>-<slots>-<time>)")
-    s.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    s.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
+                   help="continue a run from its checkpoint: `--resume RUN`, or `--resume` with --run-dir RUN")
     s.add_argument("--data", help="train on env frames: an episode dataset made by `run.py collect` (sets "
                    "data.source=frames, task=discovery; default preset configs/frames_discovery_cpu.yaml)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
@@ -303,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="YAML preset, a path or a name in configs/ (wm_crafter_cpu, wm_crafter); default "
                    "configs/wm_crafter_cpu.yaml")
     s.add_argument("--run-dir", help="run directory (default runs/wm-<time>)")
-    s.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    s.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
+                   help="continue a run from its checkpoint: `--resume RUN`, or `--resume` with --run-dir RUN")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("overrides", nargs="*", help=_overrides_help("train.steps=100 encoder.mode=joint", "train-wm"))
     s.set_defaults(func=cmd_train_wm, parser=s)
@@ -329,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="YAML preset, a path or a name in configs/ (tiny, crafter_cpu, crafter, nethack); "
                    "default configs/tiny.yaml")
     s.add_argument("--run-dir", help="run directory (default runs/agent-<env>-<time>)")
-    s.add_argument("--resume", metavar="RUN", help="continue the run in RUN at its last checkpoint")
+    s.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
+                   help="continue a run from its checkpoint: `--resume RUN`, or `--resume` with --run-dir RUN")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("overrides", nargs="*", help=_overrides_help("train.env_steps=5000 env.num_envs=4", "train"))
     s.set_defaults(func=cmd_train, parser=s)
@@ -429,20 +433,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.parser.error(f"unrecognized arguments: {' '.join(rest or overrides)}")
     if overrides:
         args.overrides = [*args.overrides, *overrides]
+    resume = getattr(args, "resume", None)
+    if isinstance(resume, str) and OVERRIDE.match(resume):  # `--resume train.steps=400`: the flag, then an override
+        args.overrides, args.resume = [resume, *args.overrides], True
     return args
 
 
 def _way_back(args) -> str:
     """After Ctrl-C: the command that continues a training run, or why there is none."""
-    run_dir = getattr(args, "run_dir", None) or getattr(args, "resume", None)
+    resume = getattr(args, "resume", None)
+    run_dir = getattr(args, "run_dir", None) or (resume if isinstance(resume, str) else None)
     if not run_dir or args.command not in ("pretrain", "train", "train-wm"):
         return ""
     if not (Path(run_dir) / "checkpoints" / "latest.pt").is_file():
         return (f"; {run_dir} has no checkpoint yet (train.ckpt_every), so there is nothing to resume: remove it to "
                 "start again")
-    again = f"run.py train --resume {run_dir}" if args.command == "train" else \
-        f"run.py {args.command} --run-dir {run_dir} --resume"
-    return f"; `python {again}` continues from its last checkpoint"
+    return f"; `python run.py {args.command} --resume {run_dir}` continues from its last checkpoint"
 
 
 def main(argv=None) -> int:

@@ -284,7 +284,7 @@ def test_ctrl_c_is_one_line_with_the_way_back(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pt, "pretrain", interrupted)
     assert run.main(["pretrain", "--run-dir", str(tmp_path / "r"), "--no-progress", "--resume", "train.steps=2"]) == 130
     err = capsys.readouterr().err.strip()
-    assert err == f"interrupted; `python run.py pretrain --run-dir {tmp_path / 'r'} --resume` continues from its last checkpoint"
+    assert err == f"interrupted; `python run.py pretrain --resume {tmp_path / 'r'}` continues from its last checkpoint"
     assert run.main(["pretrain", "--run-dir", str(tmp_path / "new"), "--no-progress", *TINY]) == 130
     err = capsys.readouterr().err.strip()  # stopped before its first checkpoint: no resume to offer
     assert err == (f"interrupted; {tmp_path / 'new'} has no checkpoint yet (train.ckpt_every), so there is nothing to "
@@ -305,3 +305,7 @@ def test_a_resume_continues_what_the_run_trained_as(tmp_path, capsys):
         assert (rd / "config.yaml").read_text() == saved
     assert run.main(["pretrain", "--run-dir", str(rd), "--resume", "--no-progress", "train.steps=2",
                      "train.eval_every=0"]) == 0
+    # the same run named by --resume itself, as `train --resume RUN` does; an override right after the flag
+    assert run.main(["pretrain", "--resume", str(rd), "--no-progress", "train.steps=3"]) == 0
+    assert run.main(["pretrain", "--run-dir", str(rd), "--no-progress", "--resume", "train.steps=4"]) == 0
+    assert RunDir(rd).load_checkpoint()["step"] == 4
