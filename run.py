@@ -60,7 +60,8 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
         cfg = load_run_config(args.command, args.run_dir, overrides)
         check_resume_overrides(load_run_config(args.command, args.run_dir), cfg, args.run_dir)
         if args.config:
-            print(f"note: --resume uses {args.run_dir}/config.yaml; --config {args.config} is ignored", file=sys.stderr)
+            raise ValueError(f"--resume continues {args.run_dir} with its own config.yaml; --config {args.config} "
+                             "would not apply (change keys with key=value overrides, or start a new run)")
     else:
         cfg = load_config(run_schemas()[args.command], args.config or default_preset, overrides)
     if distributed.launched() and not args.run_dir:
@@ -97,8 +98,7 @@ def cmd_eval_ap(args) -> None:
     if args.clevr_root:
         cfg.data.source, cfg.data.root, cfg.data.eval_split = "clevr", args.clevr_root, args.split
     n = args.images or cfg.data.eval_images
-    batches = eval_batches(cfg, device, n, args.batch_size)
-    result = evaluate(model, cfg, device, n, args.batch_size, batches=batches)
+    result = evaluate(model, cfg, device, n, batches=eval_batches(cfg, device, n))
     source = {"generated": "generated scenes", "clevr": f"CLEVR {cfg.data.root} split {cfg.data.eval_split}",
               "frames": f"held-out frames of {cfg.data.root}"}.get(cfg.data.source, cfg.data.source)
     result.update(step=state["step"], data=source, task=cfg.task, slots=cfg.model.slots,
@@ -242,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", required=True, help="run directory made by `run.py pretrain`")
     s.add_argument("--clevr-root", help="CLEVR v1.0 root (images/<split>/*.png, scenes/CLEVR_<split>_scenes.json)")
     s.add_argument("--split", default="val", help="CLEVR split with --clevr-root (default val)")
-    s.add_argument("--images", type=int, help="number of evaluation images (default data.eval_images)")
-    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--images", type=int, help="number of evaluation images (default data.eval_images; fed in "
+                   "fixed chunks of 64, so a result does not depend on how it is run)")
     s.add_argument("--device", default="auto")
     s.add_argument("--out", help="JSON file for the results (default RUN/eval_ap.json)")
     s.set_defaults(func=cmd_eval_ap, parser=s)
@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a uniform random policy in vectorized env workers (a crashed worker is "
                        "restarted and its episode marked truncated) until --frames observations are stored. "
                        "Writes DIR/meta.json, DIR/episodes/*.npz (frames, actions, rewards, flags) and the "
-                       "episode statistics DIR/stats.jsonl; `run.py pretrain --data DIR` trains on the frames.")
+                       "statistics of every finished episode in DIR/stats.jsonl (none before one finishes); `run.py pretrain --data DIR` trains on the frames.")
     s.add_argument("--env", required=True, choices=["crafter", "nethack"])
     s.add_argument("--frames", type=int, required=True, help="observations to store")
     s.add_argument("--out", required=True, help="dataset directory; an existing one of the same env and settings "
@@ -381,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(comma-separated; more envs per worker amortize the per-step round-trip)")
     s.add_argument("--env-steps", type=int, help="bench envs: steps of every env in each row (default 500); bench agent: "
                    "env steps timed (default 16 updates' worth)")
-    s.add_argument("--wm-config", default="configs/wm_crafter.yaml", help="bench imagination: world-model preset")
+    s.add_argument("--wm-config", help="bench imagination: world-model preset (default configs/wm_crafter.yaml on "
+                   "CUDA, configs/wm_crafter_cpu.yaml on CPU)")
     s.add_argument("--agent-config", help="bench agent: agent preset (default crafter.yaml on CUDA, crafter_cpu.yaml "
                    "on CPU)")
     s.add_argument("--prefill", type=int, default=256, help="bench agent: random env steps before timing")

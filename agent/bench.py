@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from envs.collect import env_fn
 from envs.vector import make_vector_env
-from world_model.bench import check_profile_row, failed_row, peak_gib, select_rows
+from world_model.bench import check_profile_row, failed_row, gib_column, peak_gib, select_rows
 from world_model.config import load_config
 from world_model.rundir import set_precision
 
@@ -34,6 +34,7 @@ from .replay import ReplayBuffer
 from .train import Collector, build_agent, env_kwargs, replay_spec, train_step, updates_due
 
 PARTS = ("policy", "env_step", "replay_sample", "wm_update", "imagination", "ac_update")
+FEW_UPDATES = 8  # rows timing fewer updates than this get a note: their rates are noisy
 WARMUP_UPDATES = 2
 
 
@@ -157,11 +158,11 @@ def bench_agent(args, device: torch.device) -> None:
     print(f"{'mode':<16}{'env steps/s':>12}{'updates':>9}{'policy ms':>11}{'env ms':>9}{'update ms':>11}"
           f"{'h per 1M':>10}{'warm-up s':>11}{'peak GiB':>10}")
     check_profile_row(args, [n for n, _ in modes])
-    rates = {}
+    rates, results = {}, {}
     for name, settings in modes:
         torch.compiler.reset()
         try:
-            r = _measure_row(base, settings, device, env_steps, args.prefill)
+            r = results[name] = _measure_row(base, settings, device, env_steps, args.prefill)
         except Exception as e:  # noqa: BLE001 - a failing optimization is a result too; the other rows still run
             print(failed_row(f"{name:<16}", e))
             if args.profile and name == args.profile_row:
@@ -171,12 +172,15 @@ def bench_agent(args, device: torch.device) -> None:
         rates[name] = steps / r["total"]
         per = {k: 1e3 * v / steps for k, v in s.items()}  # ms per env step
         print(f"{name:<16}{rates[name]:>12.1f}{r['updates']:>9}{per['policy']:>11.2f}{per['env_step']:>9.2f}"
-              f"{per['update']:>11.2f}{1e6 / rates[name] / 3600:>10.1f}{r['warmup']:>11.1f}{r['peak_gib']:>10.2f}")
+              f"{per['update']:>11.2f}{1e6 / rates[name] / 3600:>10.1f}{r['warmup']:>11.1f}{gib_column(r['peak_gib'])}")
         if args.profile and name == args.profile_row:  # now, before slower rows (compilation) can run out of time
             _profile_row(name, settings, base, device, env_steps, args)
     for (prev, _), (name, _) in zip(modes, modes[1:]):
         if prev in rates and name in rates:
             print(f"ratio {name}/{prev}: {rates[name] / rates[prev]:.2f}")
+    if rates and min(results[n]["updates"] for n in rates) < FEW_UPDATES:
+        print(f"# note: a row timed fewer than {FEW_UPDATES} updates, so one slow update (other work on the machine) "
+              "moves its rate a lot; raise --env-steps for ratios to trust")
     if args.profile and not args.profile_row:
         name, settings = next(((n, s) for n, s in reversed(modes) if n in rates), modes[0])
         _profile_row(name, settings, base, device, env_steps, args)

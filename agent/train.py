@@ -284,6 +284,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                 log_pictures(logger, counters["env_steps"], wm, replay, device)
             last_eval.update(_score(run.path / "stats.jsonl", cfg.env.name, "train_"))
         logger.close()
+        run.release()
         return last_eval
     finally:
         venv.close()

@@ -8,6 +8,7 @@ import torch
 
 from envs.clevr import DataError
 from envs.episodes import EpisodeWriter, episode_paths, iter_episodes, load_frames, read_meta
+import run
 from world_model.pretrain import EpisodeFrames, pretrain
 
 from test_pretrain import tiny_cfg
@@ -117,8 +118,13 @@ def test_frames_source_split_and_resize(tmp_path):
         EpisodeFrames(tiny_cfg("data.source=frames", f"data.root={root}"), "train", torch.device("cpu"))
 
 
-def test_pretrain_on_env_frames(tmp_path):
+def test_pretrain_on_env_frames(tmp_path, capsys):
     root = _toy_dataset(tmp_path / "data")
     cfg = tiny_cfg("task=discovery", "data.source=frames", f"data.root={root}", "train.steps=4")
     result = pretrain(cfg, str(tmp_path / "run"), progress=False)
     assert result["images"] == 4 and np.isfinite(result["mse"]) and "fg_ari" not in result
+    # eval-ap reproduces the run's own final evaluation (fixed chunks: the same slot-initialization noise)
+    assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "run")]) == 0
+    again = json.loads((tmp_path / "run" / "eval_ap.json").read_text())
+    assert again["mse"] == result["mse"] and again["empty_slots"] == result["empty_slots"]
+    assert f"(held-out frames of {root})" in capsys.readouterr().out

@@ -33,7 +33,7 @@ def test_cli_pretrain_and_eval_ap(tmp_path, capsys):
     assert any("train/loss" in r for r in rows) and any("eval/AP_inf" in r for r in rows)
     assert list((rd / "tb").glob("events.*"))
     capsys.readouterr()
-    assert run.main(["eval-ap", "--checkpoint", str(rd), "--images", "6", "--batch-size", "3"]) == 0
+    assert run.main(["eval-ap", "--checkpoint", str(rd), "--images", "6"]) == 0
     out = capsys.readouterr().out
     assert "AP_inf" in out and "AP_0.0625" in out and "on 6 images (generated scenes)" in out
     result = json.loads((rd / "eval_ap.json").read_text())
@@ -246,14 +246,15 @@ def test_pretrain_and_eval_on_a_clevr_directory(tmp_path, capsys):
     assert f"on 4 images (CLEVR {tmp_path / 'clevr'} split val)" in capsys.readouterr().out
 
 
-def test_held_out_scenes_do_not_depend_on_batch_size():
-    from world_model.pretrain import eval_batches
+def test_held_out_scenes_come_in_fixed_chunks():
+    """The first N held-out scenes are the same for every N, in chunks of EVAL_CHUNK (so an evaluation's noise is)."""
+    from world_model.pretrain import EVAL_CHUNK, eval_batches
 
     cfg = tiny_cfg()
-    a = torch.cat([b["targets"] for b in eval_batches(cfg, torch.device("cpu"), 70, batch_size=8)])
-    b = torch.cat([b["targets"] for b in eval_batches(cfg, torch.device("cpu"), 66, batch_size=128)])
-    assert a.shape[0] == 70 and b.shape[0] == 66
-    torch.testing.assert_close(a[:66], b)
+    a = [b["targets"] for b in eval_batches(cfg, torch.device("cpu"), 70)]
+    b = torch.cat([b["targets"] for b in eval_batches(cfg, torch.device("cpu"), 66)])
+    assert [len(x) for x in a] == [EVAL_CHUNK, 70 - EVAL_CHUNK] and b.shape[0] == 66
+    torch.testing.assert_close(torch.cat(a)[:66], b)
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -305,6 +306,8 @@ def test_a_resume_continues_what_the_run_trained_as(tmp_path, capsys):
         assert (rd / "config.yaml").read_text() == saved
     assert run.main(["pretrain", "--run-dir", str(rd), "--resume", "--no-progress", "train.steps=2",
                      "train.eval_every=0"]) == 0
+    assert run.main(["pretrain", "--resume", str(rd), "--config", "clevr_tiny", "train.steps=2"]) == 2
+    assert "--config clevr_tiny would not apply" in capsys.readouterr().err
     # the same run named by --resume itself, as `train --resume RUN` does; an override right after the flag
     assert run.main(["pretrain", "--resume", str(rd), "--no-progress", "train.steps=3"]) == 0
     assert run.main(["pretrain", "--run-dir", str(rd), "--no-progress", "--resume", "train.steps=4"]) == 0

@@ -1,6 +1,7 @@
 """Run directories: atomic writes, and logs that a resumed run continues without duplicates or holes."""
 import json
 import os
+import socket
 
 import pytest
 import torch
@@ -85,18 +86,24 @@ def test_run_directory_guards(tmp_path):
     (tmp_path / "a" / "metrics.jsonl").write_text('{"step": 2}\n')
     with pytest.raises(RunDirError, match="metrics.jsonl of a run that stopped before its first checkpoint"):
         RunDir.open(tmp_path / "a", resume=False)
+    host = socket.gethostname()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (tmp_path / "b").mkdir()
-        (tmp_path / "b" / "train.pid").write_text(str(live.pid))
+        (tmp_path / "b" / "train.pid").write_text(f"{host} {live.pid}")
         with pytest.raises(RunDirError, match=f"process {live.pid} is training in"):
             RunDir.open(tmp_path / "b", resume=False)
+        (tmp_path / "b" / "train.pid").write_text(f"another-{host} {live.pid}")  # a pid on another host: not ours
+        RunDir.open(tmp_path / "b", resume=False)
+        (tmp_path / "b" / "train.pid").write_text(f"{host} {live.pid}")
     finally:
         live.kill()
         live.wait()
     run = RunDir.open(tmp_path / "b", resume=False)  # that process is gone: this one takes over
-    assert int((tmp_path / "b" / "train.pid").read_text()) == os.getpid()
+    assert (tmp_path / "b" / "train.pid").read_text() == f"{host} {os.getpid()}"
     assert RunDir.open(tmp_path / "b", resume=False).path == run.path  # the same process may open it again
+    run.release()  # a finished run leaves no claim
+    assert not (tmp_path / "b" / "train.pid").exists()
     run.ckpt_path.parent.mkdir()
     for damage in (b"", b"\x80garbage", None):
         if damage is None:  # a checkpoint cut short

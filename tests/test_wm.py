@@ -126,7 +126,8 @@ def test_frozen_pretrained_encoder_and_errors(tmp_path):
 
 def test_train_resume_exact_and_eval_cli(tmp_path, capsys):
     root = toy_dataset(tmp_path / "d")
-    a = train_wm(wm_cfg(root, "train.steps=4"), str(tmp_path / "a"), progress=False)
+    a = train_wm(wm_cfg(root, "train.steps=4", "encoder.mode=frozen"), str(tmp_path / "a"), progress=False)
+    assert "  mode: joint\n" in (tmp_path / "a" / "config.yaml").read_text()  # no encoder.checkpoint: trained jointly
     train_wm(wm_cfg(root, "train.steps=2"), str(tmp_path / "b"), progress=False)
     b = train_wm(wm_cfg(root, "train.steps=4"), str(tmp_path / "b"), resume=True, progress=False)
     assert a == b  # same evaluation after resuming from step 2

@@ -43,6 +43,11 @@ def peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
+def gib_column(gib: float, width: int = 10) -> str:
+    """A peak-memory cell: `-` where nothing was measured (CPU)."""
+    return f"{'-':>{width}}" if gib != gib else f"{gib:>{width}.2f}"
+
+
 def bench_config(task: str, slots: str, resolution: int) -> PretrainConfig:
     """The Slot Attention architecture for the task (preset), at the requested resolution; no scene pool (the
     bench times steps on one rendered batch)."""
@@ -129,7 +134,7 @@ def bench_pretrain(args, device: torch.device) -> None:
                 print(failed_row(f"{slots:<16}{name:<15}", e))
                 continue
             results[(slots, name)] = batch_size / per_step
-            print(f"{slots:<16}{name:<15}{batch_size / per_step:>10.1f}{first:>14.2f}{peak_gib(device):>10.2f}")
+            print(f"{slots:<16}{name:<15}{batch_size / per_step:>10.1f}{first:>14.2f}{gib_column(peak_gib(device))}")
             if args.profile and slots == models[0] and name == (args.profile_row or modes[-1][0]):
                 _profile_table(step, device, args.profile_rows)
     for name, *_ in modes:
@@ -252,6 +257,8 @@ def bench_imagination(args, device: torch.device) -> None:
     from .config import WorldModelConfig
     from .dynamics import SlotDynamics, imagination_speed
 
+    args.wm_config = args.wm_config or ("configs/wm_crafter.yaml" if device.type == "cuda" else
+                                        "configs/wm_crafter_cpu.yaml")
     cfg = load_config(WorldModelConfig, args.wm_config)
     dyn = replace(cfg.dynamics, num_slots=cfg.encoder.model.num_slots, num_vars=cfg.encoder.model.vq.num_vars,
                   num_codes=cfg.encoder.model.vq.num_codes, frame_vars=cfg.frame.vars, frame_codes=cfg.frame.codes)
@@ -263,7 +270,8 @@ def bench_imagination(args, device: torch.device) -> None:
           f"batch {batch}, {steps} imagined steps from a 1-step context, {device.type}")
     cached = imagination_speed(model, batch, steps, True, device)
     full = imagination_speed(model, batch, steps, False, device)
-    print(f"with KV cache {cached:10.0f} steps/s\nwithout       {full:10.0f} steps/s\nratio {cached / full:.1f}x")
+    print(f"imagined steps/s, summed over the batch of {batch} trajectories:\n"
+          f"with KV cache {cached:10.0f} steps/s\nwithout       {full:10.0f} steps/s\nratio {cached / full:.1f}x")
 
 
 def main(args) -> None:

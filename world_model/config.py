@@ -286,19 +286,22 @@ def run_schemas() -> dict[str, type]:
     return {"pretrain": PretrainConfig, "train-wm": WorldModelConfig, "train": AgentConfig}
 
 
-RESUMABLE = ("train.", "eval.", "data.root", "data.eval_images")  # what a resume may change: length, schedule, speed
+RESUMABLE = ("train.", "eval.", "data.root", "data.eval_images",  # what a resume may change: length, schedule, speed
+             "env.asynchronous", "env.envs_per_worker", "replay.on_device")
 
 
 def check_resume_overrides(saved: Any, cfg: Any, run_dir: str | Path) -> None:
     """A resumed run continues what its checkpoint was trained as: overrides may change how long and how it trains
-    (`train.*`, `eval.*`) and where its data lives, never the model, the env or the data it learns from."""
+    (`train.*`, `eval.*`, env workers, where replay lives) and where its data lives, never the model, the env or
+    the data it learns from."""
     old, new = OmegaConf.structured(saved), OmegaConf.structured(cfg)
     for key in _keys(old):
         before, after = OmegaConf.select(old, key), OmegaConf.select(new, key)
         if OmegaConf.is_dict(before) or key.startswith(RESUMABLE) or before == after:
             continue
         raise ConfigError(f"{key}={after!r} differs from what {run_dir} trained with ({before!r}); a resume may change "
-                          "train.* and eval.* keys only: start a new run (--run-dir NEW) to change it")
+                          "how it runs (train.*, eval.*, env.asynchronous, env.envs_per_worker, replay.on_device), not "
+                          "what it learns: start a new run (--run-dir NEW) to change it")
 
 
 def schema_command(path: str | Path) -> Optional[str]:

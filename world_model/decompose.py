@@ -183,7 +183,7 @@ def visualize(checkpoint: str, env: str, out_dir: str, frames: int = 8, seed: in
     out.mkdir(parents=True, exist_ok=True)
     if env == "clevr":
         cfg.data.source = "generated" if cfg.data.source == "frames" else cfg.data.source
-        images = torch.cat([b["images"].cpu() for b in eval_batches(cfg, torch.device("cpu"), frames, frames)])
+        images = torch.cat([b["images"].cpu() for b in eval_batches(cfg, torch.device("cpu"), frames)])
         carry = False  # independent scenes
     else:
         images = frames_to_input(torch.from_numpy(episode_frames(env, frames, seed))[None], run.resolution)[0]

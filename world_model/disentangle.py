@@ -108,7 +108,7 @@ def target_properties(targets: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def collect_code_properties(model: torch.nn.Module, cfg: PretrainConfig, device: torch.device, n_images: int,
-                            batch_size: int = 64, match: str = "auto") -> dict:
+                            match: str = "auto") -> dict:
     """Codes and ground-truth properties of the slot-matched objects of `n_images` held-out scenes.
 
     match: "properties" (set prediction), "masks" (decoder masks, else attention maps) or "auto"
@@ -131,7 +131,7 @@ def collect_code_properties(model: torch.nn.Module, cfg: PretrainConfig, device:
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # same slot-init noise every call, caller's RNG untouched
         torch.manual_seed(EVAL_SEED)
-        for batch in eval_batches(cfg, device, n_images, batch_size):
+        for batch in eval_batches(cfg, device, n_images):
             if batch.get("targets") is None:
                 raise ValueError(f"data.source={cfg.data.source} has no object labels: code/property tables need "
                                  "CLEVR-style scenes (data.source=generated or clevr)")

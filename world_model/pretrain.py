@@ -251,17 +251,16 @@ def train_batches(source, cfg: PretrainConfig, first_step: int) -> Iterator[dict
             yield source.batch(size, seed)
 
 
-def eval_batches(cfg: PretrainConfig, device: torch.device, n_images: int, batch_size: int) -> Iterator[dict]:
-    """Held-out data: generated scenes from the eval stream (in chunks of EVAL_CHUNK), or the CLEVR eval
-    split (in batches of batch_size)."""
+def eval_batches(cfg: PretrainConfig, device: torch.device, n_images: int) -> Iterator[dict]:
+    """Held-out data in fixed chunks of EVAL_CHUNK images: generated scenes from the eval stream, the CLEVR eval
+    split, or an episode dataset's held-out frames. Fixed chunks, so an evaluation's slot-initialization noise,
+    and hence its result, is the same however it is called, and the first N images are the same for every N."""
     if cfg.data.source == "clevr":
-        yield from ClevrScenes(cfg, cfg.data.eval_split, device, max_images=n_images).sequential(batch_size)
+        yield from ClevrScenes(cfg, cfg.data.eval_split, device, max_images=n_images).sequential(EVAL_CHUNK)
         return
     if cfg.data.source == "frames":
-        yield from EpisodeFrames(cfg, "eval", device).sequential(batch_size, n_images)
+        yield from EpisodeFrames(cfg, "eval", device).sequential(EVAL_CHUNK, n_images)
         return
-    # Fixed chunks, so the held-out scenes do not depend on the evaluation batch size and the first N
-    # scenes are the same for every N.
     source = GeneratedScenes(replace(cfg, data=replace(cfg.data, pool=0)), device)
     for i, start in enumerate(range(0, n_images, EVAL_CHUNK)):
         batch = source.batch(EVAL_CHUNK, stream_seed(EVAL_SEED, EVAL_STREAM, i))
@@ -312,11 +311,10 @@ def guarded_update(loss: torch.Tensor, params: list, opt: torch.optim.Optimizer,
 
 @torch.no_grad()
 def evaluate(model: nn.Module, cfg: PretrainConfig, device: torch.device, n_images: int,
-             batch_size: Optional[int] = None, batches: Optional[Iterator[dict]] = None) -> dict:
+             batches: Optional[Iterator[dict]] = None) -> dict:
     """AP table (set prediction) or FG-ARI + MSE (discovery) on held-out scenes, plus the mean number of
     near-empty slots per image; RNG-neutral for training."""
-    batch_size = batch_size or min(cfg.train.batch_size, 256)
-    batches = batches if batches is not None else eval_batches(cfg, device, n_images, batch_size)
+    batches = batches if batches is not None else eval_batches(cfg, device, n_images)
     was_training = model.training
     model.eval()
     preds, targets, aris, sq_err, pixels, count, empty = [], [], [], 0.0, 0, 0, 0.0
@@ -452,6 +450,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
             logger.flush()
     bar.close()
     logger.close()
+    run.release()
     return last_eval
 
 

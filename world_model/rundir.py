@@ -7,11 +7,13 @@ any moment leaves either the previous or the new checkpoint, never a torn one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import pickle
 import random
+import socket
 import sys
 import tempfile
 import time
@@ -134,16 +136,26 @@ class RunDir:
         return run
 
     def _claim(self) -> None:
-        """Record this process as the one training here, unless another live process already is."""
+        """Record this process (`host pid` in train.pid) as the one training here, unless another live process on
+        this host already is. A claim from another host (a shared run directory) is taken over: its liveness cannot
+        be checked from here, and a run that finished removed its claim (`release`)."""
         pid_path = self.path / "train.pid"
         try:
-            other = int(pid_path.read_text())
+            host, pid = pid_path.read_text().split()
+            other = int(pid)
         except (OSError, ValueError):
-            other = None
-        if other is not None and other != os.getpid() and _alive(other):
+            host, other = None, None
+        if host == socket.gethostname() and other != os.getpid() and _alive(other):
             raise RunDirError(f"process {other} is training in {self.path} (train.pid); wait for it, stop it, or "
                               "choose another --run-dir")
-        atomic_write(pid_path, lambda f: f.write(str(os.getpid()).encode()))
+        atomic_write(pid_path, lambda f: f.write(f"{socket.gethostname()} {os.getpid()}".encode()))
+
+    def release(self) -> None:
+        """At the end of training: remove this process's claim on the directory."""
+        pid_path = self.path / "train.pid"
+        with contextlib.suppress(OSError, ValueError):
+            if pid_path.read_text().split() == [socket.gethostname(), str(os.getpid())]:
+                pid_path.unlink()
 
     def save_checkpoint(self, state: dict) -> None:
         """Atomic write; under torchrun only rank 0 writes (the others' state is the same after each step)."""

@@ -77,8 +77,8 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
             raise ValueError(f"encoder.checkpoint={enc.checkpoint} is a {pre_cfg.task} run; the world model needs a "
                              "discovery run (run.py pretrain --data DIR model.vq.enabled=true)")
         enc.model, enc.resolution, joint = pre_cfg.model, pre_cfg.data.resolution, enc.mode == "joint"
-    else:
-        autoencoder, joint = SlotAutoencoder(enc.model, enc.resolution), True
+    else:  # a fresh encoder can only train with the world model: `enc` (and the run's config.yaml) says joint
+        autoencoder, joint, enc.mode = SlotAutoencoder(enc.model, enc.resolution), True, "joint"
     if not enc.model.vq.enabled:
         raise ValueError("the world model needs a VQ slot encoder: pretrain with model.vq.enabled=true")
     dyn = replace(dyn, num_slots=enc.model.num_slots, num_vars=enc.model.vq.num_vars, num_codes=enc.model.vq.num_codes,
@@ -237,6 +237,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
             logger.flush()
     bar.close()
     logger.close()
+    run.release()
     return last_eval
 
 
@@ -260,11 +261,12 @@ def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] 
     cfg, wm, state = load_wm_run(checkpoint, dev)
     if data:
         cfg.data.root = data
-    _, held_out, meta = split_dataset(cfg, cfg.train.seed)
+    meta = read_meta(cfg.data.root)  # the right game first, then enough of it (split_dataset)
     trained_on = state.get("env", meta["env"])  # runs from before the env was recorded: the action count only
-    if (meta["env"], meta["num_actions"]) != (trained_on, state["num_actions"]):
-        raise DataError(f"{cfg.data.root} holds {meta['env']} episodes with {meta['num_actions']} actions; this world "
-                        f"model was trained on {trained_on} with {state['num_actions']}")
+    if (meta["env"], meta.get("num_actions")) != (trained_on, state["num_actions"]):
+        raise DataError(f"{cfg.data.root} holds {meta['env']} episodes with {meta.get('num_actions')} actions; this "
+                        f"world model was trained on {trained_on} with {state['num_actions']}")
+    _, held_out, _ = split_dataset(cfg, cfg.train.seed)
     result = evaluate_wm(wm, held_out, cfg, dev, segments=segments, video=True)
     out_dir = Path(out) if out else Path(checkpoint) / "eval_wm"
     out_dir.mkdir(parents=True, exist_ok=True)
