@@ -146,8 +146,6 @@ def cmd_visualize(args) -> None:
     else:
         from world_model.decompose import visualize
 
-        if args.env is None:
-            raise ValueError("visualize needs --env crafter|nethack|clevr (or --codes)")
         summary = visualize(args.checkpoint, args.env, args.out, frames=args.frames, seed=args.seed,
                             device=args.device, edit=tuple(args.edit) if args.edit else None)
     print(json.dumps(summary, indent=2))
@@ -285,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(p(property | code) heatmaps and NMI per latent variable) on CLEVR-like scenes.")
     s.add_argument("--checkpoint", required=True, help="run directory made by `run.py pretrain`, or by `train-wm` / "
                    "`train` (their slot encoder and decoder; --env crafter or nethack)")
-    s.add_argument("--env", choices=["crafter", "nethack", "clevr"], help="where the frames come from")
+    s.add_argument("--env", choices=["crafter", "nethack", "clevr"], help="where the frames come from (default: "
+                   "the game a world-model or agent run trained on; a pretraining run needs it)")
     s.add_argument("--frames", type=int, default=8, help="frames (one random-policy episode) or scenes")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--edit", nargs=3, metavar=("SLOT", "VAR", "VALUE"),

@@ -60,8 +60,8 @@ def test_tiny_preset_end_to_end(tmp_path):
     assert (tmp_path / "run" / "random_stats.jsonl").is_file()
     # the agent's slot encoder and decoder, shown on game frames like a pretraining run's
     viz = tmp_path / "viz"
-    assert run.main(["visualize", "--checkpoint", str(tmp_path / "run"), "--env", "crafter", "--frames", "2",
-                     "--out", str(viz)]) == 0
+    assert run.main(["visualize", "--checkpoint", str(tmp_path / "run"), "--frames", "2", "--out", str(viz)]) == 0
+    assert json.loads((viz / "summary.json").read_text())["env"] == "crafter"  # the game the agent played
     summary = json.loads((viz / "summary.json").read_text())
     assert summary["step"] == 240 and summary["pngs"] == 2 and "note" not in summary  # it has a decoder
     assert run.main(["visualize", "--checkpoint", str(tmp_path / "run"), "--env", "clevr", "--out", str(viz)]) == 2

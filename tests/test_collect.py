@@ -105,7 +105,9 @@ def test_visualize_crafter_frames_and_edit(vq_run, tmp_path, capsys):
         assert "out of range" in capsys.readouterr().err and not (tmp_path / "refused").exists()
 
 
-def test_visualize_clevr_scenes(vq_run, tmp_path):
+def test_visualize_clevr_scenes(vq_run, tmp_path, capsys):
+    assert run.main(["visualize", "--checkpoint", str(vq_run), "--out", str(tmp_path / "none")]) == 2  # which frames?
+    assert "visualize needs --env" in capsys.readouterr().err
     assert run.main(["visualize", "--checkpoint", str(vq_run), "--env", "clevr", "--frames", "2",
                      "--out", str(tmp_path / "c")]) == 0
     assert len(list((tmp_path / "c").glob("frame_*.png"))) == 2

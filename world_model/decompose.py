@@ -162,16 +162,20 @@ def load_slot_model(checkpoint: str, device: torch.device) -> SimpleNamespace:
                            model_cfg=cfg.encoder.model, step=step, trained_env=trained_env, pretrain_cfg=None)
 
 
-def visualize(checkpoint: str, env: str, out_dir: str, frames: int = 8, seed: int = 0, device: str = "cpu",
+def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8, seed: int = 0, device: str = "cpu",
               edit: Optional[tuple[int, int, str]] = None, tensorboard: bool = True) -> dict:
     """Write per-frame decomposition PNGs, a video of the sequence and tensorboard images to `out_dir`. The run
-    may be a pretraining run, or a world-model or agent run (their slot encoder and decoder)."""
+    may be a pretraining run, or a world-model or agent run (their slot encoder and decoder; `env` None: the game
+    they trained on)."""
     if frames < 1:
         raise ValueError(f"--frames must be positive, got {frames}")
-    if env not in ("crafter", "nethack", "clevr"):
+    if env not in ("crafter", "nethack", "clevr", None):
         raise ValueError(f"unknown --env {env!r}; choose crafter, nethack or clevr")
     dev = resolve_device(device)
     run = load_slot_model(checkpoint, dev)
+    env = env or (run.trained_env if run.trained_env in ("crafter", "nethack") else None)
+    if env is None:
+        raise ValueError("visualize needs --env crafter|nethack|clevr for this run (or --codes)")
     model, cfg = run.model.cpu(), run.pretrain_cfg
     if env == "clevr" and cfg is None:
         raise ValueError(f"{checkpoint} is a world-model or agent run, trained on {run.trained_env or 'game'} frames: "
