@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "goes to the run directory (config, checkpoints with the replay, stats.jsonl of every "
                        "training episode, tensorboard, metrics.jsonl). Presets: configs/tiny.yaml (default, ~1.5 "
                        "min on CPU), configs/crafter.yaml, configs/nethack.yaml (GPU-sized).")
-    s.add_argument("--config", help="YAML preset, a path or a name in configs/ (tiny, crafter_cpu, crafter, nethack); "
+    s.add_argument("--config", help="YAML preset, a path or a name in configs/ (tiny, crafter_cpu, crafter, nethack_cpu, nethack); "
                    "default configs/tiny.yaml")
     s.add_argument("--run-dir", help="run directory (default runs/agent-<env>-<time>)")
     s.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",

@@ -239,6 +239,8 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             counters["env_steps"] += cfg.env.num_envs
             bar.update(cfg.env.num_envs)
             while counters["updates"] < updates_due(counters["env_steps"], cfg):
+                if not distributed.all_true(replay.longest_episode() >= t.seq_len, device):
+                    break  # no episode holds a segment yet (short first episodes): the owed updates follow later
                 stats = train_step(wm, ac, wm_opt, replay, cfg, device, counters["updates"], wm_parallel, ac_parallel)
                 counters["updates"] += 1
                 # A non-finite loss or gradient skipped that update (it never reaches weights or checkpoints).

@@ -67,6 +67,16 @@ def test_tiny_preset_end_to_end(tmp_path):
     assert run.main(["visualize", "--checkpoint", str(tmp_path / "run"), "--env", "clevr", "--out", str(viz)]) == 2
 
 
+def test_updates_wait_for_an_episode_long_enough_for_a_segment(tmp_path):
+    """Episodes shorter than train.seq_len (a game that ends fast) hold no training segment: the owed updates wait
+    for one instead of the run dying on an empty replay sample."""
+    cfg = tiny("env.max_episode_steps=5", "train.env_steps=80", "train.prefill=20", "train.log_every=40")
+    assert cfg.train.seq_len > 6 and updates_due(80, cfg) > 0
+    train(cfg, str(tmp_path / "run"), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["updates"] for r in rows if "updates" in r][-1] == 0
+
+
 def test_resume_after_sigkill(tmp_path):
     run_dir = tmp_path / "run"
     argv = [sys.executable, "run.py", "train", "--run-dir", str(run_dir), "--no-progress", *FAST,
@@ -119,7 +129,8 @@ def _one_update_setup(cfg: AgentConfig, num_actions: int):
 ONE_UPDATE = ["train.batch_size=2", "train.seq_len=4", "train.imag_starts=4", "actor_critic.horizon=3"]
 
 
-@pytest.mark.parametrize("preset,num_actions", [("tiny", 17), ("crafter_cpu", 17), ("crafter", 17), ("nethack", 23)])
+@pytest.mark.parametrize("preset,num_actions", [("tiny", 17), ("crafter_cpu", 17), ("crafter", 17), ("nethack_cpu", 23),
+                                                ("nethack", 23)])
 def test_every_agent_preset_trains_one_step(preset, num_actions):
     """Each agent preset's architecture: one world-model + actor-critic update at batch 2 on 4-step segments."""
     import numpy as np
