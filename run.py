@@ -34,12 +34,14 @@ def _overrides_help(example: str, command: str) -> str:
 
 
 def cmd_config(args) -> None:
-    from world_model.config import load_config, run_schemas, schema_command, to_yaml
+    from world_model.config import DERIVED, load_config, run_schemas, schema_command, to_yaml
 
     command = args.command_schema or (args.config and schema_command(args.config)) or "pretrain"
     preset = args.config or DEFAULT_PRESETS[command]
     print(f"# run.py {command}, preset {preset}")
     print(to_yaml(load_config(run_schemas()[command], preset, args.overrides)), end="")
+    if command in ("train-wm", "train"):
+        print("# set by the run, not by this config: " + ", ".join(f"{k} from {v}" for k, v in DERIVED.items()))
 
 
 def _run_training(args, default_preset: str, overrides: list, run_name, train_fn, resume) -> None:

@@ -131,6 +131,8 @@ def test_presets_by_name_and_for_the_wrong_command():
     with pytest.raises(ConfigError, match=r"did you mean 'actor_critic.actor_lr' or 'actor_critic.critic_lr'\?\); "
                        r"run `python run.py config --for train`"):
         load_config(AgentConfig, None, ["actor_critic.lr=1e-4"])
+    with pytest.raises(ConfigError, match="dynamics.num_actions is set by the run from the env"):
+        load_config(AgentConfig, None, ["dynamics.num_actions=5"])  # it would be overwritten silently
 
 
 def test_overrides_may_follow_options():

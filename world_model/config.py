@@ -182,6 +182,10 @@ POSITIVE = ("train.steps", "train.env_steps", "train.batch_size", "train.seq_len
             "train.image_every", "train.ckpt_every", "train.imag_starts", "model.num_slots", "model.iters",
             "encoder.model.num_slots", "data.resolution", "encoder.resolution", "env.num_envs", "env.envs_per_worker",
             "env.size", "actor_critic.horizon")
+DERIVED = {  # world-model keys a run sets from elsewhere (build_world_model), so setting them would do nothing
+    "dynamics.num_slots": "encoder.model.num_slots", "dynamics.num_vars": "encoder.model.vq.num_vars",
+    "dynamics.num_codes": "encoder.model.vq.num_codes", "dynamics.frame_vars": "frame.vars",
+    "dynamics.frame_codes": "frame.codes", "dynamics.num_actions": "the env (or the dataset's meta.json)"}
 POSITIVE_RATES = ("train.lr", "train.wm_lr", "actor_critic.actor_lr", "actor_critic.critic_lr")
 NON_NEGATIVE = ("train.eval_every", "train.prefill", "train.train_ratio", "train.warmup_steps", "data.pool")
 
@@ -259,6 +263,9 @@ def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: 
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.steps=100)")
+        key = item.split("=", 1)[0]
+        if key in DERIVED and command in ("train-wm", "train"):
+            raise ConfigError(f"{key} is set by the run from {DERIVED[key]}; change that instead")
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
