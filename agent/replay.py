@@ -266,9 +266,10 @@ class ReplayBuffer:
         stored = self._hi[:self._nslots] - self._lo[:self._nslots]
         return int(stored.max()) if len(stored) else 0
 
-    def sample(self, batch: int, length: int) -> dict:
+    def sample(self, batch: int, length: int, rng: Optional[np.random.Generator] = None) -> dict:
         """`batch` segments of `length` steps, uniform over every start that keeps one within one episode:
-        numpy arrays `b t ...`, or tensors on the buffer's device."""
+        numpy arrays `b t ...`, or tensors on the buffer's device. `rng`: draw from it instead of the buffer's own
+        stream (evaluations and pictures, which must not shift training's samples)."""
         if batch < 1 or length < 1:
             raise ValueError(f"replay sample needs batch >= 1 and length >= 1, got {batch} and {length}")
         stored = self._hi[:self._nslots] - self._lo[:self._nslots]  # per slot
@@ -278,7 +279,7 @@ class ReplayBuffer:
             longest = int(stored.max()) if len(stored) else 0
             raise ValueError(f"replay holds no segment of {length} steps: {self._size} steps stored, "
                              f"longest stored episode has {longest}")
-        r = self.rng.integers(cum[-1], size=batch)
+        r = (rng or self.rng).integers(cum[-1], size=batch)
         slots = np.searchsorted(cum, r, side="right")
         first = r - (cum[slots] - starts[slots]) + self._lo[slots]
         idx = np.stack([self._index[s][o:o + length] for s, o in zip(slots.tolist(), first.tolist())])  # b t

@@ -31,8 +31,8 @@ from envs.vector import make_vector_env
 from world_model import distributed
 from world_model.config import save_config
 from world_model.pretrain import autocast, guarded_update
-from world_model.rundir import (MetricLogger, note_if_finished, rank_seed, restore_rng, rng_states, rollback_appended,
-                                start_run)
+from world_model.rundir import (MetricLogger, fixed_rng, note_if_finished, rank_seed, restore_rng, rng_states,
+                                rollback_appended, start_run)
 from world_model.train_wm import build_world_model, to_batch
 from world_model.wm import WorldModel, WorldModelLoss
 
@@ -347,15 +347,9 @@ def log_pictures(logger: MetricLogger, step: int, wm: WorldModel, replay: Replay
     length = min(PICTURE_STEPS, replay.longest_episode())
     if length < 2:
         return
-    own_rng, replay.rng = replay.rng, np.random.default_rng(step)
-    try:
-        batch = to_batch(replay.sample(1, length), wm.resolution, device)
-    finally:
-        replay.rng = own_rng
+    batch = to_batch(replay.sample(1, length, np.random.default_rng(step)), wm.resolution, device)
     images = batch["images"][0]  # t 3 r r
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-            torch.compiler.set_stance("force_eager"):
-        torch.manual_seed(step)
+    with fixed_rng(step, device), torch.compiler.set_stance("force_eager"):
         parts = decompose(wm.autoencoder, images, carry=True)
         enc = wm.encode(batch["images"])
         imag = wm.open_loop(enc, batch["action"], 1, length - 1)
@@ -388,8 +382,7 @@ def evaluate_agent(wm: Optional[WorldModel], ac: Optional[ActorCritic], cfg: Age
     rng = np.random.default_rng(seed)
     policy = SlotPolicy(wm, ac, device) if ac is not None else None
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
+        with fixed_rng(seed, device):
             for e in tqdm(range(episodes), desc="eval episodes", disable=not progress, unit="episode"):
                 obs, _ = env.reset(seed=seed + e)
                 first, done = True, False

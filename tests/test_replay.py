@@ -52,6 +52,10 @@ def test_segments_stay_inside_episodes_and_sampling_is_seeded():
     assert segs[0]["action"].dtype == np.int64 and segs[0]["is_first"].dtype == bool
     np.testing.assert_array_equal(segs[0]["tag"], segs[1]["tag"])
     assert not np.array_equal(segs[0]["tag"], segs[2]["tag"])
+    # a sample from a given generator (evaluations, pictures) leaves the buffer's own stream where it was
+    aside = [bufs[0].sample(8, 6, np.random.default_rng(7))["tag"] for _ in range(2)]
+    np.testing.assert_array_equal(aside[0], aside[1])
+    np.testing.assert_array_equal(bufs[0].sample(64, 6)["tag"], bufs[1].sample(64, 6)["tag"])
 
 
 def test_starts_are_uniform_over_valid_positions():

@@ -20,7 +20,7 @@ from envs.clevr import COLORS, MATERIALS, SHAPES, SIZES
 from .config import PretrainConfig
 from .metrics import hungarian_assign, trim_padding
 from .pretrain import EVAL_SEED, autocast, eval_batches, load_run
-from .rundir import resolve_device
+from .rundir import fixed_rng, resolve_device
 
 # The discrete properties, in table order: (value names, slice of the 19-entry target row).
 PROPERTIES = {
@@ -128,9 +128,7 @@ def collect_code_properties(model: torch.nn.Module, cfg: PretrainConfig, device:
     was_training = model.training
     model.eval()
     codes, props, pairs, images, objects = [], [], [], 0, 0
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # same slot-init noise every call, caller's RNG untouched
-        torch.manual_seed(EVAL_SEED)
+    with fixed_rng(EVAL_SEED, device):  # same slot-init noise every call, caller's RNG untouched
         for batch in eval_batches(cfg, device, n_images):
             if batch.get("targets") is None:
                 raise ValueError(f"data.source={cfg.data.source} has no object labels: code/property tables need "

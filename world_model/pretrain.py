@@ -26,7 +26,7 @@ from .config import PretrainConfig, load_run_config, save_config
 from .losses import hungarian_huber_loss
 from .metrics import clevr_ap_table, fg_ari, setpred_accuracy
 from .perception import SetPredictor, SlotAutoencoder
-from .rundir import MetricLogger, RunDir, mixed_seed, note_if_finished, restore_rng, rng_states, start_run
+from .rundir import MetricLogger, RunDir, fixed_rng, mixed_seed, note_if_finished, restore_rng, rng_states, start_run
 from .slots.vq import temperature
 from .visualize import decomposition_grid, upscale
 
@@ -318,9 +318,7 @@ def evaluate(model: nn.Module, cfg: PretrainConfig, device: torch.device, n_imag
     was_training = model.training
     model.eval()
     preds, targets, aris, sq_err, pixels, count, empty = [], [], [], 0.0, 0, 0, 0.0
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(EVAL_SEED)
+    with fixed_rng(EVAL_SEED, device):
         for batch in batches:
             with autocast(device, cfg.train.amp):
                 enc, out = model(batch["images"])

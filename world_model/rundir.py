@@ -101,6 +101,15 @@ def rank_seed(seed: int, salt: int = 0) -> int:
     return mixed_seed(seed, distributed.rank(), salt)
 
 
+@contextlib.contextmanager
+def fixed_rng(seed: int, device: torch.device):
+    """Torch's CPU (and `device`'s CUDA) generator seeded with `seed` inside the block, the caller's state restored
+    after it: evaluations and pictures draw the same noise every time and leave a training run's stream as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -24,7 +24,8 @@ from .dynamics import DynamicsConfig
 from .frame_tokenizer import FrameTokenizerConfig
 from .pretrain import TRAIN_STREAM, autocast, guarded_update, load_run, stream_seed
 from .perception import SlotAutoencoder
-from .rundir import MetricLogger, RunDir, note_if_finished, resolve_device, rng_state, set_rng_state, start_run
+from .rundir import (MetricLogger, RunDir, fixed_rng, note_if_finished, resolve_device, rng_state, set_rng_state,
+                     start_run)
 from .wm import Encoded, WorldModel, frames_to_input
 
 EVAL_SEED = 2025
@@ -116,12 +117,11 @@ def evaluate_wm(wm: WorldModel, held_out: ReplayBuffer, cfg: WorldModelConfig, d
     decoder; reward 0) and the decoder's own error on the real codes."""
     c = cfg.eval
     horizon = max(c.horizons)
-    held_out.rng = np.random.default_rng(EVAL_SEED)
-    batch = to_batch(held_out.sample(segments or c.segments, c.context + horizon), wm.resolution, device)
+    batch = to_batch(held_out.sample(segments or c.segments, c.context + horizon, np.random.default_rng(EVAL_SEED)),
+                     wm.resolution, device)
     was_training = wm.training
     wm.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(EVAL_SEED)
+    with fixed_rng(EVAL_SEED, device):
         enc: Encoded = wm.encode(batch["images"])
         imag = wm.open_loop(enc, batch["action"], c.context, horizon)
     wm.train(was_training)
