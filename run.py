@@ -29,6 +29,15 @@ DEFAULT_PRESETS = {"pretrain": "configs/clevr_tiny.yaml", "train-wm": "configs/w
                    "train": "configs/tiny.yaml"}  # what each training command runs without --config
 
 
+def _add_run_options(s: argparse.ArgumentParser, command: str, presets: str, run_dir_default: str) -> None:
+    """--config, --run-dir and --resume, alike for the commands that make a run directory."""
+    s.add_argument("--config", help=f"YAML preset, a path or a name in configs/ ({presets}); default "
+                   f"{DEFAULT_PRESETS[command]}")
+    s.add_argument("--run-dir", help=f"run directory (default {run_dir_default})")
+    s.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
+                   help="continue a run from its checkpoint: `--resume RUN`, or `--resume` with --run-dir RUN")
+
+
 def _overrides_help(example: str, command: str) -> str:
     return f"dotted config overrides, e.g. {example} (`run.py config --for {command}` lists the keys)"
 
@@ -224,11 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a slot encoder: task=discovery reconstructs images through a mask decoder "
                        "(FG-ARI); task=setpred predicts CLEVR object properties with a Hungarian loss (AP). "
                        "Writes config, checkpoints, tensorboard and metrics.jsonl to --run-dir.")
-    s.add_argument("--config", help="YAML preset, a path or a name in configs/ (clevr_tiny, clevr_setpred_cpu, "
-                   "clevr_discovery_cpu, clevr_setpred, clevr_discovery, ...); default configs/clevr_tiny.yaml")
-    s.add_argument("--run-dir", help="run directory (default runs/pretrain-<task>-<slots>-<time>)")
-    s.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
-                   help="continue a run from its checkpoint: `--resume RUN`, or `--resume` with --run-dir RUN")
+    _add_run_options(s, "pretrain", "clevr_tiny, clevr_setpred_cpu, clevr_discovery_cpu, clevr_setpred, "
+                     "clevr_discovery, ...", "runs/pretrain-<task>-<slots>-<time>")
     s.add_argument("--data", help="train on env frames: an episode dataset made by `run.py collect` (sets "
                    "data.source=frames, task=discovery; default preset configs/frames_discovery_cpu.yaml)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
@@ -303,11 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "encoder.checkpoint=RUN uses a pretrained VQ encoder (encoder.mode=frozen|joint); without "
                        "it a fresh encoder is trained jointly. Writes config, checkpoints, tensorboard, metrics.jsonl.")
     s.add_argument("--data", help="episode dataset directory (sets data.root)")
-    s.add_argument("--config", help="YAML preset, a path or a name in configs/ (wm_crafter_cpu, wm_crafter); default "
-                   "configs/wm_crafter_cpu.yaml")
-    s.add_argument("--run-dir", help="run directory (default runs/wm-<time>)")
-    s.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
-                   help="continue a run from its checkpoint: `--resume RUN`, or `--resume` with --run-dir RUN")
+    _add_run_options(s, "train-wm", "wm_crafter_cpu, wm_crafter", "runs/wm-<time>")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("overrides", nargs="*", help=_overrides_help("train.steps=100 encoder.mode=joint", "train-wm"))
     s.set_defaults(func=cmd_train_wm, parser=s)
@@ -330,11 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "goes to the run directory (config, checkpoints with the replay, stats.jsonl of every "
                        "training episode, tensorboard, metrics.jsonl). Presets: configs/tiny.yaml (default, ~1.5 "
                        "min on CPU), configs/crafter.yaml, configs/nethack.yaml (GPU-sized).")
-    s.add_argument("--config", help="YAML preset, a path or a name in configs/ (tiny, crafter_cpu, crafter, nethack_cpu, nethack); "
-                   "default configs/tiny.yaml")
-    s.add_argument("--run-dir", help="run directory (default runs/agent-<env>-<time>)")
-    s.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
-                   help="continue a run from its checkpoint: `--resume RUN`, or `--resume` with --run-dir RUN")
+    _add_run_options(s, "train", "tiny, crafter_cpu, crafter, nethack_cpu, nethack", "runs/agent-<env>-<time>")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("overrides", nargs="*", help=_overrides_help("train.env_steps=5000 env.num_envs=4", "train"))
     s.set_defaults(func=cmd_train, parser=s)
@@ -447,7 +445,9 @@ def _way_back(args) -> str:
     run_dir = getattr(args, "run_dir", None) or (resume if isinstance(resume, str) else None)
     if not run_dir or args.command not in ("pretrain", "train", "train-wm"):
         return ""
-    if not (Path(run_dir) / "checkpoints" / "latest.pt").is_file():
+    from world_model.rundir import RunDir
+
+    if not RunDir(run_dir).ckpt_path.is_file():
         return (f"; {run_dir} has no checkpoint yet (train.ckpt_every), so there is nothing to resume: remove it to "
                 "start again")
     return f"; `python run.py {args.command} --resume {run_dir}` continues from its last checkpoint"

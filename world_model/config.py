@@ -294,7 +294,7 @@ def run_schemas() -> dict[str, type]:
 
 
 RESUMABLE = ("train.", "eval.", "data.root", "data.eval_images",  # what a resume may change: length, schedule, speed
-             "env.asynchronous", "env.envs_per_worker", "replay.on_device")
+             "env.asynchronous", "env.envs_per_worker", "replay.on_device")  # ("x." stands for every key under x)
 
 
 def check_resume_overrides(saved: Any, cfg: Any, run_dir: str | Path) -> None:
@@ -306,20 +306,18 @@ def check_resume_overrides(saved: Any, cfg: Any, run_dir: str | Path) -> None:
         before, after = OmegaConf.select(old, key), OmegaConf.select(new, key)
         if OmegaConf.is_dict(before) or key.startswith(RESUMABLE) or before == after:
             continue
+        allowed = ", ".join(k + "*" if k.endswith(".") else k for k in RESUMABLE)
         raise ConfigError(f"{key}={after!r} differs from what {run_dir} trained with ({before!r}); a resume may change "
-                          "how it runs (train.*, eval.*, env.asynchronous, env.envs_per_worker, replay.on_device), not "
-                          "what it learns: start a new run (--run-dir NEW) to change it")
+                          f"how it runs ({allowed}), not what it learns: start a new run (--run-dir NEW) to change it")
 
 
 def schema_command(path: str | Path) -> Optional[str]:
-    """The command whose schema reads the config file at `path` (a preset or a run's), or None."""
-    for command, schema in run_schemas().items():
-        try:
-            load_config(schema, path)
-            return command
-        except ConfigError:
-            continue
-    return None
+    """The command whose schema takes the config file at `path` (a preset, by path or name, or a run's), or None
+    (also when there is no such file or it does not parse)."""
+    try:
+        return _fitting_command(OmegaConf.load(preset_path(path)))
+    except (OSError, OmegaConfBaseException, ValueError):
+        return None
 
 
 def load_run_config(command: str, run_dir: str | Path, overrides: Sequence[str] = ()) -> Any:

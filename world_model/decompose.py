@@ -135,16 +135,10 @@ def load_slot_model(checkpoint: str, device: torch.device) -> SimpleNamespace:
     """The slot model of any run: a pretraining run's model, or the slot autoencoder inside a world-model or agent
     run. Fields: model, resolution, model_cfg (its SlotModelConfig), step, trained_env (None for pretraining),
     pretrain_cfg (None for the others)."""
-    from .config import ConfigError, load_run_config
+    from .config import schema_command
 
-    try:
-        load_run_config("pretrain", checkpoint)
-        command = "pretrain"
-    except ConfigError as err:
-        command = next((c for c in ("train-wm", "train") if f"is a run of `run.py {c}`" in str(err)), None)
-        if command is None:
-            raise
-    if command == "pretrain":
+    command = schema_command(Path(checkpoint) / "config.yaml")
+    if command not in ("train-wm", "train"):  # a pretraining run, or none: load_run says which
         cfg, model, state = load_run(checkpoint, device)
         return SimpleNamespace(model=model, resolution=cfg.data.resolution, model_cfg=cfg.model, step=state["step"],
                                trained_env=None, pretrain_cfg=cfg)
