@@ -1,6 +1,8 @@
 """`run.py eval`: evaluation episodes of a trained agent, or of a uniform random policy in the same format."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from world_model.config import load_run_config
@@ -31,17 +33,17 @@ def evaluate_run(checkpoint: str, episodes: int, policy: str = "agent", device: 
     `train.threads` CPU threads."""
     if episodes < 1:
         raise ValueError(f"--episodes must be positive, got {episodes}")
-    run = RunDir(checkpoint)
-    cfg = load_run_config("train", checkpoint)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
     dev = resolve_device(device)
     wm = ac = None
     step = 0
     if policy == "agent":
         cfg, wm, ac, state = load_agent_run(checkpoint, dev)
         step = state["counters"]["env_steps"]
-    stats_path = run.path / ("eval_stats.jsonl" if policy == "agent" else "random_stats.jsonl")
+    else:
+        cfg = load_run_config("train", checkpoint)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    stats_path = Path(checkpoint) / ("eval_stats.jsonl" if policy == "agent" else "random_stats.jsonl")
     with torch.no_grad():
         summary = evaluate_agent(wm, ac, cfg, dev, episodes, stats_path, seed, progress)
     return {"policy": policy, "env": cfg.env.name, "env_steps": step, "seed": seed, **summary}

@@ -228,7 +228,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         next_log = (counters["env_steps"] // t.log_every + 1) * t.log_every
         next_ckpt = (counters["env_steps"] // t.ckpt_every + 1) * t.ckpt_every
         next_eval = (counters["env_steps"] // t.eval_every + 1) * t.eval_every if t.eval_every else None
-        t_last, steps_last, stats = time.perf_counter(), counters["env_steps"], {}
+        t_last, steps_last, stats, segments = time.perf_counter(), counters["env_steps"], {}, False
         while counters["env_steps"] < t.env_steps:
             if counters["env_steps"] < t.prefill:
                 actions = rng.integers(num_actions, size=num_envs)
@@ -239,8 +239,11 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             counters["env_steps"] += cfg.env.num_envs
             bar.update(cfg.env.num_envs)
             while counters["updates"] < updates_due(counters["env_steps"], cfg):
-                if not distributed.all_true(replay.longest_episode() >= t.seq_len, device):
-                    break  # no episode holds a segment yet (short first episodes): the owed updates follow later
+                # Short first episodes may hold no training segment yet: the owed updates then follow later. Checked
+                # until it holds (an episode long enough stays in the replay), so no collective per update after.
+                segments = segments or distributed.all_true(replay.longest_episode() >= t.seq_len, device)
+                if not segments:
+                    break
                 stats = train_step(wm, ac, wm_opt, replay, cfg, device, counters["updates"], wm_parallel, ac_parallel)
                 counters["updates"] += 1
                 # A non-finite loss or gradient skipped that update (it never reaches weights or checkpoints).
