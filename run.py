@@ -389,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--profile-rows", type=int, default=15, help="rows of the profiler table")
     s.add_argument("--profile-row", help="bench pretrain/agent: the row to profile, right after it is measured "
                    "(default: the last row), e.g. +bf16 or +replay-on-gpu, so the profile is taken before slower rows")
+    s.add_argument("--matmul-precision", choices=("highest", "high", "medium"),
+                   help="bench pretrain, CUDA: fp32 matmul precision instead of training's 'highest' ('high': TF32), "
+                   "to measure what the GMM E-step's full-precision matmuls cost")
     s.add_argument("--rows", help="bench pretrain/agent: only these rows (comma-separated, e.g. +bf16,+compile); "
                    "each still has every optimization of the rows above it")
     s.add_argument("overrides", nargs="*", help="bench agent: dotted key=value overrides of the agent preset, right "

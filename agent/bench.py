@@ -15,6 +15,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -118,8 +119,12 @@ def _part_times(averages, device: torch.device) -> dict:
     return out
 
 
-def agent_modes(device: torch.device, compile_on_cpu: bool) -> list[tuple[str, dict]]:
-    """(name, train/replay settings) per measured row, each adding one optimization to the row above."""
+PRESET_ROW = "preset"  # the preset's own train.amp/compile/compile_mode and replay.on_device: what `run.py train` runs
+
+
+def agent_modes(device: torch.device, compile_on_cpu: bool) -> list[tuple[str, Optional[dict]]]:
+    """(name, train/replay settings) per measured row, each adding one optimization to the row above; last, the
+    preset as configured (settings None)."""
     rows = [("fp32-math-attn", {}), ("+fused-attn", {"fused_attention": True})]
     if device.type == "cuda":
         rows += [("+bf16", {"amp": True}), ("+replay-on-gpu", {"on_device": True}), ("+compile", {"compile": True}),
@@ -131,18 +136,20 @@ def agent_modes(device: torch.device, compile_on_cpu: bool) -> list[tuple[str, d
     for name, change in rows:
         settings = {**settings, **change}
         modes.append((name, settings))
-    return modes
+    return modes + [(PRESET_ROW, None)]
 
 
-def _with(base: AgentConfig, settings: dict) -> AgentConfig:
+def _with(base: AgentConfig, settings: Optional[dict]) -> AgentConfig:
+    if settings is None:
+        return base
     train = replace(base.train, amp=settings["amp"], compile=settings["compile"], compile_mode=settings["compile_mode"])
     return replace(base, train=train, replay=replace(base.replay, on_device=settings["on_device"]))
 
 
-def _measure_row(base: AgentConfig, settings: dict, device: torch.device, env_steps: int, prefill: int,
+def _measure_row(base: AgentConfig, settings: Optional[dict], device: torch.device, env_steps: int, prefill: int,
                  profiler=None) -> dict:
     return measure_loop(_with(base, settings), device, env_steps, prefill, profiler=profiler,
-                        fused_attention=settings["fused_attention"])
+                        fused_attention=settings is None or settings["fused_attention"])
 
 
 def bench_agent(args, device: torch.device) -> None:
@@ -155,6 +162,10 @@ def bench_agent(args, device: torch.device) -> None:
     print(f"# agent loop, {preset} {' '.join(args.overrides)}: {base.env.num_envs} {base.env.name} envs, train ratio "
           f"{base.train.train_ratio:g} (batch {base.train.batch_size} x {base.train.seq_len}), {env_steps} env steps "
           f"after the prefill, {device}")
+    if any(n == PRESET_ROW for n, _ in modes):
+        t = base.train
+        print(f"# row {PRESET_ROW}: as `run.py train` runs it: amp={t.amp} compile={t.compile} "
+              f"compile_mode={t.compile_mode} replay.on_device={base.replay.on_device}, fused attention")
     print(f"{'mode':<16}{'env steps/s':>12}{'updates':>9}{'policy ms':>11}{'env ms':>9}{'update ms':>11}"
           f"{'h per 1M':>10}{'warm-up s':>11}{'peak GiB':>10}")
     check_profile_row(args, [n for n, _ in modes])
@@ -175,7 +186,8 @@ def bench_agent(args, device: torch.device) -> None:
               f"{per['update']:>11.2f}{1e6 / rates[name] / 3600:>10.1f}{r['warmup']:>11.1f}{gib_column(r['peak_gib'])}")
         if args.profile and name == args.profile_row:  # now, before slower rows (compilation) can run out of time
             _profile_row(name, settings, base, device, env_steps, args)
-    for (prev, _), (name, _) in zip(modes, modes[1:]):
+    chain = [m for m in modes if m[0] != PRESET_ROW]
+    for (prev, _), (name, _) in zip(chain, chain[1:]):
         if prev in rates and name in rates:
             print(f"ratio {name}/{prev}: {rates[name] / rates[prev]:.2f}")
     if rates and min(results[n]["updates"] for n in rates) < FEW_UPDATES:

@@ -1,6 +1,7 @@
 """The agent loop: the tiny preset end to end, the replay-ratio invariant, resume after SIGKILL, eval."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,12 +133,13 @@ ONE_UPDATE = ["train.batch_size=2", "train.seq_len=4", "train.imag_starts=4", "a
 @pytest.mark.parametrize("preset,num_actions", [("tiny", 17), ("crafter_cpu", 17), ("crafter", 17), ("nethack_cpu", 23),
                                                 ("nethack", 23)])
 def test_every_agent_preset_trains_one_step(preset, num_actions):
-    """Each agent preset's architecture: one world-model + actor-critic update at batch 2 on 4-step segments."""
+    """Each agent preset's architecture: one world-model + actor-critic update at batch 2 on 4-step segments,
+    eager (the GPU presets' compiled path is what test_compiled_frame_parts_match_eager checks)."""
     import numpy as np
 
     from agent.train import train_step
 
-    cfg = load_config(AgentConfig, ROOT / f"configs/{preset}.yaml", ONE_UPDATE)
+    cfg = load_config(AgentConfig, ROOT / f"configs/{preset}.yaml", [*ONE_UPDATE, "train.compile=false"])
     wm, ac, opt, replay = _one_update_setup(cfg, num_actions)
     stats = train_step(wm, ac, opt, replay, cfg, torch.device("cpu"), 0)
     assert np.isfinite(stats["wm/loss"]) and stats["wm/skipped"] == 0 and np.isfinite(stats["ac/loss_critic"])
@@ -311,14 +313,15 @@ def test_bench_agent_rows_add_one_optimization_each_and_a_failed_row_is_reported
 
     rows = bench.agent_modes(torch.device("cuda"), compile_on_cpu=False)
     assert [n for n, _ in rows] == ["fp32-math-attn", "+fused-attn", "+bf16", "+replay-on-gpu", "+compile",
-                                    "+cudagraphs"]
-    for (_, before), (_, after) in zip(rows, rows[1:]):
+                                    "+cudagraphs", "preset"]
+    for (_, before), (_, after) in zip(rows[:-1], rows[1:-1]):
         assert sum(before[k] != after[k] for k in before) == 1
-    cfg = bench._with(tiny(), rows[-1][1])
+    assert bench._with(tiny(), rows[-1][1]) == tiny()  # the preset row runs the config as `run.py train` would
+    cfg = bench._with(tiny(), rows[-2][1])
     assert (cfg.train.amp, cfg.replay.on_device, cfg.train.compile, cfg.train.compile_mode) == (
         True, True, True, "reduce-overhead")
     assert [n for n, _ in bench.agent_modes(torch.device("cpu"), compile_on_cpu=True)] == [
-        "fp32-math-attn", "+fused-attn", "+compile"]
+        "fp32-math-attn", "+fused-attn", "+compile", "preset"]
 
     def fake_loop(cfg, device, env_steps, prefill, profiler, fused_attention):
         if cfg.train.compile:
@@ -332,8 +335,10 @@ def test_bench_agent_rows_add_one_optimization_each_and_a_failed_row_is_reported
     bench.bench_agent(args, torch.device("cpu"))
     out = capsys.readouterr().out
     assert "fp32-math-attn" in out and "+fused-attn" in out and "10.0" in out  # 40 env steps in 4 s
-    assert out.splitlines()[1].endswith("peak GiB") and out.splitlines()[2].endswith(" -")  # no GPU memory on CPU
-    assert "ratio +fused-attn/fp32-math-attn: 1.00" in out
+    assert out.splitlines()[2].endswith("peak GiB") and out.splitlines()[3].endswith(" -")  # no GPU memory on CPU
+    assert "ratio +fused-attn/fp32-math-attn: 1.00" in out and "ratio preset" not in out
+    assert "# row preset: as `run.py train` runs it: amp=True compile=False" in out
+    assert re.search(r"^preset +10\.0 ", out, re.M)  # tiny.yaml compiles nothing: the preset row runs
     assert "# note: a row timed fewer than 8 updates" in out  # 3 updates: a rate to take with care
     assert "+compile        failed: RuntimeError: no C++ compiler\n" in out and "ratio +compile" not in out
     bench.bench_agent(argparse.Namespace(**{**vars(args), "profile_row": "+compile"}), torch.device("cpu"))

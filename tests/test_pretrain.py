@@ -184,7 +184,7 @@ def test_eval_ap_on_missing_clevr_root_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("argv", [
     ["bench", "pretrain", "--batch-size", "2", "--resolution", "32", "--steps", "1", "--profile-row", "eager-fp32"],
     ["bench", "pretrain", "--batch-size", "2", "--resolution", "32", "--steps", "1", "--slots", "gmm", "--rows",
-     "channels_last"],
+     "channels_last", "--matmul-precision", "highest"],
     ["bench", "estep", "--batch-size", "2", "--steps", "1"],
     ["bench", "generator", "--batch-size", "2", "--resolution", "32", "--steps", "1"],
     ["bench", "metrics", "--steps", "1"],
@@ -209,6 +209,7 @@ def test_bench_smoke(argv, capsys):
     if "--slots" in argv:
         assert "slot_attention" not in out
         assert "eager-fp32 " not in out and "gmm             channels_last" in out  # --rows: that row only
+        assert "(fp32 matmuls at torch's 'highest' precision, as in training)" in out
     if "pretrain" in argv and "--profile-row" in argv:  # the profile of gmm's first row comes before its next row
         assert out.index("Self CPU") < out.index("channels_last")
 

@@ -98,8 +98,14 @@ def bench_pretrain(args, device: torch.device) -> None:
         raise ValueError(f"--slots takes gmm and/or slot_attention (comma-separated), got {args.slots!r}")
     check_profile_row(args, [m[0] for m in modes])
     set_precision(device)  # fp32 rows as training runs them
-    print(f"# pretrain step ({args.task}), {res}x{res}, batch {batch_size}, device {device}"
-          f"{' (convolutions in TF32, fp32 matmuls in full fp32, as in training)' if device.type == 'cuda' else ''}")
+    precision = "full fp32, as in training"
+    if args.matmul_precision:  # what the E-step's full-precision matmuls cost (set_precision says why they are kept)
+        torch.set_float32_matmul_precision(args.matmul_precision)
+        precision = f"at torch's '{args.matmul_precision}' precision" + (
+            ", as in training" if args.matmul_precision == "highest" else ", NOT as in training")
+    note = (f" (convolutions in TF32, fp32 matmuls {precision})" if device.type == "cuda"
+            else f" (fp32 matmuls {precision})" if args.matmul_precision else "")
+    print(f"# pretrain step ({args.task}), {res}x{res}, batch {batch_size}, device {device}{note}")
     print(f"{'model':<16}{'mode':<15}{'img/s':>10}{'first step s':>14}{'peak GiB':>10}")
     data = None
     results = {}
