@@ -15,6 +15,7 @@ every update. The bookkeeping and the sampling RNG are the same either way, so b
 from __future__ import annotations
 
 import json
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Optional, Union
@@ -67,6 +68,10 @@ class ReplayBuffer:
         self._nslots = 0
         self._free: list[int] = []  # slots of fully evicted, finished episodes, reused last-in first-out
         self._workers: dict[int, int] = {}  # worker -> slot of its episode in progress
+        self._written = 0  # steps ever written into the ring: step w sits at ring index w % capacity
+        self._chunks: list[tuple[int, int, str]] = []  # chunked saves: (first, end) written-step range, file name
+        self._saved = 0  # self._written at the last chunked save
+        self._lineage = uuid.uuid4().hex[:8]  # in chunk names: a merged or fresh buffer never reuses another's
 
     def __len__(self) -> int:
         return self._size
@@ -227,6 +232,7 @@ class ReplayBuffer:
         self._pos = (self._pos + n) % self.capacity
         self._size = min(self._size + n, self.capacity)
         self.steps_added += n
+        self._written += n
 
     def _staged(self, arrays: dict[str, np.ndarray]) -> dict:
         """The arrays in the storage's kind (tensors on its device), made before any bookkeeping changes, so a
@@ -288,21 +294,52 @@ class ReplayBuffer:
 
     # ---- persistence --------------------------------------------------------------------------------
 
-    def save(self, path: Union[str, Path]) -> None:
-        """Write the stored steps, episode bookkeeping and RNG state to one `.npz` (atomic: synced, then renamed;
-        a failed write, e.g. a full disk, leaves no temporary file)."""
+    def save(self, path: Union[str, Path], chunks: Optional[str] = None) -> list[str]:
+        """Write the stored steps, episode bookkeeping and RNG state to `path` (atomic: synced, then renamed; a
+        failed write, e.g. a full disk, leaves no temporary file). Without `chunks`: one self-contained `.npz`.
+        With `chunks` (a file-name prefix, e.g. "rank0"): incremental, for checkpoints. The steps written since
+        this buffer's last chunked save go to new chunk files beside `path` (one per contiguous ring range), and
+        `path` holds the bookkeeping and the names of the chunks still holding live steps, so a checkpoint writes
+        what is new instead of the whole ring. Returns the files `path` needs, itself first (names in its
+        folder), so a caller can delete the others."""
         path, n = Path(path), self._nslots
-        meta = {"version": 1, "capacity": self.capacity, "pos": self._pos, "size": self._size,
-                "steps_added": self.steps_added, "nslots": n, "free": self._free,
+        chunk_list = self._chunks
+        if chunks is not None:
+            chunk_list = self._chunks + self._write_chunks(path.parent, chunks)
+            chunk_list = [c for c in chunk_list if c[1] > self._written - self.capacity]  # others fully overwritten
+        meta = {"version": 2, "capacity": self.capacity, "pos": self._pos, "size": self._size,
+                "steps_added": self.steps_added, "written": self._written, "nslots": n, "free": self._free,
                 "workers": [[int(w), s] for w, s in self._workers.items()],
                 "spec": {k: [list(shape), dtype.str] for k, (shape, dtype) in self.spec.items()},
                 "rng": self.rng.bit_generator.state}
-        arrays = {f"data/{k}": v[:self._size] for k, v in self.data.items()}  # tensors on a device stay there
+        if chunks is not None:
+            meta.update(chunks=[list(c) for c in chunk_list], lineage=self._lineage)
+            arrays = {}
+        else:
+            arrays = {f"data/{k}": v[:self._size] for k, v in self.data.items()}  # tensors on a device stay there
         index = [self._index[s][self._lo[s]:self._hi[s]] for s in range(n)]
         arrays.update(meta=np.array(json.dumps(meta)), slot_of=self._slot_of[:self._size],
                       ep_len=self._hi[:n] - self._lo[:n], ep_open=self._open[:n],
                       ep_index=np.concatenate([np.zeros(0, np.int64), *index]))
         atomic_write(path, lambda f: _write_npz(f, arrays))
+        if chunks is None:
+            return [path.name]
+        self._chunks, self._saved = chunk_list, self._written
+        return [path.name, *(c[2] for c in chunk_list)]
+
+    def _write_chunks(self, folder: Path, prefix: str) -> list[tuple[int, int, str]]:
+        """The steps written since the last chunked save (at most the ring's worth), as files of contiguous ring
+        rows named by their written-step range: `{prefix}-{lineage}-{first:012d}-{end:012d}.npz`."""
+        new, first = [], max(self._saved, self._written - self.capacity)
+        while first < self._written:
+            start = first % self.capacity
+            end = min(self._written, first + self.capacity - start)  # up to the end of the ring
+            name = f"{prefix}-{self._lineage}-{first:012d}-{end:012d}.npz"
+            rows = {f"data/{k}": v[start:start + end - first] for k, v in self.data.items()}
+            atomic_write(folder / name, lambda f, rows=rows: _write_npz(f, rows))
+            new.append((first, end, name))
+            first = end
+        return new
 
     @classmethod
     def load(cls, path: Union[str, Path], device: Union[str, torch.device, None] = None) -> "ReplayBuffer":
@@ -317,13 +354,18 @@ class ReplayBuffer:
                 spec = {k: (tuple(shape), np.dtype(dtype)) for k, (shape, dtype) in meta["spec"].items()}
                 buf = cls(meta["capacity"], spec, device=device)
                 size, n = meta["size"], meta["nslots"]
-                for k in spec:  # one key in host memory at a time, beside the ring
-                    data = f[f"data/{k}"]
-                    buf.data[k][:size] = data if device is None else torch.from_numpy(data)
-                    del data
+                if "chunks" in meta:
+                    buf._read_chunks(path.parent, meta)
+                else:
+                    for k in spec:  # one key in host memory at a time, beside the ring
+                        data = f[f"data/{k}"]
+                        buf.data[k][:size] = data if device is None else torch.from_numpy(data)
+                        del data
                 arrays = {k: f[k] for k in ("slot_of", "ep_len", "ep_open", "ep_index")}
             buf._slot_of[:size] = arrays["slot_of"]
             buf._pos, buf._size, buf.steps_added = meta["pos"], size, meta["steps_added"]
+            # a self-contained file (or version 1) restarts the chunk ranges: its first chunked save writes it all
+            buf._written = meta.get("written", meta["pos"] + (meta["capacity"] if size == meta["capacity"] else 0))
             buf._lo, buf._hi = np.zeros(n, np.int64), arrays["ep_len"].astype(np.int64)
             buf._open, buf._nslots = arrays["ep_open"].astype(bool), n
             buf._index = np.split(arrays["ep_index"].astype(np.int64), np.cumsum(buf._hi)[:-1]) if n else []
@@ -336,6 +378,19 @@ class ReplayBuffer:
             raise DataError(f"{path} is not a readable replay buffer ({type(e).__name__}: {e}); "
                             f"delete it or save a new one") from None
         return buf
+
+    def _read_chunks(self, folder: Path, meta: dict) -> None:
+        """Fill the ring from a chunked save's files, oldest first, so newer rows overwrite older ones."""
+        for first, end, name in meta["chunks"]:
+            start = first % self.capacity
+            with np.load(folder / name, allow_pickle=False) as f:
+                for k in self.spec:
+                    rows = f[f"data/{k}"]
+                    if len(rows) != end - first:
+                        raise ValueError(f"chunk {name} holds {len(rows)} steps of {k!r}, not {end - first}")
+                    self.data[k][start:start + len(rows)] = rows if self.device is None else torch.from_numpy(rows)
+        self._chunks = [(int(a), int(b), str(c)) for a, b, c in meta["chunks"]]
+        self._saved, self._lineage = meta["written"], meta["lineage"]
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:

@@ -209,8 +209,11 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         def checkpoint() -> None:
             name = f"replay/{counters['env_steps']:012d}-rank{distributed.rank()}.npz"
             (run.path / "replay").mkdir(exist_ok=True)
-            replay.save(run.path / name)  # the replays first: the checkpoint never names a missing file
-            names = distributed.gather_objects(name)  # also waits until every rank's replay is written
+            # the replays first, so the checkpoint never names a missing file; only the steps new since the last
+            # checkpoint are written (chunk files), the rest of the ring is in earlier chunks
+            needed = replay.save(run.path / name, chunks=f"rank{distributed.rank()}")
+            gathered = distributed.gather_objects((name, needed))  # also waits until every rank's replay is written
+            names, kept = [g[0] for g in gathered], {f for g in gathered for f in g[1]}
             counters["episodes"], counters["env_restarts"] = global_counts()
             stats = run.path / "stats.jsonl"  # every rank's episodes up to this step are in it (gathered above)
             run.save_checkpoint({"wm": wm.state_dict(), "ac": ac.state_dict(), "wm_opt": wm_opt.state_dict(),
@@ -219,7 +222,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                                  "stats_bytes": stats.stat().st_size if stats.is_file() else 0})
             if main:
                 for old in (run.path / "replay").glob("*.npz"):
-                    if f"replay/{old.name}" not in names:
+                    if old.name not in kept:
                         old.unlink()
 
         collector.reset(rank_seed(t.seed) + counters["vector_steps"])

@@ -1,6 +1,7 @@
 """Data parallelism under torchrun (2 gloo processes on CPU): one DDP step equals one single-process step on
 the concatenated batch; `run.py pretrain` and `run.py train` run under torchrun, only rank 0 writes, and a
 run resumes at another world size."""
+import json
 import os
 import subprocess
 import sys
@@ -88,6 +89,15 @@ AGENT = ["--config", "configs/tiny.yaml", "--no-progress", "env.asynchronous=fal
          "train.train_ratio=2"]
 
 
+def _replay_files(rd: Path, state: dict) -> list[str]:
+    """The replay files a checkpoint needs: its state files and the chunk files they name."""
+    names = []
+    for n in state["replays"]:
+        with np.load(rd / n) as f:
+            names += [Path(n).name, *(c[2] for c in json.loads(str(f["meta"]))["chunks"])]
+    return sorted(names)
+
+
 def test_torchrun_agent_shards_envs_and_replay_and_resumes_at_world_size_one(tmp_path):
     rd = tmp_path / "run"
     out = torchrun(["run.py", "train", "--run-dir", str(rd), *AGENT, "train.env_steps=240"]).stdout
@@ -98,7 +108,7 @@ def test_torchrun_agent_shards_envs_and_replay_and_resumes_at_world_size_one(tmp
     shards = [ReplayBuffer.load(rd / name) for name in state["replays"]]
     assert [len(s) for s in shards] == [121, 121]  # one env per rank: its first frame + 120 steps each
     assert not np.array_equal(shards[0].data["image"][:121], shards[1].data["image"][:121])  # own envs
-    assert sorted(p.name for p in (rd / "replay").iterdir()) == [Path(n).name for n in state["replays"]]
+    assert sorted(p.name for p in (rd / "replay").iterdir()) == _replay_files(rd, state)
     last = [r for r in read_jsonl(rd / "metrics.jsonl") if "replay_ratio" in r]
     assert [r["step"] for r in last] == [40 * i for i in range(1, 7)]  # rank 0 logs, once per step
     assert last[-1]["updates"] == updates_due(240, load_config(AgentConfig, ROOT / "configs/tiny.yaml",
@@ -107,4 +117,5 @@ def test_torchrun_agent_shards_envs_and_replay_and_resumes_at_world_size_one(tmp
     state = RunDir(rd).load_checkpoint()
     assert state["counters"]["env_steps"] == 280 and len(state["replays"]) == 1
     merged = ReplayBuffer.load(rd / state["replays"][0])
+    assert sorted(p.name for p in (rd / "replay").iterdir()) == _replay_files(rd, state)  # both old shards' gone
     assert len(merged) == 242 + 2 + 40  # both shards merged, then 2 envs: a reset frame each and 40 steps

@@ -185,6 +185,57 @@ def test_save_load_resumes_exactly(tmp_path):
     assert _starts(back.sample(500, 30)) == {(1000, t) for t in range(40, 61)}  # stored: 40..89
 
 
+def _as_numpy(v):
+    return v.numpy() if isinstance(v, torch.Tensor) else v
+
+
+def _assert_same_buffer(a: ReplayBuffer, b: ReplayBuffer) -> None:
+    assert (len(a), a.num_episodes, a.steps_added, a.capacity) == (len(b), b.num_episodes, b.steps_added, b.capacity)
+    for k in a.data:
+        np.testing.assert_array_equal(_as_numpy(a.data[k]), _as_numpy(b.data[k]))
+    sa, sb = a.sample(32, 5, rng=np.random.default_rng(0)), b.sample(32, 5, rng=np.random.default_rng(0))
+    for k in sa:
+        np.testing.assert_array_equal(_as_numpy(sa[k]), _as_numpy(sb[k]))
+    assert a.rng.bit_generator.state == b.rng.bit_generator.state
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_chunked_saves_write_only_new_steps_and_resume_exactly(tmp_path, device):
+    """Checkpoint saves (`chunks=`) write only the steps new since the last one, split at the ring's wrap, and
+    stop naming chunks whose steps are all overwritten. The latest state file, with every other file deleted,
+    loads the same buffer as a self-contained save, and a loaded buffer goes on saving chunks."""
+    buf = ReplayBuffer(100, SPEC, seed=5, device=device)
+    buf.add_episode(_episode(500, 40))
+    expected = [[(0, 80)], [(80, 100), (100, 110)], [(110, 112)], [], [(180, 200), (200, 280)]]
+    for i, (lo, hi) in enumerate([(0, 20), (20, 35), (35, 36), (36, 36), (36, 120)]):
+        _online(buf, range(lo, hi))  # two steps each
+        before = {p.name for p in tmp_path.iterdir()}
+        needed = buf.save(tmp_path / f"state{i}.npz", chunks="rank0")
+        new = sorted(p.name for p in tmp_path.iterdir() if p.name not in before and p.name != f"state{i}.npz")
+        assert [tuple(int(x) for x in n[:-4].split("-")[2:]) for n in new] == expected[i]
+        assert needed[0] == f"state{i}.npz" and set(new) <= set(needed)
+        for p in tmp_path.iterdir():  # what the trainer's cleanup does after a checkpoint
+            if p.name not in needed:
+                p.unlink()
+        buf.save(tmp_path / "whole.npz")
+        _assert_same_buffer(ReplayBuffer.load(tmp_path / f"state{i}.npz", device), ReplayBuffer.load(tmp_path / "whole.npz"))
+        (tmp_path / "whole.npz").unlink()
+    assert len(needed) == 3  # the 280 steps written: only the last 100 are live, in the last two chunks
+    back = ReplayBuffer.load(tmp_path / "state4.npz", device)
+    _online(back, range(120, 125))
+    _online(buf, range(120, 125))
+    needed = back.save(tmp_path / "state5.npz", chunks="rank0")
+    assert needed[1:3] == [n for n in needed if n.endswith("000000000180-000000000200.npz") or
+                           n.endswith("000000000200-000000000280.npz")]  # the loaded chunks, then the new one
+    assert needed[3].endswith("000000000280-000000000290.npz")
+    _assert_same_buffer(ReplayBuffer.load(tmp_path / "state5.npz", device), buf)
+    merged = ReplayBuffer.merged([back], 100)
+    assert all(back._lineage not in n for n in merged.save(tmp_path / "m.npz", chunks="rank0")[1:])
+    (tmp_path / needed[1]).unlink()
+    with pytest.raises(DataError, match=f"not a readable replay buffer.*{needed[1]}"):
+        ReplayBuffer.load(tmp_path / "state5.npz")
+
+
 def test_errors(tmp_path):
     with pytest.raises(ValueError, match="capacity"):
         ReplayBuffer(0, SPEC)
