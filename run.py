@@ -212,8 +212,8 @@ def cmd_eval(args) -> None:
         for name, rate in sorted(result["success_rates"].items(), key=lambda kv: -kv[1]):
             print(f"  {name:<20} {rate:6.1f} %")
     else:
-        print(f"  mean score {result['mean_score']:.1f}, mean depth {result['mean_depth']:.2f}, "
-              f"max depth {result['max_depth']}, mean length {result['mean_length']:.0f}")
+        print(f"  mean score {result['mean_score']:.1f}, mean return {result['mean_return']:.2f}, mean depth "
+              f"{result['mean_depth']:.2f}, max depth {result['max_depth']}, mean length {result['mean_length']:.0f}")
     print(f"written to {out}")
 
 

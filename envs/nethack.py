@@ -182,6 +182,7 @@ def nethack_summary(records_or_path) -> dict:
         raise ValueError("no NetHack episodes to summarise")
     n = len(records)
     return {"episodes": n,
+            "mean_return": sum(r.get("reward", 0.0) for r in records) / n,  # the keys crafter_score shares
             "mean_score": sum(r["score"] for r in records) / n,
             "mean_depth": sum(r["depth"] for r in records) / n,
             "max_depth": max(int(r["max_depth"]) for r in records),

@@ -26,6 +26,19 @@ def tiny(*extra):
     return load_config(AgentConfig, ROOT / "configs/tiny.yaml", [*FAST, *extra])
 
 
+def test_nethack_agent_trains_and_evaluates(tmp_path, capsys):
+    """The tiny agent on NetHack, end to end: its summaries carry the keys Crafter's share (episodes, mean_return,
+    mean_length) beside NetHack's score and depth, in the logs and in eval's JSON."""
+    cfg = tiny("env.name=nethack", "train.env_steps=120", "train.prefill=60", "train.ckpt_every=120")
+    result = train(cfg, str(tmp_path / "run"), progress=False)
+    assert {"score", "depth", "return", "length", "episodes", "train_score"} <= set(result)
+    assert run.main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", "1", "--no-progress"]) == 0
+    assert "mean score" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "run" / "eval_agent.json").read_text())
+    assert {"episodes", "mean_return", "mean_length", "mean_score", "mean_depth", "max_depth"} <= set(summary)
+    assert summary["env"] == "nethack" and summary["episodes"] == 1
+
+
 def test_replay_ratio_invariant():
     cfg = tiny()
     t = cfg.train

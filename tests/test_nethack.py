@@ -165,11 +165,11 @@ def test_episode_jsonl(tmp_path):
 
 
 def test_summary():
-    common = {"reward": 1.0, "experience_level": 1, "end_status": "DEATH"}
-    records = [{"length": 100, "score": 10, "depth": 1, "max_depth": 2, **common},
-               {"length": 50, "score": 30, "depth": 3, "max_depth": 3, **common}]
-    assert nethack_summary(records) == {"episodes": 2, "mean_score": 20.0, "mean_depth": 2.0, "max_depth": 3,
-                                        "mean_length": 75.0}
+    common = {"experience_level": 1, "end_status": "DEATH"}
+    records = [{"length": 100, "reward": 1.0, "score": 10, "depth": 1, "max_depth": 2, **common},
+               {"length": 50, "reward": 4.0, "score": 30, "depth": 3, "max_depth": 3, **common}]
+    assert nethack_summary(records) == {"episodes": 2, "mean_return": 2.5, "mean_score": 20.0, "mean_depth": 2.0,
+                                        "max_depth": 3, "mean_length": 75.0}
 
 
 def test_summary_errors(tmp_path):
