@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -48,9 +49,30 @@ def cmd_config(args) -> None:
     command = args.command_schema or (args.config and schema_command(args.config)) or "pretrain"
     preset = args.config or DEFAULT_PRESETS[command]
     print(f"# run.py {command}, preset {preset}")
-    print(to_yaml(load_config(run_schemas()[command], preset, args.overrides)), end="")
+    cfg = load_config(run_schemas()[command], preset, args.overrides)
+    text = to_yaml(cfg)
     if command in ("train-wm", "train"):
-        print("# set by the run, not by this config: " + ", ".join(f"{k} from {v}" for k, v in DERIVED.items()))
+        text = _mark_derived(text, cfg, DERIVED)
+    print(text, end="")
+
+
+def _mark_derived(text: str, cfg, derived: dict) -> str:
+    """The YAML of a world-model or agent config with each key the run sets itself shown at the value it will get
+    (when it comes from another key) and a comment saying where from."""
+    lines, section = [], None
+    for line in text.splitlines():
+        if line and not line.startswith(" "):
+            section = line.rstrip(":")
+        key = f"{section}.{line.strip().split(':')[0]}"
+        if line.startswith("  ") and not line.startswith("   ") and key in derived:
+            source, value = derived[key], line.split(":", 1)[1].strip()
+            try:
+                value = functools.reduce(getattr, source.split("."), cfg)
+            except AttributeError:  # not another key (the env's action count)
+                pass
+            line = f"{line.split(':')[0]}: {value}  # set by the run from {source}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def _run_training(args, default_preset: str, overrides: list, run_name, train_fn, resume) -> None:
@@ -59,6 +81,7 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
     resolved config and the result printed once. `resume`: False, True (the run in --run-dir) or the run's path."""
     from world_model import distributed
     from world_model.config import check_resume_overrides, load_config, load_run_config, run_schemas, to_yaml
+    from world_model.rundir import release_claims
 
     if isinstance(resume, str):
         if args.run_dir and args.run_dir != resume:
@@ -84,7 +107,10 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
         if getattr(cfg.train, "compile", False):
             print(f"# train.compile: the first steps compile ({cfg.train.compile_mode}); that takes minutes on a CPU "
                   "and is cached on disk for later runs")
-    result = train_fn(cfg, run_dir, resume=resume, progress=not args.no_progress)
+    try:
+        result = train_fn(cfg, run_dir, resume=resume, progress=not args.no_progress)
+    finally:  # a run that failed or was stopped gives up its claim (train.pid), and a directory it left empty
+        release_claims()
     if main_rank:
         print(json.dumps({"run_dir": run_dir, **result}))
 
@@ -331,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "at train.train_ratio replayed steps per env step; periodic evaluation episodes. Everything "
                        "goes to the run directory (config, checkpoints with the replay, stats.jsonl of every "
                        "training episode, tensorboard, metrics.jsonl). Presets: configs/tiny.yaml (default, ~1.5 "
-                       "min on CPU), configs/crafter.yaml, configs/nethack.yaml (GPU-sized).")
+                       "min on CPU), configs/crafter_cpu.yaml and configs/nethack_cpu.yaml (CPU scale), "
+                       "configs/crafter.yaml and configs/nethack.yaml (GPU-sized, compiled with CUDA graphs).")
     _add_run_options(s, "train", "tiny, crafter_cpu, crafter, nethack_cpu, nethack", "runs/agent-<env>-<time>")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("overrides", nargs="*", help=_overrides_help("train.env_steps=5000 env.num_envs=4", "train"))
@@ -401,7 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--horizon", type=int, default=32, help="bench imagination: imagined steps per trajectory")
     s.set_defaults(func=cmd_bench, parser=s)
 
-    s = sub.add_parser("config", help="print a resolved config (preset + overrides) and exit")
+    s = sub.add_parser("config", help="print a resolved config (preset + overrides) and exit",
+                       description="Print the config a training command would run with (its default preset, or "
+                       "--config, plus key=value overrides) and exit; keys a run sets itself are marked. "
+                       "Example: run.py config --for train --config crafter env.num_envs=8")
     s.add_argument("--for", dest="command_schema", choices=["pretrain", "train-wm", "train"],
                    help="which command's config schema (default: the one that reads --config, else pretrain)")
     s.add_argument("--config", help="YAML preset, a path or a name in configs/ (default: the preset the command "
@@ -450,6 +480,8 @@ def _way_back(args) -> str:
         return ""
     from world_model.rundir import RunDir
 
+    if not Path(run_dir).exists():  # the run made it and left nothing in it (RunDir.release removed it)
+        return f"; it stopped before writing anything to {run_dir}, so there is nothing to resume or remove"
     if not RunDir(run_dir).ckpt_path.is_file():
         return (f"; {run_dir} has no checkpoint yet (train.ckpt_every), so there is nothing to resume: remove it to "
                 "start again")

@@ -14,7 +14,9 @@ are totals over all ranks; counters (env steps, updates) are global. Rank 0 logs
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -152,11 +154,23 @@ class Collector:
         self.episodes += int(self.ended.sum())
 
 
+def check_segments_fit(cfg: AgentConfig) -> None:
+    """Refuse a run whose replay or episodes can never hold a training segment: it would collect and never train."""
+    t, cap, longest = cfg.train, cfg.replay.capacity, cfg.env.max_episode_steps
+    if cap < t.seq_len:
+        raise ValueError(f"replay.capacity={cap} is less than one training segment (train.seq_len={t.seq_len}): "
+                         "the run would never train")
+    if longest and longest + 1 < t.seq_len:  # an episode stores its first frame and max_episode_steps steps
+        raise ValueError(f"env.max_episode_steps={longest} makes every episode shorter than a training segment "
+                         f"(train.seq_len={t.seq_len}): the run would never train")
+
+
 def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool = True) -> dict:
     """Train (or continue) an agent run; returns the last evaluation (rank 0's under torchrun)."""
     from tqdm import tqdm
 
     t = cfg.train
+    check_segments_fit(cfg)
     run, device = start_run(run_dir, resume, t.device, t.threads, t.seed)
     main = distributed.is_main()
     num_envs = local_share(cfg.env.num_envs, "env.num_envs")
@@ -382,11 +396,17 @@ def evaluate_agent(wm: Optional[WorldModel], ac: Optional[ActorCritic], cfg: Age
     from tqdm import tqdm
 
     stats_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = stats_path.with_name(stats_path.stem + ".last.jsonl")
-    tmp.unlink(missing_ok=True)
-    env = make_env(cfg.env.name, **env_kwargs(cfg, tmp))
+    # this call's own episode records (a concurrent `run.py eval`, or a training run's evaluation, has its own)
+    fd, name = tempfile.mkstemp(dir=stats_path.parent, prefix=f"{stats_path.stem}.", suffix=".jsonl.tmp")
+    os.close(fd)
+    tmp = Path(name)
     rng = np.random.default_rng(seed)
     policy = SlotPolicy(wm, ac, device) if ac is not None else None
+    try:
+        env = make_env(cfg.env.name, **env_kwargs(cfg, tmp))
+    except BaseException:
+        tmp.unlink()
+        raise
     try:
         with fixed_rng(seed, device):
             for e in tqdm(range(episodes), desc="eval episodes", disable=not progress, unit="episode"):
@@ -402,8 +422,8 @@ def evaluate_agent(wm: Optional[WorldModel], ac: Optional[ActorCritic], cfg: Age
                     first, done = False, term or trunc
     finally:
         env.close()
-    text = tmp.read_text()
-    tmp.unlink()
+        text = tmp.read_text()
+        tmp.unlink()
     with open(stats_path, "a") as f:
         f.write(text)
     return summarize(cfg.env.name, [json.loads(line) for line in text.splitlines() if line.strip()])

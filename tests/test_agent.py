@@ -39,6 +39,36 @@ def test_nethack_agent_trains_and_evaluates(tmp_path, capsys):
     assert summary["env"] == "nethack" and summary["episodes"] == 1
 
 
+def test_concurrent_evaluations_keep_their_own_episodes(tmp_path, monkeypatch):
+    """Two evaluations writing to one stats file at once (`run.py eval` beside a training run's evaluation):
+    each summarizes its own episodes and the file gets both."""
+    import envs.collect
+    from agent.train import evaluate_agent
+
+    cfg = tiny("env.max_episode_steps=5")
+    stats, make_env, inner = tmp_path / "eval_stats.jsonl", envs.collect.make_env, []
+
+    def make_env_then_another_evaluation(name, **kwargs):
+        env = make_env(name, **kwargs)
+        if not inner:  # the first evaluation has its env; a second one runs to the end meanwhile
+            inner.append(None)
+            inner[0] = evaluate_agent(None, None, cfg, torch.device("cpu"), 2, stats, seed=7)
+        return env
+
+    monkeypatch.setattr(envs.collect, "make_env", make_env_then_another_evaluation)
+    outer = evaluate_agent(None, None, cfg, torch.device("cpu"), 1, stats, seed=3)
+    assert (outer["episodes"], inner[0]["episodes"]) == (1, 2)
+    assert len(stats.read_text().splitlines()) == 3 and [p.name for p in tmp_path.iterdir()] == [stats.name]
+
+
+def test_runs_that_could_never_train_are_refused(tmp_path):
+    for override, message in (("replay.capacity=6", r"replay.capacity=6 is less than one training segment"),
+                              ("env.max_episode_steps=6", r"env.max_episode_steps=6 makes every episode shorter")):
+        with pytest.raises(ValueError, match=message):
+            train(tiny(override), str(tmp_path / "run"), progress=False)
+        assert not (tmp_path / "run").exists()  # refused before the run directory is made
+
+
 def test_replay_ratio_invariant():
     cfg = tiny()
     t = cfg.train
@@ -86,9 +116,13 @@ def test_tiny_preset_end_to_end(tmp_path):
     assert run.main(["visualize", "--checkpoint", str(tmp_path / "run"), "--env", "clevr", "--out", str(viz)]) == 2
 
 
-def test_updates_wait_for_an_episode_long_enough_for_a_segment(tmp_path):
+def test_updates_wait_for_an_episode_long_enough_for_a_segment(tmp_path, monkeypatch):
     """Episodes shorter than train.seq_len (a game that ends fast) hold no training segment: the owed updates wait
-    for one instead of the run dying on an empty replay sample."""
+    for one instead of the run dying on an empty replay sample. Here a step limit stands in for such a game, with
+    the check that refuses that limit switched off."""
+    import agent.train
+
+    monkeypatch.setattr(agent.train, "check_segments_fit", lambda cfg: None)
     cfg = tiny("env.max_episode_steps=5", "train.env_steps=80", "train.prefill=20", "train.log_every=40")
     assert cfg.train.seq_len > 6 and updates_due(80, cfg) > 0
     train(cfg, str(tmp_path / "run"), progress=False)

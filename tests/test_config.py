@@ -1,4 +1,5 @@
 """Presets, overrides and their one-line errors."""
+import re
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,8 @@ def test_bad_overrides_give_one_line_errors(overrides, message):
 
 
 def test_bad_preset_files(tmp_path):
+    import run
+
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(PretrainConfig, tmp_path / "nope.yaml")
     bad_key = tmp_path / "bad.yaml"
@@ -57,6 +60,24 @@ def test_bad_preset_files(tmp_path):
     broken.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="cannot parse"):
         load_config(PretrainConfig, broken)
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("- [1, 2]\n")
+    with pytest.raises(ConfigError, match="must map config keys to values"):
+        load_config(PretrainConfig, listed)
+    assert run.main(["config", "--config", str(broken)]) == 2  # one line, whichever command reads it
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("env: [1,2\n")
+    for argv in (["eval", "--checkpoint", str(run_dir)], ["train", "--resume", str(run_dir)],
+                 ["eval-ap", "--checkpoint", str(run_dir)]):
+        assert run.main(argv) == 2, argv
+
+
+@pytest.mark.parametrize("override", ["model.mlp_hidden=-1", "model.cnn_strides=[0,2,2]", "model.slot_dim=-4",
+                                      "model.feature_dim=0", "data.eval_images=0", "model.vq.num_codes=0"])
+def test_sizes_must_be_positive(override):
+    with pytest.raises(ConfigError, match=f"^{re.escape(override.split('=')[0])}=.*must be positive"):
+        load_config(PretrainConfig, None, [override])
 
 
 @pytest.mark.parametrize("command", ["pretrain", "eval-ap", "generate", "collect", "visualize", "train-wm", "eval-wm",
@@ -100,7 +121,12 @@ def test_run_directories_of_another_command_are_named_as_such(tmp_path, capsys):
     assert run.main(["config", "--config", str(CONFIGS / "tiny.yaml")]) == 0
     assert capsys.readouterr().out.startswith(f"# run.py train, preset {CONFIGS / 'tiny.yaml'}\nenv:\n")
     assert run.main(["config", "--for", "train"]) == 0  # without --config: the preset `train` runs by default
-    assert "  env_steps: 1200\n" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "  env_steps: 1200\n" in out
+    # keys the run sets itself show the value it will set (tiny.yaml: 4 slots, 2 VQ variables) and where it comes from
+    assert "  num_slots: 4  # set by the run from encoder.model.num_slots\n" in out
+    assert "  num_vars: 2  # set by the run from encoder.model.vq.num_vars\n" in out
+    assert "  num_actions: 17  # set by the run from the env" in out
     assert run.main(["config", "--config", str(CONFIGS / "wm_crafter_cpu.yaml"), "train.steps=7"]) == 0
     assert "  steps: 7\n" in capsys.readouterr().out
 

@@ -116,6 +116,10 @@ def test_frames_source_split_and_resize(tmp_path):
     torch.testing.assert_close(batch["images"], train.batch(5, seed=1)["images"])
     with pytest.raises(ValueError, match="task=discovery"):
         EpisodeFrames(tiny_cfg("data.source=frames", f"data.root={root}"), "train", torch.device("cpu"))
+    small = _toy_dataset(tmp_path / "small", episodes=1, length=9)  # 10% of 9 frames is none: no evaluation
+    with pytest.raises(DataError, match="holds 9 frames: too few to hold out the last 10% for evaluation"):
+        EpisodeFrames(tiny_cfg("task=discovery", "data.source=frames", f"data.root={small}"), "train",
+                      torch.device("cpu"))
 
 
 def test_pretrain_on_env_frames(tmp_path, capsys):

@@ -278,7 +278,11 @@ def test_clevr_training_stream_equals_indexed_batches(tmp_path, workers):
 def test_ctrl_c_is_one_line_with_the_way_back(tmp_path, monkeypatch, capsys):
     import world_model.pretrain as pt
 
-    def interrupted(*args, **kwargs):
+    from world_model.rundir import start_run
+
+    def interrupted(cfg, run_dir, resume, progress):  # stopped after claiming the run directory
+        start_run(run_dir, resume, "cpu", 0, 0)
+        assert (Path(run_dir) / "train.pid").is_file()
         raise KeyboardInterrupt
 
     assert run.main(["pretrain", "--run-dir", str(tmp_path / "r"), "--no-progress", *TINY, "train.steps=1"]) == 0
@@ -288,9 +292,45 @@ def test_ctrl_c_is_one_line_with_the_way_back(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err == f"interrupted; `python run.py pretrain --resume {tmp_path / 'r'}` continues from its last checkpoint"
     assert run.main(["pretrain", "--run-dir", str(tmp_path / "new"), "--no-progress", *TINY]) == 130
-    err = capsys.readouterr().err.strip()  # stopped before its first checkpoint: no resume to offer
-    assert err == (f"interrupted; {tmp_path / 'new'} has no checkpoint yet (train.ckpt_every), so there is nothing to "
-                   "resume: remove it to start again")
+    err = capsys.readouterr().err.strip()  # stopped before writing anything: its directory is gone again
+    assert err == f"interrupted; it stopped before writing anything to {tmp_path / 'new'}, so there is nothing to " \
+                  "resume or remove"
+    # the claim goes with the process: the resumed run keeps its directory, the new one left nothing behind
+    assert not (tmp_path / "r" / "train.pid").exists() and (tmp_path / "r" / "checkpoints").is_dir()
+    assert not (tmp_path / "new").exists()
+
+    def interrupted_after_logs(cfg, run_dir, resume, progress):  # stopped before its first checkpoint
+        start_run(run_dir, resume, "cpu", 0, 0)
+        (Path(run_dir) / "metrics.jsonl").write_text("")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pt, "pretrain", interrupted_after_logs)
+    assert run.main(["pretrain", "--run-dir", str(tmp_path / "logs"), "--no-progress", *TINY]) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"interrupted; {tmp_path / 'logs'} has no checkpoint yet (train.ckpt_every), so there is nothing to resume: "
+        "remove it to start again")
+
+
+def test_a_stopped_evaluation_loses_no_training_step(tmp_path, monkeypatch):
+    """The checkpoint of a step is written before that step's evaluation: Ctrl-C during the final evaluation keeps
+    every step, and resuming the finished run evaluates it."""
+    import world_model.pretrain as pt
+    from world_model.rundir import RunDir
+
+    evaluate = pt.evaluate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pt, "evaluate", interrupted)
+    rd = tmp_path / "r"
+    with pytest.raises(KeyboardInterrupt):
+        pt.pretrain(tiny_cfg("train.steps=3", "train.ckpt_every=2", "train.eval_every=0"), str(rd), progress=False)
+    assert RunDir(rd).load_checkpoint()["step"] == 3
+    monkeypatch.setattr(pt, "evaluate", evaluate)
+    result = pt.pretrain(tiny_cfg("train.steps=3", "train.ckpt_every=2", "train.eval_every=0"), str(rd), resume=True,
+                         progress=False)
+    assert result["images"] == 8
 
 
 def test_a_resume_continues_what_the_run_trained_as(tmp_path, capsys):

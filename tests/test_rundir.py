@@ -93,6 +93,10 @@ def test_run_directory_guards(tmp_path):
         (tmp_path / "b" / "train.pid").write_text(f"{host} {live.pid}")
         with pytest.raises(RunDirError, match=f"process {live.pid} is training in"):
             RunDir.open(tmp_path / "b", resume=False)
+        (tmp_path / "b" / "metrics.jsonl").write_text('{"step": 2}\n')  # a live run's logs: not leftovers to remove
+        with pytest.raises(RunDirError, match=f"process {live.pid} is training in"):
+            RunDir.open(tmp_path / "b", resume=False)
+        (tmp_path / "b" / "metrics.jsonl").unlink()
         (tmp_path / "b" / "train.pid").write_text(f"another-{host} {live.pid}")  # a pid on another host: not ours
         RunDir.open(tmp_path / "b", resume=False)
         (tmp_path / "b" / "train.pid").write_text(f"{host} {live.pid}")

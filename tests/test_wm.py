@@ -117,7 +117,7 @@ def test_frozen_pretrained_encoder_and_errors(tmp_path):
     assert "loss_slot_recon" not in stats
     novq = tmp_path / "novq"
     assert run.main(["pretrain", "--data", str(root), "--run-dir", str(novq), "--no-progress", *TINY,
-                     "data.resolution=16", "train.steps=1"]) == 0
+                     "data.resolution=16", "train.steps=1", "model.vq.enabled=false"]) == 0
     with pytest.raises(ValueError, match="VQ"):
         build_wm_for(wm_cfg(root, f"encoder.checkpoint={novq}"), 3, torch.device("cpu"))
     with pytest.raises(ValueError, match="max_steps"):

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from . import distributed
 from .dynamics import DynamicsConfig
@@ -181,7 +182,10 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 POSITIVE = ("train.steps", "train.env_steps", "train.batch_size", "train.seq_len", "train.log_every",
             "train.image_every", "train.ckpt_every", "train.imag_starts", "model.num_slots", "model.iters",
             "encoder.model.num_slots", "data.resolution", "encoder.resolution", "env.num_envs", "env.envs_per_worker",
-            "env.size", "actor_critic.horizon")
+            "env.size", "actor_critic.horizon", "data.eval_images", "replay.capacity",
+            *(f"{where}{key}" for where in ("model.", "encoder.model.")  # the slot encoder's sizes, either schema
+              for key in ("slot_dim", "mlp_hidden", "cnn_kernel", "feature_dim", "decoder_channels", "head_hidden",
+                          "vq.num_vars", "vq.num_codes", "vq.code_dim", "cnn_channels", "cnn_strides")))
 DERIVED = {  # world-model keys a run sets from elsewhere (build_world_model), so setting them would do nothing
     "dynamics.num_slots": "encoder.model.num_slots", "dynamics.num_vars": "encoder.model.vq.num_vars",
     "dynamics.num_codes": "encoder.model.vq.num_codes", "dynamics.frame_vars": "frame.vars",
@@ -253,6 +257,8 @@ def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: 
             loaded = OmegaConf.load(path)
         except Exception as e:  # yaml errors are verbose and multi-line
             raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path} must map config keys to values (a YAML mapping), not hold a list")
         try:
             cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as e:
@@ -277,7 +283,9 @@ def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: 
     for keys, low, what in ((POSITIVE, 1, "positive"), (NON_NEGATIVE, 0, "0 or more")):
         for key in keys:
             value = OmegaConf.select(cfg, key, default=None)
-            if value is not None and value < low:
+            if isinstance(value, ListConfig) and any(v < low for v in value):  # every layer's channels or stride
+                raise ConfigError(f"{key}={list(value)!r}: every entry must be {what}")
+            if value is not None and not isinstance(value, ListConfig) and value < low:
                 raise ConfigError(f"{key}={value!r} must be {what}")
     for key in POSITIVE_RATES:
         value = OmegaConf.select(cfg, key, default=None)
@@ -315,8 +323,9 @@ def schema_command(path: str | Path) -> Optional[str]:
     """The command whose schema takes the config file at `path` (a preset, by path or name, or a run's), or None
     (also when there is no such file or it does not parse)."""
     try:
-        return _fitting_command(OmegaConf.load(preset_path(path)))
-    except (OSError, OmegaConfBaseException, ValueError):
+        loaded = OmegaConf.load(preset_path(path))
+        return _fitting_command(loaded) if isinstance(loaded, DictConfig) else None
+    except (OSError, OmegaConfBaseException, ValueError, yaml.YAMLError):
         return None
 
 

@@ -202,8 +202,9 @@ class EpisodeFrames:
             raise ValueError("env frames have no object labels: pretrain on them with task=discovery")
         frames = _dataset_frames(str(Path(d.root).resolve()))
         n_eval = min(d.eval_images, len(frames) // 10)
-        if len(frames) - n_eval < 1:
-            raise DataError(f"{d.root} holds {len(frames)} frames: too few to train on")
+        if n_eval < 1:  # an evaluation on no frames would report a perfect score
+            raise DataError(f"{d.root} holds {len(frames)} frames: too few to hold out the last 10% for evaluation "
+                            "(collect at least 10 frames)")
         self.frames = frames[len(frames) - n_eval:] if split == "eval" else frames[:len(frames) - n_eval]
         self.resolution, self.device = d.resolution, device
 
@@ -439,13 +440,16 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
                       flush=True)
         if step % cfg.train.image_every == 0 and distributed.is_main():
             log_images(logger, step, cfg, batch, outputs)
+        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:  # before the evaluation: Ctrl-C there loses
+            checkpoint()                                                   # no training step
+            logger.flush()
         if (cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.steps) and distributed.is_main():
             last_eval = evaluate(model, cfg, device, cfg.data.eval_images)
             logger.scalars(step, last_eval, prefix="eval/")
             bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
-        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
-            checkpoint()
-            logger.flush()
+    if not last_eval and distributed.is_main():  # a finished run resumed, or one stopped during its final evaluation
+        last_eval = evaluate(model, cfg, device, cfg.data.eval_images)
+        logger.scalars(step, last_eval, prefix="eval/")
     bar.close()
     logger.close()
     run.release()

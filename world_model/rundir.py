@@ -121,6 +121,7 @@ class RunDir:
         self.path = Path(path)
         self.ckpt_path = self.path / "checkpoints" / "latest.pt"
         self.config_path = self.path / "config.yaml"
+        self.created = False  # `open` made the directory: `release` removes it again if the run left it empty
 
     LOGS = ("metrics.jsonl", "tb", "stats.jsonl", "replay")  # what a run writes before its first checkpoint
 
@@ -135,10 +136,12 @@ class RunDir:
             raise RunDirError(f"run directory {run.path} already holds a checkpoint; pass --resume to continue it "
                               "or choose another --run-dir")
         if distributed.is_main():  # rank 0 only: under torchrun, the others could see its fresh logs
+            run._refuse_if_live()  # first: a live run's fresh logs are not leftovers to remove
             stale = [name for name in cls.LOGS if (run.path / name).exists()]
             if not resume and stale:
                 raise RunDirError(f"{run.path} holds {', '.join(stale)} of a run that stopped before its first "
                                   "checkpoint; remove them or choose another --run-dir")
+        run.created = not run.path.exists()
         run.path.mkdir(parents=True, exist_ok=True)
         if distributed.is_main():
             run._claim()
@@ -148,23 +151,33 @@ class RunDir:
         """Record this process (`host pid` in train.pid) as the one training here, unless another live process on
         this host already is. A claim from another host (a shared run directory) is taken over: its liveness cannot
         be checked from here, and a run that finished removed its claim (`release`)."""
-        pid_path = self.path / "train.pid"
+        self._refuse_if_live()
+        atomic_write(self.path / "train.pid", lambda f: f.write(f"{socket.gethostname()} {os.getpid()}".encode()))
+        _CLAIMED.append(self)
+
+    def _refuse_if_live(self) -> None:
+        """A RunDirError if another live process on this host holds the directory's claim (train.pid)."""
         try:
-            host, pid = pid_path.read_text().split()
+            host, pid = (self.path / "train.pid").read_text().split()
             other = int(pid)
         except (OSError, ValueError):
-            host, other = None, None
+            return
         if host == socket.gethostname() and other != os.getpid() and _alive(other):
             raise RunDirError(f"process {other} is training in {self.path} (train.pid); wait for it, stop it, or "
                               "choose another --run-dir")
-        atomic_write(pid_path, lambda f: f.write(f"{socket.gethostname()} {os.getpid()}".encode()))
 
     def release(self) -> None:
-        """At the end of training: remove this process's claim on the directory."""
+        """At the end of training, or when it failed or was interrupted: remove this process's claim on the
+        directory, and the directory itself when this run created it and left nothing in it."""
         pid_path = self.path / "train.pid"
         with contextlib.suppress(OSError, ValueError):
             if pid_path.read_text().split() == [socket.gethostname(), str(os.getpid())]:
                 pid_path.unlink()
+        if getattr(self, "created", False):
+            with contextlib.suppress(OSError):
+                self.path.rmdir()  # only if empty
+        if self in _CLAIMED:
+            _CLAIMED.remove(self)
 
     def save_checkpoint(self, state: dict) -> None:
         """Atomic write; under torchrun only rank 0 writes (the others' state is the same after each step)."""
@@ -190,6 +203,15 @@ class RunDir:
             raise RunDirError(f"{self.ckpt_path}: its '{key}' weights do not fit the model this config builds "
                               f"({lines[1] if len(lines) > 1 else lines[0]}); did an override change the architecture?"
                               ) from None
+
+
+_CLAIMED: list[RunDir] = []  # run directories this process claimed and has not released
+
+
+def release_claims() -> None:
+    """Release every run directory this process still claims (a training command that failed or was stopped)."""
+    for run in list(_CLAIMED):
+        run.release()
 
 
 def _alive(pid: int) -> bool:
