@@ -18,7 +18,7 @@ def load_agent_run(checkpoint: str, device: torch.device) -> tuple[AgentConfig, 
     """Config, world model, actor-critic (in eval mode) and checkpoint state of an agent run directory."""
     run = RunDir(checkpoint)
     cfg = load_run_config("train", checkpoint)
-    state = run.load_checkpoint(map_location=device)
+    state = run.load_checkpoint(map_location=device, keys=("wm", "ac", "num_actions", "counters"))
     cfg.encoder.checkpoint = None  # the agent checkpoint holds the encoder's weights
     wm, ac = build_agent(cfg, state["num_actions"], device)
     run.restore(wm, state, "wm")

@@ -383,12 +383,15 @@ class ReplayBuffer:
         """Fill the ring from a chunked save's files, oldest first, so newer rows overwrite older ones."""
         for first, end, name in meta["chunks"]:
             start = first % self.capacity
-            with np.load(folder / name, allow_pickle=False) as f:
-                for k in self.spec:
-                    rows = f[f"data/{k}"]
-                    if len(rows) != end - first:
-                        raise ValueError(f"chunk {name} holds {len(rows)} steps of {k!r}, not {end - first}")
-                    self.data[k][start:start + len(rows)] = rows if self.device is None else torch.from_numpy(rows)
+            try:
+                with np.load(folder / name, allow_pickle=False) as f:
+                    for k in self.spec:
+                        rows = f[f"data/{k}"]
+                        if len(rows) != end - first:
+                            raise ValueError(f"it holds {len(rows)} steps of {k!r}, not {end - first}")
+                        self.data[k][start:start + len(rows)] = rows if self.device is None else torch.from_numpy(rows)
+            except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+                raise ValueError(f"its chunk {folder / name} is missing or damaged: {type(e).__name__}: {e}") from None
         self._chunks = [(int(a), int(b), str(c)) for a, b, c in meta["chunks"]]
         self._saved, self._lineage = meta["written"], meta["lineage"]
 

@@ -187,7 +187,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         replay_device = device if cfg.replay.on_device else None
         replay = ReplayBuffer(capacity, replay_spec(venv), seed=rank_seed(t.seed), device=replay_device)
         if resume:
-            state = run.load_checkpoint(map_location=device)
+            state = run.load_checkpoint(map_location=device, keys=("wm", "ac", "wm_opt", "ac_opt", "counters", "rng"))
             run.restore(wm, state, "wm")
             run.restore(ac, state, "ac")
             wm_opt.load_state_dict(state["wm_opt"])

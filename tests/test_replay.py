@@ -231,8 +231,12 @@ def test_chunked_saves_write_only_new_steps_and_resume_exactly(tmp_path, device)
     _assert_same_buffer(ReplayBuffer.load(tmp_path / "state5.npz", device), buf)
     merged = ReplayBuffer.merged([back], 100)
     assert all(back._lineage not in n for n in merged.save(tmp_path / "m.npz", chunks="rank0")[1:])
+    raw = (tmp_path / needed[1]).read_bytes()
+    (tmp_path / needed[1]).write_bytes(raw[:len(raw) // 2])  # a chunk cut short names itself
+    with pytest.raises(DataError, match=f"not a readable replay buffer.*its chunk .*{needed[1]} is missing or damaged"):
+        ReplayBuffer.load(tmp_path / "state5.npz")
     (tmp_path / needed[1]).unlink()
-    with pytest.raises(DataError, match=f"not a readable replay buffer.*{needed[1]}"):
+    with pytest.raises(DataError, match=f"not a readable replay buffer.*its chunk .*{needed[1]} is missing or damaged"):
         ReplayBuffer.load(tmp_path / "state5.npz")
 
 

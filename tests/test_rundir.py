@@ -117,6 +117,10 @@ def test_run_directory_guards(tmp_path):
             run.ckpt_path.write_bytes(damage)
         with pytest.raises(RunDirError, match="latest.pt is damaged and cannot be read"):
             run.load_checkpoint()
+    atomic_torch_save({"wm": {}, "counters": {}}, run.ckpt_path)  # an agent's checkpoint where a pretraining one was
+    assert run.load_checkpoint(keys=("wm",))["counters"] == {}
+    with pytest.raises(RunDirError, match="latest.pt lacks model, step: it is not a checkpoint of the command"):
+        run.load_checkpoint(keys=("model", "step", "wm"))
 
 
 def test_rollback_cuts_appended_lines_back_to_the_checkpoint(tmp_path):

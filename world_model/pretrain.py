@@ -378,7 +378,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     step, skipped = 0, 0
     if resume:
-        state = run.load_checkpoint(map_location=device)
+        state = run.load_checkpoint(map_location=device, keys=("model", "optimizer", "step", "skipped", "rng"))
         run.restore(model, state, "model")
         opt.load_state_dict(state["optimizer"])
         step, skipped = state["step"], state["skipped"]
@@ -460,7 +460,7 @@ def load_run(run_dir: str, device: torch.device) -> tuple[PretrainConfig, nn.Mod
     """Model and config of a pretraining run directory (for evaluation and visualization)."""
     run = RunDir(run_dir)
     cfg = load_run_config("pretrain", run_dir)
-    state = run.load_checkpoint(map_location=device)
+    state = run.load_checkpoint(map_location=device, keys=("model", "step"))
     model = build_model(cfg).to(device)
     run.restore(model, state, "model")
     model.eval()

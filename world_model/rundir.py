@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Optional
+from typing import Any, BinaryIO, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -184,14 +184,21 @@ class RunDir:
         if distributed.is_main():
             atomic_torch_save(state, self.ckpt_path)
 
-    def load_checkpoint(self, map_location: Any = "cpu") -> dict:
+    def load_checkpoint(self, map_location: Any = "cpu", keys: Sequence[str] = ()) -> dict:
+        """The checkpoint, with one-line errors when it is missing, damaged, or lacks any of `keys` (what the
+        command reads: another command's checkpoint copied in, say)."""
         if not self.ckpt_path.is_file():
             raise RunDirError(f"no checkpoint at {self.ckpt_path}: is {self.path} a run directory?")
         try:
-            return torch.load(self.ckpt_path, map_location=map_location, weights_only=False)
+            state = torch.load(self.ckpt_path, map_location=map_location, weights_only=False)
         except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
             raise RunDirError(f"{self.ckpt_path} is damaged and cannot be read ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else 'empty'})") from None
+        missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise RunDirError(f"{self.ckpt_path} lacks {', '.join(missing)}: it is not a checkpoint of the command "
+                              "that made this run")
+        return state
 
     def restore(self, module: torch.nn.Module, state: dict, key: str) -> None:
         """`module.load_state_dict(state[key])`, with a one-line error when the checkpoint does not fit the model

@@ -178,7 +178,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
     opt = torch.optim.Adam(params, lr=cfg.train.lr)
     step = skipped = 0
     if resume:
-        state = run.load_checkpoint(map_location=device)
+        state = run.load_checkpoint(map_location=device, keys=("model", "optimizer", "step", "skipped", "rng"))
         run.restore(wm, state, "model")
         opt.load_state_dict(state["optimizer"])
         step, skipped = state["step"], state["skipped"]
@@ -244,7 +244,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
 def load_wm_run(run_dir: str, device: torch.device) -> tuple[WorldModelConfig, WorldModel, dict]:
     run = RunDir(run_dir)
     cfg = load_run_config("train-wm", run_dir)
-    state = run.load_checkpoint(map_location=device)
+    state = run.load_checkpoint(map_location=device, keys=("model", "num_actions"))
     cfg.encoder.checkpoint = None  # the weights below include the encoder
     wm = build_wm_for(cfg, state["num_actions"], device)
     run.restore(wm, state, "model")
