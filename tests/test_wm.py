@@ -131,6 +131,13 @@ def test_train_resume_exact_and_eval_cli(tmp_path, capsys):
     train_wm(wm_cfg(root, "train.steps=2"), str(tmp_path / "b"), progress=False)
     b = train_wm(wm_cfg(root, "train.steps=4"), str(tmp_path / "b"), resume=True, progress=False)
     assert a == b  # same evaluation after resuming from step 2
+    assert "held-out split" not in capsys.readouterr().err
+    grown = toy_dataset(tmp_path / "g")
+    train_wm(wm_cfg(grown, "train.steps=2"), str(tmp_path / "c"), progress=False)
+    toy_dataset(grown, episodes=2, seed=1)  # more episodes collected into the run's dataset
+    train_wm(wm_cfg(grown, "train.steps=3"), str(tmp_path / "c"), resume=True, progress=False)
+    assert "has more episodes than at this run's last checkpoint, so its held-out split moved" in \
+        capsys.readouterr().err
     for key in ("h1/code_acc", "h3/frame_mse", "h3/code_acc_copy", "h1/reward_mae"):
         assert np.isfinite(a[key])
     assert run.main(["eval-wm", "--checkpoint", str(tmp_path / "a"), "--out", str(tmp_path / "e")]) == 0

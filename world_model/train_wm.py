@@ -7,6 +7,7 @@ so `--resume` continues exactly; the last episodes (data.eval_fraction of the st
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -32,7 +33,8 @@ EVAL_SEED = 2025
 
 
 def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, ReplayBuffer, dict]:
-    """Replay buffers of the training and held-out episodes of an episode dataset, and its meta."""
+    """Replay buffers of the training and held-out episodes of an episode dataset, and its meta (plus `held_out`:
+    the held-out episodes' file names)."""
     root = cfg.data.root
     if not root:
         raise ValueError("train-wm needs data.root=DIR (or --data DIR): an episode dataset from `run.py collect`")
@@ -64,7 +66,7 @@ def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, R
         if buf.longest_episode() < length:
             raise DataError(f"{root}: the {which} episodes are at most {buf.longest_episode()} steps long, shorter than "
                             f"the {length} steps of {keys}; collect longer episodes or lower {keys.split(' ')[0]}")
-    return train, held_out, meta
+    return train, held_out, {**meta, "held_out": [p.name for p in paths[len(paths) - n_eval:]]}
 
 
 def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: DynamicsConfig, num_actions: int,
@@ -184,6 +186,10 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
         step, skipped = state["step"], state["skipped"]
         set_rng_state(state["rng"])
         note_if_finished(step, t.steps, "train.steps")
+        if state.get("held_out", meta["held_out"]) != meta["held_out"]:
+            print(f"note: {cfg.data.root} has more episodes than at this run's last checkpoint, so its held-out split "
+                  f"moved (the last {len(meta['held_out'])} episodes now): evaluations from here on use the new split, "
+                  "and the episodes held out before are trained on", file=sys.stderr)
     save_config(cfg, run.config_path)
     logger = MetricLogger(run, start_step=step)
     vq = cfg.encoder.model.vq
@@ -192,7 +198,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
     def checkpoint() -> None:
         run.save_checkpoint({"step": step, "skipped": skipped, "model": wm.state_dict(), "optimizer": opt.state_dict(),
                              "rng": rng_state(), "config": asdict(cfg), "num_actions": int(meta["num_actions"]),
-                             "env": meta["env"]})
+                             "env": meta["env"], "held_out": meta["held_out"]})
 
     bar = tqdm(total=cfg.train.steps, initial=step, desc="train-wm", disable=not progress, dynamic_ncols=True)
     wm.train()
