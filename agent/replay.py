@@ -28,6 +28,7 @@ from envs.episodes import STEP_DTYPES, STEP_KEYS, episode_paths, iter_episodes, 
 from world_model.rundir import atomic_write
 
 Spec = dict[str, tuple[tuple[int, ...], np.dtype]]
+UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)  # what np.load raises on a bad .npz
 STEP_SPEC: Spec = {k: ((), np.dtype(STEP_DTYPES[k])) for k in STEP_KEYS}
 
 
@@ -374,7 +375,7 @@ class ReplayBuffer:
             state = meta["rng"]
             buf.rng = np.random.Generator(getattr(np.random, state["bit_generator"])())
             buf.rng.bit_generator.state = state
-        except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as e:
+        except (*UNREADABLE, TypeError, AttributeError) as e:
             raise DataError(f"{path} is not a readable replay buffer ({type(e).__name__}: {e}); "
                             f"delete it or save a new one") from None
         return buf
@@ -390,7 +391,7 @@ class ReplayBuffer:
                         if len(rows) != end - first:
                             raise ValueError(f"it holds {len(rows)} steps of {k!r}, not {end - first}")
                         self.data[k][start:start + len(rows)] = rows if self.device is None else torch.from_numpy(rows)
-            except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            except UNREADABLE as e:
                 raise ValueError(f"its chunk {folder / name} is missing or damaged: {type(e).__name__}: {e}") from None
         self._chunks = [(int(a), int(b), str(c)) for a, b, c in meta["chunks"]]
         self._saved, self._lineage = meta["written"], meta["lineage"]
@@ -429,5 +430,5 @@ def _episode_length(path: Path) -> int:
     try:
         with np.load(path) as f:
             return len(f["action"])
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+    except UNREADABLE as e:
         raise DataError(f"unreadable episode file {path}: {e}") from None

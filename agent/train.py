@@ -306,10 +306,10 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                 log_pictures(logger, counters["env_steps"], wm, replay, device)
             last_eval.update(_score(run.path / "stats.jsonl", cfg.env.name, "train_"))
         logger.close()
-        run.release()
         return last_eval
     finally:
         venv.close()
+        run.release()  # also when the run failed or was stopped
 
 
 def load_replay_shards(run_path: Path, state: dict, capacity: int, seed: int,
@@ -402,12 +402,9 @@ def evaluate_agent(wm: Optional[WorldModel], ac: Optional[ActorCritic], cfg: Age
     tmp = Path(name)
     rng = np.random.default_rng(seed)
     policy = SlotPolicy(wm, ac, device) if ac is not None else None
+    env = None
     try:
         env = make_env(cfg.env.name, **env_kwargs(cfg, tmp))
-    except BaseException:
-        tmp.unlink()
-        raise
-    try:
         with fixed_rng(seed, device):
             for e in tqdm(range(episodes), desc="eval episodes", disable=not progress, unit="episode"):
                 obs, _ = env.reset(seed=seed + e)
@@ -421,7 +418,8 @@ def evaluate_agent(wm: Optional[WorldModel], ac: Optional[ActorCritic], cfg: Age
                     obs, _, term, trunc, _ = env.step(action)
                     first, done = False, term or trunc
     finally:
-        env.close()
+        if env is not None:
+            env.close()
         text = tmp.read_text()
         tmp.unlink()
     with open(stats_path, "a") as f:
