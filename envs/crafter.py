@@ -7,6 +7,7 @@ episode to a `stats.jsonl` in crafter's own schema, so crafter's analysis script
 """
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -14,7 +15,7 @@ from typing import Any, Iterable, Optional, Union
 import crafter
 import gymnasium as gym
 import numpy as np
-from crafter import constants
+from crafter import constants, engine
 
 from .jsonl import read_records
 
@@ -22,10 +23,31 @@ ACHIEVEMENTS: tuple[str, ...] = tuple(sorted(constants.achievements))  # the 22 
 ACTIONS: tuple[str, ...] = tuple(constants.actions)  # the 17 actions
 
 
+class _ChunkObjects(dict):
+    """Insertion-ordered stand-in for the `set` of objects crafter keeps per world chunk. Crafter despawns
+    `creatures[random.randint(len)]` from that set's iteration order, which for a set of objects follows their
+    memory addresses: the same seed and actions played different games from process to process."""
+
+    def add(self, obj) -> None:
+        self[obj] = None
+
+    def remove(self, obj) -> None:
+        del self[obj]
+
+
+class _World(engine.World):
+    """crafter's world with ordered chunk sets (`_ChunkObjects`), so a seeded game is reproducible."""
+
+    def reset(self, seed=None):
+        super().reset(seed)
+        self._chunks = collections.defaultdict(_ChunkObjects)
+
+
 class CrafterEnv(gym.Env):
     """`crafter.Env` with the gymnasium API: image observation `(size, size, 3)` uint8, 17 discrete actions.
 
-    `reset(seed=s)` builds the same world and first frames as a fresh `crafter.Env(seed=s)`; later resets
+    `reset(seed=s)` builds the same world and first frames as a fresh `crafter.Env(seed=s)`, and the same seed and
+    actions play the same game in any process (crafter's own may not: `_ChunkObjects`); later resets
     without a seed continue that env's episode sequence (as crafter does). `info` carries `achievements`,
     `inventory` and crafter's unscaled per-step `reward`; `semantic=True` adds crafter's semantic map.
     """
@@ -57,6 +79,7 @@ class CrafterEnv(gym.Env):
             # A fresh crafter.Env: its world seeds are hash((seed, episode)), so this matches raw crafter.
             world_seed = seed if seed is not None else int(self.np_random.integers(2**31 - 1))
             self._env = crafter.Env(seed=world_seed, **self._kwargs)
+            self._env._world.__class__ = _World  # before its first reset: the world's chunks become ordered
         self._obs = self._env.reset()
         self._length, self._return = 0, 0.0
         return self._obs, {}

@@ -153,12 +153,17 @@ def iter_episodes(root: Union[str, Path], keys: Optional[tuple[str, ...]] = None
 def load_frames(root: Union[str, Path], max_frames: Optional[int] = None) -> np.ndarray:
     """All frames of a dataset, in episode-file order: `n h w 3` uint8."""
     frames, total = [], 0
-    for ep in iter_episodes(root, keys=("image",)):
-        frames.append(ep["image"])
-        total += len(ep["image"])
+    for path in episode_paths(root):
+        image = load_episode(path)["image"]
+        if image.ndim != 4 or image.shape[-1] != 3 or image.dtype != np.uint8:
+            raise DataError(f"{path}: frames must be uint8 (n, h, w, 3), got {image.dtype} {image.shape}")
+        if frames and image.shape[1:] != frames[0].shape[1:]:
+            raise DataError(f"{path} holds {image.shape[1]}x{image.shape[2]} frames, the episodes before it "
+                            f"{frames[0].shape[1]}x{frames[0].shape[2]}: a dataset's frames must have one size "
+                            "(collect each size into its own dataset)")
+        frames.append(image)
+        total += len(image)
         if max_frames is not None and total >= max_frames:
             break
     out = np.concatenate(frames)
-    if out.ndim != 4 or out.shape[-1] != 3 or out.dtype != np.uint8:
-        raise DataError(f"{root}: frames must be uint8 (n, h, w, 3), got {out.dtype} {out.shape}")
     return out[:max_frames] if max_frames is not None else out

@@ -41,6 +41,17 @@ def test_resumed_logger_keeps_the_checkpoint_step_and_drops_what_came_after(tmp_
     assert _tensorboard_steps(tmp_path / "tb", "train/loss") == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_damaged_metrics_log_does_not_block_a_resume(tmp_path, capsys):
+    """Lines of metrics.jsonl that are not JSON rows with a step (a disk that filled, an edit by hand) are dropped with
+    a warning when a run resumes; the good rows up to the checkpoint stay."""
+    run = RunDir(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "a": 1}\n{"st\x00\n[1, 2]\n{"a": 3}\n{"step": 2, "a": 2}\n'
+                                            '{"step": 5, "a": 5}\n')
+    MetricLogger(run, start_step=2, enabled=True).close()
+    assert read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 1, "a": 1}, {"step": 2, "a": 2}]
+    assert "dropped 3 damaged line(s)" in capsys.readouterr().err
+
+
 def test_atomic_writes_leave_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "ckpt.pt"
     atomic_torch_save({"step": 1}, path)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import run
-from envs.episodes import EpisodeWriter
+from envs.episodes import EpisodeWriter, load_frames
 from world_model.config import WorldModelConfig, load_config
 from world_model.train_wm import build_wm_for, split_dataset, to_batch, train_wm
 
@@ -175,6 +175,22 @@ def test_datasets_too_small_to_train_and_evaluate_are_refused_before_training(tm
     with pytest.raises(DataError, match=r"held-out \(the last 1\) episodes are at most 10 steps long, shorter than "
                        r"the 11 steps of eval.context \+ max\(eval.horizons\)"):
         split_dataset(wm_cfg(tmp_path / "d", "eval.horizons=[1,9]"))
+    # a file that `run.py collect` did not name, and an episode of another frame size: each named in one line
+    stray = tmp_path / "d" / "episodes" / "notes.npz"
+    stray.write_bytes(b"")
+    with pytest.raises(DataError, match=r"notes.npz: not an episode file name of `run.py collect`"):
+        split_dataset(wm_cfg(tmp_path / "d"))
+    stray.unlink()
+    mixed = toy_dataset(tmp_path / "mixed")
+    last = sorted((mixed / "episodes").glob("*.npz"))[-1]
+    with np.load(last) as f:
+        episode = dict(f)
+    episode["image"] = np.zeros((len(episode["image"]), 8, 8, 3), np.uint8)
+    np.savez(last, **episode)
+    with pytest.raises(DataError, match=rf"{last.name} holds frames of shape \(8, 8, 3\)"):
+        split_dataset(wm_cfg(mixed))
+    with pytest.raises(DataError, match=rf"{last.name} holds 8x8 frames, the episodes before it 16x16"):
+        load_frames(mixed)
 
 
 @pytest.mark.parametrize("preset", ["configs/wm_crafter.yaml", "configs/wm_crafter_cpu.yaml"])

@@ -236,7 +236,8 @@ class MetricLogger:
     Under torchrun only rank 0 logs unless `enabled` says otherwise.
 
     A run resumed from its checkpoint at `start_step` drops what was logged after that step (by the run that went on
-    past its last checkpoint and stopped), in both logs; what was logged at the step itself stays."""
+    past its last checkpoint and stopped), in both logs; what was logged at the step itself stays. Damaged lines of
+    `metrics.jsonl` are dropped then, with a warning: a log must not block a resume."""
 
     def __init__(self, run: RunDir, start_step: int = 0, enabled: Optional[bool] = None):
         self.enabled = enabled = distributed.is_main() if enabled is None else enabled
@@ -246,7 +247,8 @@ class MetricLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             if start_step > 0 and self.jsonl_path.is_file():
-                kept = "".join(json.dumps(row) + "\n" for row in read_records(self.jsonl_path) if row["step"] <= start_step)
+                kept = "".join(json.dumps(row) + "\n" for row in read_records(self.jsonl_path, skip_damaged=True)
+                               if row["step"] <= start_step)
                 atomic_write(self.jsonl_path, lambda f: f.write(kept.encode()))
             self.writer = SummaryWriter(str(run.path / "tb"), purge_step=start_step + 1 if start_step > 0 else None)
 

@@ -43,7 +43,7 @@ def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, R
         raise DataError(f"{root}/meta.json gives no action count (num_actions): collect the dataset again with "
                         "`run.py collect`")
     paths = episode_paths(root)
-    lengths = [int(p.stem.split("-")[-1]) for p in paths]
+    lengths = [episode_length(p) for p in paths]
     held, n_eval = 0, 0
     while n_eval < len(paths) - 1 and held < cfg.data.eval_fraction * sum(lengths):
         n_eval += 1
@@ -54,6 +54,9 @@ def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, R
     held_out = ReplayBuffer(max(held, 1), spec, seed=seed)
     for i, path in enumerate(paths):
         ep = load_episode(path)
+        if ep["image"].shape[1:] != first["image"].shape[1:]:
+            raise DataError(f"{path} holds frames of shape {ep['image'].shape[1:]}, {paths[0].name} of "
+                            f"{first['image'].shape[1:]}: a dataset's frames must have one size")
         ep = {k: ep[k] for k in ("image", "action", "reward", "is_first", "is_last", "is_terminal")}
         (held_out if i >= len(paths) - n_eval else train).add_episode(ep)
     if n_eval == 0:
@@ -67,6 +70,15 @@ def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, R
             raise DataError(f"{root}: the {which} episodes are at most {buf.longest_episode()} steps long, shorter than "
                             f"the {length} steps of {keys}; collect longer episodes or lower {keys.split(' ')[0]}")
     return train, held_out, {**meta, "held_out": [p.name for p in paths[len(paths) - n_eval:]]}
+
+
+def episode_length(path: Path) -> int:
+    """The step count in an episode file's name (`<index>-<steps>.npz`, as `run.py collect` writes them)."""
+    try:
+        return int(path.stem.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        raise DataError(f"{path}: not an episode file name of `run.py collect` (<index>-<steps>.npz); move other "
+                        "files out of the episodes directory") from None
 
 
 def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: DynamicsConfig, num_actions: int,
