@@ -32,7 +32,7 @@ from world_model.rundir import set_precision
 from .config import AgentConfig
 from .policy import SlotPolicy
 from .replay import ReplayBuffer
-from .train import Collector, build_agent, env_kwargs, replay_spec, train_step, updates_due
+from .train import Collector, build_agent, env_kwargs, replay_spec, status_vars, train_step, updates_due
 
 PARTS = ("policy", "env_step", "replay_sample", "wm_update", "imagination", "ac_update")
 FEW_UPDATES = 8  # rows timing fewer updates than this get a note: their rates are noisy
@@ -63,7 +63,7 @@ def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            wm, ac = build_agent(cfg, num_actions, device)
+            wm, ac = build_agent(cfg, num_actions, device, status_vars(replay_spec(venv)))
             wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=t.wm_lr)
             replay = ReplayBuffer(max(cfg.replay.capacity, prefill + env_steps + n), replay_spec(venv), seed=t.seed,
                                   device=device if cfg.replay.on_device else None)
@@ -77,7 +77,7 @@ def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill
             _sync(device)
             warm = time.perf_counter()
             for i in range(WARMUP_UPDATES):  # allocator growth, cuBLAS/cuDNN set-up, compilation: not the loop's rate
-                policy.act(collector.obs["image"], collector.first)
+                policy.act(collector.obs, collector.first)
                 train_step(wm, ac, wm_opt, replay, cfg, device, i)
             _sync(device)
             warm = time.perf_counter() - warm
@@ -88,7 +88,7 @@ def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill
                 while done < env_steps:
                     t0 = time.perf_counter()
                     with record_function("policy"):
-                        actions = policy.act(collector.obs["image"], collector.first)
+                        actions = policy.act(collector.obs, collector.first)
                     t1 = time.perf_counter()
                     with record_function("env_step"):
                         collector.step(actions)

@@ -20,7 +20,7 @@ def load_agent_run(checkpoint: str, device: torch.device) -> tuple[AgentConfig, 
     cfg = load_run_config("train", checkpoint)
     state = run.load_checkpoint(map_location=device, keys=("wm", "ac", "num_actions", "counters"))
     cfg.encoder.checkpoint = None  # the agent checkpoint holds the encoder's weights
-    wm, ac = build_agent(cfg, state["num_actions"], device)
+    wm, ac = build_agent(cfg, state["num_actions"], device, state.get("status_vars", 0))
     run.restore(wm, state, "wm")
     run.restore(ac, state, "ac")
     return cfg, wm.eval(), ac.eval(), state

@@ -20,10 +20,11 @@ class SlotPolicy:
         self.prev: Optional[torch.Tensor] = None  # b k d raw slots of each env's previous frame
 
     @torch.no_grad()
-    def act(self, images: np.ndarray, is_first: np.ndarray, sample: bool = True,
+    def act(self, obs: dict[str, np.ndarray], is_first: np.ndarray, sample: bool = True,
             generator: Optional[torch.Generator] = None) -> np.ndarray:
-        """images `b h w 3` uint8, is_first `b` bool (a new episode starts at this frame) -> actions `b`."""
-        x = frames_to_input(torch.as_tensor(images, device=self.device)[:, None], self.wm.resolution)[:, 0]
+        """obs: "image" `b h w 3` uint8 (and "status" `b m`, read when the world model reads them), is_first `b`
+        bool (a new episode starts at this frame) -> actions `b`."""
+        x = frames_to_input(torch.as_tensor(obs["image"], device=self.device)[:, None], self.wm.resolution)[:, 0]
         encoder = self.wm.autoencoder.encoder
         self.wm.step_begin()
         prev = self.prev
@@ -34,5 +35,6 @@ class SlotPolicy:
         self.prev = self.wm.kept(out.raw_slots)  # read at the next step, after the encoder's next call
         frame_codes = None
         if self.wm.frame_tokenizer is not None:
-            frame_codes = self.wm.frame_tokenizer.logits(x).argmax(-1)
+            status = torch.as_tensor(obs["status"], device=self.device) if self.wm.status_vars else None
+            frame_codes = self.wm.frame_tokenizer.codes(x, status)
         return self.ac.act(out.codes, frame_codes, sample=sample, generator=generator).cpu().numpy()

@@ -55,9 +55,12 @@ def env_kwargs(cfg: AgentConfig, stats_path: Optional[Path]) -> dict:
     return kwargs
 
 
-def build_agent(cfg: AgentConfig, num_actions: int, device: torch.device) -> tuple[WorldModel, ActorCritic]:
+def build_agent(cfg: AgentConfig, num_actions: int, device: torch.device, status_vars: int = 0
+                ) -> tuple[WorldModel, ActorCritic]:
+    """The world model and actor-critic of `cfg` for an env with `num_actions` actions and `status_vars` status
+    tokens beside its frames (0: none)."""
     longest = max(cfg.train.seq_len, IMAG_CONTEXT + cfg.actor_critic.horizon)
-    wm = build_world_model(cfg.encoder, cfg.frame, cfg.dynamics, num_actions, device, longest)
+    wm = build_world_model(cfg.encoder, cfg.frame, cfg.dynamics, num_actions, device, longest, status_vars)
     cfg.dynamics = wm.dynamics.cfg
     if cfg.train.compile:
         wm.compile_frame_parts(cfg.train.compile_mode)
@@ -122,6 +125,11 @@ def replay_spec(venv) -> dict:
     return {k: (s.shape, s.dtype) for k, s in spaces.items()}
 
 
+def status_vars(spec: dict) -> int:
+    """How many status tokens the env gives beside its frames (NetHack's bottom line), or 0."""
+    return int(np.prod(spec["status"][0])) if "status" in spec else 0
+
+
 def _step_records(obs: dict, actions, rewards, terms, truncs, first: np.ndarray) -> dict:
     """Every env's step (arrays `n ...`) in the episode layout; a first step has no action, reward or end."""
     later = ~first
@@ -181,7 +189,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                            envs_per_worker=cfg.env.envs_per_worker, asynchronous=cfg.env.asynchronous)
     try:
         num_actions = int(venv.single_action_space.n)
-        wm, ac = build_agent(cfg, num_actions, device)
+        wm, ac = build_agent(cfg, num_actions, device, status_vars(replay_spec(venv)))
         wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=t.wm_lr, eps=1e-8)
         counters = {"env_steps": 0, "updates": 0, "episodes": 0, "vector_steps": 0}
         capacity = local_share(cfg.replay.capacity, "replay.capacity")
@@ -234,6 +242,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             run.save_checkpoint({"wm": wm.state_dict(), "ac": ac.state_dict(), "wm_opt": wm_opt.state_dict(),
                                  "ac_opt": ac.optimizer_state(), "counters": dict(counters), "rng": rng_states(),
                                  "replays": names, "config": asdict(cfg), "num_actions": num_actions,
+                                 "status_vars": wm.status_vars,
                                  "stats_bytes": stats.stat().st_size if stats.is_file() else 0})
             if main:
                 for old in (run.path / "replay").glob("*.npz"):
@@ -251,7 +260,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             if counters["env_steps"] < t.prefill:
                 actions = rng.integers(num_actions, size=num_envs)
             else:
-                actions = policy.act(collector.obs["image"], collector.first)
+                actions = policy.act(collector.obs, collector.first)
             collector.step(actions)
             counters["vector_steps"] += 1
             counters["env_steps"] += cfg.env.num_envs
@@ -394,7 +403,7 @@ def log_pictures(logger: MetricLogger, step: int, wm: WorldModel, replay: Replay
     images = batch["images"][0]  # t 3 r r
     with fixed_rng(step, device), torch.compiler.set_stance("force_eager"):
         parts = decompose(wm.autoencoder, images, carry=True)
-        enc = wm.encode(batch["images"])
+        enc = wm.encode(batch["images"], batch.get("status"))
         imag = wm.open_loop(enc, batch["action"], 1, length - 1)
         decoded = wm.decode_codes(enc.slot_codes[0])  # t 3 r r
         imagined = torch.cat([decoded[:1], wm.decode_codes(imag["slot_codes"][0])])  # the first frame: the context
@@ -436,8 +445,8 @@ def evaluate_agent(wm: Optional[WorldModel], ac: Optional[ActorCritic], cfg: Age
                     if policy is None:
                         action = int(rng.integers(env.action_space.n))
                     else:
-                        image = obs_dict(obs)["image"][None]
-                        action = int(policy.act(image, np.array([first]))[0])
+                        batched = {k: v[None] for k, v in obs_dict(obs).items()}
+                        action = int(policy.act(batched, np.array([first]))[0])
                     obs, _, term, trunc, _ = env.step(action)
                     first, done = False, term or trunc
     finally:

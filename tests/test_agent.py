@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,6 +33,13 @@ def test_nethack_agent_trains_and_evaluates(tmp_path, capsys):
     cfg = tiny("env.name=nethack", "train.env_steps=120", "train.prefill=60", "train.ckpt_every=120")
     result = train(cfg, str(tmp_path / "run"), progress=False)
     assert {"score", "depth", "return", "length", "episodes", "train_score"} <= set(result)
+    # the bottom line's 7 status tokens follow the learned frame codes: in the replay, the checkpoint, the dynamics
+    state = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=False)
+    assert state["status_vars"] == 7 and state["config"]["dynamics"]["frame_vars"] == cfg.frame.vars + 7
+    with np.load(tmp_path / "run" / state["replays"][0]) as f:
+        chunks = [c[2] for c in json.loads(str(f["meta"]))["chunks"]]
+    with np.load(tmp_path / "run" / "replay" / chunks[0]) as f:
+        assert f["data/status"].shape[1:] == (7,) and f["data/status"].dtype == np.uint8
     assert run.main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", "1", "--no-progress"]) == 0
     assert "mean score" in capsys.readouterr().out
     summary = json.loads((tmp_path / "run" / "eval_agent.json").read_text())
@@ -79,8 +87,6 @@ def test_replay_ratio_invariant():
 
 
 def test_tiny_preset_end_to_end(tmp_path):
-    import numpy as np
-
     result = train(tiny(), str(tmp_path / "run"), progress=False)
     assert {"crafter_score", "return", "train_crafter_score", "train_episodes"} <= set(result)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -185,8 +191,6 @@ def test_resume_after_sigkill(tmp_path):
 
 def _one_update_setup(cfg: AgentConfig, num_actions: int):
     """A fresh agent, its optimizer and a replay holding one random 8-step episode."""
-    import numpy as np
-
     from agent.train import build_agent
 
     torch.manual_seed(0)
@@ -208,8 +212,6 @@ ONE_UPDATE = ["train.batch_size=2", "train.seq_len=4", "train.imag_starts=4", "a
 def test_every_agent_preset_trains_one_step(preset, num_actions):
     """Each agent preset's architecture: one world-model + actor-critic update at batch 2 on 4-step segments,
     eager (the GPU presets' compiled path is what test_compiled_frame_parts_match_eager checks)."""
-    import numpy as np
-
     from agent.train import train_step
 
     cfg = load_config(AgentConfig, ROOT / f"configs/{preset}.yaml", [*ONE_UPDATE, "train.compile=false"])

@@ -9,7 +9,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 from nle import nethack
 
-from envs.nethack import PAD_GLYPH, TILE, NetHackEnv, glyph_tiles, nethack_summary
+from envs.nethack import PAD_GLYPH, STATUS_LEVELS, TILE, NetHackEnv, glyph_tiles, nethack_summary, status_tokens
 
 ACTIONS = [1, 2, 3, 4, 5, 6, 7, 8, 1, 3, 5, 7, 2, 4, 6, 8, 18, 1, 2, 3]  # compass moves and search
 
@@ -124,6 +124,23 @@ def test_seeding(task):
     a.close(), b.close()
 
 
+def test_status_tokens_hand_computed():
+    """The bottom line as tokens: HP 7/14 -> 15*7//14 = 7; energy 0/0 -> 0; hunger 4 (weak); encumbrance 2; depth
+    20 and level 3 -> 15 and 3 (clipped); AC -8 -> 10-(-8) = 18 -> 15. A second row: full HP and energy, AC 10."""
+    from world_model import frame_tokenizer
+
+    rows = np.zeros((2, nethack.NLE_BLSTATS_SIZE), np.int64)
+    for row, values in zip(rows, ({"HP": 7, "HPMAX": 14, "ENE": 0, "ENEMAX": 0, "HUNGER": 4, "CAP": 2, "DEPTH": 20,
+                                   "XP": 3, "AC": -8},
+                                  {"HP": 30, "HPMAX": 30, "ENE": 5, "ENEMAX": 5, "HUNGER": 1, "CAP": 0, "DEPTH": 1,
+                                   "XP": 1, "AC": 10})):
+        for key, value in values.items():
+            row[getattr(nethack, f"NLE_BL_{key}")] = value
+    np.testing.assert_array_equal(status_tokens(rows), [[7, 0, 4, 2, 15, 3, 15], [15, 15, 1, 0, 1, 1, 0]])
+    np.testing.assert_array_equal(status_tokens(rows[0].astype(np.float32)), status_tokens(rows)[0])
+    assert status_tokens(rows).dtype == np.uint8 and STATUS_LEVELS == frame_tokenizer.STATUS_LEVELS == 16
+
+
 def test_stats_and_info():
     env = NetHackEnv()
     obs, info = env.reset(seed=6)
@@ -132,6 +149,8 @@ def test_stats_and_info():
         blstats = raw(env)[1]
         assert obs["stats"].dtype == np.float32
         np.testing.assert_array_equal(obs["stats"], blstats.astype(np.float32))
+        np.testing.assert_array_equal(obs["status"], status_tokens(blstats))
+        assert obs["status"] in env.observation_space["status"]
         assert info["score"] == blstats[nethack.NLE_BL_SCORE]
         assert info["depth"] == blstats[nethack.NLE_BL_DEPTH] == 1
         assert info["end_status"] == env.nle.StepStatus.RUNNING

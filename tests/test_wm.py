@@ -21,8 +21,9 @@ TINY_WM = [
 ]
 
 
-def toy_dataset(root, episodes=6, length=10, size=16, seed=0, moves=3):
-    """Episodes of a moving square: frames depend on actions, reward 1 at the last step of terminated ones."""
+def toy_dataset(root, episodes=6, length=10, size=16, seed=0, moves=3, status=False):
+    """Episodes of a moving square: frames depend on actions, reward 1 at the last step of terminated ones. With
+    `status`, each frame comes with a status token (as NetHack's bottom line): the square's position."""
     rng = np.random.default_rng(seed)
     w = EpisodeWriter(root, {"env": "toy", "num_actions": 3})
     for e in range(episodes):
@@ -31,7 +32,7 @@ def toy_dataset(root, episodes=6, length=10, size=16, seed=0, moves=3):
         def frame(p):
             f = np.zeros((size, size, 3), np.uint8)
             f[6:10, p:p + 4] = 255
-            return f
+            return {"image": f, "status": np.array([p], np.uint8)} if status else f
 
         w.begin(0, frame(pos))
         for t in range(length - 1):
@@ -61,6 +62,27 @@ def test_loss_and_gradients_fresh_encoder(tmp_path):
     loss.backward()
     assert torch.isfinite(loss) and {"loss_slots", "loss_reward", "loss_cont", "loss_slot_recon"} <= set(stats)
     assert all(p.grad is not None for p in wm.autoencoder.encoder.backbone.parameters())  # joint: it learns
+
+
+def test_status_tokens_join_the_frame_codes(tmp_path):
+    """A dataset whose frames come with status tokens: the world model appends them to the frame codes (the dynamics
+    predicts them, its frame vocabulary holding their 16 values), records that in its checkpoint, and eval-wm
+    rebuilds it; frame.status=false leaves them out."""
+    root = toy_dataset(tmp_path / "d", status=True)
+    cfg = wm_cfg(root)
+    train, _, meta = split_dataset(cfg)
+    assert meta["status_vars"] == 1
+    wm = build_wm_for(cfg, 3, torch.device("cpu"), meta["status_vars"])
+    assert (wm.dynamics.cfg.frame_vars, wm.dynamics.cfg.frame_codes) == (3, 16)  # 2 learned of 4 values, 1 status
+    sample = train.sample(2, 4)
+    batch = to_batch(sample, 16, torch.device("cpu"))
+    loss, stats, enc = wm.loss(batch, 0.01)
+    assert torch.isfinite(loss) and torch.equal(enc.frame_codes[..., 2], torch.as_tensor(sample["status"][..., 0]).long())
+    off = build_wm_for(wm_cfg(root, "frame.status=false"), 3, torch.device("cpu"), meta["status_vars"])
+    assert (off.status_vars, off.dynamics.cfg.frame_vars, off.dynamics.cfg.frame_codes) == (0, 2, 4)
+    train_wm(wm_cfg(root, "train.steps=2"), str(tmp_path / "a"), progress=False)
+    assert torch.load(tmp_path / "a" / "checkpoints" / "latest.pt", weights_only=False)["status_vars"] == 1
+    assert run.main(["eval-wm", "--checkpoint", str(tmp_path / "a"), "--out", str(tmp_path / "e")]) == 0
 
 
 @pytest.mark.parametrize("carry_grad", [True, False])

@@ -6,14 +6,22 @@ CNN into `vars` categorical latents (sampled in training, argmax in evaluation; 
 gradients through a softmax with 1% uniform mixing, as DreamerV3),
 trained to reconstruct a low-resolution copy of the frame, so the dynamics model can predict and feed
 back the codes in imagination exactly like slot codes.
+
+An env may give status tokens beside its frames (`obs["status"]`: NetHack's bottom line, hit points, hunger,
+depth, ..., which its frames do not show, binned into categorical values): they are appended to the frame
+codes as they are, not learned, so the dynamics predicts them and the actor reads them like the rest.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+STATUS_LEVELS = 16  # an env's status tokens take values in [0, 16): the dynamics' frame vocabulary holds that many
 
 
 @dataclass
@@ -23,16 +31,18 @@ class FrameTokenizerConfig:
     channels: int = 32  # CNN width (doubles per stride-2 layer)
     target: int = 16  # side of the low-resolution reconstruction target
     unimix: float = 0.01
+    status: bool = True  # append the env's status tokens (obs["status"], NetHack's bottom line) to the codes
 
 
 class FrameTokenizer(nn.Module):
-    """images `b 3 h w` in [0, 1] -> codes `b g`; decodes codes to a `target`-pixel frame."""
+    """images `b 3 h w` in [0, 1] (and status tokens `b m` for `status_vars` = m > 0) -> codes `b g+m`, the `g`
+    learned ones first; decodes learned codes to a `target`-pixel frame."""
 
-    def __init__(self, cfg: FrameTokenizerConfig, resolution: int):
+    def __init__(self, cfg: FrameTokenizerConfig, resolution: int, status_vars: int = 0):
         super().__init__()
         if resolution % 8:
             raise ValueError(f"frame tokenizer needs a resolution divisible by 8, got {resolution}")
-        self.cfg = cfg
+        self.cfg, self.status_vars = cfg, status_vars
         c = cfg.channels
         self.encoder = nn.Sequential(
             nn.Conv2d(3, c, 4, 2, 1), nn.SiLU(), nn.Conv2d(c, 2 * c, 4, 2, 1), nn.SiLU(),
@@ -66,8 +76,22 @@ class FrameTokenizer(nn.Module):
     def target(self, images: torch.Tensor) -> torch.Tensor:
         return F.interpolate(images.float(), size=(self.cfg.target, self.cfg.target), mode="area")
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The codes used (`b g`) and the reconstruction loss of the low-resolution frame."""
+    def with_status(self, codes: torch.Tensor, status: Optional[torch.Tensor]) -> torch.Tensor:
+        """Learned codes `b g` -> `b g+m`, the status tokens `b m` appended."""
+        if not self.status_vars:
+            return codes
+        if status is None or status.shape[-1] != self.status_vars:
+            got = "none" if status is None else f"{status.shape[-1]}"
+            raise ValueError(f"this frame tokenizer appends the env's {self.status_vars} status tokens to its codes; "
+                             f"got {got}")
+        return torch.cat([codes, status.to(codes.dtype)], -1)
+
+    def codes(self, images: torch.Tensor, status: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The argmax codes `b g+m` (acting)."""
+        return self.with_status(self.logits(images).argmax(-1), status)
+
+    def forward(self, images: torch.Tensor, status: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The codes used (`b g+m`) and the reconstruction loss of the low-resolution frame."""
         onehots = self.onehots(self.logits(images))
         recon = self.decode(onehots)
-        return onehots.argmax(-1), F.mse_loss(recon.float(), self.target(images))
+        return self.with_status(onehots.argmax(-1), status), F.mse_loss(recon.float(), self.target(images))

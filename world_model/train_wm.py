@@ -22,7 +22,7 @@ from envs.episodes import episode_paths, load_episode, read_meta
 
 from .config import WMEncoderConfig, WorldModelConfig, load_run_config, save_config
 from .dynamics import DynamicsConfig
-from .frame_tokenizer import FrameTokenizerConfig
+from .frame_tokenizer import STATUS_LEVELS, FrameTokenizerConfig
 from .pretrain import TRAIN_STREAM, autocast, guarded_update, load_run, stream_seed
 from .perception import SlotAutoencoder
 from .rundir import (MetricLogger, RunDir, fixed_rng, note_if_finished, resolve_device, rng_state, set_rng_state,
@@ -34,7 +34,7 @@ EVAL_SEED = 2025
 
 def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, ReplayBuffer, dict]:
     """Replay buffers of the training and held-out episodes of an episode dataset, and its meta (plus `held_out`:
-    the held-out episodes' file names)."""
+    the held-out episodes' file names, and `status_vars`: the status tokens beside each frame, or 0)."""
     root = cfg.data.root
     if not root:
         raise ValueError("train-wm needs data.root=DIR (or --data DIR): an episode dataset from `run.py collect`")
@@ -50,6 +50,9 @@ def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, R
         held += lengths[-n_eval]
     first = load_episode(paths[0])
     spec = {"image": (first["image"].shape[1:], np.uint8)}
+    if "status" in first:  # the env's status tokens beside each frame (NetHack), for the frame token
+        spec["status"] = (first["status"].shape[1:], np.uint8)
+    keys = (*spec, "action", "reward", "is_first", "is_last", "is_terminal")
     train = ReplayBuffer(cfg.data.capacity, spec, seed=seed)
     held_out = ReplayBuffer(max(held, 1), spec, seed=seed)
     for i, path in enumerate(paths):
@@ -57,7 +60,11 @@ def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, R
         if ep["image"].shape[1:] != first["image"].shape[1:]:
             raise DataError(f"{path} holds frames of shape {ep['image'].shape[1:]}, {paths[0].name} of "
                             f"{first['image'].shape[1:]}: a dataset's frames must have one size")
-        ep = {k: ep[k] for k in ("image", "action", "reward", "is_first", "is_last", "is_terminal")}
+        missing = [k for k in keys if k not in ep]
+        if missing:
+            raise DataError(f"{path} lacks {', '.join(missing)}, which {paths[0].name} holds: a dataset's episodes "
+                            "must come from one env")
+        ep = {k: ep[k] for k in keys}
         (held_out if i >= len(paths) - n_eval else train).add_episode(ep)
     if n_eval == 0:
         raise DataError(f"{root} holds {len(paths)} episode(s): train-wm needs at least 2, the last ones held out for "
@@ -69,7 +76,9 @@ def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, R
         if buf.longest_episode() < length:
             raise DataError(f"{root}: the {which} episodes are at most {buf.longest_episode()} steps long, shorter than "
                             f"the {length} steps of {keys}; collect longer episodes or lower {keys.split(' ')[0]}")
-    return train, held_out, {**meta, "held_out": [p.name for p in paths[len(paths) - n_eval:]]}
+    status_vars = int(np.prod(spec["status"][0])) if "status" in spec else 0
+    return train, held_out, {**meta, "held_out": [p.name for p in paths[len(paths) - n_eval:]],
+                             "status_vars": status_vars}
 
 
 def episode_length(path: Path) -> int:
@@ -82,10 +91,11 @@ def episode_length(path: Path) -> int:
 
 
 def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: DynamicsConfig, num_actions: int,
-                      device: torch.device, longest: int) -> WorldModel:
+                      device: torch.device, longest: int, status_vars: int = 0) -> WorldModel:
     """Encoder from a pretrained run (or fresh), frame tokenizer and dynamics sized to match; `enc` takes the
     pretrained run's model config, and the returned model's `dynamics.cfg` is the completed dynamics config.
-    `longest`: the longest sequence (in steps) the dynamics must hold."""
+    `longest`: the longest sequence (in steps) the dynamics must hold; `status_vars`: the env's status tokens beside
+    each frame (0: none), appended to the frame codes unless frame.status=false."""
     if enc.checkpoint:
         pre_cfg, autoencoder, _ = load_run(enc.checkpoint, device)
         if not isinstance(autoencoder, SlotAutoencoder):
@@ -96,18 +106,21 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
         autoencoder, joint, enc.mode = SlotAutoencoder(enc.model, enc.resolution), True, "joint"
     if not enc.model.vq.enabled:
         raise ValueError("the world model needs a VQ slot encoder: pretrain with model.vq.enabled=true")
+    status_vars = status_vars if frame.vars and frame.status else 0
+    # the dynamics' frame vocabulary holds the learned codes and the status tokens' values alike
+    frame_codes = max(frame.codes, STATUS_LEVELS) if status_vars else frame.codes
     dyn = replace(dyn, num_slots=enc.model.num_slots, num_vars=enc.model.vq.num_vars, num_codes=enc.model.vq.num_codes,
-                  frame_vars=frame.vars, frame_codes=frame.codes, num_actions=num_actions)
+                  frame_vars=frame.vars + status_vars, frame_codes=frame_codes, num_actions=num_actions)
     if dyn.max_steps < longest:
         raise ValueError(f"dynamics.max_steps={dyn.max_steps} is shorter than the longest sequence ({longest} steps: "
                          "the training segment, or the evaluation context plus its longest horizon)")
-    return WorldModel(autoencoder, enc.resolution, frame, dyn, joint, enc.carry_grad).to(device)
+    return WorldModel(autoencoder, enc.resolution, frame, dyn, joint, enc.carry_grad, status_vars).to(device)
 
 
-def build_wm_for(cfg: WorldModelConfig, num_actions: int, device: torch.device) -> WorldModel:
+def build_wm_for(cfg: WorldModelConfig, num_actions: int, device: torch.device, status_vars: int = 0) -> WorldModel:
     """`build_world_model` for a train-wm config (which then records the completed dynamics config)."""
     longest = max(cfg.data.seq_len, cfg.eval.context + max(cfg.eval.horizons))
-    wm = build_world_model(cfg.encoder, cfg.frame, cfg.dynamics, num_actions, device, longest)
+    wm = build_world_model(cfg.encoder, cfg.frame, cfg.dynamics, num_actions, device, longest, status_vars)
     cfg.dynamics = wm.dynamics.cfg
     return wm
 
@@ -136,7 +149,7 @@ def evaluate_wm(wm: WorldModel, held_out: ReplayBuffer, cfg: WorldModelConfig, d
     was_training = wm.training
     wm.eval()
     with fixed_rng(EVAL_SEED, device):
-        enc: Encoded = wm.encode(batch["images"])
+        enc: Encoded = wm.encode(batch["images"], batch.get("status"))
         imag = wm.open_loop(enc, batch["action"], c.context, horizon)
     wm.train(was_training)
     real_codes = enc.slot_codes[:, c.context:]  # b h k v
@@ -187,7 +200,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
     t = cfg.train
     run, device = start_run(run_dir, resume, t.device, t.threads, t.seed)
     train_buf, held_out, meta = split_dataset(cfg, cfg.train.seed)
-    wm = build_wm_for(cfg, int(meta["num_actions"]), device)
+    wm = build_wm_for(cfg, int(meta["num_actions"]), device, meta["status_vars"])
     params = [p for p in wm.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.train.lr)
     step = skipped = 0
@@ -210,7 +223,8 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
     def checkpoint() -> None:
         run.save_checkpoint({"step": step, "skipped": skipped, "model": wm.state_dict(), "optimizer": opt.state_dict(),
                              "rng": rng_state(), "config": asdict(cfg), "num_actions": int(meta["num_actions"]),
-                             "env": meta["env"], "held_out": meta["held_out"]})
+                             "env": meta["env"], "held_out": meta["held_out"],
+                             "status_vars": wm.status_vars})
 
     bar = tqdm(total=cfg.train.steps, initial=step, desc="train-wm", disable=not progress, dynamic_ncols=True)
     wm.train()
@@ -264,7 +278,7 @@ def load_wm_run(run_dir: str, device: torch.device) -> tuple[WorldModelConfig, W
     cfg = load_run_config("train-wm", run_dir)
     state = run.load_checkpoint(map_location=device, keys=("model", "num_actions"))
     cfg.encoder.checkpoint = None  # the weights below include the encoder
-    wm = build_wm_for(cfg, state["num_actions"], device)
+    wm = build_wm_for(cfg, state["num_actions"], device, state.get("status_vars", 0))
     run.restore(wm, state, "model")
     wm.eval()
     return cfg, wm, state

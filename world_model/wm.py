@@ -22,7 +22,7 @@ CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes who
 @dataclass
 class Encoded:
     slot_codes: torch.Tensor  # b t k v
-    frame_codes: Optional[torch.Tensor]  # b t g
+    frame_codes: Optional[torch.Tensor]  # b t g (learned, then the env's status tokens)
     recon_loss: Optional[torch.Tensor]  # slot autoencoder MSE (joint training only)
     kl: Optional[torch.Tensor]  # VQ KL (joint training only)
     frame_loss: torch.Tensor  # frame tokenizer reconstruction loss
@@ -39,14 +39,16 @@ def frames_to_input(frames: torch.Tensor, resolution: int) -> torch.Tensor:
 
 class WorldModel(nn.Module):
     def __init__(self, autoencoder: SlotAutoencoder, resolution: int, frame_cfg: FrameTokenizerConfig,
-                 dyn_cfg: DynamicsConfig, joint: bool, carry_grad: bool = True):
+                 dyn_cfg: DynamicsConfig, joint: bool, carry_grad: bool = True, status_vars: int = 0):
         super().__init__()
         self.carry_grad = carry_grad  # gradients through the slots carried from frame to frame (see carried_slots)
         vq = autoencoder.encoder.vq
         if vq is None:
             raise ValueError("the world model needs a VQ slot encoder (model.vq.enabled=true): it predicts slot codes")
         self.autoencoder, self.resolution, self.joint = autoencoder, resolution, joint
-        self.frame_tokenizer = FrameTokenizer(frame_cfg, resolution) if frame_cfg.vars else None
+        # the env's status tokens beside each frame, appended to the frame codes (0: none, or not read)
+        self.status_vars = status_vars if frame_cfg.vars and frame_cfg.status else 0
+        self.frame_tokenizer = FrameTokenizer(frame_cfg, resolution, self.status_vars) if frame_cfg.vars else None
         self.dynamics = SlotDynamics(dyn_cfg)
         self.cudagraphs = False  # compiled parts replay CUDA graphs (compile_frame_parts)
         if not joint:
@@ -58,8 +60,9 @@ class WorldModel(nn.Module):
             self.autoencoder.eval()  # a frozen encoder quantizes with argmax, not Gumbel samples
         return self
 
-    def encode(self, images: torch.Tensor) -> Encoded:
-        """images `b t 3 h w` -> codes, encoding frame t's slots from frame t-1's (slot k follows one object).
+    def encode(self, images: torch.Tensor, status: Optional[torch.Tensor] = None) -> Encoded:
+        """images `b t 3 h w` (status tokens `b t m` when the model reads them) -> codes, encoding frame t's slots
+        from frame t-1's (slot k follows one object).
 
         Only the slot module runs frame by frame: the backbone, the quantizer, the slot decoder and the frame
         tokenizer each take all b*t frames in one batch (on a GPU, 64 small launches of a part cost far more than
@@ -75,7 +78,8 @@ class WorldModel(nn.Module):
                 recon_loss = F.mse_loss(self.autoencoder.decoder(q.slots).recon, frames)
         frame_codes, frame_loss = None, images.new_zeros(())
         if self.frame_tokenizer is not None:
-            frame_codes, frame_loss = self.frame_tokenizer(frames)
+            status = status.flatten(0, 1) if self.status_vars else None
+            frame_codes, frame_loss = self.frame_tokenizer(frames, status)
             frame_codes = self.kept(frame_codes).unflatten(0, (b, t))
         return Encoded(codes, frame_codes, recon_loss, kl if self.joint else None, frame_loss)
 
@@ -109,9 +113,9 @@ class WorldModel(nn.Module):
 
     def loss(self, batch: dict, vq_beta: float) -> tuple[torch.Tensor, dict, Encoded]:
         """batch: images `b t 3 h w` float, action/reward/is_terminal `b t` in the episode step layout
-        (action t led to frame t). The dynamics input at step t is frame t with the action taken after it.
-        Also returns the batch's codes (imagination starts from them)."""
-        enc = self.encode(batch["images"])
+        (action t led to frame t), status `b t m` when the model reads them. The dynamics input at step t is frame
+        t with the action taken after it. Also returns the batch's codes (imagination starts from them)."""
+        enc = self.encode(batch["images"], batch.get("status"))
         actions = torch.cat([batch["action"][:, 1:], torch.zeros_like(batch["action"][:, :1])], 1)
         pred = self.dynamics(enc.slot_codes, enc.frame_codes, actions)
         continues = 1.0 - batch["is_terminal"].float()
