@@ -379,6 +379,15 @@ def test_killed_env_worker_during_training(tmp_path, monkeypatch):
     assert firsts >= 3  # the 2 initial episodes and the one started after the crash
 
 
+def test_bench_agent_runs_the_real_loop(capsys):
+    """`bench agent` end to end on the CPU: collection, acting and updates of the tiny preset on NetHack (status
+    tokens and all), timed and printed as one row."""
+    assert run.main(["bench", "agent", "env.name=nethack", "env.asynchronous=false", "--agent-config",
+                     str(ROOT / "configs/tiny.yaml"), "--env-steps", "8", "--prefill", "20", "--rows", "preset"]) == 0
+    (row,) = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("preset ")]
+    assert float(row[1]) > 0 and int(row[2]) >= 1  # env steps/s, updates
+
+
 def test_bench_agent_rows_add_one_optimization_each_and_a_failed_row_is_reported(monkeypatch, capsys):
     """Each row of `bench agent` changes one setting of the row above; a row whose optimization fails prints its
     error and the others still run (the CUDA rows are first run on a GPU no test has)."""

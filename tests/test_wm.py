@@ -8,7 +8,7 @@ import torch
 import run
 from envs.episodes import EpisodeWriter, load_frames
 from world_model.config import WorldModelConfig, load_config
-from world_model.train_wm import build_wm_for, split_dataset, to_batch, train_wm
+from world_model.train_wm import build_wm_for, evaluate_wm, load_wm_run, split_dataset, to_batch, train_wm
 
 TINY_WM = [
     "encoder.resolution=16", "encoder.model.num_slots=3", "encoder.model.slot_dim=8", "encoder.model.mlp_hidden=16",
@@ -83,6 +83,27 @@ def test_status_tokens_join_the_frame_codes(tmp_path):
     train_wm(wm_cfg(root, "train.steps=2"), str(tmp_path / "a"), progress=False)
     assert torch.load(tmp_path / "a" / "checkpoints" / "latest.pt", weights_only=False)["status_vars"] == 1
     assert run.main(["eval-wm", "--checkpoint", str(tmp_path / "a"), "--out", str(tmp_path / "e")]) == 0
+    result = json.loads((tmp_path / "e" / "eval_wm.json").read_text())
+    assert 0 <= result["h1/status_acc"] <= 100 and result["h3/status_acc_copy"] < 100  # the square moves
+    # an oracle that imagines the real frames' codes scores 100%; one that repeats the last context frame scores
+    # the copy baseline
+    cfg, trained, _ = load_wm_run(str(tmp_path / "a"), torch.device("cpu"))
+    _, held_out, _ = split_dataset(cfg)
+    real = trained.open_loop
+
+    def oracle(copy):
+        def open_loop(enc, actions, context, horizon):
+            out = real(enc, actions, context, horizon)
+            frames = enc.frame_codes[:, context - 1:context].expand(-1, horizon, -1) if copy else \
+                enc.frame_codes[:, context:context + horizon]
+            return {**out, "frame_codes": frames}
+        return open_loop
+
+    for copy in (False, True):
+        trained.open_loop = oracle(copy)
+        result = evaluate_wm(trained, held_out, cfg, torch.device("cpu"))
+        for hz in cfg.eval.horizons:
+            assert result[f"h{hz}/status_acc"] == (result[f"h{hz}/status_acc_copy"] if copy else 100.0)
 
 
 @pytest.mark.parametrize("carry_grad", [True, False])

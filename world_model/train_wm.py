@@ -140,8 +140,9 @@ def lr_factor(step: int, warmup: int) -> float:
 def evaluate_wm(wm: WorldModel, held_out: ReplayBuffer, cfg: WorldModelConfig, device: torch.device,
                 segments: Optional[int] = None, video: bool = False) -> dict:
     """Open-loop prediction on held-out segments: slot-code accuracy, decoded-frame MSE and reward error at
-    each horizon, beside copying the last context frame (its codes; its picture, raw and through the same
-    decoder; reward 0) and the decoder's own error on the real codes."""
+    each horizon (and the status tokens' accuracy, for an env that gives them), beside copying the last context
+    frame (its codes; its picture, raw and through the same decoder; reward 0) and the decoder's own error on the
+    real codes."""
     c = cfg.eval
     horizon = max(c.horizons)
     batch = to_batch(held_out.sample(segments or c.segments, c.context + horizon, np.random.default_rng(EVAL_SEED)),
@@ -173,6 +174,11 @@ def evaluate_wm(wm: WorldModel, held_out: ReplayBuffer, cfg: WorldModelConfig, d
         result[f"h{hz}/frame_mse_decoder_floor"] = mse(floor)
         result[f"h{hz}/reward_mae"] = float((imag["reward"][:, i] - reward[:, i]).abs().mean())
         result[f"h{hz}/reward_mae_zero"] = float(reward[:, i].abs().mean())
+        if wm.status_vars:  # the env's status tokens (NetHack's bottom line), the last frame codes
+            status, real_status = (codes[:, :, -wm.status_vars:] for codes in (imag["frame_codes"], enc.frame_codes))
+            result[f"h{hz}/status_acc"] = float((status[:, i] == real_status[:, c.context + i]).float().mean() * 100)
+            result[f"h{hz}/status_acc_copy"] = float(
+                (real_status[:, c.context - 1] == real_status[:, c.context + i]).float().mean() * 100)
     if video:
         result["_video"] = side_by_side(batch["images"][0], floor[0], imagined[0], c.context)
     return result
