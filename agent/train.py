@@ -4,8 +4,7 @@ evaluation episodes; everything in one run directory, resumable at the same env 
 
 Run directory: config.yaml, checkpoints/latest.pt (models, optimizers, counters, RNG), replay/<step>-rank<r>.npz
 (each rank's buffer that checkpoint belongs to, written first), stats.jsonl (every training episode, crafter's
-schema for Crafter), eval_stats.jsonl (every evaluation's episodes), final_eval.json (the last evaluation's summary),
-metrics.jsonl and tb/.
+schema for Crafter), eval_stats.jsonl (every evaluation's episodes), metrics.jsonl and tb/.
 
 Under torchrun each rank runs its share of the env workers into its own replay buffer; the world model and the
 actor-critic are wrapped in DistributedDataParallel, so every update averages the ranks' gradients and the
@@ -34,7 +33,7 @@ from envs.vector import make_vector_env
 from world_model import distributed
 from world_model.config import save_config
 from world_model.pretrain import autocast, guarded_update
-from world_model.rundir import (MetricLogger, atomic_write, fixed_rng, note_if_finished, rank_seed, restore_rng,
+from world_model.rundir import (MetricLogger, fixed_rng, note_if_finished, rank_seed, restore_rng,
                                 rng_states, rollback_appended, start_run)
 from world_model.train_wm import build_world_model, to_batch
 from world_model.wm import WorldModel, WorldModelLoss
@@ -249,6 +248,14 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                     if old.name not in kept:
                         old.unlink()
 
+        def evaluate(at: int) -> dict:
+            """Evaluation episodes (their records appended to eval_stats.jsonl), logged with pictures."""
+            result = _log_keys(evaluate_agent(wm, ac, cfg, device, t.eval_episodes, run.path / "eval_stats.jsonl"),
+                               cfg.env.name, "")
+            logger.scalars(at, result, prefix="eval/")
+            log_pictures(logger, at, wm, replay, device)
+            return result
+
         collector.reset(rank_seed(t.seed) + counters["vector_steps"])
         bar = tqdm(total=t.env_steps, initial=counters["env_steps"], desc=f"train {cfg.env.name}",
                    disable=not progress or not main, dynamic_ncols=True, unit="step")
@@ -296,32 +303,20 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                     print(f"env step {counters['env_steps']}/{t.env_steps}: {counters['updates']} updates, {episodes} "
                           f"episodes, {row['env_steps_per_s']:.1f} env steps/s"
                           + "".join(f", {k}={v}" for k, v in score.items()), flush=True)
+            if counters["env_steps"] >= next_ckpt or counters["env_steps"] >= t.env_steps:
+                next_ckpt += t.ckpt_every  # before the evaluation: Ctrl-C or a crash there loses no training
+                checkpoint()
+                logger.flush()
             if next_eval is not None and counters["env_steps"] >= next_eval:
                 next_eval += t.eval_every
                 if main:
-                    last_eval = _log_keys(evaluate_agent(wm, ac, cfg, device, t.eval_episodes,
-                                                         run.path / "eval_stats.jsonl"), cfg.env.name, "")
-                    logger.scalars(counters["env_steps"], last_eval, prefix="eval/")
-                    log_pictures(logger, counters["env_steps"], wm, replay, device)
-            if counters["env_steps"] >= next_ckpt or counters["env_steps"] >= t.env_steps:
-                next_ckpt += t.ckpt_every
-                checkpoint()
-                logger.flush()
+                    last_eval = evaluate(counters["env_steps"])
         bar.close()
         if main:
-            done = final_evaluation(run.path, counters["env_steps"])
-            if done is not None:  # a finished run resumed: its final evaluation is not played (and appended) again
-                print(f"note: the final evaluation at env step {counters['env_steps']} is in {FINAL_EVAL}; "
-                      "`run.py eval` plays more episodes", file=sys.stderr)
-                last_eval = done
-            elif not last_eval or next_eval is None:
-                last_eval = _log_keys(evaluate_agent(wm, ac, cfg, device, t.eval_episodes,
-                                                     run.path / "eval_stats.jsonl"), cfg.env.name, "")
-                logger.scalars(counters["env_steps"], last_eval, prefix="eval/")
-                log_pictures(logger, counters["env_steps"], wm, replay, device)
-            if done is None:
-                record = {"env_steps": counters["env_steps"], "eval": last_eval}
-                atomic_write(run.path / FINAL_EVAL, lambda f: f.write(json.dumps(record, indent=1).encode()))
+            if not last_eval or next_eval is None:
+                # a finished run resumed: its final evaluation is read back from the log, not played (and its
+                # episodes appended) again; a run stopped during it evaluates now
+                last_eval = logger.logged(counters["env_steps"], "eval/") or evaluate(counters["env_steps"])
             last_eval = dict(last_eval)
             last_eval.update(_score(run.path / "stats.jsonl", cfg.env.name, "train_"))
         logger.close()
@@ -329,19 +324,6 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
     finally:
         venv.close()
         run.release()  # also when the run failed or was stopped
-
-
-FINAL_EVAL = "final_eval.json"  # the run's last evaluation and its env step, written when the run ends
-
-
-def final_evaluation(run_path: Path, env_steps: int) -> Optional[dict]:
-    """The final evaluation a run already made at `env_steps` (FINAL_EVAL), or None: not made yet, made at another
-    step (the run went on), or unreadable."""
-    try:
-        record = json.loads((run_path / FINAL_EVAL).read_text())
-        return record["eval"] if record["env_steps"] == env_steps else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def load_replay_shards(run_path: Path, state: dict, capacity: int, seed: int,

@@ -77,6 +77,21 @@ def test_runs_that_could_never_train_are_refused(tmp_path):
         assert not (tmp_path / "run").exists()  # refused before the run directory is made
 
 
+def test_an_evaluation_that_fails_loses_no_checkpoint(tmp_path, monkeypatch):
+    """The checkpoint at an env step is written before that step's evaluation: a crash (or Ctrl-C) there keeps it."""
+    import agent.train
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(agent.train, "evaluate_agent", broken)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        train(tiny("train.env_steps=60", "train.prefill=60", "train.eval_every=60", "train.ckpt_every=1000"),
+              str(tmp_path / "run"), progress=False)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=False)
+    assert state["counters"]["env_steps"] == 60
+
+
 def test_replay_ratio_invariant():
     cfg = tiny()
     t = cfg.train
@@ -120,9 +135,7 @@ def test_tiny_preset_end_to_end(tmp_path):
     summary = json.loads((viz / "summary.json").read_text())
     assert summary["step"] == 240 and summary["pngs"] == 2 and "note" not in summary  # it has a decoder
     assert run.main(["visualize", "--checkpoint", str(tmp_path / "run"), "--env", "clevr", "--out", str(viz)]) == 2
-    # resuming the finished run plays no evaluation again: the final one is kept, nothing is appended
-    final = json.loads((tmp_path / "run" / "final_eval.json").read_text())
-    assert final["env_steps"] == 240 and final["eval"]["crafter_score"] == result["crafter_score"]
+    # resuming the finished run plays no evaluation again: the final one is read back from the log, nothing appended
     logs = {name: (tmp_path / "run" / name).read_text() for name in ("eval_stats.jsonl", "metrics.jsonl")}
     again = train(tiny(), str(tmp_path / "run"), resume=True, progress=False)
     assert again == result

@@ -64,6 +64,10 @@ def test_eval_every_zero_evaluates_at_the_end_only(tmp_path):
     result = pretrain(tiny_cfg("train.steps=3", "train.eval_every=0"), str(tmp_path / "e"), progress=False)
     assert "AP_inf" in result
     assert [r["step"] for r in read_jsonl(tmp_path / "e" / "metrics.jsonl") if "eval/AP_inf" in r] == [3]
+    # resumed when finished: the final evaluation is read back from the log, not run and logged again
+    assert pretrain(tiny_cfg("train.steps=3", "train.eval_every=0"), str(tmp_path / "e"), resume=True,
+                    progress=False) == result
+    assert [r["step"] for r in read_jsonl(tmp_path / "e" / "metrics.jsonl") if "eval/AP_inf" in r] == [3]
 
 
 def test_discovery_task_reports_fg_ari(tmp_path):

@@ -175,6 +175,10 @@ def test_train_resume_exact_and_eval_cli(tmp_path, capsys):
     b = train_wm(wm_cfg(root, "train.steps=4"), str(tmp_path / "b"), resume=True, progress=False)
     assert a == b  # same evaluation after resuming from step 2
     assert "held-out split" not in capsys.readouterr().err
+    # the finished run resumed: its final evaluation read back from the log, not run and logged a second time
+    assert train_wm(wm_cfg(root, "train.steps=4"), str(tmp_path / "b"), resume=True, progress=False) == b
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/h1/code_acc" in r] == [2, 4]  # each once
     grown = toy_dataset(tmp_path / "g")
     train_wm(wm_cfg(grown, "train.steps=2"), str(tmp_path / "c"), progress=False)
     toy_dataset(grown, episodes=2, seed=1)  # more episodes collected into the run's dataset
@@ -203,6 +207,19 @@ def test_train_resume_exact_and_eval_cli(tmp_path, capsys):
     assert run.main(["eval-wm", "--checkpoint", str(tmp_path / "a"), "--data", str(other)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds other episodes with 5 actions; this world model was trained on toy with 3" in err
+
+
+def test_an_evaluation_that_fails_loses_no_checkpoint(tmp_path, monkeypatch):
+    """The checkpoint at a step is written before that step's evaluation: a crash (or Ctrl-C) there keeps it."""
+    import world_model.train_wm as tw
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(tw, "evaluate_wm", broken)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        train_wm(wm_cfg(toy_dataset(tmp_path / "d"), "train.steps=2"), str(tmp_path / "a"), progress=False)
+    assert torch.load(tmp_path / "a" / "checkpoints" / "latest.pt", weights_only=False)["step"] == 2
 
 
 def test_datasets_too_small_to_train_and_evaluate_are_refused_before_training(tmp_path):

@@ -448,8 +448,10 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
             logger.scalars(step, last_eval, prefix="eval/")
             bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
     if not last_eval and distributed.is_main():  # a finished run resumed, or one stopped during its final evaluation
-        last_eval = evaluate(model, cfg, device, cfg.data.eval_images)
-        logger.scalars(step, last_eval, prefix="eval/")
+        last_eval = logger.logged(step, "eval/")  # a finished run's, read back instead of run and logged twice
+        if not last_eval:
+            last_eval = evaluate(model, cfg, device, cfg.data.eval_images)
+            logger.scalars(step, last_eval, prefix="eval/")
     bar.close()
     logger.close()
     run.release()

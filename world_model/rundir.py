@@ -264,6 +264,14 @@ class MetricLogger:
         with self.jsonl_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
+    def logged(self, step: int, prefix: str) -> dict:
+        """What was logged at `step` under `prefix` (the prefix stripped): a finished run that resumes reads its final
+        evaluation back instead of running (and logging) it twice."""
+        if not self.enabled or not self.jsonl_path.is_file():
+            return {}
+        return {k[len(prefix):]: v for row in read_records(self.jsonl_path) if row.get("step") == step
+                for k, v in row.items() if k.startswith(prefix)}
+
     def image(self, step: int, tag: str, image: torch.Tensor) -> None:
         """image `3 h w` in [0, 1]."""
         if self.enabled:

@@ -232,6 +232,16 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
                              "env": meta["env"], "held_out": meta["held_out"],
                              "status_vars": wm.status_vars})
 
+    def evaluate(at: int) -> dict:
+        """Evaluate on the held-out episodes; log the scalars and a real | decoded | imagined strip."""
+        result = evaluate_wm(wm, held_out, cfg, device, video=True)
+        frames = result.pop("_video")[cfg.eval.context - 1::4]  # every 4th step from the last context frame
+        strip = torch.from_numpy(np.concatenate(frames, 0)).permute(2, 0, 1) / 255  # 3 H W
+        logger.image(at, "wm/real_decoded_imagined", strip)
+        logger.scalars(at, result, prefix="eval/")
+        bar.write(f"step {at}: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
+        return result
+
     bar = tqdm(total=cfg.train.steps, initial=step, desc="train-wm", disable=not progress, dynamic_ncols=True)
     wm.train()
     t_last, n_last = time.perf_counter(), step
@@ -263,16 +273,13 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
             if not progress:  # a log file still shows the run moving
                 print(f"step {step}/{cfg.train.steps}: loss={stats['loss']:.4f}, slot-code accuracy "
                       f"{100 * stats['acc_slots']:.1f}%", flush=True)
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-            last_eval = evaluate_wm(wm, held_out, cfg, device, video=True)
-            frames = last_eval.pop("_video")[cfg.eval.context - 1::4]  # every 4th step from the last context frame
-            strip = torch.from_numpy(np.concatenate(frames, 0)).permute(2, 0, 1) / 255  # 3 H W
-            logger.image(step, "wm/real_decoded_imagined", strip)
-            logger.scalars(step, last_eval, prefix="eval/")
-            bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
-        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
-            checkpoint()
+        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:  # before the evaluation: Ctrl-C there loses
+            checkpoint()                                                   # no training step
             logger.flush()
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+            last_eval = evaluate(step)
+    if not last_eval:  # a finished run resumed (its final evaluation is in the log), or one stopped during it
+        last_eval = logger.logged(step, "eval/") or evaluate(step)
     bar.close()
     logger.close()
     run.release()
