@@ -6,7 +6,9 @@ import argparse
 import functools
 import json
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -100,7 +102,7 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
         cfg = load_config(run_schemas()[args.command], args.config or default_preset, overrides)
     if distributed.launched() and not args.run_dir:
         raise ValueError("under torchrun pass --run-dir DIR (every process must use the same run directory)")
-    run_dir = args.run_dir or f"runs/{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = args.run_dir = args.run_dir or f"runs/{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
     main_rank = distributed.is_main()
     if main_rank:
         print(f"# run directory: {run_dir}\n{to_yaml(cfg)}", end="")
@@ -488,10 +490,21 @@ def _way_back(args) -> str:
     return f"; `python run.py {args.command} --resume {run_dir}` continues from its last checkpoint"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, a cluster's scheduler) handled as Ctrl-C is: the run gives up its claim and says
+    how to resume."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv=None) -> int:
     from world_model import distributed
 
     args = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         _check_counts(args)
         args.func(args)
@@ -499,10 +512,13 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:  # ConfigError, DataError, RunDirError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted{_way_back(args)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        stopped = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"\n{stopped}{_way_back(args)}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         distributed.shutdown()  # leave the torchrun process group, if this process joined one
     return 0
 

@@ -3,6 +3,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from world_model.config import ConfigError, PretrainConfig, load_config
 
@@ -141,6 +142,43 @@ def test_value_ranges_hold_for_every_command():
                              (WorldModelConfig, "train.steps=0"), (AgentConfig, "train.train_ratio=-1")):
         with pytest.raises(ConfigError, match=override.split("=")[0]):
             load_config(schema, None, [override])
+    # keys with a larger minimum: each refused in one line that says why, before any run starts
+    for schema, override, message in (
+            (AgentConfig, "train.seq_len=1", r"train.seq_len=1 must be at least 2 \(a training segment predicts"),
+            (WorldModelConfig, "data.seq_len=1", "data.seq_len=1 must be at least 2"),
+            (WorldModelConfig, "eval.context=0", "eval.context=0 must be at least 1"),
+            (WorldModelConfig, "eval.horizons=[]", r"eval.horizons=\[\] must list at least one value"),
+            (WorldModelConfig, "eval.horizons=[1,0]", r"eval.horizons=\[1, 0\] must be at least 1"),
+            (AgentConfig, "train.eval_episodes=0", r"train.eval_episodes=0 must be at least 1 \(every run evaluates"),
+            (PretrainConfig, "model.vq.num_codes=1", "model.vq.num_codes=1 must be at least 2"),
+            (AgentConfig, "frame.codes=1", "frame.codes=1 must be at least 2"),
+            (PretrainConfig, "model.cnn_channels=32", r"it takes a list, e.g. cnn_channels=\[32,32\]")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(schema, None, [override])
+
+
+def test_bad_devices_are_one_line_errors_that_name_the_setting():
+    from world_model.rundir import resolve_device
+
+    with pytest.raises(ValueError, match=r"^train.device=gpu is not a device this project runs on: use auto, cpu"):
+        resolve_device("gpu", "train.device")
+    with pytest.raises(ValueError, match=r"^--device=mps is not a device"):
+        resolve_device("mps")
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^--device=cuda but CUDA is not available; use --device=cpu or auto"):
+            resolve_device("cuda")
+
+
+def test_presets_are_found_from_another_working_directory(tmp_path, monkeypatch):
+    """`--config configs/tiny.yaml`, as the README writes it, works from any directory (and so do the defaults)."""
+    from agent.config import AgentConfig
+
+    monkeypatch.chdir(tmp_path)
+    assert load_config(AgentConfig, "configs/tiny.yaml") == load_config(AgentConfig, CONFIGS / "tiny.yaml")
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny.yaml").write_text("train:\n  env_steps: 7\n")  # a file there is the user's own
+    assert load_config(AgentConfig, "configs/tiny.yaml").train.env_steps == 7
 
 
 def test_presets_by_name_and_for_the_wrong_command():

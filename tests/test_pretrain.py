@@ -279,6 +279,29 @@ def test_clevr_training_stream_equals_indexed_batches(tmp_path, workers):
         torch.testing.assert_close(got["targets"], want["targets"])
 
 
+def test_sigterm_is_handled_as_ctrl_c(tmp_path):
+    """`kill` (or `timeout`, or a scheduler) stops a run as Ctrl-C does: it gives up its claim (train.pid) and says
+    how to resume, with exit status 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "run.py", "pretrain", "--run-dir", str(run_dir), "--no-progress", *TINY,
+                             "train.steps=100000", "train.threads=1"], cwd=Path(__file__).resolve().parent.parent,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "checkpoints" / "latest.pt").is_file():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert err.strip().splitlines()[-1] == (f"terminated (SIGTERM); `python run.py pretrain --resume {run_dir}` "
+                                            "continues from its last checkpoint")
+    assert not (run_dir / "train.pid").exists()
+
+
 def test_ctrl_c_is_one_line_with_the_way_back(tmp_path, monkeypatch, capsys):
     import world_model.pretrain as pt
 

@@ -97,6 +97,21 @@ def test_run_directory_guards(tmp_path):
     (tmp_path / "a" / "metrics.jsonl").write_text('{"step": 2}\n')
     with pytest.raises(RunDirError, match="metrics.jsonl of a run that stopped before its first checkpoint"):
         RunDir.open(tmp_path / "a", resume=False)
+    # an episode dataset is no run directory (its stats.jsonl is no leftover), nor a place for pictures and reports
+    from envs.episodes import EpisodeWriter
+    from world_model.rundir import check_out_dir
+
+    EpisodeWriter(tmp_path / "data", {"env": "toy"})
+    (tmp_path / "data" / "stats.jsonl").write_text("")
+    for resume in (False, True):
+        with pytest.raises(RunDirError, match=r"data is an episode dataset \(meta.json, episodes/\); choose another"):
+            RunDir.open(tmp_path / "data", resume=resume)
+    with pytest.raises(RunDirError, match="--out .*data is an episode dataset"):
+        check_out_dir(tmp_path / "data")
+    with pytest.raises(RunDirError, match=r"--out .*a is a run directory; write to a directory of its own"):
+        (tmp_path / "a" / "config.yaml").write_text("")
+        check_out_dir(tmp_path / "a")
+    assert check_out_dir(tmp_path / "a" / "viz") == tmp_path / "a" / "viz"
     host = socket.gethostname()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

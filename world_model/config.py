@@ -190,6 +190,15 @@ DERIVED = {  # world-model keys a run sets from elsewhere (build_world_model), s
     "dynamics.num_slots": "encoder.model.num_slots", "dynamics.num_vars": "encoder.model.vq.num_vars",
     "dynamics.num_codes": "encoder.model.vq.num_codes", "dynamics.frame_vars": "frame.vars",
     "dynamics.frame_codes": "frame.codes", "dynamics.num_actions": "the env (or the dataset's meta.json)"}
+AT_LEAST = {  # keys with a larger minimum, and why
+    "train.seq_len": (2, "a training segment predicts each step from the one before"),
+    "data.seq_len": (2, "a training segment predicts each step from the one before"),
+    "eval.context": (1, "open-loop prediction starts from at least one real frame"),
+    "eval.horizons": (1, "each horizon is a number of predicted steps"),
+    "train.eval_episodes": (1, "every run evaluates at its end"),
+    "frame.codes": (2, "a categorical latent needs two values"),
+    "model.vq.num_codes": (2, "a categorical latent needs two values"),
+    "encoder.model.vq.num_codes": (2, "a categorical latent needs two values")}
 POSITIVE_RATES = ("train.lr", "train.wm_lr", "actor_critic.actor_lr", "actor_critic.critic_lr")
 NON_NEGATIVE = ("train.eval_every", "train.prefill", "train.train_ratio", "train.warmup_steps", "data.pool")
 
@@ -220,6 +229,8 @@ def _explain(err: OmegaConfBaseException, schema: Any, where: str, command: Opti
     if "not in struct" in msg or "Key '" in msg and "not in" in msg:
         listing = f"python run.py config --for {command}" if command else "python run.py config"
         return ConfigError(f"unknown config key '{key}' in {where}{_suggest(key, schema)}; run `{listing}` to list keys")
+    if "is not a ListConfig" in msg:
+        msg = f"it takes a list, e.g. {key.rpartition('.')[2]}=[32,32]"
     return ConfigError(f"bad config value for '{key}' in {where}: {msg}")
 
 
@@ -235,9 +246,10 @@ def _fitting_command(loaded: Any) -> Optional[str]:
 
 
 def preset_path(path: str | Path) -> Path:
-    """A preset given as a path, or by name (`tiny`, `crafter.yaml`: the file in configs/)."""
+    """A preset given as a path, or by name (`tiny`, `crafter.yaml`: the file in configs/). `configs/X.yaml` that is
+    not there relative to the working directory is the project's preset (a command run from another directory)."""
     path = Path(path)
-    if path.is_file() or path.parent != Path("."):
+    if path.is_file() or path.parent not in (Path("."), Path("configs")):
         return path
     named = PRESET_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
     return named if named.is_file() else path
@@ -287,6 +299,14 @@ def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: 
                 raise ConfigError(f"{key}={list(value)!r}: every entry must be {what}")
             if value is not None and not isinstance(value, ListConfig) and value < low:
                 raise ConfigError(f"{key}={value!r} must be {what}")
+    for key, (low, why) in AT_LEAST.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        values = list(value) if isinstance(value, ListConfig) else [] if value is None else [value]
+        if isinstance(value, ListConfig) and not values:
+            raise ConfigError(f"{key}=[] must list at least one value ({why})")
+        if any(v < low for v in values):
+            raise ConfigError(f"{key}={value if not isinstance(value, ListConfig) else values!r} must be at least "
+                              f"{low} ({why})")
     for key in POSITIVE_RATES:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and not value > 0:

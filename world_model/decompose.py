@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .perception import SlotAutoencoder
 from .pretrain import eval_batches, load_run
-from .rundir import resolve_device
+from .rundir import check_out_dir, resolve_device
 from .visualize import colorize, decomposition_grid, save_png, tile, upscale
 from .wm import frames_to_input
 
@@ -177,7 +177,7 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
     values = None if edit is None else edit_values(model, int(edit[0]), int(edit[1]), edit[2])  # before any output
     if run.trained_env and run.trained_env != env:
         print(f"note: {checkpoint} was trained on {run.trained_env} frames, shown {env} frames here", file=sys.stderr)
-    out = Path(out_dir)
+    out = check_out_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if env == "clevr":
         cfg.data.source = "generated" if cfg.data.source == "frames" else cfg.data.source

@@ -20,7 +20,7 @@ from envs.clevr import COLORS, MATERIALS, SHAPES, SIZES
 from .config import PretrainConfig
 from .metrics import hungarian_assign, trim_padding
 from .pretrain import EVAL_SEED, autocast, eval_batches, load_run
-from .rundir import fixed_rng, resolve_device
+from .rundir import check_out_dir, fixed_rng, resolve_device
 
 # The discrete properties, in table order: (value names, slice of the 19-entry target row).
 PROPERTIES = {
@@ -274,7 +274,7 @@ def _heatmap(tables: dict, var: int):
 def save_code_heatmaps(tables: dict, out_dir: str | Path, info: Optional[dict] = None) -> list[Path]:
     """One PNG per latent variable (rows = codes, columns = property values; gray = unused code) and
     summary.json (`summarize(tables)` plus `info`); returns the written paths, summary.json last."""
-    out = Path(out_dir)
+    out = check_out_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for var in range(len(tables["nmi"])):

@@ -130,6 +130,8 @@ class RunDir:
         """New run: the directory must hold no checkpoint and no logs of an earlier run. Resume: it must hold a
         checkpoint. Either way no other live process may be training in it (`train.pid`)."""
         run = cls(path)
+        if is_dataset(run.path):
+            raise RunDirError(f"{run.path} is an episode dataset (meta.json, episodes/); choose another --run-dir")
         if resume and not run.ckpt_path.is_file():
             raise RunDirError(f"cannot resume: no checkpoint at {run.ckpt_path}; start a new run without --resume")
         if not resume and run.ckpt_path.is_file():
@@ -213,6 +215,22 @@ class RunDir:
 
 
 _CLAIMED: list[RunDir] = []  # run directories this process claimed and has not released
+
+
+def is_dataset(path: Path) -> bool:
+    """An episode dataset of `run.py collect` (meta.json beside episodes/)."""
+    return (path / "meta.json").is_file() and (path / "episodes").is_dir()
+
+
+def check_out_dir(out: str | Path) -> Path:
+    """An --out directory for pictures and reports: refused when it is a run directory or an episode dataset, whose
+    files (tensorboard logs, episodes) it would mix with its own."""
+    out = Path(out)
+    if (out / "checkpoints").is_dir() or (out / "config.yaml").is_file() or (out / "train.pid").is_file():
+        raise RunDirError(f"--out {out} is a run directory; write to a directory of its own (e.g. {out / 'viz'})")
+    if is_dataset(out):
+        raise RunDirError(f"--out {out} is an episode dataset; write to a directory of its own")
+    return out
 
 
 def release_claims() -> None:
@@ -312,9 +330,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
 def start_run(run_dir: str | Path, resume: bool, device: str, threads: int, seed: int) -> tuple["RunDir", torch.device]:
     """What every training command does first: join the process group under torchrun, open the run directory,
     pick the device (each rank's own GPU), set CPU threads, seed (per rank)."""
+    dev = resolve_device(device, "train.device")  # before the run directory is made or claimed
     local = distributed.setup(device)
     run = RunDir.open(run_dir, resume)
-    dev = resolve_device(device)
     if dev.type == "cuda" and local is not None:
         dev = torch.device("cuda", local)
     set_precision(dev)
@@ -335,10 +353,17 @@ def set_precision(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, option: str = "--device") -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N` -> the device, with one-line errors (naming `option`, the flag or config key
+    the user set) for any other name and for CUDA on a machine without it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{option}={name} is not a device this project runs on: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
+        raise ValueError(f"{option}={name} but CUDA is not available; use {option}=cpu or auto")
     return device

@@ -25,8 +25,8 @@ from .dynamics import DynamicsConfig
 from .frame_tokenizer import STATUS_LEVELS, FrameTokenizerConfig
 from .pretrain import TRAIN_STREAM, autocast, guarded_update, load_run, stream_seed
 from .perception import SlotAutoencoder
-from .rundir import (MetricLogger, RunDir, fixed_rng, note_if_finished, resolve_device, rng_state, set_rng_state,
-                     start_run)
+from .rundir import (MetricLogger, RunDir, check_out_dir, fixed_rng, note_if_finished, resolve_device, rng_state,
+                     set_rng_state, start_run)
 from .wm import Encoded, WorldModel, frames_to_input
 
 EVAL_SEED = 2025
@@ -313,7 +313,7 @@ def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] 
                         f"world model was trained on {trained_on} with {state['num_actions']}")
     _, held_out, _ = split_dataset(cfg, cfg.train.seed)
     result = evaluate_wm(wm, held_out, cfg, dev, segments=segments, video=True)
-    out_dir = Path(out) if out else Path(checkpoint) / "eval_wm"
+    out_dir = check_out_dir(out) if out else Path(checkpoint) / "eval_wm"
     out_dir.mkdir(parents=True, exist_ok=True)
     result["video"] = str(write_video(result.pop("_video"), out_dir / "real_vs_imagined"))
     result["step"] = state["step"]
