@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import re
 import signal
 import sys
@@ -46,32 +47,67 @@ def _overrides_help(example: str, command: str) -> str:
 
 
 def cmd_config(args) -> None:
-    from world_model.config import DERIVED, load_config, run_schemas, schema_command, to_yaml
+    from world_model.config import DERIVED, load_config, load_run_config, run_schemas, schema_command, to_yaml
 
     command = args.command_schema or (args.config and schema_command(args.config)) or "pretrain"
     preset = args.config or DEFAULT_PRESETS[command]
     print(f"# run.py {command}, preset {preset}")
     cfg = load_config(run_schemas()[command], preset, args.overrides)
-    text = to_yaml(cfg)
+    derived = {}
     if command in ("train-wm", "train"):
-        text = _mark_derived(text, cfg, DERIVED)
-    print(text, end="")
+        derived = {key: (source, None) for key, source in DERIVED.items()}
+        actions, status = _env_facts(cfg, command)
+        derived["dynamics.num_actions"] = (DERIVED["dynamics.num_actions"], actions)
+        if status and cfg.frame.vars and cfg.frame.status:  # the env's status tokens follow the learned frame codes
+            from world_model.frame_tokenizer import STATUS_LEVELS
+
+            derived["dynamics.frame_vars"] = (f"frame.vars + the env's {status} status tokens",
+                                              cfg.frame.vars + status)
+            derived["dynamics.frame_codes"] = (f"frame.codes, at least the status tokens' {STATUS_LEVELS} values",
+                                               max(cfg.frame.codes, STATUS_LEVELS))
+        if cfg.encoder.checkpoint:  # the encoder's architecture comes from that run, whatever this config says
+            pre = load_run_config("pretrain", cfg.encoder.checkpoint)
+            cfg.encoder.model, cfg.encoder.resolution = pre.model, pre.data.resolution
+            print(f"# encoder.model and encoder.resolution: those of encoder.checkpoint={cfg.encoder.checkpoint}")
+    text = to_yaml(cfg)
+    print(_mark_derived(text, cfg, derived) if derived else text, end="")
+
+
+def _env_facts(cfg, command: str) -> tuple:
+    """The action count and status tokens a run of `cfg` will give its dynamics (the env's, or its dataset's); None
+    for what cannot be known here (no dataset yet)."""
+    if command == "train":
+        from envs.collect import make_env
+
+        env = make_env(cfg.env.name)
+        try:
+            spaces = getattr(env.observation_space, "spaces", {})
+            return int(env.action_space.n), spaces["status"].shape[0] if "status" in spaces else 0
+        finally:
+            env.close()
+    from envs.episodes import episode_paths, load_episode, read_meta
+
+    try:
+        first = load_episode(episode_paths(cfg.data.root)[0])
+        return read_meta(cfg.data.root)["num_actions"], first["status"].shape[-1] if "status" in first else 0
+    except (ValueError, KeyError, TypeError):  # no dataset there (yet)
+        return None, None
 
 
 def _mark_derived(text: str, cfg, derived: dict) -> str:
     """The YAML of a world-model or agent config with each key the run sets itself shown at the value it will get
-    (when it comes from another key) and a comment saying where from."""
+    and a comment saying where from. `derived`: key -> (its source, its value when the source is not a key)."""
     lines, section = [], None
     for line in text.splitlines():
         if line and not line.startswith(" "):
             section = line.rstrip(":")
         key = f"{section}.{line.strip().split(':')[0]}"
         if line.startswith("  ") and not line.startswith("   ") and key in derived:
-            source, value = derived[key], line.split(":", 1)[1].strip()
+            source, value = derived[key]
             try:
                 value = functools.reduce(getattr, source.split("."), cfg)
-            except AttributeError:  # not another key (the env's action count)
-                pass
+            except AttributeError:  # not another key (the env's action count): known here, or not
+                value = "?" if value is None else value
             line = f"{line.split(':')[0]}: {value}  # set by the run from {source}"
         lines.append(line)
     return "\n".join(lines) + "\n"
@@ -122,6 +158,10 @@ def cmd_pretrain(args) -> None:
 
     overrides = list(args.overrides)
     if args.data:
+        clash = [o for o in overrides if re.fullmatch(r"data\.(source|root)=.*", o) and o != "data.source=frames"]
+        if clash:
+            raise ValueError(f"--data {args.data} trains on that dataset's frames (data.source=frames); {clash[0]} "
+                             "contradicts it: give one or the other")
         overrides = ["data.source=frames", f"data.root={args.data}", "task=discovery"] + overrides
     preset = "configs/frames_discovery_cpu.yaml" if args.data else DEFAULT_PRESETS["pretrain"]
     _run_training(args, preset, overrides, lambda c: f"pretrain-{c.task}-{c.model.slots}", pretrain,
@@ -142,7 +182,12 @@ def cmd_eval_ap(args) -> None:
               "frames": f"held-out frames of {cfg.data.root}"}.get(cfg.data.source, cfg.data.source)
     result.update(step=state["step"], data=source, task=cfg.task, slots=cfg.model.slots,
                   vq=cfg.model.vq.enabled)
-    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval_ap.json"
+    if result["images"] < n:
+        print(f"note: {result['data']} hold {result['images']} images, fewer than the {n} asked for: evaluated on "
+              "those", file=sys.stderr)
+    # the generated-scene evaluation and a real-CLEVR one are kept side by side
+    default = "eval_ap_clevr.json" if cfg.data.source == "clevr" else "eval_ap.json"
+    out = Path(args.out) if args.out else Path(args.checkpoint) / default
     out.write_text(json.dumps(result, indent=2))
     print(f"{cfg.task} {cfg.model.slots}{'+vq' if cfg.model.vq.enabled else ''} step {state['step']} "
           f"on {result['images']} images ({result['data']}):")
@@ -278,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="val", help="CLEVR split with --clevr-root (default val)")
     s.add_argument("--images", type=int, help="number of evaluation images (default data.eval_images; fed in "
                    "fixed chunks of 64, so a result does not depend on how it is run)")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--out", help="JSON file for the results (default RUN/eval_ap.json)")
+    s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
+    s.add_argument("--out", help="JSON file for the results (default RUN/eval_ap.json; on real CLEVR RUN/eval_ap_clevr.json)")
     s.set_defaults(func=cmd_eval_ap, parser=s)
 
     s = sub.add_parser("generate", help="write procedurally generated CLEVR-like scenes to disk (CLEVR layout)",
@@ -328,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--codes", action="store_true", help="disentanglement figure of a VQ run on CLEVR-like scenes")
     s.add_argument("--images", type=int, default=1000, help="scenes for --codes")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     s.set_defaults(func=cmd_visualize, parser=s)
 
     s = sub.add_parser("train-wm", help="train the slot-token world model on collected episodes",
@@ -350,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="episode dataset (default: the run's data.root); its held-out episodes are used")
     s.add_argument("--segments", type=int, help="held-out segments (default eval.segments)")
     s.add_argument("--out", help="output directory (default RUN/eval_wm)")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     s.set_defaults(func=cmd_eval_wm, parser=s)
 
     s = sub.add_parser("train", help="train an object-centric world-model agent on crafter or nethack",
@@ -396,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("what", choices=["pretrain", "estep", "generator", "metrics", "envs", "imagination", "agent"],
                    help="what to measure")
-    s.add_argument("--device", default="auto")
+    s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
     s.add_argument("--batch-size", type=int, help="default: 64 on CPU, 512 on CUDA")
     s.add_argument("--resolution", type=int, help="default: 64 on CPU, 128 on CUDA")
     s.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
@@ -476,6 +521,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _way_back(args) -> str:
     """After Ctrl-C: the command that continues a training run, or why there is none."""
+    if args.command == "collect":
+        from envs.episodes import read_meta
+
+        episodes = len(list((Path(args.out) / "episodes").glob("*.npz")))
+        try:
+            used = args.seed in read_meta(args.out).get("seeds", [])
+        except ValueError:  # no dataset written
+            used = False
+        seed = f"another --seed than {args.seed}" if used else f"--seed {args.seed} (no episode of it was written)"
+        held = f"{episodes} episode{'' if episodes == 1 else 's'}"
+        return f"; {args.out} holds {held} (unfinished ones kept as truncated); collect more with {seed}"
     resume = getattr(args, "resume", None)
     run_dir = getattr(args, "run_dir", None) or (resume if isinstance(resume, str) else None)
     if not run_dir or args.command not in ("pretrain", "train", "train-wm"):
@@ -512,6 +568,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:  # ConfigError, DataError, RunDirError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into a reader that stopped (`run.py config | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 0
     except KeyboardInterrupt as e:
         stopped = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         print(f"\n{stopped}{_way_back(args)}", file=sys.stderr)

@@ -69,18 +69,20 @@ def collect(env: str, frames: int, out: str, num_envs: int = 1, envs_per_worker:
         start = time.perf_counter()
         bar = tqdm(total=frames, desc=f"collect {env}", unit="frame", disable=not progress)
         bar.update(min(stored, frames))
-        while stored < frames:
-            actions = rng.integers(venv.single_action_space.n, size=num_envs)
-            obs, rewards, terms, truncs, _ = venv.step(actions)
-            for i in range(num_envs):
-                if needs_reset[i]:  # NEXT_STEP autoreset: this is the first observation of a new episode
-                    writer.begin(i, _index(obs, i))
-                else:
-                    writer.step(i, _index(obs, i), actions[i], rewards[i], terms[i], truncs[i])
-            needs_reset = np.logical_or(terms, truncs)
-            bar.update(min(num_envs, frames - stored))
-            stored += num_envs
-        writer.flush()
+        try:
+            while stored < frames:
+                actions = rng.integers(venv.single_action_space.n, size=num_envs)
+                obs, rewards, terms, truncs, _ = venv.step(actions)
+                for i in range(num_envs):
+                    if needs_reset[i]:  # NEXT_STEP autoreset: this is the first observation of a new episode
+                        writer.begin(i, _index(obs, i))
+                    else:
+                        writer.step(i, _index(obs, i), actions[i], rewards[i], terms[i], truncs[i])
+                needs_reset = np.logical_or(terms, truncs)
+                bar.update(min(num_envs, frames - stored))
+                stored += num_envs
+        finally:  # also when stopped (Ctrl-C, SIGTERM): what was collected is kept, unfinished episodes as truncated
+            writer.flush()
         bar.close()
         seconds = time.perf_counter() - start
         return {"frames": writer.frames, "episodes": writer.count - held_before, "dataset_episodes": writer.count,

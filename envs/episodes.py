@@ -59,17 +59,16 @@ class EpisodeWriter:
     """Accumulates the step streams of several envs and writes each finished episode as one `.npz`.
 
     Feed it per env: `begin(i, obs)` for a first observation, `step(i, obs, action, reward, terminated,
-    truncated)` for the rest; `flush()` writes unfinished episodes as truncated pieces.
+    truncated)` for the rest; `flush()` writes unfinished episodes as truncated pieces. meta.json (and the seed it
+    lists) is written with the first episode, so a collection stopped before any leaves the dataset as it was.
     """
 
     def __init__(self, root: Union[str, Path], meta: dict):
         self.root = Path(root)
         self.dir = self.root / "episodes"
-        meta = _joined_meta(self.root, meta)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.root / "meta.json").write_text(json.dumps(meta, indent=2))
+        self.meta = _joined_meta(self.root, meta)  # checked now: a wrong directory is refused before any env runs
         self.buffers: dict[int, dict[str, list]] = {}
-        self.count = len(list(self.dir.glob("*.npz")))
+        self.count = len(list(self.dir.glob("*.npz"))) if self.dir.is_dir() else 0
         self.frames = 0
 
     def begin(self, env: int, obs: Any) -> None:
@@ -99,6 +98,12 @@ class EpisodeWriter:
             buf["is_last"][-1] = True
         arrays = {k: np.asarray(v, dtype=STEP_DTYPES.get(k)) for k, v in buf.items()}
         length = len(arrays["action"])
+        if self.meta is not None:  # the first episode: the dataset's meta.json with it
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.root / "meta.json.tmp"
+            tmp.write_text(json.dumps(self.meta, indent=2))
+            os.replace(tmp, self.root / "meta.json")
+            self.meta = None
         _atomic_savez(self.dir / f"{self.count:06d}-{length}.npz", arrays)
         self.count += 1
         self.frames += length

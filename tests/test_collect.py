@@ -148,3 +148,35 @@ def test_decomposition_grid_shows_a_reconstruction_only_when_there_is_one():
     assert with_recon.shape[-1] == pad + (3 + 3) * side and without.shape[-1] == pad + (2 + 3) * side
     torch.testing.assert_close(without[:, pad:pad + 8, pad:pad + 8], images[0])  # first column: the input
     assert not torch.equal(without[:, pad:pad + 8, pad + side:pad + side + 8], images[0])  # then the segmentation
+
+
+def test_a_stopped_collection_keeps_its_episodes_and_says_so(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM) during `collect`: the unfinished episodes are written as truncated pieces, and the message
+    says what the dataset holds and which --seed collects more; stopped before any episode, the seed stays free."""
+    from envs.episodes import EpisodeWriter
+
+    calls, step = [0], EpisodeWriter.step
+
+    def stop_at(n):
+        def stopping(self, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] > n:
+                raise KeyboardInterrupt
+            return step(self, *args, **kwargs)
+        return stopping
+
+    out = tmp_path / "d"
+    argv = ["collect", "--env", "crafter", "--frames", "1000", "--out", str(out), "--no-progress"]
+    monkeypatch.setattr(EpisodeWriter, "step", stop_at(0))
+    assert run.main(argv) == 130
+    assert capsys.readouterr().err.strip().endswith(f"{out} holds 0 episodes (unfinished ones kept as truncated); "
+                                                    "collect more with --seed 0 (no episode of it was written)")
+    assert not (out / "meta.json").exists()
+    calls[0] = 0
+    monkeypatch.setattr(EpisodeWriter, "step", stop_at(30))
+    assert run.main(argv) == 130
+    assert capsys.readouterr().err.strip().endswith(f"{out} holds 1 episode (unfinished ones kept as truncated); "
+                                                    "collect more with another --seed than 0")
+    (episode,) = iter_episodes(out)
+    assert len(episode["action"]) == 31 and episode["is_last"][-1] and not episode["is_terminal"].any()
+    assert read_meta(out)["seeds"] == [0]

@@ -130,6 +130,15 @@ def test_run_directories_of_another_command_are_named_as_such(tmp_path, capsys):
     assert "  num_actions: 17  # set by the run from the env" in out
     assert run.main(["config", "--config", str(CONFIGS / "wm_crafter_cpu.yaml"), "train.steps=7"]) == 0
     assert "  steps: 7\n" in capsys.readouterr().out
+    assert run.main(["config", "--config", "nethack_cpu"]) == 0  # NetHack's actions, and its 7 status tokens
+    out = capsys.readouterr().out
+    assert "  num_actions: 23  # set by the run from the env" in out
+    assert "  frame_vars: 15  # set by the run from frame.vars + the env's 7 status tokens" in out
+    # a preset with a typo in a key: the error names that key, not a good key under another command's schema
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("env:\n  name: crafter\ntrain:\n  env_steps: 10\n  bogus: 1\n")
+    assert run.main(["config", "--config", str(typo)]) == 2
+    assert "unknown config key 'train.bogus'" in capsys.readouterr().err
 
 
 def test_value_ranges_hold_for_every_command():

@@ -78,8 +78,15 @@ def test_episodes_join_only_a_dataset_of_the_same_env_and_layout(tmp_path):
     """More episodes may be added to a dataset from another seed; another env's dataset, a seed already collected
     and a run directory are refused before anything is written."""
     meta = {"env": "crafter", "num_actions": 17, "obs_keys": ["image"], "image_shape": [64, 64, 3]}
-    EpisodeWriter(tmp_path / "d", {**meta, "seed": 0})
-    EpisodeWriter(tmp_path / "d", {**meta, "seed": 1})
+
+    def one_episode(writer):
+        writer.begin(0, _frame(0))
+        writer.step(0, _frame(1), 0, 0.0, True, False)
+
+    one_episode(EpisodeWriter(tmp_path / "d", {**meta, "seed": 0}))
+    EpisodeWriter(tmp_path / "d", {**meta, "seed": 1})  # stopped before its first episode: seed 1 stays free
+    assert json.loads((tmp_path / "d" / "meta.json").read_text()) == {**meta, "seeds": [0]}
+    one_episode(EpisodeWriter(tmp_path / "d", {**meta, "seed": 1}))
     assert json.loads((tmp_path / "d" / "meta.json").read_text()) == {**meta, "seeds": [0, 1]}
     with pytest.raises(DataError, match="already holds the episodes of seed 1"):
         EpisodeWriter(tmp_path / "d", {**meta, "seed": 1})

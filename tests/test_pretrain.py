@@ -247,8 +247,12 @@ def test_pretrain_and_eval_on_a_clevr_directory(tmp_path, capsys):
     result = pretrain(cfg, str(rd), progress=False)
     assert result["images"] == 4  # eval_split=val holds 4 images
     capsys.readouterr()
-    assert run.main(["eval-ap", "--checkpoint", str(rd), "--clevr-root", str(tmp_path / "clevr")]) == 0
-    assert f"on 4 images (CLEVR {tmp_path / 'clevr'} split val)" in capsys.readouterr().out
+    assert run.main(["eval-ap", "--checkpoint", str(rd), "--clevr-root", str(tmp_path / "clevr"), "--images",
+                     "10"]) == 0
+    out, err = capsys.readouterr()
+    assert f"on 4 images (CLEVR {tmp_path / 'clevr'} split val)" in out
+    assert "hold 4 images, fewer than the 10 asked for" in err  # said, not silently fewer
+    assert json.loads((rd / "eval_ap_clevr.json").read_text())["images"] == 4  # beside eval_ap.json, not over it
 
 
 def test_held_out_scenes_come_in_fixed_chunks():
@@ -277,6 +281,39 @@ def test_clevr_training_stream_equals_indexed_batches(tmp_path, workers):
         got, want = next(stream), source.batch(3, seed)
         torch.testing.assert_close(got["images"], want["images"])
         torch.testing.assert_close(got["targets"], want["targets"])
+
+
+def test_a_frames_run_resumes_on_the_same_game_and_notes_a_moved_split(tmp_path, capsys):
+    """Resuming a run on env frames with another game's dataset is refused in one line; a dataset that grew moves the
+    held-out frames, which a note says."""
+    import numpy as np
+
+    import world_model.pretrain as pt
+    from envs.clevr import DataError
+    from envs.episodes import EpisodeWriter
+
+    def dataset(root, env, episodes, seed):
+        rng = np.random.default_rng(seed)
+        w = EpisodeWriter(root, {"env": env, "num_actions": 3, "seed": seed})
+        for _ in range(episodes):
+            w.begin(0, rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+            for t in range(19):
+                w.step(0, rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), 0, 0.0, False, t == 18)
+
+    frames = ["task=discovery", "data.source=frames", "data.eval_images=4", "train.eval_every=0"]
+    dataset(tmp_path / "a", "crafter", 3, 0)
+    dataset(tmp_path / "b", "nethack", 3, 0)
+    pretrain(tiny_cfg("train.steps=2", *frames, f"data.root={tmp_path / 'a'}"), str(tmp_path / "r"), progress=False)
+    with pytest.raises(DataError, match=r"this run trained on crafter frames; data.root=.*b holds nethack"):
+        pretrain(tiny_cfg("train.steps=3", *frames, f"data.root={tmp_path / 'b'}"), str(tmp_path / "r"), resume=True,
+                 progress=False)
+    capsys.readouterr()
+    dataset(tmp_path / "a", "crafter", 2, 1)  # more episodes collected into the run's dataset
+    pt._dataset_frames.cache_clear()  # (read once per process)
+    pretrain(tiny_cfg("train.steps=3", *frames, f"data.root={tmp_path / 'a'}"), str(tmp_path / "r"), resume=True,
+             progress=False)
+    assert "now holds 100 frames, the last 4 held out (at this run's last checkpoint 60, the last 4)" in \
+        capsys.readouterr().err
 
 
 def test_sigterm_is_handled_as_ctrl_c(tmp_path):
@@ -380,3 +417,10 @@ def test_a_resume_continues_what_the_run_trained_as(tmp_path, capsys):
     assert run.main(["pretrain", "--resume", str(rd), "--no-progress", "train.steps=3"]) == 0
     assert run.main(["pretrain", "--run-dir", str(rd), "--no-progress", "--resume", "train.steps=4"]) == 0
     assert RunDir(rd).load_checkpoint()["step"] == 4
+
+
+def test_data_flag_and_a_contradicting_source_are_refused(tmp_path, capsys):
+    assert run.main(["pretrain", "--data", str(tmp_path), "data.source=generated"]) == 2
+    assert "data.source=generated contradicts it" in capsys.readouterr().err
+    assert run.main(["pretrain", "--data", str(tmp_path), f"data.root={tmp_path / 'other'}"]) == 2
+    assert "data.root=" in capsys.readouterr().err.split("contradicts")[0]

@@ -3,6 +3,7 @@ import json
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,7 +102,9 @@ def test_run_directory_guards(tmp_path):
     from envs.episodes import EpisodeWriter
     from world_model.rundir import check_out_dir
 
-    EpisodeWriter(tmp_path / "data", {"env": "toy"})
+    writer = EpisodeWriter(tmp_path / "data", {"env": "toy"})
+    writer.begin(0, np.zeros((4, 4, 3), np.uint8))
+    writer.step(0, np.zeros((4, 4, 3), np.uint8), 0, 0.0, True, False)
     (tmp_path / "data" / "stats.jsonl").write_text("")
     for resume in (False, True):
         with pytest.raises(RunDirError, match=r"data is an episode dataset \(meta.json, episodes/\); choose another"):

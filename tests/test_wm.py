@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import run
+from envs.clevr import DataError
 from envs.episodes import EpisodeWriter, load_frames
 from world_model.config import WorldModelConfig, load_config
 from world_model.train_wm import build_wm_for, evaluate_wm, load_wm_run, split_dataset, to_batch, train_wm
@@ -144,7 +145,7 @@ def test_batched_encode_matches_frame_by_frame(tmp_path, monkeypatch, carry_grad
         torch.testing.assert_close(g, p.grad)
 
 
-def test_frozen_pretrained_encoder_and_errors(tmp_path):
+def test_frozen_pretrained_encoder_and_errors(tmp_path, capsys):
     from test_pretrain import TINY
 
     root = toy_dataset(tmp_path / "d")
@@ -155,6 +156,13 @@ def test_frozen_pretrained_encoder_and_errors(tmp_path):
     wm = build_wm_for(cfg, 3, torch.device("cpu"))
     assert not any(p.requires_grad for p in wm.autoencoder.parameters())
     assert cfg.dynamics.num_slots == 4 and cfg.dynamics.num_vars == 2  # taken from the pretrained encoder
+    assert "this config's encoder.model differ and are not used" in capsys.readouterr().err  # its 3 slots
+    # `run.py config` shows the encoder the run will use, and the dynamics sizes that follow from it
+    assert run.main(["config", "--for", "train-wm", f"data.root={root}", f"encoder.checkpoint={pre}"]) == 0
+    shown = capsys.readouterr().out
+    assert "# encoder.model and encoder.resolution: those of encoder.checkpoint" in shown
+    assert "  num_slots: 4  # set by the run from encoder.model.num_slots" in shown
+    assert "  num_actions: 3  # set by the run from the env" in shown  # the dataset's
     train, _, _ = split_dataset(cfg)
     loss, stats, _ = wm.loss(to_batch(train.sample(2, 4), 16, torch.device("cpu")), 0.01)
     assert "loss_slot_recon" not in stats
@@ -179,11 +187,19 @@ def test_train_resume_exact_and_eval_cli(tmp_path, capsys):
     assert train_wm(wm_cfg(root, "train.steps=4"), str(tmp_path / "b"), resume=True, progress=False) == b
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval/h1/code_acc" in r] == [2, 4]  # each once
+    other = tmp_path / "o"  # another game's episodes (5 actions): refused before its weights misfit
+    w = EpisodeWriter(other, {"env": "other", "num_actions": 5})
+    for _ in range(3):
+        w.begin(0, np.zeros((16, 16, 3), np.uint8))
+        for t in range(9):
+            w.step(0, np.zeros((16, 16, 3), np.uint8), 4, 0.0, terminated=False, truncated=t == 8)
+    with pytest.raises(DataError, match="this run trained on toy episodes; data.root=.* holds other ones"):
+        train_wm(wm_cfg(other, "train.steps=5"), str(tmp_path / "b"), resume=True, progress=False)
     grown = toy_dataset(tmp_path / "g")
     train_wm(wm_cfg(grown, "train.steps=2"), str(tmp_path / "c"), progress=False)
     toy_dataset(grown, episodes=2, seed=1)  # more episodes collected into the run's dataset
     train_wm(wm_cfg(grown, "train.steps=3"), str(tmp_path / "c"), resume=True, progress=False)
-    assert "has more episodes than at this run's last checkpoint, so its held-out split moved" in \
+    assert "changed since this run's last checkpoint, so its held-out split moved" in \
         capsys.readouterr().err
     for key in ("h1/code_acc", "h3/frame_mse", "h3/code_acc_copy", "h1/reward_mae"):
         assert np.isfinite(a[key])
@@ -225,7 +241,6 @@ def test_an_evaluation_that_fails_loses_no_checkpoint(tmp_path, monkeypatch):
 def test_datasets_too_small_to_train_and_evaluate_are_refused_before_training(tmp_path):
     """One episode leaves nothing to hold out; episodes shorter than a training segment or than the evaluation's
     context + horizon leave nothing to sample: each is a one-line DataError before any training step."""
-    from envs.clevr import DataError
 
     with pytest.raises(DataError, match="holds 1 episode.*at least 2"):
         split_dataset(wm_cfg(toy_dataset(tmp_path / "one", episodes=1)))

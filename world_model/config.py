@@ -344,9 +344,19 @@ def schema_command(path: str | Path) -> Optional[str]:
     (also when there is no such file or it does not parse)."""
     try:
         loaded = OmegaConf.load(preset_path(path))
-        return _fitting_command(loaded) if isinstance(loaded, DictConfig) else None
+        return _fitting_command(loaded) or _closest_command(loaded) if isinstance(loaded, DictConfig) else None
     except (OSError, OmegaConfBaseException, ValueError, yaml.YAMLError):
         return None
+
+
+def _closest_command(loaded: Any) -> Optional[str]:
+    """For a file no schema takes as it is (a typo in a key): the one command whose schema has the most of its
+    top-level sections, so the error names the bad key rather than a good key of another command."""
+    sections = set(loaded.keys())
+    shares = {c: len(sections & set(OmegaConf.structured(s).keys())) for c, s in run_schemas().items()}
+    best = max(shares.values())
+    winners = [c for c, n in shares.items() if n == best]
+    return winners[0] if best and len(winners) == 1 else None
 
 
 def load_run_config(command: str, run_dir: str | Path, overrides: Sequence[str] = ()) -> Any:

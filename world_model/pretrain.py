@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from envs.clevr import ClevrDataset, DataError, SceneGenerator
-from envs.episodes import load_frames
+from envs.episodes import load_frames, read_meta
 
 from . import distributed
 from .config import PretrainConfig, load_run_config, save_config
@@ -206,6 +207,8 @@ class EpisodeFrames:
             raise DataError(f"{d.root} holds {len(frames)} frames: too few to hold out the last 10% for evaluation "
                             "(collect at least 10 frames)")
         self.frames = frames[len(frames) - n_eval:] if split == "eval" else frames[:len(frames) - n_eval]
+        self.env = read_meta(d.root)["env"]
+        self.split = [len(frames), n_eval]  # frames in the dataset, the last ones held out
         self.resolution, self.device = d.resolution, device
 
     def _load(self, indices) -> dict:
@@ -386,6 +389,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
         note_if_finished(step, t.steps, "train.steps")
     # the data first: a bad data path fails before the run directory gets a config
     source = make_source(cfg, device, sharded=True, progress=progress and distributed.is_main(), first_step=step)
+    frames = {"env": getattr(source, "env", None), "split": getattr(source, "split", None)}  # env frames only
+    if resume:
+        check_frames_resume(state.get("frames", frames), frames, cfg.data.root)
     save_config(cfg, run.config_path)
 
     parallel = distributed.wrap(model, device)
@@ -396,7 +402,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
     def checkpoint() -> None:
         run.save_checkpoint({"step": step, "skipped": skipped, "model": model.state_dict(),
                              "optimizer": opt.state_dict(), "rng": rng_states(), "config": asdict(cfg),
-                             "world_size": distributed.world_size()})
+                             "world_size": distributed.world_size(), "frames": frames})
 
     bar = tqdm(total=cfg.train.steps, initial=step, desc=f"pretrain {cfg.task}/{cfg.model.slots}",
                disable=not progress or not distributed.is_main(), dynamic_ncols=True)
@@ -456,6 +462,18 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
     logger.close()
     run.release()
     return last_eval
+
+
+def check_frames_resume(before: dict, now: dict, root: Optional[str]) -> None:
+    """A run on env frames resumes on frames of the same game; a note when its held-out frames moved (the dataset
+    grew or shrank, or data.eval_images changed), since frames evaluated on before are trained on now."""
+    if before.get("env") != now.get("env"):
+        raise DataError(f"this run trained on {before.get('env') or 'generated or CLEVR'} frames; data.root={root} "
+                        f"holds {now.get('env') or 'none'}: a resume goes on with the same game's frames")
+    if now.get("split") and before.get("split") != now.get("split"):
+        (total, held), (total_was, held_was) = now["split"], before["split"]
+        print(f"note: {root} now holds {total} frames, the last {held} held out (at this run's last checkpoint "
+              f"{total_was}, the last {held_was}): evaluations from here on use the new split", file=sys.stderr)
 
 
 def load_run(run_dir: str, device: torch.device) -> tuple[PretrainConfig, nn.Module, dict]:

@@ -20,6 +20,7 @@ from agent.replay import ReplayBuffer
 from envs.clevr import DataError
 from envs.episodes import episode_paths, load_episode, read_meta
 
+from . import distributed
 from .config import WMEncoderConfig, WorldModelConfig, load_run_config, save_config
 from .dynamics import DynamicsConfig
 from .frame_tokenizer import STATUS_LEVELS, FrameTokenizerConfig
@@ -68,7 +69,7 @@ def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, R
         (held_out if i >= len(paths) - n_eval else train).add_episode(ep)
     if n_eval == 0:
         raise DataError(f"{root} holds {len(paths)} episode(s): train-wm needs at least 2, the last ones held out for "
-                        "evaluation; collect more frames with `run.py collect --out` into it")
+                        "evaluation; collect more into it with `run.py collect --out DIR --seed S` (a new seed)")
     needs = ((train, cfg.data.seq_len, "training", "data.seq_len"),
              (held_out, cfg.eval.context + max(cfg.eval.horizons), f"held-out (the last {n_eval})",
               "eval.context + max(eval.horizons)"))
@@ -101,6 +102,13 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
         if not isinstance(autoencoder, SlotAutoencoder):
             raise ValueError(f"encoder.checkpoint={enc.checkpoint} is a {pre_cfg.task} run; the world model needs a "
                              "discovery run (run.py pretrain --data DIR model.vq.enabled=true)")
+        replaced = [k for k, mine, theirs in (("encoder.model", enc.model, pre_cfg.model),
+                                               ("encoder.resolution", enc.resolution, pre_cfg.data.resolution))
+                    if mine != theirs]
+        if replaced and distributed.is_main():
+            print(f"note: encoder.checkpoint={enc.checkpoint} sets the encoder ({pre_cfg.data.resolution}px, "
+                  f"{pre_cfg.model.num_slots} {pre_cfg.model.slots} slots); this config's {' and '.join(replaced)} "
+                  "differ and are not used", file=sys.stderr)
         enc.model, enc.resolution, joint = pre_cfg.model, pre_cfg.data.resolution, enc.mode == "joint"
     else:  # a fresh encoder can only train with the world model: `enc` (and the run's config.yaml) says joint
         autoencoder, joint, enc.mode = SlotAutoencoder(enc.model, enc.resolution), True, "joint"
@@ -212,15 +220,18 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
     step = skipped = 0
     if resume:
         state = run.load_checkpoint(map_location=device, keys=("model", "optimizer", "step", "skipped", "rng"))
+        if state.get("env", meta["env"]) != meta["env"]:  # before the weights: another game's action count misfits
+            raise DataError(f"this run trained on {state['env']} episodes; data.root={cfg.data.root} holds "
+                            f"{meta['env']} ones: a resume goes on with the same game")
         run.restore(wm, state, "model")
         opt.load_state_dict(state["optimizer"])
         step, skipped = state["step"], state["skipped"]
         set_rng_state(state["rng"])
         note_if_finished(step, t.steps, "train.steps")
         if state.get("held_out", meta["held_out"]) != meta["held_out"]:
-            print(f"note: {cfg.data.root} has more episodes than at this run's last checkpoint, so its held-out split "
-                  f"moved (the last {len(meta['held_out'])} episodes now): evaluations from here on use the new split, "
-                  "and the episodes held out before are trained on", file=sys.stderr)
+            print(f"note: the episodes of {cfg.data.root} changed since this run's last checkpoint, so its held-out "
+                  f"split moved (the last {len(meta['held_out'])} episodes now): evaluations from here on use the new "
+                  "split", file=sys.stderr)
     save_config(cfg, run.config_path)
     logger = MetricLogger(run, start_step=step)
     vq = cfg.encoder.model.vq
