@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -158,7 +159,9 @@ def cmd_pretrain(args) -> None:
 
     overrides = list(args.overrides)
     if args.data:
-        clash = [o for o in overrides if re.fullmatch(r"data\.(source|root)=.*", o) and o != "data.source=frames"]
+        same = ("data.source=frames", f"data.root={args.data}")
+        clash = [o for o in overrides if re.fullmatch(r"data\.(source|root)=.*", o) and o not in same
+                 and not (o.startswith("data.root=") and Path(o.split("=", 1)[1]).resolve() == Path(args.data).resolve())]
         if clash:
             raise ValueError(f"--data {args.data} trains on that dataset's frames (data.source=frames); {clash[0]} "
                              "contradicts it: give one or the other")
@@ -182,7 +185,7 @@ def cmd_eval_ap(args) -> None:
               "frames": f"held-out frames of {cfg.data.root}"}.get(cfg.data.source, cfg.data.source)
     result.update(step=state["step"], data=source, task=cfg.task, slots=cfg.model.slots,
                   vq=cfg.model.vq.enabled)
-    if result["images"] < n:
+    if args.images and result["images"] < n:
         print(f"note: {result['data']} hold {result['images']} images, fewer than the {n} asked for: evaluated on "
               "those", file=sys.stderr)
     # the generated-scene evaluation and a real-CLEVR one are kept side by side
@@ -552,6 +555,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once (a rank stuck in a collective)
     raise Terminated
 
 
@@ -570,7 +574,11 @@ def main(argv=None) -> int:
         return 2
     except BrokenPipeError:  # output piped into a reader that stopped (`run.py config | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
-        return 0
+        with contextlib.suppress(OSError):
+            way_back = _way_back(args)
+            if way_back:  # a training run stopped by it, like Ctrl-C
+                print(f"\nstopped: its output pipe closed{way_back}", file=sys.stderr)
+        return 141  # 128 + SIGPIPE, as a shell reports a process a closed pipe stopped
     except KeyboardInterrupt as e:
         stopped = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         print(f"\n{stopped}{_way_back(args)}", file=sys.stderr)

@@ -147,8 +147,12 @@ class Collector:
         self.venv, self.replay, self.n = venv, replay, venv.num_envs
         self.episodes = 0
 
+    def _kept(self, obs: dict) -> dict:
+        """The observation keys the replay stores (a run that predates an env's status tokens stores none)."""
+        return {k: v for k, v in obs.items() if k in self.replay.spec}
+
     def reset(self, seed: int) -> None:
-        self.obs = obs_dict(self.venv.reset(seed=seed)[0])
+        self.obs = self._kept(obs_dict(self.venv.reset(seed=seed)[0]))
         self.first = np.ones(self.n, bool)
         none = np.zeros(self.n)
         self.replay.add_steps(_step_records(self.obs, none, none, none, none, self.first), range(self.n))
@@ -156,7 +160,7 @@ class Collector:
 
     def step(self, actions: np.ndarray) -> None:
         raw, rewards, terms, truncs, _ = self.venv.step(actions)
-        self.obs = obs_dict(raw)
+        self.obs = self._kept(obs_dict(raw))
         self.replay.add_steps(_step_records(self.obs, actions, rewards, terms, truncs, self.ended), range(self.n))
         self.first, self.ended = self.ended, np.logical_or(terms, truncs) & ~self.ended
         self.episodes += int(self.ended.sum())
@@ -188,14 +192,20 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                            envs_per_worker=cfg.env.envs_per_worker, asynchronous=cfg.env.asynchronous)
     try:
         num_actions = int(venv.single_action_space.n)
-        wm, ac = build_agent(cfg, num_actions, device, status_vars(replay_spec(venv)))
+        state = run.load_checkpoint(map_location=device, keys=("wm", "ac", "wm_opt", "ac_opt", "counters", "rng")
+                                    ) if resume else None
+        spec = replay_spec(venv)
+        # a run from before the env gave status tokens (NetHack) goes on without them: its model and replay had none
+        status = status_vars(spec) if state is None else state.get("status_vars", 0)
+        if not status:
+            spec.pop("status", None)
+        wm, ac = build_agent(cfg, num_actions, device, status)
         wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=t.wm_lr, eps=1e-8)
         counters = {"env_steps": 0, "updates": 0, "episodes": 0, "vector_steps": 0}
         capacity = local_share(cfg.replay.capacity, "replay.capacity")
         replay_device = device if cfg.replay.on_device else None
-        replay = ReplayBuffer(capacity, replay_spec(venv), seed=rank_seed(t.seed), device=replay_device)
+        replay = ReplayBuffer(capacity, spec, seed=rank_seed(t.seed), device=replay_device)
         if resume:
-            state = run.load_checkpoint(map_location=device, keys=("wm", "ac", "wm_opt", "ac_opt", "counters", "rng"))
             run.restore(wm, state, "wm")
             run.restore(ac, state, "ac")
             wm_opt.load_state_dict(state["wm_opt"])
@@ -207,6 +217,9 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                                         replay_device)
             if main and "stats_bytes" in state:  # the stopped run's episodes after its checkpoint are not counted
                 rollback_appended(run.path / "stats.jsonl", state["stats_bytes"])
+        # a resume whose final evaluation, if the stopped run made it, still holds (the same number of episodes)
+        settled = state is not None and state.get("config", {}).get("train", {}).get("eval_episodes") == t.eval_episodes
+        state = None  # the checkpoint's tensors are in the models now: not kept for the whole run
         save_config(cfg, run.config_path)
         if main and updates_due(t.env_steps, cfg) == 0:
             print(f"note: train.env_steps={t.env_steps} gives no update (updates start after train.prefill={t.prefill} "
@@ -316,7 +329,8 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             if not last_eval or next_eval is None:
                 # a finished run resumed: its final evaluation is read back from the log, not played (and its
                 # episodes appended) again; a run stopped during it evaluates now
-                last_eval = logger.logged(counters["env_steps"], "eval/") or evaluate(counters["env_steps"])
+                last_eval = (logger.logged(counters["env_steps"], "eval/") if settled else {}) or \
+                    evaluate(counters["env_steps"])
             last_eval = dict(last_eval)
             last_eval.update(_score(run.path / "stats.jsonl", cfg.env.name, "train_"))
         logger.close()

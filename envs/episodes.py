@@ -94,7 +94,9 @@ class EpisodeWriter:
 
     def _write(self, env: int, cut: bool = False) -> None:
         buf = self.buffers.pop(env)
-        if cut:
+        if cut:  # a step interrupted while it was appended (Ctrl-C during step()) is dropped whole
+            steps = min(len(v) for v in buf.values())
+            buf = {k: v[:steps] for k, v in buf.items()}
             buf["is_last"][-1] = True
         arrays = {k: np.asarray(v, dtype=STEP_DTYPES.get(k)) for k, v in buf.items()}
         length = len(arrays["action"])

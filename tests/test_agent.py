@@ -47,6 +47,34 @@ def test_nethack_agent_trains_and_evaluates(tmp_path, capsys):
     assert summary["env"] == "nethack" and summary["episodes"] == 1
 
 
+def test_a_nethack_run_from_before_status_tokens_resumes_without_them(tmp_path, monkeypatch):
+    """A NetHack run made before the env gave status tokens (no `status` in its replay, no `status_vars` in its
+    checkpoint) resumes on today's env: its model and replay go on without the tokens."""
+    from envs.nethack import NetHackEnv
+
+    init, observe = NetHackEnv.__init__, NetHackEnv._observe
+
+    def old_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        del self.observation_space.spaces["status"]
+
+    monkeypatch.setattr(NetHackEnv, "__init__", old_init)
+    monkeypatch.setattr(NetHackEnv, "_observe", lambda self, obs: {k: v for k, v in observe(self, obs).items()
+                                                                   if k != "status"})
+    run_dir = tmp_path / "run"
+    cfg = tiny("env.name=nethack", "train.env_steps=60", "train.prefill=40", "train.eval_every=0")
+    train(cfg, str(run_dir), progress=False)
+    ckpt = run_dir / "checkpoints" / "latest.pt"
+    state = torch.load(ckpt, weights_only=False)
+    del state["status_vars"]
+    torch.save(state, ckpt)
+    monkeypatch.undo()
+    train(tiny("env.name=nethack", "train.env_steps=80", "train.prefill=40", "train.eval_every=0"), str(run_dir),
+          resume=True, progress=False)
+    after = torch.load(ckpt, weights_only=False)
+    assert after["counters"]["env_steps"] == 80 and after["status_vars"] == 0
+
+
 def test_concurrent_evaluations_keep_their_own_episodes(tmp_path, monkeypatch):
     """Two evaluations writing to one stats file at once (`run.py eval` beside a training run's evaluation):
     each summarizes its own episodes and the file gets both."""

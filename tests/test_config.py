@@ -233,3 +233,15 @@ def test_resume_overrides_may_change_how_a_run_goes_on_not_what_it_learns():
     for bad in ("env.name=nethack", "encoder.model.num_slots=3", "actor_critic.horizon=5", "dynamics.layers=3"):
         with pytest.raises(ConfigError, match=f"{bad.split('=')[0]}=.* differs from what RUN trained with"):
             check_resume_overrides(saved, load_config(AgentConfig, CONFIGS / "tiny.yaml", [bad]), "RUN")
+
+
+def test_output_piped_into_head_ends_quietly():
+    """`run.py config | head -1`: no BrokenPipeError traceback, and the shell's status for a closed pipe (141)."""
+    import shlex
+    import subprocess
+    import sys
+
+    done = subprocess.run(f"{shlex.quote(sys.executable)} run.py config --for train | head -1; exit ${{PIPESTATUS[0]}}",
+                          shell=True,
+                          executable="/bin/bash", capture_output=True, text=True, cwd=CONFIGS.parent)
+    assert done.stdout.startswith("# run.py train") and done.returncode == 141 and "Error" not in done.stderr

@@ -139,3 +139,14 @@ def test_pretrain_on_env_frames(tmp_path, capsys):
     again = json.loads((tmp_path / "run" / "eval_ap.json").read_text())
     assert again["mse"] == result["mse"] and again["empty_slots"] == result["empty_slots"]
     assert f"(held-out frames of {root})" in capsys.readouterr().out
+
+
+def test_a_step_cut_short_by_an_interrupt_is_dropped_whole(tmp_path):
+    """Ctrl-C while step() appends a step leaves its keys of different lengths; flush() writes the whole steps."""
+    w = EpisodeWriter(tmp_path, {"env": "toy"})
+    w.begin(0, _frame(0))
+    w.step(0, _frame(1), 2, 0.5, False, False)
+    w.buffers[0]["image"].append(_frame(2))  # the next step's observation went in, its action did not
+    w.flush()
+    (ep,) = iter_episodes(tmp_path)
+    assert len(ep["image"]) == len(ep["action"]) == 2 and ep["is_last"][-1] and ep["reward"][-1] == 0.5

@@ -65,7 +65,7 @@ def test_loss_and_gradients_fresh_encoder(tmp_path):
     assert all(p.grad is not None for p in wm.autoencoder.encoder.backbone.parameters())  # joint: it learns
 
 
-def test_status_tokens_join_the_frame_codes(tmp_path):
+def test_status_tokens_join_the_frame_codes(tmp_path, capsys):
     """A dataset whose frames come with status tokens: the world model appends them to the frame codes (the dynamics
     predicts them, its frame vocabulary holding their 16 values), records that in its checkpoint, and eval-wm
     rebuilds it; frame.status=false leaves them out."""
@@ -86,6 +86,10 @@ def test_status_tokens_join_the_frame_codes(tmp_path):
     assert run.main(["eval-wm", "--checkpoint", str(tmp_path / "a"), "--out", str(tmp_path / "e")]) == 0
     result = json.loads((tmp_path / "e" / "eval_wm.json").read_text())
     assert 0 <= result["h1/status_acc"] <= 100 and result["h3/status_acc_copy"] < 100  # the square moves
+    plain = toy_dataset(tmp_path / "plain")  # the same game's episodes from before it gave status tokens
+    assert run.main(["eval-wm", "--checkpoint", str(tmp_path / "a"), "--data", str(plain), "--out",
+                     str(tmp_path / "e2")]) == 2
+    assert "reads 1 status tokens beside each frame; the episodes of" in capsys.readouterr().err
     # an oracle that imagines the real frames' codes scores 100%; one that repeats the last context frame scores
     # the copy baseline
     cfg, trained, _ = load_wm_run(str(tmp_path / "a"), torch.device("cpu"))
@@ -187,6 +191,10 @@ def test_train_resume_exact_and_eval_cli(tmp_path, capsys):
     assert train_wm(wm_cfg(root, "train.steps=4"), str(tmp_path / "b"), resume=True, progress=False) == b
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval/h1/code_acc" in r] == [2, 4]  # each once
+    # resumed with other evaluation settings, the finished run evaluates again: its logged evaluation no longer holds
+    again = train_wm(wm_cfg(root, "train.steps=4", "eval.horizons=[1,2]"), str(tmp_path / "b"), resume=True,
+                     progress=False)
+    assert "h2/code_acc" in again and "h3/code_acc" not in again
     other = tmp_path / "o"  # another game's episodes (5 actions): refused before its weights misfit
     w = EpisodeWriter(other, {"env": "other", "num_actions": 5})
     for _ in range(3):

@@ -31,7 +31,7 @@ class FrameTokenizerConfig:
     channels: int = 32  # CNN width (doubles per stride-2 layer)
     target: int = 16  # side of the low-resolution reconstruction target
     unimix: float = 0.01
-    status: bool = True  # append the env's status tokens (obs["status"], NetHack's bottom line) to the codes
+    status: bool = True  # append the env's status tokens (obs["status"], NetHack's bottom line) to the codes (vars > 0)
 
 
 class FrameTokenizer(nn.Module):

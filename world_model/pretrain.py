@@ -390,8 +390,11 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
     # the data first: a bad data path fails before the run directory gets a config
     source = make_source(cfg, device, sharded=True, progress=progress and distributed.is_main(), first_step=step)
     frames = {"env": getattr(source, "env", None), "split": getattr(source, "split", None)}  # env frames only
+    settled = False  # a resume whose final evaluation, if the stopped run made it, still holds
     if resume:
         check_frames_resume(state.get("frames", frames), frames, cfg.data.root)
+        settled = (state.get("frames", frames) == frames
+                   and state.get("config", {}).get("data", {}).get("eval_images") == cfg.data.eval_images)
     save_config(cfg, run.config_path)
 
     parallel = distributed.wrap(model, device)
@@ -454,7 +457,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
             logger.scalars(step, last_eval, prefix="eval/")
             bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
     if not last_eval and distributed.is_main():  # a finished run resumed, or one stopped during its final evaluation
-        last_eval = logger.logged(step, "eval/")  # a finished run's, read back instead of run and logged twice
+        last_eval = logger.logged(step, "eval/") if settled else {}  # a finished run's, not run and logged twice
         if not last_eval:
             last_eval = evaluate(model, cfg, device, cfg.data.eval_images)
             logger.scalars(step, last_eval, prefix="eval/")
@@ -470,7 +473,7 @@ def check_frames_resume(before: dict, now: dict, root: Optional[str]) -> None:
     if before.get("env") != now.get("env"):
         raise DataError(f"this run trained on {before.get('env') or 'generated or CLEVR'} frames; data.root={root} "
                         f"holds {now.get('env') or 'none'}: a resume goes on with the same game's frames")
-    if now.get("split") and before.get("split") != now.get("split"):
+    if now.get("split") and before.get("split") != now.get("split") and distributed.is_main():
         (total, held), (total_was, held_was) = now["split"], before["split"]
         print(f"note: {root} now holds {total} frames, the last {held} held out (at this run's last checkpoint "
               f"{total_was}, the last {held_was}): evaluations from here on use the new split", file=sys.stderr)

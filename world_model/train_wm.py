@@ -214,15 +214,24 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
     t = cfg.train
     run, device = start_run(run_dir, resume, t.device, t.threads, t.seed)
     train_buf, held_out, meta = split_dataset(cfg, cfg.train.seed)
-    wm = build_wm_for(cfg, int(meta["num_actions"]), device, meta["status_vars"])
+    state = run.load_checkpoint(map_location=device, keys=("model", "optimizer", "step", "skipped", "rng")
+                                ) if resume else None
+    status = meta["status_vars"]
+    if state is not None:  # before the weights are built: another game's action count or status tokens misfit
+        if state.get("env", meta["env"]) != meta["env"]:
+            raise DataError(f"this run trained on {state['env']} episodes; data.root={cfg.data.root} holds "
+                            f"{meta['env']} ones: a resume goes on with the same game")
+        status = state.get("status_vars", 0)  # a run from before the env's status tokens goes on without them
+        if status > meta["status_vars"]:
+            raise DataError(f"this run reads {status} status tokens beside each frame; the episodes of "
+                            f"{cfg.data.root} have {meta['status_vars']}: collect them again")
+    wm = build_wm_for(cfg, int(meta["num_actions"]), device, status)
     params = [p for p in wm.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.train.lr)
     step = skipped = 0
+    settled = False  # a resume whose final evaluation, if the stopped run made it, still holds
     if resume:
-        state = run.load_checkpoint(map_location=device, keys=("model", "optimizer", "step", "skipped", "rng"))
-        if state.get("env", meta["env"]) != meta["env"]:  # before the weights: another game's action count misfits
-            raise DataError(f"this run trained on {state['env']} episodes; data.root={cfg.data.root} holds "
-                            f"{meta['env']} ones: a resume goes on with the same game")
+        settled = state.get("held_out") == meta["held_out"] and state.get("config", {}).get("eval") == asdict(cfg.eval)
         run.restore(wm, state, "model")
         opt.load_state_dict(state["optimizer"])
         step, skipped = state["step"], state["skipped"]
@@ -290,7 +299,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.steps:
             last_eval = evaluate(step)
     if not last_eval:  # a finished run resumed (its final evaluation is in the log), or one stopped during it
-        last_eval = logger.logged(step, "eval/") or evaluate(step)
+        last_eval = (logger.logged(step, "eval/") if settled else {}) or evaluate(step)
     bar.close()
     logger.close()
     run.release()
@@ -322,7 +331,10 @@ def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] 
     if (meta["env"], meta.get("num_actions")) != (trained_on, state["num_actions"]):
         raise DataError(f"{cfg.data.root} holds {meta['env']} episodes with {meta.get('num_actions')} actions; this "
                         f"world model was trained on {trained_on} with {state['num_actions']}")
-    _, held_out, _ = split_dataset(cfg, cfg.train.seed)
+    _, held_out, split_meta = split_dataset(cfg, cfg.train.seed)
+    if wm.status_vars > split_meta["status_vars"]:
+        raise DataError(f"this world model reads {wm.status_vars} status tokens beside each frame; the episodes of "
+                        f"{cfg.data.root} have {split_meta['status_vars']} (collected before the env gave them)")
     result = evaluate_wm(wm, held_out, cfg, dev, segments=segments, video=True)
     out_dir = check_out_dir(out) if out else Path(checkpoint) / "eval_wm"
     out_dir.mkdir(parents=True, exist_ok=True)

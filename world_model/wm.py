@@ -78,7 +78,7 @@ class WorldModel(nn.Module):
                 recon_loss = F.mse_loss(self.autoencoder.decoder(q.slots).recon, frames)
         frame_codes, frame_loss = None, images.new_zeros(())
         if self.frame_tokenizer is not None:
-            status = status.flatten(0, 1) if self.status_vars else None
+            status = status.flatten(0, 1) if self.status_vars and status is not None else None
             frame_codes, frame_loss = self.frame_tokenizer(frames, status)
             frame_codes = self.kept(frame_codes).unflatten(0, (b, t))
         return Encoded(codes, frame_codes, recon_loss, kl if self.joint else None, frame_loss)
