@@ -121,7 +121,8 @@ def read_meta(root: Union[str, Path]) -> dict:
     root = Path(root)
     path = root / "meta.json"
     if not path.is_file():
-        raise DataError(f"{root} is not an episode dataset (no meta.json); make one with `run.py collect`")
+        where = "" if root.is_absolute() or root.exists() else f" (a relative path, read from {Path.cwd()})"
+        raise DataError(f"{root} is not an episode dataset (no meta.json){where}; make one with `run.py collect`")
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -56,6 +56,8 @@ def test_flush_cuts_running_episodes_and_dict_obs(tmp_path):
 def test_bad_datasets_are_one_line_errors(tmp_path):
     with pytest.raises(DataError, match="no meta.json"):
         episode_paths(tmp_path)
+    with pytest.raises(DataError, match=r"no meta.json\) \(a relative path, read from "):  # run from elsewhere
+        episode_paths("runs/no_such_dataset")
     (tmp_path / "meta.json").write_text(json.dumps({"env": "toy"}))
     with pytest.raises(DataError, match="no .npz"):
         episode_paths(tmp_path)

@@ -42,6 +42,20 @@ def test_resumed_logger_keeps_the_checkpoint_step_and_drops_what_came_after(tmp_
     assert _tensorboard_steps(tmp_path / "tb", "train/loss") == [1, 2, 3, 4, 5, 6]
 
 
+def test_counts_are_logged_as_integers_and_read_back(tmp_path):
+    """Episode and update counts stay integers in metrics.jsonl; what a step logged under a prefix reads back."""
+    import numpy as np
+
+    logger = MetricLogger(RunDir(tmp_path), enabled=True)
+    logger.scalars(3, {"episodes": np.int64(2), "updates": 5, "score": 1.5, "done": True, "nan": float("nan")},
+                   prefix="eval/")
+    logger.close()
+    (row,) = read_jsonl(tmp_path / "metrics.jsonl")
+    assert row["eval/episodes"] == 2 and isinstance(row["eval/episodes"], int) and row["eval/done"] == 1.0
+    assert logger.logged(3, "eval/") == {"episodes": 2, "updates": 5, "score": 1.5, "done": 1.0}
+    assert logger.logged(4, "eval/") == {}
+
+
 def test_a_damaged_metrics_log_does_not_block_a_resume(tmp_path, capsys):
     """Lines of metrics.jsonl that are not JSON rows with a step (a disk that filled, an edit by hand) are dropped with
     a warning when a run resumes; the good rows up to the checkpoint stay."""

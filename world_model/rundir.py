@@ -275,7 +275,7 @@ class MetricLogger:
             return
         row = {"step": step, "time": time.time()}
         for k, v in values.items():
-            v = float(v)
+            v = int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else float(v)  # counts stay
             if math.isfinite(v):
                 row[prefix + k] = v
                 self.writer.add_scalar(prefix + k, v, step)
