@@ -233,7 +233,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         rng = np.random.default_rng([rank_seed(t.seed), counters["vector_steps"]])
         collector = Collector(venv, replay)
         episodes_base, restarts_base = counters["episodes"], counters.get("env_restarts", 0)
-        last_eval: dict = {}
+        last_eval, evaluated_at = {}, None  # the last evaluation and its env step
 
         def global_counts() -> tuple[int, int]:
             """A collective: every rank's finished episodes and env workers restarted (after a crash or hang)."""
@@ -323,10 +323,10 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             if next_eval is not None and counters["env_steps"] >= next_eval:
                 next_eval += t.eval_every
                 if main:
-                    last_eval = evaluate(counters["env_steps"])
+                    last_eval, evaluated_at = evaluate(counters["env_steps"]), counters["env_steps"]
         bar.close()
         if main:
-            if not last_eval or next_eval is None:
+            if evaluated_at != counters["env_steps"]:  # every run ends with an evaluation at its last step
                 # a finished run resumed: its final evaluation is read back from the log, not played (and its
                 # episodes appended) again; a run stopped during it evaluates now
                 last_eval = (logger.logged(counters["env_steps"], "eval/") if settled else {}) or \

@@ -120,6 +120,15 @@ def test_an_evaluation_that_fails_loses_no_checkpoint(tmp_path, monkeypatch):
     assert state["counters"]["env_steps"] == 60
 
 
+def test_a_run_ends_with_an_evaluation_at_its_last_step(tmp_path):
+    """Periodic evaluations at eval_every, and one at the last env step when that falls between them."""
+    result = train(tiny("train.env_steps=100", "train.prefill=100", "train.eval_every=60", "train.ckpt_every=1000"),
+                   str(tmp_path / "run"), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/crafter_score" in r] == [60, 100]
+    assert result["crafter_score"] == [r for r in rows if "eval/crafter_score" in r][-1]["eval/crafter_score"]
+
+
 def test_replay_ratio_invariant():
     cfg = tiny()
     t = cfg.train
