@@ -78,12 +78,13 @@ def _env_facts(cfg, command: str) -> tuple:
     """The action count and status tokens a run of `cfg` will give its dynamics (the env's, or its dataset's); None
     for what cannot be known here (no dataset yet)."""
     if command == "train":
+        from agent.train import obs_spec
         from envs.collect import make_env
+        from world_model.frame_tokenizer import status_vars
 
         env = make_env(cfg.env.name)
         try:
-            spaces = getattr(env.observation_space, "spaces", {})
-            return int(env.action_space.n), spaces["status"].shape[0] if "status" in spaces else 0
+            return int(env.action_space.n), status_vars(obs_spec(env.observation_space))
         finally:
             env.close()
     from envs.episodes import episode_paths, load_episode, read_meta

@@ -27,12 +27,13 @@ from envs.collect import env_fn
 from envs.vector import make_vector_env
 from world_model.bench import check_profile_row, failed_row, gib_column, peak_gib, select_rows
 from world_model.config import load_config
+from world_model.frame_tokenizer import status_vars
 from world_model.rundir import set_precision
 
 from .config import AgentConfig
 from .policy import SlotPolicy
 from .replay import ReplayBuffer
-from .train import Collector, build_agent, env_kwargs, replay_spec, status_vars, train_step, updates_due
+from .train import Collector, build_agent, env_kwargs, replay_spec, train_step, updates_due
 
 PARTS = ("policy", "env_step", "replay_sample", "wm_update", "imagination", "ac_update")
 FEW_UPDATES = 8  # rows timing fewer updates than this get a note: their rates are noisy
@@ -63,9 +64,10 @@ def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            wm, ac = build_agent(cfg, num_actions, device, status_vars(replay_spec(venv)))
+            spec = replay_spec(venv)
+            wm, ac = build_agent(cfg, num_actions, device, status_vars(spec))
             wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=t.wm_lr)
-            replay = ReplayBuffer(max(cfg.replay.capacity, prefill + env_steps + n), replay_spec(venv), seed=t.seed,
+            replay = ReplayBuffer(max(cfg.replay.capacity, prefill + env_steps + n), spec, seed=t.seed,
                                   device=device if cfg.replay.on_device else None)
             policy = SlotPolicy(wm, ac, device)
             wm.eval()

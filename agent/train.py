@@ -35,6 +35,7 @@ from world_model.config import save_config
 from world_model.pretrain import autocast, guarded_update
 from world_model.rundir import (MetricLogger, fixed_rng, note_if_finished, rank_seed, restore_rng,
                                 rng_states, rollback_appended, start_run)
+from world_model.frame_tokenizer import status_vars
 from world_model.train_wm import build_world_model, to_batch
 from world_model.wm import WorldModel, WorldModelLoss
 
@@ -117,16 +118,15 @@ def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, r
 
 
 def replay_spec(venv) -> dict:
+    return obs_spec(venv.single_observation_space)
+
+
+def obs_spec(space) -> dict:
+    """An env's observation space as {key: (shape, dtype)}; an image-only env's key is "image"."""
     import gymnasium as gym
 
-    space = venv.single_observation_space
     spaces = space.spaces if isinstance(space, gym.spaces.Dict) else {"image": space}
     return {k: (s.shape, s.dtype) for k, s in spaces.items()}
-
-
-def status_vars(spec: dict) -> int:
-    """How many status tokens the env gives beside its frames (NetHack's bottom line), or 0."""
-    return int(np.prod(spec["status"][0])) if "status" in spec else 0
 
 
 def _step_records(obs: dict, actions, rewards, terms, truncs, first: np.ndarray) -> dict:
@@ -331,7 +331,6 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                 # episodes appended) again; a run stopped during it evaluates now
                 last_eval = (logger.logged(counters["env_steps"], "eval/") if settled else {}) or \
                     evaluate(counters["env_steps"])
-            last_eval = dict(last_eval)
             last_eval.update(_score(run.path / "stats.jsonl", cfg.env.name, "train_"))
         logger.close()
         return last_eval

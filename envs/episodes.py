@@ -11,7 +11,7 @@ import json
 import os
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, BinaryIO, Callable, Iterator, Optional, Union
 
 import numpy as np
 
@@ -26,10 +26,11 @@ def obs_dict(obs: Any) -> dict[str, np.ndarray]:
     return dict(obs) if isinstance(obs, dict) else {"image": obs}
 
 
-def _atomic_savez(path: Path, arrays: dict) -> None:
+def _atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """`write` into a temporary file beside `path`, then rename it there: readers never see a torn file."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
+        write(f)
     os.replace(tmp, path)
 
 
@@ -102,11 +103,9 @@ class EpisodeWriter:
         length = len(arrays["action"])
         if self.meta is not None:  # the first episode: the dataset's meta.json with it
             self.dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.root / "meta.json.tmp"
-            tmp.write_text(json.dumps(self.meta, indent=2))
-            os.replace(tmp, self.root / "meta.json")
+            _atomic(self.root / "meta.json", lambda f: f.write(json.dumps(self.meta, indent=2).encode()))
             self.meta = None
-        _atomic_savez(self.dir / f"{self.count:06d}-{length}.npz", arrays)
+        _atomic(self.dir / f"{self.count:06d}-{length}.npz", lambda f: np.savez_compressed(f, **arrays))
         self.count += 1
         self.frames += length
 

@@ -13,6 +13,7 @@ codes as they are, not learned, so the dynamics predicts them and the actor read
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,6 +23,12 @@ from torch import nn
 
 
 STATUS_LEVELS = 16  # an env's status tokens take values in [0, 16): the dynamics' frame vocabulary holds that many
+
+
+def status_vars(spec: dict) -> int:
+    """How many status tokens an env gives beside its frames (observation key "status": NetHack's bottom line), from
+    an observation spec {key: (shape, dtype)}; 0 for none."""
+    return int(math.prod(spec["status"][0])) if "status" in spec else 0
 
 
 @dataclass

@@ -23,7 +23,7 @@ from envs.episodes import episode_paths, load_episode, read_meta
 from . import distributed
 from .config import WMEncoderConfig, WorldModelConfig, load_run_config, save_config
 from .dynamics import DynamicsConfig
-from .frame_tokenizer import STATUS_LEVELS, FrameTokenizerConfig
+from .frame_tokenizer import STATUS_LEVELS, FrameTokenizerConfig, status_vars
 from .pretrain import TRAIN_STREAM, autocast, guarded_update, load_run, stream_seed
 from .perception import SlotAutoencoder
 from .rundir import (MetricLogger, RunDir, check_out_dir, fixed_rng, note_if_finished, resolve_device, rng_state,
@@ -77,9 +77,8 @@ def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, R
         if buf.longest_episode() < length:
             raise DataError(f"{root}: the {which} episodes are at most {buf.longest_episode()} steps long, shorter than "
                             f"the {length} steps of {keys}; collect longer episodes or lower {keys.split(' ')[0]}")
-    status_vars = int(np.prod(spec["status"][0])) if "status" in spec else 0
     return train, held_out, {**meta, "held_out": [p.name for p in paths[len(paths) - n_eval:]],
-                             "status_vars": status_vars}
+                             "status_vars": status_vars(spec)}
 
 
 def episode_length(path: Path) -> int:
@@ -114,15 +113,15 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
         autoencoder, joint, enc.mode = SlotAutoencoder(enc.model, enc.resolution), True, "joint"
     if not enc.model.vq.enabled:
         raise ValueError("the world model needs a VQ slot encoder: pretrain with model.vq.enabled=true")
-    status_vars = status_vars if frame.vars and frame.status else 0
+    status = status_vars if frame.vars and frame.status else 0  # what the frame token reads
     # the dynamics' frame vocabulary holds the learned codes and the status tokens' values alike
-    frame_codes = max(frame.codes, STATUS_LEVELS) if status_vars else frame.codes
+    frame_codes = max(frame.codes, STATUS_LEVELS) if status else frame.codes
     dyn = replace(dyn, num_slots=enc.model.num_slots, num_vars=enc.model.vq.num_vars, num_codes=enc.model.vq.num_codes,
-                  frame_vars=frame.vars + status_vars, frame_codes=frame_codes, num_actions=num_actions)
+                  frame_vars=frame.vars + status, frame_codes=frame_codes, num_actions=num_actions)
     if dyn.max_steps < longest:
         raise ValueError(f"dynamics.max_steps={dyn.max_steps} is shorter than the longest sequence ({longest} steps: "
                          "the training segment, or the evaluation context plus its longest horizon)")
-    return WorldModel(autoencoder, enc.resolution, frame, dyn, joint, enc.carry_grad, status_vars).to(device)
+    return WorldModel(autoencoder, enc.resolution, frame, dyn, joint, enc.carry_grad, status).to(device)
 
 
 def build_wm_for(cfg: WorldModelConfig, num_actions: int, device: torch.device, status_vars: int = 0) -> WorldModel:

@@ -46,8 +46,9 @@ class WorldModel(nn.Module):
         if vq is None:
             raise ValueError("the world model needs a VQ slot encoder (model.vq.enabled=true): it predicts slot codes")
         self.autoencoder, self.resolution, self.joint = autoencoder, resolution, joint
-        # the env's status tokens beside each frame, appended to the frame codes (0: none, or not read)
-        self.status_vars = status_vars if frame_cfg.vars and frame_cfg.status else 0
+        # the env's status tokens beside each frame, appended to the frame codes (0: none, or not read; the builder,
+        # build_world_model, decides, as it sizes the dynamics' frame tokens by them)
+        self.status_vars = status_vars
         self.frame_tokenizer = FrameTokenizer(frame_cfg, resolution, self.status_vars) if frame_cfg.vars else None
         self.dynamics = SlotDynamics(dyn_cfg)
         self.cudagraphs = False  # compiled parts replay CUDA graphs (compile_frame_parts)
