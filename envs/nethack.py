@@ -47,8 +47,8 @@ def status_tokens(blstats: np.ndarray) -> np.ndarray:
     """blstats `... 27` -> the bottom line as categorical tokens `... 7` uint8 in [0, STATUS_LEVELS): hit points and
     energy as fractions of their maxima in 16 steps (15: full), hunger state (0 satiated ... 5 fainted, 6 starved),
     encumbrance (0-5), dungeon depth and experience level (clipped at 15), and armour class as 10 - AC (0: AC 10,
-    the worst; clipped at AC -5). The frames show none of these. Plain Python per row: ~6x faster than numpy's
-    small-array ops on the one row an env step has."""
+    the worst; clipped at AC -5). The frames show none of these. Plain Python per row: an env step has one row, too
+    small for numpy's per-call overhead to pay off."""
     b = np.asarray(blstats)
     if b.ndim > 1:
         rows = [status_tokens(row) for row in b.reshape(-1, b.shape[-1])]
