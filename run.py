@@ -120,7 +120,9 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
     directory (named explicitly under torchrun, where a timestamped default could differ between processes), the
     resolved config and the result printed once. `resume`: False, True (the run in --run-dir) or the run's path."""
     from world_model import distributed
-    from world_model.config import check_resume_overrides, load_config, load_run_config, run_schemas, to_yaml
+    from envs.clevr import DataError
+    from world_model.config import check_resume_overrides, load_config, load_run_config, record_paths, run_schemas, \
+        to_yaml
     from world_model.rundir import release_claims
 
     if isinstance(resume, str):
@@ -131,13 +133,19 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
     if resume:
         if args.run_dir is None:
             raise ValueError("--resume needs the run to continue: --resume RUN, or --run-dir RUN --resume")
-        cfg = load_run_config(args.command, args.run_dir, overrides)
-        check_resume_overrides(load_run_config(args.command, args.run_dir), cfg, args.run_dir)
+        cfg, saved = load_run_config(args.command, args.run_dir, overrides), load_run_config(args.command, args.run_dir)
+        check_resume_overrides(saved, cfg, args.run_dir)
         if args.config:
             raise ValueError(f"--resume continues {args.run_dir} with its own config.yaml; --config {args.config} "
                              "would not apply (change keys with key=value overrides, or start a new run)")
+        record_paths(cfg, saved)
+        root = getattr(getattr(cfg, "data", None), "root", None)
+        if root and not Path(root).exists():
+            raise DataError(f"data.root={root}, the data {args.run_dir} trained on, does not exist; if it moved, resume "
+                            "with data.root=ITS_NEW_PATH")
     else:
         cfg = load_config(run_schemas()[args.command], args.config or default_preset, overrides)
+        record_paths(cfg)
     if distributed.launched() and not args.run_dir:
         raise ValueError("under torchrun pass --run-dir DIR (every process must use the same run directory)")
     run_dir = args.run_dir = args.run_dir or f"runs/{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"

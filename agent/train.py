@@ -55,12 +55,12 @@ def env_kwargs(cfg: AgentConfig, stats_path: Optional[Path]) -> dict:
     return kwargs
 
 
-def build_agent(cfg: AgentConfig, num_actions: int, device: torch.device, status_vars: int = 0
-                ) -> tuple[WorldModel, ActorCritic]:
+def build_agent(cfg: AgentConfig, num_actions: int, device: torch.device, status_vars: int = 0,
+                restoring: bool = False) -> tuple[WorldModel, ActorCritic]:
     """The world model and actor-critic of `cfg` for an env with `num_actions` actions and `status_vars` status
-    tokens beside its frames (0: none)."""
+    tokens beside its frames (0: none); `restoring`: their weights come from the run's checkpoint."""
     longest = max(cfg.train.seq_len, IMAG_CONTEXT + cfg.actor_critic.horizon)
-    wm = build_world_model(cfg.encoder, cfg.frame, cfg.dynamics, num_actions, device, longest, status_vars)
+    wm = build_world_model(cfg.encoder, cfg.frame, cfg.dynamics, num_actions, device, longest, status_vars, restoring)
     cfg.dynamics = wm.dynamics.cfg
     if cfg.train.compile:
         wm.compile_frame_parts(cfg.train.compile_mode)
@@ -199,7 +199,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         status = status_vars(spec) if state is None else state.get("status_vars", 0)
         if not status:
             spec.pop("status", None)
-        wm, ac = build_agent(cfg, num_actions, device, status)
+        wm, ac = build_agent(cfg, num_actions, device, status, restoring=resume)
         wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=t.wm_lr, eps=1e-8)
         counters = {"env_steps": 0, "updates": 0, "episodes": 0, "vector_steps": 0}
         capacity = local_share(cfg.replay.capacity, "replay.capacity")

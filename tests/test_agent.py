@@ -129,6 +129,29 @@ def test_a_run_ends_with_an_evaluation_at_its_last_step(tmp_path):
     assert result["crafter_score"] == [r for r in rows if "eval/crafter_score" in r][-1]["eval/crafter_score"]
 
 
+def test_an_agent_on_a_frozen_pretrained_encoder_resumes_after_it_moves(tmp_path, monkeypatch):
+    """The CPU recipe's shape: the agent on a pretrained VQ encoder (encoder.checkpoint, frozen). The encoder's
+    weights never change, and the run resumes and evaluates from its own checkpoint after the pretraining run moved."""
+    from test_pretrain import TINY
+    from test_wm import toy_dataset
+
+    monkeypatch.chdir(tmp_path)
+    toy_dataset(tmp_path / "d")
+    assert run.main(["pretrain", "--data", "d", "--run-dir", "pre", "--no-progress", *TINY, "data.resolution=16",
+                     "train.steps=1", "model.vq.enabled=true", "model.vq.num_vars=2"]) == 0
+    pretrained = torch.load(tmp_path / "pre" / "checkpoints" / "latest.pt", weights_only=False)["model"]
+    agent = ["train", "--config", str(ROOT / "configs/tiny.yaml"), "--run-dir", "agent", "--no-progress", *FAST,
+             "encoder.checkpoint=pre", "encoder.mode=frozen"]
+    assert run.main([*agent, "train.env_steps=180"]) == 0
+    assert load_config(AgentConfig, tmp_path / "agent" / "config.yaml").encoder.checkpoint == str(tmp_path / "pre")
+    (tmp_path / "pre").rename(tmp_path / "pre_moved")
+    assert run.main(["train", "--resume", "agent", "--no-progress", "train.env_steps=240"]) == 0
+    state = torch.load(tmp_path / "agent" / "checkpoints" / "latest.pt", weights_only=False)
+    assert state["counters"]["env_steps"] == 240 and state["counters"]["updates"] == 15
+    assert all(torch.equal(pretrained[k], state["wm"][f"autoencoder.{k}"]) for k in pretrained)  # frozen throughout
+    assert run.main(["eval", "--checkpoint", "agent", "--episodes", "1"]) == 0
+
+
 def test_replay_ratio_invariant():
     cfg = tiny()
     t = cfg.train

@@ -179,6 +179,41 @@ def test_frozen_pretrained_encoder_and_errors(tmp_path, capsys):
         build_wm_for(wm_cfg(root, "dynamics.max_steps=3"), 3, torch.device("cpu"))
 
 
+def test_a_run_resumes_from_anywhere_after_its_inputs_move(tmp_path, monkeypatch, capsys):
+    """A run records its data and encoder paths absolute, so it resumes from another working directory; a resume
+    and eval-wm rebuild the encoder from the run's own checkpoint (still frozen), so the pretraining run may move;
+    moved data is named in one line and given back with data.root."""
+    from test_pretrain import TINY
+
+    monkeypatch.chdir(tmp_path)
+    toy_dataset(tmp_path / "d")
+    assert run.main(["pretrain", "--data", "d", "--run-dir", "pre", "--no-progress", *TINY, "data.resolution=16",
+                     "train.steps=1", "model.vq.enabled=true", "model.vq.num_vars=2"]) == 0
+    assert run.main(["train-wm", "--run-dir", "wm", "--no-progress", *TINY_WM, "data.root=d", "encoder.checkpoint=pre",
+                     "train.steps=2"]) == 0
+    saved = load_config(WorldModelConfig, tmp_path / "wm" / "config.yaml")
+    assert (saved.data.root, saved.encoder.checkpoint) == (str(tmp_path / "d"), str(tmp_path / "pre"))
+    before = torch.load(tmp_path / "wm" / "checkpoints" / "latest.pt", weights_only=False)["model"]
+    (tmp_path / "pre").rename(tmp_path / "pre_moved")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert run.main(["train-wm", "--resume", "../wm", "--no-progress", "train.steps=3"]) == 0
+    after = torch.load(tmp_path / "wm" / "checkpoints" / "latest.pt", weights_only=False)
+    assert after["step"] == 3 and "  mode: frozen\n" in (tmp_path / "wm" / "config.yaml").read_text()
+    encoder = [k for k in before if k.startswith("autoencoder.")]
+    assert encoder and all(torch.equal(before[k], after["model"][k]) for k in encoder)  # frozen, as it trained
+    assert any(not torch.equal(before[k], after["model"][k]) for k in before if k.startswith("dynamics."))
+    assert run.main(["eval-wm", "--checkpoint", "../wm", "--out", "e", "--segments", "2"]) == 0
+    (tmp_path / "d").rename(tmp_path / "d2")
+    capsys.readouterr()
+    assert run.main(["train-wm", "--resume", "../wm", "--no-progress", "train.steps=4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"data.root={tmp_path / 'd'}, the data ../wm trained on, does not exist" in err
+    assert run.main(["train-wm", "--resume", "../wm", "--no-progress", "train.steps=4", "data.root=../d2"]) == 0
+    assert load_config(WorldModelConfig, tmp_path / "wm" / "config.yaml").data.root == str(tmp_path / "d2")
+
+
 def test_train_resume_exact_and_eval_cli(tmp_path, capsys):
     root = toy_dataset(tmp_path / "d")
     a = train_wm(wm_cfg(root, "train.steps=4", "encoder.mode=frozen"), str(tmp_path / "a"), progress=False)

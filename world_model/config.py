@@ -6,6 +6,7 @@ or a wrong type fails); this module turns its errors into one-line messages that
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -323,6 +324,20 @@ def run_schemas() -> dict[str, type]:
 
 RESUMABLE = ("train.", "eval.", "data.root", "data.eval_images",  # what a resume may change: length, schedule, speed
              "env.asynchronous", "env.envs_per_worker", "replay.on_device")  # ("x." stands for every key under x)
+
+
+PATHS = ("data.root", "encoder.checkpoint")  # paths a run records absolute, so that it resumes from any directory
+
+
+def record_paths(cfg: Any, saved: Any = None) -> None:
+    """Make `cfg`'s paths absolute (from the working directory), in place; with `saved` (a resumed run's config),
+    only those an override changed: the others were recorded from the directory the run started in."""
+    for key in PATHS:
+        head, _, name = key.rpartition(".")
+        node = getattr(cfg, head, None)
+        value = getattr(node, name, None)
+        if value and (saved is None or value != getattr(getattr(saved, head), name)):
+            setattr(node, name, os.path.abspath(os.path.expanduser(value)))
 
 
 def check_resume_overrides(saved: Any, cfg: Any, run_dir: str | Path) -> None:

@@ -91,12 +91,16 @@ def episode_length(path: Path) -> int:
 
 
 def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: DynamicsConfig, num_actions: int,
-                      device: torch.device, longest: int, status_vars: int = 0) -> WorldModel:
+                      device: torch.device, longest: int, status_vars: int = 0, restoring: bool = False
+                      ) -> WorldModel:
     """Encoder from a pretrained run (or fresh), frame tokenizer and dynamics sized to match; `enc` takes the
     pretrained run's model config, and the returned model's `dynamics.cfg` is the completed dynamics config.
     `longest`: the longest sequence (in steps) the dynamics must hold; `status_vars`: the env's status tokens beside
-    each frame (0: none), appended to the frame codes unless frame.status=false."""
-    if enc.checkpoint:
+    each frame (0: none), appended to the frame codes unless frame.status=false. `restoring`: `enc` is a run's saved
+    config and the weights come from that run's checkpoint, so encoder.checkpoint is not read (it may have moved)."""
+    if enc.checkpoint and restoring:  # the saved config holds the pretrained encoder's model; its weights follow
+        autoencoder, joint = SlotAutoencoder(enc.model, enc.resolution), enc.mode == "joint"
+    elif enc.checkpoint:
         pre_cfg, autoencoder, _ = load_run(enc.checkpoint, device)
         if not isinstance(autoencoder, SlotAutoencoder):
             raise ValueError(f"encoder.checkpoint={enc.checkpoint} is a {pre_cfg.task} run; the world model needs a "
@@ -124,10 +128,11 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
     return WorldModel(autoencoder, enc.resolution, frame, dyn, joint, enc.carry_grad, status).to(device)
 
 
-def build_wm_for(cfg: WorldModelConfig, num_actions: int, device: torch.device, status_vars: int = 0) -> WorldModel:
+def build_wm_for(cfg: WorldModelConfig, num_actions: int, device: torch.device, status_vars: int = 0,
+                 restoring: bool = False) -> WorldModel:
     """`build_world_model` for a train-wm config (which then records the completed dynamics config)."""
     longest = max(cfg.data.seq_len, cfg.eval.context + max(cfg.eval.horizons))
-    wm = build_world_model(cfg.encoder, cfg.frame, cfg.dynamics, num_actions, device, longest, status_vars)
+    wm = build_world_model(cfg.encoder, cfg.frame, cfg.dynamics, num_actions, device, longest, status_vars, restoring)
     cfg.dynamics = wm.dynamics.cfg
     return wm
 
@@ -224,7 +229,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
         if status > meta["status_vars"]:
             raise DataError(f"this run reads {status} status tokens beside each frame; the episodes of "
                             f"{cfg.data.root} have {meta['status_vars']}: collect them again")
-    wm = build_wm_for(cfg, int(meta["num_actions"]), device, status)
+    wm = build_wm_for(cfg, int(meta["num_actions"]), device, status, restoring=resume)
     params = [p for p in wm.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.train.lr)
     step = skipped = 0
@@ -309,8 +314,7 @@ def load_wm_run(run_dir: str, device: torch.device) -> tuple[WorldModelConfig, W
     run = RunDir(run_dir)
     cfg = load_run_config("train-wm", run_dir)
     state = run.load_checkpoint(map_location=device, keys=("model", "num_actions"))
-    cfg.encoder.checkpoint = None  # the weights below include the encoder
-    wm = build_wm_for(cfg, state["num_actions"], device, state.get("status_vars", 0))
+    wm = build_wm_for(cfg, state["num_actions"], device, state.get("status_vars", 0), restoring=True)
     run.restore(wm, state, "model")
     wm.eval()
     return cfg, wm, state
