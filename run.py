@@ -181,6 +181,7 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_eval_ap(args) -> None:
+    from envs.clevr import DataError
     from world_model.pretrain import eval_batches, evaluate, load_run
     from world_model.rundir import resolve_device
 
@@ -188,6 +189,14 @@ def cmd_eval_ap(args) -> None:
     cfg, model, state = load_run(args.checkpoint, device)
     if args.clevr_root:
         cfg.data.source, cfg.data.root, cfg.data.eval_split = "clevr", args.clevr_root, args.split
+    if args.data:
+        if cfg.data.source != "frames":
+            raise ValueError(f"--data is for a run pretrained on game frames (`run.py pretrain --data DIR`); "
+                             f"{args.checkpoint} trained on data.source={cfg.data.source}")
+        cfg.data.root = args.data
+    elif cfg.data.source == "frames" and not Path(cfg.data.root).exists():
+        raise DataError(f"data.root={cfg.data.root}, the episodes {args.checkpoint} trained on, does not exist; if "
+                        "they moved, pass --data DIR")
     n = args.images or cfg.data.eval_images
     result = evaluate(model, cfg, device, n, batches=eval_batches(cfg, device, n))
     source = {"generated": "generated scenes", "clevr": f"CLEVR {cfg.data.root} split {cfg.data.eval_split}",
@@ -267,6 +276,8 @@ def cmd_eval_wm(args) -> None:
     horizons = sorted({int(k.split("/")[0][1:]) for k in result if k.startswith("h")})
     cols = ["code_acc", "code_acc_copy", "frame_mse", "frame_mse_copy_decoded", "frame_mse_copy",
             "frame_mse_decoder_floor", "reward_mae", "reward_mae_zero"]
+    if f"h{horizons[0]}/status_acc" in result:  # NetHack's status tokens, beside copying the last context frame's
+        cols += ["status_acc", "status_acc_copy"]
     print(f"open-loop prediction, step {result['step']}, {result['segments']} held-out segments")
     print(f"{'horizon':>7} " + " ".join(f"{c:>{max(10, len(c))}}" for c in cols))
     for h in horizons:
@@ -333,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", required=True, help="run directory made by `run.py pretrain`")
     s.add_argument("--clevr-root", help="CLEVR v1.0 root (images/<split>/*.png, scenes/CLEVR_<split>_scenes.json)")
     s.add_argument("--split", default="val", help="CLEVR split with --clevr-root (default val)")
+    s.add_argument("--data", help="for a run pretrained on game frames: the episode dataset whose held-out frames it "
+                                  "is evaluated on (default: its data.root)")
     s.add_argument("--images", type=int, help="number of evaluation images (default data.eval_images; fed in "
                    "fixed chunks of 64, so a result does not depend on how it is run)")
     s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
@@ -361,8 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", type=int, required=True, help="observations to store")
     s.add_argument("--out", required=True, help="dataset directory; an existing one of the same env and settings "
                    "gets more episodes, from a --seed it does not hold yet")
-    s.add_argument("--workers", type=int, default=1, help="worker processes (1 = in-process, no workers)")
-    s.add_argument("--envs-per-worker", type=int, default=1, help="envs stepped in turn by each worker")
+    s.add_argument("--workers", type=int, default=1, help="worker processes (default 1: in-process, no workers)")
+    s.add_argument("--envs-per-worker", type=int, default=1, help="envs stepped in turn by each worker (default 1)")
     s.add_argument("--size", type=int, help="image side in pixels (default 64)")
     s.add_argument("--seed", type=int, default=0, help="env seeds and actions (default 0)")
     s.add_argument("--no-progress", action="store_true")
@@ -377,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", required=True, help="run directory made by `run.py pretrain`, or by `train-wm` / "
                    "`train` (their slot encoder and decoder; --env crafter or nethack)")
     s.add_argument("--env", choices=["crafter", "nethack", "clevr"], help="where the frames come from (default: "
-                   "the game a world-model or agent run trained on; a pretraining run needs it)")
+                   "the game the run trained on; a run pretrained on generated or CLEVR scenes needs it)")
     s.add_argument("--frames", type=int, default=8, help="frames (one random-policy episode) or scenes")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--edit", nargs=3, metavar=("SLOT", "VAR", "VALUE"),
@@ -392,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the world model (VQ slot encoder + frame tokenizer + transformer "
                        "dynamics over slot, frame and action tokens) on an episode dataset from `run.py collect`. "
                        "encoder.checkpoint=RUN uses a pretrained VQ encoder (encoder.mode=frozen|joint); without "
-                       "it a fresh encoder is trained jointly. Writes config, checkpoints, tensorboard, metrics.jsonl.")
+                       "it a fresh encoder is trained jointly. The presets fit any game's dataset (its action count and status "
+                       "tokens come from the data). Writes config, checkpoints, tensorboard, metrics.jsonl.")
     s.add_argument("--data", help="episode dataset directory (sets data.root)")
     _add_run_options(s, "train-wm", "wm_crafter_cpu, wm_crafter", "runs/wm-<time>")
     s.add_argument("--no-progress", action="store_true")
@@ -426,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="evaluation episodes of a trained agent (or a random policy)",
                        description="Run N full episodes and report Crafter's success rates and score "
                        "(crafter_score while training, `score` in RUN/eval_<policy>.json) or NetHack's score and depth; "
-                       "--policy random gives the baseline in the same format. Episode records are appended to RUN/eval_stats.jsonl (random: RUN/random_stats.jsonl).")
+                       "--policy random gives the baseline in the same format. Episode records are appended to RUN/eval_<policy>_stats.jsonl (the training run's own "
+                       "evaluations are in RUN/eval_stats.jsonl).")
     s.add_argument("--checkpoint", required=True, help="run directory made by `run.py train`")
     s.add_argument("--episodes", type=int, default=10, help="episodes to play (default 10)")
     s.add_argument("--policy", choices=["agent", "random"], default="agent",
@@ -538,10 +553,12 @@ def _way_back(args) -> str:
 
         episodes = len(list((Path(args.out) / "episodes").glob("*.npz")))
         try:
-            used = args.seed in read_meta(args.out).get("seeds", [])
+            seeds = read_meta(args.out).get("seeds", [])
         except ValueError:  # no dataset written
-            used = False
-        seed = f"another --seed than {args.seed}" if used else f"--seed {args.seed} (no episode of it was written)"
+            seeds = []
+        held_seeds = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+        seed = (f"--seed {max(seeds) + 1} (it holds {held_seeds})" if args.seed in seeds
+                else f"--seed {args.seed} (no episode of it was written)")
         held = f"{episodes} episode{'' if episodes == 1 else 's'}"
         return f"; {args.out} holds {held} (unfinished ones kept as truncated); collect more with {seed}"
     resume = getattr(args, "resume", None)
@@ -555,7 +572,14 @@ def _way_back(args) -> str:
     if not RunDir(run_dir).ckpt_path.is_file():
         return (f"; {run_dir} has no checkpoint yet (train.ckpt_every), so there is nothing to resume: remove it to "
                 "start again")
-    return f"; `python run.py {args.command} --resume {run_dir}` continues from its last checkpoint"
+    return f"; `python {_script()} {args.command} --resume {run_dir}` continues from its last checkpoint"
+
+
+def _script() -> str:
+    """This file as the user can run it from the working directory: `run.py` from the project root."""
+    here = Path(__file__).resolve()
+    rel = os.path.relpath(here)
+    return str(here) if rel.startswith("..") else rel
 
 
 class Terminated(KeyboardInterrupt):

@@ -30,7 +30,7 @@ class ReplayConfig:
 @dataclass
 class LoopConfig:
     env_steps: int = 1_000_000  # total env steps (all envs together)
-    prefill: int = 5000  # uniform-random env steps before the first update
+    prefill: int = 5000  # uniform-random env steps before the first update (their updates then run at once)
     train_ratio: float = 32.0  # replayed steps per env step: updates x batch_size x seq_len / env steps
     batch_size: int = 16  # replayed segments per update, all ranks together (split evenly under torchrun)
     seq_len: int = 64

@@ -42,7 +42,7 @@ def evaluate_run(checkpoint: str, episodes: int, policy: str = "agent", device: 
         cfg = load_run_config("train", checkpoint)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    stats_path = Path(checkpoint) / ("eval_stats.jsonl" if policy == "agent" else "random_stats.jsonl")
+    stats_path = Path(checkpoint) / f"eval_{policy}_stats.jsonl"  # the training run's evaluations: eval_stats.jsonl
     with torch.no_grad():
         summary = evaluate_agent(wm, ac, cfg, dev, episodes, stats_path, seed, progress)
     return {"policy": policy, "env": cfg.env.name, "env_steps": step, "seed": seed, **summary}

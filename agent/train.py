@@ -14,6 +14,7 @@ are totals over all ranks; counters (env steps, updates) are global. Rank 0 logs
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -117,6 +118,24 @@ def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, r
     return stats
 
 
+class UpdateMeans:
+    """Per-key means of the update stats since the last log row, over their finite values (a skipped update's NaN
+    loss is counted in `wm/skipped`, not averaged in); a row after no update holds none, rather than old values."""
+
+    def __init__(self):
+        self.sums: dict = {}
+
+    def add(self, stats: dict) -> None:
+        for k, v in stats.items():
+            total, n = self.sums.get(k, (0.0, 0))
+            self.sums[k] = (total + v, n + 1) if math.isfinite(v) else (total, n)
+
+    def pop(self) -> dict:
+        means = {k: total / n if n else math.nan for k, (total, n) in self.sums.items()}
+        self.sums = {}
+        return means
+
+
 def replay_spec(venv) -> dict:
     return obs_spec(venv.single_observation_space)
 
@@ -212,7 +231,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             ac.load_optimizer_state(state["ac_opt"])
             counters = state["counters"]
             restore_rng(state["rng"], t.seed, counters["vector_steps"])
-            note_if_finished(counters["env_steps"], t.env_steps, "train.env_steps")
+            t.env_steps = note_if_finished(counters["env_steps"], t.env_steps, "train.env_steps", state)
             replay = load_replay_shards(run.path, state, capacity, rank_seed(t.seed, counters["vector_steps"]),
                                         replay_device)
             if main and "stats_bytes" in state:  # the stopped run's episodes after its checkpoint are not counted
@@ -275,7 +294,8 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         next_log = (counters["env_steps"] // t.log_every + 1) * t.log_every
         next_ckpt = (counters["env_steps"] // t.ckpt_every + 1) * t.ckpt_every
         next_eval = (counters["env_steps"] // t.eval_every + 1) * t.eval_every if t.eval_every else None
-        t_last, steps_last, stats, segments = time.perf_counter(), counters["env_steps"], {}, False
+        t_last, steps_last, segments = time.perf_counter(), counters["env_steps"], False
+        interval = UpdateMeans()  # the updates since the last log row
         while counters["env_steps"] < t.env_steps:
             if counters["env_steps"] < t.prefill:
                 actions = rng.integers(num_actions, size=num_envs)
@@ -293,6 +313,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                     break
                 stats = train_step(wm, ac, wm_opt, replay, cfg, device, counters["updates"], wm_parallel, ac_parallel)
                 counters["updates"] += 1
+                interval.add(stats)
                 # A non-finite loss or gradient skipped that update (it never reaches weights or checkpoints).
                 counters["skipped_wm"] = counters.get("skipped_wm", 0) + int(stats["wm/skipped"])
                 counters["skipped_ac"] = counters.get("skipped_ac", 0) + int(stats.get("ac/skipped", 0))
@@ -300,7 +321,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                 next_log += t.log_every
                 now = time.perf_counter()
                 episodes, restarts = global_counts()
-                row = dict(distributed.mean_scalars(stats, device),
+                row = dict(distributed.mean_scalars(interval.pop(), device),
                            env_steps_per_s=(counters["env_steps"] - steps_last) / (now - t_last),
                            skipped_wm=counters.get("skipped_wm", 0), skipped_ac=counters.get("skipped_ac", 0),
                            replay_steps=len(replay) * distributed.world_size(), updates=counters["updates"],

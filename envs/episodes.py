@@ -34,6 +34,14 @@ def _atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     os.replace(tmp, path)
 
 
+def _comparable(key: str, value):
+    """A meta.json value as datasets must agree on it: the env's frame size is compared through `image_shape`, since
+    `env_kwargs` holds `size` only when `collect --size` was given (the default and an explicit 64 are one layout)."""
+    if key == "env_kwargs" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "size"}
+    return value
+
+
 def _joined_meta(root: Path, meta: dict) -> dict:
     """The meta.json of a dataset that `meta`'s episodes join: a new dataset's, or an existing one's of the same
     env and layout collected from another seed (its seeds listed). A run directory or another env's dataset is
@@ -48,7 +56,7 @@ def _joined_meta(root: Path, meta: dict) -> dict:
     old = json.loads(path.read_text())
     seeds = old.get("seeds", [old["seed"]] if "seed" in old else [])
     for key in sorted((set(old) | set(layout)) - {"seed", "seeds"}):
-        if old.get(key) != layout.get(key):
+        if _comparable(key, old.get(key)) != _comparable(key, layout.get(key)):
             raise DataError(f"{root} holds episodes with {key}={old.get(key)!r}, not {layout.get(key)!r}: write these "
                             "to another directory")
     if set(new_seeds) & set(seeds):
@@ -120,6 +128,8 @@ def read_meta(root: Union[str, Path]) -> dict:
     root = Path(root)
     path = root / "meta.json"
     if not path.is_file():
+        if (root / "config.yaml").is_file():
+            raise DataError(f"{root} is a run directory, not an episode dataset: pass a dataset of `run.py collect`")
         where = "" if root.is_absolute() or root.exists() else f" (a relative path, read from {Path.cwd()})"
         raise DataError(f"{root} is not an episode dataset (no meta.json){where}; make one with `run.py collect`")
     try:

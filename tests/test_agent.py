@@ -1,5 +1,6 @@
 """The agent loop: the tiny preset end to end, the replay-ratio invariant, resume after SIGKILL, eval."""
 import json
+import math
 import os
 import re
 import signal
@@ -152,6 +153,31 @@ def test_an_agent_on_a_frozen_pretrained_encoder_resumes_after_it_moves(tmp_path
     assert run.main(["eval", "--checkpoint", "agent", "--episodes", "1"]) == 0
 
 
+def test_log_rows_average_the_updates_since_the_last_row():
+    from agent.train import UpdateMeans
+
+    means = UpdateMeans()
+    means.add({"wm/loss": 1.0, "wm/skipped": 0.0})
+    means.add({"wm/loss": float("nan"), "wm/skipped": 1.0})  # a skipped update: its NaN loss is not averaged in
+    means.add({"wm/loss": 4.0, "wm/skipped": 0.0})
+    assert means.pop() == {"wm/loss": 2.5, "wm/skipped": 1 / 3}
+    assert means.pop() == {}  # no update since: the next row holds no update stats, not the old ones again
+    means.add({"ac/entropy": float("inf")})
+    assert math.isnan(means.pop()["ac/entropy"])
+
+
+def test_a_row_after_no_update_repeats_no_loss(tmp_path):
+    """Updates come every 16 env steps here and rows every 8: a row with no update since the last holds no wm/ or ac/
+    values (they used to repeat the last update's)."""
+    train(tiny("train.env_steps=176", "train.log_every=8", "train.ckpt_every=1000"), str(tmp_path / "run"),
+          progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "updates" in r and r["step"] > 120]
+    fresh = [r["updates"] > before["updates"] for before, r in zip(rows, rows[1:])]
+    assert True in fresh and False in fresh
+    assert all(("wm/loss" in r and "ac/entropy" in r) == new for r, new in zip(rows[1:], fresh))
+
+
 def test_replay_ratio_invariant():
     cfg = tiny()
     t = cfg.train
@@ -187,7 +213,11 @@ def test_tiny_preset_end_to_end(tmp_path):
     assert evals[0] == evals[1] and evals[0]["seed"] == 10_000
     assert run.main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", "1", "--policy", "random",
                      "--no-progress"]) == 0
-    assert (tmp_path / "run" / "random_stats.jsonl").is_file()
+    assert (tmp_path / "run" / "eval_random_stats.jsonl").is_file()
+    # each source of episodes keeps its own records: the run's evaluations, then the two `eval` calls above
+    lines = {name: len((tmp_path / "run" / name).read_text().splitlines()) for name in ("eval_stats.jsonl",
+                                                                                         "eval_agent_stats.jsonl")}
+    assert lines == {"eval_stats.jsonl": 1, "eval_agent_stats.jsonl": 2}
     # the agent's slot encoder and decoder, shown on game frames like a pretraining run's
     viz = tmp_path / "viz"
     assert run.main(["visualize", "--checkpoint", str(tmp_path / "run"), "--frames", "2", "--out", str(viz)]) == 0
@@ -195,11 +225,13 @@ def test_tiny_preset_end_to_end(tmp_path):
     summary = json.loads((viz / "summary.json").read_text())
     assert summary["step"] == 240 and summary["pngs"] == 2 and "note" not in summary  # it has a decoder
     assert run.main(["visualize", "--checkpoint", str(tmp_path / "run"), "--env", "clevr", "--out", str(viz)]) == 2
-    # resuming the finished run plays no evaluation again: the final one is read back from the log, nothing appended
+    # resuming the finished run plays no evaluation again: the final one is read back from the log, nothing appended;
+    # a shorter train.env_steps does not rewrite config.yaml to misdescribe the run
     logs = {name: (tmp_path / "run" / name).read_text() for name in ("eval_stats.jsonl", "metrics.jsonl")}
-    again = train(tiny(), str(tmp_path / "run"), resume=True, progress=False)
+    again = train(tiny("train.env_steps=120"), str(tmp_path / "run"), resume=True, progress=False)
     assert again == result
     assert logs == {name: (tmp_path / "run" / name).read_text() for name in logs}
+    assert load_config(AgentConfig, tmp_path / "run" / "config.yaml").train.env_steps == 240
 
 
 def test_a_seeded_run_repeats_bitwise(tmp_path):

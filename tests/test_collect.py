@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import run
+from envs.clevr import DataError
 from envs.collect import collect, env_fn
 from envs.crafter import CrafterEnv
 from envs.episodes import iter_episodes, read_meta
@@ -32,9 +33,13 @@ def test_collect_crafter_with_workers(tmp_path):
     firsts = {e["image"][0].tobytes() for e in eps if e["is_first"][0]}
     assert CrafterEnv().reset(seed=5)[0].tobytes() in firsts and CrafterEnv().reset(seed=6)[0].tobytes() in firsts
     assert out["episodes"] == out["dataset_episodes"] == len(eps)
+    # a second call reports its own episodes, and the total; `--size 64` is the default size, not another layout
     more = collect("crafter", 20, str(tmp_path / "d"), num_envs=2, envs_per_worker=2, seed=7, progress=False,
-                   env_kwargs={"max_episode_steps": 12})  # a second call reports its own episodes, and the total
+                   env_kwargs={"max_episode_steps": 12, "size": 64})
     assert more["dataset_episodes"] == len(list(iter_episodes(tmp_path / "d"))) == len(eps) + more["episodes"]
+    with pytest.raises(DataError, match=r"holds episodes with image_shape=\[64, 64, 3\], not \[32, 32, 3\]"):
+        collect("crafter", 4, str(tmp_path / "d"), seed=8, progress=False, asynchronous=False,
+                env_kwargs={"max_episode_steps": 12, "size": 32})
 
 
 def test_killed_crafter_worker_truncates_episode(tmp_path):
@@ -176,7 +181,7 @@ def test_a_stopped_collection_keeps_its_episodes_and_says_so(tmp_path, monkeypat
     monkeypatch.setattr(EpisodeWriter, "step", stop_at(30))
     assert run.main(argv) == 130
     assert capsys.readouterr().err.strip().endswith(f"{out} holds 1 episode (unfinished ones kept as truncated); "
-                                                    "collect more with another --seed than 0")
+                                                    "collect more with --seed 1 (it holds seed 0)")
     (episode,) = iter_episodes(out)
     assert len(episode["action"]) == 31 and episode["is_last"][-1] and not episode["is_terminal"].any()
     assert read_meta(out)["seeds"] == [0]

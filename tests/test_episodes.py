@@ -58,6 +58,10 @@ def test_bad_datasets_are_one_line_errors(tmp_path):
         episode_paths(tmp_path)
     with pytest.raises(DataError, match=r"no meta.json\) \(a relative path, read from "):  # run from elsewhere
         episode_paths("runs/no_such_dataset")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("train: {}\n")  # a run directory given as data
+    with pytest.raises(DataError, match="run directory, not an episode dataset"):
+        episode_paths(tmp_path / "run")
     (tmp_path / "meta.json").write_text(json.dumps({"env": "toy"}))
     with pytest.raises(DataError, match="no .npz"):
         episode_paths(tmp_path)

@@ -101,14 +101,20 @@ def test_nan_loss_skips_update(tmp_path, monkeypatch):
 
 
 def test_run_dir_rules(tmp_path, capsys):
-    with pytest.raises(RunDirError, match="cannot resume"):
+    with pytest.raises(RunDirError, match="cannot resume.*start a new run without --resume"):
         pretrain(tiny_cfg("train.steps=1"), str(tmp_path / "r"), resume=True, progress=False)
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "metrics.jsonl").write_text("")  # a run stopped before its first checkpoint
+    with pytest.raises(RunDirError, match="cannot resume.*holds metrics.jsonl of a run that stopped before its first "
+                                          "checkpoint: remove .*early and start a new run"):
+        pretrain(tiny_cfg("train.steps=1"), str(tmp_path / "early"), resume=True, progress=False)
     pretrain(tiny_cfg("train.steps=2"), str(tmp_path / "r"), progress=False)
     with pytest.raises(RunDirError, match="--resume"):
         pretrain(tiny_cfg("train.steps=2"), str(tmp_path / "r"), progress=False)
     capsys.readouterr()
-    pretrain(tiny_cfg("train.steps=2"), str(tmp_path / "r"), resume=True, progress=False)  # nothing left to train
-    assert "already at step 2 of train.steps=2; pass train.steps=N with N > 2" in capsys.readouterr().err
+    pretrain(tiny_cfg("train.steps=1"), str(tmp_path / "r"), resume=True, progress=False)  # nothing left to train
+    assert "already at step 2 of train.steps=1; pass train.steps=N with N > 2" in capsys.readouterr().err
+    assert "  steps: 2\n" in (tmp_path / "r" / "config.yaml").read_text()  # the run's length, not the override's
     with pytest.raises(RunDirError, match="its 'model' weights do not fit the model this config builds"):
         pretrain(tiny_cfg("train.steps=3", "model.slot_dim=16"), str(tmp_path / "r"), resume=True, progress=False)
     assert run.main(["pretrain", "--config", "configs/clevr_tiny.yaml", "model.slotz=gmm"]) == 2
@@ -317,6 +323,21 @@ def test_a_frames_run_resumes_on_the_same_game_and_notes_a_moved_split(tmp_path,
              progress=False)
     assert "now holds 100 frames, the last 4 held out (at this run's last checkpoint 60, the last 4)" in \
         capsys.readouterr().err
+    # eval-ap on another copy of its data (--data), in place of data.root; a generated-scene run has no such data
+    (tmp_path / "a").rename(tmp_path / "a2")
+    capsys.readouterr()
+    assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "r")]) == 2
+    assert f"data.root={tmp_path / 'a'}, the episodes {tmp_path / 'r'} trained on, does not exist; if they moved, " \
+        "pass --data DIR" in capsys.readouterr().err
+    assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "r"), "--data", str(tmp_path / "a2")]) == 0
+    assert json.loads((tmp_path / "r" / "eval_ap.json").read_text())["data"] == f"held-out frames of {tmp_path / 'a2'}"
+    # visualize shows it frames of the game it trained on, without --env
+    assert run.main(["visualize", "--checkpoint", str(tmp_path / "r"), "--frames", "1", "--out", str(tmp_path / "v")]) == 0
+    assert json.loads((tmp_path / "v" / "summary.json").read_text())["env"] == "crafter"
+    pretrain(tiny_cfg("train.steps=1"), str(tmp_path / "g"), progress=False)
+    capsys.readouterr()
+    assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "g"), "--data", str(tmp_path / "a2")]) == 2
+    assert "--data is for a run pretrained on game frames" in capsys.readouterr().err
 
 
 def test_sigterm_is_handled_as_ctrl_c(tmp_path):
@@ -352,12 +373,17 @@ def test_ctrl_c_is_one_line_with_the_way_back(tmp_path, monkeypatch, capsys):
         assert (Path(run_dir) / "train.pid").is_file()
         raise KeyboardInterrupt
 
+    monkeypatch.chdir(CONFIGS.parent)
     assert run.main(["pretrain", "--run-dir", str(tmp_path / "r"), "--no-progress", *TINY, "train.steps=1"]) == 0
     capsys.readouterr()
     monkeypatch.setattr(pt, "pretrain", interrupted)
     assert run.main(["pretrain", "--run-dir", str(tmp_path / "r"), "--no-progress", "--resume", "train.steps=2"]) == 130
     err = capsys.readouterr().err.strip()
     assert err == f"interrupted; `python run.py pretrain --resume {tmp_path / 'r'}` continues from its last checkpoint"
+    monkeypatch.chdir(tmp_path)  # run.py as it is reached from there
+    assert run.main(["pretrain", "--run-dir", "r", "--no-progress", "--resume", "train.steps=2"]) == 130
+    assert capsys.readouterr().err.strip() == (f"interrupted; `python {CONFIGS.parent / 'run.py'} pretrain --resume r` "
+                                               "continues from its last checkpoint")
     assert run.main(["pretrain", "--run-dir", str(tmp_path / "new"), "--no-progress", *TINY]) == 130
     err = capsys.readouterr().err.strip()  # stopped before writing anything: its directory is gone again
     assert err == f"interrupted; it stopped before writing anything to {tmp_path / 'new'}, so there is nothing to " \

@@ -86,6 +86,11 @@ def test_status_tokens_join_the_frame_codes(tmp_path, capsys):
     assert run.main(["eval-wm", "--checkpoint", str(tmp_path / "a"), "--out", str(tmp_path / "e")]) == 0
     result = json.loads((tmp_path / "e" / "eval_wm.json").read_text())
     assert 0 <= result["h1/status_acc"] <= 100 and result["h3/status_acc_copy"] < 100  # the square moves
+    table = capsys.readouterr().out.splitlines()  # the printed table has them too
+    header = next(line.split() for line in table if line.startswith("horizon"))
+    row = next(line.split() for line in table if line.split()[:1] == ["3"])
+    assert header[-2:] == ["status_acc", "status_acc_copy"]
+    assert float(row[-1]) == pytest.approx(result["h3/status_acc_copy"], abs=1e-4)
     plain = toy_dataset(tmp_path / "plain")  # the same game's episodes from before it gave status tokens
     assert run.main(["eval-wm", "--checkpoint", str(tmp_path / "a"), "--data", str(plain), "--out",
                      str(tmp_path / "e2")]) == 2
@@ -211,6 +216,11 @@ def test_a_run_resumes_from_anywhere_after_its_inputs_move(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"data.root={tmp_path / 'd'}, the data ../wm trained on, does not exist" in err
     assert run.main(["train-wm", "--resume", "../wm", "--no-progress", "train.steps=4", "data.root=../d2"]) == 0
+    (tmp_path / "d2").rename(tmp_path / "d3")
+    capsys.readouterr()
+    assert run.main(["eval-wm", "--checkpoint", "../wm", "--out", "e2", "--segments", "2"]) == 2
+    assert "does not exist; if they moved, pass --data DIR" in capsys.readouterr().err
+    assert run.main(["eval-wm", "--checkpoint", "../wm", "--out", "e2", "--segments", "2", "--data", "../d3"]) == 0
     assert load_config(WorldModelConfig, tmp_path / "wm" / "config.yaml").data.root == str(tmp_path / "d2")
 
 
@@ -223,7 +233,8 @@ def test_train_resume_exact_and_eval_cli(tmp_path, capsys):
     assert a == b  # same evaluation after resuming from step 2
     assert "held-out split" not in capsys.readouterr().err
     # the finished run resumed: its final evaluation read back from the log, not run and logged a second time
-    assert train_wm(wm_cfg(root, "train.steps=4"), str(tmp_path / "b"), resume=True, progress=False) == b
+    assert train_wm(wm_cfg(root, "train.steps=2"), str(tmp_path / "b"), resume=True, progress=False) == b
+    assert load_config(WorldModelConfig, tmp_path / "b" / "config.yaml").train.steps == 4  # not the shorter override
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval/h1/code_acc" in r] == [2, 4]  # each once
     # resumed with other evaluation settings, the finished run evaluates again: its logged evaluation no longer holds

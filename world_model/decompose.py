@@ -133,15 +133,15 @@ def edit_codes(model, images: torch.Tensor, slot: int, var: int, values: list[in
 
 def load_slot_model(checkpoint: str, device: torch.device) -> SimpleNamespace:
     """The slot model of any run: a pretraining run's model, or the slot autoencoder inside a world-model or agent
-    run. Fields: model, resolution, model_cfg (its SlotModelConfig), step, trained_env (None for pretraining),
-    pretrain_cfg (None for the others)."""
+    run. Fields: model, resolution, model_cfg (its SlotModelConfig), step, trained_env (the game whose frames it
+    trained on; None for generated or CLEVR scenes), pretrain_cfg (None for the others)."""
     from .config import schema_command
 
     command = schema_command(Path(checkpoint) / "config.yaml")
     if command not in ("train-wm", "train"):  # a pretraining run, or none: load_run says which
         cfg, model, state = load_run(checkpoint, device)
         return SimpleNamespace(model=model, resolution=cfg.data.resolution, model_cfg=cfg.model, step=state["step"],
-                               trained_env=None, pretrain_cfg=cfg)
+                               trained_env=(state.get("frames") or {}).get("env"), pretrain_cfg=cfg)
     if command == "train-wm":
         from .train_wm import load_wm_run
 

@@ -386,7 +386,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
         opt.load_state_dict(state["optimizer"])
         step, skipped = state["step"], state["skipped"]
         restore_rng(state["rng"], t.seed, step)
-        note_if_finished(step, t.steps, "train.steps")
+        t.steps = note_if_finished(step, t.steps, "train.steps", state)
     # the data first: a bad data path fails before the run directory gets a config
     source = make_source(cfg, device, sharded=True, progress=progress and distributed.is_main(), first_step=step)
     frames = {"env": getattr(source, "env", None), "split": getattr(source, "split", None)}  # env frames only

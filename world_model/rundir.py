@@ -133,13 +133,16 @@ class RunDir:
         if is_dataset(run.path):
             raise RunDirError(f"{run.path} is an episode dataset (meta.json, episodes/); choose another --run-dir")
         if resume and not run.ckpt_path.is_file():
-            raise RunDirError(f"cannot resume: no checkpoint at {run.ckpt_path}; start a new run without --resume")
+            stale = run._leftovers()
+            fix = (f"it holds {', '.join(stale)} of a run that stopped before its first checkpoint: remove "
+                   f"{run.path} and start a new run" if stale else "start a new run without --resume")
+            raise RunDirError(f"cannot resume: no checkpoint at {run.ckpt_path}; {fix}")
         if not resume and run.ckpt_path.is_file():
             raise RunDirError(f"run directory {run.path} already holds a checkpoint; pass --resume to continue it "
                               "or choose another --run-dir")
         if distributed.is_main():  # rank 0 only: under torchrun, the others could see its fresh logs
             run._refuse_if_live()  # first: a live run's fresh logs are not leftovers to remove
-            stale = [name for name in cls.LOGS if (run.path / name).exists()]
+            stale = run._leftovers()
             if not resume and stale:
                 raise RunDirError(f"{run.path} holds {', '.join(stale)} of a run that stopped before its first "
                                   "checkpoint; remove them or choose another --run-dir")
@@ -148,6 +151,10 @@ class RunDir:
         if distributed.is_main():
             run._claim()
         return run
+
+    def _leftovers(self) -> list[str]:
+        """The logs a run writes before its first checkpoint, where there is none."""
+        return [name for name in self.LOGS if (self.path / name).exists()]
 
     def _claim(self) -> None:
         """Record this process (`host pid` in train.pid) as the one training here, unless another live process on
@@ -315,11 +322,16 @@ def rollback_appended(path: Path, size: int) -> None:
         f.truncate(keep.rfind(b"\n") + 1)
 
 
-def note_if_finished(step: int, total: int, key: str) -> None:
-    """On resume: say so when the run already reached its length (it would only evaluate again)."""
-    if step >= total and distributed.is_main():
+def note_if_finished(step: int, total: int, key: str, state: dict) -> int:
+    """On resume: say so when the run already reached its length (it would only evaluate again). Returns the length
+    to go on with and record: an override shorter than the run has gone gives way to the checkpoint's own `key`."""
+    if step < total:
+        return total
+    if distributed.is_main():
         print(f"note: this run is already at step {step} of {key}={total}; pass {key}=N with N > {step} to train "
               "further", file=sys.stderr)
+    head, _, name = key.partition(".")
+    return max(total, state.get("config", {}).get(head, {}).get(name, total))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

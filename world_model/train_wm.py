@@ -240,7 +240,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
         opt.load_state_dict(state["optimizer"])
         step, skipped = state["step"], state["skipped"]
         set_rng_state(state["rng"])
-        note_if_finished(step, t.steps, "train.steps")
+        t.steps = note_if_finished(step, t.steps, "train.steps", state)
         if state.get("held_out", meta["held_out"]) != meta["held_out"]:
             print(f"note: the episodes of {cfg.data.root} changed since this run's last checkpoint, so its held-out "
                   f"split moved (the last {len(meta['held_out'])} episodes now): evaluations from here on use the new "
@@ -329,6 +329,9 @@ def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] 
     cfg, wm, state = load_wm_run(checkpoint, dev)
     if data:
         cfg.data.root = data
+    elif not Path(cfg.data.root).exists():
+        raise DataError(f"data.root={cfg.data.root}, the episodes {checkpoint} trained on, does not exist; if they "
+                        "moved, pass --data DIR")
     meta = read_meta(cfg.data.root)  # the right game first, then enough of it (split_dataset)
     trained_on = state.get("env", meta["env"])  # runs from before the env was recorded: the action count only
     if (meta["env"], meta.get("num_actions")) != (trained_on, state["num_actions"]):
