@@ -120,7 +120,7 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
     directory (named explicitly under torchrun, where a timestamped default could differ between processes), the
     resolved config and the result printed once. `resume`: False, True (the run in --run-dir) or the run's path."""
     from world_model import distributed
-    from envs.clevr import DataError
+    from envs.episodes import check_recorded_root
     from world_model.config import check_resume_overrides, load_config, load_run_config, record_paths, run_schemas, \
         to_yaml
     from world_model.rundir import release_claims
@@ -140,9 +140,8 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
                              "would not apply (change keys with key=value overrides, or start a new run)")
         record_paths(cfg, saved)
         root = getattr(getattr(cfg, "data", None), "root", None)
-        if root and not Path(root).exists():
-            raise DataError(f"data.root={root}, the data {args.run_dir} trained on, does not exist; if it moved, resume "
-                            "with data.root=ITS_NEW_PATH")
+        if root:
+            check_recorded_root(root, args.run_dir, "resume with data.root=ITS_NEW_PATH")
     else:
         cfg = load_config(run_schemas()[args.command], args.config or default_preset, overrides)
         record_paths(cfg)
@@ -182,21 +181,26 @@ def cmd_pretrain(args) -> None:
 
 def cmd_eval_ap(args) -> None:
     from envs.clevr import DataError
+    from envs.episodes import check_recorded_root, read_meta
     from world_model.pretrain import eval_batches, evaluate, load_run
     from world_model.rundir import resolve_device
 
     device = resolve_device(args.device)
     cfg, model, state = load_run(args.checkpoint, device)
-    if args.clevr_root:
-        cfg.data.source, cfg.data.root, cfg.data.eval_split = "clevr", args.clevr_root, args.split
     if args.data:
+        if args.clevr_root:
+            raise ValueError("--data and --clevr-root name two datasets to evaluate on: pass one")
         if cfg.data.source != "frames":
             raise ValueError(f"--data is for a run pretrained on game frames (`run.py pretrain --data DIR`); "
                              f"{args.checkpoint} trained on data.source={cfg.data.source}")
+        trained, given = (state.get("frames") or {}).get("env"), read_meta(args.data)["env"]
+        if trained and given != trained:
+            raise DataError(f"{args.data} holds {given} episodes; {args.checkpoint} was trained on {trained} frames")
         cfg.data.root = args.data
-    elif cfg.data.source == "frames" and not Path(cfg.data.root).exists():
-        raise DataError(f"data.root={cfg.data.root}, the episodes {args.checkpoint} trained on, does not exist; if "
-                        "they moved, pass --data DIR")
+    elif cfg.data.source == "frames" and not args.clevr_root:
+        check_recorded_root(cfg.data.root, args.checkpoint, "pass --data DIR")
+    if args.clevr_root:
+        cfg.data.source, cfg.data.root, cfg.data.eval_split = "clevr", args.clevr_root, args.split
     n = args.images or cfg.data.eval_images
     result = evaluate(model, cfg, device, n, batches=eval_batches(cfg, device, n))
     source = {"generated": "generated scenes", "clevr": f"CLEVR {cfg.data.root} split {cfg.data.eval_split}",
@@ -557,7 +561,8 @@ def _way_back(args) -> str:
         except ValueError:  # no dataset written
             seeds = []
         held_seeds = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
-        seed = (f"--seed {max(seeds) + 1} (it holds {held_seeds})" if args.seed in seeds
+        envs = args.workers * args.envs_per_worker  # env i of a collection is seeded with --seed + i
+        seed = (f"--seed {max(seeds) + envs} (it holds {held_seeds})" if args.seed in seeds
                 else f"--seed {args.seed} (no episode of it was written)")
         held = f"{episodes} episode{'' if episodes == 1 else 's'}"
         return f"; {args.out} holds {held} (unfinished ones kept as truncated); collect more with {seed}"

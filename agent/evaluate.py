@@ -19,7 +19,7 @@ def load_agent_run(checkpoint: str, device: torch.device) -> tuple[AgentConfig, 
     run = RunDir(checkpoint)
     cfg = load_run_config("train", checkpoint)
     state = run.load_checkpoint(map_location=device, keys=("wm", "ac", "num_actions", "counters"))
-    wm, ac = build_agent(cfg, state["num_actions"], device, state.get("status_vars", 0), restoring=True)
+    wm, ac = build_agent(cfg, state["num_actions"], device, state.get("status_vars", 0), restoring=checkpoint)
     run.restore(wm, state, "wm")
     run.restore(ac, state, "ac")
     return cfg, wm.eval(), ac.eval(), state

@@ -4,7 +4,8 @@ evaluation episodes; everything in one run directory, resumable at the same env 
 
 Run directory: config.yaml, checkpoints/latest.pt (models, optimizers, counters, RNG), replay/<step>-rank<r>.npz
 (each rank's buffer that checkpoint belongs to, written first), stats.jsonl (every training episode, crafter's
-schema for Crafter), eval_stats.jsonl (every evaluation's episodes), metrics.jsonl and tb/.
+schema for Crafter), eval_stats.jsonl (the episodes of the run's evaluations; `run.py eval` writes its own
+eval_<policy>_stats.jsonl), metrics.jsonl and tb/.
 
 Under torchrun each rank runs its share of the env workers into its own replay buffer; the world model and the
 actor-critic are wrapped in DistributedDataParallel, so every update averages the ranks' gradients and the
@@ -57,9 +58,9 @@ def env_kwargs(cfg: AgentConfig, stats_path: Optional[Path]) -> dict:
 
 
 def build_agent(cfg: AgentConfig, num_actions: int, device: torch.device, status_vars: int = 0,
-                restoring: bool = False) -> tuple[WorldModel, ActorCritic]:
+                restoring: Optional[str | Path] = None) -> tuple[WorldModel, ActorCritic]:
     """The world model and actor-critic of `cfg` for an env with `num_actions` actions and `status_vars` status
-    tokens beside its frames (0: none); `restoring`: their weights come from the run's checkpoint."""
+    tokens beside its frames (0: none); `restoring`: the run directory whose checkpoint their weights come from."""
     longest = max(cfg.train.seq_len, IMAG_CONTEXT + cfg.actor_critic.horizon)
     wm = build_world_model(cfg.encoder, cfg.frame, cfg.dynamics, num_actions, device, longest, status_vars, restoring)
     cfg.dynamics = wm.dynamics.cfg
@@ -218,7 +219,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         status = status_vars(spec) if state is None else state.get("status_vars", 0)
         if not status:
             spec.pop("status", None)
-        wm, ac = build_agent(cfg, num_actions, device, status, restoring=resume)
+        wm, ac = build_agent(cfg, num_actions, device, status, restoring=run_dir if resume else None)
         wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=t.wm_lr, eps=1e-8)
         counters = {"env_steps": 0, "updates": 0, "episodes": 0, "vector_steps": 0}
         capacity = local_share(cfg.replay.capacity, "replay.capacity")

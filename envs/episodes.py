@@ -124,14 +124,26 @@ class EpisodeWriter:
         self.buffers.clear()
 
 
+def _read_from(root: Path) -> str:
+    """Where a relative path that does not exist was looked for, to say beside it."""
+    return "" if root.is_absolute() or root.exists() else f" (a relative path, read from {Path.cwd()})"
+
+
+def check_recorded_root(root: Union[str, Path], run_dir: Union[str, Path], fix: str) -> None:
+    """The data a run recorded (data.root) must still be there: if not, one line naming it and `fix`."""
+    if not Path(root).exists():
+        raise DataError(f"data.root={root}{_read_from(Path(root))}, the data {run_dir} trained on, does not exist; "
+                        f"if it moved, {fix}")
+
+
 def read_meta(root: Union[str, Path]) -> dict:
     root = Path(root)
     path = root / "meta.json"
     if not path.is_file():
         if (root / "config.yaml").is_file():
             raise DataError(f"{root} is a run directory, not an episode dataset: pass a dataset of `run.py collect`")
-        where = "" if root.is_absolute() or root.exists() else f" (a relative path, read from {Path.cwd()})"
-        raise DataError(f"{root} is not an episode dataset (no meta.json){where}; make one with `run.py collect`")
+        raise DataError(f"{root} is not an episode dataset (no meta.json){_read_from(root)}; make one with "
+                        "`run.py collect`")
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:

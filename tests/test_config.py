@@ -245,3 +245,27 @@ def test_output_piped_into_head_ends_quietly():
                           shell=True,
                           executable="/bin/bash", capture_output=True, text=True, cwd=CONFIGS.parent)
     assert done.stdout.startswith("# run.py train") and done.returncode == 141 and "Error" not in done.stderr
+
+
+def test_paths_are_recorded_absolute(tmp_path, monkeypatch):
+    """A new run's paths become absolute; on resume those an override changed do, and a relative one recorded by an
+    older run does when it exists from here (from elsewhere it stays, and the data check names it)."""
+    from world_model.config import WorldModelConfig, record_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    fresh = load_config(WorldModelConfig, None, ["data.root=d", "encoder.checkpoint=~/pre"])
+    record_paths(fresh)
+    assert (fresh.data.root, fresh.encoder.checkpoint) == (str(tmp_path / "d"), str(Path.home() / "pre"))
+    old = load_config(WorldModelConfig, None, ["data.root=d", "encoder.checkpoint=pre"])
+    resumed = load_config(WorldModelConfig, None, ["data.root=d", "encoder.checkpoint=pre"])
+    record_paths(resumed, old)
+    assert (resumed.data.root, resumed.encoder.checkpoint) == (str(tmp_path / "d"), "pre")  # pre: not here
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    resumed = load_config(WorldModelConfig, None, ["data.root=d"])
+    record_paths(resumed, old)
+    assert resumed.data.root == "d"
+    empty = load_config(WorldModelConfig, None, [])
+    record_paths(empty)
+    assert empty.data.root is None and empty.encoder.checkpoint is None

@@ -327,8 +327,14 @@ def test_a_frames_run_resumes_on_the_same_game_and_notes_a_moved_split(tmp_path,
     (tmp_path / "a").rename(tmp_path / "a2")
     capsys.readouterr()
     assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "r")]) == 2
-    assert f"data.root={tmp_path / 'a'}, the episodes {tmp_path / 'r'} trained on, does not exist; if they moved, " \
+    assert f"data.root={tmp_path / 'a'}, the data {tmp_path / 'r'} trained on, does not exist; if it moved, " \
         "pass --data DIR" in capsys.readouterr().err
+    assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "r"), "--data", str(tmp_path / "b")]) == 2
+    assert f"{tmp_path / 'b'} holds nethack episodes; {tmp_path / 'r'} was trained on crafter frames" in \
+        capsys.readouterr().err
+    assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "r"), "--data", str(tmp_path / "a2"), "--clevr-root",
+                     str(tmp_path)]) == 2
+    assert "--data and --clevr-root name two datasets" in capsys.readouterr().err
     assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "r"), "--data", str(tmp_path / "a2")]) == 0
     assert json.loads((tmp_path / "r" / "eval_ap.json").read_text())["data"] == f"held-out frames of {tmp_path / 'a2'}"
     # visualize shows it frames of the game it trained on, without --env

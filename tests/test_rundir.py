@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from world_model.rundir import MetricLogger, RunDir, atomic_torch_save, atomic_write, read_jsonl, set_precision
+from world_model.rundir import (MetricLogger, RunDir, atomic_torch_save, atomic_write, note_if_finished, read_jsonl,
+                                set_precision)
 
 
 def _tensorboard_steps(path, tag):
@@ -137,8 +138,9 @@ def test_run_directory_guards(tmp_path):
         with pytest.raises(RunDirError, match=f"process {live.pid} is training in"):
             RunDir.open(tmp_path / "b", resume=False)
         (tmp_path / "b" / "metrics.jsonl").write_text('{"step": 2}\n')  # a live run's logs: not leftovers to remove
-        with pytest.raises(RunDirError, match=f"process {live.pid} is training in"):
-            RunDir.open(tmp_path / "b", resume=False)
+        for resume in (False, True):
+            with pytest.raises(RunDirError, match=f"process {live.pid} is training in"):
+                RunDir.open(tmp_path / "b", resume=resume)
         (tmp_path / "b" / "metrics.jsonl").unlink()
         (tmp_path / "b" / "train.pid").write_text(f"another-{host} {live.pid}")  # a pid on another host: not ours
         RunDir.open(tmp_path / "b", resume=False)
@@ -195,3 +197,15 @@ def test_cuda_runs_keep_fp32_matmuls_at_full_precision():
     finally:
         torch.set_float32_matmul_precision(before[0])
         torch.backends.cudnn.allow_tf32 = before[1]
+
+
+def test_a_shorter_length_on_resume_stops_the_run_where_it_is():
+    """The length a resumed run goes on with (and records), given the checkpoint's step, the override and the
+    length the checkpoint was trained with."""
+    def length(step, override, saved):
+        return note_if_finished(step, override, "train.steps", {"config": {"train": {"steps": saved}}})
+
+    assert length(2, 8, 6) == 8  # longer: trains on
+    assert length(2, 1, 2) == 2  # finished: keeps its own length
+    assert length(2, 1, 6) == 2  # stopped part-way: stops where it is, not at its old 6
+    assert length(1202, 300, 1200) == 1200  # an agent past its length by a vector step: its own length

@@ -210,6 +210,10 @@ def test_a_run_resumes_from_anywhere_after_its_inputs_move(tmp_path, monkeypatch
     assert encoder and all(torch.equal(before[k], after["model"][k]) for k in encoder)  # frozen, as it trained
     assert any(not torch.equal(before[k], after["model"][k]) for k in before if k.startswith("dynamics."))
     assert run.main(["eval-wm", "--checkpoint", "../wm", "--out", "e", "--segments", "2"]) == 0
+    # resumed from Python with a config of its own (the preset's encoder.model): the run's recorded encoder is built
+    again = train_wm(wm_cfg(tmp_path / "d", f"encoder.checkpoint={tmp_path / 'pre'}", "train.steps=3"),
+                     str(tmp_path / "wm"), resume=True, progress=False)
+    assert "h1/code_acc" in again
     (tmp_path / "d").rename(tmp_path / "d2")
     capsys.readouterr()
     assert run.main(["train-wm", "--resume", "../wm", "--no-progress", "train.steps=4"]) == 2
@@ -219,7 +223,7 @@ def test_a_run_resumes_from_anywhere_after_its_inputs_move(tmp_path, monkeypatch
     (tmp_path / "d2").rename(tmp_path / "d3")
     capsys.readouterr()
     assert run.main(["eval-wm", "--checkpoint", "../wm", "--out", "e2", "--segments", "2"]) == 2
-    assert "does not exist; if they moved, pass --data DIR" in capsys.readouterr().err
+    assert "does not exist; if it moved, pass --data DIR" in capsys.readouterr().err
     assert run.main(["eval-wm", "--checkpoint", "../wm", "--out", "e2", "--segments", "2", "--data", "../d3"]) == 0
     assert load_config(WorldModelConfig, tmp_path / "wm" / "config.yaml").data.root == str(tmp_path / "d2")
 

@@ -331,12 +331,14 @@ PATHS = ("data.root", "encoder.checkpoint")  # paths a run records absolute, so 
 
 def record_paths(cfg: Any, saved: Any = None) -> None:
     """Make `cfg`'s paths absolute (from the working directory), in place; with `saved` (a resumed run's config),
-    only those an override changed: the others were recorded from the directory the run started in."""
+    those an override changed, and relative ones (runs from before paths were recorded absolute) that exist from
+    here: the others stay as recorded."""
     for key in PATHS:
         head, _, name = key.rpartition(".")
         node = getattr(cfg, head, None)
         value = getattr(node, name, None)
-        if value and (saved is None or value != getattr(getattr(saved, head), name)):
+        if value and (saved is None or value != getattr(getattr(saved, head), name)
+                      or (not os.path.isabs(value) and os.path.exists(value))):
             setattr(node, name, os.path.abspath(os.path.expanduser(value)))
 
 

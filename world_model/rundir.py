@@ -132,6 +132,8 @@ class RunDir:
         run = cls(path)
         if is_dataset(run.path):
             raise RunDirError(f"{run.path} is an episode dataset (meta.json, episodes/); choose another --run-dir")
+        if distributed.is_main():  # rank 0 only: under torchrun, the others could see its fresh claim
+            run._refuse_if_live()  # first: a live run's fresh logs are not leftovers to remove
         if resume and not run.ckpt_path.is_file():
             stale = run._leftovers()
             fix = (f"it holds {', '.join(stale)} of a run that stopped before its first checkpoint: remove "
@@ -140,10 +142,9 @@ class RunDir:
         if not resume and run.ckpt_path.is_file():
             raise RunDirError(f"run directory {run.path} already holds a checkpoint; pass --resume to continue it "
                               "or choose another --run-dir")
-        if distributed.is_main():  # rank 0 only: under torchrun, the others could see its fresh logs
-            run._refuse_if_live()  # first: a live run's fresh logs are not leftovers to remove
+        if distributed.is_main() and not resume:  # rank 0 only: under torchrun, the others could see its fresh logs
             stale = run._leftovers()
-            if not resume and stale:
+            if stale:
                 raise RunDirError(f"{run.path} holds {', '.join(stale)} of a run that stopped before its first "
                                   "checkpoint; remove them or choose another --run-dir")
         run.created = not run.path.exists()
@@ -324,14 +325,15 @@ def rollback_appended(path: Path, size: int) -> None:
 
 def note_if_finished(step: int, total: int, key: str, state: dict) -> int:
     """On resume: say so when the run already reached its length (it would only evaluate again). Returns the length
-    to go on with and record: an override shorter than the run has gone gives way to the checkpoint's own `key`."""
+    to go on with and record: an override shorter than the run has gone stops it where it is (at its own length,
+    when it had finished), rather than writing a length the run has passed into config.yaml."""
     if step < total:
         return total
     if distributed.is_main():
         print(f"note: this run is already at step {step} of {key}={total}; pass {key}=N with N > {step} to train "
               "further", file=sys.stderr)
     head, _, name = key.partition(".")
-    return max(total, state.get("config", {}).get(head, {}).get(name, total))
+    return max(total, min(step, state.get("config", {}).get(head, {}).get(name, total)))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

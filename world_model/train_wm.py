@@ -18,10 +18,10 @@ import torch
 
 from agent.replay import ReplayBuffer
 from envs.clevr import DataError
-from envs.episodes import episode_paths, load_episode, read_meta
+from envs.episodes import check_recorded_root, episode_paths, load_episode, read_meta
 
 from . import distributed
-from .config import WMEncoderConfig, WorldModelConfig, load_run_config, save_config
+from .config import WMEncoderConfig, WorldModelConfig, load_run_config, save_config, schema_command
 from .dynamics import DynamicsConfig
 from .frame_tokenizer import STATUS_LEVELS, FrameTokenizerConfig, status_vars
 from .pretrain import TRAIN_STREAM, autocast, guarded_update, load_run, stream_seed
@@ -91,14 +91,17 @@ def episode_length(path: Path) -> int:
 
 
 def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: DynamicsConfig, num_actions: int,
-                      device: torch.device, longest: int, status_vars: int = 0, restoring: bool = False
-                      ) -> WorldModel:
+                      device: torch.device, longest: int, status_vars: int = 0,
+                      restoring: Optional[str | Path] = None) -> WorldModel:
     """Encoder from a pretrained run (or fresh), frame tokenizer and dynamics sized to match; `enc` takes the
     pretrained run's model config, and the returned model's `dynamics.cfg` is the completed dynamics config.
     `longest`: the longest sequence (in steps) the dynamics must hold; `status_vars`: the env's status tokens beside
-    each frame (0: none), appended to the frame codes unless frame.status=false. `restoring`: `enc` is a run's saved
-    config and the weights come from that run's checkpoint, so encoder.checkpoint is not read (it may have moved)."""
-    if enc.checkpoint and restoring:  # the saved config holds the pretrained encoder's model; its weights follow
+    each frame (0: none), appended to the frame codes unless frame.status=false. `restoring`: the run directory whose
+    checkpoint the weights come from; its config.yaml then gives a pretrained encoder's model (encoder.checkpoint is
+    not read: it may have moved)."""
+    if enc.checkpoint and restoring:  # the run recorded the pretrained encoder's model; its weights follow
+        saved = load_run_config(schema_command(Path(restoring) / "config.yaml"), restoring).encoder
+        enc.model, enc.resolution = saved.model, saved.resolution
         autoencoder, joint = SlotAutoencoder(enc.model, enc.resolution), enc.mode == "joint"
     elif enc.checkpoint:
         pre_cfg, autoencoder, _ = load_run(enc.checkpoint, device)
@@ -129,7 +132,7 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
 
 
 def build_wm_for(cfg: WorldModelConfig, num_actions: int, device: torch.device, status_vars: int = 0,
-                 restoring: bool = False) -> WorldModel:
+                 restoring: Optional[str | Path] = None) -> WorldModel:
     """`build_world_model` for a train-wm config (which then records the completed dynamics config)."""
     longest = max(cfg.data.seq_len, cfg.eval.context + max(cfg.eval.horizons))
     wm = build_world_model(cfg.encoder, cfg.frame, cfg.dynamics, num_actions, device, longest, status_vars, restoring)
@@ -229,7 +232,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
         if status > meta["status_vars"]:
             raise DataError(f"this run reads {status} status tokens beside each frame; the episodes of "
                             f"{cfg.data.root} have {meta['status_vars']}: collect them again")
-    wm = build_wm_for(cfg, int(meta["num_actions"]), device, status, restoring=resume)
+    wm = build_wm_for(cfg, int(meta["num_actions"]), device, status, restoring=run_dir if resume else None)
     params = [p for p in wm.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.train.lr)
     step = skipped = 0
@@ -314,7 +317,7 @@ def load_wm_run(run_dir: str, device: torch.device) -> tuple[WorldModelConfig, W
     run = RunDir(run_dir)
     cfg = load_run_config("train-wm", run_dir)
     state = run.load_checkpoint(map_location=device, keys=("model", "num_actions"))
-    wm = build_wm_for(cfg, state["num_actions"], device, state.get("status_vars", 0), restoring=True)
+    wm = build_wm_for(cfg, state["num_actions"], device, state.get("status_vars", 0), restoring=run_dir)
     run.restore(wm, state, "model")
     wm.eval()
     return cfg, wm, state
@@ -329,9 +332,8 @@ def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] 
     cfg, wm, state = load_wm_run(checkpoint, dev)
     if data:
         cfg.data.root = data
-    elif not Path(cfg.data.root).exists():
-        raise DataError(f"data.root={cfg.data.root}, the episodes {checkpoint} trained on, does not exist; if they "
-                        "moved, pass --data DIR")
+    else:
+        check_recorded_root(cfg.data.root, checkpoint, "pass --data DIR")
     meta = read_meta(cfg.data.root)  # the right game first, then enough of it (split_dataset)
     trained_on = state.get("env", meta["env"])  # runs from before the env was recorded: the action count only
     if (meta["env"], meta.get("num_actions")) != (trained_on, state["num_actions"]):
