@@ -180,7 +180,7 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_eval_ap(args) -> None:
-    from envs.clevr import DataError
+    from envs.errors import DataError
     from envs.episodes import check_recorded_root, read_meta
     from world_model.pretrain import eval_batches, evaluate, load_run
     from world_model.rundir import resolve_device

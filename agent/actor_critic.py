@@ -79,6 +79,8 @@ class SlotPolicyNet(nn.Module):
 
 
 class Actor(nn.Module):
+    """The policy over a step's slot codes (and frame codes): action logits, mixed with uniform in `dist`."""
+
     def __init__(self, dyn: DynamicsConfig, cfg: ActorCriticConfig):
         super().__init__()
         self.net = SlotPolicyNet(dyn, cfg)
@@ -103,6 +105,8 @@ class Actor(nn.Module):
 
 
 class Critic(nn.Module):
+    """The value of a step's slot codes (and frame codes), as symlog two-hot logits."""
+
     def __init__(self, dyn: DynamicsConfig, cfg: ActorCriticConfig):
         super().__init__()
         self.net = SlotPolicyNet(dyn, cfg)
@@ -116,6 +120,7 @@ class Critic(nn.Module):
         return self.head(self.net(slot_codes, frame_codes))
 
     def value(self, slot_codes: torch.Tensor, frame_codes: Optional[torch.Tensor]) -> torch.Tensor:
+        """Expected values `b`."""
         return twohot.mean(self(slot_codes, frame_codes))  # b
 
 

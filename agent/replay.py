@@ -23,7 +23,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from envs.clevr import DataError
+from envs.errors import DataError
 from envs.episodes import STEP_DTYPES, STEP_KEYS, episode_paths, iter_episodes, read_meta
 from world_model.rundir import atomic_write
 

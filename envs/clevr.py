@@ -60,6 +60,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import DataError
+
 SHAPES = ("cube", "sphere", "cylinder")
 SIZES = ("small", "large")
 MATERIALS = ("rubber", "metal")
@@ -100,10 +102,6 @@ _GROUP_RAYS = 1 << 22  # camera rays per render group (bounds the per-pixel buff
 _FIX = "download CLEVR or generate scenes with `python run.py generate --out DIR --split SPLIT`"
 _LAYOUT_HINT = ("expected CLEVR v1.0 layout root/images/<split>/*.png and "
                 "root/scenes/CLEVR_<split>_scenes.json; " + _FIX)
-
-
-class DataError(ValueError):
-    """Bad dataset on disk: message is ONE line that names the fix."""
 
 
 @dataclass(eq=False)
@@ -663,7 +661,7 @@ def _linear_to_srgb(x: torch.Tensor) -> torch.Tensor:
 class SceneGenerator:
     """Batched CLEVR-like scene sampler and renderer (see the module docstring for the rules).
 
-    resolution: (h, w) output size; the 3:2 frame (or, with crop=True, the discovery crop window)
+    resolution: (h, w) output size (an int: square); the 3:2 frame (or, with crop=True, the discovery crop window)
     is squashed into it.  supersample: s x s rays per pixel averaged for anti-aliasing (masks come
     from the pixel-center ray).  camera_jitter / light_jitter: CLEVR's per-scene position jitter
     (0 disables it).  placement_candidates / placement_attempts: positions tried per object / scene
@@ -679,6 +677,8 @@ class SceneGenerator:
                              f"got {min_objects}, {max_objects}")
         if supersample < 1:
             raise ValueError(f"supersample must be >= 1, got {supersample}")
+        if isinstance(resolution, int):  # a square, as data.resolution gives it
+            resolution = (resolution, resolution)
         self.resolution = (int(resolution[0]), int(resolution[1]))
         self.min_objects, self.max_objects = min_objects, max_objects
         self.crop, self.supersample = crop, int(supersample)
@@ -696,6 +696,8 @@ class SceneGenerator:
 
     def generate(self, batch_size: int, seed: int) -> SceneBatch:
         """Sample and render `batch_size` scenes; bit-identical for the same seed and device."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
         gen = torch.Generator().manual_seed(int(seed))
         layout, retry_candidates = self._sample(batch_size, gen)
         self._enforce_visibility(layout, retry_candidates)

@@ -57,8 +57,8 @@ class CrafterEnv(gym.Env):
     def __init__(self, size: int = 64, area: int = 64, view: int = 9, max_episode_steps: int = 10_000,
                  reward: bool = True, stats_path: Optional[Union[str, Path]] = None, semantic: bool = False,
                  render_mode: Optional[str] = None):
-        if size < 9:
-            raise ValueError(f"crafter size must be >= 9 pixels (one per view cell), got {size}")
+        if size < 2 * view:  # crafter's renderer fails below 2 pixels per view cell
+            raise ValueError(f"crafter size must be >= {2 * view} pixels (2 per view cell), got {size}")
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self._kwargs = dict(area=(area, area), view=(view, view), size=(size, size), reward=reward,
@@ -87,6 +87,8 @@ class CrafterEnv(gym.Env):
     def step(self, action):
         if self._env is None:
             raise RuntimeError("call reset() before step()")
+        if not self.action_space.contains(action):
+            raise ValueError(f"action {action!r} is not in the action space {self.action_space}")
         obs, reward, done, info = self._env.step(int(action))
         self._obs = obs
         self._length += 1
@@ -131,6 +133,9 @@ def crafter_score(records_or_path: Union[str, Path, Iterable[dict]]) -> dict[str
         records = list(records_or_path)
     if not records:
         raise ValueError("crafter_score needs at least one finished episode")
+    if not any(k.startswith("achievement_") for k in records[0]):  # every crafter record lists all 22
+        raise ValueError(f"these are not crafter episode records (no achievement_* keys, but {sorted(records[0])}); "
+                         "NetHack's go to envs.nethack.nethack_summary")
     unknown = {k[len("achievement_"):] for r in records for k in r if k.startswith("achievement_")} - set(ACHIEVEMENTS)
     if unknown:
         raise ValueError(f"unknown achievements in episode records: {sorted(unknown)}")

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Optional, Union
 
 import numpy as np
 
-from .clevr import DataError
+from .errors import DataError
 
 STEP_KEYS = ("action", "reward", "is_first", "is_last", "is_terminal")
 STEP_DTYPES = {"action": np.int64, "reward": np.float32, "is_first": bool, "is_last": bool, "is_terminal": bool}
@@ -137,6 +137,7 @@ def check_recorded_root(root: Union[str, Path], run_dir: Union[str, Path], fix: 
 
 
 def read_meta(root: Union[str, Path]) -> dict:
+    """An episode dataset's meta.json (env, num_actions, obs_keys, image_shape, seeds), or a one-line DataError."""
     root = Path(root)
     path = root / "meta.json"
     if not path.is_file():
@@ -154,6 +155,7 @@ def read_meta(root: Union[str, Path]) -> dict:
 
 
 def episode_paths(root: Union[str, Path]) -> list[Path]:
+    """A dataset's episode files in the order they were written."""
     read_meta(root)
     paths = sorted((Path(root) / "episodes").glob("*.npz"))
     if not paths:
@@ -162,6 +164,8 @@ def episode_paths(root: Union[str, Path]) -> list[Path]:
 
 
 def load_episode(path: Union[str, Path]) -> dict[str, np.ndarray]:
+    """One episode's arrays, one row per observation: image `t h w 3` uint8, action, reward, is_first, is_last,
+    is_terminal (and the env's other observation keys)."""
     try:
         with np.load(path) as f:
             ep = {k: f[k] for k in f.files}
@@ -174,6 +178,7 @@ def load_episode(path: Union[str, Path]) -> dict[str, np.ndarray]:
 
 
 def iter_episodes(root: Union[str, Path], keys: Optional[tuple[str, ...]] = None) -> Iterator[dict]:
+    """`load_episode` of each episode of a dataset, in order (only `keys`, if given)."""
     for path in episode_paths(root):
         ep = load_episode(path)
         yield {k: ep[k] for k in keys} if keys else ep

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Union
 
-from .clevr import DataError
+from .errors import DataError
 
 
 def read_records(path: Union[str, Path], skip_damaged: bool = False) -> list[dict]:

@@ -149,6 +149,8 @@ class NetHackEnv(gymnasium.Env):
         return self._observe(obs), self._info(info)
 
     def step(self, action):
+        if not self.action_space.contains(action):
+            raise ValueError(f"action {action!r} is not in the action space {self.action_space}")
         obs, reward, done, _, info = self.nle.step(int(action))
         truncated = bool(done and info["end_status"] == self.nle.StepStatus.ABORTED)
         observation = self._observe(obs)
@@ -197,15 +199,21 @@ class NetHackEnv(gymnasium.Env):
 
 
 def nethack_summary(records_or_path) -> dict:
-    """Aggregate episode summaries: a list of dicts, or the path of a JSONL file written by NetHackEnv."""
+    """Aggregate episode summaries: a list of dicts, or the path of a JSONL file written by NetHackEnv (or of the
+    directory holding it as stats.jsonl)."""
     records = records_or_path
     if isinstance(records_or_path, (str, Path)):
         path = Path(records_or_path)
+        if path.is_dir():
+            path = path / "stats.jsonl"
         if not path.is_file():
             raise FileNotFoundError(f"no NetHack episode stats file at {path}")
         records = read_records(path)
     if not records:
         raise ValueError("no NetHack episodes to summarise")
+    if "score" not in records[0] or "max_depth" not in records[0]:
+        raise ValueError(f"these are not NetHack episode records (no score and max_depth, but {sorted(records[0])}); "
+                         "Crafter's go to envs.crafter.crafter_score")
     n = len(records)
     return {"episodes": n,
             "mean_return": sum(r.get("reward", 0.0) for r in records) / n,  # the keys crafter_score shares

@@ -336,6 +336,9 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         reset on the next step (reward 0, no done flags) with seed None, or, if the last reset()
         gave the env seed s, a seed derived from (s, restart count), so seeded runs stay reproducible.
         """
+        if isinstance(actions, np.ndarray) and not self.action_space.contains(actions):  # the caller's bug, no crash
+            raise ValueError(f"actions {actions} are not one per env of {self.single_action_space} (the batch space "
+                             f"is {self.action_space})")
         if not isinstance(actions, np.ndarray):  # nested action spaces: one entry per env
             actions = list(iterate(self.action_space, actions))
         resets: dict = {w: {} for w in range(self.num_workers)}

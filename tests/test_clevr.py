@@ -312,3 +312,10 @@ def test_damaged_image_and_empty_scene_list(tmp_path):
         assert "CLEVR image" in message and "CLEVR_val_000000.png is damaged" in message
     (tmp_path / "scenes" / "CLEVR_val_scenes.json").write_text(json.dumps({"scenes": []}))
     assert "holds no scenes" in _error(tmp_path)
+
+
+def test_generator_takes_an_int_resolution_and_refuses_an_empty_batch():
+    gen = clevr.SceneGenerator(resolution=24, max_objects=3)
+    assert gen.generate(1, seed=0).images.shape == (1, 3, 24, 24)
+    with pytest.raises(ValueError, match="batch_size must be positive, got 0"):
+        gen.generate(0, seed=0)

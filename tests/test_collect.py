@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import run
-from envs.clevr import DataError
+from envs.errors import DataError
 from envs.collect import collect, env_fn
 from envs.crafter import CrafterEnv
 from envs.episodes import iter_episodes, read_meta

@@ -48,6 +48,15 @@ def test_bad_overrides_give_one_line_errors(overrides, message):
     assert "\n" not in str(err.value)
 
 
+def test_the_agent_and_world_model_encoder_choices_are_checked_on_load():
+    from agent.config import AgentConfig
+    from world_model.config import WorldModelConfig
+
+    for schema in (AgentConfig, WorldModelConfig):
+        with pytest.raises(ConfigError, match="encoder.model.slots='slotattention' is not one of gmm, slot_attention"):
+            load_config(schema, None, ["encoder.model.slots=slotattention"])
+
+
 def test_bad_preset_files(tmp_path):
     import run
 

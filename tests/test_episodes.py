@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from envs.clevr import DataError
+from envs.errors import DataError
 from envs.episodes import EpisodeWriter, episode_paths, iter_episodes, load_frames, read_meta
 import run
 from world_model.pretrain import EpisodeFrames, pretrain

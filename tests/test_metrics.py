@@ -250,8 +250,15 @@ def test_clevr_validation():
         clevr_average_precision(p, t[:3], None)
     bad = p.copy()
     bad[0, 0, 0] = np.nan
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="pred contains NaN or infinite values"):
         clevr_ap_table(bad, t)
+    bad = t.copy()
+    bad[0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="target contains NaN or infinite values"):
+        clevr_ap_table(p, bad)
+    import torch  # tensors, with grad, as a model's outputs: the same table as their numpy values
+
+    assert clevr_ap_table(torch.tensor(p, requires_grad=True), torch.tensor(t)) == clevr_ap_table(p, t)
     with pytest.raises(ValueError):
         clevr_average_precision(p, t, -0.5)
 

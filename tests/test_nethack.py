@@ -199,6 +199,17 @@ def test_summary_errors(tmp_path):
         nethack_summary(tmp_path / "empty.jsonl")
     with pytest.raises(ValueError):
         nethack_summary([])
+    crafter = {"length": 10, "reward": 1.0, "achievement_collect_wood": 1}  # another game's records: named
+    with pytest.raises(ValueError, match="not NetHack episode records .*envs.crafter.crafter_score"):
+        nethack_summary([crafter])
+    from envs.crafter import crafter_score
+
+    nethack = {"length": 10, "reward": 1.0, "score": 5, "depth": 1, "max_depth": 1}
+    with pytest.raises(ValueError, match="not crafter episode records .*envs.nethack.nethack_summary"):
+        crafter_score([nethack])
+    (tmp_path / "run").mkdir()  # a directory: its stats.jsonl, as crafter_score reads it
+    (tmp_path / "run" / "stats.jsonl").write_text(json.dumps(nethack) + "\n")
+    assert nethack_summary(tmp_path / "run")["mean_score"] == 5
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -298,7 +298,7 @@ def test_a_frames_run_resumes_on_the_same_game_and_notes_a_moved_split(tmp_path,
     import numpy as np
 
     import world_model.pretrain as pt
-    from envs.clevr import DataError
+    from envs.errors import DataError
     from envs.episodes import EpisodeWriter
 
     def dataset(root, env, episodes, seed):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from agent.replay import ReplayBuffer
-from envs.clevr import DataError
+from envs.errors import DataError
 from envs.episodes import EpisodeWriter
 
 SPEC = {"image": ((2, 2, 3), np.uint8), "tag": ((2,), np.int64)}

@@ -87,7 +87,7 @@ def test_atomic_writes_leave_the_old_file_when_writing_fails(tmp_path):
 def test_jsonl_files_skip_a_torn_last_line_only(tmp_path):
     """What a writer killed mid-row leaves (the episode statistics of both games, metrics) reads without that row;
     damage before the last line is an error that names the line."""
-    from envs.clevr import DataError
+    from envs.errors import DataError
     from envs.jsonl import read_records
     from envs.nethack import nethack_summary
 

@@ -196,3 +196,22 @@ def test_temperature_schedule():
     assert temperature(50, 1.0, 0.1, 100) == pytest.approx(math.sqrt(0.1))
     assert temperature(100, 1.0, 0.1, 100) == pytest.approx(0.1)
     assert temperature(10_000, 1.0, 0.1, 100) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("slots, width", [("gmm", 16), ("slot_attention", 8)])
+def test_encoder_inputs_are_checked_in_one_line(slots, width):
+    """uint8 frames (0..255 would pass a shape check) and carried slots of another shape are refused, for either
+    slot module alike (Slot Attention used to return as many slots as it was given)."""
+    from world_model.config import ModelConfig
+    from world_model.perception import SlotEncoder
+
+    enc = SlotEncoder(ModelConfig(slots=slots, num_slots=3, slot_dim=8, cnn_channels=[8], cnn_strides=[2],
+                                  feature_dim=8, mlp_hidden=16))
+    images = torch.rand(2, 3, 16, 16)
+    out = enc(images)
+    assert out.raw_slots.shape == (2, 3, width) and enc(images, out.raw_slots).raw_slots.shape == (2, 3, width)
+    with pytest.raises(ValueError, match="expects float images in \\[0, 1\\], got torch.uint8; convert env frames"):
+        enc((images * 255).byte())
+    for bad in (out.raw_slots[:, :2], out.raw_slots[..., :4]):
+        with pytest.raises(ValueError, match=f"prev_slots must be .* = \\(2, 3, {width}\\), got"):
+            enc(images, bad)

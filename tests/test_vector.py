@@ -167,6 +167,27 @@ def test_killed_worker_is_restarted():
     venv.close()
 
 
+def test_an_action_out_of_range_is_the_callers_error_not_a_crash():
+    """The vector env refuses actions outside the action space before sending them (a worker would raise, be taken
+    for a crash and restarted); the games refuse them too, in one line."""
+    from envs.crafter import CrafterEnv
+    from envs.nethack import NetHackEnv
+
+    venv = ResilientVectorEnv([CounterEnv] * 2)
+    venv.reset(seed=0)
+    with pytest.raises(ValueError, match=r"actions \[99  0\] are not one per env of Discrete"):
+        venv.step(np.array([99, 0]))
+    venv.step(np.array([1, 0]))
+    assert venv.restarts == 0
+    venv.close()
+    for env, n in ((CrafterEnv(), 17), (NetHackEnv(), 23)):
+        env.reset(seed=0)
+        with pytest.raises(ValueError, match=f"action {n} is not in the action space Discrete\\({n}\\)"):
+            env.step(n)
+        env.step(np.int64(n - 1))
+        env.close()
+
+
 @pytest.mark.parametrize(
     "mode,match", [("raise", "boom: injected env failure"), ("exit", "died"), ("hang", "step_timeout")]
 )

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import run
-from envs.clevr import DataError
+from envs.errors import DataError
 from envs.episodes import EpisodeWriter, load_frames
 from world_model.config import WorldModelConfig, load_config
 from world_model.train_wm import build_wm_for, evaluate_wm, load_wm_run, split_dataset, to_batch, train_wm
@@ -63,6 +63,11 @@ def test_loss_and_gradients_fresh_encoder(tmp_path):
     loss.backward()
     assert torch.isfinite(loss) and {"loss_slots", "loss_reward", "loss_cont", "loss_slot_recon"} <= set(stats)
     assert all(p.grad is not None for p in wm.autoencoder.encoder.backbone.parameters())  # joint: it learns
+    frames = torch.as_tensor(train.sample(2, 4)["image"])  # uint8 `b t h w 3`, as env frames come
+    for bad in (frames, batch["images"][:, 0], batch["images"][..., :8, :8]):
+        with pytest.raises(ValueError, match=r"WorldModel.encode expects float images `b t 3 h w` in \[0, 1\] at its "
+                                             r"resolution, \(batch, time, 3, 16, 16\), got .*frames_to_input"):
+            wm.encode(bad)
 
 
 def test_status_tokens_join_the_frame_codes(tmp_path, capsys):

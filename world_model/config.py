@@ -173,6 +173,7 @@ class WorldModelConfig:
 CHOICES = {
     "task": ("setpred", "discovery"),
     "model.slots": ("gmm", "slot_attention"),
+    "encoder.model.slots": ("gmm", "slot_attention"),
     "data.source": ("generated", "clevr", "frames"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune"),
     "encoder.mode": ("frozen", "joint"),

@@ -119,6 +119,9 @@ def _check_shape(name: str, x: torch.Tensor, expected: tuple, labels: str) -> No
 
 
 class SlotDynamics(nn.Module):
+    """The block-causal transformer over each step's slot, frame and action tokens: next codes, reward and
+    continuation logits (`forward`), with a KV cache for imagination one step at a time."""
+
     def __init__(self, cfg: DynamicsConfig):
         super().__init__()
         self.cfg = cfg

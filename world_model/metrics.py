@@ -63,9 +63,17 @@ def ap_table_key(distance_threshold: Optional[float]) -> str:
     return f"AP_{float(distance_threshold):g}"
 
 
+def _numpy(x: Any) -> np.ndarray:
+    """numpy arrays, and torch tensors on any device (with or without grad; half precision as float32)."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch tensor
+        x = x.detach().cpu()
+        x = (x.float() if x.is_floating_point() and x.element_size() < 4 else x).numpy()
+    return np.asarray(x)
+
+
 def _validate_clevr_inputs(pred: Any, target: Any) -> tuple[np.ndarray, np.ndarray]:
-    pred = np.asarray(pred)
-    target = np.asarray(target)
+    pred = _numpy(pred)
+    target = _numpy(target)
     for name, arr in (("pred", pred), ("target", target)):
         if arr.ndim != 3 or arr.shape[-1] != CLEVR_ELEMENT_SIZE:
             raise ValueError(
@@ -76,8 +84,9 @@ def _validate_clevr_inputs(pred: Any, target: Any) -> tuple[np.ndarray, np.ndarr
             raise ValueError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
     if pred.shape[0] != target.shape[0]:
         raise ValueError(f"batch size mismatch: pred has {pred.shape[0]} images, target has {target.shape[0]}")
-    if np.issubdtype(pred.dtype, np.floating) and np.isnan(pred).any():
-        raise ValueError("pred contains NaN values")
+    for name, arr in (("pred", pred), ("target", target)):
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
     return pred, target
 
 
@@ -211,9 +220,7 @@ _MAX_DENSE_TABLE = 1 << 24
 
 
 def _to_int_ids(x: Any, name: str) -> np.ndarray:
-    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch tensor
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
+    x = _numpy(x)
     if x.dtype == np.bool_:
         x = x.astype(np.int64)
     if not np.issubdtype(x.dtype, np.integer):

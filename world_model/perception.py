@@ -21,6 +21,7 @@ from .slots.vq import SlotQuantizer
 
 @dataclass
 class SlotOutput:
+    """What `SlotEncoder` returns for a batch of images."""
     slots: torch.Tensor  # b k d: what decoders consume (quantized when VQ is on)
     raw_slots: torch.Tensor  # b k d: the slot module's output, to carry over to the next frame
     attn: torch.Tensor  # b k n: assignment weights over feature positions
@@ -36,6 +37,9 @@ class SlotOutput:
 
 
 class SlotEncoder(nn.Module):
+    """CNN features -> slots by the configured slot module (GMM: the Slot Mixture Module, slots 2 x slot_dim wide,
+    concat(mu, logsigma); Slot Attention: slot_dim wide) -> optional VQ-SA codes. Images `b 3 h w` float in [0, 1]."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -50,6 +54,10 @@ class SlotEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor, prev_slots: Optional[torch.Tensor] = None) -> SlotOutput:
         """images `b 3 h w` in [0, 1]; prev_slots `b k d` = a previous SlotOutput.raw_slots."""
+        want = (images.shape[0], self.cfg.num_slots, self.slot_dim)
+        if prev_slots is not None and tuple(prev_slots.shape) != want:
+            raise ValueError(f"prev_slots must be a previous SlotOutput.raw_slots of shape (batch, num_slots, slot "
+                             f"width) = {want}, got {tuple(prev_slots.shape)}")
         feats, grid = self.features(images)
         raw, attn = self.slot_module(feats, prev_slots)
         out = SlotOutput(slots=raw, raw_slots=raw, attn=attn, grid=grid)
@@ -63,6 +71,9 @@ class SlotEncoder(nn.Module):
         batch, since only the slot module carries state from frame to frame."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"SlotEncoder expects images of shape (batch, 3, h, w), got {tuple(images.shape)}")
+        if not images.is_floating_point():  # env frames are uint8 `h w 3`: 0..255 would pass the shape check
+            raise ValueError(f"SlotEncoder expects float images in [0, 1], got {images.dtype}; convert env frames "
+                             "with world_model.wm.frames_to_input")
         return self.backbone(images)
 
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from envs.clevr import ClevrDataset, DataError, SceneGenerator
+from envs.clevr import ClevrDataset, SceneGenerator
+from envs.errors import DataError
 from envs.episodes import load_frames, read_meta
 
 from . import distributed
@@ -42,6 +43,7 @@ def stream_seed(seed: int, stream: int, index: int) -> int:
 
 
 def build_model(cfg: PretrainConfig) -> nn.Module:
+    """The pretraining model of `cfg.task`: a SetPredictor (setpred) or a SlotAutoencoder (discovery)."""
     if cfg.task == "setpred":
         return SetPredictor(cfg.model)
     return SlotAutoencoder(cfg.model, cfg.data.resolution)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from agent.replay import ReplayBuffer
-from envs.clevr import DataError
+from envs.errors import DataError
 from envs.episodes import check_recorded_root, episode_paths, load_episode, read_meta
 
 from . import distributed
@@ -314,6 +314,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
 
 
 def load_wm_run(run_dir: str, device: torch.device) -> tuple[WorldModelConfig, WorldModel, dict]:
+    """Config, world model (in eval mode) and checkpoint state of a `run.py train-wm` run directory."""
     run = RunDir(run_dir)
     cfg = load_run_config("train-wm", run_dir)
     state = run.load_checkpoint(map_location=device, keys=("model", "num_actions"))

@@ -38,6 +38,10 @@ def frames_to_input(frames: torch.Tensor, resolution: int) -> torch.Tensor:
 
 
 class WorldModel(nn.Module):
+    """The VQ slot autoencoder, the frame tokenizer and the slot-token dynamics together: `encode` frames to codes,
+    `loss` for a training batch, `open_loop` / `decode_codes` for prediction. Build it with
+    world_model.train_wm.build_world_model; it reads images `b t 3 h w` in [0, 1] (`frames_to_input`)."""
+
     def __init__(self, autoencoder: SlotAutoencoder, resolution: int, frame_cfg: FrameTokenizerConfig,
                  dyn_cfg: DynamicsConfig, joint: bool, carry_grad: bool = True, status_vars: int = 0):
         super().__init__()
@@ -68,6 +72,11 @@ class WorldModel(nn.Module):
         Only the slot module runs frame by frame: the backbone, the quantizer, the slot decoder and the frame
         tokenizer each take all b*t frames in one batch (on a GPU, 64 small launches of a part cost far more than
         one big one)."""
+        r = self.resolution
+        if images.ndim != 5 or tuple(images.shape[2:]) != (3, r, r) or not images.is_floating_point():
+            raise ValueError(f"WorldModel.encode expects float images `b t 3 h w` in [0, 1] at its resolution, (batch, "
+                             f"time, 3, {r}, {r}), got {images.dtype} {tuple(images.shape)}; convert env frames (uint8 "
+                             f"`b t h w 3`) with frames_to_input(frames, {r})")
         b, t = images.shape[:2]
         encoder, frames = self.autoencoder.encoder, images.flatten(0, 1)
         with torch.set_grad_enabled(self.joint and torch.is_grad_enabled()):

@@ -30,6 +30,9 @@ def temperature(step: int, tau_start: float, tau_end: float, anneal_steps: int) 
 
 
 class SlotQuantizer(nn.Module):
+    """VQ-SA: each slot `b k d` -> `num_vars` categorical codes of `num_codes` values (Gumbel-softmax over bilinear
+    logits, KL to the uniform prior) -> the slot rebuilt from the codes' embeddings."""
+
     def __init__(self, slot_dim: int, num_vars: int = 4, num_codes: int = 16, code_dim: int = 32, hard: bool = False):
         super().__init__()
         self.num_vars, self.num_codes, self.code_dim, self.hard = num_vars, num_codes, code_dim, hard
