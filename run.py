@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("what", choices=["pretrain", "estep", "generator", "metrics", "envs", "imagination", "agent"],
                    help="what to measure")
     s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
-    s.add_argument("--batch-size", type=int, help="default: 64 on CPU, 512 on CUDA")
+    s.add_argument("--batch-size", type=int, help="default: 64 on CPU, 512 on CUDA (bench imagination: 16 / 1024)")
     s.add_argument("--resolution", type=int, help="default: 64 on CPU, 128 on CUDA")
     s.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     s.add_argument("--task", default="setpred", choices=["setpred", "discovery"])

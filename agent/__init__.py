@@ -1,1 +1,1 @@
-"""The actor-critic agent that learns in the world model's imagination (see the agent issue)."""
+"""The actor-critic agent that learns in the world model's imagination, and its training loop (`run.py train`)."""

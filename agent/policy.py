@@ -20,10 +20,17 @@ class SlotPolicy:
         self.prev: Optional[torch.Tensor] = None  # b k d raw slots of each env's previous frame
 
     @torch.no_grad()
-    def act(self, obs: dict[str, np.ndarray], is_first: np.ndarray, sample: bool = True,
+    def act(self, obs: dict[str, np.ndarray] | np.ndarray, is_first: np.ndarray | bool, sample: bool = True,
             generator: Optional[torch.Generator] = None) -> np.ndarray:
-        """obs: "image" `b h w 3` uint8 (and "status" `b m`, read when the world model reads them), is_first `b`
-        bool (a new episode starts at this frame) -> actions `b`."""
+        """obs: "image" `b h w 3` uint8 (and "status" `b m`, read when the world model reads them), or the images
+        alone (a vector env of a game without status tokens); is_first `b` bool, or one bool for every env (a new
+        episode starts at this frame) -> actions `b`."""
+        if not isinstance(obs, dict):
+            obs = {"image": obs}
+        if self.wm.status_vars and "status" not in obs:
+            raise ValueError(f"this world model reads {self.wm.status_vars} status tokens beside each frame: pass the "
+                             "env's observation dict, with its 'status'")
+        is_first = np.broadcast_to(np.asarray(is_first, bool), (len(obs["image"]),)).copy()
         x = frames_to_input(torch.as_tensor(obs["image"], device=self.device)[:, None], self.wm.resolution)[:, 0]
         encoder = self.wm.autoencoder.encoder
         self.wm.step_begin()

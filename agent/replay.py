@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from envs.errors import DataError
-from envs.episodes import STEP_DTYPES, STEP_KEYS, episode_paths, iter_episodes, read_meta
+from envs.episodes import STEP_DTYPES, STEP_KEYS
 from world_model.rundir import atomic_write
 
 Spec = dict[str, tuple[tuple[int, ...], np.dtype]]
@@ -140,21 +140,6 @@ class ReplayBuffer:
         for other in buffers:
             for episode in other.episodes():
                 buf.add_episode(episode)
-        return buf
-
-    @classmethod
-    def from_dataset(cls, root: Union[str, Path], capacity: Optional[int] = None,
-                     seed: int = 0) -> "ReplayBuffer":
-        """A buffer holding a `run.py collect` dataset (file order; capacity defaults to its step count)."""
-        keys = (*read_meta(root).get("obs_keys", ["image"]), *STEP_KEYS)
-        if capacity is None:
-            capacity = sum(_episode_length(p) for p in episode_paths(root))
-        buf = None
-        for ep in iter_episodes(root, keys=keys):
-            if buf is None:
-                spec = {k: (ep[k].shape[1:], ep[k].dtype) for k in keys if k not in STEP_KEYS}
-                buf = cls(capacity, spec, seed=seed)
-            buf.add_episode(ep)
         return buf
 
     def _check(self, arrays: dict, batched: bool) -> dict[str, np.ndarray]:
@@ -424,11 +409,3 @@ def _write_npz(f, arrays: dict) -> None:
                 for chunk in v.split(rows):
                     member.write(_numpy(chunk.contiguous()))  # the host copy's buffer, not a second copy
 
-
-def _episode_length(path: Path) -> int:
-    """Steps in one episode file, reading only its `action` array."""
-    try:
-        with np.load(path) as f:
-            return len(f["action"])
-    except UNREADABLE as e:
-        raise DataError(f"unreadable episode file {path}: {e}") from None

@@ -3,7 +3,7 @@ replay buffer; the world model and the actor-critic (in imagination) train at a 
 evaluation episodes; everything in one run directory, resumable at the same env step.
 
 Run directory: config.yaml, checkpoints/latest.pt (models, optimizers, counters, RNG), replay/<step>-rank<r>.npz
-(each rank's buffer that checkpoint belongs to, written first), stats.jsonl (every training episode, crafter's
+(each rank's replay state at that checkpoint, written first) and the chunk files of frames it names, stats.jsonl (every training episode, crafter's
 schema for Crafter), eval_stats.jsonl (the episodes of the run's evaluations; `run.py eval` writes its own
 eval_<policy>_stats.jsonl), metrics.jsonl and tb/.
 
@@ -61,7 +61,9 @@ def build_agent(cfg: AgentConfig, num_actions: int, device: torch.device, status
                 restoring: Optional[str | Path] = None) -> tuple[WorldModel, ActorCritic]:
     """The world model and actor-critic of `cfg` for an env with `num_actions` actions and `status_vars` status
     tokens beside its frames (0: none); `restoring`: the run directory whose checkpoint their weights come from."""
-    longest = max(cfg.train.seq_len, IMAG_CONTEXT + cfg.actor_critic.horizon)
+    # imagination: actor_critic.horizon steps from IMAG_CONTEXT real ones, the last of which the first step replaces
+    longest = (max(cfg.train.seq_len, IMAG_CONTEXT - 1 + cfg.actor_critic.horizon),
+               "train.seq_len, or actor_critic.horizon imagined from one replayed state")
     wm = build_world_model(cfg.encoder, cfg.frame, cfg.dynamics, num_actions, device, longest, status_vars, restoring)
     cfg.dynamics = wm.dynamics.cfg
     if cfg.train.compile:

@@ -1,7 +1,8 @@
 """Collect episodes from Crafter or NetHack with vectorized workers and write them as an episode dataset.
 
 The policy here is uniform random (the data for pretraining slot encoders and world models before any
-agent exists); the agent's own collector reuses `make_env` and `EpisodeWriter`.
+agent exists); the agent's own collector (agent.train.Collector) makes its envs with `env_fn` too, and writes
+to its replay buffer rather than episode files.
 """
 from __future__ import annotations
 

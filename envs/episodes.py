@@ -8,13 +8,13 @@ holds observation t, the action that led to it, the reward received with it, and
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 
+from .atomic import atomic_write
 from .errors import DataError
 
 STEP_KEYS = ("action", "reward", "is_first", "is_last", "is_terminal")
@@ -24,14 +24,6 @@ STEP_DTYPES = {"action": np.int64, "reward": np.float32, "is_first": bool, "is_l
 def obs_dict(obs: Any) -> dict[str, np.ndarray]:
     """A single observation as named arrays: an image-only env becomes {"image": obs}."""
     return dict(obs) if isinstance(obs, dict) else {"image": obs}
-
-
-def _atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """`write` into a temporary file beside `path`, then rename it there: readers never see a torn file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
 
 
 def _comparable(key: str, value):
@@ -111,9 +103,9 @@ class EpisodeWriter:
         length = len(arrays["action"])
         if self.meta is not None:  # the first episode: the dataset's meta.json with it
             self.dir.mkdir(parents=True, exist_ok=True)
-            _atomic(self.root / "meta.json", lambda f: f.write(json.dumps(self.meta, indent=2).encode()))
+            atomic_write(self.root / "meta.json", lambda f: f.write(json.dumps(self.meta, indent=2).encode()))
             self.meta = None
-        _atomic(self.dir / f"{self.count:06d}-{length}.npz", lambda f: np.savez_compressed(f, **arrays))
+        atomic_write(self.dir / f"{self.count:06d}-{length}.npz", lambda f: np.savez_compressed(f, **arrays))
         self.count += 1
         self.frames += length
 

@@ -325,6 +325,39 @@ def test_every_agent_preset_trains_one_step(preset, num_actions):
     assert np.isfinite(stats["wm/loss"]) and stats["wm/skipped"] == 0 and np.isfinite(stats["ac/loss_critic"])
 
 
+def test_the_imagination_horizon_may_fill_the_dynamics():
+    """Imagination from one replayed state holds actor_critic.horizon steps: a horizon of dynamics.max_steps trains,
+    one more is refused naming the agent's keys (it used to be refused one step early, naming train-wm's)."""
+    from agent.train import train_step
+
+    cfg = tiny(*ONE_UPDATE, "actor_critic.horizon=16", "dynamics.max_steps=16")
+    wm, ac, opt, replay = _one_update_setup(cfg, 17)
+    assert np.isfinite(train_step(wm, ac, opt, replay, cfg, torch.device("cpu"), 0)["ac/loss_critic"])
+    with pytest.raises(ValueError, match=r"max_steps=16 is shorter than the longest sequence it must hold \(17 steps: "
+                                         r"train.seq_len, or actor_critic.horizon imagined from one replayed state\)"):
+        _one_update_setup(tiny(*ONE_UPDATE, "actor_critic.horizon=17", "dynamics.max_steps=16"), 17)
+
+
+def test_the_policy_takes_what_a_vector_env_returns():
+    """SlotPolicy.act on the observation dict and an is_first array, or on the images and one bool: the same
+    actions; a world model that reads status tokens asks for the dict."""
+    from agent.policy import SlotPolicy
+    from agent.train import build_agent
+
+    cfg = tiny()
+    wm, ac = build_agent(cfg, 17, torch.device("cpu"))
+    images = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    acts = []
+    for obs, first in (({"image": images}, np.array([True, True])), (images, True)):
+        torch.manual_seed(0)  # the slots' initial noise
+        policy = SlotPolicy(wm.eval(), ac, torch.device("cpu"))
+        acts.append([policy.act(obs, first, generator=torch.Generator().manual_seed(0)) for _ in range(2)])
+    assert all(np.array_equal(a, b) for a, b in zip(*acts)) and acts[0][0].shape == (2,)
+    wm, ac = build_agent(tiny(), 17, torch.device("cpu"), status_vars=2)
+    with pytest.raises(ValueError, match="reads 2 status tokens beside each frame: pass the env's observation dict"):
+        SlotPolicy(wm, ac, torch.device("cpu")).act(images, True)
+
+
 def test_joint_encoder_temperature_anneals_over_updates():
     """The agent anneals a jointly trained VQ encoder's Gumbel temperature over its updates, as pretraining and
     train-wm do over steps: from tau_start at update 0 to tau_end at anneal_steps."""

@@ -8,7 +8,7 @@ import torch
 
 from agent.replay import ReplayBuffer
 from envs.errors import DataError
-from envs.episodes import EpisodeWriter
+from envs.episodes import STEP_KEYS, EpisodeWriter, iter_episodes
 
 SPEC = {"image": ((2, 2, 3), np.uint8), "tag": ((2,), np.int64)}
 
@@ -126,7 +126,16 @@ def test_short_episodes_are_skipped_and_nothing_long_enough_is_an_error():
         buf.sample(8, 4)
 
 
-def test_from_dataset(tmp_path):
+def dataset_buffer(root, capacity, seed=0):
+    """A replay buffer holding an episode dataset's episodes, in file order."""
+    keys = ("image", "stats", *STEP_KEYS)
+    buf = ReplayBuffer(capacity, {"image": ((4, 4, 3), np.uint8), "stats": ((3,), np.float32)}, seed=seed)
+    for episode in iter_episodes(root, keys=keys):
+        buf.add_episode(episode)
+    return buf
+
+
+def test_an_episode_dataset_replays_whole(tmp_path):
     w = EpisodeWriter(tmp_path, {"env": "toy", "obs_keys": ["image", "stats"], "num_actions": 3})
     obs = lambda env, t: {"image": np.full((4, 4, 3), t, np.uint8),  # noqa: E731
                           "stats": np.array([env, t, 0.5], np.float32)}
@@ -141,7 +150,7 @@ def test_from_dataset(tmp_path):
             w.step(0, obs(2, t - 5), 1, 0.0, False, False)
         w.step(1, obs(1, t), 2, 1.0, False, False)
     w.flush()
-    buf = ReplayBuffer.from_dataset(tmp_path, seed=0)
+    buf = dataset_buffer(tmp_path, 18)
     assert len(buf) == w.frames == 5 + 4 + 9 and buf.num_episodes == 3
     assert buf.spec["stats"] == ((3,), np.float32) and buf.spec["image"] == ((4, 4, 3), np.uint8)
     seg = buf.sample(500, 4)
@@ -149,7 +158,7 @@ def test_from_dataset(tmp_path):
     assert (stats[:, :, 0] == stats[:, :1, 0]).all() and (np.diff(stats[:, :, 1], axis=1) == 1).all()
     np.testing.assert_array_equal(seg["image"][:, :, 0, 0, 0], stats[:, :, 1])
     assert {(int(e), int(t)) for e, t in stats[:, 0, :2]} == {(0, 0), (0, 1), (2, 0)} | {(1, t) for t in range(6)}
-    small = ReplayBuffer.from_dataset(tmp_path, capacity=6)
+    small = dataset_buffer(tmp_path, 6)
     assert len(small) == 6 and small.steps_added == 18
 
 

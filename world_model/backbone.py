@@ -40,9 +40,6 @@ class CNNBackbone(nn.Module):
         self.pos = SoftPositionEmbed(c_in)
         self.norm = nn.LayerNorm(c_in)
         self.mlp = nn.Sequential(nn.Linear(c_in, out_dim), nn.ReLU(inplace=True), nn.Linear(out_dim, out_dim))
-        self.stride = 1
-        for s in strides:
-            self.stride *= s
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """images `b 3 h w` in [0, 1] -> features `b (h' w') d`, (h', w')."""

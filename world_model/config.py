@@ -179,8 +179,8 @@ CHOICES = {
     "encoder.mode": ("frozen", "joint"),
     "env.name": ("crafter", "nethack"),
 }
-# keys that must be positive (whichever schema has them), and those that may also be 0
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+# keys that must be positive (whichever schema has them), and those that may also be 0
 POSITIVE = ("train.steps", "train.env_steps", "train.batch_size", "train.seq_len", "train.log_every",
             "train.image_every", "train.ckpt_every", "train.imag_starts", "model.num_slots", "model.iters",
             "encoder.model.num_slots", "data.resolution", "encoder.resolution", "env.num_envs", "env.envs_per_worker",

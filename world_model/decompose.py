@@ -133,7 +133,7 @@ def edit_codes(model, images: torch.Tensor, slot: int, var: int, values: list[in
 
 def load_slot_model(checkpoint: str, device: torch.device) -> SimpleNamespace:
     """The slot model of any run: a pretraining run's model, or the slot autoencoder inside a world-model or agent
-    run. Fields: model, resolution, model_cfg (its SlotModelConfig), step, trained_env (the game whose frames it
+    run. Fields: model, resolution, model_cfg (its ModelConfig), step, trained_env (the game whose frames it
     trained on; None for generated or CLEVR scenes), pretrain_cfg (None for the others)."""
     from .config import schema_command
 

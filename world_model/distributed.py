@@ -85,15 +85,6 @@ def gather_objects(obj: Any) -> list:
     return out
 
 
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank."""
-    if not active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def mean_(t: torch.Tensor) -> torch.Tensor:
     """`t` replaced in place by its mean over ranks (a collective); returned for chaining."""
     if active():

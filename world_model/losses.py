@@ -1,4 +1,4 @@
-"""Training losses: Hungarian-matched set-prediction loss and reconstruction."""
+"""The Hungarian-matched set-prediction loss (the reconstruction losses are plain MSE, where they are used)."""
 from __future__ import annotations
 
 import torch

@@ -1,7 +1,8 @@
-"""Slot-encoder pretraining on CLEVR-style scenes: object discovery or set-property prediction.
+"""Slot-encoder pretraining: object discovery or set-property prediction on generated CLEVR-like scenes (rendered
+per batch, or from a pool kept on the device), a CLEVR v1.0 directory, or game frames of an episode dataset.
 
 A run is fully determined by its config: training batch i is scene seed f(seed, i) (generated data) or
-index draw f(seed, i) (CLEVR on disk), and the model's own randomness (slot init noise, Gumbel noise)
+index draw f(seed, i) (CLEVR on disk, frames), and the model's own randomness (slot init noise, Gumbel noise)
 comes from the torch RNG saved in every checkpoint, so `--resume` continues bit-exactly on the CPU.
 """
 from __future__ import annotations

@@ -15,14 +15,14 @@ import pickle
 import random
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
+from envs.atomic import atomic_write
 from envs.jsonl import read_records
 
 from . import distributed
@@ -30,29 +30,6 @@ from . import distributed
 
 class RunDirError(ValueError):
     """A run directory that cannot be used as asked (exists without --resume, or missing on resume)."""
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """`write(file)` into a temporary file beside `path`, synced, then renamed over it: readers see the old
-    file or the new one, never a half-written one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600, widened to what a plain open would give
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

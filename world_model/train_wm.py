@@ -18,7 +18,7 @@ import torch
 
 from agent.replay import ReplayBuffer
 from envs.errors import DataError
-from envs.episodes import check_recorded_root, episode_paths, load_episode, read_meta
+from envs.episodes import STEP_KEYS, check_recorded_root, episode_paths, load_episode, read_meta
 
 from . import distributed
 from .config import WMEncoderConfig, WorldModelConfig, load_run_config, save_config, schema_command
@@ -53,7 +53,7 @@ def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, R
     spec = {"image": (first["image"].shape[1:], np.uint8)}
     if "status" in first:  # the env's status tokens beside each frame (NetHack), for the frame token
         spec["status"] = (first["status"].shape[1:], np.uint8)
-    keys = (*spec, "action", "reward", "is_first", "is_last", "is_terminal")
+    keys = (*spec, *STEP_KEYS)
     train = ReplayBuffer(cfg.data.capacity, spec, seed=seed)
     held_out = ReplayBuffer(max(held, 1), spec, seed=seed)
     for i, path in enumerate(paths):
@@ -91,11 +91,11 @@ def episode_length(path: Path) -> int:
 
 
 def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: DynamicsConfig, num_actions: int,
-                      device: torch.device, longest: int, status_vars: int = 0,
+                      device: torch.device, longest: tuple[int, str], status_vars: int = 0,
                       restoring: Optional[str | Path] = None) -> WorldModel:
     """Encoder from a pretrained run (or fresh), frame tokenizer and dynamics sized to match; `enc` takes the
     pretrained run's model config, and the returned model's `dynamics.cfg` is the completed dynamics config.
-    `longest`: the longest sequence (in steps) the dynamics must hold; `status_vars`: the env's status tokens beside
+    `longest`: the longest sequence (in steps) the dynamics must hold, and the keys that set it; `status_vars`: the env's status tokens beside
     each frame (0: none), appended to the frame codes unless frame.status=false. `restoring`: the run directory whose
     checkpoint the weights come from; its config.yaml then gives a pretrained encoder's model (encoder.checkpoint is
     not read: it may have moved)."""
@@ -125,16 +125,17 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
     frame_codes = max(frame.codes, STATUS_LEVELS) if status else frame.codes
     dyn = replace(dyn, num_slots=enc.model.num_slots, num_vars=enc.model.vq.num_vars, num_codes=enc.model.vq.num_codes,
                   frame_vars=frame.vars + status, frame_codes=frame_codes, num_actions=num_actions)
-    if dyn.max_steps < longest:
-        raise ValueError(f"dynamics.max_steps={dyn.max_steps} is shorter than the longest sequence ({longest} steps: "
-                         "the training segment, or the evaluation context plus its longest horizon)")
+    if dyn.max_steps < longest[0]:
+        raise ValueError(f"dynamics.max_steps={dyn.max_steps} is shorter than the longest sequence it must hold "
+                         f"({longest[0]} steps: {longest[1]})")
     return WorldModel(autoencoder, enc.resolution, frame, dyn, joint, enc.carry_grad, status).to(device)
 
 
 def build_wm_for(cfg: WorldModelConfig, num_actions: int, device: torch.device, status_vars: int = 0,
                  restoring: Optional[str | Path] = None) -> WorldModel:
     """`build_world_model` for a train-wm config (which then records the completed dynamics config)."""
-    longest = max(cfg.data.seq_len, cfg.eval.context + max(cfg.eval.horizons))
+    longest = (max(cfg.data.seq_len, cfg.eval.context + max(cfg.eval.horizons)),
+               "data.seq_len, or eval.context plus the longest of eval.horizons")
     wm = build_world_model(cfg.encoder, cfg.frame, cfg.dynamics, num_actions, device, longest, status_vars, restoring)
     cfg.dynamics = wm.dynamics.cfg
     return wm
@@ -293,7 +294,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
             if tau is not None:
                 stats["vq_tau"] = tau
             stats.update(lr=opt.param_groups[0]["lr"],
-                         steps_per_s=(step - n_last) * cfg.train.batch_size * cfg.data.seq_len / (now - t_last))
+                         frames_per_s=(step - n_last) * cfg.train.batch_size * cfg.data.seq_len / (now - t_last))
             t_last, n_last = now, step
             logger.scalars(step, stats, prefix="train/")
             bar.set_postfix(loss=f"{stats['loss']:.3f}", code_acc=f"{100 * stats['acc_slots']:.1f}%")

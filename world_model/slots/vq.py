@@ -51,7 +51,7 @@ class SlotQuantizer(nn.Module):
         return self.out(emb.flatten(-2))
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """Integer codes `b k v` -> quantized slots `b k d` (used for editing and by the dynamics model)."""
+        """Integer codes `b k v` -> quantized slots `b k d` (pictures of predicted codes, code edits)."""
         return self.embed(F.one_hot(codes, self.num_codes).float())
 
     def forward(self, slots: torch.Tensor) -> Quantized:
