@@ -47,14 +47,14 @@ class SlotEncoder(nn.Module):
         self.slot_module = make_slot_module(cfg.slots, cfg.feature_dim, cfg.num_slots, cfg.slot_dim, cfg.iters,
                                             cfg.mlp_hidden, cfg.implicit_grad, cfg.gmm_temperature, cfg.gmm_log_det,
                                             cfg.gmm_update_pi)
-        self.slot_dim = self.slot_module.out_dim
+        self.slot_width = self.slot_module.out_dim  # GMM: 2 x cfg.slot_dim (mu, logsigma)
         self.vq = None
         if cfg.vq.enabled:
-            self.vq = SlotQuantizer(self.slot_dim, cfg.vq.num_vars, cfg.vq.num_codes, cfg.vq.code_dim, cfg.vq.hard)
+            self.vq = SlotQuantizer(self.slot_width, cfg.vq.num_vars, cfg.vq.num_codes, cfg.vq.code_dim, cfg.vq.hard)
 
     def forward(self, images: torch.Tensor, prev_slots: Optional[torch.Tensor] = None) -> SlotOutput:
         """images `b 3 h w` in [0, 1]; prev_slots `b k d` = a previous SlotOutput.raw_slots."""
-        want = (images.shape[0], self.cfg.num_slots, self.slot_dim)
+        want = (images.shape[0], self.cfg.num_slots, self.slot_width)
         if prev_slots is not None and tuple(prev_slots.shape) != want:
             raise ValueError(f"prev_slots must be a previous SlotOutput.raw_slots of shape (batch, num_slots, slot "
                              f"width) = {want}, got {tuple(prev_slots.shape)}")
@@ -83,7 +83,7 @@ class SlotAutoencoder(nn.Module):
     def __init__(self, cfg: ModelConfig, resolution: int):
         super().__init__()
         self.encoder = SlotEncoder(cfg)
-        self.decoder = SpatialBroadcastDecoder(self.encoder.slot_dim, resolution, cfg.decoder_channels, cfg.decoder_init)
+        self.decoder = SpatialBroadcastDecoder(self.encoder.slot_width, resolution, cfg.decoder_channels, cfg.decoder_init)
 
     def forward(self, images: torch.Tensor, prev_slots: Optional[torch.Tensor] = None) -> tuple[SlotOutput, Decoded]:
         enc = self.encoder(images, prev_slots)
@@ -96,7 +96,7 @@ class SetPredictor(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.encoder = SlotEncoder(cfg)
-        self.head = SetPredictionHead(self.encoder.slot_dim, cfg.head_hidden)
+        self.head = SetPredictionHead(self.encoder.slot_width, cfg.head_hidden)
 
     def forward(self, images: torch.Tensor) -> tuple[SlotOutput, torch.Tensor]:
         enc = self.encoder(images)
