@@ -17,6 +17,7 @@ import gymnasium as gym
 import numpy as np
 from crafter import constants, engine
 
+from .actions import checked_action
 from .jsonl import read_records
 
 ACHIEVEMENTS: tuple[str, ...] = tuple(sorted(constants.achievements))  # the 22 of the benchmark
@@ -87,9 +88,7 @@ class CrafterEnv(gym.Env):
     def step(self, action):
         if self._env is None:
             raise RuntimeError("call reset() before step()")
-        if not self.action_space.contains(action):
-            raise ValueError(f"action {action!r} is not in the action space {self.action_space}")
-        obs, reward, done, info = self._env.step(int(action))
+        obs, reward, done, info = self._env.step(checked_action(action, self.action_space.n))
         self._obs = obs
         self._length += 1
         self._return += info["reward"]

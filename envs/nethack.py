@@ -32,6 +32,7 @@ import numpy as np
 from nle import nethack
 from nle.env import tasks
 
+from .actions import checked_action
 from .jsonl import read_records
 
 TASKS = {"score": tasks.NetHackScore, "challenge": tasks.NetHackChallenge}
@@ -41,28 +42,28 @@ PAD_GLYPH = nethack.GLYPH_CMAP_OFF  # S_stone: black tile
 N_STATS = nethack.NLE_BLSTATS_SIZE  # 27
 STATUS_LEVELS = 16  # values of each status token (the world model's frame codes hold at least as many)
 STATUS_VARS = 7  # status tokens: hit points, energy, hunger, encumbrance, depth, experience level, armour class
+_TOP = STATUS_LEVELS - 1
+_HP, _HP_MAX, _ENERGY, _ENERGY_MAX = nethack.NLE_BL_HP, nethack.NLE_BL_HPMAX, nethack.NLE_BL_ENE, nethack.NLE_BL_ENEMAX
+_HUNGER, _CAP, _DEPTH, _XP, _AC = (nethack.NLE_BL_HUNGER, nethack.NLE_BL_CAP, nethack.NLE_BL_DEPTH, nethack.NLE_BL_XP,
+                                   nethack.NLE_BL_AC)
 
 
 def status_tokens(blstats: np.ndarray) -> np.ndarray:
     """blstats `... 27` -> the bottom line as categorical tokens `... 7` uint8 in [0, STATUS_LEVELS): hit points and
     energy as fractions of their maxima in 16 steps (15: full), hunger state (0 satiated ... 5 fainted, 6 starved),
     encumbrance (0-5), dungeon depth and experience level (clipped at 15), and armour class as 10 - AC (0: AC 10,
-    the worst; clipped at AC -5). The frames show none of these. Plain Python per row: an env step has one row, too
-    small for numpy's per-call overhead to pay off."""
+    the worst; clipped at AC -5). The frames show none of these. Plain Python per row, on one `tolist()`: an env
+    step has one row, too small for numpy's per-call overhead to pay off."""
     b = np.asarray(blstats)
     if b.ndim > 1:
         rows = [status_tokens(row) for row in b.reshape(-1, b.shape[-1])]
         return np.stack(rows).reshape(*b.shape[:-1], STATUS_VARS)
-    s = [int(v) for v in b.tolist()]
-    top = STATUS_LEVELS - 1
-
-    def fraction(key: int, most: int) -> int:
-        return top * max(s[key], 0) // s[most] if s[most] > 0 else 0
-
-    tokens = (fraction(nethack.NLE_BL_HP, nethack.NLE_BL_HPMAX), fraction(nethack.NLE_BL_ENE, nethack.NLE_BL_ENEMAX),
-              s[nethack.NLE_BL_HUNGER], s[nethack.NLE_BL_CAP], s[nethack.NLE_BL_DEPTH], s[nethack.NLE_BL_XP],
-              10 - s[nethack.NLE_BL_AC])
-    return np.array([min(max(t, 0), top) for t in tokens], np.uint8)
+    s = b.tolist()
+    hp_max, energy_max = s[_HP_MAX], s[_ENERGY_MAX]
+    tokens = (_TOP * max(s[_HP], 0) // hp_max if hp_max > 0 else 0,
+              _TOP * max(s[_ENERGY], 0) // energy_max if energy_max > 0 else 0,
+              s[_HUNGER], s[_CAP], s[_DEPTH], s[_XP], 10 - s[_AC])
+    return np.array([0 if t < 0 else _TOP if t > _TOP else t for t in tokens], np.uint8)
 
 
 @functools.cache
@@ -149,9 +150,7 @@ class NetHackEnv(gymnasium.Env):
         return self._observe(obs), self._info(info)
 
     def step(self, action):
-        if not self.action_space.contains(action):
-            raise ValueError(f"action {action!r} is not in the action space {self.action_space}")
-        obs, reward, done, _, info = self.nle.step(int(action))
+        obs, reward, done, _, info = self.nle.step(checked_action(action, self.action_space.n))
         truncated = bool(done and info["end_status"] == self.nle.StepStatus.ABORTED)
         observation = self._observe(obs)
         self._episode["length"] += 1
