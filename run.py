@@ -49,6 +49,7 @@ def _overrides_help(example: str, command: str) -> str:
 
 def cmd_config(args) -> None:
     from world_model.config import DERIVED, load_config, load_run_config, run_schemas, schema_command, to_yaml
+    from world_model.frame_tokenizer import STATUS_LEVELS, frame_token_size
 
     command = args.command_schema or (args.config and schema_command(args.config)) or "pretrain"
     preset = args.config or DEFAULT_PRESETS[command]
@@ -59,13 +60,11 @@ def cmd_config(args) -> None:
         derived = {key: (source, None) for key, source in DERIVED.items()}
         actions, status = _env_facts(cfg, command)
         derived["dynamics.num_actions"] = (DERIVED["dynamics.num_actions"], actions)
-        if status and cfg.frame.vars and cfg.frame.status:  # the env's status tokens follow the learned frame codes
-            from world_model.frame_tokenizer import STATUS_LEVELS
-
-            derived["dynamics.frame_vars"] = (f"frame.vars + the env's {status} status tokens",
-                                              cfg.frame.vars + status)
+        read, frame_vars, frame_codes = frame_token_size(cfg.frame, status or 0)
+        if read:  # the env's status tokens follow the learned frame codes
+            derived["dynamics.frame_vars"] = (f"frame.vars + the env's {read} status tokens", frame_vars)
             derived["dynamics.frame_codes"] = (f"frame.codes, at least the status tokens' {STATUS_LEVELS} values",
-                                               max(cfg.frame.codes, STATUS_LEVELS))
+                                               frame_codes)
         if cfg.encoder.checkpoint:  # the encoder's architecture comes from that run, whatever this config says
             pre = load_run_config("pretrain", cfg.encoder.checkpoint)
             cfg.encoder.model, cfg.encoder.resolution = pre.model, pre.data.resolution
@@ -88,10 +87,12 @@ def _env_facts(cfg, command: str) -> tuple:
         finally:
             env.close()
     from envs.episodes import episode_paths, load_episode, read_meta
+    from world_model.frame_tokenizer import status_vars
+    from world_model.train_wm import episode_spec
 
     try:
         first = load_episode(episode_paths(cfg.data.root)[0])
-        return read_meta(cfg.data.root)["num_actions"], first["status"].shape[-1] if "status" in first else 0
+        return read_meta(cfg.data.root)["num_actions"], status_vars(episode_spec(first))
     except (ValueError, KeyError, TypeError):  # no dataset there (yet)
         return None, None
 

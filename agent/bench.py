@@ -33,7 +33,7 @@ from world_model.rundir import set_precision
 from .config import AgentConfig
 from .policy import SlotPolicy
 from .replay import ReplayBuffer
-from .train import Collector, build_agent, env_kwargs, replay_spec, train_step, updates_due
+from .train import Collector, build_agent, env_kwargs, obs_spec, replay_spec, train_step, updates_due
 
 PARTS = ("policy", "env_step", "replay_sample", "wm_update", "imagination", "ac_update")
 FEW_UPDATES = 8  # rows timing fewer updates than this get a note: their rates are noisy
@@ -64,8 +64,9 @@ def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            spec = replay_spec(venv)
+            spec = obs_spec(venv.single_observation_space)
             wm, ac = build_agent(cfg, num_actions, device, status_vars(spec))
+            spec = replay_spec(spec, wm)
             wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=t.wm_lr)
             replay = ReplayBuffer(max(cfg.replay.capacity, prefill + env_steps + n), spec, seed=t.seed,
                                   device=device if cfg.replay.on_device else None)

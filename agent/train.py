@@ -139,8 +139,10 @@ class UpdateMeans:
         return means
 
 
-def replay_spec(venv) -> dict:
-    return obs_spec(venv.single_observation_space)
+def replay_spec(spec: dict, wm: WorldModel) -> dict:
+    """What the replay keeps of an env's observations (`obs_spec`): the frames, and the status tokens when the world
+    model reads them; nothing else is sampled into a training batch (NetHack's raw `stats` stay out)."""
+    return {k: v for k, v in spec.items() if k == "image" or (k == "status" and wm.status_vars)}
 
 
 def obs_spec(space) -> dict:
@@ -216,12 +218,11 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         num_actions = int(venv.single_action_space.n)
         state = run.load_checkpoint(map_location=device, keys=("wm", "ac", "wm_opt", "ac_opt", "counters", "rng")
                                     ) if resume else None
-        spec = replay_spec(venv)
+        spec = obs_spec(venv.single_observation_space)
         # a run from before the env gave status tokens (NetHack) goes on without them: its model and replay had none
         status = status_vars(spec) if state is None else state.get("status_vars", 0)
-        if not status:
-            spec.pop("status", None)
         wm, ac = build_agent(cfg, num_actions, device, status, restoring=run_dir if resume else None)
+        spec = replay_spec(spec, wm)
         wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=t.wm_lr, eps=1e-8)
         counters = {"env_steps": 0, "updates": 0, "episodes": 0, "vector_steps": 0}
         capacity = local_share(cfg.replay.capacity, "replay.capacity")

@@ -41,6 +41,7 @@ def test_nethack_agent_trains_and_evaluates(tmp_path, capsys):
         chunks = [c[2] for c in json.loads(str(f["meta"]))["chunks"]]
     with np.load(tmp_path / "run" / "replay" / chunks[0]) as f:
         assert f["data/status"].shape[1:] == (7,) and f["data/status"].dtype == np.uint8
+        assert "data/stats" not in f.files  # the raw blstats, which no model reads, stay out of the replay
     assert run.main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", "1", "--no-progress"]) == 0
     assert "mean score" in capsys.readouterr().out
     summary = json.loads((tmp_path / "run" / "eval_agent.json").read_text())

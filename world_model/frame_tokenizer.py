@@ -31,6 +31,14 @@ def status_vars(spec: dict) -> int:
     return int(math.prod(spec["status"][0])) if "status" in spec else 0
 
 
+def frame_token_size(frame: "FrameTokenizerConfig", status_vars: int) -> tuple[int, int, int]:
+    """For an env with `status_vars` status tokens: those the frame token reads (none when frame.vars=0 or
+    frame.status=false), and the dynamics' frame_vars and frame_codes (one vocabulary for the learned codes and the
+    status tokens' values)."""
+    status = status_vars if frame.vars and frame.status else 0
+    return status, frame.vars + status, max(frame.codes, STATUS_LEVELS) if status else frame.codes
+
+
 @dataclass
 class FrameTokenizerConfig:
     vars: int = 8  # categorical latents per frame (0 disables the frame token)

@@ -23,7 +23,7 @@ from envs.episodes import STEP_KEYS, check_recorded_root, episode_paths, load_ep
 from . import distributed
 from .config import WMEncoderConfig, WorldModelConfig, load_run_config, save_config, schema_command
 from .dynamics import DynamicsConfig
-from .frame_tokenizer import STATUS_LEVELS, FrameTokenizerConfig, status_vars
+from .frame_tokenizer import FrameTokenizerConfig, frame_token_size, status_vars
 from .pretrain import TRAIN_STREAM, autocast, guarded_update, load_run, stream_seed
 from .perception import SlotAutoencoder
 from .rundir import (MetricLogger, RunDir, check_out_dir, fixed_rng, note_if_finished, resolve_device, rng_state,
@@ -50,14 +50,12 @@ def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, R
         n_eval += 1
         held += lengths[-n_eval]
     first = load_episode(paths[0])
-    spec = {"image": (first["image"].shape[1:], np.uint8)}
-    if "status" in first:  # the env's status tokens beside each frame (NetHack), for the frame token
-        spec["status"] = (first["status"].shape[1:], np.uint8)
+    spec = episode_spec(first)
     keys = (*spec, *STEP_KEYS)
     train = ReplayBuffer(cfg.data.capacity, spec, seed=seed)
     held_out = ReplayBuffer(max(held, 1), spec, seed=seed)
     for i, path in enumerate(paths):
-        ep = load_episode(path)
+        ep = first if i == 0 else load_episode(path)
         if ep["image"].shape[1:] != first["image"].shape[1:]:
             raise DataError(f"{path} holds frames of shape {ep['image'].shape[1:]}, {paths[0].name} of "
                             f"{first['image'].shape[1:]}: a dataset's frames must have one size")
@@ -79,6 +77,15 @@ def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, R
                             f"the {length} steps of {keys}; collect longer episodes or lower {keys.split(' ')[0]}")
     return train, held_out, {**meta, "held_out": [p.name for p in paths[len(paths) - n_eval:]],
                              "status_vars": status_vars(spec)}
+
+
+def episode_spec(episode: dict) -> dict:
+    """What a world model reads of a dataset's episodes, as {key: (shape, dtype)}: the frames, and the env's status
+    tokens beside each frame (NetHack) when they were collected."""
+    spec = {"image": (episode["image"].shape[1:], np.uint8)}
+    if "status" in episode:
+        spec["status"] = (episode["status"].shape[1:], np.uint8)
+    return spec
 
 
 def episode_length(path: Path) -> int:
@@ -120,11 +127,9 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
         autoencoder, joint, enc.mode = SlotAutoencoder(enc.model, enc.resolution), True, "joint"
     if not enc.model.vq.enabled:
         raise ValueError("the world model needs a VQ slot encoder: pretrain with model.vq.enabled=true")
-    status = status_vars if frame.vars and frame.status else 0  # what the frame token reads
-    # the dynamics' frame vocabulary holds the learned codes and the status tokens' values alike
-    frame_codes = max(frame.codes, STATUS_LEVELS) if status else frame.codes
+    status, frame_vars, frame_codes = frame_token_size(frame, status_vars)
     dyn = replace(dyn, num_slots=enc.model.num_slots, num_vars=enc.model.vq.num_vars, num_codes=enc.model.vq.num_codes,
-                  frame_vars=frame.vars + status, frame_codes=frame_codes, num_actions=num_actions)
+                  frame_vars=frame_vars, frame_codes=frame_codes, num_actions=num_actions)
     if dyn.max_steps < longest[0]:
         raise ValueError(f"dynamics.max_steps={dyn.max_steps} is shorter than the longest sequence it must hold "
                          f"({longest[0]} steps: {longest[1]})")
