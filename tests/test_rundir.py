@@ -199,6 +199,21 @@ def test_cuda_runs_keep_fp32_matmuls_at_full_precision():
         torch.backends.cudnn.allow_tf32 = before[1]
 
 
+def test_inductors_advice_against_the_precision_choice_is_silenced():
+    """Compiled CUDA runs print inductor's advice to enable TF32 matmuls, which set_precision deliberately does not;
+    after set_precision that warning (and the online-softmax notice) is gone, while other warnings still show."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        set_precision(torch.device("cpu"))
+        warnings.warn("TensorFloat32 tensor cores for float32 matrix multiplication available but not enabled. "
+                      "Consider setting `torch.set_float32_matmul_precision('high')` for better performance.")
+        warnings.warn("\nOnline softmax is disabled on the fly since Inductor decides to\nsplit the reduction.")
+        warnings.warn("some other warning")
+    assert [str(w.message) for w in seen] == ["some other warning"]
+
+
 def test_a_shorter_length_on_resume_stops_the_run_where_it_is():
     """The length a resumed run goes on with (and records), given the checkpoint's step, the override and the
     length the checkpoint was trained with."""

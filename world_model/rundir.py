@@ -16,6 +16,7 @@ import random
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -338,7 +339,11 @@ def set_precision(device: torch.device) -> None:
     fp32. The GMM E-step's log-likelihood is a matmul whose terms (x mu / s^2, x^2 / 2s^2, mu^2 / 2s^2) cancel, and
     TF32's 10-bit mantissa leaves logit errors of 2 nats at sigma = 0.1 and 31 at 0.03 (.ci/tf32-estep.py); under
     bf16 autocast (the default) the other matmuls run in bf16 anyway. cudnn.benchmark stays off: its autotuning
-    made a first step take minutes at the pretraining architecture."""
+    made a first step take minutes at the pretraining architecture. Inductor's advice to enable TF32 matmuls, which
+    this choice contradicts, and its notice about online softmax (nothing a user can act on) are silenced."""
+    warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores for float32 matrix multiplication",
+                            category=UserWarning)
+    warnings.filterwarnings("ignore", message=r"\s*Online softmax is disabled on the fly", category=UserWarning)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("highest")
         torch.backends.cudnn.allow_tf32 = True
