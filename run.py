@@ -181,11 +181,17 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_eval_ap(args) -> None:
+    from envs.atomic import check_folder
     from envs.errors import DataError
     from envs.episodes import check_recorded_root, read_meta
     from world_model.pretrain import eval_batches, evaluate, load_run
     from world_model.rundir import resolve_device
 
+    if args.out:  # before the evaluation: a path it could not write to
+        if Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a folder: name the JSON file to write, e.g. "
+                             f"{Path(args.out) / 'ap.json'}")
+        check_folder(Path(args.out).parent, "--out's folder")
     device = resolve_device(args.device)
     cfg, model, state = load_run(args.checkpoint, device)
     if args.data:
@@ -208,12 +214,16 @@ def cmd_eval_ap(args) -> None:
               "frames": f"held-out frames of {cfg.data.root}"}.get(cfg.data.source, cfg.data.source)
     result.update(step=state["step"], data=source, task=cfg.task, slots=cfg.model.slots,
                   vq=cfg.model.vq.enabled)
+    if cfg.task == "discovery" and "fg_ari" not in result:
+        print(f"note: no FG-ARI: {result['data']} hold no instance masks (real CLEVR ships none; `run.py generate` "
+              "writes them under masks/), so only the reconstruction is scored", file=sys.stderr)
     if args.images and result["images"] < n:
         print(f"note: {result['data']} hold {result['images']} images, fewer than the {n} asked for: evaluated on "
               "those", file=sys.stderr)
     # the generated-scene evaluation and a real-CLEVR one are kept side by side
     default = "eval_ap_clevr.json" if cfg.data.source == "clevr" else "eval_ap.json"
     out = Path(args.out) if args.out else Path(args.checkpoint) / default
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"{cfg.task} {cfg.model.slots}{'+vq' if cfg.model.vq.enabled else ''} step {state['step']} "
           f"on {result['images']} images ({result['data']}):")

@@ -1,5 +1,12 @@
 """Sequence replay buffer: env steps in DreamerV3's step layout (see `envs/episodes.py`), sampled as
-fixed-length segments inside episodes for world-model and actor-critic training.
+fixed-length segments of one episode each for world-model and actor-critic training.
+
+Training samples (`pad=True`) start uniformly at any stored step, as IRIS samples them: a segment that runs past
+its episode's last stored step repeats that step and marks the rest invalid (`valid` `b t`), and the losses skip
+invalid steps. Segments that had to fit inside their episode would put every episode end at the segment's last
+position, reach each terminal step once instead of once per start position, and never reach an episode shorter
+than the segment; a world model with absolute time embeddings then learns to end episodes only at that position,
+which imagination, starting at position 0, never reaches.
 
 Storage: one preallocated ring array of `capacity` steps per key, written in arrival order, so the steps
 of several online workers interleave in the ring. Each stored episode owns a slot that lists the ring
@@ -42,7 +49,7 @@ def _full_spec(spec: dict) -> Spec:
 
 
 class ReplayBuffer:
-    """Ring buffer of `capacity` steps that samples `b t ...` segments uniformly over valid segment starts.
+    """Ring buffer of `capacity` steps that samples `b t ...` segments of one episode each (see `sample`).
     `device`: None keeps the steps in numpy arrays (samples are numpy); a torch device keeps them in tensors
     there (samples are tensors on it)."""
 
@@ -258,14 +265,18 @@ class ReplayBuffer:
         stored = self._hi[:self._nslots] - self._lo[:self._nslots]
         return int(stored.max()) if len(stored) else 0
 
-    def sample(self, batch: int, length: int, rng: Optional[np.random.Generator] = None) -> dict:
-        """`batch` segments of `length` steps, uniform over every start that keeps one within one episode:
-        numpy arrays `b t ...`, or tensors on the buffer's device. `rng`: draw from it instead of the buffer's own
-        stream (evaluations and pictures, which must not shift training's samples)."""
+    def sample(self, batch: int, length: int, rng: Optional[np.random.Generator] = None, pad: bool = False) -> dict:
+        """`batch` segments of `length` steps: numpy arrays `b t ...`, or tensors on the buffer's device.
+
+        Without `pad`, uniform over every start that keeps a segment within one episode (evaluation windows, which
+        must be whole). With `pad` (training), uniform over every stored step as the start: a segment that reaches
+        its episode's last stored step repeats it, and `valid` `b t` (bool) marks the steps before that. `rng`: draw
+        from it instead of the buffer's own stream (evaluations and pictures, which must not shift training's
+        samples)."""
         if batch < 1 or length < 1:
             raise ValueError(f"replay sample needs batch >= 1 and length >= 1, got {batch} and {length}")
         stored = self._hi[:self._nslots] - self._lo[:self._nslots]  # per slot
-        starts = np.maximum(stored - length + 1, 0)
+        starts = stored if pad else np.maximum(stored - length + 1, 0)
         cum = np.cumsum(starts)
         if not len(cum) or cum[-1] == 0:
             longest = int(stored.max()) if len(stored) else 0
@@ -274,9 +285,15 @@ class ReplayBuffer:
         r = (rng or self.rng).integers(cum[-1], size=batch)
         slots = np.searchsorted(cum, r, side="right")
         first = r - (cum[slots] - starts[slots]) + self._lo[slots]
-        idx = np.stack([self._index[s][o:o + length] for s, o in zip(slots.tolist(), first.tolist())])  # b t
-        idx = self._ring_index(idx)
-        return {k: v[idx] for k, v in self.data.items()}
+        rows = [self._index[s][o:min(o + length, hi)] for s, o, hi in zip(slots.tolist(), first.tolist(),
+                                                                           self._hi[slots].tolist())]
+        idx = np.stack([np.pad(row, (0, length - len(row)), mode="edge") for row in rows])  # b t
+        ring = self._ring_index(idx)
+        out = {k: v[ring] for k, v in self.data.items()}
+        if pad:
+            valid = np.arange(length) < np.array([len(row) for row in rows])[:, None]  # b t
+            out["valid"] = valid if self.device is None else torch.from_numpy(valid).to(self.device)
+        return out
 
     # ---- persistence --------------------------------------------------------------------------------
 

@@ -97,7 +97,7 @@ def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, r
     batch_size, starts_n = t.batch_size // distributed.world_size(), t.imag_starts // distributed.world_size()
     wm.step_begin()
     with record_function("replay_sample"):  # profiler labels (agent/bench.py); free when no profiler runs
-        batch = to_batch(replay.sample(batch_size, t.seq_len), wm.resolution, device)
+        batch = to_batch(replay.sample(batch_size, t.seq_len, pad=True), wm.resolution, device)
     with record_function("wm_update"):
         wm.train()
         with autocast(device, t.amp):
@@ -108,17 +108,25 @@ def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, r
     if tau is not None:
         stats["wm/vq_tau"] = tau
     wm.eval()
-    starts = torch.randperm(batch_size * t.seq_len, device=device)[:starts_n]
+    starts = imagination_starts(batch["valid"], starts_n)
     frames = enc.frame_codes.flatten(0, 1)[starts, None] if enc.frame_codes is not None else None  # n 1 g
     context = SimpleNamespace(slot_codes=enc.slot_codes.flatten(0, 1)[starts, None], frame_codes=frames)  # b 1 k v
     with autocast(device, t.amp):
         with record_function("imagination"):
             traj = imagine(wm.dynamics, ac.actor, context, None, cfg.actor_critic.horizon)
-            traj.start_continues = 1.0 - batch["is_terminal"].flatten(0, 1)[starts].float()
+            traj.start_continues = (batch["valid"] & ~batch["is_terminal"]).flatten(0, 1)[starts].float()
         with record_function("ac_update"):
             stats.update({f"ac/{k}": float(v) for k, v in ac.update(traj, ac_parallel).items()})
     stats["ac/imagined_reward"] = float(traj.rewards.mean())
     return stats
+
+
+def imagination_starts(valid: torch.Tensor, n: int) -> torch.Tensor:
+    """`n` distinct random steps of a replayed batch to imagine from, as flat indices into `valid` `b t`: valid
+    steps first, so a padded step is drawn only when fewer than `n` are valid (its start weight is then 0). A fixed
+    count, with no host sync, keeps the shapes static for compiled imagination."""
+    keys = torch.rand(valid.numel(), device=valid.device) + (~valid.flatten()).float()  # padded steps sort last
+    return keys.argsort()[:n]
 
 
 class UpdateMeans:
@@ -191,14 +199,12 @@ class Collector:
 
 
 def check_segments_fit(cfg: AgentConfig) -> None:
-    """Refuse a run whose replay or episodes can never hold a training segment: it would collect and never train."""
-    t, cap, longest = cfg.train, cfg.replay.capacity, cfg.env.max_episode_steps
+    """Refuse a replay smaller than one training segment. (Episodes shorter than a segment train: segments are
+    padded past an episode's end.)"""
+    t, cap = cfg.train, cfg.replay.capacity
     if cap < t.seq_len:
         raise ValueError(f"replay.capacity={cap} is less than one training segment (train.seq_len={t.seq_len}): "
-                         "the run would never train")
-    if longest and longest + 1 < t.seq_len:  # an episode stores its first frame and max_episode_steps steps
-        raise ValueError(f"env.max_episode_steps={longest} makes every episode shorter than a training segment "
-                         f"(train.seq_len={t.seq_len}): the run would never train")
+                         "raise it")
 
 
 def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool = True) -> dict:
@@ -310,9 +316,10 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             counters["env_steps"] += cfg.env.num_envs
             bar.update(cfg.env.num_envs)
             while counters["updates"] < updates_due(counters["env_steps"], cfg):
-                # Short first episodes may hold no training segment yet: the owed updates then follow later. Checked
-                # until it holds (an episode long enough stays in the replay), so no collective per update after.
-                segments = segments or distributed.all_true(replay.longest_episode() >= t.seq_len, device)
+                # A segment holds a prediction target once some episode has two stored steps; until every rank's
+                # replay does, the owed updates follow later. Checked until it holds (it stays), so no collective
+                # per update after.
+                segments = segments or distributed.all_true(replay.longest_episode() >= 2, device)
                 if not segments:
                     break
                 stats = train_step(wm, ac, wm_opt, replay, cfg, device, counters["updates"], wm_parallel, ac_parallel)

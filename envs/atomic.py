@@ -1,5 +1,5 @@
-"""Atomic file writes (temporary file, fsync, rename), torch-free so that episode datasets and run directories share
-one implementation."""
+"""Atomic file writes (temporary file, fsync, rename), and the check that an output folder can be made, torch-free so
+that episode datasets and run directories share one implementation."""
 from __future__ import annotations
 
 import os
@@ -23,6 +23,19 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_folder(path: str | Path, what: str, error: type[Exception] = ValueError) -> Path:
+    """`path` as a folder to write into (made later, with its parents): refused before any work, naming `what` (the
+    flag or key), where it or a folder above it is an existing file."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "is a file" if p == path else f"is inside {p}, which is a file"
+                raise error(f"{what} {path} {where}: choose a folder path")
+            break
+    return path
 
 
 def _umask() -> int:

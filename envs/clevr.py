@@ -60,6 +60,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .atomic import check_folder
 from .errors import DataError
 
 SHAPES = ("cube", "sphere", "cylinder")
@@ -891,7 +892,7 @@ def write_dataset(root, n_images: int, split: str = "train", seed: int = 0, batc
     images/<split>/CLEVR_<split>_%06d.png, scenes/CLEVR_<split>_scenes.json and (extension)
     masks/<split>/CLEVR_<split>_%06d.png holding uint8 instance ids.  Batch k uses seed
     dataset_batch_seed(seed, split, k).  Returns the scenes JSON path."""
-    root = Path(root)
+    root = check_folder(root, "--out")
     image_dir, mask_dir, scene_dir = root / "images" / split, root / "masks" / split, root / "scenes"
     for d in (image_dir, scene_dir) + ((mask_dir,) if write_masks else ()):
         d.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import time
-from pathlib import Path
 from typing import Optional
 
 import gymnasium as gym
@@ -16,6 +15,7 @@ from gymnasium.envs.registration import load_env_creator
 import numpy as np
 from tqdm import tqdm
 
+from .atomic import check_folder
 from .episodes import EpisodeWriter
 from .vector import make_vector_env
 
@@ -49,7 +49,7 @@ def collect(env: str, frames: int, out: str, num_envs: int = 1, envs_per_worker:
     """
     if frames < 1:
         raise ValueError(f"--frames must be positive, got {frames}")
-    out_path = Path(out)
+    out_path = check_folder(out, "--out")
     env_kwargs = dict(env_kwargs or {})
     env_kwargs.setdefault("stats_path", str(out_path / "stats.jsonl"))
     venv = make_vector_env(env_fn(env, **env_kwargs), num_envs, envs_per_worker=envs_per_worker,

@@ -16,7 +16,7 @@ import torch
 import run
 from agent.config import AgentConfig
 from agent.replay import ReplayBuffer
-from agent.train import train, updates_due
+from agent.train import imagination_starts, train, updates_due
 from world_model.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,12 +99,23 @@ def test_concurrent_evaluations_keep_their_own_episodes(tmp_path, monkeypatch):
     assert len(stats.read_text().splitlines()) == 3 and [p.name for p in tmp_path.iterdir()] == [stats.name]
 
 
-def test_runs_that_could_never_train_are_refused(tmp_path):
-    for override, message in (("replay.capacity=6", r"replay.capacity=6 is less than one training segment"),
-                              ("env.max_episode_steps=6", r"env.max_episode_steps=6 makes every episode shorter")):
-        with pytest.raises(ValueError, match=message):
-            train(tiny(override), str(tmp_path / "run"), progress=False)
-        assert not (tmp_path / "run").exists()  # refused before the run directory is made
+def test_imagination_starts_only_from_valid_steps_while_there_are_enough():
+    """Imagination starts are distinct steps of the replayed batch, valid ones first: with enough valid steps no
+    padded one is drawn, and with too few every valid one is, the rest padded (weighted 0 by the caller)."""
+    torch.manual_seed(0)
+    valid = torch.arange(16) < torch.tensor([[16], [3], [9], [0]])  # b t
+    starts = imagination_starts(valid, 28)
+    assert len(set(starts.tolist())) == 28 and valid.flatten()[starts].all()
+    every = imagination_starts(valid, 40)
+    assert valid.flatten()[every].sum() == 28 and len(set(every.tolist())) == 40
+    draws = torch.stack([imagination_starts(valid, 10) for _ in range(200)])
+    assert set(draws.flatten().tolist()) == set(torch.nonzero(valid.flatten()).flatten().tolist())  # all reachable
+
+
+def test_a_replay_smaller_than_a_segment_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"replay.capacity=6 is less than one training segment"):
+        train(tiny("replay.capacity=6"), str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists()  # refused before the run directory is made
 
 
 def test_an_evaluation_that_fails_loses_no_checkpoint(tmp_path, monkeypatch):
@@ -249,18 +260,17 @@ def test_a_seeded_run_repeats_bitwise(tmp_path):
         assert torch.equal(value, weights[1][key]), key
 
 
-def test_updates_wait_for_an_episode_long_enough_for_a_segment(tmp_path, monkeypatch):
-    """Episodes shorter than train.seq_len (a game that ends fast) hold no training segment: the owed updates wait
-    for one instead of the run dying on an empty replay sample. Here a step limit stands in for such a game, with
-    the check that refuses that limit switched off."""
-    import agent.train
-
-    monkeypatch.setattr(agent.train, "check_segments_fit", lambda cfg: None)
+def test_episodes_shorter_than_a_segment_are_trained_on(tmp_path):
+    """A game that ends fast (here a step limit of 5 against segments of train.seq_len) still trains: its
+    segments are padded past each episode's end, and every owed update runs with finite losses."""
     cfg = tiny("env.max_episode_steps=5", "train.env_steps=80", "train.prefill=20", "train.log_every=40")
     assert cfg.train.seq_len > 6 and updates_due(80, cfg) > 0
     train(cfg, str(tmp_path / "run"), progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["updates"] for r in rows if "updates" in r][-1] == 0
+    last = [r for r in rows if "updates" in r][-1]
+    assert last["updates"] == updates_due(80, cfg) and last["skipped_wm"] == 0
+    assert all(math.isfinite(r[k]) for r in rows for k in ("wm/loss", "ac/loss_critic") if k in r)
+    assert any("wm/loss_cont" in r for r in rows)
 
 
 def test_resume_after_sigkill(tmp_path):

@@ -24,7 +24,7 @@ def test_every_preset_loads(preset):
 
 def test_overrides_are_typed():
     cfg = load_config(PretrainConfig, None, ["model.slots=slot_attention", "train.steps=7", "model.vq.enabled=true",
-                                             "model.cnn_channels=[8,8]"])
+                                             "model.cnn_channels=[8,8]", "model.cnn_strides=[2,1]"])
     assert cfg.model.slots == "slot_attention" and cfg.train.steps == 7 and cfg.model.vq.enabled
     assert cfg.model.cnn_channels == [8, 8]
 
@@ -170,7 +170,12 @@ def test_value_ranges_hold_for_every_command():
             (AgentConfig, "train.eval_episodes=0", r"train.eval_episodes=0 must be at least 1 \(every run evaluates"),
             (PretrainConfig, "model.vq.num_codes=1", "model.vq.num_codes=1 must be at least 2"),
             (AgentConfig, "frame.codes=1", "frame.codes=1 must be at least 2"),
-            (PretrainConfig, "model.cnn_channels=32", r"it takes a list, e.g. cnn_channels=\[32,32\]")):
+            (PretrainConfig, "model.cnn_channels=32", r"it takes a list, e.g. cnn_channels=\[32,32\]"),
+            (PretrainConfig, "model.cnn_strides=[1,2,2]", r"model.cnn_channels=\[64, 64, 64, 64\] has 4 layers and "
+             r"model.cnn_strides=\[1, 2, 2\] 3: give one stride per layer"),
+            (AgentConfig, "encoder.model.cnn_channels=[8]", r"encoder.model.cnn_channels=\[8\] has 1 layers"),
+            (PretrainConfig, "data.max_objects=11", r"data.min_objects=3 and data.max_objects=11: need 1 <= "
+             r"min_objects <= max_objects <= 10")):
         with pytest.raises(ConfigError, match=message):
             load_config(schema, None, [override])
 

@@ -27,8 +27,14 @@ def tiny_cfg(*extra):
 def test_cli_pretrain_and_eval_ap(tmp_path, capsys):
     rd = tmp_path / "run"
     assert run.main(["pretrain", "--config", "configs/clevr_tiny.yaml", "--run-dir", str(rd), "--no-progress",
-                     *TINY, "train.steps=4"]) == 0
+                     *TINY, "train.steps=4", "train.image_every=100"]) == 0
     assert (rd / "config.yaml").is_file() and (rd / "checkpoints" / "latest.pt").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(rd / "tb"))
+    events.Reload()
+    images = events.Tags()["images"]  # a run shorter than train.image_every still leaves its last step's pictures
+    assert images and all([e.step for e in events.Images(tag)] == [4] for tag in images)
     rows = read_jsonl(rd / "metrics.jsonl")
     assert any("train/loss" in r for r in rows) and any("eval/AP_inf" in r for r in rows)
     assert list((rd / "tb").glob("events.*"))
@@ -73,13 +79,22 @@ def test_eval_every_zero_evaluates_at_the_end_only(tmp_path):
                     resume=True, progress=False)["images"] == 4
 
 
-def test_discovery_task_reports_fg_ari(tmp_path):
+def test_discovery_task_reports_fg_ari(tmp_path, capsys):
+    """FG-ARI where the data has instance masks; on a CLEVR directory without them (real CLEVR ships none) eval-ap
+    says why it is missing."""
+    from envs.clevr import write_dataset
+
     result = pretrain(tiny_cfg("task=discovery", "model.slots=slot_attention", "train.steps=4"), str(tmp_path / "d"),
                       progress=False)
     assert -100.0 <= result["fg_ari"] <= 100.0  # ARI can be slightly negative for an untrained model
     assert result["mse"] > 0
     cfg, model, state = load_run(str(tmp_path / "d"), torch.device("cpu"))
     assert cfg.task == "discovery" and state["step"] == 4
+    write_dataset(tmp_path / "clevr", 2, split="val", seed=0, batch_size=2, max_objects=4, write_masks=False)
+    capsys.readouterr()
+    assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "d"), "--clevr-root", str(tmp_path / "clevr")]) == 0
+    out, err = capsys.readouterr()
+    assert "note: no FG-ARI: CLEVR" in err and "hold no instance masks" in err and "fg_ari" not in out
 
 
 def test_nan_loss_skips_update(tmp_path, monkeypatch):

@@ -68,6 +68,42 @@ def test_starts_are_uniform_over_valid_positions():
     assert len(counts) == 10 and all(850 < c < 1150 for c in counts.values())  # 1000 expected, sd ~30
 
 
+def _padded_starts(seg: dict, stored: dict[int, list[int]]) -> Counter:
+    """Checks padded training segments: the valid steps are consecutive steps of one episode up to its last stored
+    step at most, every invalid step repeats the last valid one, and a segment is cut short only at that last
+    stored step. Returns the count of each (episode, first t)."""
+    tag, valid = seg["tag"], seg["valid"]  # b t 2, b t
+    assert valid.dtype == bool and valid[:, 0].all() and (np.diff(valid.astype(int), axis=1) <= 0).all()
+    n = valid.sum(1)
+    last = tag[np.arange(len(n)), n - 1]  # b 2: the last valid step
+    for i in range(len(n)):
+        assert (tag[i, :n[i], 0] == tag[i, 0, 0]).all() and (np.diff(tag[i, :n[i], 1]) == 1).all()
+        assert (tag[i, n[i]:] == last[i]).all() and (seg["image"][i, n[i]:] == seg["image"][i, n[i] - 1]).all()
+        if n[i] < valid.shape[1]:
+            assert last[i, 1] == max(stored[int(last[i, 0])])  # cut short only at the episode's last stored step
+    return Counter(map(tuple, tag[:, 0].tolist()))
+
+
+def test_padded_segments_start_anywhere_so_episode_ends_come_at_every_position():
+    """Training segments (pad=True) start uniformly at every stored step, also in episodes shorter than the
+    segment, and are padded past the episode's end: terminal steps then appear at every position of a segment,
+    as often as the steps before them (within a few percent), instead of once per episode at its last position."""
+    buf = ReplayBuffer(1000, SPEC, seed=0)
+    lengths = [5, 9, 1, 30, 12]
+    for ep, length in enumerate(lengths):
+        buf.add_episode(_episode(ep, length))
+    seg = buf.sample(57_000, 6, pad=True)
+    counts = _padded_starts(seg, {ep: list(range(n)) for ep, n in enumerate(lengths)})
+    assert set(counts) == {(ep, t) for ep, n in enumerate(lengths) for t in range(n)}  # all 57 stored steps
+    assert all(850 < c < 1150 for c in counts.values())  # 1000 expected, sd ~31
+    terminal_at = np.argwhere(seg["is_terminal"] & seg["valid"])[:, 1]
+    assert set(terminal_at.tolist()) == set(range(6))
+    valid_steps = Counter(map(tuple, seg["tag"][seg["valid"]].tolist()))
+    assert valid_steps[(3, 29)] > 0.9 * valid_steps[(3, 15)]  # episode 3's end is replayed as often as its middle
+    unpadded = buf.sample(6000, 6)
+    assert "valid" not in unpadded and set(np.argwhere(unpadded["is_terminal"])[:, 1].tolist()) == {5}
+
+
 def test_eviction_keeps_only_stored_tails():
     buf = ReplayBuffer(20, SPEC, seed=1)
     for ep in range(5):  # 40 steps into 20: episodes 0, 1 and the head of 2 are overwritten
@@ -342,6 +378,9 @@ def test_device_storage_draws_the_same_segments_as_host_storage(tmp_path, monkey
     _same(host.sample(16, 5), sample)
     _starts({k: v.numpy() for k, v in dev.sample(64, 7).items()})
     host.sample(64, 7)
+    padded = dev.sample(64, 30, pad=True)
+    assert padded["valid"].dtype == torch.bool and not padded["valid"].all()
+    _same(host.sample(64, 30, pad=True), padded)
     for a, b in zip(host.episodes(), dev.episodes()):
         _same(a, b)
     _same(ReplayBuffer.merged([host], 100, seed=1).sample(8, 4),

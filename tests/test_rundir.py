@@ -101,6 +101,35 @@ def test_jsonl_files_skip_a_torn_last_line_only(tmp_path):
         read_records(path)
 
 
+def test_output_paths_that_cannot_be_written_are_refused_before_any_work(tmp_path, capsys):
+    """A --run-dir or --out that is a file (or lies inside one) is a one-line error before any work: before a
+    collection plays, an evaluation runs or a run starts. A folder of other files is not taken as a new run's
+    directory (a dataset's root, say), while an empty one is."""
+    import run
+    from world_model.rundir import RunDirError, check_out_dir
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for path, where in ((afile, "is a file"), (afile / "sub", "is inside .*afile, which is a file")):
+        with pytest.raises(RunDirError, match=f"--run-dir .* {where}: choose a folder path"):
+            RunDir.open(path, resume=False)
+        with pytest.raises(RunDirError, match=f"--out .* {where}"):
+            check_out_dir(path)
+    assert afile.read_text() == "x"
+    assert run.main(["collect", "--env", "crafter", "--frames", "10000", "--out", str(afile)]) == 2
+    assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "none"), "--out", str(afile / "ap.json")]) == 2
+    err = capsys.readouterr().err
+    assert "--out " + str(afile) + " is a file" in err and "--out " + str(tmp_path) + " is a folder" in err
+    assert "--out's folder " + str(afile) + " is a file" in err and "Traceback" not in err
+    data = tmp_path / "clevr"
+    (data / "CLEVR_v1.0").mkdir(parents=True)
+    with pytest.raises(RunDirError, match="clevr holds files and is not a run directory; choose a new or empty"):
+        RunDir.open(data, resume=False)
+    (tmp_path / "empty").mkdir()
+    RunDir.open(tmp_path / "empty", resume=False).release()
+
+
 def test_run_directory_guards(tmp_path):
     """A new run refuses a directory with an earlier run's logs but no checkpoint, and one that a live process is
     training in; a damaged checkpoint is a one-line error that names it."""

@@ -70,6 +70,48 @@ def test_loss_and_gradients_fresh_encoder(tmp_path):
             wm.encode(bad)
 
 
+def test_padded_steps_are_neither_inputs_to_a_loss_nor_targets(tmp_path):
+    """A training segment padded past its episode's end: whatever the padded steps hold (here noise frames, rewards,
+    terminals), the loss and its stats are those of the valid steps alone. Padded steps still enter the model
+    (static shapes), but frames are encoded causally, the dynamics attends causally, and every loss term (slot and
+    frame reconstruction, VQ KL, next-step codes, reward, continuation) averages over valid steps only."""
+    cfg = wm_cfg(toy_dataset(tmp_path / "d"))
+    train, _, _ = split_dataset(cfg)
+    wm = build_wm_for(cfg, 3, torch.device("cpu"))
+    batch = to_batch(train.sample(2, 8, np.random.default_rng(0)), 16, torch.device("cpu"))
+    batch["valid"] = torch.arange(8) < torch.tensor([[8], [5]])  # the second segment: 3 padded steps
+    garbled = {k: v.clone() for k, v in batch.items()}
+    pad = ~batch["valid"]
+    garbled["images"][pad] = torch.rand_like(garbled["images"][pad])
+    garbled["reward"][pad], garbled["is_terminal"][pad] = 7.0, True
+    garbled["action"][pad] = 2
+    results = []
+    for b in (batch, garbled):
+        torch.manual_seed(0)
+        loss, stats, _ = wm.loss(b, 0.01)
+        results.append((loss, stats))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    for k in results[0][1]:
+        torch.testing.assert_close(results[0][1][k], results[1][1][k], rtol=1e-6, atol=1e-6, msg=k)
+    torch.manual_seed(0)
+    unmasked, _, _ = wm.loss({k: v for k, v in garbled.items() if k != "valid"}, 0.01)
+    assert abs(unmasked.item() - results[0][0].item()) > 1e-3  # the garbled steps count without the mask
+
+
+def test_frame_codes_are_the_argmax_codes_in_training_too(tmp_path):
+    """The dynamics learns to predict the frame codes that acting reads (argmax): in training the tokenizer's
+    reconstruction goes through sampled codes, but the codes it returns carry no sampling noise."""
+    cfg = wm_cfg(toy_dataset(tmp_path / "d"), "frame.vars=16", "frame.codes=4")
+    wm = build_wm_for(cfg, 3, torch.device("cpu"))
+    tok = wm.frame_tokenizer.train()
+    images = torch.rand(64, 3, 16, 16)
+    torch.manual_seed(0)
+    codes, _ = tok(images)
+    assert torch.equal(codes, tok.codes(images))
+    sampled = tok.onehots(tok.logits(images)).argmax(-1)
+    assert not torch.equal(sampled, codes)  # training's sampled one-hots differ: the check above can fail
+
+
 def test_status_tokens_join_the_frame_codes(tmp_path, capsys):
     """A dataset whose frames come with status tokens: the world model appends them to the frame codes (the dynamics
     predicts them, its frame vocabulary holding their 16 values), records that in its checkpoint, and eval-wm
@@ -170,7 +212,7 @@ def test_frozen_pretrained_encoder_and_errors(tmp_path, capsys):
     wm = build_wm_for(cfg, 3, torch.device("cpu"))
     assert not any(p.requires_grad for p in wm.autoencoder.parameters())
     assert cfg.dynamics.num_slots == 4 and cfg.dynamics.num_vars == 2  # taken from the pretrained encoder
-    assert "this config's encoder.model differ and are not used" in capsys.readouterr().err  # its 3 slots
+    assert "this config's encoder.model differs and is not used" in capsys.readouterr().err  # its 3 slots
     # `run.py config` shows the encoder the run will use, and the dynamics sizes that follow from it
     assert run.main(["config", "--for", "train-wm", f"data.root={root}", f"encoder.checkpoint={pre}"]) == 0
     shown = capsys.readouterr().out
@@ -302,14 +344,13 @@ def test_an_evaluation_that_fails_loses_no_checkpoint(tmp_path, monkeypatch):
 
 
 def test_datasets_too_small_to_train_and_evaluate_are_refused_before_training(tmp_path):
-    """One episode leaves nothing to hold out; episodes shorter than a training segment or than the evaluation's
-    context + horizon leave nothing to sample: each is a one-line DataError before any training step."""
+    """One episode leaves nothing to hold out; held-out episodes shorter than the evaluation's context + horizon
+    leave nothing to evaluate: each is a one-line DataError before any training step. Training episodes shorter
+    than a training segment are fine (padded)."""
 
     with pytest.raises(DataError, match="holds 1 episode.*at least 2"):
         split_dataset(wm_cfg(toy_dataset(tmp_path / "one", episodes=1)))
-    with pytest.raises(DataError, match="training episodes are at most 10 steps long, shorter than the 12 steps of "
-                       "data.seq_len; collect longer episodes or lower data.seq_len"):
-        split_dataset(wm_cfg(toy_dataset(tmp_path / "d"), "data.seq_len=12"))
+    split_dataset(wm_cfg(toy_dataset(tmp_path / "d"), "data.seq_len=12"))  # training segments are padded
     with pytest.raises(DataError, match=r"held-out \(the last 1\) episodes are at most 10 steps long, shorter than "
                        r"the 11 steps of eval.context \+ max\(eval.horizons\)"):
         split_dataset(wm_cfg(tmp_path / "d", "eval.horizons=[1,9]"))

@@ -13,11 +13,13 @@ from typing import Any, Optional, Sequence
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from envs.clevr import MAX_OBJECTS as MAX_SCENE_OBJECTS
 
 from . import distributed
 from .dynamics import DynamicsConfig
 from .frame_tokenizer import FrameTokenizerConfig
-from omegaconf.errors import OmegaConfBaseException
 
 
 class ConfigError(ValueError):
@@ -313,7 +315,21 @@ def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: 
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and not value > 0:
             raise ConfigError(f"{key}={value!r} must be above 0")
+    _check_pairs(cfg)
     return OmegaConf.to_object(cfg)
+
+
+def _check_pairs(cfg) -> None:
+    """Keys that must agree with each other, named in full: one stride per backbone layer, and an object-count range."""
+    for where in ("model.", "encoder.model."):
+        channels, strides = (OmegaConf.select(cfg, where + k, default=None) for k in ("cnn_channels", "cnn_strides"))
+        if channels is not None and strides is not None and len(channels) != len(strides):
+            raise ConfigError(f"{where}cnn_channels={list(channels)} has {len(channels)} layers and "
+                              f"{where}cnn_strides={list(strides)} {len(strides)}: give one stride per layer")
+    low, high = (OmegaConf.select(cfg, k, default=None) for k in ("data.min_objects", "data.max_objects"))
+    if low is not None and high is not None and not 1 <= low <= high <= MAX_SCENE_OBJECTS:
+        raise ConfigError(f"data.min_objects={low} and data.max_objects={high}: need 1 <= min_objects <= "
+                          f"max_objects <= {MAX_SCENE_OBJECTS}")
 
 
 def run_schemas() -> dict[str, type]:

@@ -212,7 +212,7 @@ class SlotDynamics(nn.Module):
         return Predictions(slot_logits, frame_logits, self.reward_head(act), self.cont_head(act).squeeze(-1))
 
 
-def _masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """Mean of x `b t`, over the entries where mask `b t` is True (all without a mask)."""
     if mask is None:
         return x.mean()
@@ -237,15 +237,15 @@ def dynamics_loss(pred: Predictions, slot_codes: torch.Tensor, frame_codes: Opti
         return ce.flatten(2).mean(-1), acc.flatten(2).mean(-1)
 
     slot_ce, slot_acc = codes_ce(pred.slot_logits, slot_codes)
-    stats = {"loss_slots": _masked_mean(slot_ce, target_mask), "acc_slots": _masked_mean(slot_acc, target_mask)}
+    stats = {"loss_slots": masked_mean(slot_ce, target_mask), "acc_slots": masked_mean(slot_acc, target_mask)}
     if pred.frame_logits is not None:
         frame_ce, frame_acc = codes_ce(pred.frame_logits, frame_codes)
-        stats["loss_frame"] = _masked_mean(frame_ce, target_mask)
-        stats["acc_frame"] = _masked_mean(frame_acc, target_mask)
-    stats["loss_reward"] = _masked_mean(twohot.loss(pred.reward_logits[:, :-1], rewards[:, 1:]), target_mask)
+        stats["loss_frame"] = masked_mean(frame_ce, target_mask)
+        stats["acc_frame"] = masked_mean(frame_acc, target_mask)
+    stats["loss_reward"] = masked_mean(twohot.loss(pred.reward_logits[:, :-1], rewards[:, 1:]), target_mask)
     cont = F.binary_cross_entropy_with_logits(pred.cont_logits[:, :-1].float(), continues[:, 1:].float(),
                                               reduction="none")
-    stats["loss_cont"] = _masked_mean(cont, target_mask)
+    stats["loss_cont"] = masked_mean(cont, target_mask)
     loss = sum(v for name, v in stats.items() if name.startswith("loss_"))
     stats = {name: v.detach() for name, v in stats.items()}
     stats["loss"] = loss.detach()

@@ -105,8 +105,12 @@ class FrameTokenizer(nn.Module):
         """The argmax codes `b g+m` (acting)."""
         return self.with_status(self.logits(images).argmax(-1), status)
 
-    def forward(self, images: torch.Tensor, status: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The codes used (`b g+m`) and the reconstruction loss of the low-resolution frame."""
-        onehots = self.onehots(self.logits(images))
-        recon = self.decode(onehots)
-        return self.with_status(onehots.argmax(-1), status), F.mse_loss(recon.float(), self.target(images))
+    def forward(self, images: torch.Tensor, status: Optional[torch.Tensor] = None,
+                reduce: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The argmax codes (`b g+m`), as acting reads them, and the reconstruction loss of the low-resolution frame
+        decoded from the straight-through one-hots (sampled in training): its mean, or each frame's (`b`) without
+        `reduce`. The dynamics learns to predict these codes, so its targets carry no sampling noise."""
+        logits = self.logits(images)
+        recon = self.decode(self.onehots(logits))
+        loss = F.mse_loss(recon.float(), self.target(images), reduction="none").flatten(1).mean(1)
+        return self.with_status(logits.argmax(-1), status), loss.mean() if reduce else loss

@@ -450,8 +450,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
             if not progress and distributed.is_main():  # a log file still shows the run moving
                 print(f"step {step}/{cfg.train.steps}: loss={stats['loss']:.4f}, images/s={stats['images_per_s']:.1f}",
                       flush=True)
-        if step % cfg.train.image_every == 0 and distributed.is_main():
-            log_images(logger, step, cfg, batch, outputs)
+        if (step % cfg.train.image_every == 0 or step == cfg.train.steps) and distributed.is_main():
+            log_images(logger, step, cfg, batch, outputs)  # the last step too: a short run still leaves pictures
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:  # before the evaluation: Ctrl-C there loses
             checkpoint()                                                   # no training step
             logger.flush()

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from envs.atomic import atomic_write
+from envs.atomic import atomic_write, check_folder
 from envs.jsonl import read_records
 
 from . import distributed
@@ -105,11 +105,17 @@ class RunDir:
 
     @classmethod
     def open(cls, path: str | Path, resume: bool) -> "RunDir":
-        """New run: the directory must hold no checkpoint and no logs of an earlier run. Resume: it must hold a
-        checkpoint. Either way no other live process may be training in it (`train.pid`)."""
+        """New run: the directory must be new, empty, or hold a run's files, and no checkpoint and no logs of an
+        earlier run. Resume: it must hold a checkpoint. Never a file or an episode dataset, and no other live process
+        may be training in it (`train.pid`)."""
         run = cls(path)
+        check_folder(run.path, "--run-dir", RunDirError)
         if is_dataset(run.path):
             raise RunDirError(f"{run.path} is an episode dataset (meta.json, episodes/); choose another --run-dir")
+        foreign = run.path.is_dir() and not run._is_run() and any(run.path.iterdir())
+        if foreign and not resume and distributed.is_main():  # rank 0: the others could see its first files
+            raise RunDirError(f"{run.path} holds files and is not a run directory; choose a new or empty --run-dir, "
+                              "so that the run's files mix with no others")
         if distributed.is_main():  # rank 0 only: under torchrun, the others could see its fresh claim
             run._refuse_if_live()  # first: a live run's fresh logs are not leftovers to remove
         if resume and not run.ckpt_path.is_file():
@@ -130,6 +136,10 @@ class RunDir:
         if distributed.is_main():
             run._claim()
         return run
+
+    def _is_run(self) -> bool:
+        """Whether the directory holds anything a run writes (config, checkpoint, claim, logs)."""
+        return any((self.path / name).exists() for name in ("config.yaml", "checkpoints", "train.pid", *self.LOGS))
 
     def _leftovers(self) -> list[str]:
         """The logs a run writes before its first checkpoint, where there is none."""
@@ -211,7 +221,7 @@ def is_dataset(path: Path) -> bool:
 def check_out_dir(out: str | Path) -> Path:
     """An --out directory for pictures and reports: refused when it is a run directory or an episode dataset, whose
     files (tensorboard logs, episodes) it would mix with its own."""
-    out = Path(out)
+    out = check_folder(out, "--out", RunDirError)
     if (out / "checkpoints").is_dir() or (out / "config.yaml").is_file() or (out / "train.pid").is_file():
         raise RunDirError(f"--out {out} is a run directory; write to a directory of its own (e.g. {out / 'viz'})")
     if is_dataset(out):

@@ -68,13 +68,13 @@ def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, R
     if n_eval == 0:
         raise DataError(f"{root} holds {len(paths)} episode(s): train-wm needs at least 2, the last ones held out for "
                         "evaluation; collect more into it with `run.py collect --out DIR --seed S` (a new seed)")
-    needs = ((train, cfg.data.seq_len, "training", "data.seq_len"),
-             (held_out, cfg.eval.context + max(cfg.eval.horizons), f"held-out (the last {n_eval})",
-              "eval.context + max(eval.horizons)"))
-    for buf, length, which, keys in needs:
-        if buf.longest_episode() < length:
-            raise DataError(f"{root}: the {which} episodes are at most {buf.longest_episode()} steps long, shorter than "
-                            f"the {length} steps of {keys}; collect longer episodes or lower {keys.split(' ')[0]}")
+    if train.longest_episode() < 2:  # training segments are padded past episode ends, but need one target
+        raise DataError(f"{root}: the training episodes are single steps; a world model learns from two or more")
+    length, keys = cfg.eval.context + max(cfg.eval.horizons), "eval.context + max(eval.horizons)"
+    if held_out.longest_episode() < length:  # evaluation windows are whole
+        raise DataError(f"{root}: the held-out (the last {n_eval}) episodes are at most {held_out.longest_episode()} "
+                        f"steps long, shorter than the {length} steps of {keys}; collect longer episodes or lower "
+                        "eval.context")
     return train, held_out, {**meta, "held_out": [p.name for p in paths[len(paths) - n_eval:]],
                              "status_vars": status_vars(spec)}
 
@@ -121,7 +121,7 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
         if replaced and distributed.is_main():
             print(f"note: encoder.checkpoint={enc.checkpoint} sets the encoder ({pre_cfg.data.resolution}px, "
                   f"{pre_cfg.model.num_slots} {pre_cfg.model.slots} slots); this config's {' and '.join(replaced)} "
-                  "differ and are not used", file=sys.stderr)
+                  f"{'differs' if len(replaced) == 1 else 'differ'} and {'is' if len(replaced) == 1 else 'are'} not used", file=sys.stderr)
         enc.model, enc.resolution, joint = pre_cfg.model, pre_cfg.data.resolution, enc.mode == "joint"
     else:  # a fresh encoder can only train with the world model: `enc` (and the run's config.yaml) says joint
         autoencoder, joint, enc.mode = SlotAutoencoder(enc.model, enc.resolution), True, "joint"
@@ -280,7 +280,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
     t_last, n_last = time.perf_counter(), step
     while step < cfg.train.steps:
         train_buf.rng = np.random.default_rng(stream_seed(cfg.train.seed, TRAIN_STREAM, step))
-        batch = to_batch(train_buf.sample(cfg.train.batch_size, cfg.data.seq_len), wm.resolution, device)
+        batch = to_batch(train_buf.sample(cfg.train.batch_size, cfg.data.seq_len, pad=True), wm.resolution, device)
         for group in opt.param_groups:
             group["lr"] = cfg.train.lr * lr_factor(step, cfg.train.warmup_steps)
         tau = wm.set_vq_temperature(step, vq.tau_start, vq.tau_end, vq.anneal_steps)

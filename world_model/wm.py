@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dynamics import DynamicsConfig, SlotDynamics, dynamics_loss, sample_step
+from .dynamics import DynamicsConfig, SlotDynamics, dynamics_loss, masked_mean, sample_step
 from .frame_tokenizer import FrameTokenizer, FrameTokenizerConfig
 from .perception import SlotAutoencoder
-from .slots.vq import temperature
+from .slots.vq import kl_to_uniform, temperature
 
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes whose kernels replay as CUDA graphs
 
@@ -65,9 +65,11 @@ class WorldModel(nn.Module):
             self.autoencoder.eval()  # a frozen encoder quantizes with argmax, not Gumbel samples
         return self
 
-    def encode(self, images: torch.Tensor, status: Optional[torch.Tensor] = None) -> Encoded:
+    def encode(self, images: torch.Tensor, status: Optional[torch.Tensor] = None,
+               valid: Optional[torch.Tensor] = None) -> Encoded:
         """images `b t 3 h w` (status tokens `b t m` when the model reads them) -> codes, encoding frame t's slots
-        from frame t-1's (slot k follows one object).
+        from frame t-1's (slot k follows one object). `valid` `b t` (bool): the losses average over these frames
+        only (a replayed segment padded past its episode's end).
 
         Only the slot module runs frame by frame: the backbone, the quantizer, the slot decoder and the frame
         tokenizer each take all b*t frames in one batch (on a GPU, 64 small launches of a part cost far more than
@@ -84,13 +86,18 @@ class WorldModel(nn.Module):
             raws = self.carried_slots(self.kept(feats).unflatten(0, (b, t)))  # b t k d
             q = encoder.vq(raws.flatten(0, 1))  # (b t) k d: the same codes as frame by frame
             codes, kl, recon_loss = self.kept(q.codes).unflatten(0, (b, t)), self.kept(q.kl), None
-            if self.joint:  # the MSE over all frames: the mean of each frame's MSE, the frames being equal in size
-                recon_loss = F.mse_loss(self.autoencoder.decoder(q.slots).recon, frames)
+            if valid is not None:
+                kl = masked_mean(kl_to_uniform(q.logits).mean(-1).unflatten(0, (b, t)), valid)
+            if self.joint:  # the mean of each frame's MSE, the frames being equal in size
+                recon = self.autoencoder.decoder(q.slots).recon
+                recon_loss = masked_mean(F.mse_loss(recon, frames, reduction="none").flatten(1).mean(1)
+                                         .unflatten(0, (b, t)), valid)
         frame_codes, frame_loss = None, images.new_zeros(())
         if self.frame_tokenizer is not None:
             status = status.flatten(0, 1) if self.status_vars and status is not None else None
-            frame_codes, frame_loss = self.frame_tokenizer(frames, status)
+            frame_codes, frame_loss = self.frame_tokenizer(frames, status, reduce=False)
             frame_codes = self.kept(frame_codes).unflatten(0, (b, t))
+            frame_loss = masked_mean(frame_loss.unflatten(0, (b, t)), valid)
         return Encoded(codes, frame_codes, recon_loss, kl if self.joint else None, frame_loss)
 
     def carried_slots(self, feats: torch.Tensor) -> torch.Tensor:
@@ -123,13 +130,15 @@ class WorldModel(nn.Module):
 
     def loss(self, batch: dict, vq_beta: float) -> tuple[torch.Tensor, dict, Encoded]:
         """batch: images `b t 3 h w` float, action/reward/is_terminal `b t` in the episode step layout
-        (action t led to frame t), status `b t m` when the model reads them. The dynamics input at step t is frame
-        t with the action taken after it. Also returns the batch's codes (imagination starts from them)."""
-        enc = self.encode(batch["images"], batch.get("status"))
+        (action t led to frame t), status `b t m` when the model reads them, and `valid` `b t` for segments padded
+        past an episode's end (padded steps are neither inputs to a loss nor targets). The dynamics input at step t
+        is frame t with the action taken after it. Also returns the batch's codes (imagination starts from them)."""
+        valid = batch.get("valid")
+        enc = self.encode(batch["images"], batch.get("status"), valid)
         actions = torch.cat([batch["action"][:, 1:], torch.zeros_like(batch["action"][:, :1])], 1)
         pred = self.dynamics(enc.slot_codes, enc.frame_codes, actions)
         continues = 1.0 - batch["is_terminal"].float()
-        loss, stats = dynamics_loss(pred, enc.slot_codes, enc.frame_codes, batch["reward"].float(), continues)
+        loss, stats = dynamics_loss(pred, enc.slot_codes, enc.frame_codes, batch["reward"].float(), continues, valid)
         if self.frame_tokenizer is not None:
             loss = loss + enc.frame_loss
             stats["loss_frame_recon"] = enc.frame_loss.detach()

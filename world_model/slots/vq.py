@@ -15,6 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
+    """KL(q || uniform) of each slot's code distributions, summed over its variables: logits `... k v c` -> `... k`."""
+    log_q = logits.log_softmax(-1)
+    return (log_q.exp() * (log_q + math.log(logits.shape[-1]))).sum(-1).sum(-1)
+
+
 @dataclass
 class Quantized:
     slots: torch.Tensor  # b k d, quantized
@@ -63,6 +69,5 @@ class SlotQuantizer(nn.Module):
             onehots = F.gumbel_softmax(logits, tau=self.tau, hard=self.hard, dim=-1)
         else:
             onehots = F.one_hot(codes, self.num_codes).float()
-        log_q = logits.log_softmax(-1)
-        kl = (log_q.exp() * (log_q + math.log(self.num_codes))).sum(-1).sum(-1).mean()
-        return Quantized(slots=self.embed(onehots).to(slots.dtype), codes=codes, logits=logits, kl=kl)
+        return Quantized(slots=self.embed(onehots).to(slots.dtype), codes=codes, logits=logits,
+                         kl=kl_to_uniform(logits).mean())
