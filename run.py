@@ -334,6 +334,17 @@ def cmd_bench(args) -> None:
     bench.main(args)
 
 
+def seed_value(text: str) -> int:
+    """A --seed: a whole number, 0 or more (env and numpy seeding refuse negatives, in words that name no flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a whole number, 0 or more; got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"takes a whole number, 0 or more; got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run.py", description="slotworld: object-centric world models and agents "
                                 "(GMM slots, Slot Attention, VQ-SA codes).", epilog=EPILOG,
@@ -375,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="dataset root to create (or add a split to)")
     s.add_argument("--images", type=int, default=1000, help="scenes to render (default 1000)")
     s.add_argument("--split", default="train", help="split name (default train; eval-ap --clevr-root reads val)")
-    s.add_argument("--seed", type=int, default=0, help="batch k of a split comes from (seed, split, k) (default 0)")
+    s.add_argument("--seed", type=seed_value, default=0, help="batch k of a split comes from (seed, split, k) (default 0)")
     s.add_argument("--batch-size", type=int, default=32, help="scenes rendered together (default 32)")
     s.add_argument("--device", default="cpu", help="where to render: cpu, cuda, auto (default cpu)")
     s.set_defaults(func=cmd_generate, parser=s)
@@ -392,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, help="worker processes (default 1: in-process, no workers)")
     s.add_argument("--envs-per-worker", type=int, default=1, help="envs stepped in turn by each worker (default 1)")
     s.add_argument("--size", type=int, help="image side in pixels (default 64)")
-    s.add_argument("--seed", type=int, default=0, help="env seeds and actions (default 0)")
+    s.add_argument("--seed", type=seed_value, default=0, help="env seeds and actions (default 0)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_collect, parser=s)
 
@@ -412,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VQ only: set latent VAR of slot SLOT to code VALUE (or 'all' for every code) and decode")
     s.add_argument("--codes", action="store_true", help="disentanglement figure of a VQ run on CLEVR-like scenes")
     s.add_argument("--images", type=int, default=1000, help="scenes for --codes")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=seed_value, default=0)
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     s.set_defaults(func=cmd_visualize, parser=s)
 
@@ -462,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--policy", choices=["agent", "random"], default="agent",
                    help="the run's agent, or uniform random actions in its env (default agent)")
     s.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
-    s.add_argument("--seed", type=int, default=10_000, help="episode i runs env seed SEED + i and the policy samples "
+    s.add_argument("--seed", type=seed_value, default=10_000, help="episode i runs env seed SEED + i and the policy samples "
                    "from SEED, so a repeat gives the same episodes (default 10000, the seeds of a training run's "
                    "evaluations)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")

@@ -114,7 +114,7 @@ def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, r
     with autocast(device, t.amp):
         with record_function("imagination"):
             traj = imagine(wm.dynamics, ac.actor, context, None, cfg.actor_critic.horizon)
-            traj.start_continues = (batch["valid"] & ~batch["is_terminal"]).flatten(0, 1)[starts].float()
+            traj.start_continues = 1.0 - batch["is_terminal"].flatten(0, 1)[starts].float()
         with record_function("ac_update"):
             stats.update({f"ac/{k}": float(v) for k, v in ac.update(traj, ac_parallel).items()})
     stats["ac/imagined_reward"] = float(traj.rewards.mean())
@@ -122,11 +122,13 @@ def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, r
 
 
 def imagination_starts(valid: torch.Tensor, n: int) -> torch.Tensor:
-    """`n` distinct random steps of a replayed batch to imagine from, as flat indices into `valid` `b t`: valid
-    steps first, so a padded step is drawn only when fewer than `n` are valid (its start weight is then 0). A fixed
-    count, with no host sync, keeps the shapes static for compiled imagination."""
-    keys = torch.rand(valid.numel(), device=valid.device) + (~valid.flatten()).float()  # padded steps sort last
-    return keys.argsort()[:n]
+    """`n` random valid steps of a replayed batch to imagine from, as flat indices into `valid` `b t`: distinct
+    while the batch holds `n` valid steps, else each valid step about equally often, never a padded one (padded
+    starts would count in the return scale and the logged stats). A fixed count, with no host sync, keeps the
+    shapes static for compiled imagination."""
+    valid = valid.flatten()
+    order = (torch.rand(valid.numel(), device=valid.device) + (~valid).float()).argsort()  # valid steps first
+    return order[torch.arange(n, device=valid.device) % valid.sum()]
 
 
 class UpdateMeans:

@@ -57,11 +57,34 @@ def test_the_agent_and_world_model_encoder_choices_are_checked_on_load():
             load_config(schema, None, ["encoder.model.slots=slotattention"])
 
 
+def test_a_pretrained_encoders_unused_settings_are_not_checked():
+    """With encoder.checkpoint, the checkpoint's run sets the encoder: this config's encoder.model is reported as
+    unused at build time, so its key pairs do not refuse the config."""
+    from agent.config import AgentConfig
+
+    cfg = load_config(AgentConfig, None, ["encoder.checkpoint=runs/enc", "encoder.model.cnn_channels=[8]"])
+    assert cfg.encoder.model.cnn_channels == [8]
+
+
+def test_a_negative_seed_is_refused_naming_the_flag(capsys):
+    import run
+
+    for command in (["collect", "--env", "crafter", "--out", "x"], ["eval", "--checkpoint", "x"]):
+        with pytest.raises(SystemExit) as exit_:
+            run.main([*command, "--seed", "-1"])
+        assert exit_.value.code == 2
+        assert "argument --seed: takes a whole number, 0 or more; got -1" in capsys.readouterr().err
+
+
 def test_bad_preset_files(tmp_path):
     import run
 
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(PretrainConfig, tmp_path / "nope.yaml")
+    for typo in ("clevr_tinyy", "configs/clevr_tiny.yml"):  # a near miss names the preset meant
+        with pytest.raises(ConfigError, match=r"config file not found: .*clevr_tiny.* \(did you mean clevr_tiny\?\); the "
+                                              "presets in configs/ are"):
+            load_config(PretrainConfig, typo)
     bad_key = tmp_path / "bad.yaml"
     bad_key.write_text("model:\n  num_slotss: 3\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'model.num_slotss' in .*bad.yaml.*model.num_slots"):

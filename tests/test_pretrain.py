@@ -270,7 +270,8 @@ def test_pretrain_and_eval_on_a_clevr_directory(tmp_path, capsys):
                    "data.max_objects=10", "model.num_slots=10")
     result = pretrain(cfg, str(rd), progress=False)
     assert result["images"] == 4  # eval_split=val holds 4 images
-    capsys.readouterr()
+    assert "data.split and data.eval_split are both 'val': the run evaluates on the images it trains on" in \
+        capsys.readouterr().err
     assert run.main(["eval-ap", "--checkpoint", str(rd), "--clevr-root", str(tmp_path / "clevr"), "--images",
                      "10"]) == 0
     out, err = capsys.readouterr()

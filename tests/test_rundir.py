@@ -101,6 +101,27 @@ def test_jsonl_files_skip_a_torn_last_line_only(tmp_path):
         read_records(path)
 
 
+def test_a_run_stopped_before_it_logged_anything_leaves_its_directory_reusable(tmp_path):
+    """A run stopped in its first seconds (before a first value was logged) leaves its config.yaml and no
+    tensorboard file; starting the run again in that directory works. Once a value is logged, the logs block a new
+    run there as before (they are a stopped run's)."""
+    from world_model.rundir import RunDirError
+
+    run = RunDir.open(tmp_path / "r", resume=False)
+    (run.path / "config.yaml").write_text("{}")
+    MetricLogger(run, enabled=True).close()
+    run.release()
+    assert sorted(p.name for p in run.path.iterdir()) == ["config.yaml"]
+    again = RunDir.open(tmp_path / "r", resume=False)
+    logger = MetricLogger(again, enabled=True)
+    logger.scalars(1, {"loss": 1.0})
+    logger.close()
+    again.release()
+    assert list((again.path / "tb").glob("events.*"))
+    with pytest.raises(RunDirError, match="of a run that stopped before its first checkpoint"):
+        RunDir.open(tmp_path / "r", resume=False)
+
+
 def test_output_paths_that_cannot_be_written_are_refused_before_any_work(tmp_path, capsys):
     """A --run-dir or --out that is a file (or lies inside one) is a one-line error before any work: before a
     collection plays, an evaluation runs or a run starts. A folder of other files is not taken as a new run's
@@ -124,10 +145,17 @@ def test_output_paths_that_cannot_be_written_are_refused_before_any_work(tmp_pat
     assert "--out's folder " + str(afile) + " is a file" in err and "Traceback" not in err
     data = tmp_path / "clevr"
     (data / "CLEVR_v1.0").mkdir(parents=True)
-    with pytest.raises(RunDirError, match="clevr holds files and is not a run directory; choose a new or empty"):
+    with pytest.raises(RunDirError, match="clevr holds CLEVR_v1.0: data or a repository, not a run directory"):
         RunDir.open(data, resume=False)
     (tmp_path / "empty").mkdir()
     RunDir.open(tmp_path / "empty", resume=False).release()
+    logged = tmp_path / "logged"  # `run.py train --run-dir D > D/train.log`: the shell makes the log first
+    logged.mkdir()
+    (logged / "train.log").write_text("")
+    (logged / ".DS_Store").write_text("")
+    capsys.readouterr()
+    RunDir.open(logged, resume=False).release()
+    assert "already holds train.log; the run's files go beside them" in capsys.readouterr().err
 
 
 def test_run_directory_guards(tmp_path):

@@ -267,8 +267,10 @@ def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: 
     if path is not None:
         path = preset_path(path)
         if not path.is_file():
-            names = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
-            raise ConfigError(f"config file not found: {path}; the presets in configs/ are {names}")
+            stems = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+            near = difflib.get_close_matches(Path(path).name.split(".")[0], stems, n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise ConfigError(f"config file not found: {path}{hint}; the presets in configs/ are {', '.join(stems)}")
         try:
             loaded = OmegaConf.load(path)
         except Exception as e:  # yaml errors are verbose and multi-line
@@ -321,7 +323,8 @@ def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: 
 
 def _check_pairs(cfg) -> None:
     """Keys that must agree with each other, named in full: one stride per backbone layer, and an object-count range."""
-    for where in ("model.", "encoder.model."):
+    replaced = OmegaConf.select(cfg, "encoder.checkpoint", default=None)  # its run's encoder.model is used instead
+    for where in ("model.",) + (() if replaced else ("encoder.model.",)):
         channels, strides = (OmegaConf.select(cfg, where + k, default=None) for k in ("cnn_channels", "cnn_strides"))
         if channels is not None and strides is not None and len(channels) != len(strides):
             raise ConfigError(f"{where}cnn_channels={list(channels)} has {len(channels)} layers and "

@@ -392,6 +392,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
         t.steps = note_if_finished(step, t.steps, "train.steps", state)
     # the data first: a bad data path fails before the run directory gets a config
     source = make_source(cfg, device, sharded=True, progress=progress and distributed.is_main(), first_step=step)
+    if cfg.data.source == "clevr" and cfg.data.split == cfg.data.eval_split and distributed.is_main() and not resume:
+        print(f"note: data.split and data.eval_split are both {cfg.data.split!r}: the run evaluates on the images it "
+              "trains on; set data.eval_split to a held-out split", file=sys.stderr)
     frames = {"env": getattr(source, "env", None), "split": getattr(source, "split", None)}  # env frames only
     settled = False  # a resume whose final evaluation, if the stopped run made it, still holds
     if resume:

@@ -102,6 +102,7 @@ class RunDir:
         self.created = False  # `open` made the directory: `release` removes it again if the run left it empty
 
     LOGS = ("metrics.jsonl", "tb", "stats.jsonl", "replay")  # what a run writes before its first checkpoint
+    DATA_MARKS = ("CLEVR_v1.0", "images", "scenes", ".git")  # a CLEVR root (or its CLEVR_v1.0), a repository
 
     @classmethod
     def open(cls, path: str | Path, resume: bool) -> "RunDir":
@@ -112,10 +113,8 @@ class RunDir:
         check_folder(run.path, "--run-dir", RunDirError)
         if is_dataset(run.path):
             raise RunDirError(f"{run.path} is an episode dataset (meta.json, episodes/); choose another --run-dir")
-        foreign = run.path.is_dir() and not run._is_run() and any(run.path.iterdir())
-        if foreign and not resume and distributed.is_main():  # rank 0: the others could see its first files
-            raise RunDirError(f"{run.path} holds files and is not a run directory; choose a new or empty --run-dir, "
-                              "so that the run's files mix with no others")
+        if not resume and distributed.is_main():  # rank 0: the others could see its first files being written
+            run._check_foreign()
         if distributed.is_main():  # rank 0 only: under torchrun, the others could see its fresh claim
             run._refuse_if_live()  # first: a live run's fresh logs are not leftovers to remove
         if resume and not run.ckpt_path.is_file():
@@ -136,6 +135,21 @@ class RunDir:
         if distributed.is_main():
             run._claim()
         return run
+
+    def _check_foreign(self) -> None:
+        """A new run in a folder that holds no run: refused where the folder holds data (a CLEVR root) or a
+        repository, whose files the run's would mix with; a note where it holds other files (a log the shell
+        redirects there, a scheduler's output), which the run's files go beside."""
+        if not self.path.is_dir() or self._is_run():
+            return
+        data = [name for name in self.DATA_MARKS if (self.path / name).exists()]
+        if data:
+            raise RunDirError(f"{self.path} holds {', '.join(data)}: data or a repository, not a run directory; "
+                              "choose a new or empty --run-dir")
+        others = sorted(p.name for p in self.path.iterdir() if not p.name.startswith("."))
+        if others:
+            print(f"note: {self.path} already holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}; "
+                  "the run's files go beside them", file=sys.stderr)
 
     def _is_run(self) -> bool:
         """Whether the directory holds anything a run writes (config, checkpoint, claim, logs)."""
@@ -251,20 +265,26 @@ class MetricLogger:
 
     A run resumed from its checkpoint at `start_step` drops what was logged after that step (by the run that went on
     past its last checkpoint and stopped), in both logs; what was logged at the step itself stays. Damaged lines of
-    `metrics.jsonl` are dropped then, with a warning: a log must not block a resume."""
+    `metrics.jsonl` are dropped then, with a warning: a log must not block a resume. The tensorboard file is made at
+    the first value logged, so a run stopped before it leaves no log that would block its directory's reuse."""
 
     def __init__(self, run: RunDir, start_step: int = 0, enabled: Optional[bool] = None):
         self.enabled = enabled = distributed.is_main() if enabled is None else enabled
         self.jsonl_path = run.path / "metrics.jsonl"
-        self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            if start_step > 0 and self.jsonl_path.is_file():
+        self.writer, self._tb = None, (run.path / "tb", start_step + 1 if start_step > 0 else None)  # dir, purge step
+        if enabled and start_step > 0:
+            if self.jsonl_path.is_file():
                 kept = "".join(json.dumps(row) + "\n" for row in read_records(self.jsonl_path, skip_damaged=True)
                                if row["step"] <= start_step)
                 atomic_write(self.jsonl_path, lambda f: f.write(kept.encode()))
-            self.writer = SummaryWriter(str(run.path / "tb"), purge_step=start_step + 1 if start_step > 0 else None)
+            self._tensorboard()  # now: its purge drops what the stopped run logged after the checkpoint
+
+    def _tensorboard(self):
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self._tb[0]), purge_step=self._tb[1])
+        return self.writer
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
         if not self.enabled:
@@ -274,7 +294,7 @@ class MetricLogger:
             v = int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else float(v)  # counts stay
             if math.isfinite(v):
                 row[prefix + k] = v
-                self.writer.add_scalar(prefix + k, v, step)
+                self._tensorboard().add_scalar(prefix + k, v, step)
         with self.jsonl_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -289,7 +309,7 @@ class MetricLogger:
     def image(self, step: int, tag: str, image: torch.Tensor) -> None:
         """image `3 h w` in [0, 1]."""
         if self.enabled:
-            self.writer.add_image(tag, image.clamp(0, 1).float().cpu(), step)
+            self._tensorboard().add_image(tag, image.clamp(0, 1).float().cpu(), step)
 
     def flush(self) -> None:
         if self.writer is not None:
