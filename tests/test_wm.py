@@ -91,6 +91,7 @@ def test_padded_steps_are_neither_inputs_to_a_loss_nor_targets(tmp_path):
         loss, stats, _ = wm.loss(b, 0.01)
         results.append((loss, stats))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    assert results[0][1]["valid_frac"].item() == 13 / 16  # logged: how much of a batch is padding
     for k in results[0][1]:
         torch.testing.assert_close(results[0][1][k], results[1][1][k], rtol=1e-6, atol=1e-6, msg=k)
     torch.manual_seed(0)
