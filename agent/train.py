@@ -3,9 +3,9 @@ replay buffer; the world model and the actor-critic (in imagination) train at a 
 evaluation episodes; everything in one run directory, resumable at the same env step.
 
 Run directory: config.yaml, checkpoints/latest.pt (models, optimizers, counters, RNG), replay/<step>-rank<r>.npz
-(each rank's replay state at that checkpoint, written first) and the chunk files of frames it names, stats.jsonl (every training episode, crafter's
-schema for Crafter), eval_stats.jsonl (the episodes of the run's evaluations; `run.py eval` writes its own
-eval_<policy>_stats.jsonl), metrics.jsonl and tb/.
+(each rank's replay state at that checkpoint, written first) and the chunk files of frames it names, stats.jsonl
+(every training episode, crafter's schema for Crafter), eval_stats.jsonl (the episodes of the run's evaluations;
+`run.py eval` writes its own eval_<policy>_stats.jsonl), metrics.jsonl and tb/.
 
 Under torchrun each rank runs its share of the env workers into its own replay buffer; the world model and the
 actor-critic are wrapped in DistributedDataParallel, so every update averages the ranks' gradients and the

@@ -102,8 +102,8 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
                       restoring: Optional[str | Path] = None) -> WorldModel:
     """Encoder from a pretrained run (or fresh), frame tokenizer and dynamics sized to match; `enc` takes the
     pretrained run's model config, and the returned model's `dynamics.cfg` is the completed dynamics config.
-    `longest`: the longest sequence (in steps) the dynamics must hold, and the keys that set it; `status_vars`: the env's status tokens beside
-    each frame (0: none), appended to the frame codes unless frame.status=false. `restoring`: the run directory whose
+    `longest`: the longest sequence (in steps) the dynamics must hold, and the keys that set it; `status_vars`: the
+    env's status tokens beside each frame (0: none), appended to the frame codes unless frame.status=false. `restoring`: the run directory whose
     checkpoint the weights come from; its config.yaml then gives a pretrained encoder's model (encoder.checkpoint is
     not read: it may have moved)."""
     if enc.checkpoint and restoring:  # the run recorded the pretrained encoder's model; its weights follow
@@ -119,9 +119,10 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
                                                ("encoder.resolution", enc.resolution, pre_cfg.data.resolution))
                     if mine != theirs]
         if replaced and distributed.is_main():
+            verb = "differs and is" if len(replaced) == 1 else "differ and are"
             print(f"note: encoder.checkpoint={enc.checkpoint} sets the encoder ({pre_cfg.data.resolution}px, "
                   f"{pre_cfg.model.num_slots} {pre_cfg.model.slots} slots); this config's {' and '.join(replaced)} "
-                  f"{'differs' if len(replaced) == 1 else 'differ'} and {'is' if len(replaced) == 1 else 'are'} not used", file=sys.stderr)
+                  f"{verb} not used", file=sys.stderr)
         enc.model, enc.resolution, joint = pre_cfg.model, pre_cfg.data.resolution, enc.mode == "joint"
     else:  # a fresh encoder can only train with the world model: `enc` (and the run's config.yaml) says joint
         autoencoder, joint, enc.mode = SlotAutoencoder(enc.model, enc.resolution), True, "joint"

@@ -14,7 +14,7 @@ from torch import nn
 from .dynamics import DynamicsConfig, SlotDynamics, dynamics_loss, masked_mean, sample_step
 from .frame_tokenizer import FrameTokenizer, FrameTokenizerConfig
 from .perception import SlotAutoencoder
-from .slots.vq import kl_to_uniform, temperature
+from .slots.vq import temperature
 
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes whose kernels replay as CUDA graphs
 
@@ -85,9 +85,8 @@ class WorldModel(nn.Module):
             feats, _ = encoder.features(frames)
             raws = self.carried_slots(self.kept(feats).unflatten(0, (b, t)))  # b t k d
             q = encoder.vq(raws.flatten(0, 1))  # (b t) k d: the same codes as frame by frame
-            codes, kl, recon_loss = self.kept(q.codes).unflatten(0, (b, t)), self.kept(q.kl), None
-            if valid is not None:
-                kl = masked_mean(kl_to_uniform(q.logits).mean(-1).unflatten(0, (b, t)), valid)
+            codes, recon_loss = self.kept(q.codes).unflatten(0, (b, t)), None
+            kl = masked_mean(self.kept(q.kl_slots).mean(-1).unflatten(0, (b, t)), valid)
             if self.joint:  # the mean of each frame's MSE, the frames being equal in size
                 recon = self.autoencoder.decoder(q.slots).recon
                 recon_loss = masked_mean(F.mse_loss(recon, frames, reduction="none").flatten(1).mean(1)

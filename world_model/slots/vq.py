@@ -26,7 +26,12 @@ class Quantized:
     slots: torch.Tensor  # b k d, quantized
     codes: torch.Tensor  # b k v, int64 code indices
     logits: torch.Tensor  # b k v c
-    kl: torch.Tensor  # scalar: KL to the uniform prior, summed over variables, mean over slots
+    kl_slots: torch.Tensor  # b k: each slot's KL to the uniform prior, summed over its variables
+
+    @property
+    def kl(self) -> torch.Tensor:
+        """The KL term: the mean over slots (a world model averages `kl_slots` over its valid frames instead)."""
+        return self.kl_slots.mean()
 
 
 def temperature(step: int, tau_start: float, tau_end: float, anneal_steps: int) -> float:
@@ -70,4 +75,4 @@ class SlotQuantizer(nn.Module):
         else:
             onehots = F.one_hot(codes, self.num_codes).float()
         return Quantized(slots=self.embed(onehots).to(slots.dtype), codes=codes, logits=logits,
-                         kl=kl_to_uniform(logits).mean())
+                         kl_slots=kl_to_uniform(logits))
