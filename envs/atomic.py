@@ -27,9 +27,13 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
 
 def check_folder(path: str | Path, what: str, error: type[Exception] = ValueError) -> Path:
     """`path` as a folder to write into (made later, with its parents): refused before any work, naming `what` (the
-    flag or key), where it or a folder above it is an existing file."""
+    flag or key), where it or a folder above it is an existing file or a symbolic link to nothing."""
     path = Path(path)
     for p in (path, *path.parents):
+        if p.is_symlink() and not p.exists():
+            where = "is" if p == path else f"is inside {p}, which is"
+            raise error(f"{what} {path} {where} a symbolic link to {os.readlink(p)}, which does not exist (or a link "
+                        "loop): create its target or choose another path")
         if p.exists():
             if not p.is_dir():
                 where = "is a file" if p == path else f"is inside {p}, which is a file"

@@ -1,16 +1,21 @@
 """Launched by test_distributed.py under torchrun (gloo, CPU): one DistributedDataParallel pretraining step per
 task on this rank's half of a fixed global batch, through the same `compute_loss` / `guarded_update` the
-pretraining loop runs; rank 0 writes the parameters to OUT/<task>.pt. The test repeats the step in one process
-on the whole batch and compares. Also checks that sharded batches are the ranks' halves of the global batch."""
+pretraining loop runs, and one world-model update on padded replay segments as the agent loop runs it; rank 0
+writes the parameters to OUT/<task>.pt. The test repeats each step in one process on the whole batch and
+compares. Also checks that sharded batches are the ranks' halves of the global batch."""
 import sys
 from pathlib import Path
 
 import torch
 
+from agent.config import AgentConfig
+from agent.train import build_agent
 from world_model import distributed
 from world_model.config import PretrainConfig, load_config
 from world_model.pretrain import GeneratedScenes, build_model, compute_loss, guarded_update
+from world_model.wm import WorldModel, WorldModelLoss
 
+ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("setpred", "discovery")
 GLOBAL_BATCH = 4
 
@@ -43,6 +48,39 @@ def train_step(step_model: torch.nn.Module, model: torch.nn.Module, cfg: Pretrai
     assert guarded_update(loss, list(model.parameters()), opt, 1.0, stats) is None
 
 
+def init_world_model() -> WorldModel:
+    """The tiny agent preset's world model, the same on every process; its slot-init noise scaled to nothing and
+    its codes argmax (the VQ and the frame tokenizer in eval mode), so the update is a function of the batch."""
+    cfg = load_config(AgentConfig, ROOT / "configs/tiny.yaml", [])
+    torch.manual_seed(0)
+    wm, _ = build_agent(cfg, 17, torch.device("cpu"))
+    with torch.no_grad():
+        wm.autoencoder.encoder.slot_module.mu_logstd.fill_(-60.0)
+        wm.autoencoder.encoder.slot_module.logsigma_logstd.fill_(-60.0)
+    return wm
+
+
+def wm_batch() -> dict:
+    """4 replayed segments of 5 steps: rank 0's two unpadded, rank 1's padded past an early episode end."""
+    g = torch.Generator().manual_seed(3)
+    b, t = GLOBAL_BATCH, 5
+    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    return {"images": torch.rand(b, t, 3, 32, 32, generator=g), "action": torch.randint(17, (b, t), generator=g),
+            "reward": torch.randn(b, t, generator=g), "is_terminal": torch.zeros(b, t, dtype=torch.bool),
+            "valid": valid}
+
+
+def wm_step(step_module: torch.nn.Module, wm: WorldModel, batch: dict) -> None:
+    """One world-model update as `agent.train.train_step` makes it, with plain SGD (Adam's first step would hide
+    how the ranks' gradients are weighed)."""
+    wm.train()
+    wm.autoencoder.encoder.vq.eval()
+    wm.frame_tokenizer.eval()
+    opt = torch.optim.SGD([p for p in wm.parameters() if p.requires_grad], lr=0.5)
+    loss, stats, _ = step_module(batch, 0.5)
+    assert guarded_update(loss, opt.param_groups[0]["params"], opt, 1e3, stats) is None
+
+
 def main(out: Path) -> None:
     distributed.setup("cpu")
     torch.set_num_threads(1)
@@ -57,6 +95,11 @@ def main(out: Path) -> None:
         train_step(distributed.wrap(model, torch.device("cpu")), model, cfg, mine)
         if distributed.is_main():
             torch.save(model.state_dict(), out / f"{task}.pt")
+    wm = init_world_model()
+    lo, hi = distributed.shard_bounds(GLOBAL_BATCH)
+    wm_step(distributed.wrap(WorldModelLoss(wm), torch.device("cpu")), wm, {k: v[lo:hi] for k, v in wm_batch().items()})
+    if distributed.is_main():
+        torch.save(wm.state_dict(), out / "wm.pt")
     distributed.barrier()  # as run.py does: no rank tears down its gloo connections while a peer still uses them
     distributed.shutdown()
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import ddp_worker
@@ -30,19 +31,41 @@ def torchrun(args: list, nproc: int = 2, timeout: int = 300) -> subprocess.Compl
     return result
 
 
-def test_ddp_step_equals_single_process_step_on_concatenated_batch(tmp_path):
-    torchrun([str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path)])
+@pytest.fixture(scope="module")
+def ddp_steps(tmp_path_factory) -> Path:
+    """The folder where one torchrun of ddp_worker.py left rank 0's parameters after each of its DDP steps."""
+    out = tmp_path_factory.mktemp("ddp")
+    torchrun([str(ROOT / "tests" / "ddp_worker.py"), str(out)])
+    return out
+
+
+def test_ddp_step_equals_single_process_step_on_concatenated_batch(ddp_steps):
     for task in ddp_worker.TASKS:
         cfg = ddp_worker.tiny_config(task)
         model = ddp_worker.init_model(cfg)
         before = {k: v.clone() for k, v in model.state_dict().items()}
         ddp_worker.train_step(model, model, cfg, ddp_worker.global_batch(cfg))
-        ddp = torch.load(tmp_path / f"{task}.pt")
+        ddp = torch.load(ddp_steps / f"{task}.pt")
         changed = 0
         for k, v in model.state_dict().items():
             torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6, msg=f"{task}: {k}")
             changed += not torch.equal(v, before[k])
         assert changed > 10, f"{task}: the step should have moved the weights"
+
+
+def test_ddp_world_model_step_weighs_every_valid_step_of_every_rank_equally(ddp_steps):
+    """Rank 0's segments are unpadded, rank 1's mostly padding: still the single-process update on the whole batch."""
+    from world_model.wm import WorldModelLoss
+
+    wm = ddp_worker.init_world_model()
+    before = {k: v.clone() for k, v in wm.state_dict().items()}
+    ddp_worker.wm_step(WorldModelLoss(wm), wm, ddp_worker.wm_batch())
+    ddp = torch.load(ddp_steps / "wm.pt")
+    changed = 0
+    for k, v in wm.state_dict().items():
+        torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6, msg=k)
+        changed += not torch.equal(v, before[k])
+    assert changed > 10, "the step should have moved the weights"
 
 
 def test_single_process_helpers_answer_for_one_process():

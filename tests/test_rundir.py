@@ -137,6 +137,12 @@ def test_output_paths_that_cannot_be_written_are_refused_before_any_work(tmp_pat
         with pytest.raises(RunDirError, match=f"--out .* {where}"):
             check_out_dir(path)
     assert afile.read_text() == "x"
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for path in (tmp_path / "dangling", tmp_path / "dangling" / "sub", tmp_path / "loop"):
+        with pytest.raises(RunDirError, match="a symbolic link to .*, which does not exist"):
+            RunDir.open(path, resume=False)
+    assert run.main(["train", "--run-dir", str(tmp_path / "dangling"), "--no-progress"]) == 2
     assert run.main(["collect", "--env", "crafter", "--frames", "10000", "--out", str(afile)]) == 2
     assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
     assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "none"), "--out", str(afile / "ap.json")]) == 2

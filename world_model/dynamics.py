@@ -212,22 +212,29 @@ class SlotDynamics(nn.Module):
         return Predictions(slot_logits, frame_logits, self.reward_head(act), self.cont_head(act).squeeze(-1))
 
 
-def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Mean of x `b t`, over the entries where mask `b t` is True (all without a mask)."""
+def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor], count: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean of x `b t`, over the entries where mask `b t` is True (all without a mask). `count` replaces the mask's
+    own count as the divisor: under data parallelism the ranks' mean count, so that once DDP averages the ranks'
+    gradients every valid entry of every rank weighs the same, as in one process on the concatenated batch."""
     if mask is None:
         return x.mean()
     m = mask.to(x.dtype)
-    return (x * m).sum() / m.sum().clamp_min(1.0)
+    return (x * m).sum() / (m.sum() if count is None else count.to(x.dtype)).clamp_min(1.0)
 
 
 def dynamics_loss(pred: Predictions, slot_codes: torch.Tensor, frame_codes: Optional[torch.Tensor],
                   rewards: torch.Tensor, continues: torch.Tensor,
-                  mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+                  mask: Optional[torch.Tensor] = None, count: Optional[torch.Tensor] = None
+                  ) -> tuple[torch.Tensor, dict]:
     """Next-step losses over a whole sequence: predictions at t against targets at t+1.
 
     slot_codes `b t k v`, frame_codes `b t g` or None, rewards `b t`, continues `b t` (1 = continues),
-    mask `b t` bool (False excludes that step as a target). Returns (loss, detached stats)."""
+    mask `b t` bool (False excludes that step as a target), `count`: the divisor of the masked means in place of the
+    targets' count (`masked_mean`). Returns (loss, detached stats)."""
     target_mask = mask[:, 1:] if mask is not None else None
+
+    def masked_mean_(x, m):
+        return masked_mean(x, m, count)
 
     def codes_ce(logits, target):  # logits b t n c, target b t n -> (ce b t, accuracy b t)
         logits = logits[:, :-1].float()
@@ -237,15 +244,15 @@ def dynamics_loss(pred: Predictions, slot_codes: torch.Tensor, frame_codes: Opti
         return ce.flatten(2).mean(-1), acc.flatten(2).mean(-1)
 
     slot_ce, slot_acc = codes_ce(pred.slot_logits, slot_codes)
-    stats = {"loss_slots": masked_mean(slot_ce, target_mask), "acc_slots": masked_mean(slot_acc, target_mask)}
+    stats = {"loss_slots": masked_mean_(slot_ce, target_mask), "acc_slots": masked_mean_(slot_acc, target_mask)}
     if pred.frame_logits is not None:
         frame_ce, frame_acc = codes_ce(pred.frame_logits, frame_codes)
-        stats["loss_frame"] = masked_mean(frame_ce, target_mask)
-        stats["acc_frame"] = masked_mean(frame_acc, target_mask)
-    stats["loss_reward"] = masked_mean(twohot.loss(pred.reward_logits[:, :-1], rewards[:, 1:]), target_mask)
+        stats["loss_frame"] = masked_mean_(frame_ce, target_mask)
+        stats["acc_frame"] = masked_mean_(frame_acc, target_mask)
+    stats["loss_reward"] = masked_mean_(twohot.loss(pred.reward_logits[:, :-1], rewards[:, 1:]), target_mask)
     cont = F.binary_cross_entropy_with_logits(pred.cont_logits[:, :-1].float(), continues[:, 1:].float(),
                                               reduction="none")
-    stats["loss_cont"] = masked_mean(cont, target_mask)
+    stats["loss_cont"] = masked_mean_(cont, target_mask)
     loss = sum(v for name, v in stats.items() if name.startswith("loss_"))
     stats = {name: v.detach() for name, v in stats.items()}
     stats["loss"] = loss.detach()

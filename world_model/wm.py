@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .dynamics import DynamicsConfig, SlotDynamics, dynamics_loss, masked_mean, sample_step
 from .frame_tokenizer import FrameTokenizer, FrameTokenizerConfig
 from .perception import SlotAutoencoder
@@ -66,10 +67,10 @@ class WorldModel(nn.Module):
         return self
 
     def encode(self, images: torch.Tensor, status: Optional[torch.Tensor] = None,
-               valid: Optional[torch.Tensor] = None) -> Encoded:
+               valid: Optional[torch.Tensor] = None, valid_count: Optional[torch.Tensor] = None) -> Encoded:
         """images `b t 3 h w` (status tokens `b t m` when the model reads them) -> codes, encoding frame t's slots
         from frame t-1's (slot k follows one object). `valid` `b t` (bool): the losses average over these frames
-        only (a replayed segment padded past its episode's end).
+        only (a replayed segment padded past its episode's end), dividing by `valid_count` when given (`masked_mean`).
 
         Only the slot module runs frame by frame: the backbone, the quantizer, the slot decoder and the frame
         tokenizer each take all b*t frames in one batch (on a GPU, 64 small launches of a part cost far more than
@@ -86,17 +87,17 @@ class WorldModel(nn.Module):
             raws = self.carried_slots(self.kept(feats).unflatten(0, (b, t)))  # b t k d
             q = encoder.vq(raws.flatten(0, 1))  # (b t) k d: the same codes as frame by frame
             codes, recon_loss = self.kept(q.codes).unflatten(0, (b, t)), None
-            kl = masked_mean(self.kept(q.kl_slots).mean(-1).unflatten(0, (b, t)), valid)
+            kl = masked_mean(self.kept(q.kl_slots).mean(-1).unflatten(0, (b, t)), valid, valid_count)
             if self.joint:  # the mean of each frame's MSE, the frames being equal in size
                 recon = self.autoencoder.decoder(q.slots).recon
                 recon_loss = masked_mean(F.mse_loss(recon, frames, reduction="none").flatten(1).mean(1)
-                                         .unflatten(0, (b, t)), valid)
+                                         .unflatten(0, (b, t)), valid, valid_count)
         frame_codes, frame_loss = None, images.new_zeros(())
         if self.frame_tokenizer is not None:
             status = status.flatten(0, 1) if self.status_vars and status is not None else None
             frame_codes, frame_loss = self.frame_tokenizer(frames, status, reduce=False)
             frame_codes = self.kept(frame_codes).unflatten(0, (b, t))
-            frame_loss = masked_mean(frame_loss.unflatten(0, (b, t)), valid)
+            frame_loss = masked_mean(frame_loss.unflatten(0, (b, t)), valid, valid_count)
         return Encoded(codes, frame_codes, recon_loss, kl if self.joint else None, frame_loss)
 
     def carried_slots(self, feats: torch.Tensor) -> torch.Tensor:
@@ -131,13 +132,20 @@ class WorldModel(nn.Module):
         """batch: images `b t 3 h w` float, action/reward/is_terminal `b t` in the episode step layout
         (action t led to frame t), status `b t m` when the model reads them, and `valid` `b t` for segments padded
         past an episode's end (padded steps are neither inputs to a loss nor targets). The dynamics input at step t
-        is frame t with the action taken after it. Also returns the batch's codes (imagination starts from them)."""
+        is frame t with the action taken after it. Also returns the batch's codes (imagination starts from them).
+
+        Under torchrun the masked losses divide by the ranks' mean counts of valid frames and targets (a collective:
+        every rank calls this in step), so DDP's gradient average weighs every valid step of every rank equally."""
         valid = batch.get("valid")
-        enc = self.encode(batch["images"], batch.get("status"), valid)
+        frames_n = targets_n = None
+        if valid is not None and distributed.active():
+            frames_n, targets_n = distributed.mean_(torch.stack([valid.sum(), valid[:, 1:].sum()]).float())
+        enc = self.encode(batch["images"], batch.get("status"), valid, frames_n)
         actions = torch.cat([batch["action"][:, 1:], torch.zeros_like(batch["action"][:, :1])], 1)
         pred = self.dynamics(enc.slot_codes, enc.frame_codes, actions)
         continues = 1.0 - batch["is_terminal"].float()
-        loss, stats = dynamics_loss(pred, enc.slot_codes, enc.frame_codes, batch["reward"].float(), continues, valid)
+        loss, stats = dynamics_loss(pred, enc.slot_codes, enc.frame_codes, batch["reward"].float(), continues, valid,
+                                     targets_n)
         if valid is not None:  # the share of replayed steps that are real, not padding past an episode's end
             stats["valid_frac"] = valid.float().mean()
         if self.frame_tokenizer is not None:
