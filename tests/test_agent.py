@@ -3,6 +3,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 
 import run
 from agent.config import AgentConfig
+from compare import assert_same_state, checkpoint, metric_rows
 from agent.replay import ReplayBuffer
 from agent.train import imagination_starts, train, updates_due
 from world_model.config import load_config
@@ -287,12 +289,16 @@ def test_resume_after_sigkill(tmp_path):
         time.sleep(0.5)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    twin = tmp_path / "twin"
+    shutil.copytree(run_dir, twin)  # the killed run as it was left, resumed a second time below
     state = torch.load(ckpt, weights_only=False)  # never torn: written to a temp file and renamed
     steps = state["counters"]["env_steps"]
     saved = ReplayBuffer.load(run_dir / state["replays"][0])
     assert steps >= 120 and len(saved) == saved.steps_added == steps + 2  # 2 first frames, then one per env step
-    # resumed with the replay kept as tensors on the training device: the saved buffer loads into that storage
-    cfg = load_config(AgentConfig, run_dir / "config.yaml", [f"train.env_steps={steps + 20}", "replay.on_device=true"])
+    # resumed with the replay kept as tensors on the training device (the saved buffer loads into that storage),
+    # prefill ending at the checkpoint, so its owed updates run
+    cfg = load_config(AgentConfig, run_dir / "config.yaml", [f"train.env_steps={steps + 20}", "replay.on_device=true",
+                                                             f"train.prefill={steps}"])
     train(cfg, str(run_dir), resume=True, progress=False)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     after = torch.load(ckpt, weights_only=False)
@@ -304,6 +310,11 @@ def test_resume_after_sigkill(tmp_path):
     assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
     episodes = (run_dir / "stats.jsonl").read_text().splitlines()
     assert len(episodes) == after["counters"]["episodes"] >= state["counters"]["episodes"]
+    # a resume is a function of what the checkpoint saved: the same checkpoint resumed again ends the same
+    assert after["counters"]["updates"] == updates_due(steps + 20, cfg) > 0
+    train(cfg, str(twin), resume=True, progress=False)
+    assert_same_state(after, checkpoint(twin))
+    assert metric_rows(run_dir) == metric_rows(twin)
 
 
 def _one_update_setup(cfg: AgentConfig, num_actions: int):

@@ -267,7 +267,8 @@ def test_resume_overrides_may_change_how_a_run_goes_on_not_what_it_learns():
     saved = load_config(AgentConfig, CONFIGS / "tiny.yaml")
     for ok in (["train.env_steps=5000", "env.asynchronous=false", "env.envs_per_worker=2", "replay.on_device=true"],):
         check_resume_overrides(saved, load_config(AgentConfig, CONFIGS / "tiny.yaml", ok), "RUN")
-    for bad in ("env.name=nethack", "encoder.model.num_slots=3", "actor_critic.horizon=5", "dynamics.layers=3"):
+    for bad in ("env.name=nethack", "encoder.model.num_slots=3", "actor_critic.horizon=5", "dynamics.layers=3",
+                "train.seed=1"):
         with pytest.raises(ConfigError, match=f"{bad.split('=')[0]}=.* differs from what RUN trained with"):
             check_resume_overrides(saved, load_config(AgentConfig, CONFIGS / "tiny.yaml", [bad]), "RUN")
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import run
+from compare import assert_same_state, checkpoint
 from envs.errors import DataError
 from envs.episodes import EpisodeWriter, load_frames
 from world_model.config import WorldModelConfig, load_config
@@ -283,7 +284,8 @@ def test_train_resume_exact_and_eval_cli(tmp_path, capsys):
     assert "  mode: joint\n" in (tmp_path / "a" / "config.yaml").read_text()  # no encoder.checkpoint: trained jointly
     train_wm(wm_cfg(root, "train.steps=2"), str(tmp_path / "b"), progress=False)
     b = train_wm(wm_cfg(root, "train.steps=4"), str(tmp_path / "b"), resume=True, progress=False)
-    assert a == b  # same evaluation after resuming from step 2
+    assert a == b  # same evaluation after resuming from step 2, and the same weights, optimizer and RNG state
+    assert_same_state(checkpoint(tmp_path / "a"), checkpoint(tmp_path / "b"))
     assert "held-out split" not in capsys.readouterr().err
     # the finished run resumed: its final evaluation read back from the log, not run and logged a second time
     assert train_wm(wm_cfg(root, "train.steps=2"), str(tmp_path / "b"), resume=True, progress=False) == b

@@ -344,6 +344,7 @@ def run_schemas() -> dict[str, type]:
 
 RESUMABLE = ("train.", "eval.", "data.root", "data.eval_images",  # what a resume may change: length, schedule, speed
              "env.asynchronous", "env.envs_per_worker", "replay.on_device")  # ("x." stands for every key under x)
+FIXED = ("train.seed",)  # under a resumable section, but it picks the data (the scene pool, the envs' seeds)
 
 
 PATHS = ("data.root", "encoder.checkpoint")  # paths a run records absolute, so that it resumes from any directory
@@ -364,13 +365,17 @@ def record_paths(cfg: Any, saved: Any = None) -> None:
 
 def check_resume_overrides(saved: Any, cfg: Any, run_dir: str | Path) -> None:
     """A resumed run continues what its checkpoint was trained as: overrides may change how long and how it trains
-    (`train.*`, `eval.*`, env workers, where replay lives) and where its data lives, never the model, the env or
-    the data it learns from."""
+    (`train.*` but the seed, `eval.*`, env workers, where replay lives) and where its data lives, never the model,
+    the env or the data it learns from."""
     old, new = OmegaConf.structured(saved), OmegaConf.structured(cfg)
     for key in _keys(old):
         before, after = OmegaConf.select(old, key), OmegaConf.select(new, key)
-        if OmegaConf.is_dict(before) or key.startswith(RESUMABLE) or before == after:
+        if OmegaConf.is_dict(before) or (key.startswith(RESUMABLE) and key not in FIXED) or before == after:
             continue
+        if key in FIXED:
+            raise ConfigError(f"{key}={after!r} differs from what {run_dir} trained with ({before!r}); the seed picks "
+                              "the data a run learns from, so a resume keeps it: start a new run (--run-dir NEW) to "
+                              "change it")
         allowed = ", ".join(k + "*" if k.endswith(".") else k for k in RESUMABLE)
         raise ConfigError(f"{key}={after!r} differs from what {run_dir} trained with ({before!r}); a resume may change "
                           f"how it runs ({allowed}), not what it learns: start a new run (--run-dir NEW) to change it")
