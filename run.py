@@ -34,9 +34,19 @@ DEFAULT_PRESETS = {"pretrain": "configs/clevr_tiny.yaml", "train-wm": "configs/w
                    "train": "configs/tiny.yaml"}  # what each training command runs without --config
 
 
+class _Once(argparse.Action):
+    """An option given at most once: presets do not combine, and a second --config would silently replace the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)}, {values}): presets do not "
+                         "combine; pass one and change it with key=value overrides")
+        setattr(namespace, self.dest, values)
+
+
 def _add_run_options(s: argparse.ArgumentParser, command: str, presets: str, run_dir_default: str) -> None:
     """--config, --run-dir and --resume, alike for the commands that make a run directory."""
-    s.add_argument("--config", help=f"YAML preset, a path or a name in configs/ ({presets}); default "
+    s.add_argument("--config", action=_Once, help=f"YAML preset, a path or a name in configs/ ({presets}); default "
                    f"{DEFAULT_PRESETS[command]}")
     s.add_argument("--run-dir", help=f"run directory (default {run_dir_default})")
     s.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
@@ -206,8 +216,13 @@ def cmd_eval_ap(args) -> None:
         cfg.data.root = args.data
     elif cfg.data.source == "frames" and not args.clevr_root:
         check_recorded_root(cfg.data.root, args.checkpoint, "pass --data DIR")
+    if args.split and not args.clevr_root and cfg.data.source != "clevr":
+        raise ValueError(f"--split picks a split of a CLEVR v1.0 root and {args.checkpoint} trained on "
+                         f"data.source={cfg.data.source}: pass --clevr-root DIR too")
     if args.clevr_root:
-        cfg.data.source, cfg.data.root, cfg.data.eval_split = "clevr", args.clevr_root, args.split
+        cfg.data.source, cfg.data.root, cfg.data.eval_split = "clevr", args.clevr_root, args.split or "val"
+    elif args.split:
+        cfg.data.eval_split = args.split
     n = args.images or cfg.data.eval_images
     result = evaluate(model, cfg, device, n, batches=eval_batches(cfg, device, n))
     source = {"generated": "generated scenes", "clevr": f"CLEVR {cfg.data.root} split {cfg.data.eval_split}",
@@ -221,7 +236,7 @@ def cmd_eval_ap(args) -> None:
         print(f"note: {result['data']} hold {result['images']} images, fewer than the {n} asked for: evaluated on "
               "those", file=sys.stderr)
     # the generated-scene evaluation and a real-CLEVR one are kept side by side
-    default = "eval_ap_clevr.json" if cfg.data.source == "clevr" else "eval_ap.json"
+    default = f"eval_ap_clevr_{cfg.data.eval_split}.json" if cfg.data.source == "clevr" else "eval_ap.json"
     out = Path(args.out) if args.out else Path(args.checkpoint) / default
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -369,13 +384,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "on held-out generated scenes; --clevr-root evaluates on a real CLEVR v1.0 directory.")
     s.add_argument("--checkpoint", required=True, help="run directory made by `run.py pretrain`")
     s.add_argument("--clevr-root", help="CLEVR v1.0 root (images/<split>/*.png, scenes/CLEVR_<split>_scenes.json)")
-    s.add_argument("--split", default="val", help="CLEVR split with --clevr-root (default val)")
+    s.add_argument("--split", help="CLEVR split to evaluate on (default: val with --clevr-root; a run trained on "
+                   "CLEVR on disk: its data.eval_split)")
     s.add_argument("--data", help="for a run pretrained on game frames: the episode dataset whose held-out frames it "
                                   "is evaluated on (default: its data.root)")
     s.add_argument("--images", type=int, help="number of evaluation images (default data.eval_images; fed in "
                    "fixed chunks of 64, so a result does not depend on how it is run)")
     s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
-    s.add_argument("--out", help="JSON file for the results (default RUN/eval_ap.json; on real CLEVR RUN/eval_ap_clevr.json)")
+    s.add_argument("--out", help="JSON file for the results (default RUN/eval_ap.json; on a CLEVR split on disk "
+                   "RUN/eval_ap_clevr_<split>.json)")
     s.set_defaults(func=cmd_eval_ap, parser=s)
 
     s = sub.add_parser("generate", help="write procedurally generated CLEVR-like scenes to disk (CLEVR layout)",
@@ -417,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "`train` (their slot encoder and decoder; --env crafter or nethack)")
     s.add_argument("--env", choices=["crafter", "nethack", "clevr"], help="where the frames come from (default: "
                    "the game the run trained on; a run pretrained on generated or CLEVR scenes needs it)")
-    s.add_argument("--frames", type=int, default=8, help="frames (one random-policy episode) or scenes")
+    s.add_argument("--frames", type=int, default=8, help="scenes, or frames of random-policy play (slots carried "
+                   "from frame to frame, afresh where an episode ends and the next begins)")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--edit", nargs=3, metavar=("SLOT", "VAR", "VALUE"),
                    help="VQ only: set latent VAR of slot SLOT to code VALUE (or 'all' for every code) and decode")
@@ -534,8 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "Example: run.py config --for train --config crafter env.num_envs=8")
     s.add_argument("--for", dest="command_schema", choices=["pretrain", "train-wm", "train"],
                    help="which command's config schema (default: the one that reads --config, else pretrain)")
-    s.add_argument("--config", help="YAML preset, a path or a name in configs/ (default: the preset the command "
-                   "runs without --config: " + ", ".join(f"{c} {p}" for c, p in DEFAULT_PRESETS.items()) + ")")
+    s.add_argument("--config", action=_Once, help="YAML preset, a path or a name in configs/ (default: the preset "
+                   "the command runs without --config: " + ", ".join(f"{c} {p}" for c, p in DEFAULT_PRESETS.items()) + ")")
     s.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.batch_size=8")
     s.set_defaults(func=cmd_config, parser=s)
     return p

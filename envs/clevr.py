@@ -52,6 +52,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -60,7 +61,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .atomic import check_folder
+from .atomic import atomic_write, check_folder
 from .errors import DataError
 
 SHAPES = ("cube", "sphere", "cylinder")
@@ -830,8 +831,9 @@ def _check_object(obj, where: str) -> None:
             raise DataError(f"{where} has unknown {key} {obj[key]!r}; expected one of {', '.join(allowed)} "
                             f"(fix the scene file or regenerate it)")
     c = obj["3d_coords"]
-    if not (isinstance(c, (list, tuple)) and len(c) == 3 and all(isinstance(v, (int, float)) for v in c)):
-        raise DataError(f"{where} has 3d_coords {c!r}; expected [x, y, z] numbers (fix the scene file)")
+    if not (isinstance(c, (list, tuple)) and len(c) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in c)):
+        raise DataError(f"{where} has 3d_coords {c!r}; expected [x, y, z] finite numbers (fix the scene file)")
 
 
 def scenes_to_targets(scenes: list[dict], max_objects: int = MAX_OBJECTS, source: str = "scenes") -> torch.Tensor:
@@ -891,9 +893,20 @@ def write_dataset(root, n_images: int, split: str = "train", seed: int = 0, batc
     """Render `n_images` scenes at 480x320 into the CLEVR v1.0 layout under `root`:
     images/<split>/CLEVR_<split>_%06d.png, scenes/CLEVR_<split>_scenes.json and (extension)
     masks/<split>/CLEVR_<split>_%06d.png holding uint8 instance ids.  Batch k uses seed
-    dataset_batch_seed(seed, split, k).  Returns the scenes JSON path."""
+    dataset_batch_seed(seed, split, k).  Returns the scenes JSON path. Refuses, before rendering, a split that
+    `root` already holds (its scenes file would be replaced and its extra images left behind), and a root that is
+    an episode dataset or a run directory."""
+    if not re.fullmatch(r"\w[\w.-]*", split):
+        raise ValueError(f"--split {split!r}: a split name is letters, digits, '_', '-' or '.' (e.g. train, val)")
     root = check_folder(root, "--out")
     image_dir, mask_dir, scene_dir = root / "images" / split, root / "masks" / split, root / "scenes"
+    for mark, what in (("meta.json", "an episode dataset"), ("checkpoints", "a run directory")):
+        if (root / mark).exists():
+            raise ValueError(f"--out {root} holds {mark}: {what}, not a CLEVR root; choose another --out")
+    path = scene_dir / f"CLEVR_{split}_scenes.json"
+    if path.exists():
+        raise ValueError(f"--out {root} already holds split {split!r} ({path}): pass another --split or --out, or "
+                         f"remove that file and images/{split}/ to write it again")
     for d in (image_dir, scene_dir) + ((mask_dir,) if write_masks else ()):
         d.mkdir(parents=True, exist_ok=True)
     gen = SceneGenerator(resolution=(FRAME_H, FRAME_W), min_objects=min_objects, max_objects=max_objects,
@@ -911,23 +924,26 @@ def write_dataset(root, n_images: int, split: str = "train", seed: int = 0, batc
             if write_masks:
                 Image.fromarray(masks[j]).save(mask_dir / name)
             scenes.append(scene)
-    path = scene_dir / f"CLEVR_{split}_scenes.json"
     info = {"split": split, "version": "1.0", "license": "generated", "generator": "envs.clevr", "seed": seed}
-    path.write_text(json.dumps({"info": info, "scenes": scenes}))
-    return path
+    atomic_write(path, lambda f: f.write(json.dumps({"info": info, "scenes": scenes}).encode()))  # last: the split
+    return path  # is whole once its scenes file exists
 
 
 class ClevrDataset(torch.utils.data.Dataset):
     """CLEVR v1.0 (real or written by write_dataset) as Slot Attention inputs and targets.
 
-    Like Slot Attention's preprocessing, only scenes with <= MAX_OBJECTS objects are kept; images
+    Like Slot Attention's preprocessing, only scenes with min_objects to max_objects objects are kept (CLEVR6:
+    max_objects=6; never more than MAX_OBJECTS, the targets' rows); images
     are resized whole (bilinear, antialiased; the 3:2 frame is squashed) to `resolution`, or with
     crop=True the discovery crop window is cut first.  Items: image (3 h w float32 in [0, 1]),
     target (MAX_OBJECTS 19 float32) and, when root/masks/<split>/ exists, mask (h w int64, resized
     nearest).  Problems on disk raise DataError with a one-line message naming the fix.
     """
 
-    def __init__(self, root, split="val", resolution=(128, 128), crop=False, max_images=None):
+    def __init__(self, root, split="val", resolution=(128, 128), crop=False, max_images=None, min_objects=1,
+                 max_objects=MAX_OBJECTS):
+        if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
+            raise ValueError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, got {min_objects}, {max_objects}")
         root = Path(root)
         self.image_dir = root / "images" / split
         scenes_path = root / "scenes" / f"CLEVR_{split}_scenes.json"
@@ -950,9 +966,10 @@ class ClevrDataset(torch.utils.data.Dataset):
                     raise DataError(f"{scenes_path}: scene {i} lacks required key '{key}' (a {kind.__name__}); "
                                     f"fix the scene file to the CLEVR v1.0 scene schema or regenerate it with "
                                     f"`python run.py generate --out DIR`")
-        scenes = [s for s in scenes if len(s["objects"]) <= MAX_OBJECTS][:max_images]
+        scenes = [s for s in scenes if min_objects <= len(s["objects"]) <= max_objects][:max_images]
         if not scenes:
-            raise DataError(f"{scenes_path} holds no scenes with at most {MAX_OBJECTS} objects; {_FIX}")
+            raise DataError(f"{scenes_path} holds no scenes with {min_objects} to {max_objects} objects (data.min_objects, "
+                            f"data.max_objects); {_FIX}")
         self.targets = scenes_to_targets(scenes, source=str(scenes_path))
         self.filenames = [s["image_filename"] for s in scenes]
         mask_dir = root / "masks" / split

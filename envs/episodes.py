@@ -135,6 +135,9 @@ def read_meta(root: Union[str, Path]) -> dict:
     if not path.is_file():
         if (root / "config.yaml").is_file():
             raise DataError(f"{root} is a run directory, not an episode dataset: pass a dataset of `run.py collect`")
+        if (root / "scenes").is_dir() or (root / "CLEVR_v1.0").is_dir():
+            raise DataError(f"{root} is a CLEVR root, not an episode dataset: pretrain on it with data.source=clevr "
+                            f"data.root={root} (--data takes game frames from `run.py collect`)")
         raise DataError(f"{root} is not an episode dataset (no meta.json){_read_from(root)}; make one with "
                         "`run.py collect`")
     try:

@@ -203,6 +203,16 @@ def test_write_dataset_round_trip(tmp_path, monkeypatch):
     assert int(item["mask"].max()) <= int(item["target"][:, -1].sum())
     crop = ClevrDataset(tmp_path, split="val", resolution=(16, 16), crop=True, max_images=2)
     assert len(crop) == 2 and crop[1]["image"].shape == (3, 16, 16) and crop[1]["mask"].shape == (16, 16)
+    before = path.read_bytes()  # refused before rendering: a split written again, a bad name, another kind of folder
+    with pytest.raises(ValueError, match="already holds split 'val'"):
+        write_dataset(tmp_path, 1, split="val")
+    with pytest.raises(ValueError, match="a split name is letters"):
+        write_dataset(tmp_path, 1, split="a/b")
+    (tmp_path / "episodes").mkdir()
+    (tmp_path / "episodes" / "meta.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds meta.json: an episode dataset"):
+        write_dataset(tmp_path / "episodes", 1)
+    assert path.read_bytes() == before and len(generated) == 1 and not (tmp_path / "images" / "a").exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -255,6 +265,12 @@ def test_loader_filters_crowded_scenes(tmp_path):
     assert len(ds) == 1 and ds.targets[0, :, -1].sum() == 10
     with pytest.raises(DataError, match="max_objects"):
         scenes_to_targets(scenes)
+    scenes += [{"image_filename": "CLEVR_val_000000.png", "objects": [obj] * n} for n in (3, 6, 7, 2)]
+    (tmp_path / "scenes" / "CLEVR_val_scenes.json").write_text(json.dumps({"scenes": scenes}))
+    clevr6 = ClevrDataset(tmp_path, split="val", min_objects=3, max_objects=6)  # the paper's CLEVR6
+    assert clevr6.targets[:, :, -1].sum(1).tolist() == [3, 6] and clevr6.targets.shape[1] == 10
+    assert "no scenes with 8 to 9 objects (data.min_objects, data.max_objects)" in _error(tmp_path, min_objects=8,
+                                                                                          max_objects=9)
 
 
 def test_missing_paths(tmp_path):
@@ -294,6 +310,10 @@ def test_object_missing_key_and_unknown_value(tmp_path):
     path.write_text(json.dumps({"scenes": [{"image_filename": "CLEVR_val_000000.png", "objects": [obj]}]}))
     message = _error(tmp_path)
     assert "unknown color 'pink'" in message and "cyan" in message
+    for coords in ([0, float("nan"), 0.35], [0, True, 0.35], [float("inf"), 0, 0]):  # json writes NaN and reads it
+        obj.update({"3d_coords": coords, "color": "red"})
+        path.write_text(json.dumps({"scenes": [{"image_filename": "CLEVR_val_000000.png", "objects": [obj]}]}))
+        assert "expected [x, y, z] finite numbers" in _error(tmp_path)
 
 
 def test_wrong_image_size(tmp_path):

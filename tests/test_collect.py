@@ -110,6 +110,26 @@ def test_visualize_crafter_frames_and_edit(vq_run, tmp_path, capsys):
         assert "out of range" in capsys.readouterr().err and not (tmp_path / "refused").exists()
 
 
+def test_slots_are_carried_within_an_episode_only():
+    """decompose starts each episode's first frame from fresh slots, as it starts the first frame."""
+    from types import SimpleNamespace
+
+    from world_model.decompose import decompose
+
+    fresh = []
+
+    def encoder(x, prev):
+        fresh.append(prev is None)
+        return SimpleNamespace(raw_slots=torch.zeros(1, 2, 4), codes=None,
+                               attn_maps=lambda size: torch.zeros(1, 2, *size))
+
+    model, images = SimpleNamespace(encoder=encoder), torch.zeros(4, 3, 8, 8)
+    assert decompose(model, images, True, np.array([True, False, True, False]))["masks"].shape == (4, 2, 8, 8)
+    decompose(model, images, True)
+    decompose(model, images, False)
+    assert fresh == [True, False, True, False] + [True, False, False, False] + [True] * 4
+
+
 def test_visualize_clevr_scenes(vq_run, tmp_path, capsys):
     assert run.main(["visualize", "--checkpoint", str(vq_run), "--out", str(tmp_path / "none")]) == 2  # which frames?
     assert "visualize needs --env" in capsys.readouterr().err

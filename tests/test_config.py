@@ -91,8 +91,11 @@ def test_bad_preset_files(tmp_path):
         load_config(PretrainConfig, bad_key)
     broken = tmp_path / "broken.yaml"
     broken.write_text("model: [unclosed\n")
-    with pytest.raises(ConfigError, match="cannot parse"):
+    with pytest.raises(ConfigError, match=r"cannot parse .*broken.yaml: did not find expected ',' or '\]' at line 2, "
+                                          r"column 1 \(while parsing a flow sequence from line 1, column 8\)"):
         load_config(PretrainConfig, broken)
+    with pytest.raises(ConfigError, match="bad config value for 'model' in override 'model=3'"):
+        load_config(PretrainConfig, None, ["model=3"])
     listed = tmp_path / "listed.yaml"
     listed.write_text("- [1, 2]\n")
     with pytest.raises(ConfigError, match="must map config keys to values"):
@@ -111,6 +114,30 @@ def test_bad_preset_files(tmp_path):
 def test_sizes_must_be_positive(override):
     with pytest.raises(ConfigError, match=f"^{re.escape(override.split('=')[0])}=.*must be positive"):
         load_config(PretrainConfig, None, [override])
+
+
+@pytest.mark.parametrize("command, override, message", [
+    ("pretrain", "train.grad_clip=0", "above 0"),  # would zero every gradient
+    ("pretrain", "train.grad_clip=-1", "above 0"),  # would flip them: training climbs the loss
+    ("pretrain", "model.gmm_temperature=-1", "0 or more"),  # would flip the E-step's softmax
+    ("pretrain", "model.vq.tau_end=0", "above 0"),
+    ("pretrain", "model.vq.beta=-0.1", "0 or more"),
+    ("pretrain", "train.decay_steps=0", "positive"),
+    ("pretrain", "train.decay_rate=-1", "above 0"),
+    ("pretrain", "data.num_workers=-1", "0 or more"),
+    ("train-wm", "data.eval_fraction=1.5", "between 0 and 1"),
+    ("train", "train.wm_grad_clip=0", "above 0"),
+    ("train", "dynamics.layers=0", "positive"),
+    ("train", "actor_critic.heads=0", "positive"),
+    ("train", "dynamics.reward_bins=1", "at least 2"),
+    ("train", "actor_critic.gamma=1.5", "between 0 and 1"),
+    ("train", "encoder.model.vq.tau_start=0", "above 0"),
+])
+def test_values_that_would_train_wrongly_or_crash_late_are_refused(command, override, message):
+    from world_model.config import run_schemas
+
+    with pytest.raises(ConfigError, match=f"^{re.escape(override.split('=')[0])}=.*{message}"):
+        load_config(run_schemas()[command], None, [override])
 
 
 @pytest.mark.parametrize("command", ["pretrain", "eval-ap", "generate", "collect", "visualize", "train-wm", "eval-wm",
@@ -258,6 +285,9 @@ def test_overrides_may_follow_options():
         run.parse_args(["pretrain", "--run-dir", "X", "--bogus"])
     with pytest.raises(SystemExit):
         run.parse_args(["eval", "--checkpoint", "X", "train.steps=2"])  # eval takes no overrides
+    for command in ("pretrain", "train", "config"):  # presets do not combine: a second one is refused, not used alone
+        with pytest.raises(SystemExit):
+            run.parse_args([command, "--config", "tiny", "--config", "clevr_tiny"])
 
 
 def test_resume_overrides_may_change_how_a_run_goes_on_not_what_it_learns():

@@ -41,6 +41,16 @@ def test_hungarian_loss_permutation_invariant_and_pads():
         hungarian_huber_loss(pred[:, :3], target)
 
 
+def test_a_non_finite_prediction_gives_a_non_finite_loss_not_a_solver_error():
+    """scipy's solver refuses NaN costs; the loss is non-finite instead, so the update is skipped, not the run ended."""
+    target = torch.rand(2, 4, 19)
+    pred = target.clone().requires_grad_()
+    with torch.no_grad():
+        pred[1, 2, 5] = float("nan")
+    loss, match = hungarian_huber_loss(pred, target)
+    assert not torch.isfinite(loss) and loss.requires_grad and match.shape == (2, 4)
+
+
 def test_hungarian_loss_zero_for_permuted_targets():
     target = torch.rand(3, 5, 19)
     pred = target[:, torch.tensor([3, 1, 4, 0, 2])]

@@ -279,7 +279,7 @@ def test_pretrain_and_eval_on_a_clevr_directory(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert f"on 4 images (CLEVR {tmp_path / 'clevr'} split val)" in out
     assert "hold 4 images, fewer than the 10 asked for" in err  # said, not silently fewer
-    assert json.loads((rd / "eval_ap_clevr.json").read_text())["images"] == 4  # beside eval_ap.json, not over it
+    assert json.loads((rd / "eval_ap_clevr_val.json").read_text())["images"] == 4  # beside eval_ap.json, not over it
 
 
 def test_held_out_scenes_come_in_fixed_chunks():
@@ -477,3 +477,33 @@ def test_data_flag_and_a_contradicting_source_are_refused(tmp_path, capsys):
     assert "data.source=generated contradicts it" in capsys.readouterr().err
     assert run.main(["pretrain", "--data", str(tmp_path), f"data.root={tmp_path / 'other'}"]) == 2
     assert f"data.root={tmp_path / 'other'} contradicts it" in capsys.readouterr().err
+
+
+def test_a_clevr_run_checks_its_eval_split_before_training(tmp_path, capsys):
+    """A missing or broken eval split fails before the first step, not after training; a split smaller than a batch
+    is said, and its batches hold all of it."""
+    from envs.clevr import write_dataset
+    from envs.errors import DataError
+
+    root = tmp_path / "clevr"
+    write_dataset(root, 1, split="train", seed=3, batch_size=1)
+    cfg = tiny_cfg("data.source=clevr", f"data.root={root}", "train.steps=2", "data.max_objects=10",
+                   "model.num_slots=10", "data.eval_images=1")
+    with pytest.raises(DataError, match="CLEVR images dir .*images/val not found"):
+        pretrain(cfg, str(tmp_path / "r"), progress=False)
+    assert run.main(["pretrain", "--data", str(root), "--run-dir", str(tmp_path / "r3"), "--no-progress"]) == 2
+    assert f"{root} is a CLEVR root, not an episode dataset: pretrain on it with data.source=clevr" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    write_dataset(root, 1, split="val", seed=4, batch_size=1)
+    assert pretrain(cfg, str(tmp_path / "r2"), progress=False)["images"] == 1
+    assert "the training data holds 1 images, fewer than train.batch_size=2" in capsys.readouterr().err
+    rows = [r for r in read_jsonl(tmp_path / "r2" / "metrics.jsonl") if "train/images_per_s" in r]
+    assert rows and all(r["train/images_per_s"] > 0 for r in rows)
+
+
+def test_a_data_root_that_the_source_would_not_read_is_refused():
+    from world_model.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.root=somewhere is set but data.source=generated renders its own"):
+        tiny_cfg("data.root=somewhere")

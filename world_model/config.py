@@ -74,8 +74,8 @@ class DataConfig:
     eval_split: str = "val"
     resolution: int = 128
     crop: bool = False  # Slot Attention's object-discovery crop
-    min_objects: int = 3
-    max_objects: int = 10
+    min_objects: int = 3  # objects per scene: generated scenes have min..max of them, and a CLEVR split on disk
+    max_objects: int = 10  # keeps the scenes within that range (the paper's CLEVR6: max_objects=6)
     supersample: int = 1
     pool: int = 0  # >0: train on a fixed set of this many scenes (a finite dataset), rendered as training reaches them
     eval_images: int = 2000
@@ -186,10 +186,13 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 POSITIVE = ("train.steps", "train.env_steps", "train.batch_size", "train.seq_len", "train.log_every",
             "train.image_every", "train.ckpt_every", "train.imag_starts", "model.num_slots", "model.iters",
             "encoder.model.num_slots", "data.resolution", "encoder.resolution", "env.num_envs", "env.envs_per_worker",
-            "env.size", "actor_critic.horizon", "data.eval_images", "replay.capacity",
+            "env.size", "actor_critic.horizon", "data.eval_images", "replay.capacity", "train.decay_steps",
+            "data.supersample", "data.capacity", "eval.segments", "frame.channels", "frame.target",
+            *(f"{net}.{key}" for net in ("dynamics", "actor_critic")  # the transformers' sizes
+              for key in ("embed_dim", "layers", "heads", "mlp_ratio", "max_steps")),
             *(f"{where}{key}" for where in ("model.", "encoder.model.")  # the slot encoder's sizes, either schema
-              for key in ("slot_dim", "mlp_hidden", "cnn_kernel", "feature_dim", "decoder_channels", "head_hidden",
-                          "vq.num_vars", "vq.num_codes", "vq.code_dim", "cnn_channels", "cnn_strides")))
+              for key in ("slot_dim", "mlp_hidden", "cnn_kernel", "feature_dim", "decoder_channels", "decoder_init",
+                          "head_hidden", "vq.num_vars", "vq.num_codes", "vq.code_dim", "cnn_channels", "cnn_strides")))
 DERIVED = {  # world-model keys a run sets from elsewhere (build_world_model), so setting them would do nothing
     "dynamics.num_slots": "encoder.model.num_slots", "dynamics.num_vars": "encoder.model.vq.num_vars",
     "dynamics.num_codes": "encoder.model.vq.num_codes", "dynamics.frame_vars": "frame.vars",
@@ -202,9 +205,18 @@ AT_LEAST = {  # keys with a larger minimum, and why
     "train.eval_episodes": (1, "every run evaluates at its end"),
     "frame.codes": (2, "a categorical latent needs two values"),
     "model.vq.num_codes": (2, "a categorical latent needs two values"),
-    "encoder.model.vq.num_codes": (2, "a categorical latent needs two values")}
-POSITIVE_RATES = ("train.lr", "train.wm_lr", "actor_critic.actor_lr", "actor_critic.critic_lr")
-NON_NEGATIVE = ("train.eval_every", "train.prefill", "train.train_ratio", "train.warmup_steps", "data.pool")
+    "encoder.model.vq.num_codes": (2, "a categorical latent needs two values"),
+    "dynamics.reward_bins": (2, "a two-hot reward spreads over two neighbouring bins"),
+    "actor_critic.reward_bins": (2, "a two-hot return spreads over two neighbouring bins")}
+ABOVE_ZERO = ("train.lr", "train.wm_lr", "actor_critic.actor_lr", "actor_critic.critic_lr", "train.decay_rate",
+              "train.grad_clip", "train.wm_grad_clip", "actor_critic.grad_clip",  # a clip at 0 zeroes, below 0 flips
+              *(f"{where}vq.{key}" for where in ("model.", "encoder.model.") for key in ("tau_start", "tau_end")))
+NON_NEGATIVE = ("train.eval_every", "train.prefill", "train.train_ratio", "train.warmup_steps", "data.pool",
+                "train.threads", "data.num_workers", "frame.vars", "env.max_episode_steps", "actor_critic.entropy",
+                "actor_critic.slow_reg", *(f"{where}{key}" for where in ("model.", "encoder.model.")
+                                           for key in ("gmm_temperature", "vq.beta")))
+UNIT_INTERVAL = ("actor_critic.gamma", "actor_critic.lam", "actor_critic.unimix", "actor_critic.ema_decay",
+                 "actor_critic.return_norm_decay", "frame.unimix", "data.eval_fraction", "dynamics.dropout")
 
 
 def _keys(node: Any, prefix: str = "") -> list[str]:
@@ -227,8 +239,9 @@ def _suggest(key: str, schema: Any) -> str:
     return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
-def _explain(err: OmegaConfBaseException, schema: Any, where: str, command: Optional[str]) -> ConfigError:
-    key = getattr(err, "full_key", None) or ""
+def _explain(err: OmegaConfBaseException, schema: Any, where: str, command: Optional[str],
+             key: str = "") -> ConfigError:
+    key = getattr(err, "full_key", None) or key  # an override of a whole section names no key: its own
     msg = str(err).splitlines()[0]
     if "not in struct" in msg or "Key '" in msg and "not in" in msg:
         listing = f"python run.py config --for {command}" if command else "python run.py config"
@@ -273,8 +286,16 @@ def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: 
             raise ConfigError(f"config file not found: {path}{hint}; the presets in configs/ are {', '.join(stems)}")
         try:
             loaded = OmegaConf.load(path)
-        except Exception as e:  # yaml errors are verbose and multi-line
-            raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # yaml errors are verbose and multi-line: the problem and where it is
+            def at(mark) -> str:
+                return f"line {mark.line + 1}, column {mark.column + 1}"
+
+            problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+            context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+            what = f"{problem} at {at(mark)}" if problem and mark else str(e).splitlines()[0]
+            if context and start:
+                what += f" ({context} from {at(start)})"
+            raise ConfigError(f"cannot parse {path}: {what}") from None
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{path} must map config keys to values (a YAML mapping), not hold a list")
         try:
@@ -293,7 +314,7 @@ def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: 
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
-            raise _explain(e, schema, f"override '{item}'", command) from None
+            raise _explain(e, schema, f"override '{item}'", command, key) from None
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value not in allowed:
@@ -313,22 +334,31 @@ def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: 
         if any(v < low for v in values):
             raise ConfigError(f"{key}={value if not isinstance(value, ListConfig) else values!r} must be at least "
                               f"{low} ({why})")
-    for key in POSITIVE_RATES:
+    for key in ABOVE_ZERO:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and not value > 0:
             raise ConfigError(f"{key}={value!r} must be above 0")
+    for key in UNIT_INTERVAL:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not 0 <= value <= 1:
+            raise ConfigError(f"{key}={value!r} must be between 0 and 1")
     _check_pairs(cfg)
     return OmegaConf.to_object(cfg)
 
 
 def _check_pairs(cfg) -> None:
-    """Keys that must agree with each other, named in full: one stride per backbone layer, and an object-count range."""
+    """Keys that must agree with each other, named in full: one stride per backbone layer, a data root only where the
+    source reads one, and an object-count range."""
     replaced = OmegaConf.select(cfg, "encoder.checkpoint", default=None)  # its run's encoder.model is used instead
     for where in ("model.",) + (() if replaced else ("encoder.model.",)):
         channels, strides = (OmegaConf.select(cfg, where + k, default=None) for k in ("cnn_channels", "cnn_strides"))
         if channels is not None and strides is not None and len(channels) != len(strides):
             raise ConfigError(f"{where}cnn_channels={list(channels)} has {len(channels)} layers and "
                               f"{where}cnn_strides={list(strides)} {len(strides)}: give one stride per layer")
+    source, root = (OmegaConf.select(cfg, k, default=None) for k in ("data.source", "data.root"))
+    if source == "generated" and root:
+        raise ConfigError(f"data.root={root} is set but data.source=generated renders its own scenes: add "
+                          "data.source=clevr for a CLEVR v1.0 root, or pass --data DIR for an episode dataset")
     low, high = (OmegaConf.select(cfg, k, default=None) for k in ("data.min_objects", "data.max_objects"))
     if low is not None and high is not None and not 1 <= low <= high <= MAX_SCENE_OBJECTS:
         raise ConfigError(f"data.min_objects={low} and data.max_objects={high}: need 1 <= min_objects <= "

@@ -1,8 +1,9 @@
 """`run.py visualize`: slot decompositions of env frames or CLEVR-like scenes as PNGs, a video and tensorboard
 images, and VQ code edits (decode a frame with one slot's code changed).
 
-Env frames come from one seeded random-policy episode and are encoded in order, each frame's slots
-initialized from the previous frame's, so slot k keeps its color while it follows the same object.
+Env frames come from seeded random-policy play and are encoded in order, each frame's slots initialized from the
+previous frame's, so slot k keeps its color while it follows the same object; when an episode ends the next one
+starts afresh, with no slots carried into its first frame.
 """
 from __future__ import annotations
 
@@ -25,32 +26,37 @@ from .wm import frames_to_input
 VIDEO_SCALE = 4  # frames are upscaled (nearest) so 64x64 games stay legible in the video
 
 
-def episode_frames(env: str, frames: int, seed: int = 0) -> np.ndarray:
-    """`frames` observations (`t h w 3` uint8) of a uniform random policy in crafter or nethack."""
+def episode_frames(env: str, frames: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`frames` observations (`t h w 3` uint8) of a uniform random policy in crafter or nethack, and which of them
+    begin an episode (`t` bool: the first, and each after an episode ended)."""
     from envs.collect import make_env
 
     e = make_env(env)
     rng = np.random.default_rng(seed)
     try:
         obs, _ = e.reset(seed=seed)
-        out = [obs]
+        out, starts = [obs], [True]
         while len(out) < frames:
             obs, _, terminated, truncated, _ = e.step(int(rng.integers(e.action_space.n)))
-            if terminated or truncated:
+            ended = terminated or truncated
+            if ended:
                 obs, _ = e.reset()
             out.append(obs)
+            starts.append(ended)
     finally:
         e.close()
-    return np.stack([o["image"] if isinstance(o, dict) else o for o in out])
+    return np.stack([o["image"] if isinstance(o, dict) else o for o in out]), np.array(starts)
 
 
 @torch.no_grad()
-def decompose(model, images: torch.Tensor, carry: bool) -> dict:
-    """Encode `t 3 h w` one frame at a time (carrying slots over when `carry`) -> masks `t k h w`,
-    recon `t 3 h w` and rgb `t k 3 h w` (decoder models), codes `t k v` (VQ)."""
+def decompose(model, images: torch.Tensor, carry: bool, starts: Optional[np.ndarray] = None) -> dict:
+    """Encode `t 3 h w` one frame at a time (carrying slots over when `carry`, but into no frame that `starts` `t`
+    marks as an episode's first) -> masks `t k h w`, recon `t 3 h w` and rgb `t k 3 h w` (decoder models), codes
+    `t k v` (VQ)."""
     prev, masks, recons, rgbs, codes = None, [], [], [], []
-    for x in images.split(1):
-        enc = model.encoder(x, prev if carry else None)
+    for t, x in enumerate(images.split(1)):
+        fresh = not carry or (starts is not None and starts[t])
+        enc = model.encoder(x, None if fresh else prev)
         prev = enc.raw_slots
         if isinstance(model, SlotAutoencoder):
             dec = model.decoder(enc.slots)
@@ -182,11 +188,15 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
     if env == "clevr":
         cfg.data.source = "generated" if cfg.data.source == "frames" else cfg.data.source
         images = torch.cat([b["images"].cpu() for b in eval_batches(cfg, torch.device("cpu"), frames)])
-        carry = False  # independent scenes
+        carry, starts = False, None  # independent scenes
     else:
-        images = frames_to_input(torch.from_numpy(episode_frames(env, frames, seed))[None], run.resolution)[0]
+        played, starts = episode_frames(env, frames, seed)
+        images = frames_to_input(torch.from_numpy(played)[None], run.resolution)[0]
         carry = True
-    result = decompose(model, images, carry)
+        if starts.sum() > 1:
+            print(f"note: the {frames} frames span {int(starts.sum())} episodes; slots start afresh at each "
+                  "episode's first frame", file=sys.stderr)
+    result = decompose(model, images, carry, starts)
     writer = None
     if tensorboard:
         from torch.utils.tensorboard import SummaryWriter

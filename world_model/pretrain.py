@@ -152,9 +152,10 @@ class ClevrScenes:
         d = cfg.data
         self.sharded = sharded
         if not d.root:
-            raise ValueError("data.source=clevr needs data.root=DIR (or --clevr-root DIR) pointing at CLEVR v1.0")
+            raise ValueError("data.source=clevr needs data.root=DIR pointing at a CLEVR v1.0 root (`eval-ap` takes "
+                             "it as --clevr-root DIR)")
         self.dataset = ClevrDataset(d.root, split=split, resolution=(d.resolution, d.resolution), crop=d.crop,
-                                    max_images=max_images)
+                                    max_images=max_images, min_objects=d.min_objects, max_objects=d.max_objects)
         self.device = device
         self.num_workers = d.num_workers
 
@@ -168,6 +169,9 @@ class ClevrScenes:
     def _indices(self, size: int, seed: int) -> np.ndarray:
         rng = np.random.default_rng(seed)
         return _share(rng.choice(len(self.dataset), size=min(size, len(self.dataset)), replace=False), self.sharded)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
 
     def batch(self, size: int, seed: int) -> dict:
         return self._load(self._indices(size, seed))
@@ -224,6 +228,9 @@ class EpisodeFrames:
         rng = np.random.default_rng(seed)
         return self._load(_share(rng.choice(len(self.frames), size=min(size, len(self.frames)), replace=False),
                                  self.sharded))
+
+    def __len__(self) -> int:
+        return len(self.frames)
 
     def sequential(self, batch_size: int, max_images: Optional[int] = None) -> Iterator[dict]:
         n = len(self.frames) if max_images is None else min(max_images, len(self.frames))
@@ -392,9 +399,15 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
         t.steps = note_if_finished(step, t.steps, "train.steps", state)
     # the data first: a bad data path fails before the run directory gets a config
     source = make_source(cfg, device, sharded=True, progress=progress and distributed.is_main(), first_step=step)
+    if cfg.data.source == "clevr":  # the eval split's scenes and first image too: a bad split fails now, not at the end
+        next(eval_batches(cfg, device, 1))
     if cfg.data.source == "clevr" and cfg.data.split == cfg.data.eval_split and distributed.is_main() and not resume:
         print(f"note: data.split and data.eval_split are both {cfg.data.split!r}: the run evaluates on the images it "
               "trains on; set data.eval_split to a held-out split", file=sys.stderr)
+    held = len(source) if isinstance(source, (ClevrScenes, EpisodeFrames)) else None  # generated: no end
+    if held is not None and held < cfg.train.batch_size and distributed.is_main():
+        print(f"note: the training data holds {held} images, fewer than train.batch_size="
+              f"{cfg.train.batch_size}: each batch holds all of them", file=sys.stderr)
     frames = {"env": getattr(source, "env", None), "split": getattr(source, "split", None)}  # env frames only
     settled = False  # a resume whose final evaluation, if the stopped run made it, still holds
     if resume:
@@ -415,11 +428,12 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
 
     bar = tqdm(total=cfg.train.steps, initial=step, desc=f"pretrain {cfg.task}/{cfg.model.slots}",
                disable=not progress or not distributed.is_main(), dynamic_ncols=True)
-    t_last, n_last = time.perf_counter(), step
+    t_last, images = time.perf_counter(), 0  # images trained on since the last log row, over all ranks
     stream = train_batches(source, cfg, step)
     pool = getattr(source, "pool", None)
     while step < cfg.train.steps:
         batch = next(stream)
+        images += len(batch["images"]) * distributed.world_size()
         if not torch.isfinite(batch["images"]).all():
             raise ValueError(f"non-finite pixel values in training batch {step}: check the data source")
         batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)  # as the model's weights
@@ -442,12 +456,12 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             now = time.perf_counter()
             stats = distributed.mean_scalars({k: float(v) for k, v in stats.items()}, device)
-            stats.update(lr=opt.param_groups[0]["lr"], images_per_s=(step - n_last) * cfg.train.batch_size / (now - t_last))
+            stats.update(lr=opt.param_groups[0]["lr"], images_per_s=images / (now - t_last))
             if vq is not None:
                 stats["tau"] = float(vq.tau)
             if pool is not None:
                 stats["pool_scenes"] = pool.filled
-            t_last, n_last = now, step
+            t_last, images = now, 0
             logger.scalars(step, stats, prefix="train/")
             bar.set_postfix(loss=f"{stats['loss']:.4f}")
             if not progress and distributed.is_main():  # a log file still shows the run moving
