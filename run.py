@@ -58,14 +58,22 @@ def _overrides_help(example: str, command: str) -> str:
 
 
 def cmd_config(args) -> None:
-    from world_model.config import DERIVED, load_config, load_run_config, run_schemas, schema_command, to_yaml
-    from world_model.frame_tokenizer import STATUS_LEVELS, frame_token_size
+    from world_model.config import load_config, run_schemas, schema_command
 
     command = args.command_schema or (args.config and schema_command(args.config)) or "pretrain"
     preset = args.config or DEFAULT_PRESETS[command]
     print(f"# run.py {command}, preset {preset}")
-    cfg = load_config(run_schemas()[command], preset, args.overrides)
-    derived = {}
+    print(_config_text(load_config(run_schemas()[command], preset, args.overrides), command), end="")
+
+
+def _config_text(cfg, command: str) -> str:
+    """`cfg` as YAML, with the keys a world-model or agent run sets itself shown at the values it will give them."""
+    import copy
+
+    from world_model.config import DERIVED, load_run_config, to_yaml
+    from world_model.frame_tokenizer import STATUS_LEVELS, frame_token_size
+
+    cfg, derived, notes = copy.deepcopy(cfg), {}, ""
     if command in ("train-wm", "train"):
         derived = {key: (source, None) for key, source in DERIVED.items()}
         actions, status = _env_facts(cfg, command)
@@ -76,11 +84,16 @@ def cmd_config(args) -> None:
             derived["dynamics.frame_codes"] = (f"frame.codes, at least the status tokens' {STATUS_LEVELS} values",
                                                frame_codes)
         if cfg.encoder.checkpoint:  # the encoder's architecture comes from that run, whatever this config says
-            pre = load_run_config("pretrain", cfg.encoder.checkpoint)
-            cfg.encoder.model, cfg.encoder.resolution = pre.model, pre.data.resolution
-            print(f"# encoder.model and encoder.resolution: those of encoder.checkpoint={cfg.encoder.checkpoint}")
+            try:
+                pre = load_run_config("pretrain", cfg.encoder.checkpoint)
+                cfg.encoder.model, cfg.encoder.resolution = pre.model, pre.data.resolution
+                notes = f"# encoder.model and encoder.resolution: those of encoder.checkpoint={cfg.encoder.checkpoint}\n"
+            except ValueError:  # moved or gone: a resumed run has recorded them, and its weights are its own
+                notes = "# encoder.model and encoder.resolution: as recorded (encoder.checkpoint is not there now)\n"
+        else:
+            derived["encoder.mode"] = ("encoder.checkpoint unset (a fresh encoder trains jointly)", "joint")
     text = to_yaml(cfg)
-    print(_mark_derived(text, cfg, derived) if derived else text, end="")
+    return notes + (_mark_derived(text, cfg, derived) if derived else text)
 
 
 def _env_facts(cfg, command: str) -> tuple:
@@ -126,15 +139,16 @@ def _mark_derived(text: str, cfg, derived: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _run_training(args, default_preset: str, overrides: list, run_name, train_fn, resume) -> None:
+def _run_training(args, default_preset: str, overrides: list, run_name, train_fn, resume, preflight=None) -> None:
     """What pretrain, train-wm and train share: the config (the run's own when resuming, plus overrides), the run
     directory (named explicitly under torchrun, where a timestamped default could differ between processes), the
-    resolved config and the result printed once. `resume`: False, True (the run in --run-dir) or the run's path."""
+    resolved config and the result printed once. `resume`: False, True (the run in --run-dir) or the run's path;
+    `preflight(cfg)`: the command's own config checks, run with the others before the config is printed."""
     from world_model import distributed
     from envs.episodes import check_recorded_root
-    from world_model.config import check_resume_overrides, load_config, load_run_config, record_paths, run_schemas, \
-        to_yaml
-    from world_model.rundir import release_claims
+    from world_model.config import check_resume_overrides, load_config, load_run_config, record_paths, run_schemas
+    from envs.atomic import check_folder
+    from world_model.rundir import RunDirError, release_claims, resolve_device
 
     if isinstance(resume, str):
         if args.run_dir and args.run_dir != resume:
@@ -159,9 +173,14 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
     if distributed.launched() and not args.run_dir:
         raise ValueError("under torchrun pass --run-dir DIR (every process must use the same run directory)")
     run_dir = args.run_dir = args.run_dir or f"runs/{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # before the config is printed: an error is then the last line, not lost above it
+    check_folder(run_dir, "--run-dir", RunDirError)
+    resolve_device(cfg.train.device, "train.device")
+    if preflight is not None:
+        preflight(cfg)
     main_rank = distributed.is_main()
     if main_rank:
-        print(f"# run directory: {run_dir}\n{to_yaml(cfg)}", end="")
+        print(f"# run directory: {run_dir}\n{_config_text(cfg, args.command)}", end="")
         if getattr(cfg.train, "compile", False):
             print(f"# train.compile: the first steps compile ({cfg.train.compile_mode}); that takes minutes on a CPU "
                   "and is cached on disk for later runs")
@@ -287,7 +306,7 @@ def cmd_visualize(args) -> None:
 
 
 def cmd_train_wm(args) -> None:
-    from world_model.train_wm import train_wm
+    from world_model.train_wm import preflight, train_wm
 
     from world_model import distributed
 
@@ -295,8 +314,7 @@ def cmd_train_wm(args) -> None:
         raise ValueError("train-wm runs in one process; under torchrun run `pretrain` or `train` (the agent loop, "
                          "which trains the world model data-parallel)")
     overrides = ([f"data.root={args.data}"] if args.data else []) + list(args.overrides)
-    _run_training(args, DEFAULT_PRESETS["train-wm"], overrides, lambda c: "wm", train_wm,
-                  args.resume)
+    _run_training(args, DEFAULT_PRESETS["train-wm"], overrides, lambda c: "wm", train_wm, args.resume, preflight)
 
 
 def cmd_eval_wm(args) -> None:
@@ -316,10 +334,10 @@ def cmd_eval_wm(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from agent.train import train
+    from agent.train import preflight, train
 
     _run_training(args, DEFAULT_PRESETS["train"], args.overrides, lambda c: f"agent-{c.env.name}", train,
-                  args.resume)
+                  args.resume, preflight)
 
 
 def cmd_eval(args) -> None:
@@ -581,7 +599,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     overrides = [a for a in extra if OVERRIDE.match(a)]
     rest = [a for a in extra if not OVERRIDE.match(a)]
     if rest or (overrides and not hasattr(args, "overrides")):
-        args.parser.error(f"unrecognized arguments: {' '.join(rest or overrides)}")
+        flags = [a.lstrip("-") for a in rest if a.lstrip("-") in ("seed", "device", "threads")]
+        hint = (f" ({', '.join(f'--{f}' for f in flags)}: a training run takes "
+                f"{', '.join(f'train.{f}=...' for f in flags)} as an override)"
+                if flags and hasattr(args, "overrides") else "")
+        args.parser.error(f"unrecognized arguments: {' '.join(rest or overrides)}{hint}")
     if overrides:
         args.overrides = [*args.overrides, *overrides]
     resume = getattr(args, "resume", None)
@@ -597,12 +619,13 @@ def _way_back(args) -> str:
 
         episodes = len(list((Path(args.out) / "episodes").glob("*.npz")))
         try:
-            seeds = read_meta(args.out).get("seeds", [])
+            ranges = read_meta(args.out).get("env_seeds", [])  # [first, count]: env i of a collection plays seed + i
         except ValueError:  # no dataset written
-            seeds = []
-        held_seeds = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
-        envs = args.workers * args.envs_per_worker  # env i of a collection is seeded with --seed + i
-        seed = (f"--seed {max(seeds) + envs} (it holds {held_seeds})" if args.seed in seeds
+            ranges = []
+        held_seeds = ", ".join(f"{f}" if c == 1 else f"{f}..{f + c - 1}" for f, c in ranges)
+        plural = "s" if sum(c for _, c in ranges) > 1 else ""
+        seed = (f"--seed {max(f + c for f, c in ranges)} (it holds env seed{plural} {held_seeds})"
+                if any(f == args.seed for f, _ in ranges)
                 else f"--seed {args.seed} (no episode of it was written)")
         held = f"{episodes} episode{'' if episodes == 1 else 's'}"
         return f"; {args.out} holds {held} (unfinished ones kept as truncated); collect more with {seed}"
@@ -638,16 +661,16 @@ def _terminate(signum, frame):
 
 
 def main(argv=None) -> int:
+    args = parse_args(argv)  # first: --help and usage errors answer without importing torch (seconds)
     from world_model import distributed
 
-    args = parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
         else None
     try:
         _check_counts(args)
         args.func(args)
         distributed.barrier()  # under torchrun: the others wait for rank 0's final evaluation before leaving
-    except (ValueError, FileNotFoundError) as e:  # ConfigError, DataError, RunDirError are ValueErrors
+    except (ValueError, FileNotFoundError, PermissionError) as e:  # ConfigError, DataError, RunDirError: ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into a reader that stopped (`run.py config | head`)

@@ -42,7 +42,8 @@ def evaluate_run(checkpoint: str, episodes: int, policy: str = "agent", device: 
         cfg = load_run_config("train", checkpoint)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    stats_path = Path(checkpoint) / f"eval_{policy}_stats.jsonl"  # the training run's evaluations: eval_stats.jsonl
+    # this evaluation's episodes, beside its eval_<policy>.json (the training run's evaluations: eval_stats.jsonl)
+    stats_path = Path(checkpoint) / f"eval_{policy}_stats.jsonl"
     with torch.no_grad():
-        summary = evaluate_agent(wm, ac, cfg, dev, episodes, stats_path, seed, progress)
+        summary = evaluate_agent(wm, ac, cfg, dev, episodes, stats_path, seed, progress, append=False)
     return {"policy": policy, "env": cfg.env.name, "env_steps": step, "seed": seed, **summary}

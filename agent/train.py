@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
+from envs.atomic import atomic_write
 from envs.collect import env_fn
 from envs.episodes import obs_dict
 from envs.vector import make_vector_env
@@ -38,7 +39,7 @@ from world_model.pretrain import autocast, guarded_update
 from world_model.rundir import (MetricLogger, fixed_rng, note_if_finished, rank_seed, restore_rng,
                                 rng_states, rollback_appended, start_run)
 from world_model.frame_tokenizer import status_vars
-from world_model.train_wm import build_world_model, to_batch
+from world_model.train_wm import build_world_model, check_max_steps, to_batch
 from world_model.wm import WorldModel, WorldModelLoss
 
 from .actor_critic import ActorCritic
@@ -57,14 +58,27 @@ def env_kwargs(cfg: AgentConfig, stats_path: Optional[Path]) -> dict:
     return kwargs
 
 
+def longest_sequence(cfg: AgentConfig) -> tuple[int, str]:
+    """The longest sequence the dynamics must hold, and the keys that set it: a training segment, or imagination's
+    actor_critic.horizon steps from IMAG_CONTEXT real ones, the last of which the first step replaces."""
+    return (max(cfg.train.seq_len, IMAG_CONTEXT - 1 + cfg.actor_critic.horizon),
+            "train.seq_len, or actor_critic.horizon imagined from one replayed state")
+
+
+def preflight(cfg: AgentConfig) -> None:
+    """What `train` would refuse only once it builds things, refused before the run prints its config and starts."""
+    check_max_steps(cfg.dynamics, longest_sequence(cfg))
+    if cfg.env.num_envs % cfg.env.envs_per_worker:
+        raise ValueError(f"env.num_envs={cfg.env.num_envs} must be a multiple of env.envs_per_worker="
+                         f"{cfg.env.envs_per_worker} (each worker process runs that many envs)")
+
+
 def build_agent(cfg: AgentConfig, num_actions: int, device: torch.device, status_vars: int = 0,
                 restoring: Optional[str | Path] = None) -> tuple[WorldModel, ActorCritic]:
     """The world model and actor-critic of `cfg` for an env with `num_actions` actions and `status_vars` status
     tokens beside its frames (0: none); `restoring`: the run directory whose checkpoint their weights come from."""
-    # imagination: actor_critic.horizon steps from IMAG_CONTEXT real ones, the last of which the first step replaces
-    longest = (max(cfg.train.seq_len, IMAG_CONTEXT - 1 + cfg.actor_critic.horizon),
-               "train.seq_len, or actor_critic.horizon imagined from one replayed state")
-    wm = build_world_model(cfg.encoder, cfg.frame, cfg.dynamics, num_actions, device, longest, status_vars, restoring)
+    wm = build_world_model(cfg.encoder, cfg.frame, cfg.dynamics, num_actions, device, longest_sequence(cfg),
+                           status_vars, restoring)
     cfg.dynamics = wm.dynamics.cfg
     if cfg.train.compile:
         wm.compile_frame_parts(cfg.train.compile_mode)
@@ -72,11 +86,21 @@ def build_agent(cfg: AgentConfig, num_actions: int, device: torch.device, status
 
 
 def updates_due(env_steps: int, cfg: AgentConfig) -> int:
-    """Updates owed after `env_steps` so that replayed steps / env steps = train_ratio (after prefill)."""
+    """Updates owed after `env_steps` so that replayed steps / env steps = train_ratio (after prefill), for a run
+    whose train.* settings never changed (`update_owed` is what the loop asks)."""
     t = cfg.train
     if env_steps < t.prefill:
         return 0
     return int(env_steps * t.train_ratio / (t.batch_size * t.seq_len))
+
+
+def update_owed(env_steps: int, replayed: int, cfg: AgentConfig) -> bool:
+    """Whether another update is owed after `env_steps` env steps and `replayed` replayed steps (train.batch_size x
+    train.seq_len per update, as each ran): after prefill, replayed steps stay within train_ratio x env steps. So a
+    resume that changes the batch, the segment length or the ratio keeps the ratio from there, with no burst or
+    pause."""
+    t = cfg.train
+    return env_steps >= t.prefill and replayed + t.batch_size * t.seq_len <= env_steps * t.train_ratio
 
 
 def local_share(total: int, what: str) -> int:
@@ -232,7 +256,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         wm, ac = build_agent(cfg, num_actions, device, status, restoring=run_dir if resume else None)
         spec = replay_spec(spec, wm)
         wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=t.wm_lr, eps=1e-8)
-        counters = {"env_steps": 0, "updates": 0, "episodes": 0, "vector_steps": 0}
+        counters = {"env_steps": 0, "updates": 0, "episodes": 0, "vector_steps": 0, "replayed": 0}
         capacity = local_share(cfg.replay.capacity, "replay.capacity")
         replay_device = device if cfg.replay.on_device else None
         replay = ReplayBuffer(capacity, spec, seed=rank_seed(t.seed), device=replay_device)
@@ -242,6 +266,10 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             wm_opt.load_state_dict(state["wm_opt"])
             ac.load_optimizer_state(state["ac_opt"])
             counters = state["counters"]
+            if "replayed" not in counters:  # a checkpoint from before replayed steps were counted: its own batches
+                was = state.get("config", {}).get("train", {})
+                counters["replayed"] = counters["updates"] * was.get("batch_size", t.batch_size) * was.get("seq_len",
+                                                                                                           t.seq_len)
             restore_rng(state["rng"], t.seed, counters["vector_steps"])
             t.env_steps = note_if_finished(counters["env_steps"], t.env_steps, "train.env_steps", state)
             replay = load_replay_shards(run.path, state, capacity, rank_seed(t.seed, counters["vector_steps"]),
@@ -317,7 +345,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             counters["vector_steps"] += 1
             counters["env_steps"] += cfg.env.num_envs
             bar.update(cfg.env.num_envs)
-            while counters["updates"] < updates_due(counters["env_steps"], cfg):
+            while update_owed(counters["env_steps"], counters["replayed"], cfg):
                 # A segment holds a prediction target once some episode has two stored steps; until every rank's
                 # replay does, the owed updates follow later. Checked until it holds (it stays), so no collective
                 # per update after.
@@ -326,6 +354,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                     break
                 stats = train_step(wm, ac, wm_opt, replay, cfg, device, counters["updates"], wm_parallel, ac_parallel)
                 counters["updates"] += 1
+                counters["replayed"] += t.batch_size * t.seq_len
                 interval.add(stats)
                 # A non-finite loss or gradient skipped that update (it never reaches weights or checkpoints).
                 counters["skipped_wm"] = counters.get("skipped_wm", 0) + int(stats["wm/skipped"])
@@ -339,7 +368,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                            skipped_wm=counters.get("skipped_wm", 0), skipped_ac=counters.get("skipped_ac", 0),
                            replay_steps=len(replay) * distributed.world_size(), updates=counters["updates"],
                            episodes=episodes, env_restarts=restarts,
-                           replay_ratio=counters["updates"] * t.batch_size * t.seq_len / counters["env_steps"])
+                           replay_ratio=counters["replayed"] / counters["env_steps"])
                 t_last, steps_last = now, counters["env_steps"]
                 if main:
                     row.update(_score(run.path / "stats.jsonl", cfg.env.name, "train/"))
@@ -350,11 +379,13 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                     print(f"env step {counters['env_steps']}/{t.env_steps}: {counters['updates']} updates, {episodes} "
                           f"episodes, {row['env_steps_per_s']:.1f} env steps/s"
                           + "".join(f", {k}={v}" for k, v in score.items()), flush=True)
-            if counters["env_steps"] >= next_ckpt or counters["env_steps"] >= t.env_steps:
-                next_ckpt += t.ckpt_every  # before the evaluation: Ctrl-C or a crash there loses no training
-                checkpoint()
+            evaluating = next_eval is not None and counters["env_steps"] >= next_eval
+            if counters["env_steps"] >= next_ckpt or counters["env_steps"] >= t.env_steps or evaluating:
+                if counters["env_steps"] >= next_ckpt:
+                    next_ckpt += t.ckpt_every
+                checkpoint()  # also before each evaluation: Ctrl-C or a crash there loses no training
                 logger.flush()
-            if next_eval is not None and counters["env_steps"] >= next_eval:
+            if evaluating:
                 next_eval += t.eval_every
                 if main:
                     last_eval, evaluated_at = evaluate(counters["env_steps"]), counters["env_steps"]
@@ -448,9 +479,10 @@ EVAL_SEED = 10_000  # evaluation episodes use env seeds EVAL_SEED, EVAL_SEED + 1
 
 @torch.no_grad()
 def evaluate_agent(wm: Optional[WorldModel], ac: Optional[ActorCritic], cfg: AgentConfig, device: torch.device,
-                   episodes: int, stats_path: Path, seed: int = EVAL_SEED, progress: bool = False) -> dict:
+                   episodes: int, stats_path: Path, seed: int = EVAL_SEED, progress: bool = False,
+                   append: bool = True) -> dict:
     """`episodes` full episodes in one in-process env with the policy (or uniform random actions when `ac` is
-    None); their records are appended to `stats_path`. Returns their summary (`summarize`). Reproducible: env
+    None); their records are appended to `stats_path` (or replace it, atomically, without `append`). Returns their summary (`summarize`). Reproducible: env
     seeds seed, seed+1, ... and the policy's sampling from `seed`, on an RNG forked from the caller's (a training
     run's random stream is left as it was)."""
     from envs.collect import make_env
@@ -483,6 +515,9 @@ def evaluate_agent(wm: Optional[WorldModel], ac: Optional[ActorCritic], cfg: Age
             env.close()
         text = tmp.read_text()
         tmp.unlink()
-    with open(stats_path, "a") as f:
-        f.write(text)
+    if append:
+        with open(stats_path, "a") as f:
+            f.write(text)
+    else:
+        atomic_write(stats_path, lambda f: f.write(text.encode()))
     return summarize(cfg.env.name, [json.loads(line) for line in text.splitlines() if line.strip()])

@@ -27,7 +27,8 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
 
 def check_folder(path: str | Path, what: str, error: type[Exception] = ValueError) -> Path:
     """`path` as a folder to write into (made later, with its parents): refused before any work, naming `what` (the
-    flag or key), where it or a folder above it is an existing file or a symbolic link to nothing."""
+    flag or key), where it or a folder above it is an existing file or a symbolic link to nothing, or where the
+    nearest existing folder cannot be written (a read-only file system, no permission)."""
     path = Path(path)
     for p in (path, *path.parents):
         if p.is_symlink() and not p.exists():
@@ -38,6 +39,11 @@ def check_folder(path: str | Path, what: str, error: type[Exception] = ValueErro
             if not p.is_dir():
                 where = "is a file" if p == path else f"is inside {p}, which is a file"
                 raise error(f"{what} {path} {where}: choose a folder path")
+            try:  # a file made and removed: the kernel's answer, which permission bits alone do not give
+                tempfile.TemporaryFile(dir=p).close()
+            except OSError as e:
+                where = "is" if p == path else f"would be made in {p}, which is"
+                raise error(f"{what} {path} {where} not writable ({e.strerror}): choose another path") from None
             break
     return path
 

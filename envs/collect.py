@@ -47,8 +47,9 @@ def collect(env: str, frames: int, out: str, num_envs: int = 1, envs_per_worker:
     Episodes end as the env ends them (terminated/truncated, or truncated by a crashed worker); episodes
     still running when the budget is reached are written as truncated pieces.
     """
-    if frames < 1:
-        raise ValueError(f"--frames must be positive, got {frames}")
+    if frames < num_envs:  # each env's first frame alone would be more, and no step would be played
+        raise ValueError(f"--frames={frames} is fewer than the {num_envs} envs collecting (a first frame each): ask "
+                         f"for at least {num_envs}, or fewer --workers / --envs-per-worker")
     out_path = check_folder(out, "--out")
     env_kwargs = dict(env_kwargs or {})
     env_kwargs.setdefault("stats_path", str(out_path / "stats.jsonl"))
@@ -58,7 +59,7 @@ def collect(env: str, frames: int, out: str, num_envs: int = 1, envs_per_worker:
         space = venv.single_observation_space
         keys = list(space.spaces) if isinstance(space, gym.spaces.Dict) else ["image"]
         meta = {"env": env, "env_kwargs": {k: v for k, v in env_kwargs.items() if k != "stats_path"},
-                "num_actions": int(venv.single_action_space.n), "obs_keys": keys, "seed": seed,
+                "num_actions": int(venv.single_action_space.n), "obs_keys": keys, "seed": seed, "num_envs": num_envs,
                 "image_shape": list((space["image"] if isinstance(space, gym.spaces.Dict) else space).shape)}
         writer = EpisodeWriter(out_path, meta)
         held_before = writer.count  # episodes the dataset held before this call

@@ -36,24 +36,31 @@ def _comparable(key: str, value):
 
 def _joined_meta(root: Path, meta: dict) -> dict:
     """The meta.json of a dataset that `meta`'s episodes join: a new dataset's, or an existing one's of the same
-    env and layout collected from another seed (its seeds listed). A run directory or another env's dataset is
-    refused, as is a seed already collected (it would record the same episodes again)."""
+    env and layout collected from other env seeds (listed as [first, count] ranges: a collection's env i plays
+    `seed` + i, over its `num_envs` envs). A run directory or another env's dataset is refused, as is a collection
+    whose env seeds overlap one already collected (its envs would replay those worlds)."""
     if (root / "config.yaml").is_file():
         raise DataError(f"{root} is a run directory; write episodes to a dataset directory of their own")
-    layout = {k: v for k, v in meta.items() if k != "seed"}
-    new_seeds = [meta["seed"]] if "seed" in meta else []
+    layout = {k: v for k, v in meta.items() if k not in ("seed", "num_envs")}
+    new = [[meta["seed"], meta.get("num_envs", 1)]] if "seed" in meta else []
     path = root / "meta.json"
     if not path.is_file():
-        return {**layout, "seeds": new_seeds} if new_seeds else layout
+        return {**layout, "env_seeds": new} if new else layout
     old = json.loads(path.read_text())
-    seeds = old.get("seeds", [old["seed"]] if "seed" in old else [])
-    for key in sorted((set(old) | set(layout)) - {"seed", "seeds"}):
+    # datasets from before the ranges were kept list each collection's first seed only
+    ranges = old.get("env_seeds") or [[s, 1] for s in old.get("seeds", [old["seed"]] if "seed" in old else [])]
+    for key in sorted((set(old) | set(layout)) - {"seed", "seeds", "env_seeds"}):
         if _comparable(key, old.get(key)) != _comparable(key, layout.get(key)):
             raise DataError(f"{root} holds episodes with {key}={old.get(key)!r}, not {layout.get(key)!r}: write these "
                             "to another directory")
-    if set(new_seeds) & set(seeds):
-        raise DataError(f"{root} already holds the episodes of seed {meta['seed']}: pass another --seed to add more")
-    return {**layout, "seeds": seeds + new_seeds}
+    for first, count in ranges:
+        for seed, n in new:
+            if seed < first + count and first < seed + n:
+                held = f"{first}" if count == 1 else f"{first}..{first + count - 1}"
+                raise DataError(f"{root} already holds the episodes of env seed {held}, which --seed {seed} with {n} "
+                                f"envs would play again (env i plays --seed + i): pass --seed "
+                                f"{max(f + c for f, c in ranges)} or more to add more")
+    return {**layout, "env_seeds": ranges + new}
 
 
 class EpisodeWriter:

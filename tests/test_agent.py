@@ -202,6 +202,35 @@ def test_replay_ratio_invariant():
         assert steps * t.train_ratio - t.batch_size * t.seq_len < replayed <= steps * t.train_ratio
 
 
+def test_the_agent_checkpoints_before_each_evaluation(tmp_path, monkeypatch):
+    """Whatever train.ckpt_every is, an evaluation (which Ctrl-C or a crash may stop) starts from a checkpoint."""
+    import agent.train as agent_train
+
+    rd, seen, play = tmp_path / "run", [], agent_train.evaluate_agent
+
+    def evaluate_agent(*args, **kwargs):
+        seen.append(checkpoint(rd)["counters"]["env_steps"])
+        return play(*args, **kwargs)
+
+    monkeypatch.setattr(agent_train, "evaluate_agent", evaluate_agent)
+    train(tiny("train.env_steps=160", "train.eval_every=100", "train.ckpt_every=120", "train.prefill=1000"), str(rd),
+          progress=False)
+    assert seen == [100, 160]
+
+
+def test_a_resume_with_another_batch_keeps_the_replay_ratio(tmp_path):
+    """Replayed steps are counted as each update ran: a resume at half the batch owes the updates that keep
+    replayed / env steps at train_ratio from there (not a burst recounted from step 0), and logs the true ratio."""
+    rd = tmp_path / "run"
+    train(tiny("train.env_steps=160", "train.eval_every=0"), str(rd), progress=False)
+    assert checkpoint(rd)["counters"]["updates"] == updates_due(160, tiny()) == 10  # 10 x 4 x 8 = 160 x 2
+    cfg = load_config(AgentConfig, rd / "config.yaml", ["train.env_steps=200", "train.batch_size=2"])
+    train(cfg, str(rd), resume=True, progress=False)
+    counters = checkpoint(rd)["counters"]
+    assert counters["replayed"] == 200 * 2 and counters["updates"] == 10 + 80 // (2 * 8)
+    assert [r["replay_ratio"] for r in metric_rows(rd, after=160) if "replay_ratio" in r] == [2.0]
+
+
 def test_tiny_preset_end_to_end(tmp_path):
     result = train(tiny(), str(tmp_path / "run"), progress=False)
     assert {"crafter_score", "return", "train_crafter_score", "train_episodes"} <= set(result)
@@ -229,10 +258,11 @@ def test_tiny_preset_end_to_end(tmp_path):
     assert run.main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", "1", "--policy", "random",
                      "--no-progress"]) == 0
     assert (tmp_path / "run" / "eval_random_stats.jsonl").is_file()
-    # each source of episodes keeps its own records: the run's evaluations, then the two `eval` calls above
+    # each source of episodes keeps its own records: the run's evaluations, and the last `eval` call's (beside its
+    # eval_agent.json, not the same seeded episodes again after those of the first call)
     lines = {name: len((tmp_path / "run" / name).read_text().splitlines()) for name in ("eval_stats.jsonl",
                                                                                          "eval_agent_stats.jsonl")}
-    assert lines == {"eval_stats.jsonl": 1, "eval_agent_stats.jsonl": 2}
+    assert lines == {"eval_stats.jsonl": 1, "eval_agent_stats.jsonl": 1}
     # the agent's slot encoder and decoder, shown on game frames like a pretraining run's
     viz = tmp_path / "viz"
     assert run.main(["visualize", "--checkpoint", str(tmp_path / "run"), "--frames", "2", "--out", str(viz)]) == 0

@@ -136,6 +136,10 @@ def test_visualize_clevr_scenes(vq_run, tmp_path, capsys):
     assert run.main(["visualize", "--checkpoint", str(vq_run), "--env", "clevr", "--frames", "2",
                      "--out", str(tmp_path / "c")]) == 0
     assert len(list((tmp_path / "c").glob("frame_*.png"))) == 2
+    assert run.main(["visualize", "--checkpoint", str(vq_run), "--env", "clevr", "--frames", "1",
+                     "--out", str(tmp_path / "c")]) == 0  # again, fewer: none of the first call's frames stay
+    assert [p.name for p in (tmp_path / "c").glob("frame_*.png")] == ["frame_0000.png"]
+    assert len(list((tmp_path / "c" / "tb").glob("events.*"))) == 1
     assert "note" not in json.loads((tmp_path / "c" / "summary.json").read_text())
 
 
@@ -201,7 +205,7 @@ def test_a_stopped_collection_keeps_its_episodes_and_says_so(tmp_path, monkeypat
     monkeypatch.setattr(EpisodeWriter, "step", stop_at(30))
     assert run.main(argv) == 130
     assert capsys.readouterr().err.strip().endswith(f"{out} holds 1 episode (unfinished ones kept as truncated); "
-                                                    "collect more with --seed 1 (it holds seed 0)")
+                                                    "collect more with --seed 1 (it holds env seed 0)")
     (episode,) = iter_episodes(out)
     assert len(episode["action"]) == 31 and episode["is_last"][-1] and not episode["is_terminal"].any()
-    assert read_meta(out)["seeds"] == [0]
+    assert read_meta(out)["env_seeds"] == [[0, 1]]

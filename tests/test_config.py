@@ -272,7 +272,7 @@ def test_presets_by_name_and_for_the_wrong_command():
         load_config(AgentConfig, None, ["dynamics.num_actions=5"])  # it would be overwritten silently
 
 
-def test_overrides_may_follow_options():
+def test_overrides_may_follow_options(capsys):
     """`key=value` overrides are taken before and after a subcommand's options, in the order typed; any other
     leftover is refused with that subcommand's usage."""
     import run
@@ -285,6 +285,9 @@ def test_overrides_may_follow_options():
         run.parse_args(["pretrain", "--run-dir", "X", "--bogus"])
     with pytest.raises(SystemExit):
         run.parse_args(["eval", "--checkpoint", "X", "train.steps=2"])  # eval takes no overrides
+    with pytest.raises(SystemExit):
+        run.parse_args(["train", "--seed", "3"])
+    assert "(--seed: a training run takes train.seed=... as an override)" in capsys.readouterr().err
     for command in ("pretrain", "train", "config"):  # presets do not combine: a second one is refused, not used alone
         with pytest.raises(SystemExit):
             run.parse_args([command, "--config", "tiny", "--config", "clevr_tiny"])

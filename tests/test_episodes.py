@@ -91,11 +91,13 @@ def test_episodes_join_only_a_dataset_of_the_same_env_and_layout(tmp_path):
 
     one_episode(EpisodeWriter(tmp_path / "d", {**meta, "seed": 0}))
     EpisodeWriter(tmp_path / "d", {**meta, "seed": 1})  # stopped before its first episode: seed 1 stays free
-    assert json.loads((tmp_path / "d" / "meta.json").read_text()) == {**meta, "seeds": [0]}
-    one_episode(EpisodeWriter(tmp_path / "d", {**meta, "seed": 1}))
-    assert json.loads((tmp_path / "d" / "meta.json").read_text()) == {**meta, "seeds": [0, 1]}
-    with pytest.raises(DataError, match="already holds the episodes of seed 1"):
-        EpisodeWriter(tmp_path / "d", {**meta, "seed": 1})
+    assert json.loads((tmp_path / "d" / "meta.json").read_text()) == {**meta, "env_seeds": [[0, 1]]}
+    one_episode(EpisodeWriter(tmp_path / "d", {**meta, "seed": 1, "num_envs": 4}))  # env seeds 1..4
+    assert json.loads((tmp_path / "d" / "meta.json").read_text()) == {**meta, "env_seeds": [[0, 1], [1, 4]]}
+    for seed, n in ((1, 1), (4, 2), (-1, 3)):  # any overlap with 0..4 would replay a world already collected
+        with pytest.raises(DataError, match=r"already holds the episodes of env seed .*pass --seed 5 or more"):
+            EpisodeWriter(tmp_path / "d", {**meta, "seed": seed, "num_envs": n})
+    EpisodeWriter(tmp_path / "d", {**meta, "seed": 5, "num_envs": 2})
     with pytest.raises(DataError, match="env='crafter', not 'nethack'"):
         EpisodeWriter(tmp_path / "d", {**meta, "env": "nethack", "seed": 2})
     (tmp_path / "old").mkdir()  # a dataset written before seeds were listed

@@ -287,3 +287,46 @@ def test_a_shorter_length_on_resume_stops_the_run_where_it_is():
     assert length(2, 1, 2) == 2  # finished: keeps its own length
     assert length(2, 1, 6) == 2  # stopped part-way: stops where it is, not at its old 6
     assert length(1202, 300, 1200) == 1200  # an agent past its length by a vector step: its own length
+
+
+def test_a_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """A read-only file system or a folder without permission (the kernel's answer, here simulated) is one line,
+    before the config is printed or a collection plays."""
+    import tempfile
+
+    import run
+
+    def refused(dir=None, **kw):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refused)
+    assert run.main(["train", "--config", "tiny", "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert run.main(["collect", "--env", "crafter", "--frames", "10", "--out", str(tmp_path / "data")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("not writable (Permission denied): choose another path") == 2
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.device=gpu", "train.device=gpu is not a device this project runs on"),
+    ("env.num_envs=3", "env.num_envs=3 must be a multiple of env.envs_per_worker=2"),
+    ("train.seq_len=20", "dynamics.max_steps=16 is shorter than the longest sequence it must hold (20 steps"),
+])
+def test_a_config_a_run_would_refuse_later_is_refused_before_it_is_printed(override, message, tmp_path, capsys):
+    import run
+
+    argv = ["train", "--config", "tiny", "--run-dir", str(tmp_path / "run"), "--no-progress", "env.envs_per_worker=2",
+            override]
+    assert run.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"error: {message}") and not (tmp_path / "run").exists()
+
+
+def test_the_printed_config_shows_what_the_run_sets_itself(tmp_path, capsys):
+    import run
+
+    assert run.main(["train", "--config", "tiny", "--run-dir", str(tmp_path / "run"), "--no-progress",
+                     "train.env_steps=2", "train.eval_episodes=1", "env.max_episode_steps=5"]) == 0
+    out = capsys.readouterr().out
+    assert "  num_slots: 4  # set by the run from encoder.model.num_slots" in out
+    assert "  num_actions: 17  # set by the run from the env" in out

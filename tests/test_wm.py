@@ -10,6 +10,7 @@ from compare import assert_same_state, checkpoint
 from envs.errors import DataError
 from envs.episodes import EpisodeWriter, load_frames
 from world_model.config import WorldModelConfig, load_config
+from world_model.rundir import read_jsonl
 from world_model.train_wm import build_wm_for, evaluate_wm, load_wm_run, split_dataset, to_batch, train_wm
 
 TINY_WM = [
@@ -401,3 +402,22 @@ def test_copy_baselines_on_still_frames(tmp_path):
     held.rng = np.random.default_rng(2025)  # evaluate_wm's segment draw, repeated
     rewards = held.sample(8, 5)["reward"][:, 2:]
     assert result["h3/reward_mae_zero"] == pytest.approx(float(np.abs(rewards[:, 2]).mean()))
+
+
+def test_train_wm_logs_the_mean_of_the_updates_since_the_last_row(tmp_path, monkeypatch):
+    """As the agent loop does: a row's losses average every update since the previous row, not the last batch's."""
+    from world_model.wm import WorldModel
+
+    losses, loss = [], WorldModel.loss
+
+    def recorded(self, batch, beta):
+        out = loss(self, batch, beta)
+        losses.append(float(out[0]))
+        return out
+
+    monkeypatch.setattr(WorldModel, "loss", recorded)
+    train_wm(wm_cfg(toy_dataset(tmp_path / "d"), "train.steps=4", "train.log_every=2", "train.eval_every=0"),
+             str(tmp_path / "r"), progress=False)
+    rows = [r for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if "train/loss" in r]
+    assert [r["step"] for r in rows] == [2, 4] and len(losses) == 4 and len(set(losses)) == 4
+    assert [r["train/loss"] for r in rows] == pytest.approx([sum(losses[:2]) / 2, sum(losses[2:]) / 2], rel=1e-5)

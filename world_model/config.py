@@ -406,7 +406,9 @@ def check_resume_overrides(saved: Any, cfg: Any, run_dir: str | Path) -> None:
             raise ConfigError(f"{key}={after!r} differs from what {run_dir} trained with ({before!r}); the seed picks "
                               "the data a run learns from, so a resume keeps it: start a new run (--run-dir NEW) to "
                               "change it")
-        allowed = ", ".join(k + "*" if k.endswith(".") else k for k in RESUMABLE)
+        keys = _keys(old)
+        allowed = ", ".join(k + "*" if k.endswith(".") else k for k in RESUMABLE
+                            if any(have == k or have.startswith(k) for have in keys))  # this command's own
         raise ConfigError(f"{key}={after!r} differs from what {run_dir} trained with ({before!r}); a resume may change "
                           f"how it runs ({allowed}), not what it learns: start a new run (--run-dir NEW) to change it")
 

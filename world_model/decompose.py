@@ -185,6 +185,11 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
         print(f"note: {checkpoint} was trained on {run.trained_env} frames, shown {env} frames here", file=sys.stderr)
     out = check_out_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    stale = [*out.glob("frame_*.png"), *(out / "tb").glob("events.*")]  # an earlier visualize's, which could outnumber
+    for path in stale:  # or mix with this one's
+        path.unlink()
+    if stale:
+        print(f"note: replaced an earlier visualize's frames and tensorboard log in {out}", file=sys.stderr)
     if env == "clevr":
         cfg.data.source = "generated" if cfg.data.source == "frames" else cfg.data.source
         images = torch.cat([b["images"].cpu() for b in eval_batches(cfg, torch.device("cpu"), frames)])

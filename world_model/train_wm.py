@@ -97,6 +97,13 @@ def episode_length(path: Path) -> int:
                         "files out of the episodes directory") from None
 
 
+def check_max_steps(dyn: DynamicsConfig, longest: tuple[int, str]) -> None:
+    """Refuse a dynamics too short for `longest` (steps, and the keys that set them)."""
+    if dyn.max_steps < longest[0]:
+        raise ValueError(f"dynamics.max_steps={dyn.max_steps} is shorter than the longest sequence it must hold "
+                         f"({longest[0]} steps: {longest[1]})")
+
+
 def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: DynamicsConfig, num_actions: int,
                       device: torch.device, longest: tuple[int, str], status_vars: int = 0,
                       restoring: Optional[str | Path] = None) -> WorldModel:
@@ -131,18 +138,26 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
     status, frame_vars, frame_codes = frame_token_size(frame, status_vars)
     dyn = replace(dyn, num_slots=enc.model.num_slots, num_vars=enc.model.vq.num_vars, num_codes=enc.model.vq.num_codes,
                   frame_vars=frame_vars, frame_codes=frame_codes, num_actions=num_actions)
-    if dyn.max_steps < longest[0]:
-        raise ValueError(f"dynamics.max_steps={dyn.max_steps} is shorter than the longest sequence it must hold "
-                         f"({longest[0]} steps: {longest[1]})")
+    check_max_steps(dyn, longest)
     return WorldModel(autoencoder, enc.resolution, frame, dyn, joint, enc.carry_grad, status).to(device)
+
+
+def longest_sequence(cfg: WorldModelConfig) -> tuple[int, str]:
+    """The longest sequence the dynamics must hold, and the keys that set it."""
+    return (max(cfg.data.seq_len, cfg.eval.context + max(cfg.eval.horizons)),
+            "data.seq_len, or eval.context plus the longest of eval.horizons")
+
+
+def preflight(cfg: WorldModelConfig) -> None:
+    """What `train-wm` would refuse only once it builds the model, refused before the run prints and starts."""
+    check_max_steps(cfg.dynamics, longest_sequence(cfg))
 
 
 def build_wm_for(cfg: WorldModelConfig, num_actions: int, device: torch.device, status_vars: int = 0,
                  restoring: Optional[str | Path] = None) -> WorldModel:
     """`build_world_model` for a train-wm config (which then records the completed dynamics config)."""
-    longest = (max(cfg.data.seq_len, cfg.eval.context + max(cfg.eval.horizons)),
-               "data.seq_len, or eval.context plus the longest of eval.horizons")
-    wm = build_world_model(cfg.encoder, cfg.frame, cfg.dynamics, num_actions, device, longest, status_vars, restoring)
+    wm = build_world_model(cfg.encoder, cfg.frame, cfg.dynamics, num_actions, device, longest_sequence(cfg),
+                           status_vars, restoring)
     cfg.dynamics = wm.dynamics.cfg
     return wm
 
@@ -279,6 +294,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
     bar = tqdm(total=cfg.train.steps, initial=step, desc="train-wm", disable=not progress, dynamic_ncols=True)
     wm.train()
     t_last, n_last = time.perf_counter(), step
+    sums, summed = {}, 0  # the stats of the updates since the last log row, summed on the device: their means are logged
     while step < cfg.train.steps:
         train_buf.rng = np.random.default_rng(stream_seed(cfg.train.seed, TRAIN_STREAM, step))
         batch = to_batch(train_buf.sample(cfg.train.batch_size, cfg.data.seq_len, pad=True), wm.resolution, device)
@@ -292,21 +308,25 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
             skipped += 1
             logger.scalars(step, {"skipped_updates": skipped}, prefix="train/")
             bar.write(f"step {step}: non-finite {problem}, update skipped ({skipped} so far)")
+        else:
+            sums, summed = {k: sums.get(k, 0.0) + v.detach().float() for k, v in stats.items()}, summed + 1
         step += 1
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             now = time.perf_counter()
-            stats = {k: float(v) for k, v in stats.items()}
+            stats = {k: float(v) / summed for k, v in sums.items()}
+            sums, summed = {}, 0
             if tau is not None:
                 stats["vq_tau"] = tau
             stats.update(lr=opt.param_groups[0]["lr"],
                          frames_per_s=(step - n_last) * cfg.train.batch_size * cfg.data.seq_len / (now - t_last))
             t_last, n_last = now, step
             logger.scalars(step, stats, prefix="train/")
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", code_acc=f"{100 * stats['acc_slots']:.1f}%")
-            if not progress:  # a log file still shows the run moving
-                print(f"step {step}/{cfg.train.steps}: loss={stats['loss']:.4f}, slot-code accuracy "
-                      f"{100 * stats['acc_slots']:.1f}%", flush=True)
+            if "loss" in stats:  # not when every update since the last row was skipped
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", code_acc=f"{100 * stats['acc_slots']:.1f}%")
+                if not progress:  # a log file still shows the run moving
+                    print(f"step {step}/{cfg.train.steps}: loss={stats['loss']:.4f}, slot-code accuracy "
+                          f"{100 * stats['acc_slots']:.1f}%", flush=True)
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:  # before the evaluation: Ctrl-C there loses
             checkpoint()                                                   # no training step
             logger.flush()
