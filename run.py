@@ -66,8 +66,9 @@ def cmd_config(args) -> None:
     print(_config_text(load_config(run_schemas()[command], preset, args.overrides), command), end="")
 
 
-def _config_text(cfg, command: str) -> str:
-    """`cfg` as YAML, with the keys a world-model or agent run sets itself shown at the values it will give them."""
+def _config_text(cfg, command: str, resumed: bool = False) -> str:
+    """`cfg` as YAML, with the keys a world-model or agent run sets itself shown at the values it will give them
+    (`resumed`: a run's recorded config, whose encoder.checkpoint may have moved since)."""
     import copy
 
     from world_model.config import DERIVED, load_run_config, to_yaml
@@ -89,6 +90,8 @@ def _config_text(cfg, command: str) -> str:
                 cfg.encoder.model, cfg.encoder.resolution = pre.model, pre.data.resolution
                 notes = f"# encoder.model and encoder.resolution: those of encoder.checkpoint={cfg.encoder.checkpoint}\n"
             except ValueError:  # moved or gone: a resumed run has recorded them, and its weights are its own
+                if not resumed:
+                    raise
                 notes = "# encoder.model and encoder.resolution: as recorded (encoder.checkpoint is not there now)\n"
         else:
             derived["encoder.mode"] = ("encoder.checkpoint unset (a fresh encoder trains jointly)", "joint")
@@ -180,7 +183,7 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
         preflight(cfg)
     main_rank = distributed.is_main()
     if main_rank:
-        print(f"# run directory: {run_dir}\n{_config_text(cfg, args.command)}", end="")
+        print(f"# run directory: {run_dir}\n{_config_text(cfg, args.command, resume)}", end="")
         if getattr(cfg.train, "compile", False):
             print(f"# train.compile: the first steps compile ({cfg.train.compile_mode}); that takes minutes on a CPU "
                   "and is cached on disk for later runs")
@@ -244,7 +247,8 @@ def cmd_eval_ap(args) -> None:
         cfg.data.eval_split = args.split
     n = args.images or cfg.data.eval_images
     result = evaluate(model, cfg, device, n, batches=eval_batches(cfg, device, n))
-    source = {"generated": "generated scenes", "clevr": f"CLEVR {cfg.data.root} split {cfg.data.eval_split}",
+    source = {"generated": "generated scenes", "clevr": f"CLEVR {cfg.data.root} split {cfg.data.eval_split}, scenes "
+                                                        f"of {cfg.data.min_objects}-{cfg.data.max_objects} objects",
               "frames": f"held-out frames of {cfg.data.root}"}.get(cfg.data.source, cfg.data.source)
     result.update(step=state["step"], data=source, task=cfg.task, slots=cfg.model.slots,
                   vq=cfg.model.vq.enabled)
@@ -434,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--env", required=True, choices=["crafter", "nethack"])
     s.add_argument("--frames", type=int, required=True, help="observations to store")
     s.add_argument("--out", required=True, help="dataset directory; an existing one of the same env and settings "
-                   "gets more episodes, from a --seed it does not hold yet")
+                   "gets more episodes, from env seeds it does not hold yet (env i plays --seed + i)")
     s.add_argument("--workers", type=int, default=1, help="worker processes (default 1: in-process, no workers)")
     s.add_argument("--envs-per-worker", type=int, default=1, help="envs stepped in turn by each worker (default 1)")
     s.add_argument("--size", type=int, help="image side in pixels (default 64)")

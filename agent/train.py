@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -68,9 +68,11 @@ def longest_sequence(cfg: AgentConfig) -> tuple[int, str]:
 def preflight(cfg: AgentConfig) -> None:
     """What `train` would refuse only once it builds things, refused before the run prints its config and starts."""
     check_max_steps(cfg.dynamics, longest_sequence(cfg))
-    if cfg.env.num_envs % cfg.env.envs_per_worker:
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, before the process group is joined
+    if cfg.env.asynchronous and cfg.env.num_envs % (ranks * cfg.env.envs_per_worker):
         raise ValueError(f"env.num_envs={cfg.env.num_envs} must be a multiple of env.envs_per_worker="
-                         f"{cfg.env.envs_per_worker} (each worker process runs that many envs)")
+                         f"{cfg.env.envs_per_worker} (each worker process runs that many envs)"
+                         + (f" times the {ranks} processes" if ranks > 1 else ""))
 
 
 def build_agent(cfg: AgentConfig, num_actions: int, device: torch.device, status_vars: int = 0,
@@ -94,13 +96,15 @@ def updates_due(env_steps: int, cfg: AgentConfig) -> int:
     return int(env_steps * t.train_ratio / (t.batch_size * t.seq_len))
 
 
-def update_owed(env_steps: int, replayed: int, cfg: AgentConfig) -> bool:
+def update_owed(env_steps: int, replayed: int, cfg: AgentConfig, since: Sequence[int] = (0, 0)) -> bool:
     """Whether another update is owed after `env_steps` env steps and `replayed` replayed steps (train.batch_size x
-    train.seq_len per update, as each ran): after prefill, replayed steps stay within train_ratio x env steps. So a
-    resume that changes the batch, the segment length or the ratio keeps the ratio from there, with no burst or
+    train.seq_len per update, as each ran): after prefill, the replayed steps since `since` (env steps, replayed
+    steps: where train.train_ratio last changed) stay within train_ratio x the env steps since then. So a resume
+    that changes the batch, the segment length or the ratio keeps the (new) ratio from there, with no burst or
     pause."""
     t = cfg.train
-    return env_steps >= t.prefill and replayed + t.batch_size * t.seq_len <= env_steps * t.train_ratio
+    return (env_steps >= t.prefill
+            and replayed - since[1] + t.batch_size * t.seq_len <= (env_steps - since[0]) * t.train_ratio)
 
 
 def local_share(total: int, what: str) -> int:
@@ -256,7 +260,8 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         wm, ac = build_agent(cfg, num_actions, device, status, restoring=run_dir if resume else None)
         spec = replay_spec(spec, wm)
         wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=t.wm_lr, eps=1e-8)
-        counters = {"env_steps": 0, "updates": 0, "episodes": 0, "vector_steps": 0, "replayed": 0}
+        # replayed steps, and the (env steps, replayed steps) from which train.train_ratio holds (`update_owed`)
+        counters = {"env_steps": 0, "updates": 0, "episodes": 0, "vector_steps": 0, "replayed": 0, "ratio_from": [0, 0]}
         capacity = local_share(cfg.replay.capacity, "replay.capacity")
         replay_device = device if cfg.replay.on_device else None
         replay = ReplayBuffer(capacity, spec, seed=rank_seed(t.seed), device=replay_device)
@@ -266,10 +271,13 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             wm_opt.load_state_dict(state["wm_opt"])
             ac.load_optimizer_state(state["ac_opt"])
             counters = state["counters"]
+            was = state.get("config", {}).get("train", {})
             if "replayed" not in counters:  # a checkpoint from before replayed steps were counted: its own batches
-                was = state.get("config", {}).get("train", {})
                 counters["replayed"] = counters["updates"] * was.get("batch_size", t.batch_size) * was.get("seq_len",
                                                                                                            t.seq_len)
+            counters.setdefault("ratio_from", [0, 0])
+            if was.get("train_ratio", t.train_ratio) != t.train_ratio:  # the new ratio holds from here
+                counters["ratio_from"] = [counters["env_steps"], counters["replayed"]]
             restore_rng(state["rng"], t.seed, counters["vector_steps"])
             t.env_steps = note_if_finished(counters["env_steps"], t.env_steps, "train.env_steps", state)
             replay = load_replay_shards(run.path, state, capacity, rank_seed(t.seed, counters["vector_steps"]),
@@ -281,9 +289,10 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         state = None  # the checkpoint's tensors are in the models now: not kept for the whole run
         save_config(cfg, run.config_path)
         if main and updates_due(t.env_steps, cfg) == 0:
-            print(f"note: train.env_steps={t.env_steps} gives no update (updates start after train.prefill={t.prefill} "
-                  "random steps, one per train.batch_size x train.seq_len / train.train_ratio env steps): this run "
-                  "only collects", file=sys.stderr)
+            why = ("train.train_ratio=0" if t.train_ratio == 0 else
+                   f"train.env_steps={t.env_steps} is too few (updates start after train.prefill={t.prefill} random "
+                   "steps, one per train.batch_size x train.seq_len / train.train_ratio env steps)")
+            print(f"note: {why}: this run gives no update, it only collects", file=sys.stderr)
         wm_parallel = distributed.wrap(WorldModelLoss(wm), device) if distributed.active() else None
         ac_parallel = distributed.wrap(ac, device) if distributed.active() else None
         logger = MetricLogger(run, start_step=counters["env_steps"])
@@ -334,6 +343,12 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         next_log = (counters["env_steps"] // t.log_every + 1) * t.log_every
         next_ckpt = (counters["env_steps"] // t.ckpt_every + 1) * t.ckpt_every
         next_eval = (counters["env_steps"] // t.eval_every + 1) * t.eval_every if t.eval_every else None
+        at = counters["env_steps"]
+        # a resume from the checkpoint written just before an evaluation that did not finish (Ctrl-C, a crash during
+        # it: nothing logged at its step) plays it now; the run's last evaluation is seen to below, at the end
+        due = next_eval is not None and at // t.eval_every > (at - cfg.env.num_envs) // t.eval_every
+        if main and due and 0 < at < t.env_steps and not logger.logged(at, "eval/"):
+            last_eval, evaluated_at = evaluate(at), at
         t_last, steps_last, segments = time.perf_counter(), counters["env_steps"], False
         interval = UpdateMeans()  # the updates since the last log row
         while counters["env_steps"] < t.env_steps:
@@ -345,7 +360,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             counters["vector_steps"] += 1
             counters["env_steps"] += cfg.env.num_envs
             bar.update(cfg.env.num_envs)
-            while update_owed(counters["env_steps"], counters["replayed"], cfg):
+            while update_owed(counters["env_steps"], counters["replayed"], cfg, counters["ratio_from"]):
                 # A segment holds a prediction target once some episode has two stored steps; until every rank's
                 # replay does, the owed updates follow later. Checked until it holds (it stays), so no collective
                 # per update after.
@@ -368,7 +383,8 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                            skipped_wm=counters.get("skipped_wm", 0), skipped_ac=counters.get("skipped_ac", 0),
                            replay_steps=len(replay) * distributed.world_size(), updates=counters["updates"],
                            episodes=episodes, env_restarts=restarts,
-                           replay_ratio=counters["replayed"] / counters["env_steps"])
+                           replay_ratio=(counters["replayed"] - counters["ratio_from"][1])
+                           / max(counters["env_steps"] - counters["ratio_from"][0], 1))
                 t_last, steps_last = now, counters["env_steps"]
                 if main:
                     row.update(_score(run.path / "stats.jsonl", cfg.env.name, "train/"))
@@ -376,8 +392,9 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                 score = {k.split("/")[-1]: f"{v:.2f}" for k, v in row.items() if k in ("train/crafter_score", "train/score")}
                 bar.set_postfix(episodes=episodes, updates=counters["updates"], **score)
                 if main and not progress:  # a log file still shows the run moving
-                    print(f"env step {counters['env_steps']}/{t.env_steps}: {counters['updates']} updates, {episodes} "
-                          f"episodes, {row['env_steps_per_s']:.1f} env steps/s"
+                    updates = counters["updates"]
+                    print(f"env step {counters['env_steps']}/{t.env_steps}: {updates} update{'s' * (updates != 1)}, "
+                          f"{episodes} episode{'s' * (episodes != 1)}, {row['env_steps_per_s']:.1f} env steps/s"
                           + "".join(f", {k}={v}" for k, v in score.items()), flush=True)
             evaluating = next_eval is not None and counters["env_steps"] >= next_eval
             if counters["env_steps"] >= next_ckpt or counters["env_steps"] >= t.env_steps or evaluating:

@@ -47,9 +47,9 @@ def collect(env: str, frames: int, out: str, num_envs: int = 1, envs_per_worker:
     Episodes end as the env ends them (terminated/truncated, or truncated by a crashed worker); episodes
     still running when the budget is reached are written as truncated pieces.
     """
-    if frames < num_envs:  # each env's first frame alone would be more, and no step would be played
-        raise ValueError(f"--frames={frames} is fewer than the {num_envs} envs collecting (a first frame each): ask "
-                         f"for at least {num_envs}, or fewer --workers / --envs-per-worker")
+    if frames <= num_envs:  # the envs' first frames alone would reach it: no step would be played
+        raise ValueError(f"--frames={frames} is no more than the {num_envs} envs collecting (a first frame each): ask "
+                         f"for more than {num_envs}, or fewer --workers / --envs-per-worker")
     out_path = check_folder(out, "--out")
     env_kwargs = dict(env_kwargs or {})
     env_kwargs.setdefault("stats_path", str(out_path / "stats.jsonl"))

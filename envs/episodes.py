@@ -8,6 +8,7 @@ holds observation t, the action that led to it, the reward received with it, and
 from __future__ import annotations
 
 import json
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -49,6 +50,11 @@ def _joined_meta(root: Path, meta: dict) -> dict:
     old = json.loads(path.read_text())
     # datasets from before the ranges were kept list each collection's first seed only
     ranges = old.get("env_seeds") or [[s, 1] for s in old.get("seeds", [old["seed"]] if "seed" in old else [])]
+    if "env_seeds" not in old and ranges:
+        firsts = ", ".join(str(f) for f, _ in ranges)
+        print(f"note: {root} lists only the first env seed of each earlier collection ({firsts}); their other "
+              "envs played the seeds after it, which this check cannot see: pick a --seed well above them",
+              file=sys.stderr)
     for key in sorted((set(old) | set(layout)) - {"seed", "seeds", "env_seeds"}):
         if _comparable(key, old.get(key)) != _comparable(key, layout.get(key)):
             raise DataError(f"{root} holds episodes with {key}={old.get(key)!r}, not {layout.get(key)!r}: write these "

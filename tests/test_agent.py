@@ -136,6 +136,27 @@ def test_an_evaluation_that_fails_loses_no_checkpoint(tmp_path, monkeypatch):
     assert state["counters"]["env_steps"] == 60
 
 
+def test_an_evaluation_stopped_midway_is_played_on_resume(tmp_path, monkeypatch):
+    """Stopped during the evaluation at step 100 (between checkpoints at 120), the run resumes from the checkpoint
+    written just before it and plays that evaluation first: none is lost."""
+    import agent.train
+
+    rd, play, calls = tmp_path / "run", agent.train.evaluate_agent, []
+
+    def stopped_once(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return play(*args, **kwargs)
+
+    monkeypatch.setattr(agent.train, "evaluate_agent", stopped_once)
+    cfg = tiny("train.env_steps=160", "train.eval_every=100", "train.ckpt_every=120", "train.prefill=1000")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, str(rd), progress=False)
+    train(load_config(AgentConfig, rd / "config.yaml"), str(rd), resume=True, progress=False)
+    assert [r["step"] for r in metric_rows(rd) if "eval/return" in r] == [100, 160] and len(calls) == 3
+
+
 def test_a_run_ends_with_an_evaluation_at_its_last_step(tmp_path):
     """Periodic evaluations at eval_every, and one at the last env step when that falls between them."""
     result = train(tiny("train.env_steps=100", "train.prefill=100", "train.eval_every=60", "train.ckpt_every=1000"),
@@ -194,15 +215,24 @@ def test_a_row_after_no_update_repeats_no_loss(tmp_path):
 
 
 def test_replay_ratio_invariant():
+    """Replayed steps stay within one update of train_ratio x env steps; the loop's test (`update_owed`, one update at
+    a time) owes exactly the updates `updates_due` counts for an unchanged config."""
+    from agent.train import update_owed
+
     cfg = tiny()
     t = cfg.train
     assert updates_due(t.prefill - 1, cfg) == 0
     for steps in (t.prefill, 1000, 12_345):
         replayed = updates_due(steps, cfg) * t.batch_size * t.seq_len
         assert steps * t.train_ratio - t.batch_size * t.seq_len < replayed <= steps * t.train_ratio
+    updates = 0
+    for steps in range(0, 3000, 2):
+        while update_owed(steps, updates * t.batch_size * t.seq_len, cfg):
+            updates += 1
+        assert updates == updates_due(steps, cfg), steps
 
 
-def test_the_agent_checkpoints_before_each_evaluation(tmp_path, monkeypatch):
+def test_the_agent_checkpoints_before_each_evaluation(tmp_path, monkeypatch, capsys):
     """Whatever train.ckpt_every is, an evaluation (which Ctrl-C or a crash may stop) starts from a checkpoint."""
     import agent.train as agent_train
 
@@ -216,11 +246,13 @@ def test_the_agent_checkpoints_before_each_evaluation(tmp_path, monkeypatch):
     train(tiny("train.env_steps=160", "train.eval_every=100", "train.ckpt_every=120", "train.prefill=1000"), str(rd),
           progress=False)
     assert seen == [100, 160]
+    assert "train.env_steps=160 is too few (updates start after train.prefill=1000" in capsys.readouterr().err
 
 
-def test_a_resume_with_another_batch_keeps_the_replay_ratio(tmp_path):
+def test_a_resume_with_another_batch_or_ratio_keeps_the_ratio_from_there(tmp_path):
     """Replayed steps are counted as each update ran: a resume at half the batch owes the updates that keep
-    replayed / env steps at train_ratio from there (not a burst recounted from step 0), and logs the true ratio."""
+    replayed / env steps at train_ratio from there (not a burst recounted from step 0), and logs the true ratio;
+    a resume with another train_ratio holds the new one from that step."""
     rd = tmp_path / "run"
     train(tiny("train.env_steps=160", "train.eval_every=0"), str(rd), progress=False)
     assert checkpoint(rd)["counters"]["updates"] == updates_due(160, tiny()) == 10  # 10 x 4 x 8 = 160 x 2
@@ -229,6 +261,12 @@ def test_a_resume_with_another_batch_keeps_the_replay_ratio(tmp_path):
     counters = checkpoint(rd)["counters"]
     assert counters["replayed"] == 200 * 2 and counters["updates"] == 10 + 80 // (2 * 8)
     assert [r["replay_ratio"] for r in metric_rows(rd, after=160) if "replay_ratio" in r] == [2.0]
+    # a new ratio holds from the resume on: 40 more env steps at ratio 4 owe 160 replayed steps, 10 updates of 2 x 8
+    cfg = load_config(AgentConfig, rd / "config.yaml", ["train.env_steps=240", "train.train_ratio=4"])
+    train(cfg, str(rd), resume=True, progress=False)
+    counters = checkpoint(rd)["counters"]
+    assert counters["ratio_from"] == [200, 400] and counters["replayed"] == 400 + 40 * 4 and counters["updates"] == 25
+    assert [r["replay_ratio"] for r in metric_rows(rd, after=200) if "replay_ratio" in r] == [4.0]
 
 
 def test_tiny_preset_end_to_end(tmp_path):

@@ -70,6 +70,10 @@ def test_cli_collect_nethack_in_process(tmp_path, capsys):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert run.main(["collect", "--env", "crafter", "--frames", "0", "--out", str(tmp_path / "x")]) == 2
     assert "frames must be positive" in capsys.readouterr().err
+    assert run.main(["collect", "--env", "crafter", "--frames", "2", "--envs-per-worker", "2", "--out",
+                     str(tmp_path / "x")]) == 2  # the 2 envs' first frames alone: no step played, nothing written
+    assert "--frames=2 is no more than the 2 envs collecting" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
     for option in ("--workers", "--envs-per-worker", "--size"):
         assert run.main(["collect", "--env", "crafter", "--frames", "5", "--out", str(tmp_path / "x"), option, "0"]) == 2
         assert f"{option} must be positive, got 0" in capsys.readouterr().err

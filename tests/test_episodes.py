@@ -80,7 +80,7 @@ def test_bad_datasets_are_one_line_errors(tmp_path):
             episode_paths(tmp_path)
 
 
-def test_episodes_join_only_a_dataset_of_the_same_env_and_layout(tmp_path):
+def test_episodes_join_only_a_dataset_of_the_same_env_and_layout(tmp_path, capsys):
     """More episodes may be added to a dataset from another seed; another env's dataset, a seed already collected
     and a run directory are refused before anything is written."""
     meta = {"env": "crafter", "num_actions": 17, "obs_keys": ["image"], "image_shape": [64, 64, 3]}
@@ -104,6 +104,8 @@ def test_episodes_join_only_a_dataset_of_the_same_env_and_layout(tmp_path):
     (tmp_path / "old" / "meta.json").write_text(json.dumps({**meta, "seed": 0}))
     with pytest.raises(DataError, match="seed 0"):
         EpisodeWriter(tmp_path / "old", {**meta, "seed": 0})
+    EpisodeWriter(tmp_path / "old", {**meta, "seed": 1})  # allowed, though its collection may have played seed 1: said
+    assert "lists only the first env seed of each earlier collection (0)" in capsys.readouterr().err
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("task: setpred\n")
     with pytest.raises(DataError, match="is a run directory"):

@@ -277,7 +277,7 @@ def test_pretrain_and_eval_on_a_clevr_directory(tmp_path, capsys):
     assert run.main(["eval-ap", "--checkpoint", str(rd), "--clevr-root", str(tmp_path / "clevr"), "--images",
                      "10"]) == 0
     out, err = capsys.readouterr()
-    assert f"on 4 images (CLEVR {tmp_path / 'clevr'} split val)" in out
+    assert f"on 4 images (CLEVR {tmp_path / 'clevr'} split val, scenes of 3-10 objects)" in out
     assert "hold 4 images, fewer than the 10 asked for" in err  # said, not silently fewer
     assert json.loads((rd / "eval_ap_clevr_val.json").read_text())["images"] == 4  # beside eval_ap.json, not over it
 

@@ -185,11 +185,6 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
         print(f"note: {checkpoint} was trained on {run.trained_env} frames, shown {env} frames here", file=sys.stderr)
     out = check_out_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stale = [*out.glob("frame_*.png"), *(out / "tb").glob("events.*")]  # an earlier visualize's, which could outnumber
-    for path in stale:  # or mix with this one's
-        path.unlink()
-    if stale:
-        print(f"note: replaced an earlier visualize's frames and tensorboard log in {out}", file=sys.stderr)
     if env == "clevr":
         cfg.data.source = "generated" if cfg.data.source == "frames" else cfg.data.source
         images = torch.cat([b["images"].cpu() for b in eval_batches(cfg, torch.device("cpu"), frames)])
@@ -202,6 +197,12 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
             print(f"note: the {frames} frames span {int(starts.sum())} episodes; slots start afresh at each "
                   "episode's first frame", file=sys.stderr)
     result = decompose(model, images, carry, starts)
+    # an earlier visualize's frames and log, which could outnumber or mix with this one's: replaced once this one is
+    stale = [*out.glob("frame_*.png"), *(out / "tb").glob("events.*")]  # computed
+    for path in stale:
+        path.unlink()
+    if stale:
+        print(f"note: replaced an earlier visualize's frames and tensorboard log in {out}", file=sys.stderr)
     writer = None
     if tensorboard:
         from torch.utils.tensorboard import SummaryWriter

@@ -213,13 +213,14 @@ class SlotDynamics(nn.Module):
 
 
 def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor], count: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean of x `b t`, over the entries where mask `b t` is True (all without a mask). `count` replaces the mask's
-    own count as the divisor: under data parallelism the ranks' mean count, so that once DDP averages the ranks'
-    gradients every valid entry of every rank weighs the same, as in one process on the concatenated batch."""
+    """Mean of x `b t`, over the entries where mask `b t` is True (all without a mask; 0 where none is). `count`
+    replaces the mask's own count as the divisor: under data parallelism the ranks' mean count (at least 1 / ranks),
+    so that once DDP averages the ranks' gradients every valid entry of every rank weighs the same, as in one
+    process on the concatenated batch."""
     if mask is None:
         return x.mean()
     m = mask.to(x.dtype)
-    return (x * m).sum() / (m.sum() if count is None else count.to(x.dtype)).clamp_min(1.0)
+    return (x * m).sum() / (m.sum().clamp_min(1.0) if count is None else count.to(x.dtype))
 
 
 def dynamics_loss(pred: Predictions, slot_codes: torch.Tensor, frame_codes: Optional[torch.Tensor],

@@ -139,7 +139,9 @@ class WorldModel(nn.Module):
         valid = batch.get("valid")
         frames_n = targets_n = None
         if valid is not None and distributed.active():
-            frames_n, targets_n = distributed.mean_(torch.stack([valid.sum(), valid[:, 1:].sum()]).float())
+            # at least one step over all ranks (as one process clamps its count), per rank
+            counts = distributed.mean_(torch.stack([valid.sum(), valid[:, 1:].sum()]).float())
+            frames_n, targets_n = counts.clamp_min(1.0 / distributed.world_size())
         enc = self.encode(batch["images"], batch.get("status"), valid, frames_n)
         actions = torch.cat([batch["action"][:, 1:], torch.zeros_like(batch["action"][:, :1])], 1)
         pred = self.dynamics(enc.slot_codes, enc.frame_codes, actions)
