@@ -507,3 +507,25 @@ def test_a_data_root_that_the_source_would_not_read_is_refused():
 
     with pytest.raises(ConfigError, match="data.root=somewhere is set but data.source=generated renders its own"):
         tiny_cfg("data.root=somewhere")
+
+
+def test_an_evaluation_stopped_midway_is_run_on_resume(tmp_path, monkeypatch):
+    """The checkpoint is written before each evaluation (here at step 2, between checkpoints every 3 steps); a run
+    stopped during that evaluation runs it first when it resumes, so no evaluation is lost."""
+    import world_model.pretrain as pretraining
+
+    run_eval, calls = pretraining.evaluate, []
+
+    def stopped_once(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return run_eval(*args, **kwargs)
+
+    monkeypatch.setattr(pretraining, "evaluate", stopped_once)
+    cfg = tiny_cfg("train.steps=4", "train.eval_every=2", "train.ckpt_every=3")
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, str(tmp_path / "r"), progress=False)
+    assert RunDir(tmp_path / "r").load_checkpoint()["step"] == 2
+    pretrain(cfg, str(tmp_path / "r"), resume=True, progress=False)
+    assert [r["step"] for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if "eval/AP_inf" in r] == [2, 4]

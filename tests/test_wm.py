@@ -421,3 +421,22 @@ def test_train_wm_logs_the_mean_of_the_updates_since_the_last_row(tmp_path, monk
     rows = [r for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if "train/loss" in r]
     assert [r["step"] for r in rows] == [2, 4] and len(losses) == 4 and len(set(losses)) == 4
     assert [r["train/loss"] for r in rows] == pytest.approx([sum(losses[:2]) / 2, sum(losses[2:]) / 2], rel=1e-5)
+
+
+def test_a_world_model_evaluation_stopped_midway_is_run_on_resume(tmp_path, monkeypatch):
+    import world_model.train_wm as wm_training
+
+    run_eval, calls = wm_training.evaluate_wm, []
+
+    def stopped_once(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return run_eval(*args, **kwargs)
+
+    monkeypatch.setattr(wm_training, "evaluate_wm", stopped_once)
+    cfg = wm_cfg(toy_dataset(tmp_path / "d"), "train.steps=4", "train.eval_every=2", "train.ckpt_every=3")
+    with pytest.raises(KeyboardInterrupt):
+        train_wm(cfg, str(tmp_path / "r"), progress=False)
+    train_wm(cfg, str(tmp_path / "r"), resume=True, progress=False)
+    assert [r["step"] for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if "eval/h1/code_acc" in r] == [2, 4]

@@ -431,6 +431,11 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
     t_last, images = time.perf_counter(), 0  # images trained on since the last log row, over all ranks
     stream = train_batches(source, cfg, step)
     pool = getattr(source, "pool", None)
+    # a resume from the checkpoint written just before an evaluation that did not finish (nothing logged at its step)
+    # plays it first; the last step's is seen to below
+    if (distributed.is_main() and cfg.train.eval_every and step % cfg.train.eval_every == 0
+            and 0 < step < cfg.train.steps and not logger.logged(step, "eval/")):
+        logger.scalars(step, evaluate(model, cfg, device, cfg.data.eval_images), prefix="eval/")
     while step < cfg.train.steps:
         batch = next(stream)
         images += len(batch["images"]) * distributed.world_size()
@@ -469,10 +474,11 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
                       flush=True)
         if (step % cfg.train.image_every == 0 or step == cfg.train.steps) and distributed.is_main():
             log_images(logger, step, cfg, batch, outputs)  # the last step too: a short run still leaves pictures
-        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:  # before the evaluation: Ctrl-C there loses
-            checkpoint()                                                   # no training step
+        evaluating = cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.steps
+        if step % cfg.train.ckpt_every == 0 or evaluating:  # also before each evaluation: Ctrl-C or a crash there
+            checkpoint()                                    # loses no training step
             logger.flush()
-        if (cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.steps) and distributed.is_main():
+        if evaluating and distributed.is_main():
             last_eval = evaluate(model, cfg, device, cfg.data.eval_images)
             logger.scalars(step, last_eval, prefix="eval/")
             bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))

@@ -295,6 +295,11 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
     wm.train()
     t_last, n_last = time.perf_counter(), step
     sums, summed = {}, 0  # the stats of the updates since the last log row, summed on the device: their means are logged
+    # a resume from the checkpoint written just before an evaluation that did not finish (nothing logged at its step)
+    # plays it first; the last step's is seen to below
+    if cfg.train.eval_every and step % cfg.train.eval_every == 0 and 0 < step < cfg.train.steps and \
+            not logger.logged(step, "eval/"):
+        evaluate(step)
     while step < cfg.train.steps:
         train_buf.rng = np.random.default_rng(stream_seed(cfg.train.seed, TRAIN_STREAM, step))
         batch = to_batch(train_buf.sample(cfg.train.batch_size, cfg.data.seq_len, pad=True), wm.resolution, device)
@@ -327,10 +332,11 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
                 if not progress:  # a log file still shows the run moving
                     print(f"step {step}/{cfg.train.steps}: loss={stats['loss']:.4f}, slot-code accuracy "
                           f"{100 * stats['acc_slots']:.1f}%", flush=True)
-        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:  # before the evaluation: Ctrl-C there loses
-            checkpoint()                                                   # no training step
+        evaluating = cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.steps
+        if step % cfg.train.ckpt_every == 0 or evaluating:  # also before each evaluation: Ctrl-C or a crash there
+            checkpoint()                                    # loses no training step
             logger.flush()
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+        if evaluating:
             last_eval = evaluate(step)
     if not last_eval:  # a finished run resumed (its final evaluation is in the log), or one stopped during it
         last_eval = (logger.logged(step, "eval/") if settled else {}) or evaluate(step)
