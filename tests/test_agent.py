@@ -140,21 +140,15 @@ def test_an_evaluation_stopped_midway_is_played_on_resume(tmp_path, monkeypatch)
     """Stopped during the evaluation at step 100 (between checkpoints at 120), the run resumes from the checkpoint
     written just before it and plays that evaluation first: none is lost."""
     import agent.train
+    from stopping import interrupted_once
 
-    rd, play, calls = tmp_path / "run", agent.train.evaluate_agent, []
-
-    def stopped_once(*args, **kwargs):
-        calls.append(None)
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-        return play(*args, **kwargs)
-
-    monkeypatch.setattr(agent.train, "evaluate_agent", stopped_once)
+    rd, stopped = tmp_path / "run", interrupted_once(agent.train.evaluate_agent)
+    monkeypatch.setattr(agent.train, "evaluate_agent", stopped)
     cfg = tiny("train.env_steps=160", "train.eval_every=100", "train.ckpt_every=120", "train.prefill=1000")
     with pytest.raises(KeyboardInterrupt):
         train(cfg, str(rd), progress=False)
     train(load_config(AgentConfig, rd / "config.yaml"), str(rd), resume=True, progress=False)
-    assert [r["step"] for r in metric_rows(rd) if "eval/return" in r] == [100, 160] and len(calls) == 3
+    assert [r["step"] for r in metric_rows(rd) if "eval/return" in r] == [100, 160] and stopped.calls == 3
 
 
 def test_a_run_ends_with_an_evaluation_at_its_last_step(tmp_path):

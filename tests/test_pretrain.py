@@ -513,16 +513,9 @@ def test_an_evaluation_stopped_midway_is_run_on_resume(tmp_path, monkeypatch):
     """The checkpoint is written before each evaluation (here at step 2, between checkpoints every 3 steps); a run
     stopped during that evaluation runs it first when it resumes, so no evaluation is lost."""
     import world_model.pretrain as pretraining
+    from stopping import interrupted_once
 
-    run_eval, calls = pretraining.evaluate, []
-
-    def stopped_once(*args, **kwargs):
-        calls.append(None)
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-        return run_eval(*args, **kwargs)
-
-    monkeypatch.setattr(pretraining, "evaluate", stopped_once)
+    monkeypatch.setattr(pretraining, "evaluate", interrupted_once(pretraining.evaluate))
     cfg = tiny_cfg("train.steps=4", "train.eval_every=2", "train.ckpt_every=3")
     with pytest.raises(KeyboardInterrupt):
         pretrain(cfg, str(tmp_path / "r"), progress=False)

@@ -425,16 +425,9 @@ def test_train_wm_logs_the_mean_of_the_updates_since_the_last_row(tmp_path, monk
 
 def test_a_world_model_evaluation_stopped_midway_is_run_on_resume(tmp_path, monkeypatch):
     import world_model.train_wm as wm_training
+    from stopping import interrupted_once
 
-    run_eval, calls = wm_training.evaluate_wm, []
-
-    def stopped_once(*args, **kwargs):
-        calls.append(None)
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-        return run_eval(*args, **kwargs)
-
-    monkeypatch.setattr(wm_training, "evaluate_wm", stopped_once)
+    monkeypatch.setattr(wm_training, "evaluate_wm", interrupted_once(wm_training.evaluate_wm))
     cfg = wm_cfg(toy_dataset(tmp_path / "d"), "train.steps=4", "train.eval_every=2", "train.ckpt_every=3")
     with pytest.raises(KeyboardInterrupt):
         train_wm(cfg, str(tmp_path / "r"), progress=False)
