@@ -68,14 +68,16 @@ def cmd_config(args) -> None:
 
 def _config_text(cfg, command: str, resumed: bool = False) -> str:
     """`cfg` as YAML, with the keys a world-model or agent run sets itself shown at the values it will give them
-    (`resumed`: a run's recorded config, whose encoder.checkpoint may have moved since)."""
+    (`resumed`: a run's recorded config, which holds them as the run set them at its start)."""
     import copy
 
     from world_model.config import DERIVED, load_run_config, to_yaml
     from world_model.frame_tokenizer import STATUS_LEVELS, frame_token_size
 
     cfg, derived, notes = copy.deepcopy(cfg), {}, ""
-    if command in ("train-wm", "train"):
+    if command in ("train-wm", "train") and resumed:  # not the env's now: a run keeps what it started with
+        derived = {key: ("its start, as recorded", functools.reduce(getattr, key.split("."), cfg)) for key in DERIVED}
+    elif command in ("train-wm", "train"):
         derived = {key: (source, None) for key, source in DERIVED.items()}
         actions, status = _env_facts(cfg, command)
         derived["dynamics.num_actions"] = (DERIVED["dynamics.num_actions"], actions)
@@ -85,14 +87,9 @@ def _config_text(cfg, command: str, resumed: bool = False) -> str:
             derived["dynamics.frame_codes"] = (f"frame.codes, at least the status tokens' {STATUS_LEVELS} values",
                                                frame_codes)
         if cfg.encoder.checkpoint:  # the encoder's architecture comes from that run, whatever this config says
-            try:
-                pre = load_run_config("pretrain", cfg.encoder.checkpoint)
-                cfg.encoder.model, cfg.encoder.resolution = pre.model, pre.data.resolution
-                notes = f"# encoder.model and encoder.resolution: those of encoder.checkpoint={cfg.encoder.checkpoint}\n"
-            except ValueError:  # moved or gone: a resumed run has recorded them, and its weights are its own
-                if not resumed:
-                    raise
-                notes = "# encoder.model and encoder.resolution: as recorded (encoder.checkpoint is not there now)\n"
+            pre = load_run_config("pretrain", cfg.encoder.checkpoint)
+            cfg.encoder.model, cfg.encoder.resolution = pre.model, pre.data.resolution
+            notes = f"# encoder.model and encoder.resolution: those of encoder.checkpoint={cfg.encoder.checkpoint}\n"
         else:
             derived["encoder.mode"] = ("encoder.checkpoint unset (a fresh encoder trains jointly)", "joint")
     text = to_yaml(cfg)

@@ -330,3 +330,8 @@ def test_the_printed_config_shows_what_the_run_sets_itself(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "  num_slots: 4  # set by the run from encoder.model.num_slots" in out
     assert "  num_actions: 17  # set by the run from the env" in out
+    # resumed: the values the run recorded at its start (an older run may read fewer env tokens than the env has now)
+    assert run.main(["train", "--resume", str(tmp_path / "run"), "--no-progress", "train.env_steps=4"]) == 0
+    out = capsys.readouterr().out
+    assert "  num_actions: 17  # set by the run from its start, as recorded" in out
+    assert "  frame_vars: 4  # set by the run from its start, as recorded" in out
