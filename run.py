@@ -616,14 +616,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _way_back(args) -> str:
     """After Ctrl-C: the command that continues a training run, or why there is none."""
     if args.command == "collect":
-        from envs.episodes import read_meta
+        from envs.episodes import read_meta, seed_range
 
         episodes = len(list((Path(args.out) / "episodes").glob("*.npz")))
         try:
             ranges = read_meta(args.out).get("env_seeds", [])  # [first, count]: env i of a collection plays seed + i
         except ValueError:  # no dataset written
             ranges = []
-        held_seeds = ", ".join(f"{f}" if c == 1 else f"{f}..{f + c - 1}" for f, c in ranges)
+        held_seeds = ", ".join(seed_range(f, c) for f, c in ranges)
         plural = "s" if sum(c for _, c in ranges) > 1 else ""
         seed = (f"--seed {max(f + c for f, c in ranges)} (it holds env seed{plural} {held_seeds})"
                 if any(f == args.seed for f, _ in ranges)

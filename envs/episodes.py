@@ -35,6 +35,11 @@ def _comparable(key: str, value):
     return value
 
 
+def seed_range(first: int, count: int) -> str:
+    """An env-seed range [first, count] as text: `3`, or `3..6`."""
+    return f"{first}" if count == 1 else f"{first}..{first + count - 1}"
+
+
 def _joined_meta(root: Path, meta: dict) -> dict:
     """The meta.json of a dataset that `meta`'s episodes join: a new dataset's, or an existing one's of the same
     env and layout collected from other env seeds (listed as [first, count] ranges: a collection's env i plays
@@ -62,8 +67,7 @@ def _joined_meta(root: Path, meta: dict) -> dict:
     for first, count in ranges:
         for seed, n in new:
             if seed < first + count and first < seed + n:
-                held = f"{first}" if count == 1 else f"{first}..{first + count - 1}"
-                raise DataError(f"{root} already holds the episodes of env seed {held}, which --seed {seed} with {n} "
+                raise DataError(f"{root} already holds the episodes of env seed {seed_range(first, count)}, which --seed {seed} with {n} "
                                 f"envs would play again (env i plays --seed + i): pass --seed "
                                 f"{max(f + c for f, c in ranges)} or more to add more")
     return {**layout, "env_seeds": ranges + new}

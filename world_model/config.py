@@ -398,7 +398,8 @@ def check_resume_overrides(saved: Any, cfg: Any, run_dir: str | Path) -> None:
     (`train.*` but the seed, `eval.*`, env workers, where replay lives) and where its data lives, never the model,
     the env or the data it learns from."""
     old, new = OmegaConf.structured(saved), OmegaConf.structured(cfg)
-    for key in _keys(old):
+    keys = _keys(old)
+    for key in keys:
         before, after = OmegaConf.select(old, key), OmegaConf.select(new, key)
         if OmegaConf.is_dict(before) or (key.startswith(RESUMABLE) and key not in FIXED) or before == after:
             continue
@@ -406,7 +407,6 @@ def check_resume_overrides(saved: Any, cfg: Any, run_dir: str | Path) -> None:
             raise ConfigError(f"{key}={after!r} differs from what {run_dir} trained with ({before!r}); the seed picks "
                               "the data a run learns from, so a resume keeps it: start a new run (--run-dir NEW) to "
                               "change it")
-        keys = _keys(old)
         allowed = ", ".join(k + "*" if k.endswith(".") else k for k in RESUMABLE
                             if any(have == k or have.startswith(k) for have in keys))  # this command's own
         raise ConfigError(f"{key}={after!r} differs from what {run_dir} trained with ({before!r}); a resume may change "
