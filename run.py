@@ -133,8 +133,10 @@ def _mark_derived(text: str, cfg, derived: dict) -> str:
             try:
                 value = functools.reduce(getattr, source.split("."), cfg)
             except AttributeError:  # not another key (the env's action count): known here, or not
-                value = "?" if value is None else value
-            line = f"{line.split(':')[0]}: {value}  # set by the run from {source}"
+                pass
+            name = line.split(':')[0]
+            line = (f"{name}: {value}  # set by the run from {source}" if value is not None else  # read back alike
+                    f"{name[:2]}# {name.strip()}: set by the run from {source}, not known here")
         lines.append(line)
     return "\n".join(lines) + "\n"
 
@@ -148,20 +150,21 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
     from envs.episodes import check_recorded_root
     from world_model.config import check_resume_overrides, load_config, load_run_config, record_paths, run_schemas
     from envs.atomic import check_folder
+    from envs.errors import UsageError
     from world_model.rundir import RunDirError, release_claims, resolve_device
 
     if isinstance(resume, str):
         if args.run_dir and args.run_dir != resume:
-            raise ValueError(f"--resume {resume} names the run to continue; --run-dir {args.run_dir} contradicts it")
+            raise UsageError(f"--resume {resume} names the run to continue; --run-dir {args.run_dir} contradicts it")
         args.run_dir = resume
     resume = bool(resume)
     if resume:
         if args.run_dir is None:
-            raise ValueError("--resume needs the run to continue: --resume RUN, or --run-dir RUN --resume")
+            raise UsageError("--resume needs the run to continue: --resume RUN, or --run-dir RUN --resume")
         cfg, saved = load_run_config(args.command, args.run_dir, overrides), load_run_config(args.command, args.run_dir)
         check_resume_overrides(saved, cfg, args.run_dir)
         if args.config:
-            raise ValueError(f"--resume continues {args.run_dir} with its own config.yaml; --config {args.config} "
+            raise UsageError(f"--resume continues {args.run_dir} with its own config.yaml; --config {args.config} "
                              "would not apply (change keys with key=value overrides, or start a new run)")
         record_paths(cfg, saved)
         root = getattr(getattr(cfg, "data", None), "root", None)
@@ -171,7 +174,7 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
         cfg = load_config(run_schemas()[args.command], args.config or default_preset, overrides)
         record_paths(cfg)
     if distributed.launched() and not args.run_dir:
-        raise ValueError("under torchrun pass --run-dir DIR (every process must use the same run directory)")
+        raise UsageError("under torchrun pass --run-dir DIR (every process must use the same run directory)")
     run_dir = args.run_dir = args.run_dir or f"runs/{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
     # before the config is printed: an error is then the last line, not lost above it
     check_folder(run_dir, "--run-dir", RunDirError)
@@ -193,7 +196,8 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
 
 
 def cmd_pretrain(args) -> None:
-    from world_model.pretrain import pretrain
+    from envs.errors import UsageError
+    from world_model.pretrain import preflight, pretrain
 
     overrides = list(args.overrides)
     if args.data:
@@ -201,33 +205,33 @@ def cmd_pretrain(args) -> None:
         clash = [o for o in overrides if re.fullmatch(r"data\.(source|root)=.*", o) and o not in same
                  and not (o.startswith("data.root=") and Path(o.split("=", 1)[1]).resolve() == Path(args.data).resolve())]
         if clash:
-            raise ValueError(f"--data {args.data} trains on that dataset's frames (data.source=frames); {clash[0]} "
+            raise UsageError(f"--data {args.data} trains on that dataset's frames (data.source=frames); {clash[0]} "
                              "contradicts it: give one or the other")
         overrides = ["data.source=frames", f"data.root={args.data}", "task=discovery"] + overrides
     preset = "configs/frames_discovery_cpu.yaml" if args.data else DEFAULT_PRESETS["pretrain"]
     _run_training(args, preset, overrides, lambda c: f"pretrain-{c.task}-{c.model.slots}", pretrain,
-                  args.resume)
+                  args.resume, preflight)
 
 
 def cmd_eval_ap(args) -> None:
     from envs.atomic import check_folder
-    from envs.errors import DataError
+    from envs.errors import DataError, UsageError
     from envs.episodes import check_recorded_root, read_meta
     from world_model.pretrain import eval_batches, evaluate, load_run
     from world_model.rundir import resolve_device
 
     if args.out:  # before the evaluation: a path it could not write to
         if Path(args.out).is_dir():
-            raise ValueError(f"--out {args.out} is a folder: name the JSON file to write, e.g. "
+            raise UsageError(f"--out {args.out} is a folder: name the JSON file to write, e.g. "
                              f"{Path(args.out) / 'ap.json'}")
         check_folder(Path(args.out).parent, "--out's folder")
     device = resolve_device(args.device)
     cfg, model, state = load_run(args.checkpoint, device)
     if args.data:
         if args.clevr_root:
-            raise ValueError("--data and --clevr-root name two datasets to evaluate on: pass one")
+            raise UsageError("--data and --clevr-root name two datasets to evaluate on: pass one")
         if cfg.data.source != "frames":
-            raise ValueError(f"--data is for a run pretrained on game frames (`run.py pretrain --data DIR`); "
+            raise UsageError(f"--data is for a run pretrained on game frames (`run.py pretrain --data DIR`); "
                              f"{args.checkpoint} trained on data.source={cfg.data.source}")
         trained, given = (state.get("frames") or {}).get("env"), read_meta(args.data)["env"]
         if trained and given != trained:
@@ -236,7 +240,7 @@ def cmd_eval_ap(args) -> None:
     elif cfg.data.source == "frames" and not args.clevr_root:
         check_recorded_root(cfg.data.root, args.checkpoint, "pass --data DIR")
     if args.split and not args.clevr_root and cfg.data.source != "clevr":
-        raise ValueError(f"--split picks a split of a CLEVR v1.0 root and {args.checkpoint} trained on "
+        raise UsageError(f"--split picks a split of a CLEVR v1.0 root and {args.checkpoint} trained on "
                          f"data.source={cfg.data.source}: pass --clevr-root DIR too")
     if args.clevr_root:
         cfg.data.source, cfg.data.root, cfg.data.eval_split = "clevr", args.clevr_root, args.split or "val"
@@ -309,11 +313,6 @@ def cmd_visualize(args) -> None:
 def cmd_train_wm(args) -> None:
     from world_model.train_wm import preflight, train_wm
 
-    from world_model import distributed
-
-    if distributed.launched():
-        raise ValueError("train-wm runs in one process; under torchrun run `pretrain` or `train` (the agent loop, "
-                         "which trains the world model data-parallel)")
     overrides = ([f"data.root={args.data}"] if args.data else []) + list(args.overrides)
     _run_training(args, DEFAULT_PRESETS["train-wm"], overrides, lambda c: "wm", train_wm, args.resume, preflight)
 
@@ -424,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="train", help="split name (default train; eval-ap --clevr-root reads val)")
     s.add_argument("--seed", type=seed_value, default=0, help="batch k of a split comes from (seed, split, k) (default 0)")
     s.add_argument("--batch-size", type=int, default=32, help="scenes rendered together (default 32)")
-    s.add_argument("--device", default="cpu", help="where to render: cpu, cuda, auto (default cpu)")
+    s.add_argument("--device", default="cpu", help="where to render: cpu, cuda, auto (default cpu, so that a split "
+                   "is the same images on every machine)")
     s.set_defaults(func=cmd_generate, parser=s)
 
     s = sub.add_parser("collect", help="record random-policy episodes of crafter or nethack to an episode dataset",
@@ -440,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--envs-per-worker", type=int, default=1, help="envs stepped in turn by each worker (default 1)")
     s.add_argument("--size", type=int, help="image side in pixels (default 64)")
     s.add_argument("--seed", type=seed_value, default=0, help="env seeds and actions (default 0)")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     s.set_defaults(func=cmd_collect, parser=s)
 
     s = sub.add_parser("visualize", help="slot decompositions of env frames / scenes; VQ code edits; code figures",
@@ -454,14 +454,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--env", choices=["crafter", "nethack", "clevr"], help="where the frames come from (default: "
                    "the game the run trained on; a run pretrained on generated or CLEVR scenes needs it)")
     s.add_argument("--frames", type=int, default=8, help="scenes, or frames of random-policy play (slots carried "
-                   "from frame to frame, afresh where an episode ends and the next begins)")
+                   "from frame to frame, afresh where an episode ends and the next begins) (default 8)")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--edit", nargs=3, metavar=("SLOT", "VAR", "VALUE"),
                    help="VQ only: set latent VAR of slot SLOT to code VALUE (or 'all' for every code) and decode")
     s.add_argument("--codes", action="store_true", help="disentanglement figure of a VQ run on CLEVR-like scenes")
-    s.add_argument("--images", type=int, default=1000, help="scenes for --codes")
-    s.add_argument("--seed", type=seed_value, default=0)
-    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    s.add_argument("--images", type=int, default=1000, help="scenes for --codes (default 1000)")
+    s.add_argument("--seed", type=seed_value, default=0, help="seed of the random-policy play (scenes are the run's "
+                   "held-out ones) (default 0)")
+    s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
     s.set_defaults(func=cmd_visualize, parser=s)
 
     s = sub.add_parser("train-wm", help="train the slot-token world model on collected episodes",
@@ -472,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "tokens come from the data). Writes config, checkpoints, tensorboard, metrics.jsonl.")
     s.add_argument("--data", help="episode dataset directory (sets data.root)")
     _add_run_options(s, "train-wm", "wm_crafter_cpu, wm_crafter", "runs/wm-<time>")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     s.add_argument("overrides", nargs="*", help=_overrides_help("train.steps=100 encoder.mode=joint", "train-wm"))
     s.set_defaults(func=cmd_train_wm, parser=s)
 
@@ -484,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="episode dataset (default: the run's data.root); its held-out episodes are used")
     s.add_argument("--segments", type=int, help="held-out segments (default eval.segments)")
     s.add_argument("--out", help="output directory (default RUN/eval_wm)")
-    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
     s.set_defaults(func=cmd_eval_wm, parser=s)
 
     s = sub.add_parser("train", help="train an object-centric world-model agent on crafter or nethack",
@@ -496,20 +497,21 @@ def build_parser() -> argparse.ArgumentParser:
                        "min on CPU), configs/crafter_cpu.yaml and configs/nethack_cpu.yaml (CPU scale), "
                        "configs/crafter.yaml and configs/nethack.yaml (GPU-sized, compiled with CUDA graphs).")
     _add_run_options(s, "train", "tiny, crafter_cpu, crafter, nethack_cpu, nethack", "runs/agent-<env>-<time>")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     s.add_argument("overrides", nargs="*", help=_overrides_help("train.env_steps=5000 env.num_envs=4", "train"))
     s.set_defaults(func=cmd_train, parser=s)
 
     s = sub.add_parser("eval", help="evaluation episodes of a trained agent (or a random policy)",
                        description="Run N full episodes and report Crafter's success rates and score "
                        "(crafter_score while training, `score` in RUN/eval_<policy>.json) or NetHack's score and depth; "
-                       "--policy random gives the baseline in the same format. Episode records are appended to RUN/eval_<policy>_stats.jsonl (the training run's own "
+                       "--policy random gives the baseline in the same format. The episode records replace the last eval's in "
+                       "RUN/eval_<policy>_stats.jsonl (the training run's own "
                        "evaluations are in RUN/eval_stats.jsonl).")
     s.add_argument("--checkpoint", required=True, help="run directory made by `run.py train`")
     s.add_argument("--episodes", type=int, default=10, help="episodes to play (default 10)")
     s.add_argument("--policy", choices=["agent", "random"], default="agent",
                    help="the run's agent, or uniform random actions in its env (default agent)")
-    s.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
     s.add_argument("--seed", type=seed_value, default=10_000, help="episode i runs env seed SEED + i and the policy samples "
                    "from SEED, so a repeat gives the same episodes (default 10000, the seeds of a training run's "
                    "evaluations)")
@@ -584,10 +586,12 @@ COUNTS = ("images", "batch_size", "segments", "episodes", "frames", "workers", "
 
 
 def _check_counts(args) -> None:
+    from envs.errors import UsageError
+
     for name in COUNTS:
         value = getattr(args, name, None)
         if isinstance(value, int) and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
 OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
@@ -663,16 +667,26 @@ def _terminate(signum, frame):
 
 def main(argv=None) -> int:
     args = parse_args(argv)  # first: --help and usage errors answer without importing torch (seconds)
+    from envs.errors import UsageError
     from world_model import distributed
 
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
         else None
+    rank = distributed.rank()
+
+    def say(text: str) -> None:  # under torchrun, which process says it
+        print(text if rank == 0 else f"[rank {rank}] {text}", file=sys.stderr)
+
     try:
         _check_counts(args)
+        if distributed.launched() and args.command not in ("pretrain", "train"):
+            raise UsageError(f"{args.command} runs in one process; under torchrun run `pretrain` or `train` (the agent "
+                             "loop, which trains its world model data-parallel)")
         args.func(args)
         distributed.barrier()  # under torchrun: the others wait for rank 0's final evaluation before leaving
-    except (ValueError, FileNotFoundError, PermissionError) as e:  # ConfigError, DataError, RunDirError: ValueErrors
-        print(f"error: {e}", file=sys.stderr)
+    except (UsageError, FileNotFoundError, PermissionError) as e:  # ConfigError, DataError, RunDirError among them
+        if rank == 0 or distributed.active():  # before joining, every process checks alike: rank 0 speaks for all
+            say(f"error: {e}")
         return 2
     except BrokenPipeError:  # output piped into a reader that stopped (`run.py config | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
@@ -682,9 +696,15 @@ def main(argv=None) -> int:
                 print(f"\nstopped: its output pipe closed{way_back}", file=sys.stderr)
         return 141  # 128 + SIGPIPE, as a shell reports a process a closed pipe stopped
     except KeyboardInterrupt as e:
-        stopped = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        print(f"\n{stopped}{_way_back(args)}", file=sys.stderr)
+        if rank == 0:  # torchrun stops every process alike: one says how the run goes on
+            stopped = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+            print(f"\n{stopped}{_way_back(args)}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
+    except Exception as e:
+        if distributed.active() and distributed.lost_peer(e):  # its own error is the other process's to report
+            say("stopped: another process of this torchrun job failed or was stopped (its message is above)")
+            return 1
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

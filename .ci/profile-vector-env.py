@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from envs.collect import env_fn  # noqa: E402
 from envs.infos import InfoBatcher, InfoPacker  # noqa: E402
-from envs.vector import _Readiness, make_vector_env, measure_steps_per_second  # noqa: E402
+from envs.throughput import measure_steps_per_second  # noqa: E402
+from envs.vector import _Readiness, make_vector_env  # noqa: E402
 
 
 def reply_costs(game: str, per_worker: int) -> None:

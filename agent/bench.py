@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from envs.collect import env_fn
 from envs.vector import make_vector_env
-from world_model.bench import check_profile_row, failed_row, gib_column, peak_gib, select_rows
+from world_model.bench import check_profile_row, failed_row, gib_column, peak_gib, select_rows, sync
 from world_model.config import load_config
 from world_model.frame_tokenizer import status_vars
 from world_model.rundir import set_precision
@@ -38,11 +38,6 @@ from .train import Collector, build_agent, env_kwargs, obs_spec, replay_spec, tr
 PARTS = ("policy", "env_step", "replay_sample", "wm_update", "imagination", "ac_update")
 FEW_UPDATES = 8  # rows timing fewer updates than this get a note: their rates are noisy
 WARMUP_UPDATES = 2
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill: int, profiler=None,
@@ -77,12 +72,12 @@ def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill
             collector.reset(t.seed)
             for _ in range(max(prefill // n, (t.seq_len + 1))):
                 collector.step(rng.integers(num_actions, size=n))
-            _sync(device)
+            sync(device)
             warm = time.perf_counter()
             for i in range(WARMUP_UPDATES):  # allocator growth, cuBLAS/cuDNN set-up, compilation: not the loop's rate
                 policy.act(collector.obs, collector.first)
                 train_step(wm, ac, wm_opt, replay, cfg, device, i)
-            _sync(device)
+            sync(device)
             warm = time.perf_counter() - warm
             seconds = dict.fromkeys(("policy", "env_step", "update"), 0.0)
             done, updates = 0, 0
@@ -102,7 +97,7 @@ def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill
                     while updates < updates_due(done, owed):
                         train_step(wm, ac, wm_opt, replay, cfg, device, WARMUP_UPDATES + updates)
                         updates += 1
-                    _sync(device)
+                    sync(device)
                     seconds["update"] += time.perf_counter() - t2
                 total = time.perf_counter() - start
         finally:

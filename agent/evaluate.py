@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from envs.errors import UsageError
+
 from world_model.config import load_run_config
 from world_model.rundir import RunDir, resolve_device
 from world_model.wm import WorldModel
@@ -31,7 +33,7 @@ def evaluate_run(checkpoint: str, episodes: int, policy: str = "agent", device: 
     depth. policy="random" plays uniform random actions in the run's env. Seeded (`evaluate_agent`), on the run's
     `train.threads` CPU threads."""
     if episodes < 1:
-        raise ValueError(f"--episodes must be positive, got {episodes}")
+        raise UsageError(f"--episodes must be positive, got {episodes}")
     dev = resolve_device(device)
     wm = ac = None
     step = 0

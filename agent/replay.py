@@ -139,13 +139,16 @@ class ReplayBuffer:
 
     @classmethod
     def merged(cls, buffers: list["ReplayBuffer"], capacity: int, seed: int = 0,
-               device: Union[str, torch.device, None] = None) -> "ReplayBuffer":
+               device: Union[str, torch.device, None] = None, share: Optional[tuple[int, int]] = None
+               ) -> "ReplayBuffer":
         """One buffer holding every episode of `buffers` (episodes in progress stored as finished pieces), e.g.
-        the shards of a data-parallel run resumed at another world size."""
+        the shards of a data-parallel run resumed at another world size; `share` (i, n): every n-th episode only,
+        from the i-th on (one rank's share of them)."""
         buf = cls(capacity, {k: v for k, v in buffers[0].spec.items() if k not in STEP_KEYS}, seed=seed,
                   device=device)
-        for other in buffers:
-            for episode in other.episodes():
+        episodes = (episode for other in buffers for episode in other.episodes())
+        for i, episode in enumerate(episodes):
+            if share is None or i % share[1] == share[0]:
                 buf.add_episode(episode)
         return buf
 

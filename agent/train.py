@@ -32,12 +32,13 @@ from torch.profiler import record_function
 from envs.atomic import atomic_write
 from envs.collect import env_fn
 from envs.episodes import obs_dict
+from envs.errors import UsageError
 from envs.vector import make_vector_env
 from world_model import distributed
 from world_model.config import save_config
 from world_model.pretrain import autocast, guarded_update
 from world_model.rundir import (MetricLogger, fixed_rng, note_if_finished, rank_seed, restore_rng,
-                                rng_states, rollback_appended, start_run)
+                                rng_states, rollback_appended, start_run, stopped_evaluation)
 from world_model.frame_tokenizer import status_vars
 from world_model.train_wm import build_world_model, check_max_steps, to_batch
 from world_model.wm import WorldModel, WorldModelLoss
@@ -47,8 +48,6 @@ from .config import AgentConfig
 from .imagination import imagine
 from .policy import SlotPolicy
 from .replay import ReplayBuffer
-
-IMAG_CONTEXT = 1  # imagination starts from single replayed states (the slots carry what the agent needs)
 
 
 def env_kwargs(cfg: AgentConfig, stats_path: Optional[Path]) -> dict:
@@ -60,17 +59,26 @@ def env_kwargs(cfg: AgentConfig, stats_path: Optional[Path]) -> dict:
 
 def longest_sequence(cfg: AgentConfig) -> tuple[int, str]:
     """The longest sequence the dynamics must hold, and the keys that set it: a training segment, or imagination's
-    actor_critic.horizon steps from IMAG_CONTEXT real ones, the last of which the first step replaces."""
-    return (max(cfg.train.seq_len, IMAG_CONTEXT - 1 + cfg.actor_critic.horizon),
+    actor_critic.horizon steps from one replayed state (the slots carry what the agent needs), which the first
+    imagined step replaces."""
+    return (max(cfg.train.seq_len, cfg.actor_critic.horizon),
             "train.seq_len, or actor_critic.horizon imagined from one replayed state")
 
 
 def preflight(cfg: AgentConfig) -> None:
     """What `train` would refuse only once it builds things, refused before the run prints its config and starts."""
     check_max_steps(cfg.dynamics, longest_sequence(cfg))
-    ranks = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, before the process group is joined
+    ranks = distributed.launched_size()
+    shared = {"env.num_envs": cfg.env.num_envs, "train.batch_size": cfg.train.batch_size,
+              "train.imag_starts": cfg.train.imag_starts}  # each split over the processes
+    for key, size in shared.items():
+        distributed.check_divides(size, key)
+    if cfg.replay.capacity // ranks < cfg.train.seq_len:  # (episodes shorter than a segment train: segments are padded)
+        each = f", {cfg.replay.capacity // ranks} steps for each of the {ranks} processes," if ranks > 1 else ""
+        raise UsageError(f"replay.capacity={cfg.replay.capacity}{each} is less than one training segment "
+                         f"(train.seq_len={cfg.train.seq_len}): raise it")
     if cfg.env.asynchronous and cfg.env.num_envs % (ranks * cfg.env.envs_per_worker):
-        raise ValueError(f"env.num_envs={cfg.env.num_envs} must be a multiple of env.envs_per_worker="
+        raise UsageError(f"env.num_envs={cfg.env.num_envs} must be a multiple of env.envs_per_worker="
                          f"{cfg.env.envs_per_worker} (each worker process runs that many envs)"
                          + (f" times the {ranks} processes" if ranks > 1 else ""))
 
@@ -228,26 +236,15 @@ class Collector:
         self.episodes += int(self.ended.sum())
 
 
-def check_segments_fit(cfg: AgentConfig) -> None:
-    """Refuse a replay smaller than one training segment. (Episodes shorter than a segment train: segments are
-    padded past an episode's end.)"""
-    t, cap = cfg.train, cfg.replay.capacity
-    if cap < t.seq_len:
-        raise ValueError(f"replay.capacity={cap} is less than one training segment (train.seq_len={t.seq_len}): "
-                         "raise it")
-
-
 def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool = True) -> dict:
     """Train (or continue) an agent run; returns the last evaluation (rank 0's under torchrun)."""
     from tqdm import tqdm
 
     t = cfg.train
-    check_segments_fit(cfg)
+    preflight(cfg)  # `run.py train` has run it already; a caller from Python has not
     run, device = start_run(run_dir, resume, t.device, t.threads, t.seed)
     main = distributed.is_main()
     num_envs = local_share(cfg.env.num_envs, "env.num_envs")
-    local_share(t.batch_size, "train.batch_size")
-    local_share(t.imag_starts, "train.imag_starts")
     venv = make_vector_env(env_fn(cfg.env.name, **env_kwargs(cfg, run.path / "stats.jsonl")), num_envs,
                            envs_per_worker=cfg.env.envs_per_worker, asynchronous=cfg.env.asynchronous)
     try:
@@ -303,11 +300,13 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         episodes_base, restarts_base = counters["episodes"], counters.get("env_restarts", 0)
         last_eval, evaluated_at = {}, None  # the last evaluation and its env step
 
-        def global_counts() -> tuple[int, int]:
-            """A collective: every rank's finished episodes and env workers restarted (after a crash or hang)."""
-            mine = (collector.episodes, getattr(venv, "restarts", 0))  # SyncVectorEnv never restarts
+        def global_counts() -> tuple[int, int, int]:
+            """A collective: every rank's finished episodes, env workers restarted (after a crash or hang) and
+            replayed steps held, summed."""
+            mine = (collector.episodes, getattr(venv, "restarts", 0), len(replay))  # SyncVectorEnv never restarts
             gathered = distributed.gather_objects(mine)
-            return episodes_base + sum(g[0] for g in gathered), restarts_base + sum(g[1] for g in gathered)
+            return (episodes_base + sum(g[0] for g in gathered), restarts_base + sum(g[1] for g in gathered),
+                    sum(g[2] for g in gathered))
 
         def checkpoint() -> None:
             name = f"replay/{counters['env_steps']:012d}-rank{distributed.rank()}.npz"
@@ -317,7 +316,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             needed = replay.save(run.path / name, chunks=f"rank{distributed.rank()}")
             gathered = distributed.gather_objects((name, needed))  # also waits until every rank's replay is written
             names, kept = [g[0] for g in gathered], {f for g in gathered for f in g[1]}
-            counters["episodes"], counters["env_restarts"] = global_counts()
+            counters["episodes"], counters["env_restarts"], _ = global_counts()
             stats = run.path / "stats.jsonl"  # every rank's episodes up to this step are in it (gathered above)
             run.save_checkpoint({"wm": wm.state_dict(), "ac": ac.state_dict(), "wm_opt": wm_opt.state_dict(),
                                  "ac_opt": ac.optimizer_state(), "counters": dict(counters), "rng": rng_states(),
@@ -344,10 +343,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         next_ckpt = (counters["env_steps"] // t.ckpt_every + 1) * t.ckpt_every
         next_eval = (counters["env_steps"] // t.eval_every + 1) * t.eval_every if t.eval_every else None
         at = counters["env_steps"]
-        # a resume from the checkpoint written just before an evaluation that did not finish (Ctrl-C, a crash during
-        # it: nothing logged at its step) plays it now; the run's last evaluation is seen to below, at the end
-        due = next_eval is not None and at // t.eval_every > (at - cfg.env.num_envs) // t.eval_every
-        if main and due and 0 < at < t.env_steps and not logger.logged(at, "eval/"):
+        if main and stopped_evaluation(logger, at, t.eval_every, t.env_steps, stride=cfg.env.num_envs):
             last_eval, evaluated_at = evaluate(at), at
         t_last, steps_last, segments = time.perf_counter(), counters["env_steps"], False
         interval = UpdateMeans()  # the updates since the last log row
@@ -377,11 +373,11 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             if counters["env_steps"] >= next_log:
                 next_log += t.log_every
                 now = time.perf_counter()
-                episodes, restarts = global_counts()
+                episodes, restarts, replay_steps = global_counts()
                 row = dict(distributed.mean_scalars(interval.pop(), device),
                            env_steps_per_s=(counters["env_steps"] - steps_last) / (now - t_last),
                            skipped_wm=counters.get("skipped_wm", 0), skipped_ac=counters.get("skipped_ac", 0),
-                           replay_steps=len(replay) * distributed.world_size(), updates=counters["updates"],
+                           replay_steps=replay_steps, updates=counters["updates"],
                            episodes=episodes, env_restarts=restarts,
                            replay_ratio=(counters["replayed"] - counters["ratio_from"][1])
                            / max(counters["env_steps"] - counters["ratio_from"][0], 1))
@@ -424,14 +420,15 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
 def load_replay_shards(run_path: Path, state: dict, capacity: int, seed: int,
                        device: Optional[torch.device] = None) -> ReplayBuffer:
     """This rank's replay on resume (stored on `device`, None = host). Same world size: its own shard, exactly.
-    Another world size: rank r merges the saved shards j with j % world == r (a rank left without one starts
-    from a copy of shard r % saved)."""
+    Fewer ranks than saved shards: rank r merges the shards j with j % world == r. More: rank r takes every
+    world-th episode of them all, from the r-th on, so no episode is held twice."""
     names = state.get("replays") or [state["replay"]]  # older checkpoints name one buffer
     w, r = distributed.world_size(), distributed.rank()
     if len(names) == w:
         return ReplayBuffer.load(run_path / names[r], device)
-    mine = names[r::w] or [names[r % len(names)]]
-    return ReplayBuffer.merged([ReplayBuffer.load(run_path / n) for n in mine], capacity, seed, device)
+    if len(names) > w:
+        return ReplayBuffer.merged([ReplayBuffer.load(run_path / n) for n in names[r::w]], capacity, seed, device)
+    return ReplayBuffer.merged([ReplayBuffer.load(run_path / n) for n in names], capacity, seed, device, share=(r, w))
 
 
 def summarize(env: str, records) -> dict:

@@ -62,7 +62,7 @@ import torch
 from PIL import Image
 
 from .atomic import atomic_write, check_folder
-from .errors import DataError
+from .errors import DataError, UsageError
 
 SHAPES = ("cube", "sphere", "cylinder")
 SIZES = ("small", "large")
@@ -675,10 +675,10 @@ class SceneGenerator:
                  device="cpu", camera_jitter=0.5, light_jitter=1.0, placement_candidates=64,
                  placement_attempts=30, visibility_retries=3, min_visible_pixels=CLEVR_MIN_PIXELS):
         if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
-            raise ValueError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, "
+            raise UsageError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, "
                              f"got {min_objects}, {max_objects}")
         if supersample < 1:
-            raise ValueError(f"supersample must be >= 1, got {supersample}")
+            raise UsageError(f"supersample must be >= 1, got {supersample}")
         if isinstance(resolution, int):  # a square, as data.resolution gives it
             resolution = (resolution, resolution)
         self.resolution = (int(resolution[0]), int(resolution[1]))
@@ -699,7 +699,7 @@ class SceneGenerator:
     def generate(self, batch_size: int, seed: int) -> SceneBatch:
         """Sample and render `batch_size` scenes; bit-identical for the same seed and device."""
         if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise UsageError(f"batch_size must be positive, got {batch_size}")
         gen = torch.Generator().manual_seed(int(seed))
         layout, retry_candidates = self._sample(batch_size, gen)
         self._enforce_visibility(layout, retry_candidates)
@@ -897,15 +897,15 @@ def write_dataset(root, n_images: int, split: str = "train", seed: int = 0, batc
     `root` already holds (its scenes file would be replaced and its extra images left behind), and a root that is
     an episode dataset or a run directory."""
     if not re.fullmatch(r"\w[\w.-]*", split):
-        raise ValueError(f"--split {split!r}: a split name is letters, digits, '_', '-' or '.' (e.g. train, val)")
+        raise UsageError(f"--split {split!r}: a split name is letters, digits, '_', '-' or '.' (e.g. train, val)")
     root = check_folder(root, "--out")
     image_dir, mask_dir, scene_dir = root / "images" / split, root / "masks" / split, root / "scenes"
     for mark, what in (("meta.json", "an episode dataset"), ("checkpoints", "a run directory")):
         if (root / mark).exists():
-            raise ValueError(f"--out {root} holds {mark}: {what}, not a CLEVR root; choose another --out")
+            raise UsageError(f"--out {root} holds {mark}: {what}, not a CLEVR root; choose another --out")
     path = scene_dir / f"CLEVR_{split}_scenes.json"
     if path.exists():
-        raise ValueError(f"--out {root} already holds split {split!r} ({path}): pass another --split or --out, or "
+        raise UsageError(f"--out {root} already holds split {split!r} ({path}): pass another --split or --out, or "
                          f"remove that file and images/{split}/ to write it again")
     for d in (image_dir, scene_dir) + ((mask_dir,) if write_masks else ()):
         d.mkdir(parents=True, exist_ok=True)
@@ -943,7 +943,7 @@ class ClevrDataset(torch.utils.data.Dataset):
     def __init__(self, root, split="val", resolution=(128, 128), crop=False, max_images=None, min_objects=1,
                  max_objects=MAX_OBJECTS):
         if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
-            raise ValueError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, got {min_objects}, {max_objects}")
+            raise UsageError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, got {min_objects}, {max_objects}")
         root = Path(root)
         self.image_dir = root / "images" / split
         scenes_path = root / "scenes" / f"CLEVR_{split}_scenes.json"

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .atomic import check_folder
 from .episodes import EpisodeWriter
+from .errors import UsageError
 from .vector import make_vector_env
 
 ENV_IDS = {"crafter": "slotworld/Crafter-v0", "nethack": "slotworld/NetHack-v0"}
@@ -27,7 +28,7 @@ def make_env(name: str, **kwargs) -> gym.Env:
     import envs  # noqa: F401  (registers the ids inside a spawned worker)
 
     if name not in ENV_IDS:
-        raise ValueError(f"unknown env {name!r}; choose one of {sorted(ENV_IDS)}")
+        raise UsageError(f"unknown env {name!r}; choose one of {sorted(ENV_IDS)}")
     # The registered entry point, called directly: gym.make would take `max_episode_steps` for its own
     # TimeLimit wrapper instead of passing it to the env.
     return load_env_creator(gym.spec(ENV_IDS[name]).entry_point)(**kwargs)
@@ -36,7 +37,7 @@ def make_env(name: str, **kwargs) -> gym.Env:
 def env_fn(name: str, **kwargs):
     """A picklable zero-argument constructor for vector-env workers."""
     if name not in ENV_IDS:
-        raise ValueError(f"unknown env {name!r}; choose one of {sorted(ENV_IDS)}")
+        raise UsageError(f"unknown env {name!r}; choose one of {sorted(ENV_IDS)}")
     return functools.partial(make_env, name, **kwargs)
 
 
@@ -48,7 +49,7 @@ def collect(env: str, frames: int, out: str, num_envs: int = 1, envs_per_worker:
     still running when the budget is reached are written as truncated pieces.
     """
     if frames <= num_envs:  # the envs' first frames alone would reach it: no step would be played
-        raise ValueError(f"--frames={frames} is no more than the {num_envs} envs collecting (a first frame each): ask "
+        raise UsageError(f"--frames={frames} is no more than the {num_envs} envs collecting (a first frame each): ask "
                          f"for more than {num_envs}, or fewer --workers / --envs-per-worker")
     out_path = check_folder(out, "--out")
     env_kwargs = dict(env_kwargs or {})

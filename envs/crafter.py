@@ -18,6 +18,7 @@ import numpy as np
 from crafter import constants, engine
 
 from .actions import checked_action
+from .errors import UsageError
 from .jsonl import read_records
 
 ACHIEVEMENTS: tuple[str, ...] = tuple(sorted(constants.achievements))  # the 22 of the benchmark
@@ -59,7 +60,7 @@ class CrafterEnv(gym.Env):
                  reward: bool = True, stats_path: Optional[Union[str, Path]] = None, semantic: bool = False,
                  render_mode: Optional[str] = None):
         if size < 2 * view:  # crafter's renderer fails below 2 pixels per view cell
-            raise ValueError(f"crafter size must be >= {2 * view} pixels (2 per view cell), got {size}")
+            raise UsageError(f"crafter size must be >= {2 * view} pixels (2 per view cell), got {size}")
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self._kwargs = dict(area=(area, area), view=(view, view), size=(size, size), reward=reward,
@@ -131,13 +132,13 @@ def crafter_score(records_or_path: Union[str, Path, Iterable[dict]]) -> dict[str
     else:
         records = list(records_or_path)
     if not records:
-        raise ValueError("crafter_score needs at least one finished episode")
+        raise UsageError("crafter_score needs at least one finished episode")
     if not any(k.startswith("achievement_") for k in records[0]):  # every crafter record lists all 22
-        raise ValueError(f"these are not crafter episode records (no achievement_* keys, but {sorted(records[0])}); "
+        raise UsageError(f"these are not crafter episode records (no achievement_* keys, but {sorted(records[0])}); "
                          "NetHack's go to envs.nethack.nethack_summary")
     unknown = {k[len("achievement_"):] for r in records for k in r if k.startswith("achievement_")} - set(ACHIEVEMENTS)
     if unknown:
-        raise ValueError(f"unknown achievements in episode records: {sorted(unknown)}")
+        raise UsageError(f"unknown achievements in episode records: {sorted(unknown)}")
     unlocked = np.array([[r.get(f"achievement_{a}", 0) > 0 for a in ACHIEVEMENTS] for r in records], np.float64)
     rates = unlocked.mean(0) * 100  # per achievement, percent of episodes
     score = float(np.exp(np.mean(np.log(1 + rates))) - 1)

@@ -33,6 +33,7 @@ from nle import nethack
 from nle.env import tasks
 
 from .actions import checked_action
+from .errors import UsageError
 from .jsonl import read_records
 
 TASKS = {"score": tasks.NetHackScore, "challenge": tasks.NetHackChallenge}
@@ -111,13 +112,13 @@ class NetHackEnv(gymnasium.Env):
     def __init__(self, task: str = "score", crop: int = 9, size: int = 64, max_episode_steps: int = 10000,
                  stats_path: str | None = None, render_mode: str | None = None):
         if task not in TASKS:
-            raise ValueError(f"unknown NetHack task {task!r}; valid: {sorted(TASKS)}")
+            raise UsageError(f"unknown NetHack task {task!r}; valid: {sorted(TASKS)}")
         if crop < 1 or crop % 2 == 0:
-            raise ValueError(f"crop must be an odd number >= 1 of map cells, got {crop}")
+            raise UsageError(f"crop must be an odd number >= 1 of map cells, got {crop}")
         if size < 1:
-            raise ValueError(f"size must be >= 1, got {size}")
+            raise UsageError(f"size must be >= 1, got {size}")
         if max_episode_steps < 1:
-            raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
+            raise UsageError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.task, self.crop, self.size, self.render_mode = task, crop, size, render_mode
@@ -209,9 +210,9 @@ def nethack_summary(records_or_path) -> dict:
             raise FileNotFoundError(f"no NetHack episode stats file at {path}")
         records = read_records(path)
     if not records:
-        raise ValueError("no NetHack episodes to summarise")
+        raise UsageError("no NetHack episodes to summarise")
     if "score" not in records[0] or "max_depth" not in records[0]:
-        raise ValueError(f"these are not NetHack episode records (no score and max_depth, but {sorted(records[0])}); "
+        raise UsageError(f"these are not NetHack episode records (no score and max_depth, but {sorted(records[0])}); "
                          "Crafter's go to envs.crafter.crafter_score")
     n = len(records)
     return {"episodes": n,

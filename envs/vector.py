@@ -15,7 +15,6 @@ fresh interpreter.  Env functions are therefore pickled: use module-level callab
 from __future__ import annotations
 
 import multiprocessing as mp
-import queue
 import select
 import signal
 import time
@@ -41,7 +40,7 @@ from gymnasium.vector.utils import (
 
 from .infos import InfoBatcher, InfoPacker, merge_packed, record_layout
 
-_CLOSE_TIMEOUT = 2.0  # seconds a worker gets to close its envs before it is killed
+CLOSE_TIMEOUT = 2.0  # seconds a worker gets to close its envs before it is killed
 
 
 def _worker(env_fns, offset, conn, obs_space, shm):
@@ -381,7 +380,7 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         for w in started:
             with suppress(OSError):
                 self._conns[w].send(None)
-        deadline = time.monotonic() + _CLOSE_TIMEOUT
+        deadline = time.monotonic() + CLOSE_TIMEOUT
         for w in started:
             self._procs[w].join(max(0.0, deadline - time.monotonic()))
             self._stop(w)
@@ -400,56 +399,3 @@ def make_vector_env(
     if not asynchronous:
         return SyncVectorEnv([env_fn] * num_envs, autoreset_mode=AutoresetMode.NEXT_STEP)
     return ResilientVectorEnv([env_fn] * num_envs, envs_per_worker=envs_per_worker, **kw)
-
-
-def measure_steps_per_second(venv: gymnasium.vector.VectorEnv, steps: int) -> float:
-    """Env steps per second (``steps`` vector steps x num_envs) with random actions, after a reset."""
-    venv.reset(seed=0)
-    venv.action_space.seed(0)
-    start = time.perf_counter()
-    for _ in range(steps):
-        venv.step(venv.action_space.sample())
-    return steps * venv.num_envs / (time.perf_counter() - start)
-
-
-def _step_alone(env_fn, num_envs: int, steps: int, seed: int, barrier, results) -> None:
-    """One process of measure_independent_steps_per_second: its own envs, no IPC until the end."""
-    venv = SyncVectorEnv([env_fn] * num_envs, autoreset_mode=AutoresetMode.NEXT_STEP)
-    venv.reset(seed=seed)
-    venv.action_space.seed(seed)
-    barrier.wait()
-    start = time.monotonic()  # CLOCK_MONOTONIC: comparable across processes
-    for _ in range(steps):
-        venv.step(venv.action_space.sample())
-    results.put((start, time.monotonic()))
-    venv.close()
-
-
-def measure_independent_steps_per_second(env_fn: Callable[[], gymnasium.Env], processes: int, steps: int,
-                                         envs_per_process: int = 1, context: str | None = None) -> float:
-    """Env steps/s of ``processes`` processes stepping their own envs side by side with no IPC per step (started
-    together; rate = all steps / (last finish - first start)): what the machine's cores give without any vector-env
-    overhead, the ceiling a vector env's efficiency is measured against."""
-    ctx = mp.get_context(context or default_context())
-    barrier, results = ctx.Barrier(processes), ctx.Queue()
-    procs = [ctx.Process(target=_step_alone, args=(env_fn, envs_per_process, steps, i, barrier, results), daemon=True)
-             for i in range(processes)]
-    for proc in procs:
-        proc.start()
-    times = []
-    try:
-        while len(times) < processes:
-            try:
-                times.append(results.get(timeout=1.0))
-            except queue.Empty:
-                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"a measuring process failed (exit code {dead[0]}); its traceback is above")
-    finally:
-        for proc in procs:
-            proc.join(_CLOSE_TIMEOUT)
-            if proc.is_alive():
-                proc.kill()
-    wall = max(end for _, end in times) - min(start for start, _ in times)
-    return processes * envs_per_process * steps / wall
-

@@ -563,8 +563,8 @@ def test_nan_loss_is_skipped_and_logged(tmp_path, monkeypatch):
 
     real_loss = WorldModel.loss
 
-    def nan_loss(self, batch, beta):
-        loss, stats, enc = real_loss(self, batch, beta)
+    def nan_loss(self, batch, beta, counts=None):
+        loss, stats, enc = real_loss(self, batch, beta, counts)
         return loss * float("nan"), stats, enc
 
     monkeypatch.setattr(WorldModel, "loss", nan_loss)
@@ -598,8 +598,9 @@ def test_killed_env_worker_during_training(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["env_restarts"] for r in rows if "env_restarts" in r][-1] == 1  # logged beside the losses
     replay = ReplayBuffer.load(tmp_path / "run" / state["replays"][0])
-    firsts = replay.data["is_first"][:len(replay)].sum()
-    assert firsts >= 3  # the 2 initial episodes and the one started after the crash
+    stored = {k: replay.data[k][:len(replay)] for k in ("is_first", "is_last", "is_terminal")}
+    assert stored["is_first"].sum() >= 3  # the 2 initial episodes and the one started after the crash
+    assert (stored["is_last"] & ~stored["is_terminal"]).sum() == 1  # the crashed episode: cut off, not a game over
 
 
 def test_bench_agent_runs_the_real_loop(capsys):
@@ -678,3 +679,117 @@ def test_compile_is_announced_before_the_run(tmp_path, capsys):
         out = capsys.readouterr().out
         assert ("# train.compile: the first steps compile (default)" in out) == (compile_ == "true")
     assert calls == [True, False]
+
+
+def test_the_policy_resets_only_the_envs_whose_episode_starts():
+    """A vector step where one env starts a new episode and the other goes on: the first env's slots start afresh (as
+    a policy that sees only it), the second's carry over from its previous frame (as a policy that sees only it)."""
+    from agent.policy import SlotPolicy
+    from agent.train import build_agent
+
+    wm, ac = build_agent(tiny(), 17, torch.device("cpu"))
+    module = wm.autoencoder.encoder.slot_module
+    with torch.no_grad():  # no initialization noise, so policies over different env batches start alike
+        for name in ("mu_logstd", "logsigma_logstd", "init_logsigma"):
+            if hasattr(module, name):
+                getattr(module, name).fill_(-40.0)
+    rng = np.random.default_rng(0)
+    before, now = (rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8) for _ in range(2))
+
+    def slots(frames, firsts):
+        policy = SlotPolicy(wm.eval(), ac, torch.device("cpu"))
+        for obs, first in zip(frames, firsts):
+            policy.act(obs, first)
+        return policy.prev
+
+    both = slots([before, now], [np.array([True, True]), np.array([True, False])])
+    assert torch.allclose(both[0], slots([now[:1]], [True])[0], atol=1e-5)  # env 0: a new episode
+    assert torch.allclose(both[1], slots([before[1:], now[1:]], [True, False])[0], atol=1e-5)  # env 1: carried
+    assert not torch.allclose(both[1], slots([now[1:]], [True])[0], atol=1e-3)  # which differs from a fresh start
+
+
+def test_the_collector_stores_each_env_in_the_episode_layout_across_autoresets():
+    """Two envs that end at different steps (one terminates, one is cut off): every stored episode starts with a
+    first step holding no action, reward or end, and the step after an end is the next episode's first (NEXT_STEP
+    autoreset), whatever action was sent with it."""
+    import gymnasium as gym
+    from gymnasium.vector import AutoresetMode, SyncVectorEnv
+
+    from agent.train import Collector
+
+    class Countdown(gym.Env):
+        observation_space = gym.spaces.Box(0, 255, (1,), np.uint8)
+        action_space = gym.spaces.Discrete(100)
+
+        def __init__(self, length, terminates):
+            self.length, self.terminates = length, terminates
+
+        def reset(self, seed=None, options=None):
+            self.t = 0
+            return np.array([0], np.uint8), {}
+
+        def step(self, action):
+            self.t += 1
+            end = self.t == self.length
+            return np.array([self.t], np.uint8), 10.0 * self.t, end and self.terminates, end and not self.terminates, {}
+
+    class Recorder:
+        spec = {"image": ((1,), np.uint8)}
+
+        def __init__(self):
+            self.rows = []
+
+        def add_steps(self, steps, workers):
+            assert list(workers) == [0, 1]
+            self.rows.append({k: np.array(v) for k, v in steps.items()})
+
+    venv = SyncVectorEnv([lambda: Countdown(2, True), lambda: Countdown(3, False)],
+                         autoreset_mode=AutoresetMode.NEXT_STEP)
+    collector = Collector(venv, Recorder())
+    collector.reset(seed=0)
+    for t in range(1, 8):
+        collector.step(np.array([t, 50 + t]))
+
+    def column(env, key):
+        return [row[key][env].item() for row in collector.replay.rows]
+
+    # env 0 ends (terminal) at its 2nd step, env 1 (cut off) at its 3rd; the step after each end is a first step
+    assert column(0, "image") == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert column(0, "is_first") == [True, False, False, True, False, False, True, False]
+    assert column(0, "action") == [0, 1, 2, 0, 4, 5, 0, 7]  # the action sent with a reset step is not stored
+    assert column(0, "reward") == [0, 10, 20, 0, 10, 20, 0, 10]
+    assert column(0, "is_last") == column(0, "is_terminal") == [False, False, True, False, False, True, False, False]
+    assert column(1, "image") == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert column(1, "action") == [0, 51, 52, 53, 0, 55, 56, 57]
+    assert column(1, "is_last") == [False, False, False, True, False, False, False, True]
+    assert not any(column(1, "is_terminal"))  # cut off by a time limit: the value bootstraps past it
+    assert collector.episodes == 4 and list(collector.first) == [False, False]
+    venv.close()
+
+
+@pytest.mark.parametrize("saved, world, expected", [
+    (2, 2, [[0, 1], [2, 3]]),  # the same world size: each rank its own shard
+    (3, 2, [[0, 1, 4, 5], [2, 3]]),  # fewer ranks: rank r merges the shards j with j % world == r
+    (1, 2, [[0], [1]]),  # more ranks than shards: every world-th episode of them all, none held twice
+    (2, 3, [[0, 3], [1], [2]]),
+])
+def test_a_resume_at_another_world_size_shares_out_every_saved_episode_once(tmp_path, monkeypatch, saved, world,
+                                                                             expected):
+    from agent.train import load_replay_shards
+    from world_model import distributed
+
+    names = []
+    for j in range(saved):  # shard j holds episodes 2 j and 2 j + 1, their frames reading 10 e, 10 e + 1, 10 e + 2
+        buf = ReplayBuffer(20, {"image": ((1,), np.uint8)}, seed=j)
+        for e in (2 * j, 2 * j + 1):
+            for i in range(3):
+                buf.add({"image": np.full(1, 10 * e + i, np.uint8), "action": i, "reward": 0.0, "is_first": i == 0,
+                         "is_last": i == 2, "is_terminal": i == 2})
+        names.append(f"replay{j}.npz")
+        buf.save(tmp_path / names[-1])
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+    for rank in range(world):
+        monkeypatch.setattr(distributed, "rank", lambda: rank)
+        replay = load_replay_shards(tmp_path, {"replays": names}, capacity=20, seed=0)
+        held = [ep["image"][0, 0] // 10 for ep in replay.episodes()]
+        assert held == expected[rank], rank

@@ -339,3 +339,18 @@ def test_generator_takes_an_int_resolution_and_refuses_an_empty_batch():
     assert gen.generate(1, seed=0).images.shape == (1, 3, 24, 24)
     with pytest.raises(ValueError, match="batch_size must be positive, got 0"):
         gen.generate(0, seed=0)
+
+
+def test_target_rows_follow_the_layout_the_metrics_and_the_head_read():
+    """One object, written as a CLEVR scene: its row has the coordinates first, each property's one-hot at the slice
+    the AP metric and the code/property tables read it from, and the real-object flag last."""
+    from world_model.metrics import ATTRIBUTE_SLICES, CLEVR_ELEMENT_SIZE
+
+    obj = {"3d_coords": [1.5, -3.0, 0.7], "size": "small", "material": "metal", "shape": "cylinder", "color": "cyan"}
+    row = scenes_to_targets([{"objects": [obj]}])[0, 0]
+    assert PROPERTY_DIM == CLEVR_ELEMENT_SIZE == len(row)
+    assert row[:3].tolist() == pytest.approx([0.75, 0.0, 3.7 / 6])  # (coords + 3) / 6
+    values = {"size": SIZES, "material": MATERIALS, "shape": SHAPES, "color": COLORS}
+    for name, where in ATTRIBUTE_SLICES.items():
+        assert row[where].tolist() == [float(v == obj[name]) for v in values[name]], name
+    assert row[-1] == 1.0 and sum(s.stop - s.start for s in ATTRIBUTE_SLICES.values()) == CLEVR_ELEMENT_SIZE - 4

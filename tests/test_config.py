@@ -17,9 +17,32 @@ def test_presets_exist():
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_every_preset_loads(preset):
-    cfg = load_config(PretrainConfig, preset)
-    assert cfg.task in ("setpred", "discovery")
+def test_every_preset_loads_with_the_values_it_writes(preset):
+    import yaml
+    from omegaconf import OmegaConf
+
+    def leaves(node, prefix=""):
+        for key, value in node.items():
+            yield from leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [(prefix + key, value)]
+
+    cfg = OmegaConf.structured(load_config(PretrainConfig, preset))
+    written = list(leaves(yaml.safe_load(Path(preset).read_text())))
+    assert written and all(OmegaConf.select(cfg, key) == value for key, value in written)
+
+
+def test_every_checked_key_is_a_key_of_some_command():
+    """A renamed or removed key left in a range table would be checked nowhere, silently."""
+    from omegaconf import OmegaConf
+
+    from world_model import config
+
+    missing = object()
+    schemas = [OmegaConf.structured(schema) for schema in config.run_schemas().values()]
+    tables = (config.POSITIVE, config.NON_NEGATIVE, config.ABOVE_ZERO, config.UNIT_INTERVAL, config.AT_LEAST,
+              config.CHOICES, config.DERIVED, config.FIXED)
+    stale = [key for table in tables for key in table
+             if all(OmegaConf.select(cfg, key, default=missing) is missing for cfg in schemas)]
+    assert not stale
 
 
 def test_overrides_are_typed():
@@ -166,6 +189,9 @@ def test_run_directories_of_another_command_are_named_as_such(tmp_path, capsys):
     for name, schema in (("p", PretrainConfig), ("w", WorldModelConfig), ("a", AgentConfig)):
         (tmp_path / name).mkdir()
         save_config(load_config(schema), tmp_path / name / "config.yaml")
+    dataset = tmp_path / "d"  # what `run.py collect` makes
+    (dataset / "episodes").mkdir(parents=True)
+    (dataset / "meta.json").write_text("{}")
     cases = [(["eval", "--checkpoint", str(tmp_path / "p")], "is a run of `run.py pretrain`; this needs a run of `run.py train`"),
              (["eval-ap", "--checkpoint", str(tmp_path / "a")], "is a run of `run.py train`; this needs a run of `run.py pretrain`"),
              (["eval-wm", "--checkpoint", str(tmp_path / "p")], "is a run of `run.py pretrain`; this needs a run of `run.py train-wm`"),
@@ -173,6 +199,7 @@ def test_run_directories_of_another_command_are_named_as_such(tmp_path, capsys):
               "no checkpoint at"),  # a world-model run is visualized from its checkpoint, which this one lacks
              (["train", "--resume", str(tmp_path / "w")], "is a run of `run.py train-wm`; this needs a run of `run.py train`"),
              (["pretrain", "--resume", "--run-dir", str(tmp_path / "none")], "no run at"),
+             (["eval-ap", "--checkpoint", str(dataset)], f"no run at {dataset} (an episode dataset (meta.json, "),
              (["train", "--resume", str(tmp_path / "a"), "--run-dir", str(tmp_path / "p")], "contradicts it")]
     for argv, message in cases:
         assert run.main(argv) == 2, argv
@@ -193,6 +220,12 @@ def test_run_directories_of_another_command_are_named_as_such(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "  num_actions: 23  # set by the run from the env" in out
     assert "  frame_vars: 15  # set by the run from frame.vars + the env's 7 status tokens" in out
+    shown = tmp_path / "wm.yaml"  # without a dataset the action count is not known: commented out, so the YAML
+    assert run.main(["config", "--for", "train-wm"]) == 0  # reads back as a preset of the same command
+    shown.write_text(capsys.readouterr().out)
+    assert "  # num_actions: set by the run from the env (or the dataset's meta.json), not known here\n" in shown.read_text()
+    assert run.main(["config", "--config", str(shown)]) == 0
+    assert capsys.readouterr().out.startswith(f"# run.py train-wm, preset {shown}\n")
     # a preset with a typo in a key: the error names that key, not a good key under another command's schema
     typo = tmp_path / "typo.yaml"
     typo.write_text("env:\n  name: crafter\ntrain:\n  env_steps: 10\n  bogus: 1\n")
@@ -216,7 +249,7 @@ def test_value_ranges_hold_for_every_command():
             (WorldModelConfig, "data.seq_len=1", "data.seq_len=1 must be at least 2"),
             (WorldModelConfig, "eval.context=0", "eval.context=0 must be at least 1"),
             (WorldModelConfig, "eval.horizons=[]", r"eval.horizons=\[\] must list at least one value"),
-            (WorldModelConfig, "eval.horizons=[1,0]", r"eval.horizons=\[1, 0\] must be at least 1"),
+            (WorldModelConfig, "eval.horizons=[1,0]", r"eval.horizons=\[1, 0\]: every entry must be at least 1"),
             (AgentConfig, "train.eval_episodes=0", r"train.eval_episodes=0 must be at least 1 \(every run evaluates"),
             (PretrainConfig, "model.vq.num_codes=1", "model.vq.num_codes=1 must be at least 2"),
             (AgentConfig, "frame.codes=1", "frame.codes=1 must be at least 2"),
@@ -340,3 +373,63 @@ def test_paths_are_recorded_absolute(tmp_path, monkeypatch):
     empty = load_config(WorldModelConfig, None, [])
     record_paths(empty)
     assert empty.data.root is None and empty.encoder.checkpoint is None
+
+
+def test_a_usage_error_is_one_line_and_any_other_error_keeps_its_traceback(monkeypatch, capsys):
+    """`run.py` answers a user's mistake in one line, but a ValueError from inside torch or numpy is a bug: it is not
+    dressed up as one (it keeps its traceback)."""
+    import run
+    from envs.errors import UsageError
+
+    def fails(error):
+        def command(args):
+            raise error
+        return command
+
+    monkeypatch.setattr(run, "cmd_config", fails(UsageError("--thing must be positive, got 0")))
+    assert run.main(["config"]) == 2
+    assert capsys.readouterr().err == "error: --thing must be positive, got 0\n"
+    monkeypatch.setattr(run, "cmd_config", fails(ValueError("Expected input batch_size (3) to match target (2)")))
+    with pytest.raises(ValueError, match="Expected input batch_size"):
+        run.main(["config"])
+
+
+def test_a_preset_that_cannot_be_read_says_so(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("train:\n  steps: 3\n")
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(OmegaConf, "load", refused)
+    with pytest.raises(ConfigError, match=f"^cannot read {re.escape(str(preset))}: Permission denied$"):
+        load_config(PretrainConfig, preset)
+
+
+def test_under_torchrun_one_process_speaks_for_all(monkeypatch, capsys):
+    """Every process checks the same config alike before they join: rank 0 reports it, the others stay quiet. A
+    command that runs in one process is refused. A process whose collective failed because another one left says so
+    in a line, and leaves the cause to that one's message."""
+    import run
+    from world_model import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, said in (("0", "error: eval runs in one process; under torchrun run `pretrain` or `train`"), ("1", "")):
+        monkeypatch.setenv("RANK", rank)
+        assert run.main(["eval", "--checkpoint", "nowhere"]) == 2
+        assert capsys.readouterr().err.startswith(said)
+
+    def peer_left(args):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [::1]:1")
+
+    monkeypatch.setattr(run, "cmd_pretrain", peer_left)
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "barrier", lambda: None)
+    monkeypatch.setattr(distributed, "shutdown", lambda: None)
+    assert run.main(["pretrain", "--run-dir", "r"]) == 1
+    assert capsys.readouterr().err == ("[rank 1] stopped: another process of this torchrun job failed or was stopped "
+                                       "(its message is above)\n")
+    assert not distributed.lost_peer(RuntimeError("CUDA out of memory"))

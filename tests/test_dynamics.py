@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from world_model import twohot
-from world_model.dynamics import (DynamicsConfig, SlotDynamics, dynamics_loss, imagination_speed,
-                                  sample_step)
+from world_model.dynamics import DynamicsConfig, SlotDynamics, dynamics_loss, sample_step
 
 CFG = DynamicsConfig(num_slots=3, num_vars=2, num_codes=5, frame_vars=2, frame_codes=4, num_actions=4,
                      embed_dim=32, layers=2, heads=2, mlp_ratio=2, max_steps=8, reward_bins=31)
@@ -187,12 +186,6 @@ def test_cache_overflow_and_shape_errors():
         model(*long)
     with pytest.raises(ValueError, match="cache was made for batch"):
         model(slots[:1, :2], frames[:1, :2], actions[:1, :2], model.init_cache(2, 4, "cpu", torch.float32))
-
-
-def test_imagination_speed_runs():
-    model = make_model()
-    for use_cache in (True, False):
-        assert imagination_speed(model, batch=4, steps=5, use_cache=use_cache, device="cpu") > 0
 
 
 # --- two-hot -------------------------------------------------------------------------------------

@@ -95,6 +95,10 @@ def test_task_models_forward_backward():
     ae = SlotAutoencoder(small_cfg(), resolution=32)
     enc, dec = ae(torch.rand(2, 3, 32, 32))
     dec.recon.mean().backward()
+    # every weight (the slot module's initialization and neural M-step too) gets a finite, nonzero gradient
+    stuck = [name for name, p in ae.named_parameters()
+             if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum()]
+    assert not stuck
     sp = SetPredictor(small_cfg(vq=VQConfig(enabled=True)))
     enc, pred = sp(torch.rand(2, 3, 32, 32))
     assert pred.shape == (2, 4, 19) and ((pred >= 0) & (pred <= 1)).all()

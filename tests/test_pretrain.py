@@ -522,3 +522,35 @@ def test_an_evaluation_stopped_midway_is_run_on_resume(tmp_path, monkeypatch):
     assert RunDir(tmp_path / "r").load_checkpoint()["step"] == 2
     pretrain(cfg, str(tmp_path / "r"), resume=True, progress=False)
     assert [r["step"] for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if "eval/AP_inf" in r] == [2, 4]
+
+
+def test_a_log_row_holds_the_mean_of_the_updates_since_the_last_row(tmp_path, monkeypatch):
+    """`train/loss` averages every update since the previous row (a skipped one left out), not one noisy batch."""
+    import world_model.pretrain as pt
+
+    real, losses = pt.compute_loss, []
+
+    def recorded(model, task, batch, beta):
+        loss, stats, out = real(model, task, batch, beta)
+        losses.append(float(loss))
+        return (loss * float("nan") if len(losses) == 4 else loss), stats, out
+
+    monkeypatch.setattr(pt, "compute_loss", recorded)
+    pretrain(tiny_cfg("train.steps=4", "train.log_every=2", "train.eval_every=0"), str(tmp_path / "r"),
+             progress=False)
+    rows = [r for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if "train/loss" in r]
+    assert [r["step"] for r in rows] == [2, 4] and len(set(losses)) == 4
+    assert [r["train/loss"] for r in rows] == pytest.approx([(losses[0] + losses[1]) / 2, losses[2]], rel=1e-5)
+
+
+def test_lr_factor_warms_up_linearly_then_decays_exponentially():
+    from world_model.pretrain import lr_factor
+
+    assert [lr_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]  # the world model's: warmup only
+    assert lr_factor(0, 0) == 1.0 and lr_factor(200, 0, 0.5, 100) == pytest.approx(0.25)
+    assert lr_factor(1, 4, 0.5, 2) == pytest.approx(0.5 * 0.5 ** 0.5)  # both at once
+
+
+def test_bench_refuses_overrides_it_would_ignore(capsys):
+    assert run.main(["bench", "metrics", "--steps", "1", "train.batch_size=8"]) == 2
+    assert "bench metrics takes no key=value overrides (train.batch_size=8)" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from world_model.rundir import (MetricLogger, RunDir, atomic_torch_save, atomic_write, note_if_finished, read_jsonl,
+from world_model.rundir import (MetricLogger, RunDir, atomic_torch_save, atomic_write, evaluation_due, note_if_finished, read_jsonl,
                                 set_precision)
 
 
@@ -335,3 +335,11 @@ def test_the_printed_config_shows_what_the_run_sets_itself(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "  num_actions: 17  # set by the run from its start, as recorded" in out
     assert "  frame_vars: 4  # set by the run from its start, as recorded" in out
+
+
+def test_evaluation_due_when_a_multiple_is_passed_and_at_the_end():
+    assert [at for at in range(1, 26) if evaluation_due(at, 10, 25)] == [10, 20, 25]
+    assert [at for at in range(1, 26) if evaluation_due(at, 0, 25)] == [25]  # eval_every=0: the last step only
+    # a vector env of 4 envs reaches 4, 8, 12, ...: 12 passes 10, 20 meets it, 24 passes nothing new
+    assert [at for at in range(4, 29, 4) if evaluation_due(at, 10, 28, stride=4)] == [12, 20, 28]
+    assert evaluation_due(30, 10, 28, stride=4)  # past the end

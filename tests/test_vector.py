@@ -12,8 +12,8 @@ import pytest
 from gymnasium.spaces import Box, Dict, Discrete
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
-from envs.vector import (ResilientVectorEnv, _Readiness, make_vector_env, measure_independent_steps_per_second,
-                         measure_steps_per_second)
+from envs.throughput import measure_independent_steps_per_second, measure_steps_per_second
+from envs.vector import ResilientVectorEnv, _Readiness, make_vector_env
 
 
 class CounterEnv(gymnasium.Env):

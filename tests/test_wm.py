@@ -410,8 +410,8 @@ def test_train_wm_logs_the_mean_of_the_updates_since_the_last_row(tmp_path, monk
 
     losses, loss = [], WorldModel.loss
 
-    def recorded(self, batch, beta):
-        out = loss(self, batch, beta)
+    def recorded(self, batch, beta, counts=None):
+        out = loss(self, batch, beta, counts)
         losses.append(float(out[0]))
         return out
 

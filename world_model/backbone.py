@@ -5,6 +5,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from envs.errors import UsageError
+
 
 def position_grid(height: int, width: int, device=None) -> torch.Tensor:
     """The 4-channel grid [y, x, 1-y, 1-x] in [0, 1] that positional embeddings project.  # h w 4"""
@@ -31,7 +33,7 @@ class CNNBackbone(nn.Module):
     def __init__(self, channels=(64, 64, 64, 64), strides=(1, 2, 2, 1), kernel: int = 5, out_dim: int = 64):
         super().__init__()
         if len(channels) != len(strides):
-            raise ValueError(f"cnn_channels ({len(channels)}) and cnn_strides ({len(strides)}) must have equal length")
+            raise UsageError(f"cnn_channels ({len(channels)}) and cnn_strides ({len(strides)}) must have equal length")
         layers, c_in = [], 3
         for c, s in zip(channels, strides):
             layers += [nn.Conv2d(c_in, c, kernel, stride=s, padding=kernel // 2), nn.ReLU(inplace=True)]

@@ -12,30 +12,69 @@ from dataclasses import replace
 
 import torch
 
+from envs.errors import UsageError
+
 from .config import PretrainConfig, load_config
+from .dynamics import SlotDynamics, sample_step
 from .pretrain import GeneratedScenes, build_model, compute_loss
 from .rundir import resolve_device, set_precision
 from .slots.gmm import gaussian_log_likelihood
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so a timer reads the work done (CUDA runs asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def imagination_speed(model: SlotDynamics, batch: int, steps: int, use_cache: bool, device) -> float:
+    """Imagined trajectory-steps per second (steps x batch / s) of a rollout with random actions from
+    a 1-step context: one T=1 forward per step with the cache, the whole growing sequence without."""
+    c = model.cfg
+    model.eval()
+    gen = torch.Generator(device).manual_seed(0)
+    slots = torch.randint(c.num_codes, (batch, steps, c.num_slots, c.num_vars), device=device, generator=gen)
+    frames = (torch.randint(c.frame_codes, (batch, steps, c.frame_vars), device=device, generator=gen)
+              if c.frame_vars else None)
+    actions = torch.randint(c.num_actions, (batch, steps), device=device, generator=gen)
+    dtype = next(model.parameters()).dtype
+
+    def frames_at(sl):
+        return frames[:, sl] if frames is not None else None
+
+    def rollout():
+        cache = model.init_cache(batch, steps, device, dtype) if use_cache else None
+        for i in range(steps):
+            sl = slice(i, i + 1) if use_cache else slice(0, i + 1)
+            pred = model(slots[:, sl], frames_at(sl), actions[:, sl], cache)
+            next_slots, next_frame, _, _ = sample_step(pred, generator=gen)
+            if i + 1 < steps:
+                slots[:, i + 1] = next_slots
+                if frames is not None:
+                    frames[:, i + 1] = next_frame
+
+    rollout()  # warmup (allocator, kernels)
+    sync(torch.device(device))
+    t0 = time.perf_counter()
+    rollout()
+    sync(torch.device(device))
+    return steps * batch / (time.perf_counter() - t0)
 
 
 def _timeit(fn, device: torch.device, steps: int, warmup: int = 2) -> tuple[float, float]:
     """Seconds per call after warmup, and seconds the first call took."""
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     first = time.perf_counter() - t0
     for _ in range(warmup - 1):
         fn()
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         fn()
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - t0) / steps, first
 
 
@@ -77,14 +116,14 @@ def select_rows(args, modes: list[tuple], device: torch.device) -> list[tuple]:
     names, wanted = [m[0] for m in modes], {r.strip() for r in args.rows.split(",") if r.strip()}
     unknown = sorted(wanted - set(names))
     if unknown:
-        raise ValueError(f"--rows {', '.join(unknown)}: not rows on {device}: {', '.join(names)}")
+        raise UsageError(f"--rows {', '.join(unknown)}: not rows on {device}: {', '.join(names)}")
     return [m for m in modes if m[0] in wanted]
 
 
 def check_profile_row(args, rows: list[str]) -> None:
     """`--profile-row` names one of this device's rows (before anything runs) and implies `--profile`."""
     if args.profile_row and args.profile_row not in rows:
-        raise ValueError(f"--profile-row {args.profile_row!r} is not one of the rows measured here: {', '.join(rows)}")
+        raise UsageError(f"--profile-row {args.profile_row!r} is not one of the rows measured here: {', '.join(rows)}")
     args.profile = args.profile or bool(args.profile_row)
 
 
@@ -95,7 +134,7 @@ def bench_pretrain(args, device: torch.device) -> None:
     models = [m.strip() for m in args.slots.split(",") if m.strip()]
     unknown = sorted(set(models) - {"gmm", "slot_attention"})
     if unknown or not models:
-        raise ValueError(f"--slots takes gmm and/or slot_attention (comma-separated), got {args.slots!r}")
+        raise UsageError(f"--slots takes gmm and/or slot_attention (comma-separated), got {args.slots!r}")
     check_profile_row(args, [m[0] for m in modes])
     set_precision(device)  # fp32 rows as training runs them
     precision = "full fp32, as in training"
@@ -161,7 +200,7 @@ def _profile_table(step, device: torch.device, rows: int) -> None:
     with profile(activities=activities) as prof:
         for _ in range(3):
             step()
-        _sync(device)
+        sync(device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=rows))
 
@@ -225,7 +264,8 @@ def bench_envs(args, device: torch.device) -> None:
     import os
 
     from envs.collect import env_fn
-    from envs.vector import make_vector_env, measure_independent_steps_per_second, measure_steps_per_second
+    from envs.throughput import measure_independent_steps_per_second, measure_steps_per_second
+    from envs.vector import make_vector_env
 
     workers = args.workers or os.cpu_count() or 1
     steps = args.env_steps or 500
@@ -234,7 +274,7 @@ def bench_envs(args, device: torch.device) -> None:
     except ValueError:
         per_worker_list = []
     if not per_worker_list or min(per_worker_list) < 1:
-        raise ValueError(f"--envs-per-worker takes positive integers (comma-separated), got {args.envs_per_worker!r}")
+        raise UsageError(f"--envs-per-worker takes positive integers (comma-separated), got {args.envs_per_worker!r}")
     # Every env runs the same `steps` steps in every row: a game's cost per step changes along an episode (Crafter's
     # night frames render darkness), so rows that stepped each env fewer times would compare different phases.
     print(f"# env steps/s, random actions, {steps} steps of every env in each row; efficiency = rate / (workers x one core); "
@@ -261,7 +301,6 @@ def bench_envs(args, device: torch.device) -> None:
 def bench_imagination(args, device: torch.device) -> None:
     """Imagined trajectory-steps/s of the dynamics transformer with and without the KV cache, side by side."""
     from .config import WorldModelConfig
-    from .dynamics import SlotDynamics, imagination_speed
 
     args.wm_config = args.wm_config or ("configs/wm_crafter.yaml" if device.type == "cuda" else
                                         "configs/wm_crafter_cpu.yaml")
@@ -281,6 +320,9 @@ def bench_imagination(args, device: torch.device) -> None:
 
 
 def main(args) -> None:
+    if args.overrides and args.what != "agent":  # the others take their sizes from their flags
+        raise UsageError(f"bench {args.what} takes no key=value overrides ({' '.join(args.overrides)}): they apply to "
+                         "`bench agent`'s preset; see `run.py bench --help` for its flags")
     device = resolve_device(args.device)
     from agent.bench import bench_agent
 

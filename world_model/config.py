@@ -16,13 +16,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from envs.clevr import MAX_OBJECTS as MAX_SCENE_OBJECTS
+from envs.errors import UsageError
 
 from . import distributed
 from .dynamics import DynamicsConfig
 from .frame_tokenizer import FrameTokenizerConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A bad preset or override; the message is one line and says what to change."""
 
 
@@ -66,7 +67,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where images come from: procedurally generated scenes or a CLEVR v1.0 directory."""
+    """Where images come from: procedurally generated scenes, a CLEVR v1.0 directory, or the frames of an episode
+    dataset (`run.py collect`)."""
 
     source: str = "generated"  # generated | clevr | frames (episodes from `run.py collect`)
     root: Optional[str] = None  # CLEVR root (source=clevr) or episode dataset (source=frames)
@@ -184,15 +186,16 @@ CHOICES = {
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 # keys that must be positive (whichever schema has them), and those that may also be 0
 POSITIVE = ("train.steps", "train.env_steps", "train.batch_size", "train.seq_len", "train.log_every",
-            "train.image_every", "train.ckpt_every", "train.imag_starts", "model.num_slots", "model.iters",
-            "encoder.model.num_slots", "data.resolution", "encoder.resolution", "env.num_envs", "env.envs_per_worker",
-            "env.size", "actor_critic.horizon", "data.eval_images", "replay.capacity", "train.decay_steps",
-            "data.supersample", "data.capacity", "eval.segments", "frame.channels", "frame.target",
+            "train.image_every", "train.ckpt_every", "train.imag_starts", "data.resolution", "encoder.resolution",
+            "env.num_envs", "env.envs_per_worker", "env.size", "actor_critic.horizon", "data.eval_images",
+            "replay.capacity", "train.decay_steps", "data.supersample", "data.capacity", "eval.segments",
+            "frame.channels", "frame.target", "dynamics.max_steps",
             *(f"{net}.{key}" for net in ("dynamics", "actor_critic")  # the transformers' sizes
-              for key in ("embed_dim", "layers", "heads", "mlp_ratio", "max_steps")),
+              for key in ("embed_dim", "layers", "heads", "mlp_ratio")),
             *(f"{where}{key}" for where in ("model.", "encoder.model.")  # the slot encoder's sizes, either schema
-              for key in ("slot_dim", "mlp_hidden", "cnn_kernel", "feature_dim", "decoder_channels", "decoder_init",
-                          "head_hidden", "vq.num_vars", "vq.num_codes", "vq.code_dim", "cnn_channels", "cnn_strides")))
+              for key in ("num_slots", "iters", "slot_dim", "mlp_hidden", "cnn_kernel", "feature_dim",
+                          "decoder_channels", "decoder_init", "head_hidden", "vq.num_vars", "vq.num_codes",
+                          "vq.code_dim", "cnn_channels", "cnn_strides")))
 DERIVED = {  # world-model keys a run sets from elsewhere (build_world_model), so setting them would do nothing
     "dynamics.num_slots": "encoder.model.num_slots", "dynamics.num_vars": "encoder.model.vq.num_vars",
     "dynamics.num_codes": "encoder.model.vq.num_codes", "dynamics.frame_vars": "frame.vars",
@@ -211,13 +214,19 @@ AT_LEAST = {  # keys with a larger minimum, and why
 ABOVE_ZERO = ("train.lr", "train.wm_lr", "actor_critic.actor_lr", "actor_critic.critic_lr", "train.decay_rate",
               "train.grad_clip", "train.wm_grad_clip", "actor_critic.grad_clip",  # a clip at 0 zeroes, below 0 flips
               *(f"{where}vq.{key}" for where in ("model.", "encoder.model.") for key in ("tau_start", "tau_end")))
-NON_NEGATIVE = ("train.eval_every", "train.prefill", "train.train_ratio", "train.warmup_steps", "data.pool",
+NON_NEGATIVE = ("train.seed", "train.eval_every", "train.prefill", "train.train_ratio", "train.warmup_steps", "data.pool",
                 "train.threads", "data.num_workers", "frame.vars", "env.max_episode_steps", "actor_critic.entropy",
                 "actor_critic.slow_reg", *(f"{where}{key}" for where in ("model.", "encoder.model.")
                                            for key in ("gmm_temperature", "vq.beta")))
 UNIT_INTERVAL = ("actor_critic.gamma", "actor_critic.lam", "actor_critic.unimix", "actor_critic.ema_decay",
                  "actor_critic.return_norm_decay", "frame.unimix", "data.eval_fraction", "dynamics.dropout")
 
+RANGES = (  # (key, test, what a value must be): every entry of a list value must pass; a key may have several
+    *((key, lambda v: v >= 1, "positive") for key in POSITIVE),
+    *((key, lambda v: v >= 0, "0 or more") for key in NON_NEGATIVE),
+    *((key, lambda v, low=low: v >= low, f"at least {low} ({why})") for key, (low, why) in AT_LEAST.items()),
+    *((key, lambda v: v > 0, "above 0") for key in ABOVE_ZERO),
+    *((key, lambda v: 0 <= v <= 1, "between 0 and 1") for key in UNIT_INTERVAL))
 
 def _keys(node: Any, prefix: str = "") -> list[str]:
     out = []
@@ -286,6 +295,8 @@ def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: 
             raise ConfigError(f"config file not found: {path}{hint}; the presets in configs/ are {', '.join(stems)}")
         try:
             loaded = OmegaConf.load(path)
+        except OSError as e:  # e.g. no permission to read it
+            raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
         except Exception as e:  # yaml errors are verbose and multi-line: the problem and where it is
             def at(mark) -> str:
                 return f"line {mark.line + 1}, column {mark.column + 1}"
@@ -319,29 +330,17 @@ def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: 
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
-    for keys, low, what in ((POSITIVE, 1, "positive"), (NON_NEGATIVE, 0, "0 or more")):
-        for key in keys:
-            value = OmegaConf.select(cfg, key, default=None)
-            if isinstance(value, ListConfig) and any(v < low for v in value):  # every layer's channels or stride
-                raise ConfigError(f"{key}={list(value)!r}: every entry must be {what}")
-            if value is not None and not isinstance(value, ListConfig) and value < low:
-                raise ConfigError(f"{key}={value!r} must be {what}")
-    for key, (low, why) in AT_LEAST.items():
+    for key, test, what in RANGES:
         value = OmegaConf.select(cfg, key, default=None)
-        values = list(value) if isinstance(value, ListConfig) else [] if value is None else [value]
-        if isinstance(value, ListConfig) and not values:
-            raise ConfigError(f"{key}=[] must list at least one value ({why})")
-        if any(v < low for v in values):
-            raise ConfigError(f"{key}={value if not isinstance(value, ListConfig) else values!r} must be at least "
-                              f"{low} ({why})")
-    for key in ABOVE_ZERO:
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is not None and not value > 0:
-            raise ConfigError(f"{key}={value!r} must be above 0")
-    for key in UNIT_INTERVAL:
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is not None and not 0 <= value <= 1:
-            raise ConfigError(f"{key}={value!r} must be between 0 and 1")
+        if value is None:
+            continue
+        listed = isinstance(value, ListConfig)  # every layer's channels or stride, every horizon
+        values = list(value) if listed else [value]
+        if listed and not values and key in AT_LEAST:
+            raise ConfigError(f"{key}=[] must list at least one value ({AT_LEAST[key][1]})")
+        if not all(test(v) for v in values):
+            raise ConfigError(f"{key}={values!r}: every entry must be {what}" if listed else
+                              f"{key}={value!r} must be {what}")
     _check_pairs(cfg)
     return OmegaConf.to_object(cfg)
 
@@ -438,7 +437,9 @@ def load_run_config(command: str, run_dir: str | Path, overrides: Sequence[str] 
     directory holds no run or another command's run."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
-        raise ConfigError(f"no run at {run_dir} ({path} not found): expected a run directory made by "
+        dataset = (Path(run_dir) / "meta.json").is_file() and (Path(run_dir) / "episodes").is_dir()
+        what = "an episode dataset (meta.json, episodes/)" if dataset else f"{path} not found"
+        raise ConfigError(f"no run at {run_dir} ({what}): expected a run directory made by "
                           f"`run.py {command} --run-dir DIR`")
     try:
         return load_config(run_schemas()[command], path, overrides)

@@ -7,9 +7,10 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .backbone import SoftPositionEmbed
+from envs.errors import UsageError
 
-SETPRED_DIM = 19  # [x, y, z, size(2), material(2), shape(3), color(8), confidence]
+from .backbone import SoftPositionEmbed
+from .metrics import CLEVR_ELEMENT_SIZE
 
 
 @dataclass
@@ -30,7 +31,7 @@ class SpatialBroadcastDecoder(nn.Module):
             size *= 2
             ups += 1
         if size != resolution:
-            raise ValueError(f"decoder: resolution {resolution} is not decoder_init={init_size} times a power of 2")
+            raise UsageError(f"decoder: resolution {resolution} is not decoder_init={init_size} times a power of 2")
         self.init_size = init_size
         self.pos = SoftPositionEmbed(slot_dim)
         layers, c_in = [], slot_dim
@@ -56,7 +57,8 @@ class SetPredictionHead(nn.Module):
 
     def __init__(self, slot_dim: int, hidden: int = 64):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(slot_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, SETPRED_DIM))
+        self.mlp = nn.Sequential(nn.Linear(slot_dim, hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, CLEVR_ELEMENT_SIZE))
 
     def forward(self, slots: torch.Tensor) -> torch.Tensor:  # b k d -> b k 19
         return torch.sigmoid(self.mlp(slots).float())

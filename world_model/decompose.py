@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from envs.errors import UsageError
+
 from .perception import SlotAutoencoder
 from .pretrain import eval_batches, load_run
 from .rundir import check_out_dir, resolve_device
@@ -111,11 +113,11 @@ def edit_values(model, slot: int, var: int, value: str) -> list[int]:
     """The code values an edit decodes (VALUE "all": every code), after checking that `model` can be edited there."""
     vq = model.encoder.vq
     if vq is None or not isinstance(model, SlotAutoencoder):
-        raise ValueError("--edit needs a discovery run with a VQ encoder (task=discovery model.vq.enabled=true)")
+        raise UsageError("--edit needs a discovery run with a VQ encoder (task=discovery model.vq.enabled=true)")
     k, v, c = model.encoder.cfg.num_slots, vq.num_vars, vq.num_codes
     values = list(range(c)) if value == "all" else [int(value)] if str(value).isdigit() else [-1]
     if not (0 <= slot < k and 0 <= var < v) or any(not 0 <= x < c for x in values):
-        raise ValueError(f"--edit SLOT VAR VALUE out of range: slots 0..{k - 1}, vars 0..{v - 1}, values 0..{c - 1} "
+        raise UsageError(f"--edit SLOT VAR VALUE out of range: slots 0..{k - 1}, vars 0..{v - 1}, values 0..{c - 1} "
                          "or all")
     return values
 
@@ -168,17 +170,17 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
     may be a pretraining run, or a world-model or agent run (their slot encoder and decoder; `env` None: the game
     they trained on)."""
     if frames < 1:
-        raise ValueError(f"--frames must be positive, got {frames}")
+        raise UsageError(f"--frames must be positive, got {frames}")
     if env not in ("crafter", "nethack", "clevr", None):
-        raise ValueError(f"unknown --env {env!r}; choose crafter, nethack or clevr")
+        raise UsageError(f"unknown --env {env!r}; choose crafter, nethack or clevr")
     dev = resolve_device(device)
     run = load_slot_model(checkpoint, dev)
     env = env or (run.trained_env if run.trained_env in ("crafter", "nethack") else None)
     if env is None:
-        raise ValueError("visualize needs --env crafter|nethack|clevr for this run (or --codes)")
+        raise UsageError("visualize needs --env crafter|nethack|clevr for this run (or --codes)")
     model, cfg = run.model.cpu(), run.pretrain_cfg
     if env == "clevr" and cfg is None:
-        raise ValueError(f"{checkpoint} is a world-model or agent run, trained on {run.trained_env or 'game'} frames: "
+        raise UsageError(f"{checkpoint} is a world-model or agent run, trained on {run.trained_env or 'game'} frames: "
                          "show it --env crafter or nethack (--env clevr takes a pretraining run)")
     values = None if edit is None else edit_values(model, int(edit[0]), int(edit[1]), edit[2])  # before any output
     if run.trained_env and run.trained_env != env:

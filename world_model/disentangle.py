@@ -16,19 +16,16 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from envs.clevr import COLORS, MATERIALS, SHAPES, SIZES
+from envs.errors import UsageError
 
 from .config import PretrainConfig
-from .metrics import hungarian_assign, trim_padding
+from .metrics import ATTRIBUTE_SLICES, hungarian_assign, trim_padding
 from .pretrain import EVAL_SEED, autocast, eval_batches, load_run
 from .rundir import check_out_dir, fixed_rng, resolve_device
 
 # The discrete properties, in table order: (value names, slice of the 19-entry target row).
-PROPERTIES = {
-    "shape": (SHAPES, slice(7, 10)),
-    "size": (SIZES, slice(3, 5)),
-    "material": (MATERIALS, slice(5, 7)),
-    "color": (COLORS, slice(10, 18)),
-}
+PROPERTIES = {name: (values, ATTRIBUTE_SLICES[name])
+              for name, values in (("shape", SHAPES), ("size", SIZES), ("material", MATERIALS), ("color", COLORS))}
 NO_VQ = "visualize --codes needs a VQ encoder (model.vq.enabled=true)"
 
 
@@ -116,7 +113,7 @@ def collect_code_properties(model: torch.nn.Module, cfg: PretrainConfig, device:
     `m 3` (image, slot, object) and counts of images and real objects.
     """
     if not cfg.model.vq.enabled:
-        raise ValueError(NO_VQ)
+        raise UsageError(NO_VQ)
     if n_images < 1:
         raise ValueError(f"need at least one image, got n_images={n_images}")
     if match == "auto":
@@ -124,14 +121,14 @@ def collect_code_properties(model: torch.nn.Module, cfg: PretrainConfig, device:
     if match not in ("properties", "masks"):
         raise ValueError(f"match={match!r} is not one of auto, properties, masks")
     if match == "properties" and cfg.task != "setpred":
-        raise ValueError("match=properties needs a set-prediction run (task=setpred)")
+        raise UsageError("match=properties needs a set-prediction run (task=setpred)")
     was_training = model.training
     model.eval()
     codes, props, pairs, images, objects = [], [], [], 0, 0
     with fixed_rng(EVAL_SEED, device):  # same slot-init noise every call, caller's RNG untouched
         for batch in eval_batches(cfg, device, n_images):
             if batch.get("targets") is None:
-                raise ValueError(f"data.source={cfg.data.source} has no object labels: code/property tables need "
+                raise UsageError(f"data.source={cfg.data.source} has no object labels: code/property tables need "
                                  "CLEVR-style scenes (data.source=generated or clevr)")
             x = batch["images"]
             with autocast(device, cfg.train.amp):
@@ -141,7 +138,7 @@ def collect_code_properties(model: torch.nn.Module, cfg: PretrainConfig, device:
                 m = match_slots_to_objects(pred=out.float().cpu().numpy(), targets=targets)
             else:
                 if batch.get("masks") is None:
-                    raise ValueError("matching slots by masks needs ground-truth masks: this CLEVR directory has no "
+                    raise UsageError("matching slots by masks needs ground-truth masks: this CLEVR directory has no "
                                      "masks/<split>/ (write scenes with masks via `run.py generate`)")
                 maps = out.masks.squeeze(2) if cfg.task == "discovery" else enc.attn_maps(tuple(x.shape[-2:]))
                 m = match_slots_to_objects(slot_masks=maps.float().cpu().numpy(), gt_masks=batch["masks"].cpu().numpy())
@@ -293,7 +290,7 @@ def disentanglement(run_dir: str, out_dir: str, n_images: int = 1000, device="cp
     cfg, model, state = load_run(run_dir, device)
     data = collect_code_properties(model, cfg, device, n_images, match=match)
     if len(data["codes"]) == 0:
-        raise ValueError(f"no slot was matched to an object in {data['images']} images")
+        raise UsageError(f"no slot was matched to an object in {data['images']} images")
     tables = code_property_tables(data["codes"], data["properties"], data["num_codes"], data["property_names"])
     info = {"run_dir": str(run_dir), "step": int(state.get("step", 0)), "images": data["images"],
             "objects": data["objects"], "match": data["match"]}

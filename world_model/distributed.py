@@ -14,6 +14,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from envs.errors import UsageError
+
 
 def active() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -32,9 +34,21 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def launched_size() -> int:
+    """How many processes torchrun started (its WORLD_SIZE; 1 without torchrun), known before `setup`."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched() -> bool:
     """Started by torchrun with more than one process (true before `setup` too, from its environment)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launched_size() > 1
+
+
+def check_divides(size: int, key: str) -> None:
+    """Refuse, before any work, a size given for all processes together that does not split evenly over them."""
+    w = launched_size()
+    if size % w:
+        raise UsageError(f"{key}={size} does not divide over the {w} processes; pick a multiple of {w}")
 
 
 def setup(device: str) -> Optional[int]:
@@ -55,6 +69,13 @@ def setup(device: str) -> Optional[int]:
     # Rank 0 evaluates while the others wait in their next collective: allow longer than NCCL's 10 min default.
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=2))
     return local
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether a collective failed because another process left (it failed or was stopped), not by its own fault:
+    torch's distributed errors, and gloo's lost connections (plain RuntimeErrors)."""
+    return isinstance(error, getattr(dist, "DistError", ())) or (
+        isinstance(error, RuntimeError) and "gloo" in str(error) and "by peer" in str(error))
 
 
 def shutdown() -> None:
@@ -121,6 +142,6 @@ def shard_bounds(size: int, what: str = "global batch size") -> tuple[int, int]:
     names the size in the error)."""
     w, r = world_size(), rank()
     if size % w:
-        raise ValueError(f"{what}={size} does not divide over {w} processes; pick a multiple of {w}")
+        raise UsageError(f"{what}={size} does not divide over {w} processes; pick a multiple of {w}")
     per = size // w
     return r * per, (r + 1) * per

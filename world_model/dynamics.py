@@ -8,13 +8,14 @@ is equivariant to permuting slots. A preallocated KV cache makes imagination cos
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from envs.errors import UsageError
 
 from . import twohot
 
@@ -76,7 +77,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
         if dim % heads:
-            raise ValueError(f"embed_dim={dim} must be divisible by heads={heads}")
+            raise UsageError(f"embed_dim={dim} must be divisible by heads={heads}")
         self.heads, self.dropout = heads, dropout
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -276,42 +277,3 @@ def sample_step(pred: Predictions, temperature: float = 1.0, generator: Optional
     slots = _sample(pred.slot_logits[:, -1], temperature, generator)
     frame = _sample(pred.frame_logits[:, -1], temperature, generator) if pred.frame_logits is not None else None
     return slots, frame, twohot.mean(pred.reward_logits[:, -1]), torch.sigmoid(pred.cont_logits[:, -1].float())
-
-
-@torch.no_grad()
-def imagination_speed(model: SlotDynamics, batch: int, steps: int, use_cache: bool, device) -> float:
-    """Imagined trajectory-steps per second (steps x batch / s) of a rollout with random actions from
-    a 1-step context: one T=1 forward per step with the cache, the whole growing sequence without."""
-    c = model.cfg
-    model.eval()
-    gen = torch.Generator(device).manual_seed(0)
-    slots = torch.randint(c.num_codes, (batch, steps, c.num_slots, c.num_vars), device=device, generator=gen)
-    frames = (torch.randint(c.frame_codes, (batch, steps, c.frame_vars), device=device, generator=gen)
-              if c.frame_vars else None)
-    actions = torch.randint(c.num_actions, (batch, steps), device=device, generator=gen)
-    dtype = next(model.parameters()).dtype
-
-    def frames_at(sl):
-        return frames[:, sl] if frames is not None else None
-
-    def rollout():
-        cache = model.init_cache(batch, steps, device, dtype) if use_cache else None
-        for i in range(steps):
-            sl = slice(i, i + 1) if use_cache else slice(0, i + 1)
-            pred = model(slots[:, sl], frames_at(sl), actions[:, sl], cache)
-            next_slots, next_frame, _, _ = sample_step(pred, generator=gen)
-            if i + 1 < steps:
-                slots[:, i + 1] = next_slots
-                if frames is not None:
-                    frames[:, i + 1] = next_frame
-
-    def sync():
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
-
-    rollout()  # warmup (allocator, kernels)
-    sync()
-    t0 = time.perf_counter()
-    rollout()
-    sync()
-    return steps * batch / (time.perf_counter() - t0)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from envs.errors import UsageError
+
 
 STATUS_LEVELS = 16  # an env's status tokens take values in [0, 16): the dynamics' frame vocabulary holds that many
 
@@ -56,7 +58,7 @@ class FrameTokenizer(nn.Module):
     def __init__(self, cfg: FrameTokenizerConfig, resolution: int, status_vars: int = 0):
         super().__init__()
         if resolution % 8:
-            raise ValueError(f"frame tokenizer needs a resolution divisible by 8, got {resolution}")
+            raise UsageError(f"frame tokenizer needs a resolution divisible by 8, got {resolution}")
         self.cfg, self.status_vars = cfg, status_vars
         c = cfg.channels
         self.encoder = nn.Sequential(

@@ -16,6 +16,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from envs.errors import UsageError
+
 __all__ = [
     "CLEVR_ELEMENT_SIZE",
     "DEFAULT_AP_THRESHOLDS",
@@ -26,9 +28,10 @@ __all__ = [
     "ari",
 ]
 
-# Row layout: [x, y, z (3), size (2), material (2), shape (3), color (8), last (1)].
+# Row layout: [x, y, z (3), size (2), material (2), shape (3), color (8), last (1)]; the data's rows
+# (`envs.clevr`), the set-prediction head and the code/property tables all follow it.
 CLEVR_ELEMENT_SIZE = 19
-_ATTR_SLICES = (slice(3, 5), slice(5, 7), slice(7, 10), slice(10, 18))
+ATTRIBUTE_SLICES = {"size": slice(3, 5), "material": slice(5, 7), "shape": slice(7, 10), "color": slice(10, 18)}
 DEFAULT_AP_THRESHOLDS = (None, 1.0, 0.5, 0.25, 0.125, 0.0625)
 # The reference starts its running-best distance at this value.
 _REFERENCE_START_DISTANCE = 10000.0
@@ -110,8 +113,8 @@ def _nearest_matching_targets(pred: np.ndarray, target: np.ndarray) -> tuple[np.
         return best_dist, best_id
 
     # Argmax-decoded attributes: [batch, n, 4] (first index on ties, like tf/np argmax).
-    pred_attr = np.stack([pred[..., s].argmax(-1) for s in _ATTR_SLICES], axis=-1)
-    tgt_attr = np.stack([target[..., s].argmax(-1) for s in _ATTR_SLICES], axis=-1)
+    pred_attr = np.stack([pred[..., s].argmax(-1) for s in ATTRIBUTE_SLICES.values()], axis=-1)
+    tgt_attr = np.stack([target[..., s].argmax(-1) for s in ATTRIBUTE_SLICES.values()], axis=-1)
     tgt_real = target[..., -1].astype(bool)  # [batch, n_tgt]; truthiness as in `if real_obj:`
 
     chunk = max(1, _MAX_DIST_ELEMENTS // max(1, n_pred * n_tgt * 3))
@@ -330,7 +333,7 @@ def trim_padding(target, k: int):
     if target.shape[1] <= k:
         return target
     if bool((target[:, k:, -1] > 0.5).any()):
-        raise ValueError(f"images with more real objects than the {k} slots: set model.num_slots >= data.max_objects")
+        raise UsageError(f"images with more real objects than the {k} slots: set model.num_slots >= data.max_objects")
     return target[:, :k]
 
 
@@ -351,7 +354,7 @@ def setpred_accuracy(pred: Any, target: Any) -> dict[str, float]:
     real = target[..., -1] > 0.5
     out = {}
     correct = np.ones(real.shape, dtype=bool)
-    for name, s in zip(("size", "material", "shape", "color"), _ATTR_SLICES):
+    for name, s in ATTRIBUTE_SLICES.items():
         ok = matched[..., s].argmax(-1) == target[..., s].argmax(-1)
         out[f"acc_{name}"] = float(ok[real].mean() * 100) if real.any() else float("nan")
         correct &= ok

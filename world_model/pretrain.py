@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from envs.clevr import ClevrDataset, SceneGenerator
-from envs.errors import DataError
+from envs.errors import DataError, UsageError
 from envs.episodes import load_frames, read_meta
 
 from . import distributed
@@ -29,7 +29,8 @@ from .config import PretrainConfig, load_run_config, save_config
 from .losses import hungarian_huber_loss
 from .metrics import clevr_ap_table, fg_ari, setpred_accuracy
 from .perception import SetPredictor, SlotAutoencoder
-from .rundir import MetricLogger, RunDir, fixed_rng, mixed_seed, note_if_finished, restore_rng, rng_states, start_run
+from .rundir import (MetricLogger, RunDir, evaluation_due, fixed_rng, mixed_seed, note_if_finished, restore_rng,
+                     rng_states, start_run, stopped_evaluation)
 from .slots.vq import temperature
 from .visualize import decomposition_grid, upscale
 
@@ -137,9 +138,11 @@ class GeneratedScenes:
 
 
 def _share(indices: np.ndarray, sharded: bool) -> np.ndarray:
-    """This rank's slice of a global batch's indices when `sharded` (all of them otherwise)."""
+    """This rank's slice of a global batch's indices when `sharded` (all of them otherwise). A batch that a small
+    dataset capped at its size drops the few indices that would not split evenly over the ranks."""
     if not sharded:
         return indices
+    indices = indices[:len(indices) - len(indices) % distributed.world_size()]
     lo, hi = distributed.shard_bounds(len(indices))
     return indices[lo:hi]
 
@@ -152,7 +155,7 @@ class ClevrScenes:
         d = cfg.data
         self.sharded = sharded
         if not d.root:
-            raise ValueError("data.source=clevr needs data.root=DIR pointing at a CLEVR v1.0 root (`eval-ap` takes "
+            raise UsageError("data.source=clevr needs data.root=DIR pointing at a CLEVR v1.0 root (`eval-ap` takes "
                              "it as --clevr-root DIR)")
         self.dataset = ClevrDataset(d.root, split=split, resolution=(d.resolution, d.resolution), crop=d.crop,
                                     max_images=max_images, min_objects=d.min_objects, max_objects=d.max_objects)
@@ -205,9 +208,9 @@ class EpisodeFrames:
         d = cfg.data
         self.sharded = sharded
         if not d.root:
-            raise ValueError("data.source=frames needs data.root=DIR (or --data DIR) made by `run.py collect`")
+            raise UsageError("data.source=frames needs data.root=DIR (or --data DIR) made by `run.py collect`")
         if cfg.task != "discovery":
-            raise ValueError("env frames have no object labels: pretrain on them with task=discovery")
+            raise UsageError("env frames have no object labels: pretrain on them with task=discovery")
         frames = _dataset_frames(str(Path(d.root).resolve()))
         n_eval = min(d.eval_images, len(frames) // 10)
         if n_eval < 1:  # an evaluation on no frames would report a perfect score
@@ -323,6 +326,29 @@ def guarded_update(loss: torch.Tensor, params: list, opt: torch.optim.Optimizer,
     return None
 
 
+def preflight(cfg: PretrainConfig) -> None:
+    """What pretraining would refuse only at its first batch, refused before the run prints its config and starts."""
+    distributed.check_divides(cfg.train.batch_size, "train.batch_size")
+
+
+class StepMeans:
+    """Per-key means of the training stats of the updates since the last log row, summed on the device (no host sync
+    per step); the caller leaves a skipped update's stats out, so a row after only skipped updates holds none."""
+
+    def __init__(self):
+        self.sums: dict = {}
+        self.count = 0
+
+    def add(self, stats: dict) -> None:
+        self.sums = {k: self.sums.get(k, 0.0) + v.detach().float() for k, v in stats.items()}
+        self.count += 1
+
+    def pop(self) -> dict:
+        means = {k: float(v) / self.count for k, v in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return means
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, cfg: PretrainConfig, device: torch.device, n_images: int,
              batches: Optional[Iterator[dict]] = None) -> dict:
@@ -360,11 +386,11 @@ def evaluate(model: nn.Module, cfg: PretrainConfig, device: torch.device, n_imag
     return result
 
 
-def lr_factor(step: int, cfg: PretrainConfig) -> float:
-    """Linear warmup, then exponential decay (Slot Attention's schedule)."""
-    t = cfg.train
-    warm = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0
-    return warm * t.decay_rate ** (step / t.decay_steps)
+def lr_factor(step: int, warmup: int, decay_rate: float = 1.0, decay_steps: int = 1) -> float:
+    """The learning rate's factor at `step`: linear warmup over `warmup` steps, then exponential decay by `decay_rate`
+    every `decay_steps` (Slot Attention's schedule; the world model warms up only)."""
+    warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    return warm * decay_rate ** (step / decay_steps)
 
 
 def log_images(logger: MetricLogger, step: int, cfg: PretrainConfig, batch: dict, outputs: tuple) -> None:
@@ -386,6 +412,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
     from tqdm import tqdm
 
     t = cfg.train
+    preflight(cfg)  # `run.py pretrain` has run it already; a caller from Python has not
     run, device = start_run(run_dir, resume, t.device, t.threads, t.seed)
     model = build_model(cfg).to(device, memory_format=torch.channels_last)  # `bench pretrain`: faster on CPU and GPU
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
@@ -429,21 +456,20 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
     bar = tqdm(total=cfg.train.steps, initial=step, desc=f"pretrain {cfg.task}/{cfg.model.slots}",
                disable=not progress or not distributed.is_main(), dynamic_ncols=True)
     t_last, images = time.perf_counter(), 0  # images trained on since the last log row, over all ranks
+    means = StepMeans()
     stream = train_batches(source, cfg, step)
     pool = getattr(source, "pool", None)
-    # a resume from the checkpoint written just before an evaluation that did not finish (nothing logged at its step)
-    # plays it first; the last step's is seen to below
-    if (distributed.is_main() and cfg.train.eval_every and step % cfg.train.eval_every == 0
-            and 0 < step < cfg.train.steps and not logger.logged(step, "eval/")):
+    if distributed.is_main() and stopped_evaluation(logger, step, cfg.train.eval_every, cfg.train.steps):
         logger.scalars(step, evaluate(model, cfg, device, cfg.data.eval_images), prefix="eval/")
     while step < cfg.train.steps:
         batch = next(stream)
         images += len(batch["images"]) * distributed.world_size()
         if not torch.isfinite(batch["images"]).all():
-            raise ValueError(f"non-finite pixel values in training batch {step}: check the data source")
+            raise UsageError(f"non-finite pixel values in training batch {step}: check the data source")
         batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)  # as the model's weights
         for group in opt.param_groups:
-            group["lr"] = cfg.train.lr * lr_factor(step, cfg)
+            group["lr"] = cfg.train.lr * lr_factor(step, cfg.train.warmup_steps, cfg.train.decay_rate,
+                                                     cfg.train.decay_steps)
         vq = model.encoder.vq
         if vq is not None:
             v = cfg.model.vq
@@ -456,11 +482,13 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
             logger.scalars(step, {"skipped_updates": skipped}, prefix="train/")
             if distributed.is_main():
                 bar.write(f"step {step}: non-finite {problem}, update skipped ({skipped} so far)")
+        else:
+            means.add(stats)
         step += 1
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             now = time.perf_counter()
-            stats = distributed.mean_scalars({k: float(v) for k, v in stats.items()}, device)
+            stats = distributed.mean_scalars(means.pop(), device)  # every rank skipped the same updates: same keys
             stats.update(lr=opt.param_groups[0]["lr"], images_per_s=images / (now - t_last))
             if vq is not None:
                 stats["tau"] = float(vq.tau)
@@ -468,13 +496,14 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
                 stats["pool_scenes"] = pool.filled
             t_last, images = now, 0
             logger.scalars(step, stats, prefix="train/")
-            bar.set_postfix(loss=f"{stats['loss']:.4f}")
-            if not progress and distributed.is_main():  # a log file still shows the run moving
-                print(f"step {step}/{cfg.train.steps}: loss={stats['loss']:.4f}, images/s={stats['images_per_s']:.1f}",
-                      flush=True)
+            if "loss" in stats:  # not when every update since the last row was skipped
+                bar.set_postfix(loss=f"{stats['loss']:.4f}")
+                if not progress and distributed.is_main():  # a log file still shows the run moving
+                    print(f"step {step}/{cfg.train.steps}: loss={stats['loss']:.4f}, "
+                          f"images/s={stats['images_per_s']:.1f}", flush=True)
         if (step % cfg.train.image_every == 0 or step == cfg.train.steps) and distributed.is_main():
             log_images(logger, step, cfg, batch, outputs)  # the last step too: a short run still leaves pictures
-        evaluating = cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.steps
+        evaluating = evaluation_due(step, cfg.train.eval_every, cfg.train.steps)
         if step % cfg.train.ckpt_every == 0 or evaluating:  # also before each evaluation: Ctrl-C or a crash there
             checkpoint()                                    # loses no training step
             logger.flush()

@@ -24,12 +24,13 @@ import numpy as np
 import torch
 
 from envs.atomic import atomic_write, check_folder
+from envs.errors import UsageError
 from envs.jsonl import read_records
 
 from . import distributed
 
 
-class RunDirError(ValueError):
+class RunDirError(UsageError):
     """A run directory that cannot be used as asked (exists without --resume, or missing on resume)."""
 
 
@@ -320,6 +321,19 @@ class MetricLogger:
             self.writer.close()
 
 
+def evaluation_due(at: int, every: int, last: int, stride: int = 1) -> bool:
+    """Whether a run evaluates on reaching `at` steps, having come `stride` steps at a time (a vector env's envs): when
+    it passed a multiple of `every` (0: never) and at its `last` step."""
+    return at >= last or bool(every) and at // every > (at - stride) // every
+
+
+def stopped_evaluation(logger: MetricLogger, at: int, every: int, last: int, stride: int = 1) -> bool:
+    """On resume from step `at`: whether its checkpoint was written just before an evaluation that did not finish
+    (Ctrl-C or a crash during it: nothing logged at its step), so the run plays it first. The last step's is left to
+    the end of the training loop, which sees to a finished run's."""
+    return 0 < at < last and evaluation_due(at, every, last, stride) and not logger.logged(at, "eval/")
+
+
 def rollback_appended(path: Path, size: int) -> None:
     """Cut a file that workers append lines to back to its `size` bytes at a checkpoint (whole lines only), so a
     resumed run does not count what the stopped run appended after that checkpoint."""
@@ -389,7 +403,7 @@ def resolve_device(name: str, option: str = "--device") -> torch.device:
     except RuntimeError:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{option}={name} is not a device this project runs on: use auto, cpu, cuda or cuda:N")
+        raise UsageError(f"{option}={name} is not a device this project runs on: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{option}={name} but CUDA is not available; use {option}=cpu or auto")
+        raise UsageError(f"{option}={name} but CUDA is not available; use {option}=cpu or auto")
     return device

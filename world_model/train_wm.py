@@ -17,17 +17,17 @@ import numpy as np
 import torch
 
 from agent.replay import ReplayBuffer
-from envs.errors import DataError
+from envs.errors import DataError, UsageError
 from envs.episodes import STEP_KEYS, check_recorded_root, episode_paths, load_episode, read_meta
 
 from . import distributed
 from .config import WMEncoderConfig, WorldModelConfig, load_run_config, save_config, schema_command
 from .dynamics import DynamicsConfig
 from .frame_tokenizer import FrameTokenizerConfig, frame_token_size, status_vars
-from .pretrain import TRAIN_STREAM, autocast, guarded_update, load_run, stream_seed
+from .pretrain import TRAIN_STREAM, StepMeans, autocast, guarded_update, load_run, lr_factor, stream_seed
 from .perception import SlotAutoencoder
-from .rundir import (MetricLogger, RunDir, check_out_dir, fixed_rng, note_if_finished, resolve_device, rng_state,
-                     set_rng_state, start_run)
+from .rundir import (MetricLogger, RunDir, check_out_dir, evaluation_due, fixed_rng, note_if_finished, resolve_device,
+                     rng_state, set_rng_state, start_run, stopped_evaluation)
 from .wm import Encoded, WorldModel, frames_to_input
 
 EVAL_SEED = 2025
@@ -38,7 +38,7 @@ def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, R
     the held-out episodes' file names, and `status_vars`: the status tokens beside each frame, or 0)."""
     root = cfg.data.root
     if not root:
-        raise ValueError("train-wm needs data.root=DIR (or --data DIR): an episode dataset from `run.py collect`")
+        raise UsageError("train-wm needs data.root=DIR (or --data DIR): an episode dataset from `run.py collect`")
     meta = read_meta(root)
     if not isinstance(meta.get("num_actions"), int) or meta["num_actions"] < 1:
         raise DataError(f"{root}/meta.json gives no action count (num_actions): collect the dataset again with "
@@ -100,7 +100,7 @@ def episode_length(path: Path) -> int:
 def check_max_steps(dyn: DynamicsConfig, longest: tuple[int, str]) -> None:
     """Refuse a dynamics too short for `longest` (steps, and the keys that set them)."""
     if dyn.max_steps < longest[0]:
-        raise ValueError(f"dynamics.max_steps={dyn.max_steps} is shorter than the longest sequence it must hold "
+        raise UsageError(f"dynamics.max_steps={dyn.max_steps} is shorter than the longest sequence it must hold "
                          f"({longest[0]} steps: {longest[1]})")
 
 
@@ -120,7 +120,7 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
     elif enc.checkpoint:
         pre_cfg, autoencoder, _ = load_run(enc.checkpoint, device)
         if not isinstance(autoencoder, SlotAutoencoder):
-            raise ValueError(f"encoder.checkpoint={enc.checkpoint} is a {pre_cfg.task} run; the world model needs a "
+            raise UsageError(f"encoder.checkpoint={enc.checkpoint} is a {pre_cfg.task} run; the world model needs a "
                              "discovery run (run.py pretrain --data DIR model.vq.enabled=true)")
         replaced = [k for k, mine, theirs in (("encoder.model", enc.model, pre_cfg.model),
                                                ("encoder.resolution", enc.resolution, pre_cfg.data.resolution))
@@ -134,7 +134,7 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
     else:  # a fresh encoder can only train with the world model: `enc` (and the run's config.yaml) says joint
         autoencoder, joint, enc.mode = SlotAutoencoder(enc.model, enc.resolution), True, "joint"
     if not enc.model.vq.enabled:
-        raise ValueError("the world model needs a VQ slot encoder: pretrain with model.vq.enabled=true")
+        raise UsageError("the world model needs a VQ slot encoder: pretrain with model.vq.enabled=true")
     status, frame_vars, frame_codes = frame_token_size(frame, status_vars)
     dyn = replace(dyn, num_slots=enc.model.num_slots, num_vars=enc.model.vq.num_vars, num_codes=enc.model.vq.num_codes,
                   frame_vars=frame_vars, frame_codes=frame_codes, num_actions=num_actions)
@@ -167,10 +167,6 @@ def to_batch(sample: dict, resolution: int, device: torch.device) -> dict:
     out = {k: torch.as_tensor(v, device=device) for k, v in sample.items() if k != "image"}
     out["images"] = frames_to_input(torch.as_tensor(sample["image"], device=device), resolution)
     return out
-
-
-def lr_factor(step: int, warmup: int) -> float:
-    return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
 @torch.no_grad()
@@ -294,11 +290,8 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
     bar = tqdm(total=cfg.train.steps, initial=step, desc="train-wm", disable=not progress, dynamic_ncols=True)
     wm.train()
     t_last, n_last = time.perf_counter(), step
-    sums, summed = {}, 0  # the stats of the updates since the last log row, summed on the device: their means are logged
-    # a resume from the checkpoint written just before an evaluation that did not finish (nothing logged at its step)
-    # plays it first; the last step's is seen to below
-    if cfg.train.eval_every and step % cfg.train.eval_every == 0 and 0 < step < cfg.train.steps and \
-            not logger.logged(step, "eval/"):
+    means = StepMeans()
+    if stopped_evaluation(logger, step, cfg.train.eval_every, cfg.train.steps):
         evaluate(step)
     while step < cfg.train.steps:
         train_buf.rng = np.random.default_rng(stream_seed(cfg.train.seed, TRAIN_STREAM, step))
@@ -314,13 +307,12 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
             logger.scalars(step, {"skipped_updates": skipped}, prefix="train/")
             bar.write(f"step {step}: non-finite {problem}, update skipped ({skipped} so far)")
         else:
-            sums, summed = {k: sums.get(k, 0.0) + v.detach().float() for k, v in stats.items()}, summed + 1
+            means.add(stats)
         step += 1
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             now = time.perf_counter()
-            stats = {k: float(v) / summed for k, v in sums.items()}
-            sums, summed = {}, 0
+            stats = means.pop()
             if tau is not None:
                 stats["vq_tau"] = tau
             stats.update(lr=opt.param_groups[0]["lr"],
@@ -332,7 +324,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
                 if not progress:  # a log file still shows the run moving
                     print(f"step {step}/{cfg.train.steps}: loss={stats['loss']:.4f}, slot-code accuracy "
                           f"{100 * stats['acc_slots']:.1f}%", flush=True)
-        evaluating = cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.steps
+        evaluating = evaluation_due(step, cfg.train.eval_every, cfg.train.steps)
         if step % cfg.train.ckpt_every == 0 or evaluating:  # also before each evaluation: Ctrl-C or a crash there
             checkpoint()                                    # loses no training step
             logger.flush()

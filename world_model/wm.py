@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from envs.errors import UsageError
+
 from . import distributed
 from .dynamics import DynamicsConfig, SlotDynamics, dynamics_loss, masked_mean, sample_step
 from .frame_tokenizer import FrameTokenizer, FrameTokenizerConfig
@@ -49,7 +51,7 @@ class WorldModel(nn.Module):
         self.carry_grad = carry_grad  # gradients through the slots carried from frame to frame (see carried_slots)
         vq = autoencoder.encoder.vq
         if vq is None:
-            raise ValueError("the world model needs a VQ slot encoder (model.vq.enabled=true): it predicts slot codes")
+            raise UsageError("the world model needs a VQ slot encoder (model.vq.enabled=true): it predicts slot codes")
         self.autoencoder, self.resolution, self.joint = autoencoder, resolution, joint
         # the env's status tokens beside each frame, appended to the frame codes (0: none, or not read; the builder,
         # build_world_model, decides, as it sizes the dynamics' frame tokens by them)
@@ -128,20 +130,15 @@ class WorldModel(nn.Module):
         raws = slot_module(feats.flatten(0, 1), torch.stack(inits, 1).flatten(0, 1))[0]  # (b t) k d
         return self.kept(raws).unflatten(0, (b, t))
 
-    def loss(self, batch: dict, vq_beta: float) -> tuple[torch.Tensor, dict, Encoded]:
+    def loss(self, batch: dict, vq_beta: float, counts: Optional[torch.Tensor] = None
+             ) -> tuple[torch.Tensor, dict, Encoded]:
         """batch: images `b t 3 h w` float, action/reward/is_terminal `b t` in the episode step layout
         (action t led to frame t), status `b t m` when the model reads them, and `valid` `b t` for segments padded
         past an episode's end (padded steps are neither inputs to a loss nor targets). The dynamics input at step t
         is frame t with the action taken after it. Also returns the batch's codes (imagination starts from them).
-
-        Under torchrun the masked losses divide by the ranks' mean counts of valid frames and targets (a collective:
-        every rank calls this in step), so DDP's gradient average weighs every valid step of every rank equally."""
+        `counts` (valid frames, valid targets) replace the batch's own counts as the masked losses' divisors."""
         valid = batch.get("valid")
-        frames_n = targets_n = None
-        if valid is not None and distributed.active():
-            # at least one step over all ranks (as one process clamps its count), per rank
-            counts = distributed.mean_(torch.stack([valid.sum(), valid[:, 1:].sum()]).float())
-            frames_n, targets_n = counts.clamp_min(1.0 / distributed.world_size())
+        frames_n, targets_n = (None, None) if counts is None else counts
         enc = self.encode(batch["images"], batch.get("status"), valid, frames_n)
         actions = torch.cat([batch["action"][:, 1:], torch.zeros_like(batch["action"][:, :1])], 1)
         pred = self.dynamics(enc.slot_codes, enc.frame_codes, actions)
@@ -236,11 +233,18 @@ class WorldModel(nn.Module):
 
 
 class WorldModelLoss(nn.Module):
-    """`WorldModel.loss` as a module forward, so DistributedDataParallel can wrap the world model's update."""
+    """`WorldModel.loss` as a module forward, so DistributedDataParallel can wrap the world model's update.
+
+    Under torchrun the masked losses divide by the ranks' mean counts of valid frames and targets (a collective:
+    every rank calls this in step), so DDP's gradient average weighs every valid step of every rank equally."""
 
     def __init__(self, wm: WorldModel):
         super().__init__()
         self.wm = wm
 
     def forward(self, batch: dict, vq_beta: float) -> tuple[torch.Tensor, dict, Encoded]:
-        return self.wm.loss(batch, vq_beta)
+        valid, counts = batch.get("valid"), None
+        if valid is not None and distributed.active():
+            counts = distributed.mean_(torch.stack([valid.sum(), valid[:, 1:].sum()]).float())
+            counts = counts.clamp_min(1.0 / distributed.world_size())  # one step over all ranks, as one process clamps
+        return self.wm.loss(batch, vq_beta, counts)
