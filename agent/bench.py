@@ -30,10 +30,10 @@ from world_model.config import load_config
 from world_model.frame_tokenizer import status_vars
 from world_model.rundir import set_precision
 
-from .config import AgentConfig
+from .config import AgentConfig, env_kwargs
 from .policy import SlotPolicy
 from .replay import ReplayBuffer
-from .train import Collector, build_agent, env_kwargs, obs_spec, replay_spec, train_step, updates_due
+from .train import Collector, build_agent, obs_spec, replay_spec, train_step, updates_due
 
 PARTS = ("policy", "env_step", "replay_sample", "wm_update", "imagination", "ac_update")
 FEW_UPDATES = 8  # rows timing fewer updates than this get a note: their rates are noisy

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
 
 from world_model.config import ModelConfig, VQConfig, WMEncoderConfig
 from world_model.dynamics import DynamicsConfig
@@ -61,3 +63,11 @@ class AgentConfig:
     actor_critic: ActorCriticConfig = field(default_factory=ActorCriticConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+
+
+def env_kwargs(cfg: AgentConfig, stats_path: Optional[Path]) -> dict:
+    """The env constructor's keyword arguments a run's config gives (episode stats written to `stats_path`)."""
+    kwargs = {"size": cfg.env.size, "stats_path": str(stats_path) if stats_path else None}
+    if cfg.env.max_episode_steps:
+        kwargs["max_episode_steps"] = cfg.env.max_episode_steps
+    return kwargs

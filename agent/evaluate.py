@@ -1,23 +1,106 @@
-"""`run.py eval`: evaluation episodes of a trained agent, or of a uniform random policy in the same format."""
+"""Evaluation episodes of an agent, or of a uniform random policy in the same format: the training loop's
+evaluations and `run.py eval`, with the benchmark summaries (Crafter score, NetHack score and depth) they log."""
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import torch
 
+from envs.atomic import atomic_write
+from envs.episodes import obs_dict
 from envs.errors import UsageError
-
 from world_model.config import load_run_config
-from world_model.rundir import RunDir, resolve_device
+from world_model.rundir import RunDir, fixed_rng, resolve_device
 from world_model.wm import WorldModel
 
 from .actor_critic import ActorCritic
-from .config import AgentConfig
-from .train import EVAL_SEED, build_agent, evaluate_agent
+from .config import AgentConfig, env_kwargs
+from .policy import SlotPolicy
+
+EVAL_SEED = 10_000  # evaluation episodes use env seeds EVAL_SEED, EVAL_SEED + 1, ...
+
+
+@torch.no_grad()
+def evaluate_agent(wm: Optional[WorldModel], ac: Optional[ActorCritic], cfg: AgentConfig, device: torch.device,
+                   episodes: int, stats_path: Path, seed: int = EVAL_SEED, progress: bool = False,
+                   append: bool = True) -> dict:
+    """`episodes` full episodes in one in-process env with the policy (or uniform random actions when `ac` is
+    None); their records are appended to `stats_path` (or replace it, atomically, without `append`). Returns their summary (`summarize`). Reproducible: env
+    seeds seed, seed+1, ... and the policy's sampling from `seed`, on an RNG forked from the caller's (a training
+    run's random stream is left as it was)."""
+    from envs.collect import make_env
+    from tqdm import tqdm
+
+    stats_path.parent.mkdir(parents=True, exist_ok=True)
+    # this call's own episode records (a concurrent `run.py eval`, or a training run's evaluation, has its own)
+    fd, name = tempfile.mkstemp(dir=stats_path.parent, prefix=f"{stats_path.stem}.", suffix=".jsonl.tmp")
+    os.close(fd)
+    tmp = Path(name)
+    rng = np.random.default_rng(seed)
+    policy = SlotPolicy(wm, ac, device) if ac is not None else None
+    env = None
+    try:
+        env = make_env(cfg.env.name, **env_kwargs(cfg, tmp))
+        with fixed_rng(seed, device):
+            for e in tqdm(range(episodes), desc="eval episodes", disable=not progress, unit="episode"):
+                obs, _ = env.reset(seed=seed + e)
+                first, done = True, False
+                while not done:
+                    if policy is None:
+                        action = int(rng.integers(env.action_space.n))
+                    else:
+                        batched = {k: v[None] for k, v in obs_dict(obs).items()}
+                        action = int(policy.act(batched, np.array([first]))[0])
+                    obs, _, term, trunc, _ = env.step(action)
+                    first, done = False, term or trunc
+    finally:
+        if env is not None:
+            env.close()
+        text = tmp.read_text()
+        tmp.unlink()
+    if append:
+        with open(stats_path, "a") as f:
+            f.write(text)
+    else:
+        atomic_write(stats_path, lambda f: f.write(text.encode()))
+    return summarize(cfg.env.name, [json.loads(line) for line in text.splitlines() if line.strip()])
+
+
+def summarize(env: str, records) -> dict:
+    """The benchmark summary of episode records (or a stats file): `crafter_score` or `nethack_summary`."""
+    if env == "crafter":
+        from envs.crafter import crafter_score
+
+        return crafter_score(records)
+    from envs.nethack import nethack_summary
+
+    return nethack_summary(records)
+
+
+def log_keys(summary: dict, env: str, prefix: str) -> dict:
+    """The scalars of a summary that go to the logs: Crafter score and return, or NetHack score and depth."""
+    main = {"crafter_score": summary["score"]} if env == "crafter" else {"score": summary["mean_score"],
+                                                                          "depth": summary["mean_depth"]}
+    return {f"{prefix}{k}": v for k, v in {**main, "return": summary.get("mean_return"), "episodes": summary["episodes"],
+                                           "length": summary["mean_length"]}.items() if v is not None}
+
+
+def stats_scores(path: Path, env: str, prefix: str) -> dict:
+    """The logged benchmark numbers of the episodes in a stats file ({} while it holds none)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return {}
+    return log_keys(summarize(env, path), env, prefix)
 
 
 def load_agent_run(checkpoint: str, device: torch.device) -> tuple[AgentConfig, WorldModel, ActorCritic, dict]:
     """Config, world model, actor-critic (in eval mode) and checkpoint state of an agent run directory."""
+    from .train import build_agent  # agent.train imports this module
+
     run = RunDir(checkpoint)
     cfg = load_run_config("train", checkpoint)
     state = run.load_checkpoint(map_location=device, keys=("wm", "ac", "num_actions", "counters"))

@@ -14,11 +14,8 @@ are totals over all ranks; counters (env steps, updates) are global. Rank 0 logs
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,7 +26,6 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from envs.atomic import atomic_write
 from envs.collect import env_fn
 from envs.episodes import obs_dict
 from envs.errors import UsageError
@@ -44,17 +40,11 @@ from world_model.train_wm import build_world_model, check_max_steps, to_batch
 from world_model.wm import WorldModel, WorldModelLoss
 
 from .actor_critic import ActorCritic
-from .config import AgentConfig
+from .config import AgentConfig, env_kwargs
+from .evaluate import evaluate_agent, log_keys, stats_scores
 from .imagination import imagine
 from .policy import SlotPolicy
 from .replay import ReplayBuffer
-
-
-def env_kwargs(cfg: AgentConfig, stats_path: Optional[Path]) -> dict:
-    kwargs = {"size": cfg.env.size, "stats_path": str(stats_path) if stats_path else None}
-    if cfg.env.max_episode_steps:
-        kwargs["max_episode_steps"] = cfg.env.max_episode_steps
-    return kwargs
 
 
 def longest_sequence(cfg: AgentConfig) -> tuple[int, str]:
@@ -258,7 +248,9 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         spec = replay_spec(spec, wm)
         wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=t.wm_lr, eps=1e-8)
         # replayed steps, and the (env steps, replayed steps) from which train.train_ratio holds (`update_owed`)
-        counters = {"env_steps": 0, "updates": 0, "episodes": 0, "vector_steps": 0, "replayed": 0, "ratio_from": [0, 0]}
+        fresh = {"env_steps": 0, "updates": 0, "episodes": 0, "vector_steps": 0, "replayed": 0, "ratio_from": [0, 0],
+                 "skipped_wm": 0, "skipped_ac": 0, "env_restarts": 0}
+        counters = dict(fresh)
         capacity = local_share(cfg.replay.capacity, "replay.capacity")
         replay_device = device if cfg.replay.on_device else None
         replay = ReplayBuffer(capacity, spec, seed=rank_seed(t.seed), device=replay_device)
@@ -267,12 +259,11 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             run.restore(ac, state, "ac")
             wm_opt.load_state_dict(state["wm_opt"])
             ac.load_optimizer_state(state["ac_opt"])
-            counters = state["counters"]
+            counters = {**fresh, **state["counters"]}  # an older checkpoint lacks the counters added since
             was = state.get("config", {}).get("train", {})
             if "replayed" not in counters:  # a checkpoint from before replayed steps were counted: its own batches
                 counters["replayed"] = counters["updates"] * was.get("batch_size", t.batch_size) * was.get("seq_len",
                                                                                                            t.seq_len)
-            counters.setdefault("ratio_from", [0, 0])
             if was.get("train_ratio", t.train_ratio) != t.train_ratio:  # the new ratio holds from here
                 counters["ratio_from"] = [counters["env_steps"], counters["replayed"]]
             restore_rng(state["rng"], t.seed, counters["vector_steps"])
@@ -297,7 +288,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         wm.eval()  # train_step switches to train mode for its update and back
         rng = np.random.default_rng([rank_seed(t.seed), counters["vector_steps"]])
         collector = Collector(venv, replay)
-        episodes_base, restarts_base = counters["episodes"], counters.get("env_restarts", 0)
+        episodes_base, restarts_base = counters["episodes"], counters["env_restarts"]
         last_eval, evaluated_at = {}, None  # the last evaluation and its env step
 
         def global_counts() -> tuple[int, int, int]:
@@ -330,7 +321,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
 
         def evaluate(at: int) -> dict:
             """Evaluation episodes (their records appended to eval_stats.jsonl), logged with pictures."""
-            result = _log_keys(evaluate_agent(wm, ac, cfg, device, t.eval_episodes, run.path / "eval_stats.jsonl"),
+            result = log_keys(evaluate_agent(wm, ac, cfg, device, t.eval_episodes, run.path / "eval_stats.jsonl"),
                                cfg.env.name, "")
             logger.scalars(at, result, prefix="eval/")
             log_pictures(logger, at, wm, replay, device)
@@ -368,22 +359,22 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                 counters["replayed"] += t.batch_size * t.seq_len
                 interval.add(stats)
                 # A non-finite loss or gradient skipped that update (it never reaches weights or checkpoints).
-                counters["skipped_wm"] = counters.get("skipped_wm", 0) + int(stats["wm/skipped"])
-                counters["skipped_ac"] = counters.get("skipped_ac", 0) + int(stats.get("ac/skipped", 0))
+                counters["skipped_wm"] += int(stats["wm/skipped"])
+                counters["skipped_ac"] += int(stats.get("ac/skipped", 0))
             if counters["env_steps"] >= next_log:
                 next_log += t.log_every
                 now = time.perf_counter()
                 episodes, restarts, replay_steps = global_counts()
                 row = dict(distributed.mean_scalars(interval.pop(), device),
                            env_steps_per_s=(counters["env_steps"] - steps_last) / (now - t_last),
-                           skipped_wm=counters.get("skipped_wm", 0), skipped_ac=counters.get("skipped_ac", 0),
+                           skipped_wm=counters["skipped_wm"], skipped_ac=counters["skipped_ac"],
                            replay_steps=replay_steps, updates=counters["updates"],
                            episodes=episodes, env_restarts=restarts,
                            replay_ratio=(counters["replayed"] - counters["ratio_from"][1])
                            / max(counters["env_steps"] - counters["ratio_from"][0], 1))
                 t_last, steps_last = now, counters["env_steps"]
                 if main:
-                    row.update(_score(run.path / "stats.jsonl", cfg.env.name, "train/"))
+                    row.update(stats_scores(run.path / "stats.jsonl", cfg.env.name, "train/"))
                 logger.scalars(counters["env_steps"], row)
                 score = {k.split("/")[-1]: f"{v:.2f}" for k, v in row.items() if k in ("train/crafter_score", "train/score")}
                 bar.set_postfix(episodes=episodes, updates=counters["updates"], **score)
@@ -409,7 +400,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                 # episodes appended) again; a run stopped during it evaluates now
                 last_eval = (logger.logged(counters["env_steps"], "eval/") if settled else {}) or \
                     evaluate(counters["env_steps"])
-            last_eval.update(_score(run.path / "stats.jsonl", cfg.env.name, "train_"))
+            last_eval.update(stats_scores(run.path / "stats.jsonl", cfg.env.name, "train_"))
         logger.close()
         return last_eval
     finally:
@@ -429,32 +420,6 @@ def load_replay_shards(run_path: Path, state: dict, capacity: int, seed: int,
     if len(names) > w:
         return ReplayBuffer.merged([ReplayBuffer.load(run_path / n) for n in names[r::w]], capacity, seed, device)
     return ReplayBuffer.merged([ReplayBuffer.load(run_path / n) for n in names], capacity, seed, device, share=(r, w))
-
-
-def summarize(env: str, records) -> dict:
-    """The benchmark summary of episode records (or a stats file): `crafter_score` or `nethack_summary`."""
-    if env == "crafter":
-        from envs.crafter import crafter_score
-
-        return crafter_score(records)
-    from envs.nethack import nethack_summary
-
-    return nethack_summary(records)
-
-
-def _log_keys(summary: dict, env: str, prefix: str) -> dict:
-    """The scalars of a summary that go to the logs: Crafter score and return, or NetHack score and depth."""
-    main = {"crafter_score": summary["score"]} if env == "crafter" else {"score": summary["mean_score"],
-                                                                          "depth": summary["mean_depth"]}
-    return {f"{prefix}{k}": v for k, v in {**main, "return": summary.get("mean_return"), "episodes": summary["episodes"],
-                                           "length": summary["mean_length"]}.items() if v is not None}
-
-
-def _score(path: Path, env: str, prefix: str) -> dict:
-    """The logged benchmark numbers of the episodes in a stats file ({} while it holds none)."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return {}
-    return _log_keys(summarize(env, path), env, prefix)
 
 
 PICTURE_STEPS = 8  # frames of the replayed segment the logged pictures show
@@ -486,52 +451,3 @@ def log_pictures(logger: MetricLogger, step: int, wm: WorldModel, replay: Replay
     logger.image(step, "slots/decomposition", upscale(grid, side))
     rows = torch.cat([images.cpu(), decoded.cpu(), imagined.cpu()])
     logger.image(step, "wm/real_decoded_imagined", upscale(tile(rows, nrow=length), side))
-
-
-EVAL_SEED = 10_000  # evaluation episodes use env seeds EVAL_SEED, EVAL_SEED + 1, ...
-
-
-@torch.no_grad()
-def evaluate_agent(wm: Optional[WorldModel], ac: Optional[ActorCritic], cfg: AgentConfig, device: torch.device,
-                   episodes: int, stats_path: Path, seed: int = EVAL_SEED, progress: bool = False,
-                   append: bool = True) -> dict:
-    """`episodes` full episodes in one in-process env with the policy (or uniform random actions when `ac` is
-    None); their records are appended to `stats_path` (or replace it, atomically, without `append`). Returns their summary (`summarize`). Reproducible: env
-    seeds seed, seed+1, ... and the policy's sampling from `seed`, on an RNG forked from the caller's (a training
-    run's random stream is left as it was)."""
-    from envs.collect import make_env
-    from tqdm import tqdm
-
-    stats_path.parent.mkdir(parents=True, exist_ok=True)
-    # this call's own episode records (a concurrent `run.py eval`, or a training run's evaluation, has its own)
-    fd, name = tempfile.mkstemp(dir=stats_path.parent, prefix=f"{stats_path.stem}.", suffix=".jsonl.tmp")
-    os.close(fd)
-    tmp = Path(name)
-    rng = np.random.default_rng(seed)
-    policy = SlotPolicy(wm, ac, device) if ac is not None else None
-    env = None
-    try:
-        env = make_env(cfg.env.name, **env_kwargs(cfg, tmp))
-        with fixed_rng(seed, device):
-            for e in tqdm(range(episodes), desc="eval episodes", disable=not progress, unit="episode"):
-                obs, _ = env.reset(seed=seed + e)
-                first, done = True, False
-                while not done:
-                    if policy is None:
-                        action = int(rng.integers(env.action_space.n))
-                    else:
-                        batched = {k: v[None] for k, v in obs_dict(obs).items()}
-                        action = int(policy.act(batched, np.array([first]))[0])
-                    obs, _, term, trunc, _ = env.step(action)
-                    first, done = False, term or trunc
-    finally:
-        if env is not None:
-            env.close()
-        text = tmp.read_text()
-        tmp.unlink()
-    if append:
-        with open(stats_path, "a") as f:
-            f.write(text)
-    else:
-        atomic_write(stats_path, lambda f: f.write(text.encode()))
-    return summarize(cfg.env.name, [json.loads(line) for line in text.splitlines() if line.strip()])

@@ -83,7 +83,7 @@ def test_concurrent_evaluations_keep_their_own_episodes(tmp_path, monkeypatch):
     """Two evaluations writing to one stats file at once (`run.py eval` beside a training run's evaluation):
     each summarizes its own episodes and the file gets both."""
     import envs.collect
-    from agent.train import evaluate_agent
+    from agent.evaluate import evaluate_agent
 
     cfg = tiny("env.max_episode_steps=5")
     stats, make_env, inner = tmp_path / "eval_stats.jsonl", envs.collect.make_env, []
@@ -598,9 +598,11 @@ def test_killed_env_worker_during_training(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["env_restarts"] for r in rows if "env_restarts" in r][-1] == 1  # logged beside the losses
     replay = ReplayBuffer.load(tmp_path / "run" / state["replays"][0])
-    stored = {k: replay.data[k][:len(replay)] for k in ("is_first", "is_last", "is_terminal")}
-    assert stored["is_first"].sum() >= 3  # the 2 initial episodes and the one started after the crash
-    assert (stored["is_last"] & ~stored["is_terminal"]).sum() == 1  # the crashed episode: cut off, not a game over
+    episodes = list(replay.episodes())
+    assert len(episodes) >= 3  # the 2 initial episodes and the one started after the crash
+    # the crashed episode ends cut off (not a game over) before the 60-step time limit (FAST) cuts the others
+    cut = [len(ep["is_last"]) for ep in episodes if ep["is_last"][-1] and not ep["is_terminal"][-1]]
+    assert len([n for n in cut if n < 61]) == 1
 
 
 def test_bench_agent_runs_the_real_loop(capsys):
