@@ -672,7 +672,9 @@ def main(argv=None) -> int:
 
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
         else None
-    rank = distributed.rank()
+    rank = distributed.rank() if distributed.launched() else 0
+    # before the processes join, each node's first one reports what they all hit alike (a config, a path on that node)
+    node_first = os.environ.get("LOCAL_RANK", "0") == "0"
 
     def say(text: str) -> None:  # under torchrun, which process says it
         print(text if rank == 0 else f"[rank {rank}] {text}", file=sys.stderr)
@@ -685,7 +687,7 @@ def main(argv=None) -> int:
         args.func(args)
         distributed.barrier()  # under torchrun: the others wait for rank 0's final evaluation before leaving
     except (UsageError, FileNotFoundError, PermissionError) as e:  # ConfigError, DataError, RunDirError among them
-        if rank == 0 or distributed.active():  # before joining, every process checks alike: rank 0 speaks for all
+        if node_first or distributed.active():
             say(f"error: {e}")
         return 2
     except BrokenPipeError:  # output piped into a reader that stopped (`run.py config | head`)
@@ -701,8 +703,9 @@ def main(argv=None) -> int:
             print(f"\n{stopped}{_way_back(args)}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     except Exception as e:
-        if distributed.active() and distributed.lost_peer(e):  # its own error is the other process's to report
-            say("stopped: another process of this torchrun job failed or was stopped (its message is above)")
+        if distributed.active() and distributed.lost_peer(e):  # the cause is the other process's to report
+            say(f"stopped: lost another process of this torchrun job, which failed or was stopped (its message is "
+                f"above): {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             return 1
         raise
     finally:

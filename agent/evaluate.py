@@ -110,7 +110,7 @@ def load_agent_run(checkpoint: str, device: torch.device) -> tuple[AgentConfig, 
     return cfg, wm.eval(), ac.eval(), state
 
 
-def evaluate_run(checkpoint: str, episodes: int, policy: str = "agent", device: str = "cpu", seed: int = EVAL_SEED,
+def evaluate_run(checkpoint: str, episodes: int, policy: str = "agent", device: str = "auto", seed: int = EVAL_SEED,
                  progress: bool = False) -> dict:
     """Crafter: success rates and score (crafter_score) of `episodes` new episodes; NetHack: mean score and
     depth. policy="random" plays uniform random actions in the run's env. Seeded (`evaluate_agent`), on the run's

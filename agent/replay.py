@@ -25,7 +25,7 @@ import json
 import uuid
 import zipfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -138,18 +138,23 @@ class ReplayBuffer:
             yield {k: _numpy(v[self._ring_index(idx)]) for k, v in self.data.items()}
 
     @classmethod
-    def merged(cls, buffers: list["ReplayBuffer"], capacity: int, seed: int = 0,
+    def merged(cls, buffers: Iterable["ReplayBuffer"], capacity: int, seed: int = 0,
                device: Union[str, torch.device, None] = None, share: Optional[tuple[int, int]] = None
                ) -> "ReplayBuffer":
         """One buffer holding every episode of `buffers` (episodes in progress stored as finished pieces), e.g.
         the shards of a data-parallel run resumed at another world size; `share` (i, n): every n-th episode only,
-        from the i-th on (one rank's share of them)."""
-        buf = cls(capacity, {k: v for k, v in buffers[0].spec.items() if k not in STEP_KEYS}, seed=seed,
-                  device=device)
-        episodes = (episode for other in buffers for episode in other.episodes())
-        for i, episode in enumerate(episodes):
-            if share is None or i % share[1] == share[0]:
-                buf.add_episode(episode)
+        from the i-th on (one rank's share of them). `buffers` may be a generator that loads them, so that one
+        is held at a time beside the merged buffer."""
+        buf, i = None, 0
+        for other in buffers:
+            if buf is None:
+                buf = cls(capacity, {k: v for k, v in other.spec.items() if k not in STEP_KEYS}, seed=seed,
+                          device=device)
+            for episode in other.episodes():
+                if share is None or i % share[1] == share[0]:
+                    buf.add_episode(episode)
+                i += 1
+            del other  # before the generator loads the next one
         return buf
 
     def _check(self, arrays: dict, batched: bool) -> dict[str, np.ndarray]:

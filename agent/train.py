@@ -60,7 +60,7 @@ def preflight(cfg: AgentConfig) -> None:
     check_max_steps(cfg.dynamics, longest_sequence(cfg))
     ranks = distributed.launched_size()
     shared = {"env.num_envs": cfg.env.num_envs, "train.batch_size": cfg.train.batch_size,
-              "train.imag_starts": cfg.train.imag_starts}  # each split over the processes
+              "train.imag_starts": cfg.train.imag_starts, "replay.capacity": cfg.replay.capacity}  # split over ranks
     for key, size in shared.items():
         distributed.check_divides(size, key)
     if cfg.replay.capacity // ranks < cfg.train.seq_len:  # (episodes shorter than a segment train: segments are padded)
@@ -261,7 +261,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             ac.load_optimizer_state(state["ac_opt"])
             counters = {**fresh, **state["counters"]}  # an older checkpoint lacks the counters added since
             was = state.get("config", {}).get("train", {})
-            if "replayed" not in counters:  # a checkpoint from before replayed steps were counted: its own batches
+            if "replayed" not in state["counters"]:  # a checkpoint from before replayed steps were counted: its batches
                 counters["replayed"] = counters["updates"] * was.get("batch_size", t.batch_size) * was.get("seq_len",
                                                                                                            t.seq_len)
             if was.get("train_ratio", t.train_ratio) != t.train_ratio:  # the new ratio holds from here
@@ -417,9 +417,8 @@ def load_replay_shards(run_path: Path, state: dict, capacity: int, seed: int,
     w, r = distributed.world_size(), distributed.rank()
     if len(names) == w:
         return ReplayBuffer.load(run_path / names[r], device)
-    if len(names) > w:
-        return ReplayBuffer.merged([ReplayBuffer.load(run_path / n) for n in names[r::w]], capacity, seed, device)
-    return ReplayBuffer.merged([ReplayBuffer.load(run_path / n) for n in names], capacity, seed, device, share=(r, w))
+    loaded = (ReplayBuffer.load(run_path / n) for n in (names[r::w] if len(names) > w else names))  # one at a time
+    return ReplayBuffer.merged(loaded, capacity, seed, device, share=None if len(names) > w else (r, w))
 
 
 PICTURE_STEPS = 8  # frames of the replayed segment the logged pictures show

@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
+from .errors import UsageError
+
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """`write(file)` into a temporary file beside `path`, synced, then renamed over it: readers see the old
@@ -25,7 +27,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
         raise
 
 
-def check_folder(path: str | Path, what: str, error: type[Exception] = ValueError) -> Path:
+def check_folder(path: str | Path, what: str, error: type[Exception] = UsageError) -> Path:
     """`path` as a folder to write into (made later, with its parents): refused before any work, naming `what` (the
     flag or key), where it or a folder above it is an existing file or a symbolic link to nothing, or where the
     nearest existing folder cannot be written (a read-only file system, no permission)."""

@@ -52,7 +52,7 @@ def _joined_meta(root: Path, meta: dict) -> dict:
     path = root / "meta.json"
     if not path.is_file():
         return {**layout, "env_seeds": new} if new else layout
-    old = json.loads(path.read_text())
+    old = read_meta(root)  # a damaged one is a one-line error
     # datasets from before the ranges were kept list each collection's first seed only
     ranges = old.get("env_seeds") or [[s, 1] for s in old.get("seeds", [old["seed"]] if "seed" in old else [])]
     if "env_seeds" not in old and ranges:

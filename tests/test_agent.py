@@ -263,6 +263,23 @@ def test_a_resume_with_another_batch_or_ratio_keeps_the_ratio_from_there(tmp_pat
     assert [r["replay_ratio"] for r in metric_rows(rd, after=200) if "replay_ratio" in r] == [4.0]
 
 
+def test_a_checkpoint_from_before_replayed_steps_were_counted_resumes_at_its_ratio(tmp_path):
+    """An older checkpoint holds no replayed-step count: it is derived from its updates and batches, so the resume
+    owes only the updates of its new env steps, not every update since step 0 again."""
+    from world_model.rundir import atomic_torch_save
+
+    rd = tmp_path / "run"
+    train(tiny("train.env_steps=160", "train.eval_every=0"), str(rd), progress=False)
+    state = checkpoint(rd)
+    for key in ("replayed", "ratio_from", "skipped_wm", "skipped_ac", "env_restarts"):
+        del state["counters"][key]
+    atomic_torch_save(state, rd / "checkpoints" / "latest.pt")
+    train(load_config(AgentConfig, rd / "config.yaml", ["train.env_steps=200"]), str(rd), resume=True,
+          progress=False)
+    counters = checkpoint(rd)["counters"]  # 10 updates of 4 x 8 replayed 320 = 160 x 2; 40 more env steps owe 2
+    assert counters["updates"] == 12 and counters["replayed"] == 320 + 2 * 32 and counters["ratio_from"] == [0, 0]
+
+
 def test_tiny_preset_end_to_end(tmp_path):
     result = train(tiny(), str(tmp_path / "run"), progress=False)
     assert {"crafter_score", "return", "train_crafter_score", "train_episodes"} <= set(result)

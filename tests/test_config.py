@@ -409,17 +409,24 @@ def test_a_preset_that_cannot_be_read_says_so(tmp_path, monkeypatch):
 
 
 def test_under_torchrun_one_process_speaks_for_all(monkeypatch, capsys):
-    """Every process checks the same config alike before they join: rank 0 reports it, the others stay quiet. A
-    command that runs in one process is refused. A process whose collective failed because another one left says so
-    in a line, and leaves the cause to that one's message."""
+    """Every process checks the same config alike before they join: each node's first process reports it (rank 0
+    for the first node), the others stay quiet. A command that runs in one process is refused. A process whose
+    collective failed because another one left says so in a line, and leaves the cause to that one's message."""
     import run
     from world_model import distributed
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    for rank, said in (("0", "error: eval runs in one process; under torchrun run `pretrain` or `train`"), ("1", "")):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    refused = "eval runs in one process; under torchrun run `pretrain` or `train`"
+    for rank, local, said in (("0", "0", f"error: {refused}"), ("1", "1", ""), ("2", "0", f"[rank 2] error: {refused}")):
         monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", local)
         assert run.main(["eval", "--checkpoint", "nowhere"]) == 2
-        assert capsys.readouterr().err.startswith(said)
+        err = capsys.readouterr().err
+        assert err.startswith(said) if said else err == ""
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a RANK without torchrun is no rank: the error is reported
+    monkeypatch.setenv("RANK", "1")
+    assert run.main(["eval", "--checkpoint", str(Path("nowhere")), "--episodes", "0"]) == 2
+    assert capsys.readouterr().err == "error: --episodes must be positive, got 0\n"
 
     def peer_left(args):
         raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [::1]:1")
@@ -429,7 +436,9 @@ def test_under_torchrun_one_process_speaks_for_all(monkeypatch, capsys):
     monkeypatch.setattr(distributed, "rank", lambda: 1)
     monkeypatch.setattr(distributed, "barrier", lambda: None)
     monkeypatch.setattr(distributed, "shutdown", lambda: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
     assert run.main(["pretrain", "--run-dir", "r"]) == 1
-    assert capsys.readouterr().err == ("[rank 1] stopped: another process of this torchrun job failed or was stopped "
-                                       "(its message is above)\n")
+    assert capsys.readouterr().err == ("[rank 1] stopped: lost another process of this torchrun job, which failed or "
+                                       "was stopped (its message is above): [../third_party/gloo/gloo/transport/tcp/"
+                                       "pair.cc:553] Connection closed by peer [::1]:1\n")
     assert not distributed.lost_peer(RuntimeError("CUDA out of memory"))

@@ -73,9 +73,10 @@ def setup(device: str) -> Optional[int]:
 
 def lost_peer(error: BaseException) -> bool:
     """Whether a collective failed because another process left (it failed or was stopped), not by its own fault:
-    torch's distributed errors, and gloo's lost connections (plain RuntimeErrors)."""
-    return isinstance(error, getattr(dist, "DistError", ())) or (
-        isinstance(error, RuntimeError) and "gloo" in str(error) and "by peer" in str(error))
+    a lost connection (torch's DistNetworkError, or gloo's plain RuntimeError naming the peer)."""
+    text = str(error)
+    return isinstance(error, getattr(dist, "DistNetworkError", ())) or (
+        isinstance(error, RuntimeError) and ("by peer" in text or "remote process exited" in text))
 
 
 def shutdown() -> None:

@@ -137,6 +137,19 @@ class GeneratedScenes:
         return {"images": sb.images, "targets": sb.targets, "masks": sb.masks}
 
 
+def check_source(cfg: PretrainConfig) -> None:
+    """Refuse a data source the config cannot feed: a CLEVR or frames source without its root, frames for set
+    prediction."""
+    d = cfg.data
+    if d.source == "clevr" and not d.root:
+        raise UsageError("data.source=clevr needs data.root=DIR pointing at a CLEVR v1.0 root (`eval-ap` takes it as "
+                         "--clevr-root DIR)")
+    if d.source == "frames" and not d.root:
+        raise UsageError("data.source=frames needs data.root=DIR (or --data DIR) made by `run.py collect`")
+    if d.source == "frames" and cfg.task != "discovery":
+        raise UsageError("env frames have no object labels: pretrain on them with task=discovery")
+
+
 def _share(indices: np.ndarray, sharded: bool) -> np.ndarray:
     """This rank's slice of a global batch's indices when `sharded` (all of them otherwise). A batch that a small
     dataset capped at its size drops the few indices that would not split evenly over the ranks."""
@@ -154,9 +167,7 @@ class ClevrScenes:
                  sharded: bool = False):
         d = cfg.data
         self.sharded = sharded
-        if not d.root:
-            raise UsageError("data.source=clevr needs data.root=DIR pointing at a CLEVR v1.0 root (`eval-ap` takes "
-                             "it as --clevr-root DIR)")
+        check_source(cfg)
         self.dataset = ClevrDataset(d.root, split=split, resolution=(d.resolution, d.resolution), crop=d.crop,
                                     max_images=max_images, min_objects=d.min_objects, max_objects=d.max_objects)
         self.device = device
@@ -207,10 +218,7 @@ class EpisodeFrames:
     def __init__(self, cfg: PretrainConfig, split: str, device: torch.device, sharded: bool = False):
         d = cfg.data
         self.sharded = sharded
-        if not d.root:
-            raise UsageError("data.source=frames needs data.root=DIR (or --data DIR) made by `run.py collect`")
-        if cfg.task != "discovery":
-            raise UsageError("env frames have no object labels: pretrain on them with task=discovery")
+        check_source(cfg)
         frames = _dataset_frames(str(Path(d.root).resolve()))
         n_eval = min(d.eval_images, len(frames) // 10)
         if n_eval < 1:  # an evaluation on no frames would report a perfect score
@@ -327,7 +335,9 @@ def guarded_update(loss: torch.Tensor, params: list, opt: torch.optim.Optimizer,
 
 
 def preflight(cfg: PretrainConfig) -> None:
-    """What pretraining would refuse only at its first batch, refused before the run prints its config and starts."""
+    """What pretraining would refuse only once it builds its data or reaches its first batch, refused before the run
+    prints its config and starts (under torchrun, before the processes join: rank 0 reports it for all)."""
+    check_source(cfg)
     distributed.check_divides(cfg.train.batch_size, "train.batch_size")
 
 
@@ -336,16 +346,16 @@ class StepMeans:
     per step); the caller leaves a skipped update's stats out, so a row after only skipped updates holds none."""
 
     def __init__(self):
-        self.sums: dict = {}
-        self.count = 0
+        self.sums: dict = {}  # key -> (sum on the device, updates that reported it)
 
     def add(self, stats: dict) -> None:
-        self.sums = {k: self.sums.get(k, 0.0) + v.detach().float() for k, v in stats.items()}
-        self.count += 1
+        for k, v in stats.items():
+            total, n = self.sums.get(k, (0.0, 0))
+            self.sums[k] = (total + v.detach().float(), n + 1)
 
     def pop(self) -> dict:
-        means = {k: float(v) / self.count for k, v in self.sums.items()}
-        self.sums, self.count = {}, 0
+        means = {k: float(total) / n for k, (total, n) in self.sums.items()}
+        self.sums = {}
         return means
 
 
@@ -432,9 +442,13 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
         print(f"note: data.split and data.eval_split are both {cfg.data.split!r}: the run evaluates on the images it "
               "trains on; set data.eval_split to a held-out split", file=sys.stderr)
     held = len(source) if isinstance(source, (ClevrScenes, EpisodeFrames)) else None  # generated: no end
+    if held is not None and held < distributed.world_size():
+        raise UsageError(f"the training data holds {held} images, fewer than the {distributed.world_size()} processes")
     if held is not None and held < cfg.train.batch_size and distributed.is_main():
-        print(f"note: the training data holds {held} images, fewer than train.batch_size="
-              f"{cfg.train.batch_size}: each batch holds all of them", file=sys.stderr)
+        split = distributed.world_size() > 1 and held % distributed.world_size()
+        print(f"note: the training data holds {held} images, fewer than train.batch_size={cfg.train.batch_size}: each "
+              f"batch holds all of them" + (f" but {split}, which would not split over the processes" if split else ""),
+              file=sys.stderr)
     frames = {"env": getattr(source, "env", None), "split": getattr(source, "split", None)}  # env frames only
     settled = False  # a resume whose final evaluation, if the stopped run made it, still holds
     if resume:

@@ -324,7 +324,7 @@ class MetricLogger:
 def evaluation_due(at: int, every: int, last: int, stride: int = 1) -> bool:
     """Whether a run evaluates on reaching `at` steps, having come `stride` steps at a time (a vector env's envs): when
     it passed a multiple of `every` (0: never) and at its `last` step."""
-    return at >= last or bool(every) and at // every > (at - stride) // every
+    return at >= last or at > 0 and bool(every) and at // every > (at - stride) // every
 
 
 def stopped_evaluation(logger: MetricLogger, at: int, every: int, last: int, stride: int = 1) -> bool:
