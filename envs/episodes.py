@@ -166,6 +166,15 @@ def read_meta(root: Union[str, Path]) -> dict:
     return meta
 
 
+def episode_length(path: Path) -> int:
+    """The step count in an episode file's name (`<index>-<steps>.npz`, as `EpisodeWriter` names them)."""
+    try:
+        return int(path.stem.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        raise DataError(f"{path}: not an episode file name of `run.py collect` (<index>-<steps>.npz); move other "
+                        "files out of the episodes directory") from None
+
+
 def episode_paths(root: Union[str, Path]) -> list[Path]:
     """A dataset's episode files in the order they were written."""
     read_meta(root)

@@ -532,7 +532,7 @@ def test_a_log_row_holds_the_mean_of_the_updates_since_the_last_row(tmp_path, mo
 
     def recorded(model, task, batch, beta):
         loss, stats, out = real(model, task, batch, beta)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         return (loss * float("nan") if len(losses) == 4 else loss), stats, out
 
     monkeypatch.setattr(pt, "compute_loss", recorded)

@@ -18,7 +18,7 @@ import torch
 
 from agent.replay import ReplayBuffer
 from envs.errors import DataError, UsageError
-from envs.episodes import STEP_KEYS, check_recorded_root, episode_paths, load_episode, read_meta
+from envs.episodes import STEP_KEYS, check_recorded_root, episode_length, episode_paths, load_episode, read_meta
 
 from . import distributed
 from .config import WMEncoderConfig, WorldModelConfig, load_run_config, save_config, schema_command
@@ -86,15 +86,6 @@ def episode_spec(episode: dict) -> dict:
     if "status" in episode:
         spec["status"] = (episode["status"].shape[1:], np.uint8)
     return spec
-
-
-def episode_length(path: Path) -> int:
-    """The step count in an episode file's name (`<index>-<steps>.npz`, as `run.py collect` writes them)."""
-    try:
-        return int(path.stem.rsplit("-", 1)[1])
-    except (IndexError, ValueError):
-        raise DataError(f"{path}: not an episode file name of `run.py collect` (<index>-<steps>.npz); move other "
-                        "files out of the episodes directory") from None
 
 
 def check_max_steps(dyn: DynamicsConfig, longest: tuple[int, str]) -> None:
