@@ -66,6 +66,11 @@ class ImaginedEnv:
     def step(self, actions: torch.Tensor
              ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
         """actions `b` -> next slot codes `b k v`, frame codes `b g` (or None), reward `b`, continue prob `b`."""
+        if self.slot_codes is None:
+            raise RuntimeError("ImaginedEnv.step before reset: reset it from real context first")
+        if actions.shape != self.slot_codes.shape[:1]:
+            raise ValueError(f"actions must be one per imagined env, shape {tuple(self.slot_codes.shape[:1])}, got "
+                             f"{tuple(actions.shape)}")
         frames = self.frame_codes[:, None] if self.frame_codes is not None else None
         pred = self.dynamics(self.slot_codes[:, None], frames, actions[:, None], self.cache)
         self.slot_codes, self.frame_codes, reward, cont = sample_step(pred, self.temperature, self.generator)

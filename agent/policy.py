@@ -19,6 +19,10 @@ class SlotPolicy:
         self.wm, self.ac, self.device = wm, ac, device
         self.prev: Optional[torch.Tensor] = None  # b k d raw slots of each env's previous frame
 
+    def reset(self) -> None:
+        """Forget every env's slots: the next `act` starts each from the learned initialization."""
+        self.prev = None
+
     @torch.no_grad()
     def act(self, obs: dict[str, np.ndarray] | np.ndarray, is_first: np.ndarray | bool, sample: bool = True,
             generator: Optional[torch.Generator] = None) -> np.ndarray:
@@ -30,7 +34,12 @@ class SlotPolicy:
         if self.wm.status_vars and "status" not in obs:
             raise ValueError(f"this world model reads {self.wm.status_vars} status tokens beside each frame: pass the "
                              "env's observation dict, with its 'status'")
+        if np.ndim(obs["image"]) != 4:
+            raise ValueError(f"SlotPolicy.act takes a batch of frames `b h w 3`, got shape {np.shape(obs['image'])}; "
+                             "add a leading axis for one env")
         is_first = np.broadcast_to(np.asarray(is_first, bool), (len(obs["image"]),)).copy()
+        if is_first.all():  # every env starts an episode (any batch size): nothing carries over
+            self.prev = None
         x = frames_to_input(torch.as_tensor(obs["image"], device=self.device)[:, None], self.wm.resolution)[:, 0]
         encoder = self.wm.autoencoder.encoder
         self.wm.step_begin()

@@ -41,6 +41,9 @@ STEP_SPEC: Spec = {k: ((), np.dtype(STEP_DTYPES[k])) for k in STEP_KEYS}
 
 def _full_spec(spec: dict) -> Spec:
     """The observation spec normalized to (shape tuple, np.dtype), plus the step keys every buffer stores."""
+    if "valid" in spec:
+        raise ValueError("'valid' is a replay sample's own key (padded steps are not valid): name the observation "
+                         "otherwise")
     out = {k: (tuple(int(d) for d in shape), np.dtype(dtype)) for k, (shape, dtype) in spec.items()}
     for k, v in STEP_SPEC.items():
         if out.setdefault(k, v) != v:
@@ -54,8 +57,8 @@ class ReplayBuffer:
     there (samples are tensors on it)."""
 
     def __init__(self, capacity: int, spec: dict, seed: int = 0, device: Union[str, torch.device, None] = None):
-        if int(capacity) < 1:
-            raise ValueError(f"replay capacity must be at least 1 step, got {capacity}")
+        if int(capacity) != capacity or capacity < 1:
+            raise ValueError(f"replay capacity must be a whole number of steps, at least 1, got {capacity}")
         self.capacity = int(capacity)
         self.spec = _full_spec(spec)
         self.rng = np.random.default_rng(seed)
@@ -181,6 +184,8 @@ class ReplayBuffer:
             out[k] = v
         if length == 0:
             raise ValueError("replay: cannot add an empty episode")
+        if (out["is_terminal"].astype(bool) & ~out["is_last"].astype(bool)).any():
+            raise ValueError("replay: a terminal step must also be the episode's last (is_last)")
         return out
 
     def _new_slot(self, open_: bool) -> int:

@@ -974,6 +974,8 @@ class ClevrDataset(torch.utils.data.Dataset):
         self.filenames = [s["image_filename"] for s in scenes]
         mask_dir = root / "masks" / split
         self.mask_dir = mask_dir if mask_dir.is_dir() else None
+        if isinstance(resolution, int):  # a square, as data.resolution gives it
+            resolution = (resolution, resolution)
         self.resolution = (int(resolution[0]), int(resolution[1]))
         u0, u1, v0, v1 = CROP_WINDOW if crop else (0.0, 1.0, 0.0, 1.0)
         self.box = (u0 * FRAME_W, v0 * FRAME_H, u1 * FRAME_W, v1 * FRAME_H)

@@ -137,7 +137,8 @@ class NetHackEnv(gymnasium.Env):
         self._blstats = np.zeros(N_STATS, np.int64)
         self.observation_space = gymnasium.spaces.Dict({
             "image": gymnasium.spaces.Box(0, 255, (size, size, 3), np.uint8),
-            "stats": gymnasium.spaces.Box(-np.inf, np.inf, (N_STATS,), np.float32),
+            # finite bounds (gymnasium's checker warns on infinite ones), far beyond any bottom-line value
+            "stats": gymnasium.spaces.Box(-2.0**31, 2.0**31, (N_STATS,), np.float32),
             "status": gymnasium.spaces.MultiDiscrete([STATUS_LEVELS] * STATUS_VARS, dtype=np.uint8),
         })
         self.action_space = gymnasium.spaces.Discrete(len(self.nle.actions))

@@ -15,6 +15,7 @@ fresh interpreter.  Env functions are therefore pickled: use module-level callab
 from __future__ import annotations
 
 import multiprocessing as mp
+import numbers
 import select
 import signal
 import time
@@ -300,8 +301,8 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         """Reset every env: seed int s gives env i seed s + i; a failed worker is restarted and retried once."""
         if seed is None:
             seed = [None] * self.num_envs
-        elif isinstance(seed, int):
-            seed = [seed + i for i in range(self.num_envs)]
+        elif isinstance(seed, numbers.Integral):  # np.int64 too
+            seed = [int(seed) + i for i in range(self.num_envs)]
         if len(seed) != self.num_envs:
             raise ValueError(f"got {len(seed)} seeds for num_envs={self.num_envs}")
         self._seeds = list(seed)
@@ -335,7 +336,9 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         reset on the next step (reward 0, no done flags) with seed None, or, if the last reset()
         gave the env seed s, a seed derived from (s, restart count), so seeded runs stay reproducible.
         """
-        if isinstance(actions, np.ndarray) and not self.action_space.contains(actions):  # the caller's bug, no crash
+        discrete = isinstance(self.action_space, gymnasium.spaces.MultiDiscrete)  # whose `contains` takes 1.5
+        if isinstance(actions, np.ndarray) and not ((actions.dtype.kind in "iu" or not discrete)
+                                                    and self.action_space.contains(actions)):  # the caller's bug
             raise ValueError(f"actions {actions} are not one per env of {self.single_action_space} (the batch space "
                              f"is {self.action_space})")
         if not isinstance(actions, np.ndarray):  # nested action spaces: one entry per env

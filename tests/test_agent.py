@@ -812,3 +812,35 @@ def test_a_resume_at_another_world_size_shares_out_every_saved_episode_once(tmp_
         replay = load_replay_shards(tmp_path, {"replays": names}, capacity=20, seed=0)
         held = [ep["image"][0, 0] // 10 for ep in replay.episodes()]
         assert held == expected[rank], rank
+
+
+def test_library_calls_that_would_go_wrong_quietly_are_refused():
+    """Float frames (divided by 255 a second time: black), an open-loop window longer than the data, stepping an
+    imagined env before its reset, one unbatched frame: each refused in words. A policy starts afresh at any batch
+    size when every env starts an episode."""
+    from agent.imagination import ImaginedEnv
+    from agent.policy import SlotPolicy
+    from agent.train import build_agent
+    from world_model.wm import frames_to_input
+
+    with pytest.raises(ValueError, match="takes env frames as uint8 `b t h w 3`, got torch.float32"):
+        frames_to_input(torch.rand(1, 1, 64, 64, 3), 32)
+    with pytest.raises(ValueError, match="got torch.uint8 \\(1, 1, 3, 64, 64\\)"):
+        frames_to_input(torch.zeros(1, 1, 3, 64, 64, dtype=torch.uint8), 32)
+    wm, ac = build_agent(tiny(), 17, torch.device("cpu"))
+    frames = torch.randint(0, 255, (1, 4, 64, 64, 3), dtype=torch.uint8)
+    enc = wm.encode(frames_to_input(frames, wm.resolution))
+    with pytest.raises(ValueError, match="at least context \\+ horizon = 6 encoded steps"):
+        wm.open_loop(enc, torch.zeros(1, 4, dtype=torch.long), 2, 4)
+    assert wm.open_loop(enc, torch.zeros(1, 4, dtype=torch.long), 2, 2)["slot_codes"].shape[1] == 2
+    env = ImaginedEnv(wm.dynamics)
+    with pytest.raises(RuntimeError, match="before reset"):
+        env.step(torch.zeros(1, dtype=torch.long))
+    env.reset(enc.slot_codes[:, :1], enc.frame_codes[:, :1] if enc.frame_codes is not None else None, None, 2)
+    with pytest.raises(ValueError, match="one per imagined env, shape \\(1,\\), got \\(2,\\)"):
+        env.step(torch.zeros(2, dtype=torch.long))
+    policy = SlotPolicy(wm.eval(), ac, torch.device("cpu"))
+    images = frames[0].numpy()
+    with pytest.raises(ValueError, match="a batch of frames `b h w 3`, got shape \\(64, 64, 3\\)"):
+        policy.act(images[0], True)
+    assert policy.act(images[:2], True).shape == (2,) and policy.act(images[:1], True).shape == (1,)

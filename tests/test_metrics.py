@@ -395,3 +395,24 @@ def test_setpred_accuracy_hand_computed():
     assert out["acc_color"] == 50.0 and out["acc_all"] == 50.0
     assert out["coord_err"] == pytest.approx((0.3 + 0.0) / 2)
     assert out["objectness"] == 100.0
+
+
+def test_inputs_that_would_give_a_wrong_number_are_refused():
+    """Each of these used to return a number: garbage assignments, AP above 100%, ARI of one-hot masks."""
+    import torch
+
+    with pytest.raises(ValueError, match="at least as many slots as targets"):
+        metrics.hungarian_assign(np.random.default_rng(0).random((1, 2, 5)))  # unmatched targets held garbage
+    target = np.zeros((1, 2, 19), np.float32)
+    target[..., [3, 5, 7, 10]] = 1.0
+    target[0, 0, 18], target[0, 1, 18] = 1.0, 0.3
+    with pytest.raises(ValueError, match=r"real-object flag: each must be 0 or 1, got \[0.3"):
+        clevr_ap_table(target, target)  # counted real by truth but 0.3 in the denominator: AP 333%
+    masks = np.zeros((2, 3, 4, 4), np.int64)  # b k h w per-slot masks
+    with pytest.raises(ValueError, match="looks like per-slot masks"):
+        fg_ari(masks, masks)
+    assert fg_ari(masks[:, :1], masks[:, :1]).shape == (2,)  # b 1 h w is an id map
+    target[0, 1, 18] = 0.0
+    with pytest.raises(ValueError, match="name the same column twice"):
+        clevr_ap_table(target, target, thresholds=[None, -1, 0.5])
+    assert clevr_average_precision(target, target, torch.tensor(0.5)) == clevr_average_precision(target, target, 0.5)

@@ -397,3 +397,16 @@ def test_device_storage_draws_the_same_segments_as_host_storage(tmp_path, monkey
     assert back_host.device is None and back_dev.device == torch.device("cpu")
     for a, b in ((host, back_dev), (dev, back_host), (back_host, back_dev)):
         _same(a.sample(16, 6), b.sample(16, 6))
+
+
+def test_a_step_layout_the_sampler_would_misread_is_refused():
+    spec = {"image": ((2,), np.uint8)}
+    with pytest.raises(ValueError, match="'valid' is a replay sample's own key"):
+        ReplayBuffer(10, {"valid": ((1,), np.uint8)})
+    with pytest.raises(ValueError, match="whole number of steps"):
+        ReplayBuffer(5.5, spec)
+    buf = ReplayBuffer(10, spec)
+    with pytest.raises(ValueError, match="a terminal step must also be the episode's last"):
+        buf.add({"image": np.zeros(2, np.uint8), "action": 0, "reward": 0.0, "is_first": True, "is_last": False,
+                 "is_terminal": True})
+    assert len(buf) == 0

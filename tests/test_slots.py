@@ -215,3 +215,33 @@ def test_encoder_inputs_are_checked_in_one_line(slots, width):
     for bad in (out.raw_slots[:, :2], out.raw_slots[..., :4]):
         with pytest.raises(ValueError, match=f"prev_slots must be .* = \\(2, 3, {width}\\), got"):
             enc(images, bad)
+
+
+def test_modules_used_standalone_refuse_what_they_cannot_do_and_take_any_slot_count():
+    """The slot modules and the autoencoder as library pieces: a carried-in slot count other than the built one
+    works; zero iterations, a negative temperature, a wrong image size or dtype, a zero Gumbel temperature are
+    refused in words instead of failing deep inside (or silently: a mis-sized reconstruction, NaN slots)."""
+    from test_losses import small_cfg
+    from world_model.perception import SlotAutoencoder
+
+    x = torch.randn(2, 5, 6)
+    gmm = SlotMixture(6, 3, 4)
+    slots, weights = gmm(x, torch.randn(2, 5, 8))  # five carried-in slots, built for three
+    assert slots.shape == (2, 5, 8) and weights.shape == (2, 5, 5)
+    assert SlotMixture(6, 3, 4, temperature=0.0).temperature == SlotMixture(6, 3, 4).temperature == 2.0  # sqrt(d)
+    for bad in (dict(iters=0), dict(temperature=-2.0)):
+        with pytest.raises(ValueError):
+            SlotMixture(6, 3, 4, **bad)
+    with pytest.raises(ValueError, match="init must be slots"):
+        gmm(x, torch.randn(2, 5, 4))
+    ae = SlotAutoencoder(small_cfg(), resolution=32)
+    with pytest.raises(ValueError, match="built for 32x32 images, got \\(64, 64\\)"):
+        ae(torch.rand(2, 3, 64, 64))
+    with pytest.raises(ValueError, match="images are torch.float16 but the encoder's weights torch.float32"):
+        ae(torch.rand(2, 3, 32, 32, dtype=torch.float16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ae(torch.rand(2, 3, 32, 32, dtype=torch.bfloat16))  # under autocast, as training runs it
+    with pytest.raises(ValueError, match="must be above 0"):
+        SlotQuantizer(8).set_temperature(0.0)
+    with pytest.raises(ValueError, match="must be above 0"):
+        temperature(10, 0.0, 0.1, 100)

@@ -177,6 +177,8 @@ def test_an_action_out_of_range_is_the_callers_error_not_a_crash():
     venv.reset(seed=0)
     with pytest.raises(ValueError, match=r"actions \[99  0\] are not one per env of Discrete"):
         venv.step(np.array([99, 0]))
+    with pytest.raises(ValueError, match=r"actions \[1.5 0. \] are not one per env"):  # MultiDiscrete takes 1.5
+        venv.step(np.array([1.5, 0.0]))
     venv.step(np.array([1, 0]))
     assert venv.restarts == 0
     venv.close()

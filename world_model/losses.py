@@ -21,7 +21,7 @@ def hungarian_huber_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torc
     (non-finite) sum of all costs, which `guarded_update` skips, and target j is given slot j.
     """
     k = pred.shape[1]
-    target = trim_padding(target, k)
+    target = trim_padding(torch.as_tensor(target, device=pred.device), k)  # numpy targets too, as the metrics take
     n = target.shape[1]
     if n < k:
         target = F.pad(target, (0, 0, 0, k - n))

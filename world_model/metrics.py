@@ -26,6 +26,10 @@ __all__ = [
     "ap_table_key",
     "fg_ari",
     "ari",
+    "ATTRIBUTE_SLICES",
+    "hungarian_assign",
+    "setpred_accuracy",
+    "trim_padding",
 ]
 
 # Row layout: [x, y, z (3), size (2), material (2), shape (3), color (8), last (1)]; the data's rows
@@ -48,15 +52,19 @@ def _is_no_threshold(distance_threshold: Optional[float]) -> bool:
     return distance_threshold is None or distance_threshold == -1
 
 
-def _check_threshold(distance_threshold: Optional[float]) -> None:
+def _check_threshold(distance_threshold: Optional[float]) -> Optional[float]:
+    """The threshold as a number (a 0-d tensor or array read out), or None for none; refuses what is not one."""
+    if hasattr(distance_threshold, "item") and getattr(distance_threshold, "ndim", 1) == 0:
+        distance_threshold = distance_threshold.item()
     if _is_no_threshold(distance_threshold):
-        return
+        return None
     if not isinstance(distance_threshold, numbers.Real) or isinstance(distance_threshold, bool):
         raise ValueError(f"distance_threshold must be None, -1 or a positive number, got {distance_threshold!r}")
     if np.isnan(distance_threshold):
         raise ValueError(f"distance_threshold must not be NaN, got {distance_threshold!r}")
     if distance_threshold < 0:
         raise ValueError(f"distance_threshold must be None, -1 or non-negative, got {distance_threshold!r}")
+    return distance_threshold
 
 
 def ap_table_key(distance_threshold: Optional[float]) -> str:
@@ -90,6 +98,10 @@ def _validate_clevr_inputs(pred: Any, target: Any) -> tuple[np.ndarray, np.ndarr
     for name, arr in (("pred", pred), ("target", target)):
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
             raise ValueError(f"{name} contains NaN or infinite values")
+    flags = target[..., -1]
+    if not ((flags == 0) | (flags == 1)).all():  # counted as real by truth, summed as recall's denominator
+        raise ValueError("target's last entry is the real-object flag: each must be 0 or 1, got "
+                         f"{np.unique(flags[(flags != 0) & (flags != 1)])[:5].tolist()}")
     return pred, target
 
 
@@ -196,8 +208,7 @@ def clevr_average_precision(pred: Any, target: Any, distance_threshold: Optional
     Returns AP in [0, 1] (0.0 with no predictions, NaN if there are no real targets).
     """
     pred, target = _validate_clevr_inputs(pred, target)
-    _check_threshold(distance_threshold)
-    return _clevr_aps(pred, target, [distance_threshold])[0]
+    return _clevr_aps(pred, target, [_check_threshold(distance_threshold)])[0]
 
 
 def clevr_ap_table(pred: Any, target: Any,
@@ -207,9 +218,10 @@ def clevr_ap_table(pred: Any, target: Any,
     Keys: "AP_inf" (None or -1) and "AP_<t:g>", e.g. "AP_1", "AP_0.5", "AP_0.0625".
     """
     pred, target = _validate_clevr_inputs(pred, target)
-    thresholds = list(thresholds)
-    for t in thresholds:
-        _check_threshold(t)
+    thresholds = [_check_threshold(t) for t in thresholds]
+    keys = [ap_table_key(t) for t in thresholds]
+    if len(set(keys)) < len(keys):  # None and -1 are one column
+        raise ValueError(f"thresholds {thresholds} name the same column twice: {keys}")
     aps = _clevr_aps(pred, target, thresholds)
     return {ap_table_key(t): 100.0 * ap for t, ap in zip(thresholds, aps)}
 
@@ -230,6 +242,9 @@ def _to_int_ids(x: Any, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be an integer id map, got dtype {x.dtype}")
     if x.ndim < 2:
         raise ValueError(f"{name} must have shape [batch, ...] with at least one spatial dim, got {x.shape}")
+    if x.ndim > 3 and x.shape[1] > 1:  # b k h w: per-slot masks, not an id map
+        raise ValueError(f"{name} of shape {x.shape} looks like per-slot masks [batch, slots, h, w]: pass id maps "
+                         "[batch, h, w] (e.g. masks.argmax(1))")
     return x.reshape(x.shape[0], -1).astype(np.int64, copy=False)  # [batch, n_pixels]
 
 
@@ -297,7 +312,8 @@ def _batched_ari(true_ids: Any, pred_ids: Any, exclude_background: bool) -> np.n
 def fg_ari(true_ids: Any, pred_ids: Any) -> np.ndarray:
     """Foreground ARI per image: ARI over pixels whose true id is non-zero (0 = background).
 
-    true_ids, pred_ids: integer id maps [batch, ...] (numpy or torch); returns float64 [batch].
+    true_ids, pred_ids: integer id maps [batch, h, w] or [batch, pixels] (numpy or torch; a single image is
+    [1, h, w]; per-slot masks become an id map by argmax over slots); returns float64 [batch].
     Images without foreground pixels get NaN (aggregate with np.nanmean).
     Matches sklearn.metrics.adjusted_rand_score on the kept pixels exactly.
     """
@@ -321,6 +337,9 @@ def hungarian_assign(cost: np.ndarray) -> np.ndarray:
     """Optimal assignment per image: cost `b k n` (k >= n) -> the slot matched to each target, `b n`."""
     from scipy.optimize import linear_sum_assignment
 
+    if cost.ndim != 3 or cost.shape[1] < cost.shape[2]:
+        raise ValueError(f"cost must be `batch, slots, targets` with at least as many slots as targets, got "
+                         f"{cost.shape}")
     out = np.empty((cost.shape[0], cost.shape[2]), dtype=np.int64)
     for i in range(cost.shape[0]):
         rows, cols = linear_sum_assignment(cost[i])

@@ -38,7 +38,9 @@ class SlotOutput:
 
 class SlotEncoder(nn.Module):
     """CNN features -> slots by the configured slot module (GMM: the Slot Mixture Module, slots 2 x slot_dim wide,
-    concat(mu, logsigma); Slot Attention: slot_dim wide) -> optional VQ-SA codes. Images `b 3 h w` float in [0, 1]."""
+    concat(mu, logsigma); Slot Attention: slot_dim wide) -> optional VQ-SA codes. Images `b 3 h w` float in [0, 1].
+    Slots start from a learned distribution, sampled: two calls on the same images differ, in eval mode too, unless
+    torch's RNG is seeded alike before each (or the previous frame's slots are passed in)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -74,6 +76,10 @@ class SlotEncoder(nn.Module):
         if not images.is_floating_point():  # env frames are uint8 `h w 3`: 0..255 would pass the shape check
             raise ValueError(f"SlotEncoder expects float images in [0, 1], got {images.dtype}; convert env frames "
                              "with world_model.wm.frames_to_input")
+        weights = next(self.backbone.parameters()).dtype
+        if images.dtype != weights and not torch.is_autocast_enabled(images.device.type):
+            raise ValueError(f"images are {images.dtype} but the encoder's weights {weights}: cast the images (or the "
+                             "model), or run under torch.autocast")
         return self.backbone(images)
 
 
@@ -84,8 +90,12 @@ class SlotAutoencoder(nn.Module):
         super().__init__()
         self.encoder = SlotEncoder(cfg)
         self.decoder = SpatialBroadcastDecoder(self.encoder.slot_width, resolution, cfg.decoder_channels, cfg.decoder_init)
+        self.resolution = resolution
 
     def forward(self, images: torch.Tensor, prev_slots: Optional[torch.Tensor] = None) -> tuple[SlotOutput, Decoded]:
+        if images.shape[-2:] != (self.resolution, self.resolution):  # the decoder draws at the built resolution
+            raise ValueError(f"this autoencoder was built for {self.resolution}x{self.resolution} images, got "
+                             f"{tuple(images.shape[-2:])}")
         enc = self.encoder(images, prev_slots)
         return enc, self.decoder(enc.slots)
 

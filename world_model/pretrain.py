@@ -46,6 +46,8 @@ def stream_seed(seed: int, stream: int, index: int) -> int:
 
 def build_model(cfg: PretrainConfig) -> nn.Module:
     """The pretraining model of `cfg.task`: a SetPredictor (setpred) or a SlotAutoencoder (discovery)."""
+    if cfg.task not in ("setpred", "discovery"):
+        raise ValueError(f"task={cfg.task!r} is not one of setpred, discovery")
     if cfg.task == "setpred":
         return SetPredictor(cfg.model)
     return SlotAutoencoder(cfg.model, cfg.data.resolution)

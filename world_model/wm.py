@@ -33,6 +33,9 @@ class Encoded:
 
 def frames_to_input(frames: torch.Tensor, resolution: int) -> torch.Tensor:
     """uint8 `b t h w 3` -> float `b t 3 r r` in [0, 1] (area resize when sizes differ)."""
+    if frames.dtype != torch.uint8 or frames.ndim != 5 or frames.shape[-1] != 3:
+        raise ValueError(f"frames_to_input takes env frames as uint8 `b t h w 3`, got {frames.dtype} "
+                         f"{tuple(frames.shape)}")
     b, t = frames.shape[:2]
     x = frames.flatten(0, 1).permute(0, 3, 1, 2).float() / 255
     if x.shape[-1] != resolution or x.shape[-2] != resolution:
@@ -210,6 +213,11 @@ class WorldModel(nn.Module):
 
         enc: codes of `b T` real frames (T >= context + horizon); actions `b T` in the episode layout.
         Returns imagined slot codes `b h k v`, frame codes `b h g`, rewards `b h` and continuation probs `b h`."""
+        steps = min(enc.slot_codes.shape[1], actions.shape[1])
+        if context < 1 or horizon < 1 or steps < context + horizon:
+            raise ValueError(f"open_loop needs context >= 1, horizon >= 1 and at least context + horizon = "
+                             f"{context + horizon} encoded steps and actions, got {context}, {horizon} and "
+                             f"{enc.slot_codes.shape[1]}, {actions.shape[1]}")
         b = actions.shape[0]
         act_after = torch.cat([actions[:, 1:], torch.zeros_like(actions[:, :1])], 1)  # action taken after frame t
         dyn = self.dynamics

@@ -62,9 +62,13 @@ class SlotMixture(nn.Module):
                  implicit_grad: bool = False, temperature: Optional[float] = None, log_det: bool = True,
                  update_pi: bool = True, eps: float = 1e-8):
         super().__init__()
+        if iters < 1 or num_slots < 1:
+            raise ValueError(f"SlotMixture needs iters >= 1 and num_slots >= 1, got {iters} and {num_slots}")
+        if temperature is not None and temperature < 0:
+            raise ValueError(f"E-step temperature must be 0 (meaning sqrt(dim)) or more, got {temperature}")
         self.log_det, self.update_pi = log_det, update_pi
         self.num_slots, self.dim, self.iters, self.eps = num_slots, dim, iters, eps
-        self.temperature = math.sqrt(dim) if temperature is None else float(temperature)
+        self.temperature = math.sqrt(dim) if not temperature else float(temperature)  # None or 0: sqrt(dim)
         self.out_dim = 2 * dim
         self.implicit_grad = implicit_grad
         # Learned Gaussian priors over the initial mu and logsigma (reparameterized samples).
@@ -113,15 +117,20 @@ class SlotMixture(nn.Module):
         return mu, logsigma, log_pi, probs
 
     def forward(self, inputs: torch.Tensor, init: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """inputs `b n in_dim`, init `b k 2*dim` (e.g. the previous frame's slots) -> slots `b k 2*dim`, weights `b k n`."""
+        """inputs `b n in_dim`, init `b k 2*dim` (e.g. the previous frame's slots; any k) -> slots `b k 2*dim`, weights
+        `b k n`."""
         x = self.project(self.norm_input(inputs))
         b = x.shape[0]
+        if init is not None and (init.ndim != 3 or init.shape[0] != b or init.shape[2] != self.out_dim):
+            raise ValueError(f"init must be slots `batch={b}, k, {self.out_dim}` (concat(mu, logsigma)), got "
+                             f"{tuple(init.shape)}")
         slots = self.initial_slots(b, x.device, x.dtype) if init is None else init
         mu, logsigma = slots.split(self.dim, dim=-1)
         with torch.autocast(x.device.type, enabled=False):
             logsigma = _fp32(logsigma)
             h = mixture_features(_fp32(x))  # b n 2d+1, shared by every iteration
-        log_pi = torch.full((b, self.num_slots), -math.log(self.num_slots), device=x.device, dtype=x.dtype)
+        k = slots.shape[1]
+        log_pi = torch.full((b, k), -math.log(k), device=x.device, dtype=x.dtype)
         probs = None
         for i in range(self.iters):
             if self.implicit_grad and i == self.iters - 1:

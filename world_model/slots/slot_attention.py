@@ -14,6 +14,8 @@ class SlotAttention(nn.Module):
     def __init__(self, in_dim: int, num_slots: int, dim: int = 64, iters: int = 3, mlp_hidden: int = 128,
                  implicit_grad: bool = False, eps: float = 1e-8):
         super().__init__()
+        if iters < 1 or num_slots < 1:
+            raise ValueError(f"SlotAttention needs iters >= 1 and num_slots >= 1, got {iters} and {num_slots}")
         self.num_slots, self.dim, self.iters, self.eps = num_slots, dim, iters, eps
         self.out_dim = dim
         self.implicit_grad = implicit_grad

@@ -24,7 +24,7 @@ def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Quantized:
     slots: torch.Tensor  # b k d, quantized
-    codes: torch.Tensor  # b k v, int64 code indices
+    codes: torch.Tensor  # b k v int64: each variable's most likely code (training's `slots` use a Gumbel sample)
     logits: torch.Tensor  # b k v c
     kl_slots: torch.Tensor  # b k: each slot's KL to the uniform prior, summed over its variables
 
@@ -36,6 +36,8 @@ class Quantized:
 
 def temperature(step: int, tau_start: float, tau_end: float, anneal_steps: int) -> float:
     """Exponential anneal from tau_start to tau_end over anneal_steps, then constant."""
+    if not (tau_start > 0 and tau_end > 0):
+        raise ValueError(f"Gumbel-softmax temperatures must be above 0, got tau_start={tau_start}, tau_end={tau_end}")
     frac = min(max(step, 0) / max(anneal_steps, 1), 1.0)
     return tau_start * (tau_end / tau_start) ** frac
 
@@ -54,6 +56,10 @@ class SlotQuantizer(nn.Module):
         self.register_buffer("tau", torch.tensor(1.0), persistent=False)
 
     def set_temperature(self, tau: float) -> None:
+        """The Gumbel-softmax temperature of training's samples. Not saved with the weights: a training loop sets it
+        each step (`temperature`), and evaluation takes the argmax codes, which it does not change."""
+        if not tau > 0:
+            raise ValueError(f"the Gumbel-softmax temperature must be above 0, got {tau}")
         self.tau.fill_(tau)
 
     def embed(self, onehots: torch.Tensor) -> torch.Tensor:
