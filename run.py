@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -702,6 +703,13 @@ def main(argv=None) -> int:
             stopped = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
             print(f"\n{stopped}{_way_back(args)}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        if node_first or distributed.active():  # the files are written atomically: the last checkpoint is whole
+            say(f"error: {e.strerror} writing {e.filename or 'the run'}; free space (or pick a writable place), then "
+                f"go on{_way_back(args) or ''}")
+        return 2
     except Exception as e:
         if distributed.active() and distributed.lost_peer(e):  # the cause is the other process's to report
             say(f"stopped: lost another process of this torchrun job, which failed or was stopped (its message is "

@@ -14,7 +14,7 @@ import torch
 from envs.atomic import atomic_write
 from envs.episodes import obs_dict
 from envs.errors import UsageError
-from world_model.config import load_run_config
+from world_model.config import check_against_checkpoint, load_run_config
 from world_model.rundir import RunDir, fixed_rng, resolve_device
 from world_model.wm import WorldModel
 
@@ -104,6 +104,7 @@ def load_agent_run(checkpoint: str, device: torch.device) -> tuple[AgentConfig, 
     run = RunDir(checkpoint)
     cfg = load_run_config("train", checkpoint)
     state = run.load_checkpoint(map_location=device, keys=("wm", "ac", "num_actions", "counters"))
+    check_against_checkpoint(cfg, state, checkpoint)
     wm, ac = build_agent(cfg, state["num_actions"], device, state.get("status_vars", 0), restoring=checkpoint)
     run.restore(wm, state, "wm")
     run.restore(ac, state, "ac")

@@ -31,7 +31,7 @@ from envs.episodes import obs_dict
 from envs.errors import UsageError
 from envs.vector import make_vector_env
 from world_model import distributed
-from world_model.config import save_config
+from world_model.config import check_against_checkpoint, save_config
 from world_model.pretrain import autocast, guarded_update
 from world_model.rundir import (MetricLogger, fixed_rng, note_if_finished, rank_seed, restore_rng,
                                 rng_states, rollback_appended, start_run, stopped_evaluation)
@@ -241,6 +241,8 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         num_actions = int(venv.single_action_space.n)
         state = run.load_checkpoint(map_location=device, keys=("wm", "ac", "wm_opt", "ac_opt", "counters", "rng")
                                     ) if resume else None
+        if state is not None:
+            check_against_checkpoint(cfg, state, run.path)
         spec = obs_spec(venv.single_observation_space)
         # a run from before the env gave status tokens (NetHack) goes on without them: its model and replay had none
         status = status_vars(spec) if state is None else state.get("status_vars", 0)

@@ -844,3 +844,19 @@ def test_library_calls_that_would_go_wrong_quietly_are_refused():
     with pytest.raises(ValueError, match="a batch of frames `b h w 3`, got shape \\(64, 64, 3\\)"):
         policy.act(images[0], True)
     assert policy.act(images[:2], True).shape == (2,) and policy.act(images[:1], True).shape == (1,)
+
+
+def test_a_config_edited_by_hand_since_the_checkpoint_is_refused(tmp_path, capsys):
+    """config.yaml edited to another slot count or game: a resume, and an eval, refuse it rather than train on with
+    a checkpoint of another model or play another game with this one."""
+    rd = tmp_path / "run"
+    train(tiny("train.env_steps=40", "train.prefill=40", "train.eval_every=0"), str(rd), progress=False)
+    text = (rd / "config.yaml").read_text()
+    for edit, key in (("num_slots: 4", "num_slots: 6"), ("name: crafter", "name: nethack")):
+        assert edit in text
+        (rd / "config.yaml").write_text(text.replace(edit, key, 1))
+        for argv in (["train", "--resume", str(rd), "train.env_steps=80"], ["eval", "--checkpoint", str(rd)]):
+            assert run.main(argv) == 2, (edit, argv)
+            assert "does not match the checkpoint in" in capsys.readouterr().err
+    (rd / "config.yaml").write_text(text)
+    assert run.main(["eval", "--checkpoint", str(rd), "--episodes", "1"]) == 0

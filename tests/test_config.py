@@ -442,3 +442,26 @@ def test_under_torchrun_one_process_speaks_for_all(monkeypatch, capsys):
                                        "was stopped (its message is above): [../third_party/gloo/gloo/transport/tcp/"
                                        "pair.cc:553] Connection closed by peer [::1]:1\n")
     assert not distributed.lost_peer(RuntimeError("CUDA out of memory"))
+
+
+def test_a_full_disk_is_one_line(monkeypatch, capsys):
+    """Files are written atomically, so a full disk leaves the last checkpoint whole: one line says so, and any other
+    OSError keeps its traceback."""
+    import errno
+
+    import run
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/r/checkpoints/latest.pt.x1.tmp")
+
+    monkeypatch.setattr(run, "cmd_config", full)
+    assert run.main(["config"]) == 2
+    assert capsys.readouterr().err == ("error: No space left on device writing runs/r/checkpoints/latest.pt.x1.tmp; "
+                                       "free space (or pick a writable place), then go on\n")
+
+    def broken(args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(run, "cmd_config", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        run.main(["config"])

@@ -132,7 +132,7 @@ def test_run_dir_rules(tmp_path, capsys):
     pretrain(tiny_cfg("train.steps=1"), str(tmp_path / "r"), resume=True, progress=False)  # nothing left to train
     assert "already at step 2 of train.steps=1; pass train.steps=N with N > 2" in capsys.readouterr().err
     assert "  steps: 2\n" in (tmp_path / "r" / "config.yaml").read_text()  # the run's length, not the override's
-    with pytest.raises(RunDirError, match="its 'model' weights do not fit the model this config builds"):
+    with pytest.raises(ValueError, match="does not match the checkpoint in .*: model.slot_dim=16 differs from what"):
         pretrain(tiny_cfg("train.steps=3", "model.slot_dim=16"), str(tmp_path / "r"), resume=True, progress=False)
     assert run.main(["pretrain", "--config", "configs/clevr_tiny.yaml", "model.slotz=gmm"]) == 2
     err = capsys.readouterr().err

@@ -343,3 +343,17 @@ def test_evaluation_due_when_a_multiple_is_passed_and_at_the_end():
     # a vector env of 4 envs reaches 4, 8, 12, ...: 12 passes 10, 20 meets it, 24 passes nothing new
     assert [at for at in range(4, 29, 4) if evaluation_due(at, 10, 28, stride=4)] == [12, 20, 28]
     assert evaluation_due(30, 10, 28, stride=4)  # past the end
+
+
+def test_a_resume_removes_the_temporary_files_of_writes_a_kill_stopped(tmp_path):
+    run = RunDir.open(tmp_path / "r", resume=False)
+    run.save_checkpoint({"step": 1})
+    run.release()
+    torn = [run.path / "checkpoints" / "latest.ptuky8yfpe.tmp", run.path / "replay" / "000080-rank0.npzab12.tmp",
+            run.path / "eval_stats.d23gtye9.jsonl.tmp"]
+    (run.path / "replay").mkdir()
+    kept = run.path / "replay" / "000080-rank0.npz"
+    for path in [*torn, kept]:
+        path.write_bytes(b"x")
+    RunDir.open(tmp_path / "r", resume=True).release()
+    assert not any(p.exists() for p in torn) and kept.exists() and run.ckpt_path.exists()

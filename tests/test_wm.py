@@ -412,7 +412,7 @@ def test_train_wm_logs_the_mean_of_the_updates_since_the_last_row(tmp_path, monk
 
     def recorded(self, batch, beta, counts=None):
         out = loss(self, batch, beta, counts)
-        losses.append(float(out[0]))
+        losses.append(float(out[0].detach()))
         return out
 
     monkeypatch.setattr(WorldModel, "loss", recorded)
@@ -433,3 +433,21 @@ def test_a_world_model_evaluation_stopped_midway_is_run_on_resume(tmp_path, monk
         train_wm(cfg, str(tmp_path / "r"), progress=False)
     train_wm(cfg, str(tmp_path / "r"), resume=True, progress=False)
     assert [r["step"] for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if "eval/h1/code_acc" in r] == [2, 4]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda ep: {**ep, "image": ep["image"].astype(np.float32)}, "expected uint8 values, got float32"),
+    (lambda ep: {**ep, "action": ep["action"][:-2]}, "steps, but other keys have"),
+    (lambda ep: {**ep, "action": ep["action"] + 5}, "actions outside the env's 3"),
+    (lambda ep: {**ep, "reward": ep["reward"] * np.nan}, "non-finite rewards"),
+    (lambda ep: {**ep, "stats": np.zeros((len(ep["action"]), 2))}, "holds stats, unlike"),
+])
+def test_a_damaged_or_foreign_episode_is_a_one_line_error_that_names_it(tmp_path, damage, message):
+    """Each of these was a traceback, a crash at the final evaluation, or a run that skipped every update."""
+    root = toy_dataset(tmp_path / "d", episodes=4)
+    path = sorted((root / "episodes").glob("*.npz"))[2]
+    with np.load(path) as f:
+        ep = dict(f)
+    np.savez_compressed(path, **damage(ep))
+    with pytest.raises(DataError, match=f"{path.name}.*{message}"):
+        split_dataset(wm_cfg(root))

@@ -392,6 +392,31 @@ def record_paths(cfg: Any, saved: Any = None) -> None:
             setattr(node, name, os.path.abspath(os.path.expanduser(value)))
 
 
+def check_against_checkpoint(cfg: Any, state: dict, run_dir: str | Path) -> None:
+    """A config that names another model, env or data than its run's checkpoint was trained with (config.yaml edited
+    by hand since, or another config passed from Python) is refused, as the same change given as a resume override
+    is."""
+    recorded = state.get("config")
+    if not recorded:  # a checkpoint from before they held their config
+        return
+    try:
+        old, new = OmegaConf.merge(OmegaConf.structured(type(cfg)), recorded), OmegaConf.structured(cfg)
+        # a pretrained encoder's architecture comes from its run; without one, the encoder trains jointly
+        pretrained = OmegaConf.select(new, "encoder.checkpoint", default=None)
+        taken = ("encoder.model", "encoder.resolution") if pretrained else ("encoder.mode",)
+        for key in (*DERIVED, *taken):  # set by the run from other keys (compared there), the env or another run
+            if OmegaConf.select(old, key, default=None) is not None:
+                OmegaConf.update(old, key, OmegaConf.select(new, key), merge=False)
+        saved = OmegaConf.to_object(old)
+    except OmegaConfBaseException:  # a checkpoint of an older schema: config.yaml is all there is
+        return
+    try:
+        check_resume_overrides(saved, cfg, run_dir)
+    except ConfigError as e:
+        raise ConfigError(f"the config does not match the checkpoint in {run_dir} (was its config.yaml edited?): "
+                          f"{e}") from None
+
+
 def check_resume_overrides(saved: Any, cfg: Any, run_dir: str | Path) -> None:
     """A resumed run continues what its checkpoint was trained as: overrides may change how long and how it trains
     (`train.*` but the seed, `eval.*`, env workers, where replay lives) and where its data lives, never the model,

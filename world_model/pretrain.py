@@ -25,7 +25,7 @@ from envs.errors import DataError, UsageError
 from envs.episodes import load_frames, read_meta
 
 from . import distributed
-from .config import PretrainConfig, load_run_config, save_config
+from .config import PretrainConfig, check_against_checkpoint, load_run_config, save_config
 from .losses import hungarian_huber_loss
 from .metrics import clevr_ap_table, fg_ari, setpred_accuracy
 from .perception import SetPredictor, SlotAutoencoder
@@ -431,6 +431,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
     step, skipped = 0, 0
     if resume:
         state = run.load_checkpoint(map_location=device, keys=("model", "optimizer", "step", "skipped", "rng"))
+        check_against_checkpoint(cfg, state, run.path)
         run.restore(model, state, "model")
         opt.load_state_dict(state["optimizer"])
         step, skipped = state["step"], state["skipped"]
@@ -555,6 +556,7 @@ def load_run(run_dir: str, device: torch.device) -> tuple[PretrainConfig, nn.Mod
     run = RunDir(run_dir)
     cfg = load_run_config("pretrain", run_dir)
     state = run.load_checkpoint(map_location=device, keys=("model", "step"))
+    check_against_checkpoint(cfg, state, run_dir)
     model = build_model(cfg).to(device)
     run.restore(model, state, "model")
     model.eval()

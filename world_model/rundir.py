@@ -135,7 +135,15 @@ class RunDir:
         run.path.mkdir(parents=True, exist_ok=True)
         if distributed.is_main():
             run._claim()
+            if resume:
+                run._remove_torn_writes()
         return run
+
+    def _remove_torn_writes(self) -> None:
+        """The temporary files of writes a kill stopped midway (a checkpoint, a replay chunk, an evaluation's
+        episodes): never renamed into place, so nothing reads them. Called once the claim is this process's."""
+        for tmp in [*self.path.glob("*.tmp"), *self.path.glob("*/*.tmp")]:
+            tmp.unlink(missing_ok=True)
 
     def _check_foreign(self) -> None:
         """A new run in a folder that holds no run: refused where the folder holds data (a CLEVR root) or a

@@ -21,7 +21,8 @@ from envs.errors import DataError, UsageError
 from envs.episodes import STEP_KEYS, check_recorded_root, episode_length, episode_paths, load_episode, read_meta
 
 from . import distributed
-from .config import WMEncoderConfig, WorldModelConfig, load_run_config, save_config, schema_command
+from .config import (WMEncoderConfig, WorldModelConfig, check_against_checkpoint, load_run_config, save_config,
+                     schema_command)
 from .dynamics import DynamicsConfig
 from .frame_tokenizer import FrameTokenizerConfig, frame_token_size, status_vars
 from .pretrain import TRAIN_STREAM, StepMeans, autocast, guarded_update, load_run, lr_factor, stream_seed
@@ -60,11 +61,22 @@ def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, R
             raise DataError(f"{path} holds frames of shape {ep['image'].shape[1:]}, {paths[0].name} of "
                             f"{first['image'].shape[1:]}: a dataset's frames must have one size")
         missing = [k for k in keys if k not in ep]
-        if missing:
-            raise DataError(f"{path} lacks {', '.join(missing)}, which {paths[0].name} holds: a dataset's episodes "
-                            "must come from one env")
+        extra = sorted(set(ep) - set(first))
+        if missing or extra:
+            raise DataError(f"{path} {'lacks ' + ', '.join(missing) if missing else 'holds ' + ', '.join(extra)}, "
+                            f"unlike {paths[0].name}: a dataset's episodes must come from one env")
         ep = {k: ep[k] for k in keys}
-        (held_out if i >= len(paths) - n_eval else train).add_episode(ep)
+        actions, rewards = np.asarray(ep["action"]), np.asarray(ep["reward"])
+        in_range = not actions.size or 0 <= actions.min() <= actions.max() < meta["num_actions"]
+        if actions.dtype.kind not in "iu" or not in_range:
+            raise DataError(f"{path} holds actions outside the env's {meta['num_actions']} (meta.json num_actions): "
+                            "an episode of another env, or a damaged file")
+        if rewards.dtype.kind not in "fiu" or not np.isfinite(rewards).all():
+            raise DataError(f"{path} holds non-finite rewards: every update would be skipped; remove the episode")
+        try:
+            (held_out if i >= len(paths) - n_eval else train).add_episode(ep)
+        except ValueError as e:  # wrong dtypes or lengths, as ReplayBuffer checks them
+            raise DataError(f"{path} is not an episode in the layout `run.py collect` writes: {e}") from None
     if n_eval == 0:
         raise DataError(f"{root} holds {len(paths)} episode(s): train-wm needs at least 2, the last ones held out for "
                         "evaluation; collect more into it with `run.py collect --out DIR --seed S` (a new seed)")
@@ -232,6 +244,8 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
     train_buf, held_out, meta = split_dataset(cfg, cfg.train.seed)
     state = run.load_checkpoint(map_location=device, keys=("model", "optimizer", "step", "skipped", "rng")
                                 ) if resume else None
+    if state is not None:
+        check_against_checkpoint(cfg, state, run.path)
     status = meta["status_vars"]
     if state is not None:  # before the weights are built: another game's action count or status tokens misfit
         if state.get("env", meta["env"]) != meta["env"]:
@@ -334,6 +348,7 @@ def load_wm_run(run_dir: str, device: torch.device) -> tuple[WorldModelConfig, W
     run = RunDir(run_dir)
     cfg = load_run_config("train-wm", run_dir)
     state = run.load_checkpoint(map_location=device, keys=("model", "num_actions"))
+    check_against_checkpoint(cfg, state, run_dir)
     wm = build_wm_for(cfg, state["num_actions"], device, state.get("status_vars", 0), restoring=run_dir)
     run.restore(wm, state, "model")
     wm.eval()
