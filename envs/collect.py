@@ -6,8 +6,11 @@ to its replay buffer rather than episode files.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import time
+from pathlib import Path
 from typing import Optional
 
 import gymnasium as gym
@@ -52,6 +55,33 @@ def collect(env: str, frames: int, out: str, num_envs: int = 1, envs_per_worker:
         raise UsageError(f"--frames={frames} is no more than the {num_envs} envs collecting (a first frame each): ask "
                          f"for more than {num_envs}, or fewer --workers / --envs-per-worker")
     out_path = check_folder(out, "--out")
+    with _only_collect(out_path):
+        return _collect(env, frames, out_path, num_envs, envs_per_worker, seed, env_kwargs, asynchronous, progress)
+
+
+@contextlib.contextmanager
+def _only_collect(root: Path):
+    """Hold a lock on `root` (its `.collect.lock`, released by the system if this process dies) while collecting:
+    a second collect into the same dataset would number its episodes alike and write meta.json over this one's."""
+    made = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    lock = root / ".collect.lock"
+    with open(lock, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another `run.py collect` is writing into {root}: wait for it to finish, or collect "
+                             "into another --out") from None
+        try:
+            yield
+        finally:
+            if made and [p.name for p in root.iterdir()] == [lock.name]:  # nothing written: leave no folder
+                lock.unlink()
+                root.rmdir()
+
+
+def _collect(env: str, frames: int, out_path: Path, num_envs: int, envs_per_worker: int, seed: int,
+             env_kwargs: Optional[dict], asynchronous: bool, progress: bool) -> dict:
     env_kwargs = dict(env_kwargs or {})
     env_kwargs.setdefault("stats_path", str(out_path / "stats.jsonl"))
     venv = make_vector_env(env_fn(env, **env_kwargs), num_envs, envs_per_worker=envs_per_worker,

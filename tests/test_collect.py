@@ -213,3 +213,19 @@ def test_a_stopped_collection_keeps_its_episodes_and_says_so(tmp_path, monkeypat
     (episode,) = iter_episodes(out)
     assert len(episode["action"]) == 31 and episode["is_last"][-1] and not episode["is_terminal"].any()
     assert read_meta(out)["env_seeds"] == [[0, 1]]
+
+
+def test_a_second_collect_into_the_same_dataset_is_refused_while_the_first_runs(tmp_path, capsys):
+    """Two collects at once numbered their episodes alike and wrote meta.json over each other."""
+    import fcntl
+
+    import run
+
+    out = tmp_path / "d"
+    out.mkdir()
+    with open(out / ".collect.lock", "w") as held:  # what a running collect holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert run.main(["collect", "--env", "crafter", "--frames", "10", "--out", str(out), "--no-progress"]) == 2
+        assert f"another `run.py collect` is writing into {out}" in capsys.readouterr().err
+    assert run.main(["collect", "--env", "crafter", "--frames", "10", "--out", str(out), "--workers", "1",
+                     "--no-progress"]) == 0  # released: the next one goes ahead

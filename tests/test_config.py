@@ -465,3 +465,13 @@ def test_a_full_disk_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(run, "cmd_config", broken)
     with pytest.raises(OSError, match="Input/output error"):
         run.main(["config"])
+
+
+def test_sizes_that_fail_only_when_the_model_is_built_are_refused_at_load():
+    from agent.config import AgentConfig
+
+    with pytest.raises(ConfigError, match="dynamics.embed_dim=32 must be divisible by dynamics.heads=3"):
+        load_config(AgentConfig, None, ["dynamics.embed_dim=32", "dynamics.heads=3"])
+    with pytest.raises(ConfigError, match="data.resolution=48 is not model.decoder_init=8 times a power of 2"):
+        load_config(PretrainConfig, None, ["task=discovery", "data.resolution=48"])
+    load_config(PretrainConfig, None, ["task=setpred", "data.resolution=48"])  # no decoder

@@ -451,3 +451,14 @@ def test_a_damaged_or_foreign_episode_is_a_one_line_error_that_names_it(tmp_path
     np.savez_compressed(path, **damage(ep))
     with pytest.raises(DataError, match=f"{path.name}.*{message}"):
         split_dataset(wm_cfg(root))
+
+
+def test_eval_wm_says_when_the_held_out_split_moved_since_training(tmp_path, capsys):
+    root = toy_dataset(tmp_path / "d", episodes=12)
+    train_wm(wm_cfg(root, "train.steps=2", "train.eval_every=0"), str(tmp_path / "r"), progress=False)
+    capsys.readouterr()
+    assert run.main(["eval-wm", "--checkpoint", str(tmp_path / "r")]) == 0
+    assert "held-out split moved" not in capsys.readouterr().err
+    sorted((root / "episodes").glob("*.npz"))[-1].unlink()  # a training episode is now held out
+    assert run.main(["eval-wm", "--checkpoint", str(tmp_path / "r")]) == 0
+    assert "held-out split moved since this run trained" in capsys.readouterr().err

@@ -362,6 +362,16 @@ def _check_pairs(cfg) -> None:
     if low is not None and high is not None and not 1 <= low <= high <= MAX_SCENE_OBJECTS:
         raise ConfigError(f"data.min_objects={low} and data.max_objects={high}: need 1 <= min_objects <= "
                           f"max_objects <= {MAX_SCENE_OBJECTS}")
+    for net in ("dynamics", "actor_critic"):  # the attention splits its width over the heads
+        dim, heads = (OmegaConf.select(cfg, f"{net}.{k}", default=None) for k in ("embed_dim", "heads"))
+        if dim is not None and heads and dim % heads:
+            raise ConfigError(f"{net}.embed_dim={dim} must be divisible by {net}.heads={heads}")
+    decoded = (("model.", "data.resolution"),) if OmegaConf.select(cfg, "task", default=None) == "discovery" else ()
+    for where, res in (*decoded, ("encoder.model.", "encoder.resolution")):
+        init, size = (OmegaConf.select(cfg, k, default=None) for k in (where + "decoder_init", res))
+        if init and size and not (size % init == 0 and (size // init) & (size // init - 1) == 0):
+            raise ConfigError(f"{res}={size} is not {where}decoder_init={init} times a power of 2, which the "
+                              "spatial-broadcast decoder doubles its way up from")
 
 
 def run_schemas() -> dict[str, type]:

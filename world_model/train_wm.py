@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from agent.replay import ReplayBuffer
+from envs.atomic import atomic_write
 from envs.errors import DataError, UsageError
 from envs.episodes import STEP_KEYS, check_recorded_root, episode_length, episode_paths, load_episode, read_meta
 
@@ -375,11 +376,16 @@ def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] 
     if wm.status_vars > split_meta["status_vars"]:
         raise DataError(f"this world model reads {wm.status_vars} status tokens beside each frame; the episodes of "
                         f"{cfg.data.root} have {split_meta['status_vars']} (collected before the env gave them)")
+    seen = sorted(set(split_meta["held_out"]) - set(state.get("held_out", split_meta["held_out"])))
+    if seen:  # the dataset grew or shrank since: some held-out episodes now were training episodes then
+        print(f"note: {cfg.data.root}'s held-out split moved since this run trained (the last "
+              f"{len(split_meta['held_out'])} episodes now): {', '.join(seen[:3])}{' ...' if len(seen) > 3 else ''} "
+              "may have been trained on", file=sys.stderr)
     result = evaluate_wm(wm, held_out, cfg, dev, segments=segments, video=True)
     out_dir = check_out_dir(out) if out else Path(checkpoint) / "eval_wm"
     out_dir.mkdir(parents=True, exist_ok=True)
     result["video"] = str(write_video(result.pop("_video"), out_dir / "real_vs_imagined"))
     result["step"] = state["step"]
-    (out_dir / "eval_wm.json").write_text(json.dumps(result, indent=2))
+    atomic_write(out_dir / "eval_wm.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
     return result
 
