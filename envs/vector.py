@@ -21,6 +21,7 @@ import signal
 import time
 import traceback
 import warnings
+from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from multiprocessing.connection import wait
@@ -141,7 +142,8 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
 
     One env is built in the parent to read the spaces and metadata, then closed.  Observations go
     through shared memory when ``shared_memory`` is true (Box/Discrete/Multi*/Dict/Tuple spaces),
-    else they are pickled through the pipes.
+    else they are pickled through the pipes.  It gives up (RuntimeError) when more than ``max_restarts``
+    restarts fall within ``restart_window`` vector steps: a crash loop, not the rare crash of a long run.
     """
 
     def __init__(
@@ -152,6 +154,7 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         step_timeout: float | None = 60.0,
         max_restarts: int = 100,
         shared_memory: bool = True,
+        restart_window: int = 1000,
     ):
         self._procs: list = []  # set first so close() works on a half-built instance
         self._conns: list = []
@@ -165,8 +168,9 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         self.envs_per_worker = envs_per_worker
         self.num_workers = self.num_envs // envs_per_worker
         self.step_timeout = step_timeout
-        self.max_restarts = max_restarts
-        self.restarts = 0
+        self.max_restarts, self.restart_window = max_restarts, restart_window
+        self.restarts = 0  # over the env's life (logged); the cap counts those of the last restart_window steps
+        self._steps, self._recent = 0, deque()  # vector steps so far; the step of each recent restart
 
         probe = env_fns[0]()
         self.single_observation_space = probe.observation_space
@@ -231,18 +235,22 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         self._conns[w].close()
 
     def _restart(self, w: int, reason: str):
-        """Replace worker w by a fresh one; raise once more than max_restarts were needed."""
+        """Replace worker w by a fresh one; raise once more than max_restarts fall within restart_window steps."""
         self._stop(w)
         self.restarts += 1
+        self._recent.append(self._steps)
+        while self._recent[0] <= self._steps - self.restart_window:
+            self._recent.popleft()
         sl = self._slice(w)
-        if self.restarts > self.max_restarts:
+        if len(self._recent) > self.max_restarts:
             raise RuntimeError(
                 f"ResilientVectorEnv: worker {w} (envs {sl.start}..{sl.stop - 1}) failed after "
-                f"{self.max_restarts} restarts already; giving up. Last failure: {reason}"
+                f"{self.max_restarts} restarts within {self.restart_window} steps; giving up. Last failure: {reason}"
             )
         warnings.warn(
             f"ResilientVectorEnv: worker {w} (envs {sl.start}..{sl.stop - 1}) failed, restarting it "
-            f"(restart {self.restarts}/{self.max_restarts}): {reason}",
+            f"(restart {self.restarts}; {len(self._recent)} of {self.max_restarts} allowed within "
+            f"{self.restart_window} steps): {reason}",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -343,6 +351,7 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
                              f"is {self.action_space})")
         if not isinstance(actions, np.ndarray):  # nested action spaces: one entry per env
             actions = list(iterate(self.action_space, actions))
+        self._steps += 1
         resets: dict = {w: {} for w in range(self.num_workers)}
         for i in np.flatnonzero(self._autoreset).tolist():
             w, j = divmod(i, self.envs_per_worker)

@@ -216,13 +216,23 @@ def test_failed_reset_is_retried(tmp_path):
         assert_same_step(g, r)
 
 
-def test_crash_loop_raises():
-    venv = ResilientVectorEnv([partial(CounterEnv, fail_at=1)] * 2, max_restarts=2)
+def test_crash_loop_raises_but_rare_crashes_of_a_long_run_do_not():
+    """The cap counts the restarts of the last restart_window steps: a worker failing at once after each restart
+    gives up; one failing every 10 steps of its life goes on past max_restarts in all."""
+    venv = ResilientVectorEnv([partial(CounterEnv, fail_at=1)] * 2, max_restarts=2, restart_window=20)
     venv.reset(seed=0)
-    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="giving up"):
+    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="2 restarts within 20 steps; giving up"):
         warnings.simplefilter("ignore", RuntimeWarning)
         for _ in range(10):
             venv.step(np.zeros(2, dtype=np.int64))
+    venv.close()
+    venv = ResilientVectorEnv([partial(CounterEnv, fail_at=10)], max_restarts=1, restart_window=8)
+    venv.reset(seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(60):
+            venv.step(np.zeros(1, dtype=np.int64))
+    assert venv.restarts >= 4  # each alone in its window
     venv.close()
 
 
