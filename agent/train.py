@@ -33,8 +33,8 @@ from envs.vector import make_vector_env
 from world_model import distributed
 from world_model.config import check_against_checkpoint, save_config
 from world_model.pretrain import autocast, guarded_update
-from world_model.rundir import (MetricLogger, fixed_rng, note_if_finished, rank_seed, restore_rng,
-                                rng_states, rollback_appended, start_run, stopped_evaluation)
+from world_model.rundir import (MetricLogger, evaluation_due, fixed_rng, note_if_finished, rank_seed,
+                                restore_rng, rng_states, rollback_appended, start_run, stopped_evaluation)
 from world_model.frame_tokenizer import status_vars
 from world_model.train_wm import build_world_model, check_max_steps, to_batch
 from world_model.wm import WorldModel, WorldModelLoss
@@ -334,7 +334,6 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                    disable=not progress or not main, dynamic_ncols=True, unit="step")
         next_log = (counters["env_steps"] // t.log_every + 1) * t.log_every
         next_ckpt = (counters["env_steps"] // t.ckpt_every + 1) * t.ckpt_every
-        next_eval = (counters["env_steps"] // t.eval_every + 1) * t.eval_every if t.eval_every else None
         at = counters["env_steps"]
         if main and stopped_evaluation(logger, at, t.eval_every, t.env_steps, stride=cfg.env.num_envs):
             last_eval, evaluated_at = evaluate(at), at
@@ -385,14 +384,13 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                     print(f"env step {counters['env_steps']}/{t.env_steps}: {updates} update{'s' * (updates != 1)}, "
                           f"{episodes} episode{'s' * (episodes != 1)}, {row['env_steps_per_s']:.1f} env steps/s"
                           + "".join(f", {k}={v}" for k, v in score.items()), flush=True)
-            evaluating = next_eval is not None and counters["env_steps"] >= next_eval
-            if counters["env_steps"] >= next_ckpt or counters["env_steps"] >= t.env_steps or evaluating:
+            evaluating = evaluation_due(counters["env_steps"], t.eval_every, t.env_steps, stride=cfg.env.num_envs)
+            if counters["env_steps"] >= next_ckpt or evaluating:  # evaluating: also at the last step
                 if counters["env_steps"] >= next_ckpt:
                     next_ckpt += t.ckpt_every
                 checkpoint()  # also before each evaluation: Ctrl-C or a crash there loses no training
                 logger.flush()
             if evaluating:
-                next_eval += t.eval_every
                 if main:
                     last_eval, evaluated_at = evaluate(counters["env_steps"]), counters["env_steps"]
         bar.close()
