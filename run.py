@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import errno
 import functools
 import json
@@ -142,11 +143,13 @@ def _mark_derived(text: str, cfg, derived: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _run_training(args, default_preset: str, overrides: list, run_name, train_fn, resume, preflight=None) -> None:
+def _run_training(args, default_preset: str, overrides: list, run_name, train_fn, resume, preflight=None,
+                  report=None) -> None:
     """What pretrain, train-wm and train share: the config (the run's own when resuming, plus overrides), the run
     directory (named explicitly under torchrun, where a timestamped default could differ between processes), the
     resolved config and the result printed once. `resume`: False, True (the run in --run-dir) or the run's path;
-    `preflight(cfg)`: the command's own config checks, run with the others before the config is printed."""
+    `preflight(cfg)`: the command's own config checks, run with the others before the config is printed;
+    `report(run_dir, result)`: the text that ends the run (default: the result as one JSON line, `_json_line`)."""
     from world_model import distributed
     from envs.episodes import check_recorded_root
     from world_model.config import check_resume_overrides, load_config, load_run_config, record_paths, run_schemas
@@ -193,7 +196,12 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
     finally:  # a run that failed or was stopped gives up its claim (train.pid), and a directory it left empty
         release_claims()
     if main_rank:
-        print(json.dumps({"run_dir": run_dir, **result}))
+        print((report or _json_line)(run_dir, result))
+
+
+def _json_line(run_dir: str, result: dict) -> str:
+    """A training run's result as the one JSON line that ends its output (what a script reads)."""
+    return json.dumps({"run_dir": run_dir, **result})
 
 
 def cmd_pretrain(args) -> None:
@@ -218,7 +226,8 @@ def cmd_eval_ap(args) -> None:
     from envs.atomic import check_folder
     from envs.errors import DataError, UsageError
     from envs.episodes import check_recorded_root, read_meta
-    from world_model.pretrain import eval_batches, evaluate, load_run
+    from world_model.pretrain import evaluate, load_run
+    from world_model.sources import eval_batches
     from world_model.rundir import resolve_device
 
     if args.out:  # before the evaluation: a path it could not write to
@@ -266,7 +275,7 @@ def cmd_eval_ap(args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"{cfg.task} {cfg.model.slots}{'+vq' if cfg.model.vq.enabled else ''} step {state['step']} "
-          f"on {result['images']} images ({result['data']}):")
+          f"on {result['images']} images ({result['data']}); AP, accuracies, objectness and FG-ARI in %:")
     rows = [[k for k in result if k.startswith("AP_")], [k for k in result if k.startswith("acc_")] +
             [k for k in ("coord_err", "objectness", "fg_ari", "mse", "empty_slots") if k in result]]
     for keys in filter(None, rows):
@@ -282,7 +291,7 @@ def cmd_generate(args) -> None:
     from world_model.rundir import resolve_device
 
     write_dataset(args.out, args.images, split=args.split, seed=args.seed, batch_size=args.batch_size,
-                  device=resolve_device(args.device))
+                  device=resolve_device(args.device), progress=not args.no_progress)
     print(f"wrote {args.images} scenes to {args.out} (CLEVR v1.0 layout, split {args.split})")
 
 
@@ -312,33 +321,56 @@ def cmd_visualize(args) -> None:
 
 
 def cmd_train_wm(args) -> None:
-    from world_model.train_wm import preflight, train_wm
+    from world_model.train_wm import open_loop_table, preflight, train_wm
 
     overrides = ([f"data.root={args.data}"] if args.data else []) + list(args.overrides)
-    _run_training(args, DEFAULT_PRESETS["train-wm"], overrides, lambda c: "wm", train_wm, args.resume, preflight)
+
+    def checked(cfg) -> None:
+        preflight(cfg)
+        _check_frozen_encoder(cfg, overrides)
+
+    _run_training(args, DEFAULT_PRESETS["train-wm"], overrides, lambda c: "wm", train_wm, args.resume, checked,
+                  lambda run_dir, result: f"# open-loop prediction on held-out segments at the last step\n"
+                  f"{open_loop_table(result)}\n{_json_line(run_dir, result)}")
+
+
+def _check_frozen_encoder(cfg, overrides: list) -> None:
+    """An encoder.mode=frozen typed on the command line with nothing to freeze (no encoder.checkpoint) is refused: the
+    run would train the fresh encoder jointly (what a preset's frozen default gives without a checkpoint)."""
+    from omegaconf import OmegaConf
+
+    from envs.errors import UsageError
+
+    typed = [o for o in overrides if o.split("=", 1)[0] == "encoder.mode"]
+    if typed and not cfg.encoder.checkpoint and OmegaConf.from_dotlist(typed[-1:]).encoder.mode == "frozen":
+        raise UsageError("encoder.mode=frozen needs encoder.checkpoint=RUN, a pretrained encoder to freeze; without "
+                         "one the fresh encoder trains jointly with the world model")
 
 
 def cmd_eval_wm(args) -> None:
-    from world_model.train_wm import eval_wm
+    from world_model.train_wm import eval_wm, open_loop_table
 
     result = eval_wm(args.checkpoint, out=args.out, segments=args.segments, device=args.device, data=args.data)
-    horizons = sorted({int(k.split("/")[0][1:]) for k in result if k.startswith("h")})
-    cols = ["code_acc", "code_acc_copy", "frame_mse", "frame_mse_copy_decoded", "frame_mse_copy",
-            "frame_mse_decoder_floor", "reward_mae", "reward_mae_zero"]
-    if f"h{horizons[0]}/status_acc" in result:  # NetHack's status tokens, beside copying the last context frame's
-        cols += ["status_acc", "status_acc_copy"]
     print(f"open-loop prediction, step {result['step']}, {result['segments']} held-out segments")
-    print(f"{'horizon':>7} " + " ".join(f"{c:>{max(10, len(c))}}" for c in cols))
-    for h in horizons:
-        print(f"{h:>7} " + " ".join(f"{result[f'h{h}/{c}']:>{max(10, len(c))}.4f}" for c in cols))
+    print(open_loop_table(result))
     print(f"video: {result['video']}")
 
 
 def cmd_train(args) -> None:
     from agent.train import preflight, train
 
-    _run_training(args, DEFAULT_PRESETS["train"], args.overrides, lambda c: f"agent-{c.env.name}", train,
-                  args.resume, preflight)
+    from envs.errors import UsageError
+
+    if args.new_replay and not args.resume:
+        raise UsageError("--new-replay starts a resumed run's replay afresh; it needs --resume RUN")
+    def checked(cfg) -> None:
+        preflight(cfg)
+        _check_frozen_encoder(cfg, args.overrides)
+
+    _run_training(args, DEFAULT_PRESETS["train"], args.overrides, lambda c: f"agent-{c.env.name}",
+                  functools.partial(train, new_replay=args.new_replay), args.resume, checked,
+                  lambda run_dir, result: _json_line(run_dir, {k: v for k, v in result.items()
+                                                               if "achievement_" not in k}))  # they are in the logs
 
 
 def cmd_eval(args) -> None:
@@ -384,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(GMM slots, Slot Attention, VQ-SA codes).", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    p.commands = sub.choices  # name -> subparser, filled below
 
     s = sub.add_parser("pretrain", help="train a slot encoder on CLEVR-style scenes or env frames (discovery or set prediction)",
                        description="Train a slot encoder: task=discovery reconstructs images through a mask decoder "
@@ -426,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32, help="scenes rendered together (default 32)")
     s.add_argument("--device", default="cpu", help="where to render: cpu, cuda, auto (default cpu, so that a split "
                    "is the same images on every machine)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     s.set_defaults(func=cmd_generate, parser=s)
 
     s = sub.add_parser("collect", help="record random-policy episodes of crafter or nethack to an episode dataset",
@@ -461,8 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VQ only: set latent VAR of slot SLOT to code VALUE (or 'all' for every code) and decode")
     s.add_argument("--codes", action="store_true", help="disentanglement figure of a VQ run on CLEVR-like scenes")
     s.add_argument("--images", type=int, default=1000, help="scenes for --codes (default 1000)")
-    s.add_argument("--seed", type=seed_value, default=0, help="seed of the random-policy play (scenes are the run's "
-                   "held-out ones) (default 0)")
+    s.add_argument("--seed", type=seed_value, default=0, help="seed of the random-policy play and of the slots' initial "
+                   "noise, so a repeat draws the same pictures (scenes are the run's held-out ones) (default 0)")
     s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
     s.set_defaults(func=cmd_visualize, parser=s)
 
@@ -499,6 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "configs/crafter.yaml and configs/nethack.yaml (GPU-sized, compiled with CUDA graphs).")
     _add_run_options(s, "train", "tiny, crafter_cpu, crafter, nethack_cpu, nethack", "runs/agent-<env>-<time>")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    s.add_argument("--new-replay", action="store_true",
+                   help="with --resume: continue the models, optimizers and counters from the checkpoint with an empty "
+                   "replay (for a replay that was lost or damaged); updates pause until the agent has played "
+                   "train.prefill steps into it, then go on at train.train_ratio")
     s.add_argument("overrides", nargs="*", help=_overrides_help("train.env_steps=5000 env.num_envs=4", "train"))
     s.set_defaults(func=cmd_train, parser=s)
 
@@ -601,14 +639,28 @@ OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse the command line, taking `key=value` overrides wherever they stand: argparse gives a subcommand's
     positional overrides only their first run of tokens, so overrides typed after an option come back unparsed."""
-    args, extra = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # what the commands are, rather than "the following arguments are required"
+        parser.print_help(sys.stderr)
+        raise SystemExit(2)
+    commands = parser.commands
+    if not argv[0].startswith("-") and argv[0] not in commands:
+        near = difflib.get_close_matches(argv[0], list(commands), n=1)
+        parser.error(f"unknown command {argv[0]!r}{f' (did you mean {near[0]}?)' if near else ''}; the commands are "
+                     f"{', '.join(commands)}")
+    args, extra = parser.parse_known_args(argv)
     overrides = [a for a in extra if OVERRIDE.match(a)]
     rest = [a for a in extra if not OVERRIDE.match(a)]
     if rest or (overrides and not hasattr(args, "overrides")):
-        flags = [a.lstrip("-") for a in rest if a.lstrip("-") in ("seed", "device", "threads")]
+        flags = [a.lstrip("-").split("=")[0] for a in rest if a.lstrip("-").split("=")[0] in ("seed", "device",
+                                                                                             "threads")]
+        dashed = [a.lstrip("-") for a in rest if a.startswith("-") and OVERRIDE.match(a.lstrip("-"))]
         hint = (f" ({', '.join(f'--{f}' for f in flags)}: a training run takes "
                 f"{', '.join(f'train.{f}=...' for f in flags)} as an override)"
-                if flags and hasattr(args, "overrides") else "")
+                if flags and hasattr(args, "overrides") else
+                f" (config overrides take no dashes: {' '.join(dashed)})" if dashed and hasattr(args, "overrides")
+                else "")
         args.parser.error(f"unrecognized arguments: {' '.join(rest or overrides)}{hint}")
     if overrides:
         args.overrides = [*args.overrides, *overrides]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from world_model import distributed, twohot
-from world_model.dynamics import Block, DynamicsConfig
+from world_model.dynamics import Block, CodeEmbedding, DynamicsConfig
 
 from .imagination import Trajectory
 
@@ -53,12 +53,9 @@ class SlotPolicyNet(nn.Module):
         super().__init__()
         d = cfg.embed_dim
         self.frame_vars = dyn.frame_vars
-        # Summing one embedding per variable, as the dynamics does.
-        self.slot_embed = nn.Embedding(dyn.num_vars * dyn.num_codes, d)
-        self.register_buffer("slot_offsets", torch.arange(dyn.num_vars) * dyn.num_codes, persistent=False)
+        self.slot_embed = CodeEmbedding(dyn.num_vars, dyn.num_codes, d)
         if dyn.frame_vars:
-            self.frame_embed = nn.Embedding(dyn.frame_vars * dyn.frame_codes, d)
-            self.register_buffer("frame_offsets", torch.arange(dyn.frame_vars) * dyn.frame_codes, persistent=False)
+            self.frame_embed = CodeEmbedding(dyn.frame_vars, dyn.frame_codes, d)
         self.type_embed = nn.Embedding(3, d)  # the summary token is its type embedding alone
         self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_ratio, 0.0) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(d)
@@ -67,11 +64,11 @@ class SlotPolicyNet(nn.Module):
         """slot_codes `b k v`, frame_codes `b g` (None without a frame token) -> `b d`."""
         types = self.type_embed.weight
         tokens = [types[SUMMARY].expand(slot_codes.shape[0], 1, -1),  # b 1 d
-                  self.slot_embed(slot_codes + self.slot_offsets).sum(-2) + types[SLOT]]  # b k d
+                  self.slot_embed(slot_codes) + types[SLOT]]  # b k d
         if self.frame_vars:
             if frame_codes is None:
                 raise ValueError(f"frame_codes must have shape (batch, frame_vars={self.frame_vars}), got None")
-            tokens.append(self.frame_embed(frame_codes + self.frame_offsets).sum(-2, keepdim=True) + types[FRAME])
+            tokens.append(self.frame_embed(frame_codes[:, None]) + types[FRAME])  # b 1 d
         x = torch.cat(tokens, 1)  # b 1+k(+1) d
         for block in self.blocks:
             x = block(x, None, None, 0)

@@ -23,7 +23,7 @@ from torch.autograd import DeviceType
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from envs.collect import env_fn
+from envs.collect import Collector, env_fn
 from envs.vector import make_vector_env
 from world_model.bench import check_profile_row, failed_row, gib_column, peak_gib, select_rows, sync
 from world_model.config import load_config
@@ -33,7 +33,7 @@ from world_model.rundir import set_precision
 from .config import AgentConfig, env_kwargs
 from .policy import SlotPolicy
 from .replay import ReplayBuffer
-from .train import Collector, build_agent, obs_spec, replay_spec, train_step, updates_due
+from .train import build_agent, obs_spec, replay_spec, train_step, updates_due
 
 PARTS = ("policy", "env_step", "replay_sample", "wm_update", "imagination", "ac_update")
 FEW_UPDATES = 8  # rows timing fewer updates than this get a note: their rates are noisy
@@ -68,7 +68,7 @@ def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill
             policy = SlotPolicy(wm, ac, device)
             wm.eval()
             rng = np.random.default_rng(t.seed)
-            collector = Collector(venv, replay)
+            collector = Collector(venv, replay, keys=replay.spec)
             collector.reset(t.seed)
             for _ in range(max(prefill // n, (t.seq_len + 1))):
                 collector.step(rng.integers(num_actions, size=n))

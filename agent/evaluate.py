@@ -83,9 +83,13 @@ def summarize(env: str, records) -> dict:
 
 
 def log_keys(summary: dict, env: str, prefix: str) -> dict:
-    """The scalars of a summary that go to the logs: Crafter score and return, or NetHack score and depth."""
-    main = {"crafter_score": summary["score"]} if env == "crafter" else {"score": summary["mean_score"],
-                                                                          "depth": summary["mean_depth"]}
+    """The scalars of a summary that go to the logs: Crafter's score, return and the success rate (%) of each of its
+    22 achievements (`achievement_<name>`), or NetHack's score and depth."""
+    if env == "crafter":
+        main = {"crafter_score": summary["score"],
+                **{f"achievement_{name}": rate for name, rate in summary["success_rates"].items()}}
+    else:
+        main = {"score": summary["mean_score"], "depth": summary["mean_depth"]}
     return {f"{prefix}{k}": v for k, v in {**main, "return": summary.get("mean_return"), "episodes": summary["episodes"],
                                            "length": summary["mean_length"]}.items() if v is not None}
 

@@ -391,8 +391,7 @@ class ReplayBuffer:
             buf.rng = np.random.Generator(getattr(np.random, state["bit_generator"])())
             buf.rng.bit_generator.state = state
         except (*UNREADABLE, TypeError, AttributeError) as e:
-            raise DataError(f"{path} is not a readable replay buffer ({type(e).__name__}: {e}); "
-                            f"delete it or save a new one") from None
+            raise DataError(f"{path} is not a readable replay buffer ({type(e).__name__}: {e})") from None
         return buf
 
     def _read_chunks(self, folder: Path, meta: dict) -> None:

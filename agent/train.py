@@ -14,7 +14,7 @@ are totals over all ranks; counters (env steps, updates) are global. Rank 0 logs
 """
 from __future__ import annotations
 
-import math
+import contextlib
 import sys
 import time
 from dataclasses import asdict
@@ -26,15 +26,16 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from envs.collect import env_fn
-from envs.episodes import obs_dict
-from envs.errors import UsageError
+from envs.collect import Collector, env_fn
+from envs.errors import DataError, UsageError
+from envs.jsonl import blank_damaged
 from envs.vector import make_vector_env
 from world_model import distributed
 from world_model.config import check_against_checkpoint, save_config
-from world_model.pretrain import autocast, guarded_update
+from world_model.updates import StepMeans, autocast, guarded_update
 from world_model.rundir import (MetricLogger, evaluation_due, fixed_rng, note_if_finished, rank_seed,
-                                restore_rng, rng_states, rollback_appended, start_run, stopped_evaluation)
+                                restore_rng, rng_states, rollback_appended, shown, start_run,
+                                stopped_evaluation)
 from world_model.frame_tokenizer import status_vars
 from world_model.train_wm import build_world_model, check_max_steps, to_batch
 from world_model.wm import WorldModel, WorldModelLoss
@@ -117,7 +118,8 @@ def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, r
     """Update number `update` (global, from 0): one world-model update on a replayed batch, then one actor-critic
     update in imagination from its states. A jointly trained VQ encoder's Gumbel temperature follows
     `encoder.model.vq`'s anneal over updates. `wm_parallel` / `ac_parallel`: the DistributedDataParallel wrappers
-    under torchrun (gradients averaged)."""
+    under torchrun (gradients averaged). Returns the stats as tensors on the device (no host sync for them) or
+    numbers (wm/skipped, ac/skipped, wm/vq_tau)."""
     t, vq = cfg.train, cfg.encoder.model.vq
     tau = wm.set_vq_temperature(update, vq.tau_start, vq.tau_end, vq.anneal_steps)
     batch_size, starts_n = t.batch_size // distributed.world_size(), t.imag_starts // distributed.world_size()
@@ -129,7 +131,7 @@ def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, r
         with autocast(device, t.amp):
             loss, stats, enc = (wm_parallel or WorldModelLoss(wm))(batch, cfg.encoder.model.vq.beta)
         problem = guarded_update(loss, wm_opt.param_groups[0]["params"], wm_opt, t.wm_grad_clip, stats)
-        stats = {f"wm/{k}": float(v) for k, v in stats.items()}
+        stats = {f"wm/{k}": v for k, v in stats.items()}
     stats["wm/skipped"] = float(problem is not None)
     if tau is not None:
         stats["wm/vq_tau"] = tau
@@ -142,8 +144,8 @@ def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, r
             traj = imagine(wm.dynamics, ac.actor, context, None, cfg.actor_critic.horizon)
             traj.start_continues = 1.0 - batch["is_terminal"].flatten(0, 1)[starts].float()
         with record_function("ac_update"):
-            stats.update({f"ac/{k}": float(v) for k, v in ac.update(traj, ac_parallel).items()})
-    stats["ac/imagined_reward"] = float(traj.rewards.mean())
+            stats.update({f"ac/{k}": v for k, v in ac.update(traj, ac_parallel).items()})
+    stats["ac/imagined_reward"] = traj.rewards.mean()
     return stats
 
 
@@ -155,24 +157,6 @@ def imagination_starts(valid: torch.Tensor, n: int) -> torch.Tensor:
     valid = valid.flatten()
     order = (torch.rand(valid.numel(), device=valid.device) + (~valid).float()).argsort()  # valid steps first
     return order[torch.arange(n, device=valid.device) % valid.sum()]
-
-
-class UpdateMeans:
-    """Per-key means of the update stats since the last log row, over their finite values (a skipped update's NaN
-    loss is counted in `wm/skipped`, not averaged in); a row after no update holds none, rather than old values."""
-
-    def __init__(self):
-        self.sums: dict = {}
-
-    def add(self, stats: dict) -> None:
-        for k, v in stats.items():
-            total, n = self.sums.get(k, (0.0, 0))
-            self.sums[k] = (total + v, n + 1) if math.isfinite(v) else (total, n)
-
-    def pop(self) -> dict:
-        means = {k: total / n if n else math.nan for k, (total, n) in self.sums.items()}
-        self.sums = {}
-        return means
 
 
 def replay_spec(spec: dict, wm: WorldModel) -> dict:
@@ -189,45 +173,11 @@ def obs_spec(space) -> dict:
     return {k: (s.shape, s.dtype) for k, s in spaces.items()}
 
 
-def _step_records(obs: dict, actions, rewards, terms, truncs, first: np.ndarray) -> dict:
-    """Every env's step (arrays `n ...`) in the episode layout; a first step has no action, reward or end."""
-    later = ~first
-    ended = np.logical_or(terms, truncs)
-    return {**obs, "action": np.where(later, actions, 0).astype(np.int64),
-            "reward": np.where(later, rewards, 0.0).astype(np.float32), "is_first": first.copy(),
-            "is_last": ended & later, "is_terminal": np.asarray(terms, bool) & later}
-
-
-class Collector:
-    """Vector env -> replay buffer: steps the envs and appends every env's step in the episode layout, keeping
-    the NEXT_STEP autoreset bookkeeping (after an end comes a first observation). `obs` is the current
-    observation, `first[i]` says it starts an episode, `episodes` counts the episodes finished here."""
-
-    def __init__(self, venv, replay: ReplayBuffer):
-        self.venv, self.replay, self.n = venv, replay, venv.num_envs
-        self.episodes = 0
-
-    def _kept(self, obs: dict) -> dict:
-        """The observation keys the replay stores (a run that predates an env's status tokens stores none)."""
-        return {k: v for k, v in obs.items() if k in self.replay.spec}
-
-    def reset(self, seed: int) -> None:
-        self.obs = self._kept(obs_dict(self.venv.reset(seed=seed)[0]))
-        self.first = np.ones(self.n, bool)
-        none = np.zeros(self.n)
-        self.replay.add_steps(_step_records(self.obs, none, none, none, none, self.first), range(self.n))
-        self.ended = np.zeros(self.n, bool)  # the last step ended the episode (the next one resets it)
-
-    def step(self, actions: np.ndarray) -> None:
-        raw, rewards, terms, truncs, _ = self.venv.step(actions)
-        self.obs = self._kept(obs_dict(raw))
-        self.replay.add_steps(_step_records(self.obs, actions, rewards, terms, truncs, self.ended), range(self.n))
-        self.first, self.ended = self.ended, np.logical_or(terms, truncs) & ~self.ended
-        self.episodes += int(self.ended.sum())
-
-
-def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool = True) -> dict:
-    """Train (or continue) an agent run; returns the last evaluation (rank 0's under torchrun)."""
+def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool = True,
+          new_replay: bool = False) -> dict:
+    """Train (or continue) an agent run; returns the last evaluation (rank 0's under torchrun). `new_replay`: a
+    resume starts with an empty replay instead of the saved one, and updates wait until the agent has played
+    train.prefill steps into it."""
     from tqdm import tqdm
 
     t = cfg.train
@@ -270,10 +220,25 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                 counters["ratio_from"] = [counters["env_steps"], counters["replayed"]]
             restore_rng(state["rng"], t.seed, counters["vector_steps"])
             t.env_steps = note_if_finished(counters["env_steps"], t.env_steps, "train.env_steps", state)
-            replay = load_replay_shards(run.path, state, capacity, rank_seed(t.seed, counters["vector_steps"]),
-                                        replay_device)
+            if new_replay:  # the train ratio holds again from the refill's end
+                replay = ReplayBuffer(capacity, spec, seed=rank_seed(t.seed, counters["vector_steps"]),
+                                      device=replay_device)
+                counters["ratio_from"] = [counters["env_steps"] + t.prefill, counters["replayed"]]
+                if main:
+                    print(f"note: --new-replay: the replay starts empty; updates pause until env step "
+                          f"{counters['ratio_from'][0]} (train.prefill={t.prefill} steps of the agent's play), then "
+                          "keep train.train_ratio", file=sys.stderr)
+            else:
+                try:
+                    replay = load_replay_shards(run.path, state, capacity, rank_seed(t.seed, counters["vector_steps"]),
+                                                replay_device)
+                except (DataError, FileNotFoundError) as e:
+                    raise DataError(f"{e}: `run.py train --resume {run.path} --new-replay` goes on from the checkpoint "
+                                    "with an empty replay") from None
             if main and "stats_bytes" in state:  # the stopped run's episodes after its checkpoint are not counted
                 rollback_appended(run.path / "stats.jsonl", state["stats_bytes"])
+            if main:
+                blank_damaged(run.path / "stats.jsonl")  # the logged scores read it
         # a resume whose final evaluation, if the stopped run made it, still holds (the same number of episodes)
         settled = state is not None and state.get("config", {}).get("train", {}).get("eval_episodes") == t.eval_episodes
         state = None  # the checkpoint's tensors are in the models now: not kept for the whole run
@@ -289,7 +254,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         policy = SlotPolicy(wm, ac, device)
         wm.eval()  # train_step switches to train mode for its update and back
         rng = np.random.default_rng([rank_seed(t.seed), counters["vector_steps"]])
-        collector = Collector(venv, replay)
+        collector = Collector(venv, replay, keys=replay.spec)
         episodes_base, restarts_base = counters["episodes"], counters["env_restarts"]
         last_eval, evaluated_at = {}, None  # the last evaluation and its env step
 
@@ -323,8 +288,9 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
 
         def evaluate(at: int) -> dict:
             """Evaluation episodes (their records appended to eval_stats.jsonl), logged with pictures."""
-            result = log_keys(evaluate_agent(wm, ac, cfg, device, t.eval_episodes, run.path / "eval_stats.jsonl"),
-                               cfg.env.name, "")
+            with shown(bar, f"evaluating: {t.eval_episodes} episode{'s' * (t.eval_episodes != 1)}"):
+                summary = evaluate_agent(wm, ac, cfg, device, t.eval_episodes, run.path / "eval_stats.jsonl")
+            result = log_keys(summary, cfg.env.name, "")
             logger.scalars(at, result, prefix="eval/")
             log_pictures(logger, at, wm, replay, device)
             return result
@@ -338,7 +304,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         if main and stopped_evaluation(logger, at, t.eval_every, t.env_steps, stride=cfg.env.num_envs):
             last_eval, evaluated_at = evaluate(at), at
         t_last, steps_last, segments = time.perf_counter(), counters["env_steps"], False
-        interval = UpdateMeans()  # the updates since the last log row
+        interval = StepMeans()  # the updates since the last log row
         while counters["env_steps"] < t.env_steps:
             if counters["env_steps"] < t.prefill:
                 actions = rng.integers(num_actions, size=num_envs)
@@ -348,20 +314,24 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             counters["vector_steps"] += 1
             counters["env_steps"] += cfg.env.num_envs
             bar.update(cfg.env.num_envs)
-            while update_owed(counters["env_steps"], counters["replayed"], cfg, counters["ratio_from"]):
-                # A segment holds a prediction target once some episode has two stored steps; until every rank's
-                # replay does, the owed updates follow later. Checked until it holds (it stays), so no collective
-                # per update after.
-                segments = segments or distributed.all_true(replay.longest_episode() >= 2, device)
-                if not segments:
-                    break
-                stats = train_step(wm, ac, wm_opt, replay, cfg, device, counters["updates"], wm_parallel, ac_parallel)
-                counters["updates"] += 1
-                counters["replayed"] += t.batch_size * t.seq_len
-                interval.add(stats)
-                # A non-finite loss or gradient skipped that update (it never reaches weights or checkpoints).
-                counters["skipped_wm"] += int(stats["wm/skipped"])
-                counters["skipped_ac"] += int(stats.get("ac/skipped", 0))
+            burst = counters["env_steps"] - cfg.env.num_envs < t.prefill <= counters["env_steps"]
+            phase = shown(bar, "prefill done: the updates it owes") if burst else contextlib.nullcontext()
+            with phase:
+                while update_owed(counters["env_steps"], counters["replayed"], cfg, counters["ratio_from"]):
+                    # A segment holds a prediction target once some episode has two stored steps; until every rank's
+                    # replay does, the owed updates follow later. Checked until it holds (it stays), so no collective
+                    # per update after.
+                    segments = segments or distributed.all_true(replay.longest_episode() >= 2, device)
+                    if not segments:
+                        break
+                    stats = train_step(wm, ac, wm_opt, replay, cfg, device, counters["updates"], wm_parallel,
+                                       ac_parallel)
+                    counters["updates"] += 1
+                    counters["replayed"] += t.batch_size * t.seq_len
+                    interval.add(stats)
+                    # A non-finite loss or gradient skipped that update (it never reaches weights or checkpoints).
+                    counters["skipped_wm"] += int(stats["wm/skipped"])
+                    counters["skipped_ac"] += int(stats.get("ac/skipped", 0))
             if counters["env_steps"] >= next_log:
                 next_log += t.log_every
                 now = time.perf_counter()

@@ -1,8 +1,8 @@
 """Collect episodes from Crafter or NetHack with vectorized workers and write them as an episode dataset.
 
 The policy here is uniform random (the data for pretraining slot encoders and world models before any
-agent exists); the agent's own collector (agent.train.Collector) makes its envs with `env_fn` too, and writes
-to its replay buffer rather than episode files.
+agent exists). `Collector`, which does the stepping, serves the agent's loop too: there it writes the current
+policy's steps into the replay buffer rather than episode files.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import fcntl
 import functools
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import gymnasium as gym
 from gymnasium.envs.registration import load_env_creator
@@ -19,11 +19,41 @@ import numpy as np
 from tqdm import tqdm
 
 from .atomic import check_folder
-from .episodes import EpisodeWriter
+from .episodes import EpisodeWriter, obs_dict, step_records
 from .errors import UsageError
 from .vector import make_vector_env
 
 ENV_IDS = {"crafter": "slotworld/Crafter-v0", "nethack": "slotworld/NetHack-v0"}
+
+
+class Collector:
+    """Vector env -> a sink of steps (a replay buffer, an `EpisodeWriter`): steps the envs and hands every env's
+    step on in the episode layout (`step_records`), keeping the NEXT_STEP autoreset bookkeeping (after an end
+    comes a first observation). `obs` is the current observation, `first[i]` says it starts an episode,
+    `episodes` counts the episodes finished here. `keys`: the observation keys to keep (default all)."""
+
+    def __init__(self, venv, sink, keys: Optional[Iterable[str]] = None):
+        self.venv, self.sink, self.n = venv, sink, venv.num_envs
+        self.keys = None if keys is None else set(keys)
+        self.episodes = 0
+
+    def _kept(self, obs) -> dict:
+        obs = obs_dict(obs)
+        return obs if self.keys is None else {k: v for k, v in obs.items() if k in self.keys}
+
+    def reset(self, seed: int) -> None:
+        self.obs = self._kept(self.venv.reset(seed=seed)[0])
+        self.first = np.ones(self.n, bool)
+        none = np.zeros(self.n)
+        self.sink.add_steps(step_records(self.obs, none, none, none, none, self.first), range(self.n))
+        self.ended = np.zeros(self.n, bool)  # the last step ended the episode (the next one resets it)
+
+    def step(self, actions: np.ndarray) -> None:
+        raw, rewards, terms, truncs, _ = self.venv.step(actions)
+        self.obs = self._kept(raw)
+        self.sink.add_steps(step_records(self.obs, actions, rewards, terms, truncs, self.ended), range(self.n))
+        self.first, self.ended = self.ended, np.logical_or(terms, truncs) & ~self.ended
+        self.episodes += int(self.ended.sum())
 
 
 def make_env(name: str, **kwargs) -> gym.Env:
@@ -95,23 +125,15 @@ def _collect(env: str, frames: int, out_path: Path, num_envs: int, envs_per_work
         writer = EpisodeWriter(out_path, meta)
         held_before = writer.count  # episodes the dataset held before this call
         rng = np.random.default_rng(seed)
-        obs, _ = venv.reset(seed=seed)
-        for i in range(num_envs):
-            writer.begin(i, _index(obs, i))
-        stored, needs_reset = num_envs, np.zeros(num_envs, bool)
+        collector = Collector(venv, writer)
+        collector.reset(seed)
+        stored = num_envs
         start = time.perf_counter()
         bar = tqdm(total=frames, desc=f"collect {env}", unit="frame", disable=not progress)
         bar.update(min(stored, frames))
         try:
             while stored < frames:
-                actions = rng.integers(venv.single_action_space.n, size=num_envs)
-                obs, rewards, terms, truncs, _ = venv.step(actions)
-                for i in range(num_envs):
-                    if needs_reset[i]:  # NEXT_STEP autoreset: this is the first observation of a new episode
-                        writer.begin(i, _index(obs, i))
-                    else:
-                        writer.step(i, _index(obs, i), actions[i], rewards[i], terms[i], truncs[i])
-                needs_reset = np.logical_or(terms, truncs)
+                collector.step(rng.integers(venv.single_action_space.n, size=num_envs))
                 bar.update(min(num_envs, frames - stored))
                 stored += num_envs
         finally:  # also when stopped (Ctrl-C, SIGTERM): what was collected is kept, unfinished episodes as truncated
@@ -124,7 +146,3 @@ def _collect(env: str, frames: int, out_path: Path, num_envs: int, envs_per_work
                 "restarts": getattr(venv, "restarts", 0), "out": str(out_path)}
     finally:
         venv.close()
-
-
-def _index(obs, i: int):
-    return {k: v[i] for k, v in obs.items()} if isinstance(obs, dict) else obs[i]

@@ -73,11 +73,21 @@ def _joined_meta(root: Path, meta: dict) -> dict:
     return {**layout, "env_seeds": ranges + new}
 
 
+def step_records(obs: dict, actions, rewards, terms, truncs, first: np.ndarray) -> dict:
+    """Every env's step (arrays `n ...`) in the episode layout; a first step has no action, reward or end."""
+    later = ~first
+    ended = np.logical_or(terms, truncs)
+    return {**obs, "action": np.where(later, actions, 0).astype(np.int64),
+            "reward": np.where(later, rewards, 0.0).astype(np.float32), "is_first": first.copy(),
+            "is_last": ended & later, "is_terminal": np.asarray(terms, bool) & later}
+
+
 class EpisodeWriter:
     """Accumulates the step streams of several envs and writes each finished episode as one `.npz`.
 
     Feed it per env: `begin(i, obs)` for a first observation, `step(i, obs, action, reward, terminated,
-    truncated)` for the rest; `flush()` writes unfinished episodes as truncated pieces. meta.json (and the seed it
+    truncated)` for the rest; or every env's step at once with `add_steps` (`step_records`, as a replay buffer
+    takes them). `flush()` writes unfinished episodes as truncated pieces. meta.json (and the seed it
     lists) is written with the first episode, so a collection stopped before any leaves the dataset as it was.
     """
 
@@ -109,6 +119,17 @@ class EpisodeWriter:
         buf["is_terminal"].append(bool(terminated))
         if terminated or truncated:
             self._write(env)
+
+    def add_steps(self, steps: dict, envs) -> None:
+        """One step of each env in `envs`, arrays `n ...` in the episode layout (`step_records`)."""
+        for row, env in enumerate(envs):
+            obs = {k: v[row] for k, v in steps.items() if k not in STEP_KEYS}
+            if steps["is_first"][row]:
+                self.begin(env, obs)
+            else:
+                terminated = bool(steps["is_terminal"][row])
+                self.step(env, obs, steps["action"][row], steps["reward"][row], terminated,
+                          bool(steps["is_last"][row]) and not terminated)
 
     def _write(self, env: int, cut: bool = False) -> None:
         buf = self.buffers.pop(env)

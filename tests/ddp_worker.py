@@ -12,7 +12,9 @@ from agent.config import AgentConfig
 from agent.train import build_agent
 from world_model import distributed
 from world_model.config import PretrainConfig, load_config
-from world_model.pretrain import GeneratedScenes, build_model, compute_loss, guarded_update
+from world_model.pretrain import build_model, compute_loss
+from world_model.sources import GeneratedScenes
+from world_model.updates import guarded_update
 from world_model.wm import WorldModel, WorldModelLoss
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,6 +1,7 @@
 """Actor-critic in imagination: λ-returns, return normalizer, slot permutation invariance, imagined rollouts
 through the KV cache, learning a rewarding action and a constant-reward value, skipping non-finite updates."""
 import copy
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -209,3 +210,89 @@ def test_nonfinite_loss_skips_update_and_checkpoint_roundtrip():
     a, b = ac.update(traj), other.update(traj)
     assert float(a["loss_critic"]) == float(b["loss_critic"])
     assert all(torch.equal(x, y) for x, y in zip(ac.parameters(), other.parameters()))  # same step after restore
+
+
+def test_return_normalizer_keeps_decay_of_the_old_percentiles():
+    """Each update moves the 5th/95th percentiles by (1 - decay) toward the batch's: 0.9 * 5 + 0.1 * 15 = 6 and
+    0.9 * 95 + 0.1 * 105 = 96 (a decay of 0.5 could not tell the two weights apart)."""
+    norm = ReturnNormalizer(decay=0.9)
+    norm.update(torch.arange(101.0))
+    norm.update(torch.arange(101.0) + 10)
+    assert (float(norm.low), float(norm.high)) == pytest.approx((6.0, 96.0))
+
+
+def test_the_policy_mixes_in_unimix_of_uniform():
+    """A near-certain actor (logit 100 against 0s) with unimix 0.01 over 4 actions: 0.99 + 0.0025 and 0.0025."""
+    from agent.actor_critic import Actor
+
+    dyn = DynamicsConfig(num_slots=3, num_vars=2, num_codes=5, frame_vars=0, num_actions=4, embed_dim=16)
+    actor = Actor(dyn, ActorCriticConfig(embed_dim=16, layers=1, heads=2, mlp_ratio=2, unimix=0.01))
+    with torch.no_grad():
+        actor.head.weight.zero_()
+        actor.head.bias.copy_(torch.tensor([100.0, 0, 0, 0]))
+    probs = actor.dist(torch.zeros(1, 3, 2, dtype=torch.long), None).probs
+    torch.testing.assert_close(probs, torch.tensor([[0.9925, 0.0025, 0.0025, 0.0025]]))
+
+
+def _value_table_agent(values: list[float]) -> ActorCritic:
+    """An actor-critic whose critic and slow critic read a state's value off its one slot code (code i: values[i],
+    as two-hot logits), with a uniform actor; gamma 0.5, lambda 1, entropy 0.1."""
+    dyn = DynamicsConfig(num_slots=1, num_vars=1, num_codes=len(values), frame_vars=0, num_actions=4, embed_dim=16)
+    cfg = ActorCriticConfig(embed_dim=16, layers=1, heads=2, mlp_ratio=2, reward_bins=255, gamma=0.5, lam=1.0,
+                            entropy=0.1)
+    torch.manual_seed(0)
+    ac = ActorCritic(dyn, cfg)
+    table = torch.log(twohot.encode(torch.tensor(values)).clamp_min(1e-30))  # code -> value logits
+    for critic in (ac.critic, ac.slow_critic):
+        critic.net.forward = lambda slot_codes, frame_codes: torch.nn.functional.one_hot(
+            slot_codes[:, 0, 0], len(values)).float()
+        critic.head = torch.nn.Linear(len(values), 255)
+        with torch.no_grad():
+            critic.head.weight.copy_(table.T)
+            critic.head.bias.zero_()
+    with torch.no_grad():
+        ac.actor.head.weight.zero_()
+    return ac
+
+
+def _three_states() -> Trajectory:
+    """States s0, s1, s2 (codes 0, 1, 2), rewards 1 and continuations 1 on the two steps between them."""
+    return Trajectory(torch.tensor([0, 1, 2]).view(1, 3, 1, 1), None, torch.zeros(1, 2, dtype=torch.long),
+                      torch.ones(1, 2), torch.ones(1, 2))
+
+
+def test_actor_loss_by_hand():
+    """Values 0, 1, 3 of s0, s1, s2: returns R1 = 1 + 0.5 * 3 = 2.5, R0 = 1 + 0.5 * 2.5 = 2.25; advantages R - v(s_t)
+    = 2.25 and 1.5 (return scale 1); weights 1 and 0.5. The uniform policy's log-prob and entropy are -ln 4 and
+    ln 4, so the loss is the weighted mean of -(adv * log p + 0.1 * entropy)."""
+    actor_loss, _, stats = _value_table_agent([0.0, 1.0, 3.0])(_three_states())
+    torch.testing.assert_close(stats["return"], torch.tensor(2.375), atol=1e-3, rtol=0)
+    torch.testing.assert_close(stats["advantage"], torch.tensor(1.875), atol=1e-3, rtol=0)
+    ln4 = math.log(4)
+    assert actor_loss.item() == pytest.approx((1.0 * (2.25 * ln4 - 0.1 * ln4) + 0.5 * (1.5 * ln4 - 0.1 * ln4)) / 2,
+                                              abs=1e-3)
+
+
+def test_critic_loss_by_hand():
+    """The critic's two-hot loss on s0 and s1 (s2 only bootstraps) toward their returns 2.25 and 2.5, plus the
+    pull toward the slow critic's values (here the critic's own, 0 and 1), weighted 1 and 0.5."""
+    _, critic_loss, _ = _value_table_agent([0.0, 1.0, 3.0])(_three_states())
+    logits = torch.log(twohot.encode(torch.tensor([0.0, 1.0])).clamp_min(1e-30))
+    to_returns = twohot.loss(logits, torch.tensor([2.25, 2.5]))
+    to_slow = twohot.loss(logits, torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(critic_loss, ((to_returns + to_slow) * torch.tensor([1.0, 0.5])).mean(), atol=1e-4,
+                               rtol=1e-4)
+
+
+def test_the_slow_critic_follows_the_critic_by_ema_decay():
+    """After an update, every slow-critic parameter is decay * its old value + (1 - decay) * the updated critic's."""
+    dyn = DynamicsConfig(num_slots=2, num_vars=1, num_codes=3, frame_vars=0, num_actions=2, embed_dim=16)
+    torch.manual_seed(0)
+    ac = ActorCritic(dyn, ActorCriticConfig(embed_dim=16, layers=1, heads=2, mlp_ratio=2, reward_bins=31,
+                                            ema_decay=0.9, critic_lr=1e-2))
+    before = [p.clone() for p in ac.slow_critic.parameters()]
+    ac.update(Trajectory(torch.randint(3, (4, 3, 2, 1)), None, torch.zeros(4, 2, dtype=torch.long),
+                         torch.ones(4, 2), torch.ones(4, 2)))
+    for old, slow, critic in zip(before, ac.slow_critic.parameters(), ac.critic.parameters()):
+        torch.testing.assert_close(slow, 0.9 * old + 0.1 * critic)
+    assert any(not torch.equal(old, slow) for old, slow in zip(before, ac.slow_critic.parameters()))

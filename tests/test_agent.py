@@ -16,9 +16,11 @@ import torch
 
 import run
 from agent.config import AgentConfig
+from agent.evaluate import log_keys
 from compare import assert_same_state, checkpoint, metric_rows
 from agent.replay import ReplayBuffer
 from agent.train import imagination_starts, train, updates_due
+from envs.crafter import crafter_score
 from world_model.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,13 +186,14 @@ def test_an_agent_on_a_frozen_pretrained_encoder_resumes_after_it_moves(tmp_path
 
 
 def test_log_rows_average_the_updates_since_the_last_row():
-    from agent.train import UpdateMeans
+    """The agent's update stats (tensors as the updates left them, and numbers) averaged per log row."""
+    from world_model.updates import StepMeans
 
-    means = UpdateMeans()
-    means.add({"wm/loss": 1.0, "wm/skipped": 0.0})
-    means.add({"wm/loss": float("nan"), "wm/skipped": 1.0})  # a skipped update: its NaN loss is not averaged in
-    means.add({"wm/loss": 4.0, "wm/skipped": 0.0})
-    assert means.pop() == {"wm/loss": 2.5, "wm/skipped": 1 / 3}
+    means = StepMeans()
+    means.add({"wm/loss": torch.tensor(1.0), "wm/skipped": 0.0})
+    means.add({"wm/loss": torch.tensor(float("nan")), "wm/skipped": 1.0})  # a skipped update: its NaN loss is not
+    means.add({"wm/loss": torch.tensor(4.0, dtype=torch.float64), "wm/skipped": 0.0})  # averaged in
+    assert means.pop() == pytest.approx({"wm/loss": 2.5, "wm/skipped": 1 / 3})
     assert means.pop() == {}  # no update since: the next row holds no update stats, not the old ones again
     means.add({"ac/entropy": float("inf")})
     assert math.isnan(means.pop()["ac/entropy"])
@@ -263,6 +266,35 @@ def test_a_resume_with_another_batch_or_ratio_keeps_the_ratio_from_there(tmp_pat
     assert [r["replay_ratio"] for r in metric_rows(rd, after=200) if "replay_ratio" in r] == [4.0]
 
 
+def test_a_run_whose_replay_was_lost_resumes_with_a_new_one(tmp_path, capsys):
+    """A damaged or deleted replay stops a resume with an error that names the way on, `--new-replay`: the models,
+    optimizers and counters go on from the checkpoint with an empty replay, and updates wait until the agent has
+    played train.prefill steps into it, then keep train_ratio from there."""
+    rd = tmp_path / "run"
+    train(tiny("train.env_steps=160", "train.eval_every=0"), str(rd), progress=False)
+    before = checkpoint(rd)
+    (rd / before["replays"][0]).write_bytes(b"damaged")
+    argv = ["train", "--resume", str(rd), "--no-progress", "train.env_steps=360", "train.eval_every=0"]
+    capsys.readouterr()
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is not a readable replay buffer" in err and f"run.py train --resume {rd} --new-replay" in err
+    assert run.main(["train", "--new-replay", "--no-progress"]) == 2
+    assert "--new-replay starts a resumed run's replay afresh; it needs --resume RUN" in capsys.readouterr().err
+    assert run.main([*argv, "--new-replay"]) == 0
+    after = checkpoint(rd)
+    refill = before["counters"]["env_steps"] + tiny().train.prefill  # 160 + 120: no update owed before
+    assert f"updates pause until env step {refill} (train.prefill=120 steps" in capsys.readouterr().err
+    assert after["counters"]["ratio_from"] == [refill, before["counters"]["replayed"]]
+    assert after["counters"]["updates"] == before["counters"]["updates"] + (360 - refill) * 2 // (4 * 8)
+    assert [r["updates"] for r in metric_rows(rd, after=160) if r["step"] <= refill] == [before["counters"]["updates"]] * 3
+    saved = ReplayBuffer.load(rd / after["replays"][0])
+    assert len(saved) == saved.steps_added == 2 + 200  # the new first frames, then the 200 steps played since
+    with np.load(rd / after["replays"][0]) as f:  # the lost replay's files are gone
+        chunks = [c[2] for c in json.loads(str(f["meta"]))["chunks"]]
+    assert sorted(p.name for p in (rd / "replay").glob("*")) == sorted([Path(after["replays"][0]).name, *chunks])
+
+
 def test_a_checkpoint_from_before_replayed_steps_were_counted_resumes_at_its_ratio(tmp_path):
     """An older checkpoint holds no replayed-step count: it is derived from its updates and batches, so the resume
     owes only the updates of its new env steps, not every update since step 0 again."""
@@ -280,10 +312,14 @@ def test_a_checkpoint_from_before_replayed_steps_were_counted_resumes_at_its_rat
     assert counters["updates"] == 12 and counters["replayed"] == 320 + 2 * 32 and counters["ratio_from"] == [0, 0]
 
 
-def test_tiny_preset_end_to_end(tmp_path):
+def test_tiny_preset_end_to_end(tmp_path, capsys):
     result = train(tiny(), str(tmp_path / "run"), progress=False)
     assert {"crafter_score", "return", "train_crafter_score", "train_episodes"} <= set(result)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # each of Crafter's 22 achievements has its success-rate curve, over the training episodes and the evaluations'
+    for prefix in ("train/", "eval/"):
+        logged = {k for r in rows for k in r if k.startswith(f"{prefix}achievement_")}
+        assert len(logged) == 22 and f"{prefix}achievement_collect_wood" in logged
     last = [r for r in rows if "replay_ratio" in r][-1]
     assert last["step"] == 240 and last["updates"] == updates_due(240, tiny())
     assert abs(last["replay_ratio"] - 2.0) < 32 / 240 + 1e-9  # within one update of the train ratio
@@ -322,8 +358,15 @@ def test_tiny_preset_end_to_end(tmp_path):
     # resuming the finished run plays no evaluation again: the final one is read back from the log, nothing appended;
     # a shorter train.env_steps does not rewrite config.yaml to misdescribe the run
     logs = {name: (tmp_path / "run" / name).read_text() for name in ("eval_stats.jsonl", "metrics.jsonl")}
+    # a damaged line of the training episodes (a hand edit; here the first of the 2) is dropped with a warning on
+    # resume, rather than stopping the run where it reads them
+    stats = tmp_path / "run" / "stats.jsonl"
+    assert len(stats.read_text().splitlines()) == result["train_episodes"] == 2
+    stats.write_text("#" + stats.read_text()[1:])
+    capsys.readouterr()
     again = train(tiny("train.env_steps=120"), str(tmp_path / "run"), resume=True, progress=False)
-    assert again == result
+    assert f"warning: {stats}: dropped 1 damaged line(s)" in capsys.readouterr().err
+    assert again == {**result, **log_keys(crafter_score(stats), "crafter", "train_")} and again["train_episodes"] == 1
     assert logs == {name: (tmp_path / "run" / name).read_text() for name in logs}
     assert load_config(AgentConfig, tmp_path / "run" / "config.yaml").train.env_steps == 240
 
@@ -424,7 +467,7 @@ def test_every_agent_preset_trains_one_step(preset, num_actions):
     cfg = load_config(AgentConfig, ROOT / f"configs/{preset}.yaml", [*ONE_UPDATE, "train.compile=false"])
     wm, ac, opt, replay = _one_update_setup(cfg, num_actions)
     stats = train_step(wm, ac, opt, replay, cfg, torch.device("cpu"), 0)
-    assert np.isfinite(stats["wm/loss"]) and stats["wm/skipped"] == 0 and np.isfinite(stats["ac/loss_critic"])
+    assert math.isfinite(stats["wm/loss"]) and stats["wm/skipped"] == 0 and math.isfinite(stats["ac/loss_critic"])
 
 
 def test_the_imagination_horizon_may_fill_the_dynamics():
@@ -434,7 +477,7 @@ def test_the_imagination_horizon_may_fill_the_dynamics():
 
     cfg = tiny(*ONE_UPDATE, "actor_critic.horizon=16", "dynamics.max_steps=16")
     wm, ac, opt, replay = _one_update_setup(cfg, 17)
-    assert np.isfinite(train_step(wm, ac, opt, replay, cfg, torch.device("cpu"), 0)["ac/loss_critic"])
+    assert math.isfinite(train_step(wm, ac, opt, replay, cfg, torch.device("cpu"), 0)["ac/loss_critic"])
     with pytest.raises(ValueError, match=r"max_steps=16 is shorter than the longest sequence it must hold \(17 steps: "
                                          r"train.seq_len, or actor_critic.horizon imagined from one replayed state\)"):
         _one_update_setup(tiny(*ONE_UPDATE, "actor_critic.horizon=17", "dynamics.max_steps=16"), 17)
@@ -493,7 +536,7 @@ def _compiled_vs_eager(backend: str, cudagraph_steps: bool = False, *overrides: 
             assert wm.autoencoder.encoder.backbone._compiled_call_impl is not None
             wm.cudagraphs = cudagraph_steps
         torch.manual_seed(1)
-        losses = [train_step(wm, ac, opt, replay, cfg, torch.device("cpu"), u)["wm/loss"] for u in range(2)]
+        losses = [float(train_step(wm, ac, opt, replay, cfg, torch.device("cpu"), u)["wm/loss"]) for u in range(2)]
         results.append((losses, wm.state_dict()))
     (eager_losses, eager_state), (comp_losses, comp_state) = results
     assert list(eager_state) == list(comp_state)
@@ -727,65 +770,6 @@ def test_the_policy_resets_only_the_envs_whose_episode_starts():
     assert not torch.allclose(both[1], slots([now[1:]], [True])[0], atol=1e-3)  # which differs from a fresh start
 
 
-def test_the_collector_stores_each_env_in_the_episode_layout_across_autoresets():
-    """Two envs that end at different steps (one terminates, one is cut off): every stored episode starts with a
-    first step holding no action, reward or end, and the step after an end is the next episode's first (NEXT_STEP
-    autoreset), whatever action was sent with it."""
-    import gymnasium as gym
-    from gymnasium.vector import AutoresetMode, SyncVectorEnv
-
-    from agent.train import Collector
-
-    class Countdown(gym.Env):
-        observation_space = gym.spaces.Box(0, 255, (1,), np.uint8)
-        action_space = gym.spaces.Discrete(100)
-
-        def __init__(self, length, terminates):
-            self.length, self.terminates = length, terminates
-
-        def reset(self, seed=None, options=None):
-            self.t = 0
-            return np.array([0], np.uint8), {}
-
-        def step(self, action):
-            self.t += 1
-            end = self.t == self.length
-            return np.array([self.t], np.uint8), 10.0 * self.t, end and self.terminates, end and not self.terminates, {}
-
-    class Recorder:
-        spec = {"image": ((1,), np.uint8)}
-
-        def __init__(self):
-            self.rows = []
-
-        def add_steps(self, steps, workers):
-            assert list(workers) == [0, 1]
-            self.rows.append({k: np.array(v) for k, v in steps.items()})
-
-    venv = SyncVectorEnv([lambda: Countdown(2, True), lambda: Countdown(3, False)],
-                         autoreset_mode=AutoresetMode.NEXT_STEP)
-    collector = Collector(venv, Recorder())
-    collector.reset(seed=0)
-    for t in range(1, 8):
-        collector.step(np.array([t, 50 + t]))
-
-    def column(env, key):
-        return [row[key][env].item() for row in collector.replay.rows]
-
-    # env 0 ends (terminal) at its 2nd step, env 1 (cut off) at its 3rd; the step after each end is a first step
-    assert column(0, "image") == [0, 1, 2, 0, 1, 2, 0, 1]
-    assert column(0, "is_first") == [True, False, False, True, False, False, True, False]
-    assert column(0, "action") == [0, 1, 2, 0, 4, 5, 0, 7]  # the action sent with a reset step is not stored
-    assert column(0, "reward") == [0, 10, 20, 0, 10, 20, 0, 10]
-    assert column(0, "is_last") == column(0, "is_terminal") == [False, False, True, False, False, True, False, False]
-    assert column(1, "image") == [0, 1, 2, 3, 0, 1, 2, 3]
-    assert column(1, "action") == [0, 51, 52, 53, 0, 55, 56, 57]
-    assert column(1, "is_last") == [False, False, False, True, False, False, False, True]
-    assert not any(column(1, "is_terminal"))  # cut off by a time limit: the value bootstraps past it
-    assert collector.episodes == 4 and list(collector.first) == [False, False]
-    venv.close()
-
-
 @pytest.mark.parametrize("saved, world, expected", [
     (2, 2, [[0, 1], [2, 3]]),  # the same world size: each rank its own shard
     (3, 2, [[0, 1, 4, 5], [2, 3]]),  # fewer ranks: rank r merges the shards j with j % world == r
@@ -818,7 +802,7 @@ def test_library_calls_that_would_go_wrong_quietly_are_refused():
     """Float frames (divided by 255 a second time: black), an open-loop window longer than the data, stepping an
     imagined env before its reset, one unbatched frame: each refused in words. A policy starts afresh at any batch
     size when every env starts an episode."""
-    from agent.imagination import ImaginedEnv
+    from world_model.imagined_env import ImaginedEnv
     from agent.policy import SlotPolicy
     from agent.train import build_agent
     from world_model.wm import frames_to_input

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import envs.clevr as clevr
+import envs.clevr_render as clevr_render
 from envs.clevr import (
     CAMERA_LOCATION, COLOR_RGB, COLORS, DIRECTIONS, MATERIALS, MAX_OBJECTS, PROPERTY_DIM, SHAPES, SIZE_RADIUS,
     SIZES, ClevrDataset, DataError, SceneGenerator, project_to_frame, scenes_to_targets, write_dataset,
@@ -175,7 +176,7 @@ def test_culled_shadows_match_brute_force(monkeypatch):
     gen = SceneGenerator(resolution=(40, 60))
     culled = gen.generate(4, seed=11).images
     everywhere = torch.tensor([-1.0, 1e4, -1.0, 1e4])
-    monkeypatch.setattr(clevr, "_shadow_boxes", lambda scene, grid, light: everywhere.expand(*scene.size, 4))
+    monkeypatch.setattr(clevr_render, "_shadow_boxes", lambda scene, grid, light: everywhere.expand(*scene.size, 4))
     assert torch.equal(culled, gen.generate(4, seed=11).images)
 
 

@@ -9,9 +9,9 @@ import torch
 
 import run
 from envs.errors import DataError
-from envs.collect import collect, env_fn
+from envs.collect import Collector, collect, env_fn
 from envs.crafter import CrafterEnv
-from envs.episodes import iter_episodes, read_meta
+from envs.episodes import EpisodeWriter, iter_episodes, read_meta
 from envs.vector import ResilientVectorEnv
 
 
@@ -135,11 +135,12 @@ def test_slots_are_carried_within_an_episode_only():
 
 
 def test_visualize_clevr_scenes(vq_run, tmp_path, capsys):
-    assert run.main(["visualize", "--checkpoint", str(vq_run), "--out", str(tmp_path / "none")]) == 2  # which frames?
-    assert "visualize needs --env" in capsys.readouterr().err
-    assert run.main(["visualize", "--checkpoint", str(vq_run), "--env", "clevr", "--frames", "2",
-                     "--out", str(tmp_path / "c")]) == 0
-    assert len(list((tmp_path / "c").glob("frame_*.png"))) == 2
+    """A run pretrained on CLEVR-like scenes is shown held-out scenes, by default or with --env clevr alike."""
+    for env, out in (([], "default"), (["--env", "clevr"], "c")):
+        assert run.main(["visualize", "--checkpoint", str(vq_run), *env, "--frames", "2", "--out",
+                         str(tmp_path / out)]) == 0
+        assert len(list((tmp_path / out).glob("frame_*.png"))) == 2
+    assert (tmp_path / "default" / "frame_0000.png").read_bytes() == (tmp_path / "c" / "frame_0000.png").read_bytes()
     assert run.main(["visualize", "--checkpoint", str(vq_run), "--env", "clevr", "--frames", "1",
                      "--out", str(tmp_path / "c")]) == 0  # again, fewer: none of the first call's frames stay
     assert [p.name for p in (tmp_path / "c").glob("frame_*.png")] == ["frame_0000.png"]
@@ -229,3 +230,79 @@ def test_a_second_collect_into_the_same_dataset_is_refused_while_the_first_runs(
         assert f"another `run.py collect` is writing into {out}" in capsys.readouterr().err
     assert run.main(["collect", "--env", "crafter", "--frames", "10", "--out", str(out), "--workers", "1",
                      "--no-progress"]) == 0  # released: the next one goes ahead
+
+
+def test_the_collector_stores_each_env_in_the_episode_layout_across_autoresets(tmp_path):
+    """Two envs that end at different steps (one terminates, one is cut off): every stored episode starts with a
+    first step holding no action, reward or end, and the step after an end is the next episode's first (NEXT_STEP
+    autoreset), whatever action was sent with it. An episode dataset written through the same collector holds
+    those episodes, each file one of them."""
+    import gymnasium as gym
+    from gymnasium.vector import AutoresetMode, SyncVectorEnv
+
+    class Countdown(gym.Env):
+        observation_space = gym.spaces.Box(0, 255, (1,), np.uint8)
+        action_space = gym.spaces.Discrete(100)
+
+        def __init__(self, length, terminates):
+            self.length, self.terminates = length, terminates
+
+        def reset(self, seed=None, options=None):
+            self.t = 0
+            return np.array([0], np.uint8), {}
+
+        def step(self, action):
+            self.t += 1
+            end = self.t == self.length
+            return np.array([self.t], np.uint8), 10.0 * self.t, end and self.terminates, end and not self.terminates, {}
+
+    class Recorder:
+        def __init__(self):
+            self.rows = []
+
+        def add_steps(self, steps, workers):
+            assert list(workers) == [0, 1]
+            self.rows.append({k: np.array(v) for k, v in steps.items()})
+
+    venv = SyncVectorEnv([lambda: Countdown(2, True), lambda: Countdown(3, False)],
+                         autoreset_mode=AutoresetMode.NEXT_STEP)
+    collector = Collector(venv, Recorder())
+    collector.reset(seed=0)
+    for t in range(1, 8):
+        collector.step(np.array([t, 50 + t]))
+
+    def column(env, key):
+        return [row[key][env].item() for row in collector.sink.rows]
+
+    # env 0 ends (terminal) at its 2nd step, env 1 (cut off) at its 3rd; the step after each end is a first step
+    assert column(0, "image") == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert column(0, "is_first") == [True, False, False, True, False, False, True, False]
+    assert column(0, "action") == [0, 1, 2, 0, 4, 5, 0, 7]  # the action sent with a reset step is not stored
+    assert column(0, "reward") == [0, 10, 20, 0, 10, 20, 0, 10]
+    assert column(0, "is_last") == column(0, "is_terminal") == [False, False, True, False, False, True, False, False]
+    assert column(1, "image") == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert column(1, "action") == [0, 51, 52, 53, 0, 55, 56, 57]
+    assert column(1, "is_last") == [False, False, False, True, False, False, False, True]
+    assert not any(column(1, "is_terminal"))  # cut off by a time limit: the value bootstraps past it
+    assert collector.episodes == 4 and list(collector.first) == [False, False]
+    venv.close()
+
+    venv = SyncVectorEnv([lambda: Countdown(2, True), lambda: Countdown(3, False)],
+                         autoreset_mode=AutoresetMode.NEXT_STEP)
+    writer = EpisodeWriter(tmp_path / "data", {"env": "toy"})
+    collector = Collector(venv, writer)
+    collector.reset(seed=0)
+    for t in range(1, 8):
+        collector.step(np.array([t, 50 + t]))
+    venv.close()
+    episodes = [{k: v.tolist() for k, v in e.items() if k in ("image", "action", "is_last", "is_terminal")}
+                for e in iter_episodes(tmp_path / "data")]
+    assert episodes == [  # in the order they ended
+        {"image": [[0], [1], [2]], "action": [0, 1, 2], "is_last": [False, False, True],
+         "is_terminal": [False, False, True]},
+        {"image": [[0], [1], [2], [3]], "action": [0, 51, 52, 53], "is_last": [False, False, False, True],
+         "is_terminal": [False, False, False, False]},
+        {"image": [[0], [1], [2]], "action": [0, 4, 5], "is_last": [False, False, True],
+         "is_terminal": [False, False, True]},
+        {"image": [[0], [1], [2], [3]], "action": [0, 55, 56, 57], "is_last": [False, False, False, True],
+         "is_terminal": [False, False, False, False]}]

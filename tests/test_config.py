@@ -254,6 +254,10 @@ def test_value_ranges_hold_for_every_command():
             (PretrainConfig, "model.vq.num_codes=1", "model.vq.num_codes=1 must be at least 2"),
             (AgentConfig, "frame.codes=1", "frame.codes=1 must be at least 2"),
             (PretrainConfig, "model.cnn_channels=32", r"it takes a list, e.g. cnn_channels=\[32,32\]"),
+            (PretrainConfig, "model.cnn_channels.0=5", r"override 'model.cnn_channels.0=5': a list is set whole, "
+             r"e.g. model.cnn_channels=\[...\]"),
+            (PretrainConfig, "model.vq=true", r"model.vq is a section of keys \(enabled, num_vars, .*\): set one of "
+             r"them, e.g. model.vq.enabled=\.\.\."),
             (PretrainConfig, "model.cnn_strides=[1,2,2]", r"model.cnn_channels=\[64, 64, 64, 64\] has 4 layers and "
              r"model.cnn_strides=\[1, 2, 2\] 3: give one stride per layer"),
             (AgentConfig, "encoder.model.cnn_channels=[8]", r"encoder.model.cnn_channels=\[8\] has 1 layers"),
@@ -321,6 +325,18 @@ def test_overrides_may_follow_options(capsys):
     with pytest.raises(SystemExit):
         run.parse_args(["train", "--seed", "3"])
     assert "(--seed: a training run takes train.seed=... as an override)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run.parse_args(["train", "--device=cpu"])
+    assert "(--device: a training run takes train.device=... as an override)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run.parse_args(["pretrain", "--train.steps=3"])
+    assert "--train.steps=3 (config overrides take no dashes: train.steps=3)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a misspelt command: the nearest one, and the list
+        run.parse_args(["trian"])
+    assert "unknown command 'trian' (did you mean train?); the commands are pretrain, eval-ap" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # no command: the whole help, not only "required: SUBCOMMAND"
+        run.parse_args([])
+    assert "train-wm" in capsys.readouterr().err
     for command in ("pretrain", "train", "config"):  # presets do not combine: a second one is refused, not used alone
         with pytest.raises(SystemExit):
             run.parse_args([command, "--config", "tiny", "--config", "clevr_tiny"])

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from world_model import twohot
-from world_model.dynamics import DynamicsConfig, SlotDynamics, dynamics_loss, sample_step
+from world_model.dynamics import DynamicsConfig, Predictions, SlotDynamics, dynamics_loss, sample_step
 
 CFG = DynamicsConfig(num_slots=3, num_vars=2, num_codes=5, frame_vars=2, frame_codes=4, num_actions=4,
                      embed_dim=32, layers=2, heads=2, mlp_ratio=2, max_steps=8, reward_bins=31)
@@ -237,3 +237,21 @@ def test_twohot_loss_minimized_by_target():
     twohot.loss(logits, value * 3).sum().backward()
     assert value.grad is None and logits.grad is not None
     torch.testing.assert_close(loss.detach(), F.cross_entropy(best.detach(), target, reduction="none"))
+
+
+def test_the_loss_scores_step_t_outputs_against_step_t_plus_1():
+    """Each step's outputs predict the next step: with T=2 only step 0's code, reward and continue logits count,
+    against step 1's codes, reward and continuation. Step 0 is right about step 1 (code 2, reward 5, the episode
+    ends), and step 1's outputs are wrong for every target: the losses are the targets' own entropy."""
+    slot_logits = torch.full((1, 2, 1, 1, 3), -30.0)
+    slot_logits[0, 0, 0, 0, 2] = slot_logits[0, 1, 0, 0, 0] = 30.0
+    reward_logits = torch.log(twohot.encode(torch.tensor([[5.0, -5.0]]), 31).clamp_min(1e-30))
+    cont_logits = torch.tensor([[-30.0, 30.0]])
+    pred = Predictions(slot_logits, None, reward_logits, cont_logits)
+    _, stats = dynamics_loss(pred, torch.tensor([0, 2]).view(1, 2, 1, 1), None, torch.tensor([[0.0, 5.0]]),
+                             torch.tensor([[1.0, 0.0]]))
+    target = twohot.encode(torch.tensor(5.0), 31)
+    entropy = -(target * target.clamp_min(1e-30).log()).sum()
+    assert float(stats["acc_slots"]) == 1.0 and float(stats["loss_slots"]) < 1e-6
+    assert float(stats["loss_reward"]) == pytest.approx(float(entropy), abs=1e-4)
+    assert float(stats["loss_cont"]) < 1e-6

@@ -9,7 +9,8 @@ import torch
 from envs.errors import DataError
 from envs.episodes import EpisodeWriter, episode_paths, iter_episodes, load_frames, read_meta
 import run
-from world_model.pretrain import EpisodeFrames, pretrain
+from world_model.pretrain import pretrain
+from world_model.sources import EpisodeFrames
 
 from test_pretrain import tiny_cfg
 

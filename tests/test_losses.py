@@ -119,3 +119,13 @@ def test_models_train_under_bf16_autocast(slots):
         loss.backward()
         assert torch.isfinite(loss)
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_huber_is_linear_beyond_delta():
+    """Past |error| = 1 the Huber loss is |error| - 0.5 (an error of 2 in one of 19 entries: 1.5 / 19), not the
+    squared error's 2 / 19."""
+    target = torch.zeros(1, 1, 19)
+    pred = target.clone()
+    pred[0, 0, 0] = 2.0
+    loss, _ = hungarian_huber_loss(pred, target)
+    assert loss.item() == pytest.approx(1.5 / 19)

@@ -416,3 +416,18 @@ def test_inputs_that_would_give_a_wrong_number_are_refused():
     with pytest.raises(ValueError, match="name the same column twice"):
         clevr_ap_table(target, target, thresholds=[None, -1, 0.5])
     assert clevr_average_precision(target, target, torch.tensor(0.5)) == clevr_average_precision(target, target, 0.5)
+
+
+def test_a_prediction_exactly_at_the_threshold_does_not_match():
+    """CLEVR's reference counts a match at `distance < threshold`, strictly: a prediction 0.125 off in x (0.75 in
+    CLEVR's 6-unit coordinates) is a miss at threshold 0.75 and a hit just above it."""
+    def row(x: float, confidence: float) -> np.ndarray:
+        r = np.zeros(19)
+        r[:3] = [x, 0.5, 0.5]
+        r[[3, 5, 7, 10]] = 1  # small, rubber, cube, gray
+        r[18] = confidence
+        return r
+
+    target, pred = row(0.5, 1.0)[None, None], row(0.625, 0.9)[None, None]
+    assert clevr_average_precision(pred, target, 0.75) == 0.0
+    assert clevr_average_precision(pred, target, 0.7500001) == 1.0

@@ -53,7 +53,7 @@ def test_resume_is_exact(tmp_path, monkeypatch, task, pool):
     optimizer, RNG) and every logged number after the stop. Also with a scene pool that is still filling when the
     run stops (4 steps of 2 scenes, a pool of 7)."""
     from compare import assert_same_state, checkpoint, metric_rows
-    from world_model.pretrain import ScenePool
+    from world_model.sources import ScenePool
 
     monkeypatch.setattr(ScenePool, "CHUNK", 1)
     over = ["model.vq.enabled=true", f"data.pool={pool}", f"task={task}", "train.log_every=1"]
@@ -147,7 +147,7 @@ def test_every_preset_trains_one_step(preset):
     cfg = load_config(PretrainConfig, preset, ["data.resolution=32", "train.batch_size=2", "data.pool=0"])
     torch.manual_seed(0)
     model = build_model(cfg)
-    from world_model.pretrain import GeneratedScenes
+    from world_model.sources import GeneratedScenes
 
     batch = GeneratedScenes(cfg, torch.device("cpu")).batch(2, seed=0)
     loss, stats, _ = compute_loss(model, cfg.task, batch, cfg.model.vq.beta)
@@ -156,7 +156,7 @@ def test_every_preset_trains_one_step(preset):
 
 
 def test_scene_pool_is_a_fixed_deterministic_dataset():
-    from world_model.pretrain import GeneratedScenes
+    from world_model.sources import GeneratedScenes
 
     cfg = tiny_cfg("data.pool=6")
     source = GeneratedScenes(cfg, torch.device("cpu"))
@@ -175,7 +175,7 @@ def test_scene_pool_fills_as_training_reaches_it(monkeypatch):
     i*b .. (i+1)*b - 1 in order, then on uniform draws from the full pool; the pool holds the same scenes as one
     rendered whole (a chunk of 3 against batches of 2 and a pool of 8, so neither divides the other), and a source
     started at step s (a resumed run) gives step s's batch."""
-    from world_model.pretrain import GeneratedScenes, ScenePool
+    from world_model.sources import GeneratedScenes, ScenePool
 
     monkeypatch.setattr(ScenePool, "CHUNK", 3)
     cfg = tiny_cfg("data.pool=8", "train.batch_size=2")
@@ -284,7 +284,7 @@ def test_pretrain_and_eval_on_a_clevr_directory(tmp_path, capsys):
 
 def test_held_out_scenes_come_in_fixed_chunks():
     """The first N held-out scenes are the same for every N, in chunks of EVAL_CHUNK (so an evaluation's noise is)."""
-    from world_model.pretrain import EVAL_CHUNK, eval_batches
+    from world_model.sources import EVAL_CHUNK, eval_batches
 
     cfg = tiny_cfg()
     a = [b["targets"] for b in eval_batches(cfg, torch.device("cpu"), 70)]
@@ -297,7 +297,7 @@ def test_held_out_scenes_come_in_fixed_chunks():
 def test_clevr_training_stream_equals_indexed_batches(tmp_path, workers):
     """One persistent DataLoader for the whole run yields exactly batch(size, seed_i) for each step i."""
     from envs.clevr import write_dataset
-    from world_model.pretrain import ClevrScenes
+    from world_model.sources import ClevrScenes
 
     write_dataset(tmp_path / "clevr", 6, split="train", seed=1, batch_size=6)
     cfg = tiny_cfg("data.source=clevr", f"data.root={tmp_path / 'clevr'}", f"data.num_workers={workers}",
@@ -315,7 +315,7 @@ def test_a_frames_run_resumes_on_the_same_game_and_notes_a_moved_split(tmp_path,
     held-out frames, which a note says."""
     import numpy as np
 
-    import world_model.pretrain as pt
+    import world_model.sources as sources
     from envs.errors import DataError
     from envs.episodes import EpisodeWriter
 
@@ -336,7 +336,7 @@ def test_a_frames_run_resumes_on_the_same_game_and_notes_a_moved_split(tmp_path,
                  progress=False)
     capsys.readouterr()
     dataset(tmp_path / "a", "crafter", 2, 1)  # more episodes collected into the run's dataset
-    pt._dataset_frames.cache_clear()  # (read once per process)
+    sources._dataset_frames.cache_clear()  # (read once per process)
     pretrain(tiny_cfg("train.steps=3", *frames, f"data.root={tmp_path / 'a'}"), str(tmp_path / "r"), resume=True,
              progress=False)
     assert "now holds 100 frames, the last 4 held out (at this run's last checkpoint 60, the last 4)" in \
@@ -544,7 +544,7 @@ def test_a_log_row_holds_the_mean_of_the_updates_since_the_last_row(tmp_path, mo
 
 
 def test_lr_factor_warms_up_linearly_then_decays_exponentially():
-    from world_model.pretrain import lr_factor
+    from world_model.updates import lr_factor
 
     assert [lr_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]  # the world model's: warmup only
     assert lr_factor(0, 0) == 1.0 and lr_factor(200, 0, 0.5, 100) == pytest.approx(0.25)

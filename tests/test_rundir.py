@@ -1,7 +1,9 @@
 """Run directories: atomic writes, and logs that a resumed run continues without duplicates or holes."""
 import json
 import os
+import shutil
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -229,6 +231,13 @@ def test_run_directory_guards(tmp_path):
     assert run.load_checkpoint(keys=("wm",))["counters"] == {}
     with pytest.raises(RunDirError, match="latest.pt lacks model, step: it is not a checkpoint of the command"):
         run.load_checkpoint(keys=("model", "step", "wm"))
+    # a new run in a directory that holds a checkpoint: the advice names the command whose run it is
+    with pytest.raises(RunDirError, match=r"already holds a checkpoint; --resume continues it, or choose another"):
+        RunDir.open(tmp_path / "b", resume=False)
+    shutil.copy(Path(__file__).resolve().parent.parent / "configs" / "clevr_tiny.yaml", run.config_path)
+    with pytest.raises(RunDirError, match=f"already holds a checkpoint of a `run.py pretrain` run; `run.py pretrain "
+                                          f"--resume {run.path}` continues it, or choose another --run-dir"):
+        RunDir.open(tmp_path / "b", resume=False)
 
 
 def test_rollback_cuts_appended_lines_back_to_the_checkpoint(tmp_path):
@@ -277,13 +286,15 @@ def test_inductors_advice_against_the_precision_choice_is_silenced():
     assert [str(w.message) for w in seen] == ["some other warning"]
 
 
-def test_a_shorter_length_on_resume_stops_the_run_where_it_is():
+def test_a_shorter_length_on_resume_stops_the_run_where_it_is(capsys):
     """The length a resumed run goes on with (and records), given the checkpoint's step, the override and the
-    length the checkpoint was trained with."""
+    length the checkpoint was trained with; a line says where it goes on from (a log without a progress bar shows
+    nothing else until its next row)."""
     def length(step, override, saved):
         return note_if_finished(step, override, "train.steps", {"config": {"train": {"steps": saved}}})
 
     assert length(2, 8, 6) == 8  # longer: trains on
+    assert capsys.readouterr().err == "resuming at step 2 of train.steps=8\n"
     assert length(2, 1, 2) == 2  # finished: keeps its own length
     assert length(2, 1, 6) == 2  # stopped part-way: stops where it is, not at its old 6
     assert length(1202, 300, 1200) == 1200  # an agent past its length by a vector step: its own length
@@ -322,6 +333,21 @@ def test_a_config_a_run_would_refuse_later_is_refused_before_it_is_printed(overr
     assert out == "" and err.startswith(f"error: {message}") and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["train-wm", "--data", "NOPE"], "NOPE is not an episode dataset (no meta.json)"),
+    (["train-wm"], "train-wm needs data.root=DIR (or --data DIR)"),
+    (["pretrain", "--data", "NOPE"], "NOPE is not an episode dataset (no meta.json)"),
+])
+def test_a_missing_dataset_is_refused_before_the_config_is_printed(argv, message, tmp_path, capsys):
+    import run
+
+    argv = [a.replace("NOPE", str(tmp_path / "nope")) for a in argv]
+    assert run.main([*argv, "--run-dir", str(tmp_path / "run")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"error: {message.replace('NOPE', str(tmp_path / 'nope'))}")
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_printed_config_shows_what_the_run_sets_itself(tmp_path, capsys):
     import run
 
@@ -357,3 +383,44 @@ def test_a_resume_removes_the_temporary_files_of_writes_a_kill_stopped(tmp_path)
         path.write_bytes(b"x")
     RunDir.open(tmp_path / "r", resume=True).release()
     assert not any(p.exists() for p in torn) and kept.exists() and run.ckpt_path.exists()
+
+
+def test_a_long_phase_is_shown_beside_the_progress_bar_then_cleared():
+    """An evaluation or a burst of owed updates shows in the bar while it runs (the bar would look stuck or done),
+    then the bar shows what it showed before; a disabled bar (--no-progress) is left alone."""
+    import io
+
+    from tqdm import tqdm
+
+    from world_model.rundir import shown
+
+    out = io.StringIO()
+    bar = tqdm(total=10, file=out)
+    bar.set_postfix(updates=3)
+    with shown(bar, "evaluating"):
+        assert bar.postfix == "updates=3, evaluating" and out.getvalue().endswith("updates=3, evaluating]")
+    assert bar.postfix == "updates=3"
+    bar.close()
+    quiet = tqdm(total=10, disable=True)
+    with shown(quiet, "evaluating"):
+        pass
+
+
+def test_damaged_lines_are_blanked_in_place_so_recorded_offsets_hold(tmp_path, capsys):
+    """On resume, lines of stats.jsonl that are not JSON objects (a hand edit, a torn last line) turn into spaces,
+    byte for byte: the file keeps its size, so the byte count a checkpoint recorded still cuts it at the same
+    record, readers skip the blanks, and what is appended next reads as its own line."""
+    from envs.jsonl import blank_damaged, read_records
+
+    path = tmp_path / "stats.jsonl"
+    text = '{"score": 1}\n{"sco\x00re\n[1, 2]\n{"score": 3}\n{"sc'
+    path.write_text(text)
+    blank_damaged(path)
+    assert path.stat().st_size == len(text.encode()) and path.read_text().index('{"score": 3}') == text.index(
+        '{"score": 3}')
+    assert "dropped 3 damaged line(s)" in capsys.readouterr().err
+    with open(path, "a") as f:
+        f.write('{"score": 5}\n')
+    assert [r["score"] for r in read_records(path)] == [1, 3, 5]
+    blank_damaged(path)  # nothing left to blank: no warning, no change
+    assert capsys.readouterr().err == ""

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from world_model.slots import SlotMixture, make_slot_module
 from world_model.slots.gmm import component_coefs, gaussian_log_likelihood, mixture_features
@@ -245,3 +246,70 @@ def test_modules_used_standalone_refuse_what_they_cannot_do_and_take_any_slot_co
         SlotQuantizer(8).set_temperature(0.0)
     with pytest.raises(ValueError, match="must be above 0"):
         temperature(10, 0.0, 0.1, 100)
+
+
+def test_slot_attention_by_hand():
+    """One iteration with identity projections, the GRU passing its input through and the MLP's residual zeroed:
+    the attention is the softmax over slots of LN(x) . LN(slots) / sqrt(d) (plus eps), and each slot is the
+    attention-weighted mean of LN(x) over the inputs."""
+    from world_model.slots.slot_attention import SlotAttention
+
+    torch.manual_seed(0)
+    m = SlotAttention(in_dim=4, num_slots=2, dim=4, iters=1)
+
+    class PassThrough(torch.nn.Module):
+        def forward(self, update, previous):
+            return update
+
+    m.gru = PassThrough()
+    with torch.no_grad():
+        for projection in (m.to_k, m.to_q, m.to_v):
+            projection.weight.copy_(torch.eye(4))
+        m.mlp[-1].weight.zero_()
+        m.mlp[-1].bias.zero_()
+        x, init = torch.randn(1, 5, 4), torch.randn(1, 2, 4)
+        slots, attn = m(x, init)
+    ln_x, ln_init = F.layer_norm(x, (4,)), F.layer_norm(init, (4,))
+    expected = torch.softmax(ln_x @ ln_init.transpose(1, 2) / 2.0, -1) + m.eps  # b n k, over slots, / sqrt(4)
+    torch.testing.assert_close(attn, expected.transpose(1, 2))
+    weights = expected / expected.sum(1, keepdim=True)  # normalized over the inputs
+    torch.testing.assert_close(slots, torch.einsum("bnk,bnd->bkd", weights, ln_x))
+
+
+def _sampled_one_hots(hard: bool, tau: float) -> torch.Tensor:
+    """The relaxed one-hots a training-mode quantizer embeds, at temperature `tau`."""
+    torch.manual_seed(0)
+    q = SlotQuantizer(slot_dim=8, num_vars=2, num_codes=6, code_dim=4, hard=hard).train()
+    q.set_temperature(tau)
+    seen, embed = [], q.embed
+
+    def recorded(one_hots: torch.Tensor) -> torch.Tensor:
+        seen.append(one_hots.detach())
+        return embed(one_hots)
+
+    q.embed = recorded
+    q(torch.randn(64, 3, 8))
+    return seen[0]
+
+
+def test_vq_samples_follow_the_temperature_and_the_hard_flag():
+    """Gumbel-softmax samples sharpen as tau falls (near one-hot at 0.1, soft at 5); hard=False keeps them relaxed,
+    hard=True makes every sample exactly one-hot (straight-through)."""
+    cold, warm = _sampled_one_hots(False, 0.1), _sampled_one_hots(False, 5.0)
+    assert cold.max(-1).values.mean() > 0.9 and warm.max(-1).values.mean() < 0.6
+    assert ((warm > 0.01) & (warm < 0.99)).all(-1).any()
+    hard = _sampled_one_hots(True, 5.0)
+    assert ((hard == 0) | (hard == 1)).all() and torch.equal(hard.sum(-1), torch.ones(hard.shape[:-1]))
+
+
+def test_vq_logits_by_hand():
+    """The code logits are the bilinear form LN(slot)^T W e_c scaled by 1 / sqrt(code_dim): slot [3, 1] normalizes
+    to [1, -1]; with W and the codebook the first two unit vectors, the logits are [1, -1] / sqrt(4)."""
+    q = SlotQuantizer(slot_dim=2, num_vars=1, num_codes=2, code_dim=4).eval()
+    with torch.no_grad():
+        q.bilinear.zero_()
+        q.bilinear[0, 0, 0] = q.bilinear[0, 1, 1] = 1.0
+        q.codebooks.zero_()
+        q.codebooks[0, 0, 0] = q.codebooks[0, 1, 1] = 1.0
+        out = q(torch.tensor([[[3.0, 1.0]]]))
+    torch.testing.assert_close(out.logits, torch.tensor([[[[0.5, -0.5]]]]), atol=1e-4, rtol=0)

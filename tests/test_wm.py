@@ -50,6 +50,19 @@ def wm_cfg(root, *extra):
     return load_config(WorldModelConfig, None, TINY_WM + [f"data.root={root}", *extra])
 
 
+def test_a_fresh_encoder_trains_jointly_and_says_so(tmp_path, capsys):
+    """Without encoder.checkpoint the slot encoder trains with the world model (several times slower per step than
+    a frozen pretrained one): a note says so at the start, and an explicit encoder.mode=frozen, which has nothing
+    to freeze, is refused in one line rather than silently replaced."""
+    root = toy_dataset(tmp_path / "d")
+    assert run.main(["train-wm", "--data", str(root), "--run-dir", str(tmp_path / "x"), "encoder.mode=frozen"]) == 2
+    assert "error: encoder.mode=frozen needs encoder.checkpoint=RUN" in capsys.readouterr().err
+    assert run.main(["train", "--run-dir", str(tmp_path / "x"), "encoder.mode='frozen'"]) == 2  # the agent's too
+    assert "error: encoder.mode=frozen needs encoder.checkpoint=RUN" in capsys.readouterr().err
+    train_wm(wm_cfg(root, "train.steps=1"), str(tmp_path / "a"), progress=False)
+    assert "note: no encoder.checkpoint: a fresh slot encoder trains jointly" in capsys.readouterr().err
+
+
 def test_split_holds_out_last_episodes(tmp_path):
     cfg = wm_cfg(toy_dataset(tmp_path / "d"))
     train, held, meta = split_dataset(cfg)

@@ -16,7 +16,8 @@ from envs.errors import UsageError
 
 from .config import PretrainConfig, load_config
 from .dynamics import SlotDynamics, sample_step
-from .pretrain import GeneratedScenes, build_model, compute_loss
+from .pretrain import build_model, compute_loss
+from .sources import GeneratedScenes
 from .rundir import resolve_device, set_precision
 from .slots.gmm import gaussian_log_likelihood
 

@@ -257,6 +257,10 @@ def _explain(err: OmegaConfBaseException, schema: Any, where: str, command: Opti
         return ConfigError(f"unknown config key '{key}' in {where}{_suggest(key, schema)}; run `{listing}` to list keys")
     if "is not a ListConfig" in msg:
         msg = f"it takes a list, e.g. {key.rpartition('.')[2]}=[32,32]"
+    section = OmegaConf.select(schema, key, default=None) if key else None
+    if isinstance(section, DictConfig):  # a value given to a whole section (model.vq=true)
+        keys = list(section.keys())
+        msg = f"{key} is a section of keys ({', '.join(keys)}): set one of them, e.g. {key}.{keys[0]}=..."
     return ConfigError(f"bad config value for '{key}' in {where}: {msg}")
 
 
@@ -288,27 +292,7 @@ def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: 
     cfg = schema
     if path is not None:
         path = preset_path(path)
-        if not path.is_file():
-            stems = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-            near = difflib.get_close_matches(Path(path).name.split(".")[0], stems, n=1)
-            hint = f" (did you mean {near[0]}?)" if near else ""
-            raise ConfigError(f"config file not found: {path}{hint}; the presets in configs/ are {', '.join(stems)}")
-        try:
-            loaded = OmegaConf.load(path)
-        except OSError as e:  # e.g. no permission to read it
-            raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
-        except Exception as e:  # yaml errors are verbose and multi-line: the problem and where it is
-            def at(mark) -> str:
-                return f"line {mark.line + 1}, column {mark.column + 1}"
-
-            problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
-            context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
-            what = f"{problem} at {at(mark)}" if problem and mark else str(e).splitlines()[0]
-            if context and start:
-                what += f" ({context} from {at(start)})"
-            raise ConfigError(f"cannot parse {path}: {what}") from None
-        if not isinstance(loaded, DictConfig):
-            raise ConfigError(f"{path} must map config keys to values (a YAML mapping), not hold a list")
+        loaded = _read_preset(path)
         try:
             cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as e:
@@ -326,6 +310,43 @@ def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: 
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             raise _explain(e, schema, f"override '{item}'", command, key) from None
+        except TypeError:  # omegaconf's answer to `list_key.0=5`: a dotted index makes a mapping
+            raise ConfigError(f"override '{item}': a list is set whole, e.g. "
+                              f"{key.rsplit('.', 1)[0]}=[...]") from None
+    _check_values(cfg)
+    _check_pairs(cfg)
+    return OmegaConf.to_object(cfg)
+
+
+def _read_preset(path: Path) -> DictConfig:
+    """A preset file's mapping; a missing file (with the nearest preset name), an unreadable one, bad YAML (the
+    problem and where) or a YAML list is one ConfigError."""
+    if not path.is_file():
+        stems = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        near = difflib.get_close_matches(Path(path).name.split(".")[0], stems, n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise ConfigError(f"config file not found: {path}{hint}; the presets in configs/ are {', '.join(stems)}")
+    try:
+        loaded = OmegaConf.load(path)
+    except OSError as e:  # e.g. no permission to read it
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+    except Exception as e:  # yaml errors are verbose and multi-line: the problem and where it is
+        def at(mark) -> str:
+            return f"line {mark.line + 1}, column {mark.column + 1}"
+
+        problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+        context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+        what = f"{problem} at {at(mark)}" if problem and mark else str(e).splitlines()[0]
+        if context and start:
+            what += f" ({context} from {at(start)})"
+        raise ConfigError(f"cannot parse {path}: {what}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path} must map config keys to values (a YAML mapping), not hold a list")
+    return loaded
+
+
+def _check_values(cfg) -> None:
+    """Each key of CHOICES among its choices, each of RANGES in its range (every entry of a listed one)."""
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value not in allowed:
@@ -341,8 +362,6 @@ def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: 
         if not all(test(v) for v in values):
             raise ConfigError(f"{key}={values!r}: every entry must be {what}" if listed else
                               f"{key}={value!r} must be {what}")
-    _check_pairs(cfg)
-    return OmegaConf.to_object(cfg)
 
 
 def _check_pairs(cfg) -> None:

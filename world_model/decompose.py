@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from envs.errors import UsageError
 
 from .perception import SlotAutoencoder
-from .pretrain import eval_batches, load_run
-from .rundir import check_out_dir, resolve_device
+from .pretrain import load_run
+from .sources import eval_batches
+from .rundir import check_out_dir, fixed_rng, resolve_device
 from .visualize import colorize, decomposition_grid, save_png, tile, upscale
 from .wm import frames_to_input
 
@@ -167,15 +168,18 @@ def load_slot_model(checkpoint: str, device: torch.device) -> SimpleNamespace:
 def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8, seed: int = 0, device: str = "cpu",
               edit: Optional[tuple[int, int, str]] = None, tensorboard: bool = True) -> dict:
     """Write per-frame decomposition PNGs, a video of the sequence and tensorboard images to `out_dir`. The run
-    may be a pretraining run, or a world-model or agent run (their slot encoder and decoder; `env` None: the game
-    they trained on)."""
+    may be a pretraining run, or a world-model or agent run (their slot encoder and decoder). `env` None: the game
+    the run trained on, or CLEVR-like scenes for a run pretrained on CLEVR."""
     if frames < 1:
         raise UsageError(f"--frames must be positive, got {frames}")
     if env not in ("crafter", "nethack", "clevr", None):
         raise UsageError(f"unknown --env {env!r}; choose crafter, nethack or clevr")
     dev = resolve_device(device)
     run = load_slot_model(checkpoint, dev)
-    env = env or (run.trained_env if run.trained_env in ("crafter", "nethack") else None)
+    if env is None and run.trained_env in ("crafter", "nethack"):
+        env = run.trained_env
+    elif env is None and run.pretrain_cfg is not None and run.pretrain_cfg.data.source in ("generated", "clevr"):
+        env = "clevr"  # pretrained on CLEVR(-like) scenes: shown held-out ones
     if env is None:
         raise UsageError("visualize needs --env crafter|nethack|clevr for this run (or --codes)")
     model, cfg = run.model.cpu(), run.pretrain_cfg
@@ -198,7 +202,8 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
         if starts.sum() > 1:
             print(f"note: the {frames} frames span {int(starts.sum())} episodes; slots start afresh at each "
                   "episode's first frame", file=sys.stderr)
-    result = decompose(model, images, carry, starts)
+    with fixed_rng(seed, torch.device("cpu")):  # the slots' initial noise: the same pictures on every call
+        result = decompose(model, images, carry, starts)
     # an earlier visualize's frames and log, which could outnumber or mix with this one's: replaced once this one is
     stale = [*out.glob("frame_*.png"), *(out / "tb").glob("events.*")]  # computed
     for path in stale:
@@ -231,7 +236,8 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
         np.save(out / "codes.npy", result["codes"].numpy())  # t k v
     if values is not None:
         slot, var, value = edit
-        grid = edit_codes(model, images[: min(4, len(images))], int(slot), int(var), values)
+        with fixed_rng(seed, torch.device("cpu")):
+            grid = edit_codes(model, images[: min(4, len(images))], int(slot), int(var), values)
         path = out / f"edit_slot{slot}_var{var}_{value}.png"
         save_png(upscale(grid, images.shape[-1]), path)
         summary["edit"] = str(path)

@@ -20,7 +20,9 @@ from envs.errors import UsageError
 
 from .config import PretrainConfig
 from .metrics import ATTRIBUTE_SLICES, hungarian_assign, trim_padding
-from .pretrain import EVAL_SEED, autocast, eval_batches, load_run
+from .pretrain import load_run
+from .sources import EVAL_SEED, eval_batches
+from .updates import autocast
 from .rundir import check_out_dir, fixed_rng, resolve_device
 
 # The discrete properties, in table order: (value names, slice of the 19-entry target row).

@@ -119,6 +119,18 @@ def _check_shape(name: str, x: torch.Tensor, expected: tuple, labels: str) -> No
         raise ValueError(f"{name} must have shape ({labels}), got {tuple(x.shape)}")
 
 
+class CodeEmbedding(nn.Embedding):
+    """Discrete codes `... v` (v variables of `num_codes` each) -> one token `... d`: the sum of one learned
+    embedding per variable, a linear map of the concatenated one-hots. The dynamics' and the policy's tokens."""
+
+    def __init__(self, num_vars: int, num_codes: int, dim: int):
+        super().__init__(num_vars * num_codes, dim)
+        self.register_buffer("offsets", torch.arange(num_vars) * num_codes, persistent=False)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return super().forward(codes + self.offsets).sum(-2)
+
+
 class SlotDynamics(nn.Module):
     """The block-causal transformer over each step's slot, frame and action tokens: next codes, reward and
     continuation logits (`forward`), with a KV cache for imagination one step at a time."""
@@ -128,12 +140,9 @@ class SlotDynamics(nn.Module):
         self.cfg = cfg
         d = cfg.embed_dim
         self.tokens_per_step = cfg.num_slots + (1 if cfg.frame_vars else 0) + 1
-        # Summing one embedding per variable = a linear map of the concatenated one-hots.
-        self.slot_embed = nn.Embedding(cfg.num_vars * cfg.num_codes, d)
-        self.register_buffer("slot_offsets", torch.arange(cfg.num_vars) * cfg.num_codes, persistent=False)
+        self.slot_embed = CodeEmbedding(cfg.num_vars, cfg.num_codes, d)
         if cfg.frame_vars:
-            self.frame_embed = nn.Embedding(cfg.frame_vars * cfg.frame_codes, d)
-            self.register_buffer("frame_offsets", torch.arange(cfg.frame_vars) * cfg.frame_codes, persistent=False)
+            self.frame_embed = CodeEmbedding(cfg.frame_vars, cfg.frame_codes, d)
         self.action_embed = nn.Embedding(cfg.num_actions, d)
         self.time_embed = nn.Embedding(cfg.max_steps, d)
         self.type_embed = nn.Embedding(3, d)
@@ -192,9 +201,9 @@ class SlotDynamics(nn.Module):
         c, s_per = self.cfg, self.tokens_per_step
         b, t = actions.shape
         start = cache.steps if cache is not None else 0
-        tokens = [self.slot_embed(slot_codes + self.slot_offsets).sum(-2)]  # b t k d
+        tokens = [self.slot_embed(slot_codes)]  # b t k d
         if c.frame_vars:
-            tokens.append(self.frame_embed(frame_codes + self.frame_offsets).sum(-2, keepdim=True))  # b t 1 d
+            tokens.append(self.frame_embed(frame_codes[..., None, :]))  # b t 1 d
         tokens.append(self.action_embed(actions)[:, :, None])  # b t 1 d
         x = torch.cat(tokens, 2) + self.type_embed(self.token_types)  # b t S d
         x = x + self.time_embed(torch.arange(start, start + t, device=x.device))[:, None]

@@ -25,7 +25,7 @@ import torch
 
 from envs.atomic import atomic_write, check_folder
 from envs.errors import UsageError
-from envs.jsonl import read_records
+from envs.jsonl import read_records, write_records
 
 from . import distributed
 
@@ -124,7 +124,12 @@ class RunDir:
                    f"{run.path} and start a new run" if stale else "start a new run without --resume")
             raise RunDirError(f"cannot resume: no checkpoint at {run.ckpt_path}; {fix}")
         if not resume and run.ckpt_path.is_file():
-            raise RunDirError(f"run directory {run.path} already holds a checkpoint; pass --resume to continue it "
+            from .config import schema_command  # world_model.config imports half the package
+
+            made_by = schema_command(run.config_path)  # whose run it is: its own command resumes it
+            whose, resume_it = ((f" of a `run.py {made_by}` run", f"`run.py {made_by} --resume {run.path}`")
+                                if made_by else ("", "--resume"))
+            raise RunDirError(f"run directory {run.path} already holds a checkpoint{whose}; {resume_it} continues it, "
                               "or choose another --run-dir")
         if distributed.is_main() and not resume:  # rank 0 only: under torchrun, the others could see its fresh logs
             stale = run._leftovers()
@@ -268,6 +273,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def has_step(row: dict) -> bool:
+    """A row of metrics.jsonl: it has an integer "step"."""
+    return isinstance(row.get("step"), int)
+
+
 class MetricLogger:
     """Scalars to `metrics.jsonl` and tensorboard; images to tensorboard. Only finite scalars are logged.
     Under torchrun only rank 0 logs unless `enabled` says otherwise.
@@ -283,9 +293,8 @@ class MetricLogger:
         self.writer, self._tb = None, (run.path / "tb", start_step + 1 if start_step > 0 else None)  # dir, purge step
         if enabled and start_step > 0:
             if self.jsonl_path.is_file():
-                kept = "".join(json.dumps(row) + "\n" for row in read_records(self.jsonl_path, skip_damaged=True)
-                               if row["step"] <= start_step)
-                atomic_write(self.jsonl_path, lambda f: f.write(kept.encode()))
+                write_records(self.jsonl_path, [row for row in read_records(self.jsonl_path, valid=has_step)
+                                                if row["step"] <= start_step])
             self._tensorboard()  # now: its purge drops what the stopped run logged after the checkpoint
 
     def _tensorboard(self):
@@ -329,6 +338,21 @@ class MetricLogger:
             self.writer.close()
 
 
+@contextlib.contextmanager
+def shown(bar, text: str):
+    """`text` beside a progress bar's figures while a long phase runs (an evaluation, a burst of owed updates) that
+    would otherwise leave the bar looking stuck or done; then what the bar showed before."""
+    if bar.disable:
+        yield
+        return
+    before = bar.postfix or ""
+    bar.set_postfix_str(f"{before}, {text}" if before else text, refresh=True)
+    try:
+        yield
+    finally:
+        bar.set_postfix_str(before, refresh=True)
+
+
 def evaluation_due(at: int, every: int, last: int, stride: int = 1) -> bool:
     """Whether a run evaluates on reaching `at` steps, having come `stride` steps at a time (a vector env's envs): when
     it passed a multiple of `every` (0: never) and at its `last` step."""
@@ -354,10 +378,12 @@ def rollback_appended(path: Path, size: int) -> None:
 
 
 def note_if_finished(step: int, total: int, key: str, state: dict) -> int:
-    """On resume: say so when the run already reached its length (it would only evaluate again). Returns the length
-    to go on with and record: an override shorter than the run has gone stops it where it is (at its own length,
-    when it had finished), rather than writing a length the run has passed into config.yaml."""
+    """On resume: say where the run goes on from, or that it already reached its length (it would only evaluate
+    again). Returns the length to go on with and record: an override shorter than the run has gone stops it where it
+    is (at its own length, when it had finished), rather than writing a length the run has passed into config.yaml."""
     if step < total:
+        if distributed.is_main():
+            print(f"resuming at step {step} of {key}={total}", file=sys.stderr)
         return total
     if distributed.is_main():
         print(f"note: this run is already at step {step} of {key}={total}; pass {key}=N with N > {step} to train "

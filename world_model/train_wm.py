@@ -7,6 +7,7 @@ so `--resume` continues exactly; the last episodes (data.eval_fraction of the st
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, replace
@@ -26,18 +27,20 @@ from .config import (WMEncoderConfig, WorldModelConfig, check_against_checkpoint
                      schema_command)
 from .dynamics import DynamicsConfig
 from .frame_tokenizer import FrameTokenizerConfig, frame_token_size, status_vars
-from .pretrain import TRAIN_STREAM, StepMeans, autocast, guarded_update, load_run, lr_factor, stream_seed
+from .pretrain import load_run
+from .sources import TRAIN_STREAM, stream_seed
+from .updates import StepMeans, autocast, guarded_update, lr_factor
 from .perception import SlotAutoencoder
 from .rundir import (MetricLogger, RunDir, check_out_dir, evaluation_due, fixed_rng, note_if_finished, resolve_device,
-                     rng_state, set_rng_state, start_run, stopped_evaluation)
+                     rng_state, set_rng_state, shown, start_run, stopped_evaluation)
 from .wm import Encoded, WorldModel, frames_to_input
 
 EVAL_SEED = 2025
 
 
-def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, ReplayBuffer, dict]:
-    """Replay buffers of the training and held-out episodes of an episode dataset, and its meta (plus `held_out`:
-    the held-out episodes' file names, and `status_vars`: the status tokens beside each frame, or 0)."""
+def dataset_meta(cfg: WorldModelConfig) -> dict:
+    """The meta.json of the config's episode dataset, or a one-line error: no data.root, no dataset there, or one
+    without an action count."""
     root = cfg.data.root
     if not root:
         raise UsageError("train-wm needs data.root=DIR (or --data DIR): an episode dataset from `run.py collect`")
@@ -45,6 +48,13 @@ def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, R
     if not isinstance(meta.get("num_actions"), int) or meta["num_actions"] < 1:
         raise DataError(f"{root}/meta.json gives no action count (num_actions): collect the dataset again with "
                         "`run.py collect`")
+    return meta
+
+
+def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, ReplayBuffer, dict]:
+    """Replay buffers of the training and held-out episodes of an episode dataset, and its meta (plus `held_out`:
+    the held-out episodes' file names, and `status_vars`: the status tokens beside each frame, or 0)."""
+    root, meta = cfg.data.root, dataset_meta(cfg)
     paths = episode_paths(root)
     lengths = [episode_length(p) for p in paths]
     held, n_eval = 0, 0
@@ -153,8 +163,10 @@ def longest_sequence(cfg: WorldModelConfig) -> tuple[int, str]:
 
 
 def preflight(cfg: WorldModelConfig) -> None:
-    """What `train-wm` would refuse only once it builds the model, refused before the run prints and starts."""
+    """What `train-wm` would refuse only once it reads its data or builds the model, refused before the run prints
+    and starts."""
     check_max_steps(cfg.dynamics, longest_sequence(cfg))
+    dataset_meta(cfg)
 
 
 def build_wm_for(cfg: WorldModelConfig, num_actions: int, device: torch.device, status_vars: int = 0,
@@ -171,6 +183,20 @@ def to_batch(sample: dict, resolution: int, device: torch.device) -> dict:
     out = {k: torch.as_tensor(v, device=device) for k, v in sample.items() if k != "image"}
     out["images"] = frames_to_input(torch.as_tensor(sample["image"], device=device), resolution)
     return out
+
+
+OPEN_LOOP_COLUMNS = ("code_acc", "code_acc_copy", "frame_mse", "frame_mse_copy_decoded", "frame_mse_copy",
+                     "frame_mse_decoder_floor", "reward_mae", "reward_mae_zero", "status_acc", "status_acc_copy")
+
+
+def open_loop_table(result: dict) -> str:
+    """`evaluate_wm`'s metrics as a table: a row per horizon, a column per metric with its baselines beside it."""
+    horizons = sorted({int(k[1:].split("/")[0]) for k in result if k.startswith("h") and "/" in k})
+    cols = [c for c in OPEN_LOOP_COLUMNS if f"h{horizons[0]}/{c}" in result] if horizons else []
+    rows = [f"{'horizon':>7} " + " ".join(f"{c:>{max(10, len(c))}}" for c in cols)]
+    rows += [f"{h:>7} " + " ".join(f"{result.get(f'h{h}/{c}', math.nan):>{max(10, len(c))}.4f}" for c in cols)
+             for h in horizons]  # a value the logs left out (non-finite) shows as nan
+    return "\n".join(rows)
 
 
 @torch.no_grad()
@@ -257,6 +283,11 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
             raise DataError(f"this run reads {status} status tokens beside each frame; the episodes of "
                             f"{cfg.data.root} have {meta['status_vars']}: collect them again")
     wm = build_wm_for(cfg, int(meta["num_actions"]), device, status, restoring=run_dir if resume else None)
+    if not resume and not cfg.encoder.checkpoint and distributed.is_main():
+        print("note: no encoder.checkpoint: a fresh slot encoder trains jointly with the world model "
+              "(encoder.mode=joint), several times slower per step than a frozen pretrained one; `run.py pretrain "
+              "--data DIR` (a VQ preset, e.g. frames_discovery_cpu) and then encoder.checkpoint=RUN is the faster "
+              "path", file=sys.stderr)
     params = [p for p in wm.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.train.lr)
     step = skipped = 0
@@ -285,12 +316,13 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
 
     def evaluate(at: int) -> dict:
         """Evaluate on the held-out episodes; log the scalars and a real | decoded | imagined strip."""
-        result = evaluate_wm(wm, held_out, cfg, device, video=True)
+        with shown(bar, "evaluating on held-out segments"):
+            result = evaluate_wm(wm, held_out, cfg, device, video=True)
         frames = result.pop("_video")[cfg.eval.context - 1::4]  # every 4th step from the last context frame
         strip = torch.from_numpy(np.concatenate(frames, 0)).permute(2, 0, 1) / 255  # 3 H W
         logger.image(at, "wm/real_decoded_imagined", strip)
         logger.scalars(at, result, prefix="eval/")
-        bar.write(f"step {at}: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
+        bar.write(f"step {at}: open-loop prediction on held-out segments\n{open_loop_table(result)}")
         return result
 
     bar = tqdm(total=cfg.train.steps, initial=step, desc="train-wm", disable=not progress, dynamic_ncols=True)

@@ -14,8 +14,9 @@ from torch import nn
 from envs.errors import UsageError
 
 from . import distributed
-from .dynamics import DynamicsConfig, SlotDynamics, dynamics_loss, masked_mean, sample_step
+from .dynamics import DynamicsConfig, SlotDynamics, dynamics_loss, masked_mean
 from .frame_tokenizer import FrameTokenizer, FrameTokenizerConfig
+from .imagined_env import ImaginedEnv
 from .perception import SlotAutoencoder
 from .slots.vq import temperature
 
@@ -209,7 +210,8 @@ class WorldModel(nn.Module):
     @torch.no_grad()
     def open_loop(self, enc: Encoded, actions: torch.Tensor, context: int, horizon: int,
                   temperature: float = 0.0) -> dict:
-        """Predict steps context..context+horizon-1 from the first `context` encoded steps and the real actions.
+        """Predict steps context..context+horizon-1 from the first `context` encoded steps and the real actions
+        (an `ImaginedEnv` stepped with them; temperature 0: the most likely codes).
 
         enc: codes of `b T` real frames (T >= context + horizon); actions `b T` in the episode layout.
         Returns imagined slot codes `b h k v`, frame codes `b h g`, rewards `b h` and continuation probs `b h`."""
@@ -218,24 +220,14 @@ class WorldModel(nn.Module):
             raise ValueError(f"open_loop needs context >= 1, horizon >= 1 and at least context + horizon = "
                              f"{context + horizon} encoded steps and actions, got {context}, {horizon} and "
                              f"{enc.slot_codes.shape[1]}, {actions.shape[1]}")
-        b = actions.shape[0]
         act_after = torch.cat([actions[:, 1:], torch.zeros_like(actions[:, :1])], 1)  # action taken after frame t
-        dyn = self.dynamics
-        cache = dyn.init_cache(b, context + horizon, actions.device, next(dyn.parameters()).dtype)
         frames = enc.frame_codes
-        pred = dyn(enc.slot_codes[:, :context], frames[:, :context] if frames is not None else None,
-                   act_after[:, :context], cache)
-        slots_out, frames_out, rewards, conts = [], [], [], []
-        for h in range(horizon):
-            s, f, r, c = sample_step(pred, temperature)
-            slots_out.append(s)
-            frames_out.append(f)
-            rewards.append(r)
-            conts.append(c)
-            if h + 1 < horizon:
-                t = context + h
-                pred = dyn(s[:, None], f[:, None] if f is not None else None, act_after[:, t:t + 1], cache)
-        return {"slot_codes": torch.stack(slots_out, 1),
+        env = ImaginedEnv(self.dynamics, temperature)
+        env.reset(enc.slot_codes[:, :context], frames[:, :context] if frames is not None else None,
+                  act_after[:, :context], horizon)
+        slots, frames_out, rewards, conts = zip(*(env.step(act_after[:, t])
+                                                  for t in range(context - 1, context - 1 + horizon)))
+        return {"slot_codes": torch.stack(slots, 1),
                 "frame_codes": torch.stack(frames_out, 1) if frames is not None else None,
                 "reward": torch.stack(rewards, 1), "cont": torch.stack(conts, 1)}
 

@@ -1,0 +1,274 @@
+"""Pretraining's data sources: generated CLEVR-like scenes (rendered per batch, or a pool kept on the device), a
+CLEVR v1.0 directory, or the frames of an episode dataset; their training batches (batch i from a seed f(seed, i),
+so a run is reproducible and resumes exactly) and held-out batches (the same for every run)."""
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from envs.clevr import ClevrDataset, SceneGenerator
+from envs.errors import DataError, UsageError
+from envs.episodes import load_frames, read_meta
+
+from . import distributed
+from .config import PretrainConfig
+from .rundir import mixed_seed
+
+TRAIN_STREAM, EVAL_STREAM, POOL_STREAM, SHARD_STREAM = 0, 1, 2, 3
+EVAL_SEED = 2024  # held-out generated scenes are the same for every run, whatever its training seed
+EVAL_CHUNK = 64
+
+
+def stream_seed(seed: int, stream: int, index: int) -> int:
+    """The seed of item `index` of a named random stream."""
+    return mixed_seed(seed, stream, index)
+
+
+class ScenePool:
+    """A fixed set of generated scenes, rendered chunk by chunk as training reaches them and kept as uint8.
+
+    Chunk c always comes from pool-stream seed c, so the pool's scenes do not depend on when they were rendered:
+    a run that fills the pool as it trains holds the same scenes as one that rendered it whole."""
+
+    CHUNK = 256  # scenes rendered together; changing it changes the pool
+
+    def __init__(self, gen: SceneGenerator, size: int, seed: int):
+        self.gen, self.size, self.seed = gen, size, seed
+        self.filled = 0
+        self.data: dict = {}  # images (n 3 h w), targets (n k d), masks (n h w), allocated at the first chunk
+
+    def fill(self, n: int, progress: bool = False) -> None:
+        """Render chunks until the pool holds its first min(n, size) scenes (whole chunks, so possibly more)."""
+        from tqdm import tqdm
+
+        starts = range(self.filled, min(n, self.size), self.CHUNK)
+        if not starts:
+            return
+        for start in tqdm(starts, desc=f"rendering scenes {self.filled}..{min(starts[-1] + self.CHUNK, self.size)} "
+                          f"of a pool of {self.size}", unit="chunk", disable=not progress, dynamic_ncols=True):
+            count = min(self.CHUNK, self.size - start)
+            sb = self.gen.generate(count, stream_seed(self.seed, POOL_STREAM, start // self.CHUNK))
+            # uint8 as stored, so only one chunk is ever held at full precision (float images and int64 masks
+            # of a 70k pool would take ~21 GiB)
+            chunk = {"images": (sb.images * 255).round().to(torch.uint8), "targets": sb.targets,
+                     "masks": sb.masks.to(torch.uint8)}
+            if not self.data:
+                self.data = {k: v.new_empty((self.size, *v.shape[1:])) for k, v in chunk.items()}
+            for k, v in chunk.items():
+                self.data[k][start:start + count] = v
+            self.filled = start + count
+
+    def needs(self, step: int, size: int) -> int:
+        """How many of the pool's first scenes training step `step` (batches of `size`) reads."""
+        return min(self.size, (step + 1) * size)
+
+    def batch(self, size: int, seed: int, step: Optional[int], sharded: bool) -> dict:
+        """Training step `step`'s batch (this rank's share when sharded). While the pool fills, scenes
+        step*size .. (step+1)*size - 1 in order, so each is seen once, as fresh scenes would be; once it is full
+        (or for step None), `size` distinct scenes drawn uniformly from `seed`."""
+        if step is not None and (step + 1) * size <= self.size:
+            self.fill(self.needs(step, size))
+            idx = np.arange(step * size, (step + 1) * size)
+        else:
+            self.fill(self.size)
+            idx = np.random.default_rng(seed).choice(self.size, size=min(size, self.size), replace=False)
+        idx = torch.from_numpy(_share(idx, sharded)).to(self.data["images"].device)
+        return {"images": self.data["images"][idx].float() / 255, "targets": self.data["targets"][idx],
+                "masks": self.data["masks"][idx].long()}
+
+
+class GeneratedScenes:
+    """Procedural CLEVR-like scenes rendered on the training device, batch i from seed f(seed, i).
+
+    With `data.pool=N`, training uses a fixed pool of N scenes (pool stream of `train.seed`), like a finite
+    dataset. The pool is rendered as training reaches it: the first N / batch steps train on its scenes in order,
+    each once (as with fresh scenes), and later steps draw their batches uniformly from the full pool. So the first
+    step waits for one chunk of scenes, not for the whole pool, and a step's batch depends only on its index (a
+    resumed run first renders what its first step needs).
+    """
+
+    def __init__(self, cfg: PretrainConfig, device: torch.device, sharded: bool = False, progress: bool = False,
+                 first_step: int = 0):
+        d = cfg.data
+        self.sharded = sharded
+        self.gen = SceneGenerator(resolution=(d.resolution, d.resolution), min_objects=d.min_objects,
+                                  max_objects=d.max_objects, crop=d.crop, supersample=d.supersample, device=device)
+        self.pool = ScenePool(self.gen, d.pool, cfg.train.seed) if d.pool > 0 else None
+        if self.pool is not None and first_step > 0:
+            self.pool.fill(self.pool.needs(first_step, cfg.train.batch_size), progress)
+
+    def batch(self, size: int, seed: int, step: Optional[int] = None) -> dict:
+        """Batch `size` from `seed`; sharded under torchrun, this rank's share of it. A pool's batch is training
+        step `step`'s (uniform over the whole pool when None), the same global batch at any world size; generated
+        scenes are rendered per rank (from a per-rank seed), so no rank renders the others' share."""
+        if self.pool is not None:
+            return self.pool.batch(size, seed, step, self.sharded)
+        if self.sharded and distributed.world_size() > 1:
+            lo, hi = distributed.shard_bounds(size)
+            size, seed = hi - lo, stream_seed(seed, SHARD_STREAM, distributed.rank())
+        sb = self.gen.generate(size, seed=seed)
+        return {"images": sb.images, "targets": sb.targets, "masks": sb.masks}
+
+
+def check_source(cfg: PretrainConfig) -> None:
+    """Refuse a data source the config cannot feed: a CLEVR or frames source without its root, frames for set
+    prediction."""
+    d = cfg.data
+    if d.source == "clevr" and not d.root:
+        raise UsageError("data.source=clevr needs data.root=DIR pointing at a CLEVR v1.0 root (`eval-ap` takes it as "
+                         "--clevr-root DIR)")
+    if d.source == "frames" and not d.root:
+        raise UsageError("data.source=frames needs data.root=DIR (or --data DIR) made by `run.py collect`")
+    if d.source == "frames" and cfg.task != "discovery":
+        raise UsageError("env frames have no object labels: pretrain on them with task=discovery")
+    if d.source == "frames":
+        read_meta(d.root)  # an episode dataset, or a one-line error before the run prints its config
+
+
+def _share(indices: np.ndarray, sharded: bool) -> np.ndarray:
+    """This rank's slice of a global batch's indices when `sharded` (all of them otherwise). A batch that a small
+    dataset capped at its size drops the few indices that would not split evenly over the ranks."""
+    if not sharded:
+        return indices
+    indices = indices[:len(indices) - len(indices) % distributed.world_size()]
+    lo, hi = distributed.shard_bounds(len(indices))
+    return indices[lo:hi]
+
+
+class ClevrScenes:
+    """A CLEVR v1.0 directory; training batch i draws indices from seed f(seed, i)."""
+
+    def __init__(self, cfg: PretrainConfig, split: str, device: torch.device, max_images: Optional[int] = None,
+                 sharded: bool = False):
+        d = cfg.data
+        self.sharded = sharded
+        check_source(cfg)
+        self.dataset = ClevrDataset(d.root, split=split, resolution=(d.resolution, d.resolution), crop=d.crop,
+                                    max_images=max_images, min_objects=d.min_objects, max_objects=d.max_objects)
+        self.device = device
+        self.num_workers = d.num_workers
+
+    def _load(self, indices) -> dict:
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.dataset, list(indices)),
+                                             batch_size=len(indices), num_workers=self.num_workers)
+        items = next(iter(loader))
+        out = {"images": items["image"], "targets": items["target"], "masks": items.get("mask")}
+        return {k: (v.to(self.device) if v is not None else None) for k, v in out.items()}
+
+    def _indices(self, size: int, seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        return _share(rng.choice(len(self.dataset), size=min(size, len(self.dataset)), replace=False), self.sharded)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batch(self, size: int, seed: int) -> dict:
+        return self._load(self._indices(size, seed))
+
+    def batches(self, size: int, seeds: Iterator[int]) -> Iterator[dict]:
+        """Training batches for a stream of seeds through ONE DataLoader (its workers live for the whole run
+        and decode ahead), batch i being exactly `batch(size, seeds[i])`."""
+        sampler = (self._indices(size, seed).tolist() for seed in seeds)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                                             prefetch_factor=2 if self.num_workers else None)
+        for items in loader:
+            out = {"images": items["image"], "targets": items["target"], "masks": items.get("mask")}
+            yield {k: (v.to(self.device) if v is not None else None) for k, v in out.items()}
+
+    def sequential(self, batch_size: int) -> Iterator[dict]:
+        for start in range(0, len(self.dataset), batch_size):
+            yield self._load(range(start, min(start + batch_size, len(self.dataset))))
+
+
+@functools.lru_cache(maxsize=2)
+def _dataset_frames(root: str) -> torch.Tensor:
+    return torch.from_numpy(load_frames(root)).permute(0, 3, 1, 2).contiguous()  # n 3 h w uint8
+
+
+class EpisodeFrames:
+    """Frames of an episode dataset (`run.py collect`): the last 10% (at most data.eval_images) are held
+    out for evaluation, training batch i draws frames from seed f(seed, i); frames are resized to
+    data.resolution with area averaging when their size differs."""
+
+    def __init__(self, cfg: PretrainConfig, split: str, device: torch.device, sharded: bool = False):
+        d = cfg.data
+        self.sharded = sharded
+        check_source(cfg)
+        frames = _dataset_frames(str(Path(d.root).resolve()))
+        n_eval = min(d.eval_images, len(frames) // 10)
+        if n_eval < 1:  # an evaluation on no frames would report a perfect score
+            raise DataError(f"{d.root} holds {len(frames)} frames: too few to hold out the last 10% for evaluation "
+                            "(collect at least 10 frames)")
+        self.frames = frames[len(frames) - n_eval:] if split == "eval" else frames[:len(frames) - n_eval]
+        self.env = read_meta(d.root)["env"]
+        self.split = [len(frames), n_eval]  # frames in the dataset, the last ones held out
+        self.resolution, self.device = d.resolution, device
+
+    def _load(self, indices) -> dict:
+        images = self.frames[torch.as_tensor(indices)].to(self.device).float() / 255
+        if images.shape[-1] != self.resolution or images.shape[-2] != self.resolution:
+            images = F.interpolate(images, size=(self.resolution, self.resolution), mode="area")
+        return {"images": images}
+
+    def batch(self, size: int, seed: int) -> dict:
+        rng = np.random.default_rng(seed)
+        return self._load(_share(rng.choice(len(self.frames), size=min(size, len(self.frames)), replace=False),
+                                 self.sharded))
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def sequential(self, batch_size: int, max_images: Optional[int] = None) -> Iterator[dict]:
+        n = len(self.frames) if max_images is None else min(max_images, len(self.frames))
+        for start in range(0, n, batch_size):
+            yield self._load(range(start, min(start + batch_size, n)))
+
+
+def make_source(cfg: PretrainConfig, device: torch.device, split: Optional[str] = None, max_images=None,
+                sharded: bool = False, progress: bool = False, first_step: int = 0):
+    """The training data; `sharded`: each batch is this rank's share of the global batch (under torchrun);
+    `first_step`: where training starts (a scene pool renders what that step needs first, with a progress bar
+    when `progress`)."""
+    if cfg.data.source == "clevr":
+        return ClevrScenes(cfg, split or cfg.data.split, device, max_images, sharded)
+    if cfg.data.source == "frames":
+        return EpisodeFrames(cfg, split or "train", device, sharded)
+    return GeneratedScenes(cfg, device, sharded, progress, first_step)
+
+
+def train_batches(source, cfg: PretrainConfig, first_step: int) -> Iterator[dict]:
+    """Training batches i = first_step, first_step + 1, ...: batch i from seed f(train.seed, i) (a scene pool's
+    batch i from its step index while it fills)."""
+    size = cfg.train.batch_size
+    seeds = (stream_seed(cfg.train.seed, TRAIN_STREAM, i) for i in itertools.count(first_step))
+    if isinstance(source, ClevrScenes):
+        yield from source.batches(size, seeds)
+    elif isinstance(source, GeneratedScenes):
+        for step, seed in enumerate(seeds, first_step):
+            yield source.batch(size, seed, step)
+    else:
+        for seed in seeds:
+            yield source.batch(size, seed)
+
+
+def eval_batches(cfg: PretrainConfig, device: torch.device, n_images: int) -> Iterator[dict]:
+    """Held-out data in fixed chunks of EVAL_CHUNK images: generated scenes from the eval stream, the CLEVR eval
+    split, or an episode dataset's held-out frames. Fixed chunks, so an evaluation's slot-initialization noise,
+    and hence its result, is the same however it is called, and the first N images are the same for every N."""
+    if cfg.data.source == "clevr":
+        yield from ClevrScenes(cfg, cfg.data.eval_split, device, max_images=n_images).sequential(EVAL_CHUNK)
+        return
+    if cfg.data.source == "frames":
+        yield from EpisodeFrames(cfg, "eval", device).sequential(EVAL_CHUNK, n_images)
+        return
+    source = GeneratedScenes(replace(cfg, data=replace(cfg.data, pool=0)), device)
+    for i, start in enumerate(range(0, n_images, EVAL_CHUNK)):
+        batch = source.batch(EVAL_CHUNK, stream_seed(EVAL_SEED, EVAL_STREAM, i))
+        yield {k: v[:n_images - start] for k, v in batch.items()}

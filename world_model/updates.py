@@ -1,0 +1,62 @@
+"""What the three training loops (pretrain, train-wm, the agent) share in each update: bf16 autocast on CUDA, a
+guarded optimizer step that skips non-finite losses and gradients, the learning-rate schedule, and the per-row means
+of the update stats."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import distributed
+
+def autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+def guarded_update(loss: torch.Tensor, params: list, opt: torch.optim.Optimizer, grad_clip: float,
+                   stats: dict) -> Optional[str]:
+    """Backward, clip and step unless the loss or the gradient is non-finite: such an update never reaches the
+    weights (or a checkpoint). Returns None, or what was non-finite ("loss" / "gradient"). Under DDP the
+    gradient (all-reduced in backward) and hence the decision are the same on every rank."""
+    opt.zero_grad(set_to_none=True)
+    # Under torchrun every rank must take the same branch (backward all-reduces gradients), so ask all of them.
+    if not distributed.all_true(bool(torch.isfinite(loss)), loss.device):
+        return "loss"
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(params, grad_clip)
+    if not torch.isfinite(grad_norm):
+        opt.zero_grad(set_to_none=True)
+        return "gradient"
+    opt.step()
+    stats["grad_norm"] = grad_norm
+    return None
+
+
+class StepMeans:
+    """Per-key means of the training stats (tensors or numbers) of the updates since the last log row, over their
+    finite values, summed where each lives (no host sync per update). A skipped update's non-finite loss is counted
+    apart, not averaged in; a key with no finite value since the last row is NaN (the logs leave it out), not an
+    old value."""
+
+    def __init__(self):
+        self.sums: dict = {}  # key -> (sum of the finite values, how many)
+
+    def add(self, stats: dict) -> None:
+        for k, v in stats.items():
+            v = torch.as_tensor(v).detach().float()
+            finite = torch.isfinite(v)
+            total, n = self.sums.get(k, (0.0, 0))
+            self.sums[k] = (total + torch.where(finite, v, 0.0), n + finite.float())
+
+    def pop(self) -> dict:
+        means = {k: float(total / n) for k, (total, n) in self.sums.items()}  # 0 / 0: NaN
+        self.sums = {}
+        return means
+
+
+def lr_factor(step: int, warmup: int, decay_rate: float = 1.0, decay_steps: int = 1) -> float:
+    """The learning rate's factor at `step`: linear warmup over `warmup` steps, then exponential decay by `decay_rate`
+    every `decay_steps` (Slot Attention's schedule; the world model warms up only)."""
+    warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    return warm * decay_rate ** (step / decay_steps)
