@@ -306,3 +306,13 @@ def test_the_collector_stores_each_env_in_the_episode_layout_across_autoresets(t
          "is_terminal": [False, False, True]},
         {"image": [[0], [1], [2], [3]], "action": [0, 55, 56, 57], "is_last": [False, False, False, True],
          "is_terminal": [False, False, False, False]}]
+
+
+def test_overlay_blends_the_argmax_segmentation():
+    """overlay colors each pixel by the slot with the LARGEST mask there, blended half and half with the image."""
+    from world_model.decompose import overlay
+    from world_model.visualize import colorize
+
+    masks = torch.tensor([0.1, 0.7, 0.2])[None, :, None, None].expand(1, 3, 2, 2)
+    images = torch.ones(1, 3, 2, 2)
+    torch.testing.assert_close(overlay(images, masks), 0.5 + 0.5 * colorize(torch.ones(1, 2, 2, dtype=torch.long)))

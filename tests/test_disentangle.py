@@ -135,3 +135,15 @@ def test_unlabeled_frames_are_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(dis, "eval_batches", lambda *a, **k: iter([{"images": torch.rand(2, 3, 32, 32)}]))
     with pytest.raises(ValueError, match="no object labels"):
         collect_code_properties(build_model(cfg), cfg, torch.device("cpu"), 2)
+
+
+def test_summary_counts_the_codes_each_variable_uses():
+    """codes_used counts the codes with at least one object: variable 0 uses codes 0 and 2 of 4, variable 1 only
+    code 3; matched_objects is the number of objects (4)."""
+    from world_model.disentangle import code_property_tables, summarize
+
+    codes = np.array([[0, 3], [0, 3], [2, 3], [0, 3]])
+    props = np.array([[0], [0], [1], [0]])
+    s = summarize(code_property_tables(codes, props, 4, ["size"]))
+    assert s["codes_used"] == [2, 1] and s["matched_objects"] == 4
+    assert s["best"][0] == {"variable": 0, "property": "size", "nmi": 1.0} and s["nmi"][1] == {"size": 0.0}

@@ -161,3 +161,29 @@ def test_a_step_cut_short_by_an_interrupt_is_dropped_whole(tmp_path):
     w.flush()
     (ep,) = iter_episodes(tmp_path)
     assert len(ep["image"]) == len(ep["action"]) == 2 and ep["is_last"][-1] and ep["reward"][-1] == 0.5
+
+
+def test_a_lone_first_observation_is_not_written_as_an_episode(tmp_path):
+    """begin() twice for an env (an env reset before it stepped): the first begin's single observation is no
+    episode and is dropped; an episode of one step after it is written as 2 frames."""
+    from envs.episodes import EpisodeWriter, episode_paths
+
+    w = EpisodeWriter(tmp_path, {"env": "toy", "num_actions": 2})
+    frame = np.zeros((2, 2, 3), np.uint8)
+    w.begin(0, frame)
+    w.begin(0, frame)
+    w.step(0, frame, 1, 0.0, terminated=True, truncated=False)
+    assert [p.name for p in episode_paths(tmp_path)] == ["000000-2.npz"] and w.frames == 2
+
+
+def test_a_first_step_records_no_action_reward_or_end():
+    """step_records in the episode layout: a first step holds action 0, reward 0 and no end, whatever the env sent
+    with it; a later step keeps its action, reward, end (terminated or truncated) and terminal flag (terminated)."""
+    from envs.episodes import step_records
+
+    first = np.array([True, False, False])
+    rec = step_records({"image": np.zeros((3, 1), np.uint8)}, np.array([5, 6, 7]), np.array([1.0, 2.0, 3.0]),
+                        np.array([True, True, False]), np.array([False, False, True]), first)
+    assert rec["action"].tolist() == [0, 6, 7] and rec["reward"].tolist() == [0.0, 2.0, 3.0]
+    assert rec["is_last"].tolist() == [False, True, True] and rec["is_terminal"].tolist() == [False, True, False]
+    assert rec["is_first"].tolist() == [True, False, False]

@@ -56,3 +56,28 @@ def test_status_tokens_are_appended_to_the_codes():
 def test_bad_resolution():
     with pytest.raises(ValueError, match="divisible by 8"):
         FrameTokenizer(FrameTokenizerConfig(), resolution=30)
+
+
+def test_frame_token_loss_is_each_frames_mean_squared_error():
+    """The tokenizer's loss per frame is the MEAN squared error over the low-resolution target's 3 x t x t entries:
+    a decoder that draws black against mid-gray frames scores 0.25 (a sum would score 0.25 x 3 x 8 x 8 = 48)."""
+    from recording import Recording
+
+    from world_model.frame_tokenizer import FrameTokenizer, FrameTokenizerConfig
+
+    tok = FrameTokenizer(FrameTokenizerConfig(vars=2, codes=4, channels=4, target=8), 16).eval()
+    tok.decoder = Recording(torch.zeros(3, 3, 8, 8))
+    _, loss = tok(torch.full((3, 3, 16, 16), 0.5), reduce=False)
+    torch.testing.assert_close(loss, torch.full((3,), 0.25))
+
+
+def test_frame_token_gradients_go_through_the_uniform_mixed_softmax():
+    """Straight-through one-hots carry the gradient of probs = (1 - unimix) softmax + unimix / codes: at uniform logits
+    over 4 codes, d onehot_0 / d logits = 0.99 x 1/4 x ([1, 0, 0, 0] - 1/4) = 0.99 x [0.1875, -0.0625, -0.0625, -0.0625]
+    (without the mixing it would lack the 0.99)."""
+    from world_model.frame_tokenizer import FrameTokenizer, FrameTokenizerConfig
+
+    tok = FrameTokenizer(FrameTokenizerConfig(vars=1, codes=4, channels=4, target=8, unimix=0.01), 16).eval()
+    logits = torch.zeros(1, 1, 4, requires_grad=True)
+    tok.onehots(logits)[0, 0, 0].backward()
+    torch.testing.assert_close(logits.grad[0, 0], 0.99 * torch.tensor([0.1875, -0.0625, -0.0625, -0.0625]))

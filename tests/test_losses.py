@@ -1,5 +1,6 @@
 """Hungarian-matched set loss against brute force; decoder and encoder contracts."""
 import itertools
+import math
 
 import pytest
 import torch
@@ -129,3 +130,84 @@ def test_huber_is_linear_beyond_delta():
     pred[0, 0, 0] = 2.0
     loss, _ = hungarian_huber_loss(pred, target)
     assert loss.item() == pytest.approx(1.5 / 19)
+
+
+def test_decoder_composites_each_slots_rgb_by_a_softmax_over_slots():
+    """The decoder's 4 output channels are RGB (0..2) then the mask logit (3); masks are a softmax over the slots and
+    the reconstruction is the mask-weighted SUM of the slots' RGB (alpha compositing), not their mean. Two slots with
+    logits 0 and ln 3: masks 1/4 and 3/4; RGB 0.2 and 0.6: recon 0.05 + 0.45 = 0.5 (the mean would be 0.25)."""
+    from recording import Recording
+
+    from world_model.decoders import SpatialBroadcastDecoder
+
+    dec = SpatialBroadcastDecoder(slot_dim=4, resolution=8, channels=4, init_size=8)
+    out = torch.zeros(2, 4, 8, 8)  # (b k) c h w, b=1, k=2
+    out[0, :3], out[1, :3] = 0.2, 0.6
+    out[0, 3], out[1, 3] = 0.0, math.log(3.0)
+    dec.net = Recording(out)
+    d = dec(torch.zeros(1, 2, 4))
+    torch.testing.assert_close(d.masks[0, :, 0], torch.tensor([0.25, 0.75])[:, None, None].expand(2, 8, 8))
+    torch.testing.assert_close(d.rgb[0, 1], torch.full((3, 8, 8), 0.6))
+    torch.testing.assert_close(d.recon, torch.full((1, 3, 8, 8), 0.5))
+
+
+def test_decoder_broadcasts_slots_with_the_position_grid_y_x_then_1_minus():
+    """Each slot is broadcast over the init grid and the soft position embedding added: with zero slots and an
+    identity projection, the conv stack sees the grid [y, x, 1-y, 1-x] itself (y down the rows, x along the
+    columns): [0,0,1,1] at the top left, [0,1,1,0] at the top right, [1,0,0,1] at the bottom left."""
+    from recording import Recording
+
+    from world_model.decoders import SpatialBroadcastDecoder
+
+    dec = SpatialBroadcastDecoder(slot_dim=4, resolution=8, channels=4, init_size=8)
+    with torch.no_grad():
+        dec.pos.proj.weight.copy_(torch.eye(4))
+        dec.pos.proj.bias.zero_()
+    dec.net = Recording(torch.zeros(2, 4, 8, 8))
+    dec(torch.zeros(1, 2, 4))
+    x = dec.net.seen  # (b k) d h w
+    assert x.shape == (2, 4, 8, 8)
+    torch.testing.assert_close(x[1, :, 0, 0], torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    torch.testing.assert_close(x[1, :, 0, 7], torch.tensor([0.0, 1.0, 1.0, 0.0]))
+    torch.testing.assert_close(x[1, :, 7, 0], torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    torch.testing.assert_close(x[0, :, 3, 5], torch.tensor([3 / 7, 5 / 7, 4 / 7, 2 / 7]))
+
+
+def test_set_prediction_head_squashes_by_a_sigmoid():
+    """The head's 19 entries are a sigmoid of the MLP's output (as Slot Attention), not a clamp: a zero MLP output
+    predicts 0.5 everywhere, an output of ln 3 predicts 0.75."""
+    from world_model.decoders import SetPredictionHead
+
+    head = SetPredictionHead(slot_dim=4, hidden=8)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.zero_()
+    torch.testing.assert_close(head(torch.randn(2, 3, 4)), torch.full((2, 3, 19), 0.5))
+    with torch.no_grad():
+        head.mlp[2].bias.fill_(math.log(3.0))
+    torch.testing.assert_close(head(torch.randn(1, 1, 4)), torch.full((1, 1, 19), 0.75))
+
+
+def test_backbone_maps_images_from_0_1_to_minus_1_1():
+    """The conv stack reads images scaled to [-1, 1]: black is -1, white 1, mid-gray 0."""
+    from recording import Recording
+
+    from world_model.backbone import CNNBackbone
+
+    bb = CNNBackbone(channels=(4,), strides=(1,), kernel=3, out_dim=4)
+    bb.cnn = Recording(torch.zeros(3, 4, 2, 2))
+    bb(torch.stack([torch.zeros(3, 2, 2), torch.ones(3, 2, 2), torch.full((3, 2, 2), 0.5)]))
+    torch.testing.assert_close(bb.cnn.seen[:, 0, 0, 0], torch.tensor([-1.0, 1.0, 0.0]))
+
+
+def test_set_predictor_reads_the_quantized_slots():
+    """With VQ, the set-prediction head reads the quantized slots (`slots`), as every decoder does, not the slot
+    module's raw output (the two differ: the quantizer decodes codes)."""
+    from world_model.config import VQConfig
+    from world_model.perception import SetPredictor
+
+    torch.manual_seed(0)
+    sp = SetPredictor(small_cfg(vq=VQConfig(enabled=True, num_vars=2, num_codes=4)))
+    enc, pred = sp(torch.rand(2, 3, 32, 32))
+    assert not torch.allclose(enc.slots, enc.raw_slots)
+    torch.testing.assert_close(pred, sp.head(enc.slots))

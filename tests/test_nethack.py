@@ -220,3 +220,14 @@ def test_summary_errors(tmp_path):
 def test_bad_args(kwargs, match):
     with pytest.raises(ValueError, match=match):
         NetHackEnv(**kwargs)
+
+
+def test_nethack_summary_max_depth_is_the_deepest_level_reached():
+    """max_depth is the deepest level any episode reached (its max_depth, 3), not where an episode ended (its depth,
+    at most 2); means over 2 episodes: score (10 + 20) / 2, depth (1 + 2) / 2, length (5 + 7) / 2, return (1 + 3) / 2."""
+    from envs.nethack import nethack_summary
+
+    records = [{"score": 10, "depth": 1, "max_depth": 3, "length": 5, "reward": 1.0},
+               {"score": 20, "depth": 2, "max_depth": 2, "length": 7, "reward": 3.0}]
+    assert nethack_summary(records) == {"episodes": 2, "mean_return": 2.0, "mean_score": 15.0, "mean_depth": 1.5,
+                                        "max_depth": 3, "mean_length": 6.0}

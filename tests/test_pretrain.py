@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import run
 from world_model.config import PretrainConfig, load_config
@@ -554,3 +555,38 @@ def test_lr_factor_warms_up_linearly_then_decays_exponentially():
 def test_bench_refuses_overrides_it_would_ignore(capsys):
     assert run.main(["bench", "metrics", "--steps", "1", "train.batch_size=8"]) == 2
     assert "bench metrics takes no key=value overrides (train.batch_size=8)" in capsys.readouterr().err
+
+
+def test_an_update_with_a_non_finite_gradient_is_skipped():
+    """A finite loss whose gradient is not (sqrt at 0): guarded_update reports "gradient", leaves the weight as it was
+    and no gradient behind, and logs no grad_norm."""
+    from world_model.updates import guarded_update
+
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    stats = {}
+    assert guarded_update(torch.sqrt(p).sum(), [p], opt, 1.0, stats) == "gradient"
+    assert p.item() == 0.0 and p.grad is None and "grad_norm" not in stats
+    q = nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD([q], lr=0.5)
+    assert guarded_update((3 * q).sum(), [q], opt, 10.0, stats) is None  # grad 3, within the clip: q = 1 - 1.5
+    assert q.item() == pytest.approx(-0.5) and float(stats["grad_norm"]) == pytest.approx(3.0)
+
+
+def test_discovery_evaluation_mse_is_per_pixel_over_every_image():
+    """evaluate's discovery MSE divides the summed squared error by every pixel entry of every image: two black
+    3x4x4 images reconstructed as mid-gray score 0.25 (per image of the batch it would be 0.5)."""
+    from types import SimpleNamespace
+
+    from world_model.config import PretrainConfig, load_config
+    from world_model.pretrain import evaluate
+
+    class Gray(nn.Module):
+        def forward(self, images):
+            b = images.shape[0]
+            enc = SimpleNamespace(attn=torch.full((b, 2, 16), 0.5))
+            return enc, SimpleNamespace(recon=torch.full_like(images, 0.5), masks=torch.ones(b, 2, 1, 4, 4) / 2)
+
+    cfg = load_config(PretrainConfig, None, ["task=discovery", "train.amp=false"])
+    result = evaluate(Gray(), cfg, torch.device("cpu"), 2, batches=iter([{"images": torch.zeros(2, 3, 4, 4)}]))
+    assert result["images"] == 2 and result["mse"] == pytest.approx(0.25) and result["empty_slots"] == 0

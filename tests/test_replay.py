@@ -410,3 +410,16 @@ def test_a_step_layout_the_sampler_would_misread_is_refused():
         buf.add({"image": np.zeros(2, np.uint8), "action": 0, "reward": 0.0, "is_first": True, "is_last": False,
                  "is_terminal": True})
     assert len(buf) == 0
+
+
+def test_a_step_after_an_episode_end_starts_a_new_episode_even_without_is_first():
+    """`add`: is_first, OR no episode open for the worker, starts an episode; is_last closes it. So worker 0's steps
+    0..2 (step 2 is_last) then 3, 4 (is_first never set) are two episodes, and a segment never spans 2 -> 3."""
+    from agent.replay import ReplayBuffer
+
+    buf = ReplayBuffer(20, {"image": ((1,), np.uint8)})
+    for i in range(5):
+        buf.add({"image": np.array([i], np.uint8), "action": 0, "reward": 0.0, "is_first": i == 0,
+                 "is_last": i == 2, "is_terminal": i == 2})
+    assert [ep["image"][:, 0].tolist() for ep in buf.episodes()] == [[0, 1, 2], [3, 4]]
+    assert buf.num_episodes == 2 and buf.longest_episode() == 3

@@ -424,3 +424,14 @@ def test_damaged_lines_are_blanked_in_place_so_recorded_offsets_hold(tmp_path, c
     assert [r["score"] for r in read_records(path)] == [1, 3, 5]
     blank_damaged(path)  # nothing left to blank: no warning, no change
     assert capsys.readouterr().err == ""
+
+
+def test_a_torn_last_line_is_not_counted_as_damaged(tmp_path, capsys):
+    """read_records(valid=...) drops every line that is not a row with a step, but counts in its warning only the lines before
+    the last (a torn last line is what a killed writer leaves, not damage): one bad middle line -> "dropped 1"."""
+    from envs.jsonl import read_records
+
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1}\n[1, 2]\n{"step": 2}\n{"step": 3, "lo')
+    assert read_records(path, valid=lambda row: isinstance(row.get("step"), int)) == [{"step": 1}, {"step": 2}]
+    assert "dropped 1 damaged line(s)" in capsys.readouterr().err

@@ -475,3 +475,114 @@ def test_eval_wm_says_when_the_held_out_split_moved_since_training(tmp_path, cap
     sorted((root / "episodes").glob("*.npz"))[-1].unlink()  # a training episode is now held out
     assert run.main(["eval-wm", "--checkpoint", str(tmp_path / "r")]) == 0
     assert "held-out split moved since this run trained" in capsys.readouterr().err
+
+
+def test_world_model_loss_shifts_actions_inverts_terminals_and_sums_its_terms(tmp_path, monkeypatch):
+    """WorldModel.loss in the episode layout (action t led to frame t): the dynamics input at step t is the action
+    taken AFTER frame t (actions [[0, 1, 2, 0]] -> [[1, 2, 0, 0]]), continuation targets are 1 - is_terminal, and the
+    loss is the dynamics loss + frame-token reconstruction + slot reconstruction + vq_beta x KL."""
+    import world_model.wm as wm_module
+    from world_model.train_wm import build_wm_for, split_dataset, to_batch
+
+    cfg = wm_cfg(toy_dataset(tmp_path / "d"))
+    train, _, _ = split_dataset(cfg)
+    torch.manual_seed(0)
+    wm = build_wm_for(cfg, 3, torch.device("cpu"))
+    batch = to_batch(train.sample(1, 4, np.random.default_rng(0)), 16, torch.device("cpu"))
+    batch["action"] = torch.tensor([[0, 1, 2, 0]])
+    batch["is_terminal"] = torch.tensor([[False, False, False, True]])
+    seen, real_forward, real_loss = {}, wm.dynamics.forward, wm_module.dynamics_loss
+
+    def forward(slot_codes, frame_codes, actions, *rest):
+        seen["actions"] = actions.clone()
+        return real_forward(slot_codes, frame_codes, actions, *rest)
+
+    def dynamics_loss(pred, slots, frames, reward, continues, *rest):
+        seen["continues"] = continues.clone()
+        seen["dyn_loss"], stats = real_loss(pred, slots, frames, reward, continues, *rest)
+        return seen["dyn_loss"], stats
+
+    monkeypatch.setattr(wm.dynamics, "forward", forward)
+    monkeypatch.setattr(wm_module, "dynamics_loss", dynamics_loss)
+    loss, stats, _ = wm.loss(batch, 0.5)
+    assert seen["actions"].tolist() == [[1, 2, 0, 0]]
+    assert seen["continues"].tolist() == [[1.0, 1.0, 1.0, 0.0]]
+    want = seen["dyn_loss"] + stats["loss_frame_recon"] + stats["loss_slot_recon"] + 0.5 * stats["kl"]
+    assert stats["kl"] > 0 and stats["loss_frame_recon"] > 0
+    torch.testing.assert_close(loss.detach(), want)
+
+
+def test_open_loop_feeds_the_real_action_after_each_imagined_frame(tmp_path, monkeypatch):
+    """open_loop(context=2, horizon=3): the context pass reads the actions taken after frames 0 and 1 (episode-layout
+    actions 1 and 2), then imagined frame 2 goes in with action 3 and imagined frame 3 with action 4."""
+    from world_model.train_wm import build_wm_for, split_dataset, to_batch
+
+    cfg = wm_cfg(toy_dataset(tmp_path / "d"))
+    train, _, _ = split_dataset(cfg)
+    torch.manual_seed(0)
+    wm = build_wm_for(cfg, 6, torch.device("cpu")).eval()
+    batch = to_batch(train.sample(1, 6, np.random.default_rng(0)), 16, torch.device("cpu"))
+    enc = wm.encode(batch["images"])
+    calls, real = [], wm.dynamics.forward
+
+    def forward(slot_codes, frame_codes, actions, *rest):
+        calls.append(actions[0].tolist())
+        return real(slot_codes, frame_codes, actions, *rest)
+
+    monkeypatch.setattr(wm.dynamics, "forward", forward)
+    wm.open_loop(enc, torch.tensor([[0, 1, 2, 3, 4, 5]]), context=2, horizon=3)
+    assert sum(calls, []) == [1, 2, 3, 4]
+
+
+def test_frames_to_input_scales_uint8_to_0_1():
+    """Env frames `b t h w 3` uint8 -> `b t 3 h w` float with 255 -> 1.0 and 51 -> 0.2."""
+    from world_model.wm import frames_to_input
+
+    frames = torch.zeros(1, 2, 2, 2, 3, dtype=torch.uint8)
+    frames[0, 0, ..., 0], frames[0, 1, ..., 2] = 255, 51
+    x = frames_to_input(frames, 2)
+    assert x.shape == (1, 2, 3, 2, 2)
+    torch.testing.assert_close(x[0, 0, 0], torch.ones(2, 2))
+    torch.testing.assert_close(x[0, 1, 2], torch.full((2, 2), 0.2))
+
+
+def test_split_holds_out_the_fewest_last_episodes_reaching_the_fraction(tmp_path):
+    """4 episodes of 10 steps, eval_fraction 0.25: the last episode's 10 steps reach 0.25 x 40 = 10 exactly, so one
+    episode is held out, not two."""
+    from world_model.train_wm import split_dataset
+
+    cfg = wm_cfg(toy_dataset(tmp_path / "d", episodes=4), "data.eval_fraction=0.25")
+    train, held, meta = split_dataset(cfg)
+    assert (len(train), len(held)) == (30, 10) and meta["held_out"] == ["000003-10.npz"]
+
+
+def test_a_frozen_encoder_stays_in_eval_mode_when_the_world_model_trains(tmp_path):
+    """A world model on a frozen (pretrained) encoder: train() puts the dynamics and the frame tokenizer in training
+    mode but keeps the slot autoencoder in eval mode (its quantizer takes the argmax code, not a Gumbel sample), so
+    the codes the dynamics learns from do not change from one update to the next; eval() puts everything in eval."""
+    from world_model.train_wm import build_wm_for
+    from world_model.wm import WorldModel
+
+    cfg = wm_cfg(toy_dataset(tmp_path / "d", episodes=2))
+    joint = build_wm_for(cfg, 3, torch.device("cpu"))
+    frozen = WorldModel(joint.autoencoder, 16, cfg.frame, joint.dynamics.cfg, joint=False).train()
+    assert not frozen.autoencoder.training and not frozen.autoencoder.encoder.vq.training
+    assert frozen.dynamics.training and frozen.frame_tokenizer.training
+    assert not any(p.requires_grad for p in frozen.autoencoder.parameters())
+    joint.train()
+    assert joint.autoencoder.training  # a jointly trained encoder samples its codes in training
+    frozen.eval()
+    assert not frozen.dynamics.training
+
+
+def test_preflight_refuses_a_dynamics_shorter_than_a_training_segment(tmp_path):
+    """The dynamics must hold the longest of a training segment (data.seq_len=10) and an evaluation window
+    (eval.context + max(eval.horizons) = 2 + 3 = 5): max_steps=8 is refused, naming 10 steps."""
+    from envs.errors import UsageError
+    from world_model.train_wm import longest_sequence, preflight
+
+    cfg = wm_cfg(tmp_path, "data.seq_len=10")
+    assert longest_sequence(cfg)[0] == 10
+    with pytest.raises(UsageError, match=r"dynamics.max_steps=8 is shorter than .* \(10 steps"):
+        preflight(cfg)
+    assert longest_sequence(wm_cfg(tmp_path, "data.seq_len=3"))[0] == 5
