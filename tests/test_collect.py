@@ -316,3 +316,19 @@ def test_overlay_blends_the_argmax_segmentation():
     masks = torch.tensor([0.1, 0.7, 0.2])[None, :, None, None].expand(1, 3, 2, 2)
     images = torch.ones(1, 3, 2, 2)
     torch.testing.assert_close(overlay(images, masks), 0.5 + 0.5 * colorize(torch.ones(1, 2, 2, dtype=torch.long)))
+
+
+def test_decomposition_pngs_name_their_columns():
+    """A strip above the grid names each column (input, reconstruction, segmentation, slot i), each label inside its
+    own column: 32-pixel pictures upscaled 4x are 128-pixel columns with 8-pixel gaps."""
+    from world_model.visualize import decomposition_labels, labeled, tile, upscale
+
+    labels = decomposition_labels(recon=True, num_slots=2)
+    assert labels == ["input", "reconstruction", "segmentation", "slot 0", "slot 1"]
+    grid = upscale(tile(torch.full((5, 3, 32, 32), 0.5), nrow=5), 32)
+    out = labeled(grid, labels, 32)
+    assert out.shape == (3, grid.shape[1] + 16, grid.shape[2]) and torch.equal(out[:, 16:], grid)
+    ink = (out[:, :16].mean(0) < 0.5).any(0)  # columns of the strip with text in them
+    for i in range(5):
+        left = 8 + i * (128 + 8)
+        assert ink[left:left + 128].any() and not ink[left - 8:left].any()

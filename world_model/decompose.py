@@ -23,7 +23,7 @@ from .perception import SlotAutoencoder
 from .pretrain import load_run
 from .sources import eval_batches
 from .rundir import check_out_dir, fixed_rng, resolve_device
-from .visualize import colorize, decomposition_grid, save_png, tile, upscale
+from .visualize import colorize, decomposition_grid, decomposition_labels, labeled, save_png, tile, upscale
 from .wm import frames_to_input
 
 VIDEO_SCALE = 4  # frames are upscaled (nearest) so 64x64 games stay legible in the video
@@ -221,7 +221,8 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
                                   None if result["recon"] is None else result["recon"][t:t + 1],
                                   None if result["rgb"] is None else result["rgb"][t:t + 1], max_images=1)
         path = out / f"frame_{t:04d}.png"
-        save_png(upscale(grid, images.shape[-1]), path)
+        labels = decomposition_labels(result["recon"] is not None, result["masks"].shape[1])
+        save_png(labeled(upscale(grid, images.shape[-1]), labels, images.shape[-1]), path)
         written.append(path)
         if writer is not None:
             writer.add_image("slots/decomposition", grid, global_step=t)

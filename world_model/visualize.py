@@ -52,14 +52,40 @@ def decomposition_grid(images: torch.Tensor, masks: torch.Tensor, recon: Optiona
     return tile(rows.flatten(0, 1), nrow=len(cols) + k)
 
 
+def decomposition_labels(recon: bool, num_slots: int) -> list[str]:
+    """The column names of a `decomposition_grid` row."""
+    return ["input", *(["reconstruction"] if recon else []), "segmentation",
+            *(f"slot {i}" for i in range(num_slots))]
+
+
 PNG_MIN_SIDE = 128  # grids are upscaled (nearest) until each picture is at least this many pixels wide
+
+
+def _factor(side: int) -> int:
+    return max(1, -(-PNG_MIN_SIDE // side))
 
 
 def upscale(grid: torch.Tensor, side: int) -> torch.Tensor:
     """Nearest-neighbour upscaling of a `3 H W` grid of `side`-pixel pictures to at least PNG_MIN_SIDE each (PNGs
     and tensorboard pictures of 32-pixel frames stay legible)."""
-    factor = -(-PNG_MIN_SIDE // side)
+    factor = _factor(side)
     return grid if factor <= 1 else F.interpolate(grid[None], scale_factor=factor, mode="nearest")[0]
+
+
+def labeled(grid: torch.Tensor, labels: list[str], side: int, pad: int = 2) -> torch.Tensor:
+    """A `3 H W` grid of `side`-pixel pictures (as `tile` pads them, then `upscale`d) with a white strip above it
+    naming each column (Pillow's built-in font: no font file is read)."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    factor = _factor(side)
+    cell, gap = side * factor, pad * factor
+    strip = Image.new("RGB", (grid.shape[-1], 16), "white")
+    draw, font = ImageDraw.Draw(strip), ImageFont.load_default()
+    for i, text in enumerate(labels):
+        draw.text((gap + i * (cell + gap) + 2, 2), text, fill="black", font=font)
+    header = torch.from_numpy(np.asarray(strip).copy()).permute(2, 0, 1).to(grid.dtype) / 255  # 3 16 W
+    return torch.cat([header, grid.cpu()], 1)
 
 
 def save_png(image: torch.Tensor, path) -> None:
