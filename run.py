@@ -487,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", required=True, help="run directory made by `run.py pretrain`, or by `train-wm` / "
                    "`train` (their slot encoder and decoder; --env crafter or nethack)")
     s.add_argument("--env", choices=["crafter", "nethack", "clevr"], help="where the frames come from (default: "
-                   "the game the run trained on; a run pretrained on generated or CLEVR scenes needs it)")
+                   "the game the run trained on, or clevr for a run pretrained on generated or CLEVR scenes)")
     s.add_argument("--frames", type=int, default=8, help="scenes, or frames of random-policy play (slots carried "
                    "from frame to frame, afresh where an episode ends and the next begins) (default 8)")
     s.add_argument("--out", required=True, help="output directory")
@@ -698,7 +698,11 @@ def _way_back(args) -> str:
     if not RunDir(run_dir).ckpt_path.is_file():
         return (f"; {run_dir} has no checkpoint yet (train.ckpt_every), so there is nothing to resume: remove it to "
                 "start again")
-    return f"; `python {_script()} {args.command} --resume {run_dir}` continues from its last checkpoint"
+    ckpt = RunDir(run_dir).ckpt_path
+    # a --new-replay run stopped before its own first checkpoint: the one it resumed still names the lost replay
+    again = " --new-replay" if getattr(args, "new_replay", False) and ckpt.stat().st_mtime < getattr(args, "started", 0) \
+        else ""
+    return f"; `python {_script()} {args.command} --resume {run_dir}{again}` continues from its last checkpoint"
 
 
 def _script() -> str:
@@ -737,6 +741,7 @@ def main(argv=None) -> int:
         if distributed.launched() and args.command not in ("pretrain", "train"):
             raise UsageError(f"{args.command} runs in one process; under torchrun run `pretrain` or `train` (the agent "
                              "loop, which trains its world model data-parallel)")
+        args.started = time.time()  # a checkpoint older than this is not the stopped run's own
         args.func(args)
         distributed.barrier()  # under torchrun: the others wait for rank 0's final evaluation before leaving
     except (UsageError, FileNotFoundError, PermissionError) as e:  # ConfigError, DataError, RunDirError among them

@@ -28,7 +28,7 @@ from torch.profiler import record_function
 
 from envs.collect import Collector, env_fn
 from envs.errors import DataError, UsageError
-from envs.jsonl import blank_damaged
+from envs.jsonl import count_records, is_episode, keep_records
 from envs.vector import make_vector_env
 from world_model import distributed
 from world_model.config import check_against_checkpoint, save_config
@@ -224,8 +224,9 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                 replay = ReplayBuffer(capacity, spec, seed=rank_seed(t.seed, counters["vector_steps"]),
                                       device=replay_device)
                 counters["ratio_from"] = [counters["env_steps"] + t.prefill, counters["replayed"]]
-                if main:
-                    print(f"note: --new-replay: the replay starts empty; updates pause until env step "
+                if main and counters["env_steps"] < t.env_steps:
+                    print(f"note: --new-replay: the replay starts empty (a saved one is not read); updates pause "
+                          f"until env step "
                           f"{counters['ratio_from'][0]} (train.prefill={t.prefill} steps of the agent's play), then "
                           "keep train.train_ratio", file=sys.stderr)
             else:
@@ -235,10 +236,11 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                 except (DataError, FileNotFoundError) as e:
                     raise DataError(f"{e}: `run.py train --resume {run.path} --new-replay` goes on from the checkpoint "
                                     "with an empty replay") from None
-            if main and "stats_bytes" in state:  # the stopped run's episodes after its checkpoint are not counted
-                rollback_appended(run.path / "stats.jsonl", state["stats_bytes"])
-            if main:
-                blank_damaged(run.path / "stats.jsonl")  # the logged scores read it
+            if main:  # the stopped run's episodes after its checkpoint are not counted; damaged lines are blanked
+                stats = run.path / "stats.jsonl"
+                if "stats_bytes" in state:  # a checkpoint from before records were counted
+                    rollback_appended(stats, state["stats_bytes"])
+                keep_records(stats, state.get("stats_records"), is_episode)
         # a resume whose final evaluation, if the stopped run made it, still holds (the same number of episodes)
         settled = state is not None and state.get("config", {}).get("train", {}).get("eval_episodes") == t.eval_episodes
         state = None  # the checkpoint's tensors are in the models now: not kept for the whole run
@@ -280,7 +282,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                                  "ac_opt": ac.optimizer_state(), "counters": dict(counters), "rng": rng_states(),
                                  "replays": names, "config": asdict(cfg), "num_actions": num_actions,
                                  "status_vars": wm.status_vars,
-                                 "stats_bytes": stats.stat().st_size if stats.is_file() else 0})
+                                 "stats_records": count_records(stats, is_episode)})
             if main:
                 for old in (run.path / "replay").glob("*.npz"):
                     if old.name not in kept:

@@ -38,29 +38,52 @@ def write_records(path: Path, records: list[dict]) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def blank_damaged(path: Path) -> None:
-    """Overwrite, in place and byte for byte, each line of a JSON-lines file that is not a JSON object (a hand edit, a
-    disk that filled, a torn last line) with spaces, with a warning: a resumed run that goes on appending to and
-    reading the file is not stopped by them at its first read, readers skip blank lines, and the byte offsets a
-    checkpoint recorded into the file stay valid."""
+def is_episode(record: dict) -> bool:
+    """A record of an env's episode statistics (stats.jsonl): Crafter's and NetHack's both give the episode's length."""
+    return "length" in record
+
+
+def count_records(path: Path, valid: Callable[[dict], bool]) -> int:
+    """The lines of a JSON-lines file that are JSON objects passing `valid` (0 when there is no file)."""
+    if not path.is_file():
+        return 0
+    return sum(_record(line, valid) for line in path.read_bytes().split(b"\n"))
+
+
+def keep_records(path: Path, count: Optional[int], valid: Callable[[dict], bool]) -> None:
+    """Cut a JSON-lines file that workers append to back to its first `count` valid records (what a checkpoint
+    counted; None: all of them), so that a resumed run counts each record once; the lines among the kept ones that
+    are not valid records (a hand edit, a disk that filled, a torn line) are blanked in place, with a warning, so
+    that they do not stop the run where it reads the file (readers skip blank lines)."""
     if not path.is_file():
         return
-    lines = path.read_bytes().split(b"\n")
-    damaged, offset = [], 0
-    for line in lines:
-        if line.strip() and not _is_object(line):
+    data = path.read_bytes()
+    kept, offset, cut, damaged = 0, 0, len(data), []
+    for line in data.split(b"\n"):
+        if count is not None and kept == count:
+            cut = offset
+            break
+        if _record(line, valid):
+            kept += 1
+        elif line.strip():
             damaged.append((offset, len(line)))
         offset += len(line) + 1
+    with open(path, "r+b") as f:
+        for start, length in damaged:
+            f.seek(start)
+            f.write(b" " * length)
+        f.truncate(min(cut, len(data)))
+        if 0 < cut <= len(data) and data[cut - 1:cut] != b"\n":  # the last kept record's line, ended
+            f.seek(cut)
+            f.write(b"\n")
     if damaged:
-        with open(path, "r+b") as f:
-            for start, length in damaged:
-                f.seek(start)
-                f.write(b" " * length)
         print(f"warning: {path}: dropped {len(damaged)} damaged line(s)", file=sys.stderr)
 
 
-def _is_object(line: bytes) -> bool:
+def _record(line: bytes, valid: Callable[[dict], bool]) -> bool:
+    """Whether a line is a JSON object passing `valid`."""
     try:
-        return isinstance(json.loads(line), dict)
+        record = json.loads(line)
     except ValueError:  # also a UnicodeDecodeError
         return False
+    return isinstance(record, dict) and valid(record)

@@ -290,6 +290,14 @@ def test_a_run_whose_replay_was_lost_resumes_with_a_new_one(tmp_path, capsys):
     assert [r["updates"] for r in metric_rows(rd, after=160) if r["step"] <= refill] == [before["counters"]["updates"]] * 3
     saved = ReplayBuffer.load(rd / after["replays"][0])
     assert len(saved) == saved.steps_added == 2 + 200  # the new first frames, then the 200 steps played since
+    # stopped before its own first checkpoint, a --new-replay run is resumed with the flag again (the checkpoint it
+    # went on from still names the lost replay); once it wrote one, without
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(command="train", run_dir=str(rd), resume=str(rd), new_replay=True)
+    for started, hint in ((time.time() + 60, f"--resume {rd} --new-replay`"), (0, f"--resume {rd}`")):
+        args.started = started
+        assert run._way_back(args).endswith(f"{hint} continues from its last checkpoint")
     with np.load(rd / after["replays"][0]) as f:  # the lost replay's files are gone
         chunks = [c[2] for c in json.loads(str(f["meta"]))["chunks"]]
     assert sorted(p.name for p in (rd / "replay").glob("*")) == sorted([Path(after["replays"][0]).name, *chunks])

@@ -231,6 +231,11 @@ def test_run_directory_guards(tmp_path):
     assert run.load_checkpoint(keys=("wm",))["counters"] == {}
     with pytest.raises(RunDirError, match="latest.pt lacks model, step: it is not a checkpoint of the command"):
         run.load_checkpoint(keys=("model", "step", "wm"))
+    # a log the run appends to that is a folder: one line before any work (env workers would crash on every episode)
+    (tmp_path / "b" / "stats.jsonl").mkdir()
+    with pytest.raises(RunDirError, match="stats.jsonl is a folder, not the log the run appends to: move it away"):
+        RunDir.open(tmp_path / "b", resume=True)
+    (tmp_path / "b" / "stats.jsonl").rmdir()
     # a new run in a directory that holds a checkpoint: the advice names the command whose run it is
     with pytest.raises(RunDirError, match=r"already holds a checkpoint; --resume continues it, or choose another"):
         RunDir.open(tmp_path / "b", resume=False)
@@ -406,24 +411,31 @@ def test_a_long_phase_is_shown_beside_the_progress_bar_then_cleared():
         pass
 
 
-def test_damaged_lines_are_blanked_in_place_so_recorded_offsets_hold(tmp_path, capsys):
-    """On resume, lines of stats.jsonl that are not JSON objects (a hand edit, a torn last line) turn into spaces,
-    byte for byte: the file keeps its size, so the byte count a checkpoint recorded still cuts it at the same
-    record, readers skip the blanks, and what is appended next reads as its own line."""
-    from envs.jsonl import blank_damaged, read_records
+def test_a_resume_keeps_the_episodes_its_checkpoint_counted_and_blanks_damaged_lines(tmp_path, capsys):
+    """On resume, stats.jsonl is cut back to the episode records its checkpoint counted (what the stopped run appended
+    after it goes), and lines among them that are no episode record (a hand edit such as an inserted line or `{}`,
+    binary junk) are blanked in place with a warning: every counted episode stays, once, and readers skip the
+    blanks. Appends then read as lines of their own."""
+    from envs.jsonl import count_records, is_episode, keep_records, read_records
 
     path = tmp_path / "stats.jsonl"
-    text = '{"score": 1}\n{"sco\x00re\n[1, 2]\n{"score": 3}\n{"sc'
-    path.write_text(text)
-    blank_damaged(path)
-    assert path.stat().st_size == len(text.encode()) and path.read_text().index('{"score": 3}') == text.index(
-        '{"score": 3}')
-    assert "dropped 3 damaged line(s)" in capsys.readouterr().err
+    episodes = ['{"length": %d}' % n for n in (1, 2, 3)]
+    path.write_text(f"{episodes[0]}\nGARBAGE not json\n{{}}\n\x00\x01junk\n{episodes[1]}\n{episodes[2]}\n")
+    assert count_records(path, is_episode) == 3
+    keep_records(path, 2, is_episode)  # the checkpoint counted 2: the third came after it
+    assert [r["length"] for r in read_records(path)] == [1, 2]
+    assert count_records(path, is_episode) == 2 and "dropped 3 damaged line(s)" in capsys.readouterr().err
     with open(path, "a") as f:
-        f.write('{"score": 5}\n')
-    assert [r["score"] for r in read_records(path)] == [1, 3, 5]
-    blank_damaged(path)  # nothing left to blank: no warning, no change
-    assert capsys.readouterr().err == ""
+        f.write(episodes[2] + "\n")
+    assert count_records(path, is_episode) == 3
+    path.write_text(f"{episodes[0]}\n{episodes[1]}")  # a last record without its newline: ended, not joined
+    keep_records(path, None, is_episode)
+    with open(path, "a") as f:
+        f.write(episodes[2] + "\n")
+    assert [r["length"] for r in read_records(path)] == [1, 2, 3] and capsys.readouterr().err == ""
+    keep_records(path, 0, is_episode)  # a checkpoint before any episode
+    assert path.read_text() == ""
+
 
 
 def test_a_torn_last_line_is_not_counted_as_damaged(tmp_path, capsys):

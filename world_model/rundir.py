@@ -118,6 +118,11 @@ class RunDir:
             run._check_foreign()
         if distributed.is_main():  # rank 0 only: under torchrun, the others could see its fresh claim
             run._refuse_if_live()  # first: a live run's fresh logs are not leftovers to remove
+        for name in ("metrics.jsonl", "stats.jsonl", "eval_stats.jsonl"):  # the logs a run appends to
+            log = run.path / name
+            if resume and log.exists() and not log.is_file():
+                raise RunDirError(f"{log} is a {'folder' if log.is_dir() else 'special file'}, not the log the run "
+                                  "appends to: move it away and resume")
         if resume and not run.ckpt_path.is_file():
             stale = run._leftovers()
             fix = (f"it holds {', '.join(stale)} of a run that stopped before its first checkpoint: remove "
