@@ -702,6 +702,11 @@ def _way_back(args) -> str:
     # a --new-replay run stopped before its own first checkpoint: the one it resumed still names the lost replay
     again = " --new-replay" if getattr(args, "new_replay", False) and ckpt.stat().st_mtime < getattr(args, "started", 0) \
         else ""
+    from world_model import distributed
+
+    if distributed.launched():  # the same job again: torchrun with the options it was started with
+        return (f"; `torchrun ... {_script()} {args.command} --resume {run_dir}{again}` (with this job's torchrun "
+                "options) continues from its last checkpoint")
     return f"; `python {_script()} {args.command} --resume {run_dir}{again}` continues from its last checkpoint"
 
 

@@ -460,6 +460,22 @@ def test_under_torchrun_one_process_speaks_for_all(monkeypatch, capsys):
     assert not distributed.lost_peer(RuntimeError("CUDA out of memory"))
 
 
+def test_the_resume_hint_of_a_torchrun_job_is_a_torchrun_command(tmp_path, monkeypatch):
+    """Stopped under torchrun, a run is resumed by torchrun with the job's options, not by a plain `python run.py`."""
+    from types import SimpleNamespace
+
+    import run
+    from world_model import distributed
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest.pt").write_bytes(b"")
+    args = SimpleNamespace(command="train", run_dir=str(tmp_path), resume=False)
+    assert run._way_back(args).startswith(f"; `python {run._script()} train --resume {tmp_path}` continues")
+    monkeypatch.setattr(distributed, "launched", lambda: True)
+    assert run._way_back(args) == (f"; `torchrun ... {run._script()} train --resume {tmp_path}` (with this job's "
+                                   "torchrun options) continues from its last checkpoint")
+
+
 def test_a_full_disk_is_one_line(monkeypatch, capsys):
     """Files are written atomically, so a full disk leaves the last checkpoint whole: one line says so, and any other
     OSError keeps its traceback."""
