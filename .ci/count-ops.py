@@ -21,6 +21,7 @@ import agent.train as train  # noqa: E402
 from agent.config import AgentConfig  # noqa: E402
 from agent.replay import ReplayBuffer  # noqa: E402
 from world_model.config import load_config  # noqa: E402
+from world_model.updates import StepMeans  # noqa: E402
 
 VIEWS = {"view", "t", "permute", "unsqueeze", "squeeze", "transpose", "expand", "slice", "as_strided", "detach",
          "_unsafe_view", "select", "split", "split_with_sizes", "unbind", "alias", "reshape"}
@@ -67,7 +68,10 @@ def main(overrides: list[str]) -> None:
     train.train_step(wm, ac, opt, replay, cfg, torch.device("cpu"), 0)  # first update: lazy state out of the way
     counter = Count(label)
     with counter:
-        train.train_step(wm, ac, opt, replay, cfg, torch.device("cpu"), 1)
+        stats = train.train_step(wm, ac, opt, replay, cfg, torch.device("cpu"), 1)
+    label[0] = "log_means"  # the training loop's per-update bookkeeping of these stats for the next log row
+    with counter:
+        StepMeans().add(stats)
     total = sum(sum(c.values()) for c in counter.ops.values())
     print(f"# one agent update, configs/crafter.yaml {' '.join(overrides)} (seq_len {cfg.train.seq_len}, "
           f"horizon {cfg.actor_critic.horizon}): {total} aten ops")

@@ -3,6 +3,7 @@ guarded optimizer step that skips non-finite losses and gradients, the learning-
 of the update stats."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -35,24 +36,36 @@ def guarded_update(loss: torch.Tensor, params: list, opt: torch.optim.Optimizer,
 
 class StepMeans:
     """Per-key means of the training stats (tensors or numbers) of the updates since the last log row, over their
-    finite values, summed where each lives (no host sync per update). A skipped update's non-finite loss is counted
-    apart, not averaged in; a key with no finite value since the last row is NaN (the logs leave it out), not an
-    old value."""
+    finite values. An update's tensor stats are stacked and summed as one vector where they live: a few kernels per
+    update whatever the number of stats, and no host sync until the row. A skipped update's non-finite loss is
+    counted apart, not averaged in; a key with no finite value since the last row is NaN (the logs leave it out),
+    not an old value."""
 
     def __init__(self):
-        self.sums: dict = {}  # key -> (sum of the finite values, how many)
+        self.vectors: dict = {}  # the keys of an update's tensor stats -> (sums `n`, counts `n`) of their finite values
+        self.numbers: dict = {}  # key -> [sum, count] of the finite values of a stat given as a number
 
     def add(self, stats: dict) -> None:
+        tensors = {k: v for k, v in stats.items() if isinstance(v, torch.Tensor)}
         for k, v in stats.items():
-            v = torch.as_tensor(v).detach().float()
-            finite = torch.isfinite(v)
-            total, n = self.sums.get(k, (0.0, 0))
-            self.sums[k] = (total + torch.where(finite, v, 0.0), n + finite.float())
+            if k not in tensors:
+                total = self.numbers.setdefault(k, [0.0, 0])
+                if math.isfinite(v):
+                    total[0], total[1] = total[0] + v, total[1] + 1
+        if tensors:
+            values = torch.stack([v.detach().float().reshape(()) for v in tensors.values()])  # n
+            finite = torch.isfinite(values)
+            total, count = self.vectors.get(tuple(tensors), (0.0, 0.0))
+            self.vectors[tuple(tensors)] = (total + torch.where(finite, values, 0.0), count + finite.float())
 
     def pop(self) -> dict:
-        means = {k: float(total / n) for k, (total, n) in self.sums.items()}  # 0 / 0: NaN
-        self.sums = {}
-        return means
+        sums = {k: list(v) for k, v in self.numbers.items()}
+        for keys, (total, count) in self.vectors.items():
+            for k, t, c in zip(keys, total.tolist(), count.tolist()):  # one host copy per key set
+                s = sums.setdefault(k, [0.0, 0])
+                s[0], s[1] = s[0] + t, s[1] + c
+        self.vectors, self.numbers = {}, {}
+        return {k: t / c if c else math.nan for k, (t, c) in sums.items()}
 
 
 def lr_factor(step: int, warmup: int, decay_rate: float = 1.0, decay_steps: int = 1) -> float:
