@@ -227,7 +227,7 @@ def cmd_eval_ap(args) -> None:
     from envs.errors import DataError, UsageError
     from envs.episodes import check_recorded_root, read_meta
     from world_model.pretrain import evaluate, load_run
-    from world_model.sources import eval_batches
+    from world_model.sources import eval_batches, use_clevr_root
     from world_model.rundir import resolve_device
 
     if args.out:  # before the evaluation: a path it could not write to
@@ -252,10 +252,10 @@ def cmd_eval_ap(args) -> None:
     if args.split and not args.clevr_root and cfg.data.source != "clevr":
         raise UsageError(f"--split picks a split of a CLEVR v1.0 root and {args.checkpoint} trained on "
                          f"data.source={cfg.data.source}: pass --clevr-root DIR too")
-    if args.clevr_root:
-        cfg.data.source, cfg.data.root, cfg.data.eval_split = "clevr", args.clevr_root, args.split or "val"
-    elif args.split:
+    if args.split and not args.clevr_root:
         cfg.data.eval_split = args.split
+    if args.clevr_root or cfg.data.source == "clevr":
+        use_clevr_root(cfg, args.clevr_root, args.checkpoint, args.split)
     n = args.images or cfg.data.eval_images
     result = evaluate(model, cfg, device, n, batches=eval_batches(cfg, device, n))
     source = {"generated": "generated scenes", "clevr": f"CLEVR {cfg.data.root} split {cfg.data.eval_split}, scenes "
@@ -275,7 +275,7 @@ def cmd_eval_ap(args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"{cfg.task} {cfg.model.slots}{'+vq' if cfg.model.vq.enabled else ''} step {state['step']} "
-          f"on {result['images']} images ({result['data']}); AP, accuracies, objectness and FG-ARI in %:")
+          f"on {result['images']} images ({result['data']}); {_units(result)}:")
     rows = [[k for k in result if k.startswith("AP_")], [k for k in result if k.startswith("acc_")] +
             [k for k in ("coord_err", "objectness", "fg_ari", "mse", "empty_slots") if k in result]]
     for keys in filter(None, rows):
@@ -283,6 +283,17 @@ def cmd_eval_ap(args) -> None:
         print("  ".join(f"{k:>{w}}" for k, w in zip(keys, widths)))
         print("  ".join(f"{result[k]:{w}.{5 if k == 'mse' else 2}f}" for k, w in zip(keys, widths)))
     print(f"written to {out}")
+
+
+def _units(result: dict) -> str:
+    """What eval-ap's numbers are in, for the ones it has."""
+    percent = [name for name, present in (("AP", "AP_inf" in result), ("accuracies", "acc_size" in result),
+                                          ("objectness", "objectness" in result), ("FG-ARI", "fg_ari" in result))
+               if present]
+    others = [text for key, text in (("coord_err", "coord_err in scene units"), ("mse", "mse of pixel values in [0, 1]"),
+                                     ("empty_slots", "empty_slots per image")) if key in result]
+    return "; ".join(([" and ".join([", ".join(percent[:-1]), percent[-1]] if percent[1:] else percent) + " in %"]
+                      if percent else []) + others)
 
 
 def cmd_generate(args) -> None:
@@ -311,12 +322,14 @@ def cmd_visualize(args) -> None:
     if args.codes:
         from world_model.disentangle import disentanglement
 
-        summary = disentanglement(args.checkpoint, args.out, n_images=args.images, device=args.device)
+        summary = disentanglement(args.checkpoint, args.out, n_images=args.images, device=args.device,
+                                  clevr_root=args.clevr_root)
     else:
         from world_model.decompose import visualize
 
         summary = visualize(args.checkpoint, args.env, args.out, frames=args.frames, seed=args.seed,
-                            device=args.device, edit=tuple(args.edit) if args.edit else None)
+                            device=args.device, edit=tuple(args.edit) if args.edit else None,
+                            clevr_root=args.clevr_root)
     print(json.dumps(summary, indent=2))
 
 
@@ -436,8 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "on held-out generated scenes; --clevr-root evaluates on a real CLEVR v1.0 directory.")
     s.add_argument("--checkpoint", required=True, help="run directory made by `run.py pretrain`")
     s.add_argument("--clevr-root", help="CLEVR v1.0 root (images/<split>/*.png, scenes/CLEVR_<split>_scenes.json)")
-    s.add_argument("--split", help="CLEVR split to evaluate on (default: val with --clevr-root; a run trained on "
-                   "CLEVR on disk: its data.eval_split)")
+    s.add_argument("--split", help="CLEVR split to evaluate on (default: a run trained on CLEVR on disk, its "
+                   "data.eval_split; otherwise val)")
     s.add_argument("--data", help="for a run pretrained on game frames: the episode dataset whose held-out frames it "
                                   "is evaluated on (default: its data.root)")
     s.add_argument("--images", type=int, help="number of evaluation images (default data.eval_images; fed in "
@@ -488,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "`train` (their slot encoder and decoder; --env crafter or nethack)")
     s.add_argument("--env", choices=["crafter", "nethack", "clevr"], help="where the frames come from (default: "
                    "the game the run trained on, or clevr for a run pretrained on generated or CLEVR scenes)")
+    s.add_argument("--clevr-root", help="show scenes of this CLEVR v1.0 directory (for a run trained on CLEVR on disk "
+                   "whose data moved, or on another copy; its split: the run's data.eval_split, else val)")
     s.add_argument("--frames", type=int, default=8, help="scenes, or frames of random-policy play (slots carried "
                    "from frame to frame, afresh where an episode ends and the next begins) (default 8)")
     s.add_argument("--out", required=True, help="output directory")
@@ -710,6 +725,21 @@ def _way_back(args) -> str:
     return f"; `python {_script()} {args.command} --resume {run_dir}{again}` continues from its last checkpoint"
 
 
+def _after_data_error(args, error: Exception) -> str:
+    """For data found bad mid-run (a file a batch first reached), once this call wrote a checkpoint: how it goes on."""
+    from envs.errors import DataError
+
+    if not isinstance(error, DataError) or args.command not in ("pretrain", "train", "train-wm"):
+        return ""
+    from world_model.rundir import RunDir
+
+    run_dir = getattr(args, "run_dir", None) or (args.resume if isinstance(getattr(args, "resume", None), str) else None)
+    ckpt = RunDir(run_dir).ckpt_path if run_dir else None
+    if ckpt is None or not ckpt.is_file() or ckpt.stat().st_mtime < getattr(args, "started", float("inf")):
+        return ""
+    return f" (the run is kept: fix the data, then{_way_back(args)[1:]})"
+
+
 def _script() -> str:
     """This file as the user can run it from the working directory: `run.py` from the project root."""
     here = Path(__file__).resolve()
@@ -751,7 +781,7 @@ def main(argv=None) -> int:
         distributed.barrier()  # under torchrun: the others wait for rank 0's final evaluation before leaving
     except (UsageError, FileNotFoundError, PermissionError) as e:  # ConfigError, DataError, RunDirError among them
         if node_first or distributed.active():
-            say(f"error: {e}")
+            say(f"error: {e}{_after_data_error(args, e)}")
         return 2
     except BrokenPipeError:  # output piped into a reader that stopped (`run.py config | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit

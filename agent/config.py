@@ -19,7 +19,7 @@ class EnvConfig:
     envs_per_worker: int = 1
     asynchronous: bool = True  # worker processes (crash-resilient); false = in-process
     size: int = 64  # image side in pixels
-    max_episode_steps: int = 0  # 0 = the game's own limit (Crafter 10000, NetHack 10000)
+    max_episode_steps: int = 0  # 0 = the env class's default (Crafter 10000, NetHack 10000)
 
 
 @dataclass

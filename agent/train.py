@@ -33,7 +33,7 @@ from envs.vector import make_vector_env
 from world_model import distributed
 from world_model.config import check_against_checkpoint, save_config
 from world_model.updates import StepMeans, autocast, guarded_update
-from world_model.rundir import (MetricLogger, evaluation_due, fixed_rng, note_if_finished, rank_seed,
+from world_model.rundir import (MetricLogger, evaluation_due, fixed_rng, resumed_length, rank_seed,
                                 restore_rng, rng_states, rollback_appended, shown, start_run,
                                 stopped_evaluation)
 from world_model.frame_tokenizer import status_vars
@@ -219,7 +219,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             if was.get("train_ratio", t.train_ratio) != t.train_ratio:  # the new ratio holds from here
                 counters["ratio_from"] = [counters["env_steps"], counters["replayed"]]
             restore_rng(state["rng"], t.seed, counters["vector_steps"])
-            t.env_steps = note_if_finished(counters["env_steps"], t.env_steps, "train.env_steps", state)
+            t.env_steps = resumed_length(counters["env_steps"], t.env_steps, "train.env_steps", state)
             if new_replay:  # the train ratio holds again from the refill's end
                 replay = ReplayBuffer(capacity, spec, seed=rank_seed(t.seed, counters["vector_steps"]),
                                       device=replay_device)

@@ -532,38 +532,49 @@ class ClevrDataset(torch.utils.data.Dataset):
         self.filenames = [s["image_filename"] for s in scenes]
         mask_dir = root / "masks" / split
         self.mask_dir = mask_dir if mask_dir.is_dir() else None
+        for what, folder in (("images", self.image_dir), ("masks", self.mask_dir)):  # now, not mid-run
+            if folder is not None:
+                present = {p.name for p in folder.iterdir()}
+                missing = [f for f in self.filenames if f not in present]
+                if missing:
+                    raise DataError(f"{len(missing)} of the {len(self.filenames)} {what} that {scenes_path.name} lists "
+                                    f"are not in {folder} (the first: {missing[0]}); restore them, or {_FIX}")
         if isinstance(resolution, int):  # a square, as data.resolution gives it
             resolution = (resolution, resolution)
         self.resolution = (int(resolution[0]), int(resolution[1]))
-        u0, u1, v0, v1 = CROP_WINDOW if crop else (0.0, 1.0, 0.0, 1.0)
-        self.box = (u0 * FRAME_W, v0 * FRAME_H, u1 * FRAME_W, v1 * FRAME_H)
+        self.window = CROP_WINDOW if crop else (0.0, 1.0, 0.0, 1.0)  # u0 u1 v0 v1, fractions of the frame
 
     def __len__(self) -> int:
         return len(self.filenames)
 
     def _load(self, path: Path, what: str) -> Image.Image:
-        """Open a 480x320 PNG or raise DataError naming the file."""
+        """Open a PNG of CLEVR's 3:2 frame (480x320, or a resized copy) or raise DataError naming the file."""
         if not path.is_file():
             raise DataError(f"CLEVR {what} {path} not found: {_LAYOUT_HINT}")
         try:
             with Image.open(path) as img:
-                if img.size != (FRAME_W, FRAME_H):
-                    raise DataError(f"{path} is {img.size[0]}x{img.size[1]} but CLEVR v1.0 {what}s are "
-                                    f"{FRAME_W}x{FRAME_H}; use the original files or regenerate them with "
+                if img.size[0] * FRAME_H != img.size[1] * FRAME_W:
+                    raise DataError(f"{path} is {img.size[0]}x{img.size[1]}, not CLEVR v1.0's 3:2 frame "
+                                    f"({FRAME_W}x{FRAME_H}); use the original files or regenerate them with "
                                     f"`python run.py generate --out DIR`")
                 img.load()
         except (OSError, SyntaxError) as e:  # PIL: truncated or unidentifiable image data
             raise DataError(f"CLEVR {what} {path} is damaged ({str(e).splitlines()[0]}); {_FIX}") from None
         return img
 
+    def _box(self, img: Image.Image) -> tuple[float, float, float, float]:
+        """The crop window in `img`'s pixels."""
+        u0, u1, v0, v1 = self.window
+        return (u0 * img.size[0], v0 * img.size[1], u1 * img.size[0], v1 * img.size[1])
+
     def __getitem__(self, i: int) -> dict:
         h, w = self.resolution
         img = self._load(self.image_dir / self.filenames[i], "image").convert("RGB")
-        img = img.resize((w, h), Image.Resampling.BILINEAR, box=self.box)
+        img = img.resize((w, h), Image.Resampling.BILINEAR, box=self._box(img))
         item = {"image": torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1),
                 "target": self.targets[i]}
         if self.mask_dir is not None:
             mask = self._load(self.mask_dir / self.filenames[i], "mask")
-            mask = mask.resize((w, h), Image.Resampling.NEAREST, box=self.box)
+            mask = mask.resize((w, h), Image.Resampling.NEAREST, box=self._box(mask))
             item["mask"] = torch.from_numpy(np.asarray(mask, dtype=np.int64))
         return item

@@ -46,14 +46,21 @@ class Collector:
         self.first = np.ones(self.n, bool)
         none = np.zeros(self.n)
         self.sink.add_steps(step_records(self.obs, none, none, none, none, self.first), range(self.n))
-        self.ended = np.zeros(self.n, bool)  # the last step ended the episode (the next one resets it)
+        self.resets = np.zeros(self.n, bool)  # the venv resets these envs on the next step
 
     def step(self, actions: np.ndarray) -> None:
         raw, rewards, terms, truncs, _ = self.venv.step(actions)
         self.obs = self._kept(raw)
-        self.sink.add_steps(step_records(self.obs, actions, rewards, terms, truncs, self.ended), range(self.n))
-        self.first, self.ended = self.ended, np.logical_or(terms, truncs) & ~self.ended
-        self.episodes += int(self.ended.sum())
+        self.first, self.resets = self.resets, np.logical_or(terms, truncs)
+        steps = step_records(self.obs, actions, rewards, terms, truncs, self.first)
+        # A first step that ends at once is a worker that failed while resetting the env (`ResilientVectorEnv`):
+        # its frame is the last episode's, so nothing of it is stored, and the next step is a first one again.
+        kept = ~(self.first & self.resets)
+        if kept.all():
+            self.sink.add_steps(steps, range(self.n))
+        elif kept.any():
+            self.sink.add_steps({k: v[kept] for k, v in steps.items()}, np.flatnonzero(kept).tolist())
+        self.episodes += int((self.resets & ~self.first).sum())
 
 
 def make_env(name: str, **kwargs) -> gym.Env:

@@ -96,7 +96,9 @@ class EpisodeWriter:
         self.dir = self.root / "episodes"
         self.meta = _joined_meta(self.root, meta)  # checked now: a wrong directory is refused before any env runs
         self.buffers: dict[int, dict[str, list]] = {}
-        self.count = len(list(self.dir.glob("*.npz"))) if self.dir.is_dir() else 0
+        held = [episode_index(p) for p in self.dir.glob("*.npz")] if self.dir.is_dir() else []
+        self.count = len(held)  # episodes in the dataset
+        self.next_index = max(held, default=-1) + 1  # past every file there: a removed episode frees no number
         self.frames = 0
 
     def begin(self, env: int, obs: Any) -> None:
@@ -143,8 +145,9 @@ class EpisodeWriter:
             self.dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.root / "meta.json", lambda f: f.write(json.dumps(self.meta, indent=2).encode()))
             self.meta = None
-        atomic_write(self.dir / f"{self.count:06d}-{length}.npz", lambda f: np.savez_compressed(f, **arrays))
+        atomic_write(self.dir / f"{self.next_index:06d}-{length}.npz", lambda f: np.savez_compressed(f, **arrays))
         self.count += 1
+        self.next_index += 1
         self.frames += length
 
     def flush(self) -> None:
@@ -187,22 +190,44 @@ def read_meta(root: Union[str, Path]) -> dict:
     return meta
 
 
-def episode_length(path: Path) -> int:
-    """The step count in an episode file's name (`<index>-<steps>.npz`, as `EpisodeWriter` names them)."""
+def _name_numbers(path: Path) -> tuple[int, int]:
+    """(index, steps) from an episode file's name, `<index>-<steps>.npz` as `EpisodeWriter` names them."""
     try:
-        return int(path.stem.rsplit("-", 1)[1])
-    except (IndexError, ValueError):
+        index, steps = path.stem.split("-")
+        return int(index), int(steps)
+    except ValueError:
         raise DataError(f"{path}: not an episode file name of `run.py collect` (<index>-<steps>.npz); move other "
                         "files out of the episodes directory") from None
 
 
+def episode_index(path: Path) -> int:
+    """An episode file's number: its place in the order the dataset's episodes were written."""
+    return _name_numbers(path)[0]
+
+
+def episode_length(path: Path) -> int:
+    """The step count in an episode file's name."""
+    return _name_numbers(path)[1]
+
+
 def episode_paths(root: Union[str, Path]) -> list[Path]:
-    """A dataset's episode files in the order they were written."""
+    """A dataset's episode files in the order they were written (by number: 1000000 comes after 999999)."""
     read_meta(root)
-    paths = sorted((Path(root) / "episodes").glob("*.npz"))
+    paths = sorted((Path(root) / "episodes").glob("*.npz"), key=episode_index)
     if not paths:
         raise DataError(f"{root}/episodes holds no .npz episodes; collect some with `run.py collect`")
     return paths
+
+
+def held_out_episodes(lengths: list[int], fraction: float) -> int:
+    """How many of the last episodes (of these step counts, in order) are held out for evaluation: those that hold
+    `fraction` of the steps, at least one and never all. World-model training and pretraining on the frames split a
+    dataset alike, so a pretrained encoder has not seen the frames a world model is evaluated on."""
+    held, n = 0, 0
+    while n < len(lengths) - 1 and (n == 0 or held < fraction * sum(lengths)):
+        n += 1
+        held += lengths[-n]
+    return n
 
 
 def load_episode(path: Union[str, Path]) -> dict[str, np.ndarray]:

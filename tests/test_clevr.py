@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -321,6 +322,33 @@ def test_wrong_image_size(tmp_path):
     _fake_clevr(tmp_path, size=(320, 240))
     message = _error(tmp_path)
     assert "CLEVR_val_000000.png" in message and "320x240" in message and "480x320" in message
+
+
+def test_a_resized_copy_of_the_frame_reads_as_the_original(tmp_path):
+    """A 240x160 copy (CLEVR's 3:2 frame, resized) gives what the 480x320 original gives, cropped too, with its
+    window in its own pixels."""
+    from envs.clevr import write_dataset
+
+    write_dataset(tmp_path / "full", 1, split="val", seed=0, batch_size=1)
+    small = tmp_path / "small"
+    shutil.copytree(tmp_path / "full", small)
+    for folder in ("images", "masks"):
+        png = small / folder / "val" / "CLEVR_val_000000.png"
+        with Image.open(png) as img:
+            img.resize((240, 160), Image.Resampling.BOX if folder == "images" else Image.Resampling.NEAREST).save(png)
+    for crop in (False, True):
+        a, b = (ClevrDataset(root, split="val", resolution=(16, 16), crop=crop)[0] for root in (tmp_path / "full", small))
+        assert (a["image"] - b["image"]).abs().mean() < 0.02 and (a["mask"] == b["mask"]).float().mean() > 0.9
+
+
+def test_images_the_scenes_list_but_the_folder_lacks_are_refused_at_once(tmp_path):
+    """Found when the dataset is opened (before a run's first step), not when a batch first reaches them."""
+    _fake_clevr(tmp_path, scenes=[{"image_filename": f"CLEVR_val_{i:06d}.png", "objects": [{
+        "3d_coords": [0.5, -1.0, 0.35], "pixel_coords": [240, 160, 10.0], "size": "small", "material": "metal",
+        "shape": "sphere", "color": "red"}]} for i in range(3)])
+    with pytest.raises(DataError, match=r"2 of the 3 images that CLEVR_val_scenes.json lists are not in .*images/val "
+                       r"\(the first: CLEVR_val_000001.png\)"):
+        ClevrDataset(tmp_path, split="val")
 
 
 def test_damaged_image_and_empty_scene_list(tmp_path):

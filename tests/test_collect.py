@@ -3,6 +3,7 @@ import json
 import os
 import signal
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -306,6 +307,60 @@ def test_the_collector_stores_each_env_in_the_episode_layout_across_autoresets(t
          "is_terminal": [False, False, True]},
         {"image": [[0], [1], [2], [3]], "action": [0, 55, 56, 57], "is_last": [False, False, False, True],
          "is_terminal": [False, False, False, False]}]
+
+
+class ResetFailsOnce(gym.Env):
+    """Episodes of `length` steps whose frame is the step count; the second reset raises once (`flag` file)."""
+    observation_space = gym.spaces.Box(0, 255, (1,), np.uint8)
+    action_space = gym.spaces.Discrete(9)
+
+    def __init__(self, length, flag=None):
+        self.length, self.flag, self.resets = length, flag, 0
+
+    def reset(self, seed=None, options=None):
+        self.resets += 1
+        if self.flag and self.resets == 2 and not os.path.exists(self.flag):
+            open(self.flag, "w").close()
+            raise ValueError("boom: injected reset failure")
+        self.t = 0
+        return np.array([0], np.uint8), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.array([self.t], np.uint8), float(self.t), self.t == self.length, False, {}
+
+
+def test_a_worker_failing_while_it_resets_an_env_neither_stores_its_stale_frame_nor_joins_two_episodes(tmp_path):
+    """Env 0 ends at step 2 and its worker fails on the reset that follows, while env 1 (same worker) is mid-episode.
+    The vector env answers that step with the last frames, truncated. Env 1's episode ends there as truncated; env 0's
+    answer is a first step that ends at once: nothing of it is stored, and the step after is a first step again (a
+    fresh episode, not the continuation of a stale frame)."""
+    from functools import partial
+
+    class Recorder:
+        def __init__(self):
+            self.rows = {0: [], 1: []}
+
+        def add_steps(self, steps, workers):
+            for row, env in enumerate(workers):
+                self.rows[env].append((int(steps["image"][row, 0]), bool(steps["is_first"][row]),
+                                       bool(steps["is_last"][row])))
+
+    venv = ResilientVectorEnv([partial(ResetFailsOnce, 2, str(tmp_path / "failed")), partial(ResetFailsOnce, 3)],
+                              envs_per_worker=2)
+    collector, firsts = Collector(venv, Recorder()), []
+    collector.reset(seed=0)
+    with pytest.warns(RuntimeWarning, match="boom: injected reset failure"):
+        for _ in range(7):
+            collector.step(np.zeros(2, np.int64))
+            firsts.append(collector.first.tolist())
+    venv.close()
+    assert collector.sink.rows[0] == [(0, True, False), (1, False, False), (2, False, True),  # the failed reset: none
+                                      (0, True, False), (1, False, False), (2, False, True), (0, True, False)]
+    assert collector.sink.rows[1] == [(0, True, False), (1, False, False), (2, False, False), (2, False, True),
+                                      (0, True, False), (1, False, False), (2, False, False), (3, False, True)]
+    assert [f[0] for f in firsts] == [False, False, True, True, False, False, True]  # what the policy is told
+    assert collector.episodes == 2 + 2
 
 
 def test_overlay_blends_the_argmax_segmentation():

@@ -189,6 +189,8 @@ def test_run_directories_of_another_command_are_named_as_such(tmp_path, capsys):
     for name, schema in (("p", PretrainConfig), ("w", WorldModelConfig), ("a", AgentConfig)):
         (tmp_path / name).mkdir()
         save_config(load_config(schema), tmp_path / name / "config.yaml")
+    (tmp_path / "p" / "checkpoints").mkdir()
+    (tmp_path / "p" / "checkpoints" / "latest.pt").write_bytes(b"")
     dataset = tmp_path / "d"  # what `run.py collect` makes
     (dataset / "episodes").mkdir(parents=True)
     (dataset / "meta.json").write_text("{}")
@@ -200,6 +202,9 @@ def test_run_directories_of_another_command_are_named_as_such(tmp_path, capsys):
              (["train", "--resume", str(tmp_path / "w")], "is a run of `run.py train-wm`; this needs a run of `run.py train`"),
              (["pretrain", "--resume", "--run-dir", str(tmp_path / "none")], "no run at"),
              (["eval-ap", "--checkpoint", str(dataset)], f"no run at {dataset} (an episode dataset (meta.json, "),
+             (["eval-ap", "--checkpoint", str(tmp_path / "p" / "checkpoints" / "latest.pt")],
+              f"latest.pt is a file: pass the run directory (the folder holding config.yaml and checkpoints/), "
+              f"{tmp_path / 'p'}"),
              (["train", "--resume", str(tmp_path / "a"), "--run-dir", str(tmp_path / "p")], "contradicts it")]
     for argv, message in cases:
         assert run.main(argv) == 2, argv
@@ -507,3 +512,10 @@ def test_sizes_that_fail_only_when_the_model_is_built_are_refused_at_load():
     with pytest.raises(ConfigError, match="data.resolution=48 is not model.decoder_init=8 times a power of 2"):
         load_config(PretrainConfig, None, ["task=discovery", "data.resolution=48"])
     load_config(PretrainConfig, None, ["task=setpred", "data.resolution=48"])  # no decoder
+    with pytest.raises(ConfigError, match="data.crop=true cuts CLEVR's object-discovery window"):
+        load_config(PretrainConfig, None, ["task=discovery", "data.source=frames", "data.root=/x", "data.crop=true"])
+    with pytest.raises(ConfigError, match="frame.target=10 must be a multiple of 4"):
+        load_config(AgentConfig, None, ["frame.target=10"])
+    with pytest.raises(ConfigError, match="encoder.resolution=48 is not encoder.model.decoder_init=8 times"):
+        load_config(AgentConfig, None, ["encoder.resolution=48"])
+    load_config(AgentConfig, None, ["encoder.checkpoint=/x", "encoder.resolution=48"])  # the pretrained run's is used

@@ -42,6 +42,35 @@ def test_writer_layout_two_envs(tmp_path):
     assert read_meta(tmp_path)["env"] == "toy"
 
 
+def _write_episodes(root, values):
+    w = EpisodeWriter(root, {"env": "toy"})
+    for v in values:
+        w.begin(0, _frame(v))
+        w.step(0, _frame(v), action=1, reward=float(v), terminated=True, truncated=False)
+    return w
+
+
+def test_episodes_added_after_one_was_removed_take_new_numbers_and_keep_their_order(tmp_path):
+    """Removing an episode file (what a damaged one's error advises) must not make the next collection write over a
+    live one: numbers continue past the highest. The order is by number, also past 999999."""
+    _write_episodes(tmp_path, [0, 1, 2])
+    (tmp_path / "episodes" / "000000-2.npz").unlink()
+    w = _write_episodes(tmp_path, [99])
+    assert w.count == 3 and w.next_index == 4
+    assert [p.name for p in episode_paths(tmp_path)] == ["000001-2.npz", "000002-2.npz", "000003-2.npz"]
+    assert [e["reward"][-1] for e in iter_episodes(tmp_path)] == [1.0, 2.0, 99.0]
+    for name in ("000001-2.npz", "000002-2.npz", "000003-2.npz"):
+        (tmp_path / "episodes" / name).unlink()
+    _write_episodes(tmp_path, [7])
+    (tmp_path / "episodes" / "000000-2.npz").rename(tmp_path / "episodes" / "999999-2.npz")
+    w = _write_episodes(tmp_path, [8])
+    assert w.next_index == 1_000_001
+    assert [p.name for p in episode_paths(tmp_path)] == ["999999-2.npz", "1000000-2.npz"]
+    (tmp_path / "episodes" / "notes-x.npz").write_bytes(b"")
+    with pytest.raises(DataError, match="notes-x.npz: not an episode file name"):
+        EpisodeWriter(tmp_path, {"env": "toy"})
+
+
 def test_flush_cuts_running_episodes_and_dict_obs(tmp_path):
     w = EpisodeWriter(tmp_path, {"env": "toy"})
     obs = lambda v: {"image": _frame(v), "stats": np.arange(3, dtype=np.float32) + v}  # noqa: E731
@@ -128,14 +157,17 @@ def test_frames_source_split_and_resize(tmp_path):
     root = _toy_dataset(tmp_path / "data")
     cfg = tiny_cfg("task=discovery", "data.source=frames", f"data.root={root}", "data.eval_images=4")
     train, held = EpisodeFrames(cfg, "train", torch.device("cpu")), EpisodeFrames(cfg, "eval", torch.device("cpu"))
-    assert len(train.frames) == 44 and len(held.frames) == 4
+    assert len(train.frames) == 36 and len(held.frames) == 12  # the last episode, as train-wm holds it out
+    assert [len(b["images"]) for b in held.sequential(3, max_images=cfg.data.eval_images)] == [3, 1]
+    two = tiny_cfg("task=discovery", "data.source=frames", f"data.root={root}", "data.eval_fraction=0.3")
+    assert len(EpisodeFrames(two, "eval", torch.device("cpu")).frames) == 24  # 12 frames are not 30% of 48
     batch = train.batch(5, seed=1)
     assert batch["images"].shape == (5, 3, 32, 32) and 0 <= batch["images"].min() and batch["images"].max() <= 1
     torch.testing.assert_close(batch["images"], train.batch(5, seed=1)["images"])
     with pytest.raises(ValueError, match="task=discovery"):
         EpisodeFrames(tiny_cfg("data.source=frames", f"data.root={root}"), "train", torch.device("cpu"))
-    small = _toy_dataset(tmp_path / "small", episodes=1, length=9)  # 10% of 9 frames is none: no evaluation
-    with pytest.raises(DataError, match="holds 9 frames: too few to hold out the last 10% for evaluation"):
+    small = _toy_dataset(tmp_path / "small", episodes=1, length=9)  # nothing left to evaluate on
+    with pytest.raises(DataError, match="holds 1 episode: pretraining needs at least 2, the last ones held out"):
         EpisodeFrames(tiny_cfg("task=discovery", "data.source=frames", f"data.root={small}"), "train",
                       torch.device("cpu"))
 
@@ -144,7 +176,7 @@ def test_pretrain_on_env_frames(tmp_path, capsys):
     root = _toy_dataset(tmp_path / "data")
     cfg = tiny_cfg("task=discovery", "data.source=frames", f"data.root={root}", "train.steps=4")
     result = pretrain(cfg, str(tmp_path / "run"), progress=False)
-    assert result["images"] == 4 and np.isfinite(result["mse"]) and "fg_ari" not in result
+    assert result["images"] == 8 and np.isfinite(result["mse"]) and "fg_ari" not in result  # eval_images of 12
     # eval-ap reproduces the run's own final evaluation (fixed chunks: the same slot-initialization noise)
     assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "run")]) == 0
     again = json.loads((tmp_path / "run" / "eval_ap.json").read_text())

@@ -411,6 +411,8 @@ def test_inputs_that_would_give_a_wrong_number_are_refused():
     masks = np.zeros((2, 3, 4, 4), np.int64)  # b k h w per-slot masks
     with pytest.raises(ValueError, match="looks like per-slot masks"):
         fg_ari(masks, masks)
+    with pytest.raises(ValueError, match=r"looks like per-slot masks .*masks.argmax\(1\)"):
+        fg_ari(masks[:, 0], torch.softmax(torch.zeros(2, 3, 4, 4), 1))  # soft masks, as a decoder gives them
     assert fg_ari(masks[:, :1], masks[:, :1]).shape == (2,)  # b 1 h w is an id map
     target[0, 1, 18] = 0.0
     with pytest.raises(ValueError, match="name the same column twice"):

@@ -48,16 +48,21 @@ def test_cli_pretrain_and_eval_ap(tmp_path, capsys):
     assert 0 <= result["empty_slots"] <= 4  # near-empty slots per image, out of model.num_slots=4
 
 
-@pytest.mark.parametrize("task,pool", [("setpred", 0), ("discovery", 7)])
-def test_resume_is_exact(tmp_path, monkeypatch, task, pool):
+@pytest.mark.parametrize("task,pool,clevr", [("setpred", 0, False), ("discovery", 7, False), ("setpred", 0, True)])
+def test_resume_is_exact(tmp_path, monkeypatch, task, pool, clevr):
     """Stopped at step 2 and resumed, a run ends as the straight one: every tensor of the checkpoint (weights,
     optimizer, RNG) and every logged number after the stop. Also with a scene pool that is still filling when the
-    run stops (4 steps of 2 scenes, a pool of 7)."""
+    run stops (4 steps of 2 scenes, a pool of 7), and on a CLEVR directory (whose loaders draw no global seed)."""
     from compare import assert_same_state, checkpoint, metric_rows
+    from envs.clevr import write_dataset
     from world_model.sources import ScenePool
 
     monkeypatch.setattr(ScenePool, "CHUNK", 1)
     over = ["model.vq.enabled=true", f"data.pool={pool}", f"task={task}", "train.log_every=1"]
+    if clevr:
+        for split, n in (("train", 6), ("val", 2)):
+            write_dataset(tmp_path / "clevr", n, split=split, seed=1, batch_size=n, max_objects=4)
+        over += ["data.source=clevr", f"data.root={tmp_path / 'clevr'}", "data.eval_images=2"]
     straight = tmp_path / "straight"
     pretrain(tiny_cfg("train.steps=4", *over), str(straight), progress=False)
     halves = tmp_path / "halves"
@@ -340,7 +345,7 @@ def test_a_frames_run_resumes_on_the_same_game_and_notes_a_moved_split(tmp_path,
     sources._dataset_frames.cache_clear()  # (read once per process)
     pretrain(tiny_cfg("train.steps=3", *frames, f"data.root={tmp_path / 'a'}"), str(tmp_path / "r"), resume=True,
              progress=False)
-    assert "now holds 100 frames, the last 4 held out (at this run's last checkpoint 60, the last 4)" in \
+    assert "now holds 100 frames, the last 20 held out (at this run's last checkpoint 60, the last 20)" in \
         capsys.readouterr().err
     # eval-ap on another copy of its data (--data), in place of data.root; a generated-scene run has no such data
     (tmp_path / "a").rename(tmp_path / "a2")
@@ -483,7 +488,7 @@ def test_data_flag_and_a_contradicting_source_are_refused(tmp_path, capsys):
 def test_a_clevr_run_checks_its_eval_split_before_training(tmp_path, capsys):
     """A missing or broken eval split fails before the first step, not after training; a split smaller than a batch
     is said, and its batches hold all of it."""
-    from envs.clevr import write_dataset
+    from envs.clevr import ClevrDataset, write_dataset
     from envs.errors import DataError
 
     root = tmp_path / "clevr"
@@ -501,6 +506,43 @@ def test_a_clevr_run_checks_its_eval_split_before_training(tmp_path, capsys):
     assert "the training data holds 1 images, fewer than train.batch_size=2" in capsys.readouterr().err
     rows = [r for r in read_jsonl(tmp_path / "r2" / "metrics.jsonl") if "train/images_per_s" in r]
     assert rows and all(r["train/images_per_s"] > 0 for r in rows)
+    calls = []  # a training image found damaged mid-run: the error keeps the run and says how it goes on
+    real_getitem = ClevrDataset.__getitem__
+
+    def damaged_at_fifth(self, i):
+        calls.append(i)
+        if len(calls) == 5:
+            raise DataError(f"CLEVR image {self.filenames[i]} is damaged")
+        return real_getitem(self, i)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ClevrDataset, "__getitem__", damaged_at_fifth)
+        assert run.main(["pretrain", "--config", "clevr_tiny", "--run-dir", str(tmp_path / "r4"), "--no-progress",
+                         "data.source=clevr", f"data.root={root}", "data.split=val", "train.steps=4",
+                         "train.ckpt_every=1", "train.batch_size=1", "data.eval_images=1", "train.eval_every=0",
+                         "data.max_objects=10", "model.num_slots=10"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: CLEVR image CLEVR_val_000000.png is damaged (the run is kept: fix the data, then `python run.py "
+        f"pretrain --resume {tmp_path / 'r4'}` continues from its last checkpoint)")
+    moved = tmp_path / "moved"  # the data moved: eval-ap names it and the way on, in one line
+    root.rename(moved)
+    assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "r2")]) == 2
+    assert (f"data.root={root}, the data {tmp_path / 'r2'} trained on, does not exist; if it moved, pass --clevr-root "
+            "DIR (its split val, the run's data.eval_split, is read there)" in capsys.readouterr().err)
+    assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "r2"), "--clevr-root", str(moved)]) == 0
+    out = capsys.readouterr().out
+    assert (f"on 1 images (CLEVR {moved} split val, scenes of 3-10 objects); AP, accuracies and objectness in %; "
+            "coord_err in scene units; empty_slots per image:") in out
+    assert (tmp_path / "r2" / "eval_ap_clevr_val.json").is_file()
+    viz = ["visualize", "--checkpoint", str(tmp_path / "r2"), "--frames", "1", "--out", str(tmp_path / "v")]
+    assert run.main(viz) == 2 and "if it moved, pass --clevr-root DIR" in capsys.readouterr().err
+    assert run.main(viz + ["--clevr-root", str(moved)]) == 0 and len(list((tmp_path / "v").glob("frame_*.png"))) == 1
+    assert run.main(viz[:-4] + ["--frames", "3", "--out", str(tmp_path / "v"), "--clevr-root", str(moved)]) == 0
+    assert f"note: {moved} split val holds 1 scenes, fewer than the 3 asked for: shown those" in capsys.readouterr().err
+    assert run._units({"fg_ari": 1.0, "mse": 0.1, "empty_slots": 2}) == ("FG-ARI in %; mse of pixel values in [0, 1]; "
+                                                                        "empty_slots per image")  # a discovery run
+    pretrain(tiny_cfg("train.steps=1", "data.pool=1", "train.eval_every=0"), str(tmp_path / "p"), progress=False)
+    assert "the training data holds 1 images, fewer than train.batch_size=2" in capsys.readouterr().err  # a pool too
 
 
 def test_a_data_root_that_the_source_would_not_read_is_refused():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from world_model.rundir import (MetricLogger, RunDir, atomic_torch_save, atomic_write, evaluation_due, note_if_finished, read_jsonl,
+from world_model.rundir import (MetricLogger, RunDir, atomic_torch_save, atomic_write, evaluation_due, resumed_length, read_jsonl,
                                 set_precision)
 
 
@@ -296,7 +296,7 @@ def test_a_shorter_length_on_resume_stops_the_run_where_it_is(capsys):
     length the checkpoint was trained with; a line says where it goes on from (a log without a progress bar shows
     nothing else until its next row)."""
     def length(step, override, saved):
-        return note_if_finished(step, override, "train.steps", {"config": {"train": {"steps": saved}}})
+        return resumed_length(step, override, "train.steps", {"config": {"train": {"steps": saved}}})
 
     assert length(2, 8, 6) == 8  # longer: trains on
     assert capsys.readouterr().err == "resuming at step 2 of train.steps=8\n"

@@ -165,13 +165,15 @@ def test_gmm_stable_under_bf16_and_extreme_inputs():
 
 def test_vq_codes_kl_and_decode():
     torch.manual_seed(0)
-    q = SlotQuantizer(slot_dim=12, num_vars=4, num_codes=8, code_dim=6)
+    q = SlotQuantizer(slot_width=12, num_vars=4, num_codes=8, code_dim=6)
     slots = torch.randn(2, 5, 12)
     q.eval()
     out = q(slots)
     assert out.codes.shape == (2, 5, 4) and out.codes.dtype == torch.int64
     assert out.slots.shape == (2, 5, 12) and out.kl >= 0
     torch.testing.assert_close(q.decode_codes(out.codes), out.slots)
+    with pytest.raises(ValueError, match=r"slots of width 6 into a SlotQuantizer of slot_width 12 \(a GMM slot is"):
+        q(slots[..., :6])  # model.slot_dim given where the GMM's 2 x slot_dim belongs
     q.train()
     q.set_temperature(0.5)
     soft = q(slots)
@@ -185,7 +187,7 @@ def test_vq_codes_kl_and_decode():
 
 
 def test_vq_kl_matches_definition():
-    q = SlotQuantizer(slot_dim=4, num_vars=2, num_codes=3, code_dim=2).eval()
+    q = SlotQuantizer(slot_width=4, num_vars=2, num_codes=3, code_dim=2).eval()
     out = q(torch.randn(1, 2, 4))
     p = out.logits.softmax(-1)
     expected = (p * torch.log(p * 3)).sum(-1).sum(-1).mean()
@@ -279,7 +281,7 @@ def test_slot_attention_by_hand():
 def _sampled_one_hots(hard: bool, tau: float) -> torch.Tensor:
     """The relaxed one-hots a training-mode quantizer embeds, at temperature `tau`."""
     torch.manual_seed(0)
-    q = SlotQuantizer(slot_dim=8, num_vars=2, num_codes=6, code_dim=4, hard=hard).train()
+    q = SlotQuantizer(slot_width=8, num_vars=2, num_codes=6, code_dim=4, hard=hard).train()
     q.set_temperature(tau)
     seen, embed = [], q.embed
 
@@ -305,7 +307,7 @@ def test_vq_samples_follow_the_temperature_and_the_hard_flag():
 def test_vq_logits_by_hand():
     """The code logits are the bilinear form LN(slot)^T W e_c scaled by 1 / sqrt(code_dim): slot [3, 1] normalizes
     to [1, -1]; with W and the codebook the first two unit vectors, the logits are [1, -1] / sqrt(4)."""
-    q = SlotQuantizer(slot_dim=2, num_vars=1, num_codes=2, code_dim=4).eval()
+    q = SlotQuantizer(slot_width=2, num_vars=1, num_codes=2, code_dim=4).eval()
     with torch.no_grad():
         q.bilinear.zero_()
         q.bilinear[0, 0, 0] = q.bilinear[0, 1, 1] = 1.0

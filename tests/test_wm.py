@@ -7,7 +7,7 @@ import torch
 
 import run
 from compare import assert_same_state, checkpoint
-from envs.errors import DataError
+from envs.errors import DataError, UsageError
 from envs.episodes import EpisodeWriter, load_frames
 from world_model.config import WorldModelConfig, load_config
 from world_model.rundir import read_jsonl
@@ -63,10 +63,47 @@ def test_a_fresh_encoder_trains_jointly_and_says_so(tmp_path, capsys):
     assert "note: no encoder.checkpoint: a fresh slot encoder trains jointly" in capsys.readouterr().err
 
 
+def test_a_preset_setting_a_size_the_run_derives_is_refused_unless_it_agrees(tmp_path, capsys):
+    """dynamics.num_slots in a preset would be replaced by the encoder's slot count without a word: refused, as an
+    override is. The default, and the value the run sets (what `run.py config` prints), pass: so does its dump."""
+    root = toy_dataset(tmp_path / "d")
+    cfg = wm_cfg(root)
+    cfg.dynamics.num_slots, cfg.dynamics.num_actions = 5, 7  # as a preset file would set them
+    with pytest.raises(UsageError, match=r"the config sets dynamics.num_slots=5 \(the run sets 3, from "
+                       r"encoder.model.num_slots\); dynamics.num_actions=7 \(the run sets 3, from the env"):
+        build_wm_for(cfg, 3, torch.device("cpu"))
+    cfg = wm_cfg(root)
+    cfg.dynamics.num_slots = 3
+    assert build_wm_for(cfg, 3, torch.device("cpu")).dynamics.cfg.num_slots == 3
+    assert run.main(["config", "--for", "train-wm", *TINY_WM, f"data.root={root}"]) == 0
+    dump = tmp_path / "dump.yaml"
+    dump.write_text(capsys.readouterr().out)
+    cfg = load_config(WorldModelConfig, dump)
+    assert cfg.dynamics.num_actions == 3 and cfg.dynamics.num_slots == 3
+    build_wm_for(cfg, 3, torch.device("cpu"))
+
+
 def test_split_holds_out_last_episodes(tmp_path):
     cfg = wm_cfg(toy_dataset(tmp_path / "d"))
     train, held, meta = split_dataset(cfg)
     assert len(train) + len(held) == 60 and len(held) == 10 and meta["num_actions"] == 3
+    assert meta["held_out"] == ["000005-10.npz"] and meta["left_out"] == 0
+    _, held, meta = split_dataset(wm_cfg(tmp_path / "d", "data.eval_fraction=0"))  # still one to evaluate on
+    assert len(held) == 10 and meta["held_out"] == ["000005-10.npz"]
+    _, held, meta = split_dataset(wm_cfg(tmp_path / "d", "data.eval_fraction=0.25"))  # 15 steps: two episodes
+    assert len(held) == 20 and meta["held_out"] == ["000004-10.npz", "000005-10.npz"]
+
+
+def test_training_steps_beyond_the_capacity_are_left_out_and_said(tmp_path, capsys):
+    """data.capacity=25 of 50 training steps: the newest 25 are kept (episodes 3 and 4 whole, the end of 2; 0 and 1
+    are not even read); the run says how many it leaves out."""
+    root = toy_dataset(tmp_path / "d")
+    train, held, meta = split_dataset(wm_cfg(root, "data.capacity=25"))
+    assert len(train) == 25 and train.num_episodes == 3 and train.longest_episode() == 10 and len(held) == 10
+    assert meta["left_out"] == 25
+    train_wm(wm_cfg(root, "data.capacity=25", "train.steps=1"), str(tmp_path / "a"), progress=False)
+    assert (f"note: the oldest 25 of the 50 training steps in {root} are left out, beyond data.capacity=25"
+            in capsys.readouterr().err)
 
 
 def test_loss_and_gradients_fresh_encoder(tmp_path):

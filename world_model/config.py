@@ -80,7 +80,8 @@ class DataConfig:
     max_objects: int = 10  # keeps the scenes within that range (the paper's CLEVR6: max_objects=6)
     supersample: int = 1
     pool: int = 0  # >0: train on a fixed set of this many scenes (a finite dataset), rendered as training reaches them
-    eval_images: int = 2000
+    eval_images: int = 2000  # held-out images an evaluation reads (at most)
+    eval_fraction: float = 0.1  # source=frames: the last episodes holding this fraction of frames are held out
     num_workers: int = 0
 
 
@@ -133,8 +134,8 @@ class WMEncoderConfig:
 class WMDataConfig:
     root: Optional[str] = None  # episode dataset from `run.py collect`
     seq_len: int = 32  # training segment length (time steps)
-    capacity: int = 1_000_000  # replay capacity in steps
-    eval_fraction: float = 0.1  # the last episodes holding this fraction of steps are held out
+    capacity: int = 1_000_000  # training steps held in memory: the newest, when the dataset has more
+    eval_fraction: float = 0.1  # the last episodes holding this fraction of steps are held out (at least one)
 
 
 @dataclass
@@ -366,7 +367,7 @@ def _check_values(cfg) -> None:
 
 def _check_pairs(cfg) -> None:
     """Keys that must agree with each other, named in full: one stride per backbone layer, a data root only where the
-    source reads one, and an object-count range."""
+    source reads one, an object-count range, attention heads, decoder sizes (not those `encoder.checkpoint` replaces)."""
     replaced = OmegaConf.select(cfg, "encoder.checkpoint", default=None)  # its run's encoder.model is used instead
     for where in ("model.",) + (() if replaced else ("encoder.model.",)):
         channels, strides = (OmegaConf.select(cfg, where + k, default=None) for k in ("cnn_channels", "cnn_strides"))
@@ -377,6 +378,9 @@ def _check_pairs(cfg) -> None:
     if source == "generated" and root:
         raise ConfigError(f"data.root={root} is set but data.source=generated renders its own scenes: add "
                           "data.source=clevr for a CLEVR v1.0 root, or pass --data DIR for an episode dataset")
+    if source == "frames" and OmegaConf.select(cfg, "data.crop", default=False):
+        raise ConfigError("data.crop=true cuts CLEVR's object-discovery window, which game frames (data.source=frames) "
+                          "do not have: leave it false")
     low, high = (OmegaConf.select(cfg, k, default=None) for k in ("data.min_objects", "data.max_objects"))
     if low is not None and high is not None and not 1 <= low <= high <= MAX_SCENE_OBJECTS:
         raise ConfigError(f"data.min_objects={low} and data.max_objects={high}: need 1 <= min_objects <= "
@@ -386,11 +390,18 @@ def _check_pairs(cfg) -> None:
         if dim is not None and heads and dim % heads:
             raise ConfigError(f"{net}.embed_dim={dim} must be divisible by {net}.heads={heads}")
     decoded = (("model.", "data.resolution"),) if OmegaConf.select(cfg, "task", default=None) == "discovery" else ()
-    for where, res in (*decoded, ("encoder.model.", "encoder.resolution")):
+    decoded += () if replaced else (("encoder.model.", "encoder.resolution"),)
+    for where, res in decoded:
         init, size = (OmegaConf.select(cfg, k, default=None) for k in (where + "decoder_init", res))
         if init and size and not (size % init == 0 and (size // init) & (size // init - 1) == 0):
             raise ConfigError(f"{res}={size} is not {where}decoder_init={init} times a power of 2, which the "
                               "spatial-broadcast decoder doubles its way up from")
+
+
+    target = OmegaConf.select(cfg, "frame.target", default=None)
+    if target is not None and target % 4:
+        raise ConfigError(f"frame.target={target} must be a multiple of 4: the frame decoder doubles its way up twice "
+                          "from a target/4 grid")
 
 
 def run_schemas() -> dict[str, type]:
@@ -490,6 +501,10 @@ def load_run_config(command: str, run_dir: str | Path, overrides: Sequence[str] 
     """The config of a run directory made by `run.py <command>` (plus overrides), with an error that says so when the
     directory holds no run or another command's run."""
     path = Path(run_dir) / "config.yaml"
+    if Path(run_dir).is_file():  # a checkpoint file, say
+        run = Path(run_dir).parent.parent if Path(run_dir).parent.name == "checkpoints" else None
+        raise ConfigError(f"{run_dir} is a file: pass the run directory (the folder holding config.yaml and "
+                          "checkpoints/)" + (f", {run}" if run else ""))
     if not path.is_file():
         dataset = (Path(run_dir) / "meta.json").is_file() and (Path(run_dir) / "episodes").is_dir()
         what = "an episode dataset (meta.json, episodes/)" if dataset else f"{path} not found"

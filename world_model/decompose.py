@@ -21,7 +21,7 @@ from envs.errors import UsageError
 
 from .perception import SlotAutoencoder
 from .pretrain import load_run
-from .sources import eval_batches
+from .sources import eval_batches, use_clevr_root
 from .rundir import check_out_dir, fixed_rng, resolve_device
 from .visualize import colorize, decomposition_grid, decomposition_labels, labeled, save_png, tile, upscale
 from .wm import frames_to_input
@@ -166,23 +166,29 @@ def load_slot_model(checkpoint: str, device: torch.device) -> SimpleNamespace:
 
 
 def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8, seed: int = 0, device: str = "cpu",
-              edit: Optional[tuple[int, int, str]] = None, tensorboard: bool = True) -> dict:
+              edit: Optional[tuple[int, int, str]] = None, tensorboard: bool = True,
+              clevr_root: Optional[str] = None) -> dict:
     """Write per-frame decomposition PNGs, a video of the sequence and tensorboard images to `out_dir`. The run
     may be a pretraining run, or a world-model or agent run (their slot encoder and decoder). `env` None: the game
-    the run trained on, or CLEVR-like scenes for a run pretrained on CLEVR."""
+    the run trained on, or CLEVR-like scenes for a run pretrained on CLEVR; `clevr_root`: scenes of that CLEVR v1.0
+    directory instead (the run's eval split when it trained on CLEVR on disk, else val)."""
     if frames < 1:
         raise UsageError(f"--frames must be positive, got {frames}")
     if env not in ("crafter", "nethack", "clevr", None):
         raise UsageError(f"unknown --env {env!r}; choose crafter, nethack or clevr")
     dev = resolve_device(device)
     run = load_slot_model(checkpoint, dev)
-    if env is None and run.trained_env in ("crafter", "nethack"):
+    if env is None and clevr_root:
+        env = "clevr"
+    elif env is None and run.trained_env in ("crafter", "nethack"):
         env = run.trained_env
     elif env is None and run.pretrain_cfg is not None and run.pretrain_cfg.data.source in ("generated", "clevr"):
         env = "clevr"  # pretrained on CLEVR(-like) scenes: shown held-out ones
     if env is None:
         raise UsageError("visualize needs --env crafter|nethack|clevr for this run (or --codes)")
-    model, cfg = run.model.cpu(), run.pretrain_cfg
+    if clevr_root and env != "clevr":
+        raise UsageError(f"--clevr-root shows CLEVR scenes, and this call shows {env} frames: add --env clevr")
+    model, cfg = run.model, run.pretrain_cfg  # on `device`; the frames and pictures stay on the CPU
     if env == "clevr" and cfg is None:
         raise UsageError(f"{checkpoint} is a world-model or agent run, trained on {run.trained_env or 'game'} frames: "
                          "show it --env crafter or nethack (--env clevr takes a pretraining run)")
@@ -192,8 +198,12 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
     out = check_out_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if env == "clevr":
+        use_clevr_root(cfg, clevr_root, checkpoint)
         cfg.data.source = "generated" if cfg.data.source == "frames" else cfg.data.source
         images = torch.cat([b["images"].cpu() for b in eval_batches(cfg, torch.device("cpu"), frames)])
+        if len(images) < frames:
+            print(f"note: {cfg.data.root} split {cfg.data.eval_split} holds {len(images)} scenes, fewer than the "
+                  f"{frames} asked for: shown those", file=sys.stderr)
         carry, starts = False, None  # independent scenes
     else:
         played, starts = episode_frames(env, frames, seed)
@@ -202,8 +212,8 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
         if starts.sum() > 1:
             print(f"note: the {frames} frames span {int(starts.sum())} episodes; slots start afresh at each "
                   "episode's first frame", file=sys.stderr)
-    with fixed_rng(seed, torch.device("cpu")):  # the slots' initial noise: the same pictures on every call
-        result = decompose(model, images, carry, starts)
+    with fixed_rng(seed, dev):  # the slots' initial noise: the same pictures on every call
+        result = {k: None if v is None else v.cpu() for k, v in decompose(model, images.to(dev), carry, starts).items()}
     # an earlier visualize's frames and log, which could outnumber or mix with this one's: replaced once this one is
     stale = [*out.glob("frame_*.png"), *(out / "tb").glob("events.*")]  # computed
     for path in stale:
@@ -237,8 +247,8 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
         np.save(out / "codes.npy", result["codes"].numpy())  # t k v
     if values is not None:
         slot, var, value = edit
-        with fixed_rng(seed, torch.device("cpu")):
-            grid = edit_codes(model, images[: min(4, len(images))], int(slot), int(var), values)
+        with fixed_rng(seed, dev):
+            grid = edit_codes(model, images[: min(4, len(images))].to(dev), int(slot), int(var), values).cpu()
         path = out / f"edit_slot{slot}_var{var}_{value}.png"
         save_png(upscale(grid, images.shape[-1]), path)
         summary["edit"] = str(path)

@@ -21,7 +21,7 @@ from envs.errors import UsageError
 from .config import PretrainConfig
 from .metrics import ATTRIBUTE_SLICES, hungarian_assign, trim_padding
 from .pretrain import load_run
-from .sources import EVAL_SEED, eval_batches
+from .sources import EVAL_SEED, eval_batches, use_clevr_root
 from .updates import autocast
 from .rundir import check_out_dir, fixed_rng, resolve_device
 
@@ -286,10 +286,13 @@ def save_code_heatmaps(tables: dict, out_dir: str | Path, info: Optional[dict] =
     return paths + [summary_path]
 
 
-def disentanglement(run_dir: str, out_dir: str, n_images: int = 1000, device="cpu", match: str = "auto") -> dict:
-    """`run.py visualize --codes`: code/property heatmaps and NMI summary of a VQ run on held-out scenes."""
+def disentanglement(run_dir: str, out_dir: str, n_images: int = 1000, device="cpu", match: str = "auto",
+                     clevr_root: Optional[str] = None) -> dict:
+    """`run.py visualize --codes`: code/property heatmaps and NMI summary of a VQ run on held-out scenes (those of
+    `clevr_root`, a CLEVR v1.0 directory, when given)."""
     device = resolve_device(device) if isinstance(device, str) else device
     cfg, model, state = load_run(run_dir, device)
+    use_clevr_root(cfg, clevr_root, run_dir)
     data = collect_code_properties(model, cfg, device, n_images, match=match)
     if len(data["codes"]) == 0:
         raise UsageError(f"no slot was matched to an object in {data['images']} images")

@@ -244,7 +244,7 @@ def dynamics_loss(pred: Predictions, slot_codes: torch.Tensor, frame_codes: Opti
     targets' count (`masked_mean`). Returns (loss, detached stats)."""
     target_mask = mask[:, 1:] if mask is not None else None
 
-    def masked_mean_(x, m):
+    def step_mean(x, m):  # masked_mean over the targets' count
         return masked_mean(x, m, count)
 
     def codes_ce(logits, target):  # logits b t n c, target b t n -> (ce b t, accuracy b t)
@@ -255,15 +255,15 @@ def dynamics_loss(pred: Predictions, slot_codes: torch.Tensor, frame_codes: Opti
         return ce.flatten(2).mean(-1), acc.flatten(2).mean(-1)
 
     slot_ce, slot_acc = codes_ce(pred.slot_logits, slot_codes)
-    stats = {"loss_slots": masked_mean_(slot_ce, target_mask), "acc_slots": masked_mean_(slot_acc, target_mask)}
+    stats = {"loss_slots": step_mean(slot_ce, target_mask), "acc_slots": step_mean(slot_acc, target_mask)}
     if pred.frame_logits is not None:
         frame_ce, frame_acc = codes_ce(pred.frame_logits, frame_codes)
-        stats["loss_frame"] = masked_mean_(frame_ce, target_mask)
-        stats["acc_frame"] = masked_mean_(frame_acc, target_mask)
-    stats["loss_reward"] = masked_mean_(twohot.loss(pred.reward_logits[:, :-1], rewards[:, 1:]), target_mask)
+        stats["loss_frame"] = step_mean(frame_ce, target_mask)
+        stats["acc_frame"] = step_mean(frame_acc, target_mask)
+    stats["loss_reward"] = step_mean(twohot.loss(pred.reward_logits[:, :-1], rewards[:, 1:]), target_mask)
     cont = F.binary_cross_entropy_with_logits(pred.cont_logits[:, :-1].float(), continues[:, 1:].float(),
                                               reduction="none")
-    stats["loss_cont"] = masked_mean_(cont, target_mask)
+    stats["loss_cont"] = step_mean(cont, target_mask)
     loss = sum(v for name, v in stats.items() if name.startswith("loss_"))
     stats = {name: v.detach() for name, v in stats.items()}
     stats["loss"] = loss.detach()

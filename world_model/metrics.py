@@ -236,15 +236,15 @@ _MAX_DENSE_TABLE = 1 << 24
 
 def _to_int_ids(x: Any, name: str) -> np.ndarray:
     x = _numpy(x)
+    if x.ndim > 3 and x.shape[1] > 1:  # b k h w: per-slot masks (soft or hard), not an id map
+        raise ValueError(f"{name} of shape {x.shape} looks like per-slot masks [batch, slots, h, w]: pass id maps "
+                         "[batch, h, w] (e.g. masks.argmax(1))")
     if x.dtype == np.bool_:
         x = x.astype(np.int64)
     if not np.issubdtype(x.dtype, np.integer):
         raise ValueError(f"{name} must be an integer id map, got dtype {x.dtype}")
     if x.ndim < 2:
         raise ValueError(f"{name} must have shape [batch, ...] with at least one spatial dim, got {x.shape}")
-    if x.ndim > 3 and x.shape[1] > 1:  # b k h w: per-slot masks, not an id map
-        raise ValueError(f"{name} of shape {x.shape} looks like per-slot masks [batch, slots, h, w]: pass id maps "
-                         "[batch, h, w] (e.g. masks.argmax(1))")
     return x.reshape(x.shape[0], -1).astype(np.int64, copy=False)  # [batch, n_pixels]
 
 
@@ -313,7 +313,8 @@ def fg_ari(true_ids: Any, pred_ids: Any) -> np.ndarray:
     """Foreground ARI per image: ARI over pixels whose true id is non-zero (0 = background).
 
     true_ids, pred_ids: integer id maps [batch, h, w] or [batch, pixels] (numpy or torch; a single image is
-    [1, h, w]; per-slot masks become an id map by argmax over slots); returns float64 [batch].
+    [1, h, w]); per-slot masks `b k h w` (a decoder's `Decoded.masks`, as training scores them, or the encoder's
+    `attn_maps`) are refused: pass `masks.argmax(1)`. Returns float64 [batch].
     Images without foreground pixels get NaN (aggregate with np.nanmean).
     Matches sklearn.metrics.adjusted_rand_score on the kept pixels exactly.
     """

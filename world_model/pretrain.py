@@ -24,7 +24,7 @@ from .config import PretrainConfig, check_against_checkpoint, load_run_config, s
 from .losses import hungarian_huber_loss
 from .metrics import clevr_ap_table, fg_ari, setpred_accuracy
 from .perception import SetPredictor, SlotAutoencoder
-from .rundir import (MetricLogger, RunDir, evaluation_due, fixed_rng, note_if_finished, restore_rng, rng_states, shown,
+from .rundir import (MetricLogger, RunDir, evaluation_due, fixed_rng, resumed_length, restore_rng, rng_states, shown,
                      start_run, stopped_evaluation)
 from .slots.vq import temperature
 from .sources import EVAL_SEED, ClevrScenes, EpisodeFrames, check_source, eval_batches, make_source, train_batches
@@ -134,7 +134,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
         opt.load_state_dict(state["optimizer"])
         step, skipped = state["step"], state["skipped"]
         restore_rng(state["rng"], t.seed, step)
-        t.steps = note_if_finished(step, t.steps, "train.steps", state)
+        t.steps = resumed_length(step, t.steps, "train.steps", state)
     # the data first: a bad data path fails before the run directory gets a config
     source = make_source(cfg, device, sharded=True, progress=progress and distributed.is_main(), first_step=step)
     if cfg.data.source == "clevr":  # the eval split's scenes and first image too: a bad split fails now, not at the end
@@ -142,7 +142,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
     if cfg.data.source == "clevr" and cfg.data.split == cfg.data.eval_split and distributed.is_main() and not resume:
         print(f"note: data.split and data.eval_split are both {cfg.data.split!r}: the run evaluates on the images it "
               "trains on; set data.eval_split to a held-out split", file=sys.stderr)
-    held = len(source) if isinstance(source, (ClevrScenes, EpisodeFrames)) else None  # generated: no end
+    held = (len(source) if isinstance(source, (ClevrScenes, EpisodeFrames))
+            else source.pool.size if source.pool is not None else None)  # generated scenes without a pool: no end
     if held is not None and held < distributed.world_size():
         raise UsageError(f"the training data holds {held} images, fewer than the {distributed.world_size()} processes")
     if held is not None and held < cfg.train.batch_size and distributed.is_main():
@@ -244,7 +245,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
 
 def check_frames_resume(before: dict, now: dict, root: Optional[str]) -> None:
     """A run on env frames resumes on frames of the same game; a note when its held-out frames moved (the dataset
-    grew or shrank, or data.eval_images changed), since frames evaluated on before are trained on now."""
+    grew or shrank), since frames evaluated on before are trained on now."""
     if before.get("env") != now.get("env"):
         raise DataError(f"this run trained on {before.get('env') or 'generated or CLEVR'} frames; data.root={root} "
                         f"holds {now.get('env') or 'none'}: a resume goes on with the same game's frames")

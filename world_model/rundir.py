@@ -382,9 +382,9 @@ def rollback_appended(path: Path, size: int) -> None:
         f.truncate(keep.rfind(b"\n") + 1)
 
 
-def note_if_finished(step: int, total: int, key: str, state: dict) -> int:
-    """On resume: say where the run goes on from, or that it already reached its length (it would only evaluate
-    again). Returns the length to go on with and record: an override shorter than the run has gone stops it where it
+def resumed_length(step: int, total: int, key: str, state: dict) -> int:
+    """The length a resumed run goes on with and records, said on stderr: where it goes on from, or that it already
+    reached its length (it would only evaluate again): an override shorter than the run has gone stops it where it
     is (at its own length, when it had finished), rather than writing a length the run has passed into config.yaml."""
     if step < total:
         if distributed.is_main():

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from envs.clevr import ClevrDataset, SceneGenerator
 from envs.errors import DataError, UsageError
-from envs.episodes import load_frames, read_meta
+from envs.episodes import check_recorded_root, episode_length, episode_paths, held_out_episodes, load_frames, read_meta
 
 from . import distributed
 from .config import PretrainConfig
@@ -143,7 +143,9 @@ def _share(indices: np.ndarray, sharded: bool) -> np.ndarray:
 
 
 class ClevrScenes:
-    """A CLEVR v1.0 directory; training batch i draws indices from seed f(seed, i)."""
+    """A CLEVR v1.0 directory; training batch i draws indices from seed f(seed, i). Its DataLoaders draw their seeds
+    from a generator of their own: from torch's global one, each new loader would shift the slots' initial noise, so a
+    resumed run (which makes loaders an uninterrupted one does not) or an evaluation would depend on how it was fed."""
 
     def __init__(self, cfg: PretrainConfig, split: str, device: torch.device, max_images: Optional[int] = None,
                  sharded: bool = False):
@@ -157,7 +159,8 @@ class ClevrScenes:
 
     def _load(self, indices) -> dict:
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.dataset, list(indices)),
-                                             batch_size=len(indices), num_workers=self.num_workers)
+                                             batch_size=len(indices), num_workers=self.num_workers,
+                                             generator=torch.Generator())
         items = next(iter(loader))
         out = {"images": items["image"], "targets": items["target"], "masks": items.get("mask")}
         return {k: (v.to(self.device) if v is not None else None) for k, v in out.items()}
@@ -177,7 +180,8 @@ class ClevrScenes:
         and decode ahead), batch i being exactly `batch(size, seeds[i])`."""
         sampler = (self._indices(size, seed).tolist() for seed in seeds)
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                                             prefetch_factor=2 if self.num_workers else None)
+                                             prefetch_factor=2 if self.num_workers else None,
+                                             generator=torch.Generator())
         for items in loader:
             out = {"images": items["image"], "targets": items["target"], "masks": items.get("mask")}
             yield {k: (v.to(self.device) if v is not None else None) for k, v in out.items()}
@@ -188,24 +192,31 @@ class ClevrScenes:
 
 
 @functools.lru_cache(maxsize=2)
-def _dataset_frames(root: str) -> torch.Tensor:
-    return torch.from_numpy(load_frames(root)).permute(0, 3, 1, 2).contiguous()  # n 3 h w uint8
+def _dataset_frames(root: str) -> tuple[torch.Tensor, list[int]]:
+    """A dataset's frames `n 3 h w` uint8, and the frame count of each episode, in order."""
+    frames = torch.from_numpy(load_frames(root)).permute(0, 3, 1, 2).contiguous()
+    lengths = [episode_length(p) for p in episode_paths(root)]
+    if sum(lengths) != len(frames):
+        raise DataError(f"{root}: its episode files hold {len(frames)} frames, their names {sum(lengths)}: a file was "
+                        "renamed or replaced; collect the dataset again")
+    return frames, lengths
 
 
 class EpisodeFrames:
-    """Frames of an episode dataset (`run.py collect`): the last 10% (at most data.eval_images) are held
-    out for evaluation, training batch i draws frames from seed f(seed, i); frames are resized to
-    data.resolution with area averaging when their size differs."""
+    """Frames of an episode dataset (`run.py collect`): the last episodes (data.eval_fraction of the frames, split as
+    `run.py train-wm` splits the dataset) are held out for evaluation, which reads at most data.eval_images of them;
+    training batch i draws frames from seed f(seed, i); frames are resized to data.resolution with area averaging
+    when their size differs."""
 
     def __init__(self, cfg: PretrainConfig, split: str, device: torch.device, sharded: bool = False):
         d = cfg.data
         self.sharded = sharded
         check_source(cfg)
-        frames = _dataset_frames(str(Path(d.root).resolve()))
-        n_eval = min(d.eval_images, len(frames) // 10)
-        if n_eval < 1:  # an evaluation on no frames would report a perfect score
-            raise DataError(f"{d.root} holds {len(frames)} frames: too few to hold out the last 10% for evaluation "
-                            "(collect at least 10 frames)")
+        frames, lengths = _dataset_frames(str(Path(d.root).resolve()))
+        if len(lengths) < 2:  # an evaluation on no frames would report a perfect score
+            raise DataError(f"{d.root} holds 1 episode: pretraining needs at least 2, the last ones held out for "
+                            "evaluation; collect more into it with `run.py collect --out DIR --seed S` (a new seed)")
+        n_eval = sum(lengths[len(lengths) - held_out_episodes(lengths, d.eval_fraction):])
         self.frames = frames[len(frames) - n_eval:] if split == "eval" else frames[:len(frames) - n_eval]
         self.env = read_meta(d.root)["env"]
         self.split = [len(frames), n_eval]  # frames in the dataset, the last ones held out
@@ -229,6 +240,18 @@ class EpisodeFrames:
         n = len(self.frames) if max_images is None else min(max_images, len(self.frames))
         for start in range(0, n, batch_size):
             yield self._load(range(start, min(start + batch_size, n)))
+
+
+def use_clevr_root(cfg: PretrainConfig, clevr_root: Optional[str], run_dir: str, split: Optional[str] = None) -> None:
+    """Point a pretraining run's evaluation data at `clevr_root`, a CLEVR v1.0 directory (split `split`, else the run's
+    data.eval_split when it trained on CLEVR on disk, else val); without one, check that a run trained on CLEVR on
+    disk still finds its data, and name the way on if it moved."""
+    if clevr_root:
+        cfg.data.eval_split = split or (cfg.data.eval_split if cfg.data.source == "clevr" else "val")
+        cfg.data.source, cfg.data.root = "clevr", clevr_root
+    elif cfg.data.source == "clevr":
+        check_recorded_root(cfg.data.root, run_dir, f"pass --clevr-root DIR (its split {cfg.data.eval_split}, the "
+                            "run's data.eval_split, is read there)")
 
 
 def make_source(cfg: PretrainConfig, device: torch.device, split: Optional[str] = None, max_images=None,

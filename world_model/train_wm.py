@@ -20,18 +20,19 @@ import torch
 from agent.replay import ReplayBuffer
 from envs.atomic import atomic_write
 from envs.errors import DataError, UsageError
-from envs.episodes import STEP_KEYS, check_recorded_root, episode_length, episode_paths, load_episode, read_meta
+from envs.episodes import (STEP_KEYS, check_recorded_root, episode_length, episode_paths, held_out_episodes,
+                           load_episode, read_meta)
 
 from . import distributed
-from .config import (WMEncoderConfig, WorldModelConfig, check_against_checkpoint, load_run_config, save_config,
-                     schema_command)
+from .config import (DERIVED, WMEncoderConfig, WorldModelConfig, check_against_checkpoint, load_run_config,
+                     save_config, schema_command)
 from .dynamics import DynamicsConfig
 from .frame_tokenizer import FrameTokenizerConfig, frame_token_size, status_vars
 from .pretrain import load_run
 from .sources import TRAIN_STREAM, stream_seed
 from .updates import StepMeans, autocast, guarded_update, lr_factor
 from .perception import SlotAutoencoder
-from .rundir import (MetricLogger, RunDir, check_out_dir, evaluation_due, fixed_rng, note_if_finished, resolve_device,
+from .rundir import (MetricLogger, RunDir, check_out_dir, evaluation_due, fixed_rng, resumed_length, resolve_device,
                      rng_state, set_rng_state, shown, start_run, stopped_evaluation)
 from .wm import Encoded, WorldModel, frames_to_input
 
@@ -53,20 +54,23 @@ def dataset_meta(cfg: WorldModelConfig) -> dict:
 
 def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, ReplayBuffer, dict]:
     """Replay buffers of the training and held-out episodes of an episode dataset, and its meta (plus `held_out`:
-    the held-out episodes' file names, and `status_vars`: the status tokens beside each frame, or 0)."""
+    the held-out episodes' file names, `status_vars`: the status tokens beside each frame, or 0, and `left_out`:
+    the training steps beyond `data.capacity`, the oldest, which are not loaded)."""
     root, meta = cfg.data.root, dataset_meta(cfg)
     paths = episode_paths(root)
     lengths = [episode_length(p) for p in paths]
-    held, n_eval = 0, 0
-    while n_eval < len(paths) - 1 and held < cfg.data.eval_fraction * sum(lengths):
-        n_eval += 1
-        held += lengths[-n_eval]
+    n_eval = held_out_episodes(lengths, cfg.data.eval_fraction)
+    n_train = len(paths) - n_eval
+    start, kept = n_train, 0  # the newest training episodes that fill data.capacity (the oldest of them in part)
+    while start > 0 and kept < cfg.data.capacity:
+        start -= 1
+        kept += lengths[start]
     first = load_episode(paths[0])
     spec = episode_spec(first)
     keys = (*spec, *STEP_KEYS)
     train = ReplayBuffer(cfg.data.capacity, spec, seed=seed)
-    held_out = ReplayBuffer(max(held, 1), spec, seed=seed)
-    for i, path in enumerate(paths):
+    held_out = ReplayBuffer(max(sum(lengths[n_train:]), 1), spec, seed=seed)
+    for i, path in enumerate(paths[start:], start):
         ep = first if i == 0 else load_episode(path)
         if ep["image"].shape[1:] != first["image"].shape[1:]:
             raise DataError(f"{path} holds frames of shape {ep['image'].shape[1:]}, {paths[0].name} of "
@@ -85,7 +89,7 @@ def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, R
         if rewards.dtype.kind not in "fiu" or not np.isfinite(rewards).all():
             raise DataError(f"{path} holds non-finite rewards: every update would be skipped; remove the episode")
         try:
-            (held_out if i >= len(paths) - n_eval else train).add_episode(ep)
+            (held_out if i >= n_train else train).add_episode(ep)
         except ValueError as e:  # wrong dtypes or lengths, as ReplayBuffer checks them
             raise DataError(f"{path} is not an episode in the layout `run.py collect` writes: {e}") from None
     if n_eval == 0:
@@ -98,8 +102,8 @@ def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, R
         raise DataError(f"{root}: the held-out (the last {n_eval}) episodes are at most {held_out.longest_episode()} "
                         f"steps long, shorter than the {length} steps of {keys}; collect longer episodes or lower "
                         "eval.context")
-    return train, held_out, {**meta, "held_out": [p.name for p in paths[len(paths) - n_eval:]],
-                             "status_vars": status_vars(spec)}
+    return train, held_out, {**meta, "held_out": [p.name for p in paths[n_train:]], "status_vars": status_vars(spec),
+                             "left_out": sum(lengths[:n_train]) - min(kept, cfg.data.capacity)}
 
 
 def episode_spec(episode: dict) -> dict:
@@ -150,8 +154,15 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
     if not enc.model.vq.enabled:
         raise UsageError("the world model needs a VQ slot encoder: pretrain with model.vq.enabled=true")
     status, frame_vars, frame_codes = frame_token_size(frame, status_vars)
-    dyn = replace(dyn, num_slots=enc.model.num_slots, num_vars=enc.model.vq.num_vars, num_codes=enc.model.vq.num_codes,
-                  frame_vars=frame_vars, frame_codes=frame_codes, num_actions=num_actions)
+    derived = dict(num_slots=enc.model.num_slots, num_vars=enc.model.vq.num_vars, num_codes=enc.model.vq.num_codes,
+                   frame_vars=frame_vars, frame_codes=frame_codes, num_actions=num_actions)
+    # A preset's value for one of them, unless the default or what the run sets (`run.py config` prints that), would
+    # be replaced without a word (an override is refused when the config loads).
+    conflicts = [f"dynamics.{k}={getattr(dyn, k)} (the run sets {v}, from {DERIVED['dynamics.' + k]})"
+                 for k, v in derived.items() if getattr(dyn, k) not in (getattr(DynamicsConfig(), k), v)]
+    if conflicts and not restoring:
+        raise UsageError(f"the config sets {'; '.join(conflicts)}: remove {'them' if conflicts[1:] else 'it'}")
+    dyn = replace(dyn, **derived)
     check_max_steps(dyn, longest)
     return WorldModel(autoencoder, enc.resolution, frame, dyn, joint, enc.carry_grad, status).to(device)
 
@@ -269,6 +280,10 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
     t = cfg.train
     run, device = start_run(run_dir, resume, t.device, t.threads, t.seed)
     train_buf, held_out, meta = split_dataset(cfg, cfg.train.seed)
+    if meta["left_out"] and distributed.is_main():
+        print(f"note: the oldest {meta['left_out']} of the {meta['left_out'] + cfg.data.capacity} training steps in "
+              f"{cfg.data.root} are left out, beyond data.capacity={cfg.data.capacity}; raise it to train on all of "
+              "them", file=sys.stderr)
     state = run.load_checkpoint(map_location=device, keys=("model", "optimizer", "step", "skipped", "rng")
                                 ) if resume else None
     if state is not None:
@@ -298,7 +313,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
         opt.load_state_dict(state["optimizer"])
         step, skipped = state["step"], state["skipped"]
         set_rng_state(state["rng"])
-        t.steps = note_if_finished(step, t.steps, "train.steps", state)
+        t.steps = resumed_length(step, t.steps, "train.steps", state)
         if state.get("held_out", meta["held_out"]) != meta["held_out"]:
             print(f"note: the episodes of {cfg.data.root} changed since this run's last checkpoint, so its held-out "
                   f"split moved (the last {len(meta['held_out'])} episodes now): evaluations from here on use the new "
@@ -332,8 +347,9 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
     if stopped_evaluation(logger, step, cfg.train.eval_every, cfg.train.steps):
         evaluate(step)
     while step < cfg.train.steps:
-        train_buf.rng = np.random.default_rng(stream_seed(cfg.train.seed, TRAIN_STREAM, step))
-        batch = to_batch(train_buf.sample(cfg.train.batch_size, cfg.data.seq_len, pad=True), wm.resolution, device)
+        rng = np.random.default_rng(stream_seed(cfg.train.seed, TRAIN_STREAM, step))  # batch i: a function of (seed, i)
+        batch = to_batch(train_buf.sample(cfg.train.batch_size, cfg.data.seq_len, rng=rng, pad=True), wm.resolution,
+                         device)
         for group in opt.param_groups:
             group["lr"] = cfg.train.lr * lr_factor(step, cfg.train.warmup_steps)
         tau = wm.set_vq_temperature(step, vq.tau_start, vq.tau_end, vq.anneal_steps)

@@ -69,7 +69,7 @@ class StepMeans:
 
 
 def lr_factor(step: int, warmup: int, decay_rate: float = 1.0, decay_steps: int = 1) -> float:
-    """The learning rate's factor at `step`: linear warmup over `warmup` steps, then exponential decay by `decay_rate`
-    every `decay_steps` (Slot Attention's schedule; the world model warms up only)."""
+    """The learning rate's factor at `step`: linear warmup over `warmup` steps, times a smooth exponential decay, by
+    `decay_rate` per `decay_steps` steps (Slot Attention's schedule; the world model warms up only)."""
     warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
     return warm * decay_rate ** (step / decay_steps)

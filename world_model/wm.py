@@ -208,10 +208,9 @@ class WorldModel(nn.Module):
         return self.autoencoder.decoder(slots).recon.clamp(0, 1)
 
     @torch.no_grad()
-    def open_loop(self, enc: Encoded, actions: torch.Tensor, context: int, horizon: int,
-                  temperature: float = 0.0) -> dict:
+    def open_loop(self, enc: Encoded, actions: torch.Tensor, context: int, horizon: int) -> dict:
         """Predict steps context..context+horizon-1 from the first `context` encoded steps and the real actions
-        (an `ImaginedEnv` stepped with them; temperature 0: the most likely codes).
+        (an `ImaginedEnv` stepped with them, taking the most likely codes).
 
         enc: codes of `b T` real frames (T >= context + horizon); actions `b T` in the episode layout.
         Returns imagined slot codes `b h k v`, frame codes `b h g`, rewards `b h` and continuation probs `b h`."""
@@ -222,7 +221,7 @@ class WorldModel(nn.Module):
                              f"{enc.slot_codes.shape[1]}, {actions.shape[1]}")
         act_after = torch.cat([actions[:, 1:], torch.zeros_like(actions[:, :1])], 1)  # action taken after frame t
         frames = enc.frame_codes
-        env = ImaginedEnv(self.dynamics, temperature)
+        env = ImaginedEnv(self.dynamics, 0.0)
         env.reset(enc.slot_codes[:, :context], frames[:, :context] if frames is not None else None,
                   act_after[:, :context], horizon)
         slots, frames_out, rewards, conts = zip(*(env.step(act_after[:, t])

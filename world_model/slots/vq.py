@@ -44,15 +44,18 @@ def temperature(step: int, tau_start: float, tau_end: float, anneal_steps: int) 
 
 class SlotQuantizer(nn.Module):
     """VQ-SA: each slot `b k d` -> `num_vars` categorical codes of `num_codes` values (Gumbel-softmax over bilinear
-    logits, KL to the uniform prior) -> the slot rebuilt from the codes' embeddings."""
+    logits, KL to the uniform prior) -> the slot rebuilt from the codes' embeddings. `slot_width`: d, a slot's size
+    (a GMM slot is concat(mu, logsigma): 2 x model.slot_dim; `SlotEncoder.slot_width` has it)."""
 
-    def __init__(self, slot_dim: int, num_vars: int = 4, num_codes: int = 16, code_dim: int = 32, hard: bool = False):
+    def __init__(self, slot_width: int, num_vars: int = 4, num_codes: int = 16, code_dim: int = 32,
+                 hard: bool = False):
         super().__init__()
-        self.num_vars, self.num_codes, self.code_dim, self.hard = num_vars, num_codes, code_dim, hard
+        self.slot_width, self.num_vars, self.num_codes, self.code_dim, self.hard = (slot_width, num_vars, num_codes,
+                                                                                    code_dim, hard)
         self.codebooks = nn.Parameter(torch.randn(num_vars, num_codes, code_dim))  # v c e
-        self.bilinear = nn.Parameter(torch.randn(num_vars, slot_dim, code_dim) / math.sqrt(slot_dim))  # v d e
-        self.norm = nn.LayerNorm(slot_dim)
-        self.out = nn.Linear(num_vars * code_dim, slot_dim)
+        self.bilinear = nn.Parameter(torch.randn(num_vars, slot_width, code_dim) / math.sqrt(slot_width))  # v d e
+        self.norm = nn.LayerNorm(slot_width)
+        self.out = nn.Linear(num_vars * code_dim, slot_width)
         self.register_buffer("tau", torch.tensor(1.0), persistent=False)
 
     def set_temperature(self, tau: float) -> None:
@@ -72,6 +75,9 @@ class SlotQuantizer(nn.Module):
         return self.embed(F.one_hot(codes, self.num_codes).float())
 
     def forward(self, slots: torch.Tensor) -> Quantized:
+        if slots.shape[-1] != self.slot_width:
+            raise ValueError(f"slots of width {slots.shape[-1]} into a SlotQuantizer of slot_width {self.slot_width} "
+                             "(a GMM slot is concat(mu, logsigma): 2 x model.slot_dim)")
         proj = torch.einsum("bkd,vde->bkve", self.norm(slots), self.bilinear)
         logits = torch.einsum("bkve,vce->bkvc", proj, self.codebooks) / math.sqrt(self.code_dim)
         logits = logits.float()
