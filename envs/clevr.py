@@ -487,6 +487,30 @@ def write_dataset(root, n_images: int, split: str = "train", seed: int = 0, batc
     return path  # is whole once its scenes file exists
 
 
+def _root_hint(root: Path, split: str) -> str:
+    """What a CLEVR root that lacks `split` most likely is instead, as advice; "" when nothing fits."""
+    if (root / "CLEVR_v1.0" / "images").is_dir():
+        return f"the CLEVR root is {root / 'CLEVR_v1.0'} (pass that folder)"
+    if root.name in ("images", "scenes") and (root.parent / "images").is_dir():
+        return f"the CLEVR root is {root.parent}, the folder that holds images/ and scenes/ (pass that folder)"
+    if split == "test" and (root / "images" / "test").is_dir():
+        return "CLEVR v1.0's test split ships no scenes file (no object labels): evaluate on val"
+    splits = sorted(p.name for p in (root / "images").iterdir() if p.is_dir()) if (root / "images").is_dir() else []
+    if splits and split not in splits:
+        return f"{root}/images holds the split{'s' * (len(splits) > 1)} {', '.join(splits)}, not {split}"
+    return ""
+
+
+def check_layout(root: Path, split: str) -> tuple[Path, Path]:
+    """A CLEVR v1.0 split's images folder and scenes file, or a one-line DataError saying what is missing and,
+    where it can tell, which folder was meant."""
+    image_dir, scenes_path = root / "images" / split, root / "scenes" / f"CLEVR_{split}_scenes.json"
+    for what, path in (("root", root), ("images dir", image_dir), ("scenes file", scenes_path)):
+        if not path.exists():
+            raise DataError(f"CLEVR {what} {path} not found: {_root_hint(root, split) or _LAYOUT_HINT}")
+    return image_dir, scenes_path
+
+
 class ClevrDataset(torch.utils.data.Dataset):
     """CLEVR v1.0 (real or written by write_dataset) as Slot Attention inputs and targets.
 
@@ -503,11 +527,7 @@ class ClevrDataset(torch.utils.data.Dataset):
         if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
             raise UsageError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, got {min_objects}, {max_objects}")
         root = Path(root)
-        self.image_dir = root / "images" / split
-        scenes_path = root / "scenes" / f"CLEVR_{split}_scenes.json"
-        for what, path in (("root", root), ("images dir", self.image_dir), ("scenes file", scenes_path)):
-            if not path.exists():
-                raise DataError(f"CLEVR {what} {path} not found: {_LAYOUT_HINT}")
+        self.image_dir, scenes_path = check_layout(root, split)
         try:
             data = json.loads(scenes_path.read_text())
         except json.JSONDecodeError as e:

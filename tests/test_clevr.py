@@ -285,6 +285,19 @@ def test_missing_paths(tmp_path):
     assert "scenes file" in _error(tmp_path) and hint in _error(tmp_path)
 
 
+def test_the_usual_wrong_roots_are_answered_with_the_right_one(tmp_path):
+    """The folder above CLEVR_v1.0, its images/ folder, a split it lacks, and the test split (no scenes)."""
+    _fake_clevr(tmp_path / "CLEVR_v1.0")
+    (tmp_path / "CLEVR_v1.0" / "images" / "test").mkdir()
+    root = tmp_path / "CLEVR_v1.0"
+    assert f"the CLEVR root is {root} (pass that folder)" in _error(tmp_path)
+    assert f"the CLEVR root is {root}, the folder that holds images/ and scenes/" in _error(root / "images")
+    with pytest.raises(DataError, match=r"images holds the splits test, val, not Val"):
+        ClevrDataset(root, split="Val")
+    with pytest.raises(DataError, match="test split ships no scenes file .*: evaluate on val"):
+        ClevrDataset(root, split="test")
+
+
 def test_malformed_json(tmp_path):
     _fake_clevr(tmp_path)
     (tmp_path / "scenes" / "CLEVR_val_scenes.json").write_text('{"scenes": [\n  {"objects": [}\n]}')

@@ -495,7 +495,8 @@ def test_a_clevr_run_checks_its_eval_split_before_training(tmp_path, capsys):
     write_dataset(root, 1, split="train", seed=3, batch_size=1)
     cfg = tiny_cfg("data.source=clevr", f"data.root={root}", "train.steps=2", "data.max_objects=10",
                    "model.num_slots=10", "data.eval_images=1")
-    with pytest.raises(DataError, match="CLEVR images dir .*images/val not found"):
+    with pytest.raises(DataError, match=r"data.eval_split=val: CLEVR images dir .*images/val not found: .*holds the "
+                       r"split train, not val"):
         pretrain(cfg, str(tmp_path / "r"), progress=False)
     assert run.main(["pretrain", "--data", str(root), "--run-dir", str(tmp_path / "r3"), "--no-progress"]) == 2
     assert f"{root} is a CLEVR root, not an episode dataset: pretrain on it with data.source=clevr" in \

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from envs.clevr import check_layout
 from envs.errors import DataError, UsageError
 
 from . import distributed
@@ -63,6 +65,12 @@ def preflight(cfg: PretrainConfig) -> None:
     """What pretraining would refuse only once it builds its data or reaches its first batch, refused before the run
     prints its config and starts (under torchrun, before the processes join: rank 0 reports it for all)."""
     check_source(cfg)
+    if cfg.data.source == "clevr":  # both splits' folders and scenes files
+        for key, split in (("data.split", cfg.data.split), ("data.eval_split", cfg.data.eval_split)):
+            try:
+                check_layout(Path(cfg.data.root), split)
+            except DataError as e:
+                raise DataError(f"{key}={split}: {e}") from None
     distributed.check_divides(cfg.train.batch_size, "train.batch_size")
 
 
@@ -138,7 +146,10 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
     # the data first: a bad data path fails before the run directory gets a config
     source = make_source(cfg, device, sharded=True, progress=progress and distributed.is_main(), first_step=step)
     if cfg.data.source == "clevr":  # the eval split's scenes and first image too: a bad split fails now, not at the end
-        next(eval_batches(cfg, device, 1))
+        try:
+            next(eval_batches(cfg, device, 1))
+        except DataError as e:
+            raise DataError(f"the evaluation split (data.eval_split={cfg.data.eval_split}): {e}") from None
     if cfg.data.source == "clevr" and cfg.data.split == cfg.data.eval_split and distributed.is_main() and not resume:
         print(f"note: data.split and data.eval_split are both {cfg.data.split!r}: the run evaluates on the images it "
               "trains on; set data.eval_split to a held-out split", file=sys.stderr)
