@@ -252,10 +252,10 @@ def cmd_eval_ap(args) -> None:
     if args.split and not args.clevr_root and cfg.data.source != "clevr":
         raise UsageError(f"--split picks a split of a CLEVR v1.0 root and {args.checkpoint} trained on "
                          f"data.source={cfg.data.source}: pass --clevr-root DIR too")
-    if args.split and not args.clevr_root:
-        cfg.data.eval_split = args.split
     if args.clevr_root or cfg.data.source == "clevr":
         use_clevr_root(cfg, args.clevr_root, args.checkpoint, args.split)
+    if args.split:
+        cfg.data.eval_split = args.split
     n = args.images or cfg.data.eval_images
     result = evaluate(model, cfg, device, n, batches=eval_batches(cfg, device, n))
     source = {"generated": "generated scenes", "clevr": f"CLEVR {cfg.data.root} split {cfg.data.eval_split}, scenes "
@@ -266,6 +266,14 @@ def cmd_eval_ap(args) -> None:
     if cfg.task == "discovery" and "fg_ari" not in result:
         print(f"note: no FG-ARI: {result['data']} hold no instance masks (real CLEVR ships none; `run.py generate` "
               "writes them under masks/), so only the reconstruction is scored", file=sys.stderr)
+    if cfg.data.source == "frames" and not args.data:  # the run's own dataset: its held-out frames as it recorded them?
+        from world_model.pretrain import split_note
+        from world_model.sources import EpisodeFrames
+
+        note = split_note((state.get("frames") or {}).get("split"), EpisodeFrames(cfg, "eval", device).split,
+                          cfg.data.root)
+        if note:
+            print(f"note: {note}: evaluated on the new split", file=sys.stderr)
     if args.images and result["images"] < n:
         print(f"note: {result['data']} hold {result['images']} images, fewer than the {n} asked for: evaluated on "
               "those", file=sys.stderr)
@@ -511,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--codes", action="store_true", help="disentanglement figure of a VQ run on CLEVR-like scenes")
     s.add_argument("--images", type=int, default=1000, help="scenes for --codes (default 1000)")
     s.add_argument("--seed", type=seed_value, default=0, help="seed of the random-policy play and of the slots' initial "
-                   "noise, so a repeat draws the same pictures (scenes are the run's held-out ones) (default 0)")
+                   "noise, so a repeat on the same --device draws the same pictures (scenes are the run's held-out ones) (default 0)")
     s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
     s.set_defaults(func=cmd_visualize, parser=s)
 

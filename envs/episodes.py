@@ -213,7 +213,7 @@ def episode_length(path: Path) -> int:
 def episode_paths(root: Union[str, Path]) -> list[Path]:
     """A dataset's episode files in the order they were written (by number: 1000000 comes after 999999)."""
     read_meta(root)
-    paths = sorted((Path(root) / "episodes").glob("*.npz"), key=episode_index)
+    paths = sorted((Path(root) / "episodes").glob("*.npz"), key=lambda p: (episode_index(p), p.name))
     if not paths:
         raise DataError(f"{root}/episodes holds no .npz episodes; collect some with `run.py collect`")
     return paths
@@ -221,7 +221,7 @@ def episode_paths(root: Union[str, Path]) -> list[Path]:
 
 def held_out_episodes(lengths: list[int], fraction: float) -> int:
     """How many of the last episodes (of these step counts, in order) are held out for evaluation: those that hold
-    `fraction` of the steps, at least one and never all. World-model training and pretraining on the frames split a
+    `fraction` of the steps, at least one and never all (so none of a single episode). World-model training and pretraining on the frames split a
     dataset alike, so a pretrained encoder has not seen the frames a world model is evaluated on."""
     held, n = 0, 0
     while n < len(lengths) - 1 and (n == 0 or held < fraction * sum(lengths)):
@@ -251,10 +251,10 @@ def iter_episodes(root: Union[str, Path], keys: Optional[tuple[str, ...]] = None
         yield {k: ep[k] for k in keys} if keys else ep
 
 
-def load_frames(root: Union[str, Path], max_frames: Optional[int] = None) -> np.ndarray:
-    """All frames of a dataset, in episode-file order: `n h w 3` uint8."""
-    frames, total = [], 0
-    for path in episode_paths(root):
+def load_frames(root: Union[str, Path]) -> tuple[np.ndarray, list[int]]:
+    """All frames of a dataset, in episode-file order (`n h w 3` uint8), and each episode's frame count."""
+    frames = []
+    for path in episode_paths(root):  # listed once: episodes a running `collect` adds meanwhile are left out
         image = load_episode(path)["image"]
         if image.ndim != 4 or image.shape[-1] != 3 or image.dtype != np.uint8:
             raise DataError(f"{path}: frames must be uint8 (n, h, w, 3), got {image.dtype} {image.shape}")
@@ -262,9 +262,8 @@ def load_frames(root: Union[str, Path], max_frames: Optional[int] = None) -> np.
             raise DataError(f"{path} holds {image.shape[1]}x{image.shape[2]} frames, the episodes before it "
                             f"{frames[0].shape[1]}x{frames[0].shape[2]}: a dataset's frames must have one size "
                             "(collect each size into its own dataset)")
+        if len(image) != episode_length(path):
+            raise DataError(f"{path} holds {len(image)} frames, its name {episode_length(path)}: a file renamed or "
+                            "replaced by hand; remove it")
         frames.append(image)
-        total += len(image)
-        if max_frames is not None and total >= max_frames:
-            break
-    out = np.concatenate(frames)
-    return out[:max_frames] if max_frames is not None else out
+    return np.concatenate(frames), [len(f) for f in frames]

@@ -43,7 +43,8 @@ def measure_independent_steps_per_second(env_fn: Callable[[], gymnasium.Env], pr
     overhead, the ceiling a vector env's efficiency is measured against."""
     ctx = mp.get_context(context or default_context())
     barrier, results = ctx.Barrier(processes), ctx.Queue()
-    procs = [ctx.Process(target=_step_alone, args=(env_fn, envs_per_process, steps, i, barrier, results), daemon=True)
+    procs = [ctx.Process(target=_step_alone, args=(env_fn, envs_per_process, steps, i * envs_per_process, barrier,
+                                                   results), daemon=True)  # env seeds 0, 1, ...: each env its own
              for i in range(processes)]
     for proc in procs:
         proc.start()

@@ -363,6 +363,9 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
     summary = json.loads((viz / "summary.json").read_text())
     assert summary["step"] == 240 and summary["pngs"] == 2 and "note" not in summary  # it has a decoder
     assert run.main(["visualize", "--checkpoint", str(tmp_path / "run"), "--env", "clevr", "--out", str(viz)]) == 2
+    assert run.main(["visualize", "--checkpoint", str(tmp_path / "run"), "--clevr-root", str(tmp_path), "--out",
+                     str(viz)]) == 2
+    assert "--clevr-root shows CLEVR scenes to a pretraining run; " in capsys.readouterr().err
     # resuming the finished run plays no evaluation again: the final one is read back from the log, nothing appended;
     # a shorter train.env_steps does not rewrite config.yaml to misdescribe the run
     logs = {name: (tmp_path / "run" / name).read_text() for name in ("eval_stats.jsonl", "metrics.jsonl")}
@@ -852,3 +855,38 @@ def test_a_config_edited_by_hand_since_the_checkpoint_is_refused(tmp_path, capsy
             assert "does not match the checkpoint in" in capsys.readouterr().err
     (rd / "config.yaml").write_text(text)
     assert run.main(["eval", "--checkpoint", str(rd), "--episodes", "1"]) == 0
+
+
+def test_bench_agent_figures_from_fixed_timings(monkeypatch, capsys):
+    """40 env steps: the math-attention row takes 8 s of wall time (4 s of it in the timed parts: 1 policy, 1 env,
+    2 updates) and 20 updates, the fused rows 4 s and 3 updates. Rates are env steps / wall time: 5.0 and 10.0, so
+    +fused-attn/fp32-math-attn 2.00; parts are ms per env step (25, 25, 50); hours per 1M steps 55.6 and 27.8; one
+    row under 8 updates is enough for the note. Profiled part times are seconds (CPU time in us / 1e6)."""
+    import argparse
+    import types
+
+    from torch.autograd import DeviceType
+
+    from agent import bench
+
+    def fake_loop(cfg, device, env_steps, prefill, profiler, fused_attention):
+        return {"seconds": {"policy": 1.0, "env_step": 1.0, "update": 2.0}, "total": 4.0 if fused_attention else 8.0,
+                "env_steps": env_steps, "updates": 3 if fused_attention else 20, "warmup": 0.5, "peak_gib": float("nan")}
+
+    monkeypatch.setattr(bench, "measure_loop", fake_loop)
+    args = argparse.Namespace(agent_config=str(ROOT / "configs/tiny.yaml"), overrides=[], env_steps=40, prefill=8,
+                              compile=False, profile=False, profile_rows=5, profile_row=None, rows=None)
+    bench.bench_agent(args, torch.device("cpu"))
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
+            if line.split() and line.split()[0] in ("fp32-math-attn", "+fused-attn", "preset")}
+    assert rows["fp32-math-attn"] == ["5.0", "20", "25.00", "25.00", "50.00", "55.6", "0.5", "-"]
+    assert rows["+fused-attn"] == rows["preset"] == ["10.0", "3", "25.00", "25.00", "50.00", "27.8", "0.5", "-"]
+    assert "ratio +fused-attn/fp32-math-attn: 2.00" in out.splitlines()
+    assert "# note: a row timed fewer than 8 updates" in out
+    events = [types.SimpleNamespace(key="policy", device_type=DeviceType.CPU, cpu_time_total=2_500_000,
+                                    device_time_total=500_000),
+              types.SimpleNamespace(key="policy", device_type=DeviceType.CUDA, cpu_time_total=9e9, device_time_total=9e9),
+              types.SimpleNamespace(key="aten::mm", device_type=DeviceType.CPU, cpu_time_total=9e9, device_time_total=9e9)]
+    assert bench._part_times(events, torch.device("cpu")) == {"policy": 2.5}
+    assert bench._part_times(events, torch.device("cuda")) == {"policy": 0.5}

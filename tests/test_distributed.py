@@ -142,3 +142,64 @@ def test_torchrun_agent_shards_envs_and_replay_and_resumes_at_world_size_one(tmp
     merged = ReplayBuffer.load(rd / state["replays"][0])
     assert sorted(p.name for p in (rd / "replay").iterdir()) == _replay_files(rd, state)  # both old shards' gone
     assert len(merged) == 242 + 2 + 40  # both shards merged, then 2 envs: a reset frame each and 40 steps
+
+
+COLLECTIVES = """
+import json, sys
+import torch, torch.distributed as dist
+from world_model import distributed
+from world_model.rundir import rank_seed
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method=sys.argv[2], rank=rank, world_size=2)
+cpu = torch.device("cpu")
+out = {"one_false": distributed.all_true(rank == 0, cpu), "all_true": distributed.all_true(True, cpu),
+       "scalars": distributed.mean_scalars({"loss": 1.0 + 2 * rank, "n": 4.0 * rank}, cpu),
+       "mean": distributed.mean_(torch.tensor([2.0 * rank, 6.0])).tolist(),
+       "gathered": distributed.gather_objects(f"r{rank}"), "shard": list(distributed.shard_bounds(6)),
+       "main": distributed.is_main(), "seed": rank_seed(7)}
+dist.barrier()
+dist.destroy_process_group()
+print(json.dumps(out))
+"""
+
+
+def test_collectives_of_two_processes(tmp_path):
+    """Two gloo processes (no torchrun, a few seconds): all_true is an AND over ranks (one rank's non-finite loss
+    skips the update on all), logged scalars and tensors are means (rank 0's loss 1 and rank 1's 3 log 2), objects
+    come back in rank order, rank r of 2 gets items [3r, 3r + 3) of 6, only rank 0 is main, and each rank's seed
+    is mixed_seed(seed, rank, 0)."""
+    from world_model.rundir import mixed_seed
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    init = f"file://{tmp_path / 'init'}"
+    procs = [subprocess.Popen([sys.executable, "-c", COLLECTIVES, str(r), init], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.splitlines()[-1]))
+    for r, out in enumerate(outs):
+        assert out["one_false"] is False and out["all_true"] is True
+        assert out["scalars"] == {"loss": 2.0, "n": 2.0} and out["mean"] == [1.0, 6.0]
+        assert out["gathered"] == ["r0", "r1"] and out["shard"] == [3 * r, 3 * r + 3]
+        assert out["main"] == (r == 0) and out["seed"] == mixed_seed(7, r, 0)
+
+
+def test_sizes_that_do_not_divide_are_refused_before_the_process_group_is_joined(monkeypatch):
+    """From torchrun's environment alone (before setup): a global size that does not split over the processes is a
+    one-line error; a lost peer is told apart from a process's own failure; a node's first process that is not
+    rank 0 is not the main process."""
+    from envs.errors import UsageError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match=r"train.batch_size=3 does not divide over the 2 processes; pick a multiple of 2"):
+        distributed.check_divides(3, "train.batch_size")
+    distributed.check_divides(4, "train.batch_size")
+    assert distributed.lost_peer(RuntimeError("[gloo] Connection closed by peer [::1]:29500"))
+    assert distributed.lost_peer(RuntimeError("NCCL error: remote process exited or there was a network error"))
+    assert not distributed.lost_peer(RuntimeError("CUDA out of memory"))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert distributed.rank() == 2 and not distributed.is_main()

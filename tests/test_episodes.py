@@ -80,7 +80,7 @@ def test_flush_cuts_running_episodes_and_dict_obs(tmp_path):
     w.flush()
     (ep,) = iter_episodes(tmp_path)
     assert ep["stats"].shape == (2, 3) and ep["is_last"][-1] and not ep["is_terminal"].any()
-    assert load_frames(tmp_path).shape == (2, 8, 8, 3)
+    assert load_frames(tmp_path)[0].shape == (2, 8, 8, 3) and load_frames(tmp_path)[1] == [2]
 
 
 def test_bad_datasets_are_one_line_errors(tmp_path):
@@ -174,8 +174,11 @@ def test_frames_source_split_and_resize(tmp_path):
 
 def test_pretrain_on_env_frames(tmp_path, capsys):
     root = _toy_dataset(tmp_path / "data")
-    cfg = tiny_cfg("task=discovery", "data.source=frames", f"data.root={root}", "train.steps=4")
+    cfg = tiny_cfg("task=discovery", "data.source=frames", f"data.root={root}", "train.steps=4", "data.crop=true")
     result = pretrain(cfg, str(tmp_path / "run"), progress=False)
+    err = capsys.readouterr().err
+    assert "note: data.crop=true cuts CLEVR's object-discovery window; game frames are used whole" in err
+    assert f"note: the held-out episodes of {root} hold 12 of its 48 frames (25%, data.eval_fraction=0.1)" in err
     assert result["images"] == 8 and np.isfinite(result["mse"]) and "fg_ari" not in result  # eval_images of 12
     # eval-ap reproduces the run's own final evaluation (fixed chunks: the same slot-initialization noise)
     assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "run")]) == 0

@@ -347,6 +347,14 @@ def test_a_frames_run_resumes_on_the_same_game_and_notes_a_moved_split(tmp_path,
              progress=False)
     assert "now holds 100 frames, the last 20 held out (at this run's last checkpoint 60, the last 20)" in \
         capsys.readouterr().err
+    ckpt = tmp_path / "r" / "checkpoints" / "latest.pt"  # a run from before whole episodes were held out
+    state = torch.load(ckpt, weights_only=False)
+    state["frames"]["split"] = [100, 8]
+    torch.save(state, ckpt)
+    assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "r")]) == 0
+    assert (f"note: the last 20 frames of {tmp_path / 'a'} are held out, whole episodes holding data.eval_fraction of "
+            "them (this run, from before that rule, held out its last 8 frames): evaluated on the new split"
+            in capsys.readouterr().err)
     # eval-ap on another copy of its data (--data), in place of data.root; a generated-scene run has no such data
     (tmp_path / "a").rename(tmp_path / "a2")
     capsys.readouterr()
@@ -633,3 +641,90 @@ def test_discovery_evaluation_mse_is_per_pixel_over_every_image():
     cfg = load_config(PretrainConfig, None, ["task=discovery", "train.amp=false"])
     result = evaluate(Gray(), cfg, torch.device("cpu"), 2, batches=iter([{"images": torch.zeros(2, 3, 4, 4)}]))
     assert result["images"] == 2 and result["mse"] == pytest.approx(0.25) and result["empty_slots"] == 0
+
+
+def test_bench_timer_is_seconds_per_timed_call_after_warmup(monkeypatch):
+    """_timeit with a clock that each call moves by 2 s: the first call 2 s, then warmup - 1 untimed calls, then
+    `steps` timed ones, 2 s each."""
+    import types
+
+    from world_model import bench
+
+    clock, calls = [0.0], []
+
+    def fn():
+        clock[0] += 2.0
+        calls.append(1)
+
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    assert bench._timeit(fn, torch.device("cpu"), steps=3, warmup=2) == (2.0, 2.0)
+    assert len(calls) == 1 + 1 + 3
+
+
+def test_bench_pretrain_and_estep_ratios_from_fixed_timings(monkeypatch, capsys):
+    """Batch 2 at 0.5, 0.25, 1.0 and 0.4 s per step (gmm eager, gmm channels_last, slot attention eager, slot
+    attention channels_last): 4, 8, 2 and 5 img/s, so gmm/slot_attention 2.00 and 1.60, channels_last/eager 2.00
+    (gmm) and 2.50 (slot attention). E-step at 0.5 s (materialized) and 0.125 s (expanded): 4 and 16 img/s, 4.00."""
+    import argparse
+    import types
+
+    from world_model import bench
+
+    pers = iter([0.5, 0.25, 1.0, 0.4, 0.5, 0.125])
+    monkeypatch.setattr(bench, "_timeit", lambda fn, device, steps, warmup=2: (next(pers), 0.1))
+    monkeypatch.setattr(bench, "build_model", lambda cfg: nn.Linear(1, 1))
+    monkeypatch.setattr(bench, "GeneratedScenes", lambda cfg, device: types.SimpleNamespace(
+        batch=lambda n, seed: {"images": torch.zeros(n, 3, 32, 32)}))
+    args = argparse.Namespace(resolution=32, batch_size=2, rows=None, slots="gmm,slot_attention", compile=False,
+                              matmul_precision=None, steps=1, task="setpred", profile=False, profile_row=None,
+                              profile_rows=5)
+    bench.bench_pretrain(args, torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert [line.split()[2] for line in out.splitlines()[2:6]] == ["4.0", "8.0", "2.0", "5.0"]
+    for line in ("ratio gmm/slot_attention (eager-fp32): 2.00", "ratio gmm/slot_attention (channels_last): 1.60",
+                 "ratio channels_last/eager-fp32 (gmm): 2.00", "ratio channels_last/eager-fp32 (slot_attention): 2.50"):
+        assert line in out.splitlines()
+    bench.bench_estep(argparse.Namespace(batch_size=2, steps=1), torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert "ratio expanded/materialized: 4.00" in out.splitlines()
+    assert [line.split()[-2] for line in out.splitlines()[1:3]] == ["4.0", "16.0"]
+
+
+def test_bench_envs_efficiencies_from_fixed_rates(monkeypatch, capsys):
+    """2 workers: one core 100 steps/s, 2 processes without IPC 300 (efficiency 300 / (2 x 100) = 1.50), vector
+    envs of 1 and 2 envs per worker 150 and 300 (0.75 and 1.50 of two cores; 0.50 and 1.00 of the no-IPC rate)."""
+    import argparse
+    import types
+
+    import envs.collect
+    import envs.throughput
+    import envs.vector
+    from world_model import bench
+
+    monkeypatch.setattr(envs.collect, "env_fn", lambda name, stats_path=None: name)
+    monkeypatch.setattr(envs.vector, "make_vector_env", lambda fn, n, envs_per_worker=1, asynchronous=True:
+                        types.SimpleNamespace(per=envs_per_worker, sync=not asynchronous, close=lambda: None))
+    monkeypatch.setattr(envs.throughput, "measure_steps_per_second",
+                        lambda venv, steps: 100.0 if venv.sync else 150.0 * venv.per)
+    monkeypatch.setattr(envs.throughput, "measure_independent_steps_per_second", lambda fn, workers, steps: 300.0)
+    bench.bench_envs(argparse.Namespace(workers=2, env_steps=5, envs_per_worker="1,2", envs="toy"),
+                     torch.device("cpu"))
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows[0][-1] == "100" and rows[1][-2:] == ["300", "1.50"]
+    assert rows[2][-3:] == ["150", "0.75", "0.50"] and rows[3][-3:] == ["300", "1.50", "1.00"]
+
+
+def test_bench_imagination_rates_from_a_fixed_clock(monkeypatch, capsys):
+    """3 imagined steps of 2 trajectories: 0.5 s with the KV cache (12 steps/s), 2 s without (3 steps/s): 4.0x."""
+    import argparse
+    import types
+
+    from world_model import bench
+
+    ticks = iter([0.0, 0.5, 1.0, 3.0])
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    bench.bench_imagination(argparse.Namespace(wm_config=str(CONFIGS / "wm_crafter_cpu.yaml"), batch_size=2, horizon=3),
+                            torch.device("cpu"))
+    out = capsys.readouterr().out.splitlines()
+    assert out[-3].split() == ["with", "KV", "cache", "12", "steps/s"] and out[-2].split() == ["without", "3", "steps/s"]
+    assert out[-1] == "ratio 4.0x"

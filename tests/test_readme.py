@@ -19,6 +19,9 @@ def test_an_installed_wheel_finds_its_presets(tmp_path):
     import subprocess
     import sys
 
+    import pytest
+
+    pytest.importorskip("pip")  # a venv made without it (uv) cannot build here
     root = README.parent
     src = tmp_path / "src"
     shutil.copytree(root, src, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "build", "*.egg-info", ".whl",
@@ -29,7 +32,8 @@ def test_an_installed_wheel_finds_its_presets(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"),
                     str(wheel)], check=True)
     probe = ("from world_model.config import PRESET_DIR, PretrainConfig, load_config; "
-             "print(PRESET_DIR.parent.name, load_config(PretrainConfig, 'clevr_tiny').task)")
+             "print(PRESET_DIR.relative_to(PRESET_DIR.parents[1]), load_config(PretrainConfig, 'clevr_tiny').task)")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site")},
                          capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["site", "setpred"]
+    assert out.split() == ["world_model/presets", "setpred"]  # inside the package: no top-level `configs` to clash
+    assert not (tmp_path / "site" / "configs").exists()

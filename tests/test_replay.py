@@ -423,3 +423,60 @@ def test_a_step_after_an_episode_end_starts_a_new_episode_even_without_is_first(
                  "is_last": i == 2, "is_terminal": i == 2})
     assert [ep["image"][:, 0].tolist() for ep in buf.episodes()] == [[0, 1, 2], [3, 4]]
     assert buf.num_episodes == 2 and buf.longest_episode() == 3
+
+
+def _ep(values):
+    n = len(values)
+    return {"image": np.array(values, np.uint8)[:, None], "action": np.zeros(n, np.int64),
+            "reward": np.zeros(n, np.float32), "is_first": np.arange(n) == 0, "is_last": np.arange(n) == n - 1,
+            "is_terminal": np.zeros(n, bool)}
+
+
+def test_a_loaded_buffer_reuses_the_slots_eviction_freed_and_lists_episodes_oldest_first(tmp_path):
+    """Capacity 6: A (3 steps), B (3), then C (3) evicts A, whose slot is freed; the buffer is saved and loaded
+    there. D (2 steps) then takes A's freed slot in both and evicts B's first two steps, so the loaded buffer
+    draws the same segments as the one that never stopped, and episodes() lists B's tail, C, D (oldest first,
+    not slot order: D sits in slot 0)."""
+    spec = {"image": ((1,), np.uint8)}
+    buf = ReplayBuffer(6, spec, seed=0)
+    for values in ([0, 1, 2], [10, 11, 12], [20, 21, 22]):
+        buf.add_episode(_ep(values))
+    buf.save(tmp_path / "r.npz")
+    back = ReplayBuffer.load(tmp_path / "r.npz")
+    for b in (buf, back):
+        b.add_episode(_ep([30, 31]))
+        assert [ep["image"][:, 0].tolist() for ep in b.episodes()] == [[12], [20, 21, 22], [30, 31]]
+    for length in (1, 2):
+        a = buf.sample(32, length, rng=np.random.default_rng(length))
+        b = back.sample(32, length, rng=np.random.default_rng(length))
+        np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_a_chunk_whose_steps_are_all_overwritten_is_no_longer_needed(tmp_path):
+    """Capacity 10: the first checkpoint writes chunk [0, 10); 10 more steps overwrite all of it, so the next
+    checkpoint needs only itself and chunk [10, 20) (the trainer deletes the rest), and loads whole from them."""
+    spec = {"image": ((1,), np.uint8)}
+    buf = ReplayBuffer(10, spec, seed=0)
+    buf.add_episode(_ep(list(range(10))))
+    first = buf.save(tmp_path / "s0.npz", chunks="rank0")
+    assert [n.split("-", 2)[2] for n in first[1:]] == ["000000000000-000000000010.npz"]
+    buf.add_episode(_ep(list(range(100, 110))))
+    needed = buf.save(tmp_path / "s1.npz", chunks="rank0")
+    assert needed[0] == "s1.npz" and [n.split("-", 2)[2] for n in needed[1:]] == ["000000000010-000000000020.npz"]
+    for p in tmp_path.iterdir():
+        if p.name not in needed:
+            p.unlink()
+    back = ReplayBuffer.load(tmp_path / "s1.npz")
+    assert [ep["image"][:, 0].tolist() for ep in back.episodes()] == [list(range(100, 110))]
+
+
+def test_is_first_starts_a_new_episode_even_while_one_is_open():
+    """A worker whose episode was never closed (a collector reset mid-episode) and that sends is_first: two
+    episodes, and no segment spans the cut."""
+    buf = ReplayBuffer(20, {"image": ((1,), np.uint8)})
+    for value, first in ((0, True), (1, False), (2, False), (100, True), (101, False)):
+        buf.add({"image": np.array([value], np.uint8), "action": 0, "reward": 0.0, "is_first": first,
+                 "is_last": False, "is_terminal": False})
+    assert [ep["image"][:, 0].tolist() for ep in buf.episodes()] == [[0, 1, 2], [100, 101]]
+    segments = buf.sample(64, 2, rng=np.random.default_rng(0))["image"][..., 0].tolist()
+    assert [2, 100] not in segments and {tuple(s) for s in segments} == {(0, 1), (1, 2), (100, 101)}

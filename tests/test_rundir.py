@@ -438,7 +438,6 @@ def test_a_resume_keeps_the_episodes_its_checkpoint_counted_and_blanks_damaged_l
     assert path.read_text() == ""
 
 
-
 def test_a_torn_last_line_is_not_counted_as_damaged(tmp_path, capsys):
     """read_records(valid=...) drops every line that is not a row with a step, but counts in its warning only the lines before
     the last (a torn last line is what a killed writer leaves, not damage): one bad middle line -> "dropped 1"."""
@@ -448,3 +447,181 @@ def test_a_torn_last_line_is_not_counted_as_damaged(tmp_path, capsys):
     path.write_text('{"step": 1}\n[1, 2]\n{"step": 2}\n{"step": 3, "lo')
     assert read_records(path, valid=lambda row: isinstance(row.get("step"), int)) == [{"step": 1}, {"step": 2}]
     assert "dropped 1 damaged line(s)" in capsys.readouterr().err
+
+
+def test_atomic_write_syncs_the_whole_new_file_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    """fsync sees every byte of the new file (flushed first) while the target still holds the old one: a power cut
+    after the rename cannot leave a renamed-but-empty checkpoint."""
+    path = tmp_path / "latest.pt"
+    path.write_bytes(b"old")
+    real_fsync, seen = os.fsync, []
+
+    def spy(fd):
+        seen.append((os.fstat(fd).st_size, path.read_bytes()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    atomic_write(path, lambda f: f.write(b"x" * 100))
+    assert seen == [(100, b"old")]
+    assert path.read_bytes() == b"x" * 100
+
+
+def test_an_atomic_write_in_progress_is_a_tmp_file_beside_its_target(tmp_path):
+    """The temporary file lives in the target's folder (a rename across file systems is no rename) and is named
+    `<target>*.tmp`, what a resume's cleanup (RunDir._remove_torn_writes) removes after a kill."""
+    (tmp_path / "checkpoints").mkdir()
+    path = tmp_path / "checkpoints" / "latest.pt"
+    during = []
+    atomic_write(path, lambda f: during.extend(p.name for p in path.parent.iterdir()))
+    assert len(during) == 1 and during[0].startswith("latest.pt") and during[0].endswith(".tmp")
+    assert [p.name for p in path.parent.iterdir()] == ["latest.pt"]
+
+
+def test_an_atomic_write_stopped_by_ctrl_c_leaves_the_old_file_and_no_temporary_file(tmp_path):
+    path = tmp_path / "latest.pt"
+    path.write_bytes(b"old")
+
+    def interrupted(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, interrupted)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["latest.pt"]
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
+    """Not mkstemp's 0600: under umask 022 a checkpoint or log is 0644, like a file open() makes (others on a shared
+    machine can read the run)."""
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.json", lambda f: f.write(b"{}"))
+        (tmp_path / "plain.json").write_bytes(b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644 == (tmp_path / "plain.json").stat().st_mode & 0o777
+
+
+def test_check_folder_takes_links_to_folders_and_asks_only_the_nearest_existing_folder(tmp_path, monkeypatch):
+    """A run directory behind a symbolic link to a real folder (runs/ on a bigger disk) is fine; only the nearest
+    existing folder must be writable (a writable folder inside a read-only one, here simulated), and a path that
+    is a special file (a FIFO) is no folder."""
+    import tempfile
+
+    from envs.atomic import check_folder
+    from envs.errors import UsageError
+
+    (tmp_path / "disk" / "runs").mkdir(parents=True)
+    (tmp_path / "runs").symlink_to(tmp_path / "disk" / "runs")
+    assert check_folder(tmp_path / "runs", "--run-dir") == tmp_path / "runs"
+    assert check_folder(tmp_path / "runs" / "r1", "--run-dir") == tmp_path / "runs" / "r1"
+    RunDir.open(tmp_path / "runs" / "r1", resume=False).release()
+    real = tempfile.TemporaryFile
+
+    def read_only_above(dir=None, **kw):
+        if Path(dir) != tmp_path / "disk" / "runs" and Path(dir) != tmp_path / "runs":
+            raise PermissionError(13, "Permission denied")
+        return real(dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only_above)
+    assert check_folder(tmp_path / "disk" / "runs" / "new" / "deeper", "--run-dir")
+    monkeypatch.undo()
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(UsageError, match="fifo is a file: choose a folder path"):
+        check_folder(tmp_path / "fifo", "--run-dir")
+
+
+def test_blank_lines_are_not_damage_and_undecodable_bytes_do_not_stop_a_read(tmp_path, capsys):
+    """A line an earlier resume blanked (spaces) is no damaged line the next resume warns about again; bytes that
+    are not UTF-8 (a disk that filled) are a damaged line like any other, not a UnicodeDecodeError; a JSON object
+    without "length" is no episode record."""
+    from envs.errors import DataError
+    from envs.jsonl import count_records, is_episode, keep_records, read_records
+
+    path = tmp_path / "stats.jsonl"
+    path.write_text('{"length": 1}\n          \n{"length": 2}\n')
+    keep_records(path, 2, is_episode)
+    assert capsys.readouterr().err == "" and path.read_text() == '{"length": 1}\n          \n{"length": 2}\n'
+    path.write_text('{"length": 1}\n{"note": "x"}\n{"length": 2}\n')
+    assert count_records(path, is_episode) == 2 and not is_episode({"note": "x"})
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(b'{"step": 1}\n\xff\xfe\x80 junk\n{"step": 2}\n')
+    assert read_records(metrics, valid=lambda r: isinstance(r.get("step"), int)) == [{"step": 1}, {"step": 2}]
+    assert "dropped 1 damaged line(s)" in capsys.readouterr().err
+    with pytest.raises(DataError, match="line 2 is not JSON"):
+        read_records(metrics)
+
+
+def test_only_rank_0_writes_checkpoints_and_metrics(tmp_path, monkeypatch):
+    """Under torchrun the other ranks hold the same state: they write no checkpoint and log nothing (no
+    metrics.jsonl rows, no tensorboard file) unless told to."""
+    from world_model import distributed
+
+    run = RunDir(tmp_path)
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    run.save_checkpoint({"step": 1})
+    logger = MetricLogger(run)
+    logger.scalars(1, {"loss": 1.0})
+    logger.close()
+    assert not run.ckpt_path.exists() and not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "tb").exists()
+    monkeypatch.setattr(distributed, "is_main", lambda: True)
+    run.save_checkpoint({"step": 1})
+    logger = MetricLogger(run)
+    logger.scalars(1, {"loss": 1.0})
+    logger.close()
+    assert torch.load(run.ckpt_path)["step"] == 1 and [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1]
+
+
+def test_per_rank_seeds_and_the_rng_a_resume_restores(monkeypatch):
+    """rank_seed: the seed itself in one process without salt, else mixed_seed(seed, rank, salt). restore_rng: at the
+    world size of the checkpoint each rank takes its own state; at another world size every rank seeds afresh from
+    (seed, rank, step); an older checkpoint's single state is taken as is."""
+    import random
+
+    from world_model import distributed
+    from world_model.rundir import mixed_seed, rank_seed, restore_rng, rng_state, seed_everything, set_rng_state
+
+    saved = rng_state()
+
+    def draws():
+        return torch.rand(3).tolist(), np.random.rand(), random.random()
+
+    def after(state):
+        set_rng_state(state)
+        return draws()
+
+    try:
+        assert rank_seed(7) == 7 and rank_seed(7, 3) == mixed_seed(7, 0, 3) != 7
+        seed_everything(1)
+        s0 = rng_state()
+        seed_everything(2)
+        s1 = rng_state()
+        want0, want1 = after(s0), after(s1)
+        seed_everything(mixed_seed(7, 0, 3))
+        fresh = draws()
+        assert len({str(want0), str(want1), str(fresh)}) == 3
+        restore_rng([s0, s1], 7, 3)  # one process resuming a 2-process run: a fresh seed, not rank 0's stream
+        assert draws() == fresh
+        restore_rng(s1, 7, 3)  # an older checkpoint's single state
+        assert draws() == want1
+        monkeypatch.setattr(distributed, "world_size", lambda: 2)
+        monkeypatch.setattr(distributed, "rank", lambda: 1)
+        assert rank_seed(7) == mixed_seed(7, 1, 0) != mixed_seed(7, 0, 0)
+        restore_rng([s0, s1], 7, 3)  # rank 1 of the same world size: its own state
+        assert draws() == want1
+    finally:
+        set_rng_state(saved)
+
+
+def test_a_resume_replays_an_evaluation_only_when_its_checkpoint_stopped_before_it(tmp_path):
+    from world_model.rundir import stopped_evaluation
+
+    logger = MetricLogger(RunDir(tmp_path), enabled=True)
+    logger.scalars(10, {"score": 1.0}, prefix="eval/")
+    logger.scalars(20, {"loss": 1.0}, prefix="train/")
+    assert not stopped_evaluation(logger, 10, 10, 30)  # evaluated and logged at 10
+    assert stopped_evaluation(logger, 20, 10, 30)  # due at 20, nothing under eval/ there
+    assert not stopped_evaluation(logger, 15, 10, 30)  # not due
+    assert not stopped_evaluation(logger, 30, 10, 30)  # the last step is the loop's own
+    assert stopped_evaluation(logger, 12, 10, 40, stride=4)  # 8 -> 12 passed 10
+    logger.close()

@@ -431,3 +431,167 @@ def test_info_layouts_stay_in_step_after_a_failed_reset(tmp_path):
         np.testing.assert_array_equal(infos["q"], [1.5] * 4)
     finally:
         venv.close()
+
+
+def test_a_restarted_env_plays_the_episodes_of_its_derived_seed():
+    """After worker 1 fails, its env resets with seed SeedSequence([s + 1, restarts]) (s: reset's seed), then goes
+    on with seed None like any env: the same observations as an env reset in-process with that seed, through its
+    next autoresets (not the derived seed again, and not an unseeded env)."""
+    import tempfile
+
+    actions = np.random.default_rng(1).integers(0, 3, (40, 2))
+    with tempfile.TemporaryDirectory() as tmp:
+        fns = [CounterEnv, partial(CounterEnv, fail_at=6, fail_once=os.path.join(tmp, "failed"))]
+        venv = ResilientVectorEnv(fns)
+        try:
+            venv.reset(seed=10)
+            with pytest.warns(RuntimeWarning, match="boom"):
+                for crash in range(10):  # env 1's 6th step (resets are no steps) raises
+                    _, _, _, trunc, _ = venv.step(actions[crash])
+                    if venv.restarts:
+                        break
+            assert trunc[1] and venv.restarts == 1
+            ref, derived = CounterEnv(), int(np.random.SeedSequence([11, 1]).generate_state(1)[0])
+            resets, done = 0, False
+            for t in range(crash + 1, 40):
+                obs, _, term, trunc, _ = venv.step(actions[t])
+                if t == crash + 1:
+                    want, _ = ref.reset(seed=derived)
+                elif done:
+                    want, _ = ref.reset()
+                    resets += 1
+                else:
+                    want = ref.step(int(actions[t, 1]))[0]
+                np.testing.assert_array_equal(obs[1], want, err_msg=f"step {t}")
+                done = term[1] or trunc[1]
+            assert resets >= 2 and venv.restarts == 1
+        finally:
+            venv.close()
+
+
+def test_the_restart_cap_counts_the_restarts_of_the_last_window_steps():
+    """An env failing at its first step fails at vector steps 1, 3, 5, ... (its fresh copy resets in between). With
+    max_restarts=1, restart_window=2 holds the restarts of steps (t-2, t]: one each time, so it goes on; a window of
+    3 holds two at step 3 and gives up."""
+    venv = ResilientVectorEnv([partial(CounterEnv, fail_at=1)], max_restarts=1, restart_window=2)
+    try:
+        venv.reset(seed=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for _ in range(10):
+                venv.step(np.zeros(1, dtype=np.int64))
+        assert venv.restarts == 5
+    finally:
+        venv.close()
+    venv = ResilientVectorEnv([partial(CounterEnv, fail_at=1)], max_restarts=1, restart_window=3)
+    try:
+        venv.reset(seed=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            venv.step(np.zeros(1, dtype=np.int64))
+            venv.step(np.zeros(1, dtype=np.int64))
+            with pytest.raises(RuntimeError, match="1 restarts within 3 steps; giving up"):
+                venv.step(np.zeros(1, dtype=np.int64))
+    finally:
+        venv.close()
+
+
+class ClosingEnv(CounterEnv):
+    """Writes `<folder>/<pid>-<n>` when closed (an env that flushes its logs on close)."""
+
+    def __init__(self, folder):
+        super().__init__()
+        self.folder = folder
+
+    def close(self):
+        with open(os.path.join(self.folder, f"{os.getpid()}-{len(os.listdir(self.folder))}"), "w"):
+            pass
+
+
+def test_close_lets_every_worker_close_its_envs(tmp_path):
+    """close() asks the workers to close their envs (not just kills them after CLOSE_TIMEOUT): every env's close
+    runs, in its worker, and quickly."""
+    from envs.vector import CLOSE_TIMEOUT
+
+    venv = ResilientVectorEnv([partial(ClosingEnv, str(tmp_path))] * 4, envs_per_worker=2)
+    venv.reset(seed=0)
+    pids = set(venv.worker_pids)
+    for p in tmp_path.iterdir():  # the probe env the parent built and closed
+        p.unlink()
+    start = time.monotonic()
+    venv.close()
+    assert time.monotonic() - start < CLOSE_TIMEOUT
+    closed = [int(p.name.split("-")[0]) for p in tmp_path.iterdir()]
+    assert len(closed) == 4 and set(closed) == pids
+
+
+def test_a_vector_env_has_a_finite_step_timeout_by_default():
+    """Runs and collections pass no step_timeout: the default is what turns a hung env into a restart instead of a
+    hung run."""
+    venv = make_vector_env(CounterEnv, 1)
+    try:
+        assert 0 < venv.step_timeout < float("inf")
+    finally:
+        venv.close()
+
+
+class _Clock:
+    """A fake clock: `now` moves only when the test moves it."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_vector_env_rate_counts_every_env_and_times_the_steps_only(monkeypatch):
+    """measure_steps_per_second = steps x num_envs / the stepping time (reset and seeding excluded): 8 steps of 3
+    envs, each step 0.5 s and the reset 100 s, is 24 / 4 = 6 env steps/s."""
+    import types
+
+    import envs.throughput as throughput
+    from gymnasium.spaces import MultiDiscrete
+
+    clock = _Clock()
+    monkeypatch.setattr(throughput, "time", types.SimpleNamespace(perf_counter=clock, monotonic=clock))
+
+    class FakeVenv:
+        num_envs, action_space = 3, MultiDiscrete([3, 3, 3])
+
+        def reset(self, seed=None):
+            clock.now += 100.0
+
+        def step(self, actions):
+            clock.now += 0.5
+
+    assert measure_steps_per_second(FakeVenv(), 8) == 6.0
+
+
+def test_independent_rate_is_all_steps_over_first_start_to_last_finish(monkeypatch):
+    """The no-IPC ceiling: processes x envs_per_process x steps / (last finish - first start), each process timing
+    from the barrier they all pass. Process 0 runs 0 -> 2 s, process 1 1 -> 4 s: 2 x 2 x 10 steps / 4 s = 10."""
+    import queue
+    import types
+
+    import envs.throughput as throughput
+
+    spans, events = iter([0.0, 2.0, 1.0, 4.0]), []
+    monkeypatch.setattr(throughput, "time", types.SimpleNamespace(
+        monotonic=lambda: events.append("clock") or next(spans), perf_counter=lambda: 0.0))
+
+    class Ctx:  # runs each "process" in place, one after the other
+        def Barrier(self, n):
+            return types.SimpleNamespace(wait=lambda: events.append("barrier"))
+
+        def Queue(self):
+            return queue.Queue()
+
+        def Process(self, target, args, daemon):
+            return types.SimpleNamespace(start=lambda: target(*args), join=lambda timeout=None: None,
+                                         is_alive=lambda: False, exitcode=0)
+
+    monkeypatch.setattr(throughput, "mp", types.SimpleNamespace(get_context=lambda name: Ctx()))
+    rate = measure_independent_steps_per_second(CounterEnv, 2, 10, envs_per_process=2, context="fork")
+    assert rate == 10.0
+    assert events == ["barrier", "clock", "clock"] * 2  # each process starts its clock after the barrier

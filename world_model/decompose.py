@@ -186,6 +186,9 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
         env = "clevr"  # pretrained on CLEVR(-like) scenes: shown held-out ones
     if env is None:
         raise UsageError("visualize needs --env crafter|nethack|clevr for this run (or --codes)")
+    if clevr_root and run.pretrain_cfg is None:
+        raise UsageError(f"--clevr-root shows CLEVR scenes to a pretraining run; {checkpoint} is a world-model or agent "
+                         f"run, trained on {run.trained_env or 'game'} frames")
     if clevr_root and env != "clevr":
         raise UsageError(f"--clevr-root shows CLEVR scenes, and this call shows {env} frames: add --env clevr")
     model, cfg = run.model, run.pretrain_cfg  # on `device`; the frames and pictures stay on the CPU

@@ -204,8 +204,16 @@ def clevr_average_precision(pred: Any, target: Any, distance_threshold: Optional
 
     pred: [batch, n_pred, 19], last column = confidence; target: [batch, n_tgt, 19],
     last column = real-object flag. Coordinates in [0,1] (distances are measured on
-    the [-3,3] scale). distance_threshold None or -1 disables the distance check.
-    Returns AP in [0, 1] (0.0 with no predictions, NaN if there are no real targets).
+    the [-3,3] scale). The one-hot blocks (`ATTRIBUTE_SLICES`) follow `envs.clevr`'s SIZES,
+    MATERIALS, SHAPES and COLORS; a prediction's attributes are its argmax in each block.
+    Predictions are ranked by confidence over the whole batch (ties as the reference's
+    reversed argsort orders them). A prediction's candidate is the nearest real target of
+    its image with the same four attributes; it is a true positive when strictly closer
+    than distance_threshold (the reference's `<`; None or -1: no distance check) and the
+    first in the ranking to claim that target, else a false positive (no second-nearest
+    target is tried, as in the reference).
+    Returns AP as a fraction in [0, 1] (0.0 with no predictions, NaN if there are no real
+    targets); `clevr_ap_table` gives percent.
     """
     pred, target = _validate_clevr_inputs(pred, target)
     return _clevr_aps(pred, target, [_check_threshold(distance_threshold)])[0]
@@ -313,8 +321,8 @@ def fg_ari(true_ids: Any, pred_ids: Any) -> np.ndarray:
     """Foreground ARI per image: ARI over pixels whose true id is non-zero (0 = background).
 
     true_ids, pred_ids: integer id maps [batch, h, w] or [batch, pixels] (numpy or torch; a single image is
-    [1, h, w]); per-slot masks `b k h w` (a decoder's `Decoded.masks`, as training scores them, or the encoder's
-    `attn_maps`) are refused: pass `masks.argmax(1)`. Returns float64 [batch].
+    [1, h, w]); per-slot masks `b k h w` (a decoder's `Decoded.masks[:, :, 0]`, as training scores them, or the
+    encoder's `attn_maps`) are refused: pass `masks.argmax(1)`. Returns float64 [batch].
     Images without foreground pixels get NaN (aggregate with np.nanmean).
     Matches sklearn.metrics.adjusted_rand_score on the kept pixels exactly.
     """

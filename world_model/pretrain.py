@@ -153,6 +153,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
     if cfg.data.source == "clevr" and cfg.data.split == cfg.data.eval_split and distributed.is_main() and not resume:
         print(f"note: data.split and data.eval_split are both {cfg.data.split!r}: the run evaluates on the images it "
               "trains on; set data.eval_split to a held-out split", file=sys.stderr)
+    if cfg.data.source == "frames" and cfg.data.crop and distributed.is_main() and not resume:
+        print("note: data.crop=true cuts CLEVR's object-discovery window; game frames are used whole (a CLEVR preset's "
+              "setting)", file=sys.stderr)
     held = (len(source) if isinstance(source, (ClevrScenes, EpisodeFrames))
             else source.pool.size if source.pool is not None else None)  # generated scenes without a pool: no end
     if held is not None and held < distributed.world_size():
@@ -163,6 +166,12 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
               f"batch holds all of them" + (f" but {split}, which would not split over the processes" if split else ""),
               file=sys.stderr)
     frames = {"env": getattr(source, "env", None), "split": getattr(source, "split", None)}  # env frames only
+    if frames["split"] and frames["split"][1] > 2 * cfg.data.eval_fraction * frames["split"][0] and not resume \
+            and distributed.is_main():  # held out by whole episodes: a few long ones hold out far more
+        (total, held), share = frames["split"], frames["split"][1] / frames["split"][0]
+        print(f"note: the held-out episodes of {cfg.data.root} hold {held} of its {total} frames ({share:.0%}, "
+              f"data.eval_fraction={cfg.data.eval_fraction}): collect more episodes to train on more of them",
+              file=sys.stderr)
     settled = False  # a resume whose final evaluation, if the stopped run made it, still holds
     if resume:
         check_frames_resume(state.get("frames", frames), frames, cfg.data.root)
@@ -255,15 +264,27 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
 
 
 def check_frames_resume(before: dict, now: dict, root: Optional[str]) -> None:
-    """A run on env frames resumes on frames of the same game; a note when its held-out frames moved (the dataset
-    grew or shrank), since frames evaluated on before are trained on now."""
+    """A run on env frames resumes on frames of the same game; a note when its held-out frames moved (`split_note`)."""
     if before.get("env") != now.get("env"):
         raise DataError(f"this run trained on {before.get('env') or 'generated or CLEVR'} frames; data.root={root} "
                         f"holds {now.get('env') or 'none'}: a resume goes on with the same game's frames")
-    if now.get("split") and before.get("split") != now.get("split") and distributed.is_main():
-        (total, held), (total_was, held_was) = now["split"], before["split"]
-        print(f"note: {root} now holds {total} frames, the last {held} held out (at this run's last checkpoint "
-              f"{total_was}, the last {held_was}): evaluations from here on use the new split", file=sys.stderr)
+    note = split_note(before.get("split"), now.get("split"), root)
+    if note and distributed.is_main():
+        print(f"note: {note}: evaluations from here on use the new split", file=sys.stderr)
+
+
+def split_note(before: Optional[list], now: Optional[list], root: Optional[str]) -> Optional[str]:
+    """What moved a frames run's held-out frames ([frames in the dataset, the last ones held out]) since its
+    checkpoint, or None: the dataset grew or shrank, or (a run from before the split held out whole episodes) the
+    rule; frames evaluated on before are trained on now, or the other way round."""
+    if not now or not before or list(before) == list(now):
+        return None
+    (total, held), (total_was, held_was) = now, before
+    if total == total_was:
+        return (f"the last {held} frames of {root} are held out, whole episodes holding data.eval_fraction of them (this "
+                f"run, from before that rule, held out its last {held_was} frames)")
+    return (f"{root} now holds {total} frames, the last {held} held out (at this run's last checkpoint {total_was}, the "
+            f"last {held_was})")
 
 
 def load_run(run_dir: str, device: torch.device) -> tuple[PretrainConfig, nn.Module, dict]:

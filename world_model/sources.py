@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from envs.clevr import ClevrDataset, SceneGenerator
 from envs.errors import DataError, UsageError
-from envs.episodes import check_recorded_root, episode_length, episode_paths, held_out_episodes, load_frames, read_meta
+from envs.episodes import check_recorded_root, held_out_episodes, load_frames, read_meta
 
 from . import distributed
 from .config import PretrainConfig
@@ -194,12 +194,8 @@ class ClevrScenes:
 @functools.lru_cache(maxsize=2)
 def _dataset_frames(root: str) -> tuple[torch.Tensor, list[int]]:
     """A dataset's frames `n 3 h w` uint8, and the frame count of each episode, in order."""
-    frames = torch.from_numpy(load_frames(root)).permute(0, 3, 1, 2).contiguous()
-    lengths = [episode_length(p) for p in episode_paths(root)]
-    if sum(lengths) != len(frames):
-        raise DataError(f"{root}: its episode files hold {len(frames)} frames, their names {sum(lengths)}: a file was "
-                        "renamed or replaced; collect the dataset again")
-    return frames, lengths
+    frames, lengths = load_frames(root)
+    return torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous(), lengths
 
 
 class EpisodeFrames:
@@ -250,8 +246,9 @@ def use_clevr_root(cfg: PretrainConfig, clevr_root: Optional[str], run_dir: str,
         cfg.data.eval_split = split or (cfg.data.eval_split if cfg.data.source == "clevr" else "val")
         cfg.data.source, cfg.data.root = "clevr", clevr_root
     elif cfg.data.source == "clevr":
-        check_recorded_root(cfg.data.root, run_dir, f"pass --clevr-root DIR (its split {cfg.data.eval_split}, the "
-                            "run's data.eval_split, is read there)")
+        whose = "" if split else ", the run's data.eval_split,"
+        check_recorded_root(cfg.data.root, run_dir, f"pass --clevr-root DIR (its split {split or cfg.data.eval_split}"
+                            f"{whose} is read there)")
 
 
 def make_source(cfg: PretrainConfig, device: torch.device, split: Optional[str] = None, max_images=None,
