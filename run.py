@@ -238,8 +238,9 @@ def cmd_eval_ap(args) -> None:
     device = resolve_device(args.device)
     cfg, model, state = load_run(args.checkpoint, device)
     if args.data:
-        if args.clevr_root:
-            raise UsageError("--data and --clevr-root name two datasets to evaluate on: pass one")
+        if args.clevr_root or args.split:
+            raise UsageError(f"--data and {'--clevr-root' if args.clevr_root else '--split'} name two datasets to "
+                             "evaluate on: pass one (--split picks a split of a CLEVR root)")
         if cfg.data.source != "frames":
             raise UsageError(f"--data is for a run pretrained on game frames (`run.py pretrain --data DIR`); "
                              f"{args.checkpoint} trained on data.source={cfg.data.source}")
@@ -270,8 +271,8 @@ def cmd_eval_ap(args) -> None:
         from world_model.pretrain import split_note
         from world_model.sources import EpisodeFrames
 
-        note = split_note((state.get("frames") or {}).get("split"), EpisodeFrames(cfg, "eval", device).split,
-                          cfg.data.root)
+        held = EpisodeFrames(cfg, "eval", device)
+        note = split_note(state.get("frames"), {"split": held.split, "held_out_by": held.held_out_by}, cfg.data.root)
         if note:
             print(f"note: {note}: evaluated on the new split", file=sys.stderr)
     if args.images and result["images"] < n:

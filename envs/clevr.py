@@ -489,13 +489,18 @@ def write_dataset(root, n_images: int, split: str = "train", seed: int = 0, batc
 
 def _root_hint(root: Path, split: str) -> str:
     """What a CLEVR root that lacks `split` most likely is instead, as advice; "" when nothing fits."""
+    if root.is_file():
+        return f"{root} is a file, not a folder (a zip? unpack it and pass its CLEVR_v1.0 folder)"
     if (root / "CLEVR_v1.0" / "images").is_dir():
         return f"the CLEVR root is {root / 'CLEVR_v1.0'} (pass that folder)"
     if root.name in ("images", "scenes") and (root.parent / "images").is_dir():
         return f"the CLEVR root is {root.parent}, the folder that holds images/ and scenes/ (pass that folder)"
     if split == "test" and (root / "images" / "test").is_dir():
         return "CLEVR v1.0's test split ships no scenes file (no object labels): evaluate on val"
-    splits = sorted(p.name for p in (root / "images").iterdir() if p.is_dir()) if (root / "images").is_dir() else []
+    try:
+        splits = sorted(p.name for p in (root / "images").iterdir() if p.is_dir()) if (root / "images").is_dir() else []
+    except OSError:  # a folder that cannot be listed: no hint
+        splits = []
     if splits and split not in splits:
         return f"{root}/images holds the split{'s' * (len(splits) > 1)} {', '.join(splits)}, not {split}"
     return ""
@@ -506,7 +511,7 @@ def check_layout(root: Path, split: str) -> tuple[Path, Path]:
     where it can tell, which folder was meant."""
     image_dir, scenes_path = root / "images" / split, root / "scenes" / f"CLEVR_{split}_scenes.json"
     for what, path in (("root", root), ("images dir", image_dir), ("scenes file", scenes_path)):
-        if not path.exists():
+        if not path.exists() or (what == "root" and not path.is_dir()):
             raise DataError(f"CLEVR {what} {path} not found: {_root_hint(root, split) or _LAYOUT_HINT}")
     return image_dir, scenes_path
 

@@ -296,6 +296,8 @@ def test_the_usual_wrong_roots_are_answered_with_the_right_one(tmp_path):
         ClevrDataset(root, split="Val")
     with pytest.raises(DataError, match="test split ships no scenes file .*: evaluate on val"):
         ClevrDataset(root, split="test")
+    (tmp_path / "CLEVR_v1.0.zip").write_bytes(b"PK")
+    assert "CLEVR_v1.0.zip is a file, not a folder (a zip? unpack it" in _error(tmp_path / "CLEVR_v1.0.zip")
 
 
 def test_malformed_json(tmp_path):

@@ -66,6 +66,11 @@ def test_episodes_added_after_one_was_removed_take_new_numbers_and_keep_their_or
     w = _write_episodes(tmp_path, [8])
     assert w.next_index == 1_000_001
     assert [p.name for p in episode_paths(tmp_path)] == ["999999-2.npz", "1000000-2.npz"]
+    (tmp_path / "episodes" / "1000000-2.npz").rename(tmp_path / "episodes" / "000005-2.npz")  # two files numbered 5
+    (tmp_path / "episodes" / "999999-2.npz").rename(tmp_path / "episodes" / "000005-3.npz")  # (the old writer's)
+    assert [p.name for p in episode_paths(tmp_path)] == ["000005-2.npz", "000005-3.npz"]  # by name, not listing order
+    with pytest.raises(DataError, match=r"000005-3.npz holds 2 frames, its name 3: a file renamed or replaced"):
+        load_frames(tmp_path)
     (tmp_path / "episodes" / "notes-x.npz").write_bytes(b"")
     with pytest.raises(DataError, match="notes-x.npz: not an episode file name"):
         EpisodeWriter(tmp_path, {"env": "toy"})

@@ -350,6 +350,7 @@ def test_a_frames_run_resumes_on_the_same_game_and_notes_a_moved_split(tmp_path,
     ckpt = tmp_path / "r" / "checkpoints" / "latest.pt"  # a run from before whole episodes were held out
     state = torch.load(ckpt, weights_only=False)
     state["frames"]["split"] = [100, 8]
+    del state["frames"]["held_out_by"]
     torch.save(state, ckpt)
     assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "r")]) == 0
     assert (f"note: the last 20 frames of {tmp_path / 'a'} are held out, whole episodes holding data.eval_fraction of "
@@ -543,6 +544,8 @@ def test_a_clevr_run_checks_its_eval_split_before_training(tmp_path, capsys):
     assert (f"on 1 images (CLEVR {moved} split val, scenes of 3-10 objects); AP, accuracies and objectness in %; "
             "coord_err in scene units; empty_slots per image:") in out
     assert (tmp_path / "r2" / "eval_ap_clevr_val.json").is_file()
+    assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "r2"), "--split", "train"]) == 2
+    assert "if it moved, pass --clevr-root DIR (its split train is read there)" in capsys.readouterr().err
     viz = ["visualize", "--checkpoint", str(tmp_path / "r2"), "--frames", "1", "--out", str(tmp_path / "v")]
     assert run.main(viz) == 2 and "if it moved, pass --clevr-root DIR" in capsys.readouterr().err
     assert run.main(viz + ["--clevr-root", str(moved)]) == 0 and len(list((tmp_path / "v").glob("frame_*.png"))) == 1

@@ -342,7 +342,7 @@ def test_a_config_a_run_would_refuse_later_is_refused_before_it_is_printed(overr
     (["train-wm", "--data", "NOPE"], "NOPE is not an episode dataset (no meta.json)"),
     (["train-wm"], "train-wm needs data.root=DIR (or --data DIR)"),
     (["pretrain", "--data", "NOPE"], "NOPE is not an episode dataset (no meta.json)"),
-    (["pretrain", "data.source=clevr", "data.root=NOPE"], "data.split=train: CLEVR root NOPE not found"),
+    (["pretrain", "data.source=clevr", "data.root=NOPE"], "CLEVR root NOPE not found"),
 ])
 def test_a_missing_dataset_is_refused_before_the_config_is_printed(argv, message, tmp_path, capsys):
     import run

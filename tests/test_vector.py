@@ -588,10 +588,12 @@ def test_independent_rate_is_all_steps_over_first_start_to_last_finish(monkeypat
             return queue.Queue()
 
         def Process(self, target, args, daemon):
+            seeds.append(args[3])
             return types.SimpleNamespace(start=lambda: target(*args), join=lambda timeout=None: None,
                                          is_alive=lambda: False, exitcode=0)
 
     monkeypatch.setattr(throughput, "mp", types.SimpleNamespace(get_context=lambda name: Ctx()))
+    seeds = []
     rate = measure_independent_steps_per_second(CounterEnv, 2, 10, envs_per_process=2, context="fork")
-    assert rate == 10.0
+    assert rate == 10.0 and seeds == [0, 2]  # envs 0, 1 and 2, 3: every env its own seed
     assert events == ["barrier", "clock", "clock"] * 2  # each process starts its clock after the barrier

@@ -184,9 +184,10 @@ CHOICES = {
     "encoder.mode": ("frozen", "joint"),
     "env.name": ("crafter", "nethack"),
 }
-# configs/ beside the packages in the source tree (and an editable install); world_model/presets/ in an installed wheel
-PRESET_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "configs",
-                               Path(__file__).resolve().parent / "presets") if d.is_dir()),
+# world_model/presets/ in an installed wheel (first: a `configs` folder beside it in site-packages is another's);
+# configs/ beside the packages in the source tree and an editable install
+PRESET_DIR = next((d for d in (Path(__file__).resolve().parent / "presets",
+                               Path(__file__).resolve().parent.parent / "configs") if d.is_dir()),
                   Path(__file__).resolve().parent.parent / "configs")
 # keys that must be positive (whichever schema has them), and those that may also be 0
 POSITIVE = ("train.steps", "train.env_steps", "train.batch_size", "train.seq_len", "train.log_every",
@@ -381,9 +382,6 @@ def _check_pairs(cfg) -> None:
     if source == "generated" and root:
         raise ConfigError(f"data.root={root} is set but data.source=generated renders its own scenes: add "
                           "data.source=clevr for a CLEVR v1.0 root, or pass --data DIR for an episode dataset")
-    capacity, seq_len = (OmegaConf.select(cfg, k, default=None) for k in ("data.capacity", "data.seq_len"))
-    if capacity is not None and seq_len is not None and capacity < seq_len:
-        raise ConfigError(f"data.capacity={capacity} steps cannot hold one training segment of data.seq_len={seq_len}")
     low, high = (OmegaConf.select(cfg, k, default=None) for k in ("data.min_objects", "data.max_objects"))
     if low is not None and high is not None and not 1 <= low <= high <= MAX_SCENE_OBJECTS:
         raise ConfigError(f"data.min_objects={low} and data.max_objects={high}: need 1 <= min_objects <= "

@@ -65,7 +65,9 @@ def preflight(cfg: PretrainConfig) -> None:
     """What pretraining would refuse only once it builds its data or reaches its first batch, refused before the run
     prints its config and starts (under torchrun, before the processes join: rank 0 reports it for all)."""
     check_source(cfg)
-    if cfg.data.source == "clevr":  # both splits' folders and scenes files
+    if cfg.data.source == "clevr":  # the root, then both splits' folders and scenes files
+        if not Path(cfg.data.root).is_dir():
+            check_layout(Path(cfg.data.root), cfg.data.split)
         for key, split in (("data.split", cfg.data.split), ("data.eval_split", cfg.data.eval_split)):
             try:
                 check_layout(Path(cfg.data.root), split)
@@ -165,7 +167,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
         print(f"note: the training data holds {held} images, fewer than train.batch_size={cfg.train.batch_size}: each "
               f"batch holds all of them" + (f" but {split}, which would not split over the processes" if split else ""),
               file=sys.stderr)
-    frames = {"env": getattr(source, "env", None), "split": getattr(source, "split", None)}  # env frames only
+    frames = {"env": getattr(source, "env", None), "split": getattr(source, "split", None),  # env frames only
+              "held_out_by": getattr(source, "held_out_by", None)}
     if frames["split"] and frames["split"][1] > 2 * cfg.data.eval_fraction * frames["split"][0] and not resume \
             and distributed.is_main():  # held out by whole episodes: a few long ones hold out far more
         (total, held), share = frames["split"], frames["split"][1] / frames["split"][0]
@@ -268,19 +271,19 @@ def check_frames_resume(before: dict, now: dict, root: Optional[str]) -> None:
     if before.get("env") != now.get("env"):
         raise DataError(f"this run trained on {before.get('env') or 'generated or CLEVR'} frames; data.root={root} "
                         f"holds {now.get('env') or 'none'}: a resume goes on with the same game's frames")
-    note = split_note(before.get("split"), now.get("split"), root)
+    note = split_note(before, now, root)
     if note and distributed.is_main():
         print(f"note: {note}: evaluations from here on use the new split", file=sys.stderr)
 
 
-def split_note(before: Optional[list], now: Optional[list], root: Optional[str]) -> Optional[str]:
-    """What moved a frames run's held-out frames ([frames in the dataset, the last ones held out]) since its
-    checkpoint, or None: the dataset grew or shrank, or (a run from before the split held out whole episodes) the
-    rule; frames evaluated on before are trained on now, or the other way round."""
-    if not now or not before or list(before) == list(now):
+def split_note(before: Optional[dict], now: dict, root: Optional[str]) -> Optional[str]:
+    """What moved a frames run's held-out frames since its checkpoint (`frames` records: "split" [frames in the
+    dataset, the last ones held out], "held_out_by"), or None: the dataset changed, or (a run from before whole
+    episodes were held out) the rule; frames evaluated on before are trained on now, or the other way round."""
+    if not before or not before.get("split") or not now.get("split") or list(before["split"]) == list(now["split"]):
         return None
-    (total, held), (total_was, held_was) = now, before
-    if total == total_was:
+    (total, held), (total_was, held_was) = now["split"], before["split"]
+    if total == total_was and before.get("held_out_by") != now.get("held_out_by"):
         return (f"the last {held} frames of {root} are held out, whole episodes holding data.eval_fraction of them (this "
                 f"run, from before that rule, held out its last {held_was} frames)")
     return (f"{root} now holds {total} frames, the last {held} held out (at this run's last checkpoint {total_was}, the "

@@ -204,6 +204,8 @@ class EpisodeFrames:
     training batch i draws frames from seed f(seed, i); frames are resized to data.resolution with area averaging
     when their size differs."""
 
+    held_out_by = "episodes"  # recorded in checkpoints: runs from before whole episodes were held out lack it
+
     def __init__(self, cfg: PretrainConfig, split: str, device: torch.device, sharded: bool = False):
         d = cfg.data
         self.sharded = sharded
