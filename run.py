@@ -265,8 +265,10 @@ def cmd_eval_ap(args) -> None:
     result.update(step=state["step"], data=source, task=cfg.task, slots=cfg.model.slots,
                   vq=cfg.model.vq.enabled)
     if cfg.task == "discovery" and "fg_ari" not in result:
-        print(f"note: no FG-ARI: {result['data']} hold no instance masks (real CLEVR ships none; `run.py generate` "
-              "writes them under masks/), so only the reconstruction is scored", file=sys.stderr)
+        why = ("game frames come without them" if cfg.data.source == "frames" else
+               "real CLEVR ships none; `run.py generate` writes them under masks/")
+        print(f"note: no FG-ARI: {result['data']} hold no instance masks ({why}), so only the reconstruction is "
+              "scored", file=sys.stderr)
     if cfg.data.source == "frames" and not args.data:  # the run's own dataset: its held-out frames as it recorded them?
         from world_model.pretrain import split_note
         from world_model.sources import EpisodeFrames
@@ -343,7 +345,7 @@ def cmd_visualize(args) -> None:
 
 
 def cmd_train_wm(args) -> None:
-    from world_model.train_wm import open_loop_table, preflight, train_wm
+    from world_model.train_wm import preflight, train_wm
 
     overrides = ([f"data.root={args.data}"] if args.data else []) + list(args.overrides)
 
@@ -352,8 +354,7 @@ def cmd_train_wm(args) -> None:
         _check_frozen_encoder(cfg, overrides)
 
     _run_training(args, DEFAULT_PRESETS["train-wm"], overrides, lambda c: "wm", train_wm, args.resume, checked,
-                  lambda run_dir, result: f"# open-loop prediction on held-out segments at the last step\n"
-                  f"{open_loop_table(result)}\n{_json_line(run_dir, result)}")
+                  _json_line)  # the last evaluation's table is printed as it ran (or read back)
 
 
 def _check_frozen_encoder(cfg, overrides: list) -> None:
@@ -372,10 +373,12 @@ def _check_frozen_encoder(cfg, overrides: list) -> None:
 def cmd_eval_wm(args) -> None:
     from world_model.train_wm import eval_wm, open_loop_table
 
-    result = eval_wm(args.checkpoint, out=args.out, segments=args.segments, device=args.device, data=args.data)
+    result = eval_wm(args.checkpoint, out=args.out, segments=args.segments, device=args.device, data=args.data,
+                     progress=sys.stderr.isatty())
     print(f"open-loop prediction, step {result['step']}, {result['segments']} held-out segments")
     print(open_loop_table(result))
     print(f"video: {result['video']}")
+    print(f"written to {Path(result['video']).parent / 'eval_wm.json'}")
 
 
 def cmd_train(args) -> None:

@@ -79,7 +79,7 @@ def build_agent(cfg: AgentConfig, num_actions: int, device: torch.device, status
     """The world model and actor-critic of `cfg` for an env with `num_actions` actions and `status_vars` status
     tokens beside its frames (0: none); `restoring`: the run directory whose checkpoint their weights come from."""
     wm = build_world_model(cfg.encoder, cfg.frame, cfg.dynamics, num_actions, device, longest_sequence(cfg),
-                           status_vars, restoring)
+                           status_vars, restoring, cfg.env.name)
     cfg.dynamics = wm.dynamics.cfg
     if cfg.train.compile:
         wm.compile_frame_parts(cfg.train.compile_mode)

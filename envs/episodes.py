@@ -40,6 +40,14 @@ def seed_range(first: int, count: int) -> str:
     return f"{first}" if count == 1 else f"{first}..{first + count - 1}"
 
 
+def more_episodes_command(root: Union[str, Path]) -> str:
+    """The `run.py collect` that adds episodes to a dataset: its env, and the first env seed it does not hold."""
+    meta = read_meta(root)
+    ranges = meta.get("env_seeds") or []
+    seed = f"--seed {max(f + c for f, c in ranges)}" if ranges else "--seed S (a new seed)"
+    return f"`run.py collect --env {meta['env']} --out {root} {seed}`"
+
+
 def _joined_meta(root: Path, meta: dict) -> dict:
     """The meta.json of a dataset that `meta`'s episodes join: a new dataset's, or an existing one's of the same
     env and layout collected from other env seeds (listed as [first, count] ranges: a collection's env i plays

@@ -189,7 +189,8 @@ def test_pretrain_on_env_frames(tmp_path, capsys):
     assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "run")]) == 0
     again = json.loads((tmp_path / "run" / "eval_ap.json").read_text())
     assert again["mse"] == result["mse"] and again["empty_slots"] == result["empty_slots"]
-    assert f"(held-out frames of {root})" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert f"(held-out frames of {root})" in out and "hold no instance masks (game frames come without them)" in err
 
 
 def test_a_step_cut_short_by_an_interrupt_is_dropped_whole(tmp_path):
@@ -227,3 +228,17 @@ def test_a_first_step_records_no_action_reward_or_end():
     assert rec["action"].tolist() == [0, 6, 7] and rec["reward"].tolist() == [0.0, 2.0, 3.0]
     assert rec["is_last"].tolist() == [False, True, True] and rec["is_terminal"].tolist() == [False, True, False]
     assert rec["is_first"].tolist() == [True, False, False]
+
+
+def test_the_advice_to_collect_more_names_the_next_free_seed(tmp_path):
+    """A dataset too small to hold episodes out says which `collect` adds to it: past every env seed it holds."""
+    from envs.episodes import more_episodes_command
+
+    w = EpisodeWriter(tmp_path / "d", {"env": "toy", "seed": 5, "num_envs": 2})  # envs 5 and 6
+    w.begin(0, _frame(0))
+    w.step(0, _frame(1), 1, 0.0, True, False)
+    assert more_episodes_command(tmp_path / "d") == f"`run.py collect --env toy --out {tmp_path / 'd'} --seed 7`"
+    cfg = tiny_cfg("task=discovery", "data.source=frames", f"data.root={tmp_path / 'd'}")
+    with pytest.raises(DataError, match=r"holds 1 episode: .* collect more into it with `run.py collect --env toy "
+                       r"--out .*d --seed 7`"):
+        EpisodeFrames(cfg, "train", torch.device("cpu"))

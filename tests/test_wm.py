@@ -267,6 +267,11 @@ def test_frozen_pretrained_encoder_and_errors(tmp_path, capsys):
     assert not any(p.requires_grad for p in wm.autoencoder.parameters())
     assert cfg.dynamics.num_slots == 4 and cfg.dynamics.num_vars == 2  # taken from the pretrained encoder
     assert "this config's encoder.model differs and is not used" in capsys.readouterr().err  # its 3 slots
+    build_wm_for(wm_cfg(root, f"encoder.checkpoint={pre}"), 3, torch.device("cpu"), env="nethack")  # another game's
+    assert (f"note: encoder.checkpoint={pre} was pretrained on toy frames; this run is on nethack: its slots may not "
+            "fit nethack's objects") in capsys.readouterr().err
+    build_wm_for(wm_cfg(root, f"encoder.checkpoint={pre}"), 3, torch.device("cpu"), env="toy")
+    assert "was pretrained on" not in capsys.readouterr().err
     # `run.py config` shows the encoder the run will use, and the dynamics sizes that follow from it
     assert run.main(["config", "--for", "train-wm", f"data.root={root}", f"encoder.checkpoint={pre}"]) == 0
     shown = capsys.readouterr().out
@@ -623,3 +628,44 @@ def test_preflight_refuses_a_dynamics_shorter_than_a_training_segment(tmp_path):
     with pytest.raises(UsageError, match=r"dynamics.max_steps=8 is shorter than .* \(10 steps"):
         preflight(cfg)
     assert longest_sequence(wm_cfg(tmp_path, "data.seq_len=3"))[0] == 5
+
+
+def test_held_out_segments_are_scored_chunk_by_chunk_weighted_by_their_size(tmp_path, monkeypatch):
+    """5 segments in chunks of 2: each chunk's means weigh by its segments (2, 2, 1); the video is the first
+    chunk's; the reward baseline still matches the whole draw (every chunk is scored on its own segments)."""
+    import world_model.train_wm as train_wm
+
+    cfg = wm_cfg(toy_dataset(tmp_path / "d"), "eval.segments=5")
+    _, held, _ = split_dataset(cfg)
+    wm = build_wm_for(cfg, 3, torch.device("cpu"))
+    monkeypatch.setattr(train_wm, "SEGMENT_CHUNK", 2)
+    real = train_wm._open_loop_scores
+    chunks = []
+
+    def recorded(wm, batch, c, video):
+        chunks.append((len(batch["action"]), video))
+        scores, pictures = real(wm, batch, c, video)
+        return {**scores, "h1/code_acc": float(len(chunks))}, pictures  # 1, 2, 3 for the three chunks
+
+    monkeypatch.setattr(train_wm, "_open_loop_scores", recorded)
+    result = train_wm.evaluate_wm(wm, held, cfg, torch.device("cpu"), video=True)
+    assert chunks == [(2, True), (2, False), (1, False)] and result["segments"] == 5
+    assert result["h1/code_acc"] == pytest.approx((1 * 2 + 2 * 2 + 3 * 1) / 5) and result["_video"] is not None
+    rewards = held.sample(5, 5, np.random.default_rng(2025))["reward"][:, 2:]
+    assert result["h3/reward_mae_zero"] == pytest.approx(float(np.abs(rewards[:, 2]).mean()))
+
+
+def test_train_wm_prints_its_last_evaluation_once_then_its_json_line(tmp_path, capsys):
+    """The table of the last evaluation as it ran, then the one JSON line; a resumed finished run shows the logged
+    one (not evaluated again)."""
+    root = toy_dataset(tmp_path / "d")
+    argv = ["train-wm", "--data", str(root), "--run-dir", str(tmp_path / "r"), "--no-progress", *TINY_WM,
+            "train.steps=2", "train.eval_every=0", "eval.segments=2"]
+    assert run.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("open-loop prediction on held-out segments") == 1 and "step 2: open-loop" in out
+    assert json.loads(out.strip().splitlines()[-1])["run_dir"] == str(tmp_path / "r")
+    assert run.main(["train-wm", "--resume", str(tmp_path / "r"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("open-loop prediction on held-out segments (as logged)") == 1
+    assert "h1/code_acc" in json.loads(out.strip().splitlines()[-1])

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from envs.clevr import ClevrDataset, SceneGenerator
 from envs.errors import DataError, UsageError
-from envs.episodes import check_recorded_root, held_out_episodes, load_frames, read_meta
+from envs.episodes import check_recorded_root, held_out_episodes, load_frames, more_episodes_command, read_meta
 
 from . import distributed
 from .config import PretrainConfig
@@ -213,7 +213,7 @@ class EpisodeFrames:
         frames, lengths = _dataset_frames(str(Path(d.root).resolve()))
         if len(lengths) < 2:  # an evaluation on no frames would report a perfect score
             raise DataError(f"{d.root} holds 1 episode: pretraining needs at least 2, the last ones held out for "
-                            "evaluation; collect more into it with `run.py collect --out DIR --seed S` (a new seed)")
+                            f"evaluation; collect more into it with {more_episodes_command(d.root)}")
         n_eval = sum(lengths[len(lengths) - held_out_episodes(lengths, d.eval_fraction):])
         self.frames = frames[len(frames) - n_eval:] if split == "eval" else frames[:len(frames) - n_eval]
         self.env = read_meta(d.root)["env"]

@@ -16,12 +16,13 @@ from typing import Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from agent.replay import ReplayBuffer
 from envs.atomic import atomic_write
 from envs.errors import DataError, UsageError
 from envs.episodes import (STEP_KEYS, check_recorded_root, episode_length, episode_paths, held_out_episodes,
-                           load_episode, read_meta)
+                           load_episode, more_episodes_command, read_meta)
 
 from . import distributed
 from .config import (DERIVED, WMEncoderConfig, WorldModelConfig, check_against_checkpoint, load_run_config,
@@ -37,6 +38,7 @@ from .rundir import (MetricLogger, RunDir, check_out_dir, evaluation_due, fixed_
 from .wm import Encoded, WorldModel, frames_to_input
 
 EVAL_SEED = 2025
+SEGMENT_CHUNK = 32  # held-out segments evaluated at once
 
 
 def dataset_meta(cfg: WorldModelConfig) -> dict:
@@ -94,7 +96,7 @@ def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, R
             raise DataError(f"{path} is not an episode in the layout `run.py collect` writes: {e}") from None
     if n_eval == 0:
         raise DataError(f"{root} holds {len(paths)} episode(s): train-wm needs at least 2, the last ones held out for "
-                        "evaluation; collect more into it with `run.py collect --out DIR --seed S` (a new seed)")
+                        f"evaluation; collect more into it with {more_episodes_command(root)}")
     if train.longest_episode() < 2:  # training segments are padded past episode ends, but need one target
         raise DataError(f"{root}: the training episodes are single steps; a world model learns from two or more")
     length, keys = cfg.eval.context + max(cfg.eval.horizons), "eval.context + max(eval.horizons)"
@@ -124,19 +126,23 @@ def check_max_steps(dyn: DynamicsConfig, longest: tuple[int, str]) -> None:
 
 def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: DynamicsConfig, num_actions: int,
                       device: torch.device, longest: tuple[int, str], status_vars: int = 0,
-                      restoring: Optional[str | Path] = None) -> WorldModel:
+                      restoring: Optional[str | Path] = None, env: Optional[str] = None) -> WorldModel:
     """Encoder from a pretrained run (or fresh), frame tokenizer and dynamics sized to match; `enc` takes the
     pretrained run's model config, and the returned model's `dynamics.cfg` is the completed dynamics config.
     `longest`: the longest sequence (in steps) the dynamics must hold, and the keys that set it; `status_vars`: the
     env's status tokens beside each frame (0: none), appended to the frame codes unless frame.status=false. `restoring`: the run directory whose
     checkpoint the weights come from; its config.yaml then gives a pretrained encoder's model (encoder.checkpoint is
-    not read: it may have moved)."""
+    not read: it may have moved). `env`: the game the run trains on (a note when the encoder learned another's)."""
     if enc.checkpoint and restoring:  # the run recorded the pretrained encoder's model; its weights follow
         saved = load_run_config(schema_command(Path(restoring) / "config.yaml"), restoring).encoder
         enc.model, enc.resolution = saved.model, saved.resolution
         autoencoder, joint = SlotAutoencoder(enc.model, enc.resolution), enc.mode == "joint"
     elif enc.checkpoint:
-        pre_cfg, autoencoder, _ = load_run(enc.checkpoint, device)
+        pre_cfg, autoencoder, pre_state = load_run(enc.checkpoint, device)
+        learned_on = (pre_state.get("frames") or {}).get("env")
+        if env and learned_on and learned_on != env and distributed.is_main():
+            print(f"note: encoder.checkpoint={enc.checkpoint} was pretrained on {learned_on} frames; this run is on "
+                  f"{env}: its slots may not fit {env}'s objects", file=sys.stderr)
         if not isinstance(autoencoder, SlotAutoencoder):
             raise UsageError(f"encoder.checkpoint={enc.checkpoint} is a {pre_cfg.task} run; the world model needs a "
                              "discovery run (run.py pretrain --data DIR model.vq.enabled=true)")
@@ -181,10 +187,10 @@ def preflight(cfg: WorldModelConfig) -> None:
 
 
 def build_wm_for(cfg: WorldModelConfig, num_actions: int, device: torch.device, status_vars: int = 0,
-                 restoring: Optional[str | Path] = None) -> WorldModel:
+                 restoring: Optional[str | Path] = None, env: Optional[str] = None) -> WorldModel:
     """`build_world_model` for a train-wm config (which then records the completed dynamics config)."""
     wm = build_world_model(cfg.encoder, cfg.frame, cfg.dynamics, num_actions, device, longest_sequence(cfg),
-                           status_vars, restoring)
+                           status_vars, restoring, env)
     cfg.dynamics = wm.dynamics.cfg
     return wm
 
@@ -212,21 +218,38 @@ def open_loop_table(result: dict) -> str:
 
 @torch.no_grad()
 def evaluate_wm(wm: WorldModel, held_out: ReplayBuffer, cfg: WorldModelConfig, device: torch.device,
-                segments: Optional[int] = None, video: bool = False) -> dict:
+                segments: Optional[int] = None, video: bool = False, progress: bool = False) -> dict:
     """Open-loop prediction on held-out segments: slot-code accuracy, decoded-frame MSE and reward error at
     each horizon (and the status tokens' accuracy, for an env that gives them), beside copying the last context
     frame (its codes; its picture, raw and through the same decoder; reward 0) and the decoder's own error on the
-    real codes."""
+    real codes. The segments go through in chunks of SEGMENT_CHUNK, so memory does not grow with their number."""
     c = cfg.eval
-    horizon = max(c.horizons)
-    batch = to_batch(held_out.sample(segments or c.segments, c.context + horizon, np.random.default_rng(EVAL_SEED)),
-                     wm.resolution, device)
+    n = segments or c.segments
+    drawn = held_out.sample(n, c.context + max(c.horizons), np.random.default_rng(EVAL_SEED))  # b t ...
+    sums, video_frames = {}, None
     was_training = wm.training
     wm.eval()
     with fixed_rng(EVAL_SEED, device):
-        enc: Encoded = wm.encode(batch["images"], batch.get("status"))
-        imag = wm.open_loop(enc, batch["action"], c.context, horizon)
+        for start in tqdm(range(0, n, SEGMENT_CHUNK), desc="evaluating open-loop prediction", unit="chunk",
+                          disable=not progress, leave=False):
+            batch = to_batch({k: v[start:start + SEGMENT_CHUNK] for k, v in drawn.items()}, wm.resolution, device)
+            scores, pictures = _open_loop_scores(wm, batch, c, video and start == 0)
+            size = len(batch["action"])
+            for key, value in scores.items():  # per-chunk means over equal-sized segments: weighted by segments
+                sums[key] = sums.get(key, 0.0) + value * size
+            video_frames = pictures if pictures is not None else video_frames
     wm.train(was_training)
+    result: dict = {"segments": n, **{key: total / n for key, total in sums.items()}}
+    if video:
+        result["_video"] = video_frames
+    return result
+
+
+def _open_loop_scores(wm: WorldModel, batch: dict, c, video: bool) -> tuple[dict, Optional[np.ndarray]]:
+    """`evaluate_wm`'s scores of one chunk of segments (means over it), and its first segment's video if asked."""
+    horizon = max(c.horizons)
+    enc: Encoded = wm.encode(batch["images"], batch.get("status"))
+    imag = wm.open_loop(enc, batch["action"], c.context, horizon)
     real_codes = enc.slot_codes[:, c.context:]  # b h k v
     last_codes = enc.slot_codes[:, c.context - 1:c.context]
     images = batch["images"][:, c.context:]  # b h 3 r r
@@ -236,7 +259,7 @@ def evaluate_wm(wm: WorldModel, held_out: ReplayBuffer, cfg: WorldModelConfig, d
     last_frame = batch["images"][:, c.context - 1:c.context]
     last_decoded = wm.decode_codes(last_codes[:, 0])[:, None]  # the copy baseline through the same decoder
     reward = batch["reward"][:, c.context:].float()
-    result: dict = {"segments": b}
+    result: dict = {}
     for hz in c.horizons:
         i = hz - 1
         mse = lambda x: float(((x[:, i] - images[:, i]) ** 2).mean())  # noqa: E731
@@ -253,9 +276,7 @@ def evaluate_wm(wm: WorldModel, held_out: ReplayBuffer, cfg: WorldModelConfig, d
             result[f"h{hz}/status_acc"] = float((status[:, i] == real_status[:, c.context + i]).float().mean() * 100)
             result[f"h{hz}/status_acc_copy"] = float(
                 (real_status[:, c.context - 1] == real_status[:, c.context + i]).float().mean() * 100)
-    if video:
-        result["_video"] = side_by_side(batch["images"][0], floor[0], imagined[0], c.context)
-    return result
+    return result, side_by_side(batch["images"][0], floor[0], imagined[0], c.context) if video else None
 
 
 def side_by_side(real: torch.Tensor, floor: torch.Tensor, imagined: torch.Tensor, context: int) -> np.ndarray:
@@ -275,8 +296,6 @@ def side_by_side(real: torch.Tensor, floor: torch.Tensor, imagined: torch.Tensor
 
 def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress: bool = True) -> dict:
     """Train (or continue) a world-model run; returns the last evaluation."""
-    from tqdm import tqdm
-
     t = cfg.train
     run, device = start_run(run_dir, resume, t.device, t.threads, t.seed)
     train_buf, held_out, meta = split_dataset(cfg, cfg.train.seed)
@@ -297,7 +316,8 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
         if status > meta["status_vars"]:
             raise DataError(f"this run reads {status} status tokens beside each frame; the episodes of "
                             f"{cfg.data.root} have {meta['status_vars']}: collect them again")
-    wm = build_wm_for(cfg, int(meta["num_actions"]), device, status, restoring=run_dir if resume else None)
+    wm = build_wm_for(cfg, int(meta["num_actions"]), device, status, restoring=run_dir if resume else None,
+                      env=meta["env"])
     if not resume and not cfg.encoder.checkpoint and distributed.is_main():
         print("note: no encoder.checkpoint: a fresh slot encoder trains jointly with the world model "
               "(encoder.mode=joint), several times slower per step than a frozen pretrained one; `run.py pretrain "
@@ -385,7 +405,11 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
         if evaluating:
             last_eval = evaluate(step)
     if not last_eval:  # a finished run resumed (its final evaluation is in the log), or one stopped during it
-        last_eval = (logger.logged(step, "eval/") if settled else {}) or evaluate(step)
+        last_eval = logger.logged(step, "eval/") if settled else {}
+        if last_eval:
+            bar.write(f"step {step}: open-loop prediction on held-out segments (as logged)\n{open_loop_table(last_eval)}")
+        else:
+            last_eval = evaluate(step)
     bar.close()
     logger.close()
     run.release()
@@ -405,7 +429,7 @@ def load_wm_run(run_dir: str, device: torch.device) -> tuple[WorldModelConfig, W
 
 
 def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] = None, device: str = "cpu",
-            data: Optional[str] = None) -> dict:
+            data: Optional[str] = None, progress: bool = False) -> dict:
     """`run.py eval-wm`: the horizon table on held-out episodes and a real-vs-imagined video."""
     from .decompose import write_video
 
@@ -429,7 +453,7 @@ def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] 
         print(f"note: {cfg.data.root}'s held-out split moved since this run trained (the last "
               f"{len(split_meta['held_out'])} episodes now): {', '.join(seen[:3])}{' ...' if len(seen) > 3 else ''} "
               "may have been trained on", file=sys.stderr)
-    result = evaluate_wm(wm, held_out, cfg, dev, segments=segments, video=True)
+    result = evaluate_wm(wm, held_out, cfg, dev, segments=segments, video=True, progress=progress)
     out_dir = check_out_dir(out) if out else Path(checkpoint) / "eval_wm"
     out_dir.mkdir(parents=True, exist_ok=True)
     result["video"] = str(write_video(result.pop("_video"), out_dir / "real_vs_imagined"))
