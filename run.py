@@ -298,13 +298,13 @@ def cmd_eval_ap(args) -> None:
 
 def _units(result: dict) -> str:
     """What eval-ap's numbers are in, for the ones it has."""
-    percent = [name for name, present in (("AP", "AP_inf" in result), ("accuracies", "acc_size" in result),
-                                          ("objectness", "objectness" in result), ("FG-ARI", "fg_ari" in result))
-               if present]
+    percent = [name for key, name in (("AP_inf", "AP"), ("acc_size", "accuracies"), ("objectness", "objectness"),
+                                      ("fg_ari", "FG-ARI")) if key in result]
     others = [text for key, text in (("coord_err", "coord_err in scene units"), ("mse", "mse of pixel values in [0, 1]"),
                                      ("empty_slots", "empty_slots per image")) if key in result]
-    return "; ".join(([" and ".join([", ".join(percent[:-1]), percent[-1]] if percent[1:] else percent) + " in %"]
-                      if percent else []) + others)
+    if percent:  # "A, B and C in %"
+        others.insert(0, " and ".join(filter(None, [", ".join(percent[:-1]), percent[-1]])) + " in %")
+    return "; ".join(others)
 
 
 def cmd_generate(args) -> None:
@@ -700,7 +700,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _way_back(args) -> str:
     """After Ctrl-C: the command that continues a training run, or why there is none."""
     if args.command == "collect":
-        from envs.episodes import read_meta, seed_range
+        from envs.episodes import next_free_seed, read_meta, seed_range
 
         episodes = len(list((Path(args.out) / "episodes").glob("*.npz")))
         try:
@@ -709,14 +709,13 @@ def _way_back(args) -> str:
             ranges = []
         held_seeds = ", ".join(seed_range(f, c) for f, c in ranges)
         plural = "s" if sum(c for _, c in ranges) > 1 else ""
-        seed = (f"--seed {max(f + c for f, c in ranges)} (it holds env seed{plural} {held_seeds})"
+        seed = (f"--seed {next_free_seed(ranges)} (it holds env seed{plural} {held_seeds})"
                 if any(f == args.seed for f, _ in ranges)
                 else f"--seed {args.seed} (no episode of it was written)")
         held = f"{episodes} episode{'' if episodes == 1 else 's'}"
         return f"; {args.out} holds {held} (unfinished ones kept as truncated); collect more with {seed}"
-    resume = getattr(args, "resume", None)
-    run_dir = getattr(args, "run_dir", None) or (resume if isinstance(resume, str) else None)
-    if not run_dir or args.command not in ("pretrain", "train", "train-wm"):
+    run_dir = _run_dir(args)
+    if not run_dir:
         return ""
     from world_model.rundir import RunDir
 
@@ -737,15 +736,20 @@ def _way_back(args) -> str:
     return f"; `python {_script()} {args.command} --resume {run_dir}{again}` continues from its last checkpoint"
 
 
+def _run_dir(args) -> str | None:
+    """The run directory of a training command (`--run-dir`, or the one `--resume` names); None for the others."""
+    if args.command not in ("pretrain", "train", "train-wm"):
+        return None
+    resume = getattr(args, "resume", None)
+    return getattr(args, "run_dir", None) or (resume if isinstance(resume, str) else None)
+
+
 def _after_data_error(args, error: Exception) -> str:
     """For data found bad mid-run (a file a batch first reached), once this call wrote a checkpoint: how it goes on."""
     from envs.errors import DataError
-
-    if not isinstance(error, DataError) or args.command not in ("pretrain", "train", "train-wm"):
-        return ""
     from world_model.rundir import RunDir
 
-    run_dir = getattr(args, "run_dir", None) or (args.resume if isinstance(getattr(args, "resume", None), str) else None)
+    run_dir = _run_dir(args) if isinstance(error, DataError) else None
     ckpt = RunDir(run_dir).ckpt_path if run_dir else None
     if ckpt is None or not ckpt.is_file() or ckpt.stat().st_mtime < getattr(args, "started", float("inf")):
         return ""

@@ -40,11 +40,16 @@ def seed_range(first: int, count: int) -> str:
     return f"{first}" if count == 1 else f"{first}..{first + count - 1}"
 
 
+def next_free_seed(ranges: list) -> int:
+    """The first env seed past a dataset's `env_seeds` ranges ([first, count] each)."""
+    return max(f + c for f, c in ranges)
+
+
 def more_episodes_command(root: Union[str, Path]) -> str:
     """The `run.py collect` that adds episodes to a dataset: its env, and the first env seed it does not hold."""
     meta = read_meta(root)
     ranges = meta.get("env_seeds") or []
-    seed = f"--seed {max(f + c for f, c in ranges)}" if ranges else "--seed S (a new seed)"
+    seed = f"--seed {next_free_seed(ranges)}" if ranges else "--seed S (a new seed)"
     return f"`run.py collect --env {meta['env']} --out {root} {seed}`"
 
 
@@ -77,7 +82,7 @@ def _joined_meta(root: Path, meta: dict) -> dict:
             if seed < first + count and first < seed + n:
                 raise DataError(f"{root} already holds the episodes of env seed {seed_range(first, count)}, which --seed {seed} with {n} "
                                 f"envs would play again (env i plays --seed + i): pass --seed "
-                                f"{max(f + c for f, c in ranges)} or more to add more")
+                                f"{next_free_seed(ranges)} or more to add more")
     return {**layout, "env_seeds": ranges + new}
 
 

@@ -169,10 +169,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
               file=sys.stderr)
     frames = {"env": getattr(source, "env", None), "split": getattr(source, "split", None),  # env frames only
               "held_out_by": getattr(source, "held_out_by", None)}
-    if frames["split"] and frames["split"][1] > 2 * cfg.data.eval_fraction * frames["split"][0] and not resume \
-            and distributed.is_main():  # held out by whole episodes: a few long ones hold out far more
-        (total, held), share = frames["split"], frames["split"][1] / frames["split"][0]
-        print(f"note: the held-out episodes of {cfg.data.root} hold {held} of its {total} frames ({share:.0%}, "
+    in_data, out_held = frames["split"] or (1, 0)  # held out by whole episodes: a few long ones hold out more
+    if out_held > 2 * cfg.data.eval_fraction * in_data and not resume and distributed.is_main():
+        print(f"note: the held-out episodes of {cfg.data.root} hold {out_held} of its {in_data} frames ({out_held / in_data:.0%}, "
               f"data.eval_fraction={cfg.data.eval_fraction}): collect more episodes to train on more of them",
               file=sys.stderr)
     settled = False  # a resume whose final evaluation, if the stopped run made it, still holds

@@ -164,8 +164,9 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
                    frame_vars=frame_vars, frame_codes=frame_codes, num_actions=num_actions)
     # A preset's value for one of them, unless the default or what the run sets (`run.py config` prints that), would
     # be replaced without a word (an override is refused when the config loads).
+    default = DynamicsConfig()
     conflicts = [f"dynamics.{k}={getattr(dyn, k)} (the run sets {v}, from {DERIVED['dynamics.' + k]})"
-                 for k, v in derived.items() if getattr(dyn, k) not in (getattr(DynamicsConfig(), k), v)]
+                 for k, v in derived.items() if getattr(dyn, k) not in (getattr(default, k), v)]
     if conflicts and not restoring:
         raise UsageError(f"the config sets {'; '.join(conflicts)}: remove {'them' if conflicts[1:] else 'it'}")
     dyn = replace(dyn, **derived)
@@ -237,7 +238,8 @@ def evaluate_wm(wm: WorldModel, held_out: ReplayBuffer, cfg: WorldModelConfig, d
             size = len(batch["action"])
             for key, value in scores.items():  # per-chunk means over equal-sized segments: weighted by segments
                 sums[key] = sums.get(key, 0.0) + value * size
-            video_frames = pictures if pictures is not None else video_frames
+            if pictures is not None:
+                video_frames = pictures
     wm.train(was_training)
     result: dict = {"segments": n, **{key: total / n for key, total in sums.items()}}
     if video:
