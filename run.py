@@ -27,6 +27,12 @@ EPILOG = """examples:
   python run.py pretrain --data data/crafter --run-dir runs/crafter_slots
   python run.py visualize --checkpoint runs/crafter_slots --env crafter --frames 16 --out viz/crafter
   python run.py visualize --checkpoint runs/vq_setpred --codes --out viz/codes
+  python run.py train-wm --data data/crafter --run-dir runs/wm encoder.checkpoint=runs/crafter_slots
+  python run.py eval-wm --checkpoint runs/wm
+  python run.py train --config crafter_cpu --run-dir runs/agent encoder.checkpoint=runs/crafter_slots encoder.mode=frozen
+  python run.py train --resume runs/agent
+  python run.py eval --checkpoint runs/agent --episodes 20                 # --policy random: the baseline
+  python run.py config --for train --config crafter_cpu                    # the resolved config, every key
   python run.py bench pretrain
   python run.py bench envs
 Overrides are dotted `key=value` pairs, before or after the options; `python run.py config` lists every key."""
@@ -34,6 +40,7 @@ Overrides are dotted `key=value` pairs, before or after the options; `python run
 
 DEFAULT_PRESETS = {"pretrain": "configs/clevr_tiny.yaml", "train-wm": "configs/wm_crafter_cpu.yaml",
                    "train": "configs/tiny.yaml"}  # what each training command runs without --config
+FRAMES_PRESET = "configs/frames_discovery_cpu.yaml"  # `pretrain --data DIR` without --config
 
 
 class _Once(argparse.Action):
@@ -60,12 +67,20 @@ def _overrides_help(example: str, command: str) -> str:
 
 
 def cmd_config(args) -> None:
+    from envs.errors import UsageError
     from world_model.config import load_config, run_schemas, schema_command
 
     command = args.command_schema or (args.config and schema_command(args.config)) or "pretrain"
-    preset = args.config or DEFAULT_PRESETS[command]
-    print(f"# run.py {command}, preset {preset}")
-    print(_config_text(load_config(run_schemas()[command], preset, args.overrides), command), end="")
+    preset, overrides = args.config or DEFAULT_PRESETS[command], list(args.overrides)
+    if args.data and command == "train":
+        raise UsageError("--data names the episode dataset of `pretrain` or `train-wm` (--for); `train` collects its "
+                         "own episodes")
+    if args.data and command == "pretrain":
+        overrides, preset = _frames_overrides(args.data, overrides), args.config or FRAMES_PRESET
+    elif args.data:
+        overrides = [f"data.root={args.data}"] + overrides
+    print(f"# run.py {command}{f' --data {args.data}' if args.data else ''}, preset {preset}")
+    print(_config_text(load_config(run_schemas()[command], preset, overrides), command), end="")
 
 
 def _config_text(cfg, command: str, resumed: bool = False) -> str:
@@ -73,8 +88,9 @@ def _config_text(cfg, command: str, resumed: bool = False) -> str:
     (`resumed`: a run's recorded config, which holds them as the run set them at its start)."""
     import copy
 
+    from envs import STATUS_LEVELS
     from world_model.config import DERIVED, load_run_config, to_yaml
-    from world_model.frame_tokenizer import STATUS_LEVELS, frame_token_size
+    from world_model.frame_tokenizer import frame_token_size
 
     cfg, derived, notes = copy.deepcopy(cfg), {}, ""
     if command in ("train-wm", "train") and resumed:  # not the env's now: a run keeps what it started with
@@ -153,9 +169,8 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
     from world_model import distributed
     from envs.episodes import check_recorded_root
     from world_model.config import check_resume_overrides, load_config, load_run_config, record_paths, run_schemas
-    from envs.atomic import check_folder
-    from envs.errors import UsageError
-    from world_model.rundir import RunDirError, release_claims, resolve_device
+    from envs.errors import DataError, UsageError
+    from world_model.rundir import check_run_folder, release_claims, resolve_device
 
     if isinstance(resume, str):
         if args.run_dir and args.run_dir != resume:
@@ -181,10 +196,16 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
         raise UsageError("under torchrun pass --run-dir DIR (every process must use the same run directory)")
     run_dir = args.run_dir = args.run_dir or f"runs/{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
     # before the config is printed: an error is then the last line, not lost above it
-    check_folder(run_dir, "--run-dir", RunDirError)
+    check_run_folder(run_dir)
     resolve_device(cfg.train.device, "train.device")
     if preflight is not None:
-        preflight(cfg)
+        try:
+            preflight(cfg)
+        except DataError as e:  # a resumed run's data that changed in place, or moved and left something behind
+            root = getattr(getattr(cfg, "data", None), "root", None)
+            if resume and root and not any(o.startswith("data.root=") for o in overrides):
+                raise DataError(f"{e} (if {run_dir}'s data moved, resume with data.root=ITS_NEW_PATH)") from None
+            raise
     main_rank = distributed.is_main()
     if main_rank:
         print(f"# run directory: {run_dir}\n{_config_text(cfg, args.command, resume)}", end="")
@@ -205,87 +226,65 @@ def _json_line(run_dir: str, result: dict) -> str:
 
 
 def cmd_pretrain(args) -> None:
-    from envs.errors import UsageError
     from world_model.pretrain import preflight, pretrain
 
     overrides = list(args.overrides)
     if args.data:
-        same = ("data.source=frames", f"data.root={args.data}")
-        clash = [o for o in overrides if re.fullmatch(r"data\.(source|root)=.*", o) and o not in same
-                 and not (o.startswith("data.root=") and Path(o.split("=", 1)[1]).resolve() == Path(args.data).resolve())]
-        if clash:
-            raise UsageError(f"--data {args.data} trains on that dataset's frames (data.source=frames); {clash[0]} "
-                             "contradicts it: give one or the other")
-        overrides = ["data.source=frames", f"data.root={args.data}", "task=discovery"] + overrides
-    preset = "configs/frames_discovery_cpu.yaml" if args.data else DEFAULT_PRESETS["pretrain"]
+        overrides = _frames_overrides(args.data, overrides)
+        if args.config:
+            _note_frames_preset(args.config, overrides)
+    preset = FRAMES_PRESET if args.data else DEFAULT_PRESETS["pretrain"]
     _run_training(args, preset, overrides, lambda c: f"pretrain-{c.task}-{c.model.slots}", pretrain,
                   args.resume, preflight)
 
 
+def _frames_overrides(data: str, overrides: list) -> list:
+    """What `pretrain --data DIR` stands for: object discovery on the frames of the episode dataset DIR."""
+    from envs.errors import UsageError
+
+    same = ("data.source=frames", f"data.root={data}")
+    clash = [o for o in overrides if re.fullmatch(r"data\.(source|root)=.*", o) and o not in same
+             and not (o.startswith("data.root=") and Path(o.split("=", 1)[1]).resolve() == Path(data).resolve())]
+    if clash:
+        raise UsageError(f"--data {data} trains on that dataset's frames (data.source=frames); {clash[0]} "
+                         "contradicts it: give one or the other")
+    return ["data.source=frames", f"data.root={data}", "task=discovery"] + overrides
+
+
+def _note_frames_preset(preset: str, overrides: list) -> None:
+    """`pretrain --data DIR --config PRESET`: say what of a preset made for CLEVR changes or is missing on game frames
+    (its set-prediction task becomes discovery; without VQ codes the encoder cannot serve a world model)."""
+    from world_model.config import PretrainConfig, load_config
+
+    own = load_config(PretrainConfig, preset, [])
+    final = load_config(PretrainConfig, preset, overrides)
+    if own.task != "discovery":
+        print(f"note: {preset} sets task={own.task}; game frames have no property targets, so --data trains object "
+              "discovery", file=sys.stderr)
+    if not final.model.vq.enabled:
+        print(f"note: {preset} trains slots without VQ codes; `train-wm` and `train` need a VQ encoder "
+              "(model.vq.enabled=true; the default preset for --data, frames_discovery_cpu, has them)", file=sys.stderr)
+
+
 def cmd_eval_ap(args) -> None:
     from envs.atomic import check_folder
-    from envs.errors import DataError, UsageError
-    from envs.episodes import check_recorded_root, read_meta
-    from world_model.pretrain import evaluate, load_run
-    from world_model.sources import eval_batches, use_clevr_root
-    from world_model.rundir import resolve_device
+    from envs.errors import UsageError
+    from world_model.pretrain import evaluate_run
 
     if args.out:  # before the evaluation: a path it could not write to
         if Path(args.out).is_dir():
             raise UsageError(f"--out {args.out} is a folder: name the JSON file to write, e.g. "
                              f"{Path(args.out) / 'ap.json'}")
         check_folder(Path(args.out).parent, "--out's folder")
-    device = resolve_device(args.device)
-    cfg, model, state = load_run(args.checkpoint, device)
-    if args.data:
-        if args.clevr_root or args.split:
-            raise UsageError(f"--data and {'--clevr-root' if args.clevr_root else '--split'} name two datasets to "
-                             "evaluate on: pass one (--split picks a split of a CLEVR root)")
-        if cfg.data.source != "frames":
-            raise UsageError(f"--data is for a run pretrained on game frames (`run.py pretrain --data DIR`); "
-                             f"{args.checkpoint} trained on data.source={cfg.data.source}")
-        trained, given = (state.get("frames") or {}).get("env"), read_meta(args.data)["env"]
-        if trained and given != trained:
-            raise DataError(f"{args.data} holds {given} episodes; {args.checkpoint} was trained on {trained} frames")
-        cfg.data.root = args.data
-    elif cfg.data.source == "frames" and not args.clevr_root:
-        check_recorded_root(cfg.data.root, args.checkpoint, "pass --data DIR")
-    if args.split and not args.clevr_root and cfg.data.source != "clevr":
-        raise UsageError(f"--split picks a split of a CLEVR v1.0 root and {args.checkpoint} trained on "
-                         f"data.source={cfg.data.source}: pass --clevr-root DIR too")
-    if args.clevr_root or cfg.data.source == "clevr":
-        use_clevr_root(cfg, args.clevr_root, args.checkpoint, args.split)
-    if args.split:
-        cfg.data.eval_split = args.split
-    n = args.images or cfg.data.eval_images
-    result = evaluate(model, cfg, device, n, batches=eval_batches(cfg, device, n))
-    source = {"generated": "generated scenes", "clevr": f"CLEVR {cfg.data.root} split {cfg.data.eval_split}, scenes "
-                                                        f"of {cfg.data.min_objects}-{cfg.data.max_objects} objects",
-              "frames": f"held-out frames of {cfg.data.root}"}.get(cfg.data.source, cfg.data.source)
-    result.update(step=state["step"], data=source, task=cfg.task, slots=cfg.model.slots,
-                  vq=cfg.model.vq.enabled)
-    if cfg.task == "discovery" and "fg_ari" not in result:
-        why = ("game frames come without them" if cfg.data.source == "frames" else
-               "real CLEVR ships none; `run.py generate` writes them under masks/")
-        print(f"note: no FG-ARI: {result['data']} hold no instance masks ({why}), so only the reconstruction is "
-              "scored", file=sys.stderr)
-    if cfg.data.source == "frames" and not args.data:  # the run's own dataset: its held-out frames as it recorded them?
-        from world_model.pretrain import split_note
-        from world_model.sources import EpisodeFrames
-
-        held = EpisodeFrames(cfg, "eval", device)
-        note = split_note(state.get("frames"), {"split": held.split, "held_out_by": held.held_out_by}, cfg.data.root)
-        if note:
-            print(f"note: {note}: evaluated on the new split", file=sys.stderr)
-    if args.images and result["images"] < n:
-        print(f"note: {result['data']} hold {result['images']} images, fewer than the {n} asked for: evaluated on "
-              "those", file=sys.stderr)
-    # the generated-scene evaluation and a real-CLEVR one are kept side by side
-    default = f"eval_ap_clevr_{cfg.data.eval_split}.json" if cfg.data.source == "clevr" else "eval_ap.json"
+    result = evaluate_run(args.checkpoint, data=args.data, clevr_root=args.clevr_root, split=args.split,
+                          images=args.images, device=args.device)
+    # the run's own evaluation, a real-CLEVR one and one on another episode dataset are kept side by side
+    default = (f"eval_ap_clevr_{result['split']}.json" if result["source"] == "clevr" else
+               f"eval_ap_{Path(args.data).resolve().name}.json" if args.data else "eval_ap.json")
     out = Path(args.out) if args.out else Path(args.checkpoint) / default
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"{cfg.task} {cfg.model.slots}{'+vq' if cfg.model.vq.enabled else ''} step {state['step']} "
+    print(f"{result['task']} {result['slots']}{'+vq' if result['vq'] else ''} step {result['step']} "
           f"on {result['images']} images ({result['data']}); {_units(result)}:")
     rows = [[k for k in result if k.startswith("AP_")], [k for k in result if k.startswith("acc_")] +
             [k for k in ("coord_err", "objectness", "fg_ari", "mse", "empty_slots") if k in result]]
@@ -320,9 +319,7 @@ def cmd_generate(args) -> None:
 def cmd_collect(args) -> None:
     from envs.collect import collect
 
-    kwargs = {}
-    if args.size:
-        kwargs["size"] = args.size
+    kwargs = {key: value for key, value in (("size", args.size), ("max_episode_steps", args.max_episode_steps)) if value}
     result = collect(args.env, args.frames, args.out, num_envs=args.workers * args.envs_per_worker,
                      envs_per_worker=args.envs_per_worker, seed=args.seed, env_kwargs=kwargs,
                      asynchronous=args.workers > 1 or args.envs_per_worker > 1, progress=not args.no_progress)
@@ -351,33 +348,50 @@ def cmd_train_wm(args) -> None:
 
     def checked(cfg) -> None:
         preflight(cfg)
-        _check_frozen_encoder(cfg, overrides)
+        _check_encoder(cfg, overrides, args.resume)
 
     _run_training(args, DEFAULT_PRESETS["train-wm"], overrides, lambda c: "wm", train_wm, args.resume, checked,
                   _json_line)  # the last evaluation's table is printed as it ran (or read back)
 
 
-def _check_frozen_encoder(cfg, overrides: list) -> None:
-    """An encoder.mode=frozen typed on the command line with nothing to freeze (no encoder.checkpoint) is refused: the
-    run would train the fresh encoder jointly (what a preset's frozen default gives without a checkpoint)."""
+def _check_encoder(cfg, overrides: list, resume) -> None:
+    """The encoder settings typed on the command line must apply: encoder.mode=frozen with nothing to freeze (no
+    encoder.checkpoint; the fresh encoder would train jointly, as a preset's frozen default gives without one) and
+    encoder.model.* / encoder.resolution beside a checkpoint whose run sets them otherwise are refused. A preset's
+    encoder.mode=joint with a checkpoint gets a note: fine-tuning the encoder costs several times more per update."""
     from omegaconf import OmegaConf
 
     from envs.errors import UsageError
+    from world_model.config import load_run_config
 
     typed = [o for o in overrides if o.split("=", 1)[0] == "encoder.mode"]
     if typed and not cfg.encoder.checkpoint and OmegaConf.from_dotlist(typed[-1:]).encoder.mode == "frozen":
         raise UsageError("encoder.mode=frozen needs encoder.checkpoint=RUN, a pretrained encoder to freeze; without "
                          "one the fresh encoder trains jointly with the world model")
+    if not cfg.encoder.checkpoint or resume:
+        return
+    pre = load_run_config("pretrain", cfg.encoder.checkpoint)
+    theirs = {"encoder.resolution": pre.data.resolution, "encoder.model": pre.model}
+    for typed_key in (o.split("=", 1)[0] for o in overrides if re.match(r"encoder\.(model\.|resolution=)", o)):
+        path = typed_key.split(".")
+        mine = functools.reduce(getattr, path[1:], cfg.encoder)
+        if mine != functools.reduce(getattr, path[2:], theirs[".".join(path[:2])]):
+            raise UsageError(f"{typed_key}={mine} would not apply: encoder.checkpoint={cfg.encoder.checkpoint} sets "
+                             "the encoder (its model and resolution) otherwise; drop it, or pretrain an encoder with it")
+    if not typed and cfg.encoder.mode == "joint":
+        print("note: encoder.mode=joint (the preset's) fine-tunes the pretrained encoder with the world model, several "
+              "times slower per update than encoder.mode=frozen", file=sys.stderr)
 
 
 def cmd_eval_wm(args) -> None:
-    from world_model.train_wm import eval_wm, open_loop_table
+    from world_model.train_wm import OPEN_LOOP_LEGEND, eval_wm, open_loop_table
 
     result = eval_wm(args.checkpoint, out=args.out, segments=args.segments, device=args.device, data=args.data,
                      progress=sys.stderr.isatty())
     print(f"open-loop prediction, step {result['step']}, {result['segments']} held-out segments")
     print(open_loop_table(result))
-    print(f"video: {result['video']}")
+    print(OPEN_LOOP_LEGEND)
+    print(f"video: {result['video']}, picture: {result['picture']}")
     print(f"written to {Path(result['video']).parent / 'eval_wm.json'}")
 
 
@@ -390,7 +404,7 @@ def cmd_train(args) -> None:
         raise UsageError("--new-replay starts a resumed run's replay afresh; it needs --resume RUN")
     def checked(cfg) -> None:
         preflight(cfg)
-        _check_frozen_encoder(cfg, args.overrides)
+        _check_encoder(cfg, args.overrides, args.resume)
 
     _run_training(args, DEFAULT_PRESETS["train"], args.overrides, lambda c: f"agent-{c.env.name}",
                   functools.partial(train, new_replay=args.new_replay), args.resume, checked,
@@ -416,6 +430,8 @@ def cmd_eval(args) -> None:
     else:
         print(f"  mean score {result['mean_score']:.1f}, mean return {result['mean_return']:.2f}, mean depth "
               f"{result['mean_depth']:.2f}, max depth {result['max_depth']}, mean length {result['mean_length']:.0f}")
+        print(f"  ended: {result['died']} died, {result['step_limit']} at the step limit"
+              + "".join(f"\n  {count:>4} {cause}" for cause, count in result["deaths"].items()))
     print(f"written to {out}")
 
 
@@ -469,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "fixed chunks of 64, so a result does not depend on how it is run)")
     s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
     s.add_argument("--out", help="JSON file for the results (default RUN/eval_ap.json; on a CLEVR split on disk "
-                   "RUN/eval_ap_clevr_<split>.json)")
+                   "RUN/eval_ap_clevr_<split>.json; with --data DIR, RUN/eval_ap_<DIR's name>.json)")
     s.set_defaults(func=cmd_eval_ap, parser=s)
 
     s = sub.add_parser("generate", help="write procedurally generated CLEVR-like scenes to disk (CLEVR layout)",
@@ -499,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, help="worker processes (default 1: in-process, no workers)")
     s.add_argument("--envs-per-worker", type=int, default=1, help="envs stepped in turn by each worker (default 1)")
     s.add_argument("--size", type=int, help="image side in pixels (default 64)")
+    s.add_argument("--max-episode-steps", type=int, help="steps after which an episode ends truncated (default 10000, "
+                   "as the agent's env.max_episode_steps; random NetHack play lasts ~2000, Crafter's ~200)")
     s.add_argument("--seed", type=seed_value, default=0, help="env seeds and actions (default 0)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     s.set_defaults(func=cmd_collect, parser=s)
@@ -546,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", required=True, help="run directory made by `run.py train-wm`")
     s.add_argument("--data", help="episode dataset (default: the run's data.root); its held-out episodes are used")
     s.add_argument("--segments", type=int, help="held-out segments (default eval.segments)")
-    s.add_argument("--out", help="output directory (default RUN/eval_wm)")
+    s.add_argument("--out", help="output directory (default RUN/eval_wm; with --data DIR, RUN/eval_wm_<DIR's name>)")
     s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
     s.set_defaults(func=cmd_eval_wm, parser=s)
 
@@ -641,6 +659,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which command's config schema (default: the one that reads --config, else pretrain)")
     s.add_argument("--config", action=_Once, help="YAML preset, a path or a name in configs/ (default: the preset "
                    "the command runs without --config: " + ", ".join(f"{c} {p}" for c, p in DEFAULT_PRESETS.items()) + ")")
+    s.add_argument("--data", help="an episode dataset, as `pretrain --data DIR` (frames_discovery_cpu preset, its "
+                   "frames) or `train-wm --data DIR` (with --for train-wm: its actions and status tokens fill the "
+                   "dynamics' sizes) take it")
     s.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.batch_size=8")
     s.set_defaults(func=cmd_config, parser=s)
     return p
@@ -648,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # integer options that count something: 0 or less is a mistake, not "the default"
 COUNTS = ("images", "batch_size", "segments", "episodes", "frames", "workers", "envs_per_worker", "size", "steps",
-          "env_steps", "horizon", "resolution", "profile_rows")
+          "env_steps", "horizon", "resolution", "profile_rows", "max_episode_steps")
 
 
 def _check_counts(args) -> None:
@@ -721,19 +742,31 @@ def _way_back(args) -> str:
 
     if not Path(run_dir).exists():  # the run made it and left nothing in it (RunDir.release removed it)
         return f"; it stopped before writing anything to {run_dir}, so there is nothing to resume or remove"
-    if not RunDir(run_dir).ckpt_path.is_file():
-        return (f"; {run_dir} has no checkpoint yet (train.ckpt_every), so there is nothing to resume: remove it to "
-                "start again")
+    if not RunDir(run_dir).ckpt_path.is_file():  # a new run there refuses the logs of this one, not its config.yaml
+        again = "remove it to start again" if RunDir(run_dir).leftovers() else "the same command starts it again"
+        return f"; {run_dir} has no checkpoint yet (train.ckpt_every), so there is nothing to resume: {again}"
     ckpt = RunDir(run_dir).ckpt_path
     # a --new-replay run stopped before its own first checkpoint: the one it resumed still names the lost replay
     again = " --new-replay" if getattr(args, "new_replay", False) and ckpt.stat().st_mtime < getattr(args, "started", 0) \
         else ""
     from world_model import distributed
 
+    where = f"its last checkpoint{_checkpoint_step(ckpt)}"
     if distributed.launched():  # the same job again: torchrun with the options it was started with
         return (f"; `torchrun ... {_script()} {args.command} --resume {run_dir}{again}` (with this job's torchrun "
-                "options) continues from its last checkpoint")
-    return f"; `python {_script()} {args.command} --resume {run_dir}{again}` continues from its last checkpoint"
+                f"options) continues from {where}")
+    return f"; `python {_script()} {args.command} --resume {run_dir}{again}` continues from {where}"
+
+
+def _checkpoint_step(ckpt: Path) -> str:
+    """` (step N)` (an agent run: env step) of a checkpoint, read without loading its tensors; "" where unreadable."""
+    import torch
+
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+        return f" (env step {state['counters']['env_steps']})" if "counters" in state else f" (step {state['step']})"
+    except Exception:  # a message of last resort: it names the step where it can
+        return ""
 
 
 def _run_dir(args) -> str | None:
@@ -761,6 +794,15 @@ def _script() -> str:
     here = Path(__file__).resolve()
     rel = os.path.relpath(here)
     return str(here) if rel.startswith("..") else rel
+
+
+def _close_bars() -> None:
+    """Close the progress bars a stopped command left open: their last redraw then comes before the message that
+    says how to go on, not over or after it."""
+    from tqdm import tqdm
+
+    for bar in list(tqdm._instances):  # the open bars (tqdm's own registry, a WeakSet)
+        bar.close()
 
 
 class Terminated(KeyboardInterrupt):
@@ -807,6 +849,7 @@ def main(argv=None) -> int:
                 print(f"\nstopped: its output pipe closed{way_back}", file=sys.stderr)
         return 141  # 128 + SIGPIPE, as a shell reports a process a closed pipe stopped
     except KeyboardInterrupt as e:
+        _close_bars()
         if rank == 0:  # torchrun stops every process alike: one says how the run goes on
             stopped = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
             print(f"\n{stopped}{_way_back(args)}", file=sys.stderr)

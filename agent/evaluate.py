@@ -14,6 +14,7 @@ import torch
 from envs.atomic import atomic_write
 from envs.episodes import obs_dict
 from envs.errors import UsageError
+from envs.jsonl import read_records
 from world_model.config import check_against_checkpoint, load_run_config
 from world_model.rundir import RunDir, fixed_rng, resolve_device
 from world_model.wm import WorldModel
@@ -22,12 +23,13 @@ from .actor_critic import ActorCritic
 from .config import AgentConfig, env_kwargs
 from .policy import SlotPolicy
 
-EVAL_SEED = 10_000  # evaluation episodes use env seeds EVAL_SEED, EVAL_SEED + 1, ...
+EVAL_ENV_SEED = 10_000  # evaluation episodes use env seeds EVAL_ENV_SEED, EVAL_ENV_SEED + 1, ...
+RECENT_EPISODES = 20  # the `*_recent` training scalars: means over the last this many episodes
 
 
 @torch.no_grad()
 def evaluate_agent(wm: Optional[WorldModel], ac: Optional[ActorCritic], cfg: AgentConfig, device: torch.device,
-                   episodes: int, stats_path: Path, seed: int = EVAL_SEED, progress: bool = False,
+                   episodes: int, stats_path: Path, seed: int = EVAL_ENV_SEED, progress: bool = False,
                    append: bool = True) -> dict:
     """`episodes` full episodes in one in-process env with the policy (or uniform random actions when `ac` is
     None); their records are appended to `stats_path` (or replace it, atomically, without `append`). Returns their summary (`summarize`). Reproducible: env
@@ -84,21 +86,27 @@ def summarize(env: str, records) -> dict:
 
 def log_keys(summary: dict, env: str, prefix: str) -> dict:
     """The scalars of a summary that go to the logs: Crafter's score, return and the success rate (%) of each of its
-    22 achievements (`achievement_<name>`), or NetHack's score and depth."""
+    22 achievements (`achievement_<name>`), or NetHack's score, depth and share of episodes ended by death (%)."""
     if env == "crafter":
         main = {"crafter_score": summary["score"],
                 **{f"achievement_{name}": rate for name, rate in summary["success_rates"].items()}}
     else:
-        main = {"score": summary["mean_score"], "depth": summary["mean_depth"]}
+        main = {"score": summary["mean_score"], "depth": summary["mean_depth"],
+                "died": 100 * summary["died"] / summary["episodes"]}
     return {f"{prefix}{k}": v for k, v in {**main, "return": summary.get("mean_return"), "episodes": summary["episodes"],
                                            "length": summary["mean_length"]}.items() if v is not None}
 
 
 def stats_scores(path: Path, env: str, prefix: str) -> dict:
-    """The logged benchmark numbers of the episodes in a stats file ({} while it holds none)."""
+    """The logged benchmark numbers of the episodes in a stats file ({} while it holds none): over all of them (Crafter's
+    benchmark score is defined so), and the mean return and score of the last RECENT_EPISODES, the learning curve."""
     if not path.is_file() or path.stat().st_size == 0:
         return {}
-    return log_keys(summarize(env, path), env, prefix)
+    records = read_records(path)
+    recent = summarize(env, records[-RECENT_EPISODES:])
+    score = ("crafter_score", recent["score"]) if env == "crafter" else ("score", recent["mean_score"])
+    return {**log_keys(summarize(env, records), env, prefix), f"{prefix}return_recent": recent["mean_return"],
+            f"{prefix}{score[0]}_recent": score[1]}
 
 
 def load_agent_run(checkpoint: str, device: torch.device) -> tuple[AgentConfig, WorldModel, ActorCritic, dict]:
@@ -115,7 +123,7 @@ def load_agent_run(checkpoint: str, device: torch.device) -> tuple[AgentConfig, 
     return cfg, wm.eval(), ac.eval(), state
 
 
-def evaluate_run(checkpoint: str, episodes: int, policy: str = "agent", device: str = "auto", seed: int = EVAL_SEED,
+def evaluate_run(checkpoint: str, episodes: int, policy: str = "agent", device: str = "auto", seed: int = EVAL_ENV_SEED,
                  progress: bool = False) -> dict:
     """Crafter: success rates and score (crafter_score) of `episodes` new episodes; NetHack: mean score and
     depth. policy="random" plays uniform random actions in the run's env. Seeded (`evaluate_agent`), on the run's

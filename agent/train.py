@@ -47,6 +47,9 @@ from .imagination import imagine
 from .policy import SlotPolicy
 from .replay import ReplayBuffer
 
+BAR_SCORES = {"train/crafter_score_recent": "score_recent", "train/score_recent": "score_recent",
+              "train/return_recent": "return_recent"}  # what the bar shows of the training episodes: the last 20's
+
 
 def longest_sequence(cfg: AgentConfig) -> tuple[int, str]:
     """The longest sequence the dynamics must hold, and the keys that set it: a training segment, or imagination's
@@ -88,22 +91,23 @@ def build_agent(cfg: AgentConfig, num_actions: int, device: torch.device, status
 
 def updates_due(env_steps: int, cfg: AgentConfig) -> int:
     """Updates owed after `env_steps` so that replayed steps / env steps = train_ratio (after prefill), for a run
-    whose train.* settings never changed (`update_owed` is what the loop asks)."""
+    whose train.* settings never changed (`updates_owed` is what the loop asks)."""
     t = cfg.train
     if env_steps < t.prefill:
         return 0
     return int(env_steps * t.train_ratio / (t.batch_size * t.seq_len))
 
 
-def update_owed(env_steps: int, replayed: int, cfg: AgentConfig, since: Sequence[int] = (0, 0)) -> bool:
-    """Whether another update is owed after `env_steps` env steps and `replayed` replayed steps (train.batch_size x
+def updates_owed(env_steps: int, replayed: int, cfg: AgentConfig, since: Sequence[int] = (0, 0)) -> int:
+    """How many updates are owed after `env_steps` env steps and `replayed` replayed steps (train.batch_size x
     train.seq_len per update, as each ran): after prefill, the replayed steps since `since` (env steps, replayed
     steps: where train.train_ratio last changed) stay within train_ratio x the env steps since then. So a resume
     that changes the batch, the segment length or the ratio keeps the (new) ratio from there, with no burst or
     pause."""
     t = cfg.train
-    return (env_steps >= t.prefill
-            and replayed - since[1] + t.batch_size * t.seq_len <= (env_steps - since[0]) * t.train_ratio)
+    if env_steps < t.prefill:
+        return 0
+    return max(0, int(((env_steps - since[0]) * t.train_ratio - (replayed - since[1])) // (t.batch_size * t.seq_len)))
 
 
 def local_share(total: int, what: str) -> int:
@@ -199,7 +203,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         wm, ac = build_agent(cfg, num_actions, device, status, restoring=run_dir if resume else None)
         spec = replay_spec(spec, wm)
         wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=t.wm_lr, eps=1e-8)
-        # replayed steps, and the (env steps, replayed steps) from which train.train_ratio holds (`update_owed`)
+        # replayed steps, and the (env steps, replayed steps) from which train.train_ratio holds (`updates_owed`)
         fresh = {"env_steps": 0, "updates": 0, "episodes": 0, "vector_steps": 0, "replayed": 0, "ratio_from": [0, 0],
                  "skipped_wm": 0, "skipped_ac": 0, "env_restarts": 0}
         counters = dict(fresh)
@@ -317,9 +321,14 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             counters["env_steps"] += cfg.env.num_envs
             bar.update(cfg.env.num_envs)
             burst = counters["env_steps"] - cfg.env.num_envs < t.prefill <= counters["env_steps"]
-            phase = shown(bar, "prefill done: the updates it owes") if burst else contextlib.nullcontext()
+            owed = updates_owed(counters["env_steps"], counters["replayed"], cfg, counters["ratio_from"])
+            if burst and main and not progress:  # minutes of updates before the next line: say why
+                print(f"env step {counters['env_steps']}: prefill done, training its {owed} owed updates now "
+                      f"(train.train_ratio={t.train_ratio} of the prefill's steps)", flush=True)
+            phase = shown(bar, f"prefill done: its {owed} owed updates") if burst else contextlib.nullcontext()
+            before = counters["updates"]
             with phase:
-                while update_owed(counters["env_steps"], counters["replayed"], cfg, counters["ratio_from"]):
+                while updates_owed(counters["env_steps"], counters["replayed"], cfg, counters["ratio_from"]):
                     # A segment holds a prediction target once some episode has two stored steps; until every rank's
                     # replay does, the owed updates follow later. Checked until it holds (it stays), so no collective
                     # per update after.
@@ -334,6 +343,9 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                     # A non-finite loss or gradient skipped that update (it never reaches weights or checkpoints).
                     counters["skipped_wm"] += int(stats["wm/skipped"])
                     counters["skipped_ac"] += int(stats.get("ac/skipped", 0))
+                    if burst:
+                        bar.set_postfix_str(f"prefill done: owed update {counters['updates'] - before}/{owed}",
+                                            refresh=True)
             if counters["env_steps"] >= next_log:
                 next_log += t.log_every
                 now = time.perf_counter()
@@ -349,7 +361,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                 if main:
                     row.update(stats_scores(run.path / "stats.jsonl", cfg.env.name, "train/"))
                 logger.scalars(counters["env_steps"], row)
-                score = {k.split("/")[-1]: f"{v:.2f}" for k, v in row.items() if k in ("train/crafter_score", "train/score")}
+                score = {name: f"{row[key]:.2f}" for key, name in BAR_SCORES.items() if key in row}
                 bar.set_postfix(episodes=episodes, updates=counters["updates"], **score)
                 if main and not progress:  # a log file still shows the run moving
                     updates = counters["updates"]
@@ -400,11 +412,12 @@ PICTURE_STEPS = 8  # frames of the replayed segment the logged pictures show
 def log_pictures(logger: MetricLogger, step: int, wm: WorldModel, replay: ReplayBuffer, device: torch.device) -> None:
     """Tensorboard pictures of a replayed segment (drawn from a fixed seed, not the replay's own stream):
     `slots/decomposition` (input | reconstruction | segmentation | each slot, a row per frame, slots carried
-    over) and `wm/real_decoded_imagined` (rows: real frames; their codes decoded; the dynamics' open-loop
-    prediction from the first frame under the real actions, decoded). Eager even under `train.compile`: these
-    calls' shapes would otherwise add graphs to the compiled parts, which dynamo caps at 8 each."""
+    over) and `wm/real_decoded_imagined` (`prediction_grid`: a row per frame, real | its codes decoded | the
+    dynamics' open-loop prediction from the first frame under the real actions, decoded). Eager even under
+    `train.compile`: these calls' shapes would otherwise add graphs to the compiled parts, which dynamo caps at 8
+    each."""
     from world_model.decompose import decompose
-    from world_model.visualize import decomposition_grid, tile, upscale
+    from world_model.visualize import decomposition_grid, prediction_grid, upscale
 
     length = min(PICTURE_STEPS, replay.longest_episode())
     if length < 2:
@@ -416,9 +429,8 @@ def log_pictures(logger: MetricLogger, step: int, wm: WorldModel, replay: Replay
         enc = wm.encode(batch["images"], batch.get("status"))
         imag = wm.open_loop(enc, batch["action"], 1, length - 1)
         decoded = wm.decode_codes(enc.slot_codes[0])  # t 3 r r
-        imagined = torch.cat([decoded[:1], wm.decode_codes(imag["slot_codes"][0])])  # the first frame: the context
+        imagined = torch.cat([torch.ones_like(decoded[:1]), wm.decode_codes(imag["slot_codes"][0])])  # after the first
     side = images.shape[-1]
     grid = decomposition_grid(images, parts["masks"], parts["recon"], parts["rgb"])
     logger.image(step, "slots/decomposition", upscale(grid, side))
-    rows = torch.cat([images.cpu(), decoded.cpu(), imagined.cpu()])
-    logger.image(step, "wm/real_decoded_imagined", upscale(tile(rows, nrow=length), side))
+    logger.image(step, "wm/real_decoded_imagined", prediction_grid(images, decoded, imagined))

@@ -3,6 +3,8 @@ collection and episode files. Importing `envs` registers `slotworld/Crafter-v0` 
 with gymnasium (the games themselves are imported only when an env is made)."""
 import gymnasium as gym
 
+STATUS_LEVELS = 16  # an env's status tokens (obs["status"]) are in [0, 16); the world model's frame codes hold as many
+
 if "slotworld/Crafter-v0" not in gym.registry:
     gym.register(id="slotworld/Crafter-v0", entry_point="envs.crafter:CrafterEnv")
 if "slotworld/NetHack-v0" not in gym.registry:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import itertools
 import math
 import re
 from dataclasses import dataclass, field
@@ -61,7 +62,12 @@ COLOR_RGB = {
     "brown": (129, 74, 25), "purple": (129, 38, 192), "cyan": (41, 208, 208), "yellow": (255, 238, 51),
 }
 MAX_OBJECTS = 10
-PROPERTY_DIM = 19  # x, y, z, size(2), material(2), shape(3), color(8), real flag
+# Property row layout, `19`: [x, y, z, size (2), material (2), shape (3), color (8), real flag]. The data's targets, the
+# set-prediction head, the AP metric and the code/property tables all read it from here.
+ATTRIBUTES = {"size": SIZES, "material": MATERIALS, "shape": SHAPES, "color": COLORS}  # one-hot blocks, in row order
+_ENDS = list(itertools.accumulate((len(values) for values in ATTRIBUTES.values()), initial=3))
+ATTRIBUTE_SLICES = {name: slice(a, b) for name, a, b in zip(ATTRIBUTES, _ENDS, _ENDS[1:])}
+PROPERTY_DIM = _ENDS[-1] + 1
 
 SIZE_RADIUS = {"small": 0.35, "large": 0.7}
 CLEVR_MIN_PIXELS = 200  # CLEVR's min visible pixels per object at 480x320
@@ -379,7 +385,7 @@ def _check_object(obj, where: str) -> None:
         if key not in obj:
             raise DataError(f"{where} lacks required key '{key}'; fix the scene file to the CLEVR v1.0 "
                             f"scene schema or regenerate it with `python run.py generate --out DIR`")
-    for key, allowed in (("size", SIZES), ("material", MATERIALS), ("shape", SHAPES), ("color", COLORS)):
+    for key, allowed in ATTRIBUTES.items():
         if obj[key] not in allowed:
             raise DataError(f"{where} has unknown {key} {obj[key]!r}; expected one of {', '.join(allowed)} "
                             f"(fix the scene file or regenerate it)")
@@ -394,9 +400,8 @@ def scenes_to_targets(scenes: list[dict], max_objects: int = MAX_OBJECTS, source
     Scenes with more than max_objects objects raise DataError (filter them first)."""
     b = len(scenes)
     xyz = np.zeros((b, max_objects, 3), dtype=np.float64)
-    attrs = {k: np.zeros((b, max_objects), dtype=np.int64) for k in ("size", "material", "shape", "color")}
+    attrs = {k: np.zeros((b, max_objects), dtype=np.int64) for k in ATTRIBUTES}
     present = np.zeros((b, max_objects), dtype=bool)
-    names = {"size": SIZES, "material": MATERIALS, "shape": SHAPES, "color": COLORS}
     for i, scene in enumerate(scenes):
         objects = scene.get("objects") if isinstance(scene, dict) else None
         if not isinstance(objects, list):
@@ -408,18 +413,17 @@ def scenes_to_targets(scenes: list[dict], max_objects: int = MAX_OBJECTS, source
         for j, obj in enumerate(objects):
             _check_object(obj, f"{source}: scene {i} object {j}")
             xyz[i, j] = obj["3d_coords"]
-            for k, values in names.items():
+            for k, values in ATTRIBUTES.items():
                 attrs[k][i, j] = values.index(obj[k])
             present[i, j] = True
-    return _target_rows(torch.from_numpy(xyz), *(torch.from_numpy(attrs[k]) for k in names),
+    return _target_rows(torch.from_numpy(xyz), {k: torch.from_numpy(v) for k, v in attrs.items()},
                         torch.from_numpy(present)).float()
 
 
-def _target_rows(xyz, size, material, shape, color, present) -> torch.Tensor:
-    """Property rows `b n 19` in float64: [(3d coords + 3) / 6 (x, y, z), size, material, shape, color one-hots,
-    1], zero rows where not `present`. xyz `b n 3` float64; attribute indices and present `b n`."""
-    onehots = [torch.nn.functional.one_hot(v, len(values)).double()
-               for v, values in ((size, SIZES), (material, MATERIALS), (shape, SHAPES), (color, COLORS))]
+def _target_rows(xyz: torch.Tensor, attrs: dict[str, torch.Tensor], present: torch.Tensor) -> torch.Tensor:
+    """Property rows `b n 19` in float64, as ATTRIBUTE_SLICES lays them out: [(3d coords + 3) / 6 (x, y, z), the
+    attributes' one-hots, 1], zero rows where not `present`. xyz `b n 3` float64; attrs {name: indices `b n`}."""
+    onehots = [torch.nn.functional.one_hot(attrs[name], len(values)).double() for name, values in ATTRIBUTES.items()]
     rows = torch.cat([(xyz + 3.0) / 6.0, *onehots, torch.ones(*present.shape, 1, dtype=torch.float64)], -1)
     return torch.where(present[..., None], rows, 0.0)
 
@@ -429,7 +433,7 @@ def _targets(layout: _Layout) -> torch.Tensor:
     tensors, without per-object Python."""
     b, n = layout.present.shape
     out = torch.zeros(b, MAX_OBJECTS, PROPERTY_DIM, dtype=torch.float64)
-    out[:, :n] = _target_rows(layout.coords(), layout.size, layout.material, layout.shape, layout.color, layout.present)
+    out[:, :n] = _target_rows(layout.coords(), {k: getattr(layout, k) for k in ATTRIBUTES}, layout.present)
     return out.float()
 
 

@@ -20,18 +20,25 @@ NLE 1.3.0 details this module relies on:
 * Episode end: NLE reports its step limit as done (end_status ABORTED) and after the game is over its
   glyphs and blstats are zero.  Here an ABORTED end is ``truncated`` (not terminated), and the final
   observation and info repeat the last in-game glyphs and blstats.
+* Cause of death: NLE does not report it, but NetHack appends each finished game to the ``xlogfile`` in the
+  instance's private HACKDIR (``Nethack._vardir``), with ``death=killed by a jackal`` and, at times,
+  ``while=fainted from lack of food``.  The episode summary reads the entry its game added.
 """
 from __future__ import annotations
 
 import functools
 import json
+import os
+from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import gymnasium
 import numpy as np
 from nle import nethack
 from nle.env import tasks
 
+from . import STATUS_LEVELS
 from .actions import checked_action
 from .errors import UsageError
 from .jsonl import read_records
@@ -41,8 +48,9 @@ TILE = nethack.TILE_SHAPE[0]  # 16 px
 MAP_SHAPE = nethack.DUNGEON_SHAPE  # (21, 79)
 PAD_GLYPH = nethack.GLYPH_CMAP_OFF  # S_stone: black tile
 N_STATS = nethack.NLE_BLSTATS_SIZE  # 27
-STATUS_LEVELS = 16  # values of each status token (the world model's frame codes hold at least as many)
-STATUS_VARS = 7  # status tokens: hit points, energy, hunger, encumbrance, depth, experience level, armour class
+DEATHS_LISTED = 5  # causes of death a summary counts, the most frequent first
+STATUS_NAMES = ("hp", "energy", "hunger", "encumbrance", "depth", "level", "ac")  # the status tokens, in order
+STATUS_VARS = len(STATUS_NAMES)
 _TOP = STATUS_LEVELS - 1
 _HP, _HP_MAX, _ENERGY, _ENERGY_MAX = nethack.NLE_BL_HP, nethack.NLE_BL_HPMAX, nethack.NLE_BL_ENE, nethack.NLE_BL_ENEMAX
 _HUNGER, _CAP, _DEPTH, _XP, _AC = (nethack.NLE_BL_HUNGER, nethack.NLE_BL_CAP, nethack.NLE_BL_DEPTH, nethack.NLE_BL_XP,
@@ -135,6 +143,8 @@ class NetHackEnv(gymnasium.Env):
         self._map = self._padded[h: h + MAP_SHAPE[0], h: h + MAP_SHAPE[1]]  # view: glyphs are copied in here
         self.window = self._padded[:crop, :crop]  # crop crop: glyphs of the current crop (a view)
         self._blstats = np.zeros(N_STATS, np.int64)
+        vardir = getattr(self.nle.nethack, "_vardir", None)  # see the module doc: for the cause of death
+        self._xlog_path = os.path.join(vardir, "xlogfile") if vardir and stats_path is not None else None
         self.observation_space = gymnasium.spaces.Dict({
             "image": gymnasium.spaces.Box(0, 255, (size, size, 3), np.uint8),
             # finite bounds (gymnasium's checker warns on infinite ones), far beyond any bottom-line value
@@ -149,6 +159,7 @@ class NetHackEnv(gymnasium.Env):
         nethack.Nethack.set_initial_seeds(self.nle.nethack, core, disp, False)  # class method: see module doc
         obs, info = self.nle.reset()
         self._episode = {"length": 0, "reward": 0.0, "max_depth": 0}
+        self._xlog_size = self._xlog_path and os.path.getsize(self._xlog_path)  # where this game's entry will start
         return self._observe(obs), self._info(info)
 
     def step(self, action):
@@ -193,15 +204,32 @@ class NetHackEnv(gymnasium.Env):
         record = {**self._episode, "score": info["score"], "depth": info["depth"],
                   "experience_level": int(self._blstats[nethack.NLE_BL_XP]),
                   "end_status": self.nle.StepStatus(info["end_status"]).name}
+        if record["end_status"] == "DEATH":
+            record["death"] = self._death()
         path = Path(self.stats_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def _death(self) -> Optional[str]:
+        """The cause of death NetHack logged for this game ("killed by a jackal, while fainted from lack of food"),
+        or None where its xlogfile holds no new entry."""
+        try:
+            with open(self._xlog_path, "rb") as f:
+                f.seek(self._xlog_size or 0)
+                entry = f.read().decode(errors="replace").strip()
+        except (OSError, TypeError):
+            return None
+        fields = dict(kv.split("=", 1) for kv in entry.rsplit("\n", 1)[-1].split("\t") if "=" in kv)
+        if "death" not in fields:
+            return None
+        return f"{fields['death']}, while {fields['while']}" if fields.get("while") else fields["death"]
+
 
 def nethack_summary(records_or_path) -> dict:
     """Aggregate episode summaries: a list of dicts, or the path of a JSONL file written by NetHackEnv (or of the
-    directory holding it as stats.jsonl)."""
+    directory holding it as stats.jsonl). Means of return, score, depth and length; how many episodes ended in death
+    ("died") and at the step limit ("step_limit"); the most frequent causes of death with their counts ("deaths")."""
     records = records_or_path
     if isinstance(records_or_path, (str, Path)):
         path = Path(records_or_path)
@@ -216,9 +244,12 @@ def nethack_summary(records_or_path) -> dict:
         raise UsageError(f"these are not NetHack episode records (no score and max_depth, but {sorted(records[0])}); "
                          "Crafter's go to envs.crafter.crafter_score")
     n = len(records)
+    ends = Counter(r.get("end_status") for r in records)
     return {"episodes": n,
             "mean_return": sum(r.get("reward", 0.0) for r in records) / n,  # the keys crafter_score shares
             "mean_score": sum(r["score"] for r in records) / n,
             "mean_depth": sum(r["depth"] for r in records) / n,
             "max_depth": max(int(r["max_depth"]) for r in records),
-            "mean_length": sum(r["length"] for r in records) / n}
+            "mean_length": sum(r["length"] for r in records) / n,
+            "died": ends["DEATH"], "step_limit": ends["ABORTED"],  # episodes the game ended, and the step limit
+            "deaths": dict(Counter(r["death"] for r in records if r.get("death")).most_common(DEATHS_LISTED))}

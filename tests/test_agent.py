@@ -212,9 +212,9 @@ def test_a_row_after_no_update_repeats_no_loss(tmp_path):
 
 
 def test_replay_ratio_invariant():
-    """Replayed steps stay within one update of train_ratio x env steps; the loop's test (`update_owed`, one update at
-    a time) owes exactly the updates `updates_due` counts for an unchanged config."""
-    from agent.train import update_owed
+    """Replayed steps stay within one update of train_ratio x env steps; the loop's test (`updates_owed`, one update
+    at a time) owes exactly the updates `updates_due` counts for an unchanged config, and counts them all at once."""
+    from agent.train import updates_owed
 
     cfg = tiny()
     t = cfg.train
@@ -224,9 +224,10 @@ def test_replay_ratio_invariant():
         assert steps * t.train_ratio - t.batch_size * t.seq_len < replayed <= steps * t.train_ratio
     updates = 0
     for steps in range(0, 3000, 2):
-        while update_owed(steps, updates * t.batch_size * t.seq_len, cfg):
+        owed = updates_owed(steps, updates * t.batch_size * t.seq_len, cfg)
+        while updates_owed(steps, updates * t.batch_size * t.seq_len, cfg):
             updates += 1
-        assert updates == updates_due(steps, cfg), steps
+        assert updates == updates_due(steps, cfg) and owed == updates - updates_due(steps - 2, cfg), steps
 
 
 def test_the_agent_checkpoints_before_each_evaluation(tmp_path, monkeypatch, capsys):
@@ -297,7 +298,8 @@ def test_a_run_whose_replay_was_lost_resumes_with_a_new_one(tmp_path, capsys):
     args = SimpleNamespace(command="train", run_dir=str(rd), resume=str(rd), new_replay=True)
     for started, hint in ((time.time() + 60, f"--resume {rd} --new-replay`"), (0, f"--resume {rd}`")):
         args.started = started
-        assert run._way_back(args).endswith(f"{hint} continues from its last checkpoint")
+        step = torch.load(rd / "checkpoints" / "latest.pt", weights_only=False)["counters"]["env_steps"]
+        assert run._way_back(args).endswith(f"{hint} continues from its last checkpoint (env step {step})")
     with np.load(rd / after["replays"][0]) as f:  # the lost replay's files are gone
         chunks = [c[2] for c in json.loads(str(f["meta"]))["chunks"]]
     assert sorted(p.name for p in (rd / "replay").glob("*")) == sorted([Path(after["replays"][0]).name, *chunks])
@@ -323,6 +325,9 @@ def test_a_checkpoint_from_before_replayed_steps_were_counted_resumes_at_its_rat
 def test_tiny_preset_end_to_end(tmp_path, capsys):
     result = train(tiny(), str(tmp_path / "run"), progress=False)
     assert {"crafter_score", "return", "train_crafter_score", "train_episodes"} <= set(result)
+    # the updates owed for the prefill's steps run at once when it ends (minutes at preset scale): a log says so
+    assert (f"env step 120: prefill done, training its {updates_due(120, tiny())} owed updates now "
+            "(train.train_ratio=2.0 of the prefill's steps)") in capsys.readouterr().out
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # each of Crafter's 22 achievements has its success-rate curve, over the training episodes and the evaluations'
     for prefix in ("train/", "eval/"):
@@ -340,9 +345,9 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
 
     events = EventAccumulator(str(tmp_path / "run" / "tb"))
     events.Reload()  # the final evaluation's pictures: slots of replayed frames, real vs decoded vs imagined
-    for tag in ("slots/decomposition", "wm/real_decoded_imagined"):
-        (picture,) = events.Images(tag)
-        assert picture.step == 240 and picture.width > picture.height > 0
+    for tag, wide in (("slots/decomposition", True), ("wm/real_decoded_imagined", False)):
+        (picture,) = events.Images(tag)  # a row per frame: slots across, or real | decoded | imagined
+        assert picture.step == 240 and (picture.width > picture.height) == wide
     evals = []
     for _ in range(2):  # the agent's sampling and the env are seeded: a repeat plays the same episode
         assert run.main(["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", "1", "--no-progress"]) == 0
@@ -377,10 +382,26 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     again = train(tiny("train.env_steps=120"), str(tmp_path / "run"), resume=True, progress=False)
     assert f"warning: {stats}: dropped 1 damaged line(s)" in capsys.readouterr().err
-    assert again == {**result, **log_keys(crafter_score(stats), "crafter", "train_")} and again["train_episodes"] == 1
+    assert again == {**result, **log_keys(crafter_score(stats), "crafter", "train_"),
+                     "train_return_recent": crafter_score(stats)["mean_return"],
+                     "train_crafter_score_recent": crafter_score(stats)["score"]} and again["train_episodes"] == 1
     assert logs == {name: (tmp_path / "run" / name).read_text() for name in logs}
     assert load_config(AgentConfig, tmp_path / "run" / "config.yaml").train.env_steps == 240
 
+
+
+def test_training_scores_have_a_recent_mean_beside_the_all_episode_one(tmp_path):
+    """25 NetHack episodes returning 0, 1, ..., 24: the logged return is their mean (12), the recent one the mean of
+    the last 20 (5 ... 24: 14.5), as the score (10x the return here); 10 of the 25 died (40%)."""
+    from agent.evaluate import stats_scores
+
+    path = tmp_path / "stats.jsonl"
+    path.write_text("".join(json.dumps({"reward": float(i), "score": 10 * i, "depth": 1, "max_depth": 1, "length": 5,
+                                        "end_status": "DEATH" if i % 5 < 2 else "ABORTED"}) + "\n" for i in range(25)))
+    scores = stats_scores(path, "nethack", "train/")
+    assert scores["train/return"] == 12.0 and scores["train/return_recent"] == 14.5
+    assert scores["train/score"] == 120.0 and scores["train/score_recent"] == 145.0
+    assert scores["train/died"] == 40.0 and scores["train/episodes"] == 25
 
 def test_a_seeded_run_repeats_bitwise(tmp_path):
     """Two runs of one config (one thread) log the same numbers and end with the same weights: the games, the

@@ -66,6 +66,13 @@ def test_cli_collect_nethack_in_process(tmp_path, capsys):
     assert result["frames"] == 30
     (ep,) = list(iter_episodes(tmp_path / "n"))
     assert ep["image"].shape == (30, 64, 64, 3) and ep["image"].dtype == np.uint8 and ep["stats"].shape == (30, 27)
+    # --max-episode-steps 4: episodes of 5 observations, ended truncated by the game (so it records them)
+    assert run.main(["collect", "--env", "nethack", "--frames", "12", "--out", str(tmp_path / "m"), "--no-progress",
+                     "--max-episode-steps", "4"]) == 0
+    episodes = list(iter_episodes(tmp_path / "m"))
+    assert [len(ep["is_last"]) for ep in episodes] == [5, 5, 2]
+    assert [bool(ep["is_last"][-1] and not ep["is_terminal"][-1]) for ep in episodes] == [True, True, True]
+    assert len((tmp_path / "m" / "stats.jsonl").read_text().splitlines()) == 2
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -75,7 +82,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
                      str(tmp_path / "x")]) == 2  # the 2 envs' first frames alone: no step played, nothing written
     assert "--frames=2 is no more than the 2 envs collecting" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-    for option in ("--workers", "--envs-per-worker", "--size"):
+    for option in ("--workers", "--envs-per-worker", "--size", "--max-episode-steps"):
         assert run.main(["collect", "--env", "crafter", "--frames", "5", "--out", str(tmp_path / "x"), option, "0"]) == 2
         assert f"{option} must be positive, got 0" in capsys.readouterr().err
     for argv in (["eval-ap", "--checkpoint", "R", "--images", "0"], ["eval-wm", "--checkpoint", "R", "--segments", "-1"],

@@ -89,6 +89,33 @@ def test_a_pretrained_encoders_unused_settings_are_not_checked():
     assert cfg.encoder.model.cnn_channels == [8]
 
 
+
+def test_encoder_settings_typed_beside_a_checkpoint_are_refused_and_a_fine_tuned_one_noted(tmp_path, capsys):
+    """With encoder.checkpoint its run sets the encoder: encoder.resolution or encoder.model.* typed beside it at
+    another value would be dropped, so they are refused (at its own value, they pass); the preset's
+    encoder.mode=joint (fine-tuning, several times slower) is noted, a typed one is not; a resume leaves them to its
+    own checks."""
+    import run
+    from agent.config import AgentConfig
+    from envs.errors import UsageError
+    from world_model.config import save_config
+
+    pre = load_config(PretrainConfig, None, ["data.resolution=48", "model.num_slots=5"])
+    (tmp_path / "enc").mkdir()
+    save_config(pre, tmp_path / "enc" / "config.yaml")
+    given = f"encoder.checkpoint={tmp_path / 'enc'}"
+    for typed in ("encoder.resolution=32", "encoder.model.num_slots=3"):
+        cfg = load_config(AgentConfig, None, [given, typed])
+        with pytest.raises(UsageError, match=f"{typed} would not apply: encoder.checkpoint=.*enc sets the encoder"):
+            run._check_encoder(cfg, [given, typed], False)
+    same = ["encoder.resolution=48", "encoder.model.num_slots=5"]
+    run._check_encoder(load_config(AgentConfig, None, [given, *same]), [given, *same], False)
+    assert "note: encoder.mode=joint (the preset's) fine-tunes the pretrained encoder" in capsys.readouterr().err
+    cfg = load_config(AgentConfig, None, [given])
+    run._check_encoder(cfg, [given, "encoder.mode=joint"], False)
+    run._check_encoder(cfg, ["encoder.resolution=32"], True)
+    assert capsys.readouterr().err == ""
+
 def test_a_negative_seed_is_refused_naming_the_flag(capsys):
     import run
 
@@ -198,18 +225,20 @@ def test_run_directories_of_another_command_are_named_as_such(tmp_path, capsys):
              (["eval-ap", "--checkpoint", str(tmp_path / "a")], "is a run of `run.py train`; this needs a run of `run.py pretrain`"),
              (["eval-wm", "--checkpoint", str(tmp_path / "p")], "is a run of `run.py pretrain`; this needs a run of `run.py train-wm`"),
              (["visualize", "--checkpoint", str(tmp_path / "w"), "--env", "crafter", "--out", str(tmp_path / "v")],
-              "no checkpoint at"),  # a world-model run is visualized from its checkpoint, which this one lacks
+              f"{tmp_path / 'w'} has no checkpoint yet: a run writes its first at train.ckpt_every steps or its first "
+              "evaluation"),  # a world-model run is visualized from its checkpoint, which this one lacks (yet)
              (["train", "--resume", str(tmp_path / "w")], "is a run of `run.py train-wm`; this needs a run of `run.py train`"),
              (["pretrain", "--resume", "--run-dir", str(tmp_path / "none")], "no run at"),
              (["eval-ap", "--checkpoint", str(dataset)], f"no run at {dataset} (an episode dataset (meta.json, "),
+             (["train", "--run-dir", str(dataset)], "is an episode dataset (meta.json, episodes/); choose another"),
              (["eval-ap", "--checkpoint", str(tmp_path / "p" / "checkpoints" / "latest.pt")],
               f"latest.pt is a file: pass the run directory (the folder holding config.yaml and checkpoints/), "
               f"{tmp_path / 'p'}"),
              (["train", "--resume", str(tmp_path / "a"), "--run-dir", str(tmp_path / "p")], "contradicts it")]
     for argv, message in cases:
         assert run.main(argv) == 2, argv
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and message in err, (argv, err)
+        out, err = capsys.readouterr()
+        assert err.count("\n") == 1 and message in err and out == "", (argv, err)  # before any config dump
     assert run.main(["config", "--config", str(CONFIGS / "tiny.yaml")]) == 0
     assert capsys.readouterr().out.startswith(f"# run.py train, preset {CONFIGS / 'tiny.yaml'}\nenv:\n")
     assert run.main(["config", "--for", "train"]) == 0  # without --config: the preset `train` runs by default

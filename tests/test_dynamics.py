@@ -255,3 +255,19 @@ def test_the_loss_scores_step_t_outputs_against_step_t_plus_1():
     assert float(stats["acc_slots"]) == 1.0 and float(stats["loss_slots"]) < 1e-6
     assert float(stats["loss_reward"]) == pytest.approx(float(entropy), abs=1e-4)
     assert float(stats["loss_cont"]) < 1e-6
+
+
+def test_frame_code_and_status_token_accuracies_are_apart():
+    """Frame codes of 4 positions, the last 1 an env's status token: step 0 predicts step 1's learned codes
+    (2, 0, 1) right but for the second, and its status token (3) wrong: acc_frame 2/3, acc_status 0; counted as one
+    vocabulary without status_vars, 2/4."""
+    target = torch.tensor([[[0, 0, 0, 0], [2, 0, 1, 3]]])  # b t g
+    guess = torch.tensor([[2, 1, 1, 0], [0, 0, 0, 0]])  # t g: step 1's outputs count for nothing (T=2)
+    frame_logits = torch.nn.functional.one_hot(guess, 4)[None].float() * 30.0
+    slot_logits = torch.zeros(1, 2, 1, 1, 3)
+    pred = Predictions(slot_logits, frame_logits, torch.zeros(1, 2, 31), torch.zeros(1, 2))
+    args = (torch.zeros(1, 2, 1, 1, dtype=torch.long), target, torch.zeros(1, 2), torch.ones(1, 2))
+    _, stats = dynamics_loss(pred, *args, status_vars=1)
+    assert float(stats["acc_frame"]) == pytest.approx(2 / 3) and float(stats["acc_status"]) == 0.0
+    _, stats = dynamics_loss(pred, *args)
+    assert float(stats["acc_frame"]) == 0.5 and "acc_status" not in stats

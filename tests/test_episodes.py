@@ -177,6 +177,21 @@ def test_frames_source_split_and_resize(tmp_path):
                       torch.device("cpu"))
 
 
+def test_pretraining_on_a_dataset_without_episodes_is_refused_before_the_config_prints(tmp_path, capsys):
+    """A dataset whose episodes were removed (its meta.json left): one line, and no config dump above it."""
+    empty = _toy_dataset(tmp_path / "empty", episodes=1)
+    for path in (empty / "episodes").iterdir():
+        path.unlink()
+    assert run.main(["pretrain", "--data", str(empty), "--run-dir", str(tmp_path / "r"), "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == f"error: {empty / 'episodes'} holds no .npz episodes; collect some " \
+        "with `run.py collect`\n"
+    _toy_dataset(empty, episodes=1)
+    assert run.main(["pretrain", "--data", str(empty), "--run-dir", str(tmp_path / "r"), "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"{empty} holds 1 episode: pretraining needs at least 2" in captured.err
+
+
 def test_pretrain_on_env_frames(tmp_path, capsys):
     root = _toy_dataset(tmp_path / "data")
     cfg = tiny_cfg("task=discovery", "data.source=frames", f"data.root={root}", "train.steps=4", "data.crop=true")

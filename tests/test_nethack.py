@@ -127,8 +127,6 @@ def test_seeding(task):
 def test_status_tokens_hand_computed():
     """The bottom line as tokens: HP 7/14 -> 15*7//14 = 7; energy 0/0 -> 0; hunger 4 (weak); encumbrance 2; depth
     20 and level 3 -> 15 and 3 (clipped); AC -8 -> 10-(-8) = 18 -> 15. A second row: full HP and energy, AC 10."""
-    from world_model import frame_tokenizer
-
     rows = np.zeros((2, nethack.NLE_BLSTATS_SIZE), np.int64)
     for row, values in zip(rows, ({"HP": 7, "HPMAX": 14, "ENE": 0, "ENEMAX": 0, "HUNGER": 4, "CAP": 2, "DEPTH": 20,
                                    "XP": 3, "AC": -8},
@@ -138,7 +136,7 @@ def test_status_tokens_hand_computed():
             row[getattr(nethack, f"NLE_BL_{key}")] = value
     np.testing.assert_array_equal(status_tokens(rows), [[7, 0, 4, 2, 15, 3, 15], [15, 15, 1, 0, 1, 1, 0]])
     np.testing.assert_array_equal(status_tokens(rows[0].astype(np.float32)), status_tokens(rows)[0])
-    assert status_tokens(rows).dtype == np.uint8 and STATUS_LEVELS == frame_tokenizer.STATUS_LEVELS == 16
+    assert status_tokens(rows).dtype == np.uint8 and status_tokens(rows).max() < STATUS_LEVELS
 
 
 def test_stats_and_info():
@@ -188,7 +186,31 @@ def test_summary():
     records = [{"length": 100, "reward": 1.0, "score": 10, "depth": 1, "max_depth": 2, **common},
                {"length": 50, "reward": 4.0, "score": 30, "depth": 3, "max_depth": 3, **common}]
     assert nethack_summary(records) == {"episodes": 2, "mean_return": 2.5, "mean_score": 20.0, "mean_depth": 2.0,
-                                        "max_depth": 3, "mean_length": 75.0}
+                                        "max_depth": 3, "mean_length": 75.0, "died": 2, "step_limit": 0, "deaths": {}}
+    records += [{**records[0], "death": "killed by a jackal"}, {**records[1], "death": "killed by a newt"},
+                {**records[0], "death": "killed by a jackal"}, {**records[1], "end_status": "ABORTED"}]
+    summary = nethack_summary(records)
+    assert (summary["died"], summary["step_limit"]) == (5, 1)
+    assert summary["deaths"] == {"killed by a jackal": 2, "killed by a newt": 1}
+    assert list(summary["deaths"]) == ["killed by a jackal", "killed by a newt"]  # the most frequent first
+
+
+def test_a_death_is_recorded_with_its_cause(tmp_path):
+    """Random play of game 0 dies (NetHack logs "killed by a jackal"); the summary reads the entry this game added
+    to the xlogfile, and a second game's death its own entry, not the first's."""
+    path = tmp_path / "stats.jsonl"
+    env = NetHackEnv(max_episode_steps=3000, stats_path=str(path))
+    rng = np.random.default_rng(0)
+    for seed in (0, 1):
+        env.reset(seed=seed)
+        terminated = truncated = False
+        while not (terminated or truncated):
+            _, _, terminated, truncated, info = env.step(int(rng.integers(env.action_space.n)))
+        assert terminated and info["end_status"] == env.nle.StepStatus.DEATH
+    env.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["death"] for r in records] == ["killed by a jackal", "killed by a gnome lord"]
+    assert nethack_summary(path)["deaths"] == {"killed by a jackal": 1, "killed by a gnome lord": 1}
 
 
 def test_summary_errors(tmp_path):
@@ -230,4 +252,4 @@ def test_nethack_summary_max_depth_is_the_deepest_level_reached():
     records = [{"score": 10, "depth": 1, "max_depth": 3, "length": 5, "reward": 1.0},
                {"score": 20, "depth": 2, "max_depth": 2, "length": 7, "reward": 3.0}]
     assert nethack_summary(records) == {"episodes": 2, "mean_return": 2.0, "mean_score": 15.0, "mean_depth": 1.5,
-                                        "max_depth": 3, "mean_length": 6.0}
+                                        "max_depth": 3, "mean_length": 6.0, "died": 0, "step_limit": 0, "deaths": {}}

@@ -46,6 +46,9 @@ def test_cli_pretrain_and_eval_ap(tmp_path, capsys):
     result = json.loads((rd / "eval_ap.json").read_text())
     assert result["images"] == 6 and set(result) >= {"AP_inf", "AP_1", "AP_0.5", "AP_0.25", "AP_0.125", "AP_0.0625"}
     assert 0 <= result["empty_slots"] <= 4  # near-empty slots per image, out of model.num_slots=4
+    from world_model.pretrain import evaluate_run
+
+    assert evaluate_run(str(rd), images=6) == result  # the same evaluation from Python, as a dict
 
 
 @pytest.mark.parametrize("task,pool,clevr", [("setpred", 0, False), ("discovery", 7, False), ("setpred", 0, True)])
@@ -368,8 +371,18 @@ def test_a_frames_run_resumes_on_the_same_game_and_notes_a_moved_split(tmp_path,
     assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "r"), "--data", str(tmp_path / "a2"), "--clevr-root",
                      str(tmp_path)]) == 2
     assert "--data and --clevr-root name two datasets" in capsys.readouterr().err
+    own = (tmp_path / "r" / "eval_ap.json").read_text()  # another dataset's evaluation goes beside it, not over it
     assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "r"), "--data", str(tmp_path / "a2")]) == 0
-    assert json.loads((tmp_path / "r" / "eval_ap.json").read_text())["data"] == f"held-out frames of {tmp_path / 'a2'}"
+    assert json.loads((tmp_path / "r" / "eval_ap_a2.json").read_text())["data"] == f"held-out frames of {tmp_path / 'a2'}"
+    assert (tmp_path / "r" / "eval_ap.json").read_text() == own
+    # a CLEVR set-prediction preset on game frames: trained as discovery, and said so; its missing VQ codes too
+    capsys.readouterr()
+    assert run.main(["pretrain", "--data", str(tmp_path / "a2"), "--config", "clevr_tiny", "--run-dir",
+                     str(tmp_path / "c"), "--no-progress", *TINY, "data.eval_images=4", "train.steps=1"]) == 0
+    err = capsys.readouterr().err
+    assert "note: clevr_tiny sets task=setpred; game frames have no property targets, so --data trains object " \
+        "discovery" in err and "note: clevr_tiny trains slots without VQ codes; `train-wm` and `train` need" in err
+    assert load_config(PretrainConfig, tmp_path / "c" / "config.yaml").task == "discovery"
     # visualize shows it frames of the game it trained on, without --env
     assert run.main(["visualize", "--checkpoint", str(tmp_path / "r"), "--frames", "1", "--out", str(tmp_path / "v")]) == 0
     assert json.loads((tmp_path / "v" / "summary.json").read_text())["env"] == "crafter"
@@ -397,8 +410,9 @@ def test_sigterm_is_handled_as_ctrl_c(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143
+    step = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)["step"]
     assert err.strip().splitlines()[-1] == (f"terminated (SIGTERM); `python run.py pretrain --resume {run_dir}` "
-                                            "continues from its last checkpoint")
+                                            f"continues from its last checkpoint (step {step})")
     assert not (run_dir / "train.pid").exists()
 
 
@@ -406,6 +420,8 @@ def test_ctrl_c_is_one_line_with_the_way_back(tmp_path, monkeypatch, capsys):
     import world_model.pretrain as pt
 
     from world_model.rundir import start_run
+
+    real = pt.pretrain
 
     def interrupted(cfg, run_dir, resume, progress):  # stopped after claiming the run directory
         start_run(run_dir, resume, "cpu", 0, 0)
@@ -418,11 +434,28 @@ def test_ctrl_c_is_one_line_with_the_way_back(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pt, "pretrain", interrupted)
     assert run.main(["pretrain", "--run-dir", str(tmp_path / "r"), "--no-progress", "--resume", "train.steps=2"]) == 130
     err = capsys.readouterr().err.strip()
-    assert err == f"interrupted; `python run.py pretrain --resume {tmp_path / 'r'}` continues from its last checkpoint"
+    assert err == f"interrupted; `python run.py pretrain --resume {tmp_path / 'r'}` continues from its last checkpoint " \
+                  "(step 1)"
+    from tqdm import tqdm
+
+    bars = []  # the bar a stopped run leaves open (its frame held by the traceback) is closed before the message, not
+               # redrawn below it when the traceback goes
+
+    def interrupted_under_a_bar(cfg, run_dir, resume, progress):
+        bars.append(tqdm(total=2, desc="training"))
+        bars[0].update(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pt, "pretrain", interrupted_under_a_bar)
+    assert run.main(["pretrain", "--run-dir", str(tmp_path / "r"), "--no-progress", "--resume", "train.steps=2"]) == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert bars[0].disable and any("training:  50%" in line for line in lines)  # closed (tqdm's close disables it)
+    assert lines[-1].startswith("interrupted; `python run.py pretrain --resume")
+    monkeypatch.setattr(pt, "pretrain", interrupted)
     monkeypatch.chdir(tmp_path)  # run.py as it is reached from there
     assert run.main(["pretrain", "--run-dir", "r", "--no-progress", "--resume", "train.steps=2"]) == 130
     assert capsys.readouterr().err.strip() == (f"interrupted; `python {CONFIGS.parent / 'run.py'} pretrain --resume r` "
-                                               "continues from its last checkpoint")
+                                               "continues from its last checkpoint (step 1)")
     assert run.main(["pretrain", "--run-dir", str(tmp_path / "new"), "--no-progress", *TINY]) == 130
     err = capsys.readouterr().err.strip()  # stopped before writing anything: its directory is gone again
     assert err == f"interrupted; it stopped before writing anything to {tmp_path / 'new'}, so there is nothing to " \
@@ -441,6 +474,18 @@ def test_ctrl_c_is_one_line_with_the_way_back(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == (
         f"interrupted; {tmp_path / 'logs'} has no checkpoint yet (train.ckpt_every), so there is nothing to resume: "
         "remove it to start again")
+
+    def interrupted_after_its_config(cfg, run_dir, resume, progress):  # config.yaml written, no log yet
+        start_run(run_dir, resume, "cpu", 0, 0)
+        (Path(run_dir) / "config.yaml").write_text("")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pt, "pretrain", interrupted_after_its_config)
+    argv = ["pretrain", "--run-dir", str(tmp_path / "cfg"), "--no-progress", *TINY, "train.steps=1"]
+    assert run.main(argv) == 130
+    assert capsys.readouterr().err.strip().endswith("so there is nothing to resume: the same command starts it again")
+    monkeypatch.setattr(pt, "pretrain", real)
+    assert run.main(argv) == 0  # as said
 
 
 def test_a_stopped_evaluation_loses_no_training_step(tmp_path, monkeypatch):
@@ -531,10 +576,16 @@ def test_a_clevr_run_checks_its_eval_split_before_training(tmp_path, capsys):
                          "data.source=clevr", f"data.root={root}", "data.split=val", "train.steps=4",
                          "train.ckpt_every=1", "train.batch_size=1", "data.eval_images=1", "train.eval_every=0",
                          "data.max_objects=10", "model.num_slots=10"]) == 2
+    step = torch.load(tmp_path / "r4" / "checkpoints" / "latest.pt", weights_only=False)["step"]
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"error: CLEVR image CLEVR_val_000000.png is damaged (the run is kept: fix the data, then `python run.py "
-        f"pretrain --resume {tmp_path / 'r4'}` continues from its last checkpoint)")
+        f"pretrain --resume {tmp_path / 'r4'}` continues from its last checkpoint (step {step}))")
     moved = tmp_path / "moved"  # the data moved: eval-ap names it and the way on, in one line
+    (root / "images" / "val").rename(tmp_path / "val_images")  # moved out of the root first: the resume says both
+    assert run.main(["pretrain", "--resume", str(tmp_path / "r2"), "train.steps=9"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f"(if {tmp_path / 'r2'}'s data moved, resume with data.root=ITS_NEW_PATH)")
+    (tmp_path / "val_images").rename(root / "images" / "val")
     root.rename(moved)
     assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "r2")]) == 2
     assert (f"data.root={root}, the data {tmp_path / 'r2'} trained on, does not exist; if it moved, pass --clevr-root "

@@ -1,5 +1,6 @@
 """The world model end to end: encoding with slot carry-over, losses, train-wm / eval-wm, resume."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,6 +181,7 @@ def test_status_tokens_join_the_frame_codes(tmp_path, capsys):
     batch = to_batch(sample, 16, torch.device("cpu"))
     loss, stats, enc = wm.loss(batch, 0.01)
     assert torch.isfinite(loss) and torch.equal(enc.frame_codes[..., 2], torch.as_tensor(sample["status"][..., 0]).long())
+    assert {"acc_frame", "acc_status"} <= set(stats)  # the learned codes and the status tokens scored apart
     off = build_wm_for(wm_cfg(root, "frame.status=false"), 3, torch.device("cpu"), meta["status_vars"])
     assert (off.status_vars, off.dynamics.cfg.frame_vars, off.dynamics.cfg.frame_codes) == (0, 2, 4)
     train_wm(wm_cfg(root, "train.steps=2"), str(tmp_path / "a"), progress=False)
@@ -187,11 +189,15 @@ def test_status_tokens_join_the_frame_codes(tmp_path, capsys):
     assert run.main(["eval-wm", "--checkpoint", str(tmp_path / "a"), "--out", str(tmp_path / "e")]) == 0
     result = json.loads((tmp_path / "e" / "eval_wm.json").read_text())
     assert 0 <= result["h1/status_acc"] <= 100 and result["h3/status_acc_copy"] < 100  # the square moves
+    assert result["h3/status_acc_token0"] == result["h3/status_acc"]  # the one token's, under its index (no names)
     table = capsys.readouterr().out.splitlines()  # the printed table has them too
     header = next(line.split() for line in table if line.startswith("horizon"))
     row = next(line.split() for line in table if line.split()[:1] == ["3"])
     assert header[-2:] == ["status_acc", "status_acc_copy"]
     assert float(row[-1]) == pytest.approx(result["h3/status_acc_copy"], abs=1e-4)
+    tokens = table[table.index("status tokens, accuracy (%):") + 1:]  # then each token's, a row per horizon
+    assert tokens[0].split() == ["horizon", "token0"]
+    assert float(tokens[2].split()[1]) == pytest.approx(result["h3/status_acc_token0"], abs=0.05)
     plain = toy_dataset(tmp_path / "plain")  # the same game's episodes from before it gave status tokens
     assert run.main(["eval-wm", "--checkpoint", str(tmp_path / "a"), "--data", str(plain), "--out",
                      str(tmp_path / "e2")]) == 2
@@ -212,10 +218,28 @@ def test_status_tokens_join_the_frame_codes(tmp_path, capsys):
 
     for copy in (False, True):
         trained.open_loop = oracle(copy)
-        result = evaluate_wm(trained, held_out, cfg, torch.device("cpu"))
+        result = evaluate_wm(trained, held_out, cfg, torch.device("cpu"), status_names=["hp"])
         for hz in cfg.eval.horizons:
             assert result[f"h{hz}/status_acc"] == (result[f"h{hz}/status_acc_copy"] if copy else 100.0)
+            assert result[f"h{hz}/status_acc_hp"] == result[f"h{hz}/status_acc"]
 
+
+
+def test_config_data_shows_the_config_a_data_command_would_run(tmp_path, capsys):
+    """`run.py config --data DIR` takes the dataset as `pretrain --data` (frames, discovery, its preset) and, with --for
+    train-wm, as `train-wm --data` (its 3 actions and 1 status token fill the dynamics' sizes); train has none."""
+    root = toy_dataset(tmp_path / "d", status=True)
+    assert run.main(["config", "--for", "train-wm", "--data", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"# run.py train-wm --data {root}, preset configs/wm_crafter_cpu.yaml\n")
+    assert f"  root: {root}\n" in out and "  num_actions: 3  # set by the run from the env" in out
+    assert "  frame_vars: 9  # set by the run from frame.vars + the env's 1 status tokens" in out
+    assert run.main(["config", "--data", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"# run.py pretrain --data {root}, preset configs/frames_discovery_cpu.yaml\n")
+    assert "task: discovery\n" in out and "  source: frames\n" in out and f"  root: {root}\n" in out
+    assert run.main(["config", "--for", "train", "--data", str(root)]) == 2
+    assert "`train` collects its own episodes" in capsys.readouterr().err
 
 @pytest.mark.parametrize("carry_grad", [True, False])
 def test_batched_encode_matches_frame_by_frame(tmp_path, monkeypatch, carry_grad):
@@ -284,8 +308,11 @@ def test_frozen_pretrained_encoder_and_errors(tmp_path, capsys):
     novq = tmp_path / "novq"
     assert run.main(["pretrain", "--data", str(root), "--run-dir", str(novq), "--no-progress", *TINY,
                      "data.resolution=16", "train.steps=1", "model.vq.enabled=false"]) == 0
-    with pytest.raises(ValueError, match="VQ"):
+    with pytest.raises(ValueError, match=f"encoder.checkpoint={novq} was pretrained without one: pretrain with "
+                       "model.vq.enabled=true"):
         build_wm_for(wm_cfg(root, f"encoder.checkpoint={novq}"), 3, torch.device("cpu"))
+    with pytest.raises(ValueError, match="needs a VQ slot encoder: encoder.model.vq.enabled=false would give it none"):
+        build_wm_for(wm_cfg(root, "encoder.model.vq.enabled=false"), 3, torch.device("cpu"))
     with pytest.raises(ValueError, match="max_steps"):
         build_wm_for(wm_cfg(root, "dynamics.max_steps=3"), 3, torch.device("cpu"))
 
@@ -301,6 +328,10 @@ def test_a_run_resumes_from_anywhere_after_its_inputs_move(tmp_path, monkeypatch
     assert run.main(["pretrain", "--data", "d", "--run-dir", "pre", "--no-progress", *TINY, "data.resolution=16",
                      "train.steps=1", "model.vq.enabled=true", "model.vq.num_vars=2"]) == 0
     assert run.main(["train-wm", "--run-dir", "wm", "--no-progress", *TINY_WM, "data.root=d", "encoder.checkpoint=pre",
+                     "train.steps=2"]) == 2  # TINY_WM's encoder sizes are not pre's: refused, not dropped
+    assert "error: encoder.model.num_slots=3 would not apply: encoder.checkpoint=" in capsys.readouterr().err
+    own_encoder = [o for o in TINY_WM if not o.startswith("encoder.")]
+    assert run.main(["train-wm", "--run-dir", "wm", "--no-progress", *own_encoder, "data.root=d", "encoder.checkpoint=pre",
                      "train.steps=2"]) == 0
     saved = load_config(WorldModelConfig, tmp_path / "wm" / "config.yaml")
     assert (saved.data.root, saved.encoder.checkpoint) == (str(tmp_path / "d"), str(tmp_path / "pre"))
@@ -331,6 +362,8 @@ def test_a_run_resumes_from_anywhere_after_its_inputs_move(tmp_path, monkeypatch
     assert run.main(["eval-wm", "--checkpoint", "../wm", "--out", "e2", "--segments", "2"]) == 2
     assert "does not exist; if it moved, pass --data DIR" in capsys.readouterr().err
     assert run.main(["eval-wm", "--checkpoint", "../wm", "--out", "e2", "--segments", "2", "--data", "../d3"]) == 0
+    assert run.main(["eval-wm", "--checkpoint", "../wm", "--segments", "2", "--data", "../d3"]) == 0
+    assert f"written to {Path('../wm/eval_wm_d3/eval_wm.json')}" in capsys.readouterr().out  # not over RUN/eval_wm
     assert load_config(WorldModelConfig, tmp_path / "wm" / "config.yaml").data.root == str(tmp_path / "d2")
 
 
@@ -371,8 +404,10 @@ def test_train_resume_exact_and_eval_cli(tmp_path, capsys):
     assert run.main(["eval-wm", "--checkpoint", str(tmp_path / "a"), "--out", str(tmp_path / "e")]) == 0
     result = json.loads((tmp_path / "e" / "eval_wm.json").read_text())
     assert result["step"] == 4 and len(list((tmp_path / "e").glob("real_vs_imagined.*"))) == 1
+    assert result["picture"] == str(tmp_path / "e" / "real_decoded_imagined.png") and Path(result["picture"]).is_file()
     out = capsys.readouterr().out
     assert "frame_mse_copy_decoded" in out and "real_vs_imagined" in out
+    assert "no lower than frame_mse_decoder_floor" in out  # the columns explained under the table
     # its slot encoder and decoder pictured on game frames, with a note that it learned on other frames
     assert run.main(["visualize", "--checkpoint", str(tmp_path / "a"), "--env", "crafter", "--frames", "1",
                      "--out", str(tmp_path / "v")]) == 0
@@ -642,18 +677,35 @@ def test_held_out_segments_are_scored_chunk_by_chunk_weighted_by_their_size(tmp_
     real = train_wm._open_loop_scores
     chunks = []
 
-    def recorded(wm, batch, c, video):
+    def recorded(wm, batch, c, video, status_names):
         chunks.append((len(batch["action"]), video))
-        scores, pictures = real(wm, batch, c, video)
+        scores, pictures = real(wm, batch, c, video, status_names)
         return {**scores, "h1/code_acc": float(len(chunks))}, pictures  # 1, 2, 3 for the three chunks
 
     monkeypatch.setattr(train_wm, "_open_loop_scores", recorded)
     result = train_wm.evaluate_wm(wm, held, cfg, torch.device("cpu"), video=True)
     assert chunks == [(2, True), (2, False), (1, False)] and result["segments"] == 5
     assert result["h1/code_acc"] == pytest.approx((1 * 2 + 2 * 2 + 3 * 1) / 5) and result["_video"] is not None
+    assert result["_video"].shape[0] == 5 and result["_picture"].shape[0] == 3  # every step; a picture
     rewards = held.sample(5, 5, np.random.default_rng(2025))["reward"][:, 2:]
     assert result["h3/reward_mae_zero"] == pytest.approx(float(np.abs(rewards[:, 2]).mean()))
 
+
+
+def test_the_prediction_picture_has_a_row_per_step_and_named_columns():
+    """`wm/real_decoded_imagined` (train-wm, eval-wm, the agent): 2 steps of 16-pixel frames, upscaled 8x to 128
+    pixels, padded by 2 (16) as `tile` pads, under a 16-pixel strip naming the columns: real (0), decoded (0.5) and
+    imagined (1) in that order, each row one step."""
+    from world_model.visualize import PREDICTION_COLUMNS, prediction_grid
+
+    real, decoded, imagined = (torch.full((2, 3, 16, 16), v) for v in (0.0, 0.5, 1.0))
+    real[1] = 0.25  # the second step's real frame
+    grid = prediction_grid(real, decoded, imagined)
+    assert PREDICTION_COLUMNS == ["real", "decoded", "imagined"]
+    assert grid.shape == (3, 16 + 8 * (2 * 18 + 2), 8 * (3 * 18 + 2))
+    centre = lambda row, col: float(grid[0, 16 + 8 * (2 + 18 * row + 8), 8 * (2 + 18 * col + 8)])  # noqa: E731
+    assert [[centre(r, c) for c in range(3)] for r in range(2)] == [[0.0, 0.5, 1.0], [0.25, 0.5, 1.0]]
+    assert float(grid[:, :16].min()) < 0.5  # the names, drawn dark on the white strip
 
 def test_train_wm_prints_its_last_evaluation_once_then_its_json_line(tmp_path, capsys):
     """The table of the last evaluation as it ran, then the one JSON line; a resumed finished run shows the logged

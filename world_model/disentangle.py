@@ -15,19 +15,18 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from envs.clevr import COLORS, MATERIALS, SHAPES, SIZES
+from envs.clevr import ATTRIBUTE_SLICES, ATTRIBUTES
 from envs.errors import UsageError
 
 from .config import PretrainConfig
-from .metrics import ATTRIBUTE_SLICES, hungarian_assign, trim_padding
+from .metrics import hungarian_assign, trim_padding
 from .pretrain import load_run
 from .sources import EVAL_SEED, eval_batches, use_clevr_root
 from .updates import autocast
 from .rundir import check_out_dir, fixed_rng, resolve_device
 
 # The discrete properties, in table order: (value names, slice of the 19-entry target row).
-PROPERTIES = {name: (values, ATTRIBUTE_SLICES[name])
-              for name, values in (("shape", SHAPES), ("size", SIZES), ("material", MATERIALS), ("color", COLORS))}
+PROPERTIES = {name: (ATTRIBUTES[name], ATTRIBUTE_SLICES[name]) for name in ("shape", "size", "material", "color")}
 NO_VQ = "visualize --codes needs a VQ encoder (model.vq.enabled=true)"
 
 

@@ -235,31 +235,35 @@ def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor], count: Optional[t
 
 def dynamics_loss(pred: Predictions, slot_codes: torch.Tensor, frame_codes: Optional[torch.Tensor],
                   rewards: torch.Tensor, continues: torch.Tensor,
-                  mask: Optional[torch.Tensor] = None, count: Optional[torch.Tensor] = None
+                  mask: Optional[torch.Tensor] = None, count: Optional[torch.Tensor] = None, status_vars: int = 0
                   ) -> tuple[torch.Tensor, dict]:
     """Next-step losses over a whole sequence: predictions at t against targets at t+1.
 
     slot_codes `b t k v`, frame_codes `b t g` or None, rewards `b t`, continues `b t` (1 = continues),
     mask `b t` bool (False excludes that step as a target), `count`: the divisor of the masked means in place of the
-    targets' count (`masked_mean`). Returns (loss, detached stats)."""
+    targets' count (`masked_mean`). Returns (loss, detached stats); the accuracies of the learned frame codes
+    (`acc_frame`) and of the env's status tokens, the last `status_vars` frame codes (`acc_status`), apart."""
     target_mask = mask[:, 1:] if mask is not None else None
 
     def step_mean(x, m):  # masked_mean over the targets' count
         return masked_mean(x, m, count)
 
-    def codes_ce(logits, target):  # logits b t n c, target b t n -> (ce b t, accuracy b t)
+    def codes_ce(logits, target):  # logits b t ... c, target b t ... -> (ce b t, hits b t ...)
         logits = logits[:, :-1].float()
         target = target[:, 1:]
         ce = F.cross_entropy(logits.flatten(0, -2), target.flatten(), reduction="none").view(target.shape)
-        acc = (logits.argmax(-1) == target).float()
-        return ce.flatten(2).mean(-1), acc.flatten(2).mean(-1)
+        return ce.flatten(2).mean(-1), (logits.argmax(-1) == target).float()
 
-    slot_ce, slot_acc = codes_ce(pred.slot_logits, slot_codes)
-    stats = {"loss_slots": step_mean(slot_ce, target_mask), "acc_slots": step_mean(slot_acc, target_mask)}
+    slot_ce, slot_hits = codes_ce(pred.slot_logits, slot_codes)
+    stats = {"loss_slots": step_mean(slot_ce, target_mask), "acc_slots": step_mean(slot_hits.flatten(2).mean(-1),
+                                                                                   target_mask)}
     if pred.frame_logits is not None:
-        frame_ce, frame_acc = codes_ce(pred.frame_logits, frame_codes)
+        frame_ce, frame_hits = codes_ce(pred.frame_logits, frame_codes)  # hits b t g: the learned codes, then status
+        learned = frame_hits.shape[-1] - status_vars
         stats["loss_frame"] = step_mean(frame_ce, target_mask)
-        stats["acc_frame"] = step_mean(frame_acc, target_mask)
+        stats["acc_frame"] = step_mean(frame_hits[..., :learned].mean(-1), target_mask)
+        if status_vars:
+            stats["acc_status"] = step_mean(frame_hits[..., learned:].mean(-1), target_mask)
     stats["loss_reward"] = step_mean(twohot.loss(pred.reward_logits[:, :-1], rewards[:, 1:]), target_mask)
     cont = F.binary_cross_entropy_with_logits(pred.cont_logits[:, :-1].float(), continues[:, 1:].float(),
                                               reduction="none")

@@ -21,10 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from envs import STATUS_LEVELS
 from envs.errors import UsageError
-
-
-STATUS_LEVELS = 16  # an env's status tokens take values in [0, 16): the dynamics' frame vocabulary holds that many
 
 
 def status_vars(spec: dict) -> int:

@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from envs.clevr import ATTRIBUTE_SLICES, PROPERTY_DIM as CLEVR_ELEMENT_SIZE
 from envs.errors import UsageError
 
 __all__ = [
@@ -32,10 +33,7 @@ __all__ = [
     "trim_padding",
 ]
 
-# Row layout: [x, y, z (3), size (2), material (2), shape (3), color (8), last (1)]; the data's rows
-# (`envs.clevr`), the set-prediction head and the code/property tables all follow it.
-CLEVR_ELEMENT_SIZE = 19
-ATTRIBUTE_SLICES = {"size": slice(3, 5), "material": slice(5, 7), "shape": slice(7, 10), "color": slice(10, 18)}
+# The row layout (CLEVR_ELEMENT_SIZE entries: x, y, z, the ATTRIBUTE_SLICES one-hots, the last) is `envs.clevr`'s.
 DEFAULT_AP_THRESHOLDS = (None, 1.0, 0.5, 0.25, 0.125, 0.0625)
 # The reference starts its running-best distance at this value.
 _REFERENCE_START_DISTANCE = 10000.0

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from envs.clevr import check_layout
+from envs.episodes import check_recorded_root, read_meta
 from envs.errors import DataError, UsageError
 
 from . import distributed
@@ -26,10 +27,11 @@ from .config import PretrainConfig, check_against_checkpoint, load_run_config, s
 from .losses import hungarian_huber_loss
 from .metrics import clevr_ap_table, fg_ari, setpred_accuracy
 from .perception import SetPredictor, SlotAutoencoder
-from .rundir import (MetricLogger, RunDir, evaluation_due, fixed_rng, resumed_length, restore_rng, rng_states, shown,
-                     start_run, stopped_evaluation)
+from .rundir import (MetricLogger, RunDir, evaluation_due, fixed_rng, resolve_device, resumed_length, restore_rng,
+                     rng_states, shown, start_run, stopped_evaluation)
 from .slots.vq import temperature
-from .sources import EVAL_SEED, ClevrScenes, EpisodeFrames, check_source, eval_batches, make_source, train_batches
+from .sources import (EVAL_SEED, ClevrScenes, EpisodeFrames, check_source, eval_batches, make_source, train_batches,
+                      use_clevr_root)
 from .updates import StepMeans, autocast, guarded_update, lr_factor
 from .visualize import decomposition_grid, upscale
 
@@ -287,6 +289,57 @@ def split_note(before: Optional[dict], now: dict, root: Optional[str]) -> Option
                 f"run, from before that rule, held out its last {held_was} frames)")
     return (f"{root} now holds {total} frames, the last {held} held out (at this run's last checkpoint {total_was}, the "
             f"last {held_was})")
+
+
+def evaluate_run(run_dir: str, data: Optional[str] = None, clevr_root: Optional[str] = None,
+                 split: Optional[str] = None, images: Optional[int] = None, device: str = "auto") -> dict:
+    """`run.py eval-ap`: a pretraining run's last checkpoint evaluated on `images` held-out images (default: its
+    data.eval_images) of its own data, or of episodes `data` (a frames run), or of the CLEVR v1.0 root `clevr_root`
+    (e.g. moved since training) at `split` (default: its data.eval_split). The scores, with what was evaluated on
+    ("data", "source", "split"), the run's step, task, slots and vq; notes on what it could not score go to stderr."""
+    torch_device = resolve_device(device)
+    cfg, model, state = load_run(run_dir, torch_device)
+    if data:
+        if clevr_root or split:
+            raise UsageError(f"--data and {'--clevr-root' if clevr_root else '--split'} name two datasets to "
+                             "evaluate on: pass one (--split picks a split of a CLEVR root)")
+        if cfg.data.source != "frames":
+            raise UsageError(f"--data is for a run pretrained on game frames (`run.py pretrain --data DIR`); "
+                             f"{run_dir} trained on data.source={cfg.data.source}")
+        trained, given = (state.get("frames") or {}).get("env"), read_meta(data)["env"]
+        if trained and given != trained:
+            raise DataError(f"{data} holds {given} episodes; {run_dir} was trained on {trained} frames")
+        cfg.data.root = data
+    elif cfg.data.source == "frames" and not clevr_root:
+        check_recorded_root(cfg.data.root, run_dir, "pass --data DIR")
+    if split and not clevr_root and cfg.data.source != "clevr":
+        raise UsageError(f"--split picks a split of a CLEVR v1.0 root and {run_dir} trained on "
+                         f"data.source={cfg.data.source}: pass --clevr-root DIR too")
+    if clevr_root or cfg.data.source == "clevr":
+        use_clevr_root(cfg, clevr_root, run_dir, split)
+    if split:
+        cfg.data.eval_split = split
+    n = images or cfg.data.eval_images
+    result = evaluate(model, cfg, torch_device, n, batches=eval_batches(cfg, torch_device, n))
+    source = {"generated": "generated scenes", "clevr": f"CLEVR {cfg.data.root} split {cfg.data.eval_split}, scenes "
+                                                        f"of {cfg.data.min_objects}-{cfg.data.max_objects} objects",
+              "frames": f"held-out frames of {cfg.data.root}"}.get(cfg.data.source, cfg.data.source)
+    result.update(step=state["step"], data=source, source=cfg.data.source, split=cfg.data.eval_split, task=cfg.task,
+                  slots=cfg.model.slots, vq=cfg.model.vq.enabled)
+    if cfg.task == "discovery" and "fg_ari" not in result:
+        why = ("game frames come without them" if cfg.data.source == "frames" else
+               "real CLEVR ships none; `run.py generate` writes them under masks/")
+        print(f"note: no FG-ARI: {result['data']} hold no instance masks ({why}), so only the reconstruction is "
+              "scored", file=sys.stderr)
+    if cfg.data.source == "frames" and not data:  # the run's own dataset: its held-out frames as it recorded them?
+        held = EpisodeFrames(cfg, "eval", torch_device)
+        note = split_note(state.get("frames"), {"split": held.split, "held_out_by": held.held_out_by}, cfg.data.root)
+        if note:
+            print(f"note: {note}: evaluated on the new split", file=sys.stderr)
+    if images and result["images"] < n:
+        print(f"note: {result['data']} hold {result['images']} images, fewer than the {n} asked for: evaluated on "
+              "those", file=sys.stderr)
+    return result
 
 
 def load_run(run_dir: str, device: torch.device) -> tuple[PretrainConfig, nn.Module, dict]:

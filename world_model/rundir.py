@@ -111,9 +111,7 @@ class RunDir:
         earlier run. Resume: it must hold a checkpoint. Never a file or an episode dataset, and no other live process
         may be training in it (`train.pid`)."""
         run = cls(path)
-        check_folder(run.path, "--run-dir", RunDirError)
-        if is_dataset(run.path):
-            raise RunDirError(f"{run.path} is an episode dataset (meta.json, episodes/); choose another --run-dir")
+        check_run_folder(run.path)
         if not resume and distributed.is_main():  # rank 0: the others could see its first files being written
             run._check_foreign()
         if distributed.is_main():  # rank 0 only: under torchrun, the others could see its fresh claim
@@ -124,7 +122,7 @@ class RunDir:
                 raise RunDirError(f"{log} is a {'folder' if log.is_dir() else 'special file'}, not the log the run "
                                   "appends to: move it away and resume")
         if resume and not run.ckpt_path.is_file():
-            stale = run._leftovers()
+            stale = run.leftovers()
             fix = (f"it holds {', '.join(stale)} of a run that stopped before its first checkpoint: remove "
                    f"{run.path} and start a new run" if stale else "start a new run without --resume")
             raise RunDirError(f"cannot resume: no checkpoint at {run.ckpt_path}; {fix}")
@@ -137,7 +135,7 @@ class RunDir:
             raise RunDirError(f"run directory {run.path} already holds a checkpoint{whose}; {resume_it} continues it, "
                               "or choose another --run-dir")
         if distributed.is_main() and not resume:  # rank 0 only: under torchrun, the others could see its fresh logs
-            stale = run._leftovers()
+            stale = run.leftovers()
             if stale:
                 raise RunDirError(f"{run.path} holds {', '.join(stale)} of a run that stopped before its first "
                                   "checkpoint; remove them or choose another --run-dir")
@@ -174,7 +172,7 @@ class RunDir:
         """Whether the directory holds anything a run writes (config, checkpoint, claim, logs)."""
         return any((self.path / name).exists() for name in ("config.yaml", "checkpoints", "train.pid", *self.LOGS))
 
-    def _leftovers(self) -> list[str]:
+    def leftovers(self) -> list[str]:
         """The logs a run writes before its first checkpoint, where there is none."""
         return [name for name in self.LOGS if (self.path / name).exists()]
 
@@ -219,6 +217,9 @@ class RunDir:
         """The checkpoint, with one-line errors when it is missing, damaged, or lacks any of `keys` (what the
         command reads: another command's checkpoint copied in, say)."""
         if not self.ckpt_path.is_file():
+            if self.config_path.is_file():  # a run that has not reached its first checkpoint, or stopped before it
+                raise RunDirError(f"{self.path} has no checkpoint yet: a run writes its first at train.ckpt_every "
+                                  "steps or its first evaluation")
             raise RunDirError(f"no checkpoint at {self.ckpt_path}: is {self.path} a run directory?")
         try:
             state = torch.load(self.ckpt_path, map_location=map_location, weights_only=False)
@@ -249,6 +250,13 @@ _CLAIMED: list[RunDir] = []  # run directories this process claimed and has not 
 def is_dataset(path: Path) -> bool:
     """An episode dataset of `run.py collect` (meta.json beside episodes/)."""
     return (path / "meta.json").is_file() and (path / "episodes").is_dir()
+
+
+def check_run_folder(path: str | Path) -> None:
+    """A --run-dir must be a folder (or one that can be made) and not an episode dataset."""
+    check_folder(path, "--run-dir", RunDirError)
+    if is_dataset(Path(path)):
+        raise RunDirError(f"{path} is an episode dataset (meta.json, episodes/); choose another --run-dir")
 
 
 def check_out_dir(out: str | Path) -> Path:

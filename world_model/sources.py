@@ -15,14 +15,15 @@ import torch.nn.functional as F
 
 from envs.clevr import ClevrDataset, SceneGenerator
 from envs.errors import DataError, UsageError
-from envs.episodes import check_recorded_root, held_out_episodes, load_frames, more_episodes_command, read_meta
+from envs.episodes import (check_recorded_root, episode_paths, held_out_episodes, load_frames, more_episodes_command,
+                           read_meta)
 
 from . import distributed
 from .config import PretrainConfig
 from .rundir import mixed_seed
 
 TRAIN_STREAM, EVAL_STREAM, POOL_STREAM, SHARD_STREAM = 0, 1, 2, 3
-EVAL_SEED = 2024  # held-out generated scenes are the same for every run, whatever its training seed
+EVAL_SEED = 2024  # held-out generated scenes and evaluation slot noise are the same for every run, whatever its seed
 EVAL_CHUNK = 64
 
 
@@ -128,8 +129,11 @@ def check_source(cfg: PretrainConfig) -> None:
         raise UsageError("data.source=frames needs data.root=DIR (or --data DIR) made by `run.py collect`")
     if d.source == "frames" and cfg.task != "discovery":
         raise UsageError("env frames have no object labels: pretrain on them with task=discovery")
-    if d.source == "frames":
-        read_meta(d.root)  # an episode dataset, or a one-line error before the run prints its config
+    if d.source == "frames":  # an episode dataset of 2 or more episodes, or a one-line error before the config prints
+        read_meta(d.root)
+        if len(episode_paths(d.root)) < 2:  # (none: its own error) an evaluation on no frames would score perfectly
+            raise DataError(f"{d.root} holds 1 episode: pretraining needs at least 2, the last ones held out for "
+                            f"evaluation; collect more into it with {more_episodes_command(d.root)}")
 
 
 def _share(indices: np.ndarray, sharded: bool) -> np.ndarray:
@@ -211,9 +215,6 @@ class EpisodeFrames:
         self.sharded = sharded
         check_source(cfg)
         frames, lengths = _dataset_frames(str(Path(d.root).resolve()))
-        if len(lengths) < 2:  # an evaluation on no frames would report a perfect score
-            raise DataError(f"{d.root} holds 1 episode: pretraining needs at least 2, the last ones held out for "
-                            f"evaluation; collect more into it with {more_episodes_command(d.root)}")
         n_eval = sum(lengths[len(lengths) - held_out_episodes(lengths, d.eval_fraction):])
         self.frames = frames[len(frames) - n_eval:] if split == "eval" else frames[:len(frames) - n_eval]
         self.env = read_meta(d.root)["env"]

@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,9 +35,10 @@ from .updates import StepMeans, autocast, guarded_update, lr_factor
 from .perception import SlotAutoencoder
 from .rundir import (MetricLogger, RunDir, check_out_dir, evaluation_due, fixed_rng, resumed_length, resolve_device,
                      rng_state, set_rng_state, shown, start_run, stopped_evaluation)
+from .visualize import prediction_grid, save_png
 from .wm import Encoded, WorldModel, frames_to_input
 
-EVAL_SEED = 2025
+SEGMENT_SEED = 2025  # every evaluation draws the same held-out segments, with the same sampling noise
 SEGMENT_CHUNK = 32  # held-out segments evaluated at once
 
 
@@ -95,8 +96,8 @@ def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, R
         except ValueError as e:  # wrong dtypes or lengths, as ReplayBuffer checks them
             raise DataError(f"{path} is not an episode in the layout `run.py collect` writes: {e}") from None
     if n_eval == 0:
-        raise DataError(f"{root} holds {len(paths)} episode(s): train-wm needs at least 2, the last ones held out for "
-                        f"evaluation; collect more into it with {more_episodes_command(root)}")
+        raise DataError(f"{root} holds {len(paths)} episode(s): a world model needs at least 2, the last ones held out "
+                        f"for evaluation; collect more into it with {more_episodes_command(root)}")
     if train.longest_episode() < 2:  # training segments are padded past episode ends, but need one target
         raise DataError(f"{root}: the training episodes are single steps; a world model learns from two or more")
     length, keys = cfg.eval.context + max(cfg.eval.horizons), "eval.context + max(eval.horizons)"
@@ -158,7 +159,9 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
     else:  # a fresh encoder can only train with the world model: `enc` (and the run's config.yaml) says joint
         autoencoder, joint, enc.mode = SlotAutoencoder(enc.model, enc.resolution), True, "joint"
     if not enc.model.vq.enabled:
-        raise UsageError("the world model needs a VQ slot encoder: pretrain with model.vq.enabled=true")
+        raise UsageError(f"the world model needs a VQ slot encoder; encoder.checkpoint={enc.checkpoint} was pretrained "
+                         "without one: pretrain with model.vq.enabled=true" if enc.checkpoint else
+                         "the world model needs a VQ slot encoder: encoder.model.vq.enabled=false would give it none")
     status, frame_vars, frame_codes = frame_token_size(frame, status_vars)
     derived = dict(num_slots=enc.model.num_slots, num_vars=enc.model.vq.num_vars, num_codes=enc.model.vq.num_codes,
                    frame_vars=frame_vars, frame_codes=frame_codes, num_actions=num_actions)
@@ -205,50 +208,86 @@ def to_batch(sample: dict, resolution: int, device: torch.device) -> dict:
 
 OPEN_LOOP_COLUMNS = ("code_acc", "code_acc_copy", "frame_mse", "frame_mse_copy_decoded", "frame_mse_copy",
                      "frame_mse_decoder_floor", "reward_mae", "reward_mae_zero", "status_acc", "status_acc_copy")
+OPEN_LOOP_LEGEND = """\
+code_acc: % of the imagined slot codes equal to the real frame's; frame_mse: the imagined codes decoded vs the real
+frame (pixels in [0, 1]), no lower than frame_mse_decoder_floor, the real codes decoded; reward_mae: predicted vs
+real reward; status_acc: % of the status tokens right. The baselines: *_copy repeats the last context frame (its
+codes, its picture, its status; _decoded: through the decoder), reward_mae_zero predicts 0."""
 
 
 def open_loop_table(result: dict) -> str:
-    """`evaluate_wm`'s metrics as a table: a row per horizon, a column per metric with its baselines beside it."""
+    """`evaluate_wm`'s metrics as a table: a row per horizon, a column per metric with its baselines beside it; then,
+    for an env with status tokens, each token's accuracy (%) per horizon."""
     horizons = sorted({int(k[1:].split("/")[0]) for k in result if k.startswith("h") and "/" in k})
-    cols = [c for c in OPEN_LOOP_COLUMNS if f"h{horizons[0]}/{c}" in result] if horizons else []
-    rows = [f"{'horizon':>7} " + " ".join(f"{c:>{max(10, len(c))}}" for c in cols)]
-    rows += [f"{h:>7} " + " ".join(f"{result.get(f'h{h}/{c}', math.nan):>{max(10, len(c))}.4f}" for c in cols)
-             for h in horizons]  # a value the logs left out (non-finite) shows as nan
+    first = f"h{horizons[0]}/" if horizons else "-"
+    cols = [c for c in OPEN_LOOP_COLUMNS if first + c in result]
+    tokens = [k.removeprefix(first + "status_acc_") for k in result
+              if k.startswith(first + "status_acc_") and k != first + "status_acc_copy"]
+    text = _horizon_rows(result, horizons, cols, cols, ".4f")
+    if tokens:
+        text += "\nstatus tokens, accuracy (%):\n" + _horizon_rows(result, horizons, [f"status_acc_{t}" for t in tokens],
+                                                                    tokens, ".1f")
+    return text
+
+
+def _horizon_rows(result: dict, horizons: list, keys: list, names: list, form: str) -> str:
+    """A header of `names`, then a row per horizon of result[h<h>/<key>] (nan for a value the logs left out)."""
+    widths = [max(10, len(n)) for n in names]
+    rows = [f"{'horizon':>7} " + " ".join(f"{n:>{w}}" for n, w in zip(names, widths))]
+    rows += [f"{h:>7} " + " ".join(f"{result.get(f'h{h}/{k}', math.nan):>{w}{form}}" for k, w in zip(keys, widths))
+             for h in horizons]
     return "\n".join(rows)
 
 
 @torch.no_grad()
 def evaluate_wm(wm: WorldModel, held_out: ReplayBuffer, cfg: WorldModelConfig, device: torch.device,
-                segments: Optional[int] = None, video: bool = False, progress: bool = False) -> dict:
+                segments: Optional[int] = None, video: bool = False, progress: bool = False,
+                status_names: Sequence[str] = ()) -> dict:
     """Open-loop prediction on held-out segments: slot-code accuracy, decoded-frame MSE and reward error at
-    each horizon (and the status tokens' accuracy, for an env that gives them), beside copying the last context
-    frame (its codes; its picture, raw and through the same decoder; reward 0) and the decoder's own error on the
-    real codes. The segments go through in chunks of SEGMENT_CHUNK, so memory does not grow with their number."""
+    each horizon (and the status tokens' accuracy, for an env that gives them: all, and each token's under its
+    name in `status_names`, by default `token<j>`), beside copying the last context frame (its codes; its picture,
+    raw and through the same decoder; reward 0) and the decoder's own error on the real codes. The segments go
+    through in chunks of SEGMENT_CHUNK, so memory does not grow with their number."""
     c = cfg.eval
     n = segments or c.segments
-    drawn = held_out.sample(n, c.context + max(c.horizons), np.random.default_rng(EVAL_SEED))  # b t ...
-    sums, video_frames = {}, None
+    drawn = held_out.sample(n, c.context + max(c.horizons), np.random.default_rng(SEGMENT_SEED))  # b t ...
+    sums, first = {}, None
     was_training = wm.training
     wm.eval()
-    with fixed_rng(EVAL_SEED, device):
+    with fixed_rng(SEGMENT_SEED, device):
         for start in tqdm(range(0, n, SEGMENT_CHUNK), desc="evaluating open-loop prediction", unit="chunk",
                           disable=not progress, leave=False):
             batch = to_batch({k: v[start:start + SEGMENT_CHUNK] for k, v in drawn.items()}, wm.resolution, device)
-            scores, pictures = _open_loop_scores(wm, batch, c, video and start == 0)
+            scores, frames = _open_loop_scores(wm, batch, c, video and start == 0, status_names)
             size = len(batch["action"])
             for key, value in scores.items():  # per-chunk means over equal-sized segments: weighted by segments
                 sums[key] = sums.get(key, 0.0) + value * size
-            if pictures is not None:
-                video_frames = pictures
+            first = frames if frames is not None else first
     wm.train(was_training)
     result: dict = {"segments": n, **{key: total / n for key, total in sums.items()}}
-    if video:
-        result["_video"] = video_frames
+    if video:  # the first segment: a video of every step, a picture of every 4th from the last context frame
+        real, decoded, imagined = first  # t 3 r r; decoded and imagined from the last context frame on
+        result["_video"] = side_by_side(real, decoded[1:], imagined, c.context)
+        rows = slice(None, None, 4)
+        result["_picture"] = prediction_grid(real[c.context - 1:][rows], decoded[rows],
+                                             torch.cat([torch.ones_like(real[:1]), imagined])[rows])
     return result
 
 
-def _open_loop_scores(wm: WorldModel, batch: dict, c, video: bool) -> tuple[dict, Optional[np.ndarray]]:
-    """`evaluate_wm`'s scores of one chunk of segments (means over it), and its first segment's video if asked."""
+def status_names(env: str) -> tuple[str, ...]:
+    """The names of an env's status tokens, for their per-token scores: NetHack's bottom line; () for an env
+    without them."""
+    if env != "nethack":
+        return ()
+    from envs.nethack import STATUS_NAMES  # NLE is there: the episodes are NetHack's
+
+    return STATUS_NAMES
+
+
+def _open_loop_scores(wm: WorldModel, batch: dict, c, video: bool, status_names: Sequence[str] = ()
+                      ) -> tuple[dict, Optional[tuple]]:
+    """`evaluate_wm`'s scores of one chunk of segments (means over it), and if asked its first segment's frames: real
+    `t 3 r r`, and from the last context frame on, decoded from their codes and (after it) imagined."""
     horizon = max(c.horizons)
     enc: Encoded = wm.encode(batch["images"], batch.get("status"))
     imag = wm.open_loop(enc, batch["action"], c.context, horizon)
@@ -275,10 +314,13 @@ def _open_loop_scores(wm: WorldModel, batch: dict, c, video: bool) -> tuple[dict
         result[f"h{hz}/reward_mae_zero"] = float(reward[:, i].abs().mean())
         if wm.status_vars:  # the env's status tokens (NetHack's bottom line), the last frame codes
             status, real_status = (codes[:, :, -wm.status_vars:] for codes in (imag["frame_codes"], enc.frame_codes))
-            result[f"h{hz}/status_acc"] = float((status[:, i] == real_status[:, c.context + i]).float().mean() * 100)
+            hits = (status[:, i] == real_status[:, c.context + i]).float()  # b m
+            result[f"h{hz}/status_acc"] = float(hits.mean() * 100)
             result[f"h{hz}/status_acc_copy"] = float(
                 (real_status[:, c.context - 1] == real_status[:, c.context + i]).float().mean() * 100)
-    return result, side_by_side(batch["images"][0], floor[0], imagined[0], c.context) if video else None
+            names = status_names or [f"token{j}" for j in range(wm.status_vars)]
+            result.update({f"h{hz}/status_acc_{name}": float(acc) for name, acc in zip(names, hits.mean(0) * 100)})
+    return result, (batch["images"][0], torch.cat([last_decoded[0], floor[0]]), imagined[0]) if video else None
 
 
 def side_by_side(real: torch.Tensor, floor: torch.Tensor, imagined: torch.Tensor, context: int) -> np.ndarray:
@@ -352,12 +394,11 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
                              "status_vars": wm.status_vars})
 
     def evaluate(at: int) -> dict:
-        """Evaluate on the held-out episodes; log the scalars and a real | decoded | imagined strip."""
+        """Evaluate on the held-out episodes; log the scalars and the real | decoded | imagined picture."""
         with shown(bar, "evaluating on held-out segments"):
-            result = evaluate_wm(wm, held_out, cfg, device, video=True)
-        frames = result.pop("_video")[cfg.eval.context - 1::4]  # every 4th step from the last context frame
-        strip = torch.from_numpy(np.concatenate(frames, 0)).permute(2, 0, 1) / 255  # 3 H W
-        logger.image(at, "wm/real_decoded_imagined", strip)
+            result = evaluate_wm(wm, held_out, cfg, device, video=True, status_names=status_names(meta["env"]))
+        result.pop("_video")
+        logger.image(at, "wm/real_decoded_imagined", result.pop("_picture"))
         logger.scalars(at, result, prefix="eval/")
         bar.write(f"step {at}: open-loop prediction on held-out segments\n{open_loop_table(result)}")
         return result
@@ -455,10 +496,14 @@ def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] 
         print(f"note: {cfg.data.root}'s held-out split moved since this run trained (the last "
               f"{len(split_meta['held_out'])} episodes now): {', '.join(seen[:3])}{' ...' if len(seen) > 3 else ''} "
               "may have been trained on", file=sys.stderr)
-    result = evaluate_wm(wm, held_out, cfg, dev, segments=segments, video=True, progress=progress)
-    out_dir = check_out_dir(out) if out else Path(checkpoint) / "eval_wm"
+    result = evaluate_wm(wm, held_out, cfg, dev, segments=segments, video=True, progress=progress,
+                         status_names=status_names(meta["env"]))
+    # another dataset's evaluation goes beside the run's own, not over it
+    out_dir = check_out_dir(out) if out else Path(checkpoint) / (f"eval_wm_{Path(data).resolve().name}" if data else "eval_wm")
     out_dir.mkdir(parents=True, exist_ok=True)
     result["video"] = str(write_video(result.pop("_video"), out_dir / "real_vs_imagined"))
+    save_png(result.pop("_picture"), out_dir / "real_decoded_imagined.png")
+    result["picture"] = str(out_dir / "real_decoded_imagined.png")
     result["step"] = state["step"]
     atomic_write(out_dir / "eval_wm.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
     return result

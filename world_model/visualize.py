@@ -88,6 +88,18 @@ def labeled(grid: torch.Tensor, labels: list[str], side: int, pad: int = 2) -> t
     return torch.cat([header, grid.cpu()], 1)
 
 
+PREDICTION_COLUMNS = ["real", "decoded", "imagined"]
+
+
+def prediction_grid(real: torch.Tensor, decoded: torch.Tensor, imagined: torch.Tensor) -> torch.Tensor:
+    """The `wm/real_decoded_imagined` picture of train-wm, eval-wm and the agent alike: a row per time step, its real
+    frame | that frame's codes decoded | the dynamics' open-loop prediction of it (white where the model was given
+    the frame), under a strip naming the columns. Each `t 3 r r` in [0, 1]; returns `3 H W`."""
+    side = real.shape[-1]
+    rows = torch.stack([real, decoded, imagined], 1).flatten(0, 1).float().cpu().clamp(0, 1)  # (t 3) 3 r r
+    return labeled(upscale(tile(rows, nrow=len(PREDICTION_COLUMNS)), side), PREDICTION_COLUMNS, side)
+
+
 def save_png(image: torch.Tensor, path) -> None:
     """`3 h w` in [0, 1] -> PNG file."""
     from PIL import Image

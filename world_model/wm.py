@@ -148,7 +148,7 @@ class WorldModel(nn.Module):
         pred = self.dynamics(enc.slot_codes, enc.frame_codes, actions)
         continues = 1.0 - batch["is_terminal"].float()
         loss, stats = dynamics_loss(pred, enc.slot_codes, enc.frame_codes, batch["reward"].float(), continues, valid,
-                                     targets_n)
+                                     targets_n, self.status_vars)
         if valid is not None:  # the share of replayed steps that are real, not padding past an episode's end
             stats["valid_frac"] = valid.float().mean()
         if self.frame_tokenizer is not None:
