@@ -24,12 +24,12 @@ EPILOG = """examples:
   python run.py eval-ap --checkpoint runs/tiny --images 2000
   python run.py generate --out data/clevr_like --images 100                # 480x320 scenes: seconds each on a CPU
   python run.py collect --env crafter --frames 20000 --out data/crafter --workers 2
-  python run.py pretrain --data data/crafter --run-dir runs/crafter_slots
-  python run.py visualize --checkpoint runs/crafter_slots --env crafter --frames 16 --out viz/crafter
+  python run.py pretrain --data data/crafter --run-dir runs/slots
+  python run.py visualize --checkpoint runs/slots --env crafter --frames 16 --out viz/crafter
   python run.py visualize --checkpoint runs/vq_setpred --codes --out viz/codes
-  python run.py train-wm --data data/crafter --run-dir runs/wm encoder.checkpoint=runs/crafter_slots
+  python run.py train-wm --data data/crafter --run-dir runs/wm encoder.checkpoint=runs/slots
   python run.py eval-wm --checkpoint runs/wm
-  python run.py train --config crafter_cpu --run-dir runs/agent encoder.checkpoint=runs/crafter_slots encoder.mode=frozen
+  python run.py train --config crafter_cpu --run-dir runs/agent encoder.checkpoint=runs/slots encoder.mode=frozen
   python run.py train --resume runs/agent
   python run.py eval --checkpoint runs/agent --episodes 20                 # --policy random: the baseline
   python run.py config --for train --config crafter_cpu                    # the resolved config, every key
@@ -231,7 +231,7 @@ def cmd_pretrain(args) -> None:
     overrides = list(args.overrides)
     if args.data:
         overrides = _frames_overrides(args.data, overrides)
-        if args.config:
+        if args.config and not args.resume:  # (--config with --resume is refused)
             _note_frames_preset(args.config, overrides)
     preset = FRAMES_PRESET if args.data else DEFAULT_PRESETS["pretrain"]
     _run_training(args, preset, overrides, lambda c: f"pretrain-{c.task}-{c.model.slots}", pretrain,
@@ -254,10 +254,13 @@ def _frames_overrides(data: str, overrides: list) -> list:
 def _note_frames_preset(preset: str, overrides: list) -> None:
     """`pretrain --data DIR --config PRESET`: say what of a preset made for CLEVR changes or is missing on game frames
     (its set-prediction task becomes discovery; without VQ codes the encoder cannot serve a world model)."""
+    from world_model import distributed
     from world_model.config import PretrainConfig, load_config
 
     own = load_config(PretrainConfig, preset, [])
     final = load_config(PretrainConfig, preset, overrides)
+    if not distributed.is_main():  # under torchrun, one process says it
+        return
     if own.task != "discovery":
         print(f"note: {preset} sets task={own.task}; game frames have no property targets, so --data trains object "
               "discovery", file=sys.stderr)
@@ -280,7 +283,7 @@ def cmd_eval_ap(args) -> None:
                           images=args.images, device=args.device)
     # the run's own evaluation, a real-CLEVR one and one on another episode dataset are kept side by side
     default = (f"eval_ap_clevr_{result['split']}.json" if result["source"] == "clevr" else
-               f"eval_ap_{Path(args.data).resolve().name}.json" if args.data else "eval_ap.json")
+               f"eval_ap_data_{Path(os.path.abspath(args.data)).name}.json" if args.data else "eval_ap.json")
     out = Path(args.out) if args.out else Path(args.checkpoint) / default
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -362,6 +365,7 @@ def _check_encoder(cfg, overrides: list, resume) -> None:
     from omegaconf import OmegaConf
 
     from envs.errors import UsageError
+    from world_model import distributed
     from world_model.config import load_run_config
 
     typed = [o for o in overrides if o.split("=", 1)[0] == "encoder.mode"]
@@ -378,9 +382,9 @@ def _check_encoder(cfg, overrides: list, resume) -> None:
         if mine != functools.reduce(getattr, path[2:], theirs[".".join(path[:2])]):
             raise UsageError(f"{typed_key}={mine} would not apply: encoder.checkpoint={cfg.encoder.checkpoint} sets "
                              "the encoder (its model and resolution) otherwise; drop it, or pretrain an encoder with it")
-    if not typed and cfg.encoder.mode == "joint":
-        print("note: encoder.mode=joint (the preset's) fine-tunes the pretrained encoder with the world model, several "
-              "times slower per update than encoder.mode=frozen", file=sys.stderr)
+    if not typed and cfg.encoder.mode == "joint" and distributed.is_main():  # under torchrun, one process says it
+        print("note: encoder.mode=joint (not typed: the preset's or the default) fine-tunes the pretrained encoder with "
+              "the world model, several times slower per update than encoder.mode=frozen", file=sys.stderr)
 
 
 def cmd_eval_wm(args) -> None:
@@ -485,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "fixed chunks of 64, so a result does not depend on how it is run)")
     s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
     s.add_argument("--out", help="JSON file for the results (default RUN/eval_ap.json; on a CLEVR split on disk "
-                   "RUN/eval_ap_clevr_<split>.json; with --data DIR, RUN/eval_ap_<DIR's name>.json)")
+                   "RUN/eval_ap_clevr_<split>.json; with --data DIR, RUN/eval_ap_data_<DIR's name>.json)")
     s.set_defaults(func=cmd_eval_ap, parser=s)
 
     s = sub.add_parser("generate", help="write procedurally generated CLEVR-like scenes to disk (CLEVR layout)",
@@ -564,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", required=True, help="run directory made by `run.py train-wm`")
     s.add_argument("--data", help="episode dataset (default: the run's data.root); its held-out episodes are used")
     s.add_argument("--segments", type=int, help="held-out segments (default eval.segments)")
-    s.add_argument("--out", help="output directory (default RUN/eval_wm; with --data DIR, RUN/eval_wm_<DIR's name>)")
+    s.add_argument("--out", help="output directory (default RUN/eval_wm; with --data DIR, RUN/eval_wm_data_<DIR's name>)")
     s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
     s.set_defaults(func=cmd_eval_wm, parser=s)
 
@@ -743,7 +747,8 @@ def _way_back(args) -> str:
     if not Path(run_dir).exists():  # the run made it and left nothing in it (RunDir.release removed it)
         return f"; it stopped before writing anything to {run_dir}, so there is nothing to resume or remove"
     if not RunDir(run_dir).ckpt_path.is_file():  # a new run there refuses the logs of this one, not its config.yaml
-        again = "remove it to start again" if RunDir(run_dir).leftovers() else "the same command starts it again"
+        again = ("remove it to start again" if RunDir(run_dir).leftovers() else
+                 f"the same command with --run-dir {run_dir} starts it again")
         return f"; {run_dir} has no checkpoint yet (train.ckpt_every), so there is nothing to resume: {again}"
     ckpt = RunDir(run_dir).ckpt_path
     # a --new-replay run stopped before its own first checkpoint: the one it resumed still names the lost replay

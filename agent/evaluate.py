@@ -98,8 +98,9 @@ def log_keys(summary: dict, env: str, prefix: str) -> dict:
 
 
 def stats_scores(path: Path, env: str, prefix: str) -> dict:
-    """The logged benchmark numbers of the episodes in a stats file ({} while it holds none): over all of them (Crafter's
-    benchmark score is defined so), and the mean return and score of the last RECENT_EPISODES, the learning curve."""
+    """The logged benchmark numbers of the episodes in a stats file ({} while it holds none): over all of them
+    (Crafter's benchmark score is defined so), and the mean return and score of the last RECENT_EPISODES, the
+    learning curve."""
     if not path.is_file() or path.stat().st_size == 0:
         return {}
     records = read_records(path)

@@ -4,6 +4,7 @@ with gymnasium (the games themselves are imported only when an env is made)."""
 import gymnasium as gym
 
 STATUS_LEVELS = 16  # an env's status tokens (obs["status"]) are in [0, 16); the world model's frame codes hold as many
+STATUS_NAMES = {"nethack": ("hp", "energy", "hunger", "encumbrance", "depth", "level", "ac")}  # each env's, in order
 
 if "slotworld/Crafter-v0" not in gym.registry:
     gym.register(id="slotworld/Crafter-v0", entry_point="envs.crafter:CrafterEnv")

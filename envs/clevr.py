@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import itertools
 import math
 import re
 from dataclasses import dataclass, field
@@ -51,23 +50,13 @@ from PIL import Image
 from .atomic import atomic_write, check_folder
 from .clevr_render import (CAMERA_LOCATION, CAMERA_ROTATION, CROP_WINDOW, FRAME_H, FRAME_W, LIGHT_LOCATIONS, Grid,
                            Scene, project_to_frame, render, srgb_to_linear)
+from .clevr_layout import ATTRIBUTES, COLORS, MATERIALS, MAX_OBJECTS, PROPERTY_DIM, SHAPES, SIZES
 from .errors import DataError, UsageError
 
-SHAPES = ("cube", "sphere", "cylinder")
-SIZES = ("small", "large")
-MATERIALS = ("rubber", "metal")
-COLORS = ("gray", "blue", "brown", "yellow", "red", "green", "purple", "cyan")  # one-hot order
 COLOR_RGB = {
     "gray": (87, 87, 87), "red": (173, 35, 35), "blue": (42, 75, 215), "green": (29, 105, 20),
     "brown": (129, 74, 25), "purple": (129, 38, 192), "cyan": (41, 208, 208), "yellow": (255, 238, 51),
 }
-MAX_OBJECTS = 10
-# Property row layout, `19`: [x, y, z, size (2), material (2), shape (3), color (8), real flag]. The data's targets, the
-# set-prediction head, the AP metric and the code/property tables all read it from here.
-ATTRIBUTES = {"size": SIZES, "material": MATERIALS, "shape": SHAPES, "color": COLORS}  # one-hot blocks, in row order
-_ENDS = list(itertools.accumulate((len(values) for values in ATTRIBUTES.values()), initial=3))
-ATTRIBUTE_SLICES = {name: slice(a, b) for name, a, b in zip(ATTRIBUTES, _ENDS, _ENDS[1:])}
-PROPERTY_DIM = _ENDS[-1] + 1
 
 SIZE_RADIUS = {"small": 0.35, "large": 0.7}
 CLEVR_MIN_PIXELS = 200  # CLEVR's min visible pixels per object at 480x320

@@ -38,7 +38,7 @@ import numpy as np
 from nle import nethack
 from nle.env import tasks
 
-from . import STATUS_LEVELS
+from . import STATUS_LEVELS, STATUS_NAMES
 from .actions import checked_action
 from .errors import UsageError
 from .jsonl import read_records
@@ -49,8 +49,7 @@ MAP_SHAPE = nethack.DUNGEON_SHAPE  # (21, 79)
 PAD_GLYPH = nethack.GLYPH_CMAP_OFF  # S_stone: black tile
 N_STATS = nethack.NLE_BLSTATS_SIZE  # 27
 DEATHS_LISTED = 5  # causes of death a summary counts, the most frequent first
-STATUS_NAMES = ("hp", "energy", "hunger", "encumbrance", "depth", "level", "ac")  # the status tokens, in order
-STATUS_VARS = len(STATUS_NAMES)
+STATUS_VARS = len(STATUS_NAMES["nethack"])  # hit points, energy, hunger, encumbrance, depth, level, armour class
 _TOP = STATUS_LEVELS - 1
 _HP, _HP_MAX, _ENERGY, _ENERGY_MAX = nethack.NLE_BL_HP, nethack.NLE_BL_HPMAX, nethack.NLE_BL_ENE, nethack.NLE_BL_ENEMAX
 _HUNGER, _CAP, _DEPTH, _XP, _AC = (nethack.NLE_BL_HUNGER, nethack.NLE_BL_CAP, nethack.NLE_BL_DEPTH, nethack.NLE_BL_XP,

@@ -392,7 +392,9 @@ def test_target_rows_follow_the_layout_the_metrics_and_the_head_read():
 
     obj = {"3d_coords": [1.5, -3.0, 0.7], "size": "small", "material": "metal", "shape": "cylinder", "color": "cyan"}
     row = scenes_to_targets([{"objects": [obj]}])[0, 0]
-    assert PROPERTY_DIM == CLEVR_ELEMENT_SIZE == len(row)
+    assert PROPERTY_DIM == CLEVR_ELEMENT_SIZE == len(row) == 19  # pinned: trained heads and checkpoints rely on it
+    assert ATTRIBUTE_SLICES == {"size": slice(3, 5), "material": slice(5, 7), "shape": slice(7, 10),
+                                "color": slice(10, 18)}
     assert row[:3].tolist() == pytest.approx([0.75, 0.0, 3.7 / 6])  # (coords + 3) / 6
     values = {"size": SIZES, "material": MATERIALS, "shape": SHAPES, "color": COLORS}
     for name, where in ATTRIBUTE_SLICES.items():

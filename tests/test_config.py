@@ -110,7 +110,8 @@ def test_encoder_settings_typed_beside_a_checkpoint_are_refused_and_a_fine_tuned
             run._check_encoder(cfg, [given, typed], False)
     same = ["encoder.resolution=48", "encoder.model.num_slots=5"]
     run._check_encoder(load_config(AgentConfig, None, [given, *same]), [given, *same], False)
-    assert "note: encoder.mode=joint (the preset's) fine-tunes the pretrained encoder" in capsys.readouterr().err
+    assert "note: encoder.mode=joint (not typed: the preset's or the default) fine-tunes the pretrained encoder" in \
+        capsys.readouterr().err
     cfg = load_config(AgentConfig, None, [given])
     run._check_encoder(cfg, [given, "encoder.mode=joint"], False)
     run._check_encoder(cfg, ["encoder.resolution=32"], True)

@@ -373,7 +373,8 @@ def test_a_frames_run_resumes_on_the_same_game_and_notes_a_moved_split(tmp_path,
     assert "--data and --clevr-root name two datasets" in capsys.readouterr().err
     own = (tmp_path / "r" / "eval_ap.json").read_text()  # another dataset's evaluation goes beside it, not over it
     assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "r"), "--data", str(tmp_path / "a2")]) == 0
-    assert json.loads((tmp_path / "r" / "eval_ap_a2.json").read_text())["data"] == f"held-out frames of {tmp_path / 'a2'}"
+    assert json.loads((tmp_path / "r" / "eval_ap_data_a2.json").read_text())["data"] == \
+        f"held-out frames of {tmp_path / 'a2'}"
     assert (tmp_path / "r" / "eval_ap.json").read_text() == own
     # a CLEVR set-prediction preset on game frames: trained as discovery, and said so; its missing VQ codes too
     capsys.readouterr()
@@ -483,7 +484,8 @@ def test_ctrl_c_is_one_line_with_the_way_back(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pt, "pretrain", interrupted_after_its_config)
     argv = ["pretrain", "--run-dir", str(tmp_path / "cfg"), "--no-progress", *TINY, "train.steps=1"]
     assert run.main(argv) == 130
-    assert capsys.readouterr().err.strip().endswith("so there is nothing to resume: the same command starts it again")
+    assert capsys.readouterr().err.strip().endswith(f"so there is nothing to resume: the same command with --run-dir "
+                                                    f"{tmp_path / 'cfg'} starts it again")
     monkeypatch.setattr(pt, "pretrain", real)
     assert run.main(argv) == 0  # as said
 

@@ -363,7 +363,7 @@ def test_a_run_resumes_from_anywhere_after_its_inputs_move(tmp_path, monkeypatch
     assert "does not exist; if it moved, pass --data DIR" in capsys.readouterr().err
     assert run.main(["eval-wm", "--checkpoint", "../wm", "--out", "e2", "--segments", "2", "--data", "../d3"]) == 0
     assert run.main(["eval-wm", "--checkpoint", "../wm", "--segments", "2", "--data", "../d3"]) == 0
-    assert f"written to {Path('../wm/eval_wm_d3/eval_wm.json')}" in capsys.readouterr().out  # not over RUN/eval_wm
+    assert f"written to {Path('../wm/eval_wm_data_d3/eval_wm.json')}" in capsys.readouterr().out  # not over eval_wm
     assert load_config(WorldModelConfig, tmp_path / "wm" / "config.yaml").data.root == str(tmp_path / "d2")
 
 
@@ -666,8 +666,8 @@ def test_preflight_refuses_a_dynamics_shorter_than_a_training_segment(tmp_path):
 
 
 def test_held_out_segments_are_scored_chunk_by_chunk_weighted_by_their_size(tmp_path, monkeypatch):
-    """5 segments in chunks of 2: each chunk's means weigh by its segments (2, 2, 1); the video is the first
-    chunk's; the reward baseline still matches the whole draw (every chunk is scored on its own segments)."""
+    """5 segments in chunks of 2: each chunk's means weigh by its segments (2, 2, 1); the pictured frames are the
+    first chunk's; the reward baseline still matches the whole draw (every chunk is scored on its own segments)."""
     import world_model.train_wm as train_wm
 
     cfg = wm_cfg(toy_dataset(tmp_path / "d"), "eval.segments=5")
@@ -683,10 +683,14 @@ def test_held_out_segments_are_scored_chunk_by_chunk_weighted_by_their_size(tmp_
         return {**scores, "h1/code_acc": float(len(chunks))}, pictures  # 1, 2, 3 for the three chunks
 
     monkeypatch.setattr(train_wm, "_open_loop_scores", recorded)
-    result = train_wm.evaluate_wm(wm, held, cfg, torch.device("cpu"), video=True)
+    result = train_wm.evaluate_wm(wm, held, cfg, torch.device("cpu"), frames=True)
     assert chunks == [(2, True), (2, False), (1, False)] and result["segments"] == 5
-    assert result["h1/code_acc"] == pytest.approx((1 * 2 + 2 * 2 + 3 * 1) / 5) and result["_video"] is not None
-    assert result["_video"].shape[0] == 5 and result["_picture"].shape[0] == 3  # every step; a picture
+    assert result["h1/code_acc"] == pytest.approx((1 * 2 + 2 * 2 + 3 * 1) / 5)
+    real, decoded, imagined = result["_frames"]  # the first segment's: 5 steps, decoded from the last context one on
+    assert (len(real), len(decoded), len(imagined)) == (5, 4, 3)
+    assert train_wm.prediction_video(result["_frames"], 2).shape[0] == 5  # every step
+    # every 4th step from the last context frame: 1 row of 16-pixel frames, 8x upscaled, under the names' strip
+    assert train_wm.prediction_picture(result["_frames"], 2).shape == (3, 16 + 8 * (18 + 2), 8 * (3 * 18 + 2))
     rewards = held.sample(5, 5, np.random.default_rng(2025))["reward"][:, 2:]
     assert result["h3/reward_mae_zero"] == pytest.approx(float(np.abs(rewards[:, 2]).mean()))
 

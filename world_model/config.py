@@ -15,7 +15,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from envs.clevr import MAX_OBJECTS as MAX_SCENE_OBJECTS
+from envs.clevr_layout import MAX_OBJECTS as MAX_SCENE_OBJECTS
 from envs.errors import UsageError
 
 from . import distributed

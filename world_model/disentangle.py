@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from envs.clevr import ATTRIBUTE_SLICES, ATTRIBUTES
+from envs.clevr_layout import ATTRIBUTE_SLICES, ATTRIBUTES
 from envs.errors import UsageError
 
 from .config import PretrainConfig

@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from envs.clevr import ATTRIBUTE_SLICES, PROPERTY_DIM as CLEVR_ELEMENT_SIZE
+from envs.clevr_layout import ATTRIBUTE_SLICES, PROPERTY_DIM as CLEVR_ELEMENT_SIZE
 from envs.errors import UsageError
 
 __all__ = [
@@ -33,7 +33,7 @@ __all__ = [
     "trim_padding",
 ]
 
-# The row layout (CLEVR_ELEMENT_SIZE entries: x, y, z, the ATTRIBUTE_SLICES one-hots, the last) is `envs.clevr`'s.
+# The row layout (CLEVR_ELEMENT_SIZE entries: x, y, z, the ATTRIBUTE_SLICES one-hots, the last) is `envs.clevr_layout`'s.
 DEFAULT_AP_THRESHOLDS = (None, 1.0, 0.5, 0.25, 0.125, 0.0625)
 # The reference starts its running-best distance at this value.
 _REFERENCE_START_DISTANCE = 10000.0
@@ -202,7 +202,7 @@ def clevr_average_precision(pred: Any, target: Any, distance_threshold: Optional
 
     pred: [batch, n_pred, 19], last column = confidence; target: [batch, n_tgt, 19],
     last column = real-object flag. Coordinates in [0,1] (distances are measured on
-    the [-3,3] scale). The one-hot blocks (`ATTRIBUTE_SLICES`) follow `envs.clevr`'s SIZES,
+    the [-3,3] scale). The one-hot blocks (`ATTRIBUTE_SLICES`) follow `envs.clevr_layout`'s SIZES,
     MATERIALS, SHAPES and COLORS; a prediction's attributes are its argmax in each block.
     Predictions are ranked by confidence over the whole batch (ties as the reference's
     reversed argsort orders them). A prediction's candidate is the nearest real target of

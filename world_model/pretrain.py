@@ -324,8 +324,8 @@ def evaluate_run(run_dir: str, data: Optional[str] = None, clevr_root: Optional[
     source = {"generated": "generated scenes", "clevr": f"CLEVR {cfg.data.root} split {cfg.data.eval_split}, scenes "
                                                         f"of {cfg.data.min_objects}-{cfg.data.max_objects} objects",
               "frames": f"held-out frames of {cfg.data.root}"}.get(cfg.data.source, cfg.data.source)
-    result.update(step=state["step"], data=source, source=cfg.data.source, split=cfg.data.eval_split, task=cfg.task,
-                  slots=cfg.model.slots, vq=cfg.model.vq.enabled)
+    result.update(step=state["step"], data=source, source=cfg.data.source, task=cfg.task, slots=cfg.model.slots,
+                  vq=cfg.model.vq.enabled, split=cfg.data.eval_split if cfg.data.source == "clevr" else None)
     if cfg.task == "discovery" and "fg_ari" not in result:
         why = ("game frames come without them" if cfg.data.source == "frames" else
                "real CLEVR ships none; `run.py generate` writes them under masks/")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, replace
@@ -19,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from agent.replay import ReplayBuffer
+from envs import STATUS_NAMES
 from envs.atomic import atomic_write
 from envs.errors import DataError, UsageError
 from envs.episodes import (STEP_KEYS, check_recorded_root, episode_length, episode_paths, held_out_episodes,
@@ -210,7 +212,7 @@ OPEN_LOOP_COLUMNS = ("code_acc", "code_acc_copy", "frame_mse", "frame_mse_copy_d
                      "frame_mse_decoder_floor", "reward_mae", "reward_mae_zero", "status_acc", "status_acc_copy")
 OPEN_LOOP_LEGEND = """\
 code_acc: % of the imagined slot codes equal to the real frame's; frame_mse: the imagined codes decoded vs the real
-frame (pixels in [0, 1]), no lower than frame_mse_decoder_floor, the real codes decoded; reward_mae: predicted vs
+frame (pixels in [0, 1]), in practice no lower than frame_mse_decoder_floor, the real codes decoded; reward_mae: predicted vs
 real reward; status_acc: % of the status tokens right. The baselines: *_copy repeats the last context frame (its
 codes, its picture, its status; _decoded: through the decoder), reward_mae_zero predicts 0."""
 
@@ -241,13 +243,14 @@ def _horizon_rows(result: dict, horizons: list, keys: list, names: list, form: s
 
 @torch.no_grad()
 def evaluate_wm(wm: WorldModel, held_out: ReplayBuffer, cfg: WorldModelConfig, device: torch.device,
-                segments: Optional[int] = None, video: bool = False, progress: bool = False,
+                segments: Optional[int] = None, frames: bool = False, progress: bool = False,
                 status_names: Sequence[str] = ()) -> dict:
     """Open-loop prediction on held-out segments: slot-code accuracy, decoded-frame MSE and reward error at
     each horizon (and the status tokens' accuracy, for an env that gives them: all, and each token's under its
     name in `status_names`, by default `token<j>`), beside copying the last context frame (its codes; its picture,
-    raw and through the same decoder; reward 0) and the decoder's own error on the real codes. The segments go
-    through in chunks of SEGMENT_CHUNK, so memory does not grow with their number."""
+    raw and through the same decoder; reward 0) and the decoder's own error on the real codes; with `frames`, the
+    first segment's frames as `_frames` (for `prediction_picture` and `prediction_video`). The segments go through in
+    chunks of SEGMENT_CHUNK, so memory does not grow with their number."""
     c = cfg.eval
     n = segments or c.segments
     drawn = held_out.sample(n, c.context + max(c.horizons), np.random.default_rng(SEGMENT_SEED))  # b t ...
@@ -258,33 +261,44 @@ def evaluate_wm(wm: WorldModel, held_out: ReplayBuffer, cfg: WorldModelConfig, d
         for start in tqdm(range(0, n, SEGMENT_CHUNK), desc="evaluating open-loop prediction", unit="chunk",
                           disable=not progress, leave=False):
             batch = to_batch({k: v[start:start + SEGMENT_CHUNK] for k, v in drawn.items()}, wm.resolution, device)
-            scores, frames = _open_loop_scores(wm, batch, c, video and start == 0, status_names)
+            scores, shown_frames = _open_loop_scores(wm, batch, c, frames and start == 0, status_names)
             size = len(batch["action"])
             for key, value in scores.items():  # per-chunk means over equal-sized segments: weighted by segments
                 sums[key] = sums.get(key, 0.0) + value * size
-            first = frames if frames is not None else first
+            first = shown_frames if shown_frames is not None else first
     wm.train(was_training)
     result: dict = {"segments": n, **{key: total / n for key, total in sums.items()}}
-    if video:  # the first segment: a video of every step, a picture of every 4th from the last context frame
-        real, decoded, imagined = first  # t 3 r r; decoded and imagined from the last context frame on
-        result["_video"] = side_by_side(real, decoded[1:], imagined, c.context)
-        rows = slice(None, None, 4)
-        result["_picture"] = prediction_grid(real[c.context - 1:][rows], decoded[rows],
-                                             torch.cat([torch.ones_like(real[:1]), imagined])[rows])
+    if frames:
+        result["_frames"] = first
     return result
 
 
-def status_names(env: str) -> tuple[str, ...]:
-    """The names of an env's status tokens, for their per-token scores: NetHack's bottom line; () for an env
-    without them."""
-    if env != "nethack":
-        return ()
-    from envs.nethack import STATUS_NAMES  # NLE is there: the episodes are NetHack's
-
-    return STATUS_NAMES
+def prediction_picture(frames: tuple, context: int) -> torch.Tensor:
+    """`wm/real_decoded_imagined` of `evaluate_wm`'s `_frames`: every 4th step from the last context frame."""
+    real, decoded, imagined = frames  # t 3 r r; decoded and imagined from the last context frame on
+    rows = slice(None, None, 4)
+    return prediction_grid(real[context - 1:][rows], decoded[rows],
+                           torch.cat([torch.ones_like(real[:1]), imagined])[rows])
 
 
-def _open_loop_scores(wm: WorldModel, batch: dict, c, video: bool, status_names: Sequence[str] = ()
+def prediction_video(frames: tuple, context: int) -> np.ndarray:
+    """Video frames (uint8 `t H W 3`) of `evaluate_wm`'s `_frames`, every step: real | decoded real codes |
+    imagined, decoded and imagined blank in the context."""
+    from .decompose import VIDEO_SCALE
+    from .visualize import tile
+
+    real, decoded, imagined = frames
+    blank = torch.ones_like(real[0])
+    video = []
+    for t in range(real.shape[0]):
+        j = t - context
+        row = torch.stack([real[t], decoded[j + 1] if j >= 0 else blank, imagined[j] if j >= 0 else blank])
+        grid = torch.nn.functional.interpolate(tile(row, nrow=3)[None], scale_factor=VIDEO_SCALE, mode="nearest")[0]
+        video.append((grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
+    return np.stack(video)
+
+
+def _open_loop_scores(wm: WorldModel, batch: dict, c, frames: bool, status_names: Sequence[str] = ()
                       ) -> tuple[dict, Optional[tuple]]:
     """`evaluate_wm`'s scores of one chunk of segments (means over it), and if asked its first segment's frames: real
     `t 3 r r`, and from the last context frame on, decoded from their codes and (after it) imagined."""
@@ -320,22 +334,7 @@ def _open_loop_scores(wm: WorldModel, batch: dict, c, video: bool, status_names:
                 (real_status[:, c.context - 1] == real_status[:, c.context + i]).float().mean() * 100)
             names = status_names or [f"token{j}" for j in range(wm.status_vars)]
             result.update({f"h{hz}/status_acc_{name}": float(acc) for name, acc in zip(names, hits.mean(0) * 100)})
-    return result, (batch["images"][0], torch.cat([last_decoded[0], floor[0]]), imagined[0]) if video else None
-
-
-def side_by_side(real: torch.Tensor, floor: torch.Tensor, imagined: torch.Tensor, context: int) -> np.ndarray:
-    """Video frames (uint8 `t H W 3`): real | decoded real codes | imagined, imagined blank in the context."""
-    from .decompose import VIDEO_SCALE
-    from .visualize import tile
-
-    blank = torch.ones_like(real[0])
-    frames = []
-    for t in range(real.shape[0]):
-        j = t - context
-        row = torch.stack([real[t], floor[j] if j >= 0 else blank, imagined[j] if j >= 0 else blank])
-        grid = torch.nn.functional.interpolate(tile(row, nrow=3)[None], scale_factor=VIDEO_SCALE, mode="nearest")[0]
-        frames.append((grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
-    return np.stack(frames)
+    return result, (batch["images"][0], torch.cat([last_decoded[0], floor[0]]), imagined[0]) if frames else None
 
 
 def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress: bool = True) -> dict:
@@ -396,9 +395,8 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
     def evaluate(at: int) -> dict:
         """Evaluate on the held-out episodes; log the scalars and the real | decoded | imagined picture."""
         with shown(bar, "evaluating on held-out segments"):
-            result = evaluate_wm(wm, held_out, cfg, device, video=True, status_names=status_names(meta["env"]))
-        result.pop("_video")
-        logger.image(at, "wm/real_decoded_imagined", result.pop("_picture"))
+            result = evaluate_wm(wm, held_out, cfg, device, frames=True, status_names=STATUS_NAMES.get(meta["env"], ()))
+        logger.image(at, "wm/real_decoded_imagined", prediction_picture(result.pop("_frames"), cfg.eval.context))
         logger.scalars(at, result, prefix="eval/")
         bar.write(f"step {at}: open-loop prediction on held-out segments\n{open_loop_table(result)}")
         return result
@@ -496,13 +494,15 @@ def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] 
         print(f"note: {cfg.data.root}'s held-out split moved since this run trained (the last "
               f"{len(split_meta['held_out'])} episodes now): {', '.join(seen[:3])}{' ...' if len(seen) > 3 else ''} "
               "may have been trained on", file=sys.stderr)
-    result = evaluate_wm(wm, held_out, cfg, dev, segments=segments, video=True, progress=progress,
-                         status_names=status_names(meta["env"]))
+    result = evaluate_wm(wm, held_out, cfg, dev, segments=segments, frames=True, progress=progress,
+                         status_names=STATUS_NAMES.get(meta["env"], ()))
     # another dataset's evaluation goes beside the run's own, not over it
-    out_dir = check_out_dir(out) if out else Path(checkpoint) / (f"eval_wm_{Path(data).resolve().name}" if data else "eval_wm")
+    out_dir = check_out_dir(out) if out else Path(checkpoint) / (f"eval_wm_data_{Path(os.path.abspath(data)).name}"
+                                                                  if data else "eval_wm")
     out_dir.mkdir(parents=True, exist_ok=True)
-    result["video"] = str(write_video(result.pop("_video"), out_dir / "real_vs_imagined"))
-    save_png(result.pop("_picture"), out_dir / "real_decoded_imagined.png")
+    shown = result.pop("_frames")
+    result["video"] = str(write_video(prediction_video(shown, cfg.eval.context), out_dir / "real_vs_imagined"))
+    save_png(prediction_picture(shown, cfg.eval.context), out_dir / "real_decoded_imagined.png")
     result["picture"] = str(out_dir / "real_decoded_imagined.png")
     result["step"] = state["step"]
     atomic_write(out_dir / "eval_wm.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
