@@ -321,7 +321,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             counters["env_steps"] += cfg.env.num_envs
             bar.update(cfg.env.num_envs)
             burst = counters["env_steps"] - cfg.env.num_envs < t.prefill <= counters["env_steps"]
-            owed = updates_owed(counters["env_steps"], counters["replayed"], cfg, counters["ratio_from"])
+            owed = burst and updates_owed(counters["env_steps"], counters["replayed"], cfg, counters["ratio_from"])
             if burst and main and not progress:  # minutes of updates before the next line: say why
                 print(f"env step {counters['env_steps']}: prefill done, training its {owed} owed updates now "
                       f"(train.train_ratio={t.train_ratio} of the prefill's steps)", flush=True)

@@ -158,7 +158,7 @@ class NetHackEnv(gymnasium.Env):
         nethack.Nethack.set_initial_seeds(self.nle.nethack, core, disp, False)  # class method: see module doc
         obs, info = self.nle.reset()
         self._episode = {"length": 0, "reward": 0.0, "max_depth": 0}
-        self._xlog_size = self._xlog_path and os.path.getsize(self._xlog_path)  # where this game's entry will start
+        self._xlog_size = os.path.getsize(self._xlog_path) if self._xlog_path else 0  # this game's entry: after it
         return self._observe(obs), self._info(info)
 
     def step(self, action):
@@ -213,11 +213,13 @@ class NetHackEnv(gymnasium.Env):
     def _death(self) -> Optional[str]:
         """The cause of death NetHack logged for this game ("killed by a jackal, while fainted from lack of food"),
         or None where its xlogfile holds no new entry."""
+        if not self._xlog_path:
+            return None
         try:
             with open(self._xlog_path, "rb") as f:
-                f.seek(self._xlog_size or 0)
+                f.seek(self._xlog_size)
                 entry = f.read().decode(errors="replace").strip()
-        except (OSError, TypeError):
+        except OSError:
             return None
         fields = dict(kv.split("=", 1) for kv in entry.rsplit("\n", 1)[-1].split("\t") if "=" in kv)
         if "death" not in fields:
