@@ -29,9 +29,10 @@ EPILOG = """examples:
   python run.py visualize --checkpoint runs/vq_setpred --codes --out viz/codes
   python run.py train-wm --data data/crafter --run-dir runs/wm encoder.checkpoint=runs/slots
   python run.py eval-wm --checkpoint runs/wm
-  python run.py train --config crafter_cpu --run-dir runs/agent encoder.checkpoint=runs/slots encoder.mode=frozen
+  python run.py train --config crafter_cpu_frozen --run-dir runs/agent encoder.checkpoint=runs/slots
   python run.py train --resume runs/agent
   python run.py eval --checkpoint runs/agent --episodes 20                 # --policy random: the baseline
+  python run.py compare runs/gmm runs/slot_attention                       # last evaluations side by side
   python run.py config --for train --config crafter_cpu                    # the resolved config, every key
   python run.py bench pretrain
   python run.py bench envs
@@ -89,7 +90,7 @@ def _config_text(cfg, command: str, resumed: bool = False) -> str:
     import copy
 
     from envs import STATUS_LEVELS
-    from world_model.config import DERIVED, load_run_config, to_yaml
+    from world_model.config import DERIVED, ConfigError, encoder_run_config, to_yaml
     from world_model.frame_tokenizer import frame_token_size
 
     cfg, derived, notes = copy.deepcopy(cfg), {}, ""
@@ -105,9 +106,15 @@ def _config_text(cfg, command: str, resumed: bool = False) -> str:
             derived["dynamics.frame_codes"] = (f"frame.codes, at least the status tokens' {STATUS_LEVELS} values",
                                                frame_codes)
         if cfg.encoder.checkpoint:  # the encoder's architecture comes from that run, whatever this config says
-            pre = load_run_config("pretrain", cfg.encoder.checkpoint)
-            cfg.encoder.model, cfg.encoder.resolution = pre.model, pre.data.resolution
-            notes = f"# encoder.model and encoder.resolution: those of encoder.checkpoint={cfg.encoder.checkpoint}\n"
+            try:
+                pre = encoder_run_config(cfg.encoder.checkpoint)
+            except ConfigError as e:  # not pretrained yet (a recipe's preset names the run its first steps make)
+                notes = (f"# {e}\n# encoder.model and encoder.resolution will be those of that run; shown: this "
+                         "config's\n")
+            else:
+                cfg.encoder.model, cfg.encoder.resolution = pre.model, pre.data.resolution
+                notes = ("# encoder.model and encoder.resolution: those of "
+                         f"encoder.checkpoint={cfg.encoder.checkpoint}\n")
         else:
             derived["encoder.mode"] = ("encoder.checkpoint unset (a fresh encoder trains jointly)", "joint")
     text = to_yaml(cfg)
@@ -170,7 +177,7 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
     from envs.episodes import check_recorded_root
     from world_model.config import check_resume_overrides, load_config, load_run_config, record_paths, run_schemas
     from envs.errors import DataError, UsageError
-    from world_model.rundir import check_run_folder, release_claims, resolve_device
+    from world_model.rundir import RunDir, check_run_folder, release_claims, resolve_device
 
     if isinstance(resume, str):
         if args.run_dir and args.run_dir != resume:
@@ -197,6 +204,8 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
     run_dir = args.run_dir = args.run_dir or f"runs/{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
     # before the config is printed: an error is then the last line, not lost above it
     check_run_folder(run_dir)
+    if not resume:
+        RunDir(run_dir).refuse_checkpoint()
     resolve_device(cfg.train.device, "train.device")
     if preflight is not None:
         try:
@@ -280,9 +289,11 @@ def cmd_eval_ap(args) -> None:
                              f"{Path(args.out) / 'ap.json'}")
         check_folder(Path(args.out).parent, "--out's folder")
     result = evaluate_run(args.checkpoint, data=args.data, clevr_root=args.clevr_root, split=args.split,
-                          images=args.images, device=args.device)
-    # the run's own evaluation, a real-CLEVR one and one on another episode dataset are kept side by side
-    default = (f"eval_ap_clevr_{result['split']}.json" if result["source"] == "clevr" else
+                          images=args.images, device=args.device, progress=sys.stderr.isatty())
+    # the run's own evaluation, one on each real-CLEVR root and split and one on another episode dataset are kept
+    # side by side
+    root = f"{Path(os.path.abspath(args.clevr_root)).name}_" if args.clevr_root else ""
+    default = (f"eval_ap_clevr_{root}{result['split']}.json" if result["source"] == "clevr" else
                f"eval_ap_data_{Path(os.path.abspath(args.data)).name}.json" if args.data else "eval_ap.json")
     out = Path(args.out) if args.out else Path(args.checkpoint) / default
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -366,7 +377,7 @@ def _check_encoder(cfg, overrides: list, resume) -> None:
 
     from envs.errors import UsageError
     from world_model import distributed
-    from world_model.config import load_run_config
+    from world_model.config import encoder_run_config
 
     typed = [o for o in overrides if o.split("=", 1)[0] == "encoder.mode"]
     if typed and not cfg.encoder.checkpoint and OmegaConf.from_dotlist(typed[-1:]).encoder.mode == "frozen":
@@ -374,7 +385,7 @@ def _check_encoder(cfg, overrides: list, resume) -> None:
                          "one the fresh encoder trains jointly with the world model")
     if not cfg.encoder.checkpoint or resume:
         return
-    pre = load_run_config("pretrain", cfg.encoder.checkpoint)
+    pre = encoder_run_config(cfg.encoder.checkpoint)
     theirs = {"encoder.resolution": pre.data.resolution, "encoder.model": pre.model}
     for typed_key in (o.split("=", 1)[0] for o in overrides if re.match(r"encoder\.(model\.|resolution=)", o)):
         path = typed_key.split(".")
@@ -387,12 +398,20 @@ def _check_encoder(cfg, overrides: list, resume) -> None:
               "the world model, several times slower per update than encoder.mode=frozen", file=sys.stderr)
 
 
+def cmd_compare(args) -> None:
+    from world_model.report import comparison_table
+
+    print(comparison_table(args.runs))
+
+
 def cmd_eval_wm(args) -> None:
+    from world_model.config import schema_command
     from world_model.train_wm import OPEN_LOOP_LEGEND, eval_wm, open_loop_table
 
     result = eval_wm(args.checkpoint, out=args.out, segments=args.segments, device=args.device, data=args.data,
                      progress=sys.stderr.isatty())
-    print(f"open-loop prediction, step {result['step']}, {result['segments']} held-out segments")
+    agent = schema_command(Path(args.checkpoint) / "config.yaml") == "train"  # its steps are env steps
+    print(f"open-loop prediction, {'env ' * agent}step {result['step']}, {result['segments']} held-out segments")
     print(open_loop_table(result))
     print(OPEN_LOOP_LEGEND)
     print(f"video: {result['video']}, picture: {result['picture']}")
@@ -489,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "fixed chunks of 64, so a result does not depend on how it is run)")
     s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
     s.add_argument("--out", help="JSON file for the results (default RUN/eval_ap.json; on a CLEVR split on disk "
-                   "RUN/eval_ap_clevr_<split>.json; with --data DIR, RUN/eval_ap_data_<DIR's name>.json)")
+                   "RUN/eval_ap_clevr_<split>.json, with --clevr-root DIR RUN/eval_ap_clevr_<DIR's name>_<split>.json; "
+                   "with --data DIR, RUN/eval_ap_data_<DIR's name>.json)")
     s.set_defaults(func=cmd_eval_ap, parser=s)
 
     s = sub.add_parser("generate", help="write procedurally generated CLEVR-like scenes to disk (CLEVR layout)",
@@ -565,7 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="From a context of real frames, predict open loop under the real actions: "
                        "slot-code accuracy, decoded-frame MSE and reward error at each horizon (eval.horizons), "
                        "beside copying the last context frame; writes RUN/eval_wm/eval_wm.json and a video.")
-    s.add_argument("--checkpoint", required=True, help="run directory made by `run.py train-wm`")
+    s.add_argument("--checkpoint", required=True, help="run directory made by `run.py train-wm`, or by `run.py train` "
+                   "(an agent's world model: give --data)")
     s.add_argument("--data", help="episode dataset (default: the run's data.root); its held-out episodes are used")
     s.add_argument("--segments", type=int, help="held-out segments (default eval.segments)")
     s.add_argument("--out", help="output directory (default RUN/eval_wm; with --data DIR, RUN/eval_wm_data_<DIR's name>)")
@@ -654,6 +675,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "(inductor needs a C++ compiler and minutes on CPU; on CUDA it is always timed)")
     s.add_argument("--horizon", type=int, default=32, help="bench imagination: imagined steps per trajectory")
     s.set_defaults(func=cmd_bench, parser=s)
+
+    s = sub.add_parser("compare", help="the last evaluations of several runs side by side",
+                       description="A table of the runs' last logged evaluations (their eval/ scalars): a row per "
+                       "metric, a column per run, under the runs' settings (pretraining: task, slots with +vq, slot "
+                       "count, data source; world-model and agent runs: data or env, slots, encoder mode) and the "
+                       "step. Runs of one command (pretrain, train-wm or train). Example: run.py compare runs/gmm "
+                       "runs/slot_attention")
+    s.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    s.set_defaults(func=cmd_compare, parser=s)
 
     s = sub.add_parser("config", help="print a resolved config (preset + overrides) and exit",
                        description="Print the config a training command would run with (its default preset, or "

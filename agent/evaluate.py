@@ -14,7 +14,6 @@ import torch
 from envs.atomic import atomic_write
 from envs.episodes import obs_dict
 from envs.errors import UsageError
-from envs.jsonl import read_records
 from world_model.config import check_against_checkpoint, load_run_config
 from world_model.rundir import RunDir, fixed_rng, resolve_device
 from world_model.wm import WorldModel
@@ -97,13 +96,12 @@ def log_keys(summary: dict, env: str, prefix: str) -> dict:
                                            "length": summary["mean_length"]}.items() if v is not None}
 
 
-def stats_scores(path: Path, env: str, prefix: str) -> dict:
-    """The logged benchmark numbers of the episodes in a stats file ({} while it holds none): over all of them
-    (Crafter's benchmark score is defined so), and the mean return and score of the last RECENT_EPISODES, the
+def stats_scores(records: list[dict], env: str, prefix: str) -> dict:
+    """The logged benchmark numbers of a run's episode records (stats.jsonl; {} while there are none): over all of
+    them (Crafter's benchmark score is defined so), and the mean return and score of the last RECENT_EPISODES, the
     learning curve."""
-    if not path.is_file() or path.stat().st_size == 0:
+    if not records:
         return {}
-    records = read_records(path)
     recent = summarize(env, records[-RECENT_EPISODES:])
     score = ("crafter_score", recent["score"]) if env == "crafter" else ("score", recent["mean_score"])
     return {**log_keys(summarize(env, records), env, prefix), f"{prefix}return_recent": recent["mean_return"],

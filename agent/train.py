@@ -28,7 +28,7 @@ from torch.profiler import record_function
 
 from envs.collect import Collector, env_fn
 from envs.errors import DataError, UsageError
-from envs.jsonl import count_records, is_episode, keep_records
+from envs.jsonl import JsonlTail, count_records, is_episode, keep_records
 from envs.vector import make_vector_env
 from world_model import distributed
 from world_model.config import check_against_checkpoint, save_config
@@ -248,6 +248,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         # a resume whose final evaluation, if the stopped run made it, still holds (the same number of episodes)
         settled = state is not None and state.get("config", {}).get("train", {}).get("eval_episodes") == t.eval_episodes
         state = None  # the checkpoint's tensors are in the models now: not kept for the whole run
+        episode_log = JsonlTail(run.path / "stats.jsonl")  # the training episodes, read as the workers append them
         save_config(cfg, run.config_path)
         if main and updates_due(t.env_steps, cfg) == 0:
             why = ("train.train_ratio=0" if t.train_ratio == 0 else
@@ -350,23 +351,23 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                 next_log += t.log_every
                 now = time.perf_counter()
                 episodes, restarts, replay_steps = global_counts()
-                row = dict(distributed.mean_scalars(interval.pop(), device),
-                           env_steps_per_s=(counters["env_steps"] - steps_last) / (now - t_last),
-                           skipped_wm=counters["skipped_wm"], skipped_ac=counters["skipped_ac"],
-                           replay_steps=replay_steps, updates=counters["updates"],
-                           episodes=episodes, env_restarts=restarts,
-                           replay_ratio=(counters["replayed"] - counters["ratio_from"][1])
-                           / max(counters["env_steps"] - counters["ratio_from"][0], 1))
+                loop = dict(env_steps_per_s=(counters["env_steps"] - steps_last) / (now - t_last),
+                            skipped_wm=counters["skipped_wm"], skipped_ac=counters["skipped_ac"],
+                            replay_steps=replay_steps, updates=counters["updates"],
+                            episodes=episodes, env_restarts=restarts,
+                            replay_ratio=(counters["replayed"] - counters["ratio_from"][1])
+                            / max(counters["env_steps"] - counters["ratio_from"][0], 1))
+                row = {**distributed.mean_scalars(interval.pop(), device), **{f"loop/{k}": v for k, v in loop.items()}}
                 t_last, steps_last = now, counters["env_steps"]
                 if main:
-                    row.update(stats_scores(run.path / "stats.jsonl", cfg.env.name, "train/"))
+                    row.update(stats_scores(episode_log.records(), cfg.env.name, "train/"))
                 logger.scalars(counters["env_steps"], row)
                 score = {name: f"{row[key]:.2f}" for key, name in BAR_SCORES.items() if key in row}
                 bar.set_postfix(episodes=episodes, updates=counters["updates"], **score)
                 if main and not progress:  # a log file still shows the run moving
                     updates = counters["updates"]
                     print(f"env step {counters['env_steps']}/{t.env_steps}: {updates} update{'s' * (updates != 1)}, "
-                          f"{episodes} episode{'s' * (episodes != 1)}, {row['env_steps_per_s']:.1f} env steps/s"
+                          f"{episodes} episode{'s' * (episodes != 1)}, {loop['env_steps_per_s']:.1f} env steps/s"
                           + "".join(f", {k}={v}" for k, v in score.items()), flush=True)
             evaluating = evaluation_due(counters["env_steps"], t.eval_every, t.env_steps, stride=cfg.env.num_envs)
             if counters["env_steps"] >= next_ckpt or evaluating:  # evaluating: also at the last step
@@ -384,7 +385,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                 # episodes appended) again; a run stopped during it evaluates now
                 last_eval = (logger.logged(counters["env_steps"], "eval/") if settled else {}) or \
                     evaluate(counters["env_steps"])
-            last_eval.update(stats_scores(run.path / "stats.jsonl", cfg.env.name, "train_"))
+            last_eval.update(stats_scores(episode_log.records(), cfg.env.name, "train_"))
         logger.close()
         return last_eval
     finally:
@@ -411,13 +412,13 @@ PICTURE_STEPS = 8  # frames of the replayed segment the logged pictures show
 @torch.no_grad()
 def log_pictures(logger: MetricLogger, step: int, wm: WorldModel, replay: ReplayBuffer, device: torch.device) -> None:
     """Tensorboard pictures of a replayed segment (drawn from a fixed seed, not the replay's own stream):
-    `slots/decomposition` (input | reconstruction | segmentation | each slot, a row per frame, slots carried
-    over) and `wm/real_decoded_imagined` (`prediction_grid`: a row per frame, real | its codes decoded | the
+    `slots/decomposition` (input | reconstruction | segmentation | each slot, a row per frame of the first 4, slots
+    carried over) and `wm/real_decoded_imagined` (`prediction_grid`: a row per frame, real | its codes decoded | the
     dynamics' open-loop prediction from the first frame under the real actions, decoded). Eager even under
     `train.compile`: these calls' shapes would otherwise add graphs to the compiled parts, which dynamo caps at 8
     each."""
     from world_model.decompose import decompose
-    from world_model.visualize import decomposition_grid, prediction_grid, upscale
+    from world_model.visualize import decomposition_picture, prediction_grid
 
     length = min(PICTURE_STEPS, replay.longest_episode())
     if length < 2:
@@ -430,7 +431,6 @@ def log_pictures(logger: MetricLogger, step: int, wm: WorldModel, replay: Replay
         imag = wm.open_loop(enc, batch["action"], 1, length - 1)
         decoded = wm.decode_codes(enc.slot_codes[0])  # t 3 r r
         imagined = torch.cat([torch.ones_like(decoded[:1]), wm.decode_codes(imag["slot_codes"][0])])  # after the first
-    side = images.shape[-1]
-    grid = decomposition_grid(images, parts["masks"], parts["recon"], parts["rgb"])
-    logger.image(step, "slots/decomposition", upscale(grid, side))
+    picture = decomposition_picture(images, parts["masks"], parts["recon"], parts["rgb"])  # the first 4 frames
+    logger.image(step, "slots/decomposition", picture)
     logger.image(step, "wm/real_decoded_imagined", prediction_grid(images, decoded, imagined))

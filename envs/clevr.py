@@ -488,8 +488,21 @@ def _root_hint(root: Path, split: str) -> str:
         return f"the CLEVR root is {root / 'CLEVR_v1.0'} (pass that folder)"
     if root.name in ("images", "scenes") and (root.parent / "images").is_dir():
         return f"the CLEVR root is {root.parent}, the folder that holds images/ and scenes/ (pass that folder)"
+    if root.parent.name == "images" and (root.parent.parent / "scenes").is_dir():
+        other = ("; CLEVR v1.0's test split ships no scenes file: evaluate on val" if root.name == "test" else
+                 f"; its split {root.name}: --split {root.name}, or data.split={root.name}" if root.name != split
+                 else "")
+        return (f"{root} is the images folder of split {root.name}; the CLEVR root is {root.parent.parent} (pass "
+                f"that folder){other}")
     if split == "test" and (root / "images" / "test").is_dir():
         return "CLEVR v1.0's test split ships no scenes file (no object labels): evaluate on val"
+    if (root / "images" / split).is_dir() and (root / "scenes").is_dir():  # the scenes file is what is missing
+        found = sorted(p.name for p in (root / "scenes").glob("*.json"))
+        return (f"{root}/scenes holds {', '.join(found) if found else 'no JSON file'}; CLEVR v1.0 names a split's "
+                f"scenes CLEVR_{split}_scenes.json")
+    if (root / "images").is_dir() and any((root / "images").glob("*.png")):
+        return (f"{root}/images holds the PNGs themselves; CLEVR v1.0 keeps each split's in images/<split>/ "
+                f"(e.g. images/{split}/)")
     try:
         splits = sorted(p.name for p in (root / "images").iterdir() if p.is_dir()) if (root / "images").is_dir() else []
     except OSError:  # a folder that cannot be listed: no hint

@@ -75,9 +75,11 @@ def make_env(name: str, **kwargs) -> gym.Env:
 
 
 def env_fn(name: str, **kwargs):
-    """A picklable zero-argument constructor for vector-env workers."""
+    """A picklable zero-argument constructor for vector-env workers. The env's module is imported here, so a game
+    that is not installed is one error in this process rather than a failure in each worker."""
     if name not in ENV_IDS:
         raise UsageError(f"unknown env {name!r}; choose one of {sorted(ENV_IDS)}")
+    load_env_creator(gym.spec(ENV_IDS[name]).entry_point)
     return functools.partial(make_env, name, **kwargs)
 
 

@@ -32,6 +32,38 @@ def read_records(path: Union[str, Path], valid: Optional[Callable[[dict], bool]]
     return records
 
 
+class JsonlTail:
+    """A JSON-lines file that writers append to, read as it grows: each `records()` parses only the lines completed
+    since the last call (a torn last line waits for its end), so a long run's log is not reread at every row. A
+    file that shrank (rewritten) is read again from its start; a bad line before the end is an error, as in
+    `read_records`."""
+
+    def __init__(self, path: Union[str, Path]):
+        self.path, self._offset, self._lines, self._records = Path(path), 0, 0, []
+
+    def records(self) -> list[dict]:
+        if not self.path.is_file():
+            return self._records
+        if self.path.stat().st_size < self._offset:
+            self._offset, self._lines, self._records = 0, 0, []
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        complete = data[:data.rfind(b"\n") + 1]
+        lines = complete.decode(errors="replace").splitlines()
+        new = []  # kept only once every new line parsed, so a call after an error starts where this one did
+        for i, line in enumerate(lines):
+            if line.strip():
+                try:
+                    new.append(json.loads(line))
+                except ValueError:
+                    raise DataError(f"{self.path}: line {self._lines + i + 1} is not JSON; the file is damaged") \
+                        from None
+        self._records += new
+        self._offset, self._lines = self._offset + len(complete), self._lines + len(lines)
+        return self._records
+
+
 def write_records(path: Path, records: list[dict]) -> None:
     """Replace a JSON-lines file by `records`, atomically."""
     text = "".join(json.dumps(record) + "\n" for record in records)

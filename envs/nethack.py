@@ -35,12 +35,18 @@ from typing import Optional
 
 import gymnasium
 import numpy as np
-from nle import nethack
-from nle.env import tasks
+
+from .errors import UsageError
+
+try:
+    from nle import nethack
+    from nle.env import tasks
+except ImportError as e:
+    raise UsageError(f"NetHack needs the nle package ({e}): pip install -e \".[nethack]\" in the project, or "
+                     "pip install nle==1.3.0") from None
 
 from . import STATUS_LEVELS, STATUS_NAMES
 from .actions import checked_action
-from .errors import UsageError
 from .jsonl import read_records
 
 TASKS = {"score": tasks.NetHackScore, "challenge": tasks.NetHackChallenge}

@@ -274,14 +274,71 @@ def test_actor_loss_by_hand():
 
 
 def test_critic_loss_by_hand():
-    """The critic's two-hot loss on s0 and s1 (s2 only bootstraps) toward their returns 2.25 and 2.5, plus the
-    pull toward the slow critic's values (here the critic's own, 0 and 1), weighted 1 and 0.5."""
-    _, critic_loss, _ = _value_table_agent([0.0, 1.0, 3.0])(_three_states())
+    """The critic's two-hot loss on s0 and s1 (s2 only bootstraps) toward their returns 2.25 and 2.5, plus half
+    (slow_reg 0.5) the pull toward the slow critic's values (5 and 6, apart from the critic's 0 and 1), weighted
+    1 and 0.5."""
+    ac = _value_table_agent([0.0, 1.0, 3.0])
+    with torch.no_grad():
+        ac.slow_critic.head.weight.copy_(torch.log(twohot.encode(torch.tensor([5.0, 6.0, 7.0])).clamp_min(1e-30)).T)
+    ac.cfg.slow_reg = 0.5
+    _, critic_loss, _ = ac(_three_states())
     logits = torch.log(twohot.encode(torch.tensor([0.0, 1.0])).clamp_min(1e-30))
     to_returns = twohot.loss(logits, torch.tensor([2.25, 2.5]))
-    to_slow = twohot.loss(logits, torch.tensor([0.0, 1.0]))
-    torch.testing.assert_close(critic_loss, ((to_returns + to_slow) * torch.tensor([1.0, 0.5])).mean(), atol=1e-4,
-                               rtol=1e-4)
+    to_slow = twohot.loss(logits, torch.tensor([5.0, 6.0]))
+    torch.testing.assert_close(critic_loss, ((to_returns + 0.5 * to_slow) * torch.tensor([1.0, 0.5])).mean(),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_advantages_are_divided_by_the_return_range():
+    """Values 0, 10, 30: returns R1 = 1 + 0.5 * 30 = 16 and R0 = 1 + 0.5 * 16 = 9; their 5th to 95th percentile
+    range (over 1) scales the advantages R - v."""
+    ac = _value_table_agent([0.0, 10.0, 30.0])
+    _, _, stats = ac(_three_states())
+    returns = torch.tensor([9.0, 16.0])
+    low, high = torch.quantile(returns, torch.tensor([0.05, 0.95]))
+    assert float(ac.normalizer.low) == pytest.approx(float(low), abs=1e-2)
+    adv = (returns - torch.tensor([0.0, 10.0])) / (high - low)
+    assert float(stats["advantage"]) == pytest.approx(float(adv.mean()), abs=2e-2)
+
+
+def test_an_imagined_termination_cuts_the_return_and_the_later_weights():
+    """s1 imagined terminal (continuation 0 on the first step): R0 = r0 = 1 without bootstrapping; R1 = 2.5 is still
+    computed but step 1 weighs 0 in the actor loss. Scale: 0.9 x (2.5 - 1), the returns' percentile range."""
+    ac = _value_table_agent([0.0, 1.0, 3.0])
+    traj = _three_states()
+    traj = Trajectory(traj.slot_codes, None, traj.actions, traj.rewards, torch.tensor([[0.0, 1.0]]))
+    actor_loss, _, stats = ac(traj)
+    assert float(stats["return"]) == pytest.approx((1.0 + 2.5) / 2, abs=1e-3)
+    ln4 = math.log(4)
+    assert actor_loss.item() == pytest.approx((1.0 / (0.9 * 1.5) * ln4 - 0.1 * ln4) / 2, abs=1e-3)
+
+
+def test_the_entropy_bonus_moves_a_peaked_policy():
+    """Zero rewards and values, so zero advantages: only the entropy term can give the actor a gradient."""
+    ac = _value_table_agent([0.0, 0.0, 0.0])
+    with torch.no_grad():
+        ac.actor.head.bias.copy_(torch.tensor([2.0, 0.0, 0.0, 0.0]))
+    traj = _three_states()
+    actor_loss, _, _ = ac(Trajectory(traj.slot_codes, None, traj.actions, torch.zeros(1, 2), traj.continues))
+    actor_loss.backward()
+    assert ac.actor.head.bias.grad.abs().sum() > 1e-4
+
+
+def test_imagine_asks_the_actor_about_the_state_it_acts_in():
+    """Step t's action is sampled from step t's imagined state, not the one before or after."""
+    seen = []
+
+    class Actor:
+        def sample(self, slot_codes, frame_codes, generator=None):
+            seen.append(slot_codes.clone())
+            return torch.zeros(slot_codes.shape[0], dtype=torch.long)
+
+    slots, frames = states(DYN, 2, 1, torch.Generator().manual_seed(0))
+    traj = imagine(make_dynamics(), Actor(), SimpleNamespace(slot_codes=slots, frame_codes=frames), None, 4,
+                   temperature=0.0)
+    assert len(seen) == 4
+    for t in range(4):
+        assert torch.equal(seen[t], traj.slot_codes[:, t])
 
 
 def test_the_slow_critic_follows_the_critic_by_ema_decay():

@@ -205,8 +205,8 @@ def test_a_row_after_no_update_repeats_no_loss(tmp_path):
     train(tiny("train.env_steps=176", "train.log_every=8", "train.ckpt_every=1000"), str(tmp_path / "run"),
           progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "updates" in r and r["step"] > 120]
-    fresh = [r["updates"] > before["updates"] for before, r in zip(rows, rows[1:])]
+    rows = [r for r in rows if "loop/updates" in r and r["step"] > 120]
+    fresh = [r["loop/updates"] > before["loop/updates"] for before, r in zip(rows, rows[1:])]
     assert True in fresh and False in fresh
     assert all(("wm/loss" in r and "ac/entropy" in r) == new for r, new in zip(rows[1:], fresh))
 
@@ -258,13 +258,13 @@ def test_a_resume_with_another_batch_or_ratio_keeps_the_ratio_from_there(tmp_pat
     train(cfg, str(rd), resume=True, progress=False)
     counters = checkpoint(rd)["counters"]
     assert counters["replayed"] == 200 * 2 and counters["updates"] == 10 + 80 // (2 * 8)
-    assert [r["replay_ratio"] for r in metric_rows(rd, after=160) if "replay_ratio" in r] == [2.0]
+    assert [r["loop/replay_ratio"] for r in metric_rows(rd, after=160) if "loop/replay_ratio" in r] == [2.0]
     # a new ratio holds from the resume on: 40 more env steps at ratio 4 owe 160 replayed steps, 10 updates of 2 x 8
     cfg = load_config(AgentConfig, rd / "config.yaml", ["train.env_steps=240", "train.train_ratio=4"])
     train(cfg, str(rd), resume=True, progress=False)
     counters = checkpoint(rd)["counters"]
     assert counters["ratio_from"] == [200, 400] and counters["replayed"] == 400 + 40 * 4 and counters["updates"] == 25
-    assert [r["replay_ratio"] for r in metric_rows(rd, after=200) if "replay_ratio" in r] == [4.0]
+    assert [r["loop/replay_ratio"] for r in metric_rows(rd, after=200) if "loop/replay_ratio" in r] == [4.0]
 
 
 def test_a_run_whose_replay_was_lost_resumes_with_a_new_one(tmp_path, capsys):
@@ -288,7 +288,8 @@ def test_a_run_whose_replay_was_lost_resumes_with_a_new_one(tmp_path, capsys):
     assert f"updates pause until env step {refill} (train.prefill=120 steps" in capsys.readouterr().err
     assert after["counters"]["ratio_from"] == [refill, before["counters"]["replayed"]]
     assert after["counters"]["updates"] == before["counters"]["updates"] + (360 - refill) * 2 // (4 * 8)
-    assert [r["updates"] for r in metric_rows(rd, after=160) if r["step"] <= refill] == [before["counters"]["updates"]] * 3
+    logged = [r["loop/updates"] for r in metric_rows(rd, after=160) if r["step"] <= refill]
+    assert logged == [before["counters"]["updates"]] * 3
     saved = ReplayBuffer.load(rd / after["replays"][0])
     assert len(saved) == saved.steps_added == 2 + 200  # the new first frames, then the 200 steps played since
     # stopped before its own first checkpoint, a --new-replay run is resumed with the flag again (the checkpoint it
@@ -333,9 +334,9 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
     for prefix in ("train/", "eval/"):
         logged = {k for r in rows for k in r if k.startswith(f"{prefix}achievement_")}
         assert len(logged) == 22 and f"{prefix}achievement_collect_wood" in logged
-    last = [r for r in rows if "replay_ratio" in r][-1]
-    assert last["step"] == 240 and last["updates"] == updates_due(240, tiny())
-    assert abs(last["replay_ratio"] - 2.0) < 32 / 240 + 1e-9  # within one update of the train ratio
+    last = [r for r in rows if "loop/replay_ratio" in r][-1]
+    assert last["step"] == 240 and last["loop/updates"] == updates_due(240, tiny())
+    assert abs(last["loop/replay_ratio"] - 2.0) < 32 / 240 + 1e-9  # within one update of the train ratio
     replay_dir = tmp_path / "run" / "replay"  # the last checkpoint's state file and the chunks it names, nothing else
     with np.load(replay_dir / "000000000240-rank0.npz") as f:
         chunks = [c[2] for c in json.loads(str(f["meta"]))["chunks"]]
@@ -371,6 +372,19 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
     assert run.main(["visualize", "--checkpoint", str(tmp_path / "run"), "--clevr-root", str(tmp_path), "--out",
                      str(viz)]) == 2
     assert "--clevr-root shows CLEVR scenes to a pretraining run; " in capsys.readouterr().err
+    # the agent's world model, scored open loop on collected episodes (an agent run keeps none: --data is needed),
+    # its context and horizons fitted into the 16 steps its dynamics holds
+    assert run.main(["eval-wm", "--checkpoint", str(tmp_path / "run")]) == 2
+    assert "is an agent run, which keeps no episode dataset: pass --data DIR" in capsys.readouterr().err
+    assert run.main(["collect", "--env", "crafter", "--frames", "100", "--max-episode-steps", "20", "--out",
+                     str(tmp_path / "episodes")]) == 0
+    capsys.readouterr()
+    assert run.main(["eval-wm", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "episodes"),
+                     "--segments", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "context 8, horizons 1, 5, 8" in err and "open-loop prediction, env step 240, 2 held-out segments" in out
+    scored = json.loads((tmp_path / "run" / "eval_wm_data_episodes" / "eval_wm.json").read_text())
+    assert scored["step"] == 240 and 0 <= scored["h8/code_acc"] <= 100 and "h15/code_acc" not in scored
     # resuming the finished run plays no evaluation again: the final one is read back from the log, nothing appended;
     # a shorter train.env_steps does not rewrite config.yaml to misdescribe the run
     logs = {name: (tmp_path / "run" / name).read_text() for name in ("eval_stats.jsonl", "metrics.jsonl")}
@@ -394,11 +408,12 @@ def test_training_scores_have_a_recent_mean_beside_the_all_episode_one(tmp_path)
     """25 NetHack episodes returning 0, 1, ..., 24: the logged return is their mean (12), the recent one the mean of
     the last 20 (5 ... 24: 14.5), as the score (10x the return here); 10 of the 25 died (40%)."""
     from agent.evaluate import stats_scores
+    from envs.jsonl import read_records
 
     path = tmp_path / "stats.jsonl"
     path.write_text("".join(json.dumps({"reward": float(i), "score": 10 * i, "depth": 1, "max_depth": 1, "length": 5,
                                         "end_status": "DEATH" if i % 5 < 2 else "ABORTED"}) + "\n" for i in range(25)))
-    scores = stats_scores(path, "nethack", "train/")
+    scores = stats_scores(read_records(path), "nethack", "train/")
     assert scores["train/return"] == 12.0 and scores["train/return_recent"] == 14.5
     assert scores["train/score"] == 120.0 and scores["train/score_recent"] == 145.0
     assert scores["train/died"] == 40.0 and scores["train/episodes"] == 25
@@ -424,8 +439,8 @@ def test_episodes_shorter_than_a_segment_are_trained_on(tmp_path):
     assert cfg.train.seq_len > 6 and updates_due(80, cfg) > 0
     train(cfg, str(tmp_path / "run"), progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in rows if "updates" in r][-1]
-    assert last["updates"] == updates_due(80, cfg) and last["skipped_wm"] == 0
+    last = [r for r in rows if "loop/updates" in r][-1]
+    assert last["loop/updates"] == updates_due(80, cfg) and last["loop/skipped_wm"] == 0
     assert all(math.isfinite(r[k]) for r in rows for k in ("wm/loss", "ac/loss_critic") if k in r)
     assert any("wm/loss_cont" in r for r in rows)
 
@@ -498,6 +513,32 @@ def test_every_agent_preset_trains_one_step(preset, num_actions):
 
     cfg = load_config(AgentConfig, ROOT / f"configs/{preset}.yaml", [*ONE_UPDATE, "train.compile=false"])
     wm, ac, opt, replay = _one_update_setup(cfg, num_actions)
+    stats = train_step(wm, ac, opt, replay, cfg, torch.device("cpu"), 0)
+    assert math.isfinite(stats["wm/loss"]) and stats["wm/skipped"] == 0 and math.isfinite(stats["ac/loss_critic"])
+
+
+def test_the_frozen_recipe_preset_trains_one_step_on_its_pretrained_encoder(tmp_path, monkeypatch, capsys):
+    """crafter_cpu_frozen names the recipe's encoder run (runs/crafter_vq): missing, the error names the key; given,
+    the encoder is frozen, the preset trains one update, and no note says the config's (unset) encoder.model is
+    replaced."""
+    from test_pretrain import TINY
+    from test_wm import toy_dataset
+
+    monkeypatch.chdir(tmp_path)
+    assert run.main(["train", "--config", "crafter_cpu_frozen", "--run-dir", "agent"]) == 2
+    assert f"error: encoder.checkpoint={tmp_path / 'runs/crafter_vq'}: no run at" in capsys.readouterr().err
+    assert run.main(["config", "--config", "crafter_cpu_frozen"]) == 0  # the recipe's config, before its first steps
+    assert "# encoder.model and encoder.resolution will be those of that run" in capsys.readouterr().out
+    root = toy_dataset(tmp_path / "d")
+    assert run.main(["pretrain", "--data", str(root), "--run-dir", "runs/crafter_vq", "--no-progress", *TINY,
+                     "data.resolution=16", "train.steps=1", "model.vq.enabled=true", "model.vq.num_vars=2"]) == 0
+    capsys.readouterr()
+    cfg = load_config(AgentConfig, ROOT / "configs/crafter_cpu_frozen.yaml", [*ONE_UPDATE, "train.compile=false"])
+    wm, ac, opt, replay = _one_update_setup(cfg, 17)
+    assert not wm.joint and not any(p.requires_grad for p in wm.autoencoder.parameters())
+    assert "not used" not in capsys.readouterr().err
+    from agent.train import train_step
+
     stats = train_step(wm, ac, opt, replay, cfg, torch.device("cpu"), 0)
     assert math.isfinite(stats["wm/loss"]) and stats["wm/skipped"] == 0 and math.isfinite(stats["ac/loss_critic"])
 
@@ -665,7 +706,7 @@ def test_nan_loss_is_skipped_and_logged(tmp_path, monkeypatch):
     assert state["counters"]["skipped_wm"] == state["counters"]["updates"] > 0
     assert all(torch.isfinite(v).all() for v in state["wm"].values() if v.is_floating_point())
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert any(r.get("skipped_wm", 0) > 0 for r in rows)
+    assert any(r.get("loop/skipped_wm", 0) > 0 for r in rows)
 
 
 def test_killed_env_worker_during_training(tmp_path, monkeypatch):
@@ -688,7 +729,12 @@ def test_killed_env_worker_during_training(tmp_path, monkeypatch):
     assert state["counters"]["env_steps"] == 160 and state["counters"]["episodes"] >= 1
     assert state["counters"]["env_restarts"] == 1
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["env_restarts"] for r in rows if "env_restarts" in r][-1] == 1  # logged beside the losses
+    restarts = [r["loop/env_restarts"] for r in rows if "loop/env_restarts" in r]
+    assert restarts[-1] == 1  # logged beside the losses
+    # the loop's episode count holds the one the crash cut short; the games' records (train/episodes) do not
+    last = [r for r in rows if "loop/episodes" in r][-1]
+    recorded = len((tmp_path / "run" / "stats.jsonl").read_text().splitlines())
+    assert last["loop/episodes"] == state["counters"]["episodes"] > recorded == last.get("train/episodes", 0)
     replay = ReplayBuffer.load(tmp_path / "run" / state["replays"][0])
     episodes = list(replay.episodes())
     assert len(episodes) >= 3  # the 2 initial episodes and the one started after the crash

@@ -282,7 +282,8 @@ def test_missing_paths(tmp_path):
     (tmp_path / "scenes").mkdir()
     assert "images dir" in _error(tmp_path) and hint in _error(tmp_path)
     (tmp_path / "images" / "val").mkdir(parents=True)
-    assert "scenes file" in _error(tmp_path) and hint in _error(tmp_path)
+    assert "scenes file" in _error(tmp_path) and (f"{tmp_path}/scenes holds no JSON file; CLEVR v1.0 names a split's "
+                                                  "scenes CLEVR_val_scenes.json") in _error(tmp_path)
 
 
 def test_the_usual_wrong_roots_are_answered_with_the_right_one(tmp_path):
@@ -296,6 +297,21 @@ def test_the_usual_wrong_roots_are_answered_with_the_right_one(tmp_path):
         ClevrDataset(root, split="Val")
     with pytest.raises(DataError, match="test split ships no scenes file .*: evaluate on val"):
         ClevrDataset(root, split="test")
+    assert (f"{root / 'images' / 'val'} is the images folder of split val; the CLEVR root is {root} (pass that "
+            "folder)") in _error(root / "images" / "val")
+    assert (f"the CLEVR root is {root} (pass that folder); CLEVR v1.0's test split ships no scenes file: evaluate on "
+            "val") in _error(root / "images" / "test")
+    (root / "images" / "train").mkdir()
+    assert (f"the CLEVR root is {root} (pass that folder); its split train: --split train, or data.split=train" in
+            _error(root / "images" / "train"))
+    (root / "scenes" / "CLEVR_val_scenes.json").rename(root / "scenes" / "scenes_val.json")
+    assert (f"{root}/scenes holds scenes_val.json; CLEVR v1.0 names a split's scenes CLEVR_val_scenes.json" in
+            _error(root))
+    flat = tmp_path / "flat"  # the PNGs straight in images/
+    (flat / "images").mkdir(parents=True)
+    (flat / "scenes").mkdir()
+    (root / "images" / "val" / "CLEVR_val_000000.png").rename(flat / "images" / "CLEVR_val_000000.png")
+    assert f"{flat}/images holds the PNGs themselves; CLEVR v1.0 keeps each split's in images/<split>/" in _error(flat)
     (tmp_path / "CLEVR_v1.0.zip").write_bytes(b"PK")
     assert "CLEVR_v1.0.zip is a file, not a folder (a zip? unpack it" in _error(tmp_path / "CLEVR_v1.0.zip")
 

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import run
-from envs.errors import DataError
+from envs.errors import DataError, UsageError
 from envs.collect import Collector, collect, env_fn
 from envs.crafter import CrafterEnv
 from envs.episodes import EpisodeWriter, iter_episodes, read_meta
 from envs.vector import ResilientVectorEnv
+from world_model.config import load_run_config
 
 
 def test_collect_crafter_with_workers(tmp_path):
@@ -94,6 +95,20 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "r" / "config.yaml").exists()  # the data is checked before the run gets a config
 
 
+def test_nethack_without_nle_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    """nle is an optional extra ([nethack]): without it, asking for NetHack says how to install it, in the main
+    process before any worker starts and before anything is written."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nle", None)  # `import nle` now fails as if it were not installed
+    monkeypatch.delitem(sys.modules, "envs.nethack", raising=False)
+    with pytest.raises(UsageError, match=r'NetHack needs the nle package \(.*\): pip install -e "\.\[nethack\]"'):
+        env_fn("nethack")
+    assert run.main(["collect", "--env", "nethack", "--frames", "10", "--out", str(tmp_path / "d")]) == 2
+    assert "error: NetHack needs the nle package" in capsys.readouterr().err and not (tmp_path / "d").exists()
+    env_fn("crafter")  # the other game needs nothing of it
+
+
 @pytest.fixture(scope="module")
 def vq_run(tmp_path_factory):
     from test_pretrain import TINY
@@ -105,15 +120,44 @@ def vq_run(tmp_path_factory):
     return d / "run"
 
 
+def _assert_named_columns(png, run_dir, columns):
+    """The picture is `columns` pictures wide (the run's resolution, upscaled and padded as `tile` pads), under a
+    16-pixel white strip with a name drawn over each column."""
+    from PIL import Image
+
+    from world_model.visualize import PNG_MIN_SIDE
+
+    side = load_run_config("pretrain", run_dir).data.resolution
+    factor = -(-PNG_MIN_SIDE // side)
+    picture = np.asarray(Image.open(png).convert("L")).astype(float) / 255
+    assert picture.shape[1] == factor * (columns * (side + 2) + 2)
+    strip = picture[:16]
+    for i in range(columns):
+        left = factor * (2 + i * (side + 2))
+        assert strip[:, left:left + factor * side].min() < 0.5, i
+
+
 def test_visualize_crafter_frames_and_edit(vq_run, tmp_path, capsys):
     out = tmp_path / "viz"
     assert run.main(["visualize", "--checkpoint", str(vq_run), "--env", "crafter", "--frames", "3", "--out", str(out),
                      "--edit", "1", "0", "all"]) == 0
+    assert f"note: {vq_run} was trained on CLEVR-like scenes, shown crafter frames here" in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pngs"] == 3 and sorted(p.name for p in out.glob("frame_*.png")) == [
         "frame_0000.png", "frame_0001.png", "frame_0002.png"]
     assert os.path.getsize(summary["video"]) > 0 and list((out / "tb").glob("events.*"))
-    assert (out / "edit_slot1_var0_all.png").is_file()
+    codes = load_run_config("pretrain", vq_run).model.vq.num_codes
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()  # tensorboard shows the pictures the PNGs hold: labelled and upscaled alike
+    with Image.open(out / "frame_0000.png") as png:
+        assert (events.Images("slots/decomposition")[0].width, events.Images("slots/decomposition")[0].height) == \
+            png.size
+    with Image.open(out / "edit_slot1_var0_all.png") as png:
+        assert (events.Images("slots/edit")[0].width, events.Images("slots/edit")[0].height) == png.size
+    _assert_named_columns(out / "edit_slot1_var0_all.png", vq_run, 2 + codes)  # input, reconstruction, each code
     assert np.load(out / "codes.npy").shape == (3, 4, 4)  # t k v
     capsys.readouterr()
     for edit in (["9", "0", "1"], ["1", "0", "x"]):  # refused before anything is written
@@ -394,3 +438,23 @@ def test_decomposition_pngs_name_their_columns():
     for i in range(5):
         left = 8 + i * (128 + 8)
         assert ink[left:left + 128].any() and not ink[left - 8:left].any()
+
+
+
+def test_each_slot_column_is_named_beside_its_segmentation_color():
+    """decomposition_picture: before "slot i" a swatch in the color the segmentation paints slot i with; none before
+    the other columns."""
+    from world_model.visualize import PALETTE, decomposition_picture
+
+    masks = torch.zeros(1, 3, 32, 32)
+    masks[:, 1] = 1.0  # slot 1 holds every pixel: the segmentation is slot 1's color
+    picture = decomposition_picture(torch.zeros(1, 3, 32, 32), masks, torch.zeros(1, 3, 32, 32),
+                                    torch.zeros(1, 3, 3, 32, 32))
+    swatch = lambda column: picture[:, 7, 8 + column * 136 + 6]  # noqa: E731  (the middle of a swatch)
+    segmentation = picture[:, 16 + 8 + 64, 8 + 2 * 136 + 64]
+    torch.testing.assert_close(segmentation, PALETTE[1])
+    for slot in range(3):
+        torch.testing.assert_close(swatch(3 + slot), PALETTE[slot], atol=1 / 255, rtol=0)
+    for column in range(3):  # input, reconstruction, segmentation: text only, no block of one color
+        block = picture[:, 3:13, 8 + column * 136 + 2:8 + column * 136 + 12]
+        assert not (block == block[:, :1, :1]).all()

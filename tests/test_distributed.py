@@ -132,10 +132,10 @@ def test_torchrun_agent_shards_envs_and_replay_and_resumes_at_world_size_one(tmp
     assert [len(s) for s in shards] == [121, 121]  # one env per rank: its first frame + 120 steps each
     assert not np.array_equal(shards[0].data["image"][:121], shards[1].data["image"][:121])  # own envs
     assert sorted(p.name for p in (rd / "replay").iterdir()) == _replay_files(rd, state)
-    last = [r for r in read_jsonl(rd / "metrics.jsonl") if "replay_ratio" in r]
+    last = [r for r in read_jsonl(rd / "metrics.jsonl") if "loop/replay_ratio" in r]
     assert [r["step"] for r in last] == [40 * i for i in range(1, 7)]  # rank 0 logs, once per step
-    assert last[-1]["updates"] == updates_due(240, load_config(AgentConfig, ROOT / "configs/tiny.yaml",
-                                                                AGENT[3:] + ["train.env_steps=240"]))
+    cfg = load_config(AgentConfig, ROOT / "configs/tiny.yaml", AGENT[3:] + ["train.env_steps=240"])
+    assert last[-1]["loop/updates"] == updates_due(240, cfg)
     assert run.main(["train", "--resume", str(rd), "--no-progress", "train.env_steps=280"]) == 0
     state = RunDir(rd).load_checkpoint()
     assert state["counters"]["env_steps"] == 280 and len(state["replays"]) == 1

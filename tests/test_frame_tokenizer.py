@@ -81,3 +81,21 @@ def test_frame_token_gradients_go_through_the_uniform_mixed_softmax():
     logits = torch.zeros(1, 1, 4, requires_grad=True)
     tok.onehots(logits)[0, 0, 0].backward()
     torch.testing.assert_close(logits.grad[0, 0], 0.99 * torch.tensor([0.1875, -0.0625, -0.0625, -0.0625]))
+
+
+def test_the_reconstruction_target_is_the_area_downsampled_frame():
+    """A fine checkerboard (area mean 0.25 per 2x2 cell, where nearest-pixel sampling gives 0 or 1) with a brighter
+    top half and a darker left band (a flip in either axis would show): the target is avg_pool2d, and a decoder
+    that outputs exactly it has zero loss."""
+    from recording import Recording
+
+    tok = FrameTokenizer(FrameTokenizerConfig(vars=2, codes=4, channels=4, target=8), 16).eval()
+    img = torch.zeros(1, 3, 16, 16)
+    img[..., ::2, ::2] = 1.0
+    img[..., :8, :] += 0.5
+    img[..., :, :4] -= 0.25
+    want = torch.nn.functional.avg_pool2d(img, 2)
+    torch.testing.assert_close(tok.target(img), want)
+    tok.decoder = Recording(want.clone())
+    _, loss = tok(img, reduce=False)
+    assert loss.abs().max().item() < 1e-10

@@ -211,3 +211,33 @@ def test_set_predictor_reads_the_quantized_slots():
     enc, pred = sp(torch.rand(2, 3, 32, 32))
     assert not torch.allclose(enc.slots, enc.raw_slots)
     torch.testing.assert_close(pred, sp.head(enc.slots))
+
+
+def test_the_huber_loss_is_linear_beyond_1_on_both_sides():
+    """One coordinate 2 too low: Huber gives 2 - 0.5 = 1.5, averaged over the 19 entries."""
+    target = torch.zeros(1, 1, 19)
+    target[0, 0, 0] = 2.0
+    loss, _ = hungarian_huber_loss(torch.zeros(1, 1, 19), target)
+    assert loss.item() == pytest.approx(1.5 / 19)
+
+
+def test_the_decoder_keeps_each_images_slots_together():
+    """The broadcast net's `(b k) c h w` output regrouped: image 1's slots paint 1, image 0's paint 0, so each
+    image's mixture is its own constant."""
+    from recording import Recording
+
+    dec = SpatialBroadcastDecoder(slot_dim=4, resolution=8, channels=4, init_size=8)
+    out = torch.zeros(4, 4, 8, 8)
+    out[2:4, :3] = 1.0
+    dec.net = Recording(out)
+    d = dec(torch.zeros(2, 2, 4))
+    torch.testing.assert_close(d.recon[1], torch.ones(3, 8, 8))
+    torch.testing.assert_close(d.recon[0], torch.zeros(3, 8, 8))
+
+
+def test_the_decoders_mask_logits_learn_from_the_reconstruction():
+    torch.manual_seed(0)
+    dec = SpatialBroadcastDecoder(slot_dim=4, resolution=8, channels=4, init_size=8)
+    d = dec(torch.randn(2, 3, 4))
+    F.mse_loss(d.recon, torch.rand(2, 3, 8, 8)).backward()
+    assert dec.net[-1].weight.grad[3].abs().sum() > 0

@@ -1,5 +1,7 @@
 """Tests for world_model.metrics: CLEVR AP (vs. a literal loop reference) and (fg-)ARI (vs. sklearn)."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -395,6 +397,36 @@ def test_setpred_accuracy_hand_computed():
     assert out["acc_color"] == 50.0 and out["acc_all"] == 50.0
     assert out["coord_err"] == pytest.approx((0.3 + 0.0) / 2)
     assert out["objectness"] == 100.0
+
+
+def test_ap_decodes_every_color_including_the_last():
+    """A prediction of color 0 for an object of color 7 (the last one) at the right place is no match."""
+    target = obj([0.5, 0.5, 0.5], 0, 1, 2, 7)[None, None]
+    pred = obj([0.5, 0.5, 0.5], 0, 1, 2, 0, last=0.9)[None, None]
+    assert clevr_average_precision(pred, target, None) == 0.0
+    assert clevr_average_precision(target, target, None) == 1.0
+
+
+def test_setpred_matching_counts_the_confidence_column():
+    """A real object and a non-object row with the same properties, 0.01 apart: by properties alone, slot 0 (which
+    says "no object") would take the real one. With the confidence column in the cost it goes to slot 1, so both
+    rows' objectness is right."""
+    from world_model.metrics import setpred_accuracy
+
+    target = np.stack([_row([0.5] * 3, 0, 0, 0, 0, 1), _row([0.51] * 3, 0, 0, 0, 0, 0)])[None]
+    pred = np.stack([_row([0.5] * 3, 0, 0, 0, 0, 0), _row([0.51] * 3, 0, 0, 0, 0, 1)])[None]
+    out = setpred_accuracy(pred, target)
+    assert out["objectness"] == 100.0
+    assert out["coord_err"] == pytest.approx(0.01 * 6 * math.sqrt(3))
+
+
+def test_setpred_objectness_counts_the_non_object_rows_too():
+    """Both slots say "object" but one target row is not one: objectness is 1 of 2 rows, 50%."""
+    from world_model.metrics import setpred_accuracy
+
+    target = np.stack([_row([0.5] * 3, 0, 0, 0, 0, 1), _row([0.1] * 3, 1, 1, 1, 1, 0)])[None]
+    pred = np.stack([_row([0.5] * 3, 0, 0, 0, 0, 0.9), _row([0.1] * 3, 1, 1, 1, 1, 0.8)])[None]
+    assert setpred_accuracy(pred, target)["objectness"] == 50.0
 
 
 def test_inputs_that_would_give_a_wrong_number_are_refused():

@@ -7,9 +7,11 @@ import warnings
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
-from nle import nethack
 
-from envs.nethack import PAD_GLYPH, STATUS_LEVELS, TILE, NetHackEnv, glyph_tiles, nethack_summary, status_tokens
+nethack = pytest.importorskip("nle.nethack", reason="NetHack is the [nethack] extra: pip install -e \".[nethack]\"")
+
+from envs.nethack import (PAD_GLYPH, STATUS_LEVELS, TILE, NetHackEnv, glyph_tiles,  # noqa: E402
+                          nethack_summary, status_tokens)
 
 ACTIONS = [1, 2, 3, 4, 5, 6, 7, 8, 1, 3, 5, 7, 2, 4, 6, 8, 18, 1, 2, 3]  # compass moves and search
 

@@ -1,5 +1,6 @@
 """End-to-end pretraining: the CLI smoke run, exact resume, eval-ap output, NaN handling, run-dir errors."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ from torch import nn
 
 import run
 from world_model.config import PretrainConfig, load_config
-from world_model.pretrain import build_model, compute_loss, load_run, pretrain
+from world_model.pretrain import build_model, compute_loss, load_run, preflight, pretrain
 from world_model.rundir import RunDir, RunDirError, read_jsonl
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -92,7 +93,7 @@ def test_eval_every_zero_evaluates_at_the_end_only(tmp_path):
 
 def test_discovery_task_reports_fg_ari(tmp_path, capsys):
     """FG-ARI where the data has instance masks; on a CLEVR directory without them (real CLEVR ships none) eval-ap
-    says why it is missing."""
+    says why it is missing, and so does a run training on it."""
     from envs.clevr import write_dataset
 
     result = pretrain(tiny_cfg("task=discovery", "model.slots=slot_attention", "train.steps=4"), str(tmp_path / "d"),
@@ -106,6 +107,12 @@ def test_discovery_task_reports_fg_ari(tmp_path, capsys):
     assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "d"), "--clevr-root", str(tmp_path / "clevr")]) == 0
     out, err = capsys.readouterr()
     assert "note: no FG-ARI: CLEVR" in err and "hold no instance masks" in err and "fg_ari" not in out
+    clevr = tmp_path / "clevr"  # training on it says so before the first evaluation leaves FG-ARI out
+    result = pretrain(tiny_cfg("task=discovery", "data.source=clevr", f"data.root={clevr}", "data.split=val",
+                               "train.steps=1", "data.eval_images=2"), str(tmp_path / "c"), progress=False)
+    assert (f"note: {clevr} holds no instance masks for split val (real CLEVR ships none; `run.py generate` writes "
+            "them): the evaluations score the reconstruction (mse), not FG-ARI") in capsys.readouterr().err
+    assert "mse" in result and "fg_ari" not in result
 
 
 def test_nan_loss_skips_update(tmp_path, monkeypatch):
@@ -138,6 +145,11 @@ def test_run_dir_rules(tmp_path, capsys):
     with pytest.raises(RunDirError, match="--resume"):
         pretrain(tiny_cfg("train.steps=2"), str(tmp_path / "r"), progress=False)
     capsys.readouterr()
+    assert run.main(["pretrain", "--run-dir", str(tmp_path / "r"), *TINY]) == 2  # refused before the config dump
+    out, err = capsys.readouterr()
+    assert out == "" and err == (f"error: run directory {tmp_path / 'r'} already holds a checkpoint of a `run.py "
+                                 f"pretrain` run; `run.py pretrain --resume {tmp_path / 'r'}` continues it, or choose "
+                                 "another --run-dir\n")
     pretrain(tiny_cfg("train.steps=1"), str(tmp_path / "r"), resume=True, progress=False)  # nothing left to train
     assert "already at step 2 of train.steps=1; pass train.steps=N with N > 2" in capsys.readouterr().err
     assert "  steps: 2\n" in (tmp_path / "r" / "config.yaml").read_text()  # the run's length, not the override's
@@ -288,7 +300,7 @@ def test_pretrain_and_eval_on_a_clevr_directory(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert f"on 4 images (CLEVR {tmp_path / 'clevr'} split val, scenes of 3-10 objects)" in out
     assert "hold 4 images, fewer than the 10 asked for" in err  # said, not silently fewer
-    assert json.loads((rd / "eval_ap_clevr_val.json").read_text())["images"] == 4  # beside eval_ap.json, not over it
+    assert json.loads((rd / "eval_ap_clevr_clevr_val.json").read_text())["images"] == 4  # beside eval_ap.json
 
 
 def test_held_out_scenes_come_in_fixed_chunks():
@@ -390,7 +402,9 @@ def test_a_frames_run_resumes_on_the_same_game_and_notes_a_moved_split(tmp_path,
     pretrain(tiny_cfg("train.steps=1"), str(tmp_path / "g"), progress=False)
     capsys.readouterr()
     assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "g"), "--data", str(tmp_path / "a2")]) == 2
-    assert "--data is for a run pretrained on game frames" in capsys.readouterr().err
+    assert ("--data is for a run pretrained on game frames (`run.py pretrain --data DIR`); "
+            f"{tmp_path / 'g'} trained on data.source=generated: for CLEVR scenes on disk pass --clevr-root DIR") in \
+        capsys.readouterr().err
 
 
 def test_sigterm_is_handled_as_ctrl_c(tmp_path):
@@ -596,7 +610,7 @@ def test_a_clevr_run_checks_its_eval_split_before_training(tmp_path, capsys):
     out = capsys.readouterr().out
     assert (f"on 1 images (CLEVR {moved} split val, scenes of 3-10 objects); AP, accuracies and objectness in %; "
             "coord_err in scene units; empty_slots per image:") in out
-    assert (tmp_path / "r2" / "eval_ap_clevr_val.json").is_file()
+    assert (tmp_path / "r2" / "eval_ap_clevr_moved_val.json").is_file()  # beside those on other roots
     assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "r2"), "--split", "train"]) == 2
     assert "if it moved, pass --clevr-root DIR (its split train is read there)" in capsys.readouterr().err
     viz = ["visualize", "--checkpoint", str(tmp_path / "r2"), "--frames", "1", "--out", str(tmp_path / "v")]
@@ -608,6 +622,55 @@ def test_a_clevr_run_checks_its_eval_split_before_training(tmp_path, capsys):
                                                                         "empty_slots per image")  # a discovery run
     pretrain(tiny_cfg("train.steps=1", "data.pool=1", "train.eval_every=0"), str(tmp_path / "p"), progress=False)
     assert "the training data holds 1 images, fewer than train.batch_size=2" in capsys.readouterr().err  # a pool too
+
+
+def test_set_prediction_with_fewer_slots_than_objects_is_refused_before_the_run_starts(tmp_path, capsys):
+    """A scene of data.max_objects objects needs as many slots: refused before anything is written or printed, not
+    at the first batch holding such a scene (hours in, with checkpoints of a run no resume could fix)."""
+    assert run.main(["pretrain", "--config", "clevr_tiny", "--run-dir", str(tmp_path / "r"), "model.num_slots=9"]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip() == ("error: model.num_slots=9 is fewer than data.max_objects=10: set prediction gives each "
+                           "object a slot of its own; set model.num_slots >= data.max_objects, or lower "
+                           "data.max_objects")
+    assert out == "" and not (tmp_path / "r").exists()
+    preflight(load_config(PretrainConfig, "clevr_tiny", ["model.num_slots=6", "data.max_objects=6"]))  # CLEVR6
+    preflight(load_config(PretrainConfig, "clevr_discovery_cpu", ["model.num_slots=4"]))  # discovery: slots may share
+
+
+def test_compare_puts_the_runs_last_evaluations_side_by_side(tmp_path, capsys):
+    """Two tiny set-prediction runs, GMM and Slot Attention: a column per run under the settings that tell them
+    apart, a row per logged evaluation key (the AP table first) with the numbers of metrics.jsonl; runs of two
+    commands, a run without an evaluation and a folder that is no run are one-line errors."""
+    import shutil
+
+    for slots in ("gmm", "slot_attention"):
+        pretrain(tiny_cfg("train.steps=2", f"model.slots={slots}"), str(tmp_path / slots), progress=False)
+    capsys.readouterr()
+    assert run.main(["compare", str(tmp_path / "gmm"), str(tmp_path / "slot_attention")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in lines if not line.startswith("-")}
+    assert list(rows)[:7] == ["run", "task", "slots", "num_slots", "data", "step", "AP_inf"]
+    assert rows["run"] == rows["slots"] == ["gmm", "slot_attention"] and rows["step"] == ["2", "2"]
+    for i, slots in enumerate(("gmm", "slot_attention")):
+        logged = [r for r in read_jsonl(tmp_path / slots / "metrics.jsonl") if "eval/AP_inf" in r][-1]
+        assert rows["AP_0.5"][i] == f"{logged['eval/AP_0.5']:.4g}" and rows["objectness"][i] == \
+            f"{logged['eval/objectness']:.4g}"
+    wm = tmp_path / "wm"  # a world-model run's files, as far as compare reads them
+    wm.mkdir()
+    shutil.copy(CONFIGS / "wm_crafter_cpu.yaml", wm / "config.yaml")
+    assert run.main(["compare", str(tmp_path / "gmm"), str(wm)]) == 2
+    assert "compare takes runs of one command; these are runs of pretrain and train-wm" in capsys.readouterr().err
+    early = tmp_path / "early"
+    early.mkdir()
+    shutil.copy(tmp_path / "gmm" / "config.yaml", early / "config.yaml")
+    assert run.main(["compare", str(tmp_path / "gmm"), str(early)]) == 2
+    assert f"{early}: no evaluation logged yet" in capsys.readouterr().err
+    assert run.main(["compare", str(tmp_path)]) == 2 and "no run at" in capsys.readouterr().err
+    (tmp_path / "again").mkdir()  # two runs of one folder name: named by their paths
+    shutil.copytree(tmp_path / "gmm", tmp_path / "again" / "gmm")
+    assert run.main(["compare", str(tmp_path / "gmm"), str(tmp_path / "again" / "gmm")]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split() == ["run", str(tmp_path / "gmm"),
+                                                              str(tmp_path / "again" / "gmm")]
 
 
 def test_a_data_root_that_the_source_would_not_read_is_refused():
@@ -680,7 +743,7 @@ def test_an_update_with_a_non_finite_gradient_is_skipped():
     assert q.item() == pytest.approx(-0.5) and float(stats["grad_norm"]) == pytest.approx(3.0)
 
 
-def test_discovery_evaluation_mse_is_per_pixel_over_every_image():
+def test_discovery_evaluation_mse_is_per_pixel_over_every_image(capsys):
     """evaluate's discovery MSE divides the summed squared error by every pixel entry of every image: two black
     3x4x4 images reconstructed as mid-gray score 0.25 (per image of the batch it would be 0.5)."""
     from types import SimpleNamespace
@@ -697,6 +760,10 @@ def test_discovery_evaluation_mse_is_per_pixel_over_every_image():
     cfg = load_config(PretrainConfig, None, ["task=discovery", "train.amp=false"])
     result = evaluate(Gray(), cfg, torch.device("cpu"), 2, batches=iter([{"images": torch.zeros(2, 3, 4, 4)}]))
     assert result["images"] == 2 and result["mse"] == pytest.approx(0.25) and result["empty_slots"] == 0
+    assert capsys.readouterr().err == ""  # no bar unless asked
+    again = evaluate(Gray(), cfg, torch.device("cpu"), 2, batches=iter([{"images": torch.zeros(2, 3, 4, 4)}]),
+                     progress=True)
+    assert again == result and re.search(r"evaluating: .*/2 \[", capsys.readouterr().err)  # a bar over 2 images
 
 
 def test_bench_timer_is_seconds_per_timed_call_after_warmup(monkeypatch):

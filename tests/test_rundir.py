@@ -438,6 +438,32 @@ def test_a_resume_keeps_the_episodes_its_checkpoint_counted_and_blanks_damaged_l
     assert path.read_text() == ""
 
 
+def test_a_growing_log_is_read_by_its_new_lines_only(tmp_path):
+    """JsonlTail: appended lines are read as they complete (a torn last line waits), a file that shrank is read from
+    its start, and a damaged line before the end is an error naming the file and the line (blank lines counted),
+    after which a call reads the same lines again, not records twice."""
+    from envs.errors import DataError
+    from envs.jsonl import JsonlTail
+
+    path = tmp_path / "stats.jsonl"
+    tail = JsonlTail(path)
+    assert tail.records() == []  # no file yet
+    path.write_text('{"length": 1}\n{"length": 2}\n{"len')
+    assert [r["length"] for r in tail.records()] == [1, 2]
+    with open(path, "a") as f:
+        f.write('gth": 3}\n')
+    assert [r["length"] for r in tail.records()] == [1, 2, 3]
+    path.write_text('{"length": 5}\n')
+    assert [r["length"] for r in tail.records()] == [5]
+    with open(path, "a") as f:
+        f.write('\n{"length": 6}\nnot json\n')
+    for _ in range(2):
+        with pytest.raises(DataError, match=r"stats.jsonl: line 4 is not JSON"):
+            tail.records()
+    path.write_text('{"length": 5}\n\n{"length": 6}\n{"length": 7}\n')  # mended in place, grown
+    assert [r["length"] for r in tail.records()] == [5, 6, 7]
+
+
 def test_a_torn_last_line_is_not_counted_as_damaged(tmp_path, capsys):
     """read_records(valid=...) drops every line that is not a row with a step, but counts in its warning only the lines before
     the last (a torn last line is what a killed writer leaves, not damage): one bad middle line -> "dropped 1"."""

@@ -711,6 +711,7 @@ def test_the_prediction_picture_has_a_row_per_step_and_named_columns():
     assert [[centre(r, c) for c in range(3)] for r in range(2)] == [[0.0, 0.5, 1.0], [0.25, 0.5, 1.0]]
     assert float(grid[:, :16].min()) < 0.5  # the names, drawn dark on the white strip
 
+
 def test_train_wm_prints_its_last_evaluation_once_then_its_json_line(tmp_path, capsys):
     """The table of the last evaluation as it ran, then the one JSON line; a resumed finished run shows the logged
     one (not evaluated again)."""
@@ -725,3 +726,31 @@ def test_train_wm_prints_its_last_evaluation_once_then_its_json_line(tmp_path, c
     out = capsys.readouterr().out
     assert out.count("open-loop prediction on held-out segments (as logged)") == 1
     assert "h1/code_acc" in json.loads(out.strip().splitlines()[-1])
+
+
+def test_frames_to_input_averages_pixels_when_it_shrinks():
+    """A 4x4 frame with every other pixel of every other row white, shrunk to 2x2: each cell is its 2x2 area's mean
+    0.25 (nearest-pixel sampling would give 1 or 0)."""
+    from world_model.wm import frames_to_input
+
+    f = torch.zeros(1, 1, 4, 4, 3, dtype=torch.uint8)
+    f[0, 0, ::2, ::2] = 255
+    torch.testing.assert_close(frames_to_input(f, 2), torch.full((1, 1, 3, 2, 2), 0.25))
+
+
+def test_open_loop_takes_the_most_likely_codes(tmp_path):
+    """open_loop's predictions do not depend on the random state: it takes the argmax, not a sample."""
+    from world_model.train_wm import build_wm_for, split_dataset, to_batch
+
+    cfg = wm_cfg(toy_dataset(tmp_path / "d"))
+    train, _, _ = split_dataset(cfg)
+    torch.manual_seed(0)
+    wm = build_wm_for(cfg, 6, torch.device("cpu")).eval()
+    enc = wm.encode(to_batch(train.sample(1, 6, np.random.default_rng(0)), 16, torch.device("cpu"))["images"])
+    runs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        runs.append(wm.open_loop(enc, torch.tensor([[0, 1, 2, 3, 0, 1]]), context=2, horizon=4))
+    for key in ("slot_codes", "frame_codes", "reward", "cont"):
+        if runs[0][key] is not None:
+            assert torch.equal(runs[0][key], runs[1][key]), key

@@ -498,6 +498,15 @@ def _closest_command(loaded: Any) -> Optional[str]:
     return winners[0] if best and len(winners) == 1 else None
 
 
+def encoder_run_config(checkpoint: str) -> Any:
+    """The pretraining config of a world model's `encoder.checkpoint`; an error names the key, which may come from a
+    preset."""
+    try:
+        return load_run_config("pretrain", checkpoint)
+    except ConfigError as e:
+        raise ConfigError(f"encoder.checkpoint={checkpoint}: {e}") from None
+
+
 def load_run_config(command: str, run_dir: str | Path, overrides: Sequence[str] = ()) -> Any:
     """The config of a run directory made by `run.py <command>` (plus overrides), with an error that says so when the
     directory holds no run or another command's run."""

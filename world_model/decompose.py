@@ -23,7 +23,7 @@ from .perception import SlotAutoencoder
 from .pretrain import load_run
 from .sources import eval_batches, use_clevr_root
 from .rundir import check_out_dir, fixed_rng, resolve_device
-from .visualize import colorize, decomposition_grid, decomposition_labels, labeled, save_png, tile, upscale
+from .visualize import colorize, decomposition_picture, edit_labels, labeled, save_png, tile, upscale
 from .wm import frames_to_input
 
 VIDEO_SCALE = 4  # frames are upscaled (nearest) so 64x64 games stay legible in the video
@@ -198,6 +198,8 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
     values = None if edit is None else edit_values(model, int(edit[0]), int(edit[1]), edit[2])  # before any output
     if run.trained_env and run.trained_env != env:
         print(f"note: {checkpoint} was trained on {run.trained_env} frames, shown {env} frames here", file=sys.stderr)
+    elif run.pretrain_cfg is not None and run.pretrain_cfg.data.source in ("generated", "clevr") and env != "clevr":
+        print(f"note: {checkpoint} was trained on CLEVR-like scenes, shown {env} frames here", file=sys.stderr)
     out = check_out_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if env == "clevr":
@@ -230,15 +232,14 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
         writer = SummaryWriter(str(out / "tb"))
     written = []
     for t in range(images.shape[0]):
-        grid = decomposition_grid(images[t:t + 1], result["masks"][t:t + 1],
-                                  None if result["recon"] is None else result["recon"][t:t + 1],
-                                  None if result["rgb"] is None else result["rgb"][t:t + 1], max_images=1)
+        picture = decomposition_picture(images[t:t + 1], result["masks"][t:t + 1],
+                                        None if result["recon"] is None else result["recon"][t:t + 1],
+                                        None if result["rgb"] is None else result["rgb"][t:t + 1], max_images=1)
         path = out / f"frame_{t:04d}.png"
-        labels = decomposition_labels(result["recon"] is not None, result["masks"].shape[1])
-        save_png(labeled(upscale(grid, images.shape[-1]), labels, images.shape[-1]), path)
+        save_png(picture, path)
         written.append(path)
         if writer is not None:
-            writer.add_image("slots/decomposition", grid, global_step=t)
+            writer.add_image("slots/decomposition", picture, global_step=t)
     video = write_video(video_frames(images, result), out / f"{env}_slots")
     summary = {"checkpoint": checkpoint, "step": run.step, "env": env, "frames": images.shape[0],
                "pngs": len(written), "video": str(video), "slots": run.model_cfg.slots,
@@ -253,10 +254,11 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
         with fixed_rng(seed, dev):
             grid = edit_codes(model, images[: min(4, len(images))].to(dev), int(slot), int(var), values).cpu()
         path = out / f"edit_slot{slot}_var{var}_{value}.png"
-        save_png(upscale(grid, images.shape[-1]), path)
+        picture = labeled(upscale(grid, images.shape[-1]), edit_labels(int(slot), int(var), values), images.shape[-1])
+        save_png(picture, path)
         summary["edit"] = str(path)
         if writer is not None:
-            writer.add_image("slots/edit", grid, global_step=0)
+            writer.add_image("slots/edit", picture, global_step=0)
     if writer is not None:
         writer.close()
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

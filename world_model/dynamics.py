@@ -241,18 +241,19 @@ def dynamics_loss(pred: Predictions, slot_codes: torch.Tensor, frame_codes: Opti
 
     slot_codes `b t k v`, frame_codes `b t g` or None, rewards `b t`, continues `b t` (1 = continues),
     mask `b t` bool (False excludes that step as a target), `count`: the divisor of the masked means in place of the
-    targets' count (`masked_mean`). Returns (loss, detached stats); the accuracies of the learned frame codes
-    (`acc_frame`) and of the env's status tokens, the last `status_vars` frame codes (`acc_status`), apart."""
+    targets' count (`masked_mean`). Returns (loss, detached stats); the accuracies are in % (as the evaluations'),
+    those of the learned frame codes (`acc_frame`) and of the env's status tokens, the last `status_vars` frame
+    codes (`acc_status`), apart."""
     target_mask = mask[:, 1:] if mask is not None else None
 
     def step_mean(x, m):  # masked_mean over the targets' count
         return masked_mean(x, m, count)
 
-    def codes_ce(logits, target):  # logits b t ... c, target b t ... -> (ce b t, hits b t ...)
+    def codes_ce(logits, target):  # logits b t ... c, target b t ... -> (ce b t, hits b t ... in %)
         logits = logits[:, :-1].float()
         target = target[:, 1:]
         ce = F.cross_entropy(logits.flatten(0, -2), target.flatten(), reduction="none").view(target.shape)
-        return ce.flatten(2).mean(-1), (logits.argmax(-1) == target).float()
+        return ce.flatten(2).mean(-1), (logits.argmax(-1) == target).float() * 100
 
     slot_ce, slot_hits = codes_ce(pred.slot_logits, slot_codes)
     stats = {"loss_slots": step_mean(slot_ce, target_mask), "acc_slots": step_mean(slot_hits.flatten(2).mean(-1),

@@ -23,7 +23,7 @@ from envs.episodes import check_recorded_root, read_meta
 from envs.errors import DataError, UsageError
 
 from . import distributed
-from .config import PretrainConfig, check_against_checkpoint, load_run_config, save_config
+from .config import ConfigError, PretrainConfig, check_against_checkpoint, load_run_config, save_config
 from .losses import hungarian_huber_loss
 from .metrics import clevr_ap_table, fg_ari, setpred_accuracy
 from .perception import SetPredictor, SlotAutoencoder
@@ -33,7 +33,7 @@ from .slots.vq import temperature
 from .sources import (EVAL_SEED, ClevrScenes, EpisodeFrames, check_source, eval_batches, make_source, train_batches,
                       use_clevr_root)
 from .updates import StepMeans, autocast, guarded_update, lr_factor
-from .visualize import decomposition_grid, upscale
+from .visualize import decomposition_picture
 
 def build_model(cfg: PretrainConfig) -> nn.Module:
     """The pretraining model of `cfg.task`: a SetPredictor (setpred) or a SlotAutoencoder (discovery)."""
@@ -76,22 +76,30 @@ def preflight(cfg: PretrainConfig) -> None:
             except DataError as e:
                 raise DataError(f"{key}={split}: {e}") from None
     distributed.check_divides(cfg.train.batch_size, "train.batch_size")
+    if cfg.task == "setpred" and cfg.model.num_slots < cfg.data.max_objects:  # else refused at the first such scene
+        raise ConfigError(f"model.num_slots={cfg.model.num_slots} is fewer than data.max_objects="
+                          f"{cfg.data.max_objects}: set prediction gives each object a slot of its own; set "
+                          "model.num_slots >= data.max_objects, or lower data.max_objects")
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, cfg: PretrainConfig, device: torch.device, n_images: int,
-             batches: Optional[Iterator[dict]] = None) -> dict:
+             batches: Optional[Iterator[dict]] = None, progress: bool = False) -> dict:
     """AP table (set prediction) or FG-ARI + MSE (discovery) on held-out scenes, plus the mean number of
-    near-empty slots per image; RNG-neutral for training."""
+    near-empty slots per image; RNG-neutral for training. `progress`: a bar over the images."""
+    from tqdm import tqdm
+
     batches = batches if batches is not None else eval_batches(cfg, device, n_images)
     was_training = model.training
     model.eval()
     preds, targets, aris, sq_err, pixels, count, empty = [], [], [], 0.0, 0, 0, 0.0
-    with fixed_rng(EVAL_SEED, device):
+    bar = tqdm(total=n_images, desc="evaluating", unit="image", disable=not progress, leave=False)
+    with fixed_rng(EVAL_SEED, device), bar:
         for batch in batches:
             with autocast(device, cfg.train.amp):
                 enc, out = model(batch["images"])
             count += batch["images"].shape[0]
+            bar.update(batch["images"].shape[0])
             # Slot collapse detector: slots holding < 1% of the assignment mass of their image.
             empty += (enc.attn.float().mean(-1) < 0.01).sum().item()
             if cfg.task == "setpred":
@@ -119,10 +127,10 @@ def log_images(logger: MetricLogger, step: int, cfg: PretrainConfig, batch: dict
     enc, out = outputs
     images = batch["images"]
     if cfg.task == "discovery":
-        grid = decomposition_grid(images, out.masks.squeeze(2), out.recon, out.rgb)
+        picture = decomposition_picture(images, out.masks.squeeze(2), out.recon, out.rgb)
     else:
-        grid = decomposition_grid(images, enc.attn_maps(images.shape[-2:]))
-    logger.image(step, "slots/decomposition", upscale(grid, images.shape[-1]))
+        picture = decomposition_picture(images, enc.attn_maps(images.shape[-2:]))
+    logger.image(step, "slots/decomposition", picture)
 
 
 def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: bool = True) -> dict:
@@ -157,6 +165,11 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
     if cfg.data.source == "clevr" and cfg.data.split == cfg.data.eval_split and distributed.is_main() and not resume:
         print(f"note: data.split and data.eval_split are both {cfg.data.split!r}: the run evaluates on the images it "
               "trains on; set data.eval_split to a held-out split", file=sys.stderr)
+    no_masks = not (Path(str(cfg.data.root)) / "masks" / cfg.data.eval_split).is_dir()
+    if cfg.task == "discovery" and cfg.data.source == "clevr" and no_masks and distributed.is_main() and not resume:
+        print(f"note: {cfg.data.root} holds no instance masks for split {cfg.data.eval_split} (real CLEVR ships none; "
+              "`run.py generate` writes them): the evaluations score the reconstruction (mse), not FG-ARI",
+              file=sys.stderr)
     if cfg.data.source == "frames" and cfg.data.crop and distributed.is_main() and not resume:
         print("note: data.crop=true cuts CLEVR's object-discovery window; game frames are used whole (a CLEVR preset's "
               "setting)", file=sys.stderr)
@@ -202,7 +215,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
 
     def evaluated() -> dict:
         with shown(bar, "evaluating on held-out images"):
-            return evaluate(model, cfg, device, cfg.data.eval_images)
+            return evaluate(model, cfg, device, cfg.data.eval_images, progress=not bar.disable)
 
     if distributed.is_main() and stopped_evaluation(logger, step, cfg.train.eval_every, cfg.train.steps):
         logger.scalars(step, evaluated(), prefix="eval/")
@@ -292,11 +305,13 @@ def split_note(before: Optional[dict], now: dict, root: Optional[str]) -> Option
 
 
 def evaluate_run(run_dir: str, data: Optional[str] = None, clevr_root: Optional[str] = None,
-                 split: Optional[str] = None, images: Optional[int] = None, device: str = "auto") -> dict:
+                 split: Optional[str] = None, images: Optional[int] = None, device: str = "auto",
+                 progress: bool = False) -> dict:
     """`run.py eval-ap`: a pretraining run's last checkpoint evaluated on `images` held-out images (default: its
     data.eval_images) of its own data, or of episodes `data` (a frames run), or of the CLEVR v1.0 root `clevr_root`
     (e.g. moved since training) at `split` (default: its data.eval_split). The scores, with what was evaluated on
-    ("data", "source", "split"), the run's step, task, slots and vq; notes on what it could not score go to stderr."""
+    ("data", "source", "split"), the run's step, task, slots and vq; notes on what it could not score go to stderr.
+    `progress`: a bar over the images."""
     torch_device = resolve_device(device)
     cfg, model, state = load_run(run_dir, torch_device)
     if data:
@@ -305,7 +320,8 @@ def evaluate_run(run_dir: str, data: Optional[str] = None, clevr_root: Optional[
                              "evaluate on: pass one (--split picks a split of a CLEVR root)")
         if cfg.data.source != "frames":
             raise UsageError(f"--data is for a run pretrained on game frames (`run.py pretrain --data DIR`); "
-                             f"{run_dir} trained on data.source={cfg.data.source}")
+                             f"{run_dir} trained on data.source={cfg.data.source}: for CLEVR scenes on disk pass "
+                             "--clevr-root DIR")
         trained, given = (state.get("frames") or {}).get("env"), read_meta(data)["env"]
         if trained and given != trained:
             raise DataError(f"{data} holds {given} episodes; {run_dir} was trained on {trained} frames")
@@ -320,7 +336,7 @@ def evaluate_run(run_dir: str, data: Optional[str] = None, clevr_root: Optional[
     if split:
         cfg.data.eval_split = split
     n = images or cfg.data.eval_images
-    result = evaluate(model, cfg, torch_device, n, batches=eval_batches(cfg, torch_device, n))
+    result = evaluate(model, cfg, torch_device, n, batches=eval_batches(cfg, torch_device, n), progress=progress)
     source = {"generated": "generated scenes", "clevr": f"CLEVR {cfg.data.root} split {cfg.data.eval_split}, scenes "
                                                         f"of {cfg.data.min_objects}-{cfg.data.max_objects} objects",
               "frames": f"held-out frames of {cfg.data.root}"}.get(cfg.data.source, cfg.data.source)

@@ -126,14 +126,8 @@ class RunDir:
             fix = (f"it holds {', '.join(stale)} of a run that stopped before its first checkpoint: remove "
                    f"{run.path} and start a new run" if stale else "start a new run without --resume")
             raise RunDirError(f"cannot resume: no checkpoint at {run.ckpt_path}; {fix}")
-        if not resume and run.ckpt_path.is_file():
-            from .config import schema_command  # world_model.config imports half the package
-
-            made_by = schema_command(run.config_path)  # whose run it is: its own command resumes it
-            whose, resume_it = ((f" of a `run.py {made_by}` run", f"`run.py {made_by} --resume {run.path}`")
-                                if made_by else ("", "--resume"))
-            raise RunDirError(f"run directory {run.path} already holds a checkpoint{whose}; {resume_it} continues it, "
-                              "or choose another --run-dir")
+        if not resume:
+            run.refuse_checkpoint()
         if distributed.is_main() and not resume:  # rank 0 only: under torchrun, the others could see its fresh logs
             stale = run.leftovers()
             if stale:
@@ -146,6 +140,18 @@ class RunDir:
             if resume:
                 run._remove_torn_writes()
         return run
+
+    def refuse_checkpoint(self) -> None:
+        """A new run may not start where an earlier run's checkpoint is: the error names the command resuming it."""
+        if not self.ckpt_path.is_file():
+            return
+        from .config import schema_command  # world_model.config imports half the package
+
+        made_by = schema_command(self.config_path)  # whose run it is: its own command resumes it
+        whose, resume_it = ((f" of a `run.py {made_by}` run", f"`run.py {made_by} --resume {self.path}`")
+                            if made_by else ("", "--resume"))
+        raise RunDirError(f"run directory {self.path} already holds a checkpoint{whose}; {resume_it} continues it, "
+                          "or choose another --run-dir")
 
     def _remove_torn_writes(self) -> None:
         """The temporary files of writes a kill stopped midway (a checkpoint, a replay chunk, an evaluation's

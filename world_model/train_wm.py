@@ -27,8 +27,8 @@ from envs.episodes import (STEP_KEYS, check_recorded_root, episode_length, episo
                            load_episode, more_episodes_command, read_meta)
 
 from . import distributed
-from .config import (DERIVED, WMEncoderConfig, WorldModelConfig, check_against_checkpoint, load_run_config,
-                     save_config, schema_command)
+from .config import (DERIVED, ConfigError, WMDataConfig, WMEncoderConfig, WMEvalConfig, WorldModelConfig,
+                     check_against_checkpoint, load_run_config, save_config, schema_command)
 from .dynamics import DynamicsConfig
 from .frame_tokenizer import FrameTokenizerConfig, frame_token_size, status_vars
 from .pretrain import load_run
@@ -141,7 +141,10 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
         enc.model, enc.resolution = saved.model, saved.resolution
         autoencoder, joint = SlotAutoencoder(enc.model, enc.resolution), enc.mode == "joint"
     elif enc.checkpoint:
-        pre_cfg, autoencoder, pre_state = load_run(enc.checkpoint, device)
+        try:
+            pre_cfg, autoencoder, pre_state = load_run(enc.checkpoint, device)
+        except ConfigError as e:  # the key may come from a preset: name it (as `encoder_run_config` does)
+            raise ConfigError(f"encoder.checkpoint={enc.checkpoint}: {e}") from None
         learned_on = (pre_state.get("frames") or {}).get("env")
         if env and learned_on and learned_on != env and distributed.is_main():
             print(f"note: encoder.checkpoint={enc.checkpoint} was pretrained on {learned_on} frames; this run is on "
@@ -149,9 +152,11 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
         if not isinstance(autoencoder, SlotAutoencoder):
             raise UsageError(f"encoder.checkpoint={enc.checkpoint} is a {pre_cfg.task} run; the world model needs a "
                              "discovery run (run.py pretrain --data DIR model.vq.enabled=true)")
-        replaced = [k for k, mine, theirs in (("encoder.model", enc.model, pre_cfg.model),
-                                               ("encoder.resolution", enc.resolution, pre_cfg.data.resolution))
-                    if mine != theirs]
+        unset = WMEncoderConfig()  # a value left at its default was not set, so nothing of it is lost
+        replaced = [k for k, mine, theirs, default in (
+            ("encoder.model", enc.model, pre_cfg.model, unset.model),
+            ("encoder.resolution", enc.resolution, pre_cfg.data.resolution, unset.resolution))
+            if mine not in (theirs, default)]
         if replaced and distributed.is_main():
             verb = "differs and is" if len(replaced) == 1 else "differ and are"
             print(f"note: encoder.checkpoint={enc.checkpoint} sets the encoder ({pre_cfg.data.resolution}px, "
@@ -435,10 +440,10 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
             t_last, n_last = now, step
             logger.scalars(step, stats, prefix="train/")
             if "loss" in stats:  # not when every update since the last row was skipped
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", code_acc=f"{100 * stats['acc_slots']:.1f}%")
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", code_acc=f"{stats['acc_slots']:.1f}%")
                 if not progress:  # a log file still shows the run moving
                     print(f"step {step}/{cfg.train.steps}: loss={stats['loss']:.4f}, slot-code accuracy "
-                          f"{100 * stats['acc_slots']:.1f}%", flush=True)
+                          f"{stats['acc_slots']:.1f}%", flush=True)
         evaluating = evaluation_due(step, cfg.train.eval_every, cfg.train.steps)
         if step % cfg.train.ckpt_every == 0 or evaluating:  # also before each evaluation: Ctrl-C or a crash there
             checkpoint()                                    # loses no training step
@@ -469,13 +474,38 @@ def load_wm_run(run_dir: str, device: torch.device) -> tuple[WorldModelConfig, W
     return cfg, wm, state
 
 
+def load_agent_wm(run_dir: str, data: Optional[str],
+                  device: torch.device) -> tuple[WorldModelConfig, WorldModel, dict]:
+    """An agent run's world model as `eval_wm` scores it: a world-model config of its encoder, frame tokens and
+    dynamics on the episodes of `data` (an agent run keeps no dataset), with eval.context and eval.horizons fitted
+    into the steps its dynamics holds; the state gives the step (env steps), env and action count."""
+    from agent.evaluate import load_agent_run
+
+    game = load_run_config("train", run_dir).env.name
+    if not data:
+        raise UsageError(f"{run_dir} is an agent run, which keeps no episode dataset: pass --data DIR, {game} "
+                         f"episodes (run.py collect --env {game} --frames 5000 --out DIR)")
+    agent_cfg, wm, _, state = load_agent_run(run_dir, device)
+    steps, default = agent_cfg.dynamics.max_steps, WMEvalConfig()
+    context = min(default.context, steps // 2)
+    horizons = sorted({min(h, steps - context) for h in default.horizons})
+    if (context, horizons) != (default.context, default.horizons):
+        print(f"note: this agent's dynamics holds {steps} steps (dynamics.max_steps): context {context}, horizons "
+              f"{', '.join(map(str, horizons))}", file=sys.stderr)
+    cfg = WorldModelConfig(encoder=agent_cfg.encoder, frame=agent_cfg.frame, dynamics=agent_cfg.dynamics,
+                           data=WMDataConfig(root=data), eval=WMEvalConfig(context=context, horizons=horizons))
+    return cfg, wm, {"step": state["counters"]["env_steps"], "env": game, "num_actions": state["num_actions"]}
+
+
 def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] = None, device: str = "cpu",
             data: Optional[str] = None, progress: bool = False) -> dict:
-    """`run.py eval-wm`: the horizon table on held-out episodes and a real-vs-imagined video."""
+    """`run.py eval-wm`: the horizon table on held-out episodes and a real-vs-imagined video, of a `run.py train-wm`
+    run or of an agent run's world model (on `data`)."""
     from .decompose import write_video
 
     dev = resolve_device(device)
-    cfg, wm, state = load_wm_run(checkpoint, dev)
+    agent = schema_command(Path(checkpoint) / "config.yaml") == "train"
+    cfg, wm, state = load_agent_wm(checkpoint, data, dev) if agent else load_wm_run(checkpoint, dev)
     if data:
         cfg.data.root = data
     else:

@@ -58,6 +58,11 @@ def decomposition_labels(recon: bool, num_slots: int) -> list[str]:
             *(f"slot {i}" for i in range(num_slots))]
 
 
+def edit_labels(slot: int, var: int, values: list[int]) -> list[str]:
+    """The column names of an `edit_codes` row: the input, its reconstruction, then each code value decoded."""
+    return ["input", "reconstruction", *(f"slot {slot} var {var}: {v}" for v in values)]
+
+
 PNG_MIN_SIDE = 128  # grids are upscaled (nearest) until each picture is at least this many pixels wide
 
 
@@ -72,9 +77,11 @@ def upscale(grid: torch.Tensor, side: int) -> torch.Tensor:
     return grid if factor <= 1 else F.interpolate(grid[None], scale_factor=factor, mode="nearest")[0]
 
 
-def labeled(grid: torch.Tensor, labels: list[str], side: int, pad: int = 2) -> torch.Tensor:
+def labeled(grid: torch.Tensor, labels: list[str], side: int, pad: int = 2,
+            colors: Optional[dict[int, torch.Tensor]] = None) -> torch.Tensor:
     """A `3 H W` grid of `side`-pixel pictures (as `tile` pads them, then `upscale`d) with a white strip above it
-    naming each column (Pillow's built-in font: no font file is read)."""
+    naming each column (Pillow's built-in font: no font file is read); `colors` {column: RGB in [0, 1]} puts a
+    swatch of that color before the column's name (a slot's color in the segmentation)."""
     import numpy as np
     from PIL import Image, ImageDraw, ImageFont
 
@@ -83,9 +90,25 @@ def labeled(grid: torch.Tensor, labels: list[str], side: int, pad: int = 2) -> t
     strip = Image.new("RGB", (grid.shape[-1], 16), "white")
     draw, font = ImageDraw.Draw(strip), ImageFont.load_default()
     for i, text in enumerate(labels):
-        draw.text((gap + i * (cell + gap) + 2, 2), text, fill="black", font=font)
+        left = gap + i * (cell + gap) + 2
+        if colors and i in colors:
+            draw.rectangle((left, 3, left + 9, 12), fill=tuple(int(round(float(c) * 255)) for c in colors[i]))
+            left += 13
+        draw.text((left, 2), text, fill="black", font=font)
     header = torch.from_numpy(np.asarray(strip).copy()).permute(2, 0, 1).to(grid.dtype) / 255  # 3 16 W
     return torch.cat([header, grid.cpu()], 1)
+
+
+def decomposition_picture(images: torch.Tensor, masks: torch.Tensor, recon: Optional[torch.Tensor] = None,
+                          rgb: Optional[torch.Tensor] = None, max_images: int = 4) -> torch.Tensor:
+    """`decomposition_grid` as the PNGs and tensorboard show it: upscaled, under a strip naming the columns (each
+    slot's beside a swatch of its segmentation color)."""
+    side = images.shape[-1]
+    grid = decomposition_grid(images, masks, recon, rgb, max_images)
+    labels = decomposition_labels(recon is not None, masks.shape[1])
+    first = len(labels) - masks.shape[1]  # slot i's column, in the color the segmentation paints it
+    colors = {first + i: PALETTE[i % len(PALETTE)] for i in range(masks.shape[1])}
+    return labeled(upscale(grid, side), labels, side, colors=colors)
 
 
 PREDICTION_COLUMNS = ["real", "decoded", "imagined"]

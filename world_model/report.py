@@ -1,0 +1,68 @@
+"""`run.py compare`: the last evaluations of several runs side by side (GMM vs Slot Attention, VQ or not), a row
+per metric and a column per run, as the seed's tables read."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from envs.errors import UsageError
+
+from .config import load_run_config, schema_command
+from .rundir import read_jsonl
+
+
+def last_evaluation(run_dir: str | Path) -> tuple[str, int, dict]:
+    """A run's command, the step of its last evaluation and that evaluation's scores (`eval/` in metrics.jsonl,
+    the prefix dropped); ({} and step 0 while it has none)."""
+    command = schema_command(Path(run_dir) / "config.yaml")
+    if command is None:
+        load_run_config("pretrain", run_dir)  # the error that says what the folder is instead
+        raise UsageError(f"{run_dir}: config.yaml is not a run's config")
+    rows = [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if any(k.startswith("eval/") for k in r)]
+    if not rows:
+        return command, 0, {}
+    step = rows[-1]["step"]
+    return command, step, {k[5:]: v for r in rows if r["step"] == step for k, v in r.items() if k.startswith("eval/")}
+
+
+def _describe(command: str, run_dir: str | Path) -> dict:
+    """The settings a comparison names each run by."""
+    cfg = load_run_config(command, run_dir)
+    if command == "pretrain":
+        return {"task": cfg.task, "slots": cfg.model.slots + "+vq" * cfg.model.vq.enabled,
+                "num_slots": cfg.model.num_slots, "data": cfg.data.source}
+    where = {"data": Path(cfg.data.root).name} if command == "train-wm" else {"env": cfg.env.name}
+    return {**where, "slots": cfg.encoder.model.slots, "encoder": cfg.encoder.mode}
+
+
+def comparison_table(runs: list[str]) -> str:
+    """The runs' settings, steps and last evaluations: a row per key (those of every run's evaluation: the AP table
+    first, then in the order the runs logged them, the image count last), a column per run named by its folder (by
+    the path given where two folders share a name)."""
+    if len(runs) < 1:
+        raise UsageError("compare needs at least one run directory")
+    found = [(run, *last_evaluation(run)) for run in runs]
+    commands = sorted({command for _, command, _, _ in found})
+    if len(commands) > 1:
+        raise UsageError(f"compare takes runs of one command; these are runs of {' and '.join(commands)}")
+    missing = [run for run, _, _, scores in found if not scores]
+    if missing:
+        raise UsageError(f"{', '.join(missing)}: no evaluation logged yet (metrics.jsonl holds no eval/ row)")
+    keys = list(dict.fromkeys(k for _, _, _, scores in found for k in scores))
+    keys.sort(key=lambda k: 0 if k.startswith("AP_") else 2 if k == "images" else 1)  # AP table first, counts last
+    names = [Path(run).name for run in runs]
+    header = [("run", names if len(set(names)) == len(names) else [str(run) for run in runs])]  # a/run, b/run
+    described = [_describe(command, run) for run, command, _, _ in found]
+    header += [(name, [str(d.get(name)) for d in described]) for name in described[0]]
+    header += [("step", [str(step) for _, _, step, _ in found])]
+    body = [(k, [_number(scores.get(k)) for _, _, _, scores in found]) for k in keys]
+    width = max(len(name) for name, _ in header + body)
+    cols = [max(len(cells[i]) for _, cells in header + body) for i in range(len(runs))]
+    lines = [f"{name:<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, cols)) for name, cells in header]
+    lines.append("-" * (width + sum(w + 2 for w in cols)))
+    lines += [f"{name:<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, cols)) for name, cells in body]
+    return "\n".join(lines)
+
+
+def _number(value) -> str:
+    """A score as the table shows it: 4 significant digits, '-' where a run has none."""
+    return "-" if value is None else f"{value:.4g}"
