@@ -35,7 +35,7 @@ from world_model.config import check_against_checkpoint, save_config
 from world_model.updates import StepMeans, autocast, guarded_update
 from world_model.rundir import (MetricLogger, evaluation_due, fixed_rng, resumed_length, rank_seed,
                                 restore_rng, rng_states, rollback_appended, shown, start_run,
-                                stopped_evaluation)
+                                stopped_evaluation, this_ranks)
 from world_model.frame_tokenizer import status_vars
 from world_model.train_wm import build_world_model, check_max_steps, to_batch
 from world_model.wm import WorldModel, WorldModelLoss
@@ -210,6 +210,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         capacity = local_share(cfg.replay.capacity, "replay.capacity")
         replay_device = device if cfg.replay.on_device else None
         replay = ReplayBuffer(capacity, spec, seed=rank_seed(t.seed), device=replay_device)
+        interval = StepMeans()  # the updates since the last log row
         if resume:
             run.restore(wm, state, "wm")
             run.restore(ac, state, "ac")
@@ -223,6 +224,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             if was.get("train_ratio", t.train_ratio) != t.train_ratio:  # the new ratio holds from here
                 counters["ratio_from"] = [counters["env_steps"], counters["replayed"]]
             restore_rng(state["rng"], t.seed, counters["vector_steps"])
+            interval.load_state_dict(this_ranks(state.get("log_means"), {}))
             t.env_steps = resumed_length(counters["env_steps"], t.env_steps, "train.env_steps", state)
             if new_replay:  # the train ratio holds again from the refill's end
                 replay = ReplayBuffer(capacity, spec, seed=rank_seed(t.seed, counters["vector_steps"]),
@@ -286,8 +288,8 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             run.save_checkpoint({"wm": wm.state_dict(), "ac": ac.state_dict(), "wm_opt": wm_opt.state_dict(),
                                  "ac_opt": ac.optimizer_state(), "counters": dict(counters), "rng": rng_states(),
                                  "replays": names, "config": asdict(cfg), "num_actions": num_actions,
-                                 "status_vars": wm.status_vars,
-                                 "stats_records": count_records(stats, is_episode)})
+                                 "status_vars": wm.status_vars, "stats_records": count_records(stats, is_episode),
+                                 "log_means": distributed.gather_objects(interval.state_dict())})
             if main:
                 for old in (run.path / "replay").glob("*.npz"):
                     if old.name not in kept:
@@ -311,7 +313,6 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         if main and stopped_evaluation(logger, at, t.eval_every, t.env_steps, stride=cfg.env.num_envs):
             last_eval, evaluated_at = evaluate(at), at
         t_last, steps_last, segments = time.perf_counter(), counters["env_steps"], False
-        interval = StepMeans()  # the updates since the last log row
         while counters["env_steps"] < t.env_steps:
             if counters["env_steps"] < t.prefill:
                 actions = rng.integers(num_actions, size=num_envs)

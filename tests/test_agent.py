@@ -197,6 +197,17 @@ def test_log_rows_average_the_updates_since_the_last_row():
     assert means.pop() == {}  # no update since: the next row holds no update stats, not the old ones again
     means.add({"ac/entropy": float("inf")})
     assert math.isnan(means.pop()["ac/entropy"])
+    # a checkpoint between rows keeps the sums as they are held: the restored row is the same bit for bit
+    steps = [{"wm/loss": torch.tensor(v), "wm/acc": torch.tensor(v / 3), "lr": 0.1 * v} for v in (0.1, 0.7, 1.3)]
+    straight, saved = StepMeans(), StepMeans()
+    for stats in steps:
+        straight.add(stats)
+    for stats in steps[:2]:
+        saved.add(stats)
+    resumed = StepMeans()
+    resumed.load_state_dict(json.loads(json.dumps(saved.state_dict())))  # plain numbers, as a checkpoint holds them
+    resumed.add(steps[2])
+    assert resumed.pop() == straight.pop()
 
 
 def test_a_row_after_no_update_repeats_no_loss(tmp_path):

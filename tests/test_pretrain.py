@@ -78,6 +78,33 @@ def test_resume_is_exact(tmp_path, monkeypatch, task, pool, clevr):
     assert metric_rows(straight, after=2) == metric_rows(halves, after=2) != []
 
 
+def test_a_run_stopped_between_log_rows_resumes_with_the_same_rows(tmp_path, monkeypatch):
+    """Rows every 3 steps, checkpoints every 2, the run stopped by a crash in step 3: the resumed run's row at step 3
+    averages steps 1-3 as the straight run's does (the checkpoint keeps the sums since the last row), not step 3
+    alone."""
+    from compare import metric_rows
+    import world_model.pretrain as pt
+
+    over = ["train.steps=6", "train.log_every=3", "train.ckpt_every=2", "train.eval_every=0"]
+    pretrain(tiny_cfg(*over), str(tmp_path / "straight"), progress=False)
+    real, calls = pt.guarded_update, []
+
+    def crash_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("stopped")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pt, "guarded_update", crash_in_step_3)
+    with pytest.raises(RuntimeError, match="stopped"):
+        pretrain(tiny_cfg(*over), str(tmp_path / "halves"), progress=False)
+    monkeypatch.setattr(pt, "guarded_update", real)
+    pretrain(tiny_cfg(*over), str(tmp_path / "halves"), resume=True, progress=False)
+    rows = metric_rows(tmp_path / "straight")
+    assert [r["step"] for r in rows if "train/loss" in r] == [3, 6]
+    assert metric_rows(tmp_path / "halves") == rows
+
+
 def test_eval_every_zero_evaluates_at_the_end_only(tmp_path):
     result = pretrain(tiny_cfg("train.steps=3", "train.eval_every=0"), str(tmp_path / "e"), progress=False)
     assert "AP_inf" in result

@@ -28,7 +28,7 @@ from .losses import hungarian_huber_loss
 from .metrics import clevr_ap_table, fg_ari, setpred_accuracy
 from .perception import SetPredictor, SlotAutoencoder
 from .rundir import (MetricLogger, RunDir, evaluation_due, fixed_rng, resolve_device, resumed_length, restore_rng,
-                     rng_states, shown, start_run, stopped_evaluation)
+                     rng_states, shown, start_run, stopped_evaluation, this_ranks)
 from .slots.vq import temperature
 from .sources import (EVAL_SEED, ClevrScenes, EpisodeFrames, check_source, eval_batches, make_source, train_batches,
                       use_clevr_root)
@@ -147,6 +147,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
     model = build_model(cfg).to(device, memory_format=torch.channels_last)  # `bench pretrain`: faster on CPU and GPU
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     step, skipped = 0, 0
+    means = StepMeans()  # the updates since the last log row
     if resume:
         state = run.load_checkpoint(map_location=device, keys=("model", "optimizer", "step", "skipped", "rng"))
         check_against_checkpoint(cfg, state, run.path)
@@ -154,6 +155,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
         opt.load_state_dict(state["optimizer"])
         step, skipped = state["step"], state["skipped"]
         restore_rng(state["rng"], t.seed, step)
+        means.load_state_dict(this_ranks(state.get("log_means"), {}))
         t.steps = resumed_length(step, t.steps, "train.steps", state)
     # the data first: a bad data path fails before the run directory gets a config
     source = make_source(cfg, device, sharded=True, progress=progress and distributed.is_main(), first_step=step)
@@ -204,12 +206,12 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
     def checkpoint() -> None:
         run.save_checkpoint({"step": step, "skipped": skipped, "model": model.state_dict(),
                              "optimizer": opt.state_dict(), "rng": rng_states(), "config": asdict(cfg),
-                             "world_size": distributed.world_size(), "frames": frames})
+                             "world_size": distributed.world_size(), "frames": frames,
+                             "log_means": distributed.gather_objects(means.state_dict())})
 
     bar = tqdm(total=cfg.train.steps, initial=step, desc=f"pretrain {cfg.task}/{cfg.model.slots}",
                disable=not progress or not distributed.is_main(), dynamic_ncols=True)
     t_last, images = time.perf_counter(), 0  # images trained on since the last log row, over all ranks
-    means = StepMeans()
     stream = train_batches(source, cfg, step)
     pool = getattr(source, "pool", None)
 

@@ -68,6 +68,12 @@ def restore_rng(states, seed: int, step: int) -> None:
         seed_everything(rank_seed(seed, step))
 
 
+def this_ranks(states: Optional[list], default=None):
+    """This rank's entry of a checkpoint's per-rank list when the world size is the one that wrote it; `default`
+    otherwise, or for an older checkpoint without the list."""
+    return states[distributed.rank()] if states and len(states) == distributed.world_size() else default
+
+
 def mixed_seed(*parts: int) -> int:
     """A well-mixed 31-bit seed from integers (e.g. run seed, stream, index): nearby inputs, unrelated streams."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0] & 0x7FFFFFFF)

@@ -375,12 +375,14 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
     opt = torch.optim.Adam(params, lr=cfg.train.lr)
     step = skipped = 0
     settled = False  # a resume whose final evaluation, if the stopped run made it, still holds
+    means = StepMeans()  # the updates since the last log row
     if resume:
         settled = state.get("held_out") == meta["held_out"] and state.get("config", {}).get("eval") == asdict(cfg.eval)
         run.restore(wm, state, "model")
         opt.load_state_dict(state["optimizer"])
         step, skipped = state["step"], state["skipped"]
         set_rng_state(state["rng"])
+        means.load_state_dict(state.get("log_means", {}))
         t.steps = resumed_length(step, t.steps, "train.steps", state)
         if state.get("held_out", meta["held_out"]) != meta["held_out"]:
             print(f"note: the episodes of {cfg.data.root} changed since this run's last checkpoint, so its held-out "
@@ -395,7 +397,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
         run.save_checkpoint({"step": step, "skipped": skipped, "model": wm.state_dict(), "optimizer": opt.state_dict(),
                              "rng": rng_state(), "config": asdict(cfg), "num_actions": int(meta["num_actions"]),
                              "env": meta["env"], "held_out": meta["held_out"],
-                             "status_vars": wm.status_vars})
+                             "status_vars": wm.status_vars, "log_means": means.state_dict()})
 
     def evaluate(at: int) -> dict:
         """Evaluate on the held-out episodes; log the scalars and the real | decoded | imagined picture."""
@@ -409,7 +411,6 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
     bar = tqdm(total=cfg.train.steps, initial=step, desc="train-wm", disable=not progress, dynamic_ncols=True)
     wm.train()
     t_last, n_last = time.perf_counter(), step
-    means = StepMeans()
     if stopped_evaluation(logger, step, cfg.train.eval_every, cfg.train.steps):
         evaluate(step)
     while step < cfg.train.steps:

@@ -56,7 +56,22 @@ class StepMeans:
             values = torch.stack([v.detach().float().reshape(()) for v in tensors.values()])  # n
             finite = torch.isfinite(values)
             total, count = self.vectors.get(tuple(tensors), (0.0, 0.0))
+            if isinstance(total, torch.Tensor) and total.device != values.device:  # restored from a checkpoint
+                total, count = total.to(values.device), count.to(values.device)
             self.vectors[tuple(tensors)] = (total + torch.where(finite, values, 0.0), count + finite.float())
+
+    def state_dict(self) -> dict:
+        """The sums and counts of the updates since the last row, as they are held (a host copy), which a checkpoint
+        keeps: a resumed run's next row then covers the same updates as the uninterrupted run's, not only those
+        after the checkpoint, and sums them in the same order and precision."""
+        vectors = [[list(keys), total.tolist(), count.tolist()] for keys, (total, count) in self.vectors.items()]
+        return {"numbers": {k: list(v) for k, v in self.numbers.items()}, "vectors": vectors}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.numbers = {k: list(v) for k, v in state.get("numbers", {}).items()}
+        self.vectors = {tuple(keys): (torch.tensor(total, dtype=torch.float32),  # as they were summed
+                                      torch.tensor(count, dtype=torch.float32))
+                        for keys, total, count in state.get("vectors", [])}
 
     def pop(self) -> dict:
         sums = {k: list(v) for k, v in self.numbers.items()}
