@@ -105,6 +105,36 @@ def test_a_run_stopped_between_log_rows_resumes_with_the_same_rows(tmp_path, mon
     assert metric_rows(tmp_path / "halves") == rows
 
 
+def test_each_evaluation_pictures_held_out_images_with_what_each_set_prediction_slot_says(tmp_path, monkeypatch):
+    """`slots/held_out` at every evaluation; for set prediction each slot's cell says its confidence, colour and
+    shape for that image (here slot 0: 0.90 cyan cylinder; slot 1: 0.20 gray cube), and `annotated` writes each text
+    on its own cell's bottom band."""
+    from types import SimpleNamespace
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import world_model.pretrain as pt
+    from world_model.visualize import annotated
+
+    rows = torch.zeros(2, 2, 19)
+    rows[:, 0, [9, 17, 18]] = torch.tensor([1.0, 1.0, 0.9])  # cylinder, cyan (the last colour), confidence 0.9
+    rows[:, 1, [7, 10, 18]] = torch.tensor([1.0, 1.0, 0.2])  # cube, gray
+    seen = []
+    monkeypatch.setattr(pt, "annotated", lambda picture, texts, side: seen.append(texts) or picture)
+    enc = SimpleNamespace(attn_maps=lambda size: torch.full((2, 2, *size), 0.5))
+    pt.held_out_picture("setpred", torch.zeros(2, 3, 32, 32), enc, rows)
+    assert seen == [[[None, None, "0.90 cyan cylinder", "0.20 gray cube"]] * 2]
+    blank = torch.ones(3, 16 + 2 * (4 * 34) + 8, 8 + 4 * 136)  # 2 rows, 4 columns of 32-pixel pictures upscaled 4x
+    ink = annotated(blank, [[None, "x"], [None, None]], 32).mean(0) < 0.5
+    band = slice(16 + 8 + 128 - 12, 16 + 8 + 128)  # row 0's cells' bottom 12 pixels
+    assert ink[band, 8 + 136:8 + 136 + 128].any() and ink.sum() == ink[band, 8 + 136:8 + 136 + 128].sum()
+    monkeypatch.undo()
+    pretrain(tiny_cfg("train.steps=4", "train.eval_every=2"), str(tmp_path / "r"), progress=False)
+    events = EventAccumulator(str(tmp_path / "r" / "tb"))
+    events.Reload()
+    assert [image.step for image in events.Images("slots/held_out")] == [2, 4]
+
+
 def test_eval_every_zero_evaluates_at_the_end_only(tmp_path):
     result = pretrain(tiny_cfg("train.steps=3", "train.eval_every=0"), str(tmp_path / "e"), progress=False)
     assert "AP_inf" in result

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from envs.clevr import check_layout
+from envs.clevr_layout import ATTRIBUTE_SLICES, ATTRIBUTES
 from envs.episodes import check_recorded_root, read_meta
 from envs.errors import DataError, UsageError
 
@@ -33,7 +34,7 @@ from .slots.vq import temperature
 from .sources import (EVAL_SEED, ClevrScenes, EpisodeFrames, check_source, eval_batches, make_source, train_batches,
                       use_clevr_root)
 from .updates import StepMeans, autocast, guarded_update, lr_factor
-from .visualize import decomposition_picture
+from .visualize import annotated, decomposition_picture
 
 def build_model(cfg: PretrainConfig) -> nn.Module:
     """The pretraining model of `cfg.task`: a SetPredictor (setpred) or a SlotAutoencoder (discovery)."""
@@ -84,15 +85,16 @@ def preflight(cfg: PretrainConfig) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, cfg: PretrainConfig, device: torch.device, n_images: int,
-             batches: Optional[Iterator[dict]] = None, progress: bool = False) -> dict:
+             batches: Optional[Iterator[dict]] = None, progress: bool = False, picture: bool = False) -> dict:
     """AP table (set prediction) or FG-ARI + MSE (discovery) on held-out scenes, plus the mean number of
-    near-empty slots per image; RNG-neutral for training. `progress`: a bar over the images."""
+    near-empty slots per image; RNG-neutral for training. `progress`: a bar over the images; `picture`: also
+    "_picture", the decomposition of the first PICTURE_IMAGES of them (`held_out_picture`)."""
     from tqdm import tqdm
 
     batches = batches if batches is not None else eval_batches(cfg, device, n_images)
     was_training = model.training
     model.eval()
-    preds, targets, aris, sq_err, pixels, count, empty = [], [], [], 0.0, 0, 0, 0.0
+    preds, targets, aris, sq_err, pixels, count, empty, shown_first = [], [], [], 0.0, 0, 0, 0.0, None
     bar = tqdm(total=n_images, desc="evaluating", unit="image", disable=not progress, leave=False)
     with fixed_rng(EVAL_SEED, device), bar:
         for batch in batches:
@@ -100,6 +102,8 @@ def evaluate(model: nn.Module, cfg: PretrainConfig, device: torch.device, n_imag
                 enc, out = model(batch["images"])
             count += batch["images"].shape[0]
             bar.update(batch["images"].shape[0])
+            if picture and shown_first is None:
+                shown_first = held_out_picture(cfg.task, batch["images"][:PICTURE_IMAGES], enc, out)
             # Slot collapse detector: slots holding < 1% of the assignment mass of their image.
             empty += (enc.attn.float().mean(-1) < 0.01).sum().item()
             if cfg.task == "setpred":
@@ -120,7 +124,29 @@ def evaluate(model: nn.Module, cfg: PretrainConfig, device: torch.device, n_imag
         result["mse"] = sq_err / max(pixels, 1)
         if aris:
             result["fg_ari"] = float(np.nanmean(np.concatenate(aris)) * 100)
+    if picture:
+        result["_picture"] = shown_first
     return result
+
+
+PICTURE_IMAGES = 4  # held-out images in each evaluation's `slots/held_out` picture
+
+
+def held_out_picture(task: str, images: torch.Tensor, enc, out) -> torch.Tensor:
+    """`slots/held_out`: held-out images' decompositions (`decomposition_picture`); for set prediction each slot's
+    cell also says what it predicts for that image: its confidence, colour and shape."""
+    n = images.shape[0]
+    if task == "discovery":
+        return decomposition_picture(images, out.masks[:n].squeeze(2), out.recon[:n], out.rgb[:n])
+    picture = decomposition_picture(images, enc.attn_maps(images.shape[-2:])[:n], max_images=n)
+    rows = out[:n].float().cpu()  # n k 19
+    said = [[None, None] + [f"{float(row[-1]):.2f} {_argmax_name(row, 'color')} {_argmax_name(row, 'shape')}"
+                            for row in slots] for slots in rows]
+    return annotated(picture, said, images.shape[-1])
+
+
+def _argmax_name(row: torch.Tensor, attribute: str) -> str:
+    return ATTRIBUTES[attribute][int(row[ATTRIBUTE_SLICES[attribute]].argmax())]
 
 
 def log_images(logger: MetricLogger, step: int, cfg: PretrainConfig, batch: dict, outputs: tuple) -> None:
@@ -217,7 +243,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
 
     def evaluated() -> dict:
         with shown(bar, "evaluating on held-out images"):
-            return evaluate(model, cfg, device, cfg.data.eval_images, progress=not bar.disable)
+            result = evaluate(model, cfg, device, cfg.data.eval_images, progress=not bar.disable, picture=True)
+        logger.image(step, "slots/held_out", result.pop("_picture"))
+        return result
 
     if distributed.is_main() and stopped_evaluation(logger, step, cfg.train.eval_every, cfg.train.steps):
         logger.scalars(step, evaluated(), prefix="eval/")

@@ -111,6 +111,26 @@ def decomposition_picture(images: torch.Tensor, masks: torch.Tensor, recon: Opti
     return labeled(upscale(grid, side), labels, side, colors=colors)
 
 
+def annotated(picture: torch.Tensor, texts: list[list[Optional[str]]], side: int, pad: int = 2,
+              strip: int = 16) -> torch.Tensor:
+    """A `labeled` picture with texts[r][c] written on a white band at the bottom of the cell in row r, column c
+    (None: nothing), e.g. what a set-prediction slot predicts for that image."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    factor = _factor(side)
+    cell, gap = side * factor, pad * factor
+    image = Image.fromarray((picture.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy())
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    for r, row in enumerate(texts):
+        for c, text in enumerate(row):
+            if text:
+                left, top = gap + c * (cell + gap), strip + gap + r * (cell + gap) + cell - 12
+                draw.rectangle((left, top, left + cell - 1, top + 11), fill="white")
+                draw.text((left + 2, top), text, fill="black", font=font)
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
+
+
 PREDICTION_COLUMNS = ["real", "decoded", "imagined"]
 
 
