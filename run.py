@@ -188,11 +188,11 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
         if args.run_dir is None:
             raise UsageError("--resume needs the run to continue: --resume RUN, or --run-dir RUN --resume")
         cfg, saved = load_run_config(args.command, args.run_dir, overrides), load_run_config(args.command, args.run_dir)
+        record_paths(cfg, saved)  # first: the relative path the run started with names the path it recorded absolute
         check_resume_overrides(saved, cfg, args.run_dir)
         if args.config:
             raise UsageError(f"--resume continues {args.run_dir} with its own config.yaml; --config {args.config} "
                              "would not apply (change keys with key=value overrides, or start a new run)")
-        record_paths(cfg, saved)
         root = getattr(getattr(cfg, "data", None), "root", None)
         if root:
             check_recorded_root(root, args.run_dir, "resume with data.root=ITS_NEW_PATH")
@@ -411,7 +411,10 @@ def cmd_eval_wm(args) -> None:
     result = eval_wm(args.checkpoint, out=args.out, segments=args.segments, device=args.device, data=args.data,
                      progress=sys.stderr.isatty())
     agent = schema_command(Path(args.checkpoint) / "config.yaml") == "train"  # its steps are env steps
-    print(f"open-loop prediction, {'env ' * agent}step {result['step']}, {result['segments']} held-out segments")
+    drawn = (f"from all {result['held_out_episodes']} episodes ({result['held_out_steps']} steps) of {args.data}"
+             if agent else f"held out: the last {result['held_out_episodes']} episodes ({result['held_out_steps']} "
+             "steps)")
+    print(f"open-loop prediction, {'env ' * agent}step {result['step']}, {result['segments']} segments {drawn}")
     print(open_loop_table(result))
     print(OPEN_LOOP_LEGEND)
     print(f"video: {result['video']}, picture: {result['picture']}")
@@ -486,8 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a slot encoder: task=discovery reconstructs images through a mask decoder "
                        "(FG-ARI); task=setpred predicts CLEVR object properties with a Hungarian loss (AP). "
                        "Writes config, checkpoints, tensorboard and metrics.jsonl to --run-dir.")
-    _add_run_options(s, "pretrain", "clevr_tiny, clevr_setpred_cpu, clevr_discovery_cpu, clevr_setpred, "
-                     "clevr_discovery, ...", "runs/pretrain-<task>-<slots>-<time>")
+    _add_run_options(s, "pretrain", "clevr_tiny, clevr_discovery_tiny, clevr_setpred_cpu, clevr_discovery_cpu, "
+                     "clevr_setpred, clevr_discovery, frames_discovery_cpu, frames_discovery",
+                     "runs/pretrain-<task>-<slots>-<time>")
     s.add_argument("--data", help="train on env frames: an episode dataset made by `run.py collect` (sets "
                    "data.source=frames, task=discovery; default preset configs/frames_discovery_cpu.yaml)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
@@ -601,7 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "training episode, tensorboard, metrics.jsonl). Presets: configs/tiny.yaml (default, ~1.5 "
                        "min on CPU), configs/crafter_cpu.yaml and configs/nethack_cpu.yaml (CPU scale), "
                        "configs/crafter.yaml and configs/nethack.yaml (GPU-sized, compiled with CUDA graphs).")
-    _add_run_options(s, "train", "tiny, crafter_cpu, crafter, nethack_cpu, nethack", "runs/agent-<env>-<time>")
+    _add_run_options(s, "train", "tiny, crafter_cpu, crafter_cpu_frozen, crafter, nethack_cpu, nethack",
+                     "runs/agent-<env>-<time>")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     s.add_argument("--new-replay", action="store_true",
                    help="with --resume: continue the models, optimizers and counters from the checkpoint with an empty "
@@ -677,8 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_bench, parser=s)
 
     s = sub.add_parser("compare", help="the last evaluations of several runs side by side",
-                       description="A table of the runs' last logged evaluations (their eval/ scalars): a row per "
-                       "metric, a column per run, under the runs' settings (pretraining: task, slots with +vq, slot "
+                       description="A table of the runs' last logged evaluations (the eval/ scalars of their "
+                       "metrics.jsonl, what training evaluated; the JSON files of eval-ap, eval-wm and eval are their "
+                       "own and not read here): a row per metric, a column per run, under the runs' settings (pretraining: task, slots with +vq, slot "
                        "count, data source; world-model and agent runs: data or env, slots, encoder mode) and the "
                        "step. Runs of one command (pretrain, train-wm or train). Example: run.py compare runs/gmm "
                        "runs/slot_attention")

@@ -192,7 +192,7 @@ def test_values_that_would_train_wrongly_or_crash_late_are_refused(command, over
 
 
 @pytest.mark.parametrize("command", ["pretrain", "eval-ap", "generate", "collect", "visualize", "train-wm", "eval-wm",
-                                     "train", "eval", "bench", "config"])
+                                     "train", "eval", "bench", "compare", "config"])
 def test_every_command_explains_itself(command, capsys):
     """`run.py COMMAND --help` exits cleanly with a usage line; bench names what each of its benchmarks prints."""
     import run
@@ -205,6 +205,21 @@ def test_every_command_explains_itself(command, capsys):
     if command == "bench":
         for what in ("pretrain", "estep", "generator", "metrics", "envs", "imagination", "agent"):
             assert f"\n  {what} " in out, what
+
+
+@pytest.mark.parametrize("command", ["pretrain", "train-wm", "train"])
+def test_a_training_commands_help_names_each_of_its_presets(command, capsys):
+    """--config's help lists the presets in configs/ that the command reads (by its schema), none left out."""
+    import run
+    from world_model.config import schema_command
+
+    with pytest.raises(SystemExit):
+        run.main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    named = re.search(r"--config CONFIG YAML preset, a path or a name in configs/ \(([^)]*)\)", text).group(1)
+    configs = Path(run.__file__).parent / "configs"
+    presets = sorted(p.stem for p in configs.glob("*.yaml") if schema_command(p) == command)
+    assert presets and sorted(named.split(", ")) == presets
 
 
 def test_run_directories_of_another_command_are_named_as_such(tmp_path, capsys):
@@ -224,7 +239,8 @@ def test_run_directories_of_another_command_are_named_as_such(tmp_path, capsys):
     (dataset / "meta.json").write_text("{}")
     cases = [(["eval", "--checkpoint", str(tmp_path / "p")], "is a run of `run.py pretrain`; this needs a run of `run.py train`"),
              (["eval-ap", "--checkpoint", str(tmp_path / "a")], "is a run of `run.py train`; this needs a run of `run.py pretrain`"),
-             (["eval-wm", "--checkpoint", str(tmp_path / "p")], "is a run of `run.py pretrain`; this needs a run of `run.py train-wm`"),
+             (["eval-wm", "--checkpoint", str(tmp_path / "p")], "is a pretraining run (`run.py pretrain`): eval-wm "
+              "scores a world model, of a `run.py train-wm` run or an agent run (`run.py train`, with --data DIR)"),
              (["visualize", "--checkpoint", str(tmp_path / "w"), "--env", "crafter", "--out", str(tmp_path / "v")],
               f"{tmp_path / 'w'} has no checkpoint yet: a run writes its first at train.ckpt_every steps or its first "
               "evaluation"),  # a world-model run is visualized from its checkpoint, which this one lacks (yet)

@@ -290,7 +290,8 @@ def test_frozen_pretrained_encoder_and_errors(tmp_path, capsys):
     wm = build_wm_for(cfg, 3, torch.device("cpu"))
     assert not any(p.requires_grad for p in wm.autoencoder.parameters())
     assert cfg.dynamics.num_slots == 4 and cfg.dynamics.num_vars == 2  # taken from the pretrained encoder
-    assert "this config's encoder.model differs and is not used" in capsys.readouterr().err  # its 3 slots
+    assert cfg.encoder.model.num_slots == 4  # the checkpoint's encoder, not the config's 3 slots
+    capsys.readouterr()
     build_wm_for(wm_cfg(root, f"encoder.checkpoint={pre}"), 3, torch.device("cpu"), env="nethack")  # another game's
     assert (f"note: encoder.checkpoint={pre} was pretrained on toy frames; this run is on nethack: its slots may not "
             "fit nethack's objects") in capsys.readouterr().err
@@ -335,6 +336,9 @@ def test_a_run_resumes_from_anywhere_after_its_inputs_move(tmp_path, monkeypatch
                      "train.steps=2"]) == 0
     saved = load_config(WorldModelConfig, tmp_path / "wm" / "config.yaml")
     assert (saved.data.root, saved.encoder.checkpoint) == (str(tmp_path / "d"), str(tmp_path / "pre"))
+    capsys.readouterr()  # the start's command line again: its relative encoder path is the one recorded absolute
+    assert run.main(["train-wm", "--resume", "wm", "--no-progress", "encoder.checkpoint=pre", "train.steps=2"]) == 0
+    assert "already at step 2" in capsys.readouterr().err
     before = torch.load(tmp_path / "wm" / "checkpoints" / "latest.pt", weights_only=False)["model"]
     (tmp_path / "pre").rename(tmp_path / "pre_moved")
     (tmp_path / "elsewhere").mkdir()
@@ -408,6 +412,8 @@ def test_train_resume_exact_and_eval_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "frame_mse_copy_decoded" in out and "real_vs_imagined" in out
     assert "no lower than frame_mse_decoder_floor" in out  # the columns explained under the table
+    held = result["held_out_episodes"], result["held_out_steps"]  # what the segments are drawn from, said
+    assert held[0] >= 1 and f"segments held out: the last {held[0]} episodes ({held[1]} steps)" in out
     # its slot encoder and decoder pictured on game frames, with a note that it learned on other frames
     assert run.main(["visualize", "--checkpoint", str(tmp_path / "a"), "--env", "crafter", "--frames", "1",
                      "--out", str(tmp_path / "v")]) == 0

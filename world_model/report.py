@@ -57,10 +57,11 @@ def comparison_table(runs: list[str]) -> str:
     body = [(k, [_number(scores.get(k)) for _, _, _, scores in found]) for k in keys]
     width = max(len(name) for name, _ in header + body)
     cols = [max(len(cells[i]) for _, cells in header + body) for i in range(len(runs))]
-    lines = [f"{name:<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, cols)) for name, cells in header]
-    lines.append("-" * (width + sum(w + 2 for w in cols)))
-    lines += [f"{name:<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, cols)) for name, cells in body]
-    return "\n".join(lines)
+    def line(name: str, cells: list[str]) -> str:
+        return f"{name:<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, cols))
+
+    rule = "-" * (width + sum(w + 2 for w in cols))
+    return "\n".join([*(line(*row) for row in header), rule, *(line(*row) for row in body)])
 
 
 def _number(value) -> str:

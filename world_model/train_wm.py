@@ -57,14 +57,16 @@ def dataset_meta(cfg: WorldModelConfig) -> dict:
     return meta
 
 
-def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, ReplayBuffer, dict]:
+def split_dataset(cfg: WorldModelConfig, seed: int = 0, all_held_out: bool = False
+                  ) -> tuple[ReplayBuffer, ReplayBuffer, dict]:
     """Replay buffers of the training and held-out episodes of an episode dataset, and its meta (plus `held_out`:
     the held-out episodes' file names, `status_vars`: the status tokens beside each frame, or 0, and `left_out`:
-    the training steps beyond `data.capacity`, the oldest, which are not loaded)."""
+    the training steps beyond `data.capacity`, the oldest, which are not loaded). `all_held_out`: every episode
+    is held out (a world model that never trained on the dataset, an agent's), none trains."""
     root, meta = cfg.data.root, dataset_meta(cfg)
     paths = episode_paths(root)
     lengths = [episode_length(p) for p in paths]
-    n_eval = held_out_episodes(lengths, cfg.data.eval_fraction)
+    n_eval = len(paths) if all_held_out else held_out_episodes(lengths, cfg.data.eval_fraction)
     n_train = len(paths) - n_eval
     start, kept = n_train, 0  # the newest training episodes that fill data.capacity (the oldest of them in part)
     while start > 0 and kept < cfg.data.capacity:
@@ -100,7 +102,8 @@ def split_dataset(cfg: WorldModelConfig, seed: int = 0) -> tuple[ReplayBuffer, R
     if n_eval == 0:
         raise DataError(f"{root} holds {len(paths)} episode(s): a world model needs at least 2, the last ones held out "
                         f"for evaluation; collect more into it with {more_episodes_command(root)}")
-    if train.longest_episode() < 2:  # training segments are padded past episode ends, but need one target
+    # training segments are padded past episode ends, but need one target
+    if not all_held_out and train.longest_episode() < 2:
         raise DataError(f"{root}: the training episodes are single steps; a world model learns from two or more")
     length, keys = cfg.eval.context + max(cfg.eval.horizons), "eval.context + max(eval.horizons)"
     if held_out.longest_episode() < length:  # evaluation windows are whole
@@ -152,16 +155,8 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
         if not isinstance(autoencoder, SlotAutoencoder):
             raise UsageError(f"encoder.checkpoint={enc.checkpoint} is a {pre_cfg.task} run; the world model needs a "
                              "discovery run (run.py pretrain --data DIR model.vq.enabled=true)")
-        unset = WMEncoderConfig()  # a value left at its default was not set, so nothing of it is lost
-        replaced = [k for k, mine, theirs, default in (
-            ("encoder.model", enc.model, pre_cfg.model, unset.model),
-            ("encoder.resolution", enc.resolution, pre_cfg.data.resolution, unset.resolution))
-            if mine not in (theirs, default)]
-        if replaced and distributed.is_main():
-            verb = "differs and is" if len(replaced) == 1 else "differ and are"
-            print(f"note: encoder.checkpoint={enc.checkpoint} sets the encoder ({pre_cfg.data.resolution}px, "
-                  f"{pre_cfg.model.num_slots} {pre_cfg.model.slots} slots); this config's {' and '.join(replaced)} "
-                  f"{verb} not used", file=sys.stderr)
+        # the checkpoint's encoder replaces the config's (a preset's sizes for a fresh encoder; `run.py` refuses typed
+        # ones and prints the config with the checkpoint's)
         enc.model, enc.resolution, joint = pre_cfg.model, pre_cfg.data.resolution, enc.mode == "joint"
     else:  # a fresh encoder can only train with the world model: `enc` (and the run's config.yaml) says joint
         autoencoder, joint, enc.mode = SlotAutoencoder(enc.model, enc.resolution), True, "joint"
@@ -479,7 +474,8 @@ def load_agent_wm(run_dir: str, data: Optional[str],
                   device: torch.device) -> tuple[WorldModelConfig, WorldModel, dict]:
     """An agent run's world model as `eval_wm` scores it: a world-model config of its encoder, frame tokens and
     dynamics on the episodes of `data` (an agent run keeps no dataset), with eval.context and eval.horizons fitted
-    into the steps its dynamics holds; the state gives the step (env steps), env and action count."""
+    into the steps its dynamics holds; the state gives the step (env steps), env, action count and a note saying
+    how they were fitted (None where they were not)."""
     from agent.evaluate import load_agent_run
 
     game = load_run_config("train", run_dir).env.name
@@ -490,12 +486,13 @@ def load_agent_wm(run_dir: str, data: Optional[str],
     steps, default = agent_cfg.dynamics.max_steps, WMEvalConfig()
     context = min(default.context, steps // 2)
     horizons = sorted({min(h, steps - context) for h in default.horizons})
-    if (context, horizons) != (default.context, default.horizons):
-        print(f"note: this agent's dynamics holds {steps} steps (dynamics.max_steps): context {context}, horizons "
-              f"{', '.join(map(str, horizons))}", file=sys.stderr)
+    fitted = None if (context, horizons) == (default.context, default.horizons) else (
+        f"note: this agent's dynamics holds {steps} steps (dynamics.max_steps): context {context}, horizons "
+        f"{', '.join(map(str, horizons))}")
     cfg = WorldModelConfig(encoder=agent_cfg.encoder, frame=agent_cfg.frame, dynamics=agent_cfg.dynamics,
                            data=WMDataConfig(root=data), eval=WMEvalConfig(context=context, horizons=horizons))
-    return cfg, wm, {"step": state["counters"]["env_steps"], "env": game, "num_actions": state["num_actions"]}
+    return cfg, wm, {"step": state["counters"]["env_steps"], "env": game, "num_actions": state["num_actions"],
+                     "note": fitted}
 
 
 def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] = None, device: str = "cpu",
@@ -505,7 +502,12 @@ def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] 
     from .decompose import write_video
 
     dev = resolve_device(device)
-    agent = schema_command(Path(checkpoint) / "config.yaml") == "train"
+    command = schema_command(Path(checkpoint) / "config.yaml")
+    if command == "pretrain":
+        raise UsageError(f"{checkpoint} is a pretraining run (`run.py pretrain`): eval-wm scores a world model, of a "
+                         "`run.py train-wm` run or an agent run (`run.py train`, with --data DIR); `run.py eval-ap` "
+                         "evaluates a slot encoder")
+    agent = command == "train"
     cfg, wm, state = load_agent_wm(checkpoint, data, dev) if agent else load_wm_run(checkpoint, dev)
     if data:
         cfg.data.root = data
@@ -516,7 +518,7 @@ def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] 
     if (meta["env"], meta.get("num_actions")) != (trained_on, state["num_actions"]):
         raise DataError(f"{cfg.data.root} holds {meta['env']} episodes with {meta.get('num_actions')} actions; this "
                         f"world model was trained on {trained_on} with {state['num_actions']}")
-    _, held_out, split_meta = split_dataset(cfg, cfg.train.seed)
+    _, held_out, split_meta = split_dataset(cfg, cfg.train.seed, all_held_out=agent)  # an agent trained on none
     if wm.status_vars > split_meta["status_vars"]:
         raise DataError(f"this world model reads {wm.status_vars} status tokens beside each frame; the episodes of "
                         f"{cfg.data.root} have {split_meta['status_vars']} (collected before the env gave them)")
@@ -525,8 +527,11 @@ def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] 
         print(f"note: {cfg.data.root}'s held-out split moved since this run trained (the last "
               f"{len(split_meta['held_out'])} episodes now): {', '.join(seen[:3])}{' ...' if len(seen) > 3 else ''} "
               "may have been trained on", file=sys.stderr)
+    if state.get("note"):  # once the data is known to fit
+        print(state["note"], file=sys.stderr)
     result = evaluate_wm(wm, held_out, cfg, dev, segments=segments, frames=True, progress=progress,
                          status_names=STATUS_NAMES.get(meta["env"], ()))
+    result.update(held_out_episodes=held_out.num_episodes, held_out_steps=len(held_out))
     # another dataset's evaluation goes beside the run's own, not over it
     out_dir = check_out_dir(out) if out else Path(checkpoint) / (f"eval_wm_data_{Path(os.path.abspath(data)).name}"
                                                                   if data else "eval_wm")
