@@ -22,7 +22,7 @@ EPILOG = """examples:
   python run.py pretrain --config clevr_setpred --run-dir runs/setpred     # the paper's setup: a GPU run
   python run.py pretrain --run-dir runs/tiny --resume train.steps=400
   python run.py eval-ap --checkpoint runs/tiny --images 2000
-  python run.py generate --out data/clevr_like --images 100                # 480x320 scenes: seconds each on a CPU
+  python run.py generate --out data/clevr_like --images 100                # 480x320 scenes: ~0.1-0.2 s each on a CPU
   python run.py collect --env crafter --frames 20000 --out data/crafter --workers 2
   python run.py pretrain --data data/crafter --run-dir runs/slots
   python run.py visualize --checkpoint runs/slots --env crafter --frames 16 --out viz/crafter
