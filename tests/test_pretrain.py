@@ -726,8 +726,13 @@ def test_compare_puts_the_runs_last_evaluations_side_by_side(tmp_path, capsys):
     (tmp_path / "again").mkdir()  # two runs of one folder name: named by their paths
     shutil.copytree(tmp_path / "gmm", tmp_path / "again" / "gmm")
     assert run.main(["compare", str(tmp_path / "gmm"), str(tmp_path / "again" / "gmm")]) == 0
-    assert capsys.readouterr().out.splitlines()[0].split() == ["run", str(tmp_path / "gmm"),
-                                                              str(tmp_path / "again" / "gmm")]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["run", str(tmp_path / "gmm"), str(tmp_path / "again" / "gmm")]
+    assert not lines[-1].startswith("note")  # both evaluated on 8 images
+    metrics = tmp_path / "again" / "gmm" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().replace('"eval/images": 8', '"eval/images": 4'))
+    assert run.main(["compare", str(tmp_path / "gmm"), str(tmp_path / "again" / "gmm")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "note: evaluated on unequal samples: images (8, 4)"
 
 
 def test_a_data_root_that_the_source_would_not_read_is_refused():

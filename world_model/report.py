@@ -37,7 +37,8 @@ def _describe(command: str, run_dir: str | Path) -> dict:
 def comparison_table(runs: list[str]) -> str:
     """The runs' settings, steps and last evaluations: a row per key (those of every run's evaluation: the AP table
     first, then in the order the runs logged them, the image count last), a column per run named by its folder (by
-    the path given where two folders share a name)."""
+    the path given where two folders share a name), and a note under it where the runs' numbers are means over
+    samples of unequal size (images, segments, episodes)."""
     if len(runs) < 1:
         raise UsageError("compare needs at least one run directory")
     found = [(run, *last_evaluation(run)) for run in runs]
@@ -61,7 +62,13 @@ def comparison_table(runs: list[str]) -> str:
         return f"{name:<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, cols))
 
     rule = "-" * (width + sum(w + 2 for w in cols))
-    return "\n".join([*(line(*row) for row in header), rule, *(line(*row) for row in body)])
+    sizes = {k: {scores.get(k) for _, _, _, scores in found} for k in SAMPLE_SIZES if k in keys}
+    unequal = [f"{k} ({', '.join(cells)})" for k, cells in body if k in sizes and len(sizes[k]) > 1]
+    notes = [f"note: evaluated on unequal samples: {'; '.join(unequal)}"] if unequal else []
+    return "\n".join([*(line(*row) for row in header), rule, *(line(*row) for row in body), *notes])
+
+
+SAMPLE_SIZES = ("images", "segments", "episodes")  # what an evaluation's numbers are means over
 
 
 def _number(value) -> str:
