@@ -405,12 +405,11 @@ def cmd_compare(args) -> None:
 
 
 def cmd_eval_wm(args) -> None:
-    from world_model.config import schema_command
     from world_model.train_wm import OPEN_LOOP_LEGEND, eval_wm, open_loop_table
 
     result = eval_wm(args.checkpoint, out=args.out, segments=args.segments, device=args.device, data=args.data,
                      progress=sys.stderr.isatty())
-    agent = schema_command(Path(args.checkpoint) / "config.yaml") == "train"  # its steps are env steps
+    agent = result["agent"]  # an agent run's steps are env steps; it trained on none of the episodes
     drawn = (f"from all {result['held_out_episodes']} episodes ({result['held_out_steps']} steps) of {args.data}"
              if agent else f"held out: the last {result['held_out_episodes']} episodes ({result['held_out_steps']} "
              "steps)")
@@ -684,8 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("compare", help="the last evaluations of several runs side by side",
                        description="A table of the runs' last logged evaluations (the eval/ scalars of their "
                        "metrics.jsonl, what training evaluated; the JSON files of eval-ap, eval-wm and eval are their "
-                       "own and not read here): a row per metric, a column per run, under the runs' settings (pretraining: task, slots with +vq, slot "
-                       "count, data source; world-model and agent runs: data or env, slots, encoder mode) and the "
+                       "own and not read here): a row per metric, a column per run, under the runs' settings "
+                       "(pretraining: task, slots with +vq, slot count, data source; world-model and agent runs: "
+                       "data or env, slots, encoder mode) and the "
                        "step. Runs of one command (pretrain, train-wm or train). Example: run.py compare runs/gmm "
                        "runs/slot_attention")
     s.add_argument("runs", nargs="+", metavar="RUN", help="run directories")

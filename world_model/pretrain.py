@@ -187,17 +187,16 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
     source = make_source(cfg, device, sharded=True, progress=progress and distributed.is_main(), first_step=step)
     if cfg.data.source == "clevr":  # the eval split's scenes and first image too: a bad split fails now, not at the end
         try:
-            next(eval_batches(cfg, device, 1))
+            first_held_out = next(eval_batches(cfg, device, 1))
         except DataError as e:
             raise DataError(f"the evaluation split (data.eval_split={cfg.data.eval_split}): {e}") from None
+        if cfg.task == "discovery" and first_held_out.get("masks") is None and distributed.is_main() and not resume:
+            print(f"note: {cfg.data.root} holds no instance masks for split {cfg.data.eval_split} (real CLEVR ships "
+                  "none; `run.py generate` writes them): the evaluations score the reconstruction (mse), not FG-ARI",
+                  file=sys.stderr)
     if cfg.data.source == "clevr" and cfg.data.split == cfg.data.eval_split and distributed.is_main() and not resume:
         print(f"note: data.split and data.eval_split are both {cfg.data.split!r}: the run evaluates on the images it "
               "trains on; set data.eval_split to a held-out split", file=sys.stderr)
-    no_masks = not (Path(str(cfg.data.root)) / "masks" / cfg.data.eval_split).is_dir()
-    if cfg.task == "discovery" and cfg.data.source == "clevr" and no_masks and distributed.is_main() and not resume:
-        print(f"note: {cfg.data.root} holds no instance masks for split {cfg.data.eval_split} (real CLEVR ships none; "
-              "`run.py generate` writes them): the evaluations score the reconstruction (mse), not FG-ARI",
-              file=sys.stderr)
     if cfg.data.source == "frames" and cfg.data.crop and distributed.is_main() and not resume:
         print("note: data.crop=true cuts CLEVR's object-discovery window; game frames are used whole (a CLEVR preset's "
               "setting)", file=sys.stderr)

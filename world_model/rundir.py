@@ -61,9 +61,9 @@ def rng_states() -> list[dict]:
 def restore_rng(states, seed: int, step: int) -> None:
     """This rank's RNG state from a checkpoint's per-rank list (or the single state older checkpoints hold).
     When the world size changed, every rank gets a fresh seed from (seed, rank, step) instead."""
-    states = [states] if isinstance(states, dict) else states
-    if len(states) == distributed.world_size():
-        set_rng_state(states[distributed.rank()])
+    mine = this_ranks([states] if isinstance(states, dict) else states)
+    if mine is not None:
+        set_rng_state(mine)
     else:
         seed_everything(rank_seed(seed, step))
 

@@ -212,9 +212,9 @@ OPEN_LOOP_COLUMNS = ("code_acc", "code_acc_copy", "frame_mse", "frame_mse_copy_d
                      "frame_mse_decoder_floor", "reward_mae", "reward_mae_zero", "status_acc", "status_acc_copy")
 OPEN_LOOP_LEGEND = """\
 code_acc: % of the imagined slot codes equal to the real frame's; frame_mse: the imagined codes decoded vs the real
-frame (pixels in [0, 1]), in practice no lower than frame_mse_decoder_floor, the real codes decoded; reward_mae: predicted vs
-real reward; status_acc: % of the status tokens right. The baselines: *_copy repeats the last context frame (its
-codes, its picture, its status; _decoded: through the decoder), reward_mae_zero predicts 0."""
+frame (pixels in [0, 1]), in practice no lower than frame_mse_decoder_floor, the real codes decoded; reward_mae:
+predicted vs real reward; status_acc: % of the status tokens right. The baselines: *_copy repeats the last context
+frame (its codes, its picture, its status; _decoded: through the decoder), reward_mae_zero predicts 0."""
 
 
 def open_loop_table(result: dict) -> str:
@@ -531,7 +531,7 @@ def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] 
         print(state["note"], file=sys.stderr)
     result = evaluate_wm(wm, held_out, cfg, dev, segments=segments, frames=True, progress=progress,
                          status_names=STATUS_NAMES.get(meta["env"], ()))
-    result.update(held_out_episodes=held_out.num_episodes, held_out_steps=len(held_out))
+    result.update(held_out_episodes=held_out.num_episodes, held_out_steps=len(held_out), agent=agent)
     # another dataset's evaluation goes beside the run's own, not over it
     out_dir = check_out_dir(out) if out else Path(checkpoint) / (f"eval_wm_data_{Path(os.path.abspath(data)).name}"
                                                                   if data else "eval_wm")

@@ -82,7 +82,6 @@ def labeled(grid: torch.Tensor, labels: list[str], side: int, pad: int = 2,
     """A `3 H W` grid of `side`-pixel pictures (as `tile` pads them, then `upscale`d) with a white strip above it
     naming each column (Pillow's built-in font: no font file is read); `colors` {column: RGB in [0, 1]} puts a
     swatch of that color before the column's name (a slot's color in the segmentation)."""
-    import numpy as np
     from PIL import Image, ImageDraw, ImageFont
 
     factor = _factor(side)
@@ -95,7 +94,7 @@ def labeled(grid: torch.Tensor, labels: list[str], side: int, pad: int = 2,
             draw.rectangle((left, 3, left + 9, 12), fill=tuple(int(round(float(c) * 255)) for c in colors[i]))
             left += 13
         draw.text((left, 2), text, fill="black", font=font)
-    header = torch.from_numpy(np.asarray(strip).copy()).permute(2, 0, 1).to(grid.dtype) / 255  # 3 16 W
+    header = from_pil(strip).to(grid.dtype)  # 3 16 W
     return torch.cat([header, grid.cpu()], 1)
 
 
@@ -115,12 +114,11 @@ def annotated(picture: torch.Tensor, texts: list[list[Optional[str]]], side: int
               strip: int = 16) -> torch.Tensor:
     """A `labeled` picture with texts[r][c] written on a white band at the bottom of the cell in row r, column c
     (None: nothing), e.g. what a set-prediction slot predicts for that image."""
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import ImageDraw, ImageFont
 
     factor = _factor(side)
     cell, gap = side * factor, pad * factor
-    image = Image.fromarray((picture.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy())
+    image = to_pil(picture)
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
     for r, row in enumerate(texts):
         for c, text in enumerate(row):
@@ -128,7 +126,7 @@ def annotated(picture: torch.Tensor, texts: list[list[Optional[str]]], side: int
                 left, top = gap + c * (cell + gap), strip + gap + r * (cell + gap) + cell - 12
                 draw.rectangle((left, top, left + cell - 1, top + 11), fill="white")
                 draw.text((left + 2, top), text, fill="black", font=font)
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
+    return from_pil(image)
 
 
 PREDICTION_COLUMNS = ["real", "decoded", "imagined"]
@@ -143,9 +141,20 @@ def prediction_grid(real: torch.Tensor, decoded: torch.Tensor, imagined: torch.T
     return labeled(upscale(tile(rows, nrow=len(PREDICTION_COLUMNS)), side), PREDICTION_COLUMNS, side)
 
 
-def save_png(image: torch.Tensor, path) -> None:
-    """`3 h w` in [0, 1] -> PNG file."""
+def to_pil(image: torch.Tensor):
+    """`3 h w` in [0, 1] -> a Pillow RGB image."""
     from PIL import Image
 
-    arr = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    Image.fromarray(arr).save(path)
+    return Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
+
+
+def from_pil(image) -> torch.Tensor:
+    """A Pillow RGB image -> `3 h w` float in [0, 1]."""
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
+
+
+def save_png(image: torch.Tensor, path) -> None:
+    """`3 h w` in [0, 1] -> PNG file."""
+    to_pil(image).save(path)
