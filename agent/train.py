@@ -32,6 +32,7 @@ from envs.jsonl import JsonlTail, count_records, is_episode, keep_records
 from envs.vector import make_vector_env
 from world_model import distributed
 from world_model.config import check_against_checkpoint, save_config
+from world_model.stopping import StepStops
 from world_model.updates import StepMeans, autocast, guarded_update
 from world_model.rundir import (MetricLogger, evaluation_due, fixed_rng, resumed_length, rank_seed,
                                 restore_rng, rng_states, rollback_appended, shown, start_run,
@@ -290,6 +291,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                                  "replays": names, "config": asdict(cfg), "num_actions": num_actions,
                                  "status_vars": wm.status_vars, "stats_records": count_records(stats, is_episode),
                                  "log_means": distributed.gather_objects(interval.state_dict())})
+            logger.flush()
             if main:
                 for old in (run.path / "replay").glob("*.npz"):
                     if old.name not in kept:
@@ -313,16 +315,10 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         if main and stopped_evaluation(logger, at, t.eval_every, t.env_steps, stride=cfg.env.num_envs):
             last_eval, evaluated_at = evaluate(at), at
         t_last, steps_last, segments = time.perf_counter(), counters["env_steps"], False
-        while counters["env_steps"] < t.env_steps:
-            if counters["env_steps"] < t.prefill:
-                actions = rng.integers(num_actions, size=num_envs)
-            else:
-                actions = policy.act(collector.obs, collector.first)
-            collector.step(actions)
-            counters["vector_steps"] += 1
-            counters["env_steps"] += cfg.env.num_envs
-            bar.update(cfg.env.num_envs)
-            burst = counters["env_steps"] - cfg.env.num_envs < t.prefill <= counters["env_steps"]
+        def update_as_owed(stops: StepStops, burst: bool = False) -> int:
+            """The updates the env steps so far are owed (train.train_ratio), how many; `burst`: the prefill's, which
+            can take minutes, shown on the bar (and said in a log file)."""
+            nonlocal segments
             owed = burst and updates_owed(counters["env_steps"], counters["replayed"], cfg, counters["ratio_from"])
             if burst and main and not progress:  # minutes of updates before the next line: say why
                 print(f"env step {counters['env_steps']}: prefill done, training its {owed} owed updates now "
@@ -348,37 +344,58 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                     if burst:
                         bar.set_postfix_str(f"prefill done: owed update {counters['updates'] - before}/{owed}",
                                             refresh=True)
-            if counters["env_steps"] >= next_log:
-                next_log += t.log_every
-                now = time.perf_counter()
-                episodes, restarts, replay_steps = global_counts()
-                loop = dict(env_steps_per_s=(counters["env_steps"] - steps_last) / (now - t_last),
-                            skipped_wm=counters["skipped_wm"], skipped_ac=counters["skipped_ac"],
-                            replay_steps=replay_steps, updates=counters["updates"],
-                            episodes=episodes, env_restarts=restarts,
-                            replay_ratio=(counters["replayed"] - counters["ratio_from"][1])
-                            / max(counters["env_steps"] - counters["ratio_from"][0], 1))
-                row = {**distributed.mean_scalars(interval.pop(), device), **{f"loop/{k}": v for k, v in loop.items()}}
-                t_last, steps_last = now, counters["env_steps"]
-                if main:
-                    row.update(stats_scores(episode_log.records(), cfg.env.name, "train/"))
-                logger.scalars(counters["env_steps"], row)
-                score = {name: f"{row[key]:.2f}" for key, name in BAR_SCORES.items() if key in row}
-                bar.set_postfix(episodes=episodes, updates=counters["updates"], **score)
-                if main and not progress:  # a log file still shows the run moving
-                    updates = counters["updates"]
-                    print(f"env step {counters['env_steps']}/{t.env_steps}: {updates} update{'s' * (updates != 1)}, "
-                          f"{episodes} episode{'s' * (episodes != 1)}, {loop['env_steps_per_s']:.1f} env steps/s"
-                          + "".join(f", {k}={v}" for k, v in score.items()), flush=True)
-            evaluating = evaluation_due(counters["env_steps"], t.eval_every, t.env_steps, stride=cfg.env.num_envs)
-            if counters["env_steps"] >= next_ckpt or evaluating:  # evaluating: also at the last step
-                if counters["env_steps"] >= next_ckpt:
-                    next_ckpt += t.ckpt_every
-                checkpoint()  # also before each evaluation: Ctrl-C or a crash there loses no training
-                logger.flush()
-            if evaluating:
-                if main:
-                    last_eval, evaluated_at = evaluate(counters["env_steps"]), counters["env_steps"]
+                    stops.poll(checkpoint)  # a stop in the middle of them: the resumed run does the rest first
+            return counters["updates"] - before
+
+        # Ctrl-C / SIGTERM: stop after a step, with a checkpoint (at once under torchrun)
+        with StepStops(defer=not distributed.active()) as stops:
+            if update_as_owed(stops):  # a run stopped during its updates resumes with the rest of them
+                checkpoint()
+            while counters["env_steps"] < t.env_steps:
+                if counters["env_steps"] < t.prefill:
+                    actions = rng.integers(num_actions, size=num_envs)
+                else:
+                    actions = policy.act(collector.obs, collector.first)
+                collector.step(actions)
+                counters["vector_steps"] += 1
+                counters["env_steps"] += cfg.env.num_envs
+                bar.update(cfg.env.num_envs)
+                update_as_owed(stops, burst=counters["env_steps"] - cfg.env.num_envs < t.prefill
+                               <= counters["env_steps"])
+                if counters["env_steps"] >= next_log:
+                    next_log += t.log_every
+                    now = time.perf_counter()
+                    episodes, restarts, replay_steps = global_counts()
+                    loop = dict(env_steps_per_s=(counters["env_steps"] - steps_last) / (now - t_last),
+                                skipped_wm=counters["skipped_wm"], skipped_ac=counters["skipped_ac"],
+                                replay_steps=replay_steps, updates=counters["updates"],
+                                episodes=episodes, env_restarts=restarts,
+                                replay_ratio=(counters["replayed"] - counters["ratio_from"][1])
+                                / max(counters["env_steps"] - counters["ratio_from"][0], 1))
+                    row = {**distributed.mean_scalars(interval.pop(), device),
+                           **{f"loop/{k}": v for k, v in loop.items()}}
+                    t_last, steps_last = now, counters["env_steps"]
+                    if main:
+                        row.update(stats_scores(episode_log.records(), cfg.env.name, "train/"))
+                    logger.scalars(counters["env_steps"], row)
+                    score = {name: f"{row[key]:.2f}" for key, name in BAR_SCORES.items() if key in row}
+                    bar.set_postfix(episodes=episodes, updates=counters["updates"], **score)
+                    if main and not progress:  # a log file still shows the run moving
+                        updates = counters["updates"]
+                        print(f"env step {counters['env_steps']}/{t.env_steps}: "
+                              f"{updates} update{'s' * (updates != 1)}, "
+                              f"{episodes} episode{'s' * (episodes != 1)}, {loop['env_steps_per_s']:.1f} env steps/s"
+                              + "".join(f", {k}={v}" for k, v in score.items()), flush=True)
+                evaluating = evaluation_due(counters["env_steps"], t.eval_every, t.env_steps, stride=cfg.env.num_envs)
+                due = counters["env_steps"] >= next_ckpt or evaluating  # evaluating: also at the last step
+                if due:
+                    if counters["env_steps"] >= next_ckpt:
+                        next_ckpt += t.ckpt_every
+                    checkpoint()  # also before each evaluation: Ctrl-C or a crash there loses no training
+                stops.poll(checkpoint, saved=due)
+                if evaluating and main:
+                    with stops.at_once():
+                        last_eval, evaluated_at = evaluate(counters["env_steps"]), counters["env_steps"]
         bar.close()
         if main:
             if evaluated_at != counters["env_steps"]:  # every run ends with an evaluation at its last step

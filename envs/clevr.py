@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import clevr_masks
 from .atomic import atomic_write, check_folder
 from .clevr_render import (CAMERA_LOCATION, CAMERA_ROTATION, CROP_WINDOW, FRAME_H, FRAME_W, LIGHT_LOCATIONS, Grid,
                            Scene, project_to_frame, render, srgb_to_linear)
@@ -366,15 +367,15 @@ def _relationships(coords: np.ndarray, eps: float = 0.2) -> dict[str, list[list[
 # Targets and datasets
 
 
-def _check_object(obj, where: str) -> None:
-    """Raise DataError unless `obj` has the keys and attribute values targets need."""
+def _check_object(obj, where: str, named: bool = True) -> None:
+    """Raise DataError unless `obj` has the keys and attribute values targets need (`named`: the attributes too)."""
     if not isinstance(obj, dict):
         raise DataError(f"{where} is not a JSON object; fix the scene file to the CLEVR v1.0 scene schema")
-    for key in ("3d_coords", "size", "material", "shape", "color"):
+    for key in ("3d_coords", "size", "material", "shape", "color")[:None if named else 1]:
         if key not in obj:
             raise DataError(f"{where} lacks required key '{key}'; fix the scene file to the CLEVR v1.0 "
                             f"scene schema or regenerate it with `python run.py generate --out DIR`")
-    for key, allowed in ATTRIBUTES.items():
+    for key, allowed in ATTRIBUTES.items() if named else ():
         if obj[key] not in allowed:
             raise DataError(f"{where} has unknown {key} {obj[key]!r}; expected one of {', '.join(allowed)} "
                             f"(fix the scene file or regenerate it)")
@@ -384,9 +385,11 @@ def _check_object(obj, where: str) -> None:
         raise DataError(f"{where} has 3d_coords {c!r}; expected [x, y, z] finite numbers (fix the scene file)")
 
 
-def scenes_to_targets(scenes: list[dict], max_objects: int = MAX_OBJECTS, source: str = "scenes") -> torch.Tensor:
+def scenes_to_targets(scenes: list[dict], max_objects: int = MAX_OBJECTS, source: str = "scenes",
+                      named: bool = True) -> torch.Tensor:
     """Slot Attention set-prediction targets `b max_objects 19` from CLEVR scene dicts (rows as `_target_rows`).
-    Scenes with more than max_objects objects raise DataError (filter them first)."""
+    Scenes with more than max_objects objects raise DataError (filter them first). `named=False`: scenes whose
+    objects have no attribute names (CLEVR with masks) get rows of coordinates and objectness, zero one-hots."""
     b = len(scenes)
     xyz = np.zeros((b, max_objects, 3), dtype=np.float64)
     attrs = {k: np.zeros((b, max_objects), dtype=np.int64) for k in ATTRIBUTES}
@@ -400,13 +403,16 @@ def scenes_to_targets(scenes: list[dict], max_objects: int = MAX_OBJECTS, source
             raise DataError(f"{source}: scene {i} has {len(objects)} objects > max_objects={max_objects}; "
                             f"filter such scenes out first (ClevrDataset keeps scenes with <= {MAX_OBJECTS})")
         for j, obj in enumerate(objects):
-            _check_object(obj, f"{source}: scene {i} object {j}")
+            _check_object(obj, f"{source}: scene {i} object {j}", named)
             xyz[i, j] = obj["3d_coords"]
-            for k, values in ATTRIBUTES.items():
+            for k, values in ATTRIBUTES.items() if named else ():
                 attrs[k][i, j] = values.index(obj[k])
             present[i, j] = True
-    return _target_rows(torch.from_numpy(xyz), {k: torch.from_numpy(v) for k, v in attrs.items()},
-                        torch.from_numpy(present)).float()
+    rows = _target_rows(torch.from_numpy(xyz), {k: torch.from_numpy(v) for k, v in attrs.items()},
+                        torch.from_numpy(present))
+    if not named:
+        rows[..., 3:-1] = 0.0  # no attribute is known: the zero codes' one-hots are not its value
+    return rows.float()
 
 
 def _target_rows(xyz: torch.Tensor, attrs: dict[str, torch.Tensor], present: torch.Tensor) -> torch.Tensor:
@@ -530,7 +536,9 @@ class ClevrDataset(torch.utils.data.Dataset):
     are resized whole (bilinear, antialiased; the 3:2 frame is squashed) to `resolution`, or with
     crop=True the discovery crop window is cut first.  Items: image (3 h w float32 in [0, 1]),
     target (MAX_OBJECTS 19 float32) and, when root/masks/<split>/ exists, mask (h w int64, resized
-    nearest).  Problems on disk raise DataError with a one-line message naming the fix.
+    nearest).  Problems on disk raise DataError with a one-line message naming the fix. A root converted from CLEVR
+    with masks (`envs.clevr_masks`: 320x240 frames, attributes as codes) reads alike; its targets hold coordinates
+    and objectness only (`named` is False).
     """
 
     def __init__(self, root, split="val", resolution=(128, 128), crop=False, max_images=None, min_objects=1,
@@ -559,7 +567,12 @@ class ClevrDataset(torch.utils.data.Dataset):
         if not scenes:
             raise DataError(f"{scenes_path} holds no scenes with {min_objects} to {max_objects} objects (data.min_objects, "
                             f"data.max_objects); {_FIX}")
-        self.targets = scenes_to_targets(scenes, source=str(scenes_path))
+        info = data.get("info") if isinstance(data.get("info"), dict) else {}
+        converted = info.get("source") == clevr_masks.SOURCE  # 320x240 frames, attribute codes of unknown meaning
+        self.named = not converted
+        self.frame, self.frame_name = (((clevr_masks.WIDTH, clevr_masks.HEIGHT), "CLEVR with masks' 4:3 frame")
+                                       if converted else ((FRAME_W, FRAME_H), "CLEVR v1.0's 3:2 frame"))
+        self.targets = scenes_to_targets(scenes, source=str(scenes_path), named=self.named)
         self.filenames = [s["image_filename"] for s in scenes]
         mask_dir = root / "masks" / split
         self.mask_dir = mask_dir if mask_dir.is_dir() else None
@@ -584,10 +597,10 @@ class ClevrDataset(torch.utils.data.Dataset):
             raise DataError(f"CLEVR {what} {path} not found: {_LAYOUT_HINT}")
         try:
             with Image.open(path) as img:
-                if img.size[0] * FRAME_H != img.size[1] * FRAME_W:
-                    raise DataError(f"{path} is {img.size[0]}x{img.size[1]}, not CLEVR v1.0's 3:2 frame "
-                                    f"({FRAME_W}x{FRAME_H}); use the original files or regenerate them with "
-                                    f"`python run.py generate --out DIR`")
+                (w, h) = self.frame
+                if img.size[0] * h != img.size[1] * w:
+                    raise DataError(f"{path} is {img.size[0]}x{img.size[1]}, not {self.frame_name} ({w}x{h}); use "
+                                    f"the original files or regenerate them with `python run.py generate --out DIR`")
                 img.load()
         except (OSError, SyntaxError) as e:  # PIL: truncated or unidentifiable image data
             raise DataError(f"CLEVR {what} {path} is damaged ({str(e).splitlines()[0]}); {_FIX}") from None

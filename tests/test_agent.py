@@ -32,6 +32,7 @@ def tiny(*extra):
     return load_config(AgentConfig, ROOT / "configs/tiny.yaml", [*FAST, *extra])
 
 
+@pytest.mark.nethack
 def test_nethack_agent_trains_and_evaluates(tmp_path, capsys):
     """The tiny agent on NetHack, end to end: its summaries carry the keys Crafter's share (episodes, mean_return,
     mean_length) beside NetHack's score and depth, in the logs and in eval's JSON."""
@@ -53,6 +54,7 @@ def test_nethack_agent_trains_and_evaluates(tmp_path, capsys):
     assert summary["env"] == "nethack" and summary["episodes"] == 1
 
 
+@pytest.mark.nethack
 def test_a_nethack_run_from_before_status_tokens_resumes_without_them(tmp_path, monkeypatch):
     """A NetHack run made before the env gave status tokens (no `status` in its replay, no `status_vars` in its
     checkpoint) resumes on today's env: its model and replay go on without the tokens."""
@@ -151,6 +153,31 @@ def test_an_evaluation_stopped_midway_is_played_on_resume(tmp_path, monkeypatch)
         train(cfg, str(rd), progress=False)
     train(load_config(AgentConfig, rd / "config.yaml"), str(rd), resume=True, progress=False)
     assert [r["step"] for r in metric_rows(rd) if "eval/return" in r] == [100, 160] and stopped.calls == 3
+
+
+def test_ctrl_c_during_the_prefills_updates_stops_after_that_update_with_a_checkpoint(tmp_path, monkeypatch):
+    """The updates owed at the end of the prefill can take minutes: Ctrl-C during the second stops after it, with a
+    checkpoint counting two updates, and the resumed run does the rest of them."""
+    import signal
+
+    import agent.train
+
+    real, calls = agent.train.train_step, []
+
+    def ctrl_c_in_update_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(agent.train, "train_step", ctrl_c_in_update_2)
+    rd, cfg = tmp_path / "run", tiny("train.env_steps=100", "train.prefill=100", "train.ckpt_every=1000")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, str(rd), progress=False)
+    assert checkpoint(rd)["counters"]["updates"] == 2 and checkpoint(rd)["counters"]["env_steps"] == 100
+    monkeypatch.setattr(agent.train, "train_step", real)
+    train(load_config(AgentConfig, rd / "config.yaml"), str(rd), resume=True, progress=False)
+    assert checkpoint(rd)["counters"]["updates"] == updates_due(100, cfg) > 2
 
 
 def test_a_run_ends_with_an_evaluation_at_its_last_step(tmp_path):
@@ -416,6 +443,7 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
 
 
 
+@pytest.mark.nethack
 def test_training_scores_have_a_recent_mean_beside_the_all_episode_one(tmp_path):
     """25 NetHack episodes returning 0, 1, ..., 24: the logged return is their mean (12), the recent one the mean of
     the last 20 (5 ... 24: 14.5), as the score (10x the return here); 10 of the 25 died (40%)."""
@@ -754,6 +782,7 @@ def test_killed_env_worker_during_training(tmp_path, monkeypatch):
     assert len([n for n in cut if n < 61]) == 1
 
 
+@pytest.mark.nethack
 def test_bench_agent_runs_the_real_loop(capsys):
     """`bench agent` end to end on the CPU: collection, acting and updates of the tiny preset on NetHack (status
     tokens and all), timed and printed as one row."""
@@ -919,6 +948,7 @@ def test_library_calls_that_would_go_wrong_quietly_are_refused():
     assert policy.act(images[:2], True).shape == (2,) and policy.act(images[:1], True).shape == (1,)
 
 
+@pytest.mark.nethack
 def test_a_config_edited_by_hand_since_the_checkpoint_is_refused(tmp_path, capsys):
     """config.yaml edited to another slot count or game: a resume, and an eval, refuse it rather than train on with
     a checkpoint of another model or play another game with this one."""

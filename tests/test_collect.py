@@ -61,6 +61,7 @@ def test_killed_crafter_worker_truncates_episode(tmp_path):
         venv.close()
 
 
+@pytest.mark.nethack
 def test_cli_collect_nethack_in_process(tmp_path, capsys):
     assert run.main(["collect", "--env", "nethack", "--frames", "30", "--out", str(tmp_path / "n"), "--no-progress"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -210,6 +211,7 @@ def test_visualize_says_a_set_prediction_run_has_no_reconstruction(tmp_path):
     assert "no reconstruction" in json.loads((tmp_path / "v" / "summary.json").read_text())["note"]
 
 
+@pytest.mark.nethack
 def test_make_env_passes_episode_limits_to_the_game():
     """`max_episode_steps` reaches NetHack itself (gym.make would keep it for a TimeLimit wrapper)."""
     from envs.collect import make_env

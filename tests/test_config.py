@@ -222,6 +222,7 @@ def test_a_training_commands_help_names_each_of_its_presets(command, capsys):
     assert presets and sorted(named.split(", ")) == presets
 
 
+@pytest.mark.nethack
 def test_run_directories_of_another_command_are_named_as_such(tmp_path, capsys):
     """A command given a run directory made by another command, or no run at all, says which in one line; `config`
     reads a preset with the schema that fits it."""

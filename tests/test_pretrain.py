@@ -105,6 +105,34 @@ def test_a_run_stopped_between_log_rows_resumes_with_the_same_rows(tmp_path, mon
     assert metric_rows(tmp_path / "halves") == rows
 
 
+def test_ctrl_c_between_checkpoints_stops_after_its_step_with_a_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C during step 3 of a run that checkpoints every 100 steps: the step finishes, its checkpoint is written,
+    and the resumed run logs the rows and ends with the weights of a run never stopped."""
+    import signal
+
+    from compare import assert_same_state, checkpoint, metric_rows
+    import world_model.pretrain as pt
+
+    over = ["train.steps=5", "train.log_every=2", "train.ckpt_every=100", "train.eval_every=0"]
+    pretrain(tiny_cfg(*over), str(tmp_path / "straight"), progress=False)
+    real, calls = pt.guarded_update, []
+
+    def ctrl_c_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pt, "guarded_update", ctrl_c_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tiny_cfg(*over), str(tmp_path / "stopped"), progress=False)
+    assert checkpoint(tmp_path / "stopped")["step"] == 3 and len(calls) == 3
+    monkeypatch.setattr(pt, "guarded_update", real)
+    pretrain(tiny_cfg(*over), str(tmp_path / "stopped"), resume=True, progress=False)
+    assert metric_rows(tmp_path / "stopped") == metric_rows(tmp_path / "straight")
+    assert_same_state(checkpoint(tmp_path / "stopped")["model"], checkpoint(tmp_path / "straight")["model"])
+
+
 def test_each_evaluation_pictures_held_out_images_with_what_each_set_prediction_slot_says(tmp_path, monkeypatch):
     """`slots/held_out` at every evaluation; for set prediction each slot's cell says its confidence, colour and
     shape for that image (here slot 0: 0.90 cyan cylinder; slot 1: 0.20 gray cube), and `annotated` writes each text
@@ -297,7 +325,8 @@ def test_eval_ap_on_missing_clevr_root_is_one_line(tmp_path, capsys):
     ["bench", "generator", "--batch-size", "2", "--resolution", "32", "--steps", "1"],
     ["bench", "metrics", "--steps", "1"],
     ["bench", "imagination", "--wm-config", "configs/wm_crafter_cpu.yaml", "--batch-size", "2", "--horizon", "3"],
-    ["bench", "envs", "--envs", "nethack", "--workers", "1", "--env-steps", "5", "--envs-per-worker", "1,2"],
+    pytest.param(["bench", "envs", "--envs", "nethack", "--workers", "1", "--env-steps", "5", "--envs-per-worker",
+                  "1,2"], marks=pytest.mark.nethack),
     ["bench", "agent", "train.batch_size=2", "--agent-config", "configs/tiny.yaml", "--env-steps", "16", "--prefill",
      "16", "--profile", "--profile-row", "fp32-math-attn"],
 ])
@@ -465,26 +494,31 @@ def test_a_frames_run_resumes_on_the_same_game_and_notes_a_moved_split(tmp_path,
 
 
 def test_sigterm_is_handled_as_ctrl_c(tmp_path):
-    """`kill` (or `timeout`, or a scheduler) stops a run as Ctrl-C does: it gives up its claim (train.pid) and says
-    how to resume, with exit status 143."""
+    """`kill` (or `timeout`, or a scheduler) stops a run as Ctrl-C does: after the step in progress, with a
+    checkpoint of it even long before the next one was due; it gives up its claim (train.pid) and says how to
+    resume, with exit status 143."""
     import signal
     import subprocess
     import sys
-    import time
 
     run_dir = tmp_path / "r"
     proc = subprocess.Popen([sys.executable, "run.py", "pretrain", "--run-dir", str(run_dir), "--no-progress", *TINY,
-                             "train.steps=100000", "train.threads=1"], cwd=Path(__file__).resolve().parent.parent,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (run_dir / "checkpoints" / "latest.pt").is_file():
-        time.sleep(0.2)
+                             "train.steps=100000", "train.ckpt_every=100000", "train.threads=1"],
+                            cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    line = ""  # the config, then a log row: training is under way
+    while not line.startswith("step ") and proc.poll() is None:
+        line = proc.stdout.readline()
+    assert line.startswith("step 2/100000: loss=")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143
     step = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)["step"]
-    assert err.strip().splitlines()[-1] == (f"terminated (SIGTERM); `python run.py pretrain --resume {run_dir}` "
-                                            f"continues from its last checkpoint (step {step})")
+    lines = [line for line in err.splitlines() if line]
+    assert step >= 2 and lines[-2] == ("SIGTERM: stopping after this step, with a checkpoint (a second SIGTERM stops "
+                                       "at once, from the last checkpoint)")
+    assert lines[-1] == (f"terminated (SIGTERM); `python run.py pretrain --resume {run_dir}` continues from its last "
+                         f"checkpoint (step {step})")
     assert not (run_dir / "train.pid").exists()
 
 
@@ -733,6 +767,12 @@ def test_compare_puts_the_runs_last_evaluations_side_by_side(tmp_path, capsys):
     metrics.write_text(metrics.read_text().replace('"eval/images": 8', '"eval/images": 4'))
     assert run.main(["compare", str(tmp_path / "gmm"), str(tmp_path / "again" / "gmm")]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "note: evaluated on unequal samples: images (8, 4)"
+    config = tmp_path / "again" / "gmm" / "config.yaml"  # evaluated on CLEVR6-like scenes: other held-out images
+    config.write_text(config.read_text().replace("max_objects: 4", "max_objects: 6").replace("crop: false", "crop: true"))
+    assert run.main(["compare", str(tmp_path / "gmm"), str(tmp_path / "again" / "gmm")]) == 0
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "note: evaluated on unequal samples: images (8, 4)",
+        "note: evaluated under other settings: data.crop (false, true); data.max_objects (4, 6)"]
 
 
 def test_a_data_root_that_the_source_would_not_read_is_refused():

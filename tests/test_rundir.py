@@ -86,6 +86,7 @@ def test_atomic_writes_leave_the_old_file_when_writing_fails(tmp_path):
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
 
 
+@pytest.mark.nethack
 def test_jsonl_files_skip_a_torn_last_line_only(tmp_path):
     """What a writer killed mid-row leaves (the episode statistics of both games, metrics) reads without that row;
     damage before the last line is an error that names the line."""

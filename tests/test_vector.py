@@ -167,6 +167,7 @@ def test_killed_worker_is_restarted():
     venv.close()
 
 
+@pytest.mark.nethack
 def test_an_action_out_of_range_is_the_callers_error_not_a_crash():
     """The vector env refuses actions outside the action space before sending them (a worker would raise, be taken
     for a crash and restarted); the games refuse them too, in one line."""

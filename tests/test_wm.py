@@ -431,6 +431,48 @@ def test_train_resume_exact_and_eval_cli(tmp_path, capsys):
     assert err.count("\n") == 1 and "holds other episodes with 5 actions; this world model was trained on toy with 3" in err
 
 
+def test_ctrl_c_between_checkpoints_stops_after_its_step_with_a_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C during step 2 of a run that checkpoints every 100: its checkpoint is of step 2, and the resumed run
+    ends as a run never stopped does."""
+    import signal
+
+    import world_model.train_wm as tw
+
+    root = toy_dataset(tmp_path / "d")
+    over = ["train.steps=4", "train.ckpt_every=100", "train.eval_every=0"]
+    train_wm(wm_cfg(root, *over), str(tmp_path / "straight"), progress=False)
+    real, calls = tw.guarded_update, []
+
+    def ctrl_c_in_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tw, "guarded_update", ctrl_c_in_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_wm(wm_cfg(root, *over), str(tmp_path / "stopped"), progress=False)
+    assert checkpoint(tmp_path / "stopped")["step"] == 2 and len(calls) == 2
+    monkeypatch.setattr(tw, "guarded_update", real)
+    train_wm(wm_cfg(root, *over), str(tmp_path / "stopped"), resume=True, progress=False)
+    assert_same_state(checkpoint(tmp_path / "stopped")["model"], checkpoint(tmp_path / "straight")["model"])
+
+
+def test_compare_notes_world_model_runs_evaluated_under_other_settings(tmp_path, capsys):
+    """Open-loop scores from another context length or another dataset's held-out episodes do not measure the same
+    thing: compare says which settings differ."""
+    preset = (Path(run.__file__).parent / "configs" / "wm_crafter_cpu.yaml").read_text()
+    for name, context, root in (("a", 8, "/data/crafter"), ("b", 4, "/data/crafter2")):
+        (tmp_path / name).mkdir()
+        text = preset.replace("data:\n", f"data:\n  root: {root}\n").replace("  context: 8", f"  context: {context}")
+        (tmp_path / name / "config.yaml").write_text(text)
+        (tmp_path / name / "metrics.jsonl").write_text(json.dumps({"step": 10, "eval/h1/code_acc": 50.0,
+                                                                   "eval/segments": 4}) + "\n")
+    assert run.main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == ("note: evaluated under other settings: data.root "
+                                                       "(/data/crafter, /data/crafter2); eval.context (8, 4)")
+
+
 def test_an_evaluation_that_fails_loses_no_checkpoint(tmp_path, monkeypatch):
     """The checkpoint at a step is written before that step's evaluation: a crash (or Ctrl-C) there keeps it."""
     import world_model.train_wm as tw

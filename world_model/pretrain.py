@@ -33,6 +33,7 @@ from .rundir import (MetricLogger, RunDir, evaluation_due, fixed_rng, resolve_de
 from .slots.vq import temperature
 from .sources import (EVAL_SEED, ClevrScenes, EpisodeFrames, check_source, eval_batches, make_source, train_batches,
                       use_clevr_root)
+from .stopping import StepStops
 from .updates import StepMeans, autocast, guarded_update, lr_factor
 from .visualize import annotated, decomposition_picture
 
@@ -233,6 +234,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
                              "optimizer": opt.state_dict(), "rng": rng_states(), "config": asdict(cfg),
                              "world_size": distributed.world_size(), "frames": frames,
                              "log_means": distributed.gather_objects(means.state_dict())})
+        logger.flush()
 
     bar = tqdm(total=cfg.train.steps, initial=step, desc=f"pretrain {cfg.task}/{cfg.model.slots}",
                disable=not progress or not distributed.is_main(), dynamic_ncols=True)
@@ -248,56 +250,60 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
 
     if distributed.is_main() and stopped_evaluation(logger, step, cfg.train.eval_every, cfg.train.steps):
         logger.scalars(step, evaluated(), prefix="eval/")
-    while step < cfg.train.steps:
-        batch = next(stream)
-        images += len(batch["images"]) * distributed.world_size()
-        if not torch.isfinite(batch["images"]).all():
-            raise UsageError(f"non-finite pixel values in training batch {step}: check the data source")
-        batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)  # as the model's weights
-        for group in opt.param_groups:
-            group["lr"] = cfg.train.lr * lr_factor(step, cfg.train.warmup_steps, cfg.train.decay_rate,
-                                                     cfg.train.decay_steps)
-        vq = model.encoder.vq
-        if vq is not None:
-            v = cfg.model.vq
-            vq.set_temperature(temperature(step, v.tau_start, v.tau_end, v.anneal_steps))
-        with autocast(device, cfg.train.amp):
-            loss, stats, outputs = compute_loss(step_model, cfg.task, batch, cfg.model.vq.beta)
-        problem = guarded_update(loss, list(model.parameters()), opt, cfg.train.grad_clip, stats)
-        if problem:
-            skipped += 1
-            logger.scalars(step, {"skipped_updates": skipped}, prefix="train/")
-            if distributed.is_main():
-                bar.write(f"step {step}: non-finite {problem}, update skipped ({skipped} so far)")
-        else:
-            means.add(stats)
-        step += 1
-        bar.update(1)
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            now = time.perf_counter()
-            stats = distributed.mean_scalars(means.pop(), device)  # every rank skipped the same updates: same keys
-            stats.update(lr=opt.param_groups[0]["lr"], images_per_s=images / (now - t_last))
+    # Ctrl-C / SIGTERM: stop after a step, with a checkpoint (at once under torchrun)
+    with StepStops(defer=not distributed.active()) as stops:
+        while step < cfg.train.steps:
+            batch = next(stream)
+            images += len(batch["images"]) * distributed.world_size()
+            if not torch.isfinite(batch["images"]).all():
+                raise UsageError(f"non-finite pixel values in training batch {step}: check the data source")
+            batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)  # as the model's weights
+            for group in opt.param_groups:
+                group["lr"] = cfg.train.lr * lr_factor(step, cfg.train.warmup_steps, cfg.train.decay_rate,
+                                                         cfg.train.decay_steps)
+            vq = model.encoder.vq
             if vq is not None:
-                stats["tau"] = float(vq.tau)
-            if pool is not None:
-                stats["pool_scenes"] = pool.filled
-            t_last, images = now, 0
-            logger.scalars(step, stats, prefix="train/")
-            if "loss" in stats:  # not when every update since the last row was skipped
-                bar.set_postfix(loss=f"{stats['loss']:.4f}")
-                if not progress and distributed.is_main():  # a log file still shows the run moving
-                    print(f"step {step}/{cfg.train.steps}: loss={stats['loss']:.4f}, "
-                          f"images/s={stats['images_per_s']:.1f}", flush=True)
-        if (step % cfg.train.image_every == 0 or step == cfg.train.steps) and distributed.is_main():
-            log_images(logger, step, cfg, batch, outputs)  # the last step too: a short run still leaves pictures
-        evaluating = evaluation_due(step, cfg.train.eval_every, cfg.train.steps)
-        if step % cfg.train.ckpt_every == 0 or evaluating:  # also before each evaluation: Ctrl-C or a crash there
-            checkpoint()                                    # loses no training step
-            logger.flush()
-        if evaluating and distributed.is_main():
-            last_eval = evaluated()
-            logger.scalars(step, last_eval, prefix="eval/")
-            bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
+                v = cfg.model.vq
+                vq.set_temperature(temperature(step, v.tau_start, v.tau_end, v.anneal_steps))
+            with autocast(device, cfg.train.amp):
+                loss, stats, outputs = compute_loss(step_model, cfg.task, batch, cfg.model.vq.beta)
+            problem = guarded_update(loss, list(model.parameters()), opt, cfg.train.grad_clip, stats)
+            if problem:
+                skipped += 1
+                logger.scalars(step, {"skipped_updates": skipped}, prefix="train/")
+                if distributed.is_main():
+                    bar.write(f"step {step}: non-finite {problem}, update skipped ({skipped} so far)")
+            else:
+                means.add(stats)
+            step += 1
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                now = time.perf_counter()
+                stats = distributed.mean_scalars(means.pop(), device)  # every rank skipped the same updates: same keys
+                stats.update(lr=opt.param_groups[0]["lr"], images_per_s=images / (now - t_last))
+                if vq is not None:
+                    stats["tau"] = float(vq.tau)
+                if pool is not None:
+                    stats["pool_scenes"] = pool.filled
+                t_last, images = now, 0
+                logger.scalars(step, stats, prefix="train/")
+                if "loss" in stats:  # not when every update since the last row was skipped
+                    bar.set_postfix(loss=f"{stats['loss']:.4f}")
+                    if not progress and distributed.is_main():  # a log file still shows the run moving
+                        print(f"step {step}/{cfg.train.steps}: loss={stats['loss']:.4f}, "
+                              f"images/s={stats['images_per_s']:.1f}", flush=True)
+            if (step % cfg.train.image_every == 0 or step == cfg.train.steps) and distributed.is_main():
+                log_images(logger, step, cfg, batch, outputs)  # the last step too: a short run still leaves pictures
+            evaluating = evaluation_due(step, cfg.train.eval_every, cfg.train.steps)
+            due = step % cfg.train.ckpt_every == 0 or evaluating  # also before each evaluation: Ctrl-C or a crash
+            if due:                                                # there loses no training step
+                checkpoint()
+            stops.poll(checkpoint, saved=due)
+            if evaluating and distributed.is_main():
+                with stops.at_once():
+                    last_eval = evaluated()
+                logger.scalars(step, last_eval, prefix="eval/")
+                bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
     if not last_eval and distributed.is_main():  # a finished run resumed, or one stopped during its final evaluation
         last_eval = logger.logged(step, "eval/") if settled else {}  # a finished run's, not run and logged twice
         if not last_eval:

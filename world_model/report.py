@@ -34,11 +34,30 @@ def _describe(command: str, run_dir: str | Path) -> dict:
     return {**where, "slots": cfg.encoder.model.slots, "encoder": cfg.encoder.mode}
 
 
+def _evaluated_on(command: str, run_dir: str | Path) -> dict:
+    """The settings that decide what a run's evaluations measure (the held-out data and how it is scored), by their
+    config keys: runs that differ in one are not measured alike."""
+    cfg = load_run_config(command, run_dir)
+    if command == "pretrain":
+        d = cfg.data
+        where = {"data.root": d.root, "data.eval_split": d.eval_split} if d.source != "generated" else {}
+        return {"data.source": d.source, **where, "data.resolution": d.resolution, "data.crop": d.crop,
+                "data.min_objects": d.min_objects, "data.max_objects": d.max_objects}
+    if command == "train-wm":
+        return {"data.root": cfg.data.root, "data.eval_fraction": cfg.data.eval_fraction,
+                "eval.context": cfg.eval.context, "eval.horizons": cfg.eval.horizons}
+    return {"env.name": cfg.env.name, "env.size": cfg.env.size, "env.max_episode_steps": cfg.env.max_episode_steps}
+
+
+def _setting(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def comparison_table(runs: list[str]) -> str:
     """The runs' settings, steps and last evaluations: a row per key (those of every run's evaluation: the AP table
     first, then in the order the runs logged them, the image count last), a column per run named by its folder (by
-    the path given where two folders share a name), and a note under it where the runs' numbers are means over
-    samples of unequal size (images, segments, episodes)."""
+    the path given where two folders share a name), and notes under it where the runs' numbers are means over
+    samples of unequal size (images, segments, episodes) or come from other evaluation settings (`_evaluated_on`)."""
     if len(runs) < 1:
         raise UsageError("compare needs at least one run directory")
     found = [(run, *last_evaluation(run)) for run in runs]
@@ -65,6 +84,10 @@ def comparison_table(runs: list[str]) -> str:
     sizes = {k: {scores.get(k) for _, _, _, scores in found} for k in SAMPLE_SIZES if k in keys}
     unequal = [f"{k} ({', '.join(cells)})" for k, cells in body if k in sizes and len(sizes[k]) > 1]
     notes = [f"note: evaluated on unequal samples: {'; '.join(unequal)}"] if unequal else []
+    settings = [_evaluated_on(command, run) for run, command, _, _ in found]
+    differ = [f"{k} ({', '.join(_setting(s.get(k)) for s in settings)})" for k in settings[0]
+              if len({_setting(s.get(k)) for s in settings}) > 1]
+    notes += [f"note: evaluated under other settings: {'; '.join(differ)}"] if differ else []
     return "\n".join([*(line(*row) for row in header), rule, *(line(*row) for row in body), *notes])
 
 

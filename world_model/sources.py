@@ -158,6 +158,10 @@ class ClevrScenes:
         check_source(cfg)
         self.dataset = ClevrDataset(d.root, split=split, resolution=(d.resolution, d.resolution), crop=d.crop,
                                     max_images=max_images, min_objects=d.min_objects, max_objects=d.max_objects)
+        if cfg.task == "setpred" and not self.dataset.named:
+            raise DataError(f"{d.root} was converted from CLEVR with masks (`run.py convert-clevr-masks`), whose "
+                            "attributes are codes of undocumented meaning: set prediction needs a CLEVR v1.0 root; "
+                            "this one is for object discovery (task=discovery)")
         self.device = device
         self.num_workers = d.num_workers
 

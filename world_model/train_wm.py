@@ -33,6 +33,7 @@ from .dynamics import DynamicsConfig
 from .frame_tokenizer import FrameTokenizerConfig, frame_token_size, status_vars
 from .pretrain import load_run
 from .sources import TRAIN_STREAM, stream_seed
+from .stopping import StepStops
 from .updates import StepMeans, autocast, guarded_update, lr_factor
 from .perception import SlotAutoencoder
 from .rundir import (MetricLogger, RunDir, check_out_dir, evaluation_due, fixed_rng, resumed_length, resolve_device,
@@ -393,6 +394,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
                              "rng": rng_state(), "config": asdict(cfg), "num_actions": int(meta["num_actions"]),
                              "env": meta["env"], "held_out": meta["held_out"],
                              "status_vars": wm.status_vars, "log_means": means.state_dict()})
+        logger.flush()
 
     def evaluate(at: int) -> dict:
         """Evaluate on the held-out episodes; log the scalars and the real | decoded | imagined picture."""
@@ -408,44 +410,48 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
     t_last, n_last = time.perf_counter(), step
     if stopped_evaluation(logger, step, cfg.train.eval_every, cfg.train.steps):
         evaluate(step)
-    while step < cfg.train.steps:
-        rng = np.random.default_rng(stream_seed(cfg.train.seed, TRAIN_STREAM, step))  # batch i: a function of (seed, i)
-        batch = to_batch(train_buf.sample(cfg.train.batch_size, cfg.data.seq_len, rng=rng, pad=True), wm.resolution,
-                         device)
-        for group in opt.param_groups:
-            group["lr"] = cfg.train.lr * lr_factor(step, cfg.train.warmup_steps)
-        tau = wm.set_vq_temperature(step, vq.tau_start, vq.tau_end, vq.anneal_steps)
-        with autocast(device, cfg.train.amp):
-            loss, stats, _ = wm.loss(batch, vq.beta)
-        problem = guarded_update(loss, params, opt, cfg.train.grad_clip, stats)
-        if problem:
-            skipped += 1
-            logger.scalars(step, {"skipped_updates": skipped}, prefix="train/")
-            bar.write(f"step {step}: non-finite {problem}, update skipped ({skipped} so far)")
-        else:
-            means.add(stats)
-        step += 1
-        bar.update(1)
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            now = time.perf_counter()
-            stats = means.pop()
-            if tau is not None:
-                stats["vq_tau"] = tau
-            stats.update(lr=opt.param_groups[0]["lr"],
-                         frames_per_s=(step - n_last) * cfg.train.batch_size * cfg.data.seq_len / (now - t_last))
-            t_last, n_last = now, step
-            logger.scalars(step, stats, prefix="train/")
-            if "loss" in stats:  # not when every update since the last row was skipped
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", code_acc=f"{stats['acc_slots']:.1f}%")
-                if not progress:  # a log file still shows the run moving
-                    print(f"step {step}/{cfg.train.steps}: loss={stats['loss']:.4f}, slot-code accuracy "
-                          f"{stats['acc_slots']:.1f}%", flush=True)
-        evaluating = evaluation_due(step, cfg.train.eval_every, cfg.train.steps)
-        if step % cfg.train.ckpt_every == 0 or evaluating:  # also before each evaluation: Ctrl-C or a crash there
-            checkpoint()                                    # loses no training step
-            logger.flush()
-        if evaluating:
-            last_eval = evaluate(step)
+    with StepStops() as stops:  # Ctrl-C / SIGTERM: stop after a step, with a checkpoint
+        while step < cfg.train.steps:
+            # batch i: a function of (seed, i)
+            rng = np.random.default_rng(stream_seed(cfg.train.seed, TRAIN_STREAM, step))
+            batch = to_batch(train_buf.sample(cfg.train.batch_size, cfg.data.seq_len, rng=rng, pad=True), wm.resolution,
+                             device)
+            for group in opt.param_groups:
+                group["lr"] = cfg.train.lr * lr_factor(step, cfg.train.warmup_steps)
+            tau = wm.set_vq_temperature(step, vq.tau_start, vq.tau_end, vq.anneal_steps)
+            with autocast(device, cfg.train.amp):
+                loss, stats, _ = wm.loss(batch, vq.beta)
+            problem = guarded_update(loss, params, opt, cfg.train.grad_clip, stats)
+            if problem:
+                skipped += 1
+                logger.scalars(step, {"skipped_updates": skipped}, prefix="train/")
+                bar.write(f"step {step}: non-finite {problem}, update skipped ({skipped} so far)")
+            else:
+                means.add(stats)
+            step += 1
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                now = time.perf_counter()
+                stats = means.pop()
+                if tau is not None:
+                    stats["vq_tau"] = tau
+                stats.update(lr=opt.param_groups[0]["lr"],
+                             frames_per_s=(step - n_last) * cfg.train.batch_size * cfg.data.seq_len / (now - t_last))
+                t_last, n_last = now, step
+                logger.scalars(step, stats, prefix="train/")
+                if "loss" in stats:  # not when every update since the last row was skipped
+                    bar.set_postfix(loss=f"{stats['loss']:.3f}", code_acc=f"{stats['acc_slots']:.1f}%")
+                    if not progress:  # a log file still shows the run moving
+                        print(f"step {step}/{cfg.train.steps}: loss={stats['loss']:.4f}, slot-code accuracy "
+                              f"{stats['acc_slots']:.1f}%", flush=True)
+            evaluating = evaluation_due(step, cfg.train.eval_every, cfg.train.steps)
+            due = step % cfg.train.ckpt_every == 0 or evaluating  # also before each evaluation: Ctrl-C or a crash
+            if due:                                                # there loses no training step
+                checkpoint()
+            stops.poll(checkpoint, saved=due)
+            if evaluating:
+                with stops.at_once():
+                    last_eval = evaluate(step)
     if not last_eval:  # a finished run resumed (its final evaluation is in the log), or one stopped during it
         last_eval = logger.logged(step, "eval/") if settled else {}
         if last_eval:
