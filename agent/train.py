@@ -311,19 +311,21 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                    disable=not progress or not main, dynamic_ncols=True, unit="step")
         next_log = (counters["env_steps"] // t.log_every + 1) * t.log_every
         next_ckpt = (counters["env_steps"] // t.ckpt_every + 1) * t.ckpt_every
-        at = counters["env_steps"]
-        if main and stopped_evaluation(logger, at, t.eval_every, t.env_steps, stride=cfg.env.num_envs):
-            last_eval, evaluated_at = evaluate(at), at
-        t_last, steps_last, segments = time.perf_counter(), counters["env_steps"], False
-        def update_as_owed(stops: StepStops, burst: bool = False) -> int:
-            """The updates the env steps so far are owed (train.train_ratio), how many; `burst`: the prefill's, which
-            can take minutes, shown on the bar (and said in a log file)."""
+        segments = False  # some episode in every rank's replay holds two steps (a prediction target)
+        bursts = {"prefill done": f"train.train_ratio={t.train_ratio} of the prefill's steps",
+                  "resumed": "owed at the checkpoint it resumes from"}
+
+        def update_as_owed(stops: StepStops, burst: str = "") -> int:
+            """Run the updates the env steps so far are owed (train.train_ratio); how many ran. `burst` (a key of
+            `bursts`): why many are owed at once, minutes of updates shown on the bar (and said in a log file)."""
             nonlocal segments
-            owed = burst and updates_owed(counters["env_steps"], counters["replayed"], cfg, counters["ratio_from"])
-            if burst and main and not progress:  # minutes of updates before the next line: say why
-                print(f"env step {counters['env_steps']}: prefill done, training its {owed} owed updates now "
-                      f"(train.train_ratio={t.train_ratio} of the prefill's steps)", flush=True)
-            phase = shown(bar, f"prefill done: its {owed} owed updates") if burst else contextlib.nullcontext()
+            owed = 0
+            if burst:
+                owed = updates_owed(counters["env_steps"], counters["replayed"], cfg, counters["ratio_from"])
+            if owed and main and not progress:  # minutes of updates before the next line: say why
+                print(f"env step {counters['env_steps']}: {burst}, training its {owed} owed updates now "
+                      f"({bursts[burst]})", flush=True)
+            phase = shown(bar, f"{burst}: its {owed} owed updates") if owed else contextlib.nullcontext()
             before = counters["updates"]
             with phase:
                 while updates_owed(counters["env_steps"], counters["replayed"], cfg, counters["ratio_from"]):
@@ -341,27 +343,35 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                     # A non-finite loss or gradient skipped that update (it never reaches weights or checkpoints).
                     counters["skipped_wm"] += int(stats["wm/skipped"])
                     counters["skipped_ac"] += int(stats.get("ac/skipped", 0))
-                    if burst:
-                        bar.set_postfix_str(f"prefill done: owed update {counters['updates'] - before}/{owed}",
-                                            refresh=True)
+                    if owed:
+                        bar.set_postfix_str(f"{burst}: owed update {counters['updates'] - before}/{owed}", refresh=True)
                     stops.poll(checkpoint)  # a stop in the middle of them: the resumed run does the rest first
             return counters["updates"] - before
 
         # Ctrl-C / SIGTERM: stop after a step, with a checkpoint (at once under torchrun)
         with StepStops(defer=not distributed.active()) as stops:
-            if update_as_owed(stops):  # a run stopped during its updates resumes with the rest of them
-                checkpoint()
-            while counters["env_steps"] < t.env_steps:
-                if counters["env_steps"] < t.prefill:
-                    actions = rng.integers(num_actions, size=num_envs)
-                else:
-                    actions = policy.act(collector.obs, collector.first)
-                collector.step(actions)
-                counters["vector_steps"] += 1
-                counters["env_steps"] += cfg.env.num_envs
-                bar.update(cfg.env.num_envs)
-                update_as_owed(stops, burst=counters["env_steps"] - cfg.env.num_envs < t.prefill
-                               <= counters["env_steps"])
+            # A run stopped during a step's updates does the rest of them, then the rest of that step: its log row,
+            # a checkpoint, the evaluation due there.
+            mid_step = update_as_owed(stops, "resumed") > 0
+            at = counters["env_steps"]
+            if mid_step:
+                next_log = ((at - cfg.env.num_envs) // t.log_every + 1) * t.log_every
+            elif main and stopped_evaluation(logger, at, t.eval_every, t.env_steps, stride=cfg.env.num_envs):
+                with stops.at_once():  # a run stopped during an evaluation makes it first
+                    last_eval, evaluated_at = evaluate(at), at
+            t_last, steps_last = time.perf_counter(), counters["env_steps"]
+            while counters["env_steps"] < t.env_steps or mid_step:
+                if not mid_step:
+                    if counters["env_steps"] < t.prefill:
+                        actions = rng.integers(num_actions, size=num_envs)
+                    else:
+                        actions = policy.act(collector.obs, collector.first)
+                    collector.step(actions)
+                    counters["vector_steps"] += 1
+                    counters["env_steps"] += cfg.env.num_envs
+                    bar.update(cfg.env.num_envs)
+                    prefill_ends = counters["env_steps"] - cfg.env.num_envs < t.prefill <= counters["env_steps"]
+                    update_as_owed(stops, "prefill done" if prefill_ends else "")
                 if counters["env_steps"] >= next_log:
                     next_log += t.log_every
                     now = time.perf_counter()
@@ -387,7 +397,9 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                               f"{episodes} episode{'s' * (episodes != 1)}, {loop['env_steps_per_s']:.1f} env steps/s"
                               + "".join(f", {k}={v}" for k, v in score.items()), flush=True)
                 evaluating = evaluation_due(counters["env_steps"], t.eval_every, t.env_steps, stride=cfg.env.num_envs)
-                due = counters["env_steps"] >= next_ckpt or evaluating  # evaluating: also at the last step
+                # evaluating: also at the last step; mid_step: the updates a resumed run just caught up on
+                due = counters["env_steps"] >= next_ckpt or evaluating or mid_step
+                mid_step = False
                 if due:
                     if counters["env_steps"] >= next_ckpt:
                         next_ckpt += t.ckpt_every

@@ -570,8 +570,9 @@ class ClevrDataset(torch.utils.data.Dataset):
         info = data.get("info") if isinstance(data.get("info"), dict) else {}
         converted = info.get("source") == clevr_masks.SOURCE  # 320x240 frames, attribute codes of unknown meaning
         self.named = not converted
-        self.frame, self.frame_name = (((clevr_masks.WIDTH, clevr_masks.HEIGHT), "CLEVR with masks' 4:3 frame")
-                                       if converted else ((FRAME_W, FRAME_H), "CLEVR v1.0's 3:2 frame"))
+        self.frame, self.frame_name, self.frame_fix = (
+            ((clevr_masks.WIDTH, clevr_masks.HEIGHT), "CLEVR with masks' 4:3 frame", "convert-clevr-masks --tfrecords F")
+            if converted else ((FRAME_W, FRAME_H), "CLEVR v1.0's 3:2 frame", "generate"))
         self.targets = scenes_to_targets(scenes, source=str(scenes_path), named=self.named)
         self.filenames = [s["image_filename"] for s in scenes]
         mask_dir = root / "masks" / split
@@ -600,7 +601,8 @@ class ClevrDataset(torch.utils.data.Dataset):
                 (w, h) = self.frame
                 if img.size[0] * h != img.size[1] * w:
                     raise DataError(f"{path} is {img.size[0]}x{img.size[1]}, not {self.frame_name} ({w}x{h}); use "
-                                    f"the original files or regenerate them with `python run.py generate --out DIR`")
+                                    f"the original files or write them again with `python run.py {self.frame_fix} "
+                                    "--out DIR`")
                 img.load()
         except (OSError, SyntaxError) as e:  # PIL: truncated or unidentifiable image data
             raise DataError(f"CLEVR {what} {path} is damaged ({str(e).splitlines()[0]}); {_FIX}") from None

@@ -26,6 +26,7 @@ HEIGHT, WIDTH, ENTITIES = 240, 320, 11  # entity 0: the background; unused entit
 SHAPES = {"image": (HEIGHT, WIDTH, 3), "mask": (ENTITIES, HEIGHT, WIDTH), "visibility": (ENTITIES,),
           "x": (ENTITIES,), "y": (ENTITIES,), "z": (ENTITIES,), "rotation": (ENTITIES,), "pixel_coords": (ENTITIES, 3)}
 CODES = ("color", "shape", "size", "material")  # one byte per entity, meaning undocumented
+RAW = ("image", "mask", *CODES)  # features of one-byte strings: raw uint8 values
 SOURCE = "clevr_with_masks"  # the scenes file's info["source"]: attributes as codes, not names
 
 
@@ -33,12 +34,14 @@ def decode_scene(example: dict, where: str) -> tuple[np.ndarray, np.ndarray, lis
     """One parsed record as (image uint8 `h w 3`, instance ids uint8 `h w`, objects): the objects are the entities
     1-10 whose visibility is 1, in order, object k owning the pixels of id k + 1."""
     for key, shape in SHAPES.items():
-        value = example.get(key)
-        size = int(np.prod(shape))
-        if not isinstance(value, np.ndarray) or value.size != size:
-            held = "no such feature" if value is None else f"{len(value)} values"
+        value, size = example.get(key), int(np.prod(shape))
+        kind = np.uint8 if key in RAW else np.float32
+        if value is None:
+            raise DataError(f"{where} is not a CLEVR-with-masks record: it has no feature {key!r}")
+        if not isinstance(value, np.ndarray) or value.dtype != kind or value.size != size:
+            held = f"{len(value)} {value.dtype if isinstance(value, np.ndarray) else 'byte-string'} values"
             raise DataError(f"{where} is not a CLEVR-with-masks record: feature {key!r} holds {held}, expected {size} "
-                            f"{'one-byte ' if key in ('image', 'mask') else ''}values ({'x'.join(map(str, shape))})")
+                            f"{'one-byte strings' if kind is np.uint8 else 'floats'} ({'x'.join(map(str, shape))})")
     image = example["image"].reshape(SHAPES["image"])
     masks = example["mask"].reshape(SHAPES["mask"])
     visible = [e for e in range(1, ENTITIES) if example["visibility"][e] > 0.5]
@@ -67,6 +70,9 @@ def convert(tfrecords: Union[str, Path], out: Union[str, Path], train_scenes: in
         raise UsageError(f"--splits {','.join(splits)}: the splits are train and val")
     if train_scenes < 0 or (val_scenes is not None and val_scenes < 0):
         raise UsageError("--train-scenes and --val-scenes count scenes: 0 or more")
+    for split, n, other in (("train", train_scenes, "val"), ("val", val_scenes, "train")):
+        if split in splits and n == 0:
+            raise UsageError(f"--{split}-scenes 0 leaves split {split} empty: pass --splits {other} to write only that")
     root = check_folder(out, "--out")
     for split in splits:
         path = root / "scenes" / f"CLEVR_{split}_scenes.json"
@@ -86,7 +92,8 @@ def convert(tfrecords: Union[str, Path], out: Union[str, Path], train_scenes: in
         split = "train" if index < train_scenes else "val"
         if split not in scenes:
             continue
-        image, ids, objects = decode_scene(parse_example(record), f"{tfrecords} record {index}")
+        where = f"{tfrecords} record {index}"
+        image, ids, objects = decode_scene(parse_example(record, RAW, where), where)
         name = f"CLEVR_with_masks_{index:06d}.png"
         for kind, pixels in (("images", image), ("masks", ids)):  # plain writes: the split is whole once its scenes
             folder = root / kind / split                           # file (written last) exists
@@ -95,11 +102,11 @@ def convert(tfrecords: Union[str, Path], out: Union[str, Path], train_scenes: in
         scenes[split].append({"image_index": index, "image_filename": name, "split": split, "objects": objects})
         bar.update(1)
     bar.close()
+    if not all(scenes.values()):  # before any scenes file: a retry with other counts finds no split written
+        raise DataError(f"{tfrecords} holds {read} records" + (
+            f", none after the {train_scenes} of split train: pass --train-scenes N with N < {read} for a val split"
+            if read else ""))
     for split, held in scenes.items():
-        if not held:
-            first = 0 if split == "train" else train_scenes
-            raise DataError(f"{tfrecords} holds {read} records, none for split {split} (records {first} on): "
-                            f"{'lower --train-scenes' if split == 'val' else 'pass --train-scenes N'}")
         info = {"split": split, "version": "1.0", "source": SOURCE, "tfrecords": str(Path(tfrecords).resolve()),
                 "attributes": "codes"}
         path = root / "scenes" / f"CLEVR_{split}_scenes.json"

@@ -2,49 +2,30 @@
 format (DeepMind's multi-object datasets) once into files the loaders here read.
 
 Framing (TensorFlow's record_writer): per record a little-endian uint64 length, the masked CRC-32C of those 8 bytes,
-the data, the masked CRC-32C of the data. A GZIP file is one gzip stream around all records. The length's CRC is
-checked (a misframed or cut file is found at the record it breaks); the data's is not (pure Python would take
-seconds per megabyte), but a GZIP stream carries its own CRC of everything, which Python's gzip checks at its end.
+the data, the masked CRC-32C of the data; both checksums are checked, so a damaged record is named as it is read
+(not at the end of a GZIP stream, whose own CRC covers the whole file). A GZIP file is one gzip stream around all
+records.
 """
 from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from pathlib import Path
-from typing import BinaryIO, Iterator, Union
+from typing import BinaryIO, Iterable, Iterator, Union
 
+import google_crc32c
 import numpy as np
 
 from .errors import DataError
 
-_CASTAGNOLI = 0x82F63B78  # CRC-32C's polynomial, bit-reflected
 _MASK_DELTA = 0xA282EAD8
 
 
-def _crc_table() -> list[int]:
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ _CASTAGNOLI if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_TABLE = _crc_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli) of `data`: crc32c(b"123456789") == 0xE3069283."""
-    c = 0xFFFFFFFF
-    for byte in data:
-        c = _TABLE[(c ^ byte) & 0xFF] ^ (c >> 8)
-    return c ^ 0xFFFFFFFF
-
-
 def masked_crc32c(data: bytes) -> int:
-    """TFRecord's masked CRC: rotated right by 15 bits plus a constant, so a CRC stored in data has another CRC."""
-    c = crc32c(data)
+    """TFRecord's masked CRC-32C (Castagnoli): rotated right by 15 bits plus a constant, so that a CRC stored in
+    data has a CRC of its own."""
+    c = google_crc32c.value(data)
     return (((c >> 15) | (c << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
@@ -73,12 +54,14 @@ def read_records(path: Union[str, Path]) -> Iterator[bytes]:
                 if masked_crc32c(head[:8]) != length_crc:
                     raise DataError(f"{path}: record {index}'s length fails its checksum: not a TFRecord file, or "
                                     "damaged there")
-                data = f.read(length)
-                if len(data) < length or len(f.read(4)) < 4:
+                data, tail = f.read(length), f.read(4)
+                if len(data) < length or len(tail) < 4:
                     raise DataError(f"{path} ends inside record {index}: the file is cut short")
+                if masked_crc32c(data) != struct.unpack("<I", tail)[0]:
+                    raise DataError(f"{path}: record {index}'s data fails its checksum: the file is damaged there")
                 yield data
                 index += 1
-    except (OSError, EOFError) as e:  # gzip: a bad stream, its CRC failing, or a stream cut short
+    except (OSError, EOFError, zlib.error) as e:  # gzip: a bad stream, its CRC failing, or a stream cut short
         raise DataError(f"{path}: reading record {index} failed ({e}): the file is damaged or cut short") from None
 
 
@@ -87,6 +70,8 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
     while True:
         if pos >= len(buf):
             raise ValueError("a varint runs past the end")
+        if shift > 63:
+            raise ValueError("a varint longer than 10 bytes")
         byte = buf[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
@@ -97,7 +82,7 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
 
 def _fields(buf: memoryview) -> Iterator[tuple[int, int, object]]:
     """A protobuf message's (field number, wire type, value): an int for varints, a memoryview for length-delimited
-    fields, bytes for fixed 32/64-bit ones."""
+    fields, bytes for fixed 32/64-bit ones (groups, deprecated and absent from these messages, are refused)."""
     pos = 0
     while pos < len(buf):
         key, pos = _varint(buf, pos)
@@ -111,23 +96,20 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, int, object]]:
             value, pos = buf[pos:pos + size], pos + size
         elif wire in (1, 5):
             size = 8 if wire == 1 else 4
+            if pos + size > len(buf):
+                raise ValueError(f"field {number} runs past the end")
             value, pos = bytes(buf[pos:pos + size]), pos + size
         else:
             raise ValueError(f"field {number} has wire type {wire}")
         yield number, wire, value
 
 
-def _bytes_list(buf: memoryview) -> list[bytes]:
-    """BytesList.value (field 1), each entry as bytes."""
-    return [bytes(v) for number, wire, v in _fields(buf) if number == 1 and wire == 2]
-
-
-def _one_byte_entries(buf: memoryview) -> np.ndarray:
-    """A BytesList whose entries are all one byte long (how a FixedLenFeature of tf.string shape [..] holds raw
-    uint8 values, one per entry) as uint8 `n`, without a Python object per entry; None when it is not one."""
+def _one_byte_entries(buf: memoryview, key: str) -> np.ndarray:
+    """A BytesList whose entries are each one byte (how a FixedLenFeature of tf.string holds raw uint8 values) as
+    uint8 `n`, without a Python object per entry."""
     raw = np.frombuffer(buf, np.uint8)
     if len(raw) % 3 or not ((raw[0::3] == 0x0A).all() and (raw[1::3] == 1).all()):  # tag (field 1, bytes), length 1
-        return None
+        raise ValueError(f"feature {key!r} is not a list of one-byte strings")
     return raw[2::3]
 
 
@@ -151,10 +133,13 @@ def _ints(buf: memoryview) -> np.ndarray:
     return np.array(values, np.uint64).astype(np.int64)
 
 
-def parse_example(data: bytes) -> dict[str, Union[np.ndarray, list[bytes]]]:
+def parse_example(data: bytes, raw: Iterable[str] = (), where: str = "a record") -> dict[str, Union[np.ndarray,
+                                                                                              list[bytes]]]:
     """A serialized tf.train.Example as {feature name: values}: a float32 / int64 array for a FloatList / Int64List,
-    a uint8 array for a BytesList of one-byte entries (raw pixels), else a list of bytes."""
+    a list of bytes for a BytesList, except for the features named in `raw`, whose BytesList of one-byte entries
+    (raw pixels) comes as a uint8 array. Malformed data raises DataError naming `where`."""
     out: dict = {}
+    raw = set(raw)
     try:
         for number, wire, features in _fields(memoryview(data)):
             if number != 1 or wire != 2:  # Example.features
@@ -162,17 +147,18 @@ def parse_example(data: bytes) -> dict[str, Union[np.ndarray, list[bytes]]]:
             for n, w, entry in _fields(features):  # Features.feature: map<string, Feature> entries
                 if n != 1 or w != 2:
                     continue
-                key, value = None, memoryview(b"")
+                key, value = "", memoryview(b"")  # protobuf's defaults for a missing key or value
                 for k, kw, v in _fields(entry):
                     if k == 1 and kw == 2:
                         key = bytes(v).decode()
                     elif k == 2 and kw == 2:
                         value = v
-                kinds = [(k, v) for k, kw, v in _fields(value) if kw == 2]  # Feature: the oneof kind
+                kinds = [(k, v) for k, kw, v in _fields(value) if k in (1, 2, 3) and kw == 2]  # the oneof kind
                 kind, body = kinds[-1] if kinds else (0, memoryview(b""))
-                if kind == 1:  # bytes_list
-                    raw = _one_byte_entries(body)
-                    out[key] = raw if raw is not None else _bytes_list(body)
+                if kind == 1 and key in raw:
+                    out[key] = _one_byte_entries(body, key)
+                elif kind == 1:  # bytes_list
+                    out[key] = [bytes(v) for k, kw, v in _fields(body) if k == 1 and kw == 2]
                 elif kind == 2:  # float_list
                     out[key] = _floats(body)
                 elif kind == 3:  # int64_list
@@ -180,5 +166,5 @@ def parse_example(data: bytes) -> dict[str, Union[np.ndarray, list[bytes]]]:
                 else:
                     out[key] = []
     except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"a record is not a tf.train.Example ({e})") from None
+        raise DataError(f"{where} does not parse as a tf.train.Example of this dataset ({e})") from None
     return out

@@ -155,9 +155,10 @@ def test_an_evaluation_stopped_midway_is_played_on_resume(tmp_path, monkeypatch)
     assert [r["step"] for r in metric_rows(rd) if "eval/return" in r] == [100, 160] and stopped.calls == 3
 
 
-def test_ctrl_c_during_the_prefills_updates_stops_after_that_update_with_a_checkpoint(tmp_path, monkeypatch):
+def test_ctrl_c_during_the_prefills_updates_stops_after_that_update_with_a_checkpoint(tmp_path, monkeypatch, capsys):
     """The updates owed at the end of the prefill can take minutes: Ctrl-C during the second stops after it, with a
-    checkpoint counting two updates, and the resumed run does the rest of them."""
+    checkpoint counting two updates, and the resumed run does the rest of them (saying so), then the rest of that
+    env step: its log row and the evaluation the stopped run had not made yet."""
     import signal
 
     import agent.train
@@ -171,13 +172,23 @@ def test_ctrl_c_during_the_prefills_updates_stops_after_that_update_with_a_check
         return real(*args, **kwargs)
 
     monkeypatch.setattr(agent.train, "train_step", ctrl_c_in_update_2)
-    rd, cfg = tmp_path / "run", tiny("train.env_steps=100", "train.prefill=100", "train.ckpt_every=1000")
+    rd, cfg = tmp_path / "run", tiny("train.env_steps=120", "train.prefill=100", "train.ckpt_every=1000",
+                                     "train.log_every=20", "train.eval_every=100")
     with pytest.raises(KeyboardInterrupt):
         train(cfg, str(rd), progress=False)
     assert checkpoint(rd)["counters"]["updates"] == 2 and checkpoint(rd)["counters"]["env_steps"] == 100
     monkeypatch.setattr(agent.train, "train_step", real)
+    capsys.readouterr()
+    evaluated, play = [], agent.train.evaluate_agent
+    monkeypatch.setattr(agent.train, "evaluate_agent", lambda *a, **k: evaluated.append(checkpoint(rd)) or play(*a, **k))
     train(load_config(AgentConfig, rd / "config.yaml"), str(rd), resume=True, progress=False)
-    assert checkpoint(rd)["counters"]["updates"] == updates_due(100, cfg) > 2
+    owed = updates_due(100, cfg) - 2
+    assert checkpoint(rd)["counters"]["updates"] == updates_due(120, cfg) > updates_due(100, cfg) > 2
+    assert (f"env step 100: resumed, training its {owed} owed updates now (owed at the checkpoint it resumes from)"
+            in capsys.readouterr().out)
+    assert [c["counters"]["updates"] for c in evaluated] == [updates_due(100, cfg), updates_due(120, cfg)]
+    rows = [r for r in metric_rows(rd) if "loop/updates" in r]
+    assert [(r["step"], r["loop/updates"]) for r in rows] == [(s, updates_due(s, cfg)) for s in range(20, 121, 20)]
 
 
 def test_a_run_ends_with_an_evaluation_at_its_last_step(tmp_path):

@@ -13,7 +13,7 @@ import run
 from envs.clevr import ClevrDataset
 from envs.clevr_masks import convert
 from envs.errors import DataError, UsageError
-from envs.tfrecord import crc32c, masked_crc32c, parse_example, read_records
+from envs.tfrecord import masked_crc32c, parse_example, read_records
 
 H, W, E = 240, 320, 11
 
@@ -106,23 +106,24 @@ def release(tmp_path_factory):
     return path, scenes
 
 
-def test_crc32c_is_castagnolis_and_masked_as_tensorflow_masks_it():
+def test_checksums_are_masked_as_tensorflow_masks_them():
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as trusted
 
-    assert crc32c(b"123456789") == 0xE3069283  # CRC-32C's check value
     data = np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8).tobytes()
     assert masked_crc32c(data) == trusted(data) and masked_crc32c(b"") == trusted(b"")
+    assert masked_crc32c(b"123456789") == trusted(b"123456789") == 0xC78AB0E5  # CRC-32C's check value, masked
 
 
 def test_examples_the_protobuf_library_writes_parse_back(tmp_path):
     ex = Example()
     ex.features.feature["words"].bytes_list.value.extend([b"cube", b"", b"sphere"])
     ex.features.feature["pixels"].bytes_list.value.extend([b"\x00", b"\xff", b"\x07"])
+    ex.features.feature["letter"].bytes_list.value.extend([b"a"])  # one byte, yet a string: only `raw` reads pixels
     ex.features.feature["floats"].float_list.value.extend([1.5, -2.25, 3e6])
     ex.features.feature["ints"].int64_list.value.extend([0, 300, -5, 2 ** 40])
     ex.features.feature["empty"].float_list.value.extend([])
-    parsed = parse_example(ex.SerializeToString())
-    assert parsed["words"] == [b"cube", b"", b"sphere"]
+    parsed = parse_example(ex.SerializeToString(), raw=["pixels"])
+    assert parsed["words"] == [b"cube", b"", b"sphere"] and parsed["letter"] == [b"a"]
     assert parsed["pixels"].dtype == np.uint8 and parsed["pixels"].tolist() == [0, 255, 7]
     assert parsed["floats"].dtype == np.float32 and parsed["floats"].tolist() == [1.5, -2.25, 3e6]
     assert parsed["ints"].tolist() == [0, 300, -5, 2 ** 40]
@@ -133,8 +134,10 @@ def test_examples_the_protobuf_library_writes_parse_back(tmp_path):
     entry = b"\x0a\x01f" + b"\x12" + bytes([len(feature)]) + feature  # key "f", value
     features = b"\x0a" + bytes([len(entry)]) + entry
     assert parse_example(b"\x0a" + bytes([len(features)]) + features)["f"].tolist() == [0.5, 4.0]
-    with pytest.raises(DataError, match="not a tf.train.Example"):
-        parse_example(b"\x0a\x20\x0a")  # a field longer than the record
+    with pytest.raises(DataError, match="record 7 does not parse as a tf.train.Example of this dataset"):
+        parse_example(b"\x0a\x20\x0a", where="record 7")  # a field longer than the record
+    with pytest.raises(DataError, match="feature 'words' is not a list of one-byte strings"):
+        parse_example(ex.SerializeToString(), raw=["words"])
 
 
 def test_records_read_back_from_plain_and_gzip_files_and_damage_is_named(tmp_path):
@@ -142,11 +145,17 @@ def test_records_read_back_from_plain_and_gzip_files_and_damage_is_named(tmp_pat
     for compress in (False, True):
         path = write_records(tmp_path / f"r{compress}.tfrecords", records, compress)
         assert list(read_records(path)) == records
-    raw = bytearray((tmp_path / "rFalse.tfrecords").read_bytes())
-    raw[12 + 5 + 4 + 1] ^= 1  # record 1's length
-    (tmp_path / "bad.tfrecords").write_bytes(bytes(raw))
-    with pytest.raises(DataError, match="record 1's length fails its checksum"):
-        list(read_records(tmp_path / "bad.tfrecords"))
+    for offset, what in ((12 + 5 + 4 + 1, "length"), (12 + 5 + 4 + 12 + 40, "data")):  # in record 1, record 2
+        raw = bytearray((tmp_path / "rFalse.tfrecords").read_bytes())
+        raw[offset] ^= 1
+        (tmp_path / "bad.tfrecords").write_bytes(bytes(raw))
+        with pytest.raises(DataError, match=f"record {1 if what == 'length' else 2}'s {what} fails its checksum"):
+            list(read_records(tmp_path / "bad.tfrecords"))
+    packed = bytearray((tmp_path / "rTrue.tfrecords").read_bytes())
+    packed[len(packed) // 2] ^= 0xFF  # inside the deflate stream: zlib's error, not a traceback
+    (tmp_path / "bad.gz").write_bytes(bytes(packed))
+    with pytest.raises(DataError, match="the file is damaged"):
+        list(read_records(tmp_path / "bad.gz"))
     (tmp_path / "cut.tfrecords").write_bytes((tmp_path / "rFalse.tfrecords").read_bytes()[:-10])
     with pytest.raises(DataError, match="ends inside record 2: the file is cut short"):
         list(read_records(tmp_path / "cut.tfrecords"))
@@ -192,12 +201,15 @@ def test_converting_a_split_alone_and_refusing_to_write_one_twice(release, tmp_p
     assert len(ClevrDataset(tmp_path / "c", "val")) == 1
     with pytest.raises(UsageError, match="already holds split 'val'"):
         convert(path, tmp_path / "c", splits=["val"])
-    with pytest.raises(DataError, match="holds 4 records, none for split val .* lower --train-scenes"):
+    with pytest.raises(DataError, match="holds 4 records, none after the 4 of split train: pass --train-scenes N "
+                                        "with N < 4 for a val split"):
         convert(path, tmp_path / "d", train_scenes=4)
+    assert not (tmp_path / "d" / "scenes").exists()  # no split written: the same command with fewer is not refused
+    with pytest.raises(UsageError, match="--val-scenes 0 leaves split val empty: pass --splits train"):
+        convert(path, tmp_path / "d", val_scenes=0)
     other = Example()  # another dataset's record: an image, but no masks
     other.features.feature["image"].bytes_list.value.extend([b"\x00"] * (H * W * 3))
-    with pytest.raises(DataError, match="record 0 is not a CLEVR-with-masks record: feature 'mask' holds no such "
-                                        r"feature, expected 844800 one-byte values \(11x240x320\)"):
+    with pytest.raises(DataError, match="record 0 is not a CLEVR-with-masks record: it has no feature 'mask'"):
         convert(write_records(tmp_path / "other.tfrecords", [other.SerializeToString()]), tmp_path / "e",
                 train_scenes=1, splits=["train"])
 

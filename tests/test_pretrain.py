@@ -522,6 +522,36 @@ def test_sigterm_is_handled_as_ctrl_c(tmp_path):
     assert not (run_dir / "train.pid").exists()
 
 
+class SignalsSeen(torch.utils.data.Dataset):
+    """A dataset whose items say, as their target, whether the process that loaded them ignores Ctrl-C and SIGTERM."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        import signal
+
+        ignored = [float(signal.getsignal(s) is signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)]
+        return {"image": self.inner[i]["image"], "target": torch.tensor(ignored)}
+
+
+def test_data_workers_leave_ctrl_c_and_sigterm_to_the_run(tmp_path):
+    """A terminal's Ctrl-C (a scheduler's SIGTERM) reaches every process of the run: DataLoader workers ignore it, so
+    none dies under a batch the run's last step still reads; the run stops after that step and they go with it."""
+    from envs.clevr import write_dataset
+    from world_model.sources import ClevrScenes
+
+    write_dataset(tmp_path / "clevr", 4, split="train", seed=1, batch_size=4, max_objects=4)
+    cfg = tiny_cfg("data.source=clevr", f"data.root={tmp_path / 'clevr'}", "data.num_workers=1")
+    source = ClevrScenes(cfg, "train", torch.device("cpu"))
+    source.dataset = SignalsSeen(source.dataset)
+    assert next(source.batches(2, iter([0])))["targets"].tolist() == [[1.0, 1.0]] * 2  # training batches
+    assert source.batch(2, 0)["targets"].tolist() == [[1.0, 1.0]] * 2  # evaluation batches
+
+
 def test_ctrl_c_is_one_line_with_the_way_back(tmp_path, monkeypatch, capsys):
     import world_model.pretrain as pt
 

@@ -16,7 +16,7 @@ def handlers():
         signal.signal(s, handler)
 
 
-def test_ctrl_c_asks_for_a_stop_that_the_next_poll_saves_and_makes(handlers, capsys):
+def test_ctrl_c_asks_for_a_stop_that_the_next_poll_saves_and_makes(handlers, capfd):
     saves = []
     with StepStops() as stops:
         stops.poll(lambda: saves.append("early"))  # nothing asked yet: the loop goes on
@@ -25,7 +25,8 @@ def test_ctrl_c_asks_for_a_stop_that_the_next_poll_saves_and_makes(handlers, cap
         with pytest.raises(KeyboardInterrupt) as stopped:
             stops.poll(lambda: saves.append("checkpoint"))
     assert type(stopped.value) is KeyboardInterrupt and saves == ["checkpoint"]
-    assert "Ctrl-C: stopping after this step, with a checkpoint (Ctrl-C again stops at once" in capsys.readouterr().err
+    assert "\nCtrl-C: stopping after this step, with a checkpoint (Ctrl-C again stops at once, from the last " \
+        "checkpoint)\n" in capfd.readouterr().err  # written to the descriptor, not through sys.stderr
     assert signal.getsignal(signal.SIGINT) is handlers[signal.SIGINT]  # restored on the way out
 
 

@@ -460,7 +460,8 @@ def test_ctrl_c_between_checkpoints_stops_after_its_step_with_a_checkpoint(tmp_p
 
 def test_compare_notes_world_model_runs_evaluated_under_other_settings(tmp_path, capsys):
     """Open-loop scores from another context length or another dataset's held-out episodes do not measure the same
-    thing: compare says which settings differ."""
+    thing: compare says which settings differ (for slot encoders on game frames, the held-out fraction, not the
+    CLEVR crop they do not use)."""
     preset = (Path(run.__file__).parent / "configs" / "wm_crafter_cpu.yaml").read_text()
     for name, context, root in (("a", 8, "/data/crafter"), ("b", 4, "/data/crafter2")):
         (tmp_path / name).mkdir()
@@ -471,6 +472,15 @@ def test_compare_notes_world_model_runs_evaluated_under_other_settings(tmp_path,
     assert run.main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == ("note: evaluated under other settings: data.root "
                                                        "(/data/crafter, /data/crafter2); eval.context (8, 4)")
+    frames = (Path(run.__file__).parent / "configs" / "frames_discovery_cpu.yaml").read_text()
+    for name, fraction, crop in (("f1", 0.1, "false"), ("f2", 0.2, "true")):  # slot encoders on game frames
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(frames.replace(
+            "  source: frames\n", f"  source: frames\n  root: /data/crafter\n  eval_fraction: {fraction}\n"
+                                  f"  crop: {crop}\n"))
+        (tmp_path / name / "metrics.jsonl").write_text(json.dumps({"step": 10, "eval/mse": 0.01}) + "\n")
+    assert run.main(["compare", str(tmp_path / "f1"), str(tmp_path / "f2")]) == 0  # crop: not used on frames
+    assert capsys.readouterr().out.splitlines()[-1] == "note: evaluated under other settings: data.eval_fraction (0.1, 0.2)"
 
 
 def test_an_evaluation_that_fails_loses_no_checkpoint(tmp_path, monkeypatch):

@@ -40,7 +40,10 @@ def _evaluated_on(command: str, run_dir: str | Path) -> dict:
     cfg = load_run_config(command, run_dir)
     if command == "pretrain":
         d = cfg.data
-        where = {"data.root": d.root, "data.eval_split": d.eval_split} if d.source != "generated" else {}
+        if d.source == "frames":  # the last episodes of a dataset, whole frames
+            return {"data.source": d.source, "data.root": d.root, "data.eval_fraction": d.eval_fraction,
+                    "data.resolution": d.resolution}
+        where = {"data.root": d.root, "data.eval_split": d.eval_split} if d.source == "clevr" else {}
         return {"data.source": d.source, **where, "data.resolution": d.resolution, "data.crop": d.crop,
                 "data.min_objects": d.min_objects, "data.max_objects": d.max_objects}
     if command == "train-wm":

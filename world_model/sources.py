@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import signal
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Optional
@@ -146,6 +147,14 @@ def _share(indices: np.ndarray, sharded: bool) -> np.ndarray:
     return indices[lo:hi]
 
 
+def _leave_signals_to_the_run(worker_id: int) -> None:
+    """A DataLoader worker ignores Ctrl-C and SIGTERM, which the terminal or a scheduler sends to every process of
+    the run: the run stops after its step (`world_model.stopping`) and its workers with it, rather than a worker
+    dying under a batch first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class ClevrScenes:
     """A CLEVR v1.0 directory; training batch i draws indices from seed f(seed, i). Its DataLoaders draw their seeds
     from a generator of their own: from torch's global one, each new loader would shift the slots' initial noise, so a
@@ -168,7 +177,7 @@ class ClevrScenes:
     def _load(self, indices) -> dict:
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.dataset, list(indices)),
                                              batch_size=len(indices), num_workers=self.num_workers,
-                                             generator=torch.Generator())
+                                             generator=torch.Generator(), worker_init_fn=_leave_signals_to_the_run)
         items = next(iter(loader))
         out = {"images": items["image"], "targets": items["target"], "masks": items.get("mask")}
         return {k: (v.to(self.device) if v is not None else None) for k, v in out.items()}
@@ -188,6 +197,7 @@ class ClevrScenes:
         and decode ahead), batch i being exactly `batch(size, seeds[i])`."""
         sampler = (self._indices(size, seed).tolist() for seed in seeds)
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                                             worker_init_fn=_leave_signals_to_the_run,
                                              prefetch_factor=2 if self.num_workers else None,
                                              generator=torch.Generator())
         for items in loader:

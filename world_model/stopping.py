@@ -4,12 +4,10 @@ asks the loop to stop at the end of its current step, where it writes a checkpoi
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
-import sys
 import threading
 from typing import Callable, Iterator, Optional
-
-from tqdm import tqdm
 
 SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
@@ -54,8 +52,10 @@ class StepStops:
         if signum == signal.SIGTERM:  # a second SIGTERM kills at once (a loop stuck in a call that never returns)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
         again = "Ctrl-C again" if signum == signal.SIGINT else "a second SIGTERM"
-        tqdm.write(f"{SIGNALS[signum]}: stopping after this step, with a checkpoint ({again} stops at once, from the "
-                   "last checkpoint)", file=sys.stderr)
+        text = (f"\n{SIGNALS[signum]}: stopping after this step, with a checkpoint ({again} stops at once, from the "
+                "last checkpoint)\n")
+        with contextlib.suppress(OSError):  # to the file descriptor: a signal may come in the middle of a write to
+            os.write(2, text.encode())      # sys.stderr, which must not be entered again
 
     def poll(self, save: Callable[[], None], saved: bool = False) -> None:
         """At the end of a step: if a stop was asked for, `save` a checkpoint (unless this step's is `saved`) and
