@@ -55,6 +55,13 @@ class _Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def _add_step_option(s: argparse.ArgumentParser) -> None:
+    """--step, alike for the commands that read a run's checkpoint."""
+    s.add_argument("--step", type=int, help="read the checkpoint kept at this evaluation step (a run with "
+                   "train.keep_checkpoints=true keeps one per evaluation, checkpoints/step_<N>.pt) instead of the "
+                   "latest; the files written get _step<N> in their names")
+
+
 def _add_run_options(s: argparse.ArgumentParser, command: str, presets: str, run_dir_default: str) -> None:
     """--config, --run-dir and --resume, alike for the commands that make a run directory."""
     s.add_argument("--config", action=_Once, help=f"YAML preset, a path or a name in configs/ ({presets}); default "
@@ -283,6 +290,7 @@ def cmd_eval_ap(args) -> None:
     from envs.atomic import check_folder
     from envs.errors import UsageError
     from world_model.pretrain import evaluate_run
+    from world_model.rundir import step_suffix
 
     if args.out:  # before the evaluation: a path it could not write to
         if Path(args.out).is_dir():
@@ -290,12 +298,13 @@ def cmd_eval_ap(args) -> None:
                              f"{Path(args.out) / 'ap.json'}")
         check_folder(Path(args.out).parent, "--out's folder")
     result = evaluate_run(args.checkpoint, data=args.data, clevr_root=args.clevr_root, split=args.split,
-                          images=args.images, device=args.device, progress=sys.stderr.isatty())
+                          images=args.images, device=args.device, progress=sys.stderr.isatty(), step=args.step)
     # the run's own evaluation, one on each real-CLEVR root and split and one on another episode dataset are kept
     # side by side
     root = f"{Path(os.path.abspath(args.clevr_root)).name}_" if args.clevr_root else ""
     default = (f"eval_ap_clevr_{root}{result['split']}.json" if result["source"] == "clevr" else
                f"eval_ap_data_{Path(os.path.abspath(args.data)).name}.json" if args.data else "eval_ap.json")
+    default = default.replace(".json", f"{step_suffix(args.step)}.json")  # a kept checkpoint's: beside the latest's
     out = Path(args.out) if args.out else Path(args.checkpoint) / default
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -357,13 +366,13 @@ def cmd_visualize(args) -> None:
         from world_model.disentangle import disentanglement
 
         summary = disentanglement(args.checkpoint, args.out, n_images=args.images, device=args.device,
-                                  clevr_root=args.clevr_root)
+                                  clevr_root=args.clevr_root, step=args.step)
     else:
         from world_model.decompose import visualize
 
         summary = visualize(args.checkpoint, args.env, args.out, frames=args.frames, seed=args.seed,
                             device=args.device, edit=tuple(args.edit) if args.edit else None,
-                            clevr_root=args.clevr_root)
+                            clevr_root=args.clevr_root, step=args.step)
     print(json.dumps(summary, indent=2))
 
 
@@ -420,7 +429,7 @@ def cmd_eval_wm(args) -> None:
     from world_model.train_wm import OPEN_LOOP_LEGEND, eval_wm, open_loop_table
 
     result = eval_wm(args.checkpoint, out=args.out, segments=args.segments, device=args.device, data=args.data,
-                     progress=sys.stderr.isatty())
+                     progress=sys.stderr.isatty(), step=args.step)
     agent = result["agent"]  # an agent run's steps are env steps; it trained on none of the episodes
     drawn = (f"from all {result['held_out_episodes']} episodes ({result['held_out_steps']} steps) of {args.data}"
              if agent else f"held out: the last {result['held_out_episodes']} episodes ({result['held_out_steps']} "
@@ -451,10 +460,11 @@ def cmd_train(args) -> None:
 
 def cmd_eval(args) -> None:
     from agent.evaluate import evaluate_run
+    from world_model.rundir import step_suffix
 
     result = evaluate_run(args.checkpoint, args.episodes, policy=args.policy, device=args.device, seed=args.seed,
-                          progress=not args.no_progress)
-    out = Path(args.checkpoint) / f"eval_{args.policy}.json"
+                          progress=not args.no_progress, step=args.step)
+    out = Path(args.checkpoint) / f"eval_{args.policy}{step_suffix(args.step)}.json"
     out.write_text(json.dumps(result, indent=2))
     n = result["episodes"]
     who = f"agent at env step {result['env_steps']}" if args.policy == "agent" else "random policy"
@@ -514,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "thresholds inf, 1, 0.5, 0.25, 0.125, 0.0625; discovery prints FG-ARI and MSE. By default "
                        "on held-out generated scenes; --clevr-root evaluates on a real CLEVR v1.0 directory.")
     s.add_argument("--checkpoint", required=True, help="run directory made by `run.py pretrain`")
+    _add_step_option(s)
     s.add_argument("--clevr-root", help="CLEVR v1.0 root (images/<split>/*.png, scenes/CLEVR_<split>_scenes.json)")
     s.add_argument("--split", help="CLEVR split to evaluate on (default: a run trained on CLEVR on disk, its "
                    "data.eval_split; otherwise val)")
@@ -587,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(p(property | code) heatmaps and NMI per latent variable) on CLEVR-like scenes.")
     s.add_argument("--checkpoint", required=True, help="run directory made by `run.py pretrain`, or by `train-wm` / "
                    "`train` (their slot encoder and decoder; --env crafter or nethack)")
+    _add_step_option(s)
     s.add_argument("--env", choices=["crafter", "nethack", "clevr"], help="where the frames come from (default: "
                    "the game the run trained on, or clevr for a run pretrained on generated or CLEVR scenes)")
     s.add_argument("--clevr-root", help="show scenes of this CLEVR v1.0 directory (for a run trained on CLEVR on disk "
@@ -621,6 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "beside copying the last context frame; writes RUN/eval_wm/eval_wm.json and a video.")
     s.add_argument("--checkpoint", required=True, help="run directory made by `run.py train-wm`, or by `run.py train` "
                    "(an agent's world model: give --data)")
+    _add_step_option(s)
     s.add_argument("--data", help="episode dataset (default: the run's data.root); its held-out episodes are used")
     s.add_argument("--segments", type=int, help="held-out segments (default eval.segments)")
     s.add_argument("--out", help="output directory (default RUN/eval_wm; with --data DIR, RUN/eval_wm_data_<DIR's name>)")
@@ -652,6 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "RUN/eval_<policy>_stats.jsonl (the training run's own "
                        "evaluations are in RUN/eval_stats.jsonl).")
     s.add_argument("--checkpoint", required=True, help="run directory made by `run.py train`")
+    _add_step_option(s)
     s.add_argument("--episodes", type=int, default=10, help="episodes to play (default 10)")
     s.add_argument("--policy", choices=["agent", "random"], default="agent",
                    help="the run's agent, or uniform random actions in its env (default agent)")

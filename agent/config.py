@@ -43,6 +43,7 @@ class LoopConfig:
     eval_every: int = 50_000  # env steps; 0 = only at the end
     eval_episodes: int = 4
     ckpt_every: int = 10_000  # env steps
+    keep_checkpoints: bool = False  # also keep each evaluation's checkpoint (checkpoints/step_<env step>.pt)
     seed: int = 0
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA

@@ -15,7 +15,7 @@ from envs.atomic import atomic_write
 from envs.episodes import obs_dict
 from envs.errors import UsageError
 from world_model.config import check_against_checkpoint, load_run_config
-from world_model.rundir import RunDir, fixed_rng, resolve_device
+from world_model.rundir import RunDir, fixed_rng, resolve_device, step_suffix
 from world_model.wm import WorldModel
 
 from .actor_critic import ActorCritic
@@ -108,11 +108,13 @@ def stats_scores(records: list[dict], env: str, prefix: str) -> dict:
             f"{prefix}{score[0]}_recent": score[1]}
 
 
-def load_agent_run(checkpoint: str, device: torch.device) -> tuple[AgentConfig, WorldModel, ActorCritic, dict]:
-    """Config, world model, actor-critic (in eval mode) and checkpoint state of an agent run directory."""
+def load_agent_run(checkpoint: str, device: torch.device,
+                   step: Optional[int] = None) -> tuple[AgentConfig, WorldModel, ActorCritic, dict]:
+    """Config, world model, actor-critic (in eval mode) and checkpoint state of an agent run directory: its latest
+    checkpoint, or the one kept at evaluation env step `step` (train.keep_checkpoints)."""
     from .train import build_agent  # agent.train imports this module
 
-    run = RunDir(checkpoint)
+    run = RunDir(checkpoint, step)
     cfg = load_run_config("train", checkpoint)
     state = run.load_checkpoint(map_location=device, keys=("wm", "ac", "num_actions", "counters"))
     check_against_checkpoint(cfg, state, checkpoint)
@@ -123,24 +125,27 @@ def load_agent_run(checkpoint: str, device: torch.device) -> tuple[AgentConfig, 
 
 
 def evaluate_run(checkpoint: str, episodes: int, policy: str = "agent", device: str = "auto", seed: int = EVAL_ENV_SEED,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, step: Optional[int] = None) -> dict:
     """Crafter: success rates and score (crafter_score) of `episodes` new episodes; NetHack: mean score and
     depth. policy="random" plays uniform random actions in the run's env. Seeded (`evaluate_agent`), on the run's
-    `train.threads` CPU threads."""
+    `train.threads` CPU threads. `step`: the agent of the checkpoint kept at that evaluation (train.keep_checkpoints)
+    instead of the last one."""
     if episodes < 1:
         raise UsageError(f"--episodes must be positive, got {episodes}")
+    if step is not None and policy != "agent":
+        raise UsageError("--step picks the agent of a kept checkpoint; --policy random plays without one")
     dev = resolve_device(device)
     wm = ac = None
-    step = 0
+    env_steps = 0
     if policy == "agent":
-        cfg, wm, ac, state = load_agent_run(checkpoint, dev)
-        step = state["counters"]["env_steps"]
+        cfg, wm, ac, state = load_agent_run(checkpoint, dev, step)
+        env_steps = state["counters"]["env_steps"]
     else:
         cfg = load_run_config("train", checkpoint)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     # this evaluation's episodes, beside its eval_<policy>.json (the training run's evaluations: eval_stats.jsonl)
-    stats_path = Path(checkpoint) / f"eval_{policy}_stats.jsonl"
+    stats_path = Path(checkpoint) / f"eval_{policy}{step_suffix(step)}_stats.jsonl"
     with torch.no_grad():
         summary = evaluate_agent(wm, ac, cfg, dev, episodes, stats_path, seed, progress, append=False)
-    return {"policy": policy, "env": cfg.env.name, "env_steps": step, "seed": seed, **summary}
+    return {"policy": policy, "env": cfg.env.name, "env_steps": env_steps, "seed": seed, **summary}

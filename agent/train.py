@@ -276,7 +276,9 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             return (episodes_base + sum(g[0] for g in gathered), restarts_base + sum(g[1] for g in gathered),
                     sum(g[2] for g in gathered))
 
-        def checkpoint() -> None:
+        def checkpoint(evaluated: bool = False) -> None:
+            """`evaluated`: the checkpoint an evaluation follows, kept as step_<env step>.pt with
+            train.keep_checkpoints (for its weights: the replay it names goes with later checkpoints)."""
             name = f"replay/{counters['env_steps']:012d}-rank{distributed.rank()}.npz"
             (run.path / "replay").mkdir(exist_ok=True)
             # the replays first, so the checkpoint never names a missing file; only the steps new since the last
@@ -290,7 +292,8 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                                  "ac_opt": ac.optimizer_state(), "counters": dict(counters), "rng": rng_states(),
                                  "replays": names, "config": asdict(cfg), "num_actions": num_actions,
                                  "status_vars": wm.status_vars, "stats_records": count_records(stats, is_episode),
-                                 "log_means": distributed.gather_objects(interval.state_dict())})
+                                 "log_means": distributed.gather_objects(interval.state_dict())},
+                                keep_step=counters["env_steps"] if evaluated and t.keep_checkpoints else None)
             logger.flush()
             if main:
                 for old in (run.path / "replay").glob("*.npz"):
@@ -376,7 +379,8 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                     next_log += t.log_every
                     now = time.perf_counter()
                     episodes, restarts, replay_steps = global_counts()
-                    loop = dict(env_steps_per_s=(counters["env_steps"] - steps_last) / (now - t_last),
+                    stepped = counters["env_steps"] - steps_last  # 0: a resumed run finishing its stopped step
+                    loop = dict({"env_steps_per_s": stepped / (now - t_last)} if stepped else {},
                                 skipped_wm=counters["skipped_wm"], skipped_ac=counters["skipped_ac"],
                                 replay_steps=replay_steps, updates=counters["updates"],
                                 episodes=episodes, env_restarts=restarts,
@@ -394,7 +398,8 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                         updates = counters["updates"]
                         print(f"env step {counters['env_steps']}/{t.env_steps}: "
                               f"{updates} update{'s' * (updates != 1)}, "
-                              f"{episodes} episode{'s' * (episodes != 1)}, {loop['env_steps_per_s']:.1f} env steps/s"
+                              f"{episodes} episode{'s' * (episodes != 1)}"
+                              + (f", {loop['env_steps_per_s']:.1f} env steps/s" if stepped else "")
                               + "".join(f", {k}={v}" for k, v in score.items()), flush=True)
                 evaluating = evaluation_due(counters["env_steps"], t.eval_every, t.env_steps, stride=cfg.env.num_envs)
                 # evaluating: also at the last step; mid_step: the updates a resumed run just caught up on
@@ -403,7 +408,8 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                 if due:
                     if counters["env_steps"] >= next_ckpt:
                         next_ckpt += t.ckpt_every
-                    checkpoint()  # also before each evaluation: Ctrl-C or a crash there loses no training
+                    checkpoint(evaluated=evaluating)  # also before each evaluation: Ctrl-C or a crash there loses
+                                                      # no training
                 stops.poll(checkpoint, saved=due)
                 if evaluating and main:
                     with stops.at_once():

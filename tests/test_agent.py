@@ -189,6 +189,25 @@ def test_ctrl_c_during_the_prefills_updates_stops_after_that_update_with_a_check
     assert [c["counters"]["updates"] for c in evaluated] == [updates_due(100, cfg), updates_due(120, cfg)]
     rows = [r for r in metric_rows(rd) if "loop/updates" in r]
     assert [(r["step"], r["loop/updates"]) for r in rows] == [(s, updates_due(s, cfg)) for s in range(20, 121, 20)]
+    rates = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["step"] for r in rates if "loop/env_steps_per_s" in r]
+    assert rates == [20, 40, 60, 80, 120]  # the row at 100 finishes the stopped step: no env step since the last row
+
+
+def test_a_kept_evaluation_checkpoint_plays_its_own_agent(tmp_path, capsys):
+    """With train.keep_checkpoints=true each evaluation's checkpoint stays (step_<env step>.pt); `eval --step N`
+    plays that agent and writes eval_agent_step<N>.json beside the latest's."""
+    rd = tmp_path / "run"
+    train(tiny("train.env_steps=100", "train.prefill=60", "train.eval_every=60", "train.ckpt_every=1000",
+               "train.keep_checkpoints=true"), str(rd), progress=False)
+    assert sorted(p.name for p in (rd / "checkpoints").iterdir()) == ["latest.pt", "step_100.pt", "step_60.pt"]
+    capsys.readouterr()
+    assert run.main(["eval", "--checkpoint", str(rd), "--episodes", "1", "--step", "60", "--no-progress"]) == 0
+    assert "crafter agent at env step 60: 1 episode" in capsys.readouterr().out
+    assert json.loads((rd / "eval_agent_step60.json").read_text())["env_steps"] == 60
+    assert (rd / "eval_agent_step60_stats.jsonl").is_file() and not (rd / "eval_agent.json").exists()
+    assert run.main(["eval", "--checkpoint", str(rd), "--episodes", "1", "--step", "60", "--policy", "random"]) == 2
+    assert "--policy random plays without one" in capsys.readouterr().err
 
 
 def test_a_run_ends_with_an_evaluation_at_its_last_step(tmp_path):

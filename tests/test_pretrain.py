@@ -105,6 +105,34 @@ def test_a_run_stopped_between_log_rows_resumes_with_the_same_rows(tmp_path, mon
     assert metric_rows(tmp_path / "halves") == rows
 
 
+def test_each_evaluations_checkpoint_is_kept_and_evaluated_by_step(tmp_path, capsys):
+    """train.keep_checkpoints=true keeps the checkpoint of every evaluation (a hard link, no copy); eval-ap and
+    visualize --step N read it, eval-ap writing beside the latest's results; a step none was kept at names the
+    kept ones."""
+    import os
+
+    rd = tmp_path / "run"
+    pretrain(tiny_cfg("train.steps=4", "train.eval_every=2", "train.keep_checkpoints=true"), str(rd), progress=False)
+    kept = rd / "checkpoints"
+    assert sorted(p.name for p in kept.iterdir()) == ["latest.pt", "step_2.pt", "step_4.pt"]
+    assert os.path.samefile(kept / "latest.pt", kept / "step_4.pt")  # the same file: no copy
+    early, late = (torch.load(kept / name, weights_only=False) for name in ("step_2.pt", "latest.pt"))
+    assert early["step"] == 2 and any(not torch.equal(w, late["model"][k]) for k, w in early["model"].items())
+    capsys.readouterr()
+    assert run.main(["eval-ap", "--checkpoint", str(rd), "--images", "4", "--step", "2"]) == 0
+    assert "step 2 on 4 images" in capsys.readouterr().out
+    assert json.loads((rd / "eval_ap_step2.json").read_text())["step"] == 2 and not (rd / "eval_ap.json").exists()
+    assert run.main(["visualize", "--checkpoint", str(rd), "--step", "2", "--frames", "1", "--out",
+                     str(tmp_path / "viz")]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 2
+    assert run.main(["eval-ap", "--checkpoint", str(rd), "--step", "3"]) == 2
+    assert f"{rd} keeps no checkpoint of step 3 (it keeps steps 2, 4)" in capsys.readouterr().err
+    pretrain(tiny_cfg("train.steps=2"), str(tmp_path / "plain"), progress=False)  # the default keeps none
+    assert sorted(p.name for p in (tmp_path / "plain" / "checkpoints").iterdir()) == ["latest.pt"]
+    assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "plain"), "--step", "2"]) == 2
+    assert "keeps none: train.keep_checkpoints=true keeps each evaluation's" in capsys.readouterr().err
+
+
 def test_ctrl_c_between_checkpoints_stops_after_its_step_with_a_checkpoint(tmp_path, monkeypatch):
     """Ctrl-C during step 3 of a run that checkpoints every 100 steps: the step finishes, its checkpoint is written,
     and the resumed run logs the rows and ends with the weights of a run never stopped."""

@@ -21,6 +21,15 @@ def _tensorboard_steps(path, tag):
     return [e.step for e in acc.Scalars(tag)]
 
 
+def _next_second() -> None:
+    """Wait for the next whole second. Tensorboard reads a folder's event files in name order: the creation second,
+    then a writer counter of the process, compared as text (so ...9 sorts after ...10). Two files of one second
+    from one process, which only a test making many writers meets, could read in the wrong order."""
+    import time
+
+    time.sleep(1.0 - time.time() % 1.0 + 0.01)
+
+
 def test_resumed_logger_keeps_the_checkpoint_step_and_drops_what_came_after(tmp_path):
     """The checkpoint is at step 4; the first run logged up to step 6 and was killed while writing step 7's row. The
     resumed run logs from step 5: both logs then hold 1..4 once, then its own steps (tensorboard used to lose step 4
@@ -32,6 +41,7 @@ def test_resumed_logger_keeps_the_checkpoint_step_and_drops_what_came_after(tmp_
     first.close()
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write('{"step": 7, "train/lo')  # the first run was killed while writing a row
+    _next_second()
     resumed = MetricLogger(run, start_step=4, enabled=True)
     for step in (5, 6):
         resumed.scalars(step, {"loss": 10.0 + step}, prefix="train/")

@@ -458,6 +458,20 @@ def test_ctrl_c_between_checkpoints_stops_after_its_step_with_a_checkpoint(tmp_p
     assert_same_state(checkpoint(tmp_path / "stopped")["model"], checkpoint(tmp_path / "straight")["model"])
 
 
+def test_eval_wm_scores_a_kept_evaluation_checkpoint_beside_the_latest(tmp_path, capsys):
+    """train.keep_checkpoints=true: `eval-wm --step N` scores the world model of step N into eval_wm_step<N>/."""
+    root = toy_dataset(tmp_path / "d")
+    rd = tmp_path / "run"
+    train_wm(wm_cfg(root, "train.steps=4", "train.eval_every=2", "train.keep_checkpoints=true"), str(rd),
+             progress=False)
+    assert sorted(p.name for p in (rd / "checkpoints").iterdir()) == ["latest.pt", "step_2.pt", "step_4.pt"]
+    capsys.readouterr()
+    assert run.main(["eval-wm", "--checkpoint", str(rd), "--segments", "2", "--step", "2"]) == 0
+    assert "open-loop prediction, step 2," in capsys.readouterr().out
+    assert json.loads((rd / "eval_wm_step2" / "eval_wm.json").read_text())["step"] == 2
+    assert not (rd / "eval_wm").exists()
+
+
 def test_compare_notes_world_model_runs_evaluated_under_other_settings(tmp_path, capsys):
     """Open-loop scores from another context length or another dataset's held-out episodes do not measure the same
     thing: compare says which settings differ (for slot encoders on game frames, the held-out fraction, not the

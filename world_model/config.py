@@ -98,6 +98,7 @@ class TrainConfig:
     image_every: int = 1000
     eval_every: int = 10_000  # 0 = only at the end
     ckpt_every: int = 1000
+    keep_checkpoints: bool = False  # also keep each evaluation's checkpoint (checkpoints/step_<N>.pt, a hard link)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
@@ -148,6 +149,7 @@ class WMTrainConfig:
     log_every: int = 50
     eval_every: int = 2000  # 0 = only at the end
     ckpt_every: int = 500
+    keep_checkpoints: bool = False  # also keep each evaluation's checkpoint (checkpoints/step_<N>.pt, a hard link)
     seed: int = 0
     device: str = "auto"
     amp: bool = True

@@ -140,26 +140,27 @@ def edit_codes(model, images: torch.Tensor, slot: int, var: int, values: list[in
     return tile(torch.cat(rows), nrow=len(values) + 2)
 
 
-def load_slot_model(checkpoint: str, device: torch.device) -> SimpleNamespace:
-    """The slot model of any run: a pretraining run's model, or the slot autoencoder inside a world-model or agent
-    run. Fields: model, resolution, model_cfg (its ModelConfig), step, trained_env (the game whose frames it
-    trained on; None for generated or CLEVR scenes), pretrain_cfg (None for the others)."""
+def load_slot_model(checkpoint: str, device: torch.device, step: Optional[int] = None) -> SimpleNamespace:
+    """The slot model of any run (of its checkpoint kept at evaluation step `step`, if given): a pretraining run's
+    model, or the slot autoencoder inside a world-model or agent run. Fields: model, resolution, model_cfg (its
+    ModelConfig), step, trained_env (the game whose frames it trained on; None for generated or CLEVR scenes),
+    pretrain_cfg (None for the others)."""
     from .config import schema_command
 
     command = schema_command(Path(checkpoint) / "config.yaml")
     if command not in ("train-wm", "train"):  # a pretraining run, or none: load_run says which
-        cfg, model, state = load_run(checkpoint, device)
+        cfg, model, state = load_run(checkpoint, device, step)
         return SimpleNamespace(model=model, resolution=cfg.data.resolution, model_cfg=cfg.model, step=state["step"],
                                trained_env=(state.get("frames") or {}).get("env"), pretrain_cfg=cfg)
     if command == "train-wm":
         from .train_wm import load_wm_run
 
-        cfg, wm, state = load_wm_run(checkpoint, device)
+        cfg, wm, state = load_wm_run(checkpoint, device, step)
         step, trained_env = state["step"], state.get("env")
     else:
         from agent.evaluate import load_agent_run
 
-        cfg, wm, _, state = load_agent_run(checkpoint, device)
+        cfg, wm, _, state = load_agent_run(checkpoint, device, step)
         step, trained_env = state["counters"]["env_steps"], cfg.env.name
     return SimpleNamespace(model=wm.autoencoder.eval(), resolution=cfg.encoder.resolution,
                            model_cfg=cfg.encoder.model, step=step, trained_env=trained_env, pretrain_cfg=None)
@@ -167,17 +168,18 @@ def load_slot_model(checkpoint: str, device: torch.device) -> SimpleNamespace:
 
 def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8, seed: int = 0, device: str = "cpu",
               edit: Optional[tuple[int, int, str]] = None, tensorboard: bool = True,
-              clevr_root: Optional[str] = None) -> dict:
+              clevr_root: Optional[str] = None, step: Optional[int] = None) -> dict:
     """Write per-frame decomposition PNGs, a video of the sequence and tensorboard images to `out_dir`. The run
     may be a pretraining run, or a world-model or agent run (their slot encoder and decoder). `env` None: the game
     the run trained on, or CLEVR-like scenes for a run pretrained on CLEVR; `clevr_root`: scenes of that CLEVR v1.0
-    directory instead (the run's eval split when it trained on CLEVR on disk, else val)."""
+    directory instead (the run's eval split when it trained on CLEVR on disk, else val); `step`: the checkpoint kept
+    at that evaluation instead of the latest."""
     if frames < 1:
         raise UsageError(f"--frames must be positive, got {frames}")
     if env not in ("crafter", "nethack", "clevr", None):
         raise UsageError(f"unknown --env {env!r}; choose crafter, nethack or clevr")
     dev = resolve_device(device)
-    run = load_slot_model(checkpoint, dev)
+    run = load_slot_model(checkpoint, dev, step)
     if env is None and clevr_root:
         env = "clevr"
     elif env is None and run.trained_env in ("crafter", "nethack"):

@@ -229,11 +229,13 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
     logger = MetricLogger(run, start_step=step)
     last_eval: dict = {}
 
-    def checkpoint() -> None:
+    def checkpoint(evaluated: bool = False) -> None:
+        """`evaluated`: the checkpoint an evaluation follows, kept as step_<step>.pt with train.keep_checkpoints."""
         run.save_checkpoint({"step": step, "skipped": skipped, "model": model.state_dict(),
                              "optimizer": opt.state_dict(), "rng": rng_states(), "config": asdict(cfg),
                              "world_size": distributed.world_size(), "frames": frames,
-                             "log_means": distributed.gather_objects(means.state_dict())})
+                             "log_means": distributed.gather_objects(means.state_dict())},
+                            keep_step=step if evaluated and cfg.train.keep_checkpoints else None)
         logger.flush()
 
     bar = tqdm(total=cfg.train.steps, initial=step, desc=f"pretrain {cfg.task}/{cfg.model.slots}",
@@ -297,7 +299,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
             evaluating = evaluation_due(step, cfg.train.eval_every, cfg.train.steps)
             due = step % cfg.train.ckpt_every == 0 or evaluating  # also before each evaluation: Ctrl-C or a crash
             if due:                                                # there loses no training step
-                checkpoint()
+                checkpoint(evaluated=evaluating)
             stops.poll(checkpoint, saved=due)
             if evaluating and distributed.is_main():
                 with stops.at_once():
@@ -341,14 +343,14 @@ def split_note(before: Optional[dict], now: dict, root: Optional[str]) -> Option
 
 def evaluate_run(run_dir: str, data: Optional[str] = None, clevr_root: Optional[str] = None,
                  split: Optional[str] = None, images: Optional[int] = None, device: str = "auto",
-                 progress: bool = False) -> dict:
+                 progress: bool = False, step: Optional[int] = None) -> dict:
     """`run.py eval-ap`: a pretraining run's last checkpoint evaluated on `images` held-out images (default: its
     data.eval_images) of its own data, or of episodes `data` (a frames run), or of the CLEVR v1.0 root `clevr_root`
     (e.g. moved since training) at `split` (default: its data.eval_split). The scores, with what was evaluated on
     ("data", "source", "split"), the run's step, task, slots and vq; notes on what it could not score go to stderr.
-    `progress`: a bar over the images."""
+    `progress`: a bar over the images; `step`: the checkpoint kept at that evaluation instead of the last one."""
     torch_device = resolve_device(device)
-    cfg, model, state = load_run(run_dir, torch_device)
+    cfg, model, state = load_run(run_dir, torch_device, step)
     if data:
         if clevr_root or split:
             raise UsageError(f"--data and {'--clevr-root' if clevr_root else '--split'} name two datasets to "
@@ -393,9 +395,10 @@ def evaluate_run(run_dir: str, data: Optional[str] = None, clevr_root: Optional[
     return result
 
 
-def load_run(run_dir: str, device: torch.device) -> tuple[PretrainConfig, nn.Module, dict]:
-    """Model and config of a pretraining run directory (for evaluation and visualization)."""
-    run = RunDir(run_dir)
+def load_run(run_dir: str, device: torch.device, step: Optional[int] = None) -> tuple[PretrainConfig, nn.Module, dict]:
+    """Model and config of a pretraining run directory (for evaluation and visualization): its latest checkpoint, or
+    the one kept at evaluation step `step` (train.keep_checkpoints)."""
+    run = RunDir(run_dir, step)
     cfg = load_run_config("pretrain", run_dir)
     state = run.load_checkpoint(map_location=device, keys=("model", "step"))
     check_against_checkpoint(cfg, state, run_dir)

@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import socket
 import sys
 import time
@@ -101,10 +102,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def step_suffix(step: Optional[int]) -> str:
+    """What the files an evaluation of a kept checkpoint writes add to their names: `_step<N>` (none for the latest),
+    so they go beside the latest one's."""
+    return "" if step is None else f"_step{step}"
+
+
 class RunDir:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, step: Optional[int] = None):
+        """`step`: read the checkpoint kept at that evaluation (train.keep_checkpoints) instead of the latest."""
         self.path = Path(path)
-        self.ckpt_path = self.path / "checkpoints" / "latest.pt"
+        self.step = step
+        self.ckpt_path = self.kept_path(step) if step is not None else self.path / "checkpoints" / "latest.pt"
         self.config_path = self.path / "config.yaml"
         self.created = False  # `open` made the directory: `release` removes it again if the run left it empty
 
@@ -220,15 +229,39 @@ class RunDir:
         if self in _CLAIMED:
             _CLAIMED.remove(self)
 
-    def save_checkpoint(self, state: dict) -> None:
-        """Atomic write; under torchrun only rank 0 writes (the others' state is the same after each step)."""
-        if distributed.is_main():
-            atomic_torch_save(state, self.ckpt_path)
+    def kept_path(self, step: int) -> Path:
+        return self.path / "checkpoints" / f"step_{step}.pt"
+
+    def kept_steps(self) -> list[int]:
+        """The steps whose checkpoints are kept (train.keep_checkpoints), in order."""
+        names = (p.name[5:-3] for p in (self.path / "checkpoints").glob("step_*.pt"))
+        return sorted(int(n) for n in names if n.isdigit())
+
+    def save_checkpoint(self, state: dict, keep_step: Optional[int] = None) -> None:
+        """Atomic write; under torchrun only rank 0 writes (the others' state is the same after each step).
+        `keep_step`: also keep this checkpoint as `checkpoints/step_<keep_step>.pt`, a hard link to the file (no
+        copy: the next checkpoint replaces latest.pt by a new file), or a copy where links are not possible."""
+        if not distributed.is_main():
+            return
+        atomic_torch_save(state, self.ckpt_path)
+        if keep_step is not None:
+            kept, tmp = self.kept_path(keep_step), self.kept_path(keep_step).with_suffix(".pt.tmp")
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(self.ckpt_path, tmp)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(self.ckpt_path, tmp)
+            os.replace(tmp, kept)
 
     def load_checkpoint(self, map_location: Any = "cpu", keys: Sequence[str] = ()) -> dict:
         """The checkpoint, with one-line errors when it is missing, damaged, or lacks any of `keys` (what the
         command reads: another command's checkpoint copied in, say)."""
         if not self.ckpt_path.is_file():
+            if self.step is not None:
+                kept = self.kept_steps()
+                raise RunDirError(f"{self.path} keeps no checkpoint of step {self.step} (" + (
+                    f"it keeps steps {', '.join(map(str, kept))}" if kept else
+                    "it keeps none: train.keep_checkpoints=true keeps each evaluation's") + ")")
             if self.config_path.is_file():  # a run that has not reached its first checkpoint, or stopped before it
                 raise RunDirError(f"{self.path} has no checkpoint yet: a run writes its first at train.ckpt_every "
                                   "steps or its first evaluation")

@@ -37,7 +37,7 @@ from .stopping import StepStops
 from .updates import StepMeans, autocast, guarded_update, lr_factor
 from .perception import SlotAutoencoder
 from .rundir import (MetricLogger, RunDir, check_out_dir, evaluation_due, fixed_rng, resumed_length, resolve_device,
-                     rng_state, set_rng_state, shown, start_run, stopped_evaluation)
+                     rng_state, set_rng_state, shown, start_run, step_suffix, stopped_evaluation)
 from .visualize import prediction_grid, save_png
 from .wm import Encoded, WorldModel, frames_to_input
 
@@ -389,11 +389,13 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
     vq = cfg.encoder.model.vq
     last_eval: dict = {}
 
-    def checkpoint() -> None:
+    def checkpoint(evaluated: bool = False) -> None:
+        """`evaluated`: the checkpoint an evaluation follows, kept as step_<step>.pt with train.keep_checkpoints."""
         run.save_checkpoint({"step": step, "skipped": skipped, "model": wm.state_dict(), "optimizer": opt.state_dict(),
                              "rng": rng_state(), "config": asdict(cfg), "num_actions": int(meta["num_actions"]),
                              "env": meta["env"], "held_out": meta["held_out"],
-                             "status_vars": wm.status_vars, "log_means": means.state_dict()})
+                             "status_vars": wm.status_vars, "log_means": means.state_dict()},
+                            keep_step=step if evaluated and cfg.train.keep_checkpoints else None)
         logger.flush()
 
     def evaluate(at: int) -> dict:
@@ -447,7 +449,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
             evaluating = evaluation_due(step, cfg.train.eval_every, cfg.train.steps)
             due = step % cfg.train.ckpt_every == 0 or evaluating  # also before each evaluation: Ctrl-C or a crash
             if due:                                                # there loses no training step
-                checkpoint()
+                checkpoint(evaluated=evaluating)
             stops.poll(checkpoint, saved=due)
             if evaluating:
                 with stops.at_once():
@@ -464,9 +466,11 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
     return last_eval
 
 
-def load_wm_run(run_dir: str, device: torch.device) -> tuple[WorldModelConfig, WorldModel, dict]:
-    """Config, world model (in eval mode) and checkpoint state of a `run.py train-wm` run directory."""
-    run = RunDir(run_dir)
+def load_wm_run(run_dir: str, device: torch.device,
+                step: Optional[int] = None) -> tuple[WorldModelConfig, WorldModel, dict]:
+    """Config, world model (in eval mode) and checkpoint state of a `run.py train-wm` run directory: its latest
+    checkpoint, or the one kept at evaluation step `step` (train.keep_checkpoints)."""
+    run = RunDir(run_dir, step)
     cfg = load_run_config("train-wm", run_dir)
     state = run.load_checkpoint(map_location=device, keys=("model", "num_actions"))
     check_against_checkpoint(cfg, state, run_dir)
@@ -476,8 +480,8 @@ def load_wm_run(run_dir: str, device: torch.device) -> tuple[WorldModelConfig, W
     return cfg, wm, state
 
 
-def load_agent_wm(run_dir: str, data: Optional[str],
-                  device: torch.device) -> tuple[WorldModelConfig, WorldModel, dict]:
+def load_agent_wm(run_dir: str, data: Optional[str], device: torch.device,
+                  step: Optional[int] = None) -> tuple[WorldModelConfig, WorldModel, dict]:
     """An agent run's world model as `eval_wm` scores it: a world-model config of its encoder, frame tokens and
     dynamics on the episodes of `data` (an agent run keeps no dataset), with eval.context and eval.horizons fitted
     into the steps its dynamics holds; the state gives the step (env steps), env, action count and a note saying
@@ -488,7 +492,7 @@ def load_agent_wm(run_dir: str, data: Optional[str],
     if not data:
         raise UsageError(f"{run_dir} is an agent run, which keeps no episode dataset: pass --data DIR, {game} "
                          f"episodes (run.py collect --env {game} --frames 5000 --out DIR)")
-    agent_cfg, wm, _, state = load_agent_run(run_dir, device)
+    agent_cfg, wm, _, state = load_agent_run(run_dir, device, step)
     steps, default = agent_cfg.dynamics.max_steps, WMEvalConfig()
     context = min(default.context, steps // 2)
     horizons = sorted({min(h, steps - context) for h in default.horizons})
@@ -502,9 +506,9 @@ def load_agent_wm(run_dir: str, data: Optional[str],
 
 
 def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] = None, device: str = "cpu",
-            data: Optional[str] = None, progress: bool = False) -> dict:
+            data: Optional[str] = None, progress: bool = False, step: Optional[int] = None) -> dict:
     """`run.py eval-wm`: the horizon table on held-out episodes and a real-vs-imagined video, of a `run.py train-wm`
-    run or of an agent run's world model (on `data`)."""
+    run or of an agent run's world model (on `data`); `step`: the checkpoint kept at that evaluation."""
     from .decompose import write_video
 
     dev = resolve_device(device)
@@ -514,7 +518,7 @@ def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] 
                          "`run.py train-wm` run or an agent run (`run.py train`, with --data DIR); `run.py eval-ap` "
                          "evaluates a slot encoder")
     agent = command == "train"
-    cfg, wm, state = load_agent_wm(checkpoint, data, dev) if agent else load_wm_run(checkpoint, dev)
+    cfg, wm, state = load_agent_wm(checkpoint, data, dev, step) if agent else load_wm_run(checkpoint, dev, step)
     if data:
         cfg.data.root = data
     else:
@@ -539,8 +543,8 @@ def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] 
                          status_names=STATUS_NAMES.get(meta["env"], ()))
     result.update(held_out_episodes=held_out.num_episodes, held_out_steps=len(held_out), agent=agent)
     # another dataset's evaluation goes beside the run's own, not over it
-    out_dir = check_out_dir(out) if out else Path(checkpoint) / (f"eval_wm_data_{Path(os.path.abspath(data)).name}"
-                                                                  if data else "eval_wm")
+    named = f"eval_wm_data_{Path(os.path.abspath(data)).name}" if data else "eval_wm"  # a kept checkpoint's: beside
+    out_dir = check_out_dir(out) if out else Path(checkpoint) / f"{named}{step_suffix(step)}"  # the latest one's
     out_dir.mkdir(parents=True, exist_ok=True)
     shown = result.pop("_frames")
     result["video"] = str(write_video(prediction_video(shown, cfg.eval.context), out_dir / "real_vs_imagined"))
