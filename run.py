@@ -343,7 +343,7 @@ def cmd_generate(args) -> None:
 def cmd_convert_clevr_masks(args) -> None:
     from envs.clevr_masks import convert
 
-    splits = [s for s in args.splits.split(",") if s]
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     written = convert(args.tfrecords, args.out, train_scenes=args.train_scenes, val_scenes=args.val_scenes,
                       splits=splits, progress=not args.no_progress)
     print(f"wrote {' and '.join(f'{n} {split}' for split, n in written.items())} scenes to {args.out} (CLEVR v1.0 "

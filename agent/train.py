@@ -307,6 +307,9 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             result = log_keys(summary, cfg.env.name, "")
             logger.scalars(at, result, prefix="eval/")
             log_pictures(logger, at, wm, replay, device)
+            said = [k for k in ("crafter_score", "score", "depth", "return", "length") if k in result]
+            bar.write(f"env step {at}: evaluation, {summary['episodes']} episode{'s' * (summary['episodes'] != 1)}: "
+                      + ", ".join(f"{k}={result[k]:.4g}" for k in said))
             return result
 
         collector.reset(rank_seed(t.seed) + counters["vector_steps"])

@@ -12,6 +12,7 @@ does not document which code is which colour, so set prediction, which needs the
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -83,7 +84,7 @@ def convert(tfrecords: Union[str, Path], out: Union[str, Path], train_scenes: in
     end = ends["val"] if "val" in splits else train_scenes  # the record after the last one wanted (None: the file's end)
     scenes: dict[str, list] = {s: [] for s in splits}
     wanted = None if end is None else end - (0 if "train" in splits else train_scenes)
-    bar = tqdm(total=wanted, desc="convert CLEVR with masks", unit="scene", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=wanted, desc="convert CLEVR with masks", unit=" scenes", disable=not progress, dynamic_ncols=True)
     read = 0
     for index, record in enumerate(read_records(tfrecords)):
         if end is not None and index >= end:
@@ -106,6 +107,9 @@ def convert(tfrecords: Union[str, Path], out: Union[str, Path], train_scenes: in
         raise DataError(f"{tfrecords} holds {read} records" + (
             f", none after the {train_scenes} of split train: pass --train-scenes N with N < {read} for a val split"
             if read else ""))
+    if val_scenes is not None and "val" in scenes and len(scenes["val"]) < val_scenes:
+        print(f"note: {tfrecords} holds {read} records: split val got {len(scenes['val'])} scenes, not the "
+              f"--val-scenes {val_scenes} asked for", file=sys.stderr)
     for split, held in scenes.items():
         info = {"split": split, "version": "1.0", "source": SOURCE, "tfrecords": str(Path(tfrecords).resolve()),
                 "attributes": "codes"}

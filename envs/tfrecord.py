@@ -39,6 +39,8 @@ def read_records(path: Union[str, Path]) -> Iterator[bytes]:
     """Each record's bytes, in file order; a file that is not TFRecord, or is cut short or damaged, raises DataError
     naming the record."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder: pass the TFRecord file in it (e.g. clevr_with_masks_train.tfrecords)")
     if not path.is_file():
         raise DataError(f"TFRecord file {path} not found")
     index = 0

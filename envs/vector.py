@@ -132,6 +132,24 @@ class _Readiness:
         return [self._left.pop(fd) for fd, _ in events]
 
 
+def start_forkserver_ignoring_ctrl_c() -> None:
+    """Start multiprocessing's fork server (and the resource tracker it starts first) with Ctrl-C ignored, a
+    disposition their exec keeps: a terminal's Ctrl-C reaches every process of the run, and one in the first second,
+    while the server still imports its preload modules, killed it with a traceback over the run's own message. Only
+    the spawn is shielded (milliseconds), not the imports, so the run's own Ctrl-C is not lost."""
+    import multiprocessing.forkserver
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only it may set handlers
+        multiprocessing.forkserver.ensure_running()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
+
+
 def default_context() -> str:
     """forkserver where available (workers never inherit torch threads or CUDA state), else spawn."""
     return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
@@ -185,6 +203,7 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         self._ctx = mp.get_context(context)
         if context == "forkserver":  # the server imports these once, so each worker starts in ms
             self._ctx.set_forkserver_preload(["__main__", __name__])
+            start_forkserver_ignoring_ctrl_c()
         self._shm = (
             create_shared_memory(self.single_observation_space, self.num_envs, ctx=self._ctx)
             if shared_memory

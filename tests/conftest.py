@@ -1,5 +1,7 @@
-"""Tests marked `nethack` need the `[nethack]` extra (nle): without it they are skipped, not failed."""
+"""Tests marked `nethack` need the `[nethack]` extra (nle): without it they are skipped, not failed. The
+`ctrl_c` fixture gives a test Python's own Ctrl-C handling."""
 import importlib.util
+import signal
 
 import pytest
 
@@ -11,3 +13,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("nethack"):
             item.add_marker(skip)
+
+
+@pytest.fixture
+def ctrl_c():
+    """SIGINT raising KeyboardInterrupt, as in a terminal, for the test, whatever the suite was started with (a
+    shell starting it in the background, as CI scripts may, leaves SIGINT ignored); the handlers found after."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    for s, handler in before.items():
+        signal.signal(s, handler)

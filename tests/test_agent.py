@@ -155,7 +155,7 @@ def test_an_evaluation_stopped_midway_is_played_on_resume(tmp_path, monkeypatch)
     assert [r["step"] for r in metric_rows(rd) if "eval/return" in r] == [100, 160] and stopped.calls == 3
 
 
-def test_ctrl_c_during_the_prefills_updates_stops_after_that_update_with_a_checkpoint(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_during_the_prefills_updates_stops_after_that_update(tmp_path, monkeypatch, ctrl_c, capsys):
     """The updates owed at the end of the prefill can take minutes: Ctrl-C during the second stops after it, with a
     checkpoint counting two updates, and the resumed run does the rest of them (saying so), then the rest of that
     env step: its log row and the evaluation the stopped run had not made yet."""
@@ -180,7 +180,8 @@ def test_ctrl_c_during_the_prefills_updates_stops_after_that_update_with_a_check
     monkeypatch.setattr(agent.train, "train_step", real)
     capsys.readouterr()
     evaluated, play = [], agent.train.evaluate_agent
-    monkeypatch.setattr(agent.train, "evaluate_agent", lambda *a, **k: evaluated.append(checkpoint(rd)) or play(*a, **k))
+    monkeypatch.setattr(agent.train, "evaluate_agent",
+                        lambda *a, **k: evaluated.append(checkpoint(rd)) or play(*a, **k))  # which updates it saw
     train(load_config(AgentConfig, rd / "config.yaml"), str(rd), resume=True, progress=False)
     owed = updates_due(100, cfg) - 2
     assert checkpoint(rd)["counters"]["updates"] == updates_due(120, cfg) > updates_due(100, cfg) > 2
@@ -210,13 +211,18 @@ def test_a_kept_evaluation_checkpoint_plays_its_own_agent(tmp_path, capsys):
     assert "--policy random plays without one" in capsys.readouterr().err
 
 
-def test_a_run_ends_with_an_evaluation_at_its_last_step(tmp_path):
-    """Periodic evaluations at eval_every, and one at the last env step when that falls between them."""
+def test_a_run_ends_with_an_evaluation_at_its_last_step(tmp_path, capsys):
+    """Periodic evaluations at eval_every, and one at the last env step when that falls between them; each says its
+    scores in a line (a log file of a --no-progress run too)."""
     result = train(tiny("train.env_steps=100", "train.prefill=100", "train.eval_every=60", "train.ckpt_every=1000"),
                    str(tmp_path / "run"), progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval/crafter_score" in r] == [60, 100]
     assert result["crafter_score"] == [r for r in rows if "eval/crafter_score" in r][-1]["eval/crafter_score"]
+    said = [line for line in capsys.readouterr().out.splitlines() if ": evaluation, " in line]
+    assert [line.split(":")[0] for line in said] == ["env step 60", "env step 100"]
+    assert said[-1].endswith(f"1 episode: crafter_score={result['crafter_score']:.4g}, return={result['return']:.4g}, "
+                             f"length={result['length']:.4g}")
 
 
 def test_an_agent_on_a_frozen_pretrained_encoder_resumes_after_it_moves(tmp_path, monkeypatch):

@@ -167,6 +167,8 @@ def test_records_read_back_from_plain_and_gzip_files_and_damage_is_named(tmp_pat
         list(read_records(tmp_path / "text.tfrecords"))
     with pytest.raises(DataError, match="not found"):
         list(read_records(tmp_path / "missing.tfrecords"))
+    with pytest.raises(DataError, match="is a folder: pass the TFRecord file in it"):
+        list(read_records(tmp_path))
 
 
 def test_converted_scenes_keep_pixels_ids_and_objects(release, tmp_path):
@@ -194,9 +196,11 @@ def test_converted_scenes_keep_pixels_ids_and_objects(release, tmp_path):
     assert set(torch.unique(six[0]["mask"]).tolist()) == set(np.unique(crop).tolist())
 
 
-def test_converting_a_split_alone_and_refusing_to_write_one_twice(release, tmp_path):
+def test_converting_a_split_alone_and_refusing_to_write_one_twice(release, tmp_path, capsys):
     path, _ = release
     assert convert(path, tmp_path / "c", train_scenes=3, val_scenes=1, splits=["val"]) == {"val": 1}
+    assert convert(path, tmp_path / "v", train_scenes=2, val_scenes=5, splits=["val"]) == {"val": 2}
+    assert "split val got 2 scenes, not the --val-scenes 5 asked for" in capsys.readouterr().err
     assert not (tmp_path / "c" / "images" / "train").exists()
     assert len(ClevrDataset(tmp_path / "c", "val")) == 1
     with pytest.raises(UsageError, match="already holds split 'val'"):
@@ -218,7 +222,7 @@ def test_cli_converts_and_discovery_scores_fg_ari_on_it_while_set_prediction_is_
     path, _ = release
     out = tmp_path / "c"
     assert run.main(["convert-clevr-masks", "--tfrecords", str(path), "--out", str(out), "--train-scenes", "2",
-                     "--no-progress"]) == 0
+                     "--splits", "train, val", "--no-progress"]) == 0
     assert f"wrote 2 train and 2 val scenes to {out}" in capsys.readouterr().out
     tiny = ["data.source=clevr", f"data.root={out}", "data.split=train", "data.eval_split=val", "data.crop=true",
             "data.resolution=32", "data.max_objects=6", "data.eval_images=2", "train.steps=1", "train.batch_size=2",

@@ -133,7 +133,7 @@ def test_each_evaluations_checkpoint_is_kept_and_evaluated_by_step(tmp_path, cap
     assert "keeps none: train.keep_checkpoints=true keeps each evaluation's" in capsys.readouterr().err
 
 
-def test_ctrl_c_between_checkpoints_stops_after_its_step_with_a_checkpoint(tmp_path, monkeypatch):
+def test_ctrl_c_between_checkpoints_stops_after_its_step_with_a_checkpoint(tmp_path, monkeypatch, ctrl_c):
     """Ctrl-C during step 3 of a run that checkpoints every 100 steps: the step finishes, its checkpoint is written,
     and the resumed run logs the rows and ends with the weights of a run never stopped."""
     import signal
@@ -653,7 +653,7 @@ def test_ctrl_c_is_one_line_with_the_way_back(tmp_path, monkeypatch, capsys):
     assert run.main(argv) == 0  # as said
 
 
-def test_a_stopped_evaluation_loses_no_training_step(tmp_path, monkeypatch):
+def test_a_stopped_evaluation_loses_no_training_step(tmp_path, monkeypatch, capsys):
     """The checkpoint of a step is written before that step's evaluation: Ctrl-C during the final evaluation keeps
     every step, and resuming the finished run evaluates it."""
     import world_model.pretrain as pt
@@ -670,9 +670,10 @@ def test_a_stopped_evaluation_loses_no_training_step(tmp_path, monkeypatch):
         pt.pretrain(tiny_cfg("train.steps=3", "train.ckpt_every=2", "train.eval_every=0"), str(rd), progress=False)
     assert RunDir(rd).load_checkpoint()["step"] == 3
     monkeypatch.setattr(pt, "evaluate", evaluate)
+    capsys.readouterr()
     result = pt.pretrain(tiny_cfg("train.steps=3", "train.ckpt_every=2", "train.eval_every=0"), str(rd), resume=True,
                          progress=False)
-    assert result["images"] == 8
+    assert result["images"] == 8 and "step 3: images=8, " in capsys.readouterr().out  # said, as a run's own is
 
 
 def test_a_resume_continues_what_the_run_trained_as(tmp_path, capsys):

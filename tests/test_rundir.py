@@ -415,7 +415,7 @@ def test_a_long_phase_is_shown_beside_the_progress_bar_then_cleared():
     bar = tqdm(total=10, file=out)
     bar.set_postfix(updates=3)
     with shown(bar, "evaluating"):
-        assert bar.postfix == "updates=3, evaluating" and out.getvalue().endswith("updates=3, evaluating]")
+        assert bar.postfix == "evaluating, updates=3" and out.getvalue().endswith("evaluating, updates=3]")
     assert bar.postfix == "updates=3"
     bar.close()
     quiet = tqdm(total=10, disable=True)

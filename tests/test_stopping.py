@@ -8,12 +8,10 @@ from world_model.stopping import StepStops, Terminated
 
 
 @pytest.fixture(autouse=True)
-def handlers():
-    """Each test starts and ends with the handlers it found (a failing one must not leave Ctrl-C deferred)."""
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield before
-    for s, handler in before.items():
-        signal.signal(s, handler)
+def handlers(ctrl_c):
+    """Each test starts with Python's own Ctrl-C handling (`ctrl_c`, which restores what it found after: a failing
+    test must not leave Ctrl-C deferred); the handlers it starts with."""
+    return {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
 def test_ctrl_c_asks_for_a_stop_that_the_next_poll_saves_and_makes(handlers, capfd):

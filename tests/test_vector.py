@@ -155,6 +155,53 @@ def check_recovery(venv, ref, crash_at, failed, match, timeout=60.0):
     assert venv.restarts == 1
 
 
+PROBE = """
+import os
+import signal
+
+import gymnasium
+
+from envs.vector import ResilientVectorEnv
+
+
+def ctrl_c_ignored() -> bool:
+    with open("/proc/self/status") as status:
+        ignored = int(next(line for line in status if line.startswith("SigIgn:")).split()[1], 16)
+    return bool(ignored & 1 << (signal.SIGINT - 1))
+
+
+def make():
+    return gymnasium.make("CartPole-v1")
+
+
+if __name__ == "__mp_main__":  # the fork server importing this script, before it ignores Ctrl-C itself
+    print("server", ctrl_c_ignored(), flush=True)
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, however the suite was started
+    venv = ResilientVectorEnv([make], context="forkserver")
+    venv.reset(seed=0)  # the worker is up, so the server has imported its preload
+    print("run", signal.getsignal(signal.SIGINT) is signal.default_int_handler, flush=True)
+    venv.close()
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status") or "forkserver" not in mp.get_all_start_methods(),
+                    reason="reads signal dispositions from Linux's /proc")
+def test_the_fork_server_imports_with_ctrl_c_ignored(tmp_path):
+    """A terminal's Ctrl-C reaches every process of the run: in the run's first second the fork server is still
+    importing its preload modules (before it ignores Ctrl-C itself), where Ctrl-C killed it with a traceback over the
+    run's message. It starts with Ctrl-C ignored now, and the run's own handler is back once it is started."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "probe.py").write_text(PROBE)
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(tmp_path / "probe.py")], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(root)}, cwd=tmp_path)
+    assert sorted(out.stdout.split("\n"))[1:] == ["run True", "server True"], out.stdout + out.stderr
+
+
 def test_killed_worker_is_restarted():
     venv = ResilientVectorEnv([CounterEnv] * 4, envs_per_worker=2)  # worker 1 holds envs 2, 3
     ref = sync_run(CounterEnv)

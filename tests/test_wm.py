@@ -431,7 +431,7 @@ def test_train_resume_exact_and_eval_cli(tmp_path, capsys):
     assert err.count("\n") == 1 and "holds other episodes with 5 actions; this world model was trained on toy with 3" in err
 
 
-def test_ctrl_c_between_checkpoints_stops_after_its_step_with_a_checkpoint(tmp_path, monkeypatch):
+def test_ctrl_c_between_checkpoints_stops_after_its_step_with_a_checkpoint(tmp_path, monkeypatch, ctrl_c):
     """Ctrl-C during step 2 of a run that checkpoints every 100: its checkpoint is of step 2, and the resumed run
     ends as a run never stopped does."""
     import signal

@@ -245,13 +245,16 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
     pool = getattr(source, "pool", None)
 
     def evaluated() -> dict:
+        """Evaluate on held-out images: the scores and picture logged, and said in a line."""
         with shown(bar, "evaluating on held-out images"):
             result = evaluate(model, cfg, device, cfg.data.eval_images, progress=not bar.disable, picture=True)
         logger.image(step, "slots/held_out", result.pop("_picture"))
+        logger.scalars(step, result, prefix="eval/")
+        bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
         return result
 
     if distributed.is_main() and stopped_evaluation(logger, step, cfg.train.eval_every, cfg.train.steps):
-        logger.scalars(step, evaluated(), prefix="eval/")
+        evaluated()  # the one a stopped run did not finish
     # Ctrl-C / SIGTERM: stop after a step, with a checkpoint (at once under torchrun)
     with StepStops(defer=not distributed.active()) as stops:
         while step < cfg.train.steps:
@@ -304,13 +307,10 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
             if evaluating and distributed.is_main():
                 with stops.at_once():
                     last_eval = evaluated()
-                logger.scalars(step, last_eval, prefix="eval/")
-                bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
     if not last_eval and distributed.is_main():  # a finished run resumed, or one stopped during its final evaluation
         last_eval = logger.logged(step, "eval/") if settled else {}  # a finished run's, not run and logged twice
         if not last_eval:
             last_eval = evaluated()
-            logger.scalars(step, last_eval, prefix="eval/")
     bar.close()
     logger.close()
     run.release()

@@ -398,13 +398,14 @@ class MetricLogger:
 
 @contextlib.contextmanager
 def shown(bar, text: str):
-    """`text` beside a progress bar's figures while a long phase runs (an evaluation, a burst of owed updates) that
-    would otherwise leave the bar looking stuck or done; then what the bar showed before."""
+    """`text` before a progress bar's figures while a long phase runs (an evaluation, a burst of owed updates) that
+    would otherwise leave the bar looking stuck or done (first: a terminal too narrow for the figures cuts them, not
+    it); then what the bar showed before."""
     if bar.disable:
         yield
         return
     before = bar.postfix or ""
-    bar.set_postfix_str(f"{before}, {text}" if before else text, refresh=True)
+    bar.set_postfix_str(f"{text}, {before}" if before else text, refresh=True)
     try:
         yield
     finally:
