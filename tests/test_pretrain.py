@@ -108,7 +108,7 @@ def test_a_run_stopped_between_log_rows_resumes_with_the_same_rows(tmp_path, mon
 def test_each_evaluations_checkpoint_is_kept_and_evaluated_by_step(tmp_path, capsys):
     """train.keep_checkpoints=true keeps the checkpoint of every evaluation (a hard link, no copy); eval-ap and
     visualize --step N read it, eval-ap writing beside the latest's results; a step none was kept at names the
-    kept ones."""
+    kept ones, unless it is the step of the latest checkpoint."""
     import os
 
     rd = tmp_path / "run"
@@ -129,8 +129,11 @@ def test_each_evaluations_checkpoint_is_kept_and_evaluated_by_step(tmp_path, cap
     assert f"{rd} keeps no checkpoint of step 3 (it keeps steps 2, 4)" in capsys.readouterr().err
     pretrain(tiny_cfg("train.steps=2"), str(tmp_path / "plain"), progress=False)  # the default keeps none
     assert sorted(p.name for p in (tmp_path / "plain" / "checkpoints").iterdir()) == ["latest.pt"]
-    assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "plain"), "--step", "2"]) == 2
-    assert "keeps none: train.keep_checkpoints=true keeps each evaluation's" in capsys.readouterr().err
+    assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "plain"), "--step", "1"]) == 2
+    assert "keeps no checkpoint of step 1 (it keeps none: train.keep_checkpoints=true keeps each evaluation's)" in \
+        capsys.readouterr().err
+    assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "plain"), "--images", "4", "--step", "2"]) == 0
+    assert "step 2 on 4 images" in capsys.readouterr().out  # the step the run is at: its latest checkpoint
 
 
 def test_ctrl_c_between_checkpoints_stops_after_its_step_with_a_checkpoint(tmp_path, monkeypatch, ctrl_c):

@@ -258,6 +258,11 @@ class RunDir:
         command reads: another command's checkpoint copied in, say)."""
         if not self.ckpt_path.is_file():
             if self.step is not None:
+                latest = RunDir(self.path)  # the step the run is at needs no kept copy
+                if latest.ckpt_path.is_file():
+                    state = latest.load_checkpoint(map_location, keys)
+                    if state.get("step", state.get("counters", {}).get("env_steps")) == self.step:
+                        return state
                 kept = self.kept_steps()
                 raise RunDirError(f"{self.path} keeps no checkpoint of step {self.step} (" + (
                     f"it keeps steps {', '.join(map(str, kept))}" if kept else
