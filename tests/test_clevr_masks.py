@@ -232,6 +232,8 @@ def test_cli_converts_and_discovery_scores_fg_ari_on_it_while_set_prediction_is_
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     scored = next(r for r in rows if "eval/fg_ari" in r)  # the 4-object val scene (the preset keeps 3 to 6 objects)
     assert scored["eval/images"] == 1 and -100.0 <= scored["eval/fg_ari"] <= 100.0
+    assert (f"note: split val of {out} holds 1 scene of 3-6 objects, fewer than data.eval_images=2: the evaluations "
+            "score those") in capsys.readouterr().err
     capsys.readouterr()
     assert run.main(["pretrain", "--config", "clevr_tiny", "--run-dir", str(tmp_path / "s"), "--no-progress",
                      *tiny, "task=setpred"]) == 2

@@ -188,9 +188,15 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
     source = make_source(cfg, device, sharded=True, progress=progress and distributed.is_main(), first_step=step)
     if cfg.data.source == "clevr":  # the eval split's scenes and first image too: a bad split fails now, not at the end
         try:
-            first_held_out = next(eval_batches(cfg, device, 1))
+            held_out = ClevrScenes(cfg, cfg.data.eval_split, device, max_images=cfg.data.eval_images)
+            first_held_out = next(held_out.sequential(1))
         except DataError as e:
             raise DataError(f"the evaluation split (data.eval_split={cfg.data.eval_split}): {e}") from None
+        if len(held_out) < cfg.data.eval_images and distributed.is_main() and not resume:
+            print(f"note: split {cfg.data.eval_split} of {cfg.data.root} holds {len(held_out)} "
+                  f"scene{'s' * (len(held_out) != 1)} of "
+                  f"{cfg.data.min_objects}-{cfg.data.max_objects} objects, fewer than data.eval_images="
+                  f"{cfg.data.eval_images}: the evaluations score those", file=sys.stderr)
         if cfg.task == "discovery" and first_held_out.get("masks") is None and distributed.is_main() and not resume:
             print(f"note: {cfg.data.root} holds no instance masks for split {cfg.data.eval_split} (real CLEVR ships "
                   "none; `run.py generate` writes them): the evaluations score the reconstruction (mse), not FG-ARI",
