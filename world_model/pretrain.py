@@ -34,7 +34,7 @@ from .slots.vq import temperature
 from .sources import (EVAL_SEED, ClevrScenes, EpisodeFrames, check_source, eval_batches, make_source, train_batches,
                       use_clevr_root)
 from .stopping import StepStops
-from .updates import StepMeans, autocast, guarded_update, lr_factor
+from .updates import StepMeans, autocast, guarded_update, lr_factor, tally_update
 from .visualize import annotated, decomposition_picture
 
 def build_model(cfg: PretrainConfig) -> nn.Module:
@@ -279,13 +279,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
             with autocast(device, cfg.train.amp):
                 loss, stats, outputs = compute_loss(step_model, cfg.task, batch, cfg.model.vq.beta)
             problem = guarded_update(loss, list(model.parameters()), opt, cfg.train.grad_clip, stats)
-            if problem:
-                skipped += 1
-                logger.scalars(step, {"skipped_updates": skipped}, prefix="train/")
-                if distributed.is_main():
-                    bar.write(f"step {step}: non-finite {problem}, update skipped ({skipped} so far)")
-            else:
-                means.add(stats)
+            skipped = tally_update(problem, stats, means, skipped, step, logger, bar)
             step += 1
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:

@@ -34,7 +34,7 @@ from .frame_tokenizer import FrameTokenizerConfig, frame_token_size, status_vars
 from .pretrain import load_run
 from .sources import TRAIN_STREAM, stream_seed
 from .stopping import StepStops
-from .updates import StepMeans, autocast, guarded_update, lr_factor
+from .updates import StepMeans, autocast, guarded_update, lr_factor, tally_update
 from .perception import SlotAutoencoder
 from .rundir import (MetricLogger, RunDir, check_out_dir, evaluation_due, fixed_rng, resumed_length, resolve_device,
                      rng_state, set_rng_state, shown, start_run, step_suffix, stopped_evaluation)
@@ -424,12 +424,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
             with autocast(device, cfg.train.amp):
                 loss, stats, _ = wm.loss(batch, vq.beta)
             problem = guarded_update(loss, params, opt, cfg.train.grad_clip, stats)
-            if problem:
-                skipped += 1
-                logger.scalars(step, {"skipped_updates": skipped}, prefix="train/")
-                bar.write(f"step {step}: non-finite {problem}, update skipped ({skipped} so far)")
-            else:
-                means.add(stats)
+            skipped = tally_update(problem, stats, means, skipped, step, logger, bar)
             step += 1
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:

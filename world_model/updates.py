@@ -83,6 +83,20 @@ class StepMeans:
         return {k: t / c if c else math.nan for k, (t, c) in sums.items()}
 
 
+def tally_update(problem: Optional[str], stats: dict, means: StepMeans, skipped: int, step: int, logger,
+                 bar) -> int:
+    """After `guarded_update`: a skipped update (`problem`) is counted, logged (`train/skipped_updates`) and said
+    above the progress bar; a good one's stats join the means of the next log row. Returns the skipped count."""
+    if not problem:
+        means.add(stats)
+        return skipped
+    skipped += 1
+    logger.scalars(step, {"skipped_updates": skipped}, prefix="train/")
+    if distributed.is_main():
+        bar.write(f"step {step}: non-finite {problem}, update skipped ({skipped} so far)")
+    return skipped
+
+
 def lr_factor(step: int, warmup: int, decay_rate: float = 1.0, decay_steps: int = 1) -> float:
     """The learning rate's factor at `step`: linear warmup over `warmup` steps, times a smooth exponential decay, by
     `decay_rate` per `decay_steps` steps (Slot Attention's schedule; the world model warms up only)."""
