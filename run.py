@@ -562,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "Attention protocol: train on the first 70k, evaluate on the following ones). Objects keep "
                        "the release's attribute codes, whose meaning it does not document: the root serves object "
                        "discovery (FG-ARI), not set prediction. The file (10.5 GB) unpacks to ~320 GB, read as a "
-                       "stream: ~30 ms per scene on 2 CPU cores (about an hour for all 100k), the PNGs 10-20 GB.")
+                       "stream: ~26 ms per scene on 2 CPU cores (about 45 min for all 100k), at most ~23 GB of PNGs.")
     s.add_argument("--tfrecords", required=True, help="the release's file (GZIP, as downloaded; plain TFRecord too)")
     s.add_argument("--out", required=True, help="dataset root to create (or add a split to)")
     s.add_argument("--train-scenes", type=int, default=70000, help="records 0..N-1 form split train (default 70000)")

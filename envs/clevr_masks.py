@@ -80,8 +80,8 @@ def convert(tfrecords: Union[str, Path], out: Union[str, Path], train_scenes: in
         if path.exists():
             raise UsageError(f"--out {root} already holds split {split!r} ({path}): pass another --out, or remove that "
                              f"file and images/{split}/, masks/{split}/ to write it again")
-    ends = {"train": train_scenes, "val": None if val_scenes is None else train_scenes + val_scenes}
-    end = ends["val"] if "val" in splits else train_scenes  # the record after the last one wanted (None: the file's end)
+    # the record after the last one wanted (None: the file's end)
+    end = train_scenes if "val" not in splits else None if val_scenes is None else train_scenes + val_scenes
     scenes: dict[str, list] = {s: [] for s in splits}
     wanted = None if end is None else end - (0 if "train" in splits else train_scenes)
     bar = tqdm(total=wanted, desc="convert CLEVR with masks", unit=" scenes", disable=not progress, dynamic_ncols=True)

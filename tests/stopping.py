@@ -1,4 +1,5 @@
-"""A test helper that stops a run midway, as Ctrl-C would."""
+"""Test helpers that stop a run midway, as Ctrl-C would."""
+import signal
 
 
 def interrupted_once(fn):
@@ -7,6 +8,19 @@ def interrupted_once(fn):
         wrapper.calls += 1
         if wrapper.calls == 1:
             raise KeyboardInterrupt
+        return fn(*args, **kwargs)
+
+    wrapper.calls = 0
+    return wrapper
+
+
+def ctrl_c_in_call(fn, n: int):
+    """`fn`, except that its `n`-th call first sends this process SIGINT (a Ctrl-C arriving during it); `.calls`
+    counts the calls."""
+    def wrapper(*args, **kwargs):
+        wrapper.calls += 1
+        if wrapper.calls == n:
+            signal.raise_signal(signal.SIGINT)
         return fn(*args, **kwargs)
 
     wrapper.calls = 0

@@ -159,19 +159,11 @@ def test_ctrl_c_during_the_prefills_updates_stops_after_that_update(tmp_path, mo
     """The updates owed at the end of the prefill can take minutes: Ctrl-C during the second stops after it, with a
     checkpoint counting two updates, and the resumed run does the rest of them (saying so), then the rest of that
     env step: its log row and the evaluation the stopped run had not made yet."""
-    import signal
-
     import agent.train
+    from stopping import ctrl_c_in_call
 
-    real, calls = agent.train.train_step, []
-
-    def ctrl_c_in_update_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            signal.raise_signal(signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(agent.train, "train_step", ctrl_c_in_update_2)
+    real = agent.train.train_step
+    monkeypatch.setattr(agent.train, "train_step", ctrl_c_in_call(real, 2))
     rd, cfg = tmp_path / "run", tiny("train.env_steps=120", "train.prefill=100", "train.ckpt_every=1000",
                                      "train.log_every=20", "train.eval_every=100")
     with pytest.raises(KeyboardInterrupt):

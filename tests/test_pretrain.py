@@ -139,25 +139,17 @@ def test_each_evaluations_checkpoint_is_kept_and_evaluated_by_step(tmp_path, cap
 def test_ctrl_c_between_checkpoints_stops_after_its_step_with_a_checkpoint(tmp_path, monkeypatch, ctrl_c):
     """Ctrl-C during step 3 of a run that checkpoints every 100 steps: the step finishes, its checkpoint is written,
     and the resumed run logs the rows and ends with the weights of a run never stopped."""
-    import signal
-
     from compare import assert_same_state, checkpoint, metric_rows
+    from stopping import ctrl_c_in_call
     import world_model.pretrain as pt
 
     over = ["train.steps=5", "train.log_every=2", "train.ckpt_every=100", "train.eval_every=0"]
     pretrain(tiny_cfg(*over), str(tmp_path / "straight"), progress=False)
-    real, calls = pt.guarded_update, []
-
-    def ctrl_c_in_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            signal.raise_signal(signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pt, "guarded_update", ctrl_c_in_step_3)
+    real = pt.guarded_update
+    monkeypatch.setattr(pt, "guarded_update", ctrl_c_in_call(real, 3))
     with pytest.raises(KeyboardInterrupt):
         pretrain(tiny_cfg(*over), str(tmp_path / "stopped"), progress=False)
-    assert checkpoint(tmp_path / "stopped")["step"] == 3 and len(calls) == 3
+    assert checkpoint(tmp_path / "stopped")["step"] == 3 and pt.guarded_update.calls == 3
     monkeypatch.setattr(pt, "guarded_update", real)
     pretrain(tiny_cfg(*over), str(tmp_path / "stopped"), resume=True, progress=False)
     assert metric_rows(tmp_path / "stopped") == metric_rows(tmp_path / "straight")

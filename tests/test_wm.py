@@ -434,25 +434,17 @@ def test_train_resume_exact_and_eval_cli(tmp_path, capsys):
 def test_ctrl_c_between_checkpoints_stops_after_its_step_with_a_checkpoint(tmp_path, monkeypatch, ctrl_c):
     """Ctrl-C during step 2 of a run that checkpoints every 100: its checkpoint is of step 2, and the resumed run
     ends as a run never stopped does."""
-    import signal
-
+    from stopping import ctrl_c_in_call
     import world_model.train_wm as tw
 
     root = toy_dataset(tmp_path / "d")
     over = ["train.steps=4", "train.ckpt_every=100", "train.eval_every=0"]
     train_wm(wm_cfg(root, *over), str(tmp_path / "straight"), progress=False)
-    real, calls = tw.guarded_update, []
-
-    def ctrl_c_in_step_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            signal.raise_signal(signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tw, "guarded_update", ctrl_c_in_step_2)
+    real = tw.guarded_update
+    monkeypatch.setattr(tw, "guarded_update", ctrl_c_in_call(real, 2))
     with pytest.raises(KeyboardInterrupt):
         train_wm(wm_cfg(root, *over), str(tmp_path / "stopped"), progress=False)
-    assert checkpoint(tmp_path / "stopped")["step"] == 2 and len(calls) == 2
+    assert checkpoint(tmp_path / "stopped")["step"] == 2 and tw.guarded_update.calls == 2
     monkeypatch.setattr(tw, "guarded_update", real)
     train_wm(wm_cfg(root, *over), str(tmp_path / "stopped"), resume=True, progress=False)
     assert_same_state(checkpoint(tmp_path / "stopped")["model"], checkpoint(tmp_path / "straight")["model"])

@@ -156,14 +156,14 @@ def load_slot_model(checkpoint: str, device: torch.device, step: Optional[int] =
         from .train_wm import load_wm_run
 
         cfg, wm, state = load_wm_run(checkpoint, device, step)
-        step, trained_env = state["step"], state.get("env")
+        at, trained_env = state["step"], state.get("env")
     else:
         from agent.evaluate import load_agent_run
 
         cfg, wm, _, state = load_agent_run(checkpoint, device, step)
-        step, trained_env = state["counters"]["env_steps"], cfg.env.name
+        at, trained_env = state["counters"]["env_steps"], cfg.env.name
     return SimpleNamespace(model=wm.autoencoder.eval(), resolution=cfg.encoder.resolution,
-                           model_cfg=cfg.encoder.model, step=step, trained_env=trained_env, pretrain_cfg=None)
+                           model_cfg=cfg.encoder.model, step=at, trained_env=trained_env, pretrain_cfg=None)
 
 
 def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8, seed: int = 0, device: str = "cpu",

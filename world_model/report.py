@@ -24,9 +24,8 @@ def last_evaluation(run_dir: str | Path) -> tuple[str, int, dict]:
     return command, step, {k[5:]: v for r in rows if r["step"] == step for k, v in r.items() if k.startswith("eval/")}
 
 
-def _describe(command: str, run_dir: str | Path) -> dict:
-    """The settings a comparison names each run by."""
-    cfg = load_run_config(command, run_dir)
+def _describe(command: str, cfg) -> dict:
+    """The settings a comparison names each run (of `command`, config `cfg`) by."""
     if command == "pretrain":
         return {"task": cfg.task, "slots": cfg.model.slots + "+vq" * cfg.model.vq.enabled,
                 "num_slots": cfg.model.num_slots, "data": cfg.data.source}
@@ -34,10 +33,9 @@ def _describe(command: str, run_dir: str | Path) -> dict:
     return {**where, "slots": cfg.encoder.model.slots, "encoder": cfg.encoder.mode}
 
 
-def _evaluated_on(command: str, run_dir: str | Path) -> dict:
+def _evaluated_on(command: str, cfg) -> dict:
     """The settings that decide what a run's evaluations measure (the held-out data and how it is scored), by their
     config keys: runs that differ in one are not measured alike."""
-    cfg = load_run_config(command, run_dir)
     if command == "pretrain":
         d = cfg.data
         if d.source == "frames":  # the last episodes of a dataset, whole frames
@@ -74,7 +72,8 @@ def comparison_table(runs: list[str]) -> str:
     keys.sort(key=lambda k: 0 if k.startswith("AP_") else 2 if k == "images" else 1)  # AP table first, counts last
     names = [Path(run).name for run in runs]
     header = [("run", names if len(set(names)) == len(names) else [str(run) for run in runs])]  # a/run, b/run
-    described = [_describe(command, run) for run, command, _, _ in found]
+    configs = [load_run_config(command, run) for run, command, _, _ in found]
+    described = [_describe(command, cfg) for (_, command, _, _), cfg in zip(found, configs)]
     header += [(name, [str(d.get(name)) for d in described]) for name in described[0]]
     header += [("step", [str(step) for _, _, step, _ in found])]
     body = [(k, [_number(scores.get(k)) for _, _, _, scores in found]) for k in keys]
@@ -87,7 +86,7 @@ def comparison_table(runs: list[str]) -> str:
     sizes = {k: {scores.get(k) for _, _, _, scores in found} for k in SAMPLE_SIZES if k in keys}
     unequal = [f"{k} ({', '.join(cells)})" for k, cells in body if k in sizes and len(sizes[k]) > 1]
     notes = [f"note: evaluated on unequal samples: {'; '.join(unequal)}"] if unequal else []
-    settings = [_evaluated_on(command, run) for run, command, _, _ in found]
+    settings = [_evaluated_on(command, cfg) for (_, command, _, _), cfg in zip(found, configs)]
     differ = [f"{k} ({', '.join(_setting(s.get(k)) for s in settings)})" for k in settings[0]
               if len({_setting(s.get(k)) for s in settings}) > 1]
     notes += [f"note: evaluated under other settings: {'; '.join(differ)}"] if differ else []
