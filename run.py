@@ -904,10 +904,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)  # first: --help and usage errors answer without importing torch (seconds)
     from envs.errors import UsageError
     from world_model import distributed
-    from world_model.stopping import Terminated
+    from world_model.stopping import Terminated, ctrl_c, wait_out_ctrl_c
 
-    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
-        else None
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # Ctrl-C: one KeyboardInterrupt per key press
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate)}
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when ignored (`cmd &` in a script)
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, ctrl_c)
     rank = distributed.rank() if distributed.launched() else 0
     # before the processes join, each node's first one reports what they all hit alike (a config, a path on that node)
     node_first = os.environ.get("LOCAL_RANK", "0") == "0"
@@ -939,6 +942,7 @@ def main(argv=None) -> int:
         if rank == 0:  # torchrun stops every process alike: one says how the run goes on
             stopped = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
             print(f"\n{stopped}{_way_back(args)}", file=sys.stderr)
+        wait_out_ctrl_c()  # a wrapper's copy of the press would otherwise meet Python's handler on the way out
         return 143 if isinstance(e, Terminated) else 130
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
@@ -954,8 +958,8 @@ def main(argv=None) -> int:
             return 1
         raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         distributed.shutdown()  # leave the torchrun process group, if this process joined one
     return 0
 

@@ -2,10 +2,10 @@
 replay buffer; the world model and the actor-critic (in imagination) train at a fixed train ratio; periodic
 evaluation episodes; everything in one run directory, resumable at the same env step.
 
-Run directory: config.yaml, checkpoints/latest.pt (models, optimizers, counters, RNG), replay/<step>-rank<r>.npz
-(each rank's replay state at that checkpoint, written first) and the chunk files of frames it names, stats.jsonl
-(every training episode, crafter's schema for Crafter), eval_stats.jsonl (the episodes of the run's evaluations;
-`run.py eval` writes its own eval_<policy>_stats.jsonl), metrics.jsonl and tb/.
+Run directory: config.yaml, checkpoints/latest.pt (models, optimizers, counters, RNG),
+replay/<step>-<updates>-rank<r>.npz (each rank's replay state at that checkpoint, written first) and the chunk files
+of frames it names, stats.jsonl (every training episode, crafter's schema for Crafter), eval_stats.jsonl (the
+episodes of the run's evaluations; `run.py eval` writes its own eval_<policy>_stats.jsonl), metrics.jsonl and tb/.
 
 Under torchrun each rank runs its share of the env workers into its own replay buffer; the world model and the
 actor-critic are wrapped in DistributedDataParallel, so every update averages the ranks' gradients and the
@@ -279,7 +279,9 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         def checkpoint(evaluated: bool = False) -> None:
             """`evaluated`: the checkpoint an evaluation follows, kept as step_<env step>.pt with
             train.keep_checkpoints (for its weights: the replay it names goes with later checkpoints)."""
-            name = f"replay/{counters['env_steps']:012d}-rank{distributed.rank()}.npz"
+            # named by the updates too: a resumed run's catch-up checkpoint at the step it stopped at must not
+            # overwrite the state file the previous latest.pt names before the new one replaces it
+            name = f"replay/{counters['env_steps']:012d}-{counters['updates']:09d}-rank{distributed.rank()}.npz"
             (run.path / "replay").mkdir(exist_ok=True)
             # the replays first, so the checkpoint never names a missing file; only the steps new since the last
             # checkpoint are written (chunk files), the rest of the ring is in earlier chunks

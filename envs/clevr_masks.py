@@ -84,9 +84,11 @@ def convert(tfrecords: Union[str, Path], out: Union[str, Path], train_scenes: in
     end = train_scenes if "val" not in splits else None if val_scenes is None else train_scenes + val_scenes
     scenes: dict[str, list] = {s: [] for s in splits}
     wanted = None if end is None else end - (0 if "train" in splits else train_scenes)
-    bar = tqdm(total=wanted, desc="convert CLEVR with masks", unit=" scenes", disable=not progress, dynamic_ncols=True)
+    by_bytes = wanted is None and Path(tfrecords).is_file()  # to the file's end: its bytes are the bar's total
+    bar = tqdm(total=Path(tfrecords).stat().st_size if by_bytes else wanted, desc="convert CLEVR with masks",
+               unit="B" if by_bytes else " scenes", unit_scale=by_bytes, disable=not progress, dynamic_ncols=True)
     read = 0
-    for index, record in enumerate(read_records(tfrecords)):
+    for index, record in enumerate(read_records(tfrecords, (lambda n: bar.update(n - bar.n)) if by_bytes else None)):
         if end is not None and index >= end:
             break
         read += 1
@@ -101,7 +103,10 @@ def convert(tfrecords: Union[str, Path], out: Union[str, Path], train_scenes: in
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels).save(folder / name)
         scenes[split].append({"image_index": index, "image_filename": name, "split": split, "objects": objects})
-        bar.update(1)
+        if by_bytes:
+            bar.set_postfix_str(f"{sum(map(len, scenes.values()))} scenes", refresh=False)
+        else:
+            bar.update(1)
     bar.close()
     if not all(scenes.values()):  # before any scenes file: a retry with other counts finds no split written
         raise DataError(f"{tfrecords} holds {read} records" + (

@@ -8,11 +8,12 @@ records.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import struct
 import zlib
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import google_crc32c
 import numpy as np
@@ -29,15 +30,10 @@ def masked_crc32c(data: bytes) -> int:
     return (((c >> 15) | (c << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
-def _open(path: Path) -> BinaryIO:
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")  # GZIP or plain records
-
-
-def read_records(path: Union[str, Path]) -> Iterator[bytes]:
+def read_records(path: Union[str, Path], read: Optional[Callable[[int], None]] = None) -> Iterator[bytes]:
     """Each record's bytes, in file order; a file that is not TFRecord, or is cut short or damaged, raises DataError
-    naming the record."""
+    naming the record. `read(n)`, after each record: the bytes of the file read so far (compressed ones for GZIP, so
+    the file's size is their total)."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path} is a folder: pass the TFRecord file in it (e.g. clevr_with_masks_train.tfrecords)")
@@ -45,24 +41,29 @@ def read_records(path: Union[str, Path]) -> Iterator[bytes]:
         raise DataError(f"TFRecord file {path} not found")
     index = 0
     try:
-        with _open(path) as f:
-            while True:
-                head = f.read(12)
-                if not head:
-                    return
-                if len(head) < 12:
-                    raise DataError(f"{path} ends inside record {index}'s header: the file is cut short")
-                length, length_crc = struct.unpack("<QI", head)
-                if masked_crc32c(head[:8]) != length_crc:
-                    raise DataError(f"{path}: record {index}'s length fails its checksum: not a TFRecord file, or "
-                                    "damaged there")
-                data, tail = f.read(length), f.read(4)
-                if len(data) < length or len(tail) < 4:
-                    raise DataError(f"{path} ends inside record {index}: the file is cut short")
-                if masked_crc32c(data) != struct.unpack("<I", tail)[0]:
-                    raise DataError(f"{path}: record {index}'s data fails its checksum: the file is damaged there")
-                yield data
-                index += 1
+        with open(path, "rb") as disk:
+            gz = disk.read(2) == b"\x1f\x8b"  # GZIP or plain records
+            disk.seek(0)
+            with gzip.GzipFile(fileobj=disk, mode="rb") if gz else contextlib.nullcontext(disk) as f:
+                while True:
+                    head = f.read(12)
+                    if not head:
+                        return
+                    if len(head) < 12:
+                        raise DataError(f"{path} ends inside record {index}'s header: the file is cut short")
+                    length, length_crc = struct.unpack("<QI", head)
+                    if masked_crc32c(head[:8]) != length_crc:
+                        raise DataError(f"{path}: record {index}'s length fails its checksum: not a TFRecord file, or "
+                                        "damaged there")
+                    data, tail = f.read(length), f.read(4)
+                    if len(data) < length or len(tail) < 4:
+                        raise DataError(f"{path} ends inside record {index}: the file is cut short")
+                    if masked_crc32c(data) != struct.unpack("<I", tail)[0]:
+                        raise DataError(f"{path}: record {index}'s data fails its checksum: the file is damaged there")
+                    yield data
+                    index += 1
+                    if read is not None:
+                        read(disk.tell())
     except (OSError, EOFError, zlib.error) as e:  # gzip: a bad stream, its CRC failing, or a stream cut short
         raise DataError(f"{path}: reading record {index} failed ({e}): the file is damaged or cut short") from None
 

@@ -19,8 +19,11 @@ def pytest_collection_modifyitems(config, items):
 def ctrl_c():
     """SIGINT raising KeyboardInterrupt, as in a terminal, for the test, whatever the suite was started with (a
     shell starting it in the background, as CI scripts may, leaves SIGINT ignored); the handlers found after."""
+    from world_model import stopping
+
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    stopping._last_press[0] = None  # no earlier test's press: this test's first Ctrl-C is no copy of it
     yield
     for s, handler in before.items():
         signal.signal(s, handler)

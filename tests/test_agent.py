@@ -168,7 +168,8 @@ def test_ctrl_c_during_the_prefills_updates_stops_after_that_update(tmp_path, mo
                                      "train.log_every=20", "train.eval_every=100")
     with pytest.raises(KeyboardInterrupt):
         train(cfg, str(rd), progress=False)
-    assert checkpoint(rd)["counters"]["updates"] == 2 and checkpoint(rd)["counters"]["env_steps"] == 100
+    stopped = checkpoint(rd)
+    assert stopped["counters"]["updates"] == 2 and stopped["counters"]["env_steps"] == 100
     monkeypatch.setattr(agent.train, "train_step", real)
     capsys.readouterr()
     evaluated, play = [], agent.train.evaluate_agent
@@ -180,6 +181,8 @@ def test_ctrl_c_during_the_prefills_updates_stops_after_that_update(tmp_path, mo
     assert (f"env step 100: resumed, training its {owed} owed updates now (owed at the checkpoint it resumes from)"
             in capsys.readouterr().out)
     assert [c["counters"]["updates"] for c in evaluated] == [updates_due(100, cfg), updates_due(120, cfg)]
+    # the catch-up checkpoint at env step 100 wrote its own replay state, not over the one the stopped run's names
+    assert evaluated[0]["replays"] != stopped["replays"]
     rows = [r for r in metric_rows(rd) if "loop/updates" in r]
     assert [(r["step"], r["loop/updates"]) for r in rows] == [(s, updates_due(s, cfg)) for s in range(20, 121, 20)]
     rates = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
@@ -404,9 +407,10 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
     assert last["step"] == 240 and last["loop/updates"] == updates_due(240, tiny())
     assert abs(last["loop/replay_ratio"] - 2.0) < 32 / 240 + 1e-9  # within one update of the train ratio
     replay_dir = tmp_path / "run" / "replay"  # the last checkpoint's state file and the chunks it names, nothing else
-    with np.load(replay_dir / "000000000240-rank0.npz") as f:
+    state = f"{240:012d}-{last['loop/updates']:09d}-rank0.npz"
+    with np.load(replay_dir / state) as f:
         chunks = [c[2] for c in json.loads(str(f["meta"]))["chunks"]]
-    assert sorted(p.name for p in replay_dir.glob("*")) == sorted(["000000000240-rank0.npz", *chunks])
+    assert sorted(p.name for p in replay_dir.glob("*")) == sorted([state, *chunks])
     assert (tmp_path / "run" / "stats.jsonl").read_text().strip()  # training episodes, crafter schema
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

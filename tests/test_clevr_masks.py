@@ -144,7 +144,9 @@ def test_records_read_back_from_plain_and_gzip_files_and_damage_is_named(tmp_pat
     records = [b"first", b"", bytes(range(256)) * 3]
     for compress in (False, True):
         path = write_records(tmp_path / f"r{compress}.tfrecords", records, compress)
-        assert list(read_records(path)) == records
+        read = []
+        assert list(read_records(path, read.append)) == records
+        assert len(read) == 3 and read == sorted(read) and read[-1] == path.stat().st_size  # bytes on disk so far
     for offset, what in ((12 + 5 + 4 + 1, "length"), (12 + 5 + 4 + 12 + 40, "data")):  # in record 1, record 2
         raw = bytearray((tmp_path / "rFalse.tfrecords").read_bytes())
         raw[offset] ^= 1
@@ -198,6 +200,9 @@ def test_converted_scenes_keep_pixels_ids_and_objects(release, tmp_path):
 
 def test_converting_a_split_alone_and_refusing_to_write_one_twice(release, tmp_path, capsys):
     path, _ = release
+    assert convert(path, tmp_path / "b", train_scenes=3, splits=["val"], progress=True) == {"val": 1}
+    bar = capsys.readouterr().err.strip().split("\r")[-1]  # to the file's end, of unknown length: a bar of its bytes
+    assert bar.startswith("convert CLEVR with masks: 100%") and bar.endswith(", 1 scenes]")
     assert convert(path, tmp_path / "c", train_scenes=3, val_scenes=1, splits=["val"]) == {"val": 1}
     assert convert(path, tmp_path / "v", train_scenes=2, val_scenes=5, splits=["val"]) == {"val": 2}
     assert "split val got 2 scenes, not the --val-scenes 5 asked for" in capsys.readouterr().err

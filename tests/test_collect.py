@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import sys
 
 import gymnasium as gym
 import numpy as np
@@ -199,6 +200,42 @@ def test_visualize_clevr_scenes(vq_run, tmp_path, capsys):
     assert [p.name for p in (tmp_path / "c").glob("frame_*.png")] == ["frame_0000.png"]
     assert len(list((tmp_path / "c" / "tb").glob("events.*"))) == 1
     assert "note" not in json.loads((tmp_path / "c" / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("ffmpeg", [True, False])
+def test_videos_are_mp4_through_ffmpeg_or_else_gif(ffmpeg, tmp_path, monkeypatch):
+    """An MP4 through imageio-ffmpeg; without it a GIF, also where another imageio plugin claims ".mp4" (the GPU
+    image's tifffile did, and failed on `fps` with a TypeError that eval-wm and visualize did not survive)."""
+    import imageio.v2 as imageio
+    from PIL import Image
+
+    from world_model.decompose import write_video
+
+    colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255], [0, 0, 0]], np.uint8)
+    frames = np.broadcast_to(colours[:, None, None], (5, 20, 30, 3)).copy()  # t h w c: one colour per frame
+    real, plugins = imageio.mimwrite, []
+
+    def mimwrite(*args, **kwargs):  # another plugin than FFMPEG, as imageio picks one for ".mp4" without it
+        plugins.append(kwargs.get("format"))
+        if kwargs.get("format") != "FFMPEG" or not ffmpeg:
+            raise TypeError("TiffWriter.write() got an unexpected keyword argument 'fps'")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(imageio, "mimwrite", mimwrite)
+    if not ffmpeg:
+        monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)
+    path = write_video(frames, tmp_path / "v")
+    assert plugins == (["FFMPEG"] if ffmpeg else [])  # without imageio-ffmpeg, no plugin is asked
+    assert path == tmp_path / ("v.mp4" if ffmpeg else "v.gif") and path.exists()
+    if ffmpeg:
+        read = np.stack(imageio.mimread(path, format="FFMPEG"))
+        assert read.shape == (5, 32, 32, 3)  # padded to the codec's multiple of 16
+        assert np.abs(read[:, :20, :30].astype(int) - frames).mean() < 8
+    else:
+        gif = Image.open(path)
+        assert gif.n_frames == 5
+        for t in range(5):
+            gif.seek(t)
+            assert (np.asarray(gif.convert("RGB")) == frames[t]).all()
 
 
 def test_visualize_says_a_set_prediction_run_has_no_reconstruction(tmp_path):

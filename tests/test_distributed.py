@@ -127,7 +127,8 @@ def test_torchrun_agent_shards_envs_and_replay_and_resumes_at_world_size_one(tmp
     assert out.count("# run directory") == 1
     state = RunDir(rd).load_checkpoint()
     assert state["counters"]["env_steps"] == 240 and len(state["rng"]) == 2
-    assert state["replays"] == [f"replay/{240:012d}-rank{r}.npz" for r in (0, 1)]
+    updates = state["counters"]["updates"]
+    assert state["replays"] == [f"replay/{240:012d}-{updates:09d}-rank{r}.npz" for r in (0, 1)]
     shards = [ReplayBuffer.load(rd / name) for name in state["replays"]]
     assert [len(s) for s in shards] == [121, 121]  # one env per rank: its first frame + 120 steps each
     assert not np.array_equal(shards[0].data["image"][:121], shards[1].data["image"][:121])  # own envs

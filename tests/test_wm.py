@@ -479,10 +479,11 @@ def test_compare_notes_world_model_runs_evaluated_under_other_settings(tmp_path,
     assert capsys.readouterr().out.splitlines()[-1] == ("note: evaluated under other settings: data.root "
                                                        "(/data/crafter, /data/crafter2); eval.context (8, 4)")
     frames = (Path(run.__file__).parent / "configs" / "frames_discovery_cpu.yaml").read_text()
-    for name, fraction, crop in (("f1", 0.1, "false"), ("f2", 0.2, "true")):  # slot encoders on game frames
-        (tmp_path / name).mkdir()
+    for name, fraction, crop, root in (("f1", 0.1, "false", "/data/crafter"),
+                                       ("f2", 0.2, "true", "/data/../data/crafter/")):
+        (tmp_path / name).mkdir()  # slot encoders on game frames; one folder, written two ways
         (tmp_path / name / "config.yaml").write_text(frames.replace(
-            "  source: frames\n", f"  source: frames\n  root: /data/crafter\n  eval_fraction: {fraction}\n"
+            "  source: frames\n", f"  source: frames\n  root: {root}\n  eval_fraction: {fraction}\n"
                                   f"  crop: {crop}\n"))
         (tmp_path / name / "metrics.jsonl").write_text(json.dumps({"step": 10, "eval/mse": 0.01}) + "\n")
     assert run.main(["compare", str(tmp_path / "f1"), str(tmp_path / "f2")]) == 0  # crop: not used on frames

@@ -93,13 +93,17 @@ def video_frames(images: torch.Tensor, out: dict) -> np.ndarray:
 
 
 def write_video(frames: np.ndarray, path: Path, fps: int = 8) -> Path:
-    """MP4 through imageio-ffmpeg; a GIF (Pillow) when ffmpeg is unavailable. Returns the written path."""
+    """MP4 through imageio-ffmpeg; a GIF (Pillow) when ffmpeg is unavailable. Returns the written path. The ffmpeg
+    plugin is named: without imageio-ffmpeg, imageio would pick another plugin for ".mp4" (tifffile, if there)."""
     try:
         import imageio.v2 as imageio
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()  # the FFMPEG plugin's binary: absent (ImportError, RuntimeError), a GIF
 
         h, w = frames.shape[1:3]
         pad = ((0, 0), (0, (-h) % 16), (0, (-w) % 16), (0, 0))  # codecs want sizes divisible by 16
-        imageio.mimwrite(path.with_suffix(".mp4"), np.pad(frames, pad), fps=fps, macro_block_size=1)
+        imageio.mimwrite(path.with_suffix(".mp4"), np.pad(frames, pad), format="FFMPEG", fps=fps, macro_block_size=1)
         return path.with_suffix(".mp4")
     except (ImportError, OSError, RuntimeError, ValueError):
         from PIL import Image

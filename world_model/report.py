@@ -50,6 +50,14 @@ def _evaluated_on(command: str, cfg) -> dict:
     return {"env.name": cfg.env.name, "env.size": cfg.env.size, "env.max_episode_steps": cfg.env.max_episode_steps}
 
 
+def _compared(key: str, value) -> str:
+    """A setting as runs are compared by it: a data root as the folder it names (`data/x`, `./data/x/` and its
+    absolute path alike; config.yaml records absolute ones), not as written."""
+    if key == "data.root" and value:
+        return str(Path(value).expanduser().resolve())
+    return _setting(value)
+
+
 def _setting(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
@@ -88,7 +96,7 @@ def comparison_table(runs: list[str]) -> str:
     notes = [f"note: evaluated on unequal samples: {'; '.join(unequal)}"] if unequal else []
     settings = [_evaluated_on(command, cfg) for (_, command, _, _), cfg in zip(found, configs)]
     differ = [f"{k} ({', '.join(_setting(s.get(k)) for s in settings)})" for k in settings[0]
-              if len({_setting(s.get(k)) for s in settings}) > 1]
+              if len({_compared(k, s.get(k)) for s in settings}) > 1]
     notes += [f"note: evaluated under other settings: {'; '.join(differ)}"] if differ else []
     return "\n".join([*(line(*row) for row in header), rule, *(line(*row) for row in body), *notes])
 

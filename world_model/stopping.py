@@ -1,5 +1,6 @@
 """Stopping a training run by Ctrl-C or SIGTERM without losing its steps: inside the training loop the first signal
-asks the loop to stop at the end of its current step, where it writes a checkpoint; a second one stops at once."""
+asks the loop to stop at the end of its current step, where it writes a checkpoint; a second one stops at once. One
+Ctrl-C key press counts once, however many times it is delivered."""
 
 from __future__ import annotations
 
@@ -7,9 +8,38 @@ import contextlib
 import os
 import signal
 import threading
+from time import monotonic, sleep
 from typing import Callable, Iterator, Optional
 
 SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+# A Ctrl-C this soon after the first is the same key press delivered twice: by the terminal to the whole foreground
+# process group, and again by a wrapper that forwards what it got (uv run, some launchers: up to ~0.2 s later).
+SAME_PRESS_S = 1.0
+_last_press: list = [None]  # when the last Ctrl-C that counted came (monotonic): one clock for the process
+
+
+def _repeated_press() -> bool:
+    """Whether this Ctrl-C is a copy of the last one; if not, it becomes the last."""
+    now = monotonic()
+    if _last_press[0] is not None and now - _last_press[0] < SAME_PRESS_S:
+        return True
+    _last_press[0] = now
+    return False
+
+
+def ctrl_c(signum: int, frame) -> None:
+    """Python's Ctrl-C (KeyboardInterrupt) once per key press, for a whole command (`run.py` installs it): a copy
+    arriving while the command cleans up or says how to resume is ignored."""
+    if not _repeated_press():
+        raise KeyboardInterrupt
+
+
+def wait_out_ctrl_c() -> None:
+    """Before a command interrupted by Ctrl-C leaves (its handlers handed back): sleep out the window of a copy of
+    that press still to come, at most SAME_PRESS_S."""
+    left = 0.0 if _last_press[0] is None else _last_press[0] + SAME_PRESS_S - monotonic()
+    if left > 0:
+        sleep(left)
 
 
 class Terminated(KeyboardInterrupt):
@@ -25,8 +55,10 @@ def stop_now(signum: int) -> KeyboardInterrupt:
 class StepStops:
     """While entered, Ctrl-C and SIGTERM only record that a stop was asked for; the loop calls `poll` where its state
     is whole (after a step), which saves a checkpoint and stops. A second signal stops at once, as does one during
-    `at_once` (an evaluation, which a checkpoint precedes). `defer=False` (several torchrun processes, which could
-    each stop at a different step, while a checkpoint is a collective) leaves the signals stopping at once."""
+    `at_once` (an evaluation, which a checkpoint precedes). A Ctrl-C within SAME_PRESS_S of the last is taken for it,
+    delivered twice, also after a stop (the way out waits out the window). `defer=False` (several torchrun processes,
+    which could each stop at a different step, while a checkpoint is a collective) leaves the signals stopping at
+    once."""
 
     def __init__(self, defer: bool = True):
         self.defer = defer and threading.current_thread() is threading.main_thread()  # only it can take signals
@@ -41,17 +73,23 @@ class StepStops:
         return self
 
     def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous = {}
+        try:
+            if self._previous and exc[0] is not None:  # a stopped run: a copy of its press must not land in the
+                wait_out_ctrl_c()                       # clean-up after, under the handler it had before
+        finally:  # also when a SIGTERM ends the wait
+            for s, handler in self._previous.items():
+                signal.signal(s, handler)
+            self._previous = {}
 
     def _asked(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT and _repeated_press():
+            return  # the same press, delivered twice
         if self.requested is not None or self._at_once:
             raise stop_now(signum)
         self.requested = signum
         if signum == signal.SIGTERM:  # a second SIGTERM kills at once (a loop stuck in a call that never returns)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        again = "Ctrl-C again" if signum == signal.SIGINT else "a second SIGTERM"
+        again = "another Ctrl-C, a second or more later," if signum == signal.SIGINT else "a second SIGTERM"
         text = (f"\n{SIGNALS[signum]}: stopping after this step, with a checkpoint ({again} stops at once, from the "
                 "last checkpoint)\n")
         with contextlib.suppress(OSError):  # to the file descriptor: a signal may come in the middle of a write to
