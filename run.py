@@ -212,6 +212,7 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
     run_dir = args.run_dir = args.run_dir or f"runs/{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
     # before the config is printed: an error is then the last line, not lost above it
     check_run_folder(run_dir)
+    RunDir(run_dir).refuse_if_live()  # another process training there (claimed for this one when training starts)
     if not resume:
         RunDir(run_dir).refuse_checkpoint()
     resolve_device(cfg.train.device, "train.device")
@@ -426,7 +427,7 @@ def cmd_compare(args) -> None:
 
 
 def cmd_eval_wm(args) -> None:
-    from world_model.train_wm import OPEN_LOOP_LEGEND, eval_wm, open_loop_table
+    from world_model.train_wm import eval_wm, open_loop_legend, open_loop_table
 
     result = eval_wm(args.checkpoint, out=args.out, segments=args.segments, device=args.device, data=args.data,
                      progress=sys.stderr.isatty(), step=args.step)
@@ -436,7 +437,7 @@ def cmd_eval_wm(args) -> None:
              "steps)")
     print(f"open-loop prediction, {'env ' * agent}step {result['step']}, {result['segments']} segments {drawn}")
     print(open_loop_table(result))
-    print(OPEN_LOOP_LEGEND)
+    print(open_loop_legend(any(k.endswith("/status_acc") for k in result)))
     print(f"video: {result['video']}, picture: {result['picture']}")
     print(f"written to {Path(result['video']).parent / 'eval_wm.json'}")
 

@@ -38,7 +38,7 @@ from world_model.rundir import (MetricLogger, evaluation_due, fixed_rng, resumed
                                 restore_rng, rng_states, rollback_appended, shown, start_run,
                                 stopped_evaluation, this_ranks)
 from world_model.frame_tokenizer import status_vars
-from world_model.train_wm import build_world_model, check_max_steps, to_batch
+from world_model.train_wm import build_world_model, check_encoder, check_max_steps, to_batch
 from world_model.wm import WorldModel, WorldModelLoss
 
 from .actor_critic import ActorCritic
@@ -63,6 +63,7 @@ def longest_sequence(cfg: AgentConfig) -> tuple[int, str]:
 def preflight(cfg: AgentConfig) -> None:
     """What `train` would refuse only once it builds things, refused before the run prints its config and starts."""
     check_max_steps(cfg.dynamics, longest_sequence(cfg))
+    check_encoder(cfg.encoder)
     ranks = distributed.launched_size()
     shared = {"env.num_envs": cfg.env.num_envs, "train.batch_size": cfg.train.batch_size,
               "train.imag_starts": cfg.train.imag_starts, "replay.capacity": cfg.replay.capacity}  # split over ranks
@@ -304,7 +305,8 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
 
         def evaluate(at: int) -> dict:
             """Evaluation episodes (their records appended to eval_stats.jsonl), logged with pictures."""
-            with shown(bar, f"evaluating: {t.eval_episodes} episode{'s' * (t.eval_episodes != 1)}"):
+            episodes = f"{t.eval_episodes} episode{'s' * (t.eval_episodes != 1)}"
+            with shown(bar, f"evaluating: {episodes}", f"env step {at}: evaluating, {episodes}"):
                 summary = evaluate_agent(wm, ac, cfg, device, t.eval_episodes, run.path / "eval_stats.jsonl")
             result = log_keys(summary, cfg.env.name, "")
             logger.scalars(at, result, prefix="eval/")

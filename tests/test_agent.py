@@ -214,8 +214,11 @@ def test_a_run_ends_with_an_evaluation_at_its_last_step(tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval/crafter_score" in r] == [60, 100]
     assert result["crafter_score"] == [r for r in rows if "eval/crafter_score" in r][-1]["eval/crafter_score"]
-    said = [line for line in capsys.readouterr().out.splitlines() if ": evaluation, " in line]
+    out = capsys.readouterr().out.splitlines()
+    said = [line for line in out if ": evaluation, " in line]
     assert [line.split(":")[0] for line in said] == ["env step 60", "env step 100"]
+    assert [line for line in out if ": evaluating, " in line] == ["env step 60: evaluating, 1 episode",
+                                                                 "env step 100: evaluating, 1 episode"]
     assert said[-1].endswith(f"1 episode: crafter_score={result['crafter_score']:.4g}, return={result['return']:.4g}, "
                              f"length={result['length']:.4g}")
 

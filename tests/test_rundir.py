@@ -177,7 +177,7 @@ def test_output_paths_that_cannot_be_written_are_refused_before_any_work(tmp_pat
     assert "already holds train.log; the run's files go beside them" in capsys.readouterr().err
 
 
-def test_run_directory_guards(tmp_path):
+def test_run_directory_guards(tmp_path, capsys):
     """A new run refuses a directory with an earlier run's logs but no checkpoint, and one that a live process is
     training in; a damaged checkpoint is a one-line error that names it."""
     import subprocess
@@ -217,6 +217,13 @@ def test_run_directory_guards(tmp_path):
         for resume in (False, True):
             with pytest.raises(RunDirError, match=f"process {live.pid} is training in"):
                 RunDir.open(tmp_path / "b", resume=resume)
+        import run as run_py
+
+        capsys.readouterr()
+        argv = ["pretrain", "--config", "clevr_tiny", "--run-dir", str(tmp_path / "b"), "--no-progress"]
+        assert run_py.main(argv) == 2
+        said = capsys.readouterr()  # before the config is printed: the error is all it says
+        assert said.out == "" and f"process {live.pid} is training in" in said.err
         (tmp_path / "b" / "metrics.jsonl").unlink()
         (tmp_path / "b" / "train.pid").write_text(f"another-{host} {live.pid}")  # a pid on another host: not ours
         RunDir.open(tmp_path / "b", resume=False)

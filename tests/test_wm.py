@@ -194,6 +194,7 @@ def test_status_tokens_join_the_frame_codes(tmp_path, capsys):
     header = next(line.split() for line in table if line.startswith("horizon"))
     row = next(line.split() for line in table if line.split()[:1] == ["3"])
     assert header[-2:] == ["status_acc", "status_acc_copy"]
+    assert "status_acc: % of the status tokens right" in " ".join(table)  # the legend says what the column is
     assert float(row[-1]) == pytest.approx(result["h3/status_acc_copy"], abs=1e-4)
     tokens = table[table.index("status tokens, accuracy (%):") + 1:]  # then each token's, a row per horizon
     assert tokens[0].split() == ["horizon", "token0"]
@@ -314,6 +315,11 @@ def test_frozen_pretrained_encoder_and_errors(tmp_path, capsys):
         build_wm_for(wm_cfg(root, f"encoder.checkpoint={novq}"), 3, torch.device("cpu"))
     with pytest.raises(ValueError, match="needs a VQ slot encoder: encoder.model.vq.enabled=false would give it none"):
         build_wm_for(wm_cfg(root, "encoder.model.vq.enabled=false"), 3, torch.device("cpu"))
+    capsys.readouterr()
+    assert run.main(["train-wm", "--data", str(root), "--run-dir", str(tmp_path / "wm_novq"), "--no-progress",
+                     f"encoder.checkpoint={novq}"]) == 2
+    said = capsys.readouterr()  # refused before the config is printed: the error is the last line, not lost above it
+    assert said.out == "" and "was pretrained without one" in said.err
     with pytest.raises(ValueError, match="max_steps"):
         build_wm_for(wm_cfg(root, "dynamics.max_steps=3"), 3, torch.device("cpu"))
 
@@ -350,7 +356,10 @@ def test_a_run_resumes_from_anywhere_after_its_inputs_move(tmp_path, monkeypatch
     encoder = [k for k in before if k.startswith("autoencoder.")]
     assert encoder and all(torch.equal(before[k], after["model"][k]) for k in encoder)  # frozen, as it trained
     assert any(not torch.equal(before[k], after["model"][k]) for k in before if k.startswith("dynamics."))
+    capsys.readouterr()
     assert run.main(["eval-wm", "--checkpoint", "../wm", "--out", "e", "--segments", "2"]) == 0
+    said = capsys.readouterr().out  # no status tokens in this game: the legend names no status column
+    assert "frame_mse: the imagined codes decoded" in said and "status" not in said
     # resumed from Python with a config of its own (the preset's encoder.model): the run's recorded encoder is built
     again = train_wm(wm_cfg(tmp_path / "d", f"encoder.checkpoint={tmp_path / 'pre'}", "train.steps=3"),
                      str(tmp_path / "wm"), resume=True, progress=False)
@@ -478,6 +487,16 @@ def test_compare_notes_world_model_runs_evaluated_under_other_settings(tmp_path,
     assert run.main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == ("note: evaluated under other settings: data.root "
                                                        "(/data/crafter, /data/crafter2); eval.context (8, 4)")
+    (tmp_path / "c").mkdir()  # a run that differs in a setting no column names: a row says which
+    (tmp_path / "c" / "config.yaml").write_text((tmp_path / "a" / "config.yaml").read_text().replace(
+        "  layers: 2", "  layers: 1").replace("  steps: ", "  seed: 7\n  steps: "))
+    (tmp_path / "c" / "metrics.jsonl").write_text((tmp_path / "a" / "metrics.jsonl").read_text())
+    assert run.main(["compare", str(tmp_path / "a"), str(tmp_path / "c")]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()}
+    assert rows["dynamics.layers"] == ["2", "1"] and rows["train.seed"] == ["0", "7"]
+    names = list(rows)
+    assert names.index("dynamics.layers") < names.index("train.seed") < names.index("step")  # config order, then step
+    assert not [name for name in rows if name.startswith("note")]
     frames = (Path(run.__file__).parent / "configs" / "frames_discovery_cpu.yaml").read_text()
     for name, fraction, crop, root in (("f1", 0.1, "false", "/data/crafter"),
                                        ("f2", 0.2, "true", "/data/../data/crafter/")):
@@ -786,6 +805,8 @@ def test_train_wm_prints_its_last_evaluation_once_then_its_json_line(tmp_path, c
     assert run.main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("open-loop prediction on held-out segments") == 1 and "step 2: open-loop" in out
+    # said before it runs too: minutes of evaluation in a log file do not pass in silence
+    assert 0 <= out.index("step 2: evaluating on held-out segments\n") < out.index("step 2: open-loop")
     assert json.loads(out.strip().splitlines()[-1])["run_dir"] == str(tmp_path / "r")
     assert run.main(["train-wm", "--resume", str(tmp_path / "r"), "--no-progress"]) == 0
     out = capsys.readouterr().out

@@ -509,9 +509,9 @@ def encoder_run_config(checkpoint: str) -> Any:
         raise ConfigError(f"encoder.checkpoint={checkpoint}: {e}") from None
 
 
-def load_run_config(command: str, run_dir: str | Path, overrides: Sequence[str] = ()) -> Any:
+def load_run_config(command: str, run_dir: str | Path, overrides: Sequence[str] = (), made_by: str = "") -> Any:
     """The config of a run directory made by `run.py <command>` (plus overrides), with an error that says so when the
-    directory holds no run or another command's run."""
+    directory holds no run or another command's run (`made_by`: what the error names as the expected maker)."""
     path = Path(run_dir) / "config.yaml"
     if Path(run_dir).is_file():  # a checkpoint file, say
         run = Path(run_dir).parent.parent if Path(run_dir).parent.name == "checkpoints" else None
@@ -521,7 +521,7 @@ def load_run_config(command: str, run_dir: str | Path, overrides: Sequence[str] 
         dataset = (Path(run_dir) / "meta.json").is_file() and (Path(run_dir) / "episodes").is_dir()
         what = "an episode dataset (meta.json, episodes/)" if dataset else f"{path} not found"
         raise ConfigError(f"no run at {run_dir} ({what}): expected a run directory made by "
-                          f"`run.py {command} --run-dir DIR`")
+                          + (made_by or f"`run.py {command} --run-dir DIR`"))
     try:
         return load_config(run_schemas()[command], path, overrides)
     except ConfigError:

@@ -2,6 +2,7 @@
 per metric and a column per run, as the seed's tables read."""
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from envs.errors import UsageError
@@ -15,7 +16,7 @@ def last_evaluation(run_dir: str | Path) -> tuple[str, int, dict]:
     the prefix dropped); ({} and step 0 while it has none)."""
     command = schema_command(Path(run_dir) / "config.yaml")
     if command is None:
-        load_run_config("pretrain", run_dir)  # the error that says what the folder is instead
+        load_run_config("pretrain", run_dir, made_by="`run.py pretrain`, `train-wm` or `train`")  # what it is instead
         raise UsageError(f"{run_dir}: config.yaml is not a run's config")
     rows = [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if any(k.startswith("eval/") for k in r)]
     if not rows:
@@ -31,6 +32,30 @@ def _describe(command: str, cfg) -> dict:
                 "num_slots": cfg.model.num_slots, "data": cfg.data.source}
     where = {"data": Path(cfg.data.root).name} if command == "train-wm" else {"env": cfg.env.name}
     return {**where, "slots": cfg.encoder.model.slots, "encoder": cfg.encoder.mode}
+
+
+# the config keys `_describe` already shows, by command
+DESCRIBED = {"pretrain": ("task", "model.slots", "model.vq.enabled", "model.num_slots", "data.source"),
+             "train-wm": ("data.root", "encoder.model.slots", "encoder.mode"),
+             "train": ("env.name", "encoder.model.slots", "encoder.mode")}
+DIFFERING_ROWS = 12  # at most this many rows of other settings that differ; a note counts the rest
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict as dotted keys: {"train.steps": 100, ...}."""
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _differing(command: str, configs: list, skip) -> list[tuple[str, list[str]]]:
+    """A row per config key whose value differs between the runs (`skip`: keys shown elsewhere), in config order:
+    what else tells the runs apart."""
+    flat = [_flat(asdict(cfg)) for cfg in configs]
+    keys = dict.fromkeys(k for f in flat for k in f if k not in skip and k not in DESCRIBED[command])
+    rows = [(k, [_setting(f.get(k, "-")) for f in flat]) for k in keys]
+    return [(k, cells) for k, cells in rows if len(set(cells)) > 1]
 
 
 def _evaluated_on(command: str, cfg) -> dict:
@@ -83,7 +108,9 @@ def comparison_table(runs: list[str]) -> str:
     configs = [load_run_config(command, run) for run, command, _, _ in found]
     described = [_describe(command, cfg) for (_, command, _, _), cfg in zip(found, configs)]
     header += [(name, [str(d.get(name)) for d in described]) for name in described[0]]
-    header += [("step", [str(step) for _, _, step, _ in found])]
+    settings = [_evaluated_on(command, cfg) for (_, command, _, _), cfg in zip(found, configs)]
+    differing = _differing(commands[0], configs, settings[0])
+    header += differing[:DIFFERING_ROWS] + [("step", [str(step) for _, _, step, _ in found])]
     body = [(k, [_number(scores.get(k)) for _, _, _, scores in found]) for k in keys]
     width = max(len(name) for name, _ in header + body)
     cols = [max(len(cells[i]) for _, cells in header + body) for i in range(len(runs))]
@@ -94,7 +121,9 @@ def comparison_table(runs: list[str]) -> str:
     sizes = {k: {scores.get(k) for _, _, _, scores in found} for k in SAMPLE_SIZES if k in keys}
     unequal = [f"{k} ({', '.join(cells)})" for k, cells in body if k in sizes and len(sizes[k]) > 1]
     notes = [f"note: evaluated on unequal samples: {'; '.join(unequal)}"] if unequal else []
-    settings = [_evaluated_on(command, cfg) for (_, command, _, _), cfg in zip(found, configs)]
+    if len(differing) > DIFFERING_ROWS:
+        notes.append(f"note: {len(differing) - DIFFERING_ROWS} more settings differ: "
+                     + ", ".join(k for k, _ in differing[DIFFERING_ROWS:]))
     differ = [f"{k} ({', '.join(_setting(s.get(k)) for s in settings)})" for k in settings[0]
               if len({_compared(k, s.get(k)) for s in settings}) > 1]
     notes += [f"note: evaluated under other settings: {'; '.join(differ)}"] if differ else []

@@ -130,7 +130,7 @@ class RunDir:
         if not resume and distributed.is_main():  # rank 0: the others could see its first files being written
             run._check_foreign()
         if distributed.is_main():  # rank 0 only: under torchrun, the others could see its fresh claim
-            run._refuse_if_live()  # first: a live run's fresh logs are not leftovers to remove
+            run.refuse_if_live()  # first: a live run's fresh logs are not leftovers to remove
         for name in ("metrics.jsonl", "stats.jsonl", "eval_stats.jsonl"):  # the logs a run appends to
             log = run.path / name
             if resume and log.exists() and not log.is_file():
@@ -201,11 +201,11 @@ class RunDir:
         """Record this process (`host pid` in train.pid) as the one training here, unless another live process on
         this host already is. A claim from another host (a shared run directory) is taken over: its liveness cannot
         be checked from here, and a run that finished removed its claim (`release`)."""
-        self._refuse_if_live()
+        self.refuse_if_live()
         atomic_write(self.path / "train.pid", lambda f: f.write(f"{socket.gethostname()} {os.getpid()}".encode()))
         _CLAIMED.append(self)
 
-    def _refuse_if_live(self) -> None:
+    def refuse_if_live(self) -> None:
         """A RunDirError if another live process on this host holds the directory's claim (train.pid)."""
         try:
             host, pid = (self.path / "train.pid").read_text().split()
@@ -265,7 +265,7 @@ class RunDir:
                         return state
                 kept = self.kept_steps()
                 raise RunDirError(f"{self.path} keeps no checkpoint of step {self.step} (" + (
-                    f"it keeps steps {', '.join(map(str, kept))}" if kept else
+                    f"it keeps step{'s' * (len(kept) > 1)} {', '.join(map(str, kept))}" if kept else
                     "it keeps none: train.keep_checkpoints=true keeps each evaluation's") + ")")
             if self.config_path.is_file():  # a run that has not reached its first checkpoint, or stopped before it
                 raise RunDirError(f"{self.path} has no checkpoint yet: a run writes its first at train.ckpt_every "
@@ -402,11 +402,14 @@ class MetricLogger:
 
 
 @contextlib.contextmanager
-def shown(bar, text: str):
+def shown(bar, text: str, line: str = ""):
     """`text` before a progress bar's figures while a long phase runs (an evaluation, a burst of owed updates) that
     would otherwise leave the bar looking stuck or done (first: a terminal too narrow for the figures cuts them, not
-    it); then what the bar showed before."""
+    it); then what the bar showed before. Without the bar (--no-progress: a log file), `line` is printed instead,
+    so minutes of evaluation do not pass in silence."""
     if bar.disable:
+        if line:
+            print(line, flush=True)
         yield
         return
     before = bar.postfix or ""

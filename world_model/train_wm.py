@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -28,7 +29,7 @@ from envs.episodes import (STEP_KEYS, check_recorded_root, episode_length, episo
 
 from . import distributed
 from .config import (DERIVED, ConfigError, WMDataConfig, WMEncoderConfig, WMEvalConfig, WorldModelConfig,
-                     check_against_checkpoint, load_run_config, save_config, schema_command)
+                     check_against_checkpoint, encoder_run_config, load_run_config, save_config, schema_command)
 from .dynamics import DynamicsConfig
 from .frame_tokenizer import FrameTokenizerConfig, frame_token_size, status_vars
 from .pretrain import load_run
@@ -131,6 +132,24 @@ def check_max_steps(dyn: DynamicsConfig, longest: tuple[int, str]) -> None:
                          f"({longest[0]} steps: {longest[1]})")
 
 
+def check_encoder(enc: WMEncoderConfig) -> None:
+    """The world model predicts slot codes: its encoder must be a VQ discovery encoder, `encoder.checkpoint`'s (as its
+    config.yaml says, where it is still there: a resumed run's may have moved) or the config's own fresh one. Called
+    before a run prints its config, and again where the model is built."""
+    if enc.checkpoint:
+        if not (Path(enc.checkpoint) / "config.yaml").is_file():
+            return
+        pre = encoder_run_config(enc.checkpoint)
+        if pre.task != "discovery":
+            raise UsageError(f"encoder.checkpoint={enc.checkpoint} is a {pre.task} run; the world model needs a "
+                             "discovery run (run.py pretrain --data DIR model.vq.enabled=true)")
+        if not pre.model.vq.enabled:
+            raise UsageError(f"the world model needs a VQ slot encoder; encoder.checkpoint={enc.checkpoint} was "
+                             "pretrained without one: pretrain with model.vq.enabled=true")
+    elif not enc.model.vq.enabled:
+        raise UsageError("the world model needs a VQ slot encoder: encoder.model.vq.enabled=false would give it none")
+
+
 def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: DynamicsConfig, num_actions: int,
                       device: torch.device, longest: tuple[int, str], status_vars: int = 0,
                       restoring: Optional[str | Path] = None, env: Optional[str] = None) -> WorldModel:
@@ -145,6 +164,7 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
         enc.model, enc.resolution = saved.model, saved.resolution
         autoencoder, joint = SlotAutoencoder(enc.model, enc.resolution), enc.mode == "joint"
     elif enc.checkpoint:
+        check_encoder(enc)
         try:
             pre_cfg, autoencoder, pre_state = load_run(enc.checkpoint, device)
         except ConfigError as e:  # the key may come from a preset: name it (as `encoder_run_config` does)
@@ -153,18 +173,12 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
         if env and learned_on and learned_on != env and distributed.is_main():
             print(f"note: encoder.checkpoint={enc.checkpoint} was pretrained on {learned_on} frames; this run is on "
                   f"{env}: its slots may not fit {env}'s objects", file=sys.stderr)
-        if not isinstance(autoencoder, SlotAutoencoder):
-            raise UsageError(f"encoder.checkpoint={enc.checkpoint} is a {pre_cfg.task} run; the world model needs a "
-                             "discovery run (run.py pretrain --data DIR model.vq.enabled=true)")
         # the checkpoint's encoder replaces the config's (a preset's sizes for a fresh encoder; `run.py` refuses typed
         # ones and prints the config with the checkpoint's)
         enc.model, enc.resolution, joint = pre_cfg.model, pre_cfg.data.resolution, enc.mode == "joint"
     else:  # a fresh encoder can only train with the world model: `enc` (and the run's config.yaml) says joint
+        check_encoder(enc)
         autoencoder, joint, enc.mode = SlotAutoencoder(enc.model, enc.resolution), True, "joint"
-    if not enc.model.vq.enabled:
-        raise UsageError(f"the world model needs a VQ slot encoder; encoder.checkpoint={enc.checkpoint} was pretrained "
-                         "without one: pretrain with model.vq.enabled=true" if enc.checkpoint else
-                         "the world model needs a VQ slot encoder: encoder.model.vq.enabled=false would give it none")
     status, frame_vars, frame_codes = frame_token_size(frame, status_vars)
     derived = dict(num_slots=enc.model.num_slots, num_vars=enc.model.vq.num_vars, num_codes=enc.model.vq.num_codes,
                    frame_vars=frame_vars, frame_codes=frame_codes, num_actions=num_actions)
@@ -190,6 +204,7 @@ def preflight(cfg: WorldModelConfig) -> None:
     """What `train-wm` would refuse only once it reads its data or builds the model, refused before the run prints
     and starts."""
     check_max_steps(cfg.dynamics, longest_sequence(cfg))
+    check_encoder(cfg.encoder)
     dataset_meta(cfg)
 
 
@@ -211,11 +226,14 @@ def to_batch(sample: dict, resolution: int, device: torch.device) -> dict:
 
 OPEN_LOOP_COLUMNS = ("code_acc", "code_acc_copy", "frame_mse", "frame_mse_copy_decoded", "frame_mse_copy",
                      "frame_mse_decoder_floor", "reward_mae", "reward_mae_zero", "status_acc", "status_acc_copy")
-OPEN_LOOP_LEGEND = """\
-code_acc: % of the imagined slot codes equal to the real frame's; frame_mse: the imagined codes decoded vs the real
-frame (pixels in [0, 1]), in practice no lower than frame_mse_decoder_floor, the real codes decoded; reward_mae:
-predicted vs real reward; status_acc: % of the status tokens right. The baselines: *_copy repeats the last context
-frame (its codes, its picture, its status; _decoded: through the decoder), reward_mae_zero predicts 0."""
+def open_loop_legend(status: bool) -> str:
+    """What `open_loop_table`'s columns mean (the status tokens' only where the env has them)."""
+    return textwrap.fill(
+        "code_acc: % of the imagined slot codes equal to the real frame's; frame_mse: the imagined codes decoded vs "
+        "the real frame (pixels in [0, 1]), in practice no lower than frame_mse_decoder_floor, the real codes "
+        "decoded; reward_mae: predicted vs real reward" + "; status_acc: % of the status tokens right" * status
+        + ". The baselines: *_copy repeats the last context frame (its codes, its picture" + ", its status" * status
+        + "; _decoded: through the decoder), reward_mae_zero predicts 0.", 116)
 
 
 def open_loop_table(result: dict) -> str:
@@ -400,7 +418,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
 
     def evaluate(at: int) -> dict:
         """Evaluate on the held-out episodes; log the scalars and the real | decoded | imagined picture."""
-        with shown(bar, "evaluating on held-out segments"):
+        with shown(bar, "evaluating on held-out segments", f"step {at}: evaluating on held-out segments"):
             result = evaluate_wm(wm, held_out, cfg, device, frames=True, status_names=STATUS_NAMES.get(meta["env"], ()))
         logger.image(at, "wm/real_decoded_imagined", prediction_picture(result.pop("_frames"), cfg.eval.context))
         logger.scalars(at, result, prefix="eval/")
