@@ -786,8 +786,9 @@ def test_set_prediction_with_fewer_slots_than_objects_is_refused_before_the_run_
 
 def test_compare_puts_the_runs_last_evaluations_side_by_side(tmp_path, capsys):
     """Two tiny set-prediction runs, GMM and Slot Attention: a column per run under the settings that tell them
-    apart, a row per logged evaluation key (the AP table first) with the numbers of metrics.jsonl; runs of two
-    commands, a run without an evaluation and a folder that is no run are one-line errors."""
+    apart, a row per logged evaluation key (the AP table first) with the numbers of metrics.jsonl; a run without an
+    evaluation yet is a column of '-'; runs of two commands, runs none of which evaluated and a folder that is no run
+    are one-line errors."""
     import shutil
 
     for slots in ("gmm", "slot_attention"):
@@ -810,7 +811,12 @@ def test_compare_puts_the_runs_last_evaluations_side_by_side(tmp_path, capsys):
     early = tmp_path / "early"
     early.mkdir()
     shutil.copy(tmp_path / "gmm" / "config.yaml", early / "config.yaml")
-    assert run.main(["compare", str(tmp_path / "gmm"), str(early)]) == 2
+    assert run.main(["compare", str(tmp_path / "gmm"), str(early)]) == 0  # a run on its way: a column of '-'
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in lines if not line.startswith(("-", "note"))}
+    assert rows["step"] == ["2", "-"] and rows["AP_inf"][1] == "-" and rows["AP_inf"][0] != "-"
+    assert lines[-1] == f"note: no evaluation logged yet: {early}"
+    assert run.main(["compare", str(early)]) == 2  # none has evaluated: nothing to compare
     assert f"{early}: no evaluation logged yet" in capsys.readouterr().err
     assert run.main(["compare", str(tmp_path)]) == 2
     assert f"no run at {tmp_path} " in (err := capsys.readouterr().err)

@@ -91,7 +91,8 @@ def comparison_table(runs: list[str]) -> str:
     """The runs' settings, steps and last evaluations: a row per key (those of every run's evaluation: the AP table
     first, then in the order the runs logged them, the image count last), a column per run named by its folder (by
     the path given where two folders share a name), and notes under it where the runs' numbers are means over
-    samples of unequal size (images, segments, episodes) or come from other evaluation settings (`_evaluated_on`)."""
+    samples of unequal size (images, segments, episodes), come from other evaluation settings (`_evaluated_on`) or
+    are not there yet (a run that has not evaluated: a column of '-'; all of them: an error)."""
     if len(runs) < 1:
         raise UsageError("compare needs at least one run directory")
     found = [(run, *last_evaluation(run)) for run in runs]
@@ -99,7 +100,7 @@ def comparison_table(runs: list[str]) -> str:
     if len(commands) > 1:
         raise UsageError(f"compare takes runs of one command; these are runs of {' and '.join(commands)}")
     missing = [run for run, _, _, scores in found if not scores]
-    if missing:
+    if len(missing) == len(found):
         raise UsageError(f"{', '.join(missing)}: no evaluation logged yet (metrics.jsonl holds no eval/ row)")
     keys = list(dict.fromkeys(k for _, _, _, scores in found for k in scores))
     keys.sort(key=lambda k: 0 if k.startswith("AP_") else 2 if k == "images" else 1)  # AP table first, counts last
@@ -110,7 +111,7 @@ def comparison_table(runs: list[str]) -> str:
     header += [(name, [str(d.get(name)) for d in described]) for name in described[0]]
     settings = [_evaluated_on(command, cfg) for (_, command, _, _), cfg in zip(found, configs)]
     differing = _differing(commands[0], configs, settings[0])
-    header += differing[:DIFFERING_ROWS] + [("step", [str(step) for _, _, step, _ in found])]
+    header += differing[:DIFFERING_ROWS] + [("step", [str(step) if scores else "-" for _, _, step, scores in found])]
     body = [(k, [_number(scores.get(k)) for _, _, _, scores in found]) for k in keys]
     width = max(len(name) for name, _ in header + body)
     cols = [max(len(cells[i]) for _, cells in header + body) for i in range(len(runs))]
@@ -121,6 +122,8 @@ def comparison_table(runs: list[str]) -> str:
     sizes = {k: {scores.get(k) for _, _, _, scores in found} for k in SAMPLE_SIZES if k in keys}
     unequal = [f"{k} ({', '.join(cells)})" for k, cells in body if k in sizes and len(sizes[k]) > 1]
     notes = [f"note: evaluated on unequal samples: {'; '.join(unequal)}"] if unequal else []
+    if missing:  # a run still on its way to its first evaluation: a column of '-'
+        notes.append(f"note: no evaluation logged yet: {', '.join(missing)}")
     if len(differing) > DIFFERING_ROWS:
         notes.append(f"note: {len(differing) - DIFFERING_ROWS} more settings differ: "
                      + ", ".join(k for k, _ in differing[DIFFERING_ROWS:]))
