@@ -305,8 +305,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
 
         def evaluate(at: int) -> dict:
             """Evaluation episodes (their records appended to eval_stats.jsonl), logged with pictures."""
-            episodes = f"{t.eval_episodes} episode{'s' * (t.eval_episodes != 1)}"
-            with shown(bar, f"evaluating: {episodes}", f"env step {at}: evaluating, {episodes}"):
+            with shown(bar, f"evaluating, {t.eval_episodes} episode{'s' * (t.eval_episodes != 1)}", f"env step {at}"):
                 summary = evaluate_agent(wm, ac, cfg, device, t.eval_episodes, run.path / "eval_stats.jsonl")
             result = log_keys(summary, cfg.env.name, "")
             logger.scalars(at, result, prefix="eval/")

@@ -252,7 +252,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
 
     def evaluated() -> dict:
         """Evaluate on held-out images: the scores and picture logged, and said in a line."""
-        with shown(bar, "evaluating on held-out images", f"step {step}: evaluating on held-out images"):
+        with shown(bar, "evaluating on held-out images", f"step {step}"):
             result = evaluate(model, cfg, device, cfg.data.eval_images, progress=not bar.disable, picture=True)
         logger.image(step, "slots/held_out", result.pop("_picture"))
         logger.scalars(step, result, prefix="eval/")

@@ -402,14 +402,14 @@ class MetricLogger:
 
 
 @contextlib.contextmanager
-def shown(bar, text: str, line: str = ""):
+def shown(bar, text: str, at: str = ""):
     """`text` before a progress bar's figures while a long phase runs (an evaluation, a burst of owed updates) that
     would otherwise leave the bar looking stuck or done (first: a terminal too narrow for the figures cuts them, not
-    it); then what the bar showed before. Without the bar (--no-progress: a log file), `line` is printed instead,
-    so minutes of evaluation do not pass in silence."""
+    it); then what the bar showed before. Without the bar (--no-progress: a log file), "`at`: `text`" is printed
+    instead where `at` says when (`step 20`), so minutes of evaluation do not pass in silence."""
     if bar.disable:
-        if line:
-            print(line, flush=True)
+        if at:
+            print(f"{at}: {text}", flush=True)
         yield
         return
     before = bar.postfix or ""

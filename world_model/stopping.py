@@ -74,8 +74,10 @@ class StepStops:
 
     def __exit__(self, *exc) -> None:
         try:
-            if self._previous and exc[0] is not None:  # a stopped run: a copy of its press must not land in the
-                wait_out_ctrl_c()                       # clean-up after, under the handler it had before
+            # a stopped run: a copy of its press must not land in the clean-up after, under the handler it had before
+            # (unless that is `ctrl_c`, which ignores the copy itself: `run.py` waits once, at the very end)
+            if self._previous and exc[0] is not None and self._previous.get(signal.SIGINT) is not ctrl_c:
+                wait_out_ctrl_c()
         finally:  # also when a SIGTERM ends the wait
             for s, handler in self._previous.items():
                 signal.signal(s, handler)

@@ -132,14 +132,15 @@ def check_max_steps(dyn: DynamicsConfig, longest: tuple[int, str]) -> None:
                          f"({longest[0]} steps: {longest[1]})")
 
 
-def check_encoder(enc: WMEncoderConfig) -> None:
+def check_encoder(enc: WMEncoderConfig, pre=None) -> None:
     """The world model predicts slot codes: its encoder must be a VQ discovery encoder, `encoder.checkpoint`'s (as its
     config.yaml says, where it is still there: a resumed run's may have moved) or the config's own fresh one. Called
-    before a run prints its config, and again where the model is built."""
+    before a run prints its config; `pre`: the checkpoint's config where the caller has read it already (the model's
+    build)."""
     if enc.checkpoint:
-        if not (Path(enc.checkpoint) / "config.yaml").is_file():
+        if pre is None and not (Path(enc.checkpoint) / "config.yaml").is_file():
             return
-        pre = encoder_run_config(enc.checkpoint)
+        pre = pre or encoder_run_config(enc.checkpoint)
         if pre.task != "discovery":
             raise UsageError(f"encoder.checkpoint={enc.checkpoint} is a {pre.task} run; the world model needs a "
                              "discovery run (run.py pretrain --data DIR model.vq.enabled=true)")
@@ -164,11 +165,11 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
         enc.model, enc.resolution = saved.model, saved.resolution
         autoencoder, joint = SlotAutoencoder(enc.model, enc.resolution), enc.mode == "joint"
     elif enc.checkpoint:
-        check_encoder(enc)
         try:
             pre_cfg, autoencoder, pre_state = load_run(enc.checkpoint, device)
         except ConfigError as e:  # the key may come from a preset: name it (as `encoder_run_config` does)
             raise ConfigError(f"encoder.checkpoint={enc.checkpoint}: {e}") from None
+        check_encoder(enc, pre_cfg)
         learned_on = (pre_state.get("frames") or {}).get("env")
         if env and learned_on and learned_on != env and distributed.is_main():
             print(f"note: encoder.checkpoint={enc.checkpoint} was pretrained on {learned_on} frames; this run is on "
@@ -418,7 +419,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
 
     def evaluate(at: int) -> dict:
         """Evaluate on the held-out episodes; log the scalars and the real | decoded | imagined picture."""
-        with shown(bar, "evaluating on held-out segments", f"step {at}: evaluating on held-out segments"):
+        with shown(bar, "evaluating on held-out segments", f"step {at}"):
             result = evaluate_wm(wm, held_out, cfg, device, frames=True, status_names=STATUS_NAMES.get(meta["env"], ()))
         logger.image(at, "wm/real_decoded_imagined", prediction_picture(result.pop("_frames"), cfg.eval.context))
         logger.scalars(at, result, prefix="eval/")
