@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 EPILOG = """examples:
   python run.py pretrain --config configs/clevr_tiny.yaml --run-dir runs/tiny
@@ -98,7 +99,7 @@ def _config_text(cfg, command: str, resumed: bool = False) -> str:
     import copy
 
     from envs import STATUS_LEVELS
-    from world_model.config import DERIVED, ConfigError, encoder_run_config, to_yaml
+    from world_model.config import DERIVED, ConfigError, to_yaml
     from world_model.frame_tokenizer import frame_token_size
 
     cfg, derived, notes = copy.deepcopy(cfg), {}, ""
@@ -115,14 +116,15 @@ def _config_text(cfg, command: str, resumed: bool = False) -> str:
                                                frame_codes)
         if cfg.encoder.checkpoint:  # the encoder's architecture comes from that run, whatever this config says
             try:
-                pre = encoder_run_config(cfg.encoder.checkpoint)
+                pre, cfg.encoder.model, continued = _pretrained_encoder(cfg.encoder)
             except ConfigError as e:  # not pretrained yet (a recipe's preset names the run its first steps make)
                 notes = (f"# {e}\n# encoder.model and encoder.resolution will be those of that run; shown: this "
                          "config's\n")
             else:
-                cfg.encoder.model, cfg.encoder.resolution = pre.model, pre.data.resolution
-                notes = ("# encoder.model and encoder.resolution: those of "
-                         f"encoder.checkpoint={cfg.encoder.checkpoint}\n")
+                cfg.encoder.resolution = pre.data.resolution
+                notes = (f"# encoder.model and encoder.resolution: those of encoder.checkpoint={cfg.encoder.checkpoint}"
+                         + (f"; its VQ temperature anneals on from where its step {continued} left it (tau_start, "
+                            "anneal_steps)" if continued else "") + "\n")
         else:
             derived["encoder.mode"] = ("encoder.checkpoint unset (a fresh encoder trains jointly)", "joint")
     text = to_yaml(cfg)
@@ -175,12 +177,13 @@ def _mark_derived(text: str, cfg, derived: dict) -> str:
 
 
 def _run_training(args, default_preset: str, overrides: list, run_name, train_fn, resume, preflight=None,
-                  report=None) -> None:
+                  report=None, notes: Sequence[str] = ()) -> None:
     """What pretrain, train-wm and train share: the config (the run's own when resuming, plus overrides), the run
     directory (named explicitly under torchrun, where a timestamped default could differ between processes), the
     resolved config and the result printed once. `resume`: False, True (the run in --run-dir) or the run's path;
     `preflight(cfg)`: the command's own config checks, run with the others before the config is printed;
-    `report(run_dir, result)`: the text that ends the run (default: the result as one JSON line, `_json_line`)."""
+    `report(run_dir, result)`: the text that ends the run (default: the result as one JSON line, `_json_line`);
+    `notes`: lines said on stderr right below the config, where they are seen."""
     from world_model import distributed
     from envs.episodes import check_recorded_root
     from world_model.config import check_resume_overrides, load_config, load_run_config, record_paths, run_schemas
@@ -230,6 +233,9 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
         if getattr(cfg.train, "compile", False):
             print(f"# train.compile: the first steps compile ({cfg.train.compile_mode}); that takes minutes on a CPU "
                   "and is cached on disk for later runs")
+        sys.stdout.flush()
+        for note in notes:
+            print(note, file=sys.stderr)
     try:
         result = train_fn(cfg, run_dir, resume=resume, progress=not args.no_progress)
     finally:  # a run that failed or was stopped gives up its claim (train.pid), and a directory it left empty
@@ -246,14 +252,14 @@ def _json_line(run_dir: str, result: dict) -> str:
 def cmd_pretrain(args) -> None:
     from world_model.pretrain import preflight, pretrain
 
-    overrides = list(args.overrides)
+    overrides, notes = list(args.overrides), []
     if args.data:
         overrides = _frames_overrides(args.data, overrides)
         if args.config and not args.resume:  # (--config with --resume is refused)
-            _note_frames_preset(args.config, overrides)
+            notes = _frames_preset_notes(args.config, overrides)
     preset = FRAMES_PRESET if args.data else DEFAULT_PRESETS["pretrain"]
     _run_training(args, preset, overrides, lambda c: f"pretrain-{c.task}-{c.model.slots}", pretrain,
-                  args.resume, preflight)
+                  args.resume, preflight, notes=notes)
 
 
 def _frames_overrides(data: str, overrides: list) -> list:
@@ -269,22 +275,21 @@ def _frames_overrides(data: str, overrides: list) -> list:
     return ["data.source=frames", f"data.root={data}", "task=discovery"] + overrides
 
 
-def _note_frames_preset(preset: str, overrides: list) -> None:
-    """`pretrain --data DIR --config PRESET`: say what of a preset made for CLEVR changes or is missing on game frames
+def _frames_preset_notes(preset: str, overrides: list) -> list[str]:
+    """`pretrain --data DIR --config PRESET`: what of a preset made for CLEVR changes or is missing on game frames
     (its set-prediction task becomes discovery; without VQ codes the encoder cannot serve a world model)."""
-    from world_model import distributed
     from world_model.config import PretrainConfig, load_config
 
     own = load_config(PretrainConfig, preset, [])
     final = load_config(PretrainConfig, preset, overrides)
-    if not distributed.is_main():  # under torchrun, one process says it
-        return
+    notes = []
     if own.task != "discovery":
-        print(f"note: {preset} sets task={own.task}; game frames have no property targets, so --data trains object "
-              "discovery", file=sys.stderr)
+        notes.append(f"note: {preset} sets task={own.task}; game frames have no property targets, so --data trains "
+                     "object discovery")
     if not final.model.vq.enabled:
-        print(f"note: {preset} trains slots without VQ codes; `train-wm` and `train` need a VQ encoder "
-              "(model.vq.enabled=true; the default preset for --data, frames_discovery_cpu, has them)", file=sys.stderr)
+        notes.append(f"note: {preset} trains slots without VQ codes; `train-wm` and `train` need a VQ encoder "
+                     "(model.vq.enabled=true; the default preset for --data, frames_discovery_cpu, has them)")
+    return notes
 
 
 def cmd_eval_ap(args) -> None:
@@ -390,6 +395,18 @@ def cmd_train_wm(args) -> None:
                   _json_line)  # the last evaluation's table is printed as it ran (or read back)
 
 
+def _pretrained_encoder(enc) -> tuple:
+    """The pretraining config of `enc.checkpoint`, the encoder model a run with `enc` builds from it, and the step a
+    joint run's VQ temperature anneal continues from (`continued_anneal`; 0: none)."""
+    from world_model.config import continued_anneal, encoder_run_config
+    from world_model.rundir import RunDir, checkpoint_step
+
+    pre = encoder_run_config(enc.checkpoint)
+    step = (checkpoint_step(RunDir(enc.checkpoint).ckpt_path) or 0) if enc.mode == "joint" and pre.model.vq.enabled \
+        else 0
+    return pre, continued_anneal(pre.model, step), step
+
+
 def _check_encoder(cfg, overrides: list, resume) -> None:
     """The encoder settings typed on the command line must apply: encoder.mode=frozen with nothing to freeze (no
     encoder.checkpoint; the fresh encoder would train jointly, as a preset's frozen default gives without one) and
@@ -399,7 +416,6 @@ def _check_encoder(cfg, overrides: list, resume) -> None:
 
     from envs.errors import UsageError
     from world_model import distributed
-    from world_model.config import encoder_run_config
 
     typed = [o for o in overrides if o.split("=", 1)[0] == "encoder.mode"]
     if typed and not cfg.encoder.checkpoint and OmegaConf.from_dotlist(typed[-1:]).encoder.mode == "frozen":
@@ -407,8 +423,8 @@ def _check_encoder(cfg, overrides: list, resume) -> None:
                          "one the fresh encoder trains jointly with the world model")
     if not cfg.encoder.checkpoint or resume:
         return
-    pre = encoder_run_config(cfg.encoder.checkpoint)
-    theirs = {"encoder.resolution": pre.data.resolution, "encoder.model": pre.model}
+    pre, model, _ = _pretrained_encoder(cfg.encoder)
+    theirs = {"encoder.resolution": pre.data.resolution, "encoder.model": model}
     for typed_key in (o.split("=", 1)[0] for o in overrides if re.match(r"encoder\.(model\.|resolution=)", o)):
         path = typed_key.split(".")
         mine = functools.reduce(getattr, path[1:], cfg.encoder)

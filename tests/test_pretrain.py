@@ -1,6 +1,7 @@
 """End-to-end pretraining: the CLI smoke run, exact resume, eval-ap output, NaN handling, run-dir errors."""
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,10 +106,10 @@ def test_a_run_stopped_between_log_rows_resumes_with_the_same_rows(tmp_path, mon
     assert metric_rows(tmp_path / "halves") == rows
 
 
-def test_each_evaluations_checkpoint_is_kept_and_evaluated_by_step(tmp_path, capsys):
+def test_each_evaluations_checkpoint_is_kept_and_evaluated_by_step(tmp_path, capsys, monkeypatch):
     """train.keep_checkpoints=true keeps the checkpoint of every evaluation (a hard link, no copy); eval-ap and
     visualize --step N read it, eval-ap writing beside the latest's results; a step none was kept at names the
-    kept ones, unless it is the step of the latest checkpoint."""
+    kept ones, unless it is the step of the latest checkpoint (whose step is read without loading its tensors)."""
     import os
 
     rd = tmp_path / "run"
@@ -129,7 +130,10 @@ def test_each_evaluations_checkpoint_is_kept_and_evaluated_by_step(tmp_path, cap
     assert f"{rd} keeps no checkpoint of step 3 (it keeps steps 2, 4)" in capsys.readouterr().err
     pretrain(tiny_cfg("train.steps=2"), str(tmp_path / "plain"), progress=False)  # the default keeps none
     assert sorted(p.name for p in (tmp_path / "plain" / "checkpoints").iterdir()) == ["latest.pt"]
+    loads, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("mmap", False)) or real_load(*a, **k))
     assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "plain"), "--step", "1"]) == 2
+    assert loads == [True]  # latest.pt's step, through a memory map
     assert "keeps no checkpoint of step 1 (it keeps none: train.keep_checkpoints=true keeps each evaluation's)" in \
         capsys.readouterr().err
     assert run.main(["eval-ap", "--checkpoint", str(tmp_path / "plain"), "--images", "4", "--step", "2"]) == 0
@@ -199,10 +203,10 @@ def test_eval_every_zero_evaluates_at_the_end_only(tmp_path):
                     resume=True, progress=False)["images"] == 4
 
 
-def test_discovery_task_reports_fg_ari(tmp_path, capsys):
+def test_discovery_task_reports_fg_ari(tmp_path, capsys, monkeypatch):
     """FG-ARI where the data has instance masks; on a CLEVR directory without them (real CLEVR ships none) eval-ap
     says why it is missing, and so does a run training on it."""
-    from envs.clevr import write_dataset
+    from envs.clevr import ClevrDataset, write_dataset
 
     result = pretrain(tiny_cfg("task=discovery", "model.slots=slot_attention", "train.steps=4"), str(tmp_path / "d"),
                       progress=False)
@@ -216,8 +220,13 @@ def test_discovery_task_reports_fg_ari(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "note: no FG-ARI: CLEVR" in err and "hold no instance masks" in err and "fg_ari" not in out
     clevr = tmp_path / "clevr"  # training on it says so before the first evaluation leaves FG-ARI out
+    read, real_read = [], ClevrDataset.__init__  # each split's scenes are read once, not at each evaluation
+    monkeypatch.setattr(ClevrDataset, "__init__", lambda self, *a, **k: read.append(k["split"]) or
+                        real_read(self, *a, **k))
     result = pretrain(tiny_cfg("task=discovery", "data.source=clevr", f"data.root={clevr}", "data.split=val",
-                               "train.steps=1", "data.eval_images=2"), str(tmp_path / "c"), progress=False)
+                               "train.steps=2", "train.eval_every=1", "data.eval_images=2"), str(tmp_path / "c"),
+                      progress=False)
+    assert read == ["val", "val"]  # training's and the evaluations'
     assert (f"note: {clevr} holds no instance masks for split val (real CLEVR ships none; `run.py generate` writes "
             "them): the evaluations score the reconstruction (mse), not FG-ARI") in capsys.readouterr().err
     assert "mse" in result and "fg_ari" not in result
@@ -440,7 +449,7 @@ def test_clevr_training_stream_equals_indexed_batches(tmp_path, workers):
         torch.testing.assert_close(got["targets"], want["targets"])
 
 
-def test_a_frames_run_resumes_on_the_same_game_and_notes_a_moved_split(tmp_path, capsys):
+def test_a_frames_run_resumes_on_the_same_game_and_notes_a_moved_split(tmp_path, capsys, monkeypatch):
     """Resuming a run on env frames with another game's dataset is refused in one line; a dataset that grew moves the
     held-out frames, which a note says."""
     import numpy as np
@@ -497,13 +506,17 @@ def test_a_frames_run_resumes_on_the_same_game_and_notes_a_moved_split(tmp_path,
     assert json.loads((tmp_path / "r" / "eval_ap_data_a2.json").read_text())["data"] == \
         f"held-out frames of {tmp_path / 'a2'}"
     assert (tmp_path / "r" / "eval_ap.json").read_text() == own
-    # a CLEVR set-prediction preset on game frames: trained as discovery, and said so; its missing VQ codes too
+    # a CLEVR set-prediction preset on game frames: trained as discovery, and said so below the config (where a
+    # terminal shows it); its missing VQ codes too
     capsys.readouterr()
-    assert run.main(["pretrain", "--data", str(tmp_path / "a2"), "--config", "clevr_tiny", "--run-dir",
-                     str(tmp_path / "c"), "--no-progress", *TINY, "data.eval_images=4", "train.steps=1"]) == 0
-    err = capsys.readouterr().err
+    with monkeypatch.context() as m:
+        m.setattr(sys, "stderr", sys.stdout)  # one stream, as a terminal shows them
+        assert run.main(["pretrain", "--data", str(tmp_path / "a2"), "--config", "clevr_tiny", "--run-dir",
+                         str(tmp_path / "c"), "--no-progress", *TINY, "data.eval_images=4", "train.steps=1"]) == 0
+    out = capsys.readouterr().out
     assert "note: clevr_tiny sets task=setpred; game frames have no property targets, so --data trains object " \
-        "discovery" in err and "note: clevr_tiny trains slots without VQ codes; `train-wm` and `train` need" in err
+        "discovery" in out and "note: clevr_tiny trains slots without VQ codes; `train-wm` and `train` need" in out
+    assert out.index("\ntrain:\n") < out.index("note: clevr_tiny sets task") < out.index("step 1: ")
     assert load_config(PretrainConfig, tmp_path / "c" / "config.yaml").task == "discovery"
     # visualize shows it frames of the game it trained on, without --env
     assert run.main(["visualize", "--checkpoint", str(tmp_path / "r"), "--frames", "1", "--out", str(tmp_path / "v")]) == 0

@@ -324,6 +324,43 @@ def test_frozen_pretrained_encoder_and_errors(tmp_path, capsys):
         build_wm_for(wm_cfg(root, "dynamics.max_steps=3"), 3, torch.device("cpu"))
 
 
+def test_a_jointly_fine_tuned_encoders_temperature_anneals_on_from_its_pretraining(tmp_path, capsys):
+    """encoder.mode=joint with a pretrained VQ encoder: its Gumbel temperature goes on from where pretraining left it
+    (the run's config records the rest of the anneal, and `run.py config` shows it), not hot from tau_start again; a
+    frozen encoder keeps its run's settings."""
+    from test_pretrain import TINY
+    from world_model.config import continued_anneal
+    from world_model.slots.vq import temperature
+
+    root = toy_dataset(tmp_path / "d")
+    pre = tmp_path / "pre"
+    assert run.main(["pretrain", "--data", str(root), "--run-dir", str(pre), "--no-progress", *TINY,
+                     "data.resolution=16", "train.steps=2", "model.vq.enabled=true", "model.vq.num_vars=2",
+                     "model.vq.anneal_steps=4"]) == 0
+    reached = temperature(2, 1.0, 0.1, 4)  # sqrt(0.1)
+    capsys.readouterr()
+    assert run.main(["train-wm", "--data", str(root), "--run-dir", str(tmp_path / "wm"), "--no-progress",
+                     *(o for o in TINY_WM if not o.startswith("encoder.")),
+                     f"encoder.checkpoint={pre}", "encoder.mode=joint", "train.steps=1"]) == 0
+    shown = capsys.readouterr().out
+    assert "; its VQ temperature anneals on from where its step 2 left it (tau_start, anneal_steps)" in shown
+    vq = load_config(WorldModelConfig, tmp_path / "wm" / "config.yaml").encoder.model.vq
+    assert (vq.tau_start, vq.tau_end, vq.anneal_steps) == (pytest.approx(reached), 0.1, 2)
+    rows = read_jsonl(tmp_path / "wm" / "metrics.jsonl")
+    assert [r["train/vq_tau"] for r in rows if "train/vq_tau" in r] == [pytest.approx(reached)]
+    assert run.main(["config", "--for", "train-wm", f"data.root={root}", f"encoder.checkpoint={pre}",
+                     "encoder.mode=frozen"]) == 0
+    shown = capsys.readouterr().out
+    assert "anneals on" not in shown and "tau_start: 1.0" in shown and "anneal_steps: 4" in shown
+    # the continued schedule is the pretraining one shifted by its steps, before and after the anneal ends
+    model = load_config(WorldModelConfig, tmp_path / "wm" / "config.yaml").encoder.model
+    for steps in (1, 3, 4, 9):
+        v = continued_anneal(model, steps).vq
+        for u in (0, 1, 2, 7):
+            assert temperature(u, v.tau_start, v.tau_end, v.anneal_steps) == \
+                pytest.approx(temperature(steps + u, model.vq.tau_start, 0.1, model.vq.anneal_steps))
+
+
 def test_a_run_resumes_from_anywhere_after_its_inputs_move(tmp_path, monkeypatch, capsys):
     """A run records its data and encoder paths absolute, so it resumes from another working directory; a resume
     and eval-wm rebuild the encoder from the run's own checkpoint (still frozen), so the pretraining run may move;

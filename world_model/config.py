@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -21,6 +21,7 @@ from envs.errors import UsageError
 from . import distributed
 from .dynamics import DynamicsConfig
 from .frame_tokenizer import FrameTokenizerConfig
+from .slots.vq import temperature
 
 
 class ConfigError(UsageError):
@@ -498,6 +499,17 @@ def _closest_command(loaded: Any) -> Optional[str]:
     best = max(shares.values())
     winners = [c for c, n in shares.items() if n == best]
     return winners[0] if best and len(winners) == 1 else None
+
+
+def continued_anneal(model: Any, steps: Optional[int]) -> Any:
+    """A pretraining run's model config (`model`, after its `steps` steps) for fine-tuning with a world model: the VQ
+    Gumbel temperature anneals on from where pretraining left it (tau_start: the temperature reached, anneal_steps:
+    the rest), rather than restarting hot and feeding the decoder soft code mixtures it had long stopped seeing."""
+    vq = model.vq
+    if not vq.enabled or not steps:
+        return model
+    reached = temperature(steps, vq.tau_start, vq.tau_end, vq.anneal_steps)
+    return replace(model, vq=replace(vq, tau_start=reached, anneal_steps=max(vq.anneal_steps - steps, 0)))
 
 
 def encoder_run_config(checkpoint: str) -> Any:

@@ -31,8 +31,8 @@ from .perception import SetPredictor, SlotAutoencoder
 from .rundir import (MetricLogger, RunDir, evaluation_due, fixed_rng, resolve_device, resumed_length, restore_rng,
                      rng_states, shown, start_run, stopped_evaluation, this_ranks)
 from .slots.vq import temperature
-from .sources import (EVAL_SEED, ClevrScenes, EpisodeFrames, check_source, eval_batches, make_source, train_batches,
-                      use_clevr_root)
+from .sources import (EVAL_CHUNK, EVAL_SEED, ClevrScenes, EpisodeFrames, check_source, eval_batches, make_source,
+                      train_batches, use_clevr_root)
 from .stopping import StepStops
 from .updates import StepMeans, autocast, guarded_update, lr_factor, tally_update
 from .visualize import annotated, decomposition_picture
@@ -186,6 +186,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
         t.steps = resumed_length(step, t.steps, "train.steps", state)
     # the data first: a bad data path fails before the run directory gets a config
     source = make_source(cfg, device, sharded=True, progress=progress and distributed.is_main(), first_step=step)
+    held_out = None  # a CLEVR eval split's scenes, read once for every evaluation
     if cfg.data.source == "clevr":  # the eval split's scenes and first image too: a bad split fails now, not at the end
         try:
             held_out = ClevrScenes(cfg, cfg.data.eval_split, device, max_images=cfg.data.eval_images)
@@ -253,7 +254,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
     def evaluated() -> dict:
         """Evaluate on held-out images: the scores and picture logged, and said in a line."""
         with shown(bar, "evaluating on held-out images", f"step {step}"):
-            result = evaluate(model, cfg, device, cfg.data.eval_images, progress=not bar.disable, picture=True)
+            result = evaluate(model, cfg, device, cfg.data.eval_images, progress=not bar.disable, picture=True,
+                              batches=held_out.sequential(EVAL_CHUNK) if held_out is not None else None)
         logger.image(step, "slots/held_out", result.pop("_picture"))
         logger.scalars(step, result, prefix="eval/")
         bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()))

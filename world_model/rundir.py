@@ -39,6 +39,18 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def checkpoint_step(path: Path) -> Optional[int]:
+    """The step a checkpoint is at (an agent's: its env step), read through a memory map, so its tensors are not
+    loaded; None when it cannot be read."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError):
+        return None
+    if not isinstance(state, dict):
+        return None
+    return state.get("step", state.get("counters", {}).get("env_steps"))
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -259,10 +271,8 @@ class RunDir:
         if not self.ckpt_path.is_file():
             if self.step is not None:
                 latest = RunDir(self.path)  # the step the run is at needs no kept copy
-                if latest.ckpt_path.is_file():
-                    state = latest.load_checkpoint(map_location, keys)
-                    if state.get("step", state.get("counters", {}).get("env_steps")) == self.step:
-                        return state
+                if latest.ckpt_path.is_file() and checkpoint_step(latest.ckpt_path) == self.step:
+                    return latest.load_checkpoint(map_location, keys)
                 kept = self.kept_steps()
                 raise RunDirError(f"{self.path} keeps no checkpoint of step {self.step} (" + (
                     f"it keeps step{'s' * (len(kept) > 1)} {', '.join(map(str, kept))}" if kept else

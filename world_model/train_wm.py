@@ -29,7 +29,8 @@ from envs.episodes import (STEP_KEYS, check_recorded_root, episode_length, episo
 
 from . import distributed
 from .config import (DERIVED, ConfigError, WMDataConfig, WMEncoderConfig, WMEvalConfig, WorldModelConfig,
-                     check_against_checkpoint, encoder_run_config, load_run_config, save_config, schema_command)
+                     check_against_checkpoint, continued_anneal, encoder_run_config, load_run_config, save_config,
+                     schema_command)
 from .dynamics import DynamicsConfig
 from .frame_tokenizer import FrameTokenizerConfig, frame_token_size, status_vars
 from .pretrain import load_run
@@ -155,11 +156,12 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
                       device: torch.device, longest: tuple[int, str], status_vars: int = 0,
                       restoring: Optional[str | Path] = None, env: Optional[str] = None) -> WorldModel:
     """Encoder from a pretrained run (or fresh), frame tokenizer and dynamics sized to match; `enc` takes the
-    pretrained run's model config, and the returned model's `dynamics.cfg` is the completed dynamics config.
-    `longest`: the longest sequence (in steps) the dynamics must hold, and the keys that set it; `status_vars`: the
-    env's status tokens beside each frame (0: none), appended to the frame codes unless frame.status=false. `restoring`: the run directory whose
-    checkpoint the weights come from; its config.yaml then gives a pretrained encoder's model (encoder.checkpoint is
-    not read: it may have moved). `env`: the game the run trains on (a note when the encoder learned another's)."""
+    pretrained run's model config (joint: its VQ anneal continued, `continued_anneal`), and the returned model's
+    `dynamics.cfg` is the completed dynamics config. `longest`: the longest sequence (in steps) the dynamics must hold,
+    and the keys that set it; `status_vars`: the env's status tokens beside each frame (0: none), appended to the frame
+    codes unless frame.status=false. `restoring`: the run directory whose checkpoint the weights come from; its
+    config.yaml then gives a pretrained encoder's model (encoder.checkpoint is not read: it may have moved). `env`: the
+    game the run trains on (a note when the encoder learned another's)."""
     if enc.checkpoint and restoring:  # the run recorded the pretrained encoder's model; its weights follow
         saved = load_run_config(schema_command(Path(restoring) / "config.yaml"), restoring).encoder
         enc.model, enc.resolution = saved.model, saved.resolution
@@ -177,6 +179,8 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
         # the checkpoint's encoder replaces the config's (a preset's sizes for a fresh encoder; `run.py` refuses typed
         # ones and prints the config with the checkpoint's)
         enc.model, enc.resolution, joint = pre_cfg.model, pre_cfg.data.resolution, enc.mode == "joint"
+        if joint:  # its VQ temperature anneals on from where pretraining left it
+            enc.model = continued_anneal(enc.model, pre_state["step"])
     else:  # a fresh encoder can only train with the world model: `enc` (and the run's config.yaml) says joint
         check_encoder(enc)
         autoencoder, joint, enc.mode = SlotAutoencoder(enc.model, enc.resolution), True, "joint"
