@@ -230,6 +230,9 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
     main_rank = distributed.is_main()
     if main_rank:
         print(f"# run directory: {run_dir}\n{_config_text(cfg, args.command, resume)}", end="")
+        if distributed.launched():
+            print(f"# torchrun: {distributed.launched_size()} processes, data-parallel (this one, rank 0, prints and "
+                  "writes for all)")
         if getattr(cfg.train, "compile", False):
             print(f"# train.compile: the first steps compile ({cfg.train.compile_mode}); that takes minutes on a CPU "
                   "and is cached on disk for later runs")
@@ -352,9 +355,13 @@ def cmd_convert_clevr_masks(args) -> None:
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     written = convert(args.tfrecords, args.out, train_scenes=args.train_scenes, val_scenes=args.val_scenes,
                       splits=splits, progress=not args.no_progress)
+    held = [split for split in ("train", "val") if (Path(args.out) / "scenes" / f"CLEVR_{split}_scenes.json").is_file()]
+    command = ("python run.py pretrain --config clevr_discovery data.source=clevr "
+               f"data.root={args.out} data.split=train data.eval_split=val")
     print(f"wrote {' and '.join(f'{n} {split}' for split, n in written.items())} scenes to {args.out} (CLEVR v1.0 "
-          "layout with instance masks); object discovery on CLEVR6 with FG-ARI: python run.py pretrain --config "
-          f"clevr_discovery data.source=clevr data.root={args.out} data.split=train data.eval_split=val")
+          "layout with instance masks); object discovery on CLEVR6 with FG-ARI: " + (
+              command if held == ["train", "val"] else
+              f"convert split {({'train', 'val'} - set(held)).pop()} too (--splits), then {command}"))
 
 
 def cmd_collect(args) -> None:
@@ -676,7 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_train, parser=s)
 
     s = sub.add_parser("eval", help="evaluation episodes of a trained agent (or a random policy)",
-                       description="Run N full episodes and report Crafter's success rates and score "
+                       description="Run N episodes (each to its end, or to the run's env.max_episode_steps, as in "
+                       "training) and report Crafter's success rates and score "
                        "(crafter_score while training, `score` in RUN/eval_<policy>.json) or NetHack's score and depth; "
                        "--policy random gives the baseline in the same format. The episode records replace the last eval's in "
                        "RUN/eval_<policy>_stats.jsonl (the training run's own "
@@ -944,6 +952,7 @@ def main(argv=None) -> int:
         args.func(args)
         distributed.barrier()  # under torchrun: the others wait for rank 0's final evaluation before leaving
     except (UsageError, FileNotFoundError, PermissionError) as e:  # ConfigError, DataError, RunDirError among them
+        _close_bars()  # the error on a line of its own, not after a bar and under its redraw
         if node_first or distributed.active():
             say(f"error: {e}{_after_data_error(args, e)}")
         return 2
@@ -964,12 +973,14 @@ def main(argv=None) -> int:
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
+        _close_bars()
         if node_first or distributed.active():  # the files are written atomically: the last checkpoint is whole
             say(f"error: {e.strerror} writing {e.filename or 'the run'}; free space (or pick a writable place), then "
                 f"go on{_way_back(args) or ''}")
         return 2
     except Exception as e:
         if distributed.active() and distributed.lost_peer(e):  # the cause is the other process's to report
+            _close_bars()
             say(f"stopped: lost another process of this torchrun job, which failed or was stopped (its message is "
                 f"above): {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             return 1

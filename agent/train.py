@@ -244,6 +244,11 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                 except (DataError, FileNotFoundError) as e:
                     raise DataError(f"{e}: `run.py train --resume {run.path} --new-replay` goes on from the checkpoint "
                                     "with an empty replay") from None
+                shards = len(state.get("replays") or [state["replay"]])
+                if shards != distributed.world_size() and main:
+                    print(f"note: the run stopped with {shards} process{'es' * (shards > 1)} and goes on with "
+                          f"{distributed.world_size()}: its replay is split among them anew, each holding whole "
+                          "episodes", file=sys.stderr)
             if main:  # the stopped run's episodes after its checkpoint are not counted; damaged lines are blanked
                 stats = run.path / "stats.jsonl"
                 if "stats_bytes" in state:  # a checkpoint from before records were counted
@@ -357,8 +362,8 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                     stops.poll(checkpoint)  # a stop in the middle of them: the resumed run does the rest first
             return counters["updates"] - before
 
-        # Ctrl-C / SIGTERM: stop after a step, with a checkpoint (at once under torchrun)
-        with StepStops(defer=not distributed.active()) as stops:
+        # Ctrl-C / SIGTERM: stop after a step, with a checkpoint (under torchrun: the step the processes agree on)
+        with StepStops() as stops:
             # A run stopped during a step's updates does the rest of them, then the rest of that step: its log row,
             # a checkpoint, the evaluation due there.
             mid_step = update_as_owed(stops, "resumed") > 0

@@ -57,13 +57,23 @@ def decode_scene(example: dict, where: str) -> tuple[np.ndarray, np.ndarray, lis
     return np.ascontiguousarray(image), ids[owner], objects
 
 
+def _remove_unfinished(root: Path, split: str) -> int:
+    """Remove the images and masks a conversion wrote for `split` before it stopped short of the split's scenes file
+    (they are not part of any split); returns how many."""
+    files = [f for kind in ("images", "masks") for f in (root / kind / split).glob("CLEVR_with_masks_*.png")]
+    for f in files:
+        f.unlink()
+    return len(files)
+
+
 def convert(tfrecords: Union[str, Path], out: Union[str, Path], train_scenes: int = 70000,
             val_scenes: Optional[int] = None, splits: Iterable[str] = ("train", "val"),
             progress: bool = False) -> dict[str, int]:
     """Write records [0, train_scenes) as split train and the next `val_scenes` (None: all the rest) as split val,
     those of `splits` only (records of a split left out are read past, not decoded); returns the scenes written per
     split. Each split's scenes file comes last, so a split is whole once it exists; a split `out` already holds is
-    refused before anything is read."""
+    refused before anything is read, and the images of one a conversion left unfinished (stopped, or failed) are
+    removed first."""
     from tqdm import tqdm
 
     splits = list(splits)
@@ -80,6 +90,9 @@ def convert(tfrecords: Union[str, Path], out: Union[str, Path], train_scenes: in
         if path.exists():
             raise UsageError(f"--out {root} already holds split {split!r} ({path}): pass another --out, or remove that "
                              f"file and images/{split}/, masks/{split}/ to write it again")
+    left = sum(_remove_unfinished(root, split) for split in splits)
+    if left:
+        print(f"note: removed {left} files an unfinished conversion left in {root}", file=sys.stderr)
     # the record after the last one wanted (None: the file's end)
     end = train_scenes if "val" not in splits else None if val_scenes is None else train_scenes + val_scenes
     scenes: dict[str, list] = {s: [] for s in splits}
@@ -109,9 +122,14 @@ def convert(tfrecords: Union[str, Path], out: Union[str, Path], train_scenes: in
             bar.update(1)
     bar.close()
     if not all(scenes.values()):  # before any scenes file: a retry with other counts finds no split written
+        for split in splits:
+            _remove_unfinished(root, split)
         raise DataError(f"{tfrecords} holds {read} records" + (
-            f", none after the {train_scenes} of split train: pass --train-scenes N with N < {read} for a val split"
-            if read else ""))
+            f", all of them in split train (--train-scenes {train_scenes}) and none left for split val: pass "
+            f"--train-scenes N with N < {read} for a val split" if read else ""))
+    if "train" in scenes and len(scenes["train"]) < train_scenes:
+        print(f"note: {tfrecords} holds {read} records: split train got {len(scenes['train'])} scenes, not the "
+              f"--train-scenes {train_scenes} asked for", file=sys.stderr)
     if val_scenes is not None and "val" in scenes and len(scenes["val"]) < val_scenes:
         print(f"note: {tfrecords} holds {read} records: split val got {len(scenes['val'])} scenes, not the "
               f"--val-scenes {val_scenes} asked for", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Launched by test_distributed.py under torchrun (gloo, CPU): one DistributedDataParallel pretraining step per
+"""Launched by test_distributed.py under torchrun (gloo, CPU): two DistributedDataParallel pretraining steps per
 task on this rank's half of a fixed global batch, through the same `compute_loss` / `guarded_update` the
 pretraining loop runs, and one world-model update on padded replay segments as the agent loop runs it; rank 0
 writes the parameters to OUT/<task>.pt. The test repeats each step in one process on the whole batch and
@@ -18,13 +18,13 @@ from world_model.updates import guarded_update
 from world_model.wm import WorldModel, WorldModelLoss
 
 ROOT = Path(__file__).resolve().parent.parent
-TASKS = ("setpred", "discovery")
+TASKS = ("setpred", "discovery", "discovery-implicit")  # the last: model.implicit_grad=true
 GLOBAL_BATCH = 4
 
 
 def tiny_config(task: str) -> PretrainConfig:
     return load_config(PretrainConfig, None, [
-        f"task={task}", "model.num_slots=3", "model.slot_dim=8", "model.mlp_hidden=16", "model.cnn_channels=[8,8]",
+        f"task={task.split('-')[0]}", f"model.implicit_grad={task.endswith('-implicit')}", "model.num_slots=3", "model.slot_dim=8", "model.mlp_hidden=16", "model.cnn_channels=[8,8]",
         "model.cnn_strides=[2,2]", "model.feature_dim=8", "model.head_hidden=16", "model.decoder_channels=8",
         "data.resolution=16", "data.max_objects=3", "data.pool=8"])
 
@@ -45,9 +45,12 @@ def global_batch(cfg: PretrainConfig, sharded: bool = False) -> dict:
 
 
 def train_step(step_model: torch.nn.Module, model: torch.nn.Module, cfg: PretrainConfig, batch: dict) -> None:
+    """Two Adam updates on the batch (DistributedDataParallel checks at the second that every parameter it expects
+    a gradient for got one at the first)."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loss, stats, _ = compute_loss(step_model, cfg.task, batch, cfg.model.vq.beta)
-    assert guarded_update(loss, list(model.parameters()), opt, 1.0, stats) is None
+    for _ in range(2):
+        loss, stats, _ = compute_loss(step_model, cfg.task, batch, cfg.model.vq.beta)
+        assert guarded_update(loss, list(model.parameters()), opt, 1.0, stats) is None
 
 
 def init_world_model() -> WorldModel:

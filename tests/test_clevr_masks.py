@@ -210,10 +210,22 @@ def test_converting_a_split_alone_and_refusing_to_write_one_twice(release, tmp_p
     assert len(ClevrDataset(tmp_path / "c", "val")) == 1
     with pytest.raises(UsageError, match="already holds split 'val'"):
         convert(path, tmp_path / "c", splits=["val"])
-    with pytest.raises(DataError, match="holds 4 records, none after the 4 of split train: pass --train-scenes N "
-                                        "with N < 4 for a val split"):
-        convert(path, tmp_path / "d", train_scenes=4)
+    with pytest.raises(DataError, match=r"holds 4 records, all of them in split train \(--train-scenes 70000\) and "
+                                        "none left for split val: pass --train-scenes N with N < 4 for a val split"):
+        convert(path, tmp_path / "d")
     assert not (tmp_path / "d" / "scenes").exists()  # no split written: the same command with fewer is not refused
+    assert not list((tmp_path / "d" / "images" / "train").iterdir())  # nor its images left behind
+    assert convert(path, tmp_path / "d", train_scenes=3) == {"train": 3, "val": 1}
+    assert "--train-scenes" not in capsys.readouterr().err
+    # a conversion stopped before its scenes file: its images go before the next one writes a split there
+    (tmp_path / "d" / "images" / "val" / "CLEVR_with_masks_000009.png").write_bytes(b"")
+    (tmp_path / "d" / "scenes" / "CLEVR_val_scenes.json").unlink()
+    assert convert(path, tmp_path / "d", train_scenes=2, splits=["val"]) == {"val": 2}
+    assert "note: removed 3 files an unfinished conversion left in" in capsys.readouterr().err  # its 2, and ours
+    assert sorted(f.name for f in (tmp_path / "d" / "images" / "val").iterdir()) == \
+        ["CLEVR_with_masks_000002.png", "CLEVR_with_masks_000003.png"]
+    assert convert(path, tmp_path / "t", train_scenes=70, splits=["train"]) == {"train": 4}
+    assert "split train got 4 scenes, not the --train-scenes 70 asked for" in capsys.readouterr().err
     with pytest.raises(UsageError, match="--val-scenes 0 leaves split val empty: pass --splits train"):
         convert(path, tmp_path / "d", val_scenes=0)
     other = Example()  # another dataset's record: an image, but no masks
@@ -229,6 +241,9 @@ def test_cli_converts_and_discovery_scores_fg_ari_on_it_while_set_prediction_is_
     assert run.main(["convert-clevr-masks", "--tfrecords", str(path), "--out", str(out), "--train-scenes", "2",
                      "--splits", "train, val", "--no-progress"]) == 0
     assert f"wrote 2 train and 2 val scenes to {out}" in capsys.readouterr().out
+    assert run.main(["convert-clevr-masks", "--tfrecords", str(path), "--out", str(tmp_path / "t"), "--train-scenes",
+                     "2", "--splits", "train", "--no-progress"]) == 0
+    assert "FG-ARI: convert split val too (--splits), then python run.py pretrain" in capsys.readouterr().out
     tiny = ["data.source=clevr", f"data.root={out}", "data.split=train", "data.eval_split=val", "data.crop=true",
             "data.resolution=32", "data.max_objects=6", "data.eval_images=2", "train.steps=1", "train.batch_size=2",
             "train.threads=1"]

@@ -1,5 +1,5 @@
-"""Data parallelism under torchrun (2 gloo processes on CPU): one DDP step equals one single-process step on
-the concatenated batch; `run.py pretrain` and `run.py train` run under torchrun, only rank 0 writes, and a
+"""Data parallelism under torchrun (2 gloo processes on CPU): DDP steps equal single-process steps on the
+concatenated batch (also with model.implicit_grad, whose frozen slot-init parameters DDP must not wait for); `run.py pretrain` and `run.py train` run under torchrun, only rank 0 writes, and a
 run resumes at another world size."""
 import json
 import os
@@ -29,6 +29,22 @@ def torchrun(args: list, nproc: int = 2, timeout: int = 300) -> subprocess.Compl
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def signalled_torchrun(args: list, when: str, sig: int) -> str:
+    """Two processes under torchrun, sent `sig` (to torchrun) once a line of its output starts with `when`; its
+    stderr."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith(when):
+                break
+        proc.send_signal(sig)
+        return proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +94,7 @@ def test_single_process_helpers_answer_for_one_process():
     assert distributed.wrap(module, torch.device("cpu")) is module
 
 
-def test_torchrun_pretrain_writes_once_and_resumes_at_world_size_one(tmp_path):
+def test_torchrun_pretrain_writes_once_and_resumes_at_world_size_one(tmp_path, capsys):
     rd = tmp_path / "run"
     tiny = ["model.num_slots=3", "model.slot_dim=8", "model.mlp_hidden=16", "model.cnn_channels=[8,8]",
             "model.cnn_strides=[2,2]", "model.feature_dim=8", "model.head_hidden=16", "data.resolution=16",
@@ -87,14 +103,56 @@ def test_torchrun_pretrain_writes_once_and_resumes_at_world_size_one(tmp_path):
             "data.pool=12"]  # steps 0-2 read the pool in order, sharded; later steps draw from all of it
     out = torchrun(["run.py", "pretrain", "--run-dir", str(rd), "--no-progress", *tiny, "train.steps=4"]).stdout
     assert out.count("# run directory") == 1  # rank 0 prints, rank 1 stays quiet
+    assert out.count("# torchrun: 2 processes, data-parallel (this one, rank 0, prints and writes for all)") == 1
     state = RunDir(rd).load_checkpoint()
     assert state["step"] == 4 and state["world_size"] == 2 and len(state["rng"]) == 2
     rows = read_jsonl(rd / "metrics.jsonl")
     assert [r["step"] for r in rows if "train/loss" in r] == [2, 4]  # one logger: rank 0's
     assert len(list((rd / "tb").glob("events.*"))) == 1
     assert run.main(["pretrain", "--resume", "--run-dir", str(rd), "--no-progress", "train.steps=6"]) == 0
+    out, err = capsys.readouterr()
+    assert "note: the run stopped with 2 processes and goes on with 1: each batch is the same train.batch_size " \
+        "images, split among them" in err and "# torchrun" not in out
     state = RunDir(rd).load_checkpoint()
     assert state["step"] == 6 and state["world_size"] == 1 and len(state["rng"]) == 1
+
+
+def test_torchrun_stopped_by_ctrl_c_checkpoints_the_step_its_processes_agree_on(tmp_path):
+    """Ctrl-C to torchrun (which hands it on to every process, each at a step of its own): the processes agree on a
+    step, stop after it with a checkpoint of it, far from the next train.ckpt_every, and the run resumes there."""
+    import signal
+
+    rd = tmp_path / "run"
+    tiny = ["model.num_slots=3", "model.slot_dim=8", "model.mlp_hidden=16", "model.cnn_channels=[8,8]",
+            "model.cnn_strides=[2,2]", "model.feature_dim=8", "model.head_hidden=16", "data.resolution=16",
+            "data.max_objects=3", "data.eval_images=4", "train.batch_size=4", "train.log_every=1",
+            "train.image_every=1000", "train.eval_every=0", "train.ckpt_every=100000", "train.threads=1"]
+    err = signalled_torchrun(["run.py", "pretrain", "--run-dir", str(rd), "--no-progress", *tiny, "train.steps=100000"],
+                             "step 3/", signal.SIGINT)
+    assert err.count("Ctrl-C: stopping after the step all processes agree on, with a checkpoint") == 1, err[-3000:]
+    state = RunDir(rd).load_checkpoint()
+    assert 3 <= state["step"] < 100000 and state["world_size"] == 2 and len(state["rng"]) == 2
+    assert "interrupted; `torchrun" in err and "--resume" in err
+    assert run.main(["pretrain", "--resume", "--run-dir", str(rd), "--no-progress",
+                     f"train.steps={state['step'] + 1}"]) == 0
+    assert RunDir(rd).load_checkpoint()["step"] == state["step"] + 1
+
+
+def test_torchrun_agent_stopped_by_sigterm_checkpoints_the_agreed_step_with_every_ranks_replay(tmp_path):
+    """The agent loop under torchrun, SIGTERM to torchrun: a checkpoint of the agreed env step, far from the next
+    train.ckpt_every, naming both ranks' replay files, and a resume in one process goes on from it."""
+    import signal
+
+    rd = tmp_path / "run"
+    err = signalled_torchrun(["run.py", "train", "--run-dir", str(rd), *AGENT, "train.ckpt_every=100000",
+                              "train.env_steps=100000", "train.eval_every=0"], "env step 160/", signal.SIGTERM)
+    assert err.count("SIGTERM: stopping after the step all processes agree on, with a checkpoint") == 1, err[-3000:]
+    state = RunDir(rd).load_checkpoint()
+    steps = state["counters"]["env_steps"]
+    assert 160 <= steps < 100000 and len(state["replays"]) == 2
+    assert sorted(p.name for p in (rd / "replay").iterdir()) == _replay_files(rd, state)
+    assert run.main(["train", "--resume", str(rd), "--no-progress", f"train.env_steps={steps + 40}"]) == 0
+    assert RunDir(rd).load_checkpoint()["counters"]["env_steps"] == steps + 40
 
 
 def test_torchrun_needs_a_run_dir_and_a_parallel_command(monkeypatch, capsys):
@@ -121,10 +179,10 @@ def _replay_files(rd: Path, state: dict) -> list[str]:
     return sorted(names)
 
 
-def test_torchrun_agent_shards_envs_and_replay_and_resumes_at_world_size_one(tmp_path):
+def test_torchrun_agent_shards_envs_and_replay_and_resumes_at_world_size_one(tmp_path, capsys):
     rd = tmp_path / "run"
     out = torchrun(["run.py", "train", "--run-dir", str(rd), *AGENT, "train.env_steps=240"]).stdout
-    assert out.count("# run directory") == 1
+    assert out.count("# run directory") == 1 and out.count("# torchrun: 2 processes") == 1
     state = RunDir(rd).load_checkpoint()
     assert state["counters"]["env_steps"] == 240 and len(state["rng"]) == 2
     updates = state["counters"]["updates"]
@@ -138,6 +196,8 @@ def test_torchrun_agent_shards_envs_and_replay_and_resumes_at_world_size_one(tmp
     cfg = load_config(AgentConfig, ROOT / "configs/tiny.yaml", AGENT[3:] + ["train.env_steps=240"])
     assert last[-1]["loop/updates"] == updates_due(240, cfg)
     assert run.main(["train", "--resume", str(rd), "--no-progress", "train.env_steps=280"]) == 0
+    assert "note: the run stopped with 2 processes and goes on with 1: its replay is split among them anew" in \
+        capsys.readouterr().err
     state = RunDir(rd).load_checkpoint()
     assert state["counters"]["env_steps"] == 280 and len(state["replays"]) == 1
     merged = ReplayBuffer.load(rd / state["replays"][0])

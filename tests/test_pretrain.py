@@ -268,7 +268,8 @@ def test_run_dir_rules(tmp_path, capsys):
                                  f"pretrain` run; `run.py pretrain --resume {tmp_path / 'r'}` continues it, or choose "
                                  "another --run-dir\n")
     pretrain(tiny_cfg("train.steps=1"), str(tmp_path / "r"), resume=True, progress=False)  # nothing left to train
-    assert "already at step 2 of train.steps=1; pass train.steps=N with N > 2" in capsys.readouterr().err
+    assert ("already at step 2 of train.steps=1: it only makes its final evaluation, if that did not finish; pass "
+            "train.steps=N with N > 2") in capsys.readouterr().err
     assert "  steps: 2\n" in (tmp_path / "r" / "config.yaml").read_text()  # the run's length, not the override's
     with pytest.raises(ValueError, match="does not match the checkpoint in .*: model.slot_dim=16 differs from what"):
         pretrain(tiny_cfg("train.steps=3", "model.slot_dim=16"), str(tmp_path / "r"), resume=True, progress=False)
@@ -586,6 +587,39 @@ def test_data_workers_leave_ctrl_c_and_sigterm_to_the_run(tmp_path):
     source.dataset = SignalsSeen(source.dataset)
     assert next(source.batches(2, iter([0])))["targets"].tolist() == [[1.0, 1.0]] * 2  # training batches
     assert source.batch(2, 0)["targets"].tolist() == [[1.0, 1.0]] * 2  # evaluation batches
+
+
+def test_an_image_a_data_worker_cannot_read_is_the_same_one_line_error(tmp_path, capsys):
+    """data.num_workers > 0: a wrong-size image found in a worker is the error it is without workers (torch raises
+    it again with the worker's traceback in its message), in training and evaluation batches alike."""
+    import multiprocessing
+
+    from PIL import Image
+
+    from envs.clevr import write_dataset
+    from envs.errors import DataError
+    from world_model.sources import ClevrScenes
+
+    write_dataset(tmp_path / "clevr", 2, split="train", seed=1, batch_size=2, max_objects=4)
+    image = next((tmp_path / "clevr" / "images" / "train").iterdir())
+    Image.new("RGB", (320, 240)).save(image)
+    messages = []
+    for workers in (0, 1):
+        cfg = tiny_cfg("data.source=clevr", f"data.root={tmp_path / 'clevr'}", f"data.num_workers={workers}")
+        source = ClevrScenes(cfg, "train", torch.device("cpu"))
+        for read in (lambda: next(source.batches(2, iter([0]))), lambda: source.batch(2, 0)):
+            with pytest.raises(DataError) as e:
+                read()
+            messages.append(str(e.value))
+            # its workers gone with it: kept alive by the error, they would hold the interpreter's exit forever
+            assert not multiprocessing.active_children()
+    assert len(set(messages)) == 1 and image.name in messages[0] and "320x240" in messages[0]
+    assert "\n" not in messages[0] and "Traceback" not in messages[0]
+    # met by a run with its progress bar: the error comes on a line of its own, and no bar is drawn after it
+    assert run.main(["pretrain", "--run-dir", str(tmp_path / "r"), *TINY, "data.source=clevr",
+                     f"data.root={tmp_path / 'clevr'}", "data.split=train", "data.eval_split=train"]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"\nerror: {messages[0]}\n") and err.count("error:") == 1
 
 
 def test_ctrl_c_is_one_line_with_the_way_back(tmp_path, monkeypatch, capsys):

@@ -68,7 +68,40 @@ def setup(device: str) -> Optional[int]:
         torch.cuda.set_device(local)
     # Rank 0 evaluates while the others wait in their next collective: allow longer than NCCL's 10 min default.
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=2))
+    global _vote_group
+    _vote_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2))
     return local
+
+
+_vote_group = None  # a host-side (gloo) group for StopVote, beside the training's own (NCCL on GPUs)
+
+
+class StopVote:
+    """The ranks agreeing on the step a signal stops the run at (each rank gets it at another step). Each call sends
+    this rank's flag, asynchronously and host-side (no device sync), and returns the largest flag any rank sent at
+    the previous call: every rank calls it at the same points, so all stop at the same call, one step after the
+    first saw the signal."""
+
+    def __init__(self):
+        self._pending: Optional[tuple] = None  # the previous call's (work, tensor)
+
+    def __call__(self, flag: int) -> int:
+        agreed = 0
+        if self._pending is not None:
+            work, t = self._pending
+            work.wait()
+            agreed = int(t.item())
+        self._pending = None
+        if not agreed:
+            t = torch.tensor([flag], dtype=torch.int64)
+            self._pending = (dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_vote_group, async_op=True), t)
+        return agreed
+
+    def settle(self) -> None:
+        """Wait for the last call's vote (every rank sent it), so none is left in flight."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
 
 
 def lost_peer(error: BaseException) -> bool:

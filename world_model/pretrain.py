@@ -184,6 +184,11 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
         restore_rng(state["rng"], t.seed, step)
         means.load_state_dict(this_ranks(state.get("log_means"), {}))
         t.steps = resumed_length(step, t.steps, "train.steps", state)
+        was = state.get("world_size", 1)
+        if was != distributed.world_size() and distributed.is_main():
+            print(f"note: the run stopped with {was} process{'es' * (was > 1)} and goes on with "
+                  f"{distributed.world_size()}: each batch is the same train.batch_size images, split among them",
+                  file=sys.stderr)
     # the data first: a bad data path fails before the run directory gets a config
     source = make_source(cfg, device, sharded=True, progress=progress and distributed.is_main(), first_step=step)
     held_out = None  # a CLEVR eval split's scenes, read once for every evaluation
@@ -263,8 +268,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
 
     if distributed.is_main() and stopped_evaluation(logger, step, cfg.train.eval_every, cfg.train.steps):
         evaluated()  # the one a stopped run did not finish
-    # Ctrl-C / SIGTERM: stop after a step, with a checkpoint (at once under torchrun)
-    with StepStops(defer=not distributed.active()) as stops:
+    # Ctrl-C / SIGTERM: stop after a step, with a checkpoint (under torchrun: the step the processes agree on)
+    with StepStops() as stops:
         while step < cfg.train.steps:
             batch = next(stream)
             images += len(batch["images"]) * distributed.world_size()

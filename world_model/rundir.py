@@ -463,8 +463,8 @@ def resumed_length(step: int, total: int, key: str, state: dict) -> int:
             print(f"resuming at step {step} of {key}={total}", file=sys.stderr)
         return total
     if distributed.is_main():
-        print(f"note: this run is already at step {step} of {key}={total}; pass {key}=N with N > {step} to train "
-              "further", file=sys.stderr)
+        print(f"note: this run is already at step {step} of {key}={total}: it only makes its final evaluation, if that "
+              f"did not finish; pass {key}=N with N > {step} to train further", file=sys.stderr)
     head, _, name = key.partition(".")
     return max(total, min(step, state.get("config", {}).get(head, {}).get(name, total)))
 

@@ -3,9 +3,11 @@ CLEVR v1.0 directory, or the frames of an episode dataset; their training batche
 so a run is reproducible and resumes exactly) and held-out batches (the same for every run)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import signal
+import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Optional
@@ -155,6 +157,23 @@ def _leave_signals_to_the_run(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+@contextlib.contextmanager
+def _worker_errors() -> Iterator[None]:
+    """A DataError raised in a DataLoader worker (a damaged or wrong-size image) as the one line it is without
+    workers: torch raises it again in the run with the worker's traceback in its message."""
+    try:
+        yield
+    except DataError as e:
+        text, said = str(e), "DataError: "
+        if not text.startswith("Caught DataError in DataLoader worker") or said not in text:
+            raise
+        # Torch's re-raise holds the exception in a frame of its traceback, a cycle that would keep the loader's
+        # workers alive to the interpreter's exit, whose SIGTERM they ignore (`_leave_signals_to_the_run`): that
+        # exit would wait on them forever. Cleared, the loader goes now and takes its workers with it.
+        traceback.clear_frames(e.__traceback__)
+        raise DataError(text[text.rindex(said) + len(said):].strip()) from None
+
+
 class ClevrScenes:
     """A CLEVR v1.0 directory; training batch i draws indices from seed f(seed, i). Its DataLoaders draw their seeds
     from a generator of their own: from torch's global one, each new loader would shift the slots' initial noise, so a
@@ -178,7 +197,8 @@ class ClevrScenes:
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.dataset, list(indices)),
                                              batch_size=len(indices), num_workers=self.num_workers,
                                              generator=torch.Generator(), worker_init_fn=_leave_signals_to_the_run)
-        items = next(iter(loader))
+        with _worker_errors():
+            items = next(iter(loader))
         out = {"images": items["image"], "targets": items["target"], "masks": items.get("mask")}
         return {k: (v.to(self.device) if v is not None else None) for k, v in out.items()}
 
@@ -200,9 +220,10 @@ class ClevrScenes:
                                              worker_init_fn=_leave_signals_to_the_run,
                                              prefetch_factor=2 if self.num_workers else None,
                                              generator=torch.Generator())
-        for items in loader:
-            out = {"images": items["image"], "targets": items["target"], "masks": items.get("mask")}
-            yield {k: (v.to(self.device) if v is not None else None) for k, v in out.items()}
+        with _worker_errors():
+            for items in loader:
+                out = {"images": items["image"], "targets": items["target"], "masks": items.get("mask")}
+                yield {k: (v.to(self.device) if v is not None else None) for k, v in out.items()}
 
     def sequential(self, batch_size: int) -> Iterator[dict]:
         for start in range(0, len(self.dataset), batch_size):

@@ -1,6 +1,7 @@
 """Stopping a training run by Ctrl-C or SIGTERM without losing its steps: inside the training loop the first signal
 asks the loop to stop at the end of its current step, where it writes a checkpoint; a second one stops at once. One
-Ctrl-C key press counts once, however many times it is delivered."""
+Ctrl-C key press counts once, however many times it is delivered. Under torchrun the processes first agree on the
+step to stop at (`distributed.StopVote`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import signal
 import threading
 from time import monotonic, sleep
 from typing import Callable, Iterator, Optional
+
+from . import distributed
 
 SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 # A Ctrl-C this soon after the first is the same key press delivered twice: by the terminal to the whole foreground
@@ -56,15 +59,17 @@ class StepStops:
     """While entered, Ctrl-C and SIGTERM only record that a stop was asked for; the loop calls `poll` where its state
     is whole (after a step), which saves a checkpoint and stops. A second signal stops at once, as does one during
     `at_once` (an evaluation, which a checkpoint precedes). A Ctrl-C within SAME_PRESS_S of the last is taken for it,
-    delivered twice, also after a stop (the way out waits out the window). `defer=False` (several torchrun processes,
-    which could each stop at a different step, while a checkpoint is a collective) leaves the signals stopping at
-    once."""
+    delivered twice, also after a stop (the way out waits out the window). Under torchrun, where each process gets
+    the signal at a step of its own and a checkpoint is a collective, `poll` stops them all at the first step they
+    agree on (`distributed.StopVote`), so every `poll` must be reached alike on every rank. `defer=False` leaves the
+    signals stopping at once."""
 
     def __init__(self, defer: bool = True):
         self.defer = defer and threading.current_thread() is threading.main_thread()  # only it can take signals
         self.requested: Optional[int] = None  # the signal that asked for a stop
         self._at_once = 0
         self._previous: dict = {}
+        self._vote = distributed.StopVote() if self.defer and distributed.active() else None
 
     def __enter__(self) -> "StepStops":
         if self.defer:  # a signal the shell ignores (`cmd &` in a script ignores Ctrl-C) stays ignored
@@ -73,6 +78,8 @@ class StepStops:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._vote is not None and exc[0] is None:
+            self._vote.settle()
         try:
             # a stopped run: a copy of its press must not land in the clean-up after, under the handler it had before
             # (unless that is `ctrl_c`, which ignores the copy itself: `run.py` waits once, at the very end)
@@ -91,20 +98,24 @@ class StepStops:
         self.requested = signum
         if signum == signal.SIGTERM:  # a second SIGTERM kills at once (a loop stuck in a call that never returns)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if not distributed.is_main():  # under torchrun one process says it
+            return
         again = "another Ctrl-C, a second or more later," if signum == signal.SIGINT else "a second SIGTERM"
-        text = (f"\n{SIGNALS[signum]}: stopping after this step, with a checkpoint ({again} stops at once, from the "
+        when = "the step all processes agree on" if self._vote is not None else "this step"
+        text = (f"\n{SIGNALS[signum]}: stopping after {when}, with a checkpoint ({again} stops at once, from the "
                 "last checkpoint)\n")
         with contextlib.suppress(OSError):  # to the file descriptor: a signal may come in the middle of a write to
             os.write(2, text.encode())      # sys.stderr, which must not be entered again
 
     def poll(self, save: Callable[[], None], saved: bool = False) -> None:
         """At the end of a step: if a stop was asked for, `save` a checkpoint (unless this step's is `saved`) and
-        stop as the signal would have."""
-        if self.requested is None:
+        stop as the signal would have. Under torchrun: when the ranks' last vote asked for a stop (`StopVote`)."""
+        requested = self.requested if self._vote is None else self._vote(self.requested or 0) or None
+        if requested is None:
             return
         if not saved:
             save()
-        raise stop_now(self.requested)
+        raise stop_now(requested)
 
     @contextlib.contextmanager
     def at_once(self) -> Iterator[None]:

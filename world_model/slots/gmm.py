@@ -76,6 +76,9 @@ class SlotMixture(nn.Module):
         self.mu_logstd = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, 1, dim)))
         self.logsigma_mean = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, 1, dim)))
         self.logsigma_logstd = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, 1, dim)))
+        if implicit_grad:  # no gradient reaches them: frozen, so DistributedDataParallel expects none
+            for p in (self.mu_mean, self.mu_logstd, self.logsigma_mean, self.logsigma_logstd):
+                p.requires_grad_(False)
         self.norm_input = nn.LayerNorm(in_dim)
         self.project = nn.Linear(in_dim, dim) if in_dim != dim else nn.Identity()
         self.gru = nn.GRUCell(dim, dim)

@@ -22,6 +22,9 @@ class SlotAttention(nn.Module):
         # Learned Gaussian init, sampled with the reparameterization trick so mu and sigma get gradients.
         self.init_mu = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, 1, dim)))
         self.init_logsigma = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, 1, dim)))
+        if implicit_grad:  # no gradient reaches them: frozen, so DistributedDataParallel expects none
+            self.init_mu.requires_grad_(False)
+            self.init_logsigma.requires_grad_(False)
         self.norm_input = nn.LayerNorm(in_dim)
         self.to_k = nn.Linear(in_dim, dim, bias=False)
         self.to_v = nn.Linear(in_dim, dim, bias=False)
