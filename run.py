@@ -123,8 +123,8 @@ def _config_text(cfg, command: str, resumed: bool = False) -> str:
             else:
                 cfg.encoder.resolution = pre.data.resolution
                 notes = (f"# encoder.model and encoder.resolution: those of encoder.checkpoint={cfg.encoder.checkpoint}"
-                         + (f"; its VQ temperature anneals on from where its step {continued} left it (tau_start, "
-                            "anneal_steps)" if continued else "") + "\n")
+                         + (f"; its VQ temperature {_anneal_note(pre.model.vq, continued)}" if continued else "")
+                         + "\n")
         else:
             derived["encoder.mode"] = ("encoder.checkpoint unset (a fresh encoder trains jointly)", "joint")
     text = to_yaml(cfg)
@@ -400,6 +400,13 @@ def cmd_train_wm(args) -> None:
 
     _run_training(args, DEFAULT_PRESETS["train-wm"], overrides, lambda c: "wm", train_wm, args.resume, checked,
                   _json_line)  # the last evaluation's table is printed as it ran (or read back)
+
+
+def _anneal_note(vq, step: int) -> str:
+    """How a jointly fine-tuned encoder's VQ temperature goes on from pretraining step `step` (`continued_anneal`)."""
+    if step >= vq.anneal_steps:
+        return f"stays at tau_end, which its pretraining reached by its step {step}"
+    return f"anneals on from where its step {step} left it (tau_start, anneal_steps)"
 
 
 def _pretrained_encoder(enc) -> tuple:

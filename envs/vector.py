@@ -53,7 +53,10 @@ def _worker(env_fns, offset, conn, obs_space, shm):
     when written to shared memory at ``offset + j`` and infos already in the vector layout over this worker's envs,
     packed (``envs.infos``), or ("error", traceback text) after which the worker exits.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # Ctrl-C and SIGTERM are the parent's to handle: a terminal, a scheduler or torchrun sends them to the whole process
+    # group, and the parent finishes its step (which steps these envs) before it stops; it closes or kills the worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     envs = []
     try:
         envs = [fn() for fn in env_fns]

@@ -145,11 +145,13 @@ def test_torchrun_agent_stopped_by_sigterm_checkpoints_the_agreed_step_with_ever
 
     rd = tmp_path / "run"
     err = signalled_torchrun(["run.py", "train", "--run-dir", str(rd), *AGENT, "train.ckpt_every=100000",
-                              "train.env_steps=100000", "train.eval_every=0"], "env step 160/", signal.SIGTERM)
+                              "train.env_steps=100000", "train.eval_every=0", "env.asynchronous=true"],
+                             "env step 160/", signal.SIGTERM)  # torchrun signals each rank's process group
     assert err.count("SIGTERM: stopping after the step all processes agree on, with a checkpoint") == 1, err[-3000:]
     state = RunDir(rd).load_checkpoint()
     steps = state["counters"]["env_steps"]
     assert 160 <= steps < 100000 and len(state["replays"]) == 2
+    assert state["counters"]["env_restarts"] == 0  # its env workers left the signal to it: none died under a step
     assert sorted(p.name for p in (rd / "replay").iterdir()) == _replay_files(rd, state)
     assert run.main(["train", "--resume", str(rd), "--no-progress", f"train.env_steps={steps + 40}"]) == 0
     assert RunDir(rd).load_checkpoint()["counters"]["env_steps"] == steps + 40

@@ -245,6 +245,8 @@ def test_run_directory_guards(tmp_path, capsys):
             run.ckpt_path.write_bytes(damage)
         with pytest.raises(RunDirError, match="latest.pt is damaged and cannot be read"):
             run.load_checkpoint()
+        with pytest.raises(RunDirError, match="latest.pt is damaged and cannot be read"):  # not "keeps no step 1"
+            RunDir(run.path, step=1).load_checkpoint()
     atomic_torch_save({"wm": {}, "counters": {}}, run.ckpt_path)  # an agent's checkpoint where a pretraining one was
     assert run.load_checkpoint(keys=("wm",))["counters"] == {}
     with pytest.raises(RunDirError, match="latest.pt lacks model, step: it is not a checkpoint of the command"):

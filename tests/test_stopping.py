@@ -147,6 +147,49 @@ def test_sigterm_stops_as_terminated_and_a_second_one_kills(handlers):
     assert signal.getsignal(signal.SIGTERM) is handlers[signal.SIGTERM]
 
 
+class Votes:
+    """`distributed.StopVote` stand-in for a torchrun process: the flags this rank sent, and the vote it reads."""
+
+    def __init__(self):
+        self.sent, self.agreed = [], 0
+
+    def __call__(self, flag: int) -> int:
+        self.sent.append(flag)
+        return self.agreed
+
+    def settle(self) -> None:
+        pass
+
+
+def test_under_torchrun_the_stop_waits_for_the_vote_and_a_schedulers_double_sigterm_counts_once(clock, monkeypatch,
+                                                                                                capfd):
+    """Under torchrun a stop waits for the processes' vote, then saves and stops at the same poll on all; a
+    scheduler's SIGTERM to every process of the job, delivered again by torchrun, counts once; one a second or more
+    later stops at once."""
+    from world_model import distributed
+
+    votes = Votes()
+    monkeypatch.setattr(distributed, "can_vote", lambda: True)
+    monkeypatch.setattr(distributed, "StopVote", lambda: votes)
+    saves = []
+    with StepStops() as stops:
+        signal.raise_signal(signal.SIGTERM)
+        clock.now += 0.3
+        signal.raise_signal(signal.SIGTERM)  # the copy through torchrun: not a second one
+        stops.poll(lambda: saves.append("too early"))  # this rank asks; the others have not yet
+        assert votes.sent == [signal.SIGTERM] and saves == []
+        votes.agreed = signal.SIGTERM
+        with pytest.raises(Terminated):
+            stops.poll(lambda: saves.append("checkpoint"))
+    assert saves == ["checkpoint"]
+    assert "SIGTERM: stopping after the step all processes agree on, with a checkpoint" in capfd.readouterr().err
+    with StepStops():
+        signal.raise_signal(signal.SIGTERM)
+        clock.now += 1.5
+        with pytest.raises(Terminated):
+            signal.raise_signal(signal.SIGTERM)
+
+
 def test_handlers_are_restored_when_the_loop_fails_and_left_alone_when_not_deferring(handlers):
     with pytest.raises(RuntimeError), StepStops():
         raise RuntimeError("a failing step")

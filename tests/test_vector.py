@@ -202,6 +202,21 @@ def test_the_fork_server_imports_with_ctrl_c_ignored(tmp_path):
     assert sorted(out.stdout.split("\n"))[1:] == ["run True", "server True"], out.stdout + out.stderr
 
 
+def test_a_worker_leaves_sigterm_to_the_run():
+    """SIGTERM to the whole process group (a scheduler, torchrun): the run finishes its step, which steps the envs, so
+    the workers ignore it instead of dying under that step."""
+    venv = ResilientVectorEnv([CounterEnv] * 4, envs_per_worker=2)
+    ref = sync_run(CounterEnv)
+    got = run(venv, ACTIONS[:3])
+    for pid in venv.worker_pids:
+        os.kill(pid, signal.SIGTERM)
+    got += [venv.step(a) for a in ACTIONS[3:6]]
+    for g, r in zip(got, ref):
+        assert_same_step(g, r)
+    assert venv.restarts == 0
+    venv.close()
+
+
 def test_killed_worker_is_restarted():
     venv = ResilientVectorEnv([CounterEnv] * 4, envs_per_worker=2)  # worker 1 holds envs 2, 3
     ref = sync_run(CounterEnv)

@@ -329,7 +329,7 @@ def test_a_jointly_fine_tuned_encoders_temperature_anneals_on_from_its_pretraini
     (the run's config records the rest of the anneal, and `run.py config` shows it), not hot from tau_start again; a
     frozen encoder keeps its run's settings."""
     from test_pretrain import TINY
-    from world_model.config import continued_anneal
+    from world_model.config import VQConfig, continued_anneal
     from world_model.slots.vq import temperature
 
     root = toy_dataset(tmp_path / "d")
@@ -344,6 +344,8 @@ def test_a_jointly_fine_tuned_encoders_temperature_anneals_on_from_its_pretraini
                      f"encoder.checkpoint={pre}", "encoder.mode=joint", "train.steps=1"]) == 0
     shown = capsys.readouterr().out
     assert "; its VQ temperature anneals on from where its step 2 left it (tau_start, anneal_steps)" in shown
+    assert run._anneal_note(VQConfig(anneal_steps=4), 4) == \
+        "stays at tau_end, which its pretraining reached by its step 4"  # pretrained past the anneal
     vq = load_config(WorldModelConfig, tmp_path / "wm" / "config.yaml").encoder.model.vq
     assert (vq.tau_start, vq.tau_end, vq.anneal_steps) == (pytest.approx(reached), 0.1, 2)
     rows = read_jsonl(tmp_path / "wm" / "metrics.jsonl")

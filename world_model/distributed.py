@@ -76,6 +76,11 @@ def setup(device: str) -> Optional[int]:
 _vote_group = None  # a host-side (gloo) group for StopVote, beside the training's own (NCCL on GPUs)
 
 
+def can_vote() -> bool:
+    """Whether the processes can agree on a step to stop at (`StopVote`): a process group `setup` joined."""
+    return active() and _vote_group is not None
+
+
 class StopVote:
     """The ranks agreeing on the step a signal stops the run at (each rank gets it at another step). Each call sends
     this rank's flag, asynchronously and host-side (no device sync), and returns the largest flag any rank sent at

@@ -271,7 +271,13 @@ class RunDir:
         if not self.ckpt_path.is_file():
             if self.step is not None:
                 latest = RunDir(self.path)  # the step the run is at needs no kept copy
-                if latest.ckpt_path.is_file() and checkpoint_step(latest.ckpt_path) == self.step:
+                at = checkpoint_step(latest.ckpt_path) if latest.ckpt_path.is_file() else -1
+                if at is None:  # not readable through a memory map: loaded whole (or said damaged)
+                    state = latest.load_checkpoint(map_location, keys)
+                    at = state.get("step", state.get("counters", {}).get("env_steps"))
+                    if at == self.step:
+                        return state
+                elif at == self.step:
                     return latest.load_checkpoint(map_location, keys)
                 kept = self.kept_steps()
                 raise RunDirError(f"{self.path} keeps no checkpoint of step {self.step} (" + (

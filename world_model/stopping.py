@@ -69,7 +69,8 @@ class StepStops:
         self.requested: Optional[int] = None  # the signal that asked for a stop
         self._at_once = 0
         self._previous: dict = {}
-        self._vote = distributed.StopVote() if self.defer and distributed.active() else None
+        self._vote = distributed.StopVote() if self.defer and distributed.can_vote() else None
+        self._last_term: Optional[float] = None  # when the SIGTERM that asked for a stop came (monotonic)
 
     def __enter__(self) -> "StepStops":
         if self.defer:  # a signal the shell ignores (`cmd &` in a script ignores Ctrl-C) stays ignored
@@ -93,11 +94,16 @@ class StepStops:
     def _asked(self, signum: int, frame) -> None:
         if signum == signal.SIGINT and _repeated_press():
             return  # the same press, delivered twice
+        if signum == signal.SIGTERM and self._vote is not None and self._last_term is not None and \
+                monotonic() - self._last_term < SAME_PRESS_S:
+            return  # a scheduler's SIGTERM to every process of the job, and again through torchrun
         if self.requested is not None or self._at_once:
             raise stop_now(signum)
         self.requested = signum
-        if signum == signal.SIGTERM:  # a second SIGTERM kills at once (a loop stuck in a call that never returns)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if signum == signal.SIGTERM and self._vote is None:  # a second SIGTERM kills at once (a loop stuck in a call
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)      # that never returns)
+        elif signum == signal.SIGTERM:
+            self._last_term = monotonic()
         if not distributed.is_main():  # under torchrun one process says it
             return
         again = "another Ctrl-C, a second or more later," if signum == signal.SIGINT else "a second SIGTERM"
