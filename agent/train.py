@@ -216,7 +216,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         if resume:
             run.restore(wm, state, "wm")
             run.restore(ac, state, "ac")
-            wm_opt.load_state_dict(state["wm_opt"])
+            run.restore_optimizer(wm_opt, state, "wm_opt")
             ac.load_optimizer_state(state["ac_opt"])
             counters = {**fresh, **state["counters"]}  # an older checkpoint lacks the counters added since
             was = state.get("config", {}).get("train", {})

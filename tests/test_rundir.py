@@ -671,3 +671,16 @@ def test_a_resume_replays_an_evaluation_only_when_its_checkpoint_stopped_before_
     assert not stopped_evaluation(logger, 30, 10, 30)  # the last step is the loop's own
     assert stopped_evaluation(logger, 12, 10, 40, stride=4)  # 8 -> 12 passed 10
     logger.close()
+
+
+def test_an_optimizer_state_for_other_parameters_is_a_one_line_error(tmp_path):
+    """A checkpoint's optimizer that held more parameters than the model trains now (an older version's run, say)."""
+    from world_model.rundir import RunDirError
+
+    older = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2)) for _ in range(3)])
+    now = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2)) for _ in range(2)])
+    run = RunDir(tmp_path)
+    with pytest.raises(RunDirError, match=r"latest.pt: its 'wm_opt' state does not fit the parameters this model trains "
+                                          r"\(.*\); was the run started by an older version"):
+        run.restore_optimizer(now, {"wm_opt": older.state_dict()}, "wm_opt")
+    run.restore_optimizer(now, {"wm_opt": now.state_dict()}, "wm_opt")

@@ -179,7 +179,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
         state = run.load_checkpoint(map_location=device, keys=("model", "optimizer", "step", "skipped", "rng"))
         check_against_checkpoint(cfg, state, run.path)
         run.restore(model, state, "model")
-        opt.load_state_dict(state["optimizer"])
+        run.restore_optimizer(opt, state, "optimizer")
         step, skipped = state["step"], state["skipped"]
         restore_rng(state["rng"], t.seed, step)
         means.load_state_dict(this_ranks(state.get("log_means"), {}))

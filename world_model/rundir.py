@@ -310,6 +310,18 @@ class RunDir:
                               ) from None
 
 
+    def restore_optimizer(self, opt: torch.optim.Optimizer, state: dict, key: str) -> None:
+        """`opt.load_state_dict(state[key])`, with a one-line error when the checkpoint's optimizer held other
+        parameters than the model trains now (e.g. a run with `model.implicit_grad=true` from before its initial-slot
+        parameters were frozen)."""
+        try:
+            opt.load_state_dict(state[key])
+        except ValueError as e:
+            raise RunDirError(f"{self.ckpt_path}: its '{key}' state does not fit the parameters this model trains "
+                              f"({str(e).splitlines()[0]}); was the run started by an older version, or did an "
+                              "override change which parameters train?") from None
+
+
 _CLAIMED: list[RunDir] = []  # run directories this process claimed and has not released
 
 

@@ -398,7 +398,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
     if resume:
         settled = state.get("held_out") == meta["held_out"] and state.get("config", {}).get("eval") == asdict(cfg.eval)
         run.restore(wm, state, "model")
-        opt.load_state_dict(state["optimizer"])
+        run.restore_optimizer(opt, state, "optimizer")
         step, skipped = state["step"], state["skipped"]
         set_rng_state(state["rng"])
         means.load_state_dict(state.get("log_means", {}))
