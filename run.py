@@ -437,14 +437,19 @@ def _check_encoder(cfg, overrides: list, resume) -> None:
                          "one the fresh encoder trains jointly with the world model")
     if not cfg.encoder.checkpoint or resume:
         return
-    pre, model, _ = _pretrained_encoder(cfg.encoder)
+    pre, model, continued = _pretrained_encoder(cfg.encoder)
     theirs = {"encoder.resolution": pre.data.resolution, "encoder.model": model}
     for typed_key in (o.split("=", 1)[0] for o in overrides if re.match(r"encoder\.(model\.|resolution=)", o)):
         path = typed_key.split(".")
         mine = functools.reduce(getattr, path[1:], cfg.encoder)
-        if mine != functools.reduce(getattr, path[2:], theirs[".".join(path[:2])]):
-            raise UsageError(f"{typed_key}={mine} would not apply: encoder.checkpoint={cfg.encoder.checkpoint} sets "
-                             "the encoder (its model and resolution) otherwise; drop it, or pretrain an encoder with it")
+        if mine == functools.reduce(getattr, path[2:], theirs[".".join(path[:2])]):
+            continue
+        if continued and typed_key in ("encoder.model.vq.tau_start", "encoder.model.vq.anneal_steps"):
+            raise UsageError(f"{typed_key}={mine} would not apply: encoder.mode=joint continues the VQ temperature "
+                             f"anneal of encoder.checkpoint={cfg.encoder.checkpoint} from its step {continued}, which "
+                             "sets tau_start and anneal_steps; drop it")
+        raise UsageError(f"{typed_key}={mine} would not apply: encoder.checkpoint={cfg.encoder.checkpoint} sets "
+                         "the encoder (its model and resolution) otherwise; drop it, or pretrain an encoder with it")
     if not typed and cfg.encoder.mode == "joint" and distributed.is_main():  # under torchrun, one process says it
         print("note: encoder.mode=joint (not typed: the preset's or the default) fine-tunes the pretrained encoder with "
               "the world model, several times slower per update than encoder.mode=frozen", file=sys.stderr)

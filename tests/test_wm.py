@@ -346,6 +346,12 @@ def test_a_jointly_fine_tuned_encoders_temperature_anneals_on_from_its_pretraini
     assert "; its VQ temperature anneals on from where its step 2 left it (tau_start, anneal_steps)" in shown
     assert run._anneal_note(VQConfig(anneal_steps=4), 4) == \
         "stays at tau_end, which its pretraining reached by its step 4"  # pretrained past the anneal
+    capsys.readouterr()
+    assert run.main(["train-wm", "--data", str(root), "--run-dir", str(tmp_path / "wm2"), f"encoder.checkpoint={pre}",
+                     "encoder.mode=joint", "encoder.model.vq.tau_start=1.0"]) == 2
+    assert ("encoder.model.vq.tau_start=1.0 would not apply: encoder.mode=joint continues the VQ temperature anneal "
+            f"of encoder.checkpoint={pre} from its step 2, which sets tau_start and anneal_steps; drop it") in \
+        capsys.readouterr().err
     vq = load_config(WorldModelConfig, tmp_path / "wm" / "config.yaml").encoder.model.vq
     assert (vq.tau_start, vq.tau_end, vq.anneal_steps) == (pytest.approx(reached), 0.1, 2)
     rows = read_jsonl(tmp_path / "wm" / "metrics.jsonl")
