@@ -23,7 +23,7 @@ def ctrl_c():
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    stopping._last_press[0] = None  # no earlier test's press: this test's first Ctrl-C is no copy of it
+    stopping._last_signal.clear()  # no earlier test's press: this test's first Ctrl-C is no copy of it
     yield
     for s, handler in before.items():
         signal.signal(s, handler)

@@ -183,6 +183,7 @@ def test_under_torchrun_the_stop_waits_for_the_vote_and_a_schedulers_double_sigt
             stops.poll(lambda: saves.append("checkpoint"))
     assert saves == ["checkpoint"]
     assert "SIGTERM: stopping after the step all processes agree on, with a checkpoint" in capfd.readouterr().err
+    clock.now += 1.5  # a new SIGTERM, not a copy of the last
     with StepStops():
         signal.raise_signal(signal.SIGTERM)
         clock.now += 1.5

@@ -46,8 +46,11 @@ def checkpoint_step(path: Path) -> Optional[int]:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError):
         return None
-    if not isinstance(state, dict):
-        return None
+    return state_step(state) if isinstance(state, dict) else None
+
+
+def state_step(state: dict) -> Optional[int]:
+    """The step a loaded checkpoint is at: pretraining's and train-wm's `step`, an agent's env step."""
     return state.get("step", state.get("counters", {}).get("env_steps"))
 
 
@@ -274,8 +277,7 @@ class RunDir:
                 at = checkpoint_step(latest.ckpt_path) if latest.ckpt_path.is_file() else -1
                 if at is None:  # not readable through a memory map: loaded whole (or said damaged)
                     state = latest.load_checkpoint(map_location, keys)
-                    at = state.get("step", state.get("counters", {}).get("env_steps"))
-                    if at == self.step:
+                    if state_step(state) == self.step:
                         return state
                 elif at == self.step:
                     return latest.load_checkpoint(map_location, keys)

@@ -18,29 +18,31 @@ SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 # A Ctrl-C this soon after the first is the same key press delivered twice: by the terminal to the whole foreground
 # process group, and again by a wrapper that forwards what it got (uv run, some launchers: up to ~0.2 s later).
 SAME_PRESS_S = 1.0
-_last_press: list = [None]  # when the last Ctrl-C that counted came (monotonic): one clock for the process
+_last_signal: dict = {}  # signal -> when the last one that counted came (monotonic): one clock for the process
 
 
-def _repeated_press() -> bool:
-    """Whether this Ctrl-C is a copy of the last one; if not, it becomes the last."""
-    now = monotonic()
-    if _last_press[0] is not None and now - _last_press[0] < SAME_PRESS_S:
+def _repeated(signum: int = signal.SIGINT) -> bool:
+    """Whether this signal is a copy of the last one of its kind (within SAME_PRESS_S); if not, it becomes the
+    last."""
+    now, last = monotonic(), _last_signal.get(signum)
+    if last is not None and now - last < SAME_PRESS_S:
         return True
-    _last_press[0] = now
+    _last_signal[signum] = now
     return False
 
 
 def ctrl_c(signum: int, frame) -> None:
     """Python's Ctrl-C (KeyboardInterrupt) once per key press, for a whole command (`run.py` installs it): a copy
     arriving while the command cleans up or says how to resume is ignored."""
-    if not _repeated_press():
+    if not _repeated():
         raise KeyboardInterrupt
 
 
 def wait_out_ctrl_c() -> None:
     """Before a command interrupted by Ctrl-C leaves (its handlers handed back): sleep out the window of a copy of
     that press still to come, at most SAME_PRESS_S."""
-    left = 0.0 if _last_press[0] is None else _last_press[0] + SAME_PRESS_S - monotonic()
+    last = _last_signal.get(signal.SIGINT)
+    left = 0.0 if last is None else last + SAME_PRESS_S - monotonic()
     if left > 0:
         sleep(left)
 
@@ -70,7 +72,6 @@ class StepStops:
         self._at_once = 0
         self._previous: dict = {}
         self._vote = distributed.StopVote() if self.defer and distributed.can_vote() else None
-        self._last_term: Optional[float] = None  # when the SIGTERM that asked for a stop came (monotonic)
 
     def __enter__(self) -> "StepStops":
         if self.defer:  # a signal the shell ignores (`cmd &` in a script ignores Ctrl-C) stays ignored
@@ -92,18 +93,15 @@ class StepStops:
             self._previous = {}
 
     def _asked(self, signum: int, frame) -> None:
-        if signum == signal.SIGINT and _repeated_press():
-            return  # the same press, delivered twice
-        if signum == signal.SIGTERM and self._vote is not None and self._last_term is not None and \
-                monotonic() - self._last_term < SAME_PRESS_S:
-            return  # a scheduler's SIGTERM to every process of the job, and again through torchrun
+        # the same press delivered twice; under torchrun, a scheduler's SIGTERM to every process of the job and again
+        # through torchrun (a single process keeps "a second SIGTERM kills")
+        if (signum == signal.SIGINT or self._vote is not None) and _repeated(signum):
+            return
         if self.requested is not None or self._at_once:
             raise stop_now(signum)
         self.requested = signum
         if signum == signal.SIGTERM and self._vote is None:  # a second SIGTERM kills at once (a loop stuck in a call
             signal.signal(signal.SIGTERM, signal.SIG_DFL)      # that never returns)
-        elif signum == signal.SIGTERM:
-            self._last_term = monotonic()
         if not distributed.is_main():  # under torchrun one process says it
             return
         again = "another Ctrl-C, a second or more later," if signum == signal.SIGINT else "a second SIGTERM"
