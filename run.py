@@ -56,11 +56,12 @@ class _Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def _add_step_option(s: argparse.ArgumentParser) -> None:
-    """--step, alike for the commands that read a run's checkpoint."""
+def _add_step_option(s: argparse.ArgumentParser, written: str = "the files written get _step<N> in their names"
+                     ) -> None:
+    """--step, alike for the commands that read a run's checkpoint; `written`: what it does to their output."""
     s.add_argument("--step", type=int, help="read the checkpoint kept at this evaluation step (a run with "
                    "train.keep_checkpoints=true keeps one per evaluation, checkpoints/step_<N>.pt) instead of the "
-                   "latest; the files written get _step<N> in their names")
+                   f"latest; {written}")
 
 
 def _add_run_options(s: argparse.ArgumentParser, command: str, presets: str, run_dir_default: str) -> None:
@@ -311,9 +312,9 @@ def cmd_eval_ap(args) -> None:
     # the run's own evaluation, one on each real-CLEVR root and split and one on another episode dataset are kept
     # side by side
     root = f"{Path(os.path.abspath(args.clevr_root)).name}_" if args.clevr_root else ""
-    default = (f"eval_ap_clevr_{root}{result['split']}.json" if result["source"] == "clevr" else
-               f"eval_ap_data_{Path(os.path.abspath(args.data)).name}.json" if args.data else "eval_ap.json")
-    default = default.replace(".json", f"{step_suffix(args.step)}.json")  # a kept checkpoint's: beside the latest's
+    name = (f"eval_ap_clevr_{root}{result['split']}" if result["source"] == "clevr" else
+            f"eval_ap_data_{Path(os.path.abspath(args.data)).name}" if args.data else "eval_ap")
+    default = f"{name}{step_suffix(args.step)}.json"  # a kept checkpoint's: beside the latest's
     out = Path(args.out) if args.out else Path(args.checkpoint) / default
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -398,8 +399,7 @@ def cmd_train_wm(args) -> None:
         preflight(cfg)
         _check_encoder(cfg, overrides, args.resume)
 
-    _run_training(args, DEFAULT_PRESETS["train-wm"], overrides, lambda c: "wm", train_wm, args.resume, checked,
-                  _json_line)  # the last evaluation's table is printed as it ran (or read back)
+    _run_training(args, DEFAULT_PRESETS["train-wm"], overrides, lambda c: "wm", train_wm, args.resume, checked)
 
 
 def _anneal_note(vq, step: int) -> str:
@@ -614,7 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "Writes DIR/meta.json, DIR/episodes/*.npz (frames, actions, rewards, flags) and the "
                        "statistics of every finished episode in DIR/stats.jsonl (none before one finishes); `run.py pretrain --data DIR` trains on the frames.")
     s.add_argument("--env", required=True, choices=["crafter", "nethack"])
-    s.add_argument("--frames", type=int, required=True, help="observations to store")
+    s.add_argument("--frames", type=int, required=True, help="observations to store (at least: every env steps "
+                   "until the step that reaches it)")
     s.add_argument("--out", required=True, help="dataset directory; an existing one of the same env and settings "
                    "gets more episodes, from env seeds it does not hold yet (env i plays --seed + i)")
     s.add_argument("--workers", type=int, default=1, help="worker processes (default 1: in-process, no workers)")
@@ -634,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(p(property | code) heatmaps and NMI per latent variable) on CLEVR-like scenes.")
     s.add_argument("--checkpoint", required=True, help="run directory made by `run.py pretrain`, or by `train-wm` / "
                    "`train` (their slot encoder and decoder; --env crafter or nethack)")
-    _add_step_option(s)
+    _add_step_option(s, "summary.json records the step (--out names where the files go)")
     s.add_argument("--env", choices=["crafter", "nethack", "clevr"], help="where the frames come from (default: "
                    "the game the run trained on, or clevr for a run pretrained on generated or CLEVR scenes)")
     s.add_argument("--clevr-root", help="show scenes of this CLEVR v1.0 directory (for a run trained on CLEVR on disk "
@@ -827,11 +828,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         flags = [a.lstrip("-").split("=")[0] for a in rest if a.lstrip("-").split("=")[0] in ("seed", "device",
                                                                                              "threads")]
         dashed = [a.lstrip("-") for a in rest if a.startswith("-") and OVERRIDE.match(a.lstrip("-"))]
-        hint = (f" ({', '.join(f'--{f}' for f in flags)}: a training run takes "
-                f"{', '.join(f'train.{f}=...' for f in flags)} as an override)"
-                if flags and hasattr(args, "overrides") else
-                f" (config overrides take no dashes: {' '.join(dashed)})" if dashed and hasattr(args, "overrides")
-                else "")
+        hint = ""
+        if flags and hasattr(args, "overrides"):
+            hint = (f" ({', '.join(f'--{f}' for f in flags)}: a training run takes "
+                    f"{', '.join(f'train.{f}=...' for f in flags)} as an override)")
+        elif dashed and hasattr(args, "overrides"):
+            hint = f" (config overrides take no dashes: {' '.join(dashed)})"
         args.parser.error(f"unrecognized arguments: {' '.join(rest or overrides)}{hint}")
     if overrides:
         args.overrides = [*args.overrides, *overrides]
@@ -861,7 +863,7 @@ def _way_back(args) -> str:
     run_dir = _run_dir(args)
     if not run_dir:
         return ""
-    from world_model.rundir import RunDir
+    from world_model.rundir import RunDir, checkpoint_step
 
     if not Path(run_dir).exists():  # the run made it and left nothing in it (RunDir.release removed it)
         return f"; it stopped before writing anything to {run_dir}, so there is nothing to resume or remove"
@@ -875,22 +877,12 @@ def _way_back(args) -> str:
         else ""
     from world_model import distributed
 
-    where = f"its last checkpoint{_checkpoint_step(ckpt)}"
+    step = checkpoint_step(ckpt)  # None where unreadable: a message of last resort names the step where it can
+    where = "its last checkpoint" + ("" if step is None else f" ({'env ' * (args.command == 'train')}step {step})")
     if distributed.launched():  # the same job again: torchrun with the options it was started with
         return (f"; `torchrun ... {_script()} {args.command} --resume {run_dir}{again}` (with this job's torchrun "
                 f"options) continues from {where}")
     return f"; `python {_script()} {args.command} --resume {run_dir}{again}` continues from {where}"
-
-
-def _checkpoint_step(ckpt: Path) -> str:
-    """` (step N)` (an agent run: env step) of a checkpoint, read without loading its tensors; "" where unreadable."""
-    import torch
-
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-        return f" (env step {state['counters']['env_steps']})" if "counters" in state else f" (step {state['step']})"
-    except Exception:  # a message of last resort: it names the step where it can
-        return ""
 
 
 def _run_dir(args) -> str | None:

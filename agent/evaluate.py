@@ -117,7 +117,7 @@ def load_agent_run(checkpoint: str, device: torch.device,
     run = RunDir(checkpoint, step)
     cfg = load_run_config("train", checkpoint)
     state = run.load_checkpoint(map_location=device, keys=("wm", "ac", "num_actions", "counters"))
-    check_against_checkpoint(cfg, state, checkpoint)
+    check_against_checkpoint(cfg, state, checkpoint, evaluating=True)
     wm, ac = build_agent(cfg, state["num_actions"], device, state.get("status_vars", 0), restoring=checkpoint)
     run.restore(wm, state, "wm")
     run.restore(ac, state, "ac")

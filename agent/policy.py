@@ -19,12 +19,8 @@ class SlotPolicy:
         self.wm, self.ac, self.device = wm, ac, device
         self.prev: Optional[torch.Tensor] = None  # b k d raw slots of each env's previous frame
 
-    def reset(self) -> None:
-        """Forget every env's slots: the next `act` starts each from the learned initialization."""
-        self.prev = None
-
     @torch.no_grad()
-    def act(self, obs: dict[str, np.ndarray] | np.ndarray, is_first: np.ndarray | bool, sample: bool = True,
+    def act(self, obs: dict[str, np.ndarray] | np.ndarray, is_first: np.ndarray | bool,
             generator: Optional[torch.Generator] = None) -> np.ndarray:
         """obs: "image" `b h w 3` uint8 (and "status" `b m`, read when the world model reads them), or the images
         alone (a vector env of a game without status tokens); is_first `b` bool, or one bool for every env (a new
@@ -53,4 +49,4 @@ class SlotPolicy:
         if self.wm.frame_tokenizer is not None:
             status = torch.as_tensor(obs["status"], device=self.device) if self.wm.status_vars else None
             frame_codes = self.wm.frame_tokenizer.codes(x, status)
-        return self.ac.act(out.codes, frame_codes, sample=sample, generator=generator).cpu().numpy()
+        return self.ac.act(out.codes, frame_codes, generator=generator).cpu().numpy()

@@ -34,9 +34,8 @@ from world_model import distributed
 from world_model.config import check_against_checkpoint, save_config
 from world_model.stopping import StepStops
 from world_model.updates import StepMeans, autocast, guarded_update
-from world_model.rundir import (MetricLogger, evaluation_due, fixed_rng, resumed_length, rank_seed,
-                                restore_rng, rng_states, rollback_appended, shown, start_run,
-                                stopped_evaluation, this_ranks)
+from world_model.rundir import (MetricLogger, claimed_run, evaluation_due, fixed_rng, resumed_length, rank_seed,
+                                restore_rng, rng_states, rollback_appended, shown, stopped_evaluation, this_ranks)
 from world_model.frame_tokenizer import status_vars
 from world_model.train_wm import build_world_model, check_encoder, check_max_steps, to_batch
 from world_model.wm import WorldModel, WorldModelLoss
@@ -94,10 +93,7 @@ def build_agent(cfg: AgentConfig, num_actions: int, device: torch.device, status
 def updates_due(env_steps: int, cfg: AgentConfig) -> int:
     """Updates owed after `env_steps` so that replayed steps / env steps = train_ratio (after prefill), for a run
     whose train.* settings never changed (`updates_owed` is what the loop asks)."""
-    t = cfg.train
-    if env_steps < t.prefill:
-        return 0
-    return int(env_steps * t.train_ratio / (t.batch_size * t.seq_len))
+    return updates_owed(env_steps, 0, cfg)
 
 
 def updates_owed(env_steps: int, replayed: int, cfg: AgentConfig, since: Sequence[int] = (0, 0)) -> int:
@@ -144,7 +140,7 @@ def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, r
     wm.eval()
     starts = imagination_starts(batch["valid"], starts_n)
     frames = enc.frame_codes.flatten(0, 1)[starts, None] if enc.frame_codes is not None else None  # n 1 g
-    context = SimpleNamespace(slot_codes=enc.slot_codes.flatten(0, 1)[starts, None], frame_codes=frames)  # b 1 k v
+    context = SimpleNamespace(slot_codes=enc.slot_codes.flatten(0, 1)[starts, None], frame_codes=frames)  # n 1 k v
     with autocast(device, t.amp):
         with record_function("imagination"):
             traj = imagine(wm.dynamics, ac.actor, context, None, cfg.actor_critic.horizon)
@@ -188,12 +184,13 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
 
     t = cfg.train
     preflight(cfg)  # `run.py train` has run it already; a caller from Python has not
-    run, device = start_run(run_dir, resume, t.device, t.threads, t.seed)
-    main = distributed.is_main()
-    num_envs = local_share(cfg.env.num_envs, "env.num_envs")
-    venv = make_vector_env(env_fn(cfg.env.name, **env_kwargs(cfg, run.path / "stats.jsonl")), num_envs,
-                           envs_per_worker=cfg.env.envs_per_worker, asynchronous=cfg.env.asynchronous)
-    try:
+    # the envs, logs and bar closed and the claim released, on an error too
+    with claimed_run(run_dir, resume, t.device, t.threads, t.seed) as (run, device, cleanup):
+        main = distributed.is_main()
+        num_envs = local_share(cfg.env.num_envs, "env.num_envs")
+        venv = make_vector_env(env_fn(cfg.env.name, **env_kwargs(cfg, run.path / "stats.jsonl")), num_envs,
+                               envs_per_worker=cfg.env.envs_per_worker, asynchronous=cfg.env.asynchronous)
+        cleanup.callback(venv.close)
         num_actions = int(venv.single_action_space.n)
         state = run.load_checkpoint(map_location=device, keys=("wm", "ac", "wm_opt", "ac_opt", "counters", "rng")
                                     ) if resume else None
@@ -216,8 +213,8 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         if resume:
             run.restore(wm, state, "wm")
             run.restore(ac, state, "ac")
-            run.restore_optimizer(wm_opt, state, "wm_opt")
-            ac.load_optimizer_state(state["ac_opt"])
+            run.restore_optimizer(wm_opt.load_state_dict, state, "wm_opt")
+            run.restore_optimizer(ac.load_optimizer_state, state, "ac_opt")
             counters = {**fresh, **state["counters"]}  # an older checkpoint lacks the counters added since
             was = state.get("config", {}).get("train", {})
             if "replayed" not in state["counters"]:  # a checkpoint from before replayed steps were counted: its batches
@@ -254,8 +251,9 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                 if "stats_bytes" in state:  # a checkpoint from before records were counted
                     rollback_appended(stats, state["stats_bytes"])
                 keep_records(stats, state.get("stats_records"), is_episode)
-        # a resume whose final evaluation, if the stopped run made it, still holds (the same number of episodes)
-        settled = state is not None and state.get("config", {}).get("train", {}).get("eval_episodes") == t.eval_episodes
+        settings = {"eval_episodes": t.eval_episodes}  # what the evaluations depend on
+        checkpointed = None if state is None else {
+            "eval_episodes": state.get("config", {}).get("train", {}).get("eval_episodes")}
         state = None  # the checkpoint's tensors are in the models now: not kept for the whole run
         episode_log = JsonlTail(run.path / "stats.jsonl")  # the training episodes, read as the workers append them
         save_config(cfg, run.config_path)
@@ -267,6 +265,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         wm_parallel = distributed.wrap(WorldModelLoss(wm), device) if distributed.active() else None
         ac_parallel = distributed.wrap(ac, device) if distributed.active() else None
         logger = MetricLogger(run, start_step=counters["env_steps"])
+        cleanup.callback(logger.close)
         policy = SlotPolicy(wm, ac, device)
         wm.eval()  # train_step switches to train mode for its update and back
         rng = np.random.default_rng([rank_seed(t.seed), counters["vector_steps"]])
@@ -313,7 +312,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             with shown(bar, f"evaluating, {t.eval_episodes} episode{'s' * (t.eval_episodes != 1)}", f"env step {at}"):
                 summary = evaluate_agent(wm, ac, cfg, device, t.eval_episodes, run.path / "eval_stats.jsonl")
             result = log_keys(summary, cfg.env.name, "")
-            logger.scalars(at, result, prefix="eval/")
+            logger.evaluation(at, result, settings)
             log_pictures(logger, at, wm, replay, device)
             said = [k for k in ("crafter_score", "score", "depth", "return", "length") if k in result]
             bar.write(f"env step {at}: evaluation, {summary['episodes']} episode{'s' * (summary['episodes'] != 1)}: "
@@ -323,6 +322,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         collector.reset(rank_seed(t.seed) + counters["vector_steps"])
         bar = tqdm(total=t.env_steps, initial=counters["env_steps"], desc=f"train {cfg.env.name}",
                    disable=not progress or not main, dynamic_ncols=True, unit="step")
+        cleanup.callback(bar.close)  # closed before the final evaluation too
         next_log = (counters["env_steps"] // t.log_every + 1) * t.log_every
         next_ckpt = (counters["env_steps"] // t.ckpt_every + 1) * t.ckpt_every
         segments = False  # some episode in every rank's replay holds two steps (a prediction target)
@@ -430,14 +430,10 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             if evaluated_at != counters["env_steps"]:  # every run ends with an evaluation at its last step
                 # a finished run resumed: its final evaluation is read back from the log, not played (and its
                 # episodes appended) again; a run stopped during it evaluates now
-                last_eval = (logger.logged(counters["env_steps"], "eval/") if settled else {}) or \
+                last_eval = logger.final_evaluation(counters["env_steps"], settings, checkpointed) or \
                     evaluate(counters["env_steps"])
             last_eval.update(stats_scores(episode_log.records(), cfg.env.name, "train_"))
-        logger.close()
         return last_eval
-    finally:
-        venv.close()
-        run.release()  # also when the run failed or was stopped
 
 
 def load_replay_shards(run_path: Path, state: dict, capacity: int, seed: int,

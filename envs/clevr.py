@@ -64,6 +64,7 @@ CLEVR_MIN_PIXELS = 200  # CLEVR's min visible pixels per object at 480x320
 MIN_DIST, MARGIN = 0.25, 0.4  # CLEVR placement rules
 _GROUP_RAYS = 1 << 22  # camera rays per render group (bounds the per-pixel buffers)
 
+FRAME_SAMPLE = 8  # images (and masks) whose frame a dataset checks when opened, evenly spaced over its list
 _FIX = "download CLEVR or generate scenes with `python run.py generate --out DIR --split SPLIT`"
 _LAYOUT_HINT = ("expected CLEVR v1.0 layout root/images/<split>/*.png and "
                 "root/scenes/CLEVR_<split>_scenes.json; " + _FIX)
@@ -588,6 +589,10 @@ class ClevrDataset(torch.utils.data.Dataset):
             resolution = (resolution, resolution)
         self.resolution = (int(resolution[0]), int(resolution[1]))
         self.window = CROP_WINDOW if crop else (0.0, 1.0, 0.0, 1.0)  # u0 u1 v0 v1, fractions of the frame
+        for i in np.unique(np.linspace(0, len(self.filenames) - 1, FRAME_SAMPLE).round().astype(int)):  # a folder
+            self._load(self.image_dir / self.filenames[i], "image")  # written at another size: now, not mid-run
+            if self.mask_dir is not None:
+                self._load(self.mask_dir / self.filenames[i], "mask")
 
     def __len__(self) -> int:
         return len(self.filenames)

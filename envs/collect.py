@@ -85,7 +85,8 @@ def env_fn(name: str, **kwargs):
 
 def collect(env: str, frames: int, out: str, num_envs: int = 1, envs_per_worker: int = 1, seed: int = 0,
             env_kwargs: Optional[dict] = None, asynchronous: bool = True, progress: bool = True) -> dict:
-    """Run a uniform random policy until `frames` observations are stored in `out`; returns counts and speed.
+    """Run a uniform random policy until at least `frames` observations are stored in `out` (every env steps until the
+    step that reaches it); returns counts and speed.
 
     Episodes end as the env ends them (terminated/truncated, or truncated by a crashed worker); episodes
     still running when the budget is reached are written as truncated pieces.
@@ -136,22 +137,21 @@ def _collect(env: str, frames: int, out_path: Path, num_envs: int, envs_per_work
         rng = np.random.default_rng(seed)
         collector = Collector(venv, writer)
         collector.reset(seed)
-        stored = num_envs
+        steps = 0
         start = time.perf_counter()
         bar = tqdm(total=frames, desc=f"collect {env}", unit="frame", disable=not progress)
-        bar.update(min(stored, frames))
         try:
-            while stored < frames:
+            while writer.stored < frames:  # an episode's lone first frame at the end is not stored: not counted
                 collector.step(rng.integers(venv.single_action_space.n, size=num_envs))
-                bar.update(min(num_envs, frames - stored))
-                stored += num_envs
+                steps += 1
+                bar.update(min(writer.stored, frames) - bar.n)
         finally:  # also when stopped (Ctrl-C, SIGTERM): what was collected is kept, unfinished episodes as truncated
             writer.flush()
         bar.close()
         seconds = time.perf_counter() - start
         return {"frames": writer.frames, "episodes": writer.count - held_before, "dataset_episodes": writer.count,
                 "seconds": round(seconds, 2),
-                "env_steps_per_s": round((stored - num_envs) / max(seconds, 1e-9), 1),
+                "env_steps_per_s": round(steps * num_envs / max(seconds, 1e-9), 1),
                 "restarts": getattr(venv, "restarts", 0), "out": str(out_path)}
     finally:
         venv.close()

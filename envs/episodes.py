@@ -163,6 +163,11 @@ class EpisodeWriter:
         self.next_index += 1
         self.frames += length
 
+    @property
+    def stored(self) -> int:
+        """Frames written, and those `flush` would write now (not an episode's lone first frame)."""
+        return self.frames + sum(len(b["action"]) for b in self.buffers.values() if len(b["action"]) > 1)
+
     def flush(self) -> None:
         """Write every unfinished episode (ending it as truncated: `is_last` without `is_terminal`)."""
         for env in [e for e, b in self.buffers.items() if b and len(b["action"]) > 1]:

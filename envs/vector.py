@@ -345,14 +345,17 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         parts: dict = {}
         results = self._exchange(messages, range(self.num_workers))
         failed = [w for w, (ok, _) in results.items() if not ok]
-        for w in failed:
-            self._restart(w, results[w][1])
-        results.update(self._exchange(messages, failed))
-        for w in range(self.num_workers):  # every reply first: each worker's info layout is recorded before a raise
+        for w in range(self.num_workers):  # every reply before any restart, which may raise (max_restarts)
             if results[w][0]:
                 self._store(w, results[w][1], obs, rewards, terms, truncs, parts)
-        for w in range(self.num_workers):
-            ok, data = results[w]
+        for w in failed:
+            self._restart(w, results[w][1])
+        retried = self._exchange(messages, failed)
+        for w in failed:  # every retry's reply before the raise: each worker's info layout is recorded
+            if retried[w][0]:
+                self._store(w, retried[w][1], obs, rewards, terms, truncs, parts)
+        for w in failed:
+            ok, data = retried[w]
             if not ok:
                 raise RuntimeError(f"ResilientVectorEnv: worker {w} failed reset twice: {data}")
         self._obs = obs  # a fresh array, as step's

@@ -475,6 +475,14 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
                      "train_crafter_score_recent": crafter_score(stats)["score"]} and again["train_episodes"] == 1
     assert logs == {name: (tmp_path / "run" / name).read_text() for name in logs}
     assert load_config(AgentConfig, tmp_path / "run" / "config.yaml").train.env_steps == 240
+    # with another number of evaluation episodes the final evaluation plays again, and then holds: a later resume as the
+    # run now is reads it back, appending no episodes a second time
+    again = train(tiny("train.eval_episodes=2"), str(tmp_path / "run"), resume=True, progress=False)
+    assert again["episodes"] == 2 and len((tmp_path / "run" / "eval_stats.jsonl").read_text().splitlines()) == 3
+    logs = {name: (tmp_path / "run" / name).read_text() for name in ("eval_stats.jsonl", "metrics.jsonl")}
+    assert train(load_config(AgentConfig, tmp_path / "run" / "config.yaml"), str(tmp_path / "run"), resume=True,
+                 progress=False) == again
+    assert logs == {name: (tmp_path / "run" / name).read_text() for name in logs}
 
 
 
@@ -995,7 +1003,10 @@ def test_a_config_edited_by_hand_since_the_checkpoint_is_refused(tmp_path, capsy
         (rd / "config.yaml").write_text(text.replace(edit, key, 1))
         for argv in (["train", "--resume", str(rd), "train.env_steps=80"], ["eval", "--checkpoint", str(rd)]):
             assert run.main(argv) == 2, (edit, argv)
-            assert "does not match the checkpoint in" in capsys.readouterr().err
+            err = capsys.readouterr().err
+            assert "does not match the checkpoint in" in err
+            # the way out: a resume may start a new run; an evaluation reads the run as it trained
+            assert err.strip().endswith("restore config.yaml to what the run trained with") == (argv[0] == "eval")
     (rd / "config.yaml").write_text(text)
     assert run.main(["eval", "--checkpoint", str(rd), "--episodes", "1"]) == 0
 

@@ -18,6 +18,15 @@ from envs.vector import ResilientVectorEnv
 from world_model.config import load_run_config
 
 
+def test_collect_stores_at_least_the_frames_asked_for(tmp_path):
+    """Episodes of 11 frames: the 100th frame would be a new episode's lone first frame, which is not stored (nothing
+    follows it), so collection goes on a step: 101 frames, 9 episodes and a cut 2-frame one, not 99."""
+    out = collect("crafter", 100, str(tmp_path / "d"), seed=5, progress=False, env_kwargs={"max_episode_steps": 10},
+                  asynchronous=False)
+    lengths = [len(e["image"]) for e in iter_episodes(tmp_path / "d")]
+    assert out["frames"] == sum(lengths) == 101 and lengths == [11] * 9 + [2]
+
+
 def test_collect_crafter_with_workers(tmp_path):
     out = collect("crafter", 40, str(tmp_path / "d"), num_envs=2, envs_per_worker=2, seed=5, progress=False,
                   env_kwargs={"max_episode_steps": 12})
@@ -162,10 +171,15 @@ def test_visualize_crafter_frames_and_edit(vq_run, tmp_path, capsys):
     _assert_named_columns(out / "edit_slot1_var0_all.png", vq_run, 2 + codes)  # input, reconstruction, each code
     assert np.load(out / "codes.npy").shape == (3, 4, 4)  # t k v
     capsys.readouterr()
-    for edit in (["9", "0", "1"], ["1", "0", "x"]):  # refused before anything is written
+    for edit in (["9", "0", "1"], ["1", "0", "x"], ["a", "0", "0"], ["1", "-1", "0"]):  # refused before any output
         assert run.main(["visualize", "--checkpoint", str(vq_run), "--env", "crafter", "--frames", "1",
                          "--out", str(tmp_path / "refused"), "--edit", *edit]) == 2
         assert "out of range" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    # again into the same folder, fewer frames and no edit: what the first call wrote goes, not left beside the new
+    assert run.main(["visualize", "--checkpoint", str(vq_run), "--env", "crafter", "--frames", "1", "--out",
+                     str(out)]) == 0
+    assert "note: replaced an earlier visualize's pictures" in capsys.readouterr().err
+    assert [p.name for p in out.glob("*.png")] == ["frame_0000.png"] and np.load(out / "codes.npy").shape[0] == 1
 
 
 def test_slots_are_carried_within_an_episode_only():

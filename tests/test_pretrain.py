@@ -199,8 +199,14 @@ def test_eval_every_zero_evaluates_at_the_end_only(tmp_path):
                     progress=False) == result
     assert [r["step"] for r in read_jsonl(tmp_path / "e" / "metrics.jsonl") if "eval/AP_inf" in r] == [3]
     # with another evaluation size the logged evaluation no longer holds: it runs again
-    assert pretrain(tiny_cfg("train.steps=3", "train.eval_every=0", "data.eval_images=4"), str(tmp_path / "e"),
-                    resume=True, progress=False)["images"] == 4
+    again = pretrain(tiny_cfg("train.steps=3", "train.eval_every=0", "data.eval_images=4"), str(tmp_path / "e"),
+                     resume=True, progress=False)
+    assert again["images"] == 4
+    # and resumed again as it is now, that evaluation holds: read back, not run a third time
+    assert pretrain(load_config(PretrainConfig, tmp_path / "e" / "config.yaml"), str(tmp_path / "e"), resume=True,
+                    progress=False) == again
+    assert [r["step"] for r in read_jsonl(tmp_path / "e" / "metrics.jsonl") if "eval/AP_inf" in r] == [3, 3]
+    assert json.loads((tmp_path / "e" / "evaluated.json").read_text())["settings"]["eval_images"] == 4
 
 
 def test_discovery_task_reports_fg_ari(tmp_path, capsys, monkeypatch):
@@ -589,18 +595,20 @@ def test_data_workers_leave_ctrl_c_and_sigterm_to_the_run(tmp_path):
     assert source.batch(2, 0)["targets"].tolist() == [[1.0, 1.0]] * 2  # evaluation batches
 
 
-def test_an_image_a_data_worker_cannot_read_is_the_same_one_line_error(tmp_path, capsys):
+def test_an_image_a_data_worker_cannot_read_is_the_same_one_line_error(tmp_path, capsys, monkeypatch):
     """data.num_workers > 0: a wrong-size image found in a worker is the error it is without workers (torch raises
     it again with the worker's traceback in its message), in training and evaluation batches alike."""
     import multiprocessing
 
     from PIL import Image
 
+    import envs.clevr
     from envs.clevr import write_dataset
     from envs.errors import DataError
     from world_model.sources import ClevrScenes
 
     write_dataset(tmp_path / "clevr", 2, split="train", seed=1, batch_size=2, max_objects=4)
+    monkeypatch.setattr(envs.clevr, "FRAME_SAMPLE", 0)  # an image the check on opening does not sample
     image = next((tmp_path / "clevr" / "images" / "train").iterdir())
     Image.new("RGB", (320, 240)).save(image)
     messages = []
@@ -620,6 +628,51 @@ def test_an_image_a_data_worker_cannot_read_is_the_same_one_line_error(tmp_path,
                      f"data.root={tmp_path / 'clevr'}", "data.split=train", "data.eval_split=train"]) == 2
     err = capsys.readouterr().err
     assert err.endswith(f"\nerror: {messages[0]}\n") and err.count("error:") == 1
+
+
+def test_a_split_written_at_another_size_is_refused_before_the_first_step(tmp_path, capsys):
+    """The check on opening samples each split's frames (the first and last file among them), so a held-out split
+    resized whole is refused at start, not at the run's first evaluation."""
+    from PIL import Image
+
+    from envs.clevr import ClevrDataset, write_dataset
+    from envs.errors import DataError
+
+    root = tmp_path / "clevr"
+    for split in ("train", "val"):
+        write_dataset(root, 8, split=split, seed=1, batch_size=8, max_objects=4)  # data.eval_images=8 of TINY
+    last = sorted((root / "masks" / "val").iterdir())[-1]
+    Image.open(last).resize((320, 240), Image.Resampling.NEAREST).save(last)
+    with pytest.raises(DataError, match=f"{last.name} is 320x240, not CLEVR v1.0's 3:2 frame"):
+        ClevrDataset(root, split="val")
+    assert run.main(["pretrain", "--run-dir", str(tmp_path / "r"), *TINY, "data.source=clevr", f"data.root={root}",
+                     "data.split=train", "data.eval_split=val"]) == 2
+    err = capsys.readouterr().err
+    assert "error: the evaluation split (data.eval_split=val): " in err and last.name in err
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_a_run_that_fails_in_python_gives_up_its_claim_and_writes_its_logs(tmp_path, monkeypatch):
+    """pretrain() called from Python (no run.py to clean up after it) that fails mid-run: train.pid is gone, so
+    another process may resume there, and the tensorboard scalars logged before the failure are on disk."""
+    import world_model.pretrain as pt
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    real, calls = pt.compute_loss, []
+
+    def failing_at_the_fifth_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("a failure mid-run")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pt, "compute_loss", failing_at_the_fifth_step)
+    with pytest.raises(RuntimeError, match="a failure mid-run"):
+        pretrain(tiny_cfg("train.steps=10", "train.log_every=2"), str(tmp_path / "r"), progress=True)
+    assert not (tmp_path / "r" / "train.pid").exists()
+    events = EventAccumulator(str(tmp_path / "r" / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4]
 
 
 def test_ctrl_c_is_one_line_with_the_way_back(tmp_path, monkeypatch, capsys):
@@ -863,6 +916,7 @@ def test_compare_puts_the_runs_last_evaluations_side_by_side(tmp_path, capsys):
     rows = {line.split()[0]: line.split()[1:] for line in lines if not line.startswith(("-", "note"))}
     assert rows["step"] == ["2", "-"] and rows["AP_inf"][1] == "-" and rows["AP_inf"][0] != "-"
     assert lines[-1] == f"note: no evaluation logged yet: {early}"
+    assert not any("unequal samples" in line for line in lines)  # a run yet to evaluate has no sample size
     assert run.main(["compare", str(early)]) == 2  # none has evaluated: nothing to compare
     assert f"{early}: no evaluation logged yet" in capsys.readouterr().err
     assert run.main(["compare", str(tmp_path)]) == 2

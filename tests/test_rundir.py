@@ -247,6 +247,15 @@ def test_run_directory_guards(tmp_path, capsys):
             run.load_checkpoint()
         with pytest.raises(RunDirError, match="latest.pt is damaged and cannot be read"):  # not "keeps no step 1"
             RunDir(run.path, step=1).load_checkpoint()
+    with pytest.raises(RunDirError, match=r"latest.pt is damaged and cannot be read \(RuntimeError: "
+                       r"PytorchStreamReader failed reading zip archive: failed finding central directory\): the "
+                       r"run cannot go on from it; train again in a new --run-dir$"):
+        run.load_checkpoint()
+    atomic_torch_save({"step": 2}, run.kept_path(2))  # a kept checkpoint is the way on
+    with pytest.raises(RunDirError, match=r"\): copy checkpoints/step_2.pt over it to resume from that step, or read a "
+                       r"kept checkpoint with --step N \(kept: 2\)$"):
+        run.load_checkpoint()
+    run.kept_path(2).unlink()
     atomic_torch_save({"wm": {}, "counters": {}}, run.ckpt_path)  # an agent's checkpoint where a pretraining one was
     assert run.load_checkpoint(keys=("wm",))["counters"] == {}
     with pytest.raises(RunDirError, match="latest.pt lacks model, step: it is not a checkpoint of the command"):
@@ -682,5 +691,13 @@ def test_an_optimizer_state_for_other_parameters_is_a_one_line_error(tmp_path):
     run = RunDir(tmp_path)
     with pytest.raises(RunDirError, match=r"latest.pt: its 'wm_opt' state does not fit the parameters this model trains "
                                           r"\(.*\); was the run started by an older version"):
-        run.restore_optimizer(now, {"wm_opt": older.state_dict()}, "wm_opt")
-    run.restore_optimizer(now, {"wm_opt": now.state_dict()}, "wm_opt")
+        run.restore_optimizer(now.load_state_dict, {"wm_opt": older.state_dict()}, "wm_opt")
+    run.restore_optimizer(now.load_state_dict, {"wm_opt": now.state_dict()}, "wm_opt")
+    # the actor-critic's two optimizers alike
+    from agent.actor_critic import ActorCritic, ActorCriticConfig
+    from world_model.dynamics import DynamicsConfig
+
+    dyn = DynamicsConfig(num_slots=2, num_vars=2, num_codes=3, num_actions=3, embed_dim=8, layers=1, heads=2)
+    ac_older, ac_now = (ActorCritic(dyn, ActorCriticConfig(embed_dim=8, layers=n, heads=2)) for n in (2, 1))
+    with pytest.raises(RunDirError, match=r"its 'ac_opt' state does not fit the parameters this model trains"):
+        run.restore_optimizer(ac_now.load_optimizer_state, {"ac_opt": ac_older.optimizer_state()}, "ac_opt")

@@ -379,6 +379,22 @@ def test_implicit_gradient_is_the_gradient_through_the_last_step_only():
     torch.testing.assert_close(got, m.norm_input.weight.grad)
 
 
+def test_gmm_keeps_float32_precision_when_the_features_share_a_large_offset():
+    """Features 100 +- 0.05 (a projection's bias against a tight spread): the float32 slots and weights match float64.
+    The expanded E_w[x^2] - 2 mu E_w[x] + mu^2 on uncentred features loses the variance in the rounding of 10^4."""
+    torch.manual_seed(0)
+    m = SlotMixture(in_dim=8, num_slots=3, dim=8, iters=3)
+    with torch.no_grad():
+        m.norm_input.weight.fill_(0.05)
+        m.norm_input.bias.fill_(100.0)
+    x, init = torch.randn(2, 40, 8), torch.randn(2, 3, 16) * 0.05
+    init[..., :8] += 100.0
+    slots, weights = m(x, init)
+    slots64, weights64 = m.double()(x.double(), init.double())
+    torch.testing.assert_close(slots.double(), slots64, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(weights.double(), weights64, rtol=1e-3, atol=1e-4)
+
+
 def test_gmm_gradients_match_finite_differences():
     """gradcheck through two full iterations in float64: no gradient path is dropped or detached."""
     torch.manual_seed(0)

@@ -443,6 +443,10 @@ def test_train_resume_exact_and_eval_cli(tmp_path, capsys):
     again = train_wm(wm_cfg(root, "train.steps=4", "eval.horizons=[1,2]"), str(tmp_path / "b"), resume=True,
                      progress=False)
     assert "h2/code_acc" in again and "h3/code_acc" not in again
+    assert train_wm(wm_cfg(root, "train.steps=4", "eval.horizons=[1,2]"), str(tmp_path / "b"), resume=True,
+                    progress=False) == again  # and then holds: read back, not run again
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/h1/code_acc" in r] == [2, 4, 4]
     other = tmp_path / "o"  # another game's episodes (5 actions): refused before its weights misfit
     w = EpisodeWriter(other, {"env": "other", "num_actions": 5})
     for _ in range(3):
@@ -578,6 +582,10 @@ def test_datasets_too_small_to_train_and_evaluate_are_refused_before_training(tm
     with pytest.raises(DataError, match=r"held-out \(the last 1\) episodes are at most 10 steps long, shorter than "
                        r"the 11 steps of eval.context \+ max\(eval.horizons\)"):
         split_dataset(wm_cfg(tmp_path / "d", "eval.horizons=[1,9]"))
+    # eval-wm evaluates as the run trained, and an agent's episodes are all held out: neither is told otherwise
+    with pytest.raises(DataError, match=r": the episodes are at most 10 steps long, .*; collect longer episodes \(this "
+                       r"run evaluates with the context and horizons it has\)$"):
+        split_dataset(wm_cfg(tmp_path / "d", "eval.horizons=[1,9]"), all_held_out=True, training=False)
     # a file that `run.py collect` did not name, and an episode of another frame size: each named in one line
     stray = tmp_path / "d" / "episodes" / "notes.npz"
     stray.write_bytes(b"")

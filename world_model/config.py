@@ -374,7 +374,8 @@ def _check_values(cfg) -> None:
 
 def _check_pairs(cfg) -> None:
     """Keys that must agree with each other, named in full: one stride per backbone layer, a data root only where the
-    source reads one, an object-count range, attention heads, decoder sizes (not those `encoder.checkpoint` replaces)."""
+    source reads one, an object-count range, attention heads, decoder sizes (not those `encoder.checkpoint` replaces)
+    and the frame tokenizer's target size."""
     replaced = OmegaConf.select(cfg, "encoder.checkpoint", default=None)  # its run's encoder.model is used instead
     for where in ("model.",) + (() if replaced else ("encoder.model.",)):
         channels, strides = (OmegaConf.select(cfg, where + k, default=None) for k in ("cnn_channels", "cnn_strides"))
@@ -400,8 +401,6 @@ def _check_pairs(cfg) -> None:
         if init and size and not (size % init == 0 and (size // init) & (size // init - 1) == 0):
             raise ConfigError(f"{res}={size} is not {where}decoder_init={init} times a power of 2, which the "
                               "spatial-broadcast decoder doubles its way up from")
-
-
     target = OmegaConf.select(cfg, "frame.target", default=None)
     if target is not None and target % 4 and OmegaConf.select(cfg, "frame.vars", default=0):  # vars=0: no tokenizer
         raise ConfigError(f"frame.target={target} must be a multiple of 4: the frame decoder doubles its way up twice "
@@ -436,10 +435,10 @@ def record_paths(cfg: Any, saved: Any = None) -> None:
             setattr(node, name, os.path.abspath(os.path.expanduser(value)))
 
 
-def check_against_checkpoint(cfg: Any, state: dict, run_dir: str | Path) -> None:
+def check_against_checkpoint(cfg: Any, state: dict, run_dir: str | Path, evaluating: bool = False) -> None:
     """A config that names another model, env or data than its run's checkpoint was trained with (config.yaml edited
     by hand since, or another config passed from Python) is refused, as the same change given as a resume override
-    is."""
+    is. `evaluating`: the run is read to be evaluated or shown, not resumed, which the error's way out says."""
     recorded = state.get("config")
     if not recorded:  # a checkpoint from before they held their config
         return
@@ -455,22 +454,25 @@ def check_against_checkpoint(cfg: Any, state: dict, run_dir: str | Path) -> None
     except OmegaConfBaseException:  # a checkpoint of an older schema: config.yaml is all there is
         return
     try:
-        check_resume_overrides(saved, cfg, run_dir)
+        check_resume_overrides(saved, cfg, run_dir, fix="restore config.yaml to what the run trained with"
+                               if evaluating else None)
     except ConfigError as e:
         raise ConfigError(f"the config does not match the checkpoint in {run_dir} (was its config.yaml edited?): "
                           f"{e}") from None
 
 
-def check_resume_overrides(saved: Any, cfg: Any, run_dir: str | Path) -> None:
+def check_resume_overrides(saved: Any, cfg: Any, run_dir: str | Path, fix: Optional[str] = None) -> None:
     """A resumed run continues what its checkpoint was trained as: overrides may change how long and how it trains
     (`train.*` but the seed, `eval.*`, env workers, where replay lives) and where its data lives, never the model,
-    the env or the data it learns from."""
+    the env or the data it learns from. `fix`: the way out the error gives instead of a new run's."""
     old, new = OmegaConf.structured(saved), OmegaConf.structured(cfg)
     keys = _keys(old)
     for key in keys:
         before, after = OmegaConf.select(old, key), OmegaConf.select(new, key)
         if OmegaConf.is_dict(before) or (key.startswith(RESUMABLE) and key not in FIXED) or before == after:
             continue
+        if fix:
+            raise ConfigError(f"{key}={after!r} differs from what {run_dir} trained with ({before!r}); {fix}")
         if key in FIXED:
             raise ConfigError(f"{key}={after!r} differs from what {run_dir} trained with ({before!r}); the seed picks "
                               "the data a run learns from, so a resume keeps it: start a new run (--run-dir NEW) to "

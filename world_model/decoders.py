@@ -42,6 +42,7 @@ class SpatialBroadcastDecoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, slots: torch.Tensor) -> Decoded:
+        """slots `b k d` -> each slot's rgb `b k 3 h w` and masks `b k 1 h w` (softmax over slots), and their blend."""
         b, k, d = slots.shape
         x = slots.reshape(b * k, 1, 1, d).expand(-1, self.init_size, self.init_size, -1)
         x = rearrange(self.pos(x), "bk h w d -> bk d h w")

@@ -114,13 +114,15 @@ def write_video(frames: np.ndarray, path: Path, fps: int = 8) -> Path:
         return gif
 
 
-def edit_values(model, slot: int, var: int, value: str) -> list[int]:
-    """The code values an edit decodes (VALUE "all": every code), after checking that `model` can be edited there."""
+def edit_values(model, slot: str, var: str, value: str) -> list[int]:
+    """The code values an edit decodes (VALUE "all": every code), after checking that `model` can be edited there
+    (SLOT VAR VALUE as typed; anything but an index in range is refused)."""
     vq = model.encoder.vq
     if vq is None or not isinstance(model, SlotAutoencoder):
         raise UsageError("--edit needs a discovery run with a VQ encoder (task=discovery model.vq.enabled=true)")
     k, v, c = model.encoder.cfg.num_slots, vq.num_vars, vq.num_codes
     values = list(range(c)) if value == "all" else [int(value)] if str(value).isdigit() else [-1]
+    slot, var = (int(x) if str(x).isdigit() else -1 for x in (slot, var))
     if not (0 <= slot < k and 0 <= var < v) or any(not 0 <= x < c for x in values):
         raise UsageError(f"--edit SLOT VAR VALUE out of range: slots 0..{k - 1}, vars 0..{v - 1}, values 0..{c - 1} "
                          "or all")
@@ -153,7 +155,7 @@ def load_slot_model(checkpoint: str, device: torch.device, step: Optional[int] =
 
     command = schema_command(Path(checkpoint) / "config.yaml")
     if command not in ("train-wm", "train"):  # a pretraining run, or none: load_run says which
-        cfg, model, state = load_run(checkpoint, device, step)
+        cfg, model, state = load_run(checkpoint, device, step, made_by="`run.py pretrain`, `train-wm` or `train`")
         return SimpleNamespace(model=model, resolution=cfg.data.resolution, model_cfg=cfg.model, step=state["step"],
                                trained_env=(state.get("frames") or {}).get("env"), pretrain_cfg=cfg)
     if command == "train-wm":
@@ -171,8 +173,8 @@ def load_slot_model(checkpoint: str, device: torch.device, step: Optional[int] =
 
 
 def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8, seed: int = 0, device: str = "cpu",
-              edit: Optional[tuple[int, int, str]] = None, tensorboard: bool = True,
-              clevr_root: Optional[str] = None, step: Optional[int] = None) -> dict:
+              edit: Optional[tuple[str, str, str]] = None, clevr_root: Optional[str] = None,
+              step: Optional[int] = None) -> dict:
     """Write per-frame decomposition PNGs, a video of the sequence and tensorboard images to `out_dir`. The run
     may be a pretraining run, or a world-model or agent run (their slot encoder and decoder). `env` None: the game
     the run trained on, or CLEVR-like scenes for a run pretrained on CLEVR; `clevr_root`: scenes of that CLEVR v1.0
@@ -201,7 +203,7 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
     if env == "clevr" and cfg is None:
         raise UsageError(f"{checkpoint} is a world-model or agent run, trained on {run.trained_env or 'game'} frames: "
                          "show it --env crafter or nethack (--env clevr takes a pretraining run)")
-    values = None if edit is None else edit_values(model, int(edit[0]), int(edit[1]), edit[2])  # before any output
+    values = None if edit is None else edit_values(model, *edit)  # before any output
     if run.trained_env and run.trained_env != env:
         print(f"note: {checkpoint} was trained on {run.trained_env} frames, shown {env} frames here", file=sys.stderr)
     elif run.pretrain_cfg is not None and run.pretrain_cfg.data.source in ("generated", "clevr") and env != "clevr":
@@ -225,47 +227,42 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
                   "episode's first frame", file=sys.stderr)
     with fixed_rng(seed, dev):  # the slots' initial noise: the same pictures on every call
         result = {k: None if v is None else v.cpu() for k, v in decompose(model, images.to(dev), carry, starts).items()}
-    # an earlier visualize's frames and log, which could outnumber or mix with this one's: replaced once this one is
-    stale = [*out.glob("frame_*.png"), *(out / "tb").glob("events.*")]  # computed
+    # an earlier visualize's frames, edits, codes and log, which could outnumber or mix with this one's: replaced
+    # once this one is computed
+    stale = [*out.glob("frame_*.png"), *out.glob("edit_*.png"), *out.glob("codes.npy"), *(out / "tb").glob("events.*")]
     for path in stale:
         path.unlink()
     if stale:
-        print(f"note: replaced an earlier visualize's frames and tensorboard log in {out}", file=sys.stderr)
-    writer = None
-    if tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
+        print(f"note: replaced an earlier visualize's pictures and tensorboard log in {out}", file=sys.stderr)
+    from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tb"))
-    written = []
-    for t in range(images.shape[0]):
-        picture = decomposition_picture(images[t:t + 1], result["masks"][t:t + 1],
-                                        None if result["recon"] is None else result["recon"][t:t + 1],
-                                        None if result["rgb"] is None else result["rgb"][t:t + 1], max_images=1)
-        path = out / f"frame_{t:04d}.png"
-        save_png(picture, path)
-        written.append(path)
-        if writer is not None:
+    with SummaryWriter(str(out / "tb")) as writer:  # closed, with what it holds written, on an error too
+        written = []
+        for t in range(images.shape[0]):
+            picture = decomposition_picture(images[t:t + 1], result["masks"][t:t + 1],
+                                            None if result["recon"] is None else result["recon"][t:t + 1],
+                                            None if result["rgb"] is None else result["rgb"][t:t + 1], max_images=1)
+            path = out / f"frame_{t:04d}.png"
+            save_png(picture, path)
+            written.append(path)
             writer.add_image("slots/decomposition", picture, global_step=t)
-    video = write_video(video_frames(images, result), out / f"{env}_slots")
-    summary = {"checkpoint": checkpoint, "step": run.step, "env": env, "frames": images.shape[0],
-               "pngs": len(written), "video": str(video), "slots": run.model_cfg.slots,
-               "num_slots": run.model_cfg.num_slots}
-    if result["recon"] is None:
-        summary["note"] = ("a set-prediction run has no decoder: the masks are the slots' attention maps and there is "
-                           "no reconstruction")
-    if result["codes"] is not None:
-        np.save(out / "codes.npy", result["codes"].numpy())  # t k v
-    if values is not None:
-        slot, var, value = edit
-        with fixed_rng(seed, dev):
-            grid = edit_codes(model, images[: min(4, len(images))].to(dev), int(slot), int(var), values).cpu()
-        path = out / f"edit_slot{slot}_var{var}_{value}.png"
-        picture = labeled(upscale(grid, images.shape[-1]), edit_labels(int(slot), int(var), values), images.shape[-1])
-        save_png(picture, path)
-        summary["edit"] = str(path)
-        if writer is not None:
+        video = write_video(video_frames(images, result), out / f"{env}_slots")
+        summary = {"checkpoint": checkpoint, "step": run.step, "env": env, "frames": images.shape[0],
+                   "pngs": len(written), "video": str(video), "slots": run.model_cfg.slots,
+                   "num_slots": run.model_cfg.num_slots}
+        if result["recon"] is None:
+            summary["note"] = ("a set-prediction run has no decoder: the masks are the slots' attention maps and "
+                               "there is no reconstruction")
+        if result["codes"] is not None:
+            np.save(out / "codes.npy", result["codes"].numpy())  # t k v
+        if values is not None:
+            slot, var, value = (int(edit[0]), int(edit[1]), edit[2])
+            with fixed_rng(seed, dev):
+                grid = edit_codes(model, images[: min(4, len(images))].to(dev), slot, var, values).cpu()
+            path = out / f"edit_slot{slot}_var{var}_{value}.png"
+            picture = labeled(upscale(grid, images.shape[-1]), edit_labels(slot, var, values), images.shape[-1])
+            save_png(picture, path)
+            summary["edit"] = str(path)
             writer.add_image("slots/edit", picture, global_step=0)
-    if writer is not None:
-        writer.close()
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

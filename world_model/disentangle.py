@@ -285,14 +285,14 @@ def save_code_heatmaps(tables: dict, out_dir: str | Path, info: Optional[dict] =
     return paths + [summary_path]
 
 
-def disentanglement(run_dir: str, out_dir: str, n_images: int = 1000, device="cpu", match: str = "auto",
+def disentanglement(run_dir: str, out_dir: str, n_images: int = 1000, device="cpu",
                      clevr_root: Optional[str] = None, step: Optional[int] = None) -> dict:
     """`run.py visualize --codes`: code/property heatmaps and NMI summary of a VQ run on held-out scenes (those of
     `clevr_root`, a CLEVR v1.0 directory, when given); `step`: its checkpoint kept at that evaluation."""
     device = resolve_device(device) if isinstance(device, str) else device
     cfg, model, state = load_run(run_dir, device, step)
     use_clevr_root(cfg, clevr_root, run_dir)
-    data = collect_code_properties(model, cfg, device, n_images, match=match)
+    data = collect_code_properties(model, cfg, device, n_images)
     if len(data["codes"]) == 0:
         raise UsageError(f"no slot was matched to an object in {data['images']} images")
     tables = code_property_tables(data["codes"], data["properties"], data["num_codes"], data["property_names"])

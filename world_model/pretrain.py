@@ -7,6 +7,7 @@ comes from the torch RNG saved in every checkpoint, so `--resume` continues bit-
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import asdict
@@ -28,8 +29,8 @@ from .config import ConfigError, PretrainConfig, check_against_checkpoint, load_
 from .losses import hungarian_huber_loss
 from .metrics import clevr_ap_table, fg_ari, setpred_accuracy
 from .perception import SetPredictor, SlotAutoencoder
-from .rundir import (MetricLogger, RunDir, evaluation_due, fixed_rng, resolve_device, resumed_length, restore_rng,
-                     rng_states, shown, start_run, stopped_evaluation, this_ranks)
+from .rundir import (MetricLogger, RunDir, claimed_run, evaluation_due, fixed_rng, resolve_device, resumed_length,
+                     restore_rng, rng_states, shown, stopped_evaluation, this_ranks)
 from .slots.vq import temperature
 from .sources import (EVAL_CHUNK, EVAL_SEED, ClevrScenes, EpisodeFrames, check_source, eval_batches, make_source,
                       train_batches, use_clevr_root)
@@ -160,36 +161,9 @@ def log_images(logger: MetricLogger, step: int, cfg: PretrainConfig, batch: dict
     logger.image(step, "slots/decomposition", picture)
 
 
-def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: bool = True) -> dict:
-    """Train (or continue) a run; returns the last evaluation (rank 0's, under torchrun).
-
-    Under torchrun the model is wrapped in DistributedDataParallel and train.batch_size is the global batch,
-    split evenly over the ranks; rank 0 evaluates, logs and writes checkpoints, which hold every rank's RNG
-    state, so a run resumes at any world size (exactly when the world size is unchanged)."""
-    from tqdm import tqdm
-
-    t = cfg.train
-    preflight(cfg)  # `run.py pretrain` has run it already; a caller from Python has not
-    run, device = start_run(run_dir, resume, t.device, t.threads, t.seed)
-    model = build_model(cfg).to(device, memory_format=torch.channels_last)  # `bench pretrain`: faster on CPU and GPU
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    step, skipped = 0, 0
-    means = StepMeans()  # the updates since the last log row
-    if resume:
-        state = run.load_checkpoint(map_location=device, keys=("model", "optimizer", "step", "skipped", "rng"))
-        check_against_checkpoint(cfg, state, run.path)
-        run.restore(model, state, "model")
-        run.restore_optimizer(opt, state, "optimizer")
-        step, skipped = state["step"], state["skipped"]
-        restore_rng(state["rng"], t.seed, step)
-        means.load_state_dict(this_ranks(state.get("log_means"), {}))
-        t.steps = resumed_length(step, t.steps, "train.steps", state)
-        was = state.get("world_size", 1)
-        if was != distributed.world_size() and distributed.is_main():
-            print(f"note: the run stopped with {was} process{'es' * (was > 1)} and goes on with "
-                  f"{distributed.world_size()}: each batch is the same train.batch_size images, split among them",
-                  file=sys.stderr)
-    # the data first: a bad data path fails before the run directory gets a config
+def _open_data(cfg: PretrainConfig, device: torch.device, resume: bool, progress: bool, step: int):
+    """The training data, a CLEVR eval split's held-out scenes (read once for every evaluation; None for the other
+    sources) and what a checkpoint records of env frames, checked, with notes on what they hold (rank 0, new runs)."""
     source = make_source(cfg, device, sharded=True, progress=progress and distributed.is_main(), first_step=step)
     held_out = None  # a CLEVR eval split's scenes, read once for every evaluation
     if cfg.data.source == "clevr":  # the eval split's scenes and first image too: a bad split fails now, not at the end
@@ -229,16 +203,59 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
         print(f"note: the held-out episodes of {cfg.data.root} hold {out_held} of its {in_data} frames ({out_held / in_data:.0%}, "
               f"data.eval_fraction={cfg.data.eval_fraction}): collect more episodes to train on more of them",
               file=sys.stderr)
-    settled = False  # a resume whose final evaluation, if the stopped run made it, still holds
+    return source, held_out, frames
+
+
+def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: bool = True) -> dict:
+    """Train (or continue) a run; returns the last evaluation (rank 0's, under torchrun).
+
+    Under torchrun the model is wrapped in DistributedDataParallel and train.batch_size is the global batch,
+    split evenly over the ranks; rank 0 evaluates, logs and writes checkpoints, which hold every rank's RNG
+    state, so a run resumes at any world size (exactly when the world size is unchanged)."""
+    t = cfg.train
+    preflight(cfg)  # `run.py pretrain` has run it already; a caller from Python has not
+    with claimed_run(run_dir, resume, t.device, t.threads, t.seed) as (run, device, cleanup):
+        return _pretrain(cfg, run, device, resume, progress, cleanup)
+
+
+def _pretrain(cfg: PretrainConfig, run: RunDir, device: torch.device, resume: bool, progress: bool,
+              cleanup: contextlib.ExitStack) -> dict:
+    """The body of `pretrain`, in a run directory it has claimed; `cleanup` closes what it opens."""
+    from tqdm import tqdm
+
+    t = cfg.train
+    model = build_model(cfg).to(device, memory_format=torch.channels_last)  # `bench pretrain`: faster on CPU and GPU
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    step, skipped = 0, 0
+    means = StepMeans()  # the updates since the last log row
+    if resume:
+        state = run.load_checkpoint(map_location=device, keys=("model", "optimizer", "step", "skipped", "rng"))
+        check_against_checkpoint(cfg, state, run.path)
+        run.restore(model, state, "model")
+        run.restore_optimizer(opt.load_state_dict, state, "optimizer")
+        step, skipped = state["step"], state["skipped"]
+        restore_rng(state["rng"], t.seed, step)
+        means.load_state_dict(this_ranks(state.get("log_means"), {}))
+        t.steps = resumed_length(step, t.steps, "train.steps", state)
+        was = state.get("world_size", 1)
+        if was != distributed.world_size() and distributed.is_main():
+            print(f"note: the run stopped with {was} process{'es' * (was > 1)} and goes on with "
+                  f"{distributed.world_size()}: each batch is the same train.batch_size images, split among them",
+                  file=sys.stderr)
+    # the data first: a bad data path fails before the run directory gets a config
+    source, held_out, frames = _open_data(cfg, device, resume, progress, step)
+    settings = {"frames": frames, "eval_images": cfg.data.eval_images}  # what the evaluations depend on
+    checkpointed = None
     if resume:
         check_frames_resume(state.get("frames", frames), frames, cfg.data.root)
-        settled = (state.get("frames", frames) == frames
-                   and state.get("config", {}).get("data", {}).get("eval_images") == cfg.data.eval_images)
+        checkpointed = {"frames": state.get("frames", frames),
+                        "eval_images": state.get("config", {}).get("data", {}).get("eval_images")}
     save_config(cfg, run.config_path)
 
     parallel = distributed.wrap(model, device)
     step_model = torch.compile(parallel, mode=cfg.train.compile_mode) if cfg.train.compile else parallel
     logger = MetricLogger(run, start_step=step)
+    cleanup.callback(logger.close)
     last_eval: dict = {}
 
     def checkpoint(evaluated: bool = False) -> None:
@@ -252,6 +269,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
 
     bar = tqdm(total=cfg.train.steps, initial=step, desc=f"pretrain {cfg.task}/{cfg.model.slots}",
                disable=not progress or not distributed.is_main(), dynamic_ncols=True)
+    cleanup.callback(bar.close)
     t_last, images = time.perf_counter(), 0  # images trained on since the last log row, over all ranks
     stream = train_batches(source, cfg, step)
     pool = getattr(source, "pool", None)
@@ -262,7 +280,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
             result = evaluate(model, cfg, device, cfg.data.eval_images, progress=not bar.disable, picture=True,
                               batches=held_out.sequential(EVAL_CHUNK) if held_out is not None else None)
         logger.image(step, "slots/held_out", result.pop("_picture"))
-        logger.scalars(step, result, prefix="eval/")
+        logger.evaluation(step, result, settings)
         bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
         return result
 
@@ -315,12 +333,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str, resume: bool = False, progress: 
                 with stops.at_once():
                     last_eval = evaluated()
     if not last_eval and distributed.is_main():  # a finished run resumed, or one stopped during its final evaluation
-        last_eval = logger.logged(step, "eval/") if settled else {}  # a finished run's, not run and logged twice
+        last_eval = logger.final_evaluation(step, settings, checkpointed)  # not run and logged twice
         if not last_eval:
             last_eval = evaluated()
-    bar.close()
-    logger.close()
-    run.release()
     return last_eval
 
 
@@ -402,13 +417,15 @@ def evaluate_run(run_dir: str, data: Optional[str] = None, clevr_root: Optional[
     return result
 
 
-def load_run(run_dir: str, device: torch.device, step: Optional[int] = None) -> tuple[PretrainConfig, nn.Module, dict]:
+def load_run(run_dir: str, device: torch.device, step: Optional[int] = None,
+             made_by: str = "") -> tuple[PretrainConfig, nn.Module, dict]:
     """Model and config of a pretraining run directory (for evaluation and visualization): its latest checkpoint, or
-    the one kept at evaluation step `step` (train.keep_checkpoints)."""
+    the one kept at evaluation step `step` (train.keep_checkpoints). `made_by`: the commands whose runs the caller
+    takes, as a missing run's error names them."""
     run = RunDir(run_dir, step)
-    cfg = load_run_config("pretrain", run_dir)
+    cfg = load_run_config("pretrain", run_dir, made_by=made_by)
     state = run.load_checkpoint(map_location=device, keys=("model", "step"))
-    check_against_checkpoint(cfg, state, run_dir)
+    check_against_checkpoint(cfg, state, run_dir, evaluating=True)
     model = build_model(cfg).to(device)
     run.restore(model, state, "model")
     model.eval()

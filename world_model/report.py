@@ -12,8 +12,8 @@ from .rundir import read_jsonl
 
 
 def last_evaluation(run_dir: str | Path) -> tuple[str, int, dict]:
-    """A run's command, the step of its last evaluation and that evaluation's scores (`eval/` in metrics.jsonl,
-    the prefix dropped); ({} and step 0 while it has none)."""
+    """A run's command, the step of its last evaluation and that evaluation's scores (the last `eval/` row of
+    metrics.jsonl, the prefix dropped); ({} and step 0 while it has none)."""
     command = schema_command(Path(run_dir) / "config.yaml")
     if command is None:
         load_run_config("pretrain", run_dir, made_by="`run.py pretrain`, `train-wm` or `train`")  # what it is instead
@@ -21,8 +21,7 @@ def last_evaluation(run_dir: str | Path) -> tuple[str, int, dict]:
     rows = [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if any(k.startswith("eval/") for k in r)]
     if not rows:
         return command, 0, {}
-    step = rows[-1]["step"]
-    return command, step, {k[5:]: v for r in rows if r["step"] == step for k, v in r.items() if k.startswith("eval/")}
+    return command, rows[-1]["step"], {k[5:]: v for k, v in rows[-1].items() if k.startswith("eval/")}
 
 
 def _describe(command: str, cfg) -> dict:
@@ -119,7 +118,8 @@ def comparison_table(runs: list[str]) -> str:
         return f"{name:<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, cols))
 
     rule = "-" * (width + sum(w + 2 for w in cols))
-    sizes = {k: {scores.get(k) for _, _, _, scores in found} for k in SAMPLE_SIZES if k in keys}
+    sizes = {k: {scores.get(k) for _, _, _, scores in found if scores} for k in SAMPLE_SIZES if k in keys}  # of the
+    # runs that evaluated (the others' column is "-", with a note of its own)
     unequal = [f"{k} ({', '.join(cells)})" for k, cells in body if k in sizes and len(sizes[k]) > 1]
     notes = [f"note: evaluated on unequal samples: {'; '.join(unequal)}"] if unequal else []
     if missing:  # a run still on its way to its first evaluation: a column of '-'

@@ -1,7 +1,9 @@
 """One directory per run: resolved config, atomic checkpoints, JSONL metrics beside tensorboard.
 
-Layout: `config.yaml`, `checkpoints/latest.pt`, `metrics.jsonl`, `tb/` (tensorboard events), `train.pid` (the
-process training in it).
+Layout: `config.yaml`, `checkpoints/latest.pt` (and `checkpoints/step_N.pt` kept at evaluations with
+train.keep_checkpoints), `metrics.jsonl`, `tb/` (tensorboard events), `evaluated.json` (the step and settings of the
+last evaluation logged), `train.pid` (the process training in it); an
+agent run adds `stats.jsonl` and `eval_stats.jsonl` (its episodes) and `replay/` (its replay with each checkpoint).
 Checkpoints are written to a temporary file and renamed over the old one, so killing the process at
 any moment leaves either the previous or the new checkpoint, never a torn one.
 """
@@ -19,7 +21,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -238,7 +240,7 @@ class RunDir:
         with contextlib.suppress(OSError, ValueError):
             if pid_path.read_text().split() == [socket.gethostname(), str(os.getpid())]:
                 pid_path.unlink()
-        if getattr(self, "created", False):
+        if self.created:
             with contextlib.suppress(OSError):
                 self.path.rmdir()  # only if empty
         if self in _CLAIMED:
@@ -292,8 +294,18 @@ class RunDir:
         try:
             state = torch.load(self.ckpt_path, map_location=map_location, weights_only=False)
         except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
-            raise RunDirError(f"{self.ckpt_path} is damaged and cannot be read ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else 'empty'})") from None
+            why = str(e).splitlines()[0].split(". ")[0] if str(e) else "empty"  # torch's first sentence
+            kept = [s for s in self.kept_steps() if s != self.step]
+            others = f" (kept: {', '.join(map(str, kept))})" if kept else ""
+            if self.step is not None:  # a kept one: the latest, or another kept one, may serve
+                way = f": read the latest checkpoint (no --step) or another kept one{others}"
+            elif kept:
+                way = (f": copy checkpoints/step_{kept[-1]}.pt over it to resume from that step, or read a kept "
+                       f"checkpoint with --step N{others}")
+            else:
+                way = ": the run cannot go on from it; train again in a new --run-dir"
+            raise RunDirError(f"{self.ckpt_path} is damaged and cannot be read ({type(e).__name__}: {why}){way}"
+                              ) from None
         missing = [k for k in keys if not isinstance(state, dict) or k not in state]
         if missing:
             raise RunDirError(f"{self.ckpt_path} lacks {', '.join(missing)}: it is not a checkpoint of the command "
@@ -312,12 +324,12 @@ class RunDir:
                               ) from None
 
 
-    def restore_optimizer(self, opt: torch.optim.Optimizer, state: dict, key: str) -> None:
-        """`opt.load_state_dict(state[key])`, with a one-line error when the checkpoint's optimizer held other
-        parameters than the model trains now (e.g. a run with `model.implicit_grad=true` from before its initial-slot
-        parameters were frozen)."""
+    def restore_optimizer(self, load: Callable[[dict], None], state: dict, key: str) -> None:
+        """`load(state[key])` (an optimizer's `load_state_dict`, or the actor-critic's `load_optimizer_state`), with a
+        one-line error when the checkpoint's optimizer held other parameters than the model trains now (e.g. a run
+        with `model.implicit_grad=true` from before its initial-slot parameters were frozen)."""
         try:
-            opt.load_state_dict(state[key])
+            load(state[key])
         except ValueError as e:
             raise RunDirError(f"{self.ckpt_path}: its '{key}' state does not fit the parameters this model trains "
                               f"({str(e).splitlines()[0]}); was the run started by an older version, or did an "
@@ -383,6 +395,7 @@ class MetricLogger:
     def __init__(self, run: RunDir, start_step: int = 0, enabled: Optional[bool] = None):
         self.enabled = enabled = distributed.is_main() if enabled is None else enabled
         self.jsonl_path = run.path / "metrics.jsonl"
+        self.evaluated_path = run.path / "evaluated.json"  # the step and settings of the last evaluation logged
         self.writer, self._tb = None, (run.path / "tb", start_step + 1 if start_step > 0 else None)  # dir, purge step
         if enabled and start_step > 0:
             if self.jsonl_path.is_file():
@@ -409,13 +422,38 @@ class MetricLogger:
         with self.jsonl_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
+    def evaluation(self, step: int, result: dict[str, float], settings: dict) -> None:
+        """Log an evaluation's scores under eval/ and record beside them the settings it ran with, which a finished
+        run resumed compares (`final_evaluation`)."""
+        self.scalars(step, result, prefix="eval/")
+        if self.enabled:
+            text = json.dumps({"step": step, "settings": settings})
+            atomic_write(self.evaluated_path, lambda f: f.write(text.encode()))
+
+    def final_evaluation(self, step: int, settings: dict, checkpointed: Optional[dict]) -> dict:
+        """A finished run resumed: its final evaluation as logged at `step` if it ran with `settings`, else {} (it
+        runs again). The settings it ran with are those recorded beside it, or, for a run from before that record,
+        its checkpoint's (`checkpointed`; None: no checkpoint was read)."""
+        now = json.loads(json.dumps(settings))  # tuples as lists, as they read back
+        try:
+            record = json.loads(self.evaluated_path.read_text())
+        except (OSError, ValueError):  # none recorded (a run from before the record), or a damaged one
+            record = None
+        if isinstance(record, dict):
+            ran = record.get("settings") if record.get("step") == step else None
+        else:
+            ran = None if checkpointed is None else json.loads(json.dumps(checkpointed))
+        return self.logged(step, "eval/") if ran == now else {}
+
     def logged(self, step: int, prefix: str) -> dict:
-        """What was logged at `step` under `prefix` (the prefix stripped): a finished run that resumes reads its final
-        evaluation back instead of running (and logging) it twice."""
+        """What the last row logged at `step` under `prefix` holds (the prefix stripped): a finished run that resumes
+        reads its final evaluation back instead of running (and logging) it twice; the last, where it ran again with
+        other settings."""
         if not self.enabled or not self.jsonl_path.is_file():
             return {}
-        return {k[len(prefix):]: v for row in read_records(self.jsonl_path) if row.get("step") == step
-                for k, v in row.items() if k.startswith(prefix)}
+        rows = [row for row in read_records(self.jsonl_path) if row.get("step") == step
+                and any(k.startswith(prefix) for k in row)]
+        return {k[len(prefix):]: v for k, v in rows[-1].items() if k.startswith(prefix)} if rows else {}
 
     def image(self, step: int, tag: str, image: torch.Tensor) -> None:
         """image `3 h w` in [0, 1]."""
@@ -507,6 +545,17 @@ def start_run(run_dir: str | Path, resume: bool, device: str, threads: int, seed
         torch.set_num_threads(threads)
     seed_everything(rank_seed(seed))
     return run, dev
+
+
+@contextlib.contextmanager
+def claimed_run(run_dir: str | Path, resume: bool, device: str, threads: int, seed: int
+                ) -> Iterator[tuple["RunDir", torch.device, contextlib.ExitStack]]:
+    """`start_run` for the length of a training loop: yields the run, its device and an ExitStack for what the loop
+    opens (logs, bars, envs), which closes them and then releases the run's claim, on an error too."""
+    run, dev = start_run(run_dir, resume, device, threads, seed)
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(run.release)
+        yield run, dev, cleanup
 
 
 def set_precision(device: torch.device) -> None:

@@ -289,15 +289,15 @@ def use_clevr_root(cfg: PretrainConfig, clevr_root: Optional[str], run_dir: str,
                             f"{whose} is read there)")
 
 
-def make_source(cfg: PretrainConfig, device: torch.device, split: Optional[str] = None, max_images=None,
-                sharded: bool = False, progress: bool = False, first_step: int = 0):
+def make_source(cfg: PretrainConfig, device: torch.device, sharded: bool = False, progress: bool = False,
+                first_step: int = 0):
     """The training data; `sharded`: each batch is this rank's share of the global batch (under torchrun);
     `first_step`: where training starts (a scene pool renders what that step needs first, with a progress bar
     when `progress`)."""
     if cfg.data.source == "clevr":
-        return ClevrScenes(cfg, split or cfg.data.split, device, max_images, sharded)
+        return ClevrScenes(cfg, cfg.data.split, device, sharded=sharded)
     if cfg.data.source == "frames":
-        return EpisodeFrames(cfg, split or "train", device, sharded)
+        return EpisodeFrames(cfg, "train", device, sharded)
     return GeneratedScenes(cfg, device, sharded, progress, first_step)
 
 

@@ -6,6 +6,7 @@ so `--resume` continues exactly; the last episodes (data.eval_fraction of the st
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -38,8 +39,8 @@ from .sources import TRAIN_STREAM, stream_seed
 from .stopping import StepStops
 from .updates import StepMeans, autocast, guarded_update, lr_factor, tally_update
 from .perception import SlotAutoencoder
-from .rundir import (MetricLogger, RunDir, check_out_dir, evaluation_due, fixed_rng, resumed_length, resolve_device,
-                     rng_state, set_rng_state, shown, start_run, step_suffix, stopped_evaluation)
+from .rundir import (MetricLogger, RunDir, check_out_dir, claimed_run, evaluation_due, fixed_rng, resumed_length,
+                     resolve_device, rng_state, set_rng_state, shown, step_suffix, stopped_evaluation)
 from .visualize import prediction_grid, save_png
 from .wm import Encoded, WorldModel, frames_to_input
 
@@ -60,12 +61,13 @@ def dataset_meta(cfg: WorldModelConfig) -> dict:
     return meta
 
 
-def split_dataset(cfg: WorldModelConfig, seed: int = 0, all_held_out: bool = False
+def split_dataset(cfg: WorldModelConfig, seed: int = 0, all_held_out: bool = False, training: bool = True
                   ) -> tuple[ReplayBuffer, ReplayBuffer, dict]:
     """Replay buffers of the training and held-out episodes of an episode dataset, and its meta (plus `held_out`:
     the held-out episodes' file names, `status_vars`: the status tokens beside each frame, or 0, and `left_out`:
     the training steps beyond `data.capacity`, the oldest, which are not loaded). `all_held_out`: every episode
-    is held out (a world model that never trained on the dataset, an agent's), none trains."""
+    is held out (a world model that never trained on the dataset, an agent's), none trains. `training`: a run's
+    eval.* settings may change (not in `eval-wm`, which evaluates as the run trained)."""
     root, meta = cfg.data.root, dataset_meta(cfg)
     paths = episode_paths(root)
     lengths = [episode_length(p) for p in paths]
@@ -110,9 +112,10 @@ def split_dataset(cfg: WorldModelConfig, seed: int = 0, all_held_out: bool = Fal
         raise DataError(f"{root}: the training episodes are single steps; a world model learns from two or more")
     length, keys = cfg.eval.context + max(cfg.eval.horizons), "eval.context + max(eval.horizons)"
     if held_out.longest_episode() < length:  # evaluation windows are whole
-        raise DataError(f"{root}: the held-out (the last {n_eval}) episodes are at most {held_out.longest_episode()} "
-                        f"steps long, shorter than the {length} steps of {keys}; collect longer episodes or lower "
-                        "eval.context")
+        which = "the episodes" if all_held_out else f"the held-out (the last {n_eval}) episodes"
+        fix = "or lower eval.context" if training else "(this run evaluates with the context and horizons it has)"
+        raise DataError(f"{root}: {which} are at most {held_out.longest_episode()} steps long, shorter than the "
+                        f"{length} steps of {keys}; collect longer episodes {fix}")
     return train, held_out, {**meta, "held_out": [p.name for p in paths[n_train:]], "status_vars": status_vars(spec),
                              "left_out": sum(lengths[:n_train]) - min(kept, cfg.data.capacity)}
 
@@ -364,7 +367,14 @@ def _open_loop_scores(wm: WorldModel, batch: dict, c, frames: bool, status_names
 def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress: bool = True) -> dict:
     """Train (or continue) a world-model run; returns the last evaluation."""
     t = cfg.train
-    run, device = start_run(run_dir, resume, t.device, t.threads, t.seed)
+    with claimed_run(run_dir, resume, t.device, t.threads, t.seed) as (run, device, cleanup):
+        return _train_wm(cfg, run, device, resume, progress, cleanup)
+
+
+def _train_wm(cfg: WorldModelConfig, run: RunDir, device: torch.device, resume: bool, progress: bool,
+              cleanup: contextlib.ExitStack) -> dict:
+    """The body of `train_wm`, in a run directory it has claimed; `cleanup` closes what it opens."""
+    t = cfg.train
     train_buf, held_out, meta = split_dataset(cfg, cfg.train.seed)
     if meta["left_out"] and distributed.is_main():
         print(f"note: the oldest {meta['left_out']} of the {meta['left_out'] + cfg.data.capacity} training steps in "
@@ -383,7 +393,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
         if status > meta["status_vars"]:
             raise DataError(f"this run reads {status} status tokens beside each frame; the episodes of "
                             f"{cfg.data.root} have {meta['status_vars']}: collect them again")
-    wm = build_wm_for(cfg, int(meta["num_actions"]), device, status, restoring=run_dir if resume else None,
+    wm = build_wm_for(cfg, int(meta["num_actions"]), device, status, restoring=run.path if resume else None,
                       env=meta["env"])
     if not resume and not cfg.encoder.checkpoint and distributed.is_main():
         print("note: no encoder.checkpoint: a fresh slot encoder trains jointly with the world model "
@@ -393,12 +403,13 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
     params = [p for p in wm.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.train.lr)
     step = skipped = 0
-    settled = False  # a resume whose final evaluation, if the stopped run made it, still holds
+    settings = {"held_out": meta["held_out"], "eval": asdict(cfg.eval)}  # what the evaluations depend on
+    checkpointed = None
     means = StepMeans()  # the updates since the last log row
     if resume:
-        settled = state.get("held_out") == meta["held_out"] and state.get("config", {}).get("eval") == asdict(cfg.eval)
+        checkpointed = {"held_out": state.get("held_out"), "eval": state.get("config", {}).get("eval")}
         run.restore(wm, state, "model")
-        run.restore_optimizer(opt, state, "optimizer")
+        run.restore_optimizer(opt.load_state_dict, state, "optimizer")
         step, skipped = state["step"], state["skipped"]
         set_rng_state(state["rng"])
         means.load_state_dict(state.get("log_means", {}))
@@ -409,6 +420,7 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
                   "split", file=sys.stderr)
     save_config(cfg, run.config_path)
     logger = MetricLogger(run, start_step=step)
+    cleanup.callback(logger.close)
     vq = cfg.encoder.model.vq
     last_eval: dict = {}
 
@@ -426,11 +438,12 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
         with shown(bar, "evaluating on held-out segments", f"step {at}"):
             result = evaluate_wm(wm, held_out, cfg, device, frames=True, status_names=STATUS_NAMES.get(meta["env"], ()))
         logger.image(at, "wm/real_decoded_imagined", prediction_picture(result.pop("_frames"), cfg.eval.context))
-        logger.scalars(at, result, prefix="eval/")
+        logger.evaluation(at, result, settings)
         bar.write(f"step {at}: open-loop prediction on held-out segments\n{open_loop_table(result)}")
         return result
 
     bar = tqdm(total=cfg.train.steps, initial=step, desc="train-wm", disable=not progress, dynamic_ncols=True)
+    cleanup.callback(bar.close)
     wm.train()
     t_last, n_last = time.perf_counter(), step
     if stopped_evaluation(logger, step, cfg.train.eval_every, cfg.train.steps):
@@ -473,14 +486,11 @@ def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress
                 with stops.at_once():
                     last_eval = evaluate(step)
     if not last_eval:  # a finished run resumed (its final evaluation is in the log), or one stopped during it
-        last_eval = logger.logged(step, "eval/") if settled else {}
+        last_eval = logger.final_evaluation(step, settings, checkpointed)
         if last_eval:
             bar.write(f"step {step}: open-loop prediction on held-out segments (as logged)\n{open_loop_table(last_eval)}")
         else:
             last_eval = evaluate(step)
-    bar.close()
-    logger.close()
-    run.release()
     return last_eval
 
 
@@ -491,7 +501,7 @@ def load_wm_run(run_dir: str, device: torch.device,
     run = RunDir(run_dir, step)
     cfg = load_run_config("train-wm", run_dir)
     state = run.load_checkpoint(map_location=device, keys=("model", "num_actions"))
-    check_against_checkpoint(cfg, state, run_dir)
+    check_against_checkpoint(cfg, state, run_dir, evaluating=True)
     wm = build_wm_for(cfg, state["num_actions"], device, state.get("status_vars", 0), restoring=run_dir)
     run.restore(wm, state, "model")
     wm.eval()
@@ -546,7 +556,8 @@ def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] 
     if (meta["env"], meta.get("num_actions")) != (trained_on, state["num_actions"]):
         raise DataError(f"{cfg.data.root} holds {meta['env']} episodes with {meta.get('num_actions')} actions; this "
                         f"world model was trained on {trained_on} with {state['num_actions']}")
-    _, held_out, split_meta = split_dataset(cfg, cfg.train.seed, all_held_out=agent)  # an agent trained on none
+    _, held_out, split_meta = split_dataset(cfg, cfg.train.seed, all_held_out=agent, training=False)  # an agent
+    # trained on none
     if wm.status_vars > split_meta["status_vars"]:
         raise DataError(f"this world model reads {wm.status_vars} status tokens beside each frame; the episodes of "
                         f"{cfg.data.root} have {split_meta['status_vars']} (collected before the env gave them)")
@@ -564,9 +575,9 @@ def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] 
     named = f"eval_wm_data_{Path(os.path.abspath(data)).name}" if data else "eval_wm"  # a kept checkpoint's: beside
     out_dir = check_out_dir(out) if out else Path(checkpoint) / f"{named}{step_suffix(step)}"  # the latest one's
     out_dir.mkdir(parents=True, exist_ok=True)
-    shown = result.pop("_frames")
-    result["video"] = str(write_video(prediction_video(shown, cfg.eval.context), out_dir / "real_vs_imagined"))
-    save_png(prediction_picture(shown, cfg.eval.context), out_dir / "real_decoded_imagined.png")
+    frames = result.pop("_frames")
+    result["video"] = str(write_video(prediction_video(frames, cfg.eval.context), out_dir / "real_vs_imagined"))
+    save_png(prediction_picture(frames, cfg.eval.context), out_dir / "real_decoded_imagined.png")
     result["picture"] = str(out_dir / "real_decoded_imagined.png")
     result["step"] = state["step"]
     atomic_write(out_dir / "eval_wm.json", lambda f: f.write(json.dumps(result, indent=2).encode()))

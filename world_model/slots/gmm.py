@@ -12,6 +12,10 @@ components are tens of nats, assignments are hard from the first iteration, and 
 re-estimated pi a few components absorb every input (measured: 5 of 10 slots with < 1% mass after 1.5k
 set-prediction steps). The default T = sqrt(d) keeps the responsibilities soft, as Slot Attention's
 1/sqrt(d) logit scale does; `temperature=1.0` gives the textbook E-step.
+
+The expanded sums (x^2 beside x mu) cancel catastrophically when the features share an offset large
+against the components' spread, so both steps work on x - c, c each image's mean feature: the
+likelihoods and variances are unchanged by the shift, and mu stays in the features' own coordinates.
 """
 from __future__ import annotations
 
@@ -97,19 +101,20 @@ class SlotMixture(nn.Module):
         logits = torch.bmm(h, component_coefs(mu, logsigma, log_pi, self.log_det).transpose(1, 2))  # b n k
         return torch.softmax(logits * (1.0 / self.temperature), dim=-1)
 
-    def step(self, h, mu, logsigma, log_pi):
-        """One EM iteration on h = mixture_features(x) `b n 2d+1` (fp32): returns mu, logsigma, log_pi, probs."""
+    def step(self, h, mu, logsigma, log_pi, center: torch.Tensor | float = 0.0):
+        """One EM iteration on h = mixture_features(x - center) `b n 2d+1` (fp32), center `b 1 d` or 0: returns
+        mu, logsigma, log_pi, probs."""
         b, k, d = mu.shape
         with torch.autocast(h.device.type, enabled=False):
-            probs = self.e_step(h, _fp32(mu), logsigma, log_pi)  # b n k
-            stats = torch.bmm(probs.transpose(1, 2), h)  # b k 2d+1: sum_n p x, -sum_n p x^2/2, mass
+            probs = self.e_step(h, _fp32(mu) - center, logsigma, log_pi)  # b n k
+            stats = torch.bmm(probs.transpose(1, 2), h)  # b k 2d+1: sum_n p x, -sum_n p x^2/2, mass (x centred)
             mass = stats[..., -1:]  # b k 1
             inv_mass = torch.reciprocal(mass + self.eps)
             mean_x, neg_half_mean_x2 = (stats[..., :-1] * inv_mass).split(d, dim=-1)  # weighted means over inputs
-        mu = self.gru(mean_x.to(mu.dtype).reshape(-1, d), mu.reshape(-1, d)).reshape(b, k, d)
+        mu = self.gru((mean_x + center).to(mu.dtype).reshape(-1, d), mu.reshape(-1, d)).reshape(b, k, d)
         mu = mu + self.mlp(self.norm_mlp(mu))
         with torch.autocast(h.device.type, enabled=False):
-            mu32 = _fp32(mu)
+            mu32 = _fp32(mu) - center
             # Weighted variance around the *updated* mean, as in the seed: E_w[x^2] - 2 mu E_w[x] + mu^2
             # (mu^2 scaled by mass/(mass+eps), so an empty slot gets the clamp): -2 (-E_w[x^2]/2 + mu (E_w[x] - mu/2)).
             mu_r = torch.mul(mu32, mass * inv_mass)  # mu mass/(mass+eps)
@@ -131,13 +136,15 @@ class SlotMixture(nn.Module):
         mu, logsigma = slots.split(self.dim, dim=-1)
         with torch.autocast(x.device.type, enabled=False):
             logsigma = _fp32(logsigma)
-            h = mixture_features(_fp32(x))  # b n 2d+1, shared by every iteration
+            x32 = _fp32(x)
+            center = x32.mean(dim=1, keepdim=True).detach()  # b 1 d; the results do not depend on it
+            h = mixture_features(x32 - center)  # b n 2d+1, shared by every iteration
         k = slots.shape[1]
         log_pi = torch.full((b, k), -math.log(k), device=x.device, dtype=x.dtype)
         probs = None
         for i in range(self.iters):
             if self.implicit_grad and i == self.iters - 1:
                 mu, logsigma, log_pi = mu.detach(), logsigma.detach(), log_pi.detach()
-            mu, logsigma, log_pi, probs = self.step(h, mu, logsigma, log_pi)
+            mu, logsigma, log_pi, probs = self.step(h, mu, logsigma, log_pi, center)
         slots = torch.cat([mu, logsigma.to(mu.dtype)], dim=-1)
         return slots, probs.transpose(1, 2)

@@ -39,6 +39,7 @@ class SlotAttention(nn.Module):
         return self.init_mu + self.init_logsigma.exp() * noise
 
     def step(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One iteration: slots `b k d` attend over keys/values `b n d` -> updated slots, attention `b k n`."""
         b, n_slots, d = slots.shape
         q = self.to_q(self.norm_slots(slots))
         logits = torch.einsum("bnd,bkd->bnk", k, q) / math.sqrt(d)

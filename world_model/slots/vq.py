@@ -75,6 +75,7 @@ class SlotQuantizer(nn.Module):
         return self.embed(F.one_hot(codes, self.num_codes).float())
 
     def forward(self, slots: torch.Tensor) -> Quantized:
+        """slots `b k slot_width` -> codes, logits, KL and quantized slots (a Gumbel sample in training)."""
         if slots.shape[-1] != self.slot_width:
             raise ValueError(f"slots of width {slots.shape[-1]} into a SlotQuantizer of slot_width {self.slot_width} "
                              "(a GMM slot is concat(mu, logsigma): 2 x model.slot_dim)")
