@@ -395,6 +395,25 @@ def test_gmm_keeps_float32_precision_when_the_features_share_a_large_offset():
     torch.testing.assert_close(weights.double(), weights64, rtol=1e-3, atol=1e-4)
 
 
+def test_centred_steps_equal_the_uncentred_ones_also_for_an_empty_slot():
+    """forward works on features centred per image; in float64 it gives what `step` on the raw features gives, also
+    for a slot far from every input (mass ~ 0), whose GRU input stays the (empty) weighted mean 0, not the centre."""
+    torch.manual_seed(0)
+    m = SlotMixture(in_dim=4, num_slots=3, dim=4, iters=3, temperature=1.0).double()
+    x = torch.randn(2, 30, 4, dtype=torch.float64) + 5.0
+    init = torch.randn(2, 3, 8, dtype=torch.float64)
+    init[:, 2, :4] = 1e3  # nothing near it
+    slots, weights = m(x, init)
+    h = mixture_features(m.project(m.norm_input(x)))
+    mu, logsigma = init.split(4, -1)
+    log_pi = torch.full((2, 3), -math.log(3), dtype=torch.float64)
+    for _ in range(3):
+        mu, logsigma, log_pi, probs = m.step(h, mu, logsigma, log_pi)
+    assert float(probs[..., 2].sum(1).max().detach()) < 1e-6  # the far slot stayed empty
+    torch.testing.assert_close(slots, torch.cat([mu, logsigma], -1), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(weights, probs.transpose(1, 2), rtol=1e-9, atol=1e-9)
+
+
 def test_gmm_gradients_match_finite_differences():
     """gradcheck through two full iterations in float64: no gradient path is dropped or detached."""
     torch.manual_seed(0)
