@@ -171,7 +171,8 @@ def test_visualize_crafter_frames_and_edit(vq_run, tmp_path, capsys):
     _assert_named_columns(out / "edit_slot1_var0_all.png", vq_run, 2 + codes)  # input, reconstruction, each code
     assert np.load(out / "codes.npy").shape == (3, 4, 4)  # t k v
     capsys.readouterr()
-    for edit in (["9", "0", "1"], ["1", "0", "x"], ["a", "0", "0"], ["1", "-1", "0"]):  # refused before any output
+    # refused before any output: an index out of range, or no index at all ("\u00b2" is a digit, not a decimal)
+    for edit in (["9", "0", "1"], ["1", "0", "x"], ["a", "0", "0"], ["1", "-1", "0"], ["\u00b2", "0", "0"]):
         assert run.main(["visualize", "--checkpoint", str(vq_run), "--env", "crafter", "--frames", "1",
                          "--out", str(tmp_path / "refused"), "--edit", *edit]) == 2
         assert "out of range" in capsys.readouterr().err and not (tmp_path / "refused").exists()

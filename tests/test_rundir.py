@@ -69,6 +69,25 @@ def test_counts_are_logged_as_integers_and_read_back(tmp_path):
     assert logger.logged(4, "eval/") == {}
 
 
+def test_a_finished_runs_evaluation_is_read_back_from_the_row_its_record_names(tmp_path):
+    """evaluated.json names the row (step and time) and the settings of the last evaluation: a resume with those
+    settings reads that row back, also when a later evaluation's row follows it without its record (a crash between
+    the two writes); other settings, or a damaged record, evaluate again; a run from before the record compares its
+    checkpoint's settings and reads the last row."""
+    logger = MetricLogger(RunDir(tmp_path), enabled=True)
+    assert logger.final_evaluation(4, {"n": 8}, {"n": 8}) == {}  # nothing logged
+    logger.scalars(4, {"ap": 0.5}, prefix="eval/")  # a run from before the record
+    assert logger.final_evaluation(4, {"n": (8, 1)}, {"n": [8, 1]}) == {"ap": 0.5}  # tuples as JSON lists
+    assert logger.final_evaluation(4, {"n": 8}, {"n": 4}) == {} and logger.final_evaluation(4, {"n": 8}, None) == {}
+    logger.evaluation(4, {"ap": 0.7}, {"n": 8})
+    logger.scalars(4, {"ap": 0.9}, prefix="eval/")  # settings {"n": 2}, stopped before its record was written
+    assert logger.final_evaluation(4, {"n": 8}, None) == {"ap": 0.7}
+    assert logger.final_evaluation(4, {"n": 2}, {"n": 2}) == {} and logger.final_evaluation(5, {"n": 8}, None) == {}
+    logger.evaluated_path.write_text("{damaged")
+    assert logger.final_evaluation(4, {"n": 8}, {"n": 8}) == {}
+    logger.close()
+
+
 def test_a_damaged_metrics_log_does_not_block_a_resume(tmp_path, capsys):
     """Lines of metrics.jsonl that are not JSON rows with a step (a disk that filled, an edit by hand) are dropped with
     a warning when a run resumes; the good rows up to the checkpoint stay."""
@@ -255,7 +274,17 @@ def test_run_directory_guards(tmp_path, capsys):
     with pytest.raises(RunDirError, match=r"\): copy checkpoints/step_2.pt over it to resume from that step, or read a "
                        r"kept checkpoint with --step N \(kept: 2\)$"):
         run.load_checkpoint()
-    run.kept_path(2).unlink()
+    os.link(run.ckpt_path, run.kept_path(3))  # kept at the last evaluation: a hard link, the same damaged file
+    with pytest.raises(RunDirError, match=r"copy checkpoints/step_2.pt over it .*\(kept: 2\)$"):
+        run.load_checkpoint()
+    with pytest.raises(RunDirError, match=r"step_3.pt is damaged .*\): read another kept one \(kept: 2\)$"):
+        RunDir(run.path, step=3).load_checkpoint()
+    (run.path / "replay").mkdir()  # an agent run's: the replay its kept checkpoint names is gone
+    with pytest.raises(RunDirError, match=r"over it to resume from that step \(with --new-replay\), or read a kept"):
+        run.load_checkpoint()
+    for step in (2, 3):
+        run.kept_path(step).unlink()
+    (run.path / "replay").rmdir()
     atomic_torch_save({"wm": {}, "counters": {}}, run.ckpt_path)  # an agent's checkpoint where a pretraining one was
     assert run.load_checkpoint(keys=("wm",))["counters"] == {}
     with pytest.raises(RunDirError, match="latest.pt lacks model, step: it is not a checkpoint of the command"):

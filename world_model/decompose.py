@@ -121,8 +121,8 @@ def edit_values(model, slot: str, var: str, value: str) -> list[int]:
     if vq is None or not isinstance(model, SlotAutoencoder):
         raise UsageError("--edit needs a discovery run with a VQ encoder (task=discovery model.vq.enabled=true)")
     k, v, c = model.encoder.cfg.num_slots, vq.num_vars, vq.num_codes
-    values = list(range(c)) if value == "all" else [int(value)] if str(value).isdigit() else [-1]
-    slot, var = (int(x) if str(x).isdigit() else -1 for x in (slot, var))
+    values = list(range(c)) if value == "all" else [int(value)] if str(value).isdecimal() else [-1]
+    slot, var = (int(x) if str(x).isdecimal() else -1 for x in (slot, var))
     if not (0 <= slot < k and 0 <= var < v) or any(not 0 <= x < c for x in values):
         raise UsageError(f"--edit SLOT VAR VALUE out of range: slots 0..{k - 1}, vars 0..{v - 1}, values 0..{c - 1} "
                          "or all")
@@ -229,7 +229,8 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
         result = {k: None if v is None else v.cpu() for k, v in decompose(model, images.to(dev), carry, starts).items()}
     # an earlier visualize's frames, edits, codes and log, which could outnumber or mix with this one's: replaced
     # once this one is computed
-    stale = [*out.glob("frame_*.png"), *out.glob("edit_*.png"), *out.glob("codes.npy"), *(out / "tb").glob("events.*")]
+    stale = [*out.glob("frame_*.png"), *out.glob("edit_*.png"), *out.glob("codes.npy"), *out.glob("*_slots.mp4"),
+             *out.glob("*_slots.gif"), *(out / "tb").glob("events.*")]
     for path in stale:
         path.unlink()
     if stale:

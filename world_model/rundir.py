@@ -46,9 +46,9 @@ def checkpoint_step(path: Path) -> Optional[int]:
     loaded; None when it cannot be read."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError):
+        return state_step(state) if isinstance(state, dict) else None
+    except Exception:  # whatever keeps it from being read (also in a message of last resort, as Ctrl-C's): None
         return None
-    return state_step(state) if isinstance(state, dict) else None
 
 
 def state_step(state: dict) -> Optional[int]:
@@ -295,22 +295,34 @@ class RunDir:
             state = torch.load(self.ckpt_path, map_location=map_location, weights_only=False)
         except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
             why = str(e).splitlines()[0].split(". ")[0] if str(e) else "empty"  # torch's first sentence
-            kept = [s for s in self.kept_steps() if s != self.step]
-            others = f" (kept: {', '.join(map(str, kept))})" if kept else ""
-            if self.step is not None:  # a kept one: the latest, or another kept one, may serve
-                way = f": read the latest checkpoint (no --step) or another kept one{others}"
-            elif kept:
-                way = (f": copy checkpoints/step_{kept[-1]}.pt over it to resume from that step, or read a kept "
-                       f"checkpoint with --step N{others}")
-            else:
-                way = ": the run cannot go on from it; train again in a new --run-dir"
-            raise RunDirError(f"{self.ckpt_path} is damaged and cannot be read ({type(e).__name__}: {why}){way}"
-                              ) from None
+            raise RunDirError(f"{self.ckpt_path} is damaged and cannot be read ({type(e).__name__}: {why})"
+                              f"{self._past_damage()}") from None
         missing = [k for k in keys if not isinstance(state, dict) or k not in state]
         if missing:
             raise RunDirError(f"{self.ckpt_path} lacks {', '.join(missing)}: it is not a checkpoint of the command "
                               "that made this run")
         return state
+
+    def _past_damage(self) -> str:
+        """The way on that a damaged checkpoint's error gives: the other checkpoints the run keeps (a kept one is a hard
+        link to what latest.pt was at its step: the same file, and as damaged, while the run has not gone on)."""
+        def same(a: Path, b: Path) -> bool:
+            with contextlib.suppress(OSError):
+                return os.path.samefile(a, b)
+            return False
+
+        others = [s for s in self.kept_steps() if not same(self.kept_path(s), self.ckpt_path)]
+        listed = f" (kept: {', '.join(map(str, others))})"
+        if self.step is not None:
+            latest = self.path / "checkpoints" / "latest.pt"
+            ways = [] if not latest.is_file() or same(latest, self.ckpt_path) else ["the latest checkpoint (no --step)"]
+            ways += [f"another kept one{listed}"] if others else []
+            return ": read " + " or ".join(ways) if ways else ": the run keeps no other checkpoint"
+        if not others:
+            return ": the run cannot go on from it; train again in a new --run-dir"
+        agent = (self.path / "replay").is_dir()  # the replay an agent's kept checkpoint names is gone since
+        return (f": copy checkpoints/step_{others[-1]}.pt over it to resume from that step"
+                + (" (with --new-replay)" if agent else "") + f", or read a kept checkpoint with --step N{listed}")
 
     def restore(self, module: torch.nn.Module, state: dict, key: str) -> None:
         """`module.load_state_dict(state[key])`, with a one-line error when the checkpoint does not fit the model
@@ -410,9 +422,10 @@ class MetricLogger:
             self.writer = SummaryWriter(str(self._tb[0]), purge_step=self._tb[1])
         return self.writer
 
-    def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> Optional[dict]:
+        """Log the finite `values` at `step` (keys prefixed); the metrics.jsonl row written (None: not logging)."""
         if not self.enabled:
-            return
+            return None
         row = {"step": step, "time": time.time()}
         for k, v in values.items():
             v = int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else float(v)  # counts stay
@@ -421,29 +434,34 @@ class MetricLogger:
                 self._tensorboard().add_scalar(prefix + k, v, step)
         with self.jsonl_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        return row
 
     def evaluation(self, step: int, result: dict[str, float], settings: dict) -> None:
-        """Log an evaluation's scores under eval/ and record beside them the settings it ran with, which a finished
-        run resumed compares (`final_evaluation`)."""
-        self.scalars(step, result, prefix="eval/")
-        if self.enabled:
-            text = json.dumps({"step": step, "settings": settings})
+        """Log an evaluation's scores under eval/, then record which row holds them (its step and time) and the
+        settings it ran with, which a finished run resumed compares (`final_evaluation`)."""
+        row = self.scalars(step, result, prefix="eval/")
+        if row is not None:
+            text = json.dumps({"step": step, "time": row["time"], "settings": settings})
             atomic_write(self.evaluated_path, lambda f: f.write(text.encode()))
 
     def final_evaluation(self, step: int, settings: dict, checkpointed: Optional[dict]) -> dict:
-        """A finished run resumed: its final evaluation as logged at `step` if it ran with `settings`, else {} (it
-        runs again). The settings it ran with are those recorded beside it, or, for a run from before that record,
-        its checkpoint's (`checkpointed`; None: no checkpoint was read)."""
+        """A finished run resumed: its final evaluation, the row logged at `step`, if it ran with `settings`; else {}
+        (it runs again). Which row and settings: as recorded beside it, or, for a run from before that record, the
+        last row at `step` and its checkpoint's settings (`checkpointed`; None: no checkpoint was read)."""
         now = json.loads(json.dumps(settings))  # tuples as lists, as they read back
+        if not self.evaluated_path.exists():
+            ran = None if checkpointed is None else json.loads(json.dumps(checkpointed))
+            return self.logged(step, "eval/") if ran == now else {}
         try:
             record = json.loads(self.evaluated_path.read_text())
-        except (OSError, ValueError):  # none recorded (a run from before the record), or a damaged one
-            record = None
-        if isinstance(record, dict):
-            ran = record.get("settings") if record.get("step") == step else None
-        else:
-            ran = None if checkpointed is None else json.loads(json.dumps(checkpointed))
-        return self.logged(step, "eval/") if ran == now else {}
+        except (OSError, ValueError):  # damaged: which row ran with what is unknown
+            return {}
+        if not isinstance(record, dict) or record.get("step") != step or record.get("settings") != now \
+                or not self.jsonl_path.is_file():
+            return {}
+        rows = [row for row in read_records(self.jsonl_path) if row.get("step") == step
+                and row.get("time") == record.get("time")]  # a row of later settings may follow it, if their
+        return {k[5:]: v for k, v in rows[-1].items() if k.startswith("eval/")} if rows else {}  # record was lost
 
     def logged(self, step: int, prefix: str) -> dict:
         """What the last row logged at `step` under `prefix` holds (the prefix stripped): a finished run that resumes
