@@ -91,14 +91,18 @@ class Actor(nn.Module):
         return self.head(self.net(slot_codes, frame_codes))
 
     def dist(self, slot_codes: torch.Tensor, frame_codes: Optional[torch.Tensor]) -> torch.distributions.Categorical:
-        """The policy: softmax mixed with `unimix` of uniform (DreamerV3), so log-probs stay bounded."""
+        """The policy: softmax mixed with `unimix` of uniform (DreamerV3), so log-probs stay bounded. Not validated:
+        weights that diverged give NaN, whose loss skips the update (`guarded_update`) rather than raising here."""
         probs = torch.softmax(self(slot_codes, frame_codes).float(), -1)
-        return torch.distributions.Categorical(probs=(1 - self.unimix) * probs + self.unimix / probs.shape[-1])
+        return torch.distributions.Categorical(probs=(1 - self.unimix) * probs + self.unimix / probs.shape[-1],
+                                               validate_args=False)
 
     def sample(self, slot_codes: torch.Tensor, frame_codes: Optional[torch.Tensor],
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Sampled actions `b`."""
-        return torch.multinomial(self.dist(slot_codes, frame_codes).probs, 1, generator=generator).squeeze(-1)
+        """Sampled actions `b` (uniform where weights that diverged give NaN: the run stops at its updates)."""
+        probs = self.dist(slot_codes, frame_codes).probs
+        drawn = torch.where(torch.isfinite(probs), probs, 1.0)
+        return torch.multinomial(drawn, 1, generator=generator).squeeze(-1)
 
 
 class Critic(nn.Module):

@@ -157,9 +157,10 @@ def bench_agent(args, device: torch.device) -> None:
     env_steps = args.env_steps if args.env_steps else 16 * base.train.batch_size * base.train.seq_len // max(
         int(base.train.train_ratio), 1)
     modes = select_rows(args, agent_modes(device, args.compile), device)
-    print(f"# agent loop, {preset} {' '.join(args.overrides)}: {base.env.num_envs} {base.env.name} envs, train ratio "
-          f"{base.train.train_ratio:g} (batch {base.train.batch_size} x {base.train.seq_len}), {env_steps} env steps "
-          f"after the prefill, {device}")
+    print(f"# agent loop, {' '.join([preset, *args.overrides])}: {base.env.num_envs} {base.env.name} envs, train "
+          f"ratio {base.train.train_ratio:g} (batch {base.train.batch_size} x {base.train.seq_len}), {env_steps} env "
+          f"steps after the prefill, {device}; policy, env and update ms are per env step (an update's time spread "
+          "over the env steps that owe it)")
     if any(n == PRESET_ROW for n, _ in modes):
         t = base.train
         print(f"# row {PRESET_ROW}: as `run.py train` runs it: amp={t.amp} compile={t.compile} "

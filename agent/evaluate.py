@@ -29,9 +29,10 @@ RECENT_EPISODES = 20  # the `*_recent` training scalars: means over the last thi
 @torch.no_grad()
 def evaluate_agent(wm: Optional[WorldModel], ac: Optional[ActorCritic], cfg: AgentConfig, device: torch.device,
                    episodes: int, stats_path: Path, seed: int = EVAL_ENV_SEED, progress: bool = False,
-                   append: bool = True) -> dict:
+                   append: bool = True, tag: Optional[dict] = None) -> dict:
     """`episodes` full episodes in one in-process env with the policy (or uniform random actions when `ac` is
-    None); their records are appended to `stats_path` (or replace it, atomically, without `append`). Returns their summary (`summarize`). Reproducible: env
+    None); their records, with the fields of `tag` (a training run's evaluation: its env step), are appended to
+    `stats_path` (or replace it, atomically, without `append`). Returns their summary (`summarize`). Reproducible: env
     seeds seed, seed+1, ... and the policy's sampling from `seed`, on an RNG forked from the caller's (a training
     run's random stream is left as it was)."""
     from envs.collect import make_env
@@ -64,6 +65,8 @@ def evaluate_agent(wm: Optional[WorldModel], ac: Optional[ActorCritic], cfg: Age
             env.close()
         text = tmp.read_text()
         tmp.unlink()
+    if tag:
+        text = "".join(json.dumps({**json.loads(line), **tag}) + "\n" for line in text.splitlines() if line.strip())
     if append:
         with open(stats_path, "a") as f:
             f.write(text)

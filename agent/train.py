@@ -33,7 +33,7 @@ from envs.vector import make_vector_env
 from world_model import distributed
 from world_model.config import check_against_checkpoint, save_config
 from world_model.stopping import StepStops
-from world_model.updates import StepMeans, autocast, guarded_update
+from world_model.updates import SkipStreak, StepMeans, autocast, guarded_update
 from world_model.rundir import (MetricLogger, claimed_run, evaluation_due, fixed_rng, resumed_length, rank_seed,
                                 restore_rng, rng_states, rollback_appended, shown, stopped_evaluation, this_ranks)
 from world_model.frame_tokenizer import status_vars
@@ -257,7 +257,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         state = None  # the checkpoint's tensors are in the models now: not kept for the whole run
         episode_log = JsonlTail(run.path / "stats.jsonl")  # the training episodes, read as the workers append them
         save_config(cfg, run.config_path)
-        if main and updates_due(t.env_steps, cfg) == 0:
+        if main and updates_due(t.env_steps, cfg) == 0 and counters["env_steps"] < t.env_steps:  # one to play
             why = ("train.train_ratio=0" if t.train_ratio == 0 else
                    f"train.env_steps={t.env_steps} is too few (updates start after train.prefill={t.prefill} random "
                    "steps, one per train.batch_size x train.seq_len / train.train_ratio env steps)")
@@ -310,7 +310,8 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         def evaluate(at: int) -> dict:
             """Evaluation episodes (their records appended to eval_stats.jsonl), logged with pictures."""
             with shown(bar, f"evaluating, {t.eval_episodes} episode{'s' * (t.eval_episodes != 1)}", f"env step {at}"):
-                summary = evaluate_agent(wm, ac, cfg, device, t.eval_episodes, run.path / "eval_stats.jsonl")
+                summary = evaluate_agent(wm, ac, cfg, device, t.eval_episodes, run.path / "eval_stats.jsonl",
+                                         tag={"env_step": at})  # which evaluation each record is of
             result = log_keys(summary, cfg.env.name, "")
             logger.evaluation(at, result, settings)
             log_pictures(logger, at, wm, replay, device)
@@ -357,12 +358,20 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                     # A non-finite loss or gradient skipped that update (it never reaches weights or checkpoints).
                     counters["skipped_wm"] += int(stats["wm/skipped"])
                     counters["skipped_ac"] += int(stats.get("ac/skipped", 0))
+                    wm_streak("loss or gradient" if stats["wm/skipped"] else None, counters["updates"])
+                    # imagined in a world model whose update was skipped, the actor-critic's is not its own fault
+                    ac_skipped = stats.get("ac/skipped", 0) and not stats["wm/skipped"]
+                    ac_streak("loss or gradient" if ac_skipped else None, counters["updates"])
                     if owed:
                         bar.set_postfix_str(f"{burst}: owed update {counters['updates'] - before}/{owed}", refresh=True)
                     stops.poll(checkpoint)  # a stop in the middle of them: the resumed run does the rest first
             return counters["updates"] - before
 
         # Ctrl-C / SIGTERM: stop after a step, with a checkpoint (under torchrun: the step the processes agree on)
+        wm_streak = SkipStreak("the world model", f"train.wm_lr (now {t.wm_lr:g})")
+        ac_streak = SkipStreak("the actor-critic", f"actor_critic.actor_lr and critic_lr (now "
+                               f"{cfg.actor_critic.actor_lr:g} and {cfg.actor_critic.critic_lr:g}; train.wm_lr, now "
+                               f"{t.wm_lr:g}, if the world model it imagines in diverged)")
         with StepStops() as stops:
             # A run stopped during a step's updates does the rest of them, then the rest of that step: its log row,
             # a checkpoint, the evaluation due there.

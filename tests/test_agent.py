@@ -478,7 +478,8 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
     # with another number of evaluation episodes the final evaluation plays again, and then holds: a later resume as the
     # run now is reads it back, appending no episodes a second time
     again = train(tiny("train.eval_episodes=2"), str(tmp_path / "run"), resume=True, progress=False)
-    assert again["episodes"] == 2 and len((tmp_path / "run" / "eval_stats.jsonl").read_text().splitlines()) == 3
+    records = [json.loads(line) for line in (tmp_path / "run" / "eval_stats.jsonl").read_text().splitlines()]
+    assert again["episodes"] == 2 and [r["env_step"] for r in records] == [240] * 3  # each names its evaluation
     logs = {name: (tmp_path / "run" / name).read_text() for name in ("eval_stats.jsonl", "metrics.jsonl")}
     assert train(load_config(AgentConfig, tmp_path / "run" / "config.yaml"), str(tmp_path / "run"), resume=True,
                  progress=False) == again
@@ -992,6 +993,20 @@ def test_library_calls_that_would_go_wrong_quietly_are_refused():
 
 
 @pytest.mark.nethack
+@pytest.mark.parametrize("rates, what", [
+    (["train.wm_lr=1e9"], "the world model"),
+    (["actor_critic.actor_lr=1e9", "actor_critic.critic_lr=1e9"], "the actor-critic")])
+def test_an_agent_that_diverges_stops_in_one_line(tmp_path, capsys, rates, what):
+    """A learning rate of 1e9 makes the world model's (or the actor-critic's) outputs NaN after an update or two: its
+    sampling draws on (where it raised before), its updates are skipped, and 20 in a row stop the run in one line.
+    The world model's skips are not blamed on the actor-critic that imagines in it."""
+    argv = ["train", "--config", "tiny", "--run-dir", str(tmp_path / "r"), "--no-progress", *FAST,
+            "train.env_steps=400", "train.train_ratio=8", *rates]
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: {what} diverged: its last 20 updates (to update " in err and "Traceback" not in err
+
+
 def test_a_config_edited_by_hand_since_the_checkpoint_is_refused(tmp_path, capsys):
     """config.yaml edited to another slot count or game: a resume, and an eval, refuse it rather than train on with
     a checkpoint of another model or play another game with this one."""

@@ -256,6 +256,29 @@ def test_nan_loss_skips_update(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+def test_a_run_that_diverges_stops_in_one_line(tmp_path, capsys):
+    """train.lr=1e9: every update after the first is skipped (non-finite loss). SKIPPED_IN_A_ROW of them stop the run
+    with one line naming the learning rate, as do non-finite predictions met first at an evaluation; a good update
+    between skipped ones starts the count again."""
+    from world_model.updates import SKIPPED_IN_A_ROW, Diverged, SkipStreak
+
+    base = ["pretrain", "--no-progress", *TINY, "train.lr=1e9", "train.steps=40"]
+    assert run.main([*base, "--run-dir", str(tmp_path / "a"), "train.eval_every=0"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: pretraining diverged: its last {SKIPPED_IN_A_ROW} updates (to update " in err
+    assert "gave a non-finite loss and were skipped; lower train.lr (now 1e+09), and train again" in err
+    assert "Traceback" not in err
+    assert run.main([*base, "--run-dir", str(tmp_path / "b"), "train.eval_every=10"]) == 2
+    err = capsys.readouterr().err
+    assert "error: the model's set predictions are not finite: its weights diverged; lower train.lr (now 1e+09)" in err
+    streak = SkipStreak("it", "x")
+    for step in range(1, 3 * SKIPPED_IN_A_ROW):
+        streak("loss" if step % SKIPPED_IN_A_ROW else None, step)  # one good update in every SKIPPED_IN_A_ROW
+    with pytest.raises(Diverged, match=f"it diverged: its last {SKIPPED_IN_A_ROW} updates"):
+        for step in range(SKIPPED_IN_A_ROW):
+            streak("gradient", step)
+
+
 def test_run_dir_rules(tmp_path, capsys):
     with pytest.raises(RunDirError, match="cannot resume.*start a new run without --resume"):
         pretrain(tiny_cfg("train.steps=1"), str(tmp_path / "r"), resume=True, progress=False)
@@ -274,8 +297,8 @@ def test_run_dir_rules(tmp_path, capsys):
                                  f"pretrain` run; `run.py pretrain --resume {tmp_path / 'r'}` continues it, or choose "
                                  "another --run-dir\n")
     pretrain(tiny_cfg("train.steps=1"), str(tmp_path / "r"), resume=True, progress=False)  # nothing left to train
-    assert ("already at step 2 of train.steps=1: it only makes its final evaluation, if that did not finish; pass "
-            "train.steps=N with N > 2") in capsys.readouterr().err
+    assert ("already at step 2 of train.steps=1: it only makes its final evaluation, if that did not finish or ran "
+            "with other settings; pass train.steps=N with N > 2") in capsys.readouterr().err
     assert "  steps: 2\n" in (tmp_path / "r" / "config.yaml").read_text()  # the run's length, not the override's
     with pytest.raises(ValueError, match="does not match the checkpoint in .*: model.slot_dim=16 differs from what"):
         pretrain(tiny_cfg("train.steps=3", "model.slot_dim=16"), str(tmp_path / "r"), resume=True, progress=False)

@@ -75,8 +75,9 @@ class FrameTokenizer(nn.Module):
         """Straight-through one-hots (`b g c`): sampled codes in training (which keeps every code in play),
         argmax codes in evaluation; gradients flow through the uniform-mixed softmax."""
         probs = (1 - self.cfg.unimix) * logits.softmax(-1) + self.cfg.unimix / self.cfg.codes
-        if self.training:
-            index = torch.multinomial(probs.flatten(0, -2), 1).view(probs.shape[:-1])
+        if self.training:  # weights that diverged give NaN: drawn from as uniform, the loss (NaN) skips the update
+            drawn = torch.where(torch.isfinite(probs), probs, 1.0)
+            index = torch.multinomial(drawn.flatten(0, -2), 1).view(probs.shape[:-1])
         else:
             index = probs.argmax(-1)
         hard = F.one_hot(index, self.cfg.codes).to(probs.dtype)

@@ -35,7 +35,7 @@ from .slots.vq import temperature
 from .sources import (EVAL_CHUNK, EVAL_SEED, ClevrScenes, EpisodeFrames, check_source, eval_batches, make_source,
                       train_batches, use_clevr_root)
 from .stopping import StepStops
-from .updates import StepMeans, autocast, guarded_update, lr_factor, tally_update
+from .updates import Diverged, SkipStreak, StepMeans, autocast, guarded_update, lr_factor, tally_update
 from .visualize import annotated, decomposition_picture
 
 def build_model(cfg: PretrainConfig) -> nn.Module:
@@ -120,6 +120,9 @@ def evaluate(model: nn.Module, cfg: PretrainConfig, device: torch.device, n_imag
     result: dict = {"images": count, "empty_slots": empty / max(count, 1)}
     if cfg.task == "setpred":
         preds, targets = np.concatenate(preds), np.concatenate(targets)
+        if not np.isfinite(preds).all():  # the metric would refuse them: say why
+            raise Diverged(f"the model's set predictions are not finite: its weights diverged; lower train.lr (now "
+                           f"{cfg.train.lr:g}) and train again")
         result.update(clevr_ap_table(preds, targets))
         result.update(setpred_accuracy(preds, targets))
     else:
@@ -287,6 +290,7 @@ def _pretrain(cfg: PretrainConfig, run: RunDir, device: torch.device, resume: bo
     if distributed.is_main() and stopped_evaluation(logger, step, cfg.train.eval_every, cfg.train.steps):
         evaluated()  # the one a stopped run did not finish
     # Ctrl-C / SIGTERM: stop after a step, with a checkpoint (under torchrun: the step the processes agree on)
+    streak = SkipStreak("pretraining", f"train.lr (now {cfg.train.lr:g})")
     with StepStops() as stops:
         while step < cfg.train.steps:
             batch = next(stream)
@@ -305,6 +309,7 @@ def _pretrain(cfg: PretrainConfig, run: RunDir, device: torch.device, resume: bo
                 loss, stats, outputs = compute_loss(step_model, cfg.task, batch, cfg.model.vq.beta)
             problem = guarded_update(loss, list(model.parameters()), opt, cfg.train.grad_clip, stats)
             skipped = tally_update(problem, stats, means, skipped, step, logger, bar)
+            streak(problem, step + 1)
             step += 1
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:

@@ -474,9 +474,9 @@ class MetricLogger:
         return {k[len(prefix):]: v for k, v in rows[-1].items() if k.startswith(prefix)} if rows else {}
 
     def image(self, step: int, tag: str, image: torch.Tensor) -> None:
-        """image `3 h w` in [0, 1]."""
+        """image `3 h w` in [0, 1] (NaN, from weights that diverged, drawn black)."""
         if self.enabled:
-            self._tensorboard().add_image(tag, image.clamp(0, 1).float().cpu(), step)
+            self._tensorboard().add_image(tag, image.float().nan_to_num(0.0).clamp(0, 1).cpu(), step)
 
     def flush(self) -> None:
         if self.writer is not None:
@@ -540,7 +540,8 @@ def resumed_length(step: int, total: int, key: str, state: dict) -> int:
         return total
     if distributed.is_main():
         print(f"note: this run is already at step {step} of {key}={total}: it only makes its final evaluation, if that "
-              f"did not finish; pass {key}=N with N > {step} to train further", file=sys.stderr)
+              f"did not finish or ran with other settings; pass {key}=N with N > {step} to train further",
+              file=sys.stderr)
     head, _, name = key.partition(".")
     return max(total, min(step, state.get("config", {}).get(head, {}).get(name, total)))
 

@@ -37,7 +37,7 @@ from .frame_tokenizer import FrameTokenizerConfig, frame_token_size, status_vars
 from .pretrain import load_run
 from .sources import TRAIN_STREAM, stream_seed
 from .stopping import StepStops
-from .updates import StepMeans, autocast, guarded_update, lr_factor, tally_update
+from .updates import SkipStreak, StepMeans, autocast, guarded_update, lr_factor, tally_update
 from .perception import SlotAutoencoder
 from .rundir import (MetricLogger, RunDir, check_out_dir, claimed_run, evaluation_due, fixed_rng, resumed_length,
                      resolve_device, rng_state, set_rng_state, shown, step_suffix, stopped_evaluation)
@@ -448,6 +448,7 @@ def _train_wm(cfg: WorldModelConfig, run: RunDir, device: torch.device, resume: 
     t_last, n_last = time.perf_counter(), step
     if stopped_evaluation(logger, step, cfg.train.eval_every, cfg.train.steps):
         evaluate(step)
+    streak = SkipStreak("the world model", f"train.lr (now {cfg.train.lr:g})")
     with StepStops() as stops:  # Ctrl-C / SIGTERM: stop after a step, with a checkpoint
         while step < cfg.train.steps:
             # batch i: a function of (seed, i)
@@ -461,6 +462,7 @@ def _train_wm(cfg: WorldModelConfig, run: RunDir, device: torch.device, resume: 
                 loss, stats, _ = wm.loss(batch, vq.beta)
             problem = guarded_update(loss, params, opt, cfg.train.grad_clip, stats)
             skipped = tally_update(problem, stats, means, skipped, step, logger, bar)
+            streak(problem, step + 1)
             step += 1
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:

@@ -9,7 +9,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from envs.errors import UsageError
+
 from . import distributed
+
+SKIPPED_IN_A_ROW = 20  # non-finite updates in a row that stop a run: its weights give no finite loss any more
 
 def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
@@ -95,6 +99,27 @@ def tally_update(problem: Optional[str], stats: dict, means: StepMeans, skipped:
     if distributed.is_main():
         bar.write(f"step {step}: non-finite {problem}, update skipped ({skipped} so far)")
     return skipped
+
+
+class Diverged(UsageError):
+    """Training diverged: update after update gave a non-finite loss or gradient (a one-line error)."""
+
+
+class SkipStreak:
+    """Counts the updates skipped in a row (`guarded_update`); SKIPPED_IN_A_ROW of them raise Diverged, naming
+    the learning rate to lower (`lr`, e.g. "train.lr=0.0004"), rather than train on without learning (or crash
+    where a diverged model's output is first used). Under torchrun every rank skips alike, so all raise alike."""
+
+    def __init__(self, what: str, lr: str):
+        self.what, self.lr, self.count = what, lr, 0
+
+    def __call__(self, problem: Optional[str], step: int) -> None:
+        """After update number `step` (from 1): `problem` is what `guarded_update` found non-finite, or None."""
+        self.count = self.count + 1 if problem else 0
+        if self.count >= SKIPPED_IN_A_ROW:
+            raise Diverged(f"{self.what} diverged: its last {self.count} updates (to update {step}) gave a non-finite "
+                           f"{problem} and were skipped; lower {self.lr}, and train again (a resume starts from "
+                           "its last checkpoint, whose weights may have diverged already)")
 
 
 def lr_factor(step: int, warmup: int, decay_rate: float = 1.0, decay_steps: int = 1) -> float:
