@@ -90,8 +90,9 @@ def cmd_config(args) -> None:
         overrides, preset = _frames_overrides(args.data, overrides), args.config or FRAMES_PRESET
     elif args.data:
         overrides = [f"data.root={args.data}"] + overrides
+    text = _config_text(load_config(run_schemas()[command], preset, overrides), command)  # an error: nothing printed
     print(f"# run.py {command}{f' --data {args.data}' if args.data else ''}, preset {preset}")
-    print(_config_text(load_config(run_schemas()[command], preset, overrides), command), end="")
+    print(text, end="")
 
 
 def _config_text(cfg, command: str, resumed: bool = False) -> str:

@@ -127,7 +127,7 @@ def test_a_negative_seed_is_refused_naming_the_flag(capsys):
         assert "argument --seed: takes a whole number, 0 or more; got -1" in capsys.readouterr().err
 
 
-def test_bad_preset_files(tmp_path):
+def test_bad_preset_files(tmp_path, capsys):
     import run
 
     with pytest.raises(ConfigError, match="config file not found"):
@@ -152,6 +152,9 @@ def test_bad_preset_files(tmp_path):
     with pytest.raises(ConfigError, match="must map config keys to values"):
         load_config(PretrainConfig, listed)
     assert run.main(["config", "--config", str(broken)]) == 2  # one line, whichever command reads it
+    capsys.readouterr()
+    assert run.main(["config", "--for", "pretrain", "--config", "tiny"]) == 2  # an agent preset, refused
+    assert capsys.readouterr().out == ""  # no header on stdout before the error: a script reads stdout
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text("env: [1,2\n")

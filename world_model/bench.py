@@ -88,11 +88,14 @@ def gib_column(gib: float, width: int = 10) -> str:
     return f"{'-':>{width}}" if gib != gib else f"{gib:>{width}.2f}"
 
 
+BENCH_PRESETS = {"setpred": "configs/clevr_setpred.yaml", "discovery": "configs/clevr_discovery.yaml"}  # timed
+
+
 def bench_config(task: str, slots: str, resolution: int) -> PretrainConfig:
     """The Slot Attention architecture for the task (preset), at the requested resolution; no scene pool (the
     bench times steps on one rendered batch)."""
-    preset = "configs/clevr_setpred.yaml" if task == "setpred" else "configs/clevr_discovery.yaml"
-    return load_config(PretrainConfig, preset, [f"model.slots={slots}", f"data.resolution={resolution}", "data.pool=0"])
+    return load_config(PretrainConfig, BENCH_PRESETS[task], [f"model.slots={slots}", f"data.resolution={resolution}",
+                                                            "data.pool=0"])
 
 
 def pretrain_modes(device: torch.device, compile_on_cpu: bool) -> list[tuple[str, bool, bool, str]]:
@@ -145,7 +148,8 @@ def bench_pretrain(args, device: torch.device) -> None:
             ", as in training" if args.matmul_precision == "highest" else ", NOT as in training")
     note = (f" (convolutions in TF32, fp32 matmuls {precision})" if device.type == "cuda"
             else f" (fp32 matmuls {precision})" if args.matmul_precision else "")
-    print(f"# pretrain step ({args.task}), {res}x{res}, batch {batch_size}, device {device}{note}")
+    print(f"# pretrain step ({args.task}, the architecture of {BENCH_PRESETS[args.task]}), {res}x{res}, batch "
+          f"{batch_size}, device {device}{note}; img/s over {args.steps} timed steps after the warm-up")
     print(f"{'model':<16}{'mode':<15}{'img/s':>10}{'first step s':>14}{'peak GiB':>10}")
     data = None
     results = {}
