@@ -176,6 +176,16 @@ def test_visualize_crafter_frames_and_edit(vq_run, tmp_path, capsys):
         assert run.main(["visualize", "--checkpoint", str(vq_run), "--env", "crafter", "--frames", "1",
                          "--out", str(tmp_path / "refused"), "--edit", *edit]) == 2
         assert "out of range" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    import world_model.decompose as decomposing
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:  # Ctrl-C while the slots are computed: no empty --out left behind
+        patch.setattr(decomposing, "decompose", interrupted)
+        assert run.main(["visualize", "--checkpoint", str(vq_run), "--env", "crafter", "--frames", "1",
+                         "--out", str(tmp_path / "stopped")]) == 130
+    assert not (tmp_path / "stopped").exists()
     # again into the same folder, fewer frames and no edit: what the first call wrote goes, not left beside the new
     assert run.main(["visualize", "--checkpoint", str(vq_run), "--env", "crafter", "--frames", "1", "--out",
                      str(out)]) == 0

@@ -209,7 +209,6 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
     elif run.pretrain_cfg is not None and run.pretrain_cfg.data.source in ("generated", "clevr") and env != "clevr":
         print(f"note: {checkpoint} was trained on CLEVR-like scenes, shown {env} frames here", file=sys.stderr)
     out = check_out_dir(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if env == "clevr":
         use_clevr_root(cfg, clevr_root, checkpoint)
         cfg.data.source = "generated" if cfg.data.source == "frames" else cfg.data.source
@@ -227,6 +226,7 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
                   "episode's first frame", file=sys.stderr)
     with fixed_rng(seed, dev):  # the slots' initial noise: the same pictures on every call
         result = {k: None if v is None else v.cpu() for k, v in decompose(model, images.to(dev), carry, starts).items()}
+    out.mkdir(parents=True, exist_ok=True)  # now: a call stopped before (Ctrl-C, an env error) leaves no empty folder
     # an earlier visualize's frames, edits, codes and log, which could outnumber or mix with this one's: replaced
     # once this one is computed
     stale = [*out.glob("frame_*.png"), *out.glob("edit_*.png"), *out.glob("codes.npy"), *out.glob("*_slots.mp4"),
