@@ -356,12 +356,12 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                     counters["replayed"] += t.batch_size * t.seq_len
                     interval.add(stats)
                     # A non-finite loss or gradient skipped that update (it never reaches weights or checkpoints).
-                    counters["skipped_wm"] += int(stats["wm/skipped"])
-                    counters["skipped_ac"] += int(stats.get("ac/skipped", 0))
-                    wm_streak("loss or gradient" if stats["wm/skipped"] else None, counters["updates"])
+                    wm_skipped, ac_skipped = int(stats["wm/skipped"]), int(stats.get("ac/skipped", 0))
+                    counters["skipped_wm"] += wm_skipped
+                    counters["skipped_ac"] += ac_skipped
+                    wm_streak("loss or gradient" if wm_skipped else None, counters["updates"])
                     # imagined in a world model whose update was skipped, the actor-critic's is not its own fault
-                    ac_skipped = stats.get("ac/skipped", 0) and not stats["wm/skipped"]
-                    ac_streak("loss or gradient" if ac_skipped else None, counters["updates"])
+                    ac_streak("loss or gradient" if ac_skipped and not wm_skipped else None, counters["updates"])
                     if owed:
                         bar.set_postfix_str(f"{burst}: owed update {counters['updates'] - before}/{owed}", refresh=True)
                     stops.poll(checkpoint)  # a stop in the middle of them: the resumed run does the rest first

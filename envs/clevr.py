@@ -589,16 +589,18 @@ class ClevrDataset(torch.utils.data.Dataset):
             resolution = (resolution, resolution)
         self.resolution = (int(resolution[0]), int(resolution[1]))
         self.window = CROP_WINDOW if crop else (0.0, 1.0, 0.0, 1.0)  # u0 u1 v0 v1, fractions of the frame
-        for i in np.unique(np.linspace(0, len(self.filenames) - 1, FRAME_SAMPLE).round().astype(int)):  # a folder
-            self._load(self.image_dir / self.filenames[i], "image")  # written at another size: now, not mid-run
+        # a folder written at another size is refused now, not mid-run: a few frames' headers read
+        for i in np.unique(np.linspace(0, len(self.filenames) - 1, FRAME_SAMPLE).round().astype(int)):
+            self._load(self.image_dir / self.filenames[i], "image", decode=False)
             if self.mask_dir is not None:
-                self._load(self.mask_dir / self.filenames[i], "mask")
+                self._load(self.mask_dir / self.filenames[i], "mask", decode=False)
 
     def __len__(self) -> int:
         return len(self.filenames)
 
-    def _load(self, path: Path, what: str) -> Image.Image:
-        """Open a PNG of CLEVR's 3:2 frame (480x320, or a resized copy) or raise DataError naming the file."""
+    def _load(self, path: Path, what: str, decode: bool = True) -> Image.Image:
+        """Open a PNG of CLEVR's 3:2 frame (480x320, or a resized copy) or raise DataError naming the file;
+        `decode=False` reads its header only (the frame check on opening)."""
         if not path.is_file():
             raise DataError(f"CLEVR {what} {path} not found: {_LAYOUT_HINT}")
         try:
@@ -608,7 +610,8 @@ class ClevrDataset(torch.utils.data.Dataset):
                     raise DataError(f"{path} is {img.size[0]}x{img.size[1]}, not {self.frame_name} ({w}x{h}); use "
                                     f"the original files or write them again with `python run.py {self.frame_fix} "
                                     "--out DIR`")
-                img.load()
+                if decode:
+                    img.load()
         except (OSError, SyntaxError) as e:  # PIL: truncated or unidentifiable image data
             raise DataError(f"CLEVR {what} {path} is damaged ({str(e).splitlines()[0]}); {_FIX}") from None
         return img

@@ -84,19 +84,13 @@ def test_a_run_stopped_between_log_rows_resumes_with_the_same_rows(tmp_path, mon
     averages steps 1-3 as the straight run's does (the checkpoint keeps the sums since the last row), not step 3
     alone."""
     from compare import metric_rows
+    from stopping import raising_at_call
     import world_model.pretrain as pt
 
     over = ["train.steps=6", "train.log_every=3", "train.ckpt_every=2", "train.eval_every=0"]
     pretrain(tiny_cfg(*over), str(tmp_path / "straight"), progress=False)
-    real, calls = pt.guarded_update, []
-
-    def crash_in_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("stopped")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pt, "guarded_update", crash_in_step_3)
+    real = pt.guarded_update
+    monkeypatch.setattr(pt, "guarded_update", raising_at_call(real, 3, RuntimeError("stopped")))
     with pytest.raises(RuntimeError, match="stopped"):
         pretrain(tiny_cfg(*over), str(tmp_path / "halves"), progress=False)
     monkeypatch.setattr(pt, "guarded_update", real)
@@ -678,18 +672,11 @@ def test_a_split_written_at_another_size_is_refused_before_the_first_step(tmp_pa
 def test_a_run_that_fails_in_python_gives_up_its_claim_and_writes_its_logs(tmp_path, monkeypatch):
     """pretrain() called from Python (no run.py to clean up after it) that fails mid-run: train.pid is gone, so
     another process may resume there, and the tensorboard scalars logged before the failure are on disk."""
+    from stopping import raising_at_call
     import world_model.pretrain as pt
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    real, calls = pt.compute_loss, []
-
-    def failing_at_the_fifth_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise RuntimeError("a failure mid-run")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pt, "compute_loss", failing_at_the_fifth_step)
+    monkeypatch.setattr(pt, "compute_loss", raising_at_call(pt.compute_loss, 5, RuntimeError("a failure mid-run")))
     with pytest.raises(RuntimeError, match="a failure mid-run"):
         pretrain(tiny_cfg("train.steps=10", "train.log_every=2"), str(tmp_path / "r"), progress=True)
     assert not (tmp_path / "r" / "train.pid").exists()

@@ -114,9 +114,9 @@ def write_video(frames: np.ndarray, path: Path, fps: int = 8) -> Path:
         return gif
 
 
-def edit_values(model, slot: str, var: str, value: str) -> list[int]:
-    """The code values an edit decodes (VALUE "all": every code), after checking that `model` can be edited there
-    (SLOT VAR VALUE as typed; anything but an index in range is refused)."""
+def edit_values(model, slot: str, var: str, value: str) -> tuple[int, int, list[int]]:
+    """The slot, variable and code values an edit decodes (VALUE "all": every code), after checking that `model` can
+    be edited there (SLOT VAR VALUE as typed; anything but an index in range is refused)."""
     vq = model.encoder.vq
     if vq is None or not isinstance(model, SlotAutoencoder):
         raise UsageError("--edit needs a discovery run with a VQ encoder (task=discovery model.vq.enabled=true)")
@@ -126,7 +126,7 @@ def edit_values(model, slot: str, var: str, value: str) -> list[int]:
     if not (0 <= slot < k and 0 <= var < v) or any(not 0 <= x < c for x in values):
         raise UsageError(f"--edit SLOT VAR VALUE out of range: slots 0..{k - 1}, vars 0..{v - 1}, values 0..{c - 1} "
                          "or all")
-    return values
+    return slot, var, values
 
 
 @torch.no_grad()
@@ -203,7 +203,7 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
     if env == "clevr" and cfg is None:
         raise UsageError(f"{checkpoint} is a world-model or agent run, trained on {run.trained_env or 'game'} frames: "
                          "show it --env crafter or nethack (--env clevr takes a pretraining run)")
-    values = None if edit is None else edit_values(model, *edit)  # before any output
+    parsed = None if edit is None else edit_values(model, *edit)  # before any output
     if run.trained_env and run.trained_env != env:
         print(f"note: {checkpoint} was trained on {run.trained_env} frames, shown {env} frames here", file=sys.stderr)
     elif run.pretrain_cfg is not None and run.pretrain_cfg.data.source in ("generated", "clevr") and env != "clevr":
@@ -256,11 +256,11 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
                                "there is no reconstruction")
         if result["codes"] is not None:
             np.save(out / "codes.npy", result["codes"].numpy())  # t k v
-        if values is not None:
-            slot, var, value = (int(edit[0]), int(edit[1]), edit[2])
+        if parsed is not None:
+            slot, var, values = parsed
             with fixed_rng(seed, dev):
                 grid = edit_codes(model, images[: min(4, len(images))].to(dev), slot, var, values).cpu()
-            path = out / f"edit_slot{slot}_var{var}_{value}.png"
+            path = out / f"edit_slot{slot}_var{var}_{edit[2]}.png"
             picture = labeled(upscale(grid, images.shape[-1]), edit_labels(slot, var, values), images.shape[-1])
             save_png(picture, path)
             summary["edit"] = str(path)

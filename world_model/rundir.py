@@ -456,21 +456,18 @@ class MetricLogger:
             record = json.loads(self.evaluated_path.read_text())
         except (OSError, ValueError):  # damaged: which row ran with what is unknown
             return {}
-        if not isinstance(record, dict) or record.get("step") != step or record.get("settings") != now \
-                or not self.jsonl_path.is_file():
+        if not isinstance(record, dict) or record.get("step") != step or record.get("settings") != now:
             return {}
-        rows = [row for row in read_records(self.jsonl_path) if row.get("step") == step
-                and row.get("time") == record.get("time")]  # a row of later settings may follow it, if their
-        return {k[5:]: v for k, v in rows[-1].items() if k.startswith("eval/")} if rows else {}  # record was lost
+        return self.logged(step, "eval/", record.get("time"))  # a later row (its record lost) may follow it
 
-    def logged(self, step: int, prefix: str) -> dict:
-        """What the last row logged at `step` under `prefix` holds (the prefix stripped): a finished run that resumes
-        reads its final evaluation back instead of running (and logging) it twice; the last, where it ran again with
-        other settings."""
+    def logged(self, step: int, prefix: str, written: Optional[float] = None) -> dict:
+        """What the last row logged at `step` under `prefix` holds (the prefix stripped), or the one `written` then (its `time`): a
+        finished run that resumes reads its final evaluation back instead of running (and logging) it twice; the
+        last, where it ran again with other settings."""
         if not self.enabled or not self.jsonl_path.is_file():
             return {}
         rows = [row for row in read_records(self.jsonl_path) if row.get("step") == step
-                and any(k.startswith(prefix) for k in row)]
+                and any(k.startswith(prefix) for k in row) and written in (None, row.get("time"))]
         return {k[len(prefix):]: v for k, v in rows[-1].items() if k.startswith(prefix)} if rows else {}
 
     def image(self, step: int, tag: str, image: torch.Tensor) -> None:

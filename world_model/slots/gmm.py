@@ -112,7 +112,7 @@ class SlotMixture(nn.Module):
             inv_mass = torch.reciprocal(mass + self.eps)
             mean_x, neg_half_mean_x2 = (stats[..., :-1] * inv_mass).split(d, dim=-1)  # weighted means over inputs
             # sum_n p x / (mass + eps), as on uncentred features: an empty slot's input stays 0
-            gru_in = torch.addcmul(mean_x, center, mass * inv_mass) if torch.is_tensor(center) else mean_x
+            gru_in = mean_x + center * (mass * inv_mass)
         mu = self.gru(gru_in.to(mu.dtype).reshape(-1, d), mu.reshape(-1, d)).reshape(b, k, d)
         mu = mu + self.mlp(self.norm_mlp(mu))
         with torch.autocast(h.device.type, enabled=False):
