@@ -90,7 +90,16 @@ def cmd_config(args) -> None:
         overrides, preset = _frames_overrides(args.data, overrides), args.config or FRAMES_PRESET
     elif args.data:
         overrides = [f"data.root={args.data}"] + overrides
-    text = _config_text(load_config(run_schemas()[command], preset, overrides), command)  # an error: nothing printed
+    cfg = load_config(run_schemas()[command], preset, overrides)
+    if args.data:  # refused here as the command would refuse it
+        from world_model.sources import check_source
+        from world_model.train_wm import dataset_meta
+
+        if command == "pretrain":
+            check_source(cfg)
+        else:
+            dataset_meta(cfg)
+    text = _config_text(cfg, command)  # an error: nothing printed
     print(f"# run.py {command}{f' --data {args.data}' if args.data else ''}, preset {preset}")
     print(text, end="")
 
@@ -183,14 +192,16 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
     """What pretrain, train-wm and train share: the config (the run's own when resuming, plus overrides), the run
     directory (named explicitly under torchrun, where a timestamped default could differ between processes), the
     resolved config and the result printed once. `resume`: False, True (the run in --run-dir) or the run's path;
-    `preflight(cfg)`: the command's own config checks, run with the others before the config is printed;
+    `preflight(cfg)`: the command's own config checks, run with the others before the config is printed (it may
+    return lines to say with `notes`);
     `report(run_dir, result)`: the text that ends the run (default: the result as one JSON line, `_json_line`);
     `notes`: lines said on stderr right below the config, where they are seen."""
     from world_model import distributed
     from envs.episodes import check_recorded_root
-    from world_model.config import check_resume_overrides, load_config, load_run_config, record_paths, run_schemas
+    from world_model.config import (check_against_checkpoint, check_resume_overrides, load_config, load_run_config,
+                                     record_paths, run_schemas)
     from envs.errors import DataError, UsageError
-    from world_model.rundir import RunDir, check_run_folder, release_claims, resolve_device
+    from world_model.rundir import RunDir, check_run_folder, peek_checkpoint, release_claims, resolve_device
 
     if isinstance(resume, str):
         if args.run_dir and args.run_dir != resume:
@@ -221,9 +232,12 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
     if not resume:
         RunDir(run_dir).refuse_checkpoint()
     resolve_device(cfg.train.device, "train.device")
+    state = peek_checkpoint(RunDir(run_dir).ckpt_path) if resume else None
+    if state is not None:  # an edited config.yaml: said before the checks below advise on what it now says
+        check_against_checkpoint(cfg, state, run_dir)
     if preflight is not None:
         try:
-            preflight(cfg)
+            notes = [*notes, *(preflight(cfg) or ())]
         except DataError as e:  # a resumed run's data that changed in place, or moved and left something behind
             root = getattr(getattr(cfg, "data", None), "root", None)
             if resume and root and not any(o.startswith("data.root=") for o in overrides):
@@ -485,9 +499,10 @@ def cmd_train(args) -> None:
 
     if args.new_replay and not args.resume:
         raise UsageError("--new-replay starts a resumed run's replay afresh; it needs --resume RUN")
-    def checked(cfg) -> None:
-        preflight(cfg)
+    def checked(cfg) -> list[str]:
+        notes = preflight(cfg)
         _check_encoder(cfg, args.overrides, args.resume)
+        return notes
 
     _run_training(args, DEFAULT_PRESETS["train"], args.overrides, lambda c: f"agent-{c.env.name}",
                   functools.partial(train, new_replay=args.new_replay), args.resume, checked,

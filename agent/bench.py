@@ -65,7 +65,7 @@ def measure_loop(cfg: AgentConfig, device: torch.device, env_steps: int, prefill
             wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=t.wm_lr)
             replay = ReplayBuffer(max(cfg.replay.capacity, prefill + env_steps + n), spec, seed=t.seed,
                                   device=device if cfg.replay.on_device else None)
-            policy = SlotPolicy(wm, ac, device)
+            policy = SlotPolicy(wm, ac, device, amp=t.amp)
             wm.eval()
             rng = np.random.default_rng(t.seed)
             collector = Collector(venv, replay, keys=replay.spec)

@@ -44,7 +44,7 @@ def evaluate_agent(wm: Optional[WorldModel], ac: Optional[ActorCritic], cfg: Age
     os.close(fd)
     tmp = Path(name)
     rng = np.random.default_rng(seed)
-    policy = SlotPolicy(wm, ac, device) if ac is not None else None
+    policy = SlotPolicy(wm, ac, device, amp=cfg.train.amp) if ac is not None else None
     env = None
     try:
         env = make_env(cfg.env.name, **env_kwargs(cfg, tmp))

@@ -7,16 +7,19 @@ from typing import Optional
 import numpy as np
 import torch
 
+from world_model.updates import autocast
 from world_model.wm import WorldModel, frames_to_input
 
 from .actor_critic import ActorCritic
 
 
 class SlotPolicy:
-    """Batched policy over `num_envs` real envs; call `act` once per vector step."""
+    """Batched policy over `num_envs` real envs; call `act` once per vector step. `amp`: encode and act under the
+    bf16 autocast (on CUDA) the world model trains under, so acting reads the codes imagination learned from (a VQ
+    code near a tie can differ between float32 and bf16)."""
 
-    def __init__(self, wm: WorldModel, ac: ActorCritic, device: torch.device):
-        self.wm, self.ac, self.device = wm, ac, device
+    def __init__(self, wm: WorldModel, ac: ActorCritic, device: torch.device, amp: bool = False):
+        self.wm, self.ac, self.device, self.amp = wm, ac, device, amp
         self.prev: Optional[torch.Tensor] = None  # b k d raw slots of each env's previous frame
 
     @torch.no_grad()
@@ -36,6 +39,11 @@ class SlotPolicy:
         is_first = np.broadcast_to(np.asarray(is_first, bool), (len(obs["image"]),)).copy()
         if is_first.all():  # every env starts an episode (any batch size): nothing carries over
             self.prev = None
+        with autocast(self.device, self.amp):
+            return self._act(obs, is_first, generator)
+
+    def _act(self, obs: dict[str, np.ndarray], is_first: np.ndarray, generator: Optional[torch.Generator]
+             ) -> np.ndarray:
         x = frames_to_input(torch.as_tensor(obs["image"], device=self.device)[:, None], self.wm.resolution)[:, 0]
         encoder = self.wm.autoencoder.encoder
         self.wm.step_begin()

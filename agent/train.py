@@ -37,7 +37,7 @@ from world_model.updates import SkipStreak, StepMeans, autocast, guarded_update
 from world_model.rundir import (MetricLogger, claimed_run, evaluation_due, fixed_rng, resumed_length, rank_seed,
                                 restore_rng, rng_states, rollback_appended, shown, stopped_evaluation, this_ranks)
 from world_model.frame_tokenizer import status_vars
-from world_model.train_wm import build_world_model, check_encoder, check_max_steps, to_batch
+from world_model.train_wm import build_world_model, check_encoder, check_max_steps, check_trained_positions, to_batch
 from world_model.wm import WorldModel, WorldModelLoss
 
 from .actor_critic import ActorCritic
@@ -52,15 +52,19 @@ BAR_SCORES = {"train/crafter_score_recent": "score_recent", "train/score_recent"
 
 
 def longest_sequence(cfg: AgentConfig) -> tuple[int, str]:
-    """The longest sequence the dynamics must hold, and the keys that set it: a training segment, or imagination's
-    actor_critic.horizon steps from one replayed state (the slots carry what the agent needs), which the first
-    imagined step replaces."""
-    return (max(cfg.train.seq_len, cfg.actor_critic.horizon),
-            "train.seq_len, or actor_critic.horizon imagined from one replayed state")
+    """The longest sequence the dynamics must hold, and the key that sets it: a training segment. Imagination's
+    actor_critic.horizon steps from one replayed state (the slots carry what the agent needs) fit in one, at the time
+    positions training teaches the dynamics (`preflight`)."""
+    return cfg.train.seq_len, "train.seq_len"
 
 
-def preflight(cfg: AgentConfig) -> None:
-    """What `train` would refuse only once it builds things, refused before the run prints its config and starts."""
+def preflight(cfg: AgentConfig) -> list[str]:
+    """What `train` would refuse only once it builds things, refused before the run prints its config and starts;
+    returns notes on what it allows but a user likely did not mean."""
+    horizon, seq_len = cfg.actor_critic.horizon, cfg.train.seq_len
+    check_trained_positions(horizon - 1, f"imagination of actor_critic.horizon={horizon} steps", "train.seq_len",
+                            seq_len, f"lower actor_critic.horizon below {seq_len}, or raise train.seq_len to "
+                            f"{horizon + 1}")
     check_max_steps(cfg.dynamics, longest_sequence(cfg))
     check_encoder(cfg.encoder)
     ranks = distributed.launched_size()
@@ -76,6 +80,12 @@ def preflight(cfg: AgentConfig) -> None:
         raise UsageError(f"env.num_envs={cfg.env.num_envs} must be a multiple of env.envs_per_worker="
                          f"{cfg.env.envs_per_worker} (each worker process runs that many envs)"
                          + (f" times the {ranks} processes" if ranks > 1 else ""))
+    notes = []
+    if cfg.replay.capacity < cfg.train.prefill:
+        notes.append(f"note: replay.capacity={cfg.replay.capacity} holds fewer steps than train.prefill="
+                     f"{cfg.train.prefill}: the first {cfg.train.prefill - cfg.replay.capacity} random steps are "
+                     "overwritten before the first update")
+    return notes
 
 
 def build_agent(cfg: AgentConfig, num_actions: int, device: torch.device, status_vars: int = 0,
@@ -266,7 +276,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         ac_parallel = distributed.wrap(ac, device) if distributed.active() else None
         logger = MetricLogger(run, start_step=counters["env_steps"])
         cleanup.callback(logger.close)
-        policy = SlotPolicy(wm, ac, device)
+        policy = SlotPolicy(wm, ac, device, amp=t.amp)
         wm.eval()  # train_step switches to train mode for its update and back
         rng = np.random.default_rng([rank_seed(t.seed), counters["vector_steps"]])
         collector = Collector(venv, replay, keys=replay.spec)

@@ -19,7 +19,7 @@ from agent.config import AgentConfig
 from agent.evaluate import log_keys
 from compare import assert_same_state, checkpoint, metric_rows
 from agent.replay import ReplayBuffer
-from agent.train import imagination_starts, train, updates_due
+from agent.train import imagination_starts, preflight, train, updates_due
 from envs.crafter import crafter_score
 from world_model.config import load_config
 
@@ -123,6 +123,13 @@ def test_a_replay_smaller_than_a_segment_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"replay.capacity=6 is less than one training segment"):
         train(tiny("replay.capacity=6"), str(tmp_path / "run"), progress=False)
     assert not (tmp_path / "run").exists()  # refused before the run directory is made
+
+
+def test_a_replay_smaller_than_the_prefill_is_noted():
+    assert preflight(tiny()) == []
+    notes = preflight(tiny("replay.capacity=300", "train.prefill=400"))
+    assert notes == ["note: replay.capacity=300 holds fewer steps than train.prefill=400: the first 100 random steps "
+                     "are overwritten before the first update"]
 
 
 def test_an_evaluation_that_fails_loses_no_checkpoint(tmp_path, monkeypatch):
@@ -446,7 +453,7 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
                      str(viz)]) == 2
     assert "--clevr-root shows CLEVR scenes to a pretraining run; " in capsys.readouterr().err
     # the agent's world model, scored open loop on collected episodes (an agent run keeps none: --data is needed),
-    # its context and horizons fitted into the 16 steps its dynamics holds
+    # its context and horizons fitted into the time positions its 8-step training segments taught it
     assert run.main(["eval-wm", "--checkpoint", str(tmp_path / "run")]) == 2
     assert "is an agent run, which keeps no episode dataset: pass --data DIR" in capsys.readouterr().err
     assert run.main(["collect", "--env", "crafter", "--frames", "100", "--max-episode-steps", "20", "--out",
@@ -455,10 +462,10 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
     assert run.main(["eval-wm", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "episodes"),
                      "--segments", "2"]) == 0
     out, err = capsys.readouterr()
-    assert "context 8, horizons 1, 5, 8" in err and (f"open-loop prediction, env step 240, 2 segments from all 5 "
+    assert "train.seq_len=8 segments (time positions 0..6): context 4, horizons 1, 4" in err and (f"open-loop prediction, env step 240, 2 segments from all 5 "
                                                      f"episodes (100 steps) of {tmp_path / 'episodes'}") in out
     scored = json.loads((tmp_path / "run" / "eval_wm_data_episodes" / "eval_wm.json").read_text())
-    assert scored["step"] == 240 and 0 <= scored["h8/code_acc"] <= 100 and "h15/code_acc" not in scored
+    assert scored["step"] == 240 and 0 <= scored["h4/code_acc"] <= 100 and "h5/code_acc" not in scored
     # resuming the finished run plays no evaluation again: the final one is read back from the log, nothing appended;
     # a shorter train.env_steps does not rewrite config.yaml to misdescribe the run
     logs = {name: (tmp_path / "run" / name).read_text() for name in ("eval_stats.jsonl", "metrics.jsonl")}
@@ -626,17 +633,23 @@ def test_the_frozen_recipe_preset_trains_one_step_on_its_pretrained_encoder(tmp_
     assert math.isfinite(stats["wm/loss"]) and stats["wm/skipped"] == 0 and math.isfinite(stats["ac/loss_critic"])
 
 
-def test_the_imagination_horizon_may_fill_the_dynamics():
-    """Imagination from one replayed state holds actor_critic.horizon steps: a horizon of dynamics.max_steps trains,
-    one more is refused naming the agent's keys (it used to be refused one step early, naming train-wm's)."""
+def test_imagination_stays_within_the_time_positions_training_teaches(tmp_path):
+    """Imagination from one replayed state predicts from time positions 0..horizon-1; train.seq_len=4 segments teach
+    the dynamics positions 0..2 (a segment's last step predicts nothing). A horizon of 3 in a dynamics of exactly
+    train.seq_len steps trains; a horizon of 4 is refused before a run starts, as is a dynamics shorter than a
+    segment."""
     from agent.train import train_step
 
-    cfg = tiny(*ONE_UPDATE, "actor_critic.horizon=16", "dynamics.max_steps=16")
-    wm, ac, opt, replay = _one_update_setup(cfg, 17)
+    cfg = tiny(*ONE_UPDATE, "dynamics.max_steps=4")
+    wm, ac, opt, replay = _one_update_setup(cfg, 5)
     assert math.isfinite(train_step(wm, ac, opt, replay, cfg, torch.device("cpu"), 0)["ac/loss_critic"])
-    with pytest.raises(ValueError, match=r"max_steps=16 is shorter than the longest sequence it must hold \(17 steps: "
-                                         r"train.seq_len, or actor_critic.horizon imagined from one replayed state\)"):
-        _one_update_setup(tiny(*ONE_UPDATE, "actor_critic.horizon=17", "dynamics.max_steps=16"), 17)
+    with pytest.raises(ValueError, match=r"imagination of actor_critic.horizon=4 steps predicts from time positions up "
+                                         r"to 3; train.seq_len=4 segments train the dynamics at positions 0..2 only"):
+        train(tiny(*ONE_UPDATE, "actor_critic.horizon=4"), str(tmp_path / "never"), progress=False)
+    with pytest.raises(ValueError, match=r"max_steps=3 is shorter than the longest sequence it must hold \(4 steps: "
+                                         r"train.seq_len\)"):
+        preflight(tiny(*ONE_UPDATE, "dynamics.max_steps=3"))
+    assert not (tmp_path / "never").exists()
 
 
 def test_the_policy_takes_what_a_vector_env_returns():
@@ -657,6 +670,31 @@ def test_the_policy_takes_what_a_vector_env_returns():
     wm, ac = build_agent(tiny(), 17, torch.device("cpu"), status_vars=2)
     with pytest.raises(ValueError, match="reads 2 status tokens beside each frame: pass the env's observation dict"):
         SlotPolicy(wm, ac, torch.device("cpu")).act(images, True)
+
+
+def test_the_policy_acts_under_the_autocast_the_world_model_trains_under(monkeypatch):
+    """With amp the policy encodes and acts under bf16 autocast, as train_step encodes (CUDA only in the project;
+    here the CPU's bf16 autocast stands in), its carried slots and a new episode's initial ones mixed included."""
+    import agent.policy
+    from agent.policy import SlotPolicy
+    from agent.train import build_agent
+
+    entered = []
+
+    def cpu_autocast(device, enabled):
+        entered.append(enabled)
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+    monkeypatch.setattr(agent.policy, "autocast", cpu_autocast)
+    wm, ac = build_agent(tiny(), 17, torch.device("cpu"))
+    images = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    policy = SlotPolicy(wm.eval(), ac, torch.device("cpu"), amp=True)
+    for first in (np.array([True, True]), np.array([False, True]), np.array([False, False])):
+        actions = policy.act(images, first)
+        assert actions.shape == (2,) and ((0 <= actions) & (actions < 17)).all()
+    assert entered == [True] * 3
+    SlotPolicy(wm, ac, torch.device("cpu")).act(images, True)
+    assert entered[-1] is False
 
 
 def test_joint_encoder_temperature_anneals_over_updates():
@@ -1012,14 +1050,15 @@ def test_a_config_edited_by_hand_since_the_checkpoint_is_refused(tmp_path, capsy
     a checkpoint of another model or play another game with this one."""
     rd = tmp_path / "run"
     train(tiny("train.env_steps=40", "train.prefill=40", "train.eval_every=0"), str(rd), progress=False)
+    capsys.readouterr()
     text = (rd / "config.yaml").read_text()
     for edit, key in (("num_slots: 4", "num_slots: 6"), ("name: crafter", "name: nethack")):
         assert edit in text
         (rd / "config.yaml").write_text(text.replace(edit, key, 1))
         for argv in (["train", "--resume", str(rd), "train.env_steps=80"], ["eval", "--checkpoint", str(rd)]):
             assert run.main(argv) == 2, (edit, argv)
-            err = capsys.readouterr().err
-            assert "does not match the checkpoint in" in err
+            out, err = capsys.readouterr()
+            assert out == "" and err.startswith("error: the config does not match the checkpoint in")  # first
             # the way out: a resume may start a new run; an evaluation reads the run as it trained
             assert err.strip().endswith("restore config.yaml to what the run trained with") == (argv[0] == "eval")
     (rd / "config.yaml").write_text(text)

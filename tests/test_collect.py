@@ -193,6 +193,19 @@ def test_visualize_crafter_frames_and_edit(vq_run, tmp_path, capsys):
     assert [p.name for p in out.glob("*.png")] == ["frame_0000.png"] and np.load(out / "codes.npy").shape[0] == 1
 
 
+def test_the_slot_video_names_its_columns_and_steps():
+    """Each video frame: input | reconstruction (if any) | segmentation, 4x, under a strip with the frame's step."""
+    from world_model.decompose import video_frames
+
+    torch.manual_seed(0)
+    images, masks = torch.rand(2, 3, 16, 16), torch.rand(2, 4, 16, 16).softmax(1)
+    for recon, columns in ((torch.rand(2, 3, 16, 16), 3), (None, 2)):
+        frames = video_frames(images, {"recon": recon, "masks": masks})
+        assert frames.shape == (2, 16 + 4 * (18 + 2), 4 * (columns * 18 + 2), 3) and frames.dtype == np.uint8
+        strips = frames[:, :16]
+        assert (strips > 200).mean() > 0.8 and (strips[0] != strips[1]).any()  # "frame 0", "frame 1"
+
+
 def test_slots_are_carried_within_an_episode_only():
     """decompose starts each episode's first frame from fresh slots, as it starts the first frame."""
     from types import SimpleNamespace

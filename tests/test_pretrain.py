@@ -296,6 +296,13 @@ def test_run_dir_rules(tmp_path, capsys):
     assert "  steps: 2\n" in (tmp_path / "r" / "config.yaml").read_text()  # the run's length, not the override's
     with pytest.raises(ValueError, match="does not match the checkpoint in .*: model.slot_dim=16 differs from what"):
         pretrain(tiny_cfg("train.steps=3", "model.slot_dim=16"), str(tmp_path / "r"), resume=True, progress=False)
+    text = (tmp_path / "r" / "config.yaml").read_text()  # edited to fewer slots than objects: that, not the slot advice
+    (tmp_path / "r" / "config.yaml").write_text(text.replace("  num_slots: 4\n", "  num_slots: 2\n", 1))
+    assert run.main(["pretrain", "--resume", str(tmp_path / "r"), "train.steps=3"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"error: the config does not match the checkpoint in {tmp_path / 'r'} (was "
+                                        "its config.yaml edited?): model.num_slots=2 differs from what")
+    (tmp_path / "r" / "config.yaml").write_text(text)
     assert run.main(["pretrain", "--config", "configs/clevr_tiny.yaml", "model.slotz=gmm"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "did you mean 'model.slots'" in err

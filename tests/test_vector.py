@@ -496,6 +496,25 @@ def test_info_layouts_stay_in_step_after_a_failed_reset(tmp_path):
         venv.close()
 
 
+def test_a_reset_given_up_on_has_recorded_the_other_workers_layouts(tmp_path):
+    """The crash-loop cap raises in the restart of a worker that failed reset: the workers that replied have sent
+    their reset info layout once, and the parent has recorded it before the raise (it is not sent again)."""
+    flag = tmp_path / "fail"
+    venv = ResilientVectorEnv([partial(LayoutEnv, i, str(flag)) for i in range(4)], envs_per_worker=2,
+                              max_restarts=0)
+    try:
+        venv.reset(seed=0)
+        reset_layout = venv._layouts[0]
+        venv.step(np.zeros(4, dtype=np.int64))
+        assert venv._layouts[0] != reset_layout  # the step infos' keys
+        flag.touch()
+        with pytest.raises(RuntimeError, match="failed after 0 restarts"):
+            venv.reset(seed=0)
+        assert venv._layouts[0] == reset_layout
+    finally:
+        venv.close()
+
+
 def test_a_restarted_env_plays_the_episodes_of_its_derived_seed():
     """After worker 1 fails, its env resets with seed SeedSequence([s + 1, restarts]) (s: reset's seed), then goes
     on with seed None like any env: the same observations as an env reset in-process with that seed, through its

@@ -20,7 +20,7 @@ TINY_WM = [
     "encoder.model.decoder_channels=8", "encoder.model.vq.num_vars=2", "encoder.model.vq.num_codes=4",
     "frame.vars=2", "frame.codes=4", "frame.channels=4", "frame.target=8", "dynamics.embed_dim=16",
     "dynamics.layers=1", "dynamics.heads=2", "dynamics.max_steps=8", "dynamics.reward_bins=17",
-    "data.seq_len=4", "eval.context=2", "eval.horizons=[1,3]", "eval.segments=4", "train.batch_size=2",
+    "data.seq_len=5", "eval.context=2", "eval.horizons=[1,3]", "eval.segments=4", "train.batch_size=2",
     "train.log_every=1", "train.eval_every=2", "train.ckpt_every=1", "train.warmup_steps=1", "train.threads=2",
 ]
 
@@ -241,6 +241,13 @@ def test_config_data_shows_the_config_a_data_command_would_run(tmp_path, capsys)
     assert "task: discovery\n" in out and "  source: frames\n" in out and f"  root: {root}\n" in out
     assert run.main(["config", "--for", "train", "--data", str(root)]) == 2
     assert "`train` collects its own episodes" in capsys.readouterr().err
+    clevr = tmp_path / "clevr"  # a dataset either command would refuse is refused here, nothing printed
+    for split in ("images/train", "scenes"):
+        (clevr / split).mkdir(parents=True)
+    for command in ("pretrain", "train-wm"):
+        assert run.main(["config", "--for", command, "--data", str(clevr)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith(f"error: {clevr} is a CLEVR root, not an episode dataset")
 
 @pytest.mark.parametrize("carry_grad", [True, False])
 def test_batched_encode_matches_frame_by_frame(tmp_path, monkeypatch, carry_grad):
@@ -790,16 +797,50 @@ def test_a_frozen_encoder_stays_in_eval_mode_when_the_world_model_trains(tmp_pat
 
 
 def test_preflight_refuses_a_dynamics_shorter_than_a_training_segment(tmp_path):
-    """The dynamics must hold the longest of a training segment (data.seq_len=10) and an evaluation window
-    (eval.context + max(eval.horizons) = 2 + 3 = 5): max_steps=8 is refused, naming 10 steps."""
+    """The dynamics must hold a training segment (data.seq_len=10): max_steps=8 is refused, naming 10 steps."""
     from envs.errors import UsageError
     from world_model.train_wm import longest_sequence, preflight
 
     cfg = wm_cfg(tmp_path, "data.seq_len=10")
-    assert longest_sequence(cfg)[0] == 10
-    with pytest.raises(UsageError, match=r"dynamics.max_steps=8 is shorter than .* \(10 steps"):
+    assert longest_sequence(cfg) == (10, "data.seq_len")
+    with pytest.raises(UsageError, match=r"dynamics.max_steps=8 is shorter than .* \(10 steps: data.seq_len\)"):
         preflight(cfg)
-    assert longest_sequence(wm_cfg(tmp_path, "data.seq_len=3"))[0] == 5
+
+
+def test_an_evaluation_past_the_trained_time_positions_is_refused_or_fitted(tmp_path, capsys):
+    """A 5-step training segment teaches the dynamics time positions 0..3 (its last step predicts nothing, so no
+    gradient reaches its time embedding): context 2 + horizon 3 predicts from positions up to 3 and trains; a
+    4-step segment is refused before anything runs. eval-wm fits a run that evaluated past them (from before the
+    refusal) into them, with a note."""
+    from world_model.dynamics import DynamicsConfig, SlotDynamics, dynamics_loss
+    from world_model.train_wm import preflight
+
+    dyn = SlotDynamics(DynamicsConfig(num_slots=2, num_vars=1, num_codes=3, frame_vars=0, num_actions=2,
+                                      embed_dim=8, layers=1, heads=2, max_steps=8))
+    codes, actions = torch.randint(3, (2, 5, 2, 1)), torch.randint(2, (2, 5))
+    loss, _ = dynamics_loss(dyn(codes, None, actions), codes, None, torch.zeros(2, 5), torch.ones(2, 5))
+    loss.backward()
+    learned = dyn.time_embed.weight.grad.abs().sum(-1) > 0
+    assert learned.tolist() == [True] * 4 + [False] * 4  # positions 0..3 of a 5-step segment
+    root = toy_dataset(tmp_path / "d")
+    preflight(wm_cfg(root))  # 2 + 3 = 5 steps
+    for override in ("data.seq_len=4", "eval.horizons=[1,4]"):
+        with pytest.raises(UsageError, match=r"eval.context \+ max\(eval.horizons\) = 2 \+ \d predicts from time "
+                                             r"positions up to \d; data.seq_len=\d segments train the dynamics at "
+                                             r"positions 0..\d only"):
+            preflight(wm_cfg(root, override))
+        with pytest.raises(UsageError, match="predicts from time positions up to"):
+            train_wm(wm_cfg(root, override), str(tmp_path / "never"), progress=False)
+    assert not (tmp_path / "never").exists()
+    train_wm(wm_cfg(root, "train.steps=1", "train.eval_every=0"), str(tmp_path / "r"), progress=False)
+    text = (tmp_path / "r" / "config.yaml").read_text()  # as a run from before the refusal recorded it
+    (tmp_path / "r" / "config.yaml").write_text(text.replace("  - 3\n", "  - 5\n", 1))
+    capsys.readouterr()
+    assert run.main(["eval-wm", "--checkpoint", str(tmp_path / "r"), "--segments", "2"]) == 0
+    assert ("note: this world model trained on data.seq_len=5 segments (time positions 0..3); its eval.context 2 and "
+            "horizons 1, 5 reach past them: context 2, horizons 1, 3") in capsys.readouterr().err
+    scored = json.loads((tmp_path / "r" / "eval_wm" / "eval_wm.json").read_text())
+    assert "h3/code_acc" in scored and "h5/code_acc" not in scored
 
 
 def test_held_out_segments_are_scored_chunk_by_chunk_weighted_by_their_size(tmp_path, monkeypatch):
@@ -825,7 +866,10 @@ def test_held_out_segments_are_scored_chunk_by_chunk_weighted_by_their_size(tmp_
     assert result["h1/code_acc"] == pytest.approx((1 * 2 + 2 * 2 + 3 * 1) / 5)
     real, decoded, imagined = result["_frames"]  # the first segment's: 5 steps, decoded from the last context one on
     assert (len(real), len(decoded), len(imagined)) == (5, 4, 3)
-    assert train_wm.prediction_video(result["_frames"], 2).shape[0] == 5  # every step
+    video = train_wm.prediction_video(result["_frames"], 2)  # every step: 16-pixel frames, 4x, under a 16-pixel strip
+    assert video.shape == (5, 16 + 4 * (18 + 2), 4 * (3 * 18 + 2), 3)
+    strips = video[:, :16]  # the names: the step, and "context" or how far ahead the imagined frame is
+    assert (strips > 200).mean() > 0.8 and all((strips[t] != strips[t + 1]).any() for t in range(4))
     # every 4th step from the last context frame: 1 row of 16-pixel frames, 8x upscaled, under the names' strip
     assert train_wm.prediction_picture(result["_frames"], 2).shape == (3, 16 + 8 * (18 + 2), 8 * (3 * 18 + 2))
     rewards = held.sample(5, 5, np.random.default_rng(2025))["reward"][:, 2:]

@@ -15,7 +15,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from envs.errors import UsageError
 
@@ -23,7 +22,7 @@ from .perception import SlotAutoencoder
 from .pretrain import load_run
 from .sources import eval_batches, use_clevr_root
 from .rundir import check_out_dir, fixed_rng, resolve_device
-from .visualize import colorize, decomposition_picture, edit_labels, labeled, save_png, tile, upscale
+from .visualize import colorize, decomposition_picture, edit_labels, labeled, save_png, tile, upscale, video_frame
 from .wm import frames_to_input
 
 VIDEO_SCALE = 4  # frames are upscaled (nearest) so 64x64 games stay legible in the video
@@ -81,15 +80,12 @@ def overlay(images: torch.Tensor, masks: torch.Tensor, alpha: float = 0.5) -> to
 
 def video_frames(images: torch.Tensor, out: dict) -> np.ndarray:
     """One video frame per time step: input | reconstruction (when the model has a decoder) | segmentation overlay,
-    upscaled: `t H W 3` uint8."""
+    upscaled under a strip naming them and the step: `t H W 3` uint8."""
     recon = [out["recon"].clamp(0, 1)] if out["recon"] is not None else []
     cols = [images, *recon, overlay(images, out["masks"])]
-    frames = []
-    for t in range(images.shape[0]):
-        grid = tile(torch.stack([c[t] for c in cols]), nrow=len(cols))
-        grid = F.interpolate(grid[None], scale_factor=VIDEO_SCALE, mode="nearest")[0]
-        frames.append((grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
-    return np.stack(frames)
+    names = ["reconstruction"] * bool(recon) + ["slots"]
+    return np.stack([video_frame(torch.stack([c[t] for c in cols]), [f"frame {t}", *names], VIDEO_SCALE)
+                     for t in range(images.shape[0])])
 
 
 def write_video(frames: np.ndarray, path: Path, fps: int = 8) -> Path:

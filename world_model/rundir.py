@@ -41,14 +41,20 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def checkpoint_step(path: Path) -> Optional[int]:
-    """The step a checkpoint is at (an agent's: its env step), read through a memory map, so its tensors are not
-    loaded; None when it cannot be read."""
+def peek_checkpoint(path: Path) -> Optional[dict]:
+    """A checkpoint read through a memory map, so its tensors are not loaded; None when it cannot be read."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        return state_step(state) if isinstance(state, dict) else None
+        return state if isinstance(state, dict) else None
     except Exception:  # whatever keeps it from being read (also in a message of last resort, as Ctrl-C's): None
         return None
+
+
+def checkpoint_step(path: Path) -> Optional[int]:
+    """The step a checkpoint is at (an agent's: its env step), without loading its tensors; None when it cannot be
+    read."""
+    state = peek_checkpoint(path)
+    return None if state is None else state_step(state)
 
 
 def state_step(state: dict) -> Optional[int]:

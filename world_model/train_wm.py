@@ -129,6 +129,22 @@ def episode_spec(episode: dict) -> dict:
     return spec
 
 
+def check_trained_positions(last: int, what: str, seq_key: str, seq_len: int, fix: str) -> None:
+    """Refuse a prediction from time position `last` or earlier that reaches past the positions training segments of
+    `seq_len` steps teach the dynamics: 0..seq_len-2 (a segment's last step predicts nothing, so its time embedding
+    learns nothing, nor does any later one)."""
+    if last > seq_len - 2:
+        raise UsageError(f"{what} predicts from time positions up to {last}; {seq_key}={seq_len} segments train the "
+                         f"dynamics at positions 0..{seq_len - 2} only (a segment's last step predicts nothing): {fix}")
+
+
+def fit_eval_window(context: int, horizons: Sequence[int], seq_len: int) -> tuple[int, list[int]]:
+    """An open-loop evaluation's context and horizons fitted into the time positions a dynamics trained on
+    `seq_len`-step segments has learned: the context at most half a segment, the horizons at most what is left."""
+    context = min(context, seq_len // 2)
+    return context, sorted({min(h, seq_len - context) for h in horizons})
+
+
 def check_max_steps(dyn: DynamicsConfig, longest: tuple[int, str]) -> None:
     """Refuse a dynamics too short for `longest` (steps, and the keys that set them)."""
     if dyn.max_steps < longest[0]:
@@ -203,14 +219,24 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
 
 
 def longest_sequence(cfg: WorldModelConfig) -> tuple[int, str]:
-    """The longest sequence the dynamics must hold, and the keys that set it."""
-    return (max(cfg.data.seq_len, cfg.eval.context + max(cfg.eval.horizons)),
-            "data.seq_len, or eval.context plus the longest of eval.horizons")
+    """The longest sequence the dynamics must hold, and the key that sets it: a training segment (an evaluation
+    window fits in one, `check_eval_window`)."""
+    return cfg.data.seq_len, "data.seq_len"
+
+
+def check_eval_window(cfg: WorldModelConfig) -> None:
+    """Open-loop evaluation predicts at the time positions training teaches the dynamics, never past them."""
+    c = cfg.eval
+    window = c.context + max(c.horizons)
+    check_trained_positions(window - 2, f"eval.context + max(eval.horizons) = {c.context} + {max(c.horizons)}",
+                            "data.seq_len", cfg.data.seq_len,
+                            f"raise data.seq_len to {window}, or lower eval.context or eval.horizons")
 
 
 def preflight(cfg: WorldModelConfig) -> None:
     """What `train-wm` would refuse only once it reads its data or builds the model, refused before the run prints
     and starts."""
+    check_eval_window(cfg)
     check_max_steps(cfg.dynamics, longest_sequence(cfg))
     check_encoder(cfg.encoder)
     dataset_meta(cfg)
@@ -310,9 +336,10 @@ def prediction_picture(frames: tuple, context: int) -> torch.Tensor:
 
 def prediction_video(frames: tuple, context: int) -> np.ndarray:
     """Video frames (uint8 `t H W 3`) of `evaluate_wm`'s `_frames`, every step: real | decoded real codes |
-    imagined, decoded and imagined blank in the context."""
+    imagined, decoded and imagined blank in the context; each under a strip naming the columns, the step and how
+    many steps the imagined frame is ahead of the last context frame."""
     from .decompose import VIDEO_SCALE
-    from .visualize import tile
+    from .visualize import video_frame
 
     real, decoded, imagined = frames
     blank = torch.ones_like(real[0])
@@ -320,8 +347,8 @@ def prediction_video(frames: tuple, context: int) -> np.ndarray:
     for t in range(real.shape[0]):
         j = t - context
         row = torch.stack([real[t], decoded[j + 1] if j >= 0 else blank, imagined[j] if j >= 0 else blank])
-        grid = torch.nn.functional.interpolate(tile(row, nrow=3)[None], scale_factor=VIDEO_SCALE, mode="nearest")[0]
-        video.append((grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
+        names = ["decoded", f"imagined +{j + 1}"] if j >= 0 else ["context", "context"]
+        video.append(video_frame(row.clamp(0, 1), [f"real t={t}", *names], VIDEO_SCALE))
     return np.stack(video)
 
 
@@ -367,6 +394,7 @@ def _open_loop_scores(wm: WorldModel, batch: dict, c, frames: bool, status_names
 def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress: bool = True) -> dict:
     """Train (or continue) a world-model run; returns the last evaluation."""
     t = cfg.train
+    check_eval_window(cfg)  # `run.py train-wm` has checked it; a caller from Python has not
     with claimed_run(run_dir, resume, t.device, t.threads, t.seed) as (run, device, cleanup):
         return _train_wm(cfg, run, device, resume, progress, cleanup)
 
@@ -499,7 +527,9 @@ def _train_wm(cfg: WorldModelConfig, run: RunDir, device: torch.device, resume: 
 def load_wm_run(run_dir: str, device: torch.device,
                 step: Optional[int] = None) -> tuple[WorldModelConfig, WorldModel, dict]:
     """Config, world model (in eval mode) and checkpoint state of a `run.py train-wm` run directory: its latest
-    checkpoint, or the one kept at evaluation step `step` (train.keep_checkpoints)."""
+    checkpoint, or the one kept at evaluation step `step` (train.keep_checkpoints). A run that evaluated past the
+    time positions it trained (from before that was refused) has its eval.context and eval.horizons fitted into
+    them, which the state's `note` says."""
     run = RunDir(run_dir, step)
     cfg = load_run_config("train-wm", run_dir)
     state = run.load_checkpoint(map_location=device, keys=("model", "num_actions"))
@@ -507,6 +537,13 @@ def load_wm_run(run_dir: str, device: torch.device,
     wm = build_wm_for(cfg, state["num_actions"], device, state.get("status_vars", 0), restoring=run_dir)
     run.restore(wm, state, "model")
     wm.eval()
+    seq_len, asked = cfg.data.seq_len, (cfg.eval.context, list(cfg.eval.horizons))
+    if asked[0] + max(asked[1]) > seq_len:
+        cfg.eval.context, cfg.eval.horizons = fit_eval_window(*asked, seq_len)
+        state["note"] = (f"note: this world model trained on data.seq_len={seq_len} segments (time positions 0.."
+                         f"{seq_len - 2}); its eval.context {asked[0]} and horizons {', '.join(map(str, asked[1]))} "
+                         f"reach past them: context {cfg.eval.context}, horizons "
+                         f"{', '.join(map(str, cfg.eval.horizons))}")
     return cfg, wm, state
 
 
@@ -514,7 +551,7 @@ def load_agent_wm(run_dir: str, data: Optional[str], device: torch.device,
                   step: Optional[int] = None) -> tuple[WorldModelConfig, WorldModel, dict]:
     """An agent run's world model as `eval_wm` scores it: a world-model config of its encoder, frame tokens and
     dynamics on the episodes of `data` (an agent run keeps no dataset), with eval.context and eval.horizons fitted
-    into the steps its dynamics holds; the state gives the step (env steps), env, action count and a note saying
+    into the time positions its training segments taught it; the state gives the step (env steps), env, action count and a note saying
     how they were fitted (None where they were not)."""
     from agent.evaluate import load_agent_run
 
@@ -523,12 +560,11 @@ def load_agent_wm(run_dir: str, data: Optional[str], device: torch.device,
         raise UsageError(f"{run_dir} is an agent run, which keeps no episode dataset: pass --data DIR, {game} "
                          f"episodes (run.py collect --env {game} --frames 5000 --out DIR)")
     agent_cfg, wm, _, state = load_agent_run(run_dir, device, step)
-    steps, default = agent_cfg.dynamics.max_steps, WMEvalConfig()
-    context = min(default.context, steps // 2)
-    horizons = sorted({min(h, steps - context) for h in default.horizons})
+    seq_len, default = agent_cfg.train.seq_len, WMEvalConfig()
+    context, horizons = fit_eval_window(default.context, default.horizons, seq_len)
     fitted = None if (context, horizons) == (default.context, default.horizons) else (
-        f"note: this agent's dynamics holds {steps} steps (dynamics.max_steps): context {context}, horizons "
-        f"{', '.join(map(str, horizons))}")
+        f"note: this agent's world model trained on train.seq_len={seq_len} segments (time positions 0.."
+        f"{seq_len - 2}): context {context}, horizons {', '.join(map(str, horizons))}")
     cfg = WorldModelConfig(encoder=agent_cfg.encoder, frame=agent_cfg.frame, dynamics=agent_cfg.dynamics,
                            data=WMDataConfig(root=data), eval=WMEvalConfig(context=context, horizons=horizons))
     return cfg, wm, {"step": state["counters"]["env_steps"], "env": game, "num_actions": state["num_actions"],

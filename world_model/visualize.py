@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -78,13 +79,13 @@ def upscale(grid: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def labeled(grid: torch.Tensor, labels: list[str], side: int, pad: int = 2,
-            colors: Optional[dict[int, torch.Tensor]] = None) -> torch.Tensor:
-    """A `3 H W` grid of `side`-pixel pictures (as `tile` pads them, then `upscale`d) with a white strip above it
-    naming each column (Pillow's built-in font: no font file is read); `colors` {column: RGB in [0, 1]} puts a
-    swatch of that color before the column's name (a slot's color in the segmentation)."""
+            colors: Optional[dict[int, torch.Tensor]] = None, factor: Optional[int] = None) -> torch.Tensor:
+    """A `3 H W` grid of `side`-pixel pictures (as `tile` pads them, then `upscale`d, or scaled by `factor`) with a
+    white strip above it naming each column (Pillow's built-in font: no font file is read); `colors` {column: RGB
+    in [0, 1]} puts a swatch of that color before the column's name (a slot's color in the segmentation)."""
     from PIL import Image, ImageDraw, ImageFont
 
-    factor = _factor(side)
+    factor = factor or _factor(side)
     cell, gap = side * factor, pad * factor
     strip = Image.new("RGB", (grid.shape[-1], 16), "white")
     draw, font = ImageDraw.Draw(strip), ImageFont.load_default()
@@ -141,6 +142,14 @@ def prediction_grid(real: torch.Tensor, decoded: torch.Tensor, imagined: torch.T
     return labeled(upscale(tile(rows, nrow=len(PREDICTION_COLUMNS)), side), PREDICTION_COLUMNS, side)
 
 
+def video_frame(pictures: torch.Tensor, labels: list[str], scale: int) -> np.ndarray:
+    """One video frame: `pictures` (`n 3 r r` in [0, 1]) side by side, upscaled `scale` times (nearest), under a
+    strip naming each: `H W 3` uint8."""
+    grid = F.interpolate(tile(pictures.float().cpu(), nrow=len(pictures))[None], scale_factor=scale, mode="nearest")[0]
+    return (labeled(grid, labels, pictures.shape[-1], factor=scale).clamp(0, 1) * 255).round().byte().permute(
+        1, 2, 0).numpy()
+
+
 def to_pil(image: torch.Tensor):
     """`3 h w` in [0, 1] -> a Pillow RGB image."""
     from PIL import Image
@@ -150,8 +159,6 @@ def to_pil(image: torch.Tensor):
 
 def from_pil(image) -> torch.Tensor:
     """A Pillow RGB image -> `3 h w` float in [0, 1]."""
-    import numpy as np
-
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
 
 
