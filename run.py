@@ -24,6 +24,7 @@ EPILOG = """examples:
   python run.py pretrain --run-dir runs/tiny --resume train.steps=400
   python run.py eval-ap --checkpoint runs/tiny --images 2000
   python run.py generate --out data/clevr_like --images 100                # 480x320 scenes: ~0.1-0.2 s each on a CPU
+  python run.py pretrain --config clevr_setpred data.source=clevr data.root=CLEVR_v1.0   # CLEVR on disk
   python run.py convert-clevr-masks --tfrecords clevr_with_masks_train.tfrecords --out data/clevr6   # FG-ARI
   python run.py collect --env crafter --frames 20000 --out data/crafter --workers 2
   python run.py pretrain --data data/crafter --run-dir runs/slots
@@ -561,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("pretrain", help="train a slot encoder on CLEVR-style scenes or env frames (discovery or set prediction)",
                        description="Train a slot encoder: task=discovery reconstructs images through a mask decoder "
                        "(FG-ARI); task=setpred predicts CLEVR object properties with a Hungarian loss (AP). "
+                       "Scenes are generated on the fly (data.source=generated), read from a CLEVR v1.0 root "
+                       "(data.source=clevr data.root=DIR; a root of `convert-clevr-masks` has masks for FG-ARI) or "
+                       "taken from game frames (--data DIR). "
                        "Writes config, checkpoints, tensorboard and metrics.jsonl to --run-dir.")
     _add_run_options(s, "pretrain", "clevr_tiny, clevr_discovery_tiny, clevr_setpred_cpu, clevr_discovery_cpu, "
                      "clevr_setpred, clevr_discovery, frames_discovery_cpu, frames_discovery",

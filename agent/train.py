@@ -266,7 +266,8 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             "eval_episodes": state.get("config", {}).get("train", {}).get("eval_episodes")}
         state = None  # the checkpoint's tensors are in the models now: not kept for the whole run
         episode_log = JsonlTail(run.path / "stats.jsonl")  # the training episodes, read as the workers append them
-        save_config(cfg, run.config_path)
+        if not resume:  # a resume's goes with its first checkpoint: one that fails before leaves it describing the checkpoint
+            save_config(cfg, run.config_path)
         if main and updates_due(t.env_steps, cfg) == 0 and counters["env_steps"] < t.env_steps:  # one to play
             why = ("train.train_ratio=0" if t.train_ratio == 0 else
                    f"train.env_steps={t.env_steps} is too few (updates start after train.prefill={t.prefill} random "
@@ -296,6 +297,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             train.keep_checkpoints (for its weights: the replay it names goes with later checkpoints)."""
             # named by the updates too: a resumed run's catch-up checkpoint at the step it stopped at must not
             # overwrite the state file the previous latest.pt names before the new one replaces it
+            save_config(cfg, run.config_path)
             name = f"replay/{counters['env_steps']:012d}-{counters['updates']:09d}-rank{distributed.rank()}.npz"
             (run.path / "replay").mkdir(exist_ok=True)
             # the replays first, so the checkpoint never names a missing file; only the steps new since the last
@@ -324,7 +326,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                                          tag={"env_step": at})  # which evaluation each record is of
             result = log_keys(summary, cfg.env.name, "")
             logger.evaluation(at, result, settings)
-            log_pictures(logger, at, wm, replay, device)
+            log_pictures(logger, at, wm, replay, device, t.seq_len)
             said = [k for k in ("crafter_score", "score", "depth", "return", "length") if k in result]
             bar.write(f"env step {at}: evaluation, {summary['episodes']} episode{'s' * (summary['episodes'] != 1)}: "
                       + ", ".join(f"{k}={result[k]:.4g}" for k in said))
@@ -452,6 +454,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                 last_eval = logger.final_evaluation(counters["env_steps"], settings, checkpointed) or \
                     evaluate(counters["env_steps"])
             last_eval.update(stats_scores(episode_log.records(), cfg.env.name, "train_"))
+        save_config(cfg, run.config_path)  # a finished run resumed writes no checkpoint: its evaluation's settings
         return last_eval
 
 
@@ -472,8 +475,10 @@ PICTURE_STEPS = 8  # frames of the replayed segment the logged pictures show
 
 
 @torch.no_grad()
-def log_pictures(logger: MetricLogger, step: int, wm: WorldModel, replay: ReplayBuffer, device: torch.device) -> None:
-    """Tensorboard pictures of a replayed segment (drawn from a fixed seed, not the replay's own stream):
+def log_pictures(logger: MetricLogger, step: int, wm: WorldModel, replay: ReplayBuffer, device: torch.device,
+                 seq_len: int) -> None:
+    """Tensorboard pictures of a replayed segment of at most `seq_len` steps, the time positions training teaches
+    the dynamics (drawn from a fixed seed, not the replay's own stream):
     `slots/decomposition` (input | reconstruction | segmentation | each slot, a row per frame of the first 4, slots
     carried over) and `wm/real_decoded_imagined` (`prediction_grid`: a row per frame, real | its codes decoded | the
     dynamics' open-loop prediction from the first frame under the real actions, decoded). Eager even under
@@ -482,7 +487,7 @@ def log_pictures(logger: MetricLogger, step: int, wm: WorldModel, replay: Replay
     from world_model.decompose import decompose
     from world_model.visualize import decomposition_picture, prediction_grid
 
-    length = min(PICTURE_STEPS, replay.longest_episode())
+    length = min(PICTURE_STEPS, seq_len, replay.longest_episode())
     if length < 2:
         return
     batch = to_batch(replay.sample(1, length, np.random.default_rng(step)), wm.resolution, device)

@@ -1,11 +1,12 @@
-"""Atomic file writes (temporary file, fsync, rename), and the check that an output folder can be made, torch-free so
-that episode datasets and run directories share one implementation."""
+"""Atomic file writes (temporary file, fsync, rename), and the checks that an output folder can be made and is not
+another kind of output, torch-free so that episode datasets, CLEVR roots and run directories share one
+implementation."""
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Optional
 
 from .errors import UsageError
 
@@ -48,6 +49,28 @@ def check_folder(path: str | Path, what: str, error: type[Exception] = UsageErro
                 raise error(f"{what} {path} {where} not writable ({e.strerror}): choose another path") from None
             break
     return path
+
+
+def folder_kind(path: Path) -> Optional[str]:
+    """What an existing folder holds that an output of another kind must not be mixed into (its files replaced or
+    taken for its own): an episode dataset, a run directory or a CLEVR root, with the marks that say so; else None."""
+    if (path / "meta.json").is_file():
+        return "an episode dataset (meta.json, episodes/)"
+    if (path / "checkpoints").is_dir() or (path / "config.yaml").is_file() or (path / "train.pid").is_file():
+        return "a run directory"
+    if (path / "images").is_dir() and (path / "scenes").is_dir():
+        return "a CLEVR root (images/, scenes/)"
+    return None
+
+
+def check_clevr_out(path: str | Path) -> Path:
+    """`check_folder` for a CLEVR root to write (`generate`, `convert-clevr-masks`): also refused where it is an
+    episode dataset or a run directory."""
+    root = check_folder(path, "--out")
+    kind = folder_kind(root)
+    if kind and not kind.startswith("a CLEVR root"):
+        raise UsageError(f"--out {root} is {kind}, not a CLEVR root; choose another --out")
+    return root
 
 
 def _umask() -> int:

@@ -48,7 +48,7 @@ import torch
 from PIL import Image
 
 from . import clevr_masks
-from .atomic import atomic_write, check_folder
+from .atomic import atomic_write, check_clevr_out
 from .clevr_render import (CAMERA_LOCATION, CAMERA_ROTATION, CROP_WINDOW, FRAME_H, FRAME_W, LIGHT_LOCATIONS, Grid,
                            Scene, project_to_frame, render, srgb_to_linear)
 from .clevr_layout import ATTRIBUTES, COLORS, MATERIALS, MAX_OBJECTS, PROPERTY_DIM, SHAPES, SIZES
@@ -453,11 +453,8 @@ def write_dataset(root, n_images: int, split: str = "train", seed: int = 0, batc
 
     if not re.fullmatch(r"\w[\w.-]*", split):
         raise UsageError(f"--split {split!r}: a split name is letters, digits, '_', '-' or '.' (e.g. train, val)")
-    root = check_folder(root, "--out")
+    root = check_clevr_out(root)
     image_dir, mask_dir, scene_dir = root / "images" / split, root / "masks" / split, root / "scenes"
-    for mark, what in (("meta.json", "an episode dataset"), ("checkpoints", "a run directory")):
-        if (root / mark).exists():
-            raise UsageError(f"--out {root} holds {mark}: {what}, not a CLEVR root; choose another --out")
     path = scene_dir / f"CLEVR_{split}_scenes.json"
     if path.exists():
         raise UsageError(f"--out {root} already holds split {split!r} ({path}): pass another --split or --out, or "
@@ -489,8 +486,13 @@ def write_dataset(root, n_images: int, split: str = "train", seed: int = 0, batc
 
 def _root_hint(root: Path, split: str) -> str:
     """What a CLEVR root that lacks `split` most likely is instead, as advice; "" when nothing fits."""
+    if root.is_file() and root.suffix == ".json" and root.parent.name == "scenes":
+        return f"{root} is a scenes file; the CLEVR root is {root.parent.parent} (pass that folder)"
     if root.is_file():
         return f"{root} is a file, not a folder (a zip? unpack it and pass its CLEVR_v1.0 folder)"
+    if (root / "meta.json").is_file():
+        return (f"{root} is an episode dataset of `run.py collect`, not a CLEVR root: pretrain on its frames with "
+                f"`run.py pretrain --data {root}`")
     if (root / "CLEVR_v1.0" / "images").is_dir():
         return f"the CLEVR root is {root / 'CLEVR_v1.0'} (pass that folder)"
     if root.name in ("images", "scenes") and (root.parent / "images").is_dir():
@@ -564,10 +566,13 @@ class ClevrDataset(torch.utils.data.Dataset):
                     raise DataError(f"{scenes_path}: scene {i} lacks required key '{key}' (a {kind.__name__}); "
                                     f"fix the scene file to the CLEVR v1.0 scene schema or regenerate it with "
                                     f"`python run.py generate --out DIR`")
+        counts = [len(s["objects"]) for s in scenes]
         scenes = [s for s in scenes if min_objects <= len(s["objects"]) <= max_objects][:max_images]
         if not scenes:
+            held = f"its {len(counts)} scenes have {min(counts)} to {max(counts)}" if counts else "it holds no scenes"
             raise DataError(f"{scenes_path} holds no scenes with {min_objects} to {max_objects} objects (data.min_objects, "
-                            f"data.max_objects); {_FIX}")
+                            f"data.max_objects); {held}" + ("" if not counts else
+                                                            ": set data.min_objects and data.max_objects to meet them"))
         info = data.get("info") if isinstance(data.get("info"), dict) else {}
         converted = info.get("source") == clevr_masks.SOURCE  # 320x240 frames, attribute codes of unknown meaning
         self.named = not converted
@@ -584,7 +589,7 @@ class ClevrDataset(torch.utils.data.Dataset):
                 missing = [f for f in self.filenames if f not in present]
                 if missing:
                     raise DataError(f"{len(missing)} of the {len(self.filenames)} {what} that {scenes_path.name} lists "
-                                    f"are not in {folder} (the first: {missing[0]}); restore them, or {_FIX}")
+                                    f"are not in {folder} (the first: {missing[0]}); {self._restore('them')}")
         if isinstance(resolution, int):  # a square, as data.resolution gives it
             resolution = (resolution, resolution)
         self.resolution = (int(resolution[0]), int(resolution[1]))
@@ -610,11 +615,20 @@ class ClevrDataset(torch.utils.data.Dataset):
                     raise DataError(f"{path} is {img.size[0]}x{img.size[1]}, not {self.frame_name} ({w}x{h}); use "
                                     f"the original files or write them again with `python run.py {self.frame_fix} "
                                     "--out DIR`")
+                if what == "mask" and img.mode not in ("L", "P", "I", "I;16"):
+                    raise DataError(f"CLEVR mask {path} is a {img.mode} image, not a map of object ids (one channel, "
+                                    f"as the converter writes them); {self._restore('it')}")
                 if decode:
                     img.load()
         except (OSError, SyntaxError) as e:  # PIL: truncated or unidentifiable image data
-            raise DataError(f"CLEVR {what} {path} is damaged ({str(e).splitlines()[0]}); {_FIX}") from None
+            raise DataError(f"CLEVR {what} {path} is damaged ({str(e).splitlines()[0]}); {self._restore('it')}"
+                            ) from None
         return img
+
+    def _restore(self, them: str) -> str:
+        """The way out of a root whose files are damaged or missing."""
+        return (f"restore {them} from the dataset's original files (a root `python run.py {self.frame_fix.split()[0]}` "
+                f"wrote: write it again, `python run.py {self.frame_fix} --out DIR`)")
 
     def _box(self, img: Image.Image) -> tuple[float, float, float, float]:
         """The crop window in `img`'s pixels."""

@@ -19,7 +19,7 @@ from typing import Iterable, Optional, Union
 import numpy as np
 from PIL import Image
 
-from .atomic import atomic_write, check_folder
+from .atomic import atomic_write, check_clevr_out
 from .errors import DataError, UsageError
 from .tfrecord import parse_example, read_records
 
@@ -84,7 +84,7 @@ def convert(tfrecords: Union[str, Path], out: Union[str, Path], train_scenes: in
     for split, n, other in (("train", train_scenes, "val"), ("val", val_scenes, "train")):
         if split in splits and n == 0:
             raise UsageError(f"--{split}-scenes 0 leaves split {split} empty: pass --splits {other} to write only that")
-    root = check_folder(out, "--out")
+    root = check_clevr_out(out)
     for split in splits:
         path = root / "scenes" / f"CLEVR_{split}_scenes.json"
         if path.exists():

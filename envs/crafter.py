@@ -61,6 +61,8 @@ class CrafterEnv(gym.Env):
                  render_mode: Optional[str] = None):
         if size < 2 * view:  # crafter's renderer fails below 2 pixels per view cell
             raise UsageError(f"crafter size must be >= {2 * view} pixels (2 per view cell), got {size}")
+        if max_episode_steps < 1:  # crafter reads a length of 0 as no limit at all
+            raise UsageError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self._kwargs = dict(area=(area, area), view=(view, view), size=(size, size), reward=reward,

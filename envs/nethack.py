@@ -18,8 +18,10 @@ NLE 1.3.0 details this module relies on:
   instance's seed methods; we call the class method directly so its seeded resets are reproducible too.
   ``fix_moon_phase=True`` keeps the date (full moon, Friday 13th, night) out of the game.
 * Episode end: NLE reports its step limit as done (end_status ABORTED) and after the game is over its
-  glyphs and blstats are zero.  Here an ABORTED end is ``truncated`` (not terminated), and the final
-  observation and info repeat the last in-game glyphs and blstats.
+  glyphs and blstats are zero.  Here an ABORTED end is ``truncated`` (not terminated).  NLE quits an aborted
+  game inside ``step`` (``_quit_game``), on the arrays that step returns, so that step's in-game state is kept
+  as ``_quit_game`` starts (its instance attribute wraps it): the final observation is the state the last
+  action led to.  A death's game-over screen has no in-game state: its observation repeats the last one.
 * Cause of death: NLE does not report it, but NetHack appends each finished game to the ``xlogfile`` in the
   instance's private HACKDIR (``Nethack._vardir``), with ``death=killed by a jackal`` and, at times,
   ``while=fainted from lack of food``.  The episode summary reads the entry its game added.
@@ -148,6 +150,13 @@ class NetHackEnv(gymnasium.Env):
         self._map = self._padded[h: h + MAP_SHAPE[0], h: h + MAP_SHAPE[1]]  # view: glyphs are copied in here
         self.window = self._padded[:crop, :crop]  # crop crop: glyphs of the current crop (a view)
         self._blstats = np.zeros(N_STATS, np.int64)
+        quit_game = self.nle._quit_game
+
+        def keep_then_quit(observation, done):  # see the module doc: the step's state before NLE quits the game
+            self._keep(self.nle._get_observation(observation))
+            return quit_game(observation, done)
+
+        self.nle._quit_game = keep_then_quit
         vardir = getattr(self.nle.nethack, "_vardir", None)  # see the module doc: for the cause of death
         self._xlog_path = os.path.join(vardir, "xlogfile") if vardir and stats_path is not None else None
         self.observation_space = gymnasium.spaces.Dict({
@@ -185,11 +194,15 @@ class NetHackEnv(gymnasium.Env):
         self.nle.close()
         super().close()
 
-    def _observe(self, obs: dict) -> dict:
-        """Crop the glyph map around the player and draw it; keeps the last in-game state after game over."""
-        if obs["blstats"].any():  # all zero once the game is over
+    def _keep(self, obs: dict) -> None:
+        """Copy an in-game state's glyphs and bottom line (none once the game is over: all zero)."""
+        if obs["blstats"].any():
             self._map[:] = obs["glyphs"]
             self._blstats[:] = obs["blstats"]
+
+    def _observe(self, obs: dict) -> dict:
+        """Crop the glyph map around the player and draw it; keeps the last in-game state after game over."""
+        self._keep(obs)
         x, y = self._blstats[nethack.NLE_BL_X], self._blstats[nethack.NLE_BL_Y]
         self.window = self._padded[y: y + self.crop, x: x + self.crop]
         image = assemble(self.tiles, self.window)  # side side 3

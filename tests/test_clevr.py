@@ -212,7 +212,7 @@ def test_write_dataset_round_trip(tmp_path, monkeypatch):
         write_dataset(tmp_path, 1, split="a/b")
     (tmp_path / "episodes").mkdir()
     (tmp_path / "episodes" / "meta.json").write_text("{}")
-    with pytest.raises(ValueError, match="holds meta.json: an episode dataset"):
+    with pytest.raises(ValueError, match=r"is an episode dataset \(meta.json, episodes/\), not a CLEVR root"):
         write_dataset(tmp_path / "episodes", 1)
     assert path.read_bytes() == before and len(generated) == 1 and not (tmp_path / "images" / "a").exists()
 
@@ -314,6 +314,12 @@ def test_the_usual_wrong_roots_are_answered_with_the_right_one(tmp_path):
     assert f"{flat}/images holds the PNGs themselves; CLEVR v1.0 keeps each split's in images/<split>/" in _error(flat)
     (tmp_path / "CLEVR_v1.0.zip").write_bytes(b"PK")
     assert "CLEVR_v1.0.zip is a file, not a folder (a zip? unpack it" in _error(tmp_path / "CLEVR_v1.0.zip")
+    scenes = root / "scenes" / "scenes_val.json"
+    assert f"{scenes} is a scenes file; the CLEVR root is {root} (pass that folder)" in _error(scenes)
+    (tmp_path / "episodes").mkdir()  # an episode dataset of `run.py collect`
+    (tmp_path / "episodes" / "meta.json").write_text("{}")
+    assert (f"{tmp_path / 'episodes'} is an episode dataset of `run.py collect`, not a CLEVR root: pretrain on its "
+            f"frames with `run.py pretrain --data {tmp_path / 'episodes'}`") in _error(tmp_path / "episodes")
 
 
 def test_malformed_json(tmp_path):
@@ -390,8 +396,27 @@ def test_damaged_image_and_empty_scene_list(tmp_path):
         png.write_bytes(damaged)
         message = _error(tmp_path)
         assert "CLEVR image" in message and "CLEVR_val_000000.png is damaged" in message
+        assert message.endswith("restore it from the dataset's original files (a root `python run.py generate` "
+                                "wrote: write it again, `python run.py generate --out DIR`)")
+    png.write_bytes(data)
+    # no scene in the object-count range: the range the file holds, not advice to download or generate
+    assert _error(tmp_path, min_objects=2, max_objects=3).endswith(
+        "holds no scenes with 2 to 3 objects (data.min_objects, data.max_objects); its 1 scenes have 1 to 1: set "
+        "data.min_objects and data.max_objects to meet them")
     (tmp_path / "scenes" / "CLEVR_val_scenes.json").write_text(json.dumps({"scenes": []}))
-    assert "holds no scenes" in _error(tmp_path)
+    assert "holds no scenes with 1 to 10 objects (data.min_objects, data.max_objects); it holds no scenes" in \
+        _error(tmp_path)
+
+
+def test_a_mask_that_is_not_a_map_of_object_ids_is_named(tmp_path):
+    """An RGB picture in masks/ (a mask saved in color) is a one-line DataError naming it, not a crash in FG-ARI."""
+    write_dataset(tmp_path, 1, split="val", min_objects=1, max_objects=2)
+    mask = tmp_path / "masks" / "val" / "CLEVR_val_000000.png"
+    with Image.open(mask) as img:
+        assert img.mode == "L"
+        img.convert("RGB").save(mask)
+    message = _error(tmp_path, resolution=16)
+    assert message.startswith(f"CLEVR mask {mask} is a RGB image, not a map of object ids (one channel")
 
 
 def test_generator_takes_an_int_resolution_and_refuses_an_empty_batch():

@@ -228,6 +228,14 @@ def test_converting_a_split_alone_and_refusing_to_write_one_twice(release, tmp_p
     assert "split train got 4 scenes, not the --train-scenes 70 asked for" in capsys.readouterr().err
     with pytest.raises(UsageError, match="--val-scenes 0 leaves split val empty: pass --splits train"):
         convert(path, tmp_path / "d", val_scenes=0)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # another kind of folder: nothing mixed into it
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "meta.json").write_text("{}")
+    for folder, kind in (("run", "a run directory"), ("data", "an episode dataset")):
+        with pytest.raises(UsageError, match=f"--out .*{folder} is {kind}.*, not a CLEVR root; choose another --out"):
+            convert(path, tmp_path / folder, train_scenes=3)
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["checkpoints"]
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["meta.json"]
     other = Example()  # another dataset's record: an image, but no masks
     other.features.feature["image"].bytes_list.value.extend([b"\x00"] * (H * W * 3))
     with pytest.raises(DataError, match="record 0 is not a CLEVR-with-masks record: it has no feature 'mask'"):

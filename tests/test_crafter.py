@@ -114,8 +114,10 @@ def test_crafter_score_bad_input(tmp_path):
         crafter_score([{"achievement_fly": 1}])
 
 
-def test_a_size_too_small_for_the_renderer_is_refused_in_one_line():
+def test_a_size_too_small_for_the_renderer_or_no_step_limit_is_refused_in_one_line():
     with pytest.raises(ValueError, match=r"crafter size must be >= 18 pixels \(2 per view cell\), got 17"):
         CrafterEnv(size=17)
+    with pytest.raises(ValueError, match=r"max_episode_steps must be >= 1, got 0"):  # crafter: 0 would be no limit
+        CrafterEnv(max_episode_steps=0)
     env = CrafterEnv(size=18)  # the smallest crafter renders with its 9x9 view
     assert env.reset(seed=0)[0].shape == (18, 18, 3) and env.step(0)[0].shape == (18, 18, 3)

@@ -200,19 +200,6 @@ def test_backbone_maps_images_from_0_1_to_minus_1_1():
     torch.testing.assert_close(bb.cnn.seen[:, 0, 0, 0], torch.tensor([-1.0, 1.0, 0.0]))
 
 
-def test_set_predictor_reads_the_quantized_slots():
-    """With VQ, the set-prediction head reads the quantized slots (`slots`), as every decoder does, not the slot
-    module's raw output (the two differ: the quantizer decodes codes)."""
-    from world_model.config import VQConfig
-    from world_model.perception import SetPredictor
-
-    torch.manual_seed(0)
-    sp = SetPredictor(small_cfg(vq=VQConfig(enabled=True, num_vars=2, num_codes=4)))
-    enc, pred = sp(torch.rand(2, 3, 32, 32))
-    assert not torch.allclose(enc.slots, enc.raw_slots)
-    torch.testing.assert_close(pred, sp.head(enc.slots))
-
-
 def test_the_huber_loss_is_linear_beyond_1_on_both_sides():
     """One coordinate 2 too low: Huber gives 2 - 0.5 = 1.5, averaged over the 19 entries."""
     target = torch.zeros(1, 1, 19)

@@ -157,6 +157,28 @@ def test_stats_and_info():
     env.close()
 
 
+def test_the_step_limits_last_observation_is_the_state_its_action_led_to():
+    """NLE quits a game at its step limit inside that step, zeroing the arrays the step returns: the final
+    observation is still the state the last action led to (an unlimited game's at that step), not the one before."""
+    probe = NetHackEnv()
+    actions, runs = np.random.default_rng(5).integers(probe.action_space.n, size=40), []
+    probe.close()
+    for limit in (40, 10000):
+        env = NetHackEnv(max_episode_steps=limit)
+        observations = [env.reset(seed=11)[0]]
+        for action in actions:
+            obs, _, terminated, truncated, info = env.step(int(action))
+            observations.append(obs)
+        assert (terminated, truncated) == (False, limit == 40)
+        runs.append(observations)
+        env.close()
+    short, full = runs
+    for t in (39, 40):
+        for key in ("image", "stats", "status"):
+            np.testing.assert_array_equal(short[t][key], full[t][key], err_msg=f"{key} at step {t}")
+    assert any((full[40][key] != full[39][key]).any() for key in ("image", "stats"))  # the last step changed it
+
+
 def test_episode_jsonl(tmp_path):
     path = tmp_path / "runs" / "nethack.jsonl"
     env = NetHackEnv(max_episode_steps=5, stats_path=str(path))

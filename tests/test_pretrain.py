@@ -273,6 +273,30 @@ def test_a_run_that_diverges_stops_in_one_line(tmp_path, capsys):
             streak("gradient", step)
 
 
+def test_a_resume_that_fails_before_its_first_checkpoint_leaves_config_yaml_as_the_checkpoint_ran(tmp_path,
+                                                                                                      monkeypatch):
+    """A resume with new settings (here more steps) whose data fails at its first batch (a damaged image, say) writes
+    no config.yaml: it still describes the checkpoint; the resume that gets on writes it with its first checkpoint."""
+    import world_model.pretrain
+    from envs.errors import DataError
+
+    rd = tmp_path / "r"
+    pretrain(tiny_cfg("train.steps=2"), str(rd), progress=False)
+    before = {name: (rd / name).read_bytes() for name in ("config.yaml", "checkpoints/latest.pt")}
+
+    def damaged(*args, **kwargs):
+        raise DataError("image 3 is damaged")
+        yield
+
+    with monkeypatch.context() as patch:
+        patch.setattr(world_model.pretrain, "train_batches", damaged)
+        with pytest.raises(DataError, match="image 3 is damaged"):
+            pretrain(tiny_cfg("train.steps=4"), str(rd), resume=True, progress=False)
+    assert {name: (rd / name).read_bytes() for name in before} == before
+    pretrain(tiny_cfg("train.steps=4"), str(rd), resume=True, progress=False)
+    assert "  steps: 4\n" in (rd / "config.yaml").read_text()
+
+
 def test_run_dir_rules(tmp_path, capsys):
     with pytest.raises(RunDirError, match="cannot resume.*start a new run without --resume"):
         pretrain(tiny_cfg("train.steps=1"), str(tmp_path / "r"), resume=True, progress=False)
@@ -652,6 +676,47 @@ def test_an_image_a_data_worker_cannot_read_is_the_same_one_line_error(tmp_path,
                      f"data.root={tmp_path / 'clevr'}", "data.split=train", "data.eval_split=train"]) == 2
     err = capsys.readouterr().err
     assert err.endswith(f"\nerror: {messages[0]}\n") and err.count("error:") == 1
+
+
+def test_data_workers_go_with_any_error(tmp_path, monkeypatch):
+    """Not only a DataError: a worker's other error (a bug), and the run's own error while its training loader's
+    workers are alive, take the workers with them. Kept alive by the error's traceback, workers that ignore SIGTERM
+    would hold the interpreter's exit forever."""
+    import multiprocessing
+
+    import envs.clevr
+    import world_model.pretrain
+    from envs.clevr import write_dataset
+    from world_model.sources import ClevrScenes
+
+    write_dataset(tmp_path / "clevr", 4, split="train", seed=1, batch_size=4, max_objects=4)
+    cfg = tiny_cfg("data.source=clevr", f"data.root={tmp_path / 'clevr'}", "data.num_workers=1", "data.split=train",
+                   "data.eval_split=train", "data.eval_images=4", "train.steps=4")
+    read_image = envs.clevr.ClevrDataset.__getitem__
+
+    def buggy(self, i):
+        raise ValueError("a bug in a worker")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(envs.clevr.ClevrDataset, "__getitem__", buggy)
+        source = ClevrScenes(cfg, "train", torch.device("cpu"))
+        for read in (lambda: next(source.batches(2, iter([0]))), lambda: source.batch(2, 0)):
+            with pytest.raises(ValueError, match="a bug in a worker"):
+                read()
+            assert not multiprocessing.active_children()
+    assert envs.clevr.ClevrDataset.__getitem__ is read_image
+    losses, calls = world_model.pretrain.compute_loss, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a bug in the run")
+        return losses(*args, **kwargs)
+
+    monkeypatch.setattr(world_model.pretrain, "compute_loss", failing)
+    with pytest.raises(RuntimeError, match="a bug in the run"):
+        pretrain(cfg, str(tmp_path / "r"), progress=False)
+    assert not multiprocessing.active_children()
 
 
 def test_a_split_written_at_another_size_is_refused_before_the_first_step(tmp_path, capsys):

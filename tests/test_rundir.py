@@ -225,6 +225,13 @@ def test_run_directory_guards(tmp_path, capsys):
         (tmp_path / "a" / "config.yaml").write_text("")
         check_out_dir(tmp_path / "a")
     assert check_out_dir(tmp_path / "a" / "viz") == tmp_path / "a" / "viz"
+    for sub in ("images", "scenes"):  # a CLEVR root: neither pictures nor a run go into it
+        (tmp_path / "clevr" / sub).mkdir(parents=True)
+    with pytest.raises(RunDirError, match=r"--out .*clevr is a CLEVR root \(images/, scenes/\); write to a directory "
+                                          "of its own$"):
+        check_out_dir(tmp_path / "clevr")
+    with pytest.raises(RunDirError, match=r"clevr is a CLEVR root \(images/, scenes/\); choose another --run-dir"):
+        RunDir.open(tmp_path / "clevr", resume=False)
     host = socket.gethostname()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

@@ -130,6 +130,13 @@ def test_implicit_grad_detaches_all_but_last_iteration(kind):
     init = m.mu_mean if kind == "gmm" else m.init_mu
     assert init.grad is None and not init.requires_grad  # frozen: DistributedDataParallel expects no gradient
     assert m.gru.weight_ih.grad is not None
+    counts = []  # the iterations before the last build no graph: the tensors saved for backward are one step's
+    for iters in (3, 1):
+        m.iters, saved = iters, []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            m(torch.randn(2, 10, 8))
+        counts.append(len(saved))
+    assert counts[0] == counts[1] > 0
 
 
 @pytest.mark.parametrize("kind", ["gmm", "slot_attention"])
@@ -161,6 +168,23 @@ def test_gmm_stable_under_bf16_and_extreme_inputs():
             slots.float().square().mean().backward()
             assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
             opt.step()
+
+
+def test_the_m_step_network_and_the_vq_logits_run_in_fp32_under_autocast():
+    """Under bf16 autocast the GMM's GRU+MLP (b k rows) and the VQ logits stay fp32: the variance is taken around an
+    unrounded mean, and a near tie's code does not flip. Same initial slots, bf16 autocast vs none: equal slots and
+    codes (the E-step and M-step statistics were fp32 already; in_dim = dim, so no projection rounds the inputs)."""
+    torch.manual_seed(0)
+    m = SlotMixture(in_dim=16, num_slots=4, dim=16, iters=3).eval()
+    q = SlotQuantizer(slot_width=32, num_vars=4, num_codes=16, code_dim=8).eval()
+    x, init = torch.randn(8, 64, 16), m.initial_slots(8, "cpu")
+    plain = m(x, init)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = m(x, init)[0]
+        codes = q(plain).codes
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, plain)
+    assert torch.equal(codes, q(plain).codes)
 
 
 def test_vq_codes_kl_and_decode():
@@ -473,3 +497,30 @@ def test_the_vq_kl_term_trains_the_bilinear_form():
     q = SlotQuantizer(slot_width=6, num_vars=2, num_codes=4, code_dim=3).train()
     q(torch.randn(2, 3, 6)).kl.backward()
     assert q.bilinear.grad is not None and q.bilinear.grad.abs().sum() > 0
+
+
+def test_vq_set_prediction_reads_coordinates_from_the_continuous_slot():
+    """With VQ codes the 3 coordinates come from the continuous slot, the attributes and objectness from the
+    quantized one (as the VQ-SA reference); without VQ there is one slot to read. A checkpoint from before (no flag
+    in its state) reads everything from the quantized slot, as it trained; a new one keeps the flag."""
+    from world_model.config import ModelConfig, VQConfig
+    from world_model.perception import SetPredictor
+
+    images = torch.rand(2, 3, 16, 16)
+    for vq in (True, False):
+        torch.manual_seed(0)
+        model = SetPredictor(ModelConfig(num_slots=3, slot_dim=8, cnn_channels=[8], cnn_strides=[2], feature_dim=8,
+                                         mlp_hidden=16, head_hidden=16, vq=VQConfig(enabled=vq))).eval()
+        enc, pred = model(images)
+        torch.testing.assert_close(pred[..., :3], model.head(enc.raw_slots)[..., :3])
+        torch.testing.assert_close(pred[..., 3:], model.head(enc.slots)[..., 3:])
+        assert vq == (not torch.allclose(model.head(enc.slots)[..., :3], pred[..., :3]))
+        old = {k: v for k, v in model.state_dict().items() if k != "coords_from_slots"}
+        model.load_state_dict(old)
+        enc, pred = model(images)
+        torch.testing.assert_close(pred, model.head(enc.slots))
+        again = SetPredictor(model.encoder.cfg)
+        again.load_state_dict(model.state_dict())  # the old checkpoint's flag, saved on: still from the quantized slot
+        assert not again._coords_from_slots
+        again.load_state_dict(SetPredictor(model.encoder.cfg).state_dict())
+        assert again._coords_from_slots

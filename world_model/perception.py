@@ -101,13 +101,28 @@ class SlotAutoencoder(nn.Module):
 
 
 class SetPredictor(nn.Module):
-    """Set-property prediction: one 19-entry CLEVR property row per slot."""
+    """Set-property prediction: one 19-entry CLEVR property row per slot. With VQ codes the properties come from the
+    quantized slot and the 3 coordinates from the continuous one, as the VQ-SA reference reads them: from codes
+    alone the positions would lie on a grid of at most num_codes^num_vars points, which caps AP at tight distance
+    thresholds. A checkpoint from before (no `coords_from_slots` in its state) reads everything from the quantized
+    slot, as it trained."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.encoder = SlotEncoder(cfg)
         self.head = SetPredictionHead(self.encoder.slot_width, cfg.head_hidden)
+        self.register_buffer("coords_from_slots", torch.tensor(1, dtype=torch.uint8))  # saved with the weights
+        self._coords_from_slots = True  # its value, kept on the host: forward never waits on the device for it
 
     def forward(self, images: torch.Tensor) -> tuple[SlotOutput, torch.Tensor]:
         enc = self.encoder(images)
-        return enc, self.head(enc.slots)
+        pred = self.head(enc.slots)  # b k 19: xyz, then the attributes and objectness
+        if enc.codes is not None and self._coords_from_slots:
+            pred = torch.cat([self.head(enc.raw_slots)[..., :3], pred[..., 3:]], dim=-1)
+        return enc, pred
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "coords_from_slots"
+        state_dict.setdefault(key, torch.tensor(0, dtype=torch.uint8))  # a checkpoint from before
+        self._coords_from_slots = bool(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

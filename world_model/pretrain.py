@@ -253,7 +253,8 @@ def _pretrain(cfg: PretrainConfig, run: RunDir, device: torch.device, resume: bo
         check_frames_resume(state.get("frames", frames), frames, cfg.data.root)
         checkpointed = {"frames": state.get("frames", frames),
                         "eval_images": state.get("config", {}).get("data", {}).get("eval_images")}
-    save_config(cfg, run.config_path)
+    if not resume:  # a resume's goes with its first checkpoint: one that fails before leaves it describing the checkpoint
+        save_config(cfg, run.config_path)
 
     parallel = distributed.wrap(model, device)
     step_model = torch.compile(parallel, mode=cfg.train.compile_mode) if cfg.train.compile else parallel
@@ -263,6 +264,7 @@ def _pretrain(cfg: PretrainConfig, run: RunDir, device: torch.device, resume: bo
 
     def checkpoint(evaluated: bool = False) -> None:
         """`evaluated`: the checkpoint an evaluation follows, kept as step_<step>.pt with train.keep_checkpoints."""
+        save_config(cfg, run.config_path)
         run.save_checkpoint({"step": step, "skipped": skipped, "model": model.state_dict(),
                              "optimizer": opt.state_dict(), "rng": rng_states(), "config": asdict(cfg),
                              "world_size": distributed.world_size(), "frames": frames,
@@ -275,6 +277,7 @@ def _pretrain(cfg: PretrainConfig, run: RunDir, device: torch.device, resume: bo
     cleanup.callback(bar.close)
     t_last, images = time.perf_counter(), 0  # images trained on since the last log row, over all ranks
     stream = train_batches(source, cfg, step)
+    cleanup.callback(stream.close)  # its DataLoader's workers, which ignore SIGTERM, shut down on an error too
     pool = getattr(source, "pool", None)
 
     def evaluated() -> dict:
@@ -341,6 +344,7 @@ def _pretrain(cfg: PretrainConfig, run: RunDir, device: torch.device, resume: bo
         last_eval = logger.final_evaluation(step, settings, checkpointed)  # not run and logged twice
         if not last_eval:
             last_eval = evaluated()
+    save_config(cfg, run.config_path)  # a finished run resumed writes no checkpoint: its evaluation's settings
     return last_eval
 
 

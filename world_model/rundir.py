@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from envs.atomic import atomic_write, check_folder
+from envs.atomic import atomic_write, check_folder, folder_kind
 from envs.errors import UsageError
 from envs.jsonl import read_records, write_records
 
@@ -357,26 +357,22 @@ class RunDir:
 _CLAIMED: list[RunDir] = []  # run directories this process claimed and has not released
 
 
-def is_dataset(path: Path) -> bool:
-    """An episode dataset of `run.py collect` (meta.json beside episodes/)."""
-    return (path / "meta.json").is_file() and (path / "episodes").is_dir()
-
-
 def check_run_folder(path: str | Path) -> None:
-    """A --run-dir must be a folder (or one that can be made) and not an episode dataset."""
+    """A --run-dir must be a folder (or one that can be made) and not an episode dataset or a CLEVR root."""
     check_folder(path, "--run-dir", RunDirError)
-    if is_dataset(Path(path)):
-        raise RunDirError(f"{path} is an episode dataset (meta.json, episodes/); choose another --run-dir")
+    kind = folder_kind(Path(path))
+    if kind and kind != "a run directory":
+        raise RunDirError(f"{path} is {kind}; choose another --run-dir")
 
 
 def check_out_dir(out: str | Path) -> Path:
-    """An --out directory for pictures and reports: refused when it is a run directory or an episode dataset, whose
-    files (tensorboard logs, episodes) it would mix with its own."""
+    """An --out directory for pictures and reports: refused when it is a run directory, an episode dataset or a
+    CLEVR root, whose files (tensorboard logs, episodes, images) it would mix with its own."""
     out = check_folder(out, "--out", RunDirError)
-    if (out / "checkpoints").is_dir() or (out / "config.yaml").is_file() or (out / "train.pid").is_file():
-        raise RunDirError(f"--out {out} is a run directory; write to a directory of its own (e.g. {out / 'viz'})")
-    if is_dataset(out):
-        raise RunDirError(f"--out {out} is an episode dataset; write to a directory of its own")
+    kind = folder_kind(out)
+    if kind:
+        raise RunDirError(f"--out {out} is {kind}; write to a directory of its own"
+                          + (f" (e.g. {out / 'viz'})" if kind == "a run directory" else ""))
     return out
 
 

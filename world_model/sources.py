@@ -163,15 +163,15 @@ def _worker_errors() -> Iterator[None]:
     workers: torch raises it again in the run with the worker's traceback in its message."""
     try:
         yield
-    except DataError as e:
-        text, said = str(e), "DataError: "
-        if not text.startswith("Caught DataError in DataLoader worker") or said not in text:
-            raise
+    except Exception as e:
         # Torch's re-raise holds the exception in a frame of its traceback, a cycle that would keep the loader's
         # workers alive to the interpreter's exit, whose SIGTERM they ignore (`_leave_signals_to_the_run`): that
         # exit would wait on them forever. Cleared, the loader goes now and takes its workers with it.
         traceback.clear_frames(e.__traceback__)
-        raise DataError(text[text.rindex(said) + len(said):].strip()) from None
+        text, said = str(e), "DataError: "
+        if isinstance(e, DataError) and text.startswith("Caught DataError in DataLoader worker") and said in text:
+            raise DataError(text[text.rindex(said) + len(said):].strip()) from None
+        raise
 
 
 class ClevrScenes:

@@ -446,7 +446,8 @@ def _train_wm(cfg: WorldModelConfig, run: RunDir, device: torch.device, resume: 
             print(f"note: the episodes of {cfg.data.root} changed since this run's last checkpoint, so its held-out "
                   f"split moved (the last {len(meta['held_out'])} episodes now): evaluations from here on use the new "
                   "split", file=sys.stderr)
-    save_config(cfg, run.config_path)
+    if not resume:  # a resume's goes with its first checkpoint: one that fails before leaves it describing the checkpoint
+        save_config(cfg, run.config_path)
     logger = MetricLogger(run, start_step=step)
     cleanup.callback(logger.close)
     vq = cfg.encoder.model.vq
@@ -454,6 +455,7 @@ def _train_wm(cfg: WorldModelConfig, run: RunDir, device: torch.device, resume: 
 
     def checkpoint(evaluated: bool = False) -> None:
         """`evaluated`: the checkpoint an evaluation follows, kept as step_<step>.pt with train.keep_checkpoints."""
+        save_config(cfg, run.config_path)
         run.save_checkpoint({"step": step, "skipped": skipped, "model": wm.state_dict(), "optimizer": opt.state_dict(),
                              "rng": rng_state(), "config": asdict(cfg), "num_actions": int(meta["num_actions"]),
                              "env": meta["env"], "held_out": meta["held_out"],
@@ -521,6 +523,7 @@ def _train_wm(cfg: WorldModelConfig, run: RunDir, device: torch.device, resume: 
             bar.write(f"step {step}: open-loop prediction on held-out segments (as logged)\n{open_loop_table(last_eval)}")
         else:
             last_eval = evaluate(step)
+    save_config(cfg, run.config_path)  # a finished run resumed writes no checkpoint: its evaluation's settings
     return last_eval
 
 

@@ -113,10 +113,11 @@ class SlotMixture(nn.Module):
             mean_x, neg_half_mean_x2 = (stats[..., :-1] * inv_mass).split(d, dim=-1)  # weighted means over inputs
             # sum_n p x / (mass + eps), as on uncentred features: an empty slot's input stays 0
             gru_in = mean_x + center * (mass * inv_mass)
-        mu = self.gru(gru_in.to(mu.dtype).reshape(-1, d), mu.reshape(-1, d)).reshape(b, k, d)
-        mu = mu + self.mlp(self.norm_mlp(mu))
-        with torch.autocast(h.device.type, enabled=False):
-            mu32 = _fp32(mu) - center
+        with torch.autocast(h.device.type, enabled=False):  # b k rows: fp32 costs nothing, and the variance
+            mu = _fp32(mu)                                    # below is taken around this mu, which bf16 would round
+            mu = self.gru(gru_in.to(mu.dtype).reshape(-1, d), mu.reshape(-1, d)).reshape(b, k, d)
+            mu = mu + self.mlp(self.norm_mlp(mu))
+            mu32 = mu - center
             # Weighted variance around the *updated* mean, as in the seed: E_w[x^2] - 2 mu E_w[x] + mu^2
             # (mu^2 scaled by mass/(mass+eps), so an empty slot gets the clamp): -2 (-E_w[x^2]/2 + mu (E_w[x] - mu/2)).
             mu_r = torch.mul(mu32, mass * inv_mass)  # mu mass/(mass+eps)
@@ -143,10 +144,11 @@ class SlotMixture(nn.Module):
             h = mixture_features(x32 - center)  # b n 2d+1, shared by every iteration
         k = slots.shape[1]
         log_pi = torch.full((b, k), -math.log(k), device=x.device, dtype=x.dtype)
-        probs = None
-        for i in range(self.iters):
-            if self.implicit_grad and i == self.iters - 1:
-                mu, logsigma, log_pi = mu.detach(), logsigma.detach(), log_pi.detach()
-            mu, logsigma, log_pi, probs = self.step(h, mu, logsigma, log_pi, center)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.implicit_grad):  # no graph to discard
+            for _ in range(self.iters - 1):
+                mu, logsigma, log_pi, _ = self.step(h, mu, logsigma, log_pi, center)
+        if self.implicit_grad:  # the last iteration on detached slots: the first-order implicit gradient
+            mu, logsigma, log_pi = mu.detach(), logsigma.detach(), log_pi.detach()
+        mu, logsigma, log_pi, probs = self.step(h, mu, logsigma, log_pi, center)
         slots = torch.cat([mu, logsigma.to(mu.dtype)], dim=-1)
         return slots, probs.transpose(1, 2)

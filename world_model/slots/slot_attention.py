@@ -55,9 +55,9 @@ class SlotAttention(nn.Module):
         inputs = self.norm_input(inputs)
         k, v = self.to_k(inputs), self.to_v(inputs)
         slots = self.initial_slots(inputs.shape[0], inputs.device, inputs.dtype) if init is None else init
-        attn = None
-        for i in range(self.iters):
-            if self.implicit_grad and i == self.iters - 1:
-                slots = slots.detach()
-            slots, attn = self.step(slots, k, v)
-        return slots, attn
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.implicit_grad):  # no graph to discard
+            for _ in range(self.iters - 1):
+                slots, _ = self.step(slots, k, v)
+        if self.implicit_grad:  # the last iteration on detached slots: the first-order implicit gradient
+            slots = slots.detach()
+        return self.step(slots, k, v)

@@ -79,9 +79,9 @@ class SlotQuantizer(nn.Module):
         if slots.shape[-1] != self.slot_width:
             raise ValueError(f"slots of width {slots.shape[-1]} into a SlotQuantizer of slot_width {self.slot_width} "
                              "(a GMM slot is concat(mu, logsigma): 2 x model.slot_dim)")
-        proj = torch.einsum("bkd,vde->bkve", self.norm(slots), self.bilinear)
-        logits = torch.einsum("bkve,vce->bkvc", proj, self.codebooks) / math.sqrt(self.code_dim)
-        logits = logits.float()
+        with torch.autocast(slots.device.type, enabled=False):  # fp32: bf16 rounding would flip near-tied codes
+            proj = torch.einsum("bkd,vde->bkve", self.norm(slots.float()), self.bilinear)
+            logits = torch.einsum("bkve,vce->bkvc", proj, self.codebooks) / math.sqrt(self.code_dim)
         codes = logits.argmax(-1)
         if self.training:
             onehots = F.gumbel_softmax(logits, tau=self.tau, hard=self.hard, dim=-1)
