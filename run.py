@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -233,9 +234,10 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
     if not resume:
         RunDir(run_dir).refuse_checkpoint()
     resolve_device(cfg.train.device, "train.device")
-    state = peek_checkpoint(RunDir(run_dir).ckpt_path) if resume else None
-    if state is not None:  # an edited config.yaml: said before the checks below advise on what it now says
-        check_against_checkpoint(cfg, state, run_dir)
+    peeked = peek_checkpoint(RunDir(run_dir).ckpt_path) if resume else None
+    if peeked is not None:  # an edited config.yaml: said before the checks below advise on what it now says
+        check_against_checkpoint(cfg, peeked, run_dir)
+    del peeked  # its tensors map the file, which the run's first checkpoint replaces: not held for the run
     if preflight is not None:
         try:
             notes = [*notes, *(preflight(cfg) or ())]
@@ -438,19 +440,16 @@ def _pretrained_encoder(enc) -> tuple:
 
 
 def _check_encoder(cfg, overrides: list, resume) -> None:
-    """The encoder settings typed on the command line must apply: encoder.mode=frozen with nothing to freeze (no
-    encoder.checkpoint; the fresh encoder would train jointly, as a preset's frozen default gives without one) and
-    encoder.model.* / encoder.resolution beside a checkpoint whose run sets them otherwise are refused. A preset's
-    encoder.mode=joint with a checkpoint gets a note: fine-tuning the encoder costs several times more per update."""
-    from omegaconf import OmegaConf
-
+    """The encoder settings typed on the command line must apply: encoder.mode=frozen with nothing to freeze
+    (`check_typed_mode`) and encoder.model.* / encoder.resolution beside a checkpoint whose run sets them otherwise
+    are refused. A preset's encoder.mode=joint with a checkpoint gets a note: fine-tuning the encoder costs several
+    times more per update."""
     from envs.errors import UsageError
     from world_model import distributed
+    from world_model.train_wm import check_typed_mode
 
+    check_typed_mode(cfg.encoder, overrides)
     typed = [o for o in overrides if o.split("=", 1)[0] == "encoder.mode"]
-    if typed and not cfg.encoder.checkpoint and OmegaConf.from_dotlist(typed[-1:]).encoder.mode == "frozen":
-        raise UsageError("encoder.mode=frozen needs encoder.checkpoint=RUN, a pretrained encoder to freeze; without "
-                         "one the fresh encoder trains jointly with the world model")
     if not cfg.encoder.checkpoint or resume:
         return
     pre, model, continued = _pretrained_encoder(cfg.encoder)
@@ -503,7 +502,7 @@ def cmd_train(args) -> None:
     def checked(cfg) -> list[str]:
         notes = preflight(cfg)
         _check_encoder(cfg, args.overrides, args.resume)
-        return notes
+        return [] if args.resume else notes  # (a resumed run's prefill is long done)
 
     _run_training(args, DEFAULT_PRESETS["train"], args.overrides, lambda c: f"agent-{c.env.name}",
                   functools.partial(train, new_replay=args.new_replay), args.resume, checked,
@@ -777,7 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rows", help="bench pretrain/agent: only these rows (comma-separated, e.g. +bf16,+compile); "
                    "each still has every optimization of the rows above it")
     s.add_argument("overrides", nargs="*", help="bench agent: dotted key=value overrides of the agent preset, right "
-                   "after `agent` (run.py bench agent encoder.mode=frozen --profile)")
+                   "after `agent` (run.py bench agent encoder.checkpoint=RUN encoder.mode=frozen --profile)")
     s.add_argument("--compile", action="store_true", help="bench pretrain/agent on CPU: also time torch.compile "
                    "(inductor needs a C++ compiler and minutes on CPU; on CUDA it is always timed)")
     s.add_argument("--horizon", type=int, default=32, help="bench imagination: imagined steps per trajectory")
@@ -892,9 +891,12 @@ def _way_back(args) -> str:
                  f"the same command with --run-dir {run_dir} starts it again")
         return f"; {run_dir} has no checkpoint yet (train.ckpt_every), so there is nothing to resume: {again}"
     ckpt = RunDir(run_dir).ckpt_path
-    # a --new-replay run stopped before its own first checkpoint: the one it resumed still names the lost replay
-    again = " --new-replay" if getattr(args, "new_replay", False) and ckpt.stat().st_mtime < getattr(args, "started", 0) \
-        else ""
+    # a resume stopped before its own first checkpoint: config.yaml is as before it (written with a checkpoint), so
+    # its overrides are typed again; a --new-replay one's checkpoint still names the lost replay
+    stale = ckpt.stat().st_mtime < getattr(args, "started", 0)
+    typed = (getattr(args, "overrides", None) or []) if stale and getattr(args, "resume", None) else []
+    again = (" --new-replay" if getattr(args, "new_replay", False) and stale else "") + "".join(
+        f" {shlex.quote(o)}" for o in typed)
     from world_model import distributed
 
     step = checkpoint_step(ckpt)  # None where unreadable: a message of last resort names the step where it can

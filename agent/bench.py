@@ -29,11 +29,12 @@ from world_model.bench import check_profile_row, failed_row, gib_column, peak_gi
 from world_model.config import load_config
 from world_model.frame_tokenizer import status_vars
 from world_model.rundir import set_precision
+from world_model.train_wm import check_typed_mode
 
 from .config import AgentConfig, env_kwargs
 from .policy import SlotPolicy
 from .replay import ReplayBuffer
-from .train import build_agent, obs_spec, replay_spec, train_step, updates_due
+from .train import build_agent, obs_spec, preflight, replay_spec, train_step, updates_due
 
 PARTS = ("policy", "env_step", "replay_sample", "wm_update", "imagination", "ac_update")
 FEW_UPDATES = 8  # rows timing fewer updates than this get a note: their rates are noisy
@@ -154,6 +155,8 @@ def bench_agent(args, device: torch.device) -> None:
     preset = args.agent_config or ("configs/crafter.yaml" if device.type == "cuda" else "configs/crafter_cpu.yaml")
     set_precision(device)
     base = load_config(AgentConfig, preset, [*args.overrides, f"train.device={device}"])
+    check_typed_mode(base.encoder, args.overrides)  # refused, as `train` refuses it, not timed as something else
+    preflight(base)
     env_steps = args.env_steps if args.env_steps else 16 * base.train.batch_size * base.train.seq_len // max(
         int(base.train.train_ratio), 1)
     modes = select_rows(args, agent_modes(device, args.compile), device)

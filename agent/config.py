@@ -26,7 +26,7 @@ class EnvConfig:
 class ReplayConfig:
     capacity: int = 1_000_000  # steps (all ranks together under torchrun; each rank keeps its own share)
     on_device: bool = False  # keep the steps in the training device's memory (GPU): batches are gathered there
-    # instead of on the host and copied over every update; 1M 64x64 RGB frames take 12 GiB
+    # instead of on the host and copied over every update; 1M 64x64 RGB frames take 12.3 GB
 
 
 @dataclass

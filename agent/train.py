@@ -34,8 +34,9 @@ from world_model import distributed
 from world_model.config import check_against_checkpoint, save_config
 from world_model.stopping import StepStops
 from world_model.updates import SkipStreak, StepMeans, autocast, guarded_update
-from world_model.rundir import (MetricLogger, claimed_run, evaluation_due, fixed_rng, resumed_length, rank_seed,
-                                restore_rng, rng_states, rollback_appended, shown, stopped_evaluation, this_ranks)
+from world_model.rundir import (MetricLogger, RunDir, claimed_run, evaluation_due, fixed_rng, resumed_length,
+                                rank_seed, restore_rng, rng_states, rollback_appended, shown, stopped_evaluation,
+                                this_ranks)
 from world_model.frame_tokenizer import status_vars
 from world_model.train_wm import build_world_model, check_encoder, check_max_steps, check_trained_positions, to_batch
 from world_model.wm import WorldModel, WorldModelLoss
@@ -63,8 +64,9 @@ def preflight(cfg: AgentConfig) -> list[str]:
     returns notes on what it allows but a user likely did not mean."""
     horizon, seq_len = cfg.actor_critic.horizon, cfg.train.seq_len
     check_trained_positions(horizon - 1, f"imagination of actor_critic.horizon={horizon} steps", "train.seq_len",
-                            seq_len, f"lower actor_critic.horizon below {seq_len}, or raise train.seq_len to "
-                            f"{horizon + 1}")
+                            seq_len, f"raise train.seq_len to {horizon + 1} (a resume may; dynamics.max_steps="
+                            f"{cfg.dynamics.max_steps} must hold it), or lower actor_critic.horizon below {seq_len} (a "
+                            "new run)")
     check_max_steps(cfg.dynamics, longest_sequence(cfg))
     check_encoder(cfg.encoder)
     ranks = distributed.launched_size()
@@ -98,6 +100,32 @@ def build_agent(cfg: AgentConfig, num_actions: int, device: torch.device, status
     if cfg.train.compile:
         wm.compile_frame_parts(cfg.train.compile_mode)
     return wm, ActorCritic(cfg.dynamics, cfg.actor_critic).to(device)
+
+
+def resumed_replay(run: RunDir, state: dict, cfg: AgentConfig, counters: dict, capacity: int, spec: dict,
+                   device: Optional[torch.device], new_replay: bool) -> ReplayBuffer:
+    """A resumed run's replay: its saved shards (split anew among another number of processes), or with
+    `new_replay` an empty one, after whose refill the train ratio holds again (`counters["ratio_from"]`)."""
+    t, main = cfg.train, distributed.is_main()
+    seed = rank_seed(t.seed, counters["vector_steps"])
+    if new_replay:
+        counters["ratio_from"] = [counters["env_steps"] + t.prefill, counters["replayed"]]
+        if main and counters["env_steps"] < t.env_steps:
+            print(f"note: --new-replay: the replay starts empty (a saved one is not read); updates pause until env "
+                  f"step {counters['ratio_from'][0]} (train.prefill={t.prefill} steps of the agent's play), then keep "
+                  "train.train_ratio", file=sys.stderr)
+        return ReplayBuffer(capacity, spec, seed=seed, device=device)
+    try:
+        replay = load_replay_shards(run.path, state, capacity, seed, device)
+    except (DataError, FileNotFoundError) as e:
+        raise DataError(f"{e}: `run.py train --resume {run.path} --new-replay` goes on from the checkpoint with an "
+                        "empty replay") from None
+    shards = len(state.get("replays") or [state["replay"]])
+    if shards != distributed.world_size() and main:
+        print(f"note: the run stopped with {shards} process{'es' * (shards > 1)} and goes on with "
+              f"{distributed.world_size()}: its replay is split among them anew, each holding whole episodes",
+              file=sys.stderr)
+    return replay
 
 
 def updates_due(env_steps: int, cfg: AgentConfig) -> int:
@@ -235,27 +263,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             restore_rng(state["rng"], t.seed, counters["vector_steps"])
             interval.load_state_dict(this_ranks(state.get("log_means"), {}))
             t.env_steps = resumed_length(counters["env_steps"], t.env_steps, "train.env_steps", state)
-            if new_replay:  # the train ratio holds again from the refill's end
-                replay = ReplayBuffer(capacity, spec, seed=rank_seed(t.seed, counters["vector_steps"]),
-                                      device=replay_device)
-                counters["ratio_from"] = [counters["env_steps"] + t.prefill, counters["replayed"]]
-                if main and counters["env_steps"] < t.env_steps:
-                    print(f"note: --new-replay: the replay starts empty (a saved one is not read); updates pause "
-                          f"until env step "
-                          f"{counters['ratio_from'][0]} (train.prefill={t.prefill} steps of the agent's play), then "
-                          "keep train.train_ratio", file=sys.stderr)
-            else:
-                try:
-                    replay = load_replay_shards(run.path, state, capacity, rank_seed(t.seed, counters["vector_steps"]),
-                                                replay_device)
-                except (DataError, FileNotFoundError) as e:
-                    raise DataError(f"{e}: `run.py train --resume {run.path} --new-replay` goes on from the checkpoint "
-                                    "with an empty replay") from None
-                shards = len(state.get("replays") or [state["replay"]])
-                if shards != distributed.world_size() and main:
-                    print(f"note: the run stopped with {shards} process{'es' * (shards > 1)} and goes on with "
-                          f"{distributed.world_size()}: its replay is split among them anew, each holding whole "
-                          "episodes", file=sys.stderr)
+            replay = resumed_replay(run, state, cfg, counters, capacity, spec, replay_device, new_replay)
             if main:  # the stopped run's episodes after its checkpoint are not counted; damaged lines are blanked
                 stats = run.path / "stats.jsonl"
                 if "stats_bytes" in state:  # a checkpoint from before records were counted
@@ -266,7 +274,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             "eval_episodes": state.get("config", {}).get("train", {}).get("eval_episodes")}
         state = None  # the checkpoint's tensors are in the models now: not kept for the whole run
         episode_log = JsonlTail(run.path / "stats.jsonl")  # the training episodes, read as the workers append them
-        if not resume:  # a resume's goes with its first checkpoint: one that fails before leaves it describing the checkpoint
+        if not resume:  # a resume's: with its first checkpoint (a failure before leaves it as it was)
             save_config(cfg, run.config_path)
         if main and updates_due(t.env_steps, cfg) == 0 and counters["env_steps"] < t.env_steps:  # one to play
             why = ("train.train_ratio=0" if t.train_ratio == 0 else
@@ -297,7 +305,6 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             train.keep_checkpoints (for its weights: the replay it names goes with later checkpoints)."""
             # named by the updates too: a resumed run's catch-up checkpoint at the step it stopped at must not
             # overwrite the state file the previous latest.pt names before the new one replaces it
-            save_config(cfg, run.config_path)
             name = f"replay/{counters['env_steps']:012d}-{counters['updates']:09d}-rank{distributed.rank()}.npz"
             (run.path / "replay").mkdir(exist_ok=True)
             # the replays first, so the checkpoint never names a missing file; only the steps new since the last
@@ -307,6 +314,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             names, kept = [g[0] for g in gathered], {f for g in gathered for f in g[1]}
             counters["episodes"], counters["env_restarts"], _ = global_counts()
             stats = run.path / "stats.jsonl"  # every rank's episodes up to this step are in it (gathered above)
+            save_config(cfg, run.config_path)  # just before the checkpoint it describes
             run.save_checkpoint({"wm": wm.state_dict(), "ac": ac.state_dict(), "wm_opt": wm_opt.state_dict(),
                                  "ac_opt": ac.optimizer_state(), "counters": dict(counters), "rng": rng_states(),
                                  "replays": names, "config": asdict(cfg), "num_actions": num_actions,

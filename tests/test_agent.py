@@ -462,8 +462,9 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
     assert run.main(["eval-wm", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "episodes"),
                      "--segments", "2"]) == 0
     out, err = capsys.readouterr()
-    assert "train.seq_len=8 segments (time positions 0..6): context 4, horizons 1, 4" in err and (f"open-loop prediction, env step 240, 2 segments from all 5 "
-                                                     f"episodes (100 steps) of {tmp_path / 'episodes'}") in out
+    assert "train.seq_len=8 segments (time positions 0..6): context 4, horizons 1, 4" in err
+    episodes = tmp_path / "episodes"
+    assert f"open-loop prediction, env step 240, 2 segments from all 5 episodes (100 steps) of {episodes}" in out
     scored = json.loads((tmp_path / "run" / "eval_wm_data_episodes" / "eval_wm.json").read_text())
     assert scored["step"] == 240 and 0 <= scored["h4/code_acc"] <= 100 and "h5/code_acc" not in scored
     # resuming the finished run plays no evaluation again: the final one is read back from the log, nothing appended;
@@ -872,6 +873,11 @@ def test_bench_agent_runs_the_real_loop(capsys):
                      str(ROOT / "configs/tiny.yaml"), "--env-steps", "8", "--prefill", "20", "--rows", "preset"]) == 0
     (row,) = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("preset ")]
     assert float(row[1]) > 0 and int(row[2]) >= 1  # env steps/s, updates
+    for override, message in (("encoder.mode=frozen", "encoder.mode=frozen needs encoder.checkpoint=RUN"),
+                              ("actor_critic.horizon=8", "imagination of actor_critic.horizon=8 steps")):
+        assert run.main(["bench", "agent", override, "--agent-config", str(ROOT / "configs/tiny.yaml")]) == 2
+        out, err = capsys.readouterr()  # refused as `train` refuses it, rather than timing something else
+        assert out == "" and err.startswith(f"error: {message}")
 
 
 def test_bench_agent_rows_add_one_optimization_each_and_a_failed_row_is_reported(monkeypatch, capsys):

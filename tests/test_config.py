@@ -1,5 +1,6 @@
 """Presets, overrides and their one-line errors."""
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -528,6 +529,13 @@ def test_the_resume_hint_of_a_torchrun_job_is_a_torchrun_command(tmp_path, monke
     (tmp_path / "checkpoints" / "latest.pt").write_bytes(b"")
     args = SimpleNamespace(command="train", run_dir=str(tmp_path), resume=False)
     assert run._way_back(args).startswith(f"; `python {run._script()} train --resume {tmp_path}` continues")
+    # a resume stopped before its own first checkpoint: config.yaml is as before it, so its overrides go along
+    resumed = SimpleNamespace(command="train", run_dir=None, resume=str(tmp_path), overrides=["train.env_steps=9000",
+                              "env.name=it's"], started=time.time() + 60)
+    assert run._way_back(resumed).startswith(f"; `python {run._script()} train --resume {tmp_path} "
+                                             "train.env_steps=9000 'env.name=it'\"'\"'s'` continues")
+    resumed.started = 0  # it wrote one: config.yaml holds them
+    assert run._way_back(resumed).startswith(f"; `python {run._script()} train --resume {tmp_path}` continues")
     monkeypatch.setattr(distributed, "launched", lambda: True)
     assert run._way_back(args) == (f"; `torchrun ... {run._script()} train --resume {tmp_path}` (with this job's "
                                    "torchrun options) continues from its last checkpoint")

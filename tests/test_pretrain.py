@@ -774,9 +774,9 @@ def test_ctrl_c_is_one_line_with_the_way_back(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     monkeypatch.setattr(pt, "pretrain", interrupted)
     assert run.main(["pretrain", "--run-dir", str(tmp_path / "r"), "--no-progress", "--resume", "train.steps=2"]) == 130
-    err = capsys.readouterr().err.strip()
-    assert err == f"interrupted; `python run.py pretrain --resume {tmp_path / 'r'}` continues from its last checkpoint " \
-                  "(step 1)"
+    err = capsys.readouterr().err.strip()  # stopped before a checkpoint of its own: its override goes along
+    assert err == f"interrupted; `python run.py pretrain --resume {tmp_path / 'r'} train.steps=2` continues from its " \
+                  "last checkpoint (step 1)"
     from tqdm import tqdm
 
     bars = []  # the bar a stopped run leaves open (its frame held by the traceback) is closed before the message, not
@@ -795,8 +795,8 @@ def test_ctrl_c_is_one_line_with_the_way_back(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pt, "pretrain", interrupted)
     monkeypatch.chdir(tmp_path)  # run.py as it is reached from there
     assert run.main(["pretrain", "--run-dir", "r", "--no-progress", "--resume", "train.steps=2"]) == 130
-    assert capsys.readouterr().err.strip() == (f"interrupted; `python {CONFIGS.parent / 'run.py'} pretrain --resume r` "
-                                               "continues from its last checkpoint (step 1)")
+    assert capsys.readouterr().err.strip() == (f"interrupted; `python {CONFIGS.parent / 'run.py'} pretrain --resume r "
+                                               "train.steps=2` continues from its last checkpoint (step 1)")
     assert run.main(["pretrain", "--run-dir", str(tmp_path / "new"), "--no-progress", *TINY]) == 130
     err = capsys.readouterr().err.strip()  # stopped before writing anything: its directory is gone again
     assert err == f"interrupted; it stopped before writing anything to {tmp_path / 'new'}, so there is nothing to " \

@@ -841,6 +841,13 @@ def test_an_evaluation_past_the_trained_time_positions_is_refused_or_fitted(tmp_
             "horizons 1, 5 reach past them: context 2, horizons 1, 3") in capsys.readouterr().err
     scored = json.loads((tmp_path / "r" / "eval_wm" / "eval_wm.json").read_text())
     assert "h3/code_acc" in scored and "h5/code_acc" not in scored
+    # resumed, such a run is refused with a way on a resume may take (eval.*), which then resumes
+    argv = ["train-wm", "--resume", str(tmp_path / "r"), "--no-progress"]
+    assert run.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "evaluate within them (eval.horizons=[1,3]; a resume may change eval.*)" in err
+    assert run.main([*argv, "eval.horizons=[1,3]"]) == 0
+    assert "  - 3\n" in (tmp_path / "r" / "config.yaml").read_text()
 
 
 def test_held_out_segments_are_scored_chunk_by_chunk_weighted_by_their_size(tmp_path, monkeypatch):

@@ -253,7 +253,7 @@ def _pretrain(cfg: PretrainConfig, run: RunDir, device: torch.device, resume: bo
         check_frames_resume(state.get("frames", frames), frames, cfg.data.root)
         checkpointed = {"frames": state.get("frames", frames),
                         "eval_images": state.get("config", {}).get("data", {}).get("eval_images")}
-    if not resume:  # a resume's goes with its first checkpoint: one that fails before leaves it describing the checkpoint
+    if not resume:  # a resume's: with its first checkpoint (a failure before leaves it as it was)
         save_config(cfg, run.config_path)
 
     parallel = distributed.wrap(model, device)

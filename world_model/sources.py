@@ -163,7 +163,7 @@ def _worker_errors() -> Iterator[None]:
     workers: torch raises it again in the run with the worker's traceback in its message."""
     try:
         yield
-    except Exception as e:
+    except BaseException as e:  # Ctrl-C too
         # Torch's re-raise holds the exception in a frame of its traceback, a cycle that would keep the loader's
         # workers alive to the interpreter's exit, whose SIGTERM they ignore (`_leave_signals_to_the_run`): that
         # exit would wait on them forever. Cleared, the loader goes now and takes its workers with it.

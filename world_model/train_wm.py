@@ -171,6 +171,17 @@ def check_encoder(enc: WMEncoderConfig, pre=None) -> None:
         raise UsageError("the world model needs a VQ slot encoder: encoder.model.vq.enabled=false would give it none")
 
 
+def check_typed_mode(enc: WMEncoderConfig, overrides: Sequence[str]) -> None:
+    """encoder.mode=frozen typed on the command line with nothing to freeze (no encoder.checkpoint) is refused: the
+    fresh encoder would train jointly, as a preset's frozen default gives without one."""
+    from omegaconf import OmegaConf
+
+    typed = [o for o in overrides if o.split("=", 1)[0] == "encoder.mode"]
+    if typed and not enc.checkpoint and OmegaConf.from_dotlist(typed[-1:]).encoder.mode == "frozen":
+        raise UsageError("encoder.mode=frozen needs encoder.checkpoint=RUN, a pretrained encoder to freeze; without "
+                         "one the fresh encoder trains jointly with the world model")
+
+
 def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: DynamicsConfig, num_actions: int,
                       device: torch.device, longest: tuple[int, str], status_vars: int = 0,
                       restoring: Optional[str | Path] = None, env: Optional[str] = None) -> WorldModel:
@@ -228,9 +239,13 @@ def check_eval_window(cfg: WorldModelConfig) -> None:
     """Open-loop evaluation predicts at the time positions training teaches the dynamics, never past them."""
     c = cfg.eval
     window = c.context + max(c.horizons)
+    context, horizons = fit_eval_window(c.context, c.horizons, cfg.data.seq_len)
+    fitted = (f"eval.horizons=[{','.join(map(str, horizons))}]" if context == c.context else
+              f"eval.context={context} eval.horizons=[{','.join(map(str, horizons))}]")
     check_trained_positions(window - 2, f"eval.context + max(eval.horizons) = {c.context} + {max(c.horizons)}",
                             "data.seq_len", cfg.data.seq_len,
-                            f"raise data.seq_len to {window}, or lower eval.context or eval.horizons")
+                            f"evaluate within them ({fitted}; a resume may change eval.*), or train on longer "
+                            f"segments (a new run with data.seq_len={window})")
 
 
 def preflight(cfg: WorldModelConfig) -> None:
@@ -446,7 +461,7 @@ def _train_wm(cfg: WorldModelConfig, run: RunDir, device: torch.device, resume: 
             print(f"note: the episodes of {cfg.data.root} changed since this run's last checkpoint, so its held-out "
                   f"split moved (the last {len(meta['held_out'])} episodes now): evaluations from here on use the new "
                   "split", file=sys.stderr)
-    if not resume:  # a resume's goes with its first checkpoint: one that fails before leaves it describing the checkpoint
+    if not resume:  # a resume's: with its first checkpoint (a failure before leaves it as it was)
         save_config(cfg, run.config_path)
     logger = MetricLogger(run, start_step=step)
     cleanup.callback(logger.close)
@@ -554,8 +569,8 @@ def load_agent_wm(run_dir: str, data: Optional[str], device: torch.device,
                   step: Optional[int] = None) -> tuple[WorldModelConfig, WorldModel, dict]:
     """An agent run's world model as `eval_wm` scores it: a world-model config of its encoder, frame tokens and
     dynamics on the episodes of `data` (an agent run keeps no dataset), with eval.context and eval.horizons fitted
-    into the time positions its training segments taught it; the state gives the step (env steps), env, action count and a note saying
-    how they were fitted (None where they were not)."""
+    into the time positions its training segments taught it; the state gives the step (env steps), env, action
+    count and a note saying how they were fitted (None where they were not)."""
     from agent.evaluate import load_agent_run
 
     game = load_run_config("train", run_dir).env.name
