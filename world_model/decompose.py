@@ -168,6 +168,54 @@ def load_slot_model(checkpoint: str, device: torch.device, step: Optional[int] =
                            model_cfg=cfg.encoder.model, step=at, trained_env=trained_env, pretrain_cfg=None)
 
 
+def _shown_env(run: SimpleNamespace, env: Optional[str], clevr_root: Optional[str], checkpoint: str
+               ) -> tuple[str, Optional[str]]:
+    """The frames `visualize` shows a run (`load_slot_model`): `env`, or by default the game it trained on, or
+    CLEVR(-like) scenes for a run pretrained on them; a mismatch is refused, or noted (the note returned) where it
+    is only unusual."""
+    if env is None and clevr_root:
+        env = "clevr"
+    elif env is None and run.trained_env in ("crafter", "nethack"):
+        env = run.trained_env
+    elif env is None and run.pretrain_cfg is not None and run.pretrain_cfg.data.source in ("generated", "clevr"):
+        env = "clevr"  # pretrained on CLEVR(-like) scenes: shown held-out ones
+    if env is None:
+        raise UsageError("visualize needs --env crafter|nethack|clevr for this run (or --codes)")
+    if clevr_root and run.pretrain_cfg is None:
+        raise UsageError(f"--clevr-root shows CLEVR scenes to a pretraining run; {checkpoint} is a world-model or agent "
+                         f"run, trained on {run.trained_env or 'game'} frames")
+    if clevr_root and env != "clevr":
+        raise UsageError(f"--clevr-root shows CLEVR scenes, and this call shows {env} frames: add --env clevr")
+    if env == "clevr" and run.pretrain_cfg is None:
+        raise UsageError(f"{checkpoint} is a world-model or agent run, trained on {run.trained_env or 'game'} frames: "
+                         "show it --env crafter or nethack (--env clevr takes a pretraining run)")
+    if run.trained_env and run.trained_env != env:
+        return env, f"note: {checkpoint} was trained on {run.trained_env} frames, shown {env} frames here"
+    if run.pretrain_cfg is not None and run.pretrain_cfg.data.source in ("generated", "clevr") and env != "clevr":
+        return env, f"note: {checkpoint} was trained on CLEVR-like scenes, shown {env} frames here"
+    return env, None
+
+
+def _shown_images(run: SimpleNamespace, env: str, clevr_root: Optional[str], checkpoint: str, frames: int,
+                  seed: int) -> tuple[torch.Tensor, bool, Optional[np.ndarray]]:
+    """`frames` images to decompose (`t 3 r r`, CPU), whether slots carry from one to the next, and the episode
+    starts among them: held-out CLEVR(-like) scenes, each afresh, or a seeded random-policy episode of the game."""
+    if env == "clevr":
+        cfg = run.pretrain_cfg
+        use_clevr_root(cfg, clevr_root, checkpoint)
+        cfg.data.source = "generated" if cfg.data.source == "frames" else cfg.data.source
+        images = torch.cat([b["images"].cpu() for b in eval_batches(cfg, torch.device("cpu"), frames)])
+        if len(images) < frames:
+            print(f"note: {cfg.data.root} split {cfg.data.eval_split} holds {len(images)} scenes, fewer than the "
+                  f"{frames} asked for: shown those", file=sys.stderr)
+        return images, False, None  # independent scenes
+    played, starts = episode_frames(env, frames, seed)
+    if starts.sum() > 1:
+        print(f"note: the {frames} frames span {int(starts.sum())} episodes; slots start afresh at each episode's "
+              "first frame", file=sys.stderr)
+    return frames_to_input(torch.from_numpy(played)[None], run.resolution)[0], True, starts
+
+
 def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8, seed: int = 0, device: str = "cpu",
               edit: Optional[tuple[str, str, str]] = None, clevr_root: Optional[str] = None,
               step: Optional[int] = None) -> dict:
@@ -182,44 +230,13 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
         raise UsageError(f"unknown --env {env!r}; choose crafter, nethack or clevr")
     dev = resolve_device(device)
     run = load_slot_model(checkpoint, dev, step)
-    if env is None and clevr_root:
-        env = "clevr"
-    elif env is None and run.trained_env in ("crafter", "nethack"):
-        env = run.trained_env
-    elif env is None and run.pretrain_cfg is not None and run.pretrain_cfg.data.source in ("generated", "clevr"):
-        env = "clevr"  # pretrained on CLEVR(-like) scenes: shown held-out ones
-    if env is None:
-        raise UsageError("visualize needs --env crafter|nethack|clevr for this run (or --codes)")
-    if clevr_root and run.pretrain_cfg is None:
-        raise UsageError(f"--clevr-root shows CLEVR scenes to a pretraining run; {checkpoint} is a world-model or agent "
-                         f"run, trained on {run.trained_env or 'game'} frames")
-    if clevr_root and env != "clevr":
-        raise UsageError(f"--clevr-root shows CLEVR scenes, and this call shows {env} frames: add --env clevr")
-    model, cfg = run.model, run.pretrain_cfg  # on `device`; the frames and pictures stay on the CPU
-    if env == "clevr" and cfg is None:
-        raise UsageError(f"{checkpoint} is a world-model or agent run, trained on {run.trained_env or 'game'} frames: "
-                         "show it --env crafter or nethack (--env clevr takes a pretraining run)")
+    env, note = _shown_env(run, env, clevr_root, checkpoint)
+    model = run.model  # on `device`; the frames and pictures stay on the CPU
     parsed = None if edit is None else edit_values(model, *edit)  # before any output
-    if run.trained_env and run.trained_env != env:
-        print(f"note: {checkpoint} was trained on {run.trained_env} frames, shown {env} frames here", file=sys.stderr)
-    elif run.pretrain_cfg is not None and run.pretrain_cfg.data.source in ("generated", "clevr") and env != "clevr":
-        print(f"note: {checkpoint} was trained on CLEVR-like scenes, shown {env} frames here", file=sys.stderr)
+    if note:
+        print(note, file=sys.stderr)
     out = check_out_dir(out_dir)
-    if env == "clevr":
-        use_clevr_root(cfg, clevr_root, checkpoint)
-        cfg.data.source = "generated" if cfg.data.source == "frames" else cfg.data.source
-        images = torch.cat([b["images"].cpu() for b in eval_batches(cfg, torch.device("cpu"), frames)])
-        if len(images) < frames:
-            print(f"note: {cfg.data.root} split {cfg.data.eval_split} holds {len(images)} scenes, fewer than the "
-                  f"{frames} asked for: shown those", file=sys.stderr)
-        carry, starts = False, None  # independent scenes
-    else:
-        played, starts = episode_frames(env, frames, seed)
-        images = frames_to_input(torch.from_numpy(played)[None], run.resolution)[0]
-        carry = True
-        if starts.sum() > 1:
-            print(f"note: the {frames} frames span {int(starts.sum())} episodes; slots start afresh at each "
-                  "episode's first frame", file=sys.stderr)
+    images, carry, starts = _shown_images(run, env, clevr_root, checkpoint, frames, seed)
     with fixed_rng(seed, dev):  # the slots' initial noise: the same pictures on every call
         result = {k: None if v is None else v.cpu() for k, v in decompose(model, images.to(dev), carry, starts).items()}
     out.mkdir(parents=True, exist_ok=True)  # now: a call stopped before (Ctrl-C, an env error) leaves no empty folder
