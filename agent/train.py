@@ -31,7 +31,7 @@ from envs.errors import DataError, UsageError
 from envs.jsonl import JsonlTail, count_records, is_episode, keep_records
 from envs.vector import make_vector_env
 from world_model import distributed
-from world_model.config import check_against_checkpoint, save_config
+from world_model.config import check_against_checkpoint
 from world_model.stopping import StepStops
 from world_model.updates import SkipStreak, StepMeans, autocast, guarded_update
 from world_model.rundir import (MetricLogger, RunDir, claimed_run, evaluation_due, fixed_rng, resumed_length,
@@ -274,8 +274,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             "eval_episodes": state.get("config", {}).get("train", {}).get("eval_episodes")}
         state = None  # the checkpoint's tensors are in the models now: not kept for the whole run
         episode_log = JsonlTail(run.path / "stats.jsonl")  # the training episodes, read as the workers append them
-        if not resume:  # a resume's: with its first checkpoint (a failure before leaves it as it was)
-            save_config(cfg, run.config_path)
+        run.stage_config(cfg, resume)  # a resume's: with its first checkpoint
         if main and updates_due(t.env_steps, cfg) == 0 and counters["env_steps"] < t.env_steps:  # one to play
             why = ("train.train_ratio=0" if t.train_ratio == 0 else
                    f"train.env_steps={t.env_steps} is too few (updates start after train.prefill={t.prefill} random "
@@ -314,7 +313,6 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             names, kept = [g[0] for g in gathered], {f for g in gathered for f in g[1]}
             counters["episodes"], counters["env_restarts"], _ = global_counts()
             stats = run.path / "stats.jsonl"  # every rank's episodes up to this step are in it (gathered above)
-            save_config(cfg, run.config_path)  # just before the checkpoint it describes
             run.save_checkpoint({"wm": wm.state_dict(), "ac": ac.state_dict(), "wm_opt": wm_opt.state_dict(),
                                  "ac_opt": ac.optimizer_state(), "counters": dict(counters), "rng": rng_states(),
                                  "replays": names, "config": asdict(cfg), "num_actions": num_actions,
@@ -462,7 +460,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                 last_eval = logger.final_evaluation(counters["env_steps"], settings, checkpointed) or \
                     evaluate(counters["env_steps"])
             last_eval.update(stats_scores(episode_log.records(), cfg.env.name, "train_"))
-        save_config(cfg, run.config_path)  # a finished run resumed writes no checkpoint: its evaluation's settings
+        run.write_config()  # a finished run resumed writes no checkpoint: its evaluation's settings
         return last_eval
 
 

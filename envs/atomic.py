@@ -51,15 +51,19 @@ def check_folder(path: str | Path, what: str, error: type[Exception] = UsageErro
     return path
 
 
+FOLDER_KINDS = {"dataset": "an episode dataset (meta.json, episodes/)", "run": "a run directory",
+                "clevr": "a CLEVR root (images/, scenes/)"}  # `folder_kind`'s answers, as messages name them
+
+
 def folder_kind(path: Path) -> Optional[str]:
     """What an existing folder holds that an output of another kind must not be mixed into (its files replaced or
-    taken for its own): an episode dataset, a run directory or a CLEVR root, with the marks that say so; else None."""
+    taken for its own): "dataset", "run" or "clevr" (FOLDER_KINDS), from the marks each leaves; else None."""
     if (path / "meta.json").is_file():
-        return "an episode dataset (meta.json, episodes/)"
+        return "dataset"
     if (path / "checkpoints").is_dir() or (path / "config.yaml").is_file() or (path / "train.pid").is_file():
-        return "a run directory"
+        return "run"
     if (path / "images").is_dir() and (path / "scenes").is_dir():
-        return "a CLEVR root (images/, scenes/)"
+        return "clevr"
     return None
 
 
@@ -68,8 +72,8 @@ def check_clevr_out(path: str | Path) -> Path:
     episode dataset or a run directory."""
     root = check_folder(path, "--out")
     kind = folder_kind(root)
-    if kind and not kind.startswith("a CLEVR root"):
-        raise UsageError(f"--out {root} is {kind}, not a CLEVR root; choose another --out")
+    if kind in ("dataset", "run"):
+        raise UsageError(f"--out {root} is {FOLDER_KINDS[kind]}, not a CLEVR root; choose another --out")
     return root
 
 

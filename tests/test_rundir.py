@@ -230,7 +230,7 @@ def test_run_directory_guards(tmp_path, capsys):
     with pytest.raises(RunDirError, match=r"--out .*clevr is a CLEVR root \(images/, scenes/\); write to a directory "
                                           "of its own$"):
         check_out_dir(tmp_path / "clevr")
-    with pytest.raises(RunDirError, match=r"clevr is a CLEVR root \(images/, scenes/\); choose another --run-dir"):
+    with pytest.raises(RunDirError, match=r"clevr holds images, scenes: data or a repository, not a run directory"):
         RunDir.open(tmp_path / "clevr", resume=False)
     host = socket.gethostname()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

@@ -15,6 +15,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from envs.atomic import FOLDER_KINDS, folder_kind
 from envs.clevr_layout import MAX_OBJECTS as MAX_SCENE_OBJECTS
 from envs.errors import UsageError
 
@@ -532,8 +533,7 @@ def load_run_config(command: str, run_dir: str | Path, overrides: Sequence[str] 
         raise ConfigError(f"{run_dir} is a file: pass the run directory (the folder holding config.yaml and "
                           "checkpoints/)" + (f", {run}" if run else ""))
     if not path.is_file():
-        dataset = (Path(run_dir) / "meta.json").is_file() and (Path(run_dir) / "episodes").is_dir()
-        what = "an episode dataset (meta.json, episodes/)" if dataset else f"{path} not found"
+        what = FOLDER_KINDS["dataset"] if folder_kind(Path(run_dir)) == "dataset" else f"{path} not found"
         raise ConfigError(f"no run at {run_dir} ({what}): expected a run directory made by "
                           + (made_by or f"`run.py {command} --run-dir DIR`"))
     try:

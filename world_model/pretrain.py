@@ -25,7 +25,7 @@ from envs.episodes import check_recorded_root, read_meta
 from envs.errors import DataError, UsageError
 
 from . import distributed
-from .config import ConfigError, PretrainConfig, check_against_checkpoint, load_run_config, save_config
+from .config import ConfigError, PretrainConfig, check_against_checkpoint, load_run_config
 from .losses import hungarian_huber_loss
 from .metrics import clevr_ap_table, fg_ari, setpred_accuracy
 from .perception import SetPredictor, SlotAutoencoder
@@ -253,8 +253,7 @@ def _pretrain(cfg: PretrainConfig, run: RunDir, device: torch.device, resume: bo
         check_frames_resume(state.get("frames", frames), frames, cfg.data.root)
         checkpointed = {"frames": state.get("frames", frames),
                         "eval_images": state.get("config", {}).get("data", {}).get("eval_images")}
-    if not resume:  # a resume's: with its first checkpoint (a failure before leaves it as it was)
-        save_config(cfg, run.config_path)
+    run.stage_config(cfg, resume)  # a resume's: with its first checkpoint
 
     parallel = distributed.wrap(model, device)
     step_model = torch.compile(parallel, mode=cfg.train.compile_mode) if cfg.train.compile else parallel
@@ -264,7 +263,6 @@ def _pretrain(cfg: PretrainConfig, run: RunDir, device: torch.device, resume: bo
 
     def checkpoint(evaluated: bool = False) -> None:
         """`evaluated`: the checkpoint an evaluation follows, kept as step_<step>.pt with train.keep_checkpoints."""
-        save_config(cfg, run.config_path)
         run.save_checkpoint({"step": step, "skipped": skipped, "model": model.state_dict(),
                              "optimizer": opt.state_dict(), "rng": rng_states(), "config": asdict(cfg),
                              "world_size": distributed.world_size(), "frames": frames,
@@ -344,7 +342,7 @@ def _pretrain(cfg: PretrainConfig, run: RunDir, device: torch.device, resume: bo
         last_eval = logger.final_evaluation(step, settings, checkpointed)  # not run and logged twice
         if not last_eval:
             last_eval = evaluated()
-    save_config(cfg, run.config_path)  # a finished run resumed writes no checkpoint: its evaluation's settings
+    run.write_config()  # a finished run resumed writes no checkpoint: its evaluation's settings
     return last_eval
 
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from envs.atomic import atomic_write, check_folder, folder_kind
+from envs.atomic import FOLDER_KINDS, atomic_write, check_folder, folder_kind
 from envs.errors import UsageError
 from envs.jsonl import read_records, write_records
 
@@ -139,6 +139,7 @@ class RunDir:
         self.ckpt_path = self.kept_path(step) if step is not None else self.path / "checkpoints" / "latest.pt"
         self.config_path = self.path / "config.yaml"
         self.created = False  # `open` made the directory: `release` removes it again if the run left it empty
+        self._config: Any = None  # a resumed run's config, written with its first checkpoint (`stage_config`)
 
     LOGS = ("metrics.jsonl", "tb", "stats.jsonl", "replay")  # what a run writes before its first checkpoint
     DATA_MARKS = ("CLEVR_v1.0", "images", "scenes", ".git")  # a CLEVR root (or its CLEVR_v1.0), a repository
@@ -260,12 +261,30 @@ class RunDir:
         names = (p.name[5:-3] for p in (self.path / "checkpoints").glob("step_*.pt"))
         return sorted(int(n) for n in names if n.isdigit())
 
+    def stage_config(self, cfg: Any, resume: bool) -> None:
+        """The run's config.yaml: a new run's written now; a resumed run's (its overrides applied) with its first
+        checkpoint, or by `write_config` when it ends without one (a finished run re-evaluated), so that a resume
+        that fails before (its data damaged, say) leaves config.yaml describing the checkpoint."""
+        self._config = cfg
+        if not resume:
+            self.write_config()
+
+    def write_config(self) -> None:
+        """Write the staged config.yaml, if `stage_config` left one to write (under torchrun, rank 0 only)."""
+        from .config import save_config
+
+        if self._config is not None:
+            save_config(self._config, self.config_path)
+            self._config = None
+
     def save_checkpoint(self, state: dict, keep_step: Optional[int] = None) -> None:
-        """Atomic write; under torchrun only rank 0 writes (the others' state is the same after each step).
-        `keep_step`: also keep this checkpoint as `checkpoints/step_<keep_step>.pt`, a hard link to the file (no
-        copy: the next checkpoint replaces latest.pt by a new file), or a copy where links are not possible."""
+        """Atomic write, after the config it was trained with (`stage_config`); under torchrun only rank 0 writes (the
+        others' state is the same after each step). `keep_step`: also keep this checkpoint as
+        `checkpoints/step_<keep_step>.pt`, a hard link to the file (no copy: the next checkpoint replaces latest.pt by
+        a new file), or a copy where links are not possible."""
         if not distributed.is_main():
             return
+        self.write_config()
         atomic_torch_save(state, self.ckpt_path)
         if keep_step is not None:
             kept, tmp = self.kept_path(keep_step), self.kept_path(keep_step).with_suffix(".pt.tmp")
@@ -358,11 +377,11 @@ _CLAIMED: list[RunDir] = []  # run directories this process claimed and has not 
 
 
 def check_run_folder(path: str | Path) -> None:
-    """A --run-dir must be a folder (or one that can be made) and not an episode dataset or a CLEVR root."""
+    """A --run-dir must be a folder (or one that can be made) and not an episode dataset (a new run in a CLEVR root
+    or other data is refused by `RunDir._check_foreign`)."""
     check_folder(path, "--run-dir", RunDirError)
-    kind = folder_kind(Path(path))
-    if kind and kind != "a run directory":
-        raise RunDirError(f"{path} is {kind}; choose another --run-dir")
+    if folder_kind(Path(path)) == "dataset":
+        raise RunDirError(f"{path} is {FOLDER_KINDS['dataset']}; choose another --run-dir")
 
 
 def check_out_dir(out: str | Path) -> Path:
@@ -371,8 +390,8 @@ def check_out_dir(out: str | Path) -> Path:
     out = check_folder(out, "--out", RunDirError)
     kind = folder_kind(out)
     if kind:
-        raise RunDirError(f"--out {out} is {kind}; write to a directory of its own"
-                          + (f" (e.g. {out / 'viz'})" if kind == "a run directory" else ""))
+        raise RunDirError(f"--out {out} is {FOLDER_KINDS[kind]}; write to a directory of its own"
+                          + (f" (e.g. {out / 'viz'})" if kind == "run" else ""))
     return out
 
 
@@ -463,9 +482,9 @@ class MetricLogger:
         return self.logged(step, "eval/", record.get("time"))  # a later row (its record lost) may follow it
 
     def logged(self, step: int, prefix: str, written: Optional[float] = None) -> dict:
-        """What the last row logged at `step` under `prefix` holds (the prefix stripped), or the one `written` then (its `time`): a
-        finished run that resumes reads its final evaluation back instead of running (and logging) it twice; the
-        last, where it ran again with other settings."""
+        """What the last row logged at `step` under `prefix` holds (the prefix stripped), or the one `written` then
+        (its `time`): a finished run that resumes reads its final evaluation back instead of running (and logging) it
+        twice; the last, where it ran again with other settings."""
         if not self.enabled or not self.jsonl_path.is_file():
             return {}
         rows = [row for row in read_records(self.jsonl_path) if row.get("step") == step

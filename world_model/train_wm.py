@@ -30,7 +30,7 @@ from envs.episodes import (STEP_KEYS, check_recorded_root, episode_length, episo
 
 from . import distributed
 from .config import (DERIVED, ConfigError, WMDataConfig, WMEncoderConfig, WMEvalConfig, WorldModelConfig,
-                     check_against_checkpoint, continued_anneal, encoder_run_config, load_run_config, save_config,
+                     check_against_checkpoint, continued_anneal, encoder_run_config, load_run_config,
                      schema_command)
 from .dynamics import DynamicsConfig
 from .frame_tokenizer import FrameTokenizerConfig, frame_token_size, status_vars
@@ -461,8 +461,7 @@ def _train_wm(cfg: WorldModelConfig, run: RunDir, device: torch.device, resume: 
             print(f"note: the episodes of {cfg.data.root} changed since this run's last checkpoint, so its held-out "
                   f"split moved (the last {len(meta['held_out'])} episodes now): evaluations from here on use the new "
                   "split", file=sys.stderr)
-    if not resume:  # a resume's: with its first checkpoint (a failure before leaves it as it was)
-        save_config(cfg, run.config_path)
+    run.stage_config(cfg, resume)  # a resume's: with its first checkpoint
     logger = MetricLogger(run, start_step=step)
     cleanup.callback(logger.close)
     vq = cfg.encoder.model.vq
@@ -470,7 +469,6 @@ def _train_wm(cfg: WorldModelConfig, run: RunDir, device: torch.device, resume: 
 
     def checkpoint(evaluated: bool = False) -> None:
         """`evaluated`: the checkpoint an evaluation follows, kept as step_<step>.pt with train.keep_checkpoints."""
-        save_config(cfg, run.config_path)
         run.save_checkpoint({"step": step, "skipped": skipped, "model": wm.state_dict(), "optimizer": opt.state_dict(),
                              "rng": rng_state(), "config": asdict(cfg), "num_actions": int(meta["num_actions"]),
                              "env": meta["env"], "held_out": meta["held_out"],
@@ -538,7 +536,7 @@ def _train_wm(cfg: WorldModelConfig, run: RunDir, device: torch.device, resume: 
             bar.write(f"step {step}: open-loop prediction on held-out segments (as logged)\n{open_loop_table(last_eval)}")
         else:
             last_eval = evaluate(step)
-    save_config(cfg, run.config_path)  # a finished run resumed writes no checkpoint: its evaluation's settings
+    run.write_config()  # a finished run resumed writes no checkpoint: its evaluation's settings
     return last_eval
 
 

@@ -146,15 +146,19 @@ def video_frame(pictures: torch.Tensor, labels: list[str], scale: int) -> np.nda
     """One video frame: `pictures` (`n 3 r r` in [0, 1]) side by side, upscaled `scale` times (nearest), under a
     strip naming each: `H W 3` uint8."""
     grid = F.interpolate(tile(pictures.float().cpu(), nrow=len(pictures))[None], scale_factor=scale, mode="nearest")[0]
-    return (labeled(grid, labels, pictures.shape[-1], factor=scale).clamp(0, 1) * 255).round().byte().permute(
-        1, 2, 0).numpy()
+    return to_uint8(labeled(grid, labels, pictures.shape[-1], factor=scale))
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """`3 h w` in [0, 1] -> `h w 3` uint8 (a PNG's or a video frame's pixels)."""
+    return (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
 def to_pil(image: torch.Tensor):
     """`3 h w` in [0, 1] -> a Pillow RGB image."""
     from PIL import Image
 
-    return Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
+    return Image.fromarray(to_uint8(image))
 
 
 def from_pil(image) -> torch.Tensor:
