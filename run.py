@@ -326,7 +326,7 @@ def cmd_eval_ap(args) -> None:
                              f"{Path(args.out) / 'ap.json'}")
         check_folder(Path(args.out).parent, "--out's folder")
     result = evaluate_run(args.checkpoint, data=args.data, clevr_root=args.clevr_root, split=args.split,
-                          images=args.images, device=args.device, progress=sys.stderr.isatty(), step=args.step)
+                          images=args.images, device=args.device, progress=not args.no_progress, step=args.step)
     # the run's own evaluation, one on each real-CLEVR root and split and one on another episode dataset are kept
     # side by side
     root = f"{Path(os.path.abspath(args.clevr_root)).name}_" if args.clevr_root else ""
@@ -386,7 +386,13 @@ def cmd_convert_clevr_masks(args) -> None:
 def cmd_collect(args) -> None:
     from envs.collect import collect
 
-    kwargs = {key: value for key, value in (("size", args.size), ("max_episode_steps", args.max_episode_steps)) if value}
+    from envs.errors import UsageError
+
+    given = (("size", args.size), ("max_episode_steps", args.max_episode_steps), ("task", args.task),
+             ("crop", args.crop))
+    kwargs = {key: value for key, value in given if value}
+    if args.env != "nethack" and (args.task or args.crop):
+        raise UsageError(f"{'--task' if args.task else '--crop'} is NetHack's (--env nethack); {args.env} has none")
     result = collect(args.env, args.frames, args.out, num_envs=args.workers * args.envs_per_worker,
                      envs_per_worker=args.envs_per_worker, seed=args.seed, env_kwargs=kwargs,
                      asynchronous=args.workers > 1 or args.envs_per_worker > 1, progress=not args.no_progress)
@@ -404,7 +410,7 @@ def cmd_visualize(args) -> None:
 
         summary = visualize(args.checkpoint, args.env, args.out, frames=args.frames, seed=args.seed,
                             device=args.device, edit=tuple(args.edit) if args.edit else None,
-                            clevr_root=args.clevr_root, step=args.step)
+                            clevr_root=args.clevr_root, step=args.step, policy=args.policy)
     print(json.dumps(summary, indent=2))
 
 
@@ -480,7 +486,7 @@ def cmd_eval_wm(args) -> None:
     from world_model.train_wm import eval_wm, open_loop_legend, open_loop_table
 
     result = eval_wm(args.checkpoint, out=args.out, segments=args.segments, device=args.device, data=args.data,
-                     progress=sys.stderr.isatty(), step=args.step)
+                     progress=not args.no_progress, step=args.step)
     agent = result["agent"]  # an agent run's steps are env steps; it trained on none of the episodes
     drawn = (f"from all {result['held_out_episodes']} episodes ({result['held_out_steps']} steps) of {args.data}"
              if agent else f"held out: the last {result['held_out_episodes']} episodes ({result['held_out_steps']} "
@@ -588,6 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", type=int, help="number of evaluation images (default data.eval_images; fed in "
                    "fixed chunks of 64, so a result does not depend on how it is run)")
     s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     s.add_argument("--out", help="JSON file for the results (default RUN/eval_ap.json; on a CLEVR split on disk "
                    "RUN/eval_ap_clevr_<split>.json, with --clevr-root DIR RUN/eval_ap_clevr_<DIR's name>_<split>.json; "
                    "with --data DIR, RUN/eval_ap_data_<DIR's name>.json)")
@@ -636,12 +643,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", type=int, required=True, help="observations to store (at least: every env steps "
                    "until the step that reaches it)")
     s.add_argument("--out", required=True, help="dataset directory; an existing one of the same env and settings "
-                   "gets more episodes, from env seeds it does not hold yet (env i plays --seed + i)")
+                   "takes more episodes from env seeds it does not hold yet: pass a --seed past them (env i plays "
+                   "--seed + i; a --seed it holds is refused, naming the next free one)")
     s.add_argument("--workers", type=int, default=1, help="worker processes (default 1: in-process, no workers)")
     s.add_argument("--envs-per-worker", type=int, default=1, help="envs stepped in turn by each worker (default 1)")
     s.add_argument("--size", type=int, help="image side in pixels (default 64)")
     s.add_argument("--max-episode-steps", type=int, help="steps after which an episode ends truncated (default 10000, "
                    "as the agent's env.max_episode_steps; random NetHack play lasts ~2000, Crafter's ~200)")
+    s.add_argument("--task", choices=["score", "challenge"], help="NetHack's task: NetHackScore (default) or "
+                   "NetHackChallenge (the agent's env.task)")
+    s.add_argument("--crop", type=int, help="NetHack: map cells a side of the window around the player, odd "
+                   "(default 9; the agent's env.crop)")
     s.add_argument("--seed", type=seed_value, default=0, help="env seeds and actions (default 0)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     s.set_defaults(func=cmd_collect, parser=s)
@@ -659,15 +671,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "the game the run trained on, or clevr for a run pretrained on generated or CLEVR scenes)")
     s.add_argument("--clevr-root", help="show scenes of this CLEVR v1.0 directory (for a run trained on CLEVR on disk "
                    "whose data moved, or on another copy; its split: the run's data.eval_split, else val)")
-    s.add_argument("--frames", type=int, default=8, help="scenes, or frames of random-policy play (slots carried "
-                   "from frame to frame, afresh where an episode ends and the next begins) (default 8)")
+    s.add_argument("--frames", type=int, default=8, help="scenes, or frames of play (slots carried from frame to "
+                   "frame, afresh where an episode ends and the next begins) (default 8)")
+    s.add_argument("--policy", choices=["agent", "random"], help="who plays the game frames: agent (an agent run's "
+                   "trained policy, in its env settings: the default for an agent run on its game) or random (uniform "
+                   "random actions: the default for other runs)")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--edit", nargs=3, metavar=("SLOT", "VAR", "VALUE"),
                    help="VQ only: set latent VAR of slot SLOT to code VALUE (or 'all' for every code) and decode")
     s.add_argument("--codes", action="store_true", help="disentanglement figure of a VQ run on CLEVR-like scenes")
     s.add_argument("--images", type=int, default=1000, help="scenes for --codes (default 1000)")
-    s.add_argument("--seed", type=seed_value, default=0, help="seed of the random-policy play and of the slots' initial "
-                   "noise, so a repeat on the same --device draws the same pictures (scenes are the run's held-out ones) (default 0)")
+    s.add_argument("--seed", type=seed_value, default=0, help="seed of the play (env, actions) and of the slots' "
+                   "initial noise, so a repeat on the same --device draws the same pictures (scenes are the run's "
+                   "held-out ones) (default 0)")
     s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
     s.set_defaults(func=cmd_visualize, parser=s)
 
@@ -692,6 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_step_option(s)
     s.add_argument("--data", help="episode dataset (default: the run's data.root); its held-out episodes are used")
     s.add_argument("--segments", type=int, help="held-out segments (default eval.segments)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     s.add_argument("--out", help="output directory (default RUN/eval_wm; with --data DIR, RUN/eval_wm_data_<DIR's name>)")
     s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
     s.set_defaults(func=cmd_eval_wm, parser=s)
@@ -812,7 +829,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # integer options that count something: 0 or less is a mistake, not "the default"
 COUNTS = ("images", "batch_size", "segments", "episodes", "frames", "workers", "envs_per_worker", "size", "steps",
-          "env_steps", "horizon", "resolution", "profile_rows", "max_episode_steps")
+          "env_steps", "horizon", "resolution", "profile_rows", "max_episode_steps", "crop")
 
 
 def _check_counts(args) -> None:

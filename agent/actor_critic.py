@@ -164,9 +164,9 @@ class ReturnNormalizer(nn.Module):
 
     @torch.no_grad()
     def update(self, returns: torch.Tensor) -> None:
-        # Under torchrun every rank holds 1/N of the returns: average the percentiles, so every rank scales its
-        # advantages alike and the normalizer stays identical across ranks (and in the checkpoint).
-        q = distributed.mean_(torch.quantile(returns.detach().float().flatten(), self.quantiles))
+        # Under torchrun every rank holds 1/N of the returns: the percentiles of them all, as one process would take
+        # them, so every rank scales its advantages alike and the normalizer stays identical across ranks.
+        q = torch.quantile(distributed.gathered(returns.detach().float().flatten()), self.quantiles)
         ok = torch.isfinite(q).all()
         keep = torch.where(self.count > 0, self.decay, 0.0)  # without a sync
         new = keep * torch.stack([self.low, self.high]) + (1 - keep) * q

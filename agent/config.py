@@ -20,6 +20,8 @@ class EnvConfig:
     asynchronous: bool = True  # worker processes (crash-resilient); false = in-process
     size: int = 64  # image side in pixels
     max_episode_steps: int = 0  # 0 = the env class's default (Crafter 10000, NetHack 10000)
+    task: str = "score"  # NetHack only: score (NetHackScore) | challenge (NetHackChallenge)
+    crop: int = 9  # NetHack only: map cells a side of the window around the player (odd)
 
 
 @dataclass
@@ -71,4 +73,6 @@ def env_kwargs(cfg: AgentConfig, stats_path: Optional[Path]) -> dict:
     kwargs = {"size": cfg.env.size, "stats_path": str(stats_path) if stats_path else None}
     if cfg.env.max_episode_steps:
         kwargs["max_episode_steps"] = cfg.env.max_episode_steps
+    if cfg.env.name == "nethack":
+        kwargs.update(task=cfg.env.task, crop=cfg.env.crop)
     return kwargs

@@ -88,13 +88,14 @@ def summarize(env: str, records) -> dict:
 
 def log_keys(summary: dict, env: str, prefix: str) -> dict:
     """The scalars of a summary that go to the logs: Crafter's score, return and the success rate (%) of each of its
-    22 achievements (`achievement_<name>`), or NetHack's score, depth and share of episodes ended by death (%)."""
+    22 achievements (`achievement_<name>`), or NetHack's score, depth and share of episodes ended by death
+    (`died_pct`, %; the summary's `died` counts them)."""
     if env == "crafter":
         main = {"crafter_score": summary["score"],
                 **{f"achievement_{name}": rate for name, rate in summary["success_rates"].items()}}
     else:
         main = {"score": summary["mean_score"], "depth": summary["mean_depth"],
-                "died": 100 * summary["died"] / summary["episodes"]}
+                "died_pct": 100 * summary["died"] / summary["episodes"]}  # summary["died"]: a count
     return {f"{prefix}{k}": v for k, v in {**main, "return": summary.get("mean_return"), "episodes": summary["episodes"],
                                            "length": summary["mean_length"]}.items() if v is not None}
 

@@ -42,7 +42,7 @@ from world_model.train_wm import build_world_model, check_encoder, check_max_ste
 from world_model.wm import WorldModel, WorldModelLoss
 
 from .actor_critic import ActorCritic
-from .config import AgentConfig, env_kwargs
+from .config import AgentConfig, EnvConfig, env_kwargs
 from .evaluate import evaluate_agent, log_keys, stats_scores
 from .imagination import imagine
 from .policy import SlotPolicy
@@ -69,6 +69,14 @@ def preflight(cfg: AgentConfig) -> list[str]:
                             "new run)")
     check_max_steps(cfg.dynamics, longest_sequence(cfg))
     check_encoder(cfg.encoder)
+    if cfg.env.name != "nethack":
+        default = EnvConfig()
+        given = [f"env.{k}={getattr(cfg.env, k)}" for k in ("task", "crop")
+                 if getattr(cfg.env, k) != getattr(default, k)]
+        if given:
+            raise UsageError(f"{' and '.join(given)}: NetHack's (env.name=nethack); {cfg.env.name} has none")
+    if cfg.env.crop % 2 == 0:
+        raise UsageError(f"env.crop={cfg.env.crop}: an odd number of map cells, so the player is the centre one")
     ranks = distributed.launched_size()
     shared = {"env.num_envs": cfg.env.num_envs, "train.batch_size": cfg.train.batch_size,
               "train.imag_starts": cfg.train.imag_starts, "replay.capacity": cfg.replay.capacity}  # split over ranks
@@ -338,7 +346,6 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                       + ", ".join(f"{k}={result[k]:.4g}" for k in said))
             return result
 
-        collector.reset(rank_seed(t.seed) + counters["vector_steps"])
         bar = tqdm(total=t.env_steps, initial=counters["env_steps"], desc=f"train {cfg.env.name}",
                    disable=not progress or not main, dynamic_ncols=True, unit="step")
         cleanup.callback(bar.close)  # closed before the final evaluation too
@@ -400,6 +407,8 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             elif main and stopped_evaluation(logger, at, t.eval_every, t.env_steps, stride=cfg.env.num_envs):
                 with stops.at_once():  # a run stopped during an evaluation makes it first
                     last_eval, evaluated_at = evaluate(at), at
+            # after the catch-up: its updates sample the replay the stopped run's would have, without new first frames
+            collector.reset(rank_seed(t.seed) + counters["vector_steps"])
             t_last, steps_last = time.perf_counter(), counters["env_steps"]
             while counters["env_steps"] < t.env_steps or mid_step:
                 if not mid_step:

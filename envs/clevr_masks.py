@@ -71,9 +71,10 @@ def convert(tfrecords: Union[str, Path], out: Union[str, Path], train_scenes: in
             progress: bool = False) -> dict[str, int]:
     """Write records [0, train_scenes) as split train and the next `val_scenes` (None: all the rest) as split val,
     those of `splits` only (records of a split left out are read past, not decoded); returns the scenes written per
-    split. Each split's scenes file comes last, so a split is whole once it exists; a split `out` already holds is
-    refused before anything is read, and the images of one a conversion left unfinished (stopped, or failed) are
-    removed first."""
+    split. Each split's scenes file comes once the split is whole (train's when the first val record is read, so a
+    file damaged or cut short among the val records keeps train), so a split is whole once it exists; a split `out`
+    already holds is refused before anything is read, and the images of one a conversion left unfinished (stopped,
+    or failed) are removed first."""
     from tqdm import tqdm
 
     splits = list(splits)
@@ -100,14 +101,8 @@ def convert(tfrecords: Union[str, Path], out: Union[str, Path], train_scenes: in
     by_bytes = wanted is None and Path(tfrecords).is_file()  # to the file's end: its bytes are the bar's total
     bar = tqdm(total=Path(tfrecords).stat().st_size if by_bytes else wanted, desc="convert CLEVR with masks",
                unit="B" if by_bytes else " scenes", unit_scale=by_bytes, disable=not progress, dynamic_ncols=True)
-    read = 0
-    for index, record in enumerate(read_records(tfrecords, (lambda n: bar.update(n - bar.n)) if by_bytes else None)):
-        if end is not None and index >= end:
-            break
-        read += 1
-        split = "train" if index < train_scenes else "val"
-        if split not in scenes:
-            continue
+
+    def add(record: bytes, index: int, split: str) -> None:
         where = f"{tfrecords} record {index}"
         image, ids, objects = decode_scene(parse_example(record, RAW, where), where)
         name = f"CLEVR_with_masks_{index:06d}.png"
@@ -120,6 +115,31 @@ def convert(tfrecords: Union[str, Path], out: Union[str, Path], train_scenes: in
             bar.set_postfix_str(f"{sum(map(len, scenes.values()))} scenes", refresh=False)
         else:
             bar.update(1)
+
+    def write(split: str) -> None:
+        """The split's scenes file: written once the split is whole, so that it is kept if a later record fails."""
+        info = {"split": split, "version": "1.0", "source": SOURCE, "tfrecords": str(Path(tfrecords).resolve()),
+                "attributes": "codes"}
+        path = root / "scenes" / f"CLEVR_{split}_scenes.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f, s=scenes[split], i=info: f.write(json.dumps({"info": i, "scenes": s}).encode()))
+
+    read = 0
+    records = read_records(tfrecords, (lambda n: bar.update(n - bar.n)) if by_bytes else None)
+    try:
+        for index, record in enumerate(records):
+            if end is not None and index >= end:
+                break
+            read += 1
+            if index == train_scenes and "train" in scenes:  # train is whole: kept if the val records fail
+                write("train")
+            split = "train" if index < train_scenes else "val"
+            if split in scenes:
+                add(record, index, split)
+    except DataError as e:
+        kept = " (split train is written whole: convert the rest with --splits val)" \
+            if "train" in scenes and read > train_scenes else ""
+        raise DataError(f"{e}{kept}") from None
     bar.close()
     if not all(scenes.values()):  # before any scenes file: a retry with other counts finds no split written
         for split in splits:
@@ -133,10 +153,7 @@ def convert(tfrecords: Union[str, Path], out: Union[str, Path], train_scenes: in
     if val_scenes is not None and "val" in scenes and len(scenes["val"]) < val_scenes:
         print(f"note: {tfrecords} holds {read} records: split val got {len(scenes['val'])} scenes, not the "
               f"--val-scenes {val_scenes} asked for", file=sys.stderr)
-    for split, held in scenes.items():
-        info = {"split": split, "version": "1.0", "source": SOURCE, "tfrecords": str(Path(tfrecords).resolve()),
-                "attributes": "codes"}
-        path = root / "scenes" / f"CLEVR_{split}_scenes.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f, s=held, i=info: f.write(json.dumps({"info": i, "scenes": s}).encode()))
+    for split in splits:
+        if not (split == "train" and read > train_scenes):  # train was written when the first val record came
+            write(split)
     return {split: len(held) for split, held in scenes.items()}

@@ -49,13 +49,14 @@ class Collector:
         self.resets = np.zeros(self.n, bool)  # the venv resets these envs on the next step
 
     def step(self, actions: np.ndarray) -> None:
-        raw, rewards, terms, truncs, _ = self.venv.step(actions)
+        raw, rewards, terms, truncs, infos = self.venv.step(actions)
         self.obs = self._kept(raw)
         self.first, self.resets = self.resets, np.logical_or(terms, truncs)
         steps = step_records(self.obs, actions, rewards, terms, truncs, self.first)
-        # A first step that ends at once is a worker that failed while resetting the env (`ResilientVectorEnv`):
-        # its frame is the last episode's, so nothing of it is stored, and the next step is a first one again.
-        kept = ~(self.first & self.resets)
+        # A restarted worker's envs answer with their last frames, truncated (`ResilientVectorEnv`): no game step
+        # (the action went unplayed), so nothing of it is stored. An episode it cut short ends at its last real step
+        # (a sink closes an open episode when the env's next first step comes), and the next step is a first one.
+        kept = ~np.asarray(infos.get("_worker_restarted", np.zeros(self.n, bool)), bool)
         if kept.all():
             self.sink.add_steps(steps, range(self.n))
         elif kept.any():

@@ -136,9 +136,10 @@ class EpisodeWriter:
             self._write(env)
 
     def add_steps(self, steps: dict, envs) -> None:
-        """One step of each env in `envs`, arrays `n ...` in the episode layout (`step_records`)."""
+        """One step of each env in `envs`, arrays `n ...` in the episode layout (`step_records`). Each env's row is
+        copied: a view would keep the whole step's `n ...` arrays alive for as long as that env's episode runs."""
         for row, env in enumerate(envs):
-            obs = {k: v[row] for k, v in steps.items() if k not in STEP_KEYS}
+            obs = {k: v[row].copy() for k, v in steps.items() if k not in STEP_KEYS}
             if steps["is_first"][row]:
                 self.begin(env, obs)
             else:

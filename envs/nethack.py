@@ -18,10 +18,12 @@ NLE 1.3.0 details this module relies on:
   instance's seed methods; we call the class method directly so its seeded resets are reproducible too.
   ``fix_moon_phase=True`` keeps the date (full moon, Friday 13th, night) out of the game.
 * Episode end: NLE reports its step limit as done (end_status ABORTED) and after the game is over its
-  glyphs and blstats are zero.  Here an ABORTED end is ``truncated`` (not terminated).  NLE quits an aborted
-  game inside ``step`` (``_quit_game``), on the arrays that step returns, so that step's in-game state is kept
-  as ``_quit_game`` starts (its instance attribute wraps it): the final observation is the state the last
-  action led to.  A death's game-over screen has no in-game state: its observation repeats the last one.
+  glyphs and blstats are zero.  Here an ABORTED end is ``truncated`` (not terminated).  NLE then quits the game
+  inside ``step`` (``_quit_game``), on the arrays that step returns, and a death's game-over screens are skipped
+  there too (``_perform_known_steps``, which every ``step`` calls on the state its action led to, before any
+  message is acknowledged).  That call's instance attribute is wrapped to keep the state it starts from, so the
+  final observation of either end is the state the last action led to (a death's: its last hit, on the bottom line as
+  NetHack last drew it, which may not show 0 hit points).
 * Cause of death: NLE does not report it, but NetHack appends each finished game to the ``xlogfile`` in the
   instance's private HACKDIR (``Nethack._vardir``), with ``death=killed by a jackal`` and, at times,
   ``while=fainted from lack of food``.  The episode summary reads the entry its game added.
@@ -140,7 +142,8 @@ class NetHackEnv(gymnasium.Env):
         self.stats_path = stats_path
         self.nle = TASKS[task](observation_keys=("glyphs", "blstats"), max_episode_steps=max_episode_steps,
                                fix_moon_phase=True)  # the wrapped NLE task env
-        self.factor = max(f for f in (1, 2, 4, 8, 16) if crop * TILE // f >= size)
+        # (a window smaller than the image, crop*16 < size, is scaled up nearest-neighbour from the full tiles)
+        self.factor = max((f for f in (1, 2, 4, 8, 16) if crop * TILE // f >= size), default=1)
         self.tiles = glyph_tiles(self.factor)  # glyph 16/f 16/f 3
         side = crop * TILE // self.factor  # px a side after the box filter
         self._index = None if side == size else (  # res: source pixel nearest each output pixel centre
@@ -150,13 +153,15 @@ class NetHackEnv(gymnasium.Env):
         self._map = self._padded[h: h + MAP_SHAPE[0], h: h + MAP_SHAPE[1]]  # view: glyphs are copied in here
         self.window = self._padded[:crop, :crop]  # crop crop: glyphs of the current crop (a view)
         self._blstats = np.zeros(N_STATS, np.int64)
-        quit_game = self.nle._quit_game
+        known_steps = self.nle._perform_known_steps
 
-        def keep_then_quit(observation, done):  # see the module doc: the step's state before NLE quits the game
-            self._keep(self.nle._get_observation(observation))
-            return quit_game(observation, done)
+        glyphs, blstats = self.nle._glyph_index, self.nle._blstats_index  # in NLE's observation tuple
 
-        self.nle._quit_game = keep_then_quit
+        def keep_then_skip(observation, done, exceptions=True):  # see the module doc: the state the action led to
+            self._keep(observation[glyphs], observation[blstats])
+            return known_steps(observation, done, exceptions=exceptions)
+
+        self.nle._perform_known_steps = keep_then_skip
         vardir = getattr(self.nle.nethack, "_vardir", None)  # see the module doc: for the cause of death
         self._xlog_path = os.path.join(vardir, "xlogfile") if vardir and stats_path is not None else None
         self.observation_space = gymnasium.spaces.Dict({
@@ -194,15 +199,16 @@ class NetHackEnv(gymnasium.Env):
         self.nle.close()
         super().close()
 
-    def _keep(self, obs: dict) -> None:
-        """Copy an in-game state's glyphs and bottom line (none once the game is over: all zero)."""
-        if obs["blstats"].any():
-            self._map[:] = obs["glyphs"]
-            self._blstats[:] = obs["blstats"]
+    def _keep(self, glyphs: np.ndarray, blstats: np.ndarray) -> None:
+        """Copy an in-game state's glyphs and bottom line (none once the game is over: all zero, so no maximum hit
+        points, which a game in progress always has; one element is read, not 27: this runs twice a step)."""
+        if blstats[_HP_MAX]:
+            self._map[:] = glyphs
+            self._blstats[:] = blstats
 
     def _observe(self, obs: dict) -> dict:
         """Crop the glyph map around the player and draw it; keeps the last in-game state after game over."""
-        self._keep(obs)
+        self._keep(obs["glyphs"], obs["blstats"])
         x, y = self._blstats[nethack.NLE_BL_X], self._blstats[nethack.NLE_BL_Y]
         self.window = self._padded[y: y + self.crop, x: x + self.crop]
         image = assemble(self.tiles, self.window)  # side side 3

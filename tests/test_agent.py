@@ -21,7 +21,8 @@ from compare import assert_same_state, checkpoint, metric_rows
 from agent.replay import ReplayBuffer
 from agent.train import imagination_starts, preflight, train, updates_due
 from envs.crafter import crafter_score
-from world_model.config import load_config
+from envs.errors import UsageError
+from world_model.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["env.asynchronous=false", "train.env_steps=240", "train.prefill=120", "train.log_every=40",
@@ -132,6 +133,24 @@ def test_a_replay_smaller_than_the_prefill_is_noted():
                      "are overwritten before the first update"]
 
 
+def test_nethacks_task_and_window_reach_its_env_and_are_refused_elsewhere():
+    """env.task and env.crop are NetHack's: passed to its env (as `collect --task/--crop`), refused on Crafter; the
+    window is an odd number of cells."""
+    from agent.config import env_kwargs
+
+    cfg = tiny("env.name=nethack", "env.task=challenge", "env.crop=11")
+    assert env_kwargs(cfg, None) == {"size": 64, "stats_path": None, "max_episode_steps": cfg.env.max_episode_steps,
+                                     "task": "challenge", "crop": 11}
+    assert "task" not in env_kwargs(tiny(), None)
+    with pytest.raises(UsageError, match=r"env.task=challenge and env.crop=7: NetHack's \(env.name=nethack\); "
+                                         "crafter has none"):
+        preflight(tiny("env.task=challenge", "env.crop=7"))
+    with pytest.raises(UsageError, match=r"env.crop=8: an odd number of map cells"):
+        preflight(tiny("env.name=nethack", "env.crop=8"))
+    with pytest.raises(ConfigError, match=r"env.task"):
+        tiny("env.task=oracle")
+
+
 def test_an_evaluation_that_fails_loses_no_checkpoint(tmp_path, monkeypatch):
     """The checkpoint at an env step is written before that step's evaluation: a crash (or Ctrl-C) there keeps it."""
     import agent.train
@@ -169,7 +188,12 @@ def test_ctrl_c_during_the_prefills_updates_stops_after_that_update(tmp_path, mo
     import agent.train
     from stopping import ctrl_c_in_call
 
-    real = agent.train.train_step
+    plain, sizes = agent.train.train_step, []
+
+    def real(wm, ac, opt, replay, *args):  # the replay each update samples from
+        sizes.append(len(replay))
+        return plain(wm, ac, opt, replay, *args)
+
     monkeypatch.setattr(agent.train, "train_step", ctrl_c_in_call(real, 2))
     rd, cfg = tmp_path / "run", tiny("train.env_steps=120", "train.prefill=100", "train.ckpt_every=1000",
                                      "train.log_every=20", "train.eval_every=100")
@@ -184,6 +208,7 @@ def test_ctrl_c_during_the_prefills_updates_stops_after_that_update(tmp_path, mo
                         lambda *a, **k: evaluated.append(checkpoint(rd)) or play(*a, **k))  # which updates it saw
     train(load_config(AgentConfig, rd / "config.yaml"), str(rd), resume=True, progress=False)
     owed = updates_due(100, cfg) - 2
+    assert sizes[2:2 + owed] == [sizes[0]] * owed  # the replay the stopped run's would have sampled: no new frames
     assert checkpoint(rd)["counters"]["updates"] == updates_due(120, cfg) > updates_due(100, cfg) > 2
     assert (f"env step 100: resumed, training its {owed} owed updates now (owed at the checkpoint it resumes from)"
             in capsys.readouterr().out)
@@ -448,6 +473,22 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
     assert json.loads((viz / "summary.json").read_text())["env"] == "crafter"  # the game the agent played
     summary = json.loads((viz / "summary.json").read_text())
     assert summary["step"] == 240 and summary["pngs"] == 2 and "note" not in summary  # it has a decoder
+    from agent.policy import SlotPolicy
+
+    acted, act = [], SlotPolicy.act
+    with pytest.MonkeyPatch.context() as patch:  # the frames are the trained agent's own play, seeded
+        patch.setattr(SlotPolicy, "act", lambda self, *a, **k: acted.append(1) or act(self, *a, **k))
+        assert run.main(["visualize", "--checkpoint", str(tmp_path / "run"), "--frames", "3", "--out",
+                         str(tmp_path / "viz_again")]) == 0
+        assert summary["policy"] == "agent" and len(acted) == 2  # an action before each frame after the first
+        assert (tmp_path / "viz_again" / "frame_0001.png").read_bytes() == (viz / "frame_0001.png").read_bytes()
+        assert run.main(["visualize", "--checkpoint", str(tmp_path / "run"), "--frames", "2", "--policy", "random",
+                         "--out", str(tmp_path / "viz_random")]) == 0
+        assert len(acted) == 2 and json.loads((tmp_path / "viz_random" / "summary.json").read_text())["policy"] == \
+            "random"
+    assert run.main(["visualize", "--checkpoint", str(tmp_path / "run"), "--env", "nethack", "--policy", "agent",
+                     "--out", str(viz)]) == 2
+    assert "--policy agent plays crafter, the game" in capsys.readouterr().err
     assert run.main(["visualize", "--checkpoint", str(tmp_path / "run"), "--env", "clevr", "--out", str(viz)]) == 2
     assert run.main(["visualize", "--checkpoint", str(tmp_path / "run"), "--clevr-root", str(tmp_path), "--out",
                      str(viz)]) == 2
@@ -508,7 +549,7 @@ def test_training_scores_have_a_recent_mean_beside_the_all_episode_one(tmp_path)
     scores = stats_scores(read_records(path), "nethack", "train/")
     assert scores["train/return"] == 12.0 and scores["train/return_recent"] == 14.5
     assert scores["train/score"] == 120.0 and scores["train/score_recent"] == 145.0
-    assert scores["train/died"] == 40.0 and scores["train/episodes"] == 25
+    assert scores["train/died_pct"] == 40.0 and scores["train/episodes"] == 25
 
 def test_a_seeded_run_repeats_bitwise(tmp_path):
     """Two runs of one config (one thread) log the same numbers and end with the same weights: the games, the
@@ -832,7 +873,8 @@ def test_nan_loss_is_skipped_and_logged(tmp_path, monkeypatch):
 
 
 def test_killed_env_worker_during_training(tmp_path, monkeypatch):
-    """A worker killed mid-run is restarted; its episode ends truncated in the replay and training goes on."""
+    """A worker killed mid-run is restarted; its episode ends at its last real step in the replay and training goes
+    on."""
     from envs.vector import ResilientVectorEnv
 
     real_step, calls = ResilientVectorEnv.step, []
@@ -860,9 +902,9 @@ def test_killed_env_worker_during_training(tmp_path, monkeypatch):
     replay = ReplayBuffer.load(tmp_path / "run" / state["replays"][0])
     episodes = list(replay.episodes())
     assert len(episodes) >= 3  # the 2 initial episodes and the one started after the crash
-    # the crashed episode ends cut off (not a game over) before the 60-step time limit (FAST) cuts the others
-    cut = [len(ep["is_last"]) for ep in episodes if ep["is_last"][-1] and not ep["is_terminal"][-1]]
-    assert len([n for n in cut if n < 61]) == 1
+    # the crashed episode ends at its last real step (the failed step is not stored, so no end flag: the next first
+    # step closed it); the others without one still run, one per env
+    assert len([ep for ep in episodes if not ep["is_last"][-1]]) == tiny().env.num_envs + 1
 
 
 @pytest.mark.nethack

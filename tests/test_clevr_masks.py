@@ -243,6 +243,21 @@ def test_converting_a_split_alone_and_refusing_to_write_one_twice(release, tmp_p
                 train_scenes=1, splits=["train"])
 
 
+def test_a_file_cut_short_among_the_val_records_keeps_the_whole_train_split(release, tmp_path):
+    path, _ = release
+    raw = gzip.decompress(path.read_bytes())
+    cut = tmp_path / "cut.tfrecords"
+    cut.write_bytes(raw[:-100])  # inside record 3, the second val scene
+    with pytest.raises(DataError, match=r"ends inside record 3: the file is cut short \(split train is written whole: "
+                                        r"convert the rest with --splits val\)"):
+        convert(cut, tmp_path / "c", train_scenes=2)
+    assert len(ClevrDataset(tmp_path / "c", "train")) == 2
+    assert not (tmp_path / "c" / "scenes" / "CLEVR_val_scenes.json").exists()
+    with pytest.raises(DataError, match=r"ends inside record 3: the file is cut short$"):
+        convert(cut, tmp_path / "t", train_scenes=4)  # train itself is cut short: nothing written
+    assert not (tmp_path / "t" / "scenes").exists()
+
+
 def test_cli_converts_and_discovery_scores_fg_ari_on_it_while_set_prediction_is_refused(release, tmp_path, capsys):
     path, _ = release
     out = tmp_path / "c"

@@ -85,6 +85,13 @@ def test_cli_collect_nethack_in_process(tmp_path, capsys):
     assert [len(ep["is_last"]) for ep in episodes] == [5, 5, 2]
     assert [bool(ep["is_last"][-1] and not ep["is_terminal"][-1]) for ep in episodes] == [True, True, True]
     assert len((tmp_path / "m" / "stats.jsonl").read_text().splitlines()) == 2
+    # NetHack's task and window, as the agent's env.task and env.crop: recorded with the dataset
+    assert run.main(["collect", "--env", "nethack", "--frames", "6", "--out", str(tmp_path / "c"), "--no-progress",
+                     "--task", "challenge", "--crop", "3"]) == 0
+    assert read_meta(tmp_path / "c")["env_kwargs"] == {"task": "challenge", "crop": 3}
+    assert read_meta(tmp_path / "c")["num_actions"] == 121  # NetHackChallenge's full action set
+    assert run.main(["collect", "--env", "crafter", "--frames", "6", "--out", str(tmp_path / "x"), "--crop", "3"]) == 2
+    assert "error: --crop is NetHack's (--env nethack); crafter has none" in capsys.readouterr().err
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -94,7 +101,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
                      str(tmp_path / "x")]) == 2  # the 2 envs' first frames alone: no step played, nothing written
     assert "--frames=2 is no more than the 2 envs collecting" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-    for option in ("--workers", "--envs-per-worker", "--size", "--max-episode-steps"):
+    for option in ("--workers", "--envs-per-worker", "--size", "--max-episode-steps", "--crop"):
         assert run.main(["collect", "--env", "crafter", "--frames", "5", "--out", str(tmp_path / "x"), option, "0"]) == 2
         assert f"{option} must be positive, got 0" in capsys.readouterr().err
     for argv in (["eval-ap", "--checkpoint", "R", "--images", "0"], ["eval-wm", "--checkpoint", "R", "--segments", "-1"],
@@ -176,6 +183,12 @@ def test_visualize_crafter_frames_and_edit(vq_run, tmp_path, capsys):
         assert run.main(["visualize", "--checkpoint", str(vq_run), "--env", "crafter", "--frames", "1",
                          "--out", str(tmp_path / "refused"), "--edit", *edit]) == 2
         assert "out of range" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    assert summary["policy"] == "random"  # a pretraining run has no policy: random play
+    for policy, error in ((["--env", "crafter", "--policy", "agent"], "--policy agent plays an agent run's policy; "),
+                          (["--env", "clevr", "--policy", "random"], "CLEVR scenes are not played")):
+        assert run.main(["visualize", "--checkpoint", str(vq_run), "--frames", "1", "--out",
+                         str(tmp_path / "refused"), *policy]) == 2
+        assert error in capsys.readouterr().err and not (tmp_path / "refused").exists()
     import world_model.decompose as decomposing
 
     def interrupted(*args, **kwargs):
@@ -458,11 +471,11 @@ class ResetFailsOnce(gym.Env):
         return np.array([self.t], np.uint8), float(self.t), self.t == self.length, False, {}
 
 
-def test_a_worker_failing_while_it_resets_an_env_neither_stores_its_stale_frame_nor_joins_two_episodes(tmp_path):
+def test_a_restarted_workers_step_is_not_stored_and_no_two_episodes_join(tmp_path):
     """Env 0 ends at step 2 and its worker fails on the reset that follows, while env 1 (same worker) is mid-episode.
-    The vector env answers that step with the last frames, truncated. Env 1's episode ends there as truncated; env 0's
-    answer is a first step that ends at once: nothing of it is stored, and the step after is a first step again (a
-    fresh episode, not the continuation of a stale frame)."""
+    The vector env answers that step with the last frames, truncated, and says the worker restarted: no game step, so
+    nothing of it is stored for either env (env 1's episode ends at its last real step, no repeated frame with an
+    unplayed action), and the step after is a first step of each (a fresh episode, not a stale frame's sequel)."""
     from functools import partial
 
     class Recorder:
@@ -485,10 +498,29 @@ def test_a_worker_failing_while_it_resets_an_env_neither_stores_its_stale_frame_
     venv.close()
     assert collector.sink.rows[0] == [(0, True, False), (1, False, False), (2, False, True),  # the failed reset: none
                                       (0, True, False), (1, False, False), (2, False, True), (0, True, False)]
-    assert collector.sink.rows[1] == [(0, True, False), (1, False, False), (2, False, False), (2, False, True),
+    assert collector.sink.rows[1] == [(0, True, False), (1, False, False), (2, False, False),  # the restart: none
                                       (0, True, False), (1, False, False), (2, False, False), (3, False, True)]
     assert [f[0] for f in firsts] == [False, False, True, True, False, False, True]  # what the policy is told
     assert collector.episodes == 2 + 2
+    # the same through an episode dataset and a replay buffer: the cut episode ends at its last real step
+    from agent.replay import ReplayBuffer
+
+    for kind in ("dataset", "replay"):
+        venv = ResilientVectorEnv([partial(ResetFailsOnce, 2, str(tmp_path / f"failed_{kind}")),
+                                   partial(ResetFailsOnce, 3)], envs_per_worker=2)
+        sink = EpisodeWriter(tmp_path / kind, {"env": "toy"}) if kind == "dataset" else \
+            ReplayBuffer(100, {"image": ((1,), np.uint8)})
+        collector = Collector(venv, sink)
+        collector.reset(seed=0)
+        with pytest.warns(RuntimeWarning, match="boom"):
+            for _ in range(7):
+                collector.step(np.full(2, 5, np.int64))
+        venv.close()
+        if kind == "dataset":
+            sink.flush()
+        episodes = iter_episodes(tmp_path / kind) if kind == "dataset" else sink.episodes()
+        frames = sorted(e["image"][:, 0].tolist() for e in episodes)  # env 0's two, env 1's: no repeated frame
+        assert frames == [[0]] * (kind == "replay") + [[0, 1, 2]] * 3 + [[0, 1, 2, 3]], kind  # + env 0's new one
 
 
 def test_overlay_blends_the_argmax_segmentation():

@@ -23,8 +23,8 @@ from world_model.rundir import RunDir, read_jsonl
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def torchrun(args: list, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+def torchrun(args: list, nproc: int = 2, timeout: int = 300, **env_vars: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **env_vars)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -45,6 +45,13 @@ def signalled_torchrun(args: list, when: str, sig: int) -> str:
         return proc.communicate(timeout=120)[1]
     finally:
         proc.kill()
+
+
+def written_by_rank(audit_dir: Path, rank: int, run_dir: Path) -> list:
+    """The files under `run_dir` that process `rank` of a `tests/audited_run.py` run opened for writing or renamed
+    into (paths relative to it), each once."""
+    lines = (audit_dir / f"written-rank{rank}.txt").read_text().splitlines()
+    return sorted({os.path.relpath(p, run_dir) for p in lines if p.startswith(str(run_dir) + os.sep)})
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +108,9 @@ def test_torchrun_pretrain_writes_once_and_resumes_at_world_size_one(tmp_path, c
             "data.max_objects=3", "data.eval_images=4", "train.batch_size=4", "train.log_every=2",
             "train.image_every=2", "train.eval_every=4", "train.ckpt_every=2", "train.threads=1",
             "data.pool=12"]  # steps 0-2 read the pool in order, sharded; later steps draw from all of it
-    out = torchrun(["run.py", "pretrain", "--run-dir", str(rd), "--no-progress", *tiny, "train.steps=4"]).stdout
+    out = torchrun(["tests/audited_run.py", "pretrain", "--run-dir", str(rd), "--no-progress", *tiny, "train.steps=4"],
+                   AUDIT_DIR=str(tmp_path)).stdout
+    assert written_by_rank(tmp_path, 1, rd) == []  # rank 0 writes the checkpoints, config.yaml and logs for all
     assert out.count("# run directory") == 1  # rank 0 prints, rank 1 stays quiet
     assert out.count("# torchrun: 2 processes, data-parallel (this one, rank 0, prints and writes for all)") == 1
     state = RunDir(rd).load_checkpoint()
@@ -111,8 +120,8 @@ def test_torchrun_pretrain_writes_once_and_resumes_at_world_size_one(tmp_path, c
     assert len(list((rd / "tb").glob("events.*"))) == 1
     assert run.main(["pretrain", "--resume", "--run-dir", str(rd), "--no-progress", "train.steps=6"]) == 0
     out, err = capsys.readouterr()
-    assert "note: the run stopped with 2 processes and goes on with 1: each batch is the same train.batch_size " \
-        "images, split among them" in err and "# torchrun" not in out
+    assert "note: the run stopped with 2 processes and goes on with 1: each step takes train.batch_size images, " \
+        "split among them, the same images at any world size" in err and "# torchrun" not in out
     state = RunDir(rd).load_checkpoint()
     assert state["step"] == 6 and state["world_size"] == 1 and len(state["rng"]) == 1
 
@@ -183,7 +192,10 @@ def _replay_files(rd: Path, state: dict) -> list[str]:
 
 def test_torchrun_agent_shards_envs_and_replay_and_resumes_at_world_size_one(tmp_path, capsys):
     rd = tmp_path / "run"
-    out = torchrun(["run.py", "train", "--run-dir", str(rd), *AGENT, "train.env_steps=240"]).stdout
+    out = torchrun(["tests/audited_run.py", "train", "--run-dir", str(rd), *AGENT, "train.env_steps=240"],
+                   AUDIT_DIR=str(tmp_path)).stdout
+    written = written_by_rank(tmp_path, 1, rd)  # its replay shard, and its in-process env's episode records
+    assert written and all(p.startswith("replay/") and "rank1" in p or p == "stats.jsonl" for p in written), written
     assert out.count("# run directory") == 1 and out.count("# torchrun: 2 processes") == 1
     state = RunDir(rd).load_checkpoint()
     assert state["counters"]["env_steps"] == 240 and len(state["rng"]) == 2
@@ -219,7 +231,23 @@ out = {"one_false": distributed.all_true(rank == 0, cpu), "all_true": distribute
        "scalars": distributed.mean_scalars({"loss": 1.0 + 2 * rank, "n": 4.0 * rank}, cpu),
        "mean": distributed.mean_(torch.tensor([2.0 * rank, 6.0])).tolist(),
        "gathered": distributed.gather_objects(f"r{rank}"), "shard": list(distributed.shard_bounds(6)),
-       "main": distributed.is_main(), "seed": rank_seed(7)}
+       "main": distributed.is_main(), "seed": rank_seed(7),
+       "gathered_tensor": distributed.gathered(torch.tensor([rank, 10 + rank])).tolist()}
+import os
+from pathlib import Path
+from envs.errors import UsageError
+shared = Path(sys.argv[3])
+distributed.check_shared_folder(shared / "run")  # one folder for both: passes, and leaves nothing there
+dist.barrier()
+out["left"] = os.listdir(shared / "run")
+try:
+    distributed.check_shared_folder(shared / f"own{rank}")  # each rank's own: rank 1 cannot see rank 0's token
+except UsageError as e:
+    out["unshared"] = str(e)
+from agent.actor_critic import ReturnNormalizer
+norm = ReturnNormalizer()
+norm.update(torch.arange(10.0).view(2, 5) + 100 * rank)  # rank 0's returns 0..9, rank 1's 100..109
+out["normalizer"] = [norm.low.item(), norm.high.item()]
 dist.barrier()
 dist.destroy_process_group()
 print(json.dumps(out))
@@ -230,13 +258,15 @@ def test_collectives_of_two_processes(tmp_path):
     """Two gloo processes (no torchrun, a few seconds): all_true is an AND over ranks (one rank's non-finite loss
     skips the update on all), logged scalars and tensors are means (rank 0's loss 1 and rank 1's 3 log 2), objects
     come back in rank order, rank r of 2 gets items [3r, 3r + 3) of 6, only rank 0 is main, and each rank's seed
-    is mixed_seed(seed, rank, 0)."""
+    is mixed_seed(seed, rank, 0); tensors gather in rank order, and the return normalizer takes the percentiles of
+    every rank's returns, as one process on all of them would (not the mean of each rank's); a run directory that
+    is not one folder for all processes (each node's own) is refused."""
     from world_model.rundir import mixed_seed
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     init = f"file://{tmp_path / 'init'}"
-    procs = [subprocess.Popen([sys.executable, "-c", COLLECTIVES, str(r), init], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    procs = [subprocess.Popen([sys.executable, "-c", COLLECTIVES, str(r), init, str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     outs = []
     try:
         for p in procs:
@@ -251,6 +281,14 @@ def test_collectives_of_two_processes(tmp_path):
         assert out["scalars"] == {"loss": 2.0, "n": 2.0} and out["mean"] == [1.0, 6.0]
         assert out["gathered"] == ["r0", "r1"] and out["shard"] == [3 * r, 3 * r + 3]
         assert out["main"] == (r == 0) and out["seed"] == mixed_seed(7, r, 0)
+        assert out["gathered_tensor"] == [0, 10, 1, 11]
+        assert out["left"] == [] and out["unshared"] == (
+            f"the run directory {tmp_path / f'own{r}'} is not one folder for all processes: rank 1 cannot see "
+            "the file rank 0 wrote there (a folder local to each node?); under torchrun on several nodes, --run-dir "
+            "must be on a file system every node shares")
+        everything = torch.cat([torch.arange(10.0), torch.arange(10.0) + 100])  # the percentiles of both ranks'
+        assert out["normalizer"] == pytest.approx(torch.quantile(everything, torch.tensor([0.05, 0.95])).tolist())
+    assert not (tmp_path / "own0").exists()  # rank 0 made it for the check, and leaves nothing behind
 
 
 def test_sizes_that_do_not_divide_are_refused_before_the_process_group_is_joined(monkeypatch):
@@ -266,6 +304,11 @@ def test_sizes_that_do_not_divide_are_refused_before_the_process_group_is_joined
     assert distributed.lost_peer(RuntimeError("[gloo] Connection closed by peer [::1]:29500"))
     assert distributed.lost_peer(RuntimeError("NCCL error: remote process exited or there was a network error"))
     assert not distributed.lost_peer(RuntimeError("CUDA out of memory"))
+    assert distributed.lost_peer(RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error "
+                                              "[127.0.0.1]:41234: Connection reset by peer"))
+    assert not distributed.lost_peer(RuntimeError(  # this process's own env worker died
+        "ResilientVectorEnv: worker 0 failed reset twice: worker process died (exit code 1, "
+        "ConnectionResetError(104, 'Connection reset by peer'))"))
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")

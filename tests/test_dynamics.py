@@ -82,15 +82,39 @@ def test_kv_cache_matches_full_forward(frame_vars):
                 torch.testing.assert_close(torch.cat([o[k] for o in outs], 1), v, atol=1e-5, rtol=1e-5)
 
 
-def test_slot_permutation_equivariance():
+def test_slot_permutation_equivariance_with_the_tags_moving_with_the_slots():
     model = make_model()
     slots, frames, actions = random_inputs()
     perm = torch.tensor([2, 0, 1])
     with torch.no_grad():
-        a, b = model(slots, frames, actions), model(slots[:, :, perm], frames, actions)
+        a = model(slots, frames, actions)
+        model.slot_tags.copy_(model.slot_tags[perm])
+        b = model(slots[:, :, perm], frames, actions)
     torch.testing.assert_close(b.slot_logits, a.slot_logits[:, :, perm], atol=1e-5, rtol=1e-5)
     for k in ("frame_logits", "reward_logits", "cont_logits"):
         torch.testing.assert_close(getattr(b, k), getattr(a, k), atol=1e-5, rtol=1e-5)
+
+
+def test_slots_whose_codes_tie_keep_their_own_histories():
+    """Slots 0 and 1 differ at steps 0-2 and tie at step 3: their tags let each find its own history, so their
+    predictions for step 4 differ. A checkpoint from before the tags loads them as zeros: the tie then gives equal
+    predictions, as that model trained."""
+    model = make_model()
+    slots, frames, actions = random_inputs(t=4)
+    slots[:, :3, 1] = (slots[:, :3, 0] + 1) % CFG.num_codes
+    slots[:, 3, 1] = slots[:, 3, 0]
+    with torch.no_grad():
+        tagged = model(slots, frames, actions).slot_logits[:, -1]
+        assert not torch.allclose(tagged[:, 0], tagged[:, 1], atol=1e-4)
+        old = make_model()
+        state = {k: v for k, v in model.state_dict().items() if k != "slot_tags"}
+        old.load_state_dict(state)
+        untagged = old(slots, frames, actions).slot_logits[:, -1]
+    assert not old.slot_tags.any() and torch.equal(untagged[:, 0], untagged[:, 1])
+    fresh = make_model(seed=5)  # the tags are fixed, the same in every build, and saved with the weights
+    assert torch.equal(fresh.slot_tags, model.slot_tags) and "slot_tags" in model.state_dict()
+    fresh.load_state_dict(old.state_dict())
+    assert not fresh.slot_tags.any()
 
 
 def toy_batch(cfg, b, g):
@@ -311,3 +335,25 @@ def test_the_dynamics_loss_is_the_sum_of_its_terms_and_the_code_loss_a_mean():
     ce = F.cross_entropy(slot_logits[:, :-1].flatten(0, -2), codes[:, 1:].flatten())
     torch.testing.assert_close(stats["loss_slots"], ce)
     torch.testing.assert_close(loss, sum(v for k, v in stats.items() if k.startswith("loss_")))
+
+
+def test_frame_variables_with_fewer_codes_than_the_vocabulary_get_none_of_the_rest():
+    """Learned frame codes (here 2 of 4) and status tokens (4) share one vocabulary: a learned variable's logits past
+    its count are -inf, so its loss stays finite and neither training's argmax nor imagination's samples reach them."""
+    model = make_model()
+    model.limit_frame_codes([2, 4])
+    slots, frames, actions = random_inputs()
+    frames[..., 0] %= 2
+    pred = model(slots, frames, actions)
+    assert torch.isinf(pred.frame_logits[..., 0, 2:]).all() and torch.isfinite(pred.frame_logits[..., 0, :2]).all()
+    assert torch.isfinite(pred.frame_logits[..., 1, :]).all()
+    loss, _ = dynamics_loss(pred, slots, frames, torch.zeros(2, T), torch.ones(2, T))
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    g = torch.Generator().manual_seed(0)
+    drawn = torch.stack([sample_step(pred, 1.0, g)[1] for _ in range(200)])  # n b g
+    assert drawn[..., 0].max() < 2 and drawn[..., 1].max() == 3
+    model.limit_frame_codes([4, 4])
+    assert model.frame_code_mask is None
+    with pytest.raises(ValueError, match=r"2 code counts in \(0, 4\] for the 2 frame variables, got \[5, 4\]"):
+        model.limit_frame_codes([5, 4])

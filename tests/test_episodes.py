@@ -245,6 +245,22 @@ def test_a_first_step_records_no_action_reward_or_end():
     assert rec["is_first"].tolist() == [True, False, False]
 
 
+def test_the_writer_holds_a_copy_of_each_envs_row_not_a_view_of_the_whole_step(tmp_path):
+    """A view of row i would keep every env's frames of that step alive while env i's episode runs (one long NetHack
+    episode beside short ones: num_envs times the memory), and would change if the vector env reused its arrays."""
+    from envs.episodes import step_records
+
+    writer = EpisodeWriter(tmp_path / "d", {"env": "toy"})
+    images = np.arange(12, dtype=np.uint8).reshape(3, 2, 2, 1)
+    for first in (np.ones(3, bool), np.zeros(3, bool)):
+        steps = step_records({"image": images}, np.ones(3), np.zeros(3), np.zeros(3, bool), np.zeros(3, bool), first)
+        writer.add_steps(steps, range(3))
+        for env in range(3):
+            assert not np.shares_memory(writer.buffers[env]["image"][-1], images)
+    images[:] = 0
+    assert writer.buffers[2]["image"][0].ravel().tolist() == [8, 9, 10, 11]
+
+
 def test_the_advice_to_collect_more_names_the_next_free_seed(tmp_path):
     """A dataset too small to hold episodes out says which `collect` adds to it: past every env seed it holds."""
     from envs.episodes import more_episodes_command

@@ -99,3 +99,16 @@ def test_the_reconstruction_target_is_the_area_downsampled_frame():
     tok.decoder = Recording(want.clone())
     _, loss = tok(img, reduce=False)
     assert loss.abs().max().item() < 1e-10
+
+
+def test_the_code_logits_are_fp32_under_autocast():
+    """Under bf16 autocast the convolutions run in bf16 and the last layer, the logits, in fp32: a near tie's code
+    does not flip by rounding (CPU bf16 autocast stands in for CUDA's)."""
+    torch.manual_seed(0)
+    tok = FrameTokenizer(FrameTokenizerConfig(vars=4, codes=8, channels=8), 32).eval()
+    images = torch.rand(4, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = tok.logits(images)
+        features = tok.encoder[:-1](images)
+    assert features.dtype == torch.bfloat16 and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, tok.encoder[-1](features.float()).unflatten(-1, (4, 8)))

@@ -103,6 +103,10 @@ def test_resize():
     idx = np.floor((np.arange(64) + 0.5) * 72 / 64).astype(int)
     np.testing.assert_array_equal(obs64["image"], obs72["image"][idx][:, idx])
     env72.close(), env64.close()
+    small = NetHackEnv(crop=3, size=96, render_mode="rgb_array")  # a window smaller than the image: each pixel 2x2
+    obs, _ = small.reset(seed=5)
+    np.testing.assert_array_equal(obs["image"], small.render().repeat(2, 0).repeat(2, 1))
+    small.close()
 
 
 @pytest.mark.parametrize("task", ["score", "challenge"])
@@ -221,16 +225,21 @@ def test_summary():
 
 def test_a_death_is_recorded_with_its_cause(tmp_path):
     """Random play of game 0 dies (NetHack logs "killed by a jackal"); the summary reads the entry this game added
-    to the xlogfile, and a second game's death its own entry, not the first's."""
+    to the xlogfile, and a second game's death its own entry, not the first's. The death's observation is the state
+    the deadly action led to (fewer hit points), not a repeat of the one before."""
     path = tmp_path / "stats.jsonl"
     env = NetHackEnv(max_episode_steps=3000, stats_path=str(path))
     rng = np.random.default_rng(0)
     for seed in (0, 1):
-        env.reset(seed=seed)
+        obs = env.reset(seed=seed)[0]
         terminated = truncated = False
         while not (terminated or truncated):
-            _, _, terminated, truncated, info = env.step(int(rng.integers(env.action_space.n)))
+            before = obs
+            obs, _, terminated, truncated, info = env.step(int(rng.integers(env.action_space.n)))
         assert terminated and info["end_status"] == env.nle.StepStatus.DEATH
+        hit_points = (obs["stats"][nethack.NLE_BL_HP], before["stats"][nethack.NLE_BL_HP])
+        assert hit_points == ((0, 1) if seed == 0 else (4, 6))  # the bottom line as NetHack last drew it
+        assert obs["status"][0] < before["status"][0] and obs["stats"][nethack.NLE_BL_HPMAX] > 0
     env.close()
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["death"] for r in records] == ["killed by a jackal", "killed by a gnome lord"]

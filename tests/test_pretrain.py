@@ -247,6 +247,8 @@ def test_nan_loss_skips_update(tmp_path, monkeypatch):
     pretrain(tiny_cfg("train.steps=3"), str(tmp_path / "n"), progress=False)
     state = RunDir(tmp_path / "n").load_checkpoint()
     assert state["skipped"] == 1 and state["step"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "n" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/skipped_updates" in r] == [2]  # the second update, as rows count
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 

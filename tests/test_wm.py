@@ -1,5 +1,6 @@
 """The world model end to end: encoding with slot carry-over, losses, train-wm / eval-wm, resume."""
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -636,6 +637,27 @@ def test_copy_baselines_on_still_frames(tmp_path):
     held.rng = np.random.default_rng(2025)  # evaluate_wm's segment draw, repeated
     rewards = held.sample(8, 5)["reward"][:, 2:]
     assert result["h3/reward_mae_zero"] == pytest.approx(float(np.abs(rewards[:, 2]).mean()))
+
+
+def test_open_loop_evaluation_runs_under_the_autocast_training_runs_under(tmp_path, monkeypatch):
+    """With train.amp (CUDA) the held-out segments are encoded and imagined under bf16 autocast, as training encodes
+    them, so the dynamics is scored on the codes it learned (here the CPU's bf16 autocast stands in)."""
+    import world_model.train_wm as tw
+
+    entered = []
+
+    def cpu_autocast(device, enabled):
+        entered.append(enabled)
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+    monkeypatch.setattr(tw, "autocast", cpu_autocast)
+    cfg = wm_cfg(toy_dataset(tmp_path / "d"), "eval.segments=4")
+    _, held, _ = split_dataset(cfg)
+    wm = build_wm_for(cfg, 3, torch.device("cpu"))
+    mixed, plain = (evaluate_wm(wm, held, cfg, torch.device("cpu"), amp=amp) for amp in (True, False))
+    assert entered == [True, False]
+    assert all(math.isfinite(v) for v in (*mixed.values(), *plain.values()))
+    assert mixed["h1/frame_mse"] != plain["h1/frame_mse"]  # bf16 decoding: the autocast was in force
 
 
 def test_train_wm_logs_the_mean_of_the_updates_since_the_last_row(tmp_path, monkeypatch):

@@ -187,6 +187,7 @@ CHOICES = {
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune"),
     "encoder.mode": ("frozen", "joint"),
     "env.name": ("crafter", "nethack"),
+    "env.task": ("score", "challenge"),
 }
 # world_model/presets/ in an installed wheel (first: a `configs` folder beside it in site-packages is another's);
 # configs/ beside the packages in the source tree and an editable install
@@ -196,7 +197,7 @@ PRESET_DIR = next((d for d in (Path(__file__).resolve().parent / "presets",
 # keys that must be positive (whichever schema has them), and those that may also be 0
 POSITIVE = ("train.steps", "train.env_steps", "train.batch_size", "train.seq_len", "train.log_every",
             "train.image_every", "train.ckpt_every", "train.imag_starts", "data.resolution", "encoder.resolution",
-            "env.num_envs", "env.envs_per_worker", "env.size", "actor_critic.horizon", "data.eval_images",
+            "env.num_envs", "env.envs_per_worker", "env.size", "env.crop", "actor_critic.horizon", "data.eval_images",
             "replay.capacity", "train.decay_steps", "data.supersample", "data.capacity", "eval.segments",
             "frame.channels", "frame.target", "dynamics.max_steps",
             *(f"{net}.{key}" for net in ("dynamics", "actor_critic")  # the transformers' sizes

@@ -1,9 +1,9 @@
 """`run.py visualize`: slot decompositions of env frames or CLEVR-like scenes as PNGs, a video and tensorboard
 images, and VQ code edits (decode a frame with one slot's code changed).
 
-Env frames come from seeded random-policy play and are encoded in order, each frame's slots initialized from the
-previous frame's, so slot k keeps its color while it follows the same object; when an episode ends the next one
-starts afresh, with no slots carried into its first frame.
+Env frames come from seeded play, by an agent run's own policy or by uniform random actions, and are encoded in
+order, each frame's slots initialized from the previous frame's, so slot k keeps its color while it follows the
+same object; when an episode ends the next one starts afresh, with no slots carried into its first frame.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -28,18 +28,22 @@ from .wm import frames_to_input
 VIDEO_SCALE = 4  # frames are upscaled (nearest) so 64x64 games stay legible in the video
 
 
-def episode_frames(env: str, frames: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """`frames` observations (`t h w 3` uint8) of a uniform random policy in crafter or nethack, and which of them
-    begin an episode (`t` bool: the first, and each after an episode ended)."""
+def episode_frames(env: str, frames: int, seed: int = 0, act: Optional[Callable[[dict, bool], int]] = None,
+                   env_kwargs: Optional[dict] = None) -> tuple[np.ndarray, np.ndarray]:
+    """`frames` observations (`t h w 3` uint8) of play in crafter or nethack (made with `env_kwargs`), and which of
+    them begin an episode (`t` bool: the first, and each after an episode ended). `act(obs, first)` picks each action
+    from the observation dict (an agent's policy); None: uniform random actions."""
     from envs.collect import make_env
+    from envs.episodes import obs_dict
 
-    e = make_env(env)
+    e = make_env(env, **(env_kwargs or {}))
     rng = np.random.default_rng(seed)
     try:
         obs, _ = e.reset(seed=seed)
         out, starts = [obs], [True]
         while len(out) < frames:
-            obs, _, terminated, truncated, _ = e.step(int(rng.integers(e.action_space.n)))
+            action = int(rng.integers(e.action_space.n)) if act is None else act(obs_dict(obs), starts[-1])
+            obs, _, terminated, truncated, _ = e.step(action)
             ended = terminated or truncated
             if ended:
                 obs, _ = e.reset()
@@ -146,26 +150,28 @@ def load_slot_model(checkpoint: str, device: torch.device, step: Optional[int] =
     """The slot model of any run (of its checkpoint kept at evaluation step `step`, if given): a pretraining run's
     model, or the slot autoencoder inside a world-model or agent run. Fields: model, resolution, model_cfg (its
     ModelConfig), step, trained_env (the game whose frames it trained on; None for generated or CLEVR scenes),
-    pretrain_cfg (None for the others)."""
+    pretrain_cfg (None for the others), agent (an agent run's config, world model and actor-critic; None for the
+    others)."""
     from .config import schema_command
 
     command = schema_command(Path(checkpoint) / "config.yaml")
     if command not in ("train-wm", "train"):  # a pretraining run, or none: load_run says which
         cfg, model, state = load_run(checkpoint, device, step, made_by="`run.py pretrain`, `train-wm` or `train`")
         return SimpleNamespace(model=model, resolution=cfg.data.resolution, model_cfg=cfg.model, step=state["step"],
-                               trained_env=(state.get("frames") or {}).get("env"), pretrain_cfg=cfg)
+                               trained_env=(state.get("frames") or {}).get("env"), pretrain_cfg=cfg, agent=None)
     if command == "train-wm":
         from .train_wm import load_wm_run
 
         cfg, wm, state = load_wm_run(checkpoint, device, step)
-        at, trained_env = state["step"], state.get("env")
+        at, trained_env, agent = state["step"], state.get("env"), None
     else:
         from agent.evaluate import load_agent_run
 
-        cfg, wm, _, state = load_agent_run(checkpoint, device, step)
-        at, trained_env = state["counters"]["env_steps"], cfg.env.name
+        cfg, wm, ac, state = load_agent_run(checkpoint, device, step)
+        at, trained_env, agent = state["counters"]["env_steps"], cfg.env.name, (cfg, wm, ac)
     return SimpleNamespace(model=wm.autoencoder.eval(), resolution=cfg.encoder.resolution,
-                           model_cfg=cfg.encoder.model, step=at, trained_env=trained_env, pretrain_cfg=None)
+                           model_cfg=cfg.encoder.model, step=at, trained_env=trained_env, pretrain_cfg=None,
+                           agent=agent)
 
 
 def _shown_env(run: SimpleNamespace, env: Optional[str], clevr_root: Optional[str], checkpoint: str
@@ -196,10 +202,29 @@ def _shown_env(run: SimpleNamespace, env: Optional[str], clevr_root: Optional[st
     return env, None
 
 
+def _shown_policy(run: SimpleNamespace, env: str, policy: Optional[str], checkpoint: str) -> str:
+    """Who plays the game frames `visualize` shows: `policy`, or by default an agent run's own policy (on its game)
+    and uniform random actions for the other runs; "agent" for a run without one, or on another game, is refused."""
+    if policy not in (None, "agent", "random"):
+        raise UsageError(f"unknown --policy {policy!r}; choose agent or random")
+    if env == "clevr":
+        if policy:
+            raise UsageError("--policy picks who plays game frames; CLEVR scenes are not played")
+        return "none"
+    if policy == "agent" and run.agent is None:
+        raise UsageError(f"--policy agent plays an agent run's policy; {checkpoint} is not an agent run (`run.py "
+                         "train`): its frames come from --policy random")
+    if policy == "agent" and env != run.trained_env:
+        raise UsageError(f"--policy agent plays {run.trained_env}, the game {checkpoint} trained on; --env {env} "
+                         "takes --policy random")
+    return policy or ("agent" if run.agent is not None and env == run.trained_env else "random")
+
+
 def _shown_images(run: SimpleNamespace, env: str, clevr_root: Optional[str], checkpoint: str, frames: int,
-                  seed: int) -> tuple[torch.Tensor, bool, Optional[np.ndarray]]:
+                  seed: int, policy: str, device: torch.device) -> tuple[torch.Tensor, bool, Optional[np.ndarray]]:
     """`frames` images to decompose (`t 3 r r`, CPU), whether slots carry from one to the next, and the episode
-    starts among them: held-out CLEVR(-like) scenes, each afresh, or a seeded random-policy episode of the game."""
+    starts among them: held-out CLEVR(-like) scenes, each afresh, or a seeded episode of the game, played by the
+    agent run's policy (in its env's settings) or by uniform random actions."""
     if env == "clevr":
         cfg = run.pretrain_cfg
         use_clevr_root(cfg, clevr_root, checkpoint)
@@ -209,7 +234,20 @@ def _shown_images(run: SimpleNamespace, env: str, clevr_root: Optional[str], che
             print(f"note: {cfg.data.root} split {cfg.data.eval_split} holds {len(images)} scenes, fewer than the "
                   f"{frames} asked for: shown those", file=sys.stderr)
         return images, False, None  # independent scenes
-    played, starts = episode_frames(env, frames, seed)
+    if policy == "agent":
+        from agent.config import env_kwargs
+        from agent.policy import SlotPolicy
+
+        cfg, wm, ac = run.agent
+        acting = SlotPolicy(wm, ac, device, amp=cfg.train.amp)
+
+        def act(obs: dict, first: bool) -> int:
+            return int(acting.act({k: v[None] for k, v in obs.items()}, np.array([first]))[0])
+
+        with fixed_rng(seed, device):  # the policy's samples: the same play on every call
+            played, starts = episode_frames(env, frames, seed, act, env_kwargs(cfg, None))
+    else:
+        played, starts = episode_frames(env, frames, seed)
     if starts.sum() > 1:
         print(f"note: the {frames} frames span {int(starts.sum())} episodes; slots start afresh at each episode's "
               "first frame", file=sys.stderr)
@@ -218,12 +256,12 @@ def _shown_images(run: SimpleNamespace, env: str, clevr_root: Optional[str], che
 
 def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8, seed: int = 0, device: str = "cpu",
               edit: Optional[tuple[str, str, str]] = None, clevr_root: Optional[str] = None,
-              step: Optional[int] = None) -> dict:
+              step: Optional[int] = None, policy: Optional[str] = None) -> dict:
     """Write per-frame decomposition PNGs, a video of the sequence and tensorboard images to `out_dir`. The run
     may be a pretraining run, or a world-model or agent run (their slot encoder and decoder). `env` None: the game
     the run trained on, or CLEVR-like scenes for a run pretrained on CLEVR; `clevr_root`: scenes of that CLEVR v1.0
     directory instead (the run's eval split when it trained on CLEVR on disk, else val); `step`: the checkpoint kept
-    at that evaluation instead of the latest."""
+    at that evaluation instead of the latest; `policy` (agent | random): who plays game frames (`_shown_policy`)."""
     if frames < 1:
         raise UsageError(f"--frames must be positive, got {frames}")
     if env not in ("crafter", "nethack", "clevr", None):
@@ -231,12 +269,13 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
     dev = resolve_device(device)
     run = load_slot_model(checkpoint, dev, step)
     env, note = _shown_env(run, env, clevr_root, checkpoint)
+    policy = _shown_policy(run, env, policy, checkpoint)
     model = run.model  # on `device`; the frames and pictures stay on the CPU
     parsed = None if edit is None else edit_values(model, *edit)  # before any output
     if note:
         print(note, file=sys.stderr)
     out = check_out_dir(out_dir)
-    images, carry, starts = _shown_images(run, env, clevr_root, checkpoint, frames, seed)
+    images, carry, starts = _shown_images(run, env, clevr_root, checkpoint, frames, seed, policy, dev)
     with fixed_rng(seed, dev):  # the slots' initial noise: the same pictures on every call
         result = {k: None if v is None else v.cpu() for k, v in decompose(model, images.to(dev), carry, starts).items()}
     out.mkdir(parents=True, exist_ok=True)  # now: a call stopped before (Ctrl-C, an env error) leaves no empty folder
@@ -261,7 +300,7 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
             written.append(path)
             writer.add_image("slots/decomposition", picture, global_step=t)
         video = write_video(video_frames(images, result), out / f"{env}_slots")
-        summary = {"checkpoint": checkpoint, "step": run.step, "env": env, "frames": images.shape[0],
+        summary = {"checkpoint": checkpoint, "step": run.step, "env": env, "policy": policy, "frames": images.shape[0],
                    "pngs": len(written), "video": str(video), "slots": run.model_cfg.slots,
                    "num_slots": run.model_cfg.num_slots}
         if result["recon"] is None:

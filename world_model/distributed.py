@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime
 import inspect
 import os
+import uuid
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -111,10 +113,11 @@ class StopVote:
 
 def lost_peer(error: BaseException) -> bool:
     """Whether a collective failed because another process left (it failed or was stopped), not by its own fault:
-    a lost connection (torch's DistNetworkError, or gloo's plain RuntimeError naming the peer)."""
+    a lost connection (torch's DistNetworkError, gloo's plain RuntimeError naming the peer, NCCL's remote exit). A
+    connection of this process's own that a peer reset (a crashed env worker's pipe) is its own failure."""
     text = str(error)
     return isinstance(error, getattr(dist, "DistNetworkError", ())) or (
-        isinstance(error, RuntimeError) and ("by peer" in text or "remote process exited" in text))
+        isinstance(error, RuntimeError) and (("gloo" in text and "by peer" in text) or "remote process exited" in text))
 
 
 def shutdown() -> None:
@@ -143,6 +146,43 @@ def gather_objects(obj: Any) -> list:
     out: list = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def gathered(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` (the same shape on each) concatenated along dim 0, in rank order, on every rank (a
+    collective; a single process gets `t`). No gradient flows through it."""
+    if not active():
+        return t
+    out = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def check_shared_folder(path: Path) -> None:
+    """Under torchrun: refuse a run directory that not every process sees (a folder local to each of several nodes),
+    before any of them reads a checkpoint or writes a replay shard there. Rank 0 leaves a token file in it (making it
+    if need be) and every process looks for that file (collectives: all ranks must call it)."""
+    if not active():
+        return
+    path = Path(path)
+    token = path / gather_objects(f".shared-{uuid.uuid4().hex}" if is_main() else None)[0]
+    made = is_main() and not path.exists()
+    if is_main():
+        path.mkdir(parents=True, exist_ok=True)
+        token.touch()
+    barrier()
+    seen = gather_objects(token.exists())
+    barrier()
+    if is_main():
+        token.unlink()
+    blind = [r for r, s in enumerate(seen) if not s]
+    if blind:
+        if made and not any(path.iterdir()):
+            path.rmdir()
+        names = ", ".join(map(str, blind))
+        raise UsageError(f"the run directory {path} is not one folder for all processes: rank{'s' * (len(blind) > 1)} "
+                         f"{names} cannot see the file rank 0 wrote there (a folder local to each node?); under "
+                         "torchrun on several nodes, --run-dir must be on a file system every node shares")
 
 
 def mean_(t: torch.Tensor) -> torch.Tensor:

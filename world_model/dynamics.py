@@ -3,8 +3,11 @@
 Each time step contributes K slot tokens, one frame token (optional) and one action token. A token at
 step t attends to every token of steps <= t, so the outputs of step t (which has seen step t's action)
 predict step t+1: each slot token its slot's next codes, the frame token the next frame codes, the action
-token the next reward (symlog two-hot) and continuation. There is no slot-index embedding, so the model
-is equivariant to permuting slots. A preallocated KV cache makes imagination cost one step per step.
+token the next reward (symlog two-hot) and continuation. Each slot index adds a fixed random tag to its tokens:
+without one, two slots whose codes tie at step t would be the same token and get the same prediction for t+1,
+whatever their histories. The encoder's initial slots are exchangeable, so the tags are arbitrary but persistent
+identities (slot k follows one object), and the model is equivariant to permuting slots with their tags. A
+preallocated KV cache makes imagination cost one step per step.
 """
 from __future__ import annotations
 
@@ -141,6 +144,8 @@ class SlotDynamics(nn.Module):
         d = cfg.embed_dim
         self.tokens_per_step = cfg.num_slots + (1 if cfg.frame_vars else 0) + 1
         self.slot_embed = CodeEmbedding(cfg.num_vars, cfg.num_codes, d)
+        # fixed (seeded, saved with the weights): the same on every rank and in every build; N(0, 1) as the embeddings
+        self.register_buffer("slot_tags", torch.randn(cfg.num_slots, d, generator=torch.Generator().manual_seed(0)))
         if cfg.frame_vars:
             self.frame_embed = CodeEmbedding(cfg.frame_vars, cfg.frame_codes, d)
         self.action_embed = nn.Embedding(cfg.num_actions, d)
@@ -148,6 +153,7 @@ class SlotDynamics(nn.Module):
         self.type_embed = nn.Embedding(3, d)
         types = [SLOT] * cfg.num_slots + ([FRAME] if cfg.frame_vars else []) + [ACTION]
         self.register_buffer("token_types", torch.tensor(types), persistent=False)  # S
+        self.register_buffer("frame_code_mask", None, persistent=False)  # g c: see limit_frame_codes
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(d)
@@ -159,6 +165,22 @@ class SlotDynamics(nn.Module):
         # DreamerV3: a zero reward head starts imagination at reward 0 instead of a random large value.
         nn.init.zeros_(self.reward_head.weight)
         nn.init.zeros_(self.reward_head.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "slot_tags"  # a checkpoint from before the tags: zeros, so it predicts as it trained
+        state_dict.setdefault(key, torch.zeros_like(self.slot_tags))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def limit_frame_codes(self, counts: list[int]) -> None:
+        """Each frame variable's own number of codes (the learned codes and the status tokens share `frame_codes`
+        classes, the largest count): logits past a variable's count are -inf, so neither training nor imagination
+        puts mass on a code the tokenizer never gives."""
+        c = self.cfg
+        if len(counts) != c.frame_vars or not all(0 < n <= c.frame_codes for n in counts):
+            raise ValueError(f"{len(counts)} code counts in (0, {c.frame_codes}] for the {c.frame_vars} frame "
+                             f"variables, got {counts}")
+        mask = torch.arange(c.frame_codes) >= torch.tensor(counts)[:, None]  # g c
+        self.frame_code_mask = mask.to(self.token_types.device) if mask.any() else None
 
     def init_cache(self, batch: int, max_steps: int, device, dtype=torch.float32) -> KVCache:
         """An empty KV cache for up to `max_steps` steps; dtype should match the attention's (e.g. bf16 autocast)."""
@@ -201,7 +223,7 @@ class SlotDynamics(nn.Module):
         c, s_per = self.cfg, self.tokens_per_step
         b, t = actions.shape
         start = cache.steps if cache is not None else 0
-        tokens = [self.slot_embed(slot_codes)]  # b t k d
+        tokens = [self.slot_embed(slot_codes) + self.slot_tags]  # b t k d
         if c.frame_vars:
             tokens.append(self.frame_embed(frame_codes[..., None, :]))  # b t 1 d
         tokens.append(self.action_embed(actions)[:, :, None])  # b t 1 d
@@ -218,6 +240,8 @@ class SlotDynamics(nn.Module):
         k = c.num_slots
         slot_logits = self.slot_head(x[:, :, :k]).view(b, t, k, c.num_vars, c.num_codes)
         frame_logits = self.frame_head(x[:, :, k]).view(b, t, c.frame_vars, c.frame_codes) if c.frame_vars else None
+        if self.frame_code_mask is not None:
+            frame_logits = frame_logits.masked_fill(self.frame_code_mask, float("-inf"))
         act = x[:, :, -1]  # b t d
         return Predictions(slot_logits, frame_logits, self.reward_head(act), self.cont_head(act).squeeze(-1))
 

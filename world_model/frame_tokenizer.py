@@ -69,7 +69,11 @@ class FrameTokenizer(nn.Module):
             nn.ConvTranspose2d(4 * c, 2 * c, 4, 2, 1), nn.SiLU(), nn.ConvTranspose2d(2 * c, 3, 4, 2, 1))
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:  # b g c
-        return self.encoder(images).unflatten(-1, (self.cfg.vars, self.cfg.codes)).float()
+        """The codes' logits, the last layer in fp32 under autocast: bf16 rounding would flip near-tied codes, and
+        the dynamics would learn bf16 codes in training and be scored on fp32 ones in evaluation."""
+        features = self.encoder[:-1](images)
+        with torch.autocast(images.device.type, enabled=False):
+            return self.encoder[-1](features.float()).unflatten(-1, (self.cfg.vars, self.cfg.codes))
 
     def onehots(self, logits: torch.Tensor) -> torch.Tensor:
         """Straight-through one-hots (`b g c`): sampled codes in training (which keeps every code in play),

@@ -242,9 +242,11 @@ def _pretrain(cfg: PretrainConfig, run: RunDir, device: torch.device, resume: bo
         t.steps = resumed_length(step, t.steps, "train.steps", state)
         was = state.get("world_size", 1)
         if was != distributed.world_size() and distributed.is_main():
+            rendered = cfg.data.source == "generated" and not cfg.data.pool  # per rank, from its own seed
             print(f"note: the run stopped with {was} process{'es' * (was > 1)} and goes on with "
-                  f"{distributed.world_size()}: each batch is the same train.batch_size images, split among them",
-                  file=sys.stderr)
+                  f"{distributed.world_size()}: each step takes train.batch_size images, split among them"
+                  + (" (generated scenes, rendered by each process from its own seed: other scenes than one process "
+                     "would render)" if rendered else ", the same images at any world size"), file=sys.stderr)
     # the data first: a bad data path fails before the run directory gets a config
     source, held_out, frames = _open_data(cfg, device, resume, progress, step)
     settings = {"frames": frames, "eval_images": cfg.data.eval_images}  # what the evaluations depend on
@@ -309,7 +311,7 @@ def _pretrain(cfg: PretrainConfig, run: RunDir, device: torch.device, resume: bo
             with autocast(device, cfg.train.amp):
                 loss, stats, outputs = compute_loss(step_model, cfg.task, batch, cfg.model.vq.beta)
             problem = guarded_update(loss, list(model.parameters()), opt, cfg.train.grad_clip, stats)
-            skipped = tally_update(problem, stats, means, skipped, step, logger, bar)
+            skipped = tally_update(problem, stats, means, skipped, step + 1, logger, bar)
             streak(problem, step + 1)
             step += 1
             bar.update(1)

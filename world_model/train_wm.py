@@ -29,8 +29,8 @@ from envs.episodes import (STEP_KEYS, check_recorded_root, episode_length, episo
                            load_episode, more_episodes_command, read_meta)
 
 from . import distributed
-from .config import (DERIVED, ConfigError, WMDataConfig, WMEncoderConfig, WMEvalConfig, WorldModelConfig,
-                     check_against_checkpoint, continued_anneal, encoder_run_config, load_run_config,
+from .config import (DERIVED, ConfigError, WMDataConfig, WMEncoderConfig, WMEvalConfig, WMTrainConfig,
+                     WorldModelConfig, check_against_checkpoint, continued_anneal, encoder_run_config, load_run_config,
                      schema_command)
 from .dynamics import DynamicsConfig
 from .frame_tokenizer import FrameTokenizerConfig, frame_token_size, status_vars
@@ -312,20 +312,21 @@ def _horizon_rows(result: dict, horizons: list, keys: list, names: list, form: s
 @torch.no_grad()
 def evaluate_wm(wm: WorldModel, held_out: ReplayBuffer, cfg: WorldModelConfig, device: torch.device,
                 segments: Optional[int] = None, frames: bool = False, progress: bool = False,
-                status_names: Sequence[str] = ()) -> dict:
+                status_names: Sequence[str] = (), amp: bool = False) -> dict:
     """Open-loop prediction on held-out segments: slot-code accuracy, decoded-frame MSE and reward error at
     each horizon (and the status tokens' accuracy, for an env that gives them: all, and each token's under its
     name in `status_names`, by default `token<j>`), beside copying the last context frame (its codes; its picture,
     raw and through the same decoder; reward 0) and the decoder's own error on the real codes; with `frames`, the
     first segment's frames as `_frames` (for `prediction_picture` and `prediction_video`). The segments go through in
-    chunks of SEGMENT_CHUNK, so memory does not grow with their number."""
+    chunks of SEGMENT_CHUNK, so memory does not grow with their number. `amp`: under the bf16 autocast (CUDA) the
+    model trained under, so the dynamics is scored on the codes it learned to predict."""
     c = cfg.eval
     n = segments or c.segments
     drawn = held_out.sample(n, c.context + max(c.horizons), np.random.default_rng(SEGMENT_SEED))  # b t ...
     sums, first = {}, None
     was_training = wm.training
     wm.eval()
-    with fixed_rng(SEGMENT_SEED, device):
+    with fixed_rng(SEGMENT_SEED, device), autocast(device, amp):
         for start in tqdm(range(0, n, SEGMENT_CHUNK), desc="evaluating open-loop prediction", unit="chunk",
                           disable=not progress, leave=False):
             batch = to_batch({k: v[start:start + SEGMENT_CHUNK] for k, v in drawn.items()}, wm.resolution, device)
@@ -479,7 +480,8 @@ def _train_wm(cfg: WorldModelConfig, run: RunDir, device: torch.device, resume: 
     def evaluate(at: int) -> dict:
         """Evaluate on the held-out episodes; log the scalars and the real | decoded | imagined picture."""
         with shown(bar, "evaluating on held-out segments", f"step {at}"):
-            result = evaluate_wm(wm, held_out, cfg, device, frames=True, status_names=STATUS_NAMES.get(meta["env"], ()))
+            result = evaluate_wm(wm, held_out, cfg, device, frames=True, status_names=STATUS_NAMES.get(meta["env"], ()),
+                                 amp=cfg.train.amp)
         logger.image(at, "wm/real_decoded_imagined", prediction_picture(result.pop("_frames"), cfg.eval.context))
         logger.evaluation(at, result, settings)
         bar.write(f"step {at}: open-loop prediction on held-out segments\n{open_loop_table(result)}")
@@ -504,7 +506,7 @@ def _train_wm(cfg: WorldModelConfig, run: RunDir, device: torch.device, resume: 
             with autocast(device, cfg.train.amp):
                 loss, stats, _ = wm.loss(batch, vq.beta)
             problem = guarded_update(loss, params, opt, cfg.train.grad_clip, stats)
-            skipped = tally_update(problem, stats, means, skipped, step, logger, bar)
+            skipped = tally_update(problem, stats, means, skipped, step + 1, logger, bar)
             streak(problem, step + 1)
             step += 1
             bar.update(1)
@@ -582,7 +584,8 @@ def load_agent_wm(run_dir: str, data: Optional[str], device: torch.device,
         f"note: this agent's world model trained on train.seq_len={seq_len} segments (time positions 0.."
         f"{seq_len - 2}): context {context}, horizons {', '.join(map(str, horizons))}")
     cfg = WorldModelConfig(encoder=agent_cfg.encoder, frame=agent_cfg.frame, dynamics=agent_cfg.dynamics,
-                           data=WMDataConfig(root=data), eval=WMEvalConfig(context=context, horizons=horizons))
+                           data=WMDataConfig(root=data), eval=WMEvalConfig(context=context, horizons=horizons),
+                           train=WMTrainConfig(amp=agent_cfg.train.amp))
     return cfg, wm, {"step": state["counters"]["env_steps"], "env": game, "num_actions": state["num_actions"],
                      "note": fitted}
 
@@ -622,7 +625,7 @@ def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] 
               "may have been trained on", file=sys.stderr)
     if state.get("note"):  # once the data is known to fit
         print(state["note"], file=sys.stderr)
-    result = evaluate_wm(wm, held_out, cfg, dev, segments=segments, frames=True, progress=progress,
+    result = evaluate_wm(wm, held_out, cfg, dev, segments=segments, frames=True, progress=progress, amp=cfg.train.amp,
                          status_names=STATUS_NAMES.get(meta["env"], ()))
     result.update(held_out_episodes=held_out.num_episodes, held_out_steps=len(held_out), agent=agent)
     # another dataset's evaluation goes beside the run's own, not over it

@@ -90,7 +90,8 @@ class StepMeans:
 def tally_update(problem: Optional[str], stats: dict, means: StepMeans, skipped: int, step: int, logger,
                  bar) -> int:
     """After `guarded_update`: a skipped update (`problem`) is counted, logged (`train/skipped_updates`) and said
-    above the progress bar; a good one's stats join the means of the next log row. Returns the skipped count."""
+    above the progress bar, at `step`, the update's number from 1 (as the log rows count); a good one's stats join
+    the means of the next log row. Returns the skipped count."""
     if not problem:
         means.add(stats)
         return skipped

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from envs import STATUS_LEVELS
 from envs.errors import UsageError
 
 from . import distributed
@@ -62,6 +63,8 @@ class WorldModel(nn.Module):
         self.status_vars = status_vars
         self.frame_tokenizer = FrameTokenizer(frame_cfg, resolution, self.status_vars) if frame_cfg.vars else None
         self.dynamics = SlotDynamics(dyn_cfg)
+        if self.frame_tokenizer is not None:
+            self.dynamics.limit_frame_codes([frame_cfg.codes] * frame_cfg.vars + [STATUS_LEVELS] * status_vars)
         self.cudagraphs = False  # compiled parts replay CUDA graphs (compile_frame_parts)
         if not joint:
             self.autoencoder.requires_grad_(False)
