@@ -148,11 +148,12 @@ def _env_facts(cfg, command: str) -> tuple:
     """The action count and status tokens a run of `cfg` will give its dynamics (the env's, or its dataset's); None
     for what cannot be known here (no dataset yet)."""
     if command == "train":
+        from agent.config import env_kwargs
         from agent.train import obs_spec
         from envs.collect import make_env
         from world_model.frame_tokenizer import status_vars
 
-        env = make_env(cfg.env.name)
+        env = make_env(cfg.env.name, **env_kwargs(cfg, None))  # NetHack's task sets the actions
         try:
             return int(env.action_space.n), status_vars(obs_spec(env.observation_space))
         finally:
@@ -392,7 +393,9 @@ def cmd_collect(args) -> None:
              ("crop", args.crop))
     kwargs = {key: value for key, value in given if value}
     if args.env != "nethack" and (args.task or args.crop):
-        raise UsageError(f"{'--task' if args.task else '--crop'} is NetHack's (--env nethack); {args.env} has none")
+        named = " and ".join(o for o, v in (("--task", args.task), ("--crop", args.crop)) if v)
+        raise UsageError(f"{named} {'are' if args.task and args.crop else 'is'} NetHack's (--env nethack); {args.env} "
+                         "has none")
     result = collect(args.env, args.frames, args.out, num_envs=args.workers * args.envs_per_worker,
                      envs_per_worker=args.envs_per_worker, seed=args.seed, env_kwargs=kwargs,
                      asynchronous=args.workers > 1 or args.envs_per_worker > 1, progress=not args.no_progress)

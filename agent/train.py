@@ -340,7 +340,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
                                          tag={"env_step": at})  # which evaluation each record is of
             result = log_keys(summary, cfg.env.name, "")
             logger.evaluation(at, result, settings)
-            log_pictures(logger, at, wm, replay, device, t.seq_len)
+            log_pictures(logger, at, wm, replay, device, t.seq_len, t.amp)
             said = [k for k in ("crafter_score", "score", "depth", "return", "length") if k in result]
             bar.write(f"env step {at}: evaluation, {summary['episodes']} episode{'s' * (summary['episodes'] != 1)}: "
                       + ", ".join(f"{k}={result[k]:.4g}" for k in said))
@@ -491,12 +491,13 @@ PICTURE_STEPS = 8  # frames of the replayed segment the logged pictures show
 
 @torch.no_grad()
 def log_pictures(logger: MetricLogger, step: int, wm: WorldModel, replay: ReplayBuffer, device: torch.device,
-                 seq_len: int) -> None:
+                 seq_len: int, amp: bool = False) -> None:
     """Tensorboard pictures of a replayed segment of at most `seq_len` steps, the time positions training teaches
     the dynamics (drawn from a fixed seed, not the replay's own stream):
     `slots/decomposition` (input | reconstruction | segmentation | each slot, a row per frame of the first 4, slots
     carried over) and `wm/real_decoded_imagined` (`prediction_grid`: a row per frame, real | its codes decoded | the
-    dynamics' open-loop prediction from the first frame under the real actions, decoded). Eager even under
+    dynamics' open-loop prediction from the first frame under the real actions, decoded), computed under the
+    autocast training runs under (`amp`: the codes it learned). Eager even under
     `train.compile`: these calls' shapes would otherwise add graphs to the compiled parts, which dynamo caps at 8
     each."""
     from world_model.decompose import decompose
@@ -507,7 +508,7 @@ def log_pictures(logger: MetricLogger, step: int, wm: WorldModel, replay: Replay
         return
     batch = to_batch(replay.sample(1, length, np.random.default_rng(step)), wm.resolution, device)
     images = batch["images"][0]  # t 3 r r
-    with fixed_rng(step, device), torch.compiler.set_stance("force_eager"):
+    with fixed_rng(step, device), torch.compiler.set_stance("force_eager"), autocast(device, amp):
         parts = decompose(wm.autoencoder, images, carry=True)
         enc = wm.encode(batch["images"], batch.get("status"))
         imag = wm.open_loop(enc, batch["action"], 1, length - 1)

@@ -137,8 +137,9 @@ def convert(tfrecords: Union[str, Path], out: Union[str, Path], train_scenes: in
             if split in scenes:
                 add(record, index, split)
     except DataError as e:
-        kept = " (split train is written whole: convert the rest with --splits val)" \
-            if "train" in scenes and read > train_scenes else ""
+        whole = "train" in scenes and read > train_scenes
+        kept = (" (split train is written whole: once the file is whole again, e.g. downloaded again, convert the "
+                 "rest with --splits val)") if whole else ""
         raise DataError(f"{e}{kept}") from None
     bar.close()
     if not all(scenes.values()):  # before any scenes file: a retry with other counts finds no split written

@@ -20,10 +20,11 @@ NLE 1.3.0 details this module relies on:
 * Episode end: NLE reports its step limit as done (end_status ABORTED) and after the game is over its
   glyphs and blstats are zero.  Here an ABORTED end is ``truncated`` (not terminated).  NLE then quits the game
   inside ``step`` (``_quit_game``), on the arrays that step returns, and a death's game-over screens are skipped
-  there too (``_perform_known_steps``, which every ``step`` calls on the state its action led to, before any
-  message is acknowledged).  That call's instance attribute is wrapped to keep the state it starts from, so the
-  final observation of either end is the state the last action led to (a death's: its last hit, on the bottom line as
-  NetHack last drew it, which may not show 0 hit points).
+  there too (``_perform_known_steps``, which ``step`` calls on the state its action led to, before any message is
+  acknowledged: at game over, and on every step unless the task allows all modes, as NetHackChallenge does;
+  ``_quit_game`` calls it first as well).  That call's instance attribute is wrapped to keep the state it starts
+  from, so the final observation of either end is the state the last action led to (a death's: its last hit, on the
+  bottom line as NetHack last drew it, which may not show 0 hit points).
 * Cause of death: NLE does not report it, but NetHack appends each finished game to the ``xlogfile`` in the
   instance's private HACKDIR (``Nethack._vardir``), with ``death=killed by a jackal`` and, at times,
   ``while=fainted from lack of food``.  The episode summary reads the entry its game added.
@@ -201,7 +202,7 @@ class NetHackEnv(gymnasium.Env):
 
     def _keep(self, glyphs: np.ndarray, blstats: np.ndarray) -> None:
         """Copy an in-game state's glyphs and bottom line (none once the game is over: all zero, so no maximum hit
-        points, which a game in progress always has; one element is read, not 27: this runs twice a step)."""
+        points, which a game in progress always has; one element is read, not 27: this runs up to twice a step)."""
         if blstats[_HP_MAX]:
             self._map[:] = glyphs
             self._blstats[:] = blstats

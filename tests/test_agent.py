@@ -53,6 +53,13 @@ def test_nethack_agent_trains_and_evaluates(tmp_path, capsys):
     summary = json.loads((tmp_path / "run" / "eval_agent.json").read_text())
     assert {"episodes", "mean_return", "mean_length", "mean_score", "mean_depth", "max_depth"} <= set(summary)
     assert summary["env"] == "nethack" and summary["episodes"] == 1
+    # its world model scored on episodes of another window: refused, naming the collect that fits
+    assert run.main(["collect", "--env", "nethack", "--frames", "12", "--crop", "5", "--no-progress", "--out",
+                     str(tmp_path / "crop5")]) == 0
+    capsys.readouterr()
+    assert run.main(["eval-wm", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "crop5")]) == 2
+    assert (f"{tmp_path / 'crop5'} holds NetHack episodes of crop 5; this agent played with env.crop=9: collect its "
+            "episodes with --crop 9") in capsys.readouterr().err
 
 
 @pytest.mark.nethack
@@ -480,7 +487,8 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
         patch.setattr(SlotPolicy, "act", lambda self, *a, **k: acted.append(1) or act(self, *a, **k))
         assert run.main(["visualize", "--checkpoint", str(tmp_path / "run"), "--frames", "3", "--out",
                          str(tmp_path / "viz_again")]) == 0
-        assert summary["policy"] == "agent" and len(acted) == 2  # an action before each frame after the first
+        assert json.loads((tmp_path / "viz_again" / "summary.json").read_text())["policy"] == "agent"
+        assert len(acted) == 2  # an action before each frame after the first
         assert (tmp_path / "viz_again" / "frame_0001.png").read_bytes() == (viz / "frame_0001.png").read_bytes()
         assert run.main(["visualize", "--checkpoint", str(tmp_path / "run"), "--frames", "2", "--policy", "random",
                          "--out", str(tmp_path / "viz_random")]) == 0
@@ -712,6 +720,29 @@ def test_the_policy_takes_what_a_vector_env_returns():
     wm, ac = build_agent(tiny(), 17, torch.device("cpu"), status_vars=2)
     with pytest.raises(ValueError, match="reads 2 status tokens beside each frame: pass the env's observation dict"):
         SlotPolicy(wm, ac, torch.device("cpu")).act(images, True)
+
+
+def test_the_logged_pictures_are_drawn_under_the_training_autocast(monkeypatch):
+    """With amp the pictures' slots, codes and open-loop prediction come from the autocast training runs under (CUDA
+    only in the project; here the CPU's bf16 autocast stands in), and its bf16 outputs still draw fp32 pictures."""
+    import agent.train
+    from agent.train import log_pictures
+
+    entered, logged = [], {}
+
+    def cpu_autocast(device, enabled):
+        entered.append(enabled)
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+    class Logger:
+        def image(self, step, tag, picture):
+            logged[tag] = picture
+
+    monkeypatch.setattr(agent.train, "autocast", cpu_autocast)
+    wm, _, _, replay = _one_update_setup(tiny(), 17)
+    log_pictures(Logger(), 3, wm.eval(), replay, torch.device("cpu"), 8, amp=True)
+    assert entered == [True] and sorted(logged) == ["slots/decomposition", "wm/real_decoded_imagined"]
+    assert all(p.dtype == torch.float32 and p.ndim == 3 for p in logged.values())
 
 
 def test_the_policy_acts_under_the_autocast_the_world_model_trains_under(monkeypatch):

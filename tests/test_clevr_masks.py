@@ -249,7 +249,8 @@ def test_a_file_cut_short_among_the_val_records_keeps_the_whole_train_split(rele
     cut = tmp_path / "cut.tfrecords"
     cut.write_bytes(raw[:-100])  # inside record 3, the second val scene
     with pytest.raises(DataError, match=r"ends inside record 3: the file is cut short \(split train is written whole: "
-                                        r"convert the rest with --splits val\)"):
+                                        r"once the file is whole again, e.g. downloaded again, convert the rest with "
+                                        r"--splits val\)"):
         convert(cut, tmp_path / "c", train_scenes=2)
     assert len(ClevrDataset(tmp_path / "c", "train")) == 2
     assert not (tmp_path / "c" / "scenes" / "CLEVR_val_scenes.json").exists()

@@ -239,6 +239,21 @@ def test_slots_are_carried_within_an_episode_only():
     assert fresh == [True, False, True, False] + [True, False, False, False] + [True] * 4
 
 
+def test_the_shown_game_is_played_in_the_settings_the_run_trained_in(tmp_path):
+    """visualize plays the game a run trained on in that run's settings: those its dataset recorded (here `collect
+    --size 32`), or an agent run's env; random actions, or a policy's."""
+    from world_model.decompose import _recorded_env_kwargs, episode_frames
+
+    assert collect("crafter", 4, str(tmp_path / "d"), progress=False, env_kwargs={"size": 32}, asynchronous=False)
+    assert _recorded_env_kwargs(str(tmp_path / "d")) == {"size": 32}
+    assert _recorded_env_kwargs(str(tmp_path / "moved")) == {} and _recorded_env_kwargs(None) == {}
+    frames, starts = episode_frames("crafter", 3, env_kwargs={"size": 32})
+    assert frames.shape == (3, 32, 32, 3) and starts.tolist() == [True, False, False]
+    seen = []
+    episode_frames("crafter", 3, act=lambda obs, first: seen.append((obs["image"].shape, first)) or 0)
+    assert seen == [((64, 64, 3), True), ((64, 64, 3), False)]
+
+
 def test_visualize_clevr_scenes(vq_run, tmp_path, capsys):
     """A run pretrained on CLEVR-like scenes is shown held-out scenes, by default or with --env clevr alike."""
     for env, out in (([], "default"), (["--env", "clevr"], "c")):

@@ -357,3 +357,27 @@ def test_frame_variables_with_fewer_codes_than_the_vocabulary_get_none_of_the_re
     assert model.frame_code_mask is None
     with pytest.raises(ValueError, match=r"2 code counts in \(0, 4\] for the 2 frame variables, got \[5, 4\]"):
         model.limit_frame_codes([5, 4])
+
+
+@pytest.mark.parametrize("frame_vars", [2, 0])
+def test_imagination_through_the_cache_equals_recomputing_the_whole_rollout(frame_vars):
+    """ImaginedEnv (context fed once, then one cached step per action) imagines what re-running the dynamics on the
+    whole growing sequence at each step would: the same argmax codes, rewards and continuations."""
+    from world_model.imagined_env import ImaginedEnv
+
+    cfg = DynamicsConfig(**{**CFG.__dict__, "frame_vars": frame_vars, "max_steps": 10})
+    model = make_model(cfg)
+    slots, frames, actions = random_inputs(cfg, b=3, t=9, seed=4)
+    context, horizon = 4, 5
+    env = ImaginedEnv(model, temperature=0.0)
+    with torch.no_grad():
+        env.reset(slots[:, :context], frames[:, :context] if frame_vars else None, actions[:, :context], horizon)
+        seq_slots, seq_frames = slots[:, :context], frames[:, :context] if frame_vars else None
+        for t in range(context - 1, context - 1 + horizon):
+            cached = env.step(actions[:, t])
+            full = sample_step(model(seq_slots, seq_frames, actions[:, :seq_slots.shape[1]]), 0.0)
+            assert torch.equal(cached[0], full[0]) and (not frame_vars or torch.equal(cached[1], full[1]))
+            torch.testing.assert_close(cached[2], full[2], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(cached[3], full[3], atol=1e-5, rtol=1e-5)
+            seq_slots = torch.cat([seq_slots, cached[0][:, None]], 1)
+            seq_frames = torch.cat([seq_frames, cached[1][:, None]], 1) if frame_vars else None

@@ -567,16 +567,22 @@ def test_compare_notes_world_model_runs_evaluated_under_other_settings(tmp_path,
 
 
 def test_an_evaluation_that_fails_loses_no_checkpoint(tmp_path, monkeypatch):
-    """The checkpoint at a step is written before that step's evaluation: a crash (or Ctrl-C) there keeps it."""
+    """The checkpoint at a step is written before that step's evaluation: a crash (or Ctrl-C) there keeps it. The
+    evaluation runs under the autocast training ran under (train.amp)."""
     import world_model.train_wm as tw
 
+    asked = []
+
     def broken(*args, **kwargs):
+        asked.append(kwargs["amp"])
         raise RuntimeError("evaluation failed")
 
     monkeypatch.setattr(tw, "evaluate_wm", broken)
     with pytest.raises(RuntimeError, match="evaluation failed"):
-        train_wm(wm_cfg(toy_dataset(tmp_path / "d"), "train.steps=2"), str(tmp_path / "a"), progress=False)
+        train_wm(wm_cfg(toy_dataset(tmp_path / "d"), "train.steps=2", "train.amp=false"), str(tmp_path / "a"),
+                 progress=False)
     assert torch.load(tmp_path / "a" / "checkpoints" / "latest.pt", weights_only=False)["step"] == 2
+    assert asked == [False]
 
 
 def test_datasets_too_small_to_train_and_evaluate_are_refused_before_training(tmp_path):

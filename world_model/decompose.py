@@ -151,27 +151,41 @@ def load_slot_model(checkpoint: str, device: torch.device, step: Optional[int] =
     model, or the slot autoencoder inside a world-model or agent run. Fields: model, resolution, model_cfg (its
     ModelConfig), step, trained_env (the game whose frames it trained on; None for generated or CLEVR scenes),
     pretrain_cfg (None for the others), agent (an agent run's config, world model and actor-critic; None for the
-    others)."""
+    others), env_kwargs (the settings of the game it trained on: an agent run's env, or those its dataset recorded;
+    {} where unknown)."""
     from .config import schema_command
 
     command = schema_command(Path(checkpoint) / "config.yaml")
     if command not in ("train-wm", "train"):  # a pretraining run, or none: load_run says which
         cfg, model, state = load_run(checkpoint, device, step, made_by="`run.py pretrain`, `train-wm` or `train`")
         return SimpleNamespace(model=model, resolution=cfg.data.resolution, model_cfg=cfg.model, step=state["step"],
-                               trained_env=(state.get("frames") or {}).get("env"), pretrain_cfg=cfg, agent=None)
+                               trained_env=(state.get("frames") or {}).get("env"), pretrain_cfg=cfg, agent=None,
+                               env_kwargs=_recorded_env_kwargs(cfg.data.root if cfg.data.source == "frames" else None))
     if command == "train-wm":
         from .train_wm import load_wm_run
 
         cfg, wm, state = load_wm_run(checkpoint, device, step)
-        at, trained_env, agent = state["step"], state.get("env"), None
+        at, trained_env, agent, settings = state["step"], state.get("env"), None, _recorded_env_kwargs(cfg.data.root)
     else:
+        from agent.config import env_kwargs
         from agent.evaluate import load_agent_run
 
         cfg, wm, ac, state = load_agent_run(checkpoint, device, step)
         at, trained_env, agent = state["counters"]["env_steps"], cfg.env.name, (cfg, wm, ac)
+        settings = {k: v for k, v in env_kwargs(cfg, None).items() if k != "stats_path"}
     return SimpleNamespace(model=wm.autoencoder.eval(), resolution=cfg.encoder.resolution,
                            model_cfg=cfg.encoder.model, step=at, trained_env=trained_env, pretrain_cfg=None,
-                           agent=agent)
+                           agent=agent, env_kwargs=settings)
+
+
+def _recorded_env_kwargs(root: Optional[str]) -> dict:
+    """The env settings an episode dataset recorded (`collect --size/--crop/--task ...`); {} without one (moved)."""
+    from envs.episodes import read_meta
+
+    try:
+        return dict(read_meta(root).get("env_kwargs") or {}) if root else {}
+    except (ValueError, OSError):
+        return {}
 
 
 def _shown_env(run: SimpleNamespace, env: Optional[str], clevr_root: Optional[str], checkpoint: str
@@ -202,15 +216,16 @@ def _shown_env(run: SimpleNamespace, env: Optional[str], clevr_root: Optional[st
     return env, None
 
 
-def _shown_policy(run: SimpleNamespace, env: str, policy: Optional[str], checkpoint: str) -> str:
+def _shown_policy(run: SimpleNamespace, env: str, policy: Optional[str], checkpoint: str) -> Optional[str]:
     """Who plays the game frames `visualize` shows: `policy`, or by default an agent run's own policy (on its game)
-    and uniform random actions for the other runs; "agent" for a run without one, or on another game, is refused."""
+    and uniform random actions for the other runs (None for CLEVR scenes); "agent" for a run without one, or on
+    another game, is refused."""
     if policy not in (None, "agent", "random"):
         raise UsageError(f"unknown --policy {policy!r}; choose agent or random")
     if env == "clevr":
         if policy:
             raise UsageError("--policy picks who plays game frames; CLEVR scenes are not played")
-        return "none"
+        return None
     if policy == "agent" and run.agent is None:
         raise UsageError(f"--policy agent plays an agent run's policy; {checkpoint} is not an agent run (`run.py "
                          "train`): its frames come from --policy random")
@@ -221,7 +236,8 @@ def _shown_policy(run: SimpleNamespace, env: str, policy: Optional[str], checkpo
 
 
 def _shown_images(run: SimpleNamespace, env: str, clevr_root: Optional[str], checkpoint: str, frames: int,
-                  seed: int, policy: str, device: torch.device) -> tuple[torch.Tensor, bool, Optional[np.ndarray]]:
+                  seed: int, policy: Optional[str], device: torch.device
+                  ) -> tuple[torch.Tensor, bool, Optional[np.ndarray]]:
     """`frames` images to decompose (`t 3 r r`, CPU), whether slots carry from one to the next, and the episode
     starts among them: held-out CLEVR(-like) scenes, each afresh, or a seeded episode of the game, played by the
     agent run's policy (in its env's settings) or by uniform random actions."""
@@ -235,7 +251,6 @@ def _shown_images(run: SimpleNamespace, env: str, clevr_root: Optional[str], che
                   f"{frames} asked for: shown those", file=sys.stderr)
         return images, False, None  # independent scenes
     if policy == "agent":
-        from agent.config import env_kwargs
         from agent.policy import SlotPolicy
 
         cfg, wm, ac = run.agent
@@ -245,9 +260,10 @@ def _shown_images(run: SimpleNamespace, env: str, clevr_root: Optional[str], che
             return int(acting.act({k: v[None] for k, v in obs.items()}, np.array([first]))[0])
 
         with fixed_rng(seed, device):  # the policy's samples: the same play on every call
-            played, starts = episode_frames(env, frames, seed, act, env_kwargs(cfg, None))
-    else:
-        played, starts = episode_frames(env, frames, seed)
+            played, starts = episode_frames(env, frames, seed, act, run.env_kwargs)
+    else:  # the game the run trained on, in its settings (window, task, size); another game as it comes
+        settings = run.env_kwargs if env == run.trained_env else None
+        played, starts = episode_frames(env, frames, seed, env_kwargs=settings)
     if starts.sum() > 1:
         print(f"note: the {frames} frames span {int(starts.sum())} episodes; slots start afresh at each episode's "
               "first frame", file=sys.stderr)

@@ -6,6 +6,7 @@ answers for a single process, so the training loops need no separate code path.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import inspect
 import os
@@ -168,13 +169,19 @@ def check_shared_folder(path: Path) -> None:
     token = path / gather_objects(f".shared-{uuid.uuid4().hex}" if is_main() else None)[0]
     made = is_main() and not path.exists()
     if is_main():
-        path.mkdir(parents=True, exist_ok=True)
-        token.touch()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            token.touch()
+        except OSError:  # not writable (the others then stop, having lost this process): no folder left behind
+            if made:
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            raise
     barrier()
     seen = gather_objects(token.exists())
     barrier()
     if is_main():
-        token.unlink()
+        token.unlink(missing_ok=True)
     blind = [r for r, s in enumerate(seen) if not s]
     if blind:
         if made and not any(path.iterdir()):

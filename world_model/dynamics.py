@@ -177,7 +177,7 @@ class SlotDynamics(nn.Module):
         puts mass on a code the tokenizer never gives."""
         c = self.cfg
         if len(counts) != c.frame_vars or not all(0 < n <= c.frame_codes for n in counts):
-            raise ValueError(f"{len(counts)} code counts in (0, {c.frame_codes}] for the {c.frame_vars} frame "
+            raise ValueError(f"{c.frame_vars} code counts in (0, {c.frame_codes}] for the {c.frame_vars} frame "
                              f"variables, got {counts}")
         mask = torch.arange(c.frame_codes) >= torch.tensor(counts)[:, None]  # g c
         self.frame_code_mask = mask.to(self.token_types.device) if mask.any() else None

@@ -587,7 +587,7 @@ def load_agent_wm(run_dir: str, data: Optional[str], device: torch.device,
                            data=WMDataConfig(root=data), eval=WMEvalConfig(context=context, horizons=horizons),
                            train=WMTrainConfig(amp=agent_cfg.train.amp))
     return cfg, wm, {"step": state["counters"]["env_steps"], "env": game, "num_actions": state["num_actions"],
-                     "note": fitted}
+                     "note": fitted, "settings": {"task": agent_cfg.env.task, "crop": agent_cfg.env.crop}}
 
 
 def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] = None, device: str = "cpu",
@@ -613,6 +613,15 @@ def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] 
     if (meta["env"], meta.get("num_actions")) != (trained_on, state["num_actions"]):
         raise DataError(f"{cfg.data.root} holds {meta['env']} episodes with {meta.get('num_actions')} actions; this "
                         f"world model was trained on {trained_on} with {state['num_actions']}")
+    if agent and meta["env"] == "nethack":  # the window and task the agent played in (collect's defaults: 9, score)
+        recorded = {"task": "score", "crop": 9, **(meta.get("env_kwargs") or {})}
+        differ = [k for k in ("task", "crop") if recorded[k] != state["settings"][k]]
+        if differ:
+            held = ", ".join(f"{k} {recorded[k]}" for k in differ)
+            played = state["settings"]
+            raise DataError(f"{cfg.data.root} holds NetHack episodes of {held}; this agent played with env.{differ[0]}="
+                            f"{played[differ[0]]}: collect its episodes with "
+                            + " ".join(f"--{k} {played[k]}" for k in differ))
     _, held_out, split_meta = split_dataset(cfg, cfg.train.seed, all_held_out=agent, training=False)  # an agent
     # trained on none
     if wm.status_vars > split_meta["status_vars"]:
