@@ -27,11 +27,15 @@ def obs_dict(obs: Any) -> dict[str, np.ndarray]:
     return dict(obs) if isinstance(obs, dict) else {"image": obs}
 
 
+ENV_DEFAULTS = {"max_episode_steps": 10_000, "task": "score", "crop": 9}  # the games' own (task, crop: NetHack's)
+
+
 def _comparable(key: str, value):
-    """A meta.json value as datasets must agree on it: the env's frame size is compared through `image_shape`, since
-    `env_kwargs` holds `size` only when `collect --size` was given (the default and an explicit 64 are one layout)."""
-    if key == "env_kwargs" and isinstance(value, dict):
-        return {k: v for k, v in value.items() if k != "size"}
+    """A meta.json value as datasets must agree on it: `env_kwargs` holds only the options `collect` was given, so
+    the games' defaults fill the others (a default given explicitly is the same setting), and the frame size is
+    compared through `image_shape` instead."""
+    if key == "env_kwargs" and (value is None or isinstance(value, dict)):  # None: a dataset written without them
+        return {k: v for k, v in {**ENV_DEFAULTS, **(value or {})}.items() if k != "size"}
     return value
 
 

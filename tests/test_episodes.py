@@ -135,6 +135,10 @@ def test_episodes_join_only_a_dataset_of_the_same_env_and_layout(tmp_path, capsy
     EpisodeWriter(tmp_path / "d", {**meta, "seed": 5, "num_envs": 2})
     with pytest.raises(DataError, match="env='crafter', not 'nethack'"):
         EpisodeWriter(tmp_path / "d", {**meta, "env": "nethack", "seed": 2})
+    # a game's default given explicitly is the same setting; another value is another layout
+    EpisodeWriter(tmp_path / "d", {**meta, "seed": 7, "env_kwargs": {"max_episode_steps": 10_000, "size": 64}})
+    with pytest.raises(DataError, match=r"env_kwargs=None, not \{'max_episode_steps': 20\}"):
+        EpisodeWriter(tmp_path / "d", {**meta, "seed": 7, "env_kwargs": {"max_episode_steps": 20}})
     (tmp_path / "old").mkdir()  # a dataset written before seeds were listed
     (tmp_path / "old" / "meta.json").write_text(json.dumps({**meta, "seed": 0}))
     with pytest.raises(DataError, match="seed 0"):

@@ -25,8 +25,8 @@ from agent.replay import ReplayBuffer
 from envs import STATUS_NAMES
 from envs.atomic import atomic_write
 from envs.errors import DataError, UsageError
-from envs.episodes import (STEP_KEYS, check_recorded_root, episode_length, episode_paths, held_out_episodes,
-                           load_episode, more_episodes_command, read_meta)
+from envs.episodes import (ENV_DEFAULTS, STEP_KEYS, check_recorded_root, episode_length, episode_paths,
+                           held_out_episodes, load_episode, more_episodes_command, read_meta)
 
 from . import distributed
 from .config import (DERIVED, ConfigError, WMDataConfig, WMEncoderConfig, WMEvalConfig, WMTrainConfig,
@@ -613,8 +613,8 @@ def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] 
     if (meta["env"], meta.get("num_actions")) != (trained_on, state["num_actions"]):
         raise DataError(f"{cfg.data.root} holds {meta['env']} episodes with {meta.get('num_actions')} actions; this "
                         f"world model was trained on {trained_on} with {state['num_actions']}")
-    if agent and meta["env"] == "nethack":  # the window and task the agent played in (collect's defaults: 9, score)
-        recorded = {"task": "score", "crop": 9, **(meta.get("env_kwargs") or {})}
+    if agent and meta["env"] == "nethack":  # the window and task the agent played in
+        recorded = {**ENV_DEFAULTS, **(meta.get("env_kwargs") or {})}
         differ = [k for k in ("task", "crop") if recorded[k] != state["settings"][k]]
         if differ:
             held = ", ".join(f"{k} {recorded[k]}" for k in differ)
