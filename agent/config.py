@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from envs import ENV_DEFAULTS
 from world_model.config import ModelConfig, VQConfig, WMEncoderConfig
 from world_model.dynamics import DynamicsConfig
 from world_model.frame_tokenizer import FrameTokenizerConfig
@@ -20,8 +21,8 @@ class EnvConfig:
     asynchronous: bool = True  # worker processes (crash-resilient); false = in-process
     size: int = 64  # image side in pixels
     max_episode_steps: int = 0  # 0 = the env class's default (Crafter 10000, NetHack 10000)
-    task: str = "score"  # NetHack only: score (NetHackScore) | challenge (NetHackChallenge)
-    crop: int = 9  # NetHack only: map cells a side of the window around the player (odd)
+    task: str = ENV_DEFAULTS["task"]  # NetHack only: score (NetHackScore) | challenge (NetHackChallenge)
+    crop: int = ENV_DEFAULTS["crop"]  # NetHack only: map cells a side of the window around the player (odd)
 
 
 @dataclass

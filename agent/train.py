@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
+from envs import ENV_DEFAULTS
 from envs.collect import Collector, env_fn
 from envs.errors import DataError, UsageError
 from envs.jsonl import JsonlTail, count_records, is_episode, keep_records
@@ -42,7 +43,7 @@ from world_model.train_wm import build_world_model, check_encoder, check_max_ste
 from world_model.wm import WorldModel, WorldModelLoss
 
 from .actor_critic import ActorCritic
-from .config import AgentConfig, EnvConfig, env_kwargs
+from .config import AgentConfig, env_kwargs
 from .evaluate import evaluate_agent, log_keys, stats_scores
 from .imagination import imagine
 from .policy import SlotPolicy
@@ -70,9 +71,7 @@ def preflight(cfg: AgentConfig) -> list[str]:
     check_max_steps(cfg.dynamics, longest_sequence(cfg))
     check_encoder(cfg.encoder)
     if cfg.env.name != "nethack":
-        default = EnvConfig()
-        given = [f"env.{k}={getattr(cfg.env, k)}" for k in ("task", "crop")
-                 if getattr(cfg.env, k) != getattr(default, k)]
+        given = [f"env.{k}={getattr(cfg.env, k)}" for k in ("task", "crop") if getattr(cfg.env, k) != ENV_DEFAULTS[k]]
         if given:
             raise UsageError(f"{' and '.join(given)}: NetHack's (env.name=nethack); {cfg.env.name} has none")
     if cfg.env.crop % 2 == 0:

@@ -5,6 +5,8 @@ import gymnasium as gym
 
 STATUS_LEVELS = 16  # an env's status tokens (obs["status"]) are in [0, 16); the world model's frame codes hold as many
 STATUS_NAMES = {"nethack": ("hp", "energy", "hunger", "encumbrance", "depth", "level", "ac")}  # each env's, in order
+# the games' constructor defaults (task and crop: NetHack's), which collect, datasets and the agent's config share
+ENV_DEFAULTS = {"max_episode_steps": 10_000, "task": "score", "crop": 9}
 
 if "slotworld/Crafter-v0" not in gym.registry:
     gym.register(id="slotworld/Crafter-v0", entry_point="envs.crafter:CrafterEnv")

@@ -56,8 +56,9 @@ class Collector:
         # A restarted worker's envs answer with their last frames, truncated (`ResilientVectorEnv`): no game step
         # (the action went unplayed), so nothing of it is stored. An episode it cut short ends at its last real step
         # (a sink closes an open episode when the env's next first step comes), and the next step is a first one.
-        kept = ~np.asarray(infos.get("_worker_restarted", np.zeros(self.n, bool)), bool)
-        if kept.all():
+        restarted = infos.get("_worker_restarted")  # only in a step some worker restarted in
+        kept = None if restarted is None else ~np.asarray(restarted, bool)
+        if kept is None or kept.all():
             self.sink.add_steps(steps, range(self.n))
         elif kept.any():
             self.sink.add_steps({k: v[kept] for k, v in steps.items()}, np.flatnonzero(kept).tolist())

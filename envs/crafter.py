@@ -17,6 +17,7 @@ import gymnasium as gym
 import numpy as np
 from crafter import constants, engine
 
+from . import ENV_DEFAULTS
 from .actions import checked_action
 from .errors import UsageError
 from .jsonl import read_records
@@ -56,7 +57,8 @@ class CrafterEnv(gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
-    def __init__(self, size: int = 64, area: int = 64, view: int = 9, max_episode_steps: int = 10_000,
+    def __init__(self, size: int = 64, area: int = 64, view: int = 9,
+                 max_episode_steps: int = ENV_DEFAULTS["max_episode_steps"],
                  reward: bool = True, stats_path: Optional[Union[str, Path]] = None, semantic: bool = False,
                  render_mode: Optional[str] = None):
         if size < 2 * view:  # crafter's renderer fails below 2 pixels per view cell

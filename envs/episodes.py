@@ -15,6 +15,7 @@ from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 
+from . import ENV_DEFAULTS
 from .atomic import atomic_write
 from .errors import DataError
 
@@ -25,9 +26,6 @@ STEP_DTYPES = {"action": np.int64, "reward": np.float32, "is_first": bool, "is_l
 def obs_dict(obs: Any) -> dict[str, np.ndarray]:
     """A single observation as named arrays: an image-only env becomes {"image": obs}."""
     return dict(obs) if isinstance(obs, dict) else {"image": obs}
-
-
-ENV_DEFAULTS = {"max_episode_steps": 10_000, "task": "score", "crop": 9}  # the games' own (task, crop: NetHack's)
 
 
 def _comparable(key: str, value):

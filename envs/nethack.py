@@ -50,7 +50,7 @@ except ImportError as e:
     raise UsageError(f"NetHack needs the nle package ({e}): pip install -e \".[nethack]\" in the project, or "
                      "pip install nle==1.3.0") from None
 
-from . import STATUS_LEVELS, STATUS_NAMES
+from . import ENV_DEFAULTS, STATUS_LEVELS, STATUS_NAMES
 from .actions import checked_action
 from .jsonl import read_records
 
@@ -127,7 +127,8 @@ class NetHackEnv(gymnasium.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
-    def __init__(self, task: str = "score", crop: int = 9, size: int = 64, max_episode_steps: int = 10000,
+    def __init__(self, task: str = ENV_DEFAULTS["task"], crop: int = ENV_DEFAULTS["crop"], size: int = 64,
+                 max_episode_steps: int = ENV_DEFAULTS["max_episode_steps"],
                  stats_path: str | None = None, render_mode: str | None = None):
         if task not in TASKS:
             raise UsageError(f"unknown NetHack task {task!r}; valid: {sorted(TASKS)}")

@@ -237,7 +237,7 @@ import os
 from pathlib import Path
 from envs.errors import UsageError
 shared = Path(sys.argv[3])
-distributed.check_shared_folder(shared / "run")  # one folder for both: passes, and leaves nothing there
+out["made"] = distributed.check_shared_folder(shared / "run")  # one folder for both: passes, leaves nothing there
 dist.barrier()
 out["left"] = os.listdir(shared / "run")
 try:
@@ -282,6 +282,7 @@ def test_collectives_of_two_processes(tmp_path):
         assert out["gathered"] == ["r0", "r1"] and out["shard"] == [3 * r, 3 * r + 3]
         assert out["main"] == (r == 0) and out["seed"] == mixed_seed(7, r, 0)
         assert out["gathered_tensor"] == [0, 10, 1, 11]
+        assert out["made"] == (r == 0)  # rank 0 made the folder: its run removes it if it leaves it empty
         assert out["left"] == [] and out["unshared"] == (
             f"the run directory {tmp_path / f'own{r}'} is not one folder for all processes: rank 1 cannot see "
             "the file rank 0 wrote there (a folder local to each node?); under torchrun on several nodes, --run-dir "

@@ -159,37 +159,37 @@ def gathered(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-def check_shared_folder(path: Path) -> None:
+def check_shared_folder(path: Path) -> bool:
     """Under torchrun: refuse a run directory that not every process sees (a folder local to each of several nodes),
     before any of them reads a checkpoint or writes a replay shard there. Rank 0 leaves a token file in it (making it
-    if need be) and every process looks for that file (collectives: all ranks must call it)."""
+    if need be) and every process looks for that file (collectives: all ranks must call it). Returns whether this
+    process made the folder (`RunDir.created`: a run that leaves it empty removes it); a refusal removes it."""
     if not active():
-        return
+        return False
     path = Path(path)
     token = path / gather_objects(f".shared-{uuid.uuid4().hex}" if is_main() else None)[0]
     made = is_main() and not path.exists()
-    if is_main():
-        try:
+    try:
+        if is_main():
             path.mkdir(parents=True, exist_ok=True)
             token.touch()
-        except OSError:  # not writable (the others then stop, having lost this process): no folder left behind
-            if made:
-                with contextlib.suppress(OSError):
-                    path.rmdir()
-            raise
-    barrier()
-    seen = gather_objects(token.exists())
-    barrier()
-    if is_main():
-        token.unlink(missing_ok=True)
-    blind = [r for r, s in enumerate(seen) if not s]
-    if blind:
-        if made and not any(path.iterdir()):
-            path.rmdir()
-        names = ", ".join(map(str, blind))
-        raise UsageError(f"the run directory {path} is not one folder for all processes: rank{'s' * (len(blind) > 1)} "
-                         f"{names} cannot see the file rank 0 wrote there (a folder local to each node?); under "
-                         "torchrun on several nodes, --run-dir must be on a file system every node shares")
+        barrier()
+        seen = gather_objects(token.exists())
+        barrier()
+        if is_main():
+            token.unlink(missing_ok=True)
+        blind = [r for r, s in enumerate(seen) if not s]
+        if blind:
+            raise UsageError(f"the run directory {path} is not one folder for all processes: rank"
+                             f"{'s' * (len(blind) > 1)} {', '.join(map(str, blind))} cannot see the file rank 0 wrote "
+                             "there (a folder local to each node?); under torchrun on several nodes, --run-dir must be "
+                             "on a file system every node shares")
+    except BaseException:  # not writable, or refused: no folder left behind (only if empty)
+        if made:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+    return made
 
 
 def mean_(t: torch.Tensor) -> torch.Tensor:

@@ -574,8 +574,9 @@ def start_run(run_dir: str | Path, resume: bool, device: str, threads: int, seed
     pick the device (each rank's own GPU), set CPU threads, seed (per rank)."""
     dev = resolve_device(device, "train.device")  # before the run directory is made or claimed
     local = distributed.setup(device)
-    distributed.check_shared_folder(Path(run_dir))  # before any process reads a checkpoint there
+    made = distributed.check_shared_folder(Path(run_dir))  # before any process reads a checkpoint there
     run = RunDir.open(run_dir, resume)
+    run.created = run.created or made  # the check made it: a run that leaves it empty still removes it
     if dev.type == "cuda" and local is not None:
         dev = torch.device("cuda", local)
     set_precision(dev)

@@ -22,11 +22,11 @@ import torch
 from tqdm import tqdm
 
 from agent.replay import ReplayBuffer
-from envs import STATUS_NAMES
+from envs import ENV_DEFAULTS, STATUS_NAMES
 from envs.atomic import atomic_write
 from envs.errors import DataError, UsageError
-from envs.episodes import (ENV_DEFAULTS, STEP_KEYS, check_recorded_root, episode_length, episode_paths,
-                           held_out_episodes, load_episode, more_episodes_command, read_meta)
+from envs.episodes import (STEP_KEYS, check_recorded_root, episode_length, episode_paths, held_out_episodes,
+                           load_episode, more_episodes_command, read_meta)
 
 from . import distributed
 from .config import (DERIVED, ConfigError, WMDataConfig, WMEncoderConfig, WMEvalConfig, WMTrainConfig,
