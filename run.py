@@ -403,15 +403,25 @@ def cmd_collect(args) -> None:
 
 
 def cmd_visualize(args) -> None:
+    from envs.errors import UsageError
+
+    decomposition = {"--env": args.env, "--frames": args.frames, "--policy": args.policy, "--edit": args.edit,
+                     "--seed": args.seed}
+    if args.codes and any(v is not None for v in decomposition.values()):
+        given = ", ".join(k for k, v in decomposition.items() if v is not None)
+        raise UsageError(f"--codes draws the code figure from --images held-out scenes; {given} "
+                         "choose the frames of a decomposition: leave them out, or --codes")
+    if not args.codes and args.images is not None:
+        raise UsageError("--images counts the scenes of --codes; a decomposition shows --frames")
     if args.codes:
         from world_model.disentangle import disentanglement
 
-        summary = disentanglement(args.checkpoint, args.out, n_images=args.images, device=args.device,
+        summary = disentanglement(args.checkpoint, args.out, n_images=args.images or 1000, device=args.device,
                                   clevr_root=args.clevr_root, step=args.step)
     else:
         from world_model.decompose import visualize
 
-        summary = visualize(args.checkpoint, args.env, args.out, frames=args.frames, seed=args.seed,
+        summary = visualize(args.checkpoint, args.env, args.out, frames=args.frames or 8, seed=args.seed or 0,
                             device=args.device, edit=tuple(args.edit) if args.edit else None,
                             clevr_root=args.clevr_root, step=args.step, policy=args.policy)
     print(json.dumps(summary, indent=2))
@@ -666,7 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "reconstruction, colored segmentation, each slot's masked reconstruction), a video of the "
                        "sequence with its slot masks, and the same images in OUT/tb for tensorboard. --edit decodes "
                        "frames with one slot's VQ code changed; --codes draws the disentanglement figure "
-                       "(p(property | code) heatmaps and NMI per latent variable) on CLEVR-like scenes.")
+                       "(p(property | code) heatmaps, and the adjusted mutual information of each latent variable "
+                       "with each property) on CLEVR-like scenes.")
     s.add_argument("--checkpoint", required=True, help="run directory made by `run.py pretrain`, or by `train-wm` / "
                    "`train` (their slot encoder and decoder; --env crafter or nethack)")
     _add_step_option(s, "summary.json records the step (--out names where the files go)")
@@ -674,17 +685,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "the game the run trained on, or clevr for a run pretrained on generated or CLEVR scenes)")
     s.add_argument("--clevr-root", help="show scenes of this CLEVR v1.0 directory (for a run trained on CLEVR on disk "
                    "whose data moved, or on another copy; its split: the run's data.eval_split, else val)")
-    s.add_argument("--frames", type=int, default=8, help="scenes, or frames of play (slots carried from frame to "
+    s.add_argument("--frames", type=int, help="scenes, or frames of play (slots carried from frame to "
                    "frame, afresh where an episode ends and the next begins) (default 8)")
     s.add_argument("--policy", choices=["agent", "random"], help="who plays the game frames: agent (an agent run's "
                    "trained policy, in its env settings: the default for an agent run on its game) or random (uniform "
                    "random actions: the default for other runs)")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--edit", nargs=3, metavar=("SLOT", "VAR", "VALUE"),
-                   help="VQ only: set latent VAR of slot SLOT to code VALUE (or 'all' for every code) and decode")
+                   help="VQ only: set latent VAR of slot SLOT to code VALUE (or 'all' for every code) and decode; a "
+                   "row for each of the first 4 frames: input, reconstruction, slot SLOT, then the decodings")
     s.add_argument("--codes", action="store_true", help="disentanglement figure of a VQ run on CLEVR-like scenes")
-    s.add_argument("--images", type=int, default=1000, help="scenes for --codes (default 1000)")
-    s.add_argument("--seed", type=seed_value, default=0, help="seed of the play (env, actions) and of the slots' "
+    s.add_argument("--images", type=int, help="scenes for --codes (default 1000)")
+    s.add_argument("--seed", type=seed_value, help="seed of the play (env, actions) and of the slots' "
                    "initial noise, so a repeat on the same --device draws the same pictures (scenes are the run's "
                    "held-out ones) (default 0)")
     s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
@@ -704,13 +716,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval-wm", help="open-loop prediction table (horizons) and real-vs-imagined video",
                        description="From a context of real frames, predict open loop under the real actions: "
-                       "slot-code accuracy, decoded-frame MSE and reward error at each horizon (eval.horizons), "
-                       "beside copying the last context frame; writes RUN/eval_wm/eval_wm.json and a video.")
+                       "slot-code accuracy, decoded-frame MSE, reward error and (NetHack) status-token accuracy at "
+                       "each horizon (eval.horizons), beside copying the last context frame; writes "
+                       "RUN/eval_wm/eval_wm.json, a video and a picture.")
     s.add_argument("--checkpoint", required=True, help="run directory made by `run.py train-wm`, or by `run.py train` "
                    "(an agent's world model: give --data)")
     _add_step_option(s)
-    s.add_argument("--data", help="episode dataset (default: the run's data.root); its held-out episodes are used")
-    s.add_argument("--segments", type=int, help="held-out segments (default eval.segments)")
+    s.add_argument("--data", help="episode dataset (default: a train-wm run's data.root, whose held-out episodes are "
+                   "used; an agent run needs it, and all its episodes are used)")
+    s.add_argument("--segments", type=int, help="segments drawn (default: the run's eval.segments; 128 for an agent "
+                   "run)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     s.add_argument("--out", help="output directory (default RUN/eval_wm; with --data DIR, RUN/eval_wm_data_<DIR's name>)")
     s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
@@ -723,6 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "goes to the run directory (config, checkpoints with the replay, stats.jsonl of every "
                        "training episode, tensorboard, metrics.jsonl). Presets: configs/tiny.yaml (default, ~1.5 "
                        "min on CPU), configs/crafter_cpu.yaml and configs/nethack_cpu.yaml (CPU scale), "
+                       "configs/crafter_cpu_frozen.yaml (the CPU recipe that beats random, on a pretrained encoder), "
                        "configs/crafter.yaml and configs/nethack.yaml (GPU-sized, compiled with CUDA graphs).")
     _add_run_options(s, "train", "tiny, crafter_cpu, crafter_cpu_frozen, crafter, nethack_cpu, nethack",
                      "runs/agent-<env>-<time>")
@@ -771,23 +787,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
     s.add_argument("--batch-size", type=int, help="default: 64 on CPU, 512 on CUDA (bench imagination: 16 / 1024)")
     s.add_argument("--resolution", type=int, help="default: 64 on CPU, 128 on CUDA")
-    s.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
-    s.add_argument("--task", default="setpred", choices=["setpred", "discovery"])
+    s.add_argument("--steps", type=int, default=5, help="timed steps per configuration (default 5)")
+    s.add_argument("--task", default="setpred", choices=["setpred", "discovery"], help="bench pretrain: the task "
+                   "(default setpred)")
     s.add_argument("--slots", default="gmm,slot_attention", help="bench pretrain: slot modules to time "
-                   "(comma-separated)")
-    s.add_argument("--envs", default="crafter,nethack", help="bench envs: games to measure (comma-separated)")
+                   "(comma-separated; default gmm,slot_attention)")
+    s.add_argument("--envs", default="crafter,nethack", help="bench envs: games to measure (comma-separated; default "
+                   "crafter,nethack)")
     s.add_argument("--workers", type=int, help="bench envs: worker processes (default: all CPU cores)")
     s.add_argument("--envs-per-worker", default="1,4,16", help="bench envs: envs per worker process to measure "
-                   "(comma-separated; more envs per worker amortize the per-step round-trip)")
+                   "(comma-separated; more envs per worker amortize the per-step round-trip; default 1,4,16)")
     s.add_argument("--env-steps", type=int, help="bench envs: steps of every env in each row (default 500); bench agent: "
                    "env steps timed (default 16 updates' worth)")
     s.add_argument("--wm-config", help="bench imagination: world-model preset (default configs/wm_crafter.yaml on "
                    "CUDA, configs/wm_crafter_cpu.yaml on CPU)")
     s.add_argument("--agent-config", help="bench agent: agent preset (default crafter.yaml on CUDA, crafter_cpu.yaml "
                    "on CPU)")
-    s.add_argument("--prefill", type=int, default=256, help="bench agent: random env steps before timing")
+    s.add_argument("--prefill", type=int, default=256, help="bench agent: random env steps before timing (default 256)")
     s.add_argument("--profile", action="store_true", help="bench pretrain/agent: also print a torch.profiler table")
-    s.add_argument("--profile-rows", type=int, default=15, help="rows of the profiler table")
+    s.add_argument("--profile-rows", type=int, default=15, help="rows of the profiler table (default 15)")
     s.add_argument("--profile-row", help="bench pretrain/agent: the row to profile, right after it is measured "
                    "(default: the last row), e.g. +bf16 or +replay-on-gpu, so the profile is taken before slower rows")
     s.add_argument("--matmul-precision", choices=("highest", "high", "medium"),
@@ -799,7 +817,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "after `agent` (run.py bench agent encoder.checkpoint=RUN encoder.mode=frozen --profile)")
     s.add_argument("--compile", action="store_true", help="bench pretrain/agent on CPU: also time torch.compile "
                    "(inductor needs a C++ compiler and minutes on CPU; on CUDA it is always timed)")
-    s.add_argument("--horizon", type=int, default=32, help="bench imagination: imagined steps per trajectory")
+    s.add_argument("--horizon", type=int, default=32, help="bench imagination: imagined steps per trajectory "
+                   "(default 32)")
     s.set_defaults(func=cmd_bench, parser=s)
 
     s = sub.add_parser("compare", help="the last evaluations of several runs side by side",
@@ -832,7 +851,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # integer options that count something: 0 or less is a mistake, not "the default"
 COUNTS = ("images", "batch_size", "segments", "episodes", "frames", "workers", "envs_per_worker", "size", "steps",
-          "env_steps", "horizon", "resolution", "profile_rows", "max_episode_steps", "crop")
+          "env_steps", "horizon", "resolution", "profile_rows", "max_episode_steps", "crop", "prefill")
 
 
 def _check_counts(args) -> None:

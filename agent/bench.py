@@ -10,6 +10,7 @@ graphs; CPU: torch.compile with `--compile`), so the table says what each gave.
 """
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from contextlib import nullcontext
@@ -157,13 +158,15 @@ def bench_agent(args, device: torch.device) -> None:
     base = load_config(AgentConfig, preset, [*args.overrides, f"train.device={device}"])
     check_typed_mode(base.encoder, args.overrides)  # refused, as `train` refuses it, not timed as something else
     preflight(base)
-    env_steps = args.env_steps if args.env_steps else 16 * base.train.batch_size * base.train.seq_len // max(
-        int(base.train.train_ratio), 1)
+    if base.train.threads > 0:  # as `run.py train` sets them (the CPU presets: 1)
+        torch.set_num_threads(base.train.threads)
+    env_steps = args.env_steps if args.env_steps else math.ceil(
+        16 * base.train.batch_size * base.train.seq_len / max(base.train.train_ratio, 1e-9))
     modes = select_rows(args, agent_modes(device, args.compile), device)
     print(f"# agent loop, {' '.join([preset, *args.overrides])}: {base.env.num_envs} {base.env.name} envs, train "
           f"ratio {base.train.train_ratio:g} (batch {base.train.batch_size} x {base.train.seq_len}), {env_steps} env "
-          f"steps after the prefill, {device}; policy, env and update ms are per env step (an update's time spread "
-          "over the env steps that owe it)")
+          f"steps after the prefill, {device}, {torch.get_num_threads()} threads; policy, env and update ms are per "
+          "env step (an update's time spread over the env steps that owe it)")
     if any(n == PRESET_ROW for n, _ in modes):
         t = base.train
         print(f"# row {PRESET_ROW}: as `run.py train` runs it: amp={t.amp} compile={t.compile} "
@@ -196,8 +199,11 @@ def bench_agent(args, device: torch.device) -> None:
         print(f"# note: a row timed fewer than {FEW_UPDATES} updates, so one slow update (other work on the machine) "
               "moves its rate a lot; raise --env-steps for ratios to trust")
     if args.profile and not args.profile_row:
-        name, settings = next(((n, s) for n, s in reversed(modes) if n in rates), modes[0])
-        _profile_row(name, settings, base, device, env_steps, args)
+        measured = [(n, s) for n, s in modes if n in rates]
+        if measured:
+            _profile_row(*measured[-1], base, device, env_steps, args)
+        else:
+            print("# no profile: every row failed")
 
 
 def _profile_row(name: str, settings: dict, base: AgentConfig, device: torch.device, env_steps: int, args) -> None:

@@ -20,7 +20,7 @@ class EnvConfig:
     envs_per_worker: int = 1
     asynchronous: bool = True  # worker processes (crash-resilient); false = in-process
     size: int = 64  # image side in pixels
-    max_episode_steps: int = 0  # 0 = the env class's default (Crafter 10000, NetHack 10000)
+    max_episode_steps: int = 0  # 0 = the wrappers' default, ENV_DEFAULTS (10000 for either; NLE's own is 5000)
     task: str = ENV_DEFAULTS["task"]  # NetHack only: score (NetHackScore) | challenge (NetHackChallenge)
     crop: int = ENV_DEFAULTS["crop"]  # NetHack only: map cells a side of the window around the player (odd)
 

@@ -515,4 +515,4 @@ def log_pictures(logger: MetricLogger, step: int, wm: WorldModel, replay: Replay
         imagined = torch.cat([torch.ones_like(decoded[:1]), wm.decode_codes(imag["slot_codes"][0])])  # after the first
     picture = decomposition_picture(images, parts["masks"], parts["recon"], parts["rgb"])  # the first 4 frames
     logger.image(step, "slots/decomposition", picture)
-    logger.image(step, "wm/real_decoded_imagined", prediction_grid(images, decoded, imagined))
+    logger.image(step, "wm/real_decoded_imagined", prediction_grid(images, decoded, imagined, range(length)))

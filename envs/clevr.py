@@ -8,11 +8,12 @@ Scene sampling (CPU, one ``torch.Generator`` per call, so a seed gives the same 
 device) follows CLEVR's ``render_images.py``:
 
 * 3-10 objects (configurable); shape, size, material, color uniform; rotation uniform in [0, 360)
-  degrees about z; x, y uniform in [-3, 3]; every object rests on the ground plane z = 0 (center
-  height r, or r / sqrt(2) for a cube, whose half-side is r / sqrt(2)).
-* Spacing: ``center distance - r1 - r2 >= 0.25`` with r the size radius (0.35 / 0.7).  For cubes
-  this is the circumradius of the footprint (CLEVR uses the half-side), so objects never
-  interpenetrate.  CLEVR's margin rule is kept too: along the camera's left and behind directions
+  degrees about z; x, y uniform in [-3, 3]; every object rests on the ground plane z = 0 at center
+  height r, the size radius (0.35 / 0.7): a sphere's or cylinder's radius and a cube's half-side.
+  (CLEVR's script means to shrink cubes by sqrt(2), but tests its shape name against "Cube" where
+  the name is "SmoothCube_v2", so real CLEVR cubes have half-side r: its large cubes sit at z 0.7.)
+* Spacing: ``center distance - r1 - r2 >= 0.25``, as CLEVR, so two cubes' corners can meet (rarely)
+  as in CLEVR.  CLEVR's margin rule is kept too: along the camera's left and behind directions
   every pair of objects is at least 0.4 apart (so left/right/front/behind are unambiguous).
 * Placement is batched: object slots are placed in order, each at the first of
   ``placement_candidates`` random positions that keeps the rules (rejection sampling).  A scene in
@@ -23,7 +24,9 @@ device) follows CLEVR's ``render_images.py``:
   count; for crop=True, visible inside the crop) in the pixel-center instance mask.  Objects that
   fail are moved to fresh positions for up to ``visibility_retries`` rounds (only the affected
   scenes are re-cast); objects still hidden are dropped (measured: 0.4% of the objects full frame,
-  2.6% with the crop, which mostly thins out 9-10 object scenes; never below ``min_objects``).
+  2.6% with the crop, which mostly thins out 9-10 object scenes). So a scene can end below
+  ``min_objects`` where many objects crowd the view (min = max = 10 with the crop, say), unlike
+  CLEVR, which restarts such a scene.
   The candidate positions for these rounds are drawn before any rendering, so the random stream
   never depends on pixels; masks still decide, so a borderline pixel differing between CPU and
   GPU can, very rarely, change a layout.
@@ -50,7 +53,7 @@ from PIL import Image
 from . import clevr_masks
 from .atomic import atomic_write, check_clevr_out
 from .clevr_render import (CAMERA_LOCATION, CAMERA_ROTATION, CROP_WINDOW, FRAME_H, FRAME_W, LIGHT_LOCATIONS, Grid,
-                           Scene, project_to_frame, render, srgb_to_linear)
+                           Scene, crop_window, project_to_frame, render, srgb_to_linear)
 from .clevr_layout import ATTRIBUTES, COLORS, MATERIALS, MAX_OBJECTS, PROPERTY_DIM, SHAPES, SIZES
 from .errors import DataError, UsageError
 
@@ -142,13 +145,12 @@ class _Layout:
         return _Layout(**fields)
 
     def radius(self) -> torch.Tensor:
-        """Size radius `b n` (0.35 / 0.7): the footprint's circumradius for every shape."""
+        """Size radius `b n` (0.35 / 0.7): a sphere's or cylinder's radius, a cube's half-side."""
         return torch.tensor([SIZE_RADIUS[s] for s in SIZES])[self.size]
 
     def height(self) -> torch.Tensor:
-        """Center height `b n` of an object resting on the ground (cube half-side is r / sqrt 2)."""
-        r = self.radius()
-        return torch.where(self.shape == SHAPES.index("cube"), r / math.sqrt(2.0), r)
+        """Center height `b n` of an object resting on the ground: its size radius, for every shape."""
+        return self.radius()
 
     def coords(self) -> torch.Tensor:
         """CLEVR 3d_coords `b n 3` in float64: ground position and center height."""
@@ -190,13 +192,13 @@ def _scene(layout: _Layout, device: torch.device) -> Scene:
     r = layout.radius()
     cube = layout.shape == SHAPES.index("cube")
     sphere = layout.shape == SHAPES.index("sphere")
-    half = torch.where(cube, r / math.sqrt(2.0), r)  # half-side / radius, also half-height
+    half = r  # half-side / radius, also half-height
     theta = torch.deg2rad(layout.rotation)
     rho = torch.where(cube, 1.15 * half, half)  # shadow capsule radius; its top is the object's top
     rgb = torch.tensor([COLOR_RGB[c] for c in COLORS], dtype=torch.float32) / 255.0
     fields = {
         "cx": layout.xy[..., 0], "cy": layout.xy[..., 1], "cz": half, "cos": torch.cos(theta),
-        "sin": torch.sin(theta), "half": half, "foot": r, "rho": rho,
+        "sin": torch.sin(theta), "half": half, "foot": torch.where(cube, half * math.sqrt(2.0), half), "rho": rho,
         "z0": torch.where(sphere, half, torch.zeros_like(half)), "z1": torch.where(sphere, half, 2 * half - rho),
         "box": cube, "sphere": sphere, "valid": layout.present,
         "metal": layout.material == MATERIALS.index("metal"),
@@ -479,7 +481,8 @@ def write_dataset(root, n_images: int, split: str = "train", seed: int = 0, batc
             scenes.append(scene)
         bar.update(len(batch.scenes))
     bar.close()
-    info = {"split": split, "version": "1.0", "license": "generated", "generator": "envs.clevr", "seed": seed}
+    info = {"split": split, "version": "1.0", "license": "generated", "generator": "envs.clevr", "seed": seed,
+            "batch_size": batch_size, "device": str(gen.device)}  # with the seed, what gives these scenes again
     atomic_write(path, lambda f: f.write(json.dumps({"info": info, "scenes": scenes}).encode()))  # last: the split
     return path  # is whole once its scenes file exists
 
@@ -593,7 +596,7 @@ class ClevrDataset(torch.utils.data.Dataset):
         if isinstance(resolution, int):  # a square, as data.resolution gives it
             resolution = (resolution, resolution)
         self.resolution = (int(resolution[0]), int(resolution[1]))
-        self.window = CROP_WINDOW if crop else (0.0, 1.0, 0.0, 1.0)  # u0 u1 v0 v1, fractions of the frame
+        self.window = crop_window(*self.frame) if crop else (0.0, 1.0, 0.0, 1.0)  # u0 u1 v0 v1, of the frame
         # a folder written at another size is refused now, not mid-run: a few frames' headers read
         for i in np.unique(np.linspace(0, len(self.filenames) - 1, FRAME_SAMPLE).round().astype(int)):
             self._load(self.image_dir / self.filenames[i], "image", decode=False)

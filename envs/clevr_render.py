@@ -14,7 +14,8 @@ adds integers), so results are deterministic on GPU as well, also under
 
 The full 3:2 camera frame is rendered straight into the requested H x W grid (what resizing a
 480x320 render to H x W would give, aspect squash included), or with ``crop=True`` the Slot
-Attention object-discovery window (rows 29:221, cols 64:256 of the frame at 240x320).
+Attention object-discovery window (`crop_window`: the view of rows 29:221, cols 64:256 of CLEVR with masks'
+320x240 frames).
 """
 from __future__ import annotations
 
@@ -30,8 +31,20 @@ CAMERA_EULER_DEG = (63.6, 0.6, 46.7)
 TAN_HALF_FOV = 16.0 / 35.0  # half sensor width / focal length
 LIGHT_LOCATIONS = ((6.45, -2.91, 4.26), (-1.17, 2.65, 5.82), (-4.67, -4.01, 3.01))  # key, back, fill
 LIGHT_STRENGTHS = (100.0, 50.0, 30.0)
-# Normalized (u0, u1, v0, v1) frame window of the Slot Attention discovery crop.
-CROP_WINDOW = (64 / 320, 256 / 320, 29 / 240, 221 / 240)
+
+
+def crop_window(width: int, height: int) -> tuple[float, float, float, float]:
+    """(u0, u1, v0, v1): the fractions of a width x height frame that show what the Slot Attention CLEVR6 crop (rows
+    29:221, columns 64:256) shows of CLEVR with masks' 320x240 frames. CLEVR's camera fixes the horizontal field of
+    view, so the columns are the same fractions at any aspect, and the rows are fixed by their view angle: on CLEVR
+    v1.0's shorter 3:2 frame they are rows 47:623 of 640, not 29/240..221/240 (which would stretch the crop 12.5%
+    vertically)."""
+    def v(row: int) -> float:  # the 320x240 frame's row `row` as a fraction of this frame's height
+        return (1 - (1 - 2 * row / 240) * (240 / 320) / (height / width)) / 2
+    return 64 / 320, 256 / 320, v(29), v(221)
+
+
+CROP_WINDOW = crop_window(FRAME_W, FRAME_H)  # the discovery crop of the rendered (CLEVR v1.0) frame
 
 # Look (linear radiometry): tuned by eye towards CLEVR renders and their background statistics.
 _EXPOSURE = 0.28  # scales the light strengths

@@ -1,4 +1,5 @@
 """The agent loop: the tiny preset end to end, the replay-ratio invariant, resume after SIGKILL, eval."""
+import dataclasses
 import json
 import math
 import os
@@ -1004,6 +1005,19 @@ def test_bench_agent_rows_add_one_optimization_each_and_a_failed_row_is_reported
     assert "+fused-attn" in out and "fp32-math-attn" not in out and seen == [True]  # the rows above still apply
     with pytest.raises(ValueError, match=r"--rows \+bf16: not rows on cpu"):
         bench.bench_agent(argparse.Namespace(**{**vars(args), "rows": "+fused-attn,+bf16"}), torch.device("cpu"))
+    def failing(cfg, *rest, **kw):  # every row fails
+        return fake_loop(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=True)), *rest, **kw)
+
+    monkeypatch.setattr(bench, "measure_loop", failing)
+    bench.bench_agent(argparse.Namespace(**{**vars(args), "compile": False, "profile": True}), torch.device("cpu"))
+    assert capsys.readouterr().out.endswith("# no profile: every row failed\n")  # not a traceback from a rerun
+    threads = torch.get_num_threads()
+    try:  # the preset's train.threads, as `run.py train` sets them
+        bench.bench_agent(argparse.Namespace(**{**vars(args), "compile": False, "overrides": ["train.threads=1"]}),
+                          torch.device("cpu"))
+        assert torch.get_num_threads() == 1 and ", 1 threads;" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_compile_is_announced_before_the_run(tmp_path, capsys):

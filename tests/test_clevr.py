@@ -72,7 +72,7 @@ def test_layout_rules(batch):
             x, y, z = obj["3d_coords"]
             r = SIZE_RADIUS[obj["size"]]
             assert -3 <= x <= 3 and -3 <= y <= 3
-            assert z == pytest.approx(r / math.sqrt(2) if obj["shape"] == "cube" else r)  # resting on the floor
+            assert z == pytest.approx(r)  # resting on the floor, a cube as CLEVR's: half-side r (z 0.7 when large)
         for j, a in enumerate(objects):
             for b in objects[j + 1:]:
                 (xa, ya, _), (xb, yb, _) = a["3d_coords"], b["3d_coords"]
@@ -153,16 +153,21 @@ def test_camera_projection_and_pixel_coords():
         assert math.hypot(centroid[0] - px, centroid[1] - py) < 25
 
 
-def test_crop_is_the_discovery_window_of_the_frame():
-    """Same layout (visibility check off): the 192x192 crop render equals rows 29:221, cols 64:256
-    of the full frame rendered at 240x320."""
+def test_crop_is_the_clevr6_view_of_the_frame():
+    """The discovery crop shows what Slot Attention's CLEVR6 crop (rows 29:221, columns 64:256 of CLEVR with masks'
+    320x240 frames) shows: those pixels of a 4:3 frame; of CLEVR v1.0's shorter 3:2 frame, the rows at the same view
+    angles (47:623 of 640). Same layout (visibility check off): the 192x192 crop render is every third pixel of
+    rows 47:623, columns 192:768 of the frame rendered at 960x640, pixel centre on pixel centre."""
+    crop_window = clevr_render.crop_window
+    assert crop_window(320, 240) == pytest.approx((0.2, 0.8, 29 / 240, 221 / 240), abs=1e-12)
+    assert crop_window(480, 320) == pytest.approx((0.2, 0.8, 47 / 640, 623 / 640), abs=1e-12)
     kw = dict(min_visible_pixels=0, min_objects=4, max_objects=6)
-    full = SceneGenerator(resolution=(240, 320), **kw).generate(1, seed=5)
+    full = SceneGenerator(resolution=(640, 960), **kw).generate(1, seed=5)
     crop = SceneGenerator(resolution=(192, 192), crop=True, **kw).generate(1, seed=5)
     assert full.scenes == crop.scenes
-    window = full.images[:, :, 29:221, 64:256]
+    window = full.images[:, :, 48:623:3, 193:768:3]
     assert (window - crop.images).abs().max() < 1e-3
-    assert (full.masks[:, 29:221, 64:256] == crop.masks).float().mean() > 0.999
+    assert (full.masks[:, 48:623:3, 193:768:3] == crop.masks).float().mean() > 0.999
 
 
 def test_supersampling_keeps_center_masks():
@@ -193,8 +198,11 @@ def test_write_dataset_round_trip(tmp_path, monkeypatch):
     assert png.size == (480, 320)
     written = torch.from_numpy(np.asarray(png, dtype=np.float32) / 255).permute(2, 0, 1)
     assert (written - generated[0].images[3]).abs().max() <= 0.5 / 255 + 1e-6  # 8-bit quantized
-    scenes = json.loads(path.read_text())["scenes"]
+    written = json.loads(path.read_text())
+    scenes = written["scenes"]
     assert [s["image_filename"] for s in scenes] == [f"CLEVR_val_{i:06d}.png" for i in range(4)]
+    assert {k: written["info"][k] for k in ("seed", "batch_size", "device")} == {"seed": 0, "batch_size": 4,
+                                                                                 "device": "cpu"}  # to write it again
 
     ds = ClevrDataset(tmp_path, split="val", resolution=(32, 32))
     assert len(ds) == 4

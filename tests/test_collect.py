@@ -155,6 +155,36 @@ def _assert_named_columns(png, run_dir, columns):
         assert strip[:, left:left + factor * side].min() < 0.5, i
 
 
+def test_an_edit_changes_the_slot_the_frame_pictures_show(vq_run):
+    """Game frames carry slots from frame to frame: the edit decodes the codes `decompose` found (those of the
+    frame PNGs and codes.npy), so setting a carried frame's own code back gives that frame's reconstruction; a
+    frame encoded afresh would have other slots."""
+    from world_model.decompose import decompose, edit_codes, episode_frames, load_slot_model
+    from world_model.wm import frames_to_input
+
+    model = load_slot_model(str(vq_run), torch.device("cpu")).model
+    played, starts = episode_frames("crafter", 3, 0)
+    images = frames_to_input(torch.from_numpy(played)[None], 32)[0]
+    torch.manual_seed(0)
+    parts = decompose(model, images, carry=True, starts=starts)
+    for t in (1, 2):  # carried frames
+        own = int(parts["codes"][t, 1, 0])
+        grid = edit_codes(model, images[t:t + 1], {k: v[t:t + 1] for k, v in parts.items()}, 1, 0, [own])
+        cells = grid[:, 2:, 2:].unfold(1, 32, 34).unfold(2, 32, 34)  # 3 rows cols 32 32: the tiled pictures
+        torch.testing.assert_close(cells[:, 0, 3], parts["recon"][t].clamp(0, 1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(cells[:, 0, 1], cells[:, 0, 3], atol=1e-5, rtol=0)  # the reconstruction column
+
+
+def test_visualize_refuses_the_other_modes_options(vq_run, tmp_path, capsys):
+    """--codes draws from --images held-out scenes: decomposition options with it are refused, and --images
+    without it, before anything is computed or written."""
+    for extra, error in ((["--codes", "--env", "crafter", "--frames", "3"], "--env, --frames choose the frames"),
+                         (["--codes", "--edit", "0", "0", "1"], "--edit choose the frames"),
+                         (["--images", "5"], "--images counts the scenes of --codes")):
+        assert run.main(["visualize", "--checkpoint", str(vq_run), "--out", str(tmp_path / "v"), *extra]) == 2
+        assert error in capsys.readouterr().err and not (tmp_path / "v").exists()
+
+
 def test_visualize_crafter_frames_and_edit(vq_run, tmp_path, capsys):
     out = tmp_path / "viz"
     assert run.main(["visualize", "--checkpoint", str(vq_run), "--env", "crafter", "--frames", "3", "--out", str(out),
@@ -175,7 +205,7 @@ def test_visualize_crafter_frames_and_edit(vq_run, tmp_path, capsys):
             png.size
     with Image.open(out / "edit_slot1_var0_all.png") as png:
         assert (events.Images("slots/edit")[0].width, events.Images("slots/edit")[0].height) == png.size
-    _assert_named_columns(out / "edit_slot1_var0_all.png", vq_run, 2 + codes)  # input, reconstruction, each code
+    _assert_named_columns(out / "edit_slot1_var0_all.png", vq_run, 3 + codes)  # input, reconstruction, slot, codes
     assert np.load(out / "codes.npy").shape == (3, 4, 4)  # t k v
     capsys.readouterr()
     # refused before any output: an index out of range, or no index at all ("\u00b2" is a digit, not a decimal)
@@ -555,6 +585,7 @@ def test_decomposition_pngs_name_their_columns():
 
     labels = decomposition_labels(recon=True, num_slots=2)
     assert labels == ["input", "reconstruction", "segmentation", "slot 0", "slot 1"]
+    assert decomposition_labels(recon=False, num_slots=1) == ["input", "attention", "slot 0"]  # set prediction's maps
     grid = upscale(tile(torch.full((5, 3, 32, 32), 0.5), nrow=5), 32)
     out = labeled(grid, labels, 32)
     assert out.shape == (3, grid.shape[1] + 16, grid.shape[2]) and torch.equal(out[:, 16:], grid)

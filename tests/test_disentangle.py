@@ -1,15 +1,16 @@
-"""Code/property disentanglement: NMI vs sklearn, tables, slot-object matching, the end-to-end figure."""
+"""Code/property disentanglement: NMI and AMI vs sklearn, tables, slot-object matching, the end-to-end figure."""
 import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sklearn.metrics import normalized_mutual_info_score
+from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
 
 from world_model.config import PretrainConfig, load_config, save_config
-from world_model.disentangle import (NO_VQ, code_property_tables, collect_code_properties, disentanglement,
-                                     match_slots_to_objects, normalized_mutual_info, target_properties)
+from world_model.disentangle import (NO_VQ, adjusted_mutual_info, code_property_tables, collect_code_properties,
+                                     disentanglement, match_slots_to_objects, normalized_mutual_info,
+                                     target_properties)
 from world_model.pretrain import build_model
 from world_model.rundir import RunDir
 
@@ -32,20 +33,40 @@ def make_run(path, *overrides):
     return cfg
 
 
-def test_nmi_matches_sklearn():
+@pytest.mark.parametrize("ours,trusted,identical_pair", [
+    (normalized_mutual_info, normalized_mutual_info_score, ([0, 0, 1, 1], [0, 1, 0, 1], 0.0)),
+    (adjusted_mutual_info, adjusted_mutual_info_score, ([0, 1], [1, 0], 1.0))])
+def test_mutual_information_matches_sklearn(ours, trusted, identical_pair):
+    """NMI and AMI against sklearn on random labelings and by hand: renamed labels score 1, a constant against a
+    varying labeling 0, two constants (or nothing) 1; a last case each (independent halves: NMI 0; two singletons
+    renamed: AMI 1, where its chance level equals the mutual information)."""
     rng = np.random.default_rng(0)
     for trial in range(40):
         n = int(rng.integers(1, 300))
         a = rng.integers(-3, int(rng.integers(-2, 12)), size=n)
         b = rng.integers(0, int(rng.integers(1, 6)), size=n) * 7 if trial % 3 else (a * 2 + rng.integers(0, 2, n)) % 5
-        assert normalized_mutual_info(a, b) == pytest.approx(normalized_mutual_info_score(a, b), abs=1e-10)
+        assert ours(a, b) == pytest.approx(trusted(a, b), abs=1e-10)
     hand = [([0, 0, 1, 1], [5, 5, 2, 2], 1.0), ([0, 1, 2, 3], [1, 1, 1, 1], 0.0), ([3, 3, 3], [7, 7, 7], 1.0),
-            ([], [], 1.0), ([0, 0, 1, 1], [0, 1, 0, 1], 0.0)]
+            ([], [], 1.0), identical_pair]
     for a, b, want in hand:
-        assert normalized_mutual_info(np.array(a), np.array(b)) == pytest.approx(want, abs=1e-12)
-        assert normalized_mutual_info_score(a, b) == pytest.approx(want, abs=1e-12)
+        assert ours(np.array(a), np.array(b)) == pytest.approx(want, abs=1e-12)
+        assert trusted(a, b) == pytest.approx(want, abs=1e-12)
     with pytest.raises(ValueError, match="length"):
-        normalized_mutual_info(np.zeros(3), np.zeros(4))
+        ours(np.zeros(3), np.zeros(4))
+
+
+def test_codes_that_encode_nothing_match_no_property_where_nmi_would_pick_color():
+    """Codes drawn independently of the properties: plain NMI is highest for color (8 values against 2 and 3),
+    AMI stays near 0 for all and the best match is None where it is not above 0."""
+    rng = np.random.default_rng(4)
+    m = 300
+    props = np.stack([rng.integers(0, 3, m), rng.integers(0, 2, m), rng.integers(0, 2, m), rng.integers(0, 8, m)], 1)
+    codes = rng.integers(0, 16, (m, 4))
+    t = code_property_tables(codes, props, 16, ["shape", "size", "material", "color"])
+    assert (t["nmi"].argmax(1) == 3).all()  # what the figure's headline said before
+    assert np.abs(t["ami"]).max() < 0.02
+    assert all(b is None or t["ami"][i].max() > 0 for i, b in enumerate(t["best_property"]))
+    assert t["best_property"].count("color") < 4
 
 
 def test_tables_identify_a_variable_that_is_a_property():
@@ -56,6 +77,7 @@ def test_tables_identify_a_variable_that_is_a_property():
     codes = np.stack([perm[props[:, 0]], rng.integers(0, 16, m)], 1)  # m v
     t = code_property_tables(codes, props, 16, ["shape", "size", "material", "color"])
     assert t["nmi"][0, 0] == pytest.approx(1.0) and t["best_property"][0] == "shape"
+    assert t["ami"][0, 0] == pytest.approx(1.0) and np.abs(t["ami"][1]).max() < 0.01
     assert t["nmi"][1].max() < 0.01 and t["nmi"][0, 1:].max() < 0.01
     shape = t["p"][0][0]  # c 3
     np.testing.assert_array_equal(shape[perm], np.eye(3))
@@ -111,6 +133,9 @@ def test_disentanglement_writes_heatmaps_and_summary(tmp_path, task):
     for name in summary["pngs"]:
         with Image.open(tmp_path / "out" / name) as img:
             assert img.mode == "RGB" and img.height > 5 * 20 and img.width > 15 * 20  # 5 code rows, 15 value columns
+    (tmp_path / "out" / "codes_var7.png").write_bytes(b"")  # an earlier figure's, of more variables: removed
+    disentanglement(str(tmp_path / "run"), str(tmp_path / "out"), n_images=4)
+    assert sorted(p.name for p in (tmp_path / "out").glob("codes_var*.png")) == summary["pngs"]
 
 
 def test_setpred_run_matched_by_attention_maps(tmp_path):
@@ -137,6 +162,22 @@ def test_unlabeled_frames_are_refused(tmp_path, monkeypatch):
         collect_code_properties(build_model(cfg), cfg, torch.device("cpu"), 2)
 
 
+def test_scenes_without_attribute_names_are_refused(tmp_path, monkeypatch):
+    """CLEVR with masks, converted: objects with positions and objectness but no attribute one-hots would all read as
+    a small gray rubber cube and draw a confident, meaningless figure."""
+    import world_model.disentangle as dis
+
+    cfg = make_run(tmp_path / "run", "task=discovery", "model.vq.enabled=true")
+    targets = torch.zeros(2, 4, 19)
+    targets[:, :2, :3], targets[:, :2, -1] = 0.5, 1.0  # two objects per scene: coordinates and objectness only
+    masks = torch.zeros(2, 32, 32, dtype=torch.long)
+    masks[:, :8, :8], masks[:, 20:, 20:] = 1, 2
+    batch = {"images": torch.rand(2, 3, 32, 32), "targets": targets, "masks": masks}
+    monkeypatch.setattr(dis, "eval_batches", lambda *a, **k: iter([batch]))
+    with pytest.raises(ValueError, match="no shape, size, material or color"):
+        collect_code_properties(build_model(cfg), cfg, torch.device("cpu"), 2)
+
+
 def test_summary_counts_the_codes_each_variable_uses():
     """codes_used counts the codes with at least one object: variable 0 uses codes 0 and 2 of 4, variable 1 only
     code 3; matched_objects is the number of objects (4)."""
@@ -146,4 +187,5 @@ def test_summary_counts_the_codes_each_variable_uses():
     props = np.array([[0], [0], [1], [0]])
     s = summarize(code_property_tables(codes, props, 4, ["size"]))
     assert s["codes_used"] == [2, 1] and s["matched_objects"] == 4
-    assert s["best"][0] == {"variable": 0, "property": "size", "nmi": 1.0} and s["nmi"][1] == {"size": 0.0}
+    assert s["best"][0] == {"variable": 0, "property": "size", "ami": 1.0, "nmi": 1.0} and s["nmi"][1] == {"size": 0.0}
+    assert s["best"][1] == {"variable": 1, "property": None, "ami": 0.0, "nmi": 0.0}  # one code: says nothing

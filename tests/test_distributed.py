@@ -17,7 +17,7 @@ from agent.config import AgentConfig
 from agent.replay import ReplayBuffer
 from agent.train import updates_due
 from world_model import distributed
-from world_model.config import load_config
+from world_model.config import PretrainConfig, load_config
 from world_model.rundir import RunDir, read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -248,10 +248,22 @@ from agent.actor_critic import ReturnNormalizer
 norm = ReturnNormalizer()
 norm.update(torch.arange(10.0).view(2, 5) + 100 * rank)  # rank 0's returns 0..9, rank 1's 100..109
 out["normalizer"] = [norm.low.item(), norm.high.item()]
+from world_model.config import PretrainConfig, load_config
+from world_model.sources import GeneratedScenes, ScenePool
+ScenePool.CHUNK = 3  # a pool of 8: chunks 0 (rank 0) at step 0, then 1 (rank 0) and 2 (rank 1) at step 3
+source = GeneratedScenes(load_config(PretrainConfig, None, POOL_OVERRIDES), cpu, sharded=True)
+out["rendered"], generate = [], source.gen.generate
+source.gen.generate = lambda n, seed: out["rendered"].append(seed) or generate(n, seed)
+for step in (0, 3, 4):
+    source.batch(2, seed=7, step=step)
+torch.save(source.pool.data, shared / f"pool{rank}.pt")
 dist.barrier()
 dist.destroy_process_group()
 print(json.dumps(out))
 """
+
+
+POOL = ["data.resolution=16", "data.max_objects=3", "data.pool=8", "train.batch_size=2"]
 
 
 def test_collectives_of_two_processes(tmp_path):
@@ -260,12 +272,15 @@ def test_collectives_of_two_processes(tmp_path):
     come back in rank order, rank r of 2 gets items [3r, 3r + 3) of 6, only rank 0 is main, and each rank's seed
     is mixed_seed(seed, rank, 0); tensors gather in rank order, and the return normalizer takes the percentiles of
     every rank's returns, as one process on all of them would (not the mean of each rank's); a run directory that
-    is not one folder for all processes (each node's own) is refused."""
+    is not one folder for all processes (each node's own) is refused; a scene pool is rendered a chunk per rank
+    and exchanged, so each rank renders its share and holds the pool one process would."""
     from world_model.rundir import mixed_seed
+    from world_model.sources import POOL_STREAM, GeneratedScenes, ScenePool, stream_seed
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     init = f"file://{tmp_path / 'init'}"
-    procs = [subprocess.Popen([sys.executable, "-c", COLLECTIVES, str(r), init, str(tmp_path)], env=env,
+    script = COLLECTIVES.replace("POOL_OVERRIDES", repr(POOL))
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r), init, str(tmp_path)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     outs = []
     try:
@@ -290,6 +305,17 @@ def test_collectives_of_two_processes(tmp_path):
         everything = torch.cat([torch.arange(10.0), torch.arange(10.0) + 100])  # the percentiles of both ranks'
         assert out["normalizer"] == pytest.approx(torch.quantile(everything, torch.tensor([0.05, 0.95])).tolist())
     assert not (tmp_path / "own0").exists()  # rank 0 made it for the check, and leaves nothing behind
+    cfg = load_config(PretrainConfig, None, POOL)
+    for r, chunks in enumerate(([0, 1], [2])):  # each rank rendered its share of the pool's chunks...
+        assert outs[r]["rendered"] == [stream_seed(cfg.train.seed, POOL_STREAM, c) for c in chunks]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ScenePool, "CHUNK", 3)
+        whole = GeneratedScenes(cfg, torch.device("cpu"))
+        whole.pool.fill(8)
+    for r in (0, 1):  # ...and holds the whole pool, as one process renders it
+        held = torch.load(tmp_path / f"pool{r}.pt")
+        for k, v in whole.pool.data.items():
+            torch.testing.assert_close(held[k], v, rtol=0, atol=0)
 
 
 def test_sizes_that_do_not_divide_are_refused_before_the_process_group_is_joined(monkeypatch):

@@ -1,5 +1,6 @@
 """Dynamics transformer: block causality, KV-cache equivalence, slot permutation equivariance, learning a
 toy task, input errors; the symlog two-hot distribution."""
+import dataclasses
 import math
 
 import pytest
@@ -98,7 +99,7 @@ def test_slot_permutation_equivariance_with_the_tags_moving_with_the_slots():
 def test_slots_whose_codes_tie_keep_their_own_histories():
     """Slots 0 and 1 differ at steps 0-2 and tie at step 3: their tags let each find its own history, so their
     predictions for step 4 differ. A checkpoint from before the tags loads them as zeros: the tie then gives equal
-    predictions, as that model trained."""
+    predictions, as that model trained, and so does one built with `slot_tags=False`."""
     model = make_model()
     slots, frames, actions = random_inputs(t=4)
     slots[:, :3, 1] = (slots[:, :3, 0] + 1) % CFG.num_codes
@@ -115,6 +116,10 @@ def test_slots_whose_codes_tie_keep_their_own_histories():
     assert torch.equal(fresh.slot_tags, model.slot_tags) and "slot_tags" in model.state_dict()
     fresh.load_state_dict(old.state_dict())
     assert not fresh.slot_tags.any()
+    ablated = make_model(dataclasses.replace(CFG, slot_tags=False))  # dynamics.slot_tags=false
+    with torch.no_grad():
+        logits = ablated(slots, frames, actions).slot_logits[:, -1]
+    assert not ablated.slot_tags.any() and torch.equal(logits[:, 0], logits[:, 1])
 
 
 def toy_batch(cfg, b, g):

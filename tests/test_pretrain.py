@@ -41,7 +41,10 @@ def test_cli_pretrain_and_eval_ap(tmp_path, capsys):
     rows = read_jsonl(rd / "metrics.jsonl")
     assert any("train/loss" in r for r in rows) and any("eval/AP_inf" in r for r in rows)
     assert list((rd / "tb").glob("events.*"))
-    capsys.readouterr()
+    first = [r["train/first_step_s"] for r in rows if "train/first_step_s" in r]  # logged once, in its first row
+    assert len(first) == 1 and "train/first_step_s" in next(r for r in rows if "train/loss" in r)
+    out = capsys.readouterr().out  # from the process's start (imports and all), so above this test's own time
+    assert out.count(f"first step done {first[0]:.1f} s after the process started") == 1 and first[0] > 1
     assert run.main(["eval-ap", "--checkpoint", str(rd), "--images", "6"]) == 0
     out = capsys.readouterr().out
     assert "AP_inf" in out and "AP_0.0625" in out and "on 6 images (generated scenes)" in out
@@ -431,7 +434,7 @@ def test_bench_smoke(argv, capsys):
         # the profile of the first row comes right after it, before the next row
         assert out.index("# where the time goes (fp32-math-attn") < out.index("+fused-attn ")
     if "envs" in argv:
-        assert "1 workers x 1 envs" in out and "1 workers x 2 envs" in out and "1 processes x 1 env, no IPC" in out
+        assert "1 workers x 1 envs" in out and "1 workers x 2 envs" in out and "1 processes x 2 envs, no IPC" in out
     if "--slots" in argv:
         assert "slot_attention" not in out
         assert "eager-fp32 " not in out and "gmm             channels_last" in out  # --rows: that row only
@@ -972,7 +975,7 @@ def test_compare_puts_the_runs_last_evaluations_side_by_side(tmp_path, capsys):
     """Two tiny set-prediction runs, GMM and Slot Attention: a column per run under the settings that tell them
     apart, a row per logged evaluation key (the AP table first) with the numbers of metrics.jsonl; a run without an
     evaluation yet is a column of '-'; runs of two commands, runs none of which evaluated and a folder that is no run
-    are one-line errors."""
+    are one-line errors; settings their task does not read (a set-prediction run's decoder) are no row."""
     import shutil
 
     for slots in ("gmm", "slot_attention"):
@@ -1022,6 +1025,11 @@ def test_compare_puts_the_runs_last_evaluations_side_by_side(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-2:] == [
         "note: evaluated on unequal samples: images (8, 4)",
         "note: evaluated under other settings: data.crop (false, true); data.max_objects (4, 6)"]
+    config.write_text(config.read_text().replace("decoder_channels: 8", "decoder_channels: 16")
+                      .replace("head_hidden: 16", "head_hidden: 32"))
+    assert run.main(["compare", str(tmp_path / "gmm"), str(tmp_path / "again" / "gmm")]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()}
+    assert rows["model.head_hidden"] == ["16", "32"] and "model.decoder_channels" not in rows  # setpred: no decoder
 
 
 def test_a_data_root_that_the_source_would_not_read_is_refused():
@@ -1165,8 +1173,9 @@ def test_bench_pretrain_and_estep_ratios_from_fixed_timings(monkeypatch, capsys)
 
 
 def test_bench_envs_efficiencies_from_fixed_rates(monkeypatch, capsys):
-    """2 workers: one core 100 steps/s, 2 processes without IPC 300 (efficiency 300 / (2 x 100) = 1.50), vector
-    envs of 1 and 2 envs per worker 150 and 300 (0.75 and 1.50 of two cores; 0.50 and 1.00 of the no-IPC rate)."""
+    """2 workers: one core 100 steps/s; 2 processes without IPC 300 with 1 env each, 500 with 2 (efficiency 1.50 and
+    2.50 of 2 x 100); vector envs of 1 and 2 envs per worker 150 and 300 (0.75 and 1.50 of two cores; 0.50 and 0.60
+    of the no-IPC rate of the same envs). Unknown games are refused before anything runs."""
     import argparse
     import types
 
@@ -1180,12 +1189,17 @@ def test_bench_envs_efficiencies_from_fixed_rates(monkeypatch, capsys):
                         types.SimpleNamespace(per=envs_per_worker, sync=not asynchronous, close=lambda: None))
     monkeypatch.setattr(envs.throughput, "measure_steps_per_second",
                         lambda venv, steps: 100.0 if venv.sync else 150.0 * venv.per)
-    monkeypatch.setattr(envs.throughput, "measure_independent_steps_per_second", lambda fn, workers, steps: 300.0)
-    bench.bench_envs(argparse.Namespace(workers=2, env_steps=5, envs_per_worker="1,2", envs="toy"),
+    monkeypatch.setattr(envs.throughput, "measure_independent_steps_per_second",
+                        lambda fn, workers, steps, envs_per_process: 100.0 + 200.0 * envs_per_process)
+    bench.bench_envs(argparse.Namespace(workers=2, env_steps=5, envs_per_worker="1,2", envs="crafter"),
                      torch.device("cpu"))
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
-    assert rows[0][-1] == "100" and rows[1][-2:] == ["300", "1.50"]
-    assert rows[2][-3:] == ["150", "0.75", "0.50"] and rows[3][-3:] == ["300", "1.50", "1.00"]
+    assert rows[0][-1] == "100" and rows[1][-2:] == ["300", "1.50"] and rows[2][-3:] == ["150", "0.75", "0.50"]
+    assert rows[3][-2:] == ["500", "2.50"] and rows[4][-3:] == ["300", "1.50", "0.60"]
+    for games in ("crafter,", "toy"):
+        with pytest.raises(ValueError, match="--envs takes crafter and/or nethack"):
+            bench.bench_envs(argparse.Namespace(workers=2, env_steps=5, envs_per_worker="1", envs=games),
+                             torch.device("cpu"))
 
 
 def test_bench_imagination_rates_from_a_fixed_clock(monkeypatch, capsys):

@@ -915,17 +915,25 @@ def test_held_out_segments_are_scored_chunk_by_chunk_weighted_by_their_size(tmp_
 def test_the_prediction_picture_has_a_row_per_step_and_named_columns():
     """`wm/real_decoded_imagined` (train-wm, eval-wm, the agent): 2 steps of 16-pixel frames, upscaled 8x to 128
     pixels, padded by 2 (16) as `tile` pads, under a 16-pixel strip naming the columns: real (0), decoded (0.5) and
-    imagined (1) in that order, each row one step."""
+    imagined (1) in that order, each row one step, named on a white band at the foot of its real frame ("given",
+    "+4 steps")."""
     from world_model.visualize import PREDICTION_COLUMNS, prediction_grid
 
     real, decoded, imagined = (torch.full((2, 3, 16, 16), v) for v in (0.0, 0.5, 1.0))
     real[1] = 0.25  # the second step's real frame
-    grid = prediction_grid(real, decoded, imagined)
+    grid = prediction_grid(real, decoded, imagined, [0, 4])
     assert PREDICTION_COLUMNS == ["real", "decoded", "imagined"]
     assert grid.shape == (3, 16 + 8 * (2 * 18 + 2), 8 * (3 * 18 + 2))
     centre = lambda row, col: float(grid[0, 16 + 8 * (2 + 18 * row + 8), 8 * (2 + 18 * col + 8)])  # noqa: E731
     assert [[centre(r, c) for c in range(3)] for r in range(2)] == [[0.0, 0.5, 1.0], [0.25, 0.5, 1.0]]
     assert float(grid[:, :16].min()) < 0.5  # the names, drawn dark on the white strip
+    foot = lambda row, col: grid[:, 16 + 8 * (2 + 18 * row + 16) - 12:16 + 8 * (2 + 18 * row + 16),  # noqa: E731
+                                 8 * (2 + 18 * col):8 * (2 + 18 * col + 16)]
+    for row in range(2):  # the real frame's foot: a white band with dark text; the decoded frame's: untouched
+        band = foot(row, 0)
+        assert (band > 0.99).float().mean() > 0.5 and float(band.min()) < 0.5
+        assert bool((foot(row, 1) == 0.5).all())
+    assert not torch.equal(foot(0, 0), foot(1, 0))  # "given", then "+4 steps"
 
 
 def test_train_wm_prints_its_last_evaluation_once_then_its_json_line(tmp_path, capsys):

@@ -18,6 +18,7 @@ from .config import PretrainConfig, load_config
 from .dynamics import SlotDynamics, sample_step
 from .pretrain import build_model, compute_loss
 from .sources import GeneratedScenes
+from .updates import guarded_update
 from .rundir import resolve_device, set_precision
 from .slots.gmm import gaussian_log_likelihood
 
@@ -149,7 +150,10 @@ def bench_pretrain(args, device: torch.device) -> None:
     note = (f" (convolutions in TF32, fp32 matmuls {precision})" if device.type == "cuda"
             else f" (fp32 matmuls {precision})" if args.matmul_precision else "")
     print(f"# pretrain step ({args.task}, the architecture of {BENCH_PRESETS[args.task]}), {res}x{res}, batch "
-          f"{batch_size}, device {device}{note}; img/s over {args.steps} timed steps after the warm-up")
+          f"{batch_size}, device {device}{note}; img/s over {args.steps} timed steps after the warm-up, each as "
+          "training steps (finite checks, gradient clipping); first step: the row's first call, compilation "
+          "included, with the compile caches this process finds (`run.py pretrain` logs train/first_step_s from "
+          "its process's start)")
     print(f"{'model':<16}{'mode':<15}{'img/s':>10}{'first step s':>14}{'peak GiB':>10}")
     data = None
     results = {}
@@ -167,16 +171,17 @@ def bench_pretrain(args, device: torch.device) -> None:
             if channels_last:
                 model = model.to(memory_format=torch.channels_last)
             step_model = torch.compile(model, mode=compile_mode) if compile_mode else model
-            opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+            params = list(model.parameters())
+            opt = torch.optim.Adam(params, lr=1e-4)
             images = data["images"].contiguous(memory_format=torch.channels_last) if channels_last else data["images"]
             batch = dict(data, images=images)
 
-            def step():
+            def step():  # as `run.py pretrain` steps: the batch's finite check, the guarded, clipped update
+                if not torch.isfinite(batch["images"]).all():
+                    raise UsageError("non-finite pixel values in the benchmark batch")
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss, _, _ = compute_loss(step_model, cfg.task, batch, cfg.model.vq.beta)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                    loss, stats, _ = compute_loss(step_model, cfg.task, batch, cfg.model.vq.beta)
+                guarded_update(loss, params, opt, cfg.train.grad_clip, stats)
 
             try:
                 per_step, first = _timeit(step, device, args.steps, warmup=3 if compile_mode else 2)
@@ -272,8 +277,13 @@ def bench_envs(args, device: torch.device) -> None:
     from envs.throughput import measure_independent_steps_per_second, measure_steps_per_second
     from envs.vector import make_vector_env
 
-    workers = args.workers or os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # this process's
+    workers = args.workers or cores or 1
     steps = args.env_steps or 500
+    games = [g.strip() for g in args.envs.split(",")]
+    unknown = [g for g in games if g not in ("crafter", "nethack")]
+    if unknown or not games:
+        raise UsageError(f"--envs takes crafter and/or nethack (comma-separated), got {args.envs!r}")
     try:
         per_worker_list = [int(v) for v in args.envs_per_worker.split(",")]
     except ValueError:
@@ -283,9 +293,10 @@ def bench_envs(args, device: torch.device) -> None:
     # Every env runs the same `steps` steps in every row: a game's cost per step changes along an episode (Crafter's
     # night frames render darkness), so rows that stepped each env fewer times would compare different phases.
     print(f"# env steps/s, random actions, {steps} steps of every env in each row; efficiency = rate / (workers x one core); "
-          f"of no-IPC = rate / the no-IPC row (the machine's own scaling left out)")
+          f"of no-IPC = rate / the no-IPC row above it, the same envs (seeds) stepped by as many processes without a "
+          f"vector env (the machine's own scaling left out)")
     print(f"{'env':>8} {'setup':>30} {'steps/s':>9} {'efficiency':>10} {'of no-IPC':>10}")
-    for name in args.envs.split(","):
+    for name in games:
         fn = env_fn(name, stats_path=None)
         # One core stepping the no-IPC row's envs (seeds 0..workers-1) in turn: a game's step and reset costs vary
         # with the seed (a Crafter world is regenerated when the player dies), so one env's rate is a noisy baseline.
@@ -293,9 +304,10 @@ def bench_envs(args, device: torch.device) -> None:
         single = measure_steps_per_second(venv, steps)
         venv.close()
         print(f"{name:>8} {f'one core, {workers} envs in turn':>30} {single:9.0f}")
-        alone = measure_independent_steps_per_second(fn, workers, steps)
-        print(f"{name:>8} {f'{workers} processes x 1 env, no IPC':>30} {alone:9.0f} {alone / (workers * single):10.2f}")
         for per_worker in per_worker_list:
+            alone = measure_independent_steps_per_second(fn, workers, steps, envs_per_process=per_worker)
+            print(f"{name:>8} {f'{workers} processes x {per_worker} envs, no IPC':>30} {alone:9.0f} "
+                  f"{alone / (workers * single):10.2f}")
             venv = make_vector_env(fn, workers * per_worker, envs_per_worker=per_worker)
             rate = measure_steps_per_second(venv, steps)
             venv.close()

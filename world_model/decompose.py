@@ -22,7 +22,9 @@ from .perception import SlotAutoencoder
 from .pretrain import load_run
 from .sources import eval_batches, use_clevr_root
 from .rundir import check_out_dir, fixed_rng, resolve_device
-from .visualize import colorize, decomposition_picture, edit_labels, labeled, save_png, tile, upscale, video_frame
+from .updates import autocast
+from .visualize import (clear_outputs, colorize, decomposition_picture, edit_labels, labeled, save_png, tile, upscale,
+                        video_frame)
 from .wm import frames_to_input
 
 VIDEO_SCALE = 4  # frames are upscaled (nearest) so 64x64 games stay legible in the video
@@ -52,6 +54,9 @@ def episode_frames(env: str, frames: int, seed: int = 0, act: Optional[Callable[
     finally:
         e.close()
     return np.stack([o["image"] if isinstance(o, dict) else o for o in out]), np.array(starts)
+
+
+EDITED_FRAMES = 4  # `visualize --edit`: the first frames' rows
 
 
 @torch.no_grad()
@@ -130,26 +135,30 @@ def edit_values(model, slot: str, var: str, value: str) -> tuple[int, int, list[
 
 
 @torch.no_grad()
-def edit_codes(model, images: torch.Tensor, slot: int, var: int, values: list[int]) -> torch.Tensor:
-    """VQ editing: decode each image with code `var` of slot `slot` set to each of `values` (see `edit_values`).
-    Returns a grid: per image a row of input, reconstruction, then one decoding per value."""
-    vq = model.encoder.vq
+def edit_codes(model, images: torch.Tensor, parts: dict, slot: int, var: int, values: list[int]) -> torch.Tensor:
+    """VQ editing: decode each image's codes with code `var` of slot `slot` set to each of `values` (see
+    `edit_values`). `parts`: `decompose`'s output for the images, whose codes (slots carried from frame to frame in a
+    game) are the ones its frame PNGs show, so slot `slot` is the object shown there. Returns a grid: per image a row
+    of input, reconstruction, the slot (its masked RGB), then one decoding per value."""
+    vq, device = model.encoder.vq, next(model.parameters()).device
     rows = []
-    for x in images.split(1):
-        enc = model.encoder(x)
-        cols = [x[0], model.decoder(enc.slots).recon[0].clamp(0, 1)]
+    for t, x in enumerate(images):
+        codes = parts["codes"][t:t + 1].to(device)  # 1 k v
+        mask = parts["masks"][t, slot, None]  # 1 h w
+        cols = [x, parts["recon"][t].clamp(0, 1), mask * parts["rgb"][t, slot].clamp(0, 1) + 1 - mask]
         for value in values:
-            codes = enc.codes.clone()
-            codes[:, slot, var] = value
-            cols.append(model.decoder(vq.decode_codes(codes)).recon[0].clamp(0, 1))
-        rows.append(torch.stack(cols))
-    return tile(torch.cat(rows), nrow=len(values) + 2)
+            edited = codes.clone()
+            edited[:, slot, var] = value
+            cols.append(model.decoder(vq.decode_codes(edited)).recon[0].float().clamp(0, 1).cpu())
+        rows.append(torch.stack([c.float().cpu() for c in cols]))
+    return tile(torch.cat(rows), nrow=len(values) + 3)
 
 
 def load_slot_model(checkpoint: str, device: torch.device, step: Optional[int] = None) -> SimpleNamespace:
     """The slot model of any run (of its checkpoint kept at evaluation step `step`, if given): a pretraining run's
     model, or the slot autoencoder inside a world-model or agent run. Fields: model, resolution, model_cfg (its
-    ModelConfig), step, trained_env (the game whose frames it trained on; None for generated or CLEVR scenes),
+    ModelConfig), step, amp (the run's train.amp: bf16 autocast on CUDA, the codes it learned), trained_env (the
+    game whose frames it trained on; None for generated or CLEVR scenes),
     pretrain_cfg (None for the others), agent (an agent run's config, world model and actor-critic; None for the
     others), env_kwargs (the settings of the game it trained on: an agent run's env, or those its dataset recorded;
     {} where unknown)."""
@@ -159,7 +168,8 @@ def load_slot_model(checkpoint: str, device: torch.device, step: Optional[int] =
     if command not in ("train-wm", "train"):  # a pretraining run, or none: load_run says which
         cfg, model, state = load_run(checkpoint, device, step, made_by="`run.py pretrain`, `train-wm` or `train`")
         return SimpleNamespace(model=model, resolution=cfg.data.resolution, model_cfg=cfg.model, step=state["step"],
-                               trained_env=(state.get("frames") or {}).get("env"), pretrain_cfg=cfg, agent=None,
+                               amp=cfg.train.amp, trained_env=(state.get("frames") or {}).get("env"), pretrain_cfg=cfg,
+                               agent=None,
                                env_kwargs=_recorded_env_kwargs(cfg.data.root if cfg.data.source == "frames" else None))
     if command == "train-wm":
         from .train_wm import load_wm_run
@@ -174,7 +184,8 @@ def load_slot_model(checkpoint: str, device: torch.device, step: Optional[int] =
         at, trained_env, agent = state["counters"]["env_steps"], cfg.env.name, (cfg, wm, ac)
         settings = {k: v for k, v in env_kwargs(cfg, None).items() if k != "stats_path"}
     return SimpleNamespace(model=wm.autoencoder.eval(), resolution=cfg.encoder.resolution,
-                           model_cfg=cfg.encoder.model, step=at, trained_env=trained_env, pretrain_cfg=None,
+                           model_cfg=cfg.encoder.model, step=at, amp=cfg.train.amp, trained_env=trained_env,
+                           pretrain_cfg=None,
                            agent=agent, env_kwargs=settings)
 
 
@@ -292,17 +303,11 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
         print(note, file=sys.stderr)
     out = check_out_dir(out_dir)
     images, carry, starts = _shown_images(run, env, clevr_root, checkpoint, frames, seed, policy, dev)
-    with fixed_rng(seed, dev):  # the slots' initial noise: the same pictures on every call
-        result = {k: None if v is None else v.cpu() for k, v in decompose(model, images.to(dev), carry, starts).items()}
+    with fixed_rng(seed, dev), autocast(dev, run.amp):  # the same noise on every call; the codes training learned
+        result = {k: None if v is None else v.float().cpu() if v.is_floating_point() else v.cpu()
+                  for k, v in decompose(model, images.to(dev), carry, starts).items()}
     out.mkdir(parents=True, exist_ok=True)  # now: a call stopped before (Ctrl-C, an env error) leaves no empty folder
-    # an earlier visualize's frames, edits, codes and log, which could outnumber or mix with this one's: replaced
-    # once this one is computed
-    stale = [*out.glob("frame_*.png"), *out.glob("edit_*.png"), *out.glob("codes.npy"), *out.glob("*_slots.mp4"),
-             *out.glob("*_slots.gif"), *(out / "tb").glob("events.*")]
-    for path in stale:
-        path.unlink()
-    if stale:
-        print(f"note: replaced an earlier visualize's pictures and tensorboard log in {out}", file=sys.stderr)
+    clear_outputs(out)  # an earlier call's, replaced once this one is computed
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(out / "tb")) as writer:  # closed, with what it holds written, on an error too
@@ -326,9 +331,9 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
             np.save(out / "codes.npy", result["codes"].numpy())  # t k v
         if parsed is not None:
             slot, var, values = parsed
-            with fixed_rng(seed, dev):
-                grid = edit_codes(model, images[: min(4, len(images))].to(dev), slot, var, values).cpu()
-            path = out / f"edit_slot{slot}_var{var}_{edit[2]}.png"
+            with autocast(dev, run.amp):
+                grid = edit_codes(model, images[:EDITED_FRAMES], result, slot, var, values)
+            path = out / f"edit_slot{slot}_var{var}_{values[0] if len(values) == 1 else 'all'}.png"
             picture = labeled(upscale(grid, images.shape[-1]), edit_labels(slot, var, values), images.shape[-1])
             save_png(picture, path)
             summary["edit"] = str(path)

@@ -2,8 +2,10 @@
 
 Slots are matched to ground-truth objects (Hungarian on predicted property rows for set prediction,
 on mask overlap otherwise); over the matched objects, every latent variable gets the table
-p(property = value | code) per property, drawn as a heatmap PNG, and its normalized mutual
-information (NMI) with each property, summarized in `summary.json` as in the VQ-SA paper's figure.
+p(property = value | code) per property, drawn as a heatmap PNG, and its mutual information with each property,
+summarized in `summary.json` as in the VQ-SA paper's figure. The best match is read from the adjusted mutual
+information (AMI: 0 for codes independent of the property), since plain NMI grows with a property's number of values
+and would favour color (8) over size or material (2) for codes that encode neither.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from .pretrain import load_run
 from .sources import EVAL_SEED, eval_batches, use_clevr_root
 from .updates import autocast
 from .rundir import check_out_dir, fixed_rng, resolve_device
+from .visualize import clear_outputs
 
 # The discrete properties, in table order: (value names, slice of the 19-entry target row).
 PROPERTIES = {name: (ATTRIBUTES[name], ATTRIBUTE_SLICES[name]) for name in ("shape", "size", "material", "color")}
@@ -35,27 +38,68 @@ def _entropy(counts: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def normalized_mutual_info(a: np.ndarray, b: np.ndarray) -> float:
-    """NMI of two integer labelings, MI / mean(H(a), H(b)) as sklearn's default; 1.0 when both are constant
-    (or empty), 0.0 when only one is."""
+def _contingency(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Counts of each (value of a, value of b) pair, `values_a values_b` float."""
     a, b = np.asarray(a).ravel(), np.asarray(b).ravel()
     if a.shape != b.shape:
         raise ValueError(f"label arrays differ in length: {a.size} and {b.size}")
     ua, ia = np.unique(a, return_inverse=True)
     ub, ib = np.unique(b, return_inverse=True)
-    if len(ua) <= 1 and len(ub) <= 1:
-        return 1.0
-    if len(ua) == 1 or len(ub) == 1:
-        return 0.0
-    joint = np.bincount(ia * len(ub) + ib, minlength=len(ua) * len(ub)).reshape(len(ua), len(ub)).astype(np.float64)
+    return np.bincount(ia * len(ub) + ib, minlength=len(ua) * len(ub)).reshape(len(ua), len(ub)).astype(np.float64)
+
+
+def _mutual_info(joint: np.ndarray) -> float:
     n = joint.sum()
     pa, pb = joint.sum(1), joint.sum(0)  # marginal counts
     nz = joint > 0
-    mi = float((joint[nz] / n * np.log(joint[nz] * n / np.outer(pa, pb)[nz])).sum())
-    mi = max(mi, 0.0)
-    if mi == 0.0:
+    return max(float((joint[nz] / n * np.log(joint[nz] * n / np.outer(pa, pb)[nz])).sum()), 0.0)
+
+
+def _expected_mutual_info(joint: np.ndarray) -> float:
+    """E[MI] of two labelings with these marginals under random permutation (the hypergeometric model of Vinh,
+    Epps and Bailey 2010): the chance level AMI subtracts."""
+    from scipy.special import gammaln
+
+    n = int(joint.sum())
+    total = 0.0
+    for ai in joint.sum(1).astype(np.int64):
+        for bj in joint.sum(0).astype(np.int64):
+            nij = np.arange(max(1, ai + bj - n), min(ai, bj) + 1, dtype=np.float64)
+            log_p = (gammaln(ai + 1) + gammaln(bj + 1) + gammaln(n - ai + 1) + gammaln(n - bj + 1) - gammaln(n + 1)
+                     - gammaln(nij + 1) - gammaln(ai - nij + 1) - gammaln(bj - nij + 1)
+                     - gammaln(n - ai - bj + nij + 1))
+            total += float((nij / n * np.log(n * nij / (ai * bj)) * np.exp(log_p)).sum())
+    return total
+
+
+def normalized_mutual_info(a: np.ndarray, b: np.ndarray) -> float:
+    """NMI of two integer labelings, MI / mean(H(a), H(b)) as sklearn's default; 1.0 when both are constant
+    (or empty), 0.0 when only one is."""
+    joint = _contingency(a, b)
+    if joint.shape[0] <= 1 and joint.shape[1] <= 1:
+        return 1.0
+    if joint.shape[0] == 1 or joint.shape[1] == 1:
         return 0.0
-    return mi / (0.5 * (_entropy(pa) + _entropy(pb)))
+    mi = _mutual_info(joint)
+    return mi / (0.5 * (_entropy(joint.sum(1)) + _entropy(joint.sum(0)))) if mi > 0 else 0.0
+
+
+def adjusted_mutual_info(a: np.ndarray, b: np.ndarray) -> float:
+    """AMI of two integer labelings, (MI - E[MI]) / (mean(H(a), H(b)) - E[MI]) as sklearn's default: 0 on average
+    for independent labelings whatever their numbers of values, 1 for identical ones up to renaming; 1.0 when both
+    are constant (or empty), 0.0 when only one is."""
+    joint = _contingency(a, b)
+    if joint.shape[0] <= 1 and joint.shape[1] <= 1:
+        return 1.0
+    if joint.shape[0] == 1 or joint.shape[1] == 1:
+        return 0.0
+    if joint.shape[0] == joint.shape[1] and ((joint > 0).sum(0) == 1).all():  # the same up to renaming
+        return 1.0
+    emi = _expected_mutual_info(joint)
+    denominator = 0.5 * (_entropy(joint.sum(1)) + _entropy(joint.sum(0))) - emi
+    eps = np.finfo(np.float64).eps  # as sklearn: a zero denominator (both labelings fixed by their marginals)
+    denominator = min(denominator, -eps) if denominator < 0 else max(denominator, eps)
+    return (_mutual_info(joint) - emi) / denominator
 
 
 def _match_by_properties(pred: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -135,6 +179,10 @@ def collect_code_properties(model: torch.nn.Module, cfg: PretrainConfig, device:
             with autocast(device, cfg.train.amp):
                 enc, out = model(x)
             targets = batch["targets"].float().cpu().numpy()  # b n 19
+            real = targets[targets[..., -1] > 0.5]
+            if len(real) and not any(real[:, sl].any() for _, sl in PROPERTIES.values()):
+                raise UsageError("these scenes' objects have no shape, size, material or color (CLEVR with masks, "
+                                 "converted, names none): code/property tables need generated scenes or CLEVR v1.0")
             if match == "properties":
                 m = match_slots_to_objects(pred=out.float().cpu().numpy(), targets=targets)
             else:
@@ -164,11 +212,12 @@ def _value_names(name: str, column: np.ndarray) -> list[str]:
 
 def code_property_tables(codes: np.ndarray, properties: np.ndarray, num_codes: int,
                          property_names: Sequence[str]) -> dict:
-    """Per latent variable: p(property = value | code) tables and NMI with every property.
+    """Per latent variable: p(property = value | code) tables, and NMI and AMI with every property.
 
     codes `m v` in [0, num_codes), properties `m p` (non-negative ints; CLEVR names get CLEVR value names).
     Returns counts `v c` (objects per code), p[var][prop] `c values` (rows of unused codes are NaN),
-    nmi `v p`, and per variable the best-matching property (highest NMI) and its NMI.
+    nmi and ami `v p`, and per variable the best-matching property (highest AMI; None when no AMI is above 0,
+    chance) with its AMI and NMI.
     """
     codes, properties = np.asarray(codes, dtype=np.int64), np.asarray(properties, dtype=np.int64)
     if codes.ndim != 2 or properties.ndim != 2 or codes.shape[0] != properties.shape[0]:
@@ -178,7 +227,7 @@ def code_property_tables(codes: np.ndarray, properties: np.ndarray, num_codes: i
     values = [_value_names(name, properties[:, j]) for j, name in enumerate(property_names)]
     v, p = codes.shape[1], properties.shape[1]
     counts = np.stack([np.bincount(codes[:, i], minlength=num_codes) for i in range(v)])  # v c
-    tables, nmi = [], np.zeros((v, p))
+    tables, nmi, ami = [], np.zeros((v, p)), np.zeros((v, p))
     for i in range(v):
         row = []
         for j in range(p):
@@ -187,22 +236,26 @@ def code_property_tables(codes: np.ndarray, properties: np.ndarray, num_codes: i
             with np.errstate(invalid="ignore", divide="ignore"):
                 row.append(joint / counts[i][:, None])  # c values; 0/0 = NaN for unused codes
             nmi[i, j] = normalized_mutual_info(codes[:, i], properties[:, j])
+            ami[i, j] = adjusted_mutual_info(codes[:, i], properties[:, j])
         tables.append(row)
-    best = nmi.argmax(1)
+    best = ami.argmax(1)
     return {"num_codes": num_codes, "property_names": list(property_names), "value_names": values,
-            "counts": counts, "p": tables, "nmi": nmi,
-            "best_property": [property_names[j] for j in best], "best_nmi": nmi[np.arange(v), best]}
+            "counts": counts, "p": tables, "nmi": nmi, "ami": ami,
+            "best_property": [property_names[j] if ami[i, j] > 0 else None for i, j in enumerate(best)],
+            "best_ami": ami[np.arange(v), best], "best_nmi": nmi[np.arange(v), best]}
 
 
 def summarize(tables: dict) -> dict:
-    """The JSON-able part of `code_property_tables`: NMI table (variables x properties) and best matches."""
+    """The JSON-able part of `code_property_tables`: NMI and AMI tables (variables x properties) and best matches."""
     names = tables["property_names"]
     return {
         "num_vars": len(tables["nmi"]), "num_codes": tables["num_codes"], "properties": names,
         "matched_objects": int(tables["counts"][0].sum()) if len(tables["counts"]) else 0,
         "nmi": [{n: round(float(x), 6) for n, x in zip(names, row)} for row in tables["nmi"]],
-        "best": [{"variable": i, "property": prop, "nmi": round(float(x), 6)}
-                 for i, (prop, x) in enumerate(zip(tables["best_property"], tables["best_nmi"]))],
+        "ami": [{n: round(float(x), 6) for n, x in zip(names, row)} for row in tables["ami"]],
+        "best": [{"variable": i, "property": prop, "ami": round(float(a), 6), "nmi": round(float(x), 6)}
+                 for i, (prop, a, x) in enumerate(zip(tables["best_property"], tables["best_ami"],
+                                                      tables["best_nmi"]))],
         "codes_used": [int((c > 0).sum()) for c in tables["counts"]],
     }
 
@@ -231,7 +284,9 @@ def _heatmap(tables: dict, var: int):
     counts, names, values = tables["counts"][var], tables["property_names"], tables["value_names"]
     c = tables["num_codes"]
     row_labels = [f"code {k}  n={counts[k]}" for k in range(c)]
-    title = f"variable {var}: best match {tables['best_property'][var]}, NMI = {tables['best_nmi'][var]:.3f}"
+    best = tables["best_property"][var]
+    title = (f"variable {var}: best match {best}, AMI = {tables['best_ami'][var]:.3f} "
+             f"(NMI {tables['best_nmi'][var]:.3f})" if best else f"variable {var}: no property above chance (AMI <= 0)")
     line = max(size(t)[1] for t in [title, *names, *row_labels]) + 4
     label_w = max(size(t)[0] for t in row_labels) + PAD
     value_h = max(size(t)[0] for vs in values for t in vs) + PAD
@@ -274,6 +329,7 @@ def save_code_heatmaps(tables: dict, out_dir: str | Path, info: Optional[dict] =
     summary.json (`summarize(tables)` plus `info`); returns the written paths, summary.json last."""
     out = check_out_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    clear_outputs(out)  # an earlier figure's (perhaps of more variables) or decomposition's
     paths = []
     for var in range(len(tables["nmi"])):
         path = out / f"codes_var{var}.png"
@@ -289,6 +345,7 @@ def disentanglement(run_dir: str, out_dir: str, n_images: int = 1000, device="cp
                      clevr_root: Optional[str] = None, step: Optional[int] = None) -> dict:
     """`run.py visualize --codes`: code/property heatmaps and NMI summary of a VQ run on held-out scenes (those of
     `clevr_root`, a CLEVR v1.0 directory, when given); `step`: its checkpoint kept at that evaluation."""
+    check_out_dir(out_dir)  # before minutes of evaluation
     device = resolve_device(device) if isinstance(device, str) else device
     cfg, model, state = load_run(run_dir, device, step)
     use_clevr_root(cfg, clevr_root, run_dir)

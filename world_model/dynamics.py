@@ -40,6 +40,7 @@ class DynamicsConfig:
     max_steps: int = 64  # longest context in time steps (size of the learned time embedding)
     dropout: float = 0.0
     reward_bins: int = 255
+    slot_tags: bool = True  # a fixed random tag per slot index (false: none, e.g. to measure what they give)
 
 
 @dataclass
@@ -145,7 +146,8 @@ class SlotDynamics(nn.Module):
         self.tokens_per_step = cfg.num_slots + (1 if cfg.frame_vars else 0) + 1
         self.slot_embed = CodeEmbedding(cfg.num_vars, cfg.num_codes, d)
         # fixed (seeded, saved with the weights): the same on every rank and in every build; N(0, 1) as the embeddings
-        self.register_buffer("slot_tags", torch.randn(cfg.num_slots, d, generator=torch.Generator().manual_seed(0)))
+        tags = torch.randn(cfg.num_slots, d, generator=torch.Generator().manual_seed(0))
+        self.register_buffer("slot_tags", tags if cfg.slot_tags else torch.zeros_like(tags))
         if cfg.frame_vars:
             self.frame_embed = CodeEmbedding(cfg.frame_vars, cfg.frame_codes, d)
         self.action_embed = nn.Embedding(cfg.num_actions, d)

@@ -116,10 +116,10 @@ class SetPredictor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[SlotOutput, torch.Tensor]:
         enc = self.encoder(images)
-        pred = self.head(enc.slots)  # b k 19: xyz, then the attributes and objectness
-        if enc.codes is not None and self._coords_from_slots:
-            pred = torch.cat([self.head(enc.raw_slots)[..., :3], pred[..., 3:]], dim=-1)
-        return enc, pred
+        if enc.codes is None or not self._coords_from_slots:
+            return enc, self.head(enc.slots)  # b k 19: xyz, then the attributes and objectness
+        quantized, raw = self.head(torch.stack([enc.slots, enc.raw_slots])).unbind(0)  # one pass for both
+        return enc, torch.cat([raw[..., :3], quantized[..., 3:]], dim=-1)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "coords_from_slots"

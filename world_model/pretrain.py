@@ -29,8 +29,8 @@ from .config import ConfigError, PretrainConfig, check_against_checkpoint, load_
 from .losses import hungarian_huber_loss
 from .metrics import clevr_ap_table, fg_ari, setpred_accuracy
 from .perception import SetPredictor, SlotAutoencoder
-from .rundir import (MetricLogger, RunDir, claimed_run, evaluation_due, fixed_rng, resolve_device, resumed_length,
-                     restore_rng, rng_states, shown, stopped_evaluation, this_ranks)
+from .rundir import (MetricLogger, RunDir, claimed_run, evaluation_due, fixed_rng, process_age, resolve_device,
+                     resumed_length, restore_rng, rng_states, shown, stopped_evaluation, this_ranks)
 from .slots.vq import temperature
 from .sources import (EVAL_CHUNK, EVAL_SEED, ClevrScenes, EpisodeFrames, check_source, eval_batches, make_source,
                       train_batches, use_clevr_root)
@@ -294,6 +294,7 @@ def _pretrain(cfg: PretrainConfig, run: RunDir, device: torch.device, resume: bo
         evaluated()  # the one a stopped run did not finish
     # Ctrl-C / SIGTERM: stop after a step, with a checkpoint (under torchrun: the step the processes agree on)
     streak = SkipStreak("pretraining", f"train.lr (now {cfg.train.lr:g})")
+    first_step_s, logged_first = None, False
     with StepStops() as stops:
         while step < cfg.train.steps:
             batch = next(stream)
@@ -315,10 +316,18 @@ def _pretrain(cfg: PretrainConfig, run: RunDir, device: torch.device, resume: bo
             streak(problem, step + 1)
             step += 1
             bar.update(1)
+            if first_step_s is None:  # this process's first step, done on the device: the time to get here
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                first_step_s = process_age()
+                if distributed.is_main():
+                    bar.write(f"first step done {first_step_s:.1f} s after the process started")
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 now = time.perf_counter()
                 stats = distributed.mean_scalars(means.pop(), device)  # every rank skipped the same updates: same keys
                 stats.update(lr=opt.param_groups[0]["lr"], images_per_s=images / (now - t_last))
+                if not logged_first:  # the first row of this process (its first step, maybe steps before)
+                    stats["first_step_s"], logged_first = first_step_s, True
                 if vq is not None:
                     stats["tau"] = float(vq.tau)
                 if pool is not None:

@@ -38,6 +38,9 @@ DESCRIBED = {"pretrain": ("task", "model.slots", "model.vq.enabled", "model.num_
              "train-wm": ("data.root", "encoder.model.slots", "encoder.mode"),
              "train": ("env.name", "encoder.model.slots", "encoder.mode")}
 DIFFERING_ROWS = 12  # at most this many rows of other settings that differ; a note counts the rest
+# pretraining keys a task never reads (set prediction has no decoder, discovery no set head): no row when every run
+# is of such a task
+UNUSED_BY_TASK = {"setpred": {"model.decoder_channels", "model.decoder_init"}, "discovery": {"model.head_hidden"}}
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -52,7 +55,9 @@ def _differing(command: str, configs: list, skip) -> list[tuple[str, list[str]]]
     """A row per config key whose value differs between the runs (`skip`: keys shown elsewhere), in config order:
     what else tells the runs apart."""
     flat = [_flat(asdict(cfg)) for cfg in configs]
-    keys = dict.fromkeys(k for f in flat for k in f if k not in skip and k not in DESCRIBED[command])
+    unused = set.intersection(*(UNUSED_BY_TASK.get(getattr(cfg, "task", None), set()) for cfg in configs))
+    shown = set(skip) | unused | set(DESCRIBED[command])
+    keys = dict.fromkeys(k for f in flat for k in f if k not in shown)
     rows = [(k, [_setting(f.get(k, "-")) for f in flat]) for k in keys]
     return [(k, cells) for k, cells in rows if len(set(cells)) > 1]
 

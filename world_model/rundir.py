@@ -37,6 +37,21 @@ class RunDirError(UsageError):
     """A run directory that cannot be used as asked (exists without --resume, or missing on resume)."""
 
 
+_IMPORTED = time.time()
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux: from /proc, so imports count; elsewhere since this module was
+    imported): how long a run took to reach a point, e.g. its first training step."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return time.time() - (boot + ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time() - _IMPORTED
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from envs.clevr import ClevrDataset, SceneGenerator
+from envs.clevr_layout import MAX_OBJECTS, PROPERTY_DIM
 from envs.errors import DataError, UsageError
 from envs.episodes import (check_recorded_root, episode_paths, held_out_episodes, load_frames, more_episodes_command,
                            read_meta)
@@ -38,15 +39,37 @@ def stream_seed(seed: int, stream: int, index: int) -> int:
 class ScenePool:
     """A fixed set of generated scenes, rendered chunk by chunk as training reaches them and kept as uint8.
 
-    Chunk c always comes from pool-stream seed c, so the pool's scenes do not depend on when they were rendered:
-    a run that fills the pool as it trains holds the same scenes as one that rendered it whole."""
+    Chunk c always comes from pool-stream seed c, so the pool's scenes do not depend on when or where they were
+    rendered: a run that fills the pool as it trains holds the same scenes as one that rendered it whole. `sharded`
+    under torchrun: each rank renders every world-size-th chunk and the ranks exchange them, so the pool costs
+    each rank 1 / world size of its rendering (collectives: every rank fills at the same steps)."""
 
     CHUNK = 256  # scenes rendered together; changing it changes the pool
 
-    def __init__(self, gen: SceneGenerator, size: int, seed: int):
+    def __init__(self, gen: SceneGenerator, size: int, seed: int, sharded: bool = False):
         self.gen, self.size, self.seed = gen, size, seed
+        self.share = sharded and distributed.world_size() > 1
         self.filled = 0
         self.data: dict = {}  # images (n 3 h w), targets (n k d), masks (n h w), allocated at the first chunk
+
+    def _empty(self, n: int) -> dict:
+        """Storage for n scenes: uint8 images and masks as stored, so only one chunk is ever held at full precision
+        (float images and int64 masks of a 70k pool would take ~21 GiB)."""
+        h, w = self.gen.resolution
+        return {"images": torch.zeros(n, 3, h, w, dtype=torch.uint8, device=self.gen.device),
+                "targets": torch.zeros(n, MAX_OBJECTS, PROPERTY_DIM, device=self.gen.device),
+                "masks": torch.zeros(n, h, w, dtype=torch.uint8, device=self.gen.device)}
+
+    def _render(self, start: Optional[int]) -> dict:
+        """The chunk that begins at scene `start`, padded to CHUNK scenes (all padding for None)."""
+        chunk = self._empty(self.CHUNK)
+        if start is not None:
+            count = min(self.CHUNK, self.size - start)
+            sb = self.gen.generate(count, stream_seed(self.seed, POOL_STREAM, start // self.CHUNK))
+            chunk["images"][:count] = (sb.images * 255).round()
+            chunk["targets"][:count] = sb.targets
+            chunk["masks"][:count] = sb.masks
+        return chunk
 
     def fill(self, n: int, progress: bool = False) -> None:
         """Render chunks until the pool holds its first min(n, size) scenes (whole chunks, so possibly more)."""
@@ -55,19 +78,22 @@ class ScenePool:
         starts = range(self.filled, min(n, self.size), self.CHUNK)
         if not starts:
             return
-        for start in tqdm(starts, desc=f"rendering scenes {self.filled}..{min(starts[-1] + self.CHUNK, self.size)} "
-                          f"of a pool of {self.size}", unit="chunk", disable=not progress, dynamic_ncols=True):
-            count = min(self.CHUNK, self.size - start)
-            sb = self.gen.generate(count, stream_seed(self.seed, POOL_STREAM, start // self.CHUNK))
-            # uint8 as stored, so only one chunk is ever held at full precision (float images and int64 masks
-            # of a 70k pool would take ~21 GiB)
-            chunk = {"images": (sb.images * 255).round().to(torch.uint8), "targets": sb.targets,
-                     "masks": sb.masks.to(torch.uint8)}
-            if not self.data:
-                self.data = {k: v.new_empty((self.size, *v.shape[1:])) for k, v in chunk.items()}
-            for k, v in chunk.items():
-                self.data[k][start:start + count] = v
-            self.filled = start + count
+        if not self.data:
+            self.data = self._empty(self.size)
+        ranks, me = (distributed.world_size(), distributed.rank()) if self.share else (1, 0)
+        rounds = range(0, len(starts), ranks)  # round i: chunk starts[i + r] from rank r
+        for first in tqdm(rounds, desc=f"rendering scenes {self.filled}..{min(starts[-1] + self.CHUNK, self.size)} "
+                          f"of a pool of {self.size}", unit="round" if self.share else "chunk", disable=not progress,
+                          dynamic_ncols=True):
+            group = starts[first:first + ranks]
+            chunk = self._render(group[me] if me < len(group) else None)
+            if self.share:
+                chunk = {k: distributed.gathered(v) for k, v in chunk.items()}  # the ranks' chunks, in rank order
+            for i, start in enumerate(group):
+                count = min(self.CHUNK, self.size - start)
+                for k, v in chunk.items():
+                    self.data[k][start:start + count] = v[i * self.CHUNK:i * self.CHUNK + count]
+            self.filled = group[-1] + min(self.CHUNK, self.size - group[-1])
 
     def needs(self, step: int, size: int) -> int:
         """How many of the pool's first scenes training step `step` (batches of `size`) reads."""
@@ -104,14 +130,15 @@ class GeneratedScenes:
         self.sharded = sharded
         self.gen = SceneGenerator(resolution=(d.resolution, d.resolution), min_objects=d.min_objects,
                                   max_objects=d.max_objects, crop=d.crop, supersample=d.supersample, device=device)
-        self.pool = ScenePool(self.gen, d.pool, cfg.train.seed) if d.pool > 0 else None
+        self.pool = ScenePool(self.gen, d.pool, cfg.train.seed, sharded) if d.pool > 0 else None
         if self.pool is not None and first_step > 0:
             self.pool.fill(self.pool.needs(first_step, cfg.train.batch_size), progress)
 
     def batch(self, size: int, seed: int, step: Optional[int] = None) -> dict:
         """Batch `size` from `seed`; sharded under torchrun, this rank's share of it. A pool's batch is training
-        step `step`'s (uniform over the whole pool when None), the same global batch at any world size; generated
-        scenes are rendered per rank (from a per-rank seed), so no rank renders the others' share."""
+        step `step`'s (uniform over the whole pool when None), the same global batch at any world size, the pool's
+        rendering split among the ranks; generated scenes are rendered per rank (from a per-rank seed), so no rank
+        renders the others' share."""
         if self.pool is not None:
             return self.pool.batch(size, seed, step, self.sharded)
         if self.sharded and distributed.world_size() > 1:

@@ -347,7 +347,7 @@ def prediction_picture(frames: tuple, context: int) -> torch.Tensor:
     real, decoded, imagined = frames  # t 3 r r; decoded and imagined from the last context frame on
     rows = slice(None, None, 4)
     return prediction_grid(real[context - 1:][rows], decoded[rows],
-                           torch.cat([torch.ones_like(real[:1]), imagined])[rows])
+                           torch.cat([torch.ones_like(real[:1]), imagined])[rows], range(len(decoded))[rows])
 
 
 def prediction_video(frames: tuple, context: int) -> np.ndarray:
@@ -596,6 +596,8 @@ def eval_wm(checkpoint: str, out: Optional[str] = None, segments: Optional[int] 
     run or of an agent run's world model (on `data`); `step`: the checkpoint kept at that evaluation."""
     from .decompose import write_video
 
+    if out:
+        check_out_dir(out)  # before the evaluation
     dev = resolve_device(device)
     command = schema_command(Path(checkpoint) / "config.yaml")
     if command == "pretrain":

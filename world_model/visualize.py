@@ -1,6 +1,8 @@
 """Pictures of slot decompositions: colored segmentations and per-slot grids for tensorboard and PNGs."""
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
@@ -40,10 +42,9 @@ def decomposition_grid(images: torch.Tensor, masks: torch.Tensor, recon: Optiona
     images `b 3 h w` in [0, 1], masks `b k h w` (soft, summing to 1 over k), recon `b 3 h w`, rgb `b k 3 h w`.
     """
     images, masks = images[:max_images].float().cpu(), masks[:max_images].float().cpu()
-    b, k, h, w = masks.shape
     if masks.shape[-2:] != images.shape[-2:]:
-        masks = F.interpolate(masks, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        h, w = images.shape[-2:]
+        raise ValueError(f"masks {tuple(masks.shape)} are not at the images' size {tuple(images.shape[-2:])}")
+    k = masks.shape[1]
     seg = colorize(masks.argmax(1))
     cols = [images, *([recon[:max_images].float().cpu().clamp(0, 1)] if recon is not None else []), seg]
     per_slot = masks.unsqueeze(2) * (rgb[:max_images].float().cpu().clamp(0, 1) if rgb is not None
@@ -54,14 +55,16 @@ def decomposition_grid(images: torch.Tensor, masks: torch.Tensor, recon: Optiona
 
 
 def decomposition_labels(recon: bool, num_slots: int) -> list[str]:
-    """The column names of a `decomposition_grid` row."""
-    return ["input", *(["reconstruction"] if recon else []), "segmentation",
+    """The column names of a `decomposition_grid` row (without a reconstruction, a set-prediction model's: its masks
+    are the slots' attention maps)."""
+    return ["input", *(["reconstruction"] if recon else []), "segmentation" if recon else "attention",
             *(f"slot {i}" for i in range(num_slots))]
 
 
 def edit_labels(slot: int, var: int, values: list[int]) -> list[str]:
-    """The column names of an `edit_codes` row: the input, its reconstruction, then each code value decoded."""
-    return ["input", "reconstruction", *(f"slot {slot} var {var}: {v}" for v in values)]
+    """The column names of an `edit_codes` row: the input, its reconstruction, the edited slot, then each code value
+    decoded."""
+    return ["input", "reconstruction", f"slot {slot}", *(f"slot {slot} var {var}: {v}" for v in values)]
 
 
 PNG_MIN_SIDE = 128  # grids are upscaled (nearest) until each picture is at least this many pixels wide
@@ -121,25 +124,33 @@ def annotated(picture: torch.Tensor, texts: list[list[Optional[str]]], side: int
     cell, gap = side * factor, pad * factor
     image = to_pil(picture)
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    bands = []
     for r, row in enumerate(texts):
         for c, text in enumerate(row):
             if text:
                 left, top = gap + c * (cell + gap), strip + gap + r * (cell + gap) + cell - 12
                 draw.rectangle((left, top, left + cell - 1, top + 11), fill="white")
                 draw.text((left + 2, top), text, fill="black", font=font)
-    return from_pil(image)
+                bands.append((slice(top, top + 12), slice(left, left + cell)))
+    drawn, out = from_pil(image), picture.float().cpu().clone()
+    for rows, cols in bands:  # the rest keeps its values (a PNG round trip would round them to 1/255)
+        out[:, rows, cols] = drawn[:, rows, cols]
+    return out
 
 
 PREDICTION_COLUMNS = ["real", "decoded", "imagined"]
 
 
-def prediction_grid(real: torch.Tensor, decoded: torch.Tensor, imagined: torch.Tensor) -> torch.Tensor:
+def prediction_grid(real: torch.Tensor, decoded: torch.Tensor, imagined: torch.Tensor, ahead: Sequence[int]
+                    ) -> torch.Tensor:
     """The `wm/real_decoded_imagined` picture of train-wm, eval-wm and the agent alike: a row per time step, its real
     frame | that frame's codes decoded | the dynamics' open-loop prediction of it (white where the model was given
-    the frame), under a strip naming the columns. Each `t 3 r r` in [0, 1]; returns `3 H W`."""
+    the frame), under a strip naming the columns. Each `t 3 r r` in [0, 1]; `ahead[i]`: how many steps row i is
+    after the last frame the model was given, written on its real frame ("given" for 0). Returns `3 H W`."""
     side = real.shape[-1]
     rows = torch.stack([real, decoded, imagined], 1).flatten(0, 1).float().cpu().clamp(0, 1)  # (t 3) 3 r r
-    return labeled(upscale(tile(rows, nrow=len(PREDICTION_COLUMNS)), side), PREDICTION_COLUMNS, side)
+    picture = labeled(upscale(tile(rows, nrow=len(PREDICTION_COLUMNS)), side), PREDICTION_COLUMNS, side)
+    return annotated(picture, [[f"+{n} steps" if n else "given"] for n in ahead], side)
 
 
 def video_frame(pictures: torch.Tensor, labels: list[str], scale: int) -> np.ndarray:
@@ -164,6 +175,18 @@ def to_pil(image: torch.Tensor):
 def from_pil(image) -> torch.Tensor:
     """A Pillow RGB image -> `3 h w` float in [0, 1]."""
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
+
+
+def clear_outputs(out) -> bool:
+    """Remove what an earlier `visualize` left in `out` (either mode: frames, edits, codes, videos, tensorboard
+    events, code figures), which could outnumber or mix with this call's files; returns whether there was any."""
+    stale = [*out.glob("frame_*.png"), *out.glob("edit_*.png"), *out.glob("codes.npy"), *out.glob("*_slots.mp4"),
+             *out.glob("*_slots.gif"), *(out / "tb").glob("events.*"), *out.glob("codes_var*.png")]
+    for path in stale:
+        path.unlink()
+    if stale:
+        print(f"note: replaced an earlier visualize's pictures in {out}", file=sys.stderr)
+    return bool(stale)
 
 
 def save_png(image: torch.Tensor, path) -> None:
