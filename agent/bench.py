@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from envs.collect import Collector, env_fn
+from envs.errors import UsageError
 from envs.vector import make_vector_env
 from world_model.bench import check_profile_row, failed_row, gib_column, peak_gib, select_rows, sync
 from world_model.config import load_config
@@ -160,8 +161,11 @@ def bench_agent(args, device: torch.device) -> None:
     preflight(base)
     if base.train.threads > 0:  # as `run.py train` sets them (the CPU presets: 1)
         torch.set_num_threads(base.train.threads)
+    if base.train.train_ratio <= 0:
+        raise UsageError("train.train_ratio=0 makes no updates: bench agent times the loop with its updates (`bench "
+                         "envs` times collection alone)")
     env_steps = args.env_steps if args.env_steps else math.ceil(
-        16 * base.train.batch_size * base.train.seq_len / max(base.train.train_ratio, 1e-9))
+        16 * base.train.batch_size * base.train.seq_len / base.train.train_ratio)
     modes = select_rows(args, agent_modes(device, args.compile), device)
     print(f"# agent loop, {' '.join([preset, *args.overrides])}: {base.env.num_envs} {base.env.name} envs, train "
           f"ratio {base.train.train_ratio:g} (batch {base.train.batch_size} x {base.train.seq_len}), {env_steps} env "

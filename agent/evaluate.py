@@ -112,12 +112,13 @@ def stats_scores(records: list[dict], env: str, prefix: str) -> dict:
             f"{prefix}{score[0]}_recent": score[1]}
 
 
-def load_agent_run(checkpoint: str, device: torch.device,
+def load_agent_run(checkpoint: str, device: torch.device | str,
                    step: Optional[int] = None) -> tuple[AgentConfig, WorldModel, ActorCritic, dict]:
     """Config, world model, actor-critic (in eval mode) and checkpoint state of an agent run directory: its latest
     checkpoint, or the one kept at evaluation env step `step` (train.keep_checkpoints)."""
     from .train import build_agent  # agent.train imports this module
 
+    device = resolve_device(str(device), "device")  # "auto", or CUDA on a machine without it: said as such
     run = RunDir(checkpoint, step)
     cfg = load_run_config("train", checkpoint)
     state = run.load_checkpoint(map_location=device, keys=("wm", "ac", "num_actions", "counters"))

@@ -12,9 +12,10 @@ device) follows CLEVR's ``render_images.py``:
   height r, the size radius (0.35 / 0.7): a sphere's or cylinder's radius and a cube's half-side.
   (CLEVR's script means to shrink cubes by sqrt(2), but tests its shape name against "Cube" where
   the name is "SmoothCube_v2", so real CLEVR cubes have half-side r: its large cubes sit at z 0.7.)
-* Spacing: ``center distance - r1 - r2 >= 0.25``, as CLEVR, so two cubes' corners can meet (rarely)
-  as in CLEVR.  CLEVR's margin rule is kept too: along the camera's left and behind directions
-  every pair of objects is at least 0.4 apart (so left/right/front/behind are unambiguous).
+* Spacing: ``center distance - r1 - r2 >= 0.25``, as CLEVR, so a cube's corners (at r * sqrt(2)) can
+  cut slightly into a neighbour, as they do in CLEVR.  CLEVR's
+  margin rule is kept too: along the camera's left and behind directions every pair of objects is at
+  least 0.4 apart (so left/right/front/behind are unambiguous).
 * Placement is batched: object slots are placed in order, each at the first of
   ``placement_candidates`` random positions that keeps the rules (rejection sampling).  A scene in
   which some object finds no position is restarted with new positions and sizes, as CLEVR does,

@@ -88,7 +88,9 @@ def env_fn(name: str, **kwargs):
 def collect(env: str, frames: int, out: str, num_envs: int = 1, envs_per_worker: int = 1, seed: int = 0,
             env_kwargs: Optional[dict] = None, asynchronous: bool = True, progress: bool = True) -> dict:
     """Run a uniform random policy until at least `frames` observations are stored in `out` (every env steps until the
-    step that reaches it); returns counts and speed.
+    step that reaches it); returns counts and speed: frames, episodes (this call's), dataset_episodes and the rest of
+    the dict `run.py collect` prints. With `asynchronous` (env worker processes) a calling script needs
+    `if __name__ == "__main__":` around its top level (see `envs.vector.make_vector_env`).
 
     Episodes end as the env ends them (terminated/truncated, or truncated by a crashed worker); episodes
     still running when the budget is reached are written as truncated pieces.
@@ -117,8 +119,8 @@ def _only_collect(root: Path):
         try:
             yield
         finally:
-            if made and [p.name for p in root.iterdir()] == [lock.name]:  # nothing written: leave no folder
-                lock.unlink()
+            if made and root.is_dir() and [p.name for p in root.iterdir()] == [lock.name]:  # nothing written:
+                lock.unlink()  # leave no folder (unless something else removed it already)
                 root.rmdir()
 
 

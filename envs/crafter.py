@@ -130,9 +130,13 @@ def read_stats(path: Union[str, Path]) -> list[dict]:
 
 def crafter_score(records_or_path: Union[str, Path, Iterable[dict]]) -> dict[str, Any]:
     """Crafter's benchmark numbers over all episodes: success rate (%) of each achievement, and
-    score = exp(mean(ln(1 + rate))) - 1 over the 22 achievements (Hafner 2021)."""
+    score = exp(mean(ln(1 + rate))) - 1 over the 22 achievements (Hafner 2021). Takes episode records (an
+    iterable of the dicts CrafterEnv writes), or the path of their stats.jsonl (or of the folder holding it: a run
+    or dataset). Returns score, success_rates {achievement: %}, episodes, mean_return and mean_length."""
     if isinstance(records_or_path, (str, Path)):
         records = read_stats(records_or_path)
+    elif isinstance(records_or_path, dict):
+        raise UsageError("crafter_score takes the episode records (a list of dicts), not one record: wrap it in a list")
     else:
         records = list(records_or_path)
     if not records:

@@ -258,6 +258,9 @@ def nethack_summary(records_or_path) -> dict:
     """Aggregate episode summaries: a list of dicts, or the path of a JSONL file written by NetHackEnv (or of the
     directory holding it as stats.jsonl). Means of return, score, depth and length; how many episodes ended in death
     ("died") and at the step limit ("step_limit"); the most frequent causes of death with their counts ("deaths")."""
+    if isinstance(records_or_path, dict):
+        raise UsageError("nethack_summary takes the episode records (a list of dicts), not one record: wrap it in a "
+                         "list")
     records = records_or_path
     if isinstance(records_or_path, (str, Path)):
         path = Path(records_or_path)
@@ -266,6 +269,7 @@ def nethack_summary(records_or_path) -> dict:
         if not path.is_file():
             raise FileNotFoundError(f"no NetHack episode stats file at {path}")
         records = read_records(path)
+    records = list(records)
     if not records:
         raise UsageError("no NetHack episodes to summarise")
     if "score" not in records[0] or "max_depth" not in records[0]:

@@ -357,7 +357,9 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         for w in failed:
             ok, data = retried[w]
             if not ok:
-                raise RuntimeError(f"ResilientVectorEnv: worker {w} failed reset twice: {data}")
+                raise RuntimeError(f"ResilientVectorEnv: worker {w} failed reset twice: {data} (from a script: "
+                                   "guard its top level with `if __name__ == '__main__':`, since the workers' "
+                                   "process server runs the script again, or use asynchronous=False)")
         self._obs = obs  # a fresh array, as step's
         return obs, self._merge(parts)
 
@@ -432,7 +434,8 @@ def make_vector_env(
 ) -> gymnasium.vector.VectorEnv:
     """``num_envs`` copies of ``env_fn``: a ResilientVectorEnv (``kw`` passed on), or, for
     ``asynchronous=False``, an in-process SyncVectorEnv with the same autoreset mode (``envs_per_worker``
-    and ``kw`` unused)."""
+    and ``kw`` unused). Worker processes start from a forkserver that imports the calling script again: a script
+    needs ``if __name__ == "__main__":`` around its top level. ``env_fn`` must pickle (``envs.collect.env_fn``)."""
     if not asynchronous:
         return SyncVectorEnv([env_fn] * num_envs, autoreset_mode=AutoresetMode.NEXT_STEP)
     return ResilientVectorEnv([env_fn] * num_envs, envs_per_worker=envs_per_worker, **kw)

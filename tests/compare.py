@@ -29,6 +29,9 @@ def checkpoint(run_dir: Path) -> dict:
 
 
 def metric_rows(run_dir: Path, after: int = -1) -> list[dict]:
-    """metrics.jsonl's rows past step `after`, without the wall-clock fields (time, rates per second)."""
+    """metrics.jsonl's rows past step `after`, without the wall-clock fields (time, rates per second, and the seconds
+    a process took to its first step, which a resumed run logs again)."""
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "time" and not k.endswith("per_s")} for r in rows if r["step"] > after]
+    clock = ("time", "train/first_step_s")
+    return [{k: v for k, v in r.items() if k not in clock and not k.endswith("per_s")}
+            for r in rows if r["step"] > after]

@@ -65,6 +65,7 @@ def test_overrides_are_typed():
     (["train.eval_every=-1"], "train.eval_every=-1 must be 0 or more"),
     (["train.lr=-1"], r"train.lr=-1.0 must be above 0"),
     (["model.slot"], "not of the form key=value"),
+    ("train.steps=3", r"overrides are a list of key=value strings .* got a str: 'train.steps=3'"),  # not per letter
 ])
 def test_bad_overrides_give_one_line_errors(overrides, message):
     with pytest.raises(ConfigError, match=message) as err:

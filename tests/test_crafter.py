@@ -112,6 +112,8 @@ def test_crafter_score_bad_input(tmp_path):
         crafter_score([])
     with pytest.raises(ValueError, match="unknown achievements"):
         crafter_score([{"achievement_fly": 1}])
+    with pytest.raises(ValueError, match="not one record: wrap it in a list"):  # not its keys, read one by one
+        crafter_score({"achievement_collect_coal": 1})
 
 
 def test_a_size_too_small_for_the_renderer_or_no_step_limit_is_refused_in_one_line():

@@ -57,16 +57,17 @@ def test_mutual_information_matches_sklearn(ours, trusted, identical_pair):
 
 def test_codes_that_encode_nothing_match_no_property_where_nmi_would_pick_color():
     """Codes drawn independently of the properties: plain NMI is highest for color (8 values against 2 and 3),
-    AMI stays near 0 for all and the best match is None where it is not above 0."""
+    AMI stays near 0 for all, and the best match is None unless it beats what shuffled labels reach (about one
+    variable in 21 by chance)."""
     rng = np.random.default_rng(4)
     m = 300
     props = np.stack([rng.integers(0, 3, m), rng.integers(0, 2, m), rng.integers(0, 2, m), rng.integers(0, 8, m)], 1)
-    codes = rng.integers(0, 16, (m, 4))
+    codes = rng.integers(0, 16, (m, 8))
     t = code_property_tables(codes, props, 16, ["shape", "size", "material", "color"])
-    assert (t["nmi"].argmax(1) == 3).all()  # what the figure's headline said before
-    assert np.abs(t["ami"]).max() < 0.02
-    assert all(b is None or t["ami"][i].max() > 0 for i, b in enumerate(t["best_property"]))
-    assert t["best_property"].count("color") < 4
+    assert (t["nmi"].argmax(1) == 3).mean() >= 0.75  # what the figure's headline said before: color
+    assert np.abs(t["ami"]).max() < 0.05 and (t["ami"].max(1) > 0).any()  # above 0 by chance, yet...
+    named = [b for b in t["best_property"] if b is not None]  # ...rarely above chance (1 in 21 a variable)
+    assert len(named) <= 1 and all(t["best_ami"][i] > t["chance_ami"][i] for i, b in enumerate(t["best_property"]) if b)
 
 
 def test_tables_identify_a_variable_that_is_a_property():
@@ -180,12 +181,16 @@ def test_scenes_without_attribute_names_are_refused(tmp_path, monkeypatch):
 
 def test_summary_counts_the_codes_each_variable_uses():
     """codes_used counts the codes with at least one object: variable 0 uses codes 0 and 2 of 4, variable 1 only
-    code 3; matched_objects is the number of objects (4)."""
+    code 3; matched_objects is the number of objects (40); variable 0 is the property, above what shuffled labels
+    reach, variable 1 (one code) says nothing."""
     from world_model.disentangle import code_property_tables, summarize
 
-    codes = np.array([[0, 3], [0, 3], [2, 3], [0, 3]])
-    props = np.array([[0], [0], [1], [0]])
+    codes = np.array([[0, 3], [0, 3], [2, 3], [0, 3]] * 10)
+    props = np.array([[0], [0], [1], [0]] * 10)
     s = summarize(code_property_tables(codes, props, 4, ["size"]))
-    assert s["codes_used"] == [2, 1] and s["matched_objects"] == 4
-    assert s["best"][0] == {"variable": 0, "property": "size", "ami": 1.0, "nmi": 1.0} and s["nmi"][1] == {"size": 0.0}
-    assert s["best"][1] == {"variable": 1, "property": None, "ami": 0.0, "nmi": 0.0}  # one code: says nothing
+    assert s["codes_used"] == [2, 1] and s["matched_objects"] == 40
+    assert s["best"][0] == {"variable": 0, "property": "size", "ami": 1.0, "chance_ami": s["best"][0]["chance_ami"],
+                            "nmi": 1.0} and s["best"][0]["chance_ami"] < 0.5 and s["nmi"][1] == {"size": 0.0}
+    assert s["best"][1] == {"variable": 1, "property": None, "ami": 0.0, "chance_ami": 0.0, "nmi": 0.0}  # one code
+    few = code_property_tables(codes[:4], props[:4], 4, ["size"])  # 4 objects: a shuffle matches too, so no call
+    assert few["ami"][0, 0] == 1.0 and few["best_property"][0] is None

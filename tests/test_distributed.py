@@ -250,11 +250,11 @@ norm.update(torch.arange(10.0).view(2, 5) + 100 * rank)  # rank 0's returns 0..9
 out["normalizer"] = [norm.low.item(), norm.high.item()]
 from world_model.config import PretrainConfig, load_config
 from world_model.sources import GeneratedScenes, ScenePool
-ScenePool.CHUNK = 3  # a pool of 8: chunks 0 (rank 0) at step 0, then 1 (rank 0) and 2 (rank 1) at step 3
-source = GeneratedScenes(load_config(PretrainConfig, None, POOL_OVERRIDES), cpu, sharded=True)
+ScenePool.CHUNK = 3  # a pool of 8 in rounds of a chunk per rank: chunks 0 (rank 0) and 1 (rank 1) at step 0,
+source = GeneratedScenes(load_config(PretrainConfig, None, POOL_OVERRIDES), cpu, sharded=True)  # 2 (rank 0) at 3
 out["rendered"], generate = [], source.gen.generate
 source.gen.generate = lambda n, seed: out["rendered"].append(seed) or generate(n, seed)
-for step in (0, 3, 4):
+for step in range(5):  # step by step, as training asks
     source.batch(2, seed=7, step=step)
 torch.save(source.pool.data, shared / f"pool{rank}.pt")
 dist.barrier()
@@ -306,7 +306,7 @@ def test_collectives_of_two_processes(tmp_path):
         assert out["normalizer"] == pytest.approx(torch.quantile(everything, torch.tensor([0.05, 0.95])).tolist())
     assert not (tmp_path / "own0").exists()  # rank 0 made it for the check, and leaves nothing behind
     cfg = load_config(PretrainConfig, None, POOL)
-    for r, chunks in enumerate(([0, 1], [2])):  # each rank rendered its share of the pool's chunks...
+    for r, chunks in enumerate(([0, 2], [1])):  # each rank rendered its share of the pool's chunks...
         assert outs[r]["rendered"] == [stream_seed(cfg.train.seed, POOL_STREAM, c) for c in chunks]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ScenePool, "CHUNK", 3)

@@ -286,3 +286,6 @@ def test_nethack_summary_max_depth_is_the_deepest_level_reached():
                {"score": 20, "depth": 2, "max_depth": 2, "length": 7, "reward": 3.0}]
     assert nethack_summary(records) == {"episodes": 2, "mean_return": 2.0, "mean_score": 15.0, "mean_depth": 1.5,
                                         "max_depth": 3, "mean_length": 6.0, "died": 0, "step_limit": 0, "deaths": {}}
+    assert nethack_summary(iter(records)) == nethack_summary(records)  # any iterable, as crafter_score takes
+    with pytest.raises(ValueError, match="not one record: wrap it in a list"):
+        nethack_summary(records[0])

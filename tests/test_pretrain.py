@@ -51,9 +51,16 @@ def test_cli_pretrain_and_eval_ap(tmp_path, capsys):
     result = json.loads((rd / "eval_ap.json").read_text())
     assert result["images"] == 6 and set(result) >= {"AP_inf", "AP_1", "AP_0.5", "AP_0.25", "AP_0.125", "AP_0.0625"}
     assert 0 <= result["empty_slots"] <= 4  # near-empty slots per image, out of model.num_slots=4
-    from world_model.pretrain import evaluate_run
+    from world_model.pretrain import evaluate_run, load_run
 
     assert evaluate_run(str(rd), images=6) == result  # the same evaluation from Python, as a dict
+    assert load_run(str(rd), "auto")[2]["step"] == 4  # a device by name, as the commands take it
+    if not torch.cuda.is_available():  # a good checkpoint is not called damaged for want of CUDA
+        with pytest.raises(ValueError, match="^device=cuda but CUDA is not available; use device=cpu or auto$"):
+            load_run(str(rd), "cuda")
+    for images in (0, -1):
+        with pytest.raises(ValueError, match=f"images={images}: evaluate at least one image"):
+            evaluate_run(str(rd), images=images)
 
 
 @pytest.mark.parametrize("task,pool,clevr", [("setpred", 0, False), ("discovery", 7, False), ("setpred", 0, True)])
@@ -1081,9 +1088,19 @@ def test_lr_factor_warms_up_linearly_then_decays_exponentially():
     assert lr_factor(1, 4, 0.5, 2) == pytest.approx(0.5 * 0.5 ** 0.5)  # both at once
 
 
-def test_bench_refuses_overrides_it_would_ignore(capsys):
+def test_bench_refuses_overrides_and_options_it_would_ignore(capsys):
+    """Overrides (bench agent's preset) and another bench's options are refused before anything is measured; the
+    table of what each bench reads covers every bench option of the parser."""
+    from world_model.bench import USES
+
     assert run.main(["bench", "metrics", "--steps", "1", "train.batch_size=8"]) == 2
     assert "bench metrics takes no key=value overrides (train.batch_size=8)" in capsys.readouterr().err
+    assert run.main(["bench", "estep", "--steps", "1", "--profile", "--task", "discovery"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "bench estep does not use --profile, --task (it reads --batch-size, --steps, --device)" in err
+    parser = run.build_parser()._subparsers._group_actions[0].choices["bench"]
+    options = {a.dest for a in parser._actions if a.option_strings and a.dest not in ("help", "device")}
+    assert set().union(*USES.values()) == options
 
 
 def test_an_update_with_a_non_finite_gradient_is_skipped():

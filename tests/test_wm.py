@@ -784,7 +784,7 @@ def test_open_loop_feeds_the_real_action_after_each_imagined_frame(tmp_path, mon
 
 
 def test_frames_to_input_scales_uint8_to_0_1():
-    """Env frames `b t h w 3` uint8 -> `b t 3 h w` float with 255 -> 1.0 and 51 -> 0.2."""
+    """Env frames `b t h w 3` uint8 (torch or numpy) -> `b t 3 h w` float with 255 -> 1.0 and 51 -> 0.2."""
     from world_model.wm import frames_to_input
 
     frames = torch.zeros(1, 2, 2, 2, 3, dtype=torch.uint8)
@@ -793,6 +793,7 @@ def test_frames_to_input_scales_uint8_to_0_1():
     assert x.shape == (1, 2, 3, 2, 2)
     torch.testing.assert_close(x[0, 0, 0], torch.ones(2, 2))
     torch.testing.assert_close(x[0, 1, 2], torch.full((2, 2), 0.2))
+    torch.testing.assert_close(frames_to_input(frames.numpy(), 2), x)  # env frames as numpy arrays, as envs give them
 
 
 def test_split_holds_out_the_fewest_last_episodes_reaching_the_fraction(tmp_path):

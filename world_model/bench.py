@@ -16,9 +16,10 @@ from envs.errors import UsageError
 
 from .config import PretrainConfig, load_config
 from .dynamics import SlotDynamics, sample_step
+from .imagined_env import cache_dtype
 from .pretrain import build_model, compute_loss
 from .sources import GeneratedScenes
-from .updates import guarded_update
+from .updates import autocast, guarded_update
 from .rundir import resolve_device, set_precision
 from .slots.gmm import gaussian_log_likelihood
 
@@ -40,7 +41,7 @@ def imagination_speed(model: SlotDynamics, batch: int, steps: int, use_cache: bo
     frames = (torch.randint(c.frame_codes, (batch, steps, c.frame_vars), device=device, generator=gen)
               if c.frame_vars else None)
     actions = torch.randint(c.num_actions, (batch, steps), device=device, generator=gen)
-    dtype = next(model.parameters()).dtype
+    dtype = cache_dtype(model, torch.device(device))  # bf16 under autocast, as imagination's cache
 
     def frames_at(sl):
         return frames[:, sl] if frames is not None else None
@@ -326,20 +327,41 @@ def bench_imagination(args, device: torch.device) -> None:
                   num_codes=cfg.encoder.model.vq.num_codes, frame_vars=cfg.frame.vars, frame_codes=cfg.frame.codes)
     batch = args.batch_size or (1024 if device.type == "cuda" else 16)
     steps = min(args.horizon, dyn.max_steps)
+    if steps < args.horizon:
+        print(f"note: --horizon {args.horizon} is past the preset's dynamics.max_steps; imagining {steps} steps")
     torch.manual_seed(0)
     model = SlotDynamics(dyn).to(device)
     print(f"# {args.wm_config}: {dyn.layers} layers x {dyn.embed_dim}, {dyn.num_slots} slots + frame + action tokens, "
-          f"batch {batch}, {steps} imagined steps from a 1-step context, {device.type}")
-    cached = imagination_speed(model, batch, steps, True, device)
-    full = imagination_speed(model, batch, steps, False, device)
+          f"batch {batch}, {steps} imagined steps from a 1-step context, {device.type}"
+          f"{' under bf16 autocast, as training imagines (train.amp)' if device.type == 'cuda' else ''}")
+    with autocast(device, cfg.train.amp):
+        cached = imagination_speed(model, batch, steps, True, device)
+        full = imagination_speed(model, batch, steps, False, device)
     print(f"imagined steps/s, summed over the batch of {batch} trajectories:\n"
           f"with KV cache {cached:10.0f} steps/s\nwithout       {full:10.0f} steps/s\nratio {cached / full:.1f}x")
+
+
+# the options each bench reads (--device: all of them); another bench's option given is refused, not ignored
+USES = {"pretrain": {"batch_size", "resolution", "steps", "task", "slots", "profile", "profile_rows", "profile_row",
+                     "matmul_precision", "rows", "compile"},
+        "estep": {"batch_size", "steps"}, "generator": {"batch_size", "resolution", "steps"}, "metrics": {"steps"},
+        "envs": {"envs", "workers", "envs_per_worker", "env_steps"},
+        "imagination": {"batch_size", "horizon", "wm_config"},
+        "agent": {"agent_config", "env_steps", "prefill", "profile", "profile_rows", "profile_row", "rows", "compile"}}
 
 
 def main(args) -> None:
     if args.overrides and args.what != "agent":  # the others take their sizes from their flags
         raise UsageError(f"bench {args.what} takes no key=value overrides ({' '.join(args.overrides)}): they apply to "
                          "`bench agent`'s preset; see `run.py bench --help` for its flags")
+    parser = getattr(args, "parser", None)
+    if parser is not None:
+        unused = [name for name in sorted(set().union(*USES.values()) - USES[args.what])
+                  if getattr(args, name) != parser.get_default(name)]
+        if unused:
+            flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+            raise UsageError(f"bench {args.what} does not use {flags} (it reads "
+                             f"{', '.join('--' + n.replace('_', '-') for n in sorted(USES[args.what]))}, --device)")
     device = resolve_device(args.device)
     from agent.bench import bench_agent
 

@@ -296,7 +296,10 @@ def preset_path(path: str | Path) -> Path:
 
 
 def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Any:
-    """Schema defaults <- YAML preset <- `a.b=value` overrides; returns the typed dataclass."""
+    """Schema defaults <- YAML preset <- `a.b=value` overrides (a list of strings); returns the typed dataclass."""
+    if isinstance(overrides, (str, bytes, dict)):
+        raise ConfigError(f"overrides are a list of key=value strings (e.g. ['train.steps=100']), got a "
+                          f"{type(overrides).__name__}: {overrides!r}")
     schema = OmegaConf.structured(schema_cls)
     command = {s: c for c, s in run_schemas().items()}.get(schema_cls)
     cfg = schema

@@ -333,7 +333,7 @@ def visualize(checkpoint: str, env: Optional[str], out_dir: str, frames: int = 8
             slot, var, values = parsed
             with autocast(dev, run.amp):
                 grid = edit_codes(model, images[:EDITED_FRAMES], result, slot, var, values)
-            path = out / f"edit_slot{slot}_var{var}_{values[0] if len(values) == 1 else 'all'}.png"
+            path = out / f"edit_slot{slot}_var{var}_{'all' if edit[2] == 'all' else values[0]}.png"
             picture = labeled(upscale(grid, images.shape[-1]), edit_labels(slot, var, values), images.shape[-1])
             save_png(picture, path)
             summary["edit"] = str(path)

@@ -4,8 +4,9 @@ Slots are matched to ground-truth objects (Hungarian on predicted property rows 
 on mask overlap otherwise); over the matched objects, every latent variable gets the table
 p(property = value | code) per property, drawn as a heatmap PNG, and its mutual information with each property,
 summarized in `summary.json` as in the VQ-SA paper's figure. The best match is read from the adjusted mutual
-information (AMI: 0 for codes independent of the property), since plain NMI grows with a property's number of values
-and would favour color (8) over size or material (2) for codes that encode neither.
+information (AMI: 0 on average for codes independent of the property), since plain NMI grows with a property's number
+of values and would favour color (8) over size or material (2) for codes that encode neither; it must beat what the
+codes reach with shuffled labels.
 """
 from __future__ import annotations
 
@@ -216,8 +217,8 @@ def code_property_tables(codes: np.ndarray, properties: np.ndarray, num_codes: i
 
     codes `m v` in [0, num_codes), properties `m p` (non-negative ints; CLEVR names get CLEVR value names).
     Returns counts `v c` (objects per code), p[var][prop] `c values` (rows of unused codes are NaN),
-    nmi and ami `v p`, and per variable the best-matching property (highest AMI; None when no AMI is above 0,
-    chance) with its AMI and NMI.
+    nmi and ami `v p`, and per variable the best-matching property (highest AMI; None unless it beats `chance_ami`,
+    what shuffled labels reach) with its AMI and NMI.
     """
     codes, properties = np.asarray(codes, dtype=np.int64), np.asarray(properties, dtype=np.int64)
     if codes.ndim != 2 or properties.ndim != 2 or codes.shape[0] != properties.shape[0]:
@@ -239,10 +240,23 @@ def code_property_tables(codes: np.ndarray, properties: np.ndarray, num_codes: i
             ami[i, j] = adjusted_mutual_info(codes[:, i], properties[:, j])
         tables.append(row)
     best = ami.argmax(1)
+    chance = chance_ami(codes, properties)
     return {"num_codes": num_codes, "property_names": list(property_names), "value_names": values,
-            "counts": counts, "p": tables, "nmi": nmi, "ami": ami,
-            "best_property": [property_names[j] if ami[i, j] > 0 else None for i, j in enumerate(best)],
+            "counts": counts, "p": tables, "nmi": nmi, "ami": ami, "chance_ami": chance,
+            "best_property": [property_names[j] if ami[i, j] > chance[i] else None for i, j in enumerate(best)],
             "best_ami": ami[np.arange(v), best], "best_nmi": nmi[np.arange(v), best]}
+
+
+CHANCE_SHUFFLES = 20  # per property: a variable's best AMI beats all p x 20 shuffled ones by chance ~1 in 21
+
+
+def chance_ami(codes: np.ndarray, properties: np.ndarray, shuffles: int = CHANCE_SHUFFLES) -> np.ndarray:
+    """Per variable, the highest AMI its codes reach with any property's labels shuffled (seeded): what the best of
+    the properties reaches by chance at this many objects, so a best match must beat it. `v`."""
+    rng = np.random.default_rng(0)
+    shuffled = [[rng.permutation(properties[:, j]) for _ in range(shuffles)] for j in range(properties.shape[1])]
+    return np.array([max((adjusted_mutual_info(codes[:, i], labels) for per in shuffled for labels in per),
+                         default=0.0) for i in range(codes.shape[1])])
 
 
 def summarize(tables: dict) -> dict:
@@ -253,9 +267,10 @@ def summarize(tables: dict) -> dict:
         "matched_objects": int(tables["counts"][0].sum()) if len(tables["counts"]) else 0,
         "nmi": [{n: round(float(x), 6) for n, x in zip(names, row)} for row in tables["nmi"]],
         "ami": [{n: round(float(x), 6) for n, x in zip(names, row)} for row in tables["ami"]],
-        "best": [{"variable": i, "property": prop, "ami": round(float(a), 6), "nmi": round(float(x), 6)}
-                 for i, (prop, a, x) in enumerate(zip(tables["best_property"], tables["best_ami"],
-                                                      tables["best_nmi"]))],
+        "best": [{"variable": i, "property": prop, "ami": round(float(a), 6), "chance_ami": round(float(c), 6),
+                  "nmi": round(float(x), 6)}
+                 for i, (prop, a, c, x) in enumerate(zip(tables["best_property"], tables["best_ami"],
+                                                         tables["chance_ami"], tables["best_nmi"]))],
         "codes_used": [int((c > 0).sum()) for c in tables["counts"]],
     }
 
@@ -284,9 +299,10 @@ def _heatmap(tables: dict, var: int):
     counts, names, values = tables["counts"][var], tables["property_names"], tables["value_names"]
     c = tables["num_codes"]
     row_labels = [f"code {k}  n={counts[k]}" for k in range(c)]
-    best = tables["best_property"][var]
-    title = (f"variable {var}: best match {best}, AMI = {tables['best_ami'][var]:.3f} "
-             f"(NMI {tables['best_nmi'][var]:.3f})" if best else f"variable {var}: no property above chance (AMI <= 0)")
+    best, ami, chance = tables["best_property"][var], tables["best_ami"][var], tables["chance_ami"][var]
+    title = (f"variable {var}: best match {best}, AMI = {ami:.3f} (chance {chance:.3f}; NMI "
+             f"{tables['best_nmi'][var]:.3f})" if best else
+             f"variable {var}: no property above chance (best AMI {ami:.3f}, shuffled labels reach {chance:.3f})")
     line = max(size(t)[1] for t in [title, *names, *row_labels]) + 4
     label_w = max(size(t)[0] for t in row_labels) + PAD
     value_h = max(size(t)[0] for vs in values for t in vs) + PAD

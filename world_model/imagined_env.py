@@ -10,7 +10,7 @@ import torch
 from .dynamics import SlotDynamics, sample_step
 
 
-def _cache_dtype(dynamics: SlotDynamics, device: torch.device) -> torch.dtype:
+def cache_dtype(dynamics: SlotDynamics, device: torch.device) -> torch.dtype:
     """The attention's keys/values dtype: the autocast dtype when autocast is on (e.g. bf16), else the weights'."""
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
@@ -36,7 +36,7 @@ class ImaginedEnv:
         frame (the last one is unused; may be None when c = 1). Returns the start state's codes."""
         b, c = slot_codes.shape[:2]
         device = slot_codes.device
-        self.cache = self.dynamics.init_cache(b, c - 1 + horizon, device, _cache_dtype(self.dynamics, device))
+        self.cache = self.dynamics.init_cache(b, c - 1 + horizon, device, cache_dtype(self.dynamics, device))
         if c > 1:
             if actions is None:
                 raise ValueError(f"a context of {c} steps needs its actions (b c), got None")

@@ -388,7 +388,10 @@ def evaluate_run(run_dir: str, data: Optional[str] = None, clevr_root: Optional[
     data.eval_images) of its own data, or of episodes `data` (a frames run), or of the CLEVR v1.0 root `clevr_root`
     (e.g. moved since training) at `split` (default: its data.eval_split). The scores, with what was evaluated on
     ("data", "source", "split"), the run's step, task, slots and vq; notes on what it could not score go to stderr.
-    `progress`: a bar over the images; `step`: the checkpoint kept at that evaluation instead of the last one."""
+    `progress`: a bar over the images; `step`: the checkpoint kept at that evaluation instead of the last one. AP,
+    accuracies and FG-ARI are in percent (`world_model.metrics` returns fractions)."""
+    if images is not None and images < 1:
+        raise UsageError(f"images={images}: evaluate at least one image (None: the run's data.eval_images)")
     torch_device = resolve_device(device)
     cfg, model, state = load_run(run_dir, torch_device, step)
     if data:
@@ -435,11 +438,12 @@ def evaluate_run(run_dir: str, data: Optional[str] = None, clevr_root: Optional[
     return result
 
 
-def load_run(run_dir: str, device: torch.device, step: Optional[int] = None,
+def load_run(run_dir: str, device: torch.device | str, step: Optional[int] = None,
              made_by: str = "") -> tuple[PretrainConfig, nn.Module, dict]:
     """Model and config of a pretraining run directory (for evaluation and visualization): its latest checkpoint, or
     the one kept at evaluation step `step` (train.keep_checkpoints). `made_by`: the commands whose runs the caller
-    takes, as a missing run's error names them."""
+    takes, as a missing run's error names them. `device`: a torch.device or auto, cpu, cuda, cuda:N."""
+    device = resolve_device(str(device), "device")  # "auto", or CUDA on a machine without it: said as such
     run = RunDir(run_dir, step)
     cfg = load_run_config("pretrain", run_dir, made_by=made_by)
     state = run.load_checkpoint(map_location=device, keys=("model", "step"))

@@ -43,12 +43,10 @@ _IMPORTED = time.time()
 def process_age() -> float:
     """Seconds since this process started (Linux: from /proc, so imports count; elsewhere since this module was
     imported): how long a run took to reach a point, e.g. its first training step."""
-    try:
+    try:  # both on the uptime clock (/proc/stat's btime is whole seconds, and drifts from it)
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-        return time.time() - (boot + ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError, StopIteration):
+        return float(Path("/proc/uptime").read_text().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
         return time.time() - _IMPORTED
 
 

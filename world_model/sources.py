@@ -41,8 +41,9 @@ class ScenePool:
 
     Chunk c always comes from pool-stream seed c, so the pool's scenes do not depend on when or where they were
     rendered: a run that fills the pool as it trains holds the same scenes as one that rendered it whole. `sharded`
-    under torchrun: each rank renders every world-size-th chunk and the ranks exchange them, so the pool costs
-    each rank 1 / world size of its rendering (collectives: every rank fills at the same steps)."""
+    under torchrun: the pool fills in rounds of a chunk per rank (ahead of what a step needs by up to world size - 1
+    chunks), each rank renders its chunk and the ranks exchange them, so the pool costs each rank 1 / world size of
+    its rendering (collectives: every rank fills at the same steps)."""
 
     CHUNK = 256  # scenes rendered together; changing it changes the pool
 
@@ -75,12 +76,14 @@ class ScenePool:
         """Render chunks until the pool holds its first min(n, size) scenes (whole chunks, so possibly more)."""
         from tqdm import tqdm
 
+        ranks, me = (distributed.world_size(), distributed.rank()) if self.share else (1, 0)
+        if n > self.filled:  # whole rounds, a chunk for every rank: a step usually needs only one more chunk
+            n = max(n, self.filled + ranks * self.CHUNK)
         starts = range(self.filled, min(n, self.size), self.CHUNK)
         if not starts:
             return
         if not self.data:
             self.data = self._empty(self.size)
-        ranks, me = (distributed.world_size(), distributed.rank()) if self.share else (1, 0)
         rounds = range(0, len(starts), ranks)  # round i: chunk starts[i + r] from rank r
         for first in tqdm(rounds, desc=f"rendering scenes {self.filled}..{min(starts[-1] + self.CHUNK, self.size)} "
                           f"of a pool of {self.size}", unit="round" if self.share else "chunk", disable=not progress,

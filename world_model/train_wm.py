@@ -542,12 +542,13 @@ def _train_wm(cfg: WorldModelConfig, run: RunDir, device: torch.device, resume: 
     return last_eval
 
 
-def load_wm_run(run_dir: str, device: torch.device,
+def load_wm_run(run_dir: str, device: torch.device | str,
                 step: Optional[int] = None) -> tuple[WorldModelConfig, WorldModel, dict]:
     """Config, world model (in eval mode) and checkpoint state of a `run.py train-wm` run directory: its latest
     checkpoint, or the one kept at evaluation step `step` (train.keep_checkpoints). A run that evaluated past the
     time positions it trained (from before that was refused) has its eval.context and eval.horizons fitted into
     them, which the state's `note` says."""
+    device = resolve_device(str(device), "device")  # "auto", or CUDA on a machine without it: said as such
     run = RunDir(run_dir, step)
     cfg = load_run_config("train-wm", run_dir)
     state = run.load_checkpoint(map_location=device, keys=("model", "num_actions"))

@@ -34,7 +34,9 @@ class Encoded:
 
 
 def frames_to_input(frames: torch.Tensor, resolution: int) -> torch.Tensor:
-    """uint8 `b t h w 3` -> float `b t 3 r r` in [0, 1] (area resize when sizes differ)."""
+    """uint8 `b t h w 3` (a torch tensor or numpy array) -> float `b t 3 r r` in [0, 1] (area resize when sizes
+    differ)."""
+    frames = torch.as_tensor(frames)
     if frames.dtype != torch.uint8 or frames.ndim != 5 or frames.shape[-1] != 3:
         raise ValueError(f"frames_to_input takes env frames as uint8 `b t h w 3`, got {frames.dtype} "
                          f"{tuple(frames.shape)}")
