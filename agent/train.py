@@ -166,7 +166,11 @@ def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, r
     update in imagination from its states. A jointly trained VQ encoder's Gumbel temperature follows
     `encoder.model.vq`'s anneal over updates. `wm_parallel` / `ac_parallel`: the DistributedDataParallel wrappers
     under torchrun (gradients averaged). Returns the stats as tensors on the device (no host sync for them) or
-    numbers (wm/skipped, ac/skipped, wm/vq_tau)."""
+    numbers (wm/skipped, ac/skipped, wm/vq_tau). As `train` builds them: `wm, ac = build_agent(cfg, num_actions,
+    device)`, `wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=cfg.train.wm_lr)`, and
+    `replay = ReplayBuffer(capacity, replay_spec(obs_spec(env.observation_space), wm))` holding episodes of at least
+    `train.seq_len` steps (`add_episode`); the actor-critic keeps its own optimizers. Leaves `wm` in eval mode (it
+    updates in train mode)."""
     t, vq = cfg.train, cfg.encoder.model.vq
     tau = wm.set_vq_temperature(update, vq.tau_start, vq.tau_end, vq.anneal_steps)
     batch_size, starts_n = t.batch_size // distributed.world_size(), t.imag_starts // distributed.world_size()

@@ -108,6 +108,11 @@ def test_imagine_shapes_and_cache_consistency(context):
     assert torch.equal(pred.slot_logits[:, tail].argmax(-1), traj.slot_codes[:, 1:])
     with pytest.raises(ValueError, match="max_steps"):  # one step more than the dynamics' time embedding
         imagine(dyn_model, ac.actor, ctx, acts, h + 1)
+    if context > 1:  # wrong context shapes name the argument at fault
+        with pytest.raises(ValueError, match=r"actions must be the context's actions `b c` = \(4, 3\)"):
+            imagine(dyn_model, ac.actor, ctx, acts[:, :2], h)
+        with pytest.raises(ValueError, match=r"slot_codes must be the context's codes `b c k v`"):
+            imagine(dyn_model, ac.actor, SimpleNamespace(slot_codes=slots[:, 0], frame_codes=frames), acts, h)
 
 
 def test_imagine_determinism_no_frames():

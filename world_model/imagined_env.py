@@ -34,7 +34,13 @@ class ImaginedEnv:
 
         slot_codes `b c k v`, frame_codes `b c g` or None, actions `b c`: the action taken after each context
         frame (the last one is unused; may be None when c = 1). Returns the start state's codes."""
+        if slot_codes.ndim != 4:
+            raise ValueError(f"slot_codes must be the context's codes `b c k v` (batch, context steps, slots, "
+                             f"variables), got shape {tuple(slot_codes.shape)}")
         b, c = slot_codes.shape[:2]
+        if actions is not None and tuple(actions.shape) != (b, c):
+            raise ValueError(f"actions must be the context's actions `b c` = {(b, c)} (one after each context frame, "
+                             f"the last unused), got shape {tuple(actions.shape)}")
         device = slot_codes.device
         self.cache = self.dynamics.init_cache(b, c - 1 + horizon, device, cache_dtype(self.dynamics, device))
         if c > 1:
