@@ -74,6 +74,10 @@ def test_a_preset_setting_a_size_the_run_derives_is_refused_unless_it_agrees(tmp
     with pytest.raises(UsageError, match=r"the config sets dynamics.num_slots=5 \(the run sets 3, from "
                        r"encoder.model.num_slots\); dynamics.num_actions=7 \(the run sets 3, from the env"):
         build_wm_for(cfg, 3, torch.device("cpu"))
+    filled = wm_cfg(root)
+    build_wm_for(filled, 3, torch.device("cpu"))  # fills in filled.dynamics for an env of 3 actions
+    with pytest.raises(UsageError, match=r"dynamics.num_actions=3 \(the run sets 5.*copy.deepcopy\(cfg\) before each"):
+        build_wm_for(filled, 5, torch.device("cpu"))  # the same config for another env: the way out is named
     cfg = wm_cfg(root)
     cfg.dynamics.num_slots = 3
     assert build_wm_for(cfg, 3, torch.device("cpu")).dynamics.cfg.num_slots == 3

@@ -223,7 +223,9 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
     conflicts = [f"dynamics.{k}={getattr(dyn, k)} (the run sets {v}, from {DERIVED['dynamics.' + k]})"
                  for k, v in derived.items() if getattr(dyn, k) not in (getattr(default, k), v)]
     if conflicts and not restoring:
-        raise UsageError(f"the config sets {'; '.join(conflicts)}: remove {'them' if conflicts[1:] else 'it'}")
+        raise UsageError(f"the config sets {'; '.join(conflicts)}: remove {'them' if conflicts[1:] else 'it'} (from "
+                         "Python: a config an earlier build filled in for another env; build from a fresh one, "
+                         "e.g. copy.deepcopy(cfg) before each build)")
     dyn = replace(dyn, **derived)
     check_max_steps(dyn, longest)
     return WorldModel(autoencoder, enc.resolution, frame, dyn, joint, enc.carry_grad, status).to(device)
