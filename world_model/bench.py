@@ -177,9 +177,11 @@ def bench_pretrain(args, device: torch.device) -> None:
             images = data["images"].contiguous(memory_format=torch.channels_last) if channels_last else data["images"]
             batch = dict(data, images=images)
 
-            def step():  # as `run.py pretrain` steps: the batch's finite check, the guarded, clipped update
+            def step():  # as `run.py pretrain` steps (no VQ here): the finite check, the lr, the guarded update
                 if not torch.isfinite(batch["images"]).all():
                     raise UsageError("non-finite pixel values in the benchmark batch")
+                for group in opt.param_groups:
+                    group["lr"] = cfg.train.lr
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     loss, stats, _ = compute_loss(step_model, cfg.task, batch, cfg.model.vq.beta)
                 guarded_update(loss, params, opt, cfg.train.grad_clip, stats)
