@@ -408,22 +408,23 @@ def cmd_visualize(args) -> None:
     decomposition = {"--env": args.env, "--frames": args.frames, "--policy": args.policy, "--edit": args.edit,
                      "--seed": args.seed}
     if args.codes and any(v is not None for v in decomposition.values()):
-        given = ", ".join(k for k, v in decomposition.items() if v is not None)
-        raise UsageError(f"--codes draws the code figure from --images held-out scenes; {given} "
+        named = ", ".join(k for k, v in decomposition.items() if v is not None)
+        raise UsageError(f"--codes draws the code figure from --images held-out scenes; {named} "
                          "choose the frames of a decomposition: leave them out, or --codes")
     if not args.codes and args.images is not None:
         raise UsageError("--images counts the scenes of --codes; a decomposition shows --frames")
     if args.codes:
         from world_model.disentangle import disentanglement
 
-        summary = disentanglement(args.checkpoint, args.out, n_images=args.images or 1000, device=args.device,
-                                  clevr_root=args.clevr_root, step=args.step)
+        given = {"n_images": args.images} if args.images is not None else {}  # else the function's default
+        summary = disentanglement(args.checkpoint, args.out, device=args.device, clevr_root=args.clevr_root,
+                                  step=args.step, **given)
     else:
         from world_model.decompose import visualize
 
-        summary = visualize(args.checkpoint, args.env, args.out, frames=args.frames or 8, seed=args.seed or 0,
-                            device=args.device, edit=tuple(args.edit) if args.edit else None,
-                            clevr_root=args.clevr_root, step=args.step, policy=args.policy)
+        given = {k: v for k, v in (("frames", args.frames), ("seed", args.seed)) if v is not None}  # else defaults
+        summary = visualize(args.checkpoint, args.env, args.out, device=args.device, clevr_root=args.clevr_root,
+                            edit=tuple(args.edit) if args.edit else None, step=args.step, policy=args.policy, **given)
     print(json.dumps(summary, indent=2))
 
 

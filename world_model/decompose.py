@@ -139,7 +139,8 @@ def edit_codes(model, images: torch.Tensor, parts: dict, slot: int, var: int, va
     """VQ editing: decode each image's codes with code `var` of slot `slot` set to each of `values` (see
     `edit_values`). `parts`: `decompose`'s output for the images, whose codes (slots carried from frame to frame in a
     game) are the ones its frame PNGs show, so slot `slot` is the object shown there. Returns a grid: per image a row
-    of input, reconstruction, the slot (its masked RGB), then one decoding per value."""
+    of input, reconstruction, the slot (its masked RGB), then one decoding per value. `images` and `parts`: float, on
+    the CPU, as `visualize` holds them."""
     vq, device = model.encoder.vq, next(model.parameters()).device
     rows = []
     for t, x in enumerate(images):
@@ -150,7 +151,7 @@ def edit_codes(model, images: torch.Tensor, parts: dict, slot: int, var: int, va
             edited = codes.clone()
             edited[:, slot, var] = value
             cols.append(model.decoder(vq.decode_codes(edited)).recon[0].float().clamp(0, 1).cpu())
-        rows.append(torch.stack([c.float().cpu() for c in cols]))
+        rows.append(torch.stack(cols))
     return tile(torch.cat(rows), nrow=len(values) + 3)
 
 

@@ -73,34 +73,51 @@ def _expected_mutual_info(joint: np.ndarray) -> float:
     return total
 
 
+def _one_valued(joint: np.ndarray) -> Optional[float]:
+    """NMI and AMI of labelings one of which takes a single value: 1.0 when both do (or none has any), 0.0 when only
+    one does; None otherwise."""
+    if joint.shape[0] <= 1 and joint.shape[1] <= 1:
+        return 1.0
+    return 0.0 if joint.shape[0] == 1 or joint.shape[1] == 1 else None
+
+
+def _nmi(joint: np.ndarray) -> float:
+    fixed = _one_valued(joint)
+    if fixed is not None:
+        return fixed
+    mi = _mutual_info(joint)
+    return mi / (0.5 * (_entropy(joint.sum(1)) + _entropy(joint.sum(0)))) if mi > 0 else 0.0
+
+
+def _ami_baseline(joint: np.ndarray) -> tuple[float, float]:
+    """E[MI] and AMI's denominator for labelings with these marginals: shuffling one labeling changes neither."""
+    emi = _expected_mutual_info(joint)
+    denominator = 0.5 * (_entropy(joint.sum(1)) + _entropy(joint.sum(0))) - emi
+    eps = np.finfo(np.float64).eps  # as sklearn: a zero denominator (both labelings fixed by their marginals)
+    return emi, min(denominator, -eps) if denominator < 0 else max(denominator, eps)
+
+
+def _ami(joint: np.ndarray, baseline: Optional[tuple[float, float]] = None) -> float:
+    fixed = _one_valued(joint)
+    if fixed is not None:
+        return fixed
+    if joint.shape[0] == joint.shape[1] and ((joint > 0).sum(0) == 1).all():  # the same up to renaming
+        return 1.0
+    emi, denominator = baseline or _ami_baseline(joint)
+    return (_mutual_info(joint) - emi) / denominator
+
+
 def normalized_mutual_info(a: np.ndarray, b: np.ndarray) -> float:
     """NMI of two integer labelings, MI / mean(H(a), H(b)) as sklearn's default; 1.0 when both are constant
     (or empty), 0.0 when only one is."""
-    joint = _contingency(a, b)
-    if joint.shape[0] <= 1 and joint.shape[1] <= 1:
-        return 1.0
-    if joint.shape[0] == 1 or joint.shape[1] == 1:
-        return 0.0
-    mi = _mutual_info(joint)
-    return mi / (0.5 * (_entropy(joint.sum(1)) + _entropy(joint.sum(0)))) if mi > 0 else 0.0
+    return _nmi(_contingency(a, b))
 
 
 def adjusted_mutual_info(a: np.ndarray, b: np.ndarray) -> float:
     """AMI of two integer labelings, (MI - E[MI]) / (mean(H(a), H(b)) - E[MI]) as sklearn's default: 0 on average
     for independent labelings whatever their numbers of values, 1 for identical ones up to renaming; 1.0 when both
     are constant (or empty), 0.0 when only one is."""
-    joint = _contingency(a, b)
-    if joint.shape[0] <= 1 and joint.shape[1] <= 1:
-        return 1.0
-    if joint.shape[0] == 1 or joint.shape[1] == 1:
-        return 0.0
-    if joint.shape[0] == joint.shape[1] and ((joint > 0).sum(0) == 1).all():  # the same up to renaming
-        return 1.0
-    emi = _expected_mutual_info(joint)
-    denominator = 0.5 * (_entropy(joint.sum(1)) + _entropy(joint.sum(0))) - emi
-    eps = np.finfo(np.float64).eps  # as sklearn: a zero denominator (both labelings fixed by their marginals)
-    denominator = min(denominator, -eps) if denominator < 0 else max(denominator, eps)
-    return (_mutual_info(joint) - emi) / denominator
+    return _ami(_contingency(a, b))
 
 
 def _match_by_properties(pred: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -211,14 +228,18 @@ def _value_names(name: str, column: np.ndarray) -> list[str]:
     return [str(i) for i in range(int(column.max(initial=0)) + 1)]
 
 
+CHANCE_SHUFFLES = 20  # per property: a variable's best AMI beats all p x 20 shuffled ones by chance ~1 in 21
+
+
 def code_property_tables(codes: np.ndarray, properties: np.ndarray, num_codes: int,
                          property_names: Sequence[str]) -> dict:
     """Per latent variable: p(property = value | code) tables, and NMI and AMI with every property.
 
     codes `m v` in [0, num_codes), properties `m p` (non-negative ints; CLEVR names get CLEVR value names).
     Returns counts `v c` (objects per code), p[var][prop] `c values` (rows of unused codes are NaN),
-    nmi and ami `v p`, and per variable the best-matching property (highest AMI; None unless it beats `chance_ami`,
-    what shuffled labels reach) with its AMI and NMI.
+    nmi and ami `v p`, chance_ami `v` (the highest AMI a variable's codes reach with any property's labels shuffled,
+    seeded), and per variable the best-matching property (highest AMI; None unless it beats its chance_ami) with its
+    AMI and NMI.
     """
     codes, properties = np.asarray(codes, dtype=np.int64), np.asarray(properties, dtype=np.int64)
     if codes.ndim != 2 or properties.ndim != 2 or codes.shape[0] != properties.shape[0]:
@@ -228,7 +249,9 @@ def code_property_tables(codes: np.ndarray, properties: np.ndarray, num_codes: i
     values = [_value_names(name, properties[:, j]) for j, name in enumerate(property_names)]
     v, p = codes.shape[1], properties.shape[1]
     counts = np.stack([np.bincount(codes[:, i], minlength=num_codes) for i in range(v)])  # v c
-    tables, nmi, ami = [], np.zeros((v, p)), np.zeros((v, p))
+    tables, nmi, ami, chance = [], np.zeros((v, p)), np.zeros((v, p)), np.full(v, -np.inf)
+    rng = np.random.default_rng(0)  # the shuffled labels of the chance level, the same on every call
+    shuffled = [[rng.permutation(properties[:, j]) for _ in range(CHANCE_SHUFFLES)] for j in range(p)]
     for i in range(v):
         row = []
         for j in range(p):
@@ -236,27 +259,17 @@ def code_property_tables(codes: np.ndarray, properties: np.ndarray, num_codes: i
             joint = np.bincount(codes[:, i] * nv + properties[:, j], minlength=num_codes * nv).reshape(num_codes, nv)
             with np.errstate(invalid="ignore", divide="ignore"):
                 row.append(joint / counts[i][:, None])  # c values; 0/0 = NaN for unused codes
-            nmi[i, j] = normalized_mutual_info(codes[:, i], properties[:, j])
-            ami[i, j] = adjusted_mutual_info(codes[:, i], properties[:, j])
+            table = _contingency(codes[:, i], properties[:, j])
+            nmi[i, j] = _nmi(table)
+            baseline = _ami_baseline(table) if _one_valued(table) is None else None  # E[MI] once for the shuffles
+            ami[i, j] = _ami(table, baseline)
+            chance[i] = max(chance[i], *(_ami(_contingency(codes[:, i], labels), baseline) for labels in shuffled[j]))
         tables.append(row)
     best = ami.argmax(1)
-    chance = chance_ami(codes, properties)
     return {"num_codes": num_codes, "property_names": list(property_names), "value_names": values,
             "counts": counts, "p": tables, "nmi": nmi, "ami": ami, "chance_ami": chance,
             "best_property": [property_names[j] if ami[i, j] > chance[i] else None for i, j in enumerate(best)],
             "best_ami": ami[np.arange(v), best], "best_nmi": nmi[np.arange(v), best]}
-
-
-CHANCE_SHUFFLES = 20  # per property: a variable's best AMI beats all p x 20 shuffled ones by chance ~1 in 21
-
-
-def chance_ami(codes: np.ndarray, properties: np.ndarray, shuffles: int = CHANCE_SHUFFLES) -> np.ndarray:
-    """Per variable, the highest AMI its codes reach with any property's labels shuffled (seeded): what the best of
-    the properties reaches by chance at this many objects, so a best match must beat it. `v`."""
-    rng = np.random.default_rng(0)
-    shuffled = [[rng.permutation(properties[:, j]) for _ in range(shuffles)] for j in range(properties.shape[1])]
-    return np.array([max((adjusted_mutual_info(codes[:, i], labels) for per in shuffled for labels in per),
-                         default=0.0) for i in range(codes.shape[1])])
 
 
 def summarize(tables: dict) -> dict:

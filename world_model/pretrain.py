@@ -294,7 +294,8 @@ def _pretrain(cfg: PretrainConfig, run: RunDir, device: torch.device, resume: bo
         evaluated()  # the one a stopped run did not finish
     # Ctrl-C / SIGTERM: stop after a step, with a checkpoint (under torchrun: the step the processes agree on)
     streak = SkipStreak("pretraining", f"train.lr (now {cfg.train.lr:g})")
-    first_step_s, logged_first = None, False
+    started, unlogged = step, {}  # this process starts at `step`; its first step's time waits for a log row
+    params = list(model.parameters())
     with StepStops() as stops:
         while step < cfg.train.steps:
             batch = next(stream)
@@ -311,23 +312,23 @@ def _pretrain(cfg: PretrainConfig, run: RunDir, device: torch.device, resume: bo
                 vq.set_temperature(temperature(step, v.tau_start, v.tau_end, v.anneal_steps))
             with autocast(device, cfg.train.amp):
                 loss, stats, outputs = compute_loss(step_model, cfg.task, batch, cfg.model.vq.beta)
-            problem = guarded_update(loss, list(model.parameters()), opt, cfg.train.grad_clip, stats)
+            problem = guarded_update(loss, params, opt, cfg.train.grad_clip, stats)
             skipped = tally_update(problem, stats, means, skipped, step + 1, logger, bar)
             streak(problem, step + 1)
             step += 1
             bar.update(1)
-            if first_step_s is None:  # this process's first step, done on the device: the time to get here
+            if step == started + 1:  # this process's first step, done on the device: the time to get here
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                first_step_s = process_age()
+                unlogged["first_step_s"] = process_age()
                 if distributed.is_main():
-                    bar.write(f"first step done {first_step_s:.1f} s after the process started")
+                    bar.write(f"first step done {unlogged['first_step_s']:.1f} s after the process started")
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 now = time.perf_counter()
                 stats = distributed.mean_scalars(means.pop(), device)  # every rank skipped the same updates: same keys
                 stats.update(lr=opt.param_groups[0]["lr"], images_per_s=images / (now - t_last))
-                if not logged_first:  # the first row of this process (its first step, maybe steps before)
-                    stats["first_step_s"], logged_first = first_step_s, True
+                stats.update(unlogged)  # in this process's first row only
+                unlogged.clear()
                 if vq is not None:
                     stats["tau"] = float(vq.tau)
                 if pool is not None:

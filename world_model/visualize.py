@@ -177,16 +177,15 @@ def from_pil(image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
 
 
-def clear_outputs(out) -> bool:
+def clear_outputs(out) -> None:
     """Remove what an earlier `visualize` left in `out` (either mode: frames, edits, codes, videos, tensorboard
-    events, code figures), which could outnumber or mix with this call's files; returns whether there was any."""
+    events, code figures), which could outnumber or mix with this call's files, and say so."""
     stale = [*out.glob("frame_*.png"), *out.glob("edit_*.png"), *out.glob("codes.npy"), *out.glob("*_slots.mp4"),
              *out.glob("*_slots.gif"), *(out / "tb").glob("events.*"), *out.glob("codes_var*.png")]
     for path in stale:
         path.unlink()
     if stale:
         print(f"note: replaced an earlier visualize's pictures in {out}", file=sys.stderr)
-    return bool(stale)
 
 
 def save_png(image: torch.Tensor, path) -> None:
