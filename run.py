@@ -207,7 +207,7 @@ def _run_training(args, default_preset: str, overrides: list, run_name, train_fn
     from world_model.rundir import RunDir, check_run_folder, peek_checkpoint, release_claims, resolve_device
 
     if isinstance(resume, str):
-        if args.run_dir and args.run_dir != resume:
+        if args.run_dir and Path(args.run_dir).resolve() != Path(resume).resolve():
             raise UsageError(f"--resume {resume} names the run to continue; --run-dir {args.run_dir} contradicts it")
         args.run_dir = resume
     resume = bool(resume)
@@ -273,6 +273,7 @@ def _json_line(run_dir: str, result: dict) -> str:
 
 
 def cmd_pretrain(args) -> None:
+    from world_model.config import slot_module
     from world_model.pretrain import preflight, pretrain
 
     overrides, notes = list(args.overrides), []
@@ -281,7 +282,7 @@ def cmd_pretrain(args) -> None:
         if args.config and not args.resume:  # (--config with --resume is refused)
             notes = _frames_preset_notes(args.config, overrides)
     preset = FRAMES_PRESET if args.data else DEFAULT_PRESETS["pretrain"]
-    _run_training(args, preset, overrides, lambda c: f"pretrain-{c.task}-{c.model.slots}", pretrain,
+    _run_training(args, preset, overrides, lambda c: f"pretrain-{c.task}-{slot_module(c.model)}", pretrain,
                   args.resume, preflight, notes=notes)
 
 
@@ -386,8 +387,8 @@ def cmd_convert_clevr_masks(args) -> None:
 
 def cmd_collect(args) -> None:
     from envs.collect import collect
-
     from envs.errors import UsageError
+    from envs.vector import crowding_note
 
     given = (("size", args.size), ("max_episode_steps", args.max_episode_steps), ("task", args.task),
              ("crop", args.crop))
@@ -396,6 +397,9 @@ def cmd_collect(args) -> None:
         named = " and ".join(o for o, v in (("--task", args.task), ("--crop", args.crop)) if v)
         raise UsageError(f"{named} {'are' if args.task and args.crop else 'is'} NetHack's (--env nethack); {args.env} "
                          "has none")
+    note = crowding_note(args.workers, f"--workers {args.workers}")
+    if note:
+        print(note, file=sys.stderr)
     result = collect(args.env, args.frames, args.out, num_envs=args.workers * args.envs_per_worker,
                      envs_per_worker=args.envs_per_worker, seed=args.seed, env_kwargs=kwargs,
                      asynchronous=args.workers > 1 or args.envs_per_worker > 1, progress=not args.no_progress)
@@ -659,7 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="dataset directory; an existing one of the same env and settings "
                    "takes more episodes from env seeds it does not hold yet: pass a --seed past them (env i plays "
                    "--seed + i; a --seed it holds is refused, naming the next free one)")
-    s.add_argument("--workers", type=int, default=1, help="worker processes (default 1: in-process, no workers)")
+    s.add_argument("--workers", type=int, default=1, help="worker processes (default 1; with one env per worker, "
+                   "in-process, no workers)")
     s.add_argument("--envs-per-worker", type=int, default=1, help="envs stepped in turn by each worker (default 1)")
     s.add_argument("--size", type=int, help="image side in pixels (default 64)")
     s.add_argument("--max-episode-steps", type=int, help="steps after which an episode ends truncated (default 10000, "
@@ -757,7 +762,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(crafter_score while training, `score` in RUN/eval_<policy>.json) or NetHack's score and depth; "
                        "--policy random gives the baseline in the same format. The episode records replace the last eval's in "
                        "RUN/eval_<policy>_stats.jsonl (the training run's own "
-                       "evaluations are in RUN/eval_stats.jsonl).")
+                       "evaluations are in RUN/eval_stats.jsonl). For a video of the agent playing, with its slots: "
+                       "`run.py visualize --checkpoint RUN --out DIR`.")
     s.add_argument("--checkpoint", required=True, help="run directory made by `run.py train`")
     _add_step_option(s)
     s.add_argument("--episodes", type=int, default=10, help="episodes to play (default 10)")

@@ -15,6 +15,7 @@ are totals over all ranks; counters (env steps, updates) are global. Rank 0 logs
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import time
 from dataclasses import asdict
@@ -30,7 +31,7 @@ from envs import ENV_DEFAULTS
 from envs.collect import Collector, env_fn
 from envs.errors import DataError, UsageError
 from envs.jsonl import JsonlTail, count_records, is_episode, keep_records
-from envs.vector import make_vector_env
+from envs.vector import crowding_note, make_vector_env
 from world_model import distributed
 from world_model.config import check_against_checkpoint
 from world_model.stopping import StepStops
@@ -94,19 +95,28 @@ def preflight(cfg: AgentConfig) -> list[str]:
         notes.append(f"note: replay.capacity={cfg.replay.capacity} holds fewer steps than train.prefill="
                      f"{cfg.train.prefill}: the first {cfg.train.prefill - cfg.replay.capacity} random steps are "
                      "overwritten before the first update")
+    if cfg.env.asynchronous:
+        crowded = crowding_note(cfg.env.num_envs // ranks // cfg.env.envs_per_worker,
+                                f"env.num_envs={cfg.env.num_envs} with env.envs_per_worker={cfg.env.envs_per_worker}"
+                                + (f" over {ranks} processes" if ranks > 1 else ""))
+        notes += [f"{crowded} (env.envs_per_worker)"] if crowded else []
+    if cfg.train.prefill >= cfg.train.env_steps:
+        notes.append(f"note: train.prefill={cfg.train.prefill} is not below train.env_steps={cfg.train.env_steps}: "
+                     "the run plays random actions only and never updates its models; lower train.prefill or raise "
+                     "train.env_steps")
     return notes
 
 
 def build_agent(cfg: AgentConfig, num_actions: int, device: torch.device, status_vars: int = 0,
                 restoring: Optional[str | Path] = None) -> tuple[WorldModel, ActorCritic]:
     """The world model and actor-critic of `cfg` for an env with `num_actions` actions and `status_vars` status
-    tokens beside its frames (0: none); `restoring`: the run directory whose checkpoint their weights come from."""
+    tokens beside its frames (0: none); `restoring`: the run directory whose checkpoint their weights come from.
+    `cfg` is left as given; the sizes derived from the encoder and env are in `wm.dynamics.cfg`."""
     wm = build_world_model(cfg.encoder, cfg.frame, cfg.dynamics, num_actions, device, longest_sequence(cfg),
                            status_vars, restoring, cfg.env.name)
-    cfg.dynamics = wm.dynamics.cfg
     if cfg.train.compile:
         wm.compile_frame_parts(cfg.train.compile_mode)
-    return wm, ActorCritic(cfg.dynamics, cfg.actor_critic).to(device)
+    return wm, ActorCritic(wm.dynamics.cfg, cfg.actor_critic).to(device)
 
 
 def resumed_replay(run: RunDir, state: dict, cfg: AgentConfig, counters: dict, capacity: int, spec: dict,
@@ -231,6 +241,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
     train.prefill steps into it."""
     from tqdm import tqdm
 
+    cfg = copy.deepcopy(cfg)  # filled in below (the derived sizes), the caller's left as given
     t = cfg.train
     preflight(cfg)  # `run.py train` has run it already; a caller from Python has not
     # the envs, logs and bar closed and the claim released, on an error too
@@ -249,6 +260,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         # a run from before the env gave status tokens (NetHack) goes on without them: its model and replay had none
         status = status_vars(spec) if state is None else state.get("status_vars", 0)
         wm, ac = build_agent(cfg, num_actions, device, status, restoring=run_dir if resume else None)
+        cfg.dynamics = wm.dynamics.cfg  # config.yaml records the sizes the run derived
         spec = replay_spec(spec, wm)
         wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=t.wm_lr, eps=1e-8)
         # replayed steps, and the (env steps, replayed steps) from which train.train_ratio holds (`updates_owed`)

@@ -19,21 +19,25 @@ device) follows CLEVR's ``render_images.py``:
 * Placement is batched: object slots are placed in order, each at the first of
   ``placement_candidates`` random positions that keeps the rules (rejection sampling).  A scene in
   which some object finds no position is restarted with new positions and sizes, as CLEVR does,
-  at most ``placement_attempts`` times; after that its unplaceable objects are dropped (measured:
-  0.04% of the objects of 1280 scenes with 3-10 objects).
+  at most ``placement_attempts`` times (0.04% of the objects of 1280 scenes with 3-10 objects found
+  none after that; their scenes go to the whole-scene restarts below).
 * Visibility: every object needs at least 200 pixels at 480x320 (scaled to the rendered pixel
   count; for crop=True, visible inside the crop) in the pixel-center instance mask.  Objects that
   fail are moved to fresh positions for up to ``visibility_retries`` rounds (only the affected
-  scenes are re-cast); objects still hidden are dropped (measured: 0.4% of the objects full frame,
-  2.6% with the crop, which mostly thins out 9-10 object scenes). So a scene can end below
-  ``min_objects`` where many objects crowd the view (min = max = 10 with the crop, say), unlike
-  CLEVR, which restarts such a scene.
-  The candidate positions for these rounds are drawn before any rendering, so the random stream
-  never depends on pixels; masks still decide, so a borderline pixel differing between CPU and
-  GPU can, very rarely, change a layout.
-* Camera at (7.48, -6.51, 5.34) with Blender Euler XYZ rotation (63.6, 0.6, 46.7) degrees, 35 mm
-  lens on a 32 mm sensor (horizontal FOV 49.1 deg), 3:2 frame; location jittered by +-0.5 per
-  coordinate.  Area lights key/back/fill with strengths 100/50/30, jittered by +-1 per coordinate.
+  scenes are re-cast).  A scene with an object still hidden, or one that found no position, is
+  then restarted whole with the object count drawn for it, as CLEVR restarts it, at most
+  ``placement_attempts`` times (after that its missing objects stay dropped), so the counts stay
+  uniform over min_objects..max_objects; dropping the objects had thinned out the crowded scenes
+  (71 of 1280 scenes with 3-10 objects and the crop had 10).  ``.ci/scene-restarts.py`` over 1280
+  scenes at 64x64: 54 whole-scene restarts with 3-10 objects full frame, 247 with the crop, 1655
+  with 10 objects and the crop; no scene was left short.
+  The candidate positions for the retry rounds are drawn before any rendering; masks still decide
+  which scenes restart, so a borderline pixel differing between CPU and GPU can, very rarely,
+  change a layout.
+* Camera at (7.48, -6.51, 5.34), jittered by +-0.5 per coordinate, aimed at the world origin with
+  no roll (CLEVR's camera tracks the origin, so the jitter turns it as well as moving it), 35 mm
+  lens on a 32 mm sensor (horizontal FOV 49.1 deg), 3:2 frame.
+  Area lights key/back/fill with strengths 100/50/30, jittered by +-1 per coordinate.
 
 The renderer (analytic ray casting in torch, batched over scenes) is `envs.clevr_render`.
 """
@@ -53,8 +57,8 @@ from PIL import Image
 
 from . import clevr_masks
 from .atomic import atomic_write, check_clevr_out
-from .clevr_render import (CAMERA_LOCATION, CAMERA_ROTATION, CROP_WINDOW, FRAME_H, FRAME_W, LIGHT_LOCATIONS, Grid,
-                           Scene, crop_window, project_to_frame, render, srgb_to_linear)
+from .clevr_render import (CAMERA_LOCATION, CROP_WINDOW, FRAME_H, FRAME_W, LIGHT_LOCATIONS, Grid,
+                           Scene, camera_rotation, crop_window, project_to_frame, render, srgb_to_linear)
 from .clevr_layout import ATTRIBUTES, COLORS, MATERIALS, MAX_OBJECTS, PROPERTY_DIM, SHAPES, SIZES
 from .errors import DataError, UsageError
 
@@ -97,8 +101,10 @@ class SceneBatch:
 
 
 def _plane_directions() -> dict[str, list[float]]:
-    """CLEVR's scene 'directions': camera behind/left projected onto the ground, and up."""
-    behind, left = -CAMERA_ROTATION[:, 2].copy(), -CAMERA_ROTATION[:, 0].copy()
+    """CLEVR's scene 'directions': camera behind/left projected onto the ground, and up. CLEVR's are the same in every
+    scene, its unjittered camera's (they are taken before the jitter turns the camera)."""
+    rotation = camera_rotation(torch.tensor(CAMERA_LOCATION, dtype=torch.float64)).numpy()
+    behind, left = -rotation[:, 2].copy(), -rotation[:, 0].copy()
     behind[2] = left[2] = 0.0
     behind, left = behind / np.linalg.norm(behind), left / np.linalg.norm(left)
     up = np.array([0.0, 0.0, 1.0])
@@ -130,6 +136,11 @@ class _Layout:
     def select(self, idx: torch.Tensor) -> "_Layout":
         """The scenes `idx` (copies)."""
         return _Layout(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+
+    def put(self, idx: torch.Tensor, scenes: "_Layout") -> None:
+        """Replace the scenes `idx` by `scenes`."""
+        for f in self.__dataclass_fields__:
+            getattr(self, f)[idx] = getattr(scenes, f)
 
     def compacted(self) -> "_Layout":
         """Present objects moved to the front (order kept); trailing empty slots trimmed."""
@@ -254,8 +265,14 @@ class SceneGenerator:
         if batch_size < 1:
             raise UsageError(f"batch_size must be positive, got {batch_size}")
         gen = torch.Generator().manual_seed(int(seed))
-        layout, retry_candidates = self._sample(batch_size, gen)
-        self._enforce_visibility(layout, retry_candidates)
+        count = torch.randint(self.min_objects, self.max_objects + 1, (batch_size,), generator=gen)
+        layout = self._layout(count, gen)
+        rows = (layout.present.sum(1) < count).nonzero().squeeze(1)
+        for _ in range(self.placement_attempts):  # CLEVR restarts a scene that lost an object, keeping its count
+            if rows.numel() == 0:
+                break
+            layout.put(rows, self._layout(count[rows], gen))
+            rows = rows[layout.present[rows].sum(1) < count[rows]]
         layout = layout.compacted()
         h, w, s = *self.resolution, self.supersample
         images, masks = [], []
@@ -270,17 +287,23 @@ class SceneGenerator:
         return SceneBatch(images=torch.cat(images).contiguous(), masks=torch.cat(masks),
                           targets=_targets(layout).to(self.device), layout=layout)
 
-    def _sample(self, b: int, gen: torch.Generator) -> tuple[_Layout, torch.Tensor]:
-        """Random attributes, jittered camera/lights and placement (whole-scene restarts for scenes
-        whose objects do not all fit, at most placement_attempts); also the candidate positions for
-        visibility retries (`r b n k 2`), drawn before any rendering so that the random stream
-        never depends on rendered pixels."""
-        n, k = self.max_objects, self.placement_candidates
+    def _layout(self, count: torch.Tensor, gen: torch.Generator) -> _Layout:
+        """Scenes of `count` (`b`) objects, placed and checked for visibility; an object that fits
+        nowhere or stays hidden is absent."""
+        layout, retry_candidates = self._sample(count, gen)
+        self._enforce_visibility(layout, retry_candidates)
+        return layout
+
+    def _sample(self, count: torch.Tensor, gen: torch.Generator) -> tuple[_Layout, torch.Tensor]:
+        """Random attributes, jittered camera/lights and placement of `count` (`b`) objects per scene
+        (restarts for scenes whose objects do not all fit, at most placement_attempts); also the
+        candidate positions for visibility retries (`r b n k 2`), drawn before any rendering so that
+        a scene's random stream never depends on rendered pixels."""
+        b, n, k = len(count), self.max_objects, self.placement_candidates
 
         def uniform(*shape, scale=1.0):  # uniform in [-scale, scale]
             return torch.rand(*shape, generator=gen).mul_(2).sub_(1).mul_(scale)
 
-        count = torch.randint(self.min_objects, self.max_objects + 1, (b,), generator=gen)
         layout = _Layout(
             present=torch.zeros(b, n, dtype=torch.bool), xy=torch.zeros(b, n, 2),
             shape=torch.randint(0, len(SHAPES), (b, n), generator=gen),

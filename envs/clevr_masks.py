@@ -24,9 +24,10 @@ from .errors import DataError, UsageError
 from .tfrecord import parse_example, read_records
 
 HEIGHT, WIDTH, ENTITIES = 240, 320, 11  # entity 0: the background; unused entities are all-zero padding
-SHAPES = {"image": (HEIGHT, WIDTH, 3), "mask": (ENTITIES, HEIGHT, WIDTH), "visibility": (ENTITIES,),
-          "x": (ENTITIES,), "y": (ENTITIES,), "z": (ENTITIES,), "rotation": (ENTITIES,), "pixel_coords": (ENTITIES, 3)}
 CODES = ("color", "shape", "size", "material")  # one byte per entity, meaning undocumented
+SHAPES = {"image": (HEIGHT, WIDTH, 3), "mask": (ENTITIES, HEIGHT, WIDTH), "visibility": (ENTITIES,),
+          "x": (ENTITIES,), "y": (ENTITIES,), "z": (ENTITIES,), "rotation": (ENTITIES,), "pixel_coords": (ENTITIES, 3),
+          **{code: (ENTITIES,) for code in CODES}}
 RAW = ("image", "mask", *CODES)  # features of one-byte strings: raw uint8 values
 SOURCE = "clevr_with_masks"  # the scenes file's info["source"]: attributes as codes, not names
 
@@ -50,9 +51,8 @@ def decode_scene(example: dict, where: str) -> tuple[np.ndarray, np.ndarray, lis
     ids[visible] = np.arange(1, len(visible) + 1)
     owner = masks.argmax(0)  # the masks are 0 or 255 and cover each pixel once; a pixel none covers is background
     coords = example["pixel_coords"].reshape(ENTITIES, 3)
-    codes = {k: example[k] for k in CODES if isinstance(example.get(k), np.ndarray) and example[k].size == ENTITIES}
     objects = [{"3d_coords": [float(example[a][e]) for a in "xyz"], "pixel_coords": coords[e].tolist(),
-                "rotation": float(example["rotation"][e]), "codes": {k: int(v[e]) for k, v in codes.items()}}
+                "rotation": float(example["rotation"][e]), "codes": {k: int(example[k][e]) for k in CODES}}
                for e in visible]
     return np.ascontiguousarray(image), ids[owner], objects
 
@@ -71,10 +71,10 @@ def convert(tfrecords: Union[str, Path], out: Union[str, Path], train_scenes: in
             progress: bool = False) -> dict[str, int]:
     """Write records [0, train_scenes) as split train and the next `val_scenes` (None: all the rest) as split val,
     those of `splits` only (records of a split left out are read past, not decoded); returns the scenes written per
-    split. Each split's scenes file comes once the split is whole (train's when the first val record is read, so a
-    file damaged or cut short among the val records keeps train), so a split is whole once it exists; a split `out`
-    already holds is refused before anything is read, and the images of one a conversion left unfinished (stopped,
-    or failed) are removed first."""
+    split. Each split's scenes file comes once the split is whole (train's when the first val record is read, or
+    fails to read: a file damaged or cut short among the val records keeps train), so a split is whole once it
+    exists; a split `out` already holds is refused before anything is read, and the images of one a conversion left
+    unfinished (stopped, or failed) are removed first."""
     from tqdm import tqdm
 
     splits = list(splits)
@@ -116,8 +116,11 @@ def convert(tfrecords: Union[str, Path], out: Union[str, Path], train_scenes: in
         else:
             bar.update(1)
 
+    written = set()
+
     def write(split: str) -> None:
         """The split's scenes file: written once the split is whole, so that it is kept if a later record fails."""
+        written.add(split)
         info = {"split": split, "version": "1.0", "source": SOURCE, "tfrecords": str(Path(tfrecords).resolve()),
                 "attributes": "codes"}
         path = root / "scenes" / f"CLEVR_{split}_scenes.json"
@@ -137,9 +140,10 @@ def convert(tfrecords: Union[str, Path], out: Union[str, Path], train_scenes: in
             if split in scenes:
                 add(record, index, split)
     except DataError as e:
-        whole = "train" in scenes and read > train_scenes
+        if "train" in scenes and "train" not in written and len(scenes["train"]) == train_scenes and "val" in splits:
+            write("train")  # the first val record is the damaged one
         kept = (" (split train is written whole: once the file is whole again, e.g. downloaded again, convert the "
-                 "rest with --splits val)") if whole else ""
+                 "rest with --splits val)") if "train" in written else ""
         raise DataError(f"{e}{kept}") from None
     bar.close()
     if not all(scenes.values()):  # before any scenes file: a retry with other counts finds no split written
@@ -155,6 +159,6 @@ def convert(tfrecords: Union[str, Path], out: Union[str, Path], train_scenes: in
         print(f"note: {tfrecords} holds {read} records: split val got {len(scenes['val'])} scenes, not the "
               f"--val-scenes {val_scenes} asked for", file=sys.stderr)
     for split in splits:
-        if not (split == "train" and read > train_scenes):  # train was written when the first val record came
+        if split not in written:  # (train is, when a val record came)
             write(split)
     return {split: len(held) for split, held in scenes.items()}

@@ -19,15 +19,13 @@ Attention object-discovery window (`crop_window`: the view of rows 29:221, cols 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 FRAME_W, FRAME_H = 480, 320  # CLEVR v1.0 image size
-CAMERA_LOCATION = (7.48, -6.51, 5.34)
-CAMERA_EULER_DEG = (63.6, 0.6, 46.7)
+CAMERA_LOCATION = (7.48, -6.51, 5.34)  # before the jitter
 TAN_HALF_FOV = 16.0 / 35.0  # half sensor width / focal length
 LIGHT_LOCATIONS = ((6.45, -2.91, 4.26), (-1.17, 2.65, 5.82), (-4.67, -4.01, 3.01))  # key, back, fill
 LIGHT_STRENGTHS = (100.0, 50.0, 30.0)
@@ -59,22 +57,23 @@ _CHUNK = 1 << 18  # elements per (rays x objects) tensor: keeps working sets cac
 _CHUNK_GPU = 1 << 24  # the same on GPUs, where per-chunk launches and syncs, not caches, bound the speed
 
 
-def _camera_rotation() -> np.ndarray:
-    """Blender Euler XYZ rotation (camera-to-world; camera looks down -z, up is +y)."""
-    a, b, c = np.radians(CAMERA_EULER_DEG)
-    rx = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
-    ry = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
-    rz = np.array([[math.cos(c), -math.sin(c), 0], [math.sin(c), math.cos(c), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
-CAMERA_ROTATION = _camera_rotation()  # 3 3, columns = camera right, up, back in world coordinates
+def camera_rotation(camera: torch.Tensor) -> torch.Tensor:
+    """Camera-to-world rotations `... 3 3` (columns: right, up, back; the camera looks down its -back) of cameras at
+    `... 3`, each aimed at the world origin with no roll, as CLEVR's camera is (it tracks the origin, so the jitter
+    turns it too): with its location the only unknown, this model gives CLEVR_val_000000's five pixel_coords to
+    their rounding and their depths to 1e-6 (`tests/test_clevr.py::test_the_camera_reproduces_a_clevr_scene`)."""
+    back = camera / camera.norm(dim=-1, keepdim=True)
+    up = torch.zeros_like(back)
+    up[..., 2] = 1.0
+    right = torch.linalg.cross(up, back)
+    right = right / right.norm(dim=-1, keepdim=True)
+    return torch.stack([right, torch.linalg.cross(back, right), back], -1)
 
 
 def project_to_frame(points: np.ndarray, camera: np.ndarray) -> np.ndarray:
     """World points `n 3` -> `n 3` (px, py, depth) in 480x320 pixel units, as CLEVR's pixel_coords
-    (before rounding): x right, y down, depth along the view axis."""
-    cam = (points - camera) @ CAMERA_ROTATION  # n 3 in camera coordinates
+    (before rounding), seen from a camera at `camera` (`3`): x right, y down, depth along the view axis."""
+    cam = (points - camera) @ camera_rotation(torch.as_tensor(camera, dtype=torch.float64)).numpy()  # n 3
     depth = -cam[:, 2]
     u = 0.5 + cam[:, 0] / depth / (2 * TAN_HALF_FOV)
     v = 0.5 - cam[:, 1] / depth / (2 * TAN_HALF_FOV * FRAME_H / FRAME_W)
@@ -99,6 +98,7 @@ class Scene:
         self.columns = {k: (v if k in _FLAGS else v.float()).flatten(0, 1).contiguous().to(device)
                         for k, v in fields.items()}  # (b n) or (b n) 3
         self.camera = camera.float().to(device)
+        self.rotation = camera_rotation(camera.double()).float().to(device)  # b 3 3, made on the CPU
         self.lights = lights.float().to(device)
 
     def field(self, key: str) -> torch.Tensor:
@@ -130,7 +130,8 @@ _MATERIAL = ("metal", "albedo", "tint")
 
 @dataclass
 class Grid:
-    """Sub-pixel ray grid over a normalized frame window (u0, u1, v0, v1); dirs: `h*w 3` world."""
+    """Sub-pixel ray grid over a normalized frame window (u0, u1, v0, v1); dirs: `h*w 3` in the camera's frame
+    (`rays` turns them into each scene's world directions)."""
 
     height: int
     width: int
@@ -146,20 +147,27 @@ class Grid:
         y = ((1 - 2 * v) * TAN_HALF_FOV * FRAME_H / FRAME_W)[:, None].expand(height, width)
         x = ((2 * u - 1) * TAN_HALF_FOV)[None, :].expand(height, width)
         cam = torch.stack([x, y, -torch.ones_like(x)], -1).reshape(-1, 3)  # p 3, camera frame
-        world = cam @ torch.from_numpy(CAMERA_ROTATION).T  # float64 on CPU: equal rays on every device
-        return cls(height, width, window, (world / world.norm(dim=-1, keepdim=True)).float().to(device))
+        return cls(height, width, window, (cam / cam.norm(dim=-1, keepdim=True)).float().to(device))
+
+    def rays(self, scene: "Scene") -> torch.Tensor:
+        """Unit world directions `b p 3` of the grid's rays from each scene's camera. Elementwise float32 ops only
+        (no matmul, no reduction), each rounded alike everywhere: equal rays on every device."""
+        x, y, z = (v[None, :, None] for v in self.dirs.unbind(-1))  # 1 p 1
+        r = scene.rotation[:, None]  # b 1 3 3
+        world = x * r[..., 0] + y * r[..., 1] + z * r[..., 2]  # b p 3
+        return world / torch.sqrt(world[..., 0:1] ** 2 + world[..., 1:2] ** 2 + world[..., 2:3] ** 2)
 
     def everything(self, device) -> torch.Tensor:
         """The box `4` covering the whole grid."""
         return torch.tensor([0.0, self.height - 1, 0.0, self.width - 1], device=device)
 
-    def boxes(self, points: torch.Tensor, camera: torch.Tensor) -> torch.Tensor:
+    def boxes(self, points: torch.Tensor, scene: "Scene") -> torch.Tensor:
         """Grid-index bounding boxes `b ... 4` (row0, row1, col0, col1; inclusive, may lie
-        outside the grid) of world points `b ... k 3` seen from cameras `b 3`; the whole grid
+        outside the grid) of world points `b ... k 3` seen from the scenes' cameras; the whole grid
         when a point is not in front of the camera (its projection bounds nothing)."""
         shape = points.shape
-        rel = points.reshape(shape[0], -1, 3) - camera[:, None]
-        cam = rel @ torch.as_tensor(CAMERA_ROTATION, dtype=rel.dtype, device=rel.device)
+        rel = points.reshape(shape[0], -1, 3) - scene.camera[:, None]
+        cam = rel @ scene.rotation
         depth = -cam[..., 2]
         behind = (depth < 0.05).view(shape[:-1]).any(-1)
         depth = depth.clamp_min(0.05)
@@ -266,29 +274,29 @@ def _object_normals(p, f):
     return nx / norm, ny / norm, nz / norm
 
 
-def _camera_hits(scene: Scene, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest camera-ray hits: distance `b p` and slot `b p` (-1 = floor).  Each object slot is
-    only tested on the pixels of its projected bounding box (one unique index list per slot, so
+def _camera_hits(scene: Scene, grid: Grid, dirs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest hits of the camera rays `dirs` (`b p 3`): distance `b p` and slot `b p` (-1 = floor).  Each object
+    slot is only tested on the pixels of its projected bounding box (one unique index list per slot, so
     the min-updates are deterministic on every device)."""
     b, n = scene.size
-    dirs = grid.dirs
-    t = torch.full((b * dirs.shape[0],), float("inf"), device=dirs.device)  # flat (b p)
+    flat_dirs = dirs.flatten(0, 1)  # (b p) 3
+    t = torch.full((len(flat_dirs),), float("inf"), device=dirs.device)
     slot = torch.full_like(t, -1, dtype=torch.long)
-    boxes = grid.boxes(_object_corners(scene), scene.camera)  # b n 4
+    boxes = grid.boxes(_object_corners(scene), scene)  # b n 4
     valid = scene.field("valid")
     for j in range(n):
         sidx, flat = grid.candidates(boxes[:, j], valid[:, j])
         if sidx.numel() == 0:
             continue
         o = scene.camera.index_select(0, sidx).unbind(-1)
-        d = dirs.index_select(0, flat - sidx * dirs.shape[0]).unbind(-1)
+        d = flat_dirs.index_select(0, flat).unbind(-1)
         tj = _hit_distance(o, d, scene.slot(sidx, j, _GEOMETRY))
         cur = t.index_select(0, flat)
         closer = tj < cur
         t[flat] = torch.where(closer, tj, cur)
         slot[flat] = torch.where(closer, j, slot.index_select(0, flat))
     t, slot = t.view(b, -1), slot.view(b, -1)
-    t_floor = torch.where(dirs[:, 2] < 0, -scene.camera[:, 2:3] / dirs[:, 2], float("inf"))  # b p
+    t_floor = torch.where(dirs[..., 2] < 0, -scene.camera[:, 2:3] / dirs[..., 2], float("inf"))  # b p
     slot = torch.where(t < t_floor, slot, -1)
     return torch.minimum(t, t_floor), slot
 
@@ -321,14 +329,14 @@ def _shadow_boxes(scene: Scene, grid: Grid, light: int) -> torch.Tensor:
     planes = torch.stack([torch.zeros_like(top), top], -1)[:, None, None, None, :]  # b 1 1 1 2
     drop = (src[..., 2] - q[..., 2]).unsqueeze(-1)  # b n 8 8 1
     lam = ((src[..., 2:3] - planes) / drop.clamp_min(1e-3)).clamp_min(1.0)  # b n 8 8 2: q + lam (q - src)
-    forward = -torch.as_tensor(CAMERA_ROTATION[:, 2], dtype=corners.dtype, device=corners.device)
+    forward = -scene.rotation[:, None, None, None, :, 2]  # b 1 1 1 3
     cam = scene.camera[:, None, None, None, :]
     depth_src, depth_q = ((src - cam) * forward).sum(-1), ((q - cam) * forward).sum(-1)  # affine along the ray
     slope = (depth_q - depth_src).unsqueeze(-1)
     lam = torch.where(slope < 0, torch.minimum(lam, (0.1 - depth_src.unsqueeze(-1)) / slope.clamp(max=-1e-6)), lam)
     pts = src.unsqueeze(-2) + lam.unsqueeze(-1) * (q - src).unsqueeze(-2)  # b n 8 8 2 3
     b, n = corners.shape[:2]
-    boxes = grid.boxes(pts.reshape(b, n, -1, 3), scene.camera)
+    boxes = grid.boxes(pts.reshape(b, n, -1, 3), scene)
     # A light corner at or below an object's top: the shadow may reach the horizon, use the grid.
     unbounded = (drop < 0.05).flatten(2).any(-1)
     return torch.where(unbounded[..., None], grid.everything(boxes.device), boxes)
@@ -446,21 +454,19 @@ def _trace(scene: Scene, sidx, o, d, exclude) -> torch.Tensor:
 def render(scene: Scene, grid: Grid, shade: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Camera rays over the grid: sRGB colors `b p 3` in [0, 1] (None unless shade) and the hit
     slot `b p` (-1 = floor)."""
-    t, slot = _camera_hits(scene, grid)
+    dirs = grid.rays(scene)  # b p 3; all point below the horizon in CLEVR's frame, so every ray hits something
+    t, slot = _camera_hits(scene, grid, dirs)
     if not shade:
         return None, slot
-    dirs = grid.dirs  # all point below the horizon in CLEVR's frame, so every ray hits something
-    p = [scene.camera[:, i:i + 1] + t * dirs[:, i] for i in range(3)]  # 3 x (b p)
+    p = [scene.camera[:, i:i + 1] + t * dirs[..., i] for i in range(3)]  # 3 x (b p)
     vis = [_shadow_visibility(scene, grid, p, slot, i) for i in range(len(LIGHT_STRENGTHS))]
-    n_pix, flat_slot = dirs.shape[0], slot.flatten()
+    flat_dirs, flat_slot = dirs.flatten(0, 1), slot.flatten()
     flat_p = [v.flatten() for v in p]
     out = []
     chunk = _chunk(dirs.device) // 4
     for c in range(0, flat_slot.shape[0], chunk):
-        idx = torch.arange(c, min(c + chunk, flat_slot.shape[0]), device=dirs.device)
-        sidx = idx // n_pix
-        pc, sc = [v[c:c + chunk] for v in flat_p], flat_slot[c:c + chunk]
-        dc = dirs.index_select(0, idx - sidx * n_pix).unbind(-1)
+        sidx = torch.arange(c, min(c + chunk, flat_slot.shape[0]), device=dirs.device) // dirs.shape[1]
+        pc, sc, dc = [v[c:c + chunk] for v in flat_p], flat_slot[c:c + chunk], flat_dirs[c:c + chunk].unbind(-1)
         n = _floor_or_object_normals(pc, scene.slot(sidx, sc, _GEOMETRY), sc >= 0)
         pc = [pc[i] + 1e-4 * n[i] for i in range(3)]
         out.append(linear_to_srgb(_shade(scene, sidx, pc, n, dc, sc, [v[c:c + chunk] for v in vis], bounce=True)))

@@ -77,6 +77,8 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
             raise ValueError("a varint longer than 10 bytes")
         byte = buf[pos]
         pos += 1
+        if shift == 63 and byte > 1:
+            raise ValueError("a varint beyond 64 bits")
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
             return value, pos

@@ -3,21 +3,26 @@
 ``ResilientVectorEnv`` runs ``envs_per_worker`` env copies per process (one IPC round-trip per
 worker per step) and follows gymnasium 1.x ``VectorEnv`` conventions with NEXT_STEP autoreset.
 When a worker dies, hangs past ``step_timeout`` or an env raises, the worker is replaced by a
-fresh one and its envs' episodes end as truncated (see ``ResilientVectorEnv.step``).
+fresh one and its envs' episodes end as truncated (see ``ResilientVectorEnv.step``). A fresh
+worker has ``start_timeout`` to build its envs and answer: many workers starting on few cores
+take far longer than a step.
 
 Start method: forkserver by default (spawn where unavailable).  Workers then start from a clean
 server process, never forking a parent that holds torch/OpenMP threads or CUDA state (fork can
-deadlock there), and the server preloads this module so a (re)start costs milliseconds, not a
-fresh interpreter.  Env functions are therefore pickled: use module-level callables or
-``functools.partial`` of them, not lambdas or closures, and guard the main script with
-``if __name__ == "__main__":``.  ``context="fork"`` accepts closures at fork's risks.
+deadlock there), and the server preloads this module and the env's so a (re)start costs
+milliseconds, not a fresh interpreter and the game's imports.  Env functions are therefore
+pickled: use module-level callables or ``functools.partial`` of them, not lambdas or closures,
+and guard the main script with ``if __name__ == "__main__":``.  ``context="fork"`` accepts
+closures at fork's risks.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
 import numbers
+import os
 import select
 import signal
+import threading
 import time
 import traceback
 import warnings
@@ -25,7 +30,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from multiprocessing.connection import wait
-from typing import Any
+from typing import Any, Optional
 
 import gymnasium
 import numpy as np
@@ -43,9 +48,33 @@ from gymnasium.vector.utils import (
 from .infos import InfoBatcher, InfoPacker, merge_packed, record_layout
 
 CLOSE_TIMEOUT = 2.0  # seconds a worker gets to close its envs before it is killed
+PARENT_CHECK = 1.0  # seconds between a worker's checks that the process that started it is still there
 
 
-def _worker(env_fns, offset, conn, obs_space, shm):
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (not gone, not a zombie waiting to be reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process took the pid: ours is gone
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # no /proc: os.kill's answer
+        return True
+
+
+def _exit_with(parent: int) -> None:
+    """End this worker once `parent` is gone: a parent killed outright (SIGKILL, the OOM killer) leaves its pipes'
+    EOF to a worker that reads them, and a worker inside a hung env step never reads again."""
+    while _alive(parent):
+        time.sleep(PARENT_CHECK)
+    os._exit(1)
+
+
+def _worker(env_fns, offset, conn, obs_space, shm, parent):
     """Worker loop: build envs, then run one message per vector step until None arrives.
 
     A message is (actions, resets): env j resets with ``resets[j] = (seed, options)`` when j is in ``resets``, else
@@ -57,6 +86,7 @@ def _worker(env_fns, offset, conn, obs_space, shm):
     # group, and the parent finishes its step (which steps these envs) before it stops; it closes or kills the worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
     envs = []
     try:
         envs = [fn() for fn in env_fns]
@@ -153,6 +183,21 @@ def start_forkserver_ignoring_ctrl_c() -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def crowding_note(workers: int, setting: str) -> Optional[str]:
+    """A note when `workers` env processes (from `setting`, the options or keys that make them) would crowd the
+    cores, more than two to a core: each steps slowly, and they all start at once."""
+    cores = usable_cores()
+    if workers <= 2 * cores:
+        return None
+    return (f"note: {setting} starts {workers} env worker processes on {cores} CPU cores; fewer processes running "
+            "more envs each step as fast with less overhead")
+
+
 def default_context() -> str:
     """forkserver where available (workers never inherit torch threads or CUDA state), else spawn."""
     return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
@@ -165,6 +210,8 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
     through shared memory when ``shared_memory`` is true (Box/Discrete/Multi*/Dict/Tuple spaces),
     else they are pickled through the pipes.  It gives up (RuntimeError) when more than ``max_restarts``
     restarts fall within ``restart_window`` vector steps: a crash loop, not the rare crash of a long run.
+    A worker answers a step within ``step_timeout`` seconds, and its first message (after building its envs) within
+    ``start_timeout``; None: no limit.
     """
 
     def __init__(
@@ -173,6 +220,7 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         envs_per_worker: int = 1,
         context: str | None = None,
         step_timeout: float | None = 60.0,
+        start_timeout: float | None = 300.0,
         max_restarts: int = 100,
         shared_memory: bool = True,
         restart_window: int = 1000,
@@ -188,7 +236,9 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         self.num_envs = len(env_fns)
         self.envs_per_worker = envs_per_worker
         self.num_workers = self.num_envs // envs_per_worker
-        self.step_timeout = step_timeout
+        self.step_timeout, self.start_timeout = step_timeout, start_timeout
+        self._fresh: set[int] = set()  # workers yet to answer their first message
+        self._reset_needed = True  # until the first reset()
         self.max_restarts, self.restart_window = max_restarts, restart_window
         self.restarts = 0  # over the env's life (logged); the cap counts those of the last restart_window steps
         self._steps, self._recent = 0, deque()  # vector steps so far; the step of each recent restart
@@ -198,6 +248,7 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         self.single_action_space = probe.action_space
         self.metadata = dict(probe.metadata, autoreset_mode=AutoresetMode.NEXT_STEP)
         self.render_mode = probe.render_mode
+        env_module = type(probe.unwrapped).__module__
         probe.close()
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
@@ -205,7 +256,7 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         context = context or default_context()
         self._ctx = mp.get_context(context)
         if context == "forkserver":  # the server imports these once, so each worker starts in ms
-            self._ctx.set_forkserver_preload(["__main__", __name__])
+            self._ctx.set_forkserver_preload(["__main__", __name__, env_module])
             start_forkserver_ignoring_ctrl_c()
         self._shm = (
             create_shared_memory(self.single_observation_space, self.num_envs, ctx=self._ctx)
@@ -240,13 +291,14 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         parent_conn, child_conn = self._ctx.Pipe()
         proc = self._ctx.Process(
             target=_worker,
-            args=(self.env_fns[sl], sl.start, child_conn, self.single_observation_space, self._shm),
+            args=(self.env_fns[sl], sl.start, child_conn, self.single_observation_space, self._shm, os.getpid()),
             name=f"ResilientVectorEnv-worker-{w}",
             daemon=True,
         )
         proc.start()
         child_conn.close()  # so the parent sees EOF when the worker dies
         self._procs[w], self._conns[w] = proc, parent_conn
+        self._fresh.add(w)
 
     def _stop(self, w: int):
         """Kill worker w unless it already exited, and close its pipe."""
@@ -289,14 +341,18 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
                 pending[self._conns[w]] = w
             except OSError as e:  # BrokenPipeError, ConnectionResetError
                 results[w] = (False, f"worker process died (send failed: {e!r})")
-        deadline = None if self.step_timeout is None else time.monotonic() + self.step_timeout
+        key, limit = "step_timeout", self.step_timeout
+        if self._fresh.intersection(workers):  # a fresh worker builds its envs first
+            limits = (self.start_timeout, self.step_timeout)
+            key, limit = "start_timeout", None if None in limits else max(limits)
+        deadline = None if limit is None else time.monotonic() + limit
         ready_conns = _Readiness(pending)
         while pending:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready = ready_conns.wait(timeout)
             if not ready:
                 for w in pending.values():
-                    results[w] = (False, f"no reply within step_timeout={self.step_timeout}s")
+                    results[w] = (False, f"no reply within {key}={limit}s")
                 break
             for conn in ready:
                 w = pending.pop(conn)
@@ -308,6 +364,7 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
                     continue
                 if status == "ok":
                     results[w] = (True, data)
+                    self._fresh.discard(w)
                 else:
                     results[w] = (False, f"env raised an exception:\n{data}")
         return results
@@ -329,12 +386,18 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
 
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
         """Reset every env: seed int s gives env i seed s + i; a failed worker is restarted and retried once."""
+        self._check_open()
         if seed is None:
             seed = [None] * self.num_envs
         elif isinstance(seed, numbers.Integral):  # np.int64 too
             seed = [int(seed) + i for i in range(self.num_envs)]
-        if len(seed) != self.num_envs:
-            raise ValueError(f"got {len(seed)} seeds for num_envs={self.num_envs}")
+        if not isinstance(seed, (list, tuple, np.ndarray)) or len(seed) != self.num_envs:
+            raise ValueError(f"seed is an int or one seed per env (num_envs={self.num_envs}), got {seed!r}")
+        bad = [s for s in seed if s is not None and (not isinstance(s, numbers.Integral) or isinstance(s, bool)
+                                                     or s < 0)]
+        if bad:  # a worker would raise on it, which reads as a crash
+            raise ValueError(f"seeds are None or non-negative integers, got {bad[0]!r}")
+        seed = [None if s is None else int(s) for s in seed]
         self._seeds = list(seed)
         self._next_reset_seed = [None] * self.num_envs
         self._autoreset[:] = False
@@ -357,9 +420,11 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         for w in failed:
             ok, data = retried[w]
             if not ok:
-                raise RuntimeError(f"ResilientVectorEnv: worker {w} failed reset twice: {data} (from a script: "
-                                   "guard its top level with `if __name__ == '__main__':`, since the workers' "
-                                   "process server runs the script again, or use asynchronous=False)")
+                hint = (" (from a script: guard its top level with `if __name__ == '__main__':`, since the workers' "
+                        "process server runs the script again, or use asynchronous=False)"
+                        if data.startswith("worker process died") else "")
+                raise RuntimeError(f"ResilientVectorEnv: worker {w} failed reset twice: {data}{hint}")
+        self._reset_needed = False
         self._obs = obs  # a fresh array, as step's
         return obs, self._merge(parts)
 
@@ -371,6 +436,11 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         reset on the next step (reward 0, no done flags) with seed None, or, if the last reset()
         gave the env seed s, a seed derived from (s, restart count), so seeded runs stay reproducible.
         """
+        self._check_open()
+        if self._reset_needed:
+            raise gymnasium.error.ResetNeeded("call reset() before step()")
+        if not isinstance(self.single_action_space, (gymnasium.spaces.Dict, gymnasium.spaces.Tuple)):
+            actions = np.asarray(actions)  # a list or a torch tensor: checked below, and pickled as numpy
         discrete = isinstance(self.action_space, gymnasium.spaces.MultiDiscrete)  # whose `contains` takes 1.5
         if isinstance(actions, np.ndarray) and not ((actions.dtype.kind in "iu" or not discrete)
                                                     and self.action_space.contains(actions)):  # the caller's bug
@@ -413,8 +483,14 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         self._autoreset = terms | truncs
         return obs, rewards, terms, truncs, infos
 
+    def _check_open(self) -> None:
+        """Refuse a closed env's step or reset, which would start its workers again, with no close left to end them."""
+        if self.closed:
+            raise gymnasium.error.ClosedEnvironmentError("this ResilientVectorEnv is closed: make a new one")
+
     def close_extras(self, **kwargs):
-        """Ask every worker to close its envs, then kill those that have not exited in time."""
+        """Ask every worker to close its envs, then kill those that have not exited in time; release the shared
+        observation memory."""
         started = [w for w, proc in enumerate(self._procs) if proc is not None]
         for w in started:
             with suppress(OSError):
@@ -423,6 +499,7 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         for w in started:
             self._procs[w].join(max(0.0, deadline - time.monotonic()))
             self._stop(w)
+        self._shm = self._shm_view = None
 
 
 def make_vector_env(

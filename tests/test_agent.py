@@ -1,4 +1,5 @@
 """The agent loop: the tiny preset end to end, the replay-ratio invariant, resume after SIGKILL, eval."""
+import copy
 import dataclasses
 import json
 import math
@@ -134,11 +135,27 @@ def test_a_replay_smaller_than_a_segment_is_refused(tmp_path):
     assert not (tmp_path / "run").exists()  # refused before the run directory is made
 
 
-def test_a_replay_smaller_than_the_prefill_is_noted():
+def test_a_replay_smaller_than_the_prefill_and_a_prefill_past_the_end_are_noted():
     assert preflight(tiny()) == []
-    notes = preflight(tiny("replay.capacity=300", "train.prefill=400"))
+    notes = preflight(tiny("replay.capacity=300", "train.prefill=400", "train.env_steps=1000"))
     assert notes == ["note: replay.capacity=300 holds fewer steps than train.prefill=400: the first 100 random steps "
                      "are overwritten before the first update"]
+    assert preflight(tiny("train.prefill=240")) == [
+        "note: train.prefill=240 is not below train.env_steps=240: the run plays random actions only and never "
+        "updates its models; lower train.prefill or raise train.env_steps"]
+
+
+
+def test_more_env_processes_than_the_cores_hold_are_noted(monkeypatch):
+    """64 worker processes on 2 cores step slowly and start for minutes: noted, with the key that runs fewer."""
+    import envs.vector
+
+    monkeypatch.setattr(envs.vector, "usable_cores", lambda: 2)
+    assert preflight(tiny("env.asynchronous=true", "env.num_envs=4")) == []
+    assert preflight(tiny("env.asynchronous=true", "env.num_envs=64", "env.envs_per_worker=16")) == []
+    assert preflight(tiny("env.asynchronous=true", "env.num_envs=64")) == [
+        "note: env.num_envs=64 with env.envs_per_worker=1 starts 64 env worker processes on 2 CPU cores; fewer "
+        "processes running more envs each step as fast with less overhead (env.envs_per_worker)"]
 
 
 def test_nethacks_task_and_window_reach_its_env_and_are_refused_elsewhere():
@@ -579,7 +596,10 @@ def test_episodes_shorter_than_a_segment_are_trained_on(tmp_path):
     segments are padded past each episode's end, and every owed update runs with finite losses."""
     cfg = tiny("env.max_episode_steps=5", "train.env_steps=80", "train.prefill=20", "train.log_every=40")
     assert cfg.train.seq_len > 6 and updates_due(80, cfg) > 0
+    given = copy.deepcopy(cfg)
     train(cfg, str(tmp_path / "run"), progress=False)
+    assert cfg == given  # the derived sizes go to config.yaml, not into the caller's config
+    assert load_config(AgentConfig, tmp_path / "run" / "config.yaml").dynamics.num_actions == 17
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if "loop/updates" in r][-1]
     assert last["loop/updates"] == updates_due(80, cfg) and last["loop/skipped_wm"] == 0
@@ -710,7 +730,9 @@ def test_the_policy_takes_what_a_vector_env_returns():
     from agent.train import build_agent
 
     cfg = tiny()
-    wm, ac = build_agent(cfg, 17, torch.device("cpu"))
+    assert build_agent(cfg, 5, torch.device("cpu"))[0].dynamics.cfg.num_actions == 5  # the config left as given:
+    wm, ac = build_agent(cfg, 17, torch.device("cpu"))  # it builds for another env too
+    assert wm.dynamics.cfg.num_actions == 17 and cfg.dynamics == tiny().dynamics
     images = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
     acts = []
     for obs, first in (({"image": images}, np.array([True, True])), (images, True)):

@@ -136,6 +136,12 @@ def test_examples_the_protobuf_library_writes_parse_back(tmp_path):
     assert parse_example(b"\x0a" + bytes([len(features)]) + features)["f"].tolist() == [0.5, 4.0]
     with pytest.raises(DataError, match="record 7 does not parse as a tf.train.Example of this dataset"):
         parse_example(b"\x0a\x20\x0a", where="record 7")  # a field longer than the record
+    ints = b"\x08" + b"\xff" * 9 + b"\x7f"  # Int64List.value: a 10-byte varint with bits past the 64th
+    feature = b"\x1a" + bytes([len(ints)]) + ints  # Feature.int64_list
+    entry = b"\x0a\x01i" + b"\x12" + bytes([len(feature)]) + feature
+    features = b"\x0a" + bytes([len(entry)]) + entry
+    with pytest.raises(DataError, match=r"record 8 does not parse .*\(a varint beyond 64 bits\)"):
+        parse_example(b"\x0a" + bytes([len(features)]) + features, where="record 8")
     with pytest.raises(DataError, match="feature 'words' is not a list of one-byte strings"):
         parse_example(ex.SerializeToString(), raw=["words"])
 
@@ -194,8 +200,9 @@ def test_converted_scenes_keep_pixels_ids_and_objects(release, tmp_path):
     assert listed["info"]["source"] == "clevr_with_masks" and listed["scenes"][0]["image_index"] == 2
     six = ClevrDataset(tmp_path / "c", "train", resolution=(128, 128), crop=True, max_objects=6)
     assert len(six) == 1 and six[0]["mask"].shape == (128, 128)  # CLEVR6 drops the 7-object scene
-    crop = scenes[0][2][29:221, 64:256]  # the discovery window; nearest resize keeps each id's pixels
-    assert set(torch.unique(six[0]["mask"]).tolist()) == set(np.unique(crop).tolist())
+    crop = torch.from_numpy(scenes[0][2][29:221, 64:256].astype(np.int64))  # the discovery window, nearest resize
+    resized = torch.nn.functional.interpolate(crop[None, None].float(), size=(128, 128), mode="nearest-exact")
+    assert torch.equal(six[0]["mask"], resized[0, 0].long())
 
 
 def test_converting_a_split_alone_and_refusing_to_write_one_twice(release, tmp_path, capsys):
@@ -241,6 +248,12 @@ def test_converting_a_split_alone_and_refusing_to_write_one_twice(release, tmp_p
     with pytest.raises(DataError, match="record 0 is not a CLEVR-with-masks record: it has no feature 'mask'"):
         convert(write_records(tmp_path / "other.tfrecords", [other.SerializeToString()]), tmp_path / "e",
                 train_scenes=1, splits=["train"])
+    colorless = Example()
+    colorless.ParseFromString(scene_record(2, 0)[0])
+    del colorless.features.feature["color"]
+    with pytest.raises(DataError, match="record 0 is not a CLEVR-with-masks record: it has no feature 'color'"):
+        convert(write_records(tmp_path / "colorless.tfrecords", [colorless.SerializeToString()]), tmp_path / "f",
+                train_scenes=1, splits=["train"])
 
 
 def test_a_file_cut_short_among_the_val_records_keeps_the_whole_train_split(release, tmp_path):
@@ -254,6 +267,9 @@ def test_a_file_cut_short_among_the_val_records_keeps_the_whole_train_split(rele
         convert(cut, tmp_path / "c", train_scenes=2)
     assert len(ClevrDataset(tmp_path / "c", "train")) == 2
     assert not (tmp_path / "c" / "scenes" / "CLEVR_val_scenes.json").exists()
+    with pytest.raises(DataError, match=r"ends inside record 3: the file is cut short \(split train is written whole"):
+        convert(cut, tmp_path / "f", train_scenes=3)  # the first val record is the one cut
+    assert len(ClevrDataset(tmp_path / "f", "train")) == 3
     with pytest.raises(DataError, match=r"ends inside record 3: the file is cut short$"):
         convert(cut, tmp_path / "t", train_scenes=4)  # train itself is cut short: nothing written
     assert not (tmp_path / "t" / "scenes").exists()

@@ -569,13 +569,24 @@ def test_a_restarted_workers_step_is_not_stored_and_no_two_episodes_join(tmp_pat
 
 
 def test_overlay_blends_the_argmax_segmentation():
-    """overlay colors each pixel by the slot with the LARGEST mask there, blended half and half with the image."""
+    """overlay colors each pixel by the slot with the LARGEST mask there, blended half and half with the image where
+    one slot holds it all, less as the masks near uniform (not at all at 1/k each)."""
     from world_model.decompose import overlay
-    from world_model.visualize import colorize
+    from world_model.visualize import colorize, decomposition_grid
 
-    masks = torch.tensor([0.1, 0.7, 0.2])[None, :, None, None].expand(1, 3, 2, 2)
+    slot1 = colorize(torch.ones(1, 2, 2, dtype=torch.long))
     images = torch.ones(1, 3, 2, 2)
-    torch.testing.assert_close(overlay(images, masks), 0.5 + 0.5 * colorize(torch.ones(1, 2, 2, dtype=torch.long)))
+    sure = torch.tensor([0.0, 1.0, 0.0])[None, :, None, None].expand(1, 3, 2, 2)
+    torch.testing.assert_close(overlay(images, sure), 0.5 + 0.5 * slot1)
+    masks = torch.tensor([0.1, 0.7, 0.2])[None, :, None, None].expand(1, 3, 2, 2)  # (0.7 - 1/3) / (1 - 1/3) = 0.55
+    torch.testing.assert_close(overlay(images, masks), 1 - 0.275 + 0.275 * slot1)
+    uniform = torch.full((1, 3, 2, 2), 1 / 3)
+    torch.testing.assert_close(overlay(images, uniform), images)
+    # the decomposition's segmentation column: white where the masks are uniform, the slot's color where one is sure
+    pad = 2
+    for masks, seg in ((uniform, torch.ones(3, 2, 2)), (sure, slot1[0])):
+        grid = decomposition_grid(images, masks)
+        torch.testing.assert_close(grid[:, pad:pad + 2, 2 * pad + 2:2 * pad + 4], seg)
 
 
 def test_decomposition_pngs_name_their_columns():

@@ -51,12 +51,20 @@ def test_overrides_are_typed():
                                              "model.cnn_channels=[8,8]", "model.cnn_strides=[2,1]"])
     assert cfg.model.slots == "slot_attention" and cfg.train.steps == 7 and cfg.model.vq.enabled
     assert cfg.model.cnn_channels == [8, 8]
+    from world_model.config import WorldModelConfig  # Python's None is YAML's null, not the string 'None'
+    assert load_config(WorldModelConfig, None, ["encoder.checkpoint=r", "encoder.checkpoint=None"]).encoder.checkpoint \
+        is None
 
 
 @pytest.mark.parametrize("overrides, message", [
     (["model.slotz=gmm"], "unknown config key 'model.slotz'.*did you mean 'model.slots'"),
     (["train.steps=many"], "bad config value for 'train.steps'"),
     (["model.slots=kmeans"], "model.slots='kmeans' is not one of gmm, slot_attention"),
+    (["model.slots=vq"], "not one of gmm, slot_attention; VQ slot codes .* switch on either: model.vq.enabled=true"),
+    (["train.steps=${foo}"], r"train.steps: Interpolation key 'foo' not found \(a value in a preset or override\)"),
+    (["train.lr=inf"], "train.lr=inf is not a finite number"),
+    (["model.vq.anneal_steps=-100"], "model.vq.anneal_steps=-100 must be 0 or more"),
+    (["train.steps=None"], "train.steps"),  # not Optional: refused, not a string
     (["train.compile_mode=fast"], "train.compile_mode='fast' is not one of default, reduce-overhead"),
     (["train.steps"], "not of the form key=value"),
     (["train.log_every=0"], "train.log_every=0 must be positive"),
@@ -262,6 +270,8 @@ def test_run_directories_of_another_command_are_named_as_such(tmp_path, capsys):
         assert run.main(argv) == 2, argv
         out, err = capsys.readouterr()
         assert err.count("\n") == 1 and message in err and out == "", (argv, err)  # before any config dump
+    assert run.main(["train", "--resume", str(tmp_path / "a"), "--run-dir", f"{tmp_path / 'a'}/"]) == 2
+    assert "cannot resume: no checkpoint at" in capsys.readouterr().err  # the same folder, spelled otherwise
     assert run.main(["config", "--config", str(CONFIGS / "tiny.yaml")]) == 0
     assert capsys.readouterr().out.startswith(f"# run.py train, preset {CONFIGS / 'tiny.yaml'}\nenv:\n")
     assert run.main(["config", "--for", "train"]) == 0  # without --config: the preset `train` runs by default
@@ -406,6 +416,11 @@ def test_resume_overrides_may_change_how_a_run_goes_on_not_what_it_learns():
     saved = load_config(AgentConfig, CONFIGS / "tiny.yaml")
     for ok in (["train.env_steps=5000", "env.asynchronous=false", "env.envs_per_worker=2", "replay.on_device=true"],):
         check_resume_overrides(saved, load_config(AgentConfig, CONFIGS / "tiny.yaml", ok), "RUN")
+    pre = load_config(PretrainConfig, CONFIGS / "clevr_tiny.yaml")
+    check_resume_overrides(pre, load_config(PretrainConfig, CONFIGS / "clevr_tiny.yaml", ["data.num_workers=2"]), "RUN")
+    changed = load_config(PretrainConfig, CONFIGS / "clevr_tiny.yaml", ["model.num_slots=3"])
+    with pytest.raises(ConfigError, match=r"may change how it runs \(train.\* but train.seed, data.root, .*num_workers\)"):
+        check_resume_overrides(pre, changed, "RUN")
     for bad in ("env.name=nethack", "encoder.model.num_slots=3", "actor_critic.horizon=5", "dynamics.layers=3",
                 "train.seed=1"):
         with pytest.raises(ConfigError, match=f"{bad.split('=')[0]}=.* differs from what RUN trained with"):

@@ -16,6 +16,18 @@ def test_shapes_and_gradients():
     assert tok.encoder[0].weight.grad.abs().sum() > 0  # straight-through reaches the encoder
 
 
+def test_training_codes_are_the_argmax_ones_while_the_decoder_reads_samples():
+    """In training the reconstruction decodes sampled one-hots (every code stays in play), but the codes returned,
+    the dynamics' targets, are the argmax ones acting reads: no sampling noise in them."""
+    torch.manual_seed(0)
+    tok = FrameTokenizer(FrameTokenizerConfig(vars=6, codes=5, channels=4, target=8), resolution=32).train()
+    tok.encoder[-1].weight.data.zero_()  # uniform logits: a sample is almost never the argmax of all 6 x 40 codes
+    images = torch.rand(40, 3, 32, 32)
+    logits = tok.logits(images)
+    assert torch.equal(tok(images)[0], logits.argmax(-1)) and torch.equal(tok.codes(images), logits.argmax(-1))
+    assert not torch.equal(tok.onehots(logits).argmax(-1), logits.argmax(-1))  # the decoder's input is sampled
+
+
 def test_learns_to_tell_frames_apart():
     torch.manual_seed(0)
     tok = FrameTokenizer(FrameTokenizerConfig(vars=2, codes=4, channels=8, target=8), resolution=16)

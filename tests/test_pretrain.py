@@ -47,7 +47,8 @@ def test_cli_pretrain_and_eval_ap(tmp_path, capsys):
     assert out.count(f"first step done {first[0]:.1f} s after the process started") == 1 and first[0] > 1
     assert run.main(["eval-ap", "--checkpoint", str(rd), "--images", "6"]) == 0
     out = capsys.readouterr().out
-    assert "AP_inf" in out and "AP_0.0625" in out and "on 6 images (generated scenes)" in out
+    assert "AP_inf" in out and "AP_0.0625" in out
+    assert "on 6 images (held-out generated scenes, the same seeded stream for every run)" in out
     result = json.loads((rd / "eval_ap.json").read_text())
     assert result["images"] == 6 and set(result) >= {"AP_inf", "AP_1", "AP_0.5", "AP_0.25", "AP_0.125", "AP_0.0625"}
     assert 0 <= result["empty_slots"] <= 4  # near-empty slots per image, out of model.num_slots=4
@@ -484,7 +485,9 @@ def test_pretrain_and_eval_on_a_clevr_directory(tmp_path, capsys):
                      "10"]) == 0
     out, err = capsys.readouterr()
     assert f"on 4 images (CLEVR {tmp_path / 'clevr'} split val, scenes of 3-10 objects)" in out
-    assert "hold 4 images, fewer than the 10 asked for" in err  # said, not silently fewer
+    assert "hold 4 images, fewer than the 10 asked for (--images)" in err  # said, not silently fewer
+    assert run.main(["eval-ap", "--checkpoint", str(rd), "--clevr-root", str(tmp_path / "clevr")]) == 0
+    assert "hold 4 images, fewer than the 8 asked for (data.eval_images)" in capsys.readouterr().err
     assert json.loads((rd / "eval_ap_clevr_clevr_val.json").read_text())["images"] == 4  # beside eval_ap.json
 
 
@@ -514,6 +517,26 @@ def test_clevr_training_stream_equals_indexed_batches(tmp_path, workers):
         got, want = next(stream), source.batch(3, seed)
         torch.testing.assert_close(got["images"], want["images"])
         torch.testing.assert_close(got["targets"], want["targets"])
+
+
+def test_an_evaluation_on_clevr_reads_through_one_data_loader(tmp_path, monkeypatch):
+    """The evaluation split in fixed chunks through ONE DataLoader (with workers: one set of worker processes for the
+    whole evaluation, not one per chunk), each chunk the split's images in order."""
+    import torch.utils.data
+
+    from envs.clevr import write_dataset
+    from world_model.sources import ClevrScenes
+
+    write_dataset(tmp_path / "clevr", 5, split="val", seed=1, batch_size=5)
+    cfg = tiny_cfg("data.source=clevr", f"data.root={tmp_path / 'clevr'}", "data.num_workers=1", "data.max_objects=10")
+    source = ClevrScenes(cfg, "val", torch.device("cpu"))
+    made = []
+    loader = torch.utils.data.DataLoader
+    monkeypatch.setattr(torch.utils.data, "DataLoader", lambda *a, **k: made.append(1) or loader(*a, **k))
+    chunks = list(source.sequential(2))
+    assert len(made) == 1 and [len(c["images"]) for c in chunks] == [2, 2, 1]
+    images = torch.stack([source.dataset[i]["image"] for i in range(5)])
+    torch.testing.assert_close(torch.cat([c["images"] for c in chunks]), images, rtol=0, atol=0)
 
 
 def test_a_frames_run_resumes_on_the_same_game_and_notes_a_moved_split(tmp_path, capsys, monkeypatch):
@@ -974,8 +997,11 @@ def test_set_prediction_with_fewer_slots_than_objects_is_refused_before_the_run_
                            "object a slot of its own; set model.num_slots >= data.max_objects, or lower "
                            "data.max_objects")
     assert out == "" and not (tmp_path / "r").exists()
-    preflight(load_config(PretrainConfig, "clevr_tiny", ["model.num_slots=6", "data.max_objects=6"]))  # CLEVR6
-    preflight(load_config(PretrainConfig, "clevr_discovery_cpu", ["model.num_slots=4"]))  # discovery: slots may share
+    assert preflight(load_config(PretrainConfig, "clevr_tiny", ["model.num_slots=6", "data.max_objects=6"])) == []
+    assert preflight(load_config(PretrainConfig, "clevr_discovery_cpu", ["model.num_slots=7"])) == []  # CLEVR6
+    assert preflight(load_config(PretrainConfig, "clevr_discovery_cpu", ["model.num_slots=4"])) == [  # may share
+        "note: model.num_slots=4 holds at most 3 objects beside the background, and scenes have up to "
+        "data.max_objects=6: objects will share slots, which lowers FG-ARI (the paper's CLEVR6: 7 slots, 6 objects)"]
 
 
 def test_compare_puts_the_runs_last_evaluations_side_by_side(tmp_path, capsys):

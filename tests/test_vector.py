@@ -679,3 +679,127 @@ def test_independent_rate_is_all_steps_over_first_start_to_last_finish(monkeypat
     rate = measure_independent_steps_per_second(CounterEnv, 2, 10, envs_per_process=2, context="fork")
     assert rate == 10.0 and seeds == [0, 2]  # envs 0, 1 and 2, 3: every env its own seed
     assert events == ["barrier", "clock", "clock"] * 2  # each process starts its clock after the barrier
+
+
+def test_a_closed_vector_env_refuses_to_step_or_reset():
+    """A step or reset after close would start the workers again, with no close left to end them: refused."""
+    venv = ResilientVectorEnv([CounterEnv] * 2)
+    venv.reset(seed=0)
+    venv.close()
+    for call in (lambda: venv.step(np.array([0, 1])), lambda: venv.reset(seed=0)):
+        with pytest.raises(gymnasium.error.ClosedEnvironmentError, match="is closed: make a new one"):
+            call()
+    assert not mp.active_children() and venv._shm is None
+
+
+def test_the_callers_mistakes_are_refused_not_taken_for_crashes():
+    """Seeds and actions a worker would raise on (taken for a crash: a restart, the episodes truncated) are refused in
+    the caller; numpy seeds and lists or tensors of actions are taken."""
+    import torch
+
+    venv = ResilientVectorEnv([CounterEnv] * 4, envs_per_worker=2)
+    try:
+        with pytest.raises(gymnasium.error.ResetNeeded, match=r"call reset\(\) before step\(\)"):
+            venv.step(np.zeros(4, int))
+        for seed, message in ((-1, "non-negative integers, got -1"), ([1.5] * 4, "got 1.5"),
+                              ([True, 1, 2, 3], "got True"), (1.5, "one seed per env"), ([0, 1], "one seed per env")):
+            with pytest.raises(ValueError, match=message):
+                venv.reset(seed=seed)
+        first = venv.reset(seed=np.arange(4))[0]
+        assert np.array_equal(first, venv.reset(seed=[0, 1, 2, 3])[0])
+        for actions in ([1, 1], [1, 1, 1, 1, 1], [[1, 1]] * 4):
+            with pytest.raises(ValueError, match="are not one per env"):
+                venv.step(actions)
+        venv.step([1, 2, 0, 1])
+        venv.step(torch.tensor([1, 2, 0, 1]))
+        assert venv.restarts == 0
+    finally:
+        venv.close()
+
+
+class SlowStartEnv(CounterEnv):
+    """Takes a while to build, as a game does on a crowded machine."""
+
+    def __init__(self, **kwargs):
+        time.sleep(1.5)
+        super().__init__(**kwargs)
+
+
+def test_a_fresh_worker_has_the_start_timeout_to_build_its_envs():
+    """Many workers starting on few cores take far longer than a step: a fresh worker's first reply may take
+    start_timeout, later ones step_timeout."""
+    venv = ResilientVectorEnv([SlowStartEnv] * 2, step_timeout=0.5, start_timeout=30)
+    try:
+        venv.reset(seed=0)
+        venv.step(np.array([0, 1]))
+        assert venv.restarts == 0
+    finally:
+        venv.close()
+    venv = ResilientVectorEnv([SlowStartEnv] * 2, step_timeout=0.5, start_timeout=0.5)
+    try:
+        with pytest.raises(RuntimeError, match=r"no reply within start_timeout=0.5s$"):  # no script hint: it hung
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                venv.reset(seed=0)
+    finally:
+        venv.close()
+
+
+ORPHAN = """
+import sys
+import time
+
+import gymnasium
+import numpy as np
+
+from envs.vector import ResilientVectorEnv
+
+
+class HangingEnv(gymnasium.Env):
+    observation_space = gymnasium.spaces.Box(0, 1, (1,), np.float32)
+    action_space = gymnasium.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        time.sleep(600)
+
+
+if __name__ == "__main__":
+    venv = ResilientVectorEnv([HangingEnv], step_timeout=None)
+    venv.reset(seed=0)
+    print(venv.worker_pids[0], flush=True)
+    venv.step(np.array([0]))
+"""
+
+
+@pytest.mark.skipif("forkserver" not in mp.get_all_start_methods(), reason="the workers' parent is the run")
+def test_a_worker_ends_when_its_run_is_killed_outright(tmp_path):
+    """SIGKILL (the OOM killer, say) of a run whose worker hangs in an env step: the worker notices its run is gone
+    and exits, where it used to wait on its step for ever."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "orphan.py").write_text(ORPHAN)
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "orphan.py")], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root)}, cwd=tmp_path)
+    try:
+        worker = int(proc.stdout.readline())
+        time.sleep(0.5)  # into the hung step
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            pytest.fail("the worker outlived its run")
+    finally:
+        proc.kill()

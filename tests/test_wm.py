@@ -1,4 +1,5 @@
 """The world model end to end: encoding with slot carry-over, losses, train-wm / eval-wm, resume."""
+import copy
 import json
 import math
 from pathlib import Path
@@ -76,7 +77,8 @@ def test_a_preset_setting_a_size_the_run_derives_is_refused_unless_it_agrees(tmp
         build_wm_for(cfg, 3, torch.device("cpu"))
     filled = wm_cfg(root)
     build_wm_for(filled, 3, torch.device("cpu"))  # fills in filled.dynamics for an env of 3 actions
-    with pytest.raises(UsageError, match=r"dynamics.num_actions=3 \(the run sets 5.*copy.deepcopy\(cfg\) before each"):
+    with pytest.raises(UsageError,
+                       match=r"dynamics.num_actions=3 \(the run sets 5.*copy.deepcopy\(cfg\) before filling"):
         build_wm_for(filled, 5, torch.device("cpu"))  # the same config for another env: the way out is named
     cfg = wm_cfg(root)
     cfg.dynamics.num_slots = 3
@@ -214,19 +216,19 @@ def test_status_tokens_join_the_frame_codes(tmp_path, capsys):
     _, held_out, _ = split_dataset(cfg)
     real = trained.open_loop
 
-    def oracle(copy):
+    def oracle(copying):
         def open_loop(enc, actions, context, horizon):
             out = real(enc, actions, context, horizon)
-            frames = enc.frame_codes[:, context - 1:context].expand(-1, horizon, -1) if copy else \
+            frames = enc.frame_codes[:, context - 1:context].expand(-1, horizon, -1) if copying else \
                 enc.frame_codes[:, context:context + horizon]
             return {**out, "frame_codes": frames}
         return open_loop
 
-    for copy in (False, True):
-        trained.open_loop = oracle(copy)
+    for copying in (False, True):
+        trained.open_loop = oracle(copying)
         result = evaluate_wm(trained, held_out, cfg, torch.device("cpu"), status_names=["hp"])
         for hz in cfg.eval.horizons:
-            assert result[f"h{hz}/status_acc"] == (result[f"h{hz}/status_acc_copy"] if copy else 100.0)
+            assert result[f"h{hz}/status_acc"] == (result[f"h{hz}/status_acc_copy"] if copying else 100.0)
             assert result[f"h{hz}/status_acc_hp"] == result[f"h{hz}/status_acc"]
 
 
@@ -695,9 +697,11 @@ def test_a_world_model_evaluation_stopped_midway_is_run_on_resume(tmp_path, monk
 
     monkeypatch.setattr(wm_training, "evaluate_wm", interrupted_once(wm_training.evaluate_wm))
     cfg = wm_cfg(toy_dataset(tmp_path / "d"), "train.steps=4", "train.eval_every=2", "train.ckpt_every=3")
+    given = copy.deepcopy(cfg)
     with pytest.raises(KeyboardInterrupt):
         train_wm(cfg, str(tmp_path / "r"), progress=False)
     train_wm(cfg, str(tmp_path / "r"), resume=True, progress=False)
+    assert cfg == given  # the derived sizes go to config.yaml, not into the caller's config
     assert [r["step"] for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if "eval/h1/code_acc" in r] == [2, 4]
 
 

@@ -274,14 +274,11 @@ def bench_metrics(args, device: torch.device) -> None:
 
 def bench_envs(args, device: torch.device) -> None:
     """Env steps/s of one in-process env vs vectorized workers (random actions), per game, side by side."""
-    import os
-
     from envs.collect import env_fn
     from envs.throughput import measure_independent_steps_per_second, measure_steps_per_second
-    from envs.vector import make_vector_env
+    from envs.vector import make_vector_env, usable_cores
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # this process's
-    workers = args.workers or cores or 1
+    workers = args.workers or usable_cores()
     steps = args.env_steps or 500
     games = [g.strip() for g in args.envs.split(",")]
     unknown = [g for g in games if g not in ("crafter", "nethack")]

@@ -6,6 +6,7 @@ or a wrong type fails); this module turns its errors into one-line messages that
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -189,6 +190,8 @@ CHOICES = {
     "env.name": ("crafter", "nethack"),
     "env.task": ("score", "challenge"),
 }
+CHOICE_HINTS = {key: "; VQ slot codes (VQ-SA) are a switch on either: model.vq.enabled=true".replace("model.", where)
+                for key, where in (("model.slots", "model."), ("encoder.model.slots", "encoder.model."))}
 # world_model/presets/ in an installed wheel (first: a `configs` folder beside it in site-packages is another's);
 # configs/ beside the packages in the source tree and an editable install
 PRESET_DIR = next((d for d in (Path(__file__).resolve().parent / "presets",
@@ -227,7 +230,7 @@ ABOVE_ZERO = ("train.lr", "train.wm_lr", "actor_critic.actor_lr", "actor_critic.
 NON_NEGATIVE = ("train.seed", "train.eval_every", "train.prefill", "train.train_ratio", "train.warmup_steps", "data.pool",
                 "train.threads", "data.num_workers", "frame.vars", "env.max_episode_steps", "actor_critic.entropy",
                 "actor_critic.slow_reg", *(f"{where}{key}" for where in ("model.", "encoder.model.")
-                                           for key in ("gmm_temperature", "vq.beta")))
+                                           for key in ("gmm_temperature", "vq.beta", "vq.anneal_steps")))
 UNIT_INTERVAL = ("actor_critic.gamma", "actor_critic.lam", "actor_critic.unimix", "actor_critic.ema_decay",
                  "actor_critic.return_norm_decay", "frame.unimix", "data.eval_fraction", "dynamics.dropout")
 
@@ -295,6 +298,11 @@ def preset_path(path: str | Path) -> Path:
     return named if named.is_file() else path
 
 
+def slot_module(model: ModelConfig) -> str:
+    """The slot module as run names, bars and `compare` say it: gmm, slot_attention, gmm+vq, slot_attention+vq."""
+    return model.slots + ("+vq" if model.vq.enabled else "")
+
+
 def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Any:
     """Schema defaults <- YAML preset <- `a.b=value` overrides (a list of strings); returns the typed dataclass."""
     if isinstance(overrides, (str, bytes, dict)):
@@ -316,7 +324,9 @@ def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: 
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.steps=100)")
-        key = item.split("=", 1)[0]
+        key, value = item.split("=", 1)
+        if value.strip() in ("None", "none"):  # Python's word for it; YAML's is null (or nothing)
+            item = f"{key}=null"
         if key in DERIVED and command in ("train-wm", "train"):
             raise ConfigError(f"{key} is set by the run from {DERIVED[key]}; change that instead")
         try:
@@ -326,9 +336,12 @@ def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: 
         except TypeError:  # omegaconf's answer to `list_key.0=5`: a dotted index makes a mapping
             raise ConfigError(f"override '{item}': a list is set whole, e.g. "
                               f"{key.rsplit('.', 1)[0]}=[...]") from None
-    _check_values(cfg)
-    _check_pairs(cfg)
-    return OmegaConf.to_object(cfg)
+    try:
+        _check_values(cfg)
+        _check_pairs(cfg)
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:  # an interpolation, ${...}, that does not resolve
+        raise ConfigError(f"{e.full_key}: {e.msg.splitlines()[0]} (a value in a preset or override)") from None
 
 
 def _read_preset(path: Path) -> DictConfig:
@@ -363,7 +376,11 @@ def _check_values(cfg) -> None:
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}{CHOICE_HINTS.get(key, '')}")
+    for key in _keys(cfg):
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} is not a finite number")
     for key, test, what in RANGES:
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:
@@ -419,7 +436,7 @@ def run_schemas() -> dict[str, type]:
     return {"pretrain": PretrainConfig, "train-wm": WorldModelConfig, "train": AgentConfig}
 
 
-RESUMABLE = ("train.", "eval.", "data.root", "data.eval_images",  # what a resume may change: length, schedule, speed
+RESUMABLE = ("train.", "eval.", "data.root", "data.eval_images", "data.num_workers",  # length, schedule, speed
              "env.asynchronous", "env.envs_per_worker", "replay.on_device")  # ("x." stands for every key under x)
 FIXED = ("train.seed",)  # under a resumable section, but it picks the data (the scene pool, the envs' seeds)
 
@@ -482,10 +499,21 @@ def check_resume_overrides(saved: Any, cfg: Any, run_dir: str | Path, fix: Optio
             raise ConfigError(f"{key}={after!r} differs from what {run_dir} trained with ({before!r}); the seed picks "
                               "the data a run learns from, so a resume keeps it: start a new run (--run-dir NEW) to "
                               "change it")
-        allowed = ", ".join(k + "*" if k.endswith(".") else k for k in RESUMABLE
-                            if any(have == k or have.startswith(k) for have in keys))  # this command's own
         raise ConfigError(f"{key}={after!r} differs from what {run_dir} trained with ({before!r}); a resume may change "
-                          f"how it runs ({allowed}), not what it learns: start a new run (--run-dir NEW) to change it")
+                          f"how it runs ({_resumable(keys)}), not what it learns: start a new run (--run-dir NEW) to "
+                          "change it")
+
+
+def _resumable(keys: list[str]) -> str:
+    """RESUMABLE as a resume error lists it: the entries among `keys` (a command's own), a section with the keys
+    under it that stay fixed."""
+    out = []
+    for k in RESUMABLE:
+        if not any(have == k or have.startswith(k) for have in keys):
+            continue
+        fixed = [f for f in FIXED if f.startswith(k)]
+        out.append(f"{k}*" + (f" but {', '.join(fixed)}" if fixed else "") if k.endswith(".") else k)
+    return ", ".join(out)
 
 
 def schema_command(path: str | Path) -> Optional[str]:

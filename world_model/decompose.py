@@ -23,8 +23,8 @@ from .pretrain import load_run
 from .sources import eval_batches, use_clevr_root
 from .rundir import check_out_dir, fixed_rng, resolve_device
 from .updates import autocast
-from .visualize import (clear_outputs, colorize, decomposition_picture, edit_labels, labeled, save_png, tile, upscale,
-                        video_frame)
+from .visualize import (clear_outputs, colorize, decomposition_picture, edit_labels, labeled, mask_confidence, save_png,
+                        tile, upscale, video_frame)
 from .wm import frames_to_input
 
 VIDEO_SCALE = 4  # frames are upscaled (nearest) so 64x64 games stay legible in the video
@@ -83,7 +83,8 @@ def decompose(model, images: torch.Tensor, carry: bool, starts: Optional[np.ndar
 
 
 def overlay(images: torch.Tensor, masks: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
-    """Input blended with the colored argmax segmentation: `t 3 h w`."""
+    """Input blended with the colored argmax segmentation, by `alpha` times `mask_confidence`: `t 3 h w`."""
+    alpha = alpha * mask_confidence(masks)
     return (1 - alpha) * images + alpha * colorize(masks.argmax(1))
 
 

@@ -25,7 +25,7 @@ from envs.episodes import check_recorded_root, read_meta
 from envs.errors import DataError, UsageError
 
 from . import distributed
-from .config import ConfigError, PretrainConfig, check_against_checkpoint, load_run_config
+from .config import ConfigError, PretrainConfig, check_against_checkpoint, load_run_config, slot_module
 from .losses import hungarian_huber_loss
 from .metrics import clevr_ap_table, fg_ari, setpred_accuracy
 from .perception import SetPredictor, SlotAutoencoder
@@ -66,9 +66,10 @@ def compute_loss(model: nn.Module, task: str, batch: dict, beta: float) -> tuple
     return loss, stats, outputs
 
 
-def preflight(cfg: PretrainConfig) -> None:
+def preflight(cfg: PretrainConfig) -> list[str]:
     """What pretraining would refuse only once it builds its data or reaches its first batch, refused before the run
-    prints its config and starts (under torchrun, before the processes join: rank 0 reports it for all)."""
+    prints its config and starts (under torchrun, before the processes join: rank 0 reports it for all); returns
+    notes on what it allows but a user likely did not mean."""
     check_source(cfg)
     if cfg.data.source == "clevr":  # the root, then both splits' folders and scenes files
         if not Path(cfg.data.root).is_dir():
@@ -83,6 +84,11 @@ def preflight(cfg: PretrainConfig) -> None:
         raise ConfigError(f"model.num_slots={cfg.model.num_slots} is fewer than data.max_objects="
                           f"{cfg.data.max_objects}: set prediction gives each object a slot of its own; set "
                           "model.num_slots >= data.max_objects, or lower data.max_objects")
+    if cfg.task == "discovery" and cfg.data.source != "frames" and cfg.model.num_slots <= cfg.data.max_objects:
+        return [f"note: model.num_slots={cfg.model.num_slots} holds at most {cfg.model.num_slots - 1} objects beside "
+                f"the background, and scenes have up to data.max_objects={cfg.data.max_objects}: objects will share "
+                "slots, which lowers FG-ARI (the paper's CLEVR6: 7 slots, 6 objects)"]
+    return []
 
 
 @torch.no_grad()
@@ -272,7 +278,7 @@ def _pretrain(cfg: PretrainConfig, run: RunDir, device: torch.device, resume: bo
                             keep_step=step if evaluated and cfg.train.keep_checkpoints else None)
         logger.flush()
 
-    bar = tqdm(total=cfg.train.steps, initial=step, desc=f"pretrain {cfg.task}/{cfg.model.slots}",
+    bar = tqdm(total=cfg.train.steps, initial=step, desc=f"pretrain {cfg.task}/{slot_module(cfg.model)}",
                disable=not progress or not distributed.is_main(), dynamic_ncols=True)
     cleanup.callback(bar.close)
     t_last, images = time.perf_counter(), 0  # images trained on since the last log row, over all ranks
@@ -418,7 +424,7 @@ def evaluate_run(run_dir: str, data: Optional[str] = None, clevr_root: Optional[
         cfg.data.eval_split = split
     n = images or cfg.data.eval_images
     result = evaluate(model, cfg, torch_device, n, batches=eval_batches(cfg, torch_device, n), progress=progress)
-    source = {"generated": "generated scenes", "clevr": f"CLEVR {cfg.data.root} split {cfg.data.eval_split}, scenes "
+    source = {"generated": "held-out generated scenes, the same seeded stream for every run", "clevr": f"CLEVR {cfg.data.root} split {cfg.data.eval_split}, scenes "
                                                         f"of {cfg.data.min_objects}-{cfg.data.max_objects} objects",
               "frames": f"held-out frames of {cfg.data.root}"}.get(cfg.data.source, cfg.data.source)
     result.update(step=state["step"], data=source, source=cfg.data.source, task=cfg.task, slots=cfg.model.slots,
@@ -433,9 +439,10 @@ def evaluate_run(run_dir: str, data: Optional[str] = None, clevr_root: Optional[
         note = split_note(state.get("frames"), {"split": held.split, "held_out_by": held.held_out_by}, cfg.data.root)
         if note:
             print(f"note: {note}: evaluated on the new split", file=sys.stderr)
-    if images and result["images"] < n:
-        print(f"note: {result['data']} hold {result['images']} images, fewer than the {n} asked for: evaluated on "
-              "those", file=sys.stderr)
+    if result["images"] < n:
+        asked = "--images" if images else "data.eval_images"
+        print(f"note: {result['data']} hold {result['images']} images, fewer than the {n} asked for ({asked}): "
+              "evaluated on those", file=sys.stderr)
     return result
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from envs.errors import UsageError
 
-from .config import load_run_config, schema_command
+from .config import load_run_config, schema_command, slot_module
 from .rundir import read_jsonl
 
 
@@ -27,7 +27,7 @@ def last_evaluation(run_dir: str | Path) -> tuple[str, int, dict]:
 def _describe(command: str, cfg) -> dict:
     """The settings a comparison names each run (of `command`, config `cfg`) by."""
     if command == "pretrain":
-        return {"task": cfg.task, "slots": cfg.model.slots + "+vq" * cfg.model.vq.enabled,
+        return {"task": cfg.task, "slots": slot_module(cfg.model),
                 "num_slots": cfg.model.num_slots, "data": cfg.data.source}
     where = {"data": Path(cfg.data.root).name} if command == "train-wm" else {"env": cfg.env.name}
     return {**where, "slots": cfg.encoder.model.slots, "encoder": cfg.encoder.mode}

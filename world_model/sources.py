@@ -10,7 +10,7 @@ import signal
 import traceback
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -223,14 +223,17 @@ class ClevrScenes:
         self.device = device
         self.num_workers = d.num_workers
 
-    def _load(self, indices) -> dict:
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.dataset, list(indices)),
-                                             batch_size=len(indices), num_workers=self.num_workers,
-                                             generator=torch.Generator(), worker_init_fn=_leave_signals_to_the_run)
+    def _stream(self, batch_sampler: Iterable[list[int]]) -> Iterator[dict]:
+        """The batches of the index lists `batch_sampler` gives, on the device, through ONE DataLoader (its workers
+        live for the whole stream and decode ahead)."""
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batch_sampler, num_workers=self.num_workers,
+                                             worker_init_fn=_leave_signals_to_the_run,
+                                             prefetch_factor=2 if self.num_workers else None,
+                                             generator=torch.Generator())
         with _worker_errors():
-            items = next(iter(loader))
-        out = {"images": items["image"], "targets": items["target"], "masks": items.get("mask")}
-        return {k: (v.to(self.device) if v is not None else None) for k, v in out.items()}
+            for items in loader:
+                out = {"images": items["image"], "targets": items["target"], "masks": items.get("mask")}
+                yield {k: (v.to(self.device) if v is not None else None) for k, v in out.items()}
 
     def _indices(self, size: int, seed: int) -> np.ndarray:
         rng = np.random.default_rng(seed)
@@ -240,24 +243,16 @@ class ClevrScenes:
         return len(self.dataset)
 
     def batch(self, size: int, seed: int) -> dict:
-        return self._load(self._indices(size, seed))
+        with contextlib.closing(self._stream([self._indices(size, seed).tolist()])) as stream:
+            return next(stream)
 
     def batches(self, size: int, seeds: Iterator[int]) -> Iterator[dict]:
-        """Training batches for a stream of seeds through ONE DataLoader (its workers live for the whole run
-        and decode ahead), batch i being exactly `batch(size, seeds[i])`."""
-        sampler = (self._indices(size, seed).tolist() for seed in seeds)
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                                             worker_init_fn=_leave_signals_to_the_run,
-                                             prefetch_factor=2 if self.num_workers else None,
-                                             generator=torch.Generator())
-        with _worker_errors():
-            for items in loader:
-                out = {"images": items["image"], "targets": items["target"], "masks": items.get("mask")}
-                yield {k: (v.to(self.device) if v is not None else None) for k, v in out.items()}
+        """Training batches for a stream of seeds, batch i being exactly `batch(size, seeds[i])`."""
+        return self._stream(self._indices(size, seed).tolist() for seed in seeds)
 
     def sequential(self, batch_size: int) -> Iterator[dict]:
-        for start in range(0, len(self.dataset), batch_size):
-            yield self._load(range(start, min(start + batch_size, len(self.dataset))))
+        n = len(self.dataset)
+        return self._stream(list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size))
 
 
 @functools.lru_cache(maxsize=2)
@@ -270,8 +265,8 @@ def _dataset_frames(root: str) -> tuple[torch.Tensor, list[int]]:
 class EpisodeFrames:
     """Frames of an episode dataset (`run.py collect`): the last episodes (data.eval_fraction of the frames, split as
     `run.py train-wm` splits the dataset) are held out for evaluation, which reads at most data.eval_images of them;
-    training batch i draws frames from seed f(seed, i); frames are resized to data.resolution with area averaging
-    when their size differs."""
+    training batch i draws frames from seed f(seed, i); frames are resized to data.resolution when their size differs
+    (`mode="area"`: averaging when they shrink, nearest-pixel copies when they grow)."""
 
     held_out_by = "episodes"  # recorded in checkpoints: runs from before whole episodes were held out lack it
 

@@ -7,6 +7,7 @@ so `--resume` continues exactly; the last episodes (data.eval_fraction of the st
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -224,8 +225,8 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
                  for k, v in derived.items() if getattr(dyn, k) not in (getattr(default, k), v)]
     if conflicts and not restoring:
         raise UsageError(f"the config sets {'; '.join(conflicts)}: remove {'them' if conflicts[1:] else 'it'} (from "
-                         "Python: a config an earlier build filled in for another env; build from a fresh one, "
-                         "e.g. copy.deepcopy(cfg) before each build)")
+                         "Python: a config filled in for another env, as a loaded run's is; build from a fresh one, "
+                         "e.g. copy.deepcopy(cfg) before filling it)")
     dyn = replace(dyn, **derived)
     check_max_steps(dyn, longest)
     return WorldModel(autoencoder, enc.resolution, frame, dyn, joint, enc.carry_grad, status).to(device)
@@ -411,6 +412,7 @@ def _open_loop_scores(wm: WorldModel, batch: dict, c, frames: bool, status_names
 
 def train_wm(cfg: WorldModelConfig, run_dir: str, resume: bool = False, progress: bool = True) -> dict:
     """Train (or continue) a world-model run; returns the last evaluation."""
+    cfg = copy.deepcopy(cfg)  # filled in by the build (the derived sizes), the caller's left as given
     t = cfg.train
     check_eval_window(cfg)  # `run.py train-wm` has checked it; a caller from Python has not
     with claimed_run(run_dir, resume, t.device, t.threads, t.seed) as (run, device, cleanup):

@@ -23,6 +23,22 @@ def colorize(ids: torch.Tensor) -> torch.Tensor:
     return PALETTE.to(ids.device)[ids.long() % len(PALETTE)].permute(0, 3, 1, 2)
 
 
+def mask_confidence(masks: torch.Tensor) -> torch.Tensor:
+    """How far each pixel's largest mask is from uniform: `b k h w` -> `b 1 h w`, 0 where every slot holds 1/k, 1
+    where one slot holds it all. The segmentation pictures fade by it, so that masks that separate nothing (every
+    slot drawing the whole frame) do not look like a decomposition."""
+    k = masks.shape[1]
+    if k == 1:
+        return torch.ones_like(masks)
+    return ((masks.amax(1, keepdim=True) - 1 / k) / (1 - 1 / k)).clamp(0, 1)
+
+
+def segmentation(masks: torch.Tensor) -> torch.Tensor:
+    """Soft masks `b k h w` -> RGB `b 3 h w`: each pixel in its largest slot's color, faded to white by
+    `mask_confidence`."""
+    return 1 - mask_confidence(masks) * (1 - colorize(masks.argmax(1)))
+
+
 def tile(images: torch.Tensor, nrow: int, pad: int = 2) -> torch.Tensor:
     """`n 3 h w` -> one `3 H W` grid image with `nrow` images per row and white padding."""
     n, c, h, w = images.shape
@@ -37,7 +53,8 @@ def tile(images: torch.Tensor, nrow: int, pad: int = 2) -> torch.Tensor:
 def decomposition_grid(images: torch.Tensor, masks: torch.Tensor, recon: Optional[torch.Tensor] = None,
                        rgb: Optional[torch.Tensor] = None, max_images: int = 4) -> torch.Tensor:
     """One row per image: input, reconstruction (left out when there is none: set-prediction models have no
-    decoder), colored segmentation, then each slot's masked RGB (or the input under the slot's mask).
+    decoder), colored segmentation (faded where the masks are near uniform: `mask_confidence`), then each slot's
+    masked RGB (or the input under the slot's mask).
 
     images `b 3 h w` in [0, 1], masks `b k h w` (soft, summing to 1 over k), recon `b 3 h w`, rgb `b k 3 h w`.
     """
@@ -45,7 +62,7 @@ def decomposition_grid(images: torch.Tensor, masks: torch.Tensor, recon: Optiona
     if masks.shape[-2:] != images.shape[-2:]:
         raise ValueError(f"masks {tuple(masks.shape)} are not at the images' size {tuple(images.shape[-2:])}")
     k = masks.shape[1]
-    seg = colorize(masks.argmax(1))
+    seg = segmentation(masks)
     cols = [images, *([recon[:max_images].float().cpu().clamp(0, 1)] if recon is not None else []), seg]
     per_slot = masks.unsqueeze(2) * (rgb[:max_images].float().cpu().clamp(0, 1) if rgb is not None
                                      else images.unsqueeze(1))
