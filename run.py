@@ -797,8 +797,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=5, help="timed steps per configuration (default 5)")
     s.add_argument("--task", default="setpred", choices=["setpred", "discovery"], help="bench pretrain: the task "
                    "(default setpred)")
-    s.add_argument("--slots", default="gmm,slot_attention", help="bench pretrain: slot modules to time "
-                   "(comma-separated; default gmm,slot_attention)")
+    s.add_argument("--slots", default="gmm,slot_attention", help="bench pretrain: slot modules to time, of gmm, "
+                   "slot_attention, gmm+vq, slot_attention+vq (VQ-SA codes on them) (comma-separated; default "
+                   "gmm,slot_attention)")
     s.add_argument("--envs", default="crafter,nethack", help="bench envs: games to measure (comma-separated; default "
                    "crafter,nethack)")
     s.add_argument("--workers", type=int, help="bench envs: worker processes (default: all CPU cores)")

@@ -124,7 +124,7 @@ def load_agent_run(checkpoint: str, device: torch.device | str,
     state = run.load_checkpoint(map_location=device, keys=("wm", "ac", "num_actions", "counters"))
     check_against_checkpoint(cfg, state, checkpoint, evaluating=True)
     wm, ac = build_agent(cfg, state["num_actions"], device, state.get("status_vars", 0), restoring=checkpoint)
-    cfg.dynamics = wm.dynamics.cfg
+    cfg.encoder, cfg.dynamics = wm.encoder_cfg, wm.dynamics.cfg
     run.restore(wm, state, "wm")
     run.restore(ac, state, "ac")
     return cfg, wm.eval(), ac.eval(), state

@@ -111,7 +111,8 @@ def build_agent(cfg: AgentConfig, num_actions: int, device: torch.device, status
                 restoring: Optional[str | Path] = None) -> tuple[WorldModel, ActorCritic]:
     """The world model and actor-critic of `cfg` for an env with `num_actions` actions and `status_vars` status
     tokens beside its frames (0: none); `restoring`: the run directory whose checkpoint their weights come from.
-    `cfg` is left as given; the sizes derived from the encoder and env are in `wm.dynamics.cfg`."""
+    `cfg` is left as given; the completed encoder config is `wm.encoder_cfg` (a pretrained run's model), the sizes
+    derived from the encoder and env are in `wm.dynamics.cfg`."""
     wm = build_world_model(cfg.encoder, cfg.frame, cfg.dynamics, num_actions, device, longest_sequence(cfg),
                            status_vars, restoring, cfg.env.name)
     if cfg.train.compile:
@@ -173,15 +174,15 @@ def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, r
                cfg: AgentConfig, device: torch.device, update: int, wm_parallel: Optional[torch.nn.Module] = None,
                ac_parallel: Optional[torch.nn.Module] = None) -> dict:
     """Update number `update` (global, from 0): one world-model update on a replayed batch, then one actor-critic
-    update in imagination from its states. A jointly trained VQ encoder's Gumbel temperature follows
-    `encoder.model.vq`'s anneal over updates. `wm_parallel` / `ac_parallel`: the DistributedDataParallel wrappers
-    under torchrun (gradients averaged). Returns the stats as tensors on the device (no host sync for them) or
-    numbers (wm/skipped, ac/skipped, wm/vq_tau). As `train` builds them: `wm, ac = build_agent(cfg, num_actions,
-    device)`, `wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=cfg.train.wm_lr)`, and
-    `replay = ReplayBuffer(capacity, replay_spec(obs_spec(env.observation_space), wm))` holding episodes of at least
-    `train.seq_len` steps (`add_episode`); the actor-critic keeps its own optimizers. Leaves `wm` in eval mode (it
-    updates in train mode)."""
-    t, vq = cfg.train, cfg.encoder.model.vq
+    update in imagination from its states. A jointly trained VQ encoder's Gumbel temperature follows its anneal over
+    updates (`wm.encoder_cfg.model.vq`: a pretrained encoder's, continued). `wm_parallel` / `ac_parallel`: the
+    DistributedDataParallel wrappers under torchrun (gradients averaged). Returns the stats as tensors on the device (no
+    host sync for them) or numbers (wm/skipped, ac/skipped, wm/vq_tau). As `train` builds them: `wm, ac =
+    build_agent(cfg, num_actions, device)`, `wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad],
+    lr=cfg.train.wm_lr)`, and `replay = ReplayBuffer(capacity, replay_spec(obs_spec(env.observation_space), wm))`
+    holding episodes of at least `train.seq_len` steps (`add_episode`); the actor-critic keeps its own optimizers.
+    Leaves `wm` in eval mode (it updates in train mode)."""
+    t, vq = cfg.train, wm.encoder_cfg.model.vq
     tau = wm.set_vq_temperature(update, vq.tau_start, vq.tau_end, vq.anneal_steps)
     batch_size, starts_n = t.batch_size // distributed.world_size(), t.imag_starts // distributed.world_size()
     wm.step_begin()
@@ -190,7 +191,7 @@ def train_step(wm: WorldModel, ac: ActorCritic, wm_opt: torch.optim.Optimizer, r
     with record_function("wm_update"):
         wm.train()
         with autocast(device, t.amp):
-            loss, stats, enc = (wm_parallel or WorldModelLoss(wm))(batch, cfg.encoder.model.vq.beta)
+            loss, stats, enc = (wm_parallel or WorldModelLoss(wm))(batch, vq.beta)
         problem = guarded_update(loss, wm_opt.param_groups[0]["params"], wm_opt, t.wm_grad_clip, stats)
         stats = {f"wm/{k}": v for k, v in stats.items()}
     stats["wm/skipped"] = float(problem is not None)
@@ -260,7 +261,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         # a run from before the env gave status tokens (NetHack) goes on without them: its model and replay had none
         status = status_vars(spec) if state is None else state.get("status_vars", 0)
         wm, ac = build_agent(cfg, num_actions, device, status, restoring=run_dir if resume else None)
-        cfg.dynamics = wm.dynamics.cfg  # config.yaml records the sizes the run derived
+        cfg.encoder, cfg.dynamics = wm.encoder_cfg, wm.dynamics.cfg  # as config.yaml records them
         spec = replay_spec(spec, wm)
         wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=t.wm_lr, eps=1e-8)
         # replayed steps, and the (env steps, replayed steps) from which train.train_ratio holds (`updates_owed`)
@@ -305,7 +306,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
             print(f"note: {why}: this run gives no update, it only collects", file=sys.stderr)
         wm_parallel = distributed.wrap(WorldModelLoss(wm), device) if distributed.active() else None
         ac_parallel = distributed.wrap(ac, device) if distributed.active() else None
-        logger = MetricLogger(run, start_step=counters["env_steps"])
+        logger = MetricLogger(run, start_step=counters["env_steps"], config=cfg)
         cleanup.callback(logger.close)
         policy = SlotPolicy(wm, ac, device, amp=t.amp)
         wm.eval()  # train_step switches to train mode for its update and back

@@ -29,11 +29,12 @@ device) follows CLEVR's ``render_images.py``:
   ``placement_attempts`` times (after that its missing objects stay dropped), so the counts stay
   uniform over min_objects..max_objects; dropping the objects had thinned out the crowded scenes
   (71 of 1280 scenes with 3-10 objects and the crop had 10).  ``.ci/scene-restarts.py`` over 1280
-  scenes at 64x64: 54 whole-scene restarts with 3-10 objects full frame, 247 with the crop, 1655
+  scenes at 64x64: 58 whole-scene restarts with 3-10 objects full frame, 258 with the crop, 1563
   with 10 objects and the crop; no scene was left short.
-  The candidate positions for the retry rounds are drawn before any rendering; masks still decide
-  which scenes restart, so a borderline pixel differing between CPU and GPU can, very rarely,
-  change a layout.
+  The candidate positions for the retry rounds are drawn before any rendering, and each restart
+  draws from a generator of its own scene and attempt; masks still decide which scenes restart, so
+  a borderline pixel differing between CPU and GPU can, very rarely, change that scene's layout,
+  and only its.
 * Camera at (7.48, -6.51, 5.34), jittered by +-0.5 per coordinate, aimed at the world origin with
   no roll (CLEVR's camera tracks the origin, so the jitter turns it as well as moving it), 35 mm
   lens on a 32 mm sensor (horizontal FOV 49.1 deg), 3:2 frame.
@@ -266,12 +267,13 @@ class SceneGenerator:
             raise UsageError(f"batch_size must be positive, got {batch_size}")
         gen = torch.Generator().manual_seed(int(seed))
         count = torch.randint(self.min_objects, self.max_objects + 1, (batch_size,), generator=gen)
-        layout = self._layout(count, gen)
+        layout, retry_candidates = self._sample(count, gen)
+        self._enforce_visibility(layout, retry_candidates)
         rows = (layout.present.sum(1) < count).nonzero().squeeze(1)
-        for _ in range(self.placement_attempts):  # CLEVR restarts a scene that lost an object, keeping its count
+        for attempt in range(self.placement_attempts):  # CLEVR restarts a scene that lost an object, keeping its count
             if rows.numel() == 0:
                 break
-            layout.put(rows, self._layout(count[rows], gen))
+            layout.put(rows, self._restarted(count, rows, int(seed), attempt))
             rows = rows[layout.present[rows].sum(1) < count[rows]]
         layout = layout.compacted()
         h, w, s = *self.resolution, self.supersample
@@ -287,11 +289,14 @@ class SceneGenerator:
         return SceneBatch(images=torch.cat(images).contiguous(), masks=torch.cat(masks),
                           targets=_targets(layout).to(self.device), layout=layout)
 
-    def _layout(self, count: torch.Tensor, gen: torch.Generator) -> _Layout:
-        """Scenes of `count` (`b`) objects, placed and checked for visibility; an object that fits
-        nowhere or stays hidden is absent."""
-        layout, retry_candidates = self._sample(count, gen)
-        self._enforce_visibility(layout, retry_candidates)
+    def _restarted(self, count: torch.Tensor, rows: torch.Tensor, seed: int, attempt: int) -> _Layout:
+        """New layouts of the scenes `rows` (`count[rows]` objects each), placed and checked for visibility
+        together, each drawn from a generator of its own (seed, scene, attempt): which scenes restart
+        depends on rendered pixels, and must not change what the others draw."""
+        parts = [self._sample(count[r:r + 1], torch.Generator().manual_seed(int(np.random.SeedSequence(
+            [seed % 2**64, r, attempt]).generate_state(1)[0]))) for r in rows.tolist()]
+        layout = _Layout(*(torch.cat([getattr(p[0], f) for p in parts]) for f in _Layout.__dataclass_fields__))
+        self._enforce_visibility(layout, torch.cat([p[1] for p in parts], 1))
         return layout
 
     def _sample(self, count: torch.Tensor, gen: torch.Generator) -> tuple[_Layout, torch.Tensor]:

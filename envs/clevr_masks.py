@@ -11,6 +11,7 @@ does not document which code is which colour, so set prediction, which needs the
 (train set prediction on CLEVR v1.0's scenes)."""
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -130,9 +131,7 @@ def convert(tfrecords: Union[str, Path], out: Union[str, Path], train_scenes: in
     read = 0
     records = read_records(tfrecords, (lambda n: bar.update(n - bar.n)) if by_bytes else None)
     try:
-        for index, record in enumerate(records):
-            if end is not None and index >= end:
-                break
+        for index, record in enumerate(itertools.islice(records, end)):  # not one past the end: it may be damaged
             read += 1
             if index == train_scenes and "train" in scenes:  # train is whole: kept if the val records fail
                 write("train")

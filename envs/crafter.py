@@ -78,6 +78,7 @@ class CrafterEnv(gym.Env):
         self._obs: Optional[np.ndarray] = None
         self._length = 0
         self._return = 0.0
+        self._ended = False  # the episode is over: a step needs a reset first
 
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
         super().reset(seed=seed)
@@ -87,12 +88,12 @@ class CrafterEnv(gym.Env):
             self._env = crafter.Env(seed=world_seed, **self._kwargs)
             self._env._world.__class__ = _World  # before its first reset: the world's chunks become ordered
         self._obs = self._env.reset()
-        self._length, self._return = 0, 0.0
+        self._length, self._return, self._ended = 0, 0.0, False
         return self._obs, {}
 
     def step(self, action):
-        if self._env is None:
-            raise RuntimeError("call reset() before step()")
+        if self._env is None or self._ended:  # crafter would play on past the end, writing its stats line again
+            raise gym.error.ResetNeeded(f"{'the episode ended: ' if self._ended else ''}call reset() before step()")
         obs, reward, done, info = self._env.step(checked_action(action, self.action_space.n))
         self._obs = obs
         self._length += 1
@@ -102,6 +103,7 @@ class CrafterEnv(gym.Env):
         out = {"achievements": info["achievements"], "inventory": info["inventory"], "reward": info["reward"]}
         if self.semantic:
             out["semantic"] = info["semantic"]
+        self._ended = bool(done)
         if done and self.stats_path is not None:
             self._write_stats(info["achievements"])
         return obs, float(reward), terminated, truncated, out

@@ -42,7 +42,11 @@ def read_records(path: Union[str, Path], read: Optional[Callable[[int], None]] =
     index = 0
     try:
         with open(path, "rb") as disk:
-            gz = disk.read(2) == b"\x1f\x8b"  # GZIP or plain records
+            # plain records open on a header whose length checksum holds; a GZIP file on gzip's magic bytes, which
+            # a plain file's first record length (...8B1F) may also begin with
+            start = disk.read(12)
+            plain = len(start) == 12 and masked_crc32c(start[:8]) == struct.unpack("<I", start[8:])[0]
+            gz = not plain and start[:2] == b"\x1f\x8b"
             disk.seek(0)
             with gzip.GzipFile(fileobj=disk, mode="rb") if gz else contextlib.nullcontext(disk) as f:
                 while True:
@@ -73,8 +77,6 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
     while True:
         if pos >= len(buf):
             raise ValueError("a varint runs past the end")
-        if shift > 63:
-            raise ValueError("a varint longer than 10 bytes")
         byte = buf[pos]
         pos += 1
         if shift == 63 and byte > 1:

@@ -164,6 +164,12 @@ class _Readiness:
             self._poll.unregister(fd)
         return [self._left.pop(fd) for fd, _ in events]
 
+    def drop(self, conn) -> None:
+        """Stop waiting on `conn` (its worker is given up on)."""
+        del self._left[conn.fileno()]
+        if self._poll is not None:
+            self._poll.unregister(conn.fileno())
+
 
 def start_forkserver_ignoring_ctrl_c() -> None:
     """Start multiprocessing's fork server (and the resource tracker it starts first) with Ctrl-C ignored, a
@@ -341,19 +347,22 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
                 pending[self._conns[w]] = w
             except OSError as e:  # BrokenPipeError, ConnectionResetError
                 results[w] = (False, f"worker process died (send failed: {e!r})")
-        key, limit = "step_timeout", self.step_timeout
-        if self._fresh.intersection(workers):  # a fresh worker builds its envs first
-            limits = (self.start_timeout, self.step_timeout)
-            key, limit = "start_timeout", None if None in limits else max(limits)
-        deadline = None if limit is None else time.monotonic() + limit
+        # each worker's own limit: a fresh one builds its envs first
+        limits = {w: ("start_timeout", self.start_timeout) if w in self._fresh else ("step_timeout", self.step_timeout)
+                  for w in pending.values()}
+        start = time.monotonic()
+        deadlines = {w: start + limit for w, (_, limit) in limits.items() if limit is not None}
         ready_conns = _Readiness(pending)
         while pending:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = ready_conns.wait(timeout)
+            waiting = [deadlines[w] for w in pending.values() if w in deadlines]
+            ready = ready_conns.wait(max(0.0, min(waiting) - time.monotonic()) if waiting else None)
             if not ready:
-                for w in pending.values():
-                    results[w] = (False, f"no reply within {key}={limit}s")
-                break
+                now = time.monotonic()
+                for conn, w in [(c, w) for c, w in pending.items() if deadlines.get(w, now + 1) <= now]:
+                    del pending[conn]
+                    ready_conns.drop(conn)
+                    results[w] = (False, "no reply within {}={}s".format(*limits[w]))
+                continue
             for conn in ready:
                 w = pending.pop(conn)
                 try:
@@ -391,7 +400,7 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
             seed = [None] * self.num_envs
         elif isinstance(seed, numbers.Integral):  # np.int64 too
             seed = [int(seed) + i for i in range(self.num_envs)]
-        if not isinstance(seed, (list, tuple, np.ndarray)) or len(seed) != self.num_envs:
+        if not isinstance(seed, (list, tuple, range, np.ndarray)) or len(seed) != self.num_envs:
             raise ValueError(f"seed is an int or one seed per env (num_envs={self.num_envs}), got {seed!r}")
         bad = [s for s in seed if s is not None and (not isinstance(s, numbers.Integral) or isinstance(s, bool)
                                                      or s < 0)]
@@ -439,7 +448,9 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
         self._check_open()
         if self._reset_needed:
             raise gymnasium.error.ResetNeeded("call reset() before step()")
-        if not isinstance(self.single_action_space, (gymnasium.spaces.Dict, gymnasium.spaces.Tuple)):
+        if isinstance(self.single_action_space, gymnasium.spaces.Box):  # a list of floats: the space's dtype
+            actions = np.asarray(actions, dtype=self.single_action_space.dtype)
+        elif not isinstance(self.single_action_space, (gymnasium.spaces.Dict, gymnasium.spaces.Tuple)):
             actions = np.asarray(actions)  # a list or a torch tensor: checked below, and pickled as numpy
         discrete = isinstance(self.action_space, gymnasium.spaces.MultiDiscrete)  # whose `contains` takes 1.5
         if isinstance(actions, np.ndarray) and not ((actions.dtype.kind in "iu" or not discrete)

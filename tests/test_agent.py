@@ -729,10 +729,11 @@ def test_the_policy_takes_what_a_vector_env_returns():
     from agent.policy import SlotPolicy
     from agent.train import build_agent
 
-    cfg = tiny()
+    cfg = tiny("encoder.mode=frozen")  # a fresh encoder trains with the world model: the build makes it joint
     assert build_agent(cfg, 5, torch.device("cpu"))[0].dynamics.cfg.num_actions == 5  # the config left as given:
     wm, ac = build_agent(cfg, 17, torch.device("cpu"))  # it builds for another env too
-    assert wm.dynamics.cfg.num_actions == 17 and cfg.dynamics == tiny().dynamics
+    assert wm.dynamics.cfg.num_actions == 17 and cfg == tiny("encoder.mode=frozen")
+    assert wm.encoder_cfg.mode == "joint"
     images = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
     acts = []
     for obs, first in (({"image": images}, np.array([True, True])), (images, True)):

@@ -170,6 +170,9 @@ def test_records_read_back_from_plain_and_gzip_files_and_damage_is_named(tmp_pat
     (tmp_path / "cut.gz").write_bytes((tmp_path / "rTrue.tfrecords").read_bytes()[:-6])  # gzip's trailer
     with pytest.raises(DataError, match="the file is damaged or cut short"):
         list(read_records(tmp_path / "cut.gz"))
+    for compress in (False, True):  # a first record 0x8B1F bytes long: its length opens with gzip's magic
+        path = write_records(tmp_path / f"magic{compress}.tfrecords", [b"x" * 0x8B1F], compress)
+        assert list(read_records(path)) == [b"x" * 0x8B1F]
     (tmp_path / "text.tfrecords").write_text("not records at all\n")
     with pytest.raises(DataError, match="record 0's length fails its checksum: not a TFRecord file"):
         list(read_records(tmp_path / "text.tfrecords"))
@@ -270,6 +273,7 @@ def test_a_file_cut_short_among_the_val_records_keeps_the_whole_train_split(rele
     with pytest.raises(DataError, match=r"ends inside record 3: the file is cut short \(split train is written whole"):
         convert(cut, tmp_path / "f", train_scenes=3)  # the first val record is the one cut
     assert len(ClevrDataset(tmp_path / "f", "train")) == 3
+    assert convert(cut, tmp_path / "o", train_scenes=3, splits=["train"]) == {"train": 3}  # record 3 is not read
     with pytest.raises(DataError, match=r"ends inside record 3: the file is cut short$"):
         convert(cut, tmp_path / "t", train_scenes=4)  # train itself is cut short: nothing written
     assert not (tmp_path / "t" / "scenes").exists()

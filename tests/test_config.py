@@ -54,6 +54,7 @@ def test_overrides_are_typed():
     from world_model.config import WorldModelConfig  # Python's None is YAML's null, not the string 'None'
     assert load_config(WorldModelConfig, None, ["encoder.checkpoint=r", "encoder.checkpoint=None"]).encoder.checkpoint \
         is None
+    assert load_config(PretrainConfig, None, ["train.grad_clip=inf"]).train.grad_clip == float("inf")  # no clipping
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -62,9 +63,10 @@ def test_overrides_are_typed():
     (["model.slots=kmeans"], "model.slots='kmeans' is not one of gmm, slot_attention"),
     (["model.slots=vq"], "not one of gmm, slot_attention; VQ slot codes .* switch on either: model.vq.enabled=true"),
     (["train.steps=${foo}"], r"train.steps: Interpolation key 'foo' not found \(a value in a preset or override\)"),
-    (["train.lr=inf"], "train.lr=inf is not a finite number"),
+    (["train.lr=inf"], "train.lr=inf is not a finite number$"),
+    (["train.grad_clip=nan"], r"train.grad_clip=nan is not a finite number \(inf: no limit\)"),
     (["model.vq.anneal_steps=-100"], "model.vq.anneal_steps=-100 must be 0 or more"),
-    (["train.steps=None"], "train.steps"),  # not Optional: refused, not a string
+    (["train.steps=None"], "override 'train.steps=None'"),  # not Optional: refused, as typed
     (["train.compile_mode=fast"], "train.compile_mode='fast' is not one of default, reduce-overhead"),
     (["train.steps"], "not of the form key=value"),
     (["train.log_every=0"], "train.log_every=0 must be positive"),

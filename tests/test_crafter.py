@@ -72,8 +72,12 @@ def test_truncation_and_stats_file(tmp_path):
         for t in range(5):
             _, _, terminated, truncated, _ = env.step(0)
             assert not terminated and truncated == (t == 4)
+        with pytest.raises(gym.error.ResetNeeded, match=r"the episode ended: call reset\(\) before step\(\)"):
+            env.step(0)  # crafter itself plays on, writing the episode's stats line again
     lines = path.read_text().splitlines()
     assert len(lines) == 2
+    with pytest.raises(gym.error.ResetNeeded, match=r"^call reset\(\) before step\(\)"):
+        CrafterEnv().step(0)
     record = json.loads(lines[0])
     assert record["length"] == 5
     assert set(record) == {"length", "reward"} | {f"achievement_{a}" for a in ACHIEVEMENTS}

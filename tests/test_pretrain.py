@@ -38,6 +38,8 @@ def test_cli_pretrain_and_eval_ap(tmp_path, capsys):
     events.Reload()
     images = events.Tags()["images"]  # a run shorter than train.image_every still leaves its last step's pictures
     assert images and all([e.step for e in events.Images(tag)] == [4] for tag in images)
+    config = events.Tensors("config/text_summary")  # the run's config, told apart from others' in tensorboard
+    assert [e.step for e in config] == [0] and "task: setpred" in config[0].tensor_proto.string_val[0].decode()
     rows = read_jsonl(rd / "metrics.jsonl")
     assert any("train/loss" in r for r in rows) and any("eval/AP_inf" in r for r in rows)
     assert list((rd / "tb").glob("events.*"))
@@ -419,7 +421,7 @@ def test_eval_ap_on_missing_clevr_root_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv", [
     ["bench", "pretrain", "--batch-size", "2", "--resolution", "32", "--steps", "1", "--profile-row", "eager-fp32"],
-    ["bench", "pretrain", "--batch-size", "2", "--resolution", "32", "--steps", "1", "--slots", "gmm", "--rows",
+    ["bench", "pretrain", "--batch-size", "2", "--resolution", "32", "--steps", "1", "--slots", "gmm+vq", "--rows",
      "channels_last", "--matmul-precision", "highest"],
     ["bench", "estep", "--batch-size", "2", "--steps", "1"],
     ["bench", "generator", "--batch-size", "2", "--resolution", "32", "--steps", "1"],
@@ -445,7 +447,7 @@ def test_bench_smoke(argv, capsys):
         assert "1 workers x 1 envs" in out and "1 workers x 2 envs" in out and "1 processes x 2 envs, no IPC" in out
     if "--slots" in argv:
         assert "slot_attention" not in out
-        assert "eager-fp32 " not in out and "gmm             channels_last" in out  # --rows: that row only
+        assert "eager-fp32 " not in out and "gmm+vq             channels_last" in out  # --rows: that row only
         assert "(fp32 matmuls at torch's 'highest' precision, as in training)" in out
     if "pretrain" in argv and "--profile-row" in argv:  # the profile of gmm's first row comes before its next row
         assert out.index("Self CPU") < out.index("channels_last")
@@ -453,7 +455,8 @@ def test_bench_smoke(argv, capsys):
 
 def test_bench_pretrain_rejects_unknown_slots_and_rows(capsys):
     assert run.main(["bench", "pretrain", "--slots", "gmm,sa"]) == 2
-    assert "--slots takes gmm and/or slot_attention" in capsys.readouterr().err
+    assert "--slots takes gmm, slot_attention, gmm+vq, slot_attention+vq (comma-separated), got 'gmm,sa'" in \
+        capsys.readouterr().err
     assert run.main(["bench", "pretrain", "--profile", "--profile-row", "+cudagraphs"]) == 2  # a CUDA-only row
     assert "--profile-row '+cudagraphs' is not one of the rows measured here: eager-fp32" in capsys.readouterr().err
     assert run.main(["bench", "pretrain", "--rows", "channels_last,+bf16"]) == 2
@@ -468,6 +471,8 @@ def test_bench_pretrain_times_one_batch_not_the_presets_pool():
     for task in ("setpred", "discovery"):
         assert load_config(PretrainConfig, CONFIGS / f"clevr_{task}.yaml", []).data.pool > 0
         assert bench_config(task, "gmm", 32).data.pool == 0
+    assert bench_config("setpred", "slot_attention+vq", 32).model.vq.enabled  # VQ-SA codes on Slot Attention
+    assert not bench_config("setpred", "slot_attention", 32).model.vq.enabled
 
 
 def test_pretrain_and_eval_on_a_clevr_directory(tmp_path, capsys):

@@ -13,7 +13,7 @@ from gymnasium.spaces import Box, Dict, Discrete
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 from envs.throughput import measure_independent_steps_per_second, measure_steps_per_second
-from envs.vector import ResilientVectorEnv, _Readiness, make_vector_env
+from envs.vector import ResilientVectorEnv, _alive, _Readiness, make_vector_env
 
 
 class CounterEnv(gymnasium.Env):
@@ -706,7 +706,8 @@ def test_the_callers_mistakes_are_refused_not_taken_for_crashes():
             with pytest.raises(ValueError, match=message):
                 venv.reset(seed=seed)
         first = venv.reset(seed=np.arange(4))[0]
-        assert np.array_equal(first, venv.reset(seed=[0, 1, 2, 3])[0])
+        assert np.array_equal(first, venv.reset(seed=[0, 1, 2, 3])[0]) and np.array_equal(first, venv.reset(
+            seed=range(4))[0])
         for actions in ([1, 1], [1, 1, 1, 1, 1], [[1, 1]] * 4):
             with pytest.raises(ValueError, match="are not one per env"):
                 venv.step(actions)
@@ -741,6 +742,24 @@ def test_a_fresh_worker_has_the_start_timeout_to_build_its_envs():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 venv.reset(seed=0)
+    finally:
+        venv.close()
+
+
+def test_a_hung_worker_beside_a_fresh_one_gets_the_step_timeout(tmp_path):
+    """The step after a restart: the fresh worker may take start_timeout, but a hung old one is given up on after
+    step_timeout, not after the fresh one's limit."""
+    fns = [partial(CounterEnv, fail_at=1, fail_once=str(tmp_path / "once")), partial(CounterEnv, fail_at=2,
+                                                                                      fail_mode="hang")]
+    venv = ResilientVectorEnv(fns, step_timeout=0.5, start_timeout=60)
+    try:
+        venv.reset(seed=0)
+        with pytest.warns(RuntimeWarning, match="boom"):
+            venv.step(np.array([0, 0]))  # worker 0 raises and is restarted
+        start = time.monotonic()
+        with pytest.warns(RuntimeWarning, match=r"worker 1 .*no reply within step_timeout=0.5s"):
+            venv.step(np.array([0, 0]))  # worker 0 is fresh; worker 1 hangs
+        assert time.monotonic() - start < 10 and venv.restarts == 2
     finally:
         venv.close()
 
@@ -793,9 +812,7 @@ def test_a_worker_ends_when_its_run_is_killed_outright(tmp_path):
         proc.wait()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            try:
-                os.kill(worker, 0)
-            except ProcessLookupError:
+            if not _alive(worker):  # gone, or a zombie no one has reaped yet
                 break
             time.sleep(0.1)
         else:

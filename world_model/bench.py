@@ -93,11 +93,15 @@ def gib_column(gib: float, width: int = 10) -> str:
 BENCH_PRESETS = {"setpred": "configs/clevr_setpred.yaml", "discovery": "configs/clevr_discovery.yaml"}  # timed
 
 
+SLOT_MODULES = ("gmm", "slot_attention", "gmm+vq", "slot_attention+vq")  # as `slot_module` names them
+
+
 def bench_config(task: str, slots: str, resolution: int) -> PretrainConfig:
-    """The Slot Attention architecture for the task (preset), at the requested resolution; no scene pool (the
-    bench times steps on one rendered batch)."""
-    return load_config(PretrainConfig, BENCH_PRESETS[task], [f"model.slots={slots}", f"data.resolution={resolution}",
-                                                            "data.pool=0"])
+    """The Slot Attention architecture for the task (preset) with slot module `slots` (one of SLOT_MODULES), at the
+    requested resolution; no scene pool (the bench times steps on one rendered batch)."""
+    module, vq = slots.removesuffix("+vq"), slots.endswith("+vq")
+    return load_config(PretrainConfig, BENCH_PRESETS[task], [f"model.slots={module}", f"model.vq.enabled={vq}",
+                                                            f"data.resolution={resolution}", "data.pool=0"])
 
 
 def pretrain_modes(device: torch.device, compile_on_cpu: bool) -> list[tuple[str, bool, bool, str]]:
@@ -138,9 +142,9 @@ def bench_pretrain(args, device: torch.device) -> None:
     batch_size = args.batch_size or (512 if device.type == "cuda" else 64)
     modes = select_rows(args, pretrain_modes(device, args.compile), device)
     models = [m.strip() for m in args.slots.split(",") if m.strip()]
-    unknown = sorted(set(models) - {"gmm", "slot_attention"})
+    unknown = sorted(set(models) - set(SLOT_MODULES))
     if unknown or not models:
-        raise UsageError(f"--slots takes gmm and/or slot_attention (comma-separated), got {args.slots!r}")
+        raise UsageError(f"--slots takes {', '.join(SLOT_MODULES)} (comma-separated), got {args.slots!r}")
     check_profile_row(args, [m[0] for m in modes])
     set_precision(device)  # fp32 rows as training runs them
     precision = "full fp32, as in training"
@@ -155,7 +159,7 @@ def bench_pretrain(args, device: torch.device) -> None:
           "training steps (finite checks, gradient clipping); first step: the row's first call, compilation "
           "included, with the compile caches this process finds (`run.py pretrain` logs train/first_step_s from "
           "its process's start)")
-    print(f"{'model':<16}{'mode':<15}{'img/s':>10}{'first step s':>14}{'peak GiB':>10}")
+    print(f"{'model':<19}{'mode':<15}{'img/s':>10}{'first step s':>14}{'peak GiB':>10}")
     data = None
     results = {}
     for slots in models:
@@ -177,7 +181,7 @@ def bench_pretrain(args, device: torch.device) -> None:
             images = data["images"].contiguous(memory_format=torch.channels_last) if channels_last else data["images"]
             batch = dict(data, images=images)
 
-            def step():  # as `run.py pretrain` steps (no VQ here): the finite check, the lr, the guarded update
+            def step():  # as `run.py pretrain` steps: the finite check, the lr, the guarded update (VQ at tau_start)
                 if not torch.isfinite(batch["images"]).all():
                     raise UsageError("non-finite pixel values in the benchmark batch")
                 for group in opt.param_groups:
@@ -189,15 +193,18 @@ def bench_pretrain(args, device: torch.device) -> None:
             try:
                 per_step, first = _timeit(step, device, args.steps, warmup=3 if compile_mode else 2)
             except Exception as e:  # noqa: BLE001 - a failing optimization is a result too; the other rows still run
-                print(failed_row(f"{slots:<16}{name:<15}", e))
+                print(failed_row(f"{slots:<19}{name:<15}", e))
                 continue
             results[(slots, name)] = batch_size / per_step
-            print(f"{slots:<16}{name:<15}{batch_size / per_step:>10.1f}{first:>14.2f}{gib_column(peak_gib(device))}")
+            print(f"{slots:<19}{name:<15}{batch_size / per_step:>10.1f}{first:>14.2f}{gib_column(peak_gib(device))}")
             if args.profile and slots == models[0] and name == (args.profile_row or modes[-1][0]):
                 _profile_table(step, device, args.profile_rows)
+    pairs = [("gmm", "slot_attention"), ("gmm+vq", "slot_attention+vq"), ("gmm+vq", "gmm"),
+             ("slot_attention+vq", "slot_attention")]
     for name, *_ in modes:
-        if ("gmm", name) in results and ("slot_attention", name) in results:
-            print(f"ratio gmm/slot_attention ({name}): {results[('gmm', name)] / results[('slot_attention', name)]:.2f}")
+        for a, b in pairs:
+            if (a, name) in results and (b, name) in results:
+                print(f"ratio {a}/{b} ({name}): {results[(a, name)] / results[(b, name)]:.2f}")
     for slots in models:
         for name, *_ in modes[1:]:
             if (slots, name) in results and (slots, "eager-fp32") in results:

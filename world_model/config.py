@@ -227,6 +227,7 @@ AT_LEAST = {  # keys with a larger minimum, and why
 ABOVE_ZERO = ("train.lr", "train.wm_lr", "actor_critic.actor_lr", "actor_critic.critic_lr", "train.decay_rate",
               "train.grad_clip", "train.wm_grad_clip", "actor_critic.grad_clip",  # a clip at 0 zeroes, below 0 flips
               *(f"{where}vq.{key}" for where in ("model.", "encoder.model.") for key in ("tau_start", "tau_end")))
+UNLIMITED = ("train.grad_clip", "train.wm_grad_clip", "actor_critic.grad_clip")  # inf: no clipping
 NON_NEGATIVE = ("train.seed", "train.eval_every", "train.prefill", "train.train_ratio", "train.warmup_steps", "data.pool",
                 "train.threads", "data.num_workers", "frame.vars", "env.max_episode_steps", "actor_critic.entropy",
                 "actor_critic.slow_reg", *(f"{where}{key}" for where in ("model.", "encoder.model.")
@@ -325,6 +326,7 @@ def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: 
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.steps=100)")
         key, value = item.split("=", 1)
+        given = item
         if value.strip() in ("None", "none"):  # Python's word for it; YAML's is null (or nothing)
             item = f"{key}=null"
         if key in DERIVED and command in ("train-wm", "train"):
@@ -332,7 +334,7 @@ def load_config(schema_cls: type, path: Optional[str | Path] = None, overrides: 
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
-            raise _explain(e, schema, f"override '{item}'", command, key) from None
+            raise _explain(e, schema, f"override '{given}'", command, key) from None
         except TypeError:  # omegaconf's answer to `list_key.0=5`: a dotted index makes a mapping
             raise ConfigError(f"override '{item}': a list is set whole, e.g. "
                               f"{key.rsplit('.', 1)[0]}=[...]") from None
@@ -379,8 +381,9 @@ def _check_values(cfg) -> None:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}{CHOICE_HINTS.get(key, '')}")
     for key in _keys(cfg):
         value = OmegaConf.select(cfg, key, default=None)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{key}={value} is not a finite number")
+        if isinstance(value, float) and not math.isfinite(value) and not (value > 0 and key in UNLIMITED):
+            hint = " (inf: no limit)" if key in UNLIMITED else ""
+            raise ConfigError(f"{key}={value} is not a finite number{hint}")
     for key, test, what in RANGES:
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:

@@ -265,7 +265,7 @@ def _pretrain(cfg: PretrainConfig, run: RunDir, device: torch.device, resume: bo
 
     parallel = distributed.wrap(model, device)
     step_model = torch.compile(parallel, mode=cfg.train.compile_mode) if cfg.train.compile else parallel
-    logger = MetricLogger(run, start_step=step)
+    logger = MetricLogger(run, start_step=step, config=cfg)
     cleanup.callback(logger.close)
     last_eval: dict = {}
 
@@ -424,8 +424,9 @@ def evaluate_run(run_dir: str, data: Optional[str] = None, clevr_root: Optional[
         cfg.data.eval_split = split
     n = images or cfg.data.eval_images
     result = evaluate(model, cfg, torch_device, n, batches=eval_batches(cfg, torch_device, n), progress=progress)
-    source = {"generated": "held-out generated scenes, the same seeded stream for every run", "clevr": f"CLEVR {cfg.data.root} split {cfg.data.eval_split}, scenes "
-                                                        f"of {cfg.data.min_objects}-{cfg.data.max_objects} objects",
+    source = {"generated": "held-out generated scenes, the same seeded stream for every run",
+              "clevr": f"CLEVR {cfg.data.root} split {cfg.data.eval_split}, scenes of {cfg.data.min_objects}-"
+                       f"{cfg.data.max_objects} objects",
               "frames": f"held-out frames of {cfg.data.root}"}.get(cfg.data.source, cfg.data.source)
     result.update(step=state["step"], data=source, source=cfg.data.source, task=cfg.task, slots=cfg.model.slots,
                   vq=cfg.model.vq.enabled, split=cfg.data.eval_split if cfg.data.source == "clevr" else None)

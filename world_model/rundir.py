@@ -429,6 +429,13 @@ def has_step(row: dict) -> bool:
     return isinstance(row.get("step"), int)
 
 
+def config_text(cfg: Any) -> str:
+    """A config as tensorboard text: its YAML as a Markdown code block."""
+    from omegaconf import OmegaConf
+
+    return "\n".join("    " + line for line in OmegaConf.to_yaml(OmegaConf.structured(cfg)).splitlines())
+
+
 class MetricLogger:
     """Scalars to `metrics.jsonl` and tensorboard; images to tensorboard. Only finite scalars are logged.
     Under torchrun only rank 0 logs unless `enabled` says otherwise.
@@ -436,10 +443,13 @@ class MetricLogger:
     A run resumed from its checkpoint at `start_step` drops what was logged after that step (by the run that went on
     past its last checkpoint and stopped), in both logs; what was logged at the step itself stays. Damaged lines of
     `metrics.jsonl` are dropped then, with a warning: a log must not block a resume. The tensorboard file is made at
-    the first value logged, so a run stopped before it leaves no log that would block its directory's reuse."""
+    the first value logged, so a run stopped before it leaves no log that would block its directory's reuse.
+    `config`: the run's config, which tensorboard shows as text (tag `config`) at `start_step`, so that runs are told
+    apart there by more than their folders' names (a resume's, with its overrides, at the step it resumed from)."""
 
-    def __init__(self, run: RunDir, start_step: int = 0, enabled: Optional[bool] = None):
+    def __init__(self, run: RunDir, start_step: int = 0, enabled: Optional[bool] = None, config: Any = None):
         self.enabled = enabled = distributed.is_main() if enabled is None else enabled
+        self._config = None if config is None else (config_text(config), start_step)
         self.jsonl_path = run.path / "metrics.jsonl"
         self.evaluated_path = run.path / "evaluated.json"  # the step and settings of the last evaluation logged
         self.writer, self._tb = None, (run.path / "tb", start_step + 1 if start_step > 0 else None)  # dir, purge step
@@ -454,6 +464,8 @@ class MetricLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self._tb[0]), purge_step=self._tb[1])
+            if self._config is not None:
+                self.writer.add_text("config", *self._config)
         return self.writer
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> Optional[dict]:

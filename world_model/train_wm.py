@@ -186,13 +186,15 @@ def check_typed_mode(enc: WMEncoderConfig, overrides: Sequence[str]) -> None:
 def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: DynamicsConfig, num_actions: int,
                       device: torch.device, longest: tuple[int, str], status_vars: int = 0,
                       restoring: Optional[str | Path] = None, env: Optional[str] = None) -> WorldModel:
-    """Encoder from a pretrained run (or fresh), frame tokenizer and dynamics sized to match; `enc` takes the
-    pretrained run's model config (joint: its VQ anneal continued, `continued_anneal`), and the returned model's
-    `dynamics.cfg` is the completed dynamics config. `longest`: the longest sequence (in steps) the dynamics must hold,
+    """Encoder from a pretrained run (or fresh), frame tokenizer and dynamics sized to match. The configs given are
+    left as they are; the returned model's `encoder_cfg` is the completed encoder config (a pretrained run's model,
+    joint: its VQ anneal continued, `continued_anneal`; a fresh encoder's mode joint) and its `dynamics.cfg` the
+    completed dynamics config. `longest`: the longest sequence (in steps) the dynamics must hold,
     and the keys that set it; `status_vars`: the env's status tokens beside each frame (0: none), appended to the frame
     codes unless frame.status=false. `restoring`: the run directory whose checkpoint the weights come from; its
     config.yaml then gives a pretrained encoder's model (encoder.checkpoint is not read: it may have moved). `env`: the
     game the run trains on (a note when the encoder learned another's)."""
+    enc = copy.deepcopy(enc)
     if enc.checkpoint and restoring:  # the run recorded the pretrained encoder's model; its weights follow
         saved = load_run_config(schema_command(Path(restoring) / "config.yaml"), restoring).encoder
         enc.model, enc.resolution = saved.model, saved.resolution
@@ -229,7 +231,9 @@ def build_world_model(enc: WMEncoderConfig, frame: FrameTokenizerConfig, dyn: Dy
                          "e.g. copy.deepcopy(cfg) before filling it)")
     dyn = replace(dyn, **derived)
     check_max_steps(dyn, longest)
-    return WorldModel(autoencoder, enc.resolution, frame, dyn, joint, enc.carry_grad, status).to(device)
+    wm = WorldModel(autoencoder, enc.resolution, frame, dyn, joint, enc.carry_grad, status).to(device)
+    wm.encoder_cfg = enc
+    return wm
 
 
 def longest_sequence(cfg: WorldModelConfig) -> tuple[int, str]:
@@ -262,10 +266,10 @@ def preflight(cfg: WorldModelConfig) -> None:
 
 def build_wm_for(cfg: WorldModelConfig, num_actions: int, device: torch.device, status_vars: int = 0,
                  restoring: Optional[str | Path] = None, env: Optional[str] = None) -> WorldModel:
-    """`build_world_model` for a train-wm config (which then records the completed dynamics config)."""
+    """`build_world_model` for a train-wm config (which then records the completed encoder and dynamics configs)."""
     wm = build_world_model(cfg.encoder, cfg.frame, cfg.dynamics, num_actions, device, longest_sequence(cfg),
                            status_vars, restoring, env)
-    cfg.dynamics = wm.dynamics.cfg
+    cfg.encoder, cfg.dynamics = wm.encoder_cfg, wm.dynamics.cfg
     return wm
 
 
@@ -467,7 +471,7 @@ def _train_wm(cfg: WorldModelConfig, run: RunDir, device: torch.device, resume: 
                   f"split moved (the last {len(meta['held_out'])} episodes now): evaluations from here on use the new "
                   "split", file=sys.stderr)
     run.stage_config(cfg, resume)  # a resume's: with its first checkpoint
-    logger = MetricLogger(run, start_step=step)
+    logger = MetricLogger(run, start_step=step, config=cfg)
     cleanup.callback(logger.close)
     vq = cfg.encoder.model.vq
     last_eval: dict = {}

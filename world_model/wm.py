@@ -60,6 +60,7 @@ class WorldModel(nn.Module):
         if vq is None:
             raise UsageError("the world model needs a VQ slot encoder (model.vq.enabled=true): it predicts slot codes")
         self.autoencoder, self.resolution, self.joint = autoencoder, resolution, joint
+        self.encoder_cfg = None  # the completed encoder config (WMEncoderConfig), which `build_world_model` sets
         # the env's status tokens beside each frame, appended to the frame codes (0: none, or not read; the builder,
         # build_world_model, decides, as it sizes the dynamics' frame tokens by them)
         self.status_vars = status_vars
