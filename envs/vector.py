@@ -51,25 +51,37 @@ CLOSE_TIMEOUT = 2.0  # seconds a worker gets to close its envs before it is kill
 PARENT_CHECK = 1.0  # seconds between a worker's checks that the process that started it is still there
 
 
-def _alive(pid: int) -> bool:
-    """Whether process `pid` runs (not gone, not a zombie waiting to be reaped)."""
+def _proc_stat(pid: int) -> Optional[list[str]]:
+    """The fields of /proc/<pid>/stat from the state on (the state first, the start time at 19), or None (no such
+    file: gone, or no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _alive(pid: int, started: Optional[str] = None) -> bool:
+    """Whether process `pid` runs: not gone, not a zombie waiting to be reaped, and, given its start time `started`
+    (`_proc_stat`), not another process that took its pid since."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process took the pid: ours is gone
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:  # no /proc: os.kill's answer
+    except PermissionError:  # a process of another user holds the pid: its start time tells whether it is ours
+        pass
+    fields = _proc_stat(pid)
+    if fields is None:  # no /proc: os.kill's answer
         return True
+    return fields[0] != "Z" and (started is None or fields[19] == started)
 
 
 def _exit_with(parent: int) -> None:
     """End this worker once `parent` is gone: a parent killed outright (SIGKILL, the OOM killer) leaves its pipes'
     EOF to a worker that reads them, and a worker inside a hung env step never reads again."""
-    while _alive(parent):
+    fields = _proc_stat(parent)
+    started = fields[19] if fields else None
+    while _alive(parent, started):
         time.sleep(PARENT_CHECK)
     os._exit(1)
 

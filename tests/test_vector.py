@@ -764,6 +764,21 @@ def test_a_hung_worker_beside_a_fresh_one_gets_the_step_timeout(tmp_path):
         venv.close()
 
 
+def test_a_pid_another_process_took_is_not_the_run():
+    """The worker's watchdog knows its run by pid and start time: a process that later took the pid is not it."""
+    from envs.vector import _proc_stat
+
+    fields = _proc_stat(os.getpid())
+    if fields is None:
+        pytest.skip("no /proc")
+    assert _alive(os.getpid(), fields[19]) and _alive(os.getpid())
+    assert not _alive(os.getpid(), str(int(fields[19]) + 1))
+    child = mp.get_context("spawn").Process(target=time.sleep, args=(0,))
+    child.start()
+    child.join()
+    assert not _alive(child.pid)
+
+
 ORPHAN = """
 import sys
 import time
