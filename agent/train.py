@@ -96,9 +96,10 @@ def preflight(cfg: AgentConfig) -> list[str]:
                      f"{cfg.train.prefill}: the first {cfg.train.prefill - cfg.replay.capacity} random steps are "
                      "overwritten before the first update")
     if cfg.env.asynchronous:
-        crowded = crowding_note(cfg.env.num_envs // ranks // cfg.env.envs_per_worker,
+        local = distributed.launched_local_size()  # the processes on this node, whose workers share its cores
+        crowded = crowding_note(cfg.env.num_envs // ranks // cfg.env.envs_per_worker * local,
                                 f"env.num_envs={cfg.env.num_envs} with env.envs_per_worker={cfg.env.envs_per_worker}"
-                                + (f" over {ranks} processes" if ranks > 1 else ""))
+                                + (f" over {ranks} processes ({local} on this node)" if ranks > 1 else ""))
         notes += [f"{crowded} (env.envs_per_worker)"] if crowded else []
     if cfg.train.prefill >= cfg.train.env_steps:
         notes.append(f"note: train.prefill={cfg.train.prefill} is not below train.env_steps={cfg.train.env_steps}: "

@@ -156,6 +156,13 @@ def test_more_env_processes_than_the_cores_hold_are_noted(monkeypatch):
     assert preflight(tiny("env.asynchronous=true", "env.num_envs=64")) == [
         "note: env.num_envs=64 with env.envs_per_worker=1 starts 64 env worker processes on 2 CPU cores; fewer "
         "processes running more envs each step as fast with less overhead (env.envs_per_worker)"]
+    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun: 2 nodes of 2 processes, each node's 2 x 2 workers on 2 cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert preflight(tiny("env.asynchronous=true", "env.num_envs=8")) == []
+    assert preflight(tiny("env.asynchronous=true", "env.num_envs=12")) == [
+        "note: env.num_envs=12 with env.envs_per_worker=1 over 4 processes (2 on this node) starts 6 env worker "
+        "processes on 2 CPU cores; fewer processes running more envs each step as fast with less overhead "
+        "(env.envs_per_worker)"]
 
 
 def test_nethacks_task_and_window_reach_its_env_and_are_refused_elsewhere():

@@ -42,6 +42,11 @@ def launched_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_local_size() -> int:
+    """How many of torchrun's processes run on this node (its LOCAL_WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def launched() -> bool:
     """Started by torchrun with more than one process (true before `setup` too, from its environment)."""
     return launched_size() > 1
