@@ -116,6 +116,8 @@ def load_agent_run(checkpoint: str, device: torch.device | str,
                    step: Optional[int] = None) -> tuple[AgentConfig, WorldModel, ActorCritic, dict]:
     """Config, world model, actor-critic (in eval mode) and checkpoint state of an agent run directory: its latest
     checkpoint, or the one kept at evaluation env step `step` (train.keep_checkpoints)."""
+    from world_model.train_wm import record_built
+
     from .train import build_agent  # agent.train imports this module
 
     device = resolve_device(str(device), "device")  # "auto", or CUDA on a machine without it: said as such
@@ -124,7 +126,7 @@ def load_agent_run(checkpoint: str, device: torch.device | str,
     state = run.load_checkpoint(map_location=device, keys=("wm", "ac", "num_actions", "counters"))
     check_against_checkpoint(cfg, state, checkpoint, evaluating=True)
     wm, ac = build_agent(cfg, state["num_actions"], device, state.get("status_vars", 0), restoring=checkpoint)
-    cfg.encoder, cfg.dynamics = wm.encoder_cfg, wm.dynamics.cfg
+    record_built(cfg, wm)
     run.restore(wm, state, "wm")
     run.restore(ac, state, "ac")
     return cfg, wm.eval(), ac.eval(), state

@@ -40,7 +40,8 @@ from world_model.rundir import (MetricLogger, RunDir, claimed_run, evaluation_du
                                 rank_seed, restore_rng, rng_states, rollback_appended, shown, stopped_evaluation,
                                 this_ranks)
 from world_model.frame_tokenizer import status_vars
-from world_model.train_wm import build_world_model, check_encoder, check_max_steps, check_trained_positions, to_batch
+from world_model.train_wm import (build_world_model, check_encoder, check_max_steps, check_trained_positions,
+                                  record_built, to_batch)
 from world_model.wm import WorldModel, WorldModelLoss
 
 from .actor_critic import ActorCritic
@@ -262,7 +263,7 @@ def train(cfg: AgentConfig, run_dir: str, resume: bool = False, progress: bool =
         # a run from before the env gave status tokens (NetHack) goes on without them: its model and replay had none
         status = status_vars(spec) if state is None else state.get("status_vars", 0)
         wm, ac = build_agent(cfg, num_actions, device, status, restoring=run_dir if resume else None)
-        cfg.encoder, cfg.dynamics = wm.encoder_cfg, wm.dynamics.cfg  # as config.yaml records them
+        record_built(cfg, wm)
         spec = replay_spec(spec, wm)
         wm_opt = torch.optim.Adam([p for p in wm.parameters() if p.requires_grad], lr=t.wm_lr, eps=1e-8)
         # replayed steps, and the (env steps, replayed steps) from which train.train_ratio holds (`updates_owed`)

@@ -370,7 +370,7 @@ class ResilientVectorEnv(gymnasium.vector.VectorEnv):
             ready = ready_conns.wait(max(0.0, min(waiting) - time.monotonic()) if waiting else None)
             if not ready:
                 now = time.monotonic()
-                for conn, w in [(c, w) for c, w in pending.items() if deadlines.get(w, now + 1) <= now]:
+                for conn, w in [(c, w) for c, w in pending.items() if w in deadlines and deadlines[w] <= now]:
                     del pending[conn]
                     ready_conns.drop(conn)
                     results[w] = (False, "no reply within {}={}s".format(*limits[w]))

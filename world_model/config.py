@@ -190,8 +190,8 @@ CHOICES = {
     "env.name": ("crafter", "nethack"),
     "env.task": ("score", "challenge"),
 }
-CHOICE_HINTS = {key: "; VQ slot codes (VQ-SA) are a switch on either: model.vq.enabled=true".replace("model.", where)
-                for key, where in (("model.slots", "model."), ("encoder.model.slots", "encoder.model."))}
+CHOICE_HINTS = {f"{where}slots": f"; VQ slot codes (VQ-SA) are a switch on either: {where}vq.enabled=true"
+                for where in ("model.", "encoder.model.")}
 # world_model/presets/ in an installed wheel (first: a `configs` folder beside it in site-packages is another's);
 # configs/ beside the packages in the source tree and an editable install
 PRESET_DIR = next((d for d in (Path(__file__).resolve().parent / "presets",

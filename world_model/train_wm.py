@@ -269,8 +269,14 @@ def build_wm_for(cfg: WorldModelConfig, num_actions: int, device: torch.device, 
     """`build_world_model` for a train-wm config (which then records the completed encoder and dynamics configs)."""
     wm = build_world_model(cfg.encoder, cfg.frame, cfg.dynamics, num_actions, device, longest_sequence(cfg),
                            status_vars, restoring, env)
-    cfg.encoder, cfg.dynamics = wm.encoder_cfg, wm.dynamics.cfg
+    record_built(cfg, wm)
     return wm
+
+
+def record_built(cfg, wm: WorldModel) -> None:
+    """Into a run's config (train-wm's or an agent's), what building `wm` completed: the encoder config (a pretrained
+    run's model) and the dynamics config (the derived sizes), as its config.yaml records them."""
+    cfg.encoder, cfg.dynamics = wm.encoder_cfg, wm.dynamics.cfg
 
 
 def to_batch(sample: dict, resolution: int, device: torch.device) -> dict:
